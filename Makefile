@@ -1,0 +1,39 @@
+# CloudTask developer commands. `make up` runs CloudTask on this machine; `make test` runs the checks.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= .cloudtask
+ARGS ?=
+
+.PHONY: up test lint format deps zookeeper browser clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Installs the package in editable mode with its test and embedded extras; re-runs when setup.cfg changes.
+$(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test,embedded]'
+	touch $@
+
+deps: $(VENV)/.installed zookeeper
+
+zookeeper:
+	@sh scripts/ensure-zookeeper.sh
+
+up: deps
+	$(BIN)/cloudtask up --data-dir $(DATA_DIR) $(ARGS)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: deps lint
+	$(BIN)/python -m pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info $(DATA_DIR)

@@ -1,0 +1,5 @@
+"""`python -m cloudtask` runs the `cloudtask` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,354 @@
+"""Runs claimed fires: processes and HTTP calls, bounded by ``max_parallel``.
+
+Fires beyond ``max_parallel`` wait in a FIFO queue and keep their ``scheduled_for``. Each
+running process has two threads: one waits for it (with the task's timeout) and one pumps its
+output (stdout and stderr merged, so their order is kept) to the daily log file and to a
+64 KiB tail that the run writer sends to MongoDB at most once a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shlex
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..store import OUTPUT_TAIL_BYTES, to_bson_time
+from ..task import TaskSpec
+from .httprun import run_http
+from .logfiles import RunLog
+from .proctree import IS_POSIX, kill_tree, popen_group_kwargs, reap_leftovers
+from .runwriter import RunWriter
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso(t: datetime) -> str:
+    return t.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class RunContext:
+    """A claimed fire on its way through the executor."""
+
+    run_id: str
+    task_id: str
+    revision: int
+    spec: TaskSpec
+    scheduled_for: datetime
+    attempt: int
+    trigger: str
+    token: str
+    agent: str
+    status: str = "queued"
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    exit_code: int | None = None
+    http_status: int | None = None
+    error: str | None = None
+    kill_reason: str | None = None  # "timeout", or why it was killed
+    proc: subprocess.Popen | None = None
+    tail: bytearray = field(default_factory=bytearray)
+    tail_dirty: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def append_output(self, data: bytes) -> None:
+        with self.lock:
+            self.tail += data
+            if len(self.tail) > OUTPUT_TAIL_BYTES:
+                del self.tail[: len(self.tail) - OUTPUT_TAIL_BYTES]
+            self.tail_dirty = True
+
+    def output_tail(self) -> str:
+        with self.lock:
+            self.tail_dirty = False
+            return bytes(self.tail).decode("utf-8", "replace")
+
+    def changed_tail(self) -> str | None:
+        with self.lock:
+            if not self.tail_dirty:
+                return None
+        return self.output_tail()
+
+    def environment(self) -> dict[str, str]:
+        """What every process of the run gets, so a task can make itself idempotent."""
+        return {
+            "CLOUDTASK_TASK": self.spec.name,
+            "CLOUDTASK_RUN_ID": self.run_id,
+            "CLOUDTASK_SCHEDULED_FOR": iso(self.scheduled_for),
+            "CLOUDTASK_ATTEMPT": str(self.attempt),
+            "CLOUDTASK_TRIGGER": self.trigger,
+            "CLOUDTASK_AGENT": self.agent,
+        }
+
+
+def build_argv(spec: TaskSpec) -> list[str]:
+    """The process to start: argv as given, split like a shell would, or through the shell."""
+    command = spec.command
+    if spec.shell:
+        assert isinstance(command, str)
+        if IS_POSIX:
+            return ["/bin/sh", "-c", command]
+        return [os.environ.get("COMSPEC", "cmd.exe"), "/c", command]
+    if isinstance(command, str):
+        return shlex.split(command, posix=IS_POSIX)
+    return list(command or ())
+
+
+class Executor:
+    """A bounded pool that runs :class:`RunContext` objects and reports each one finished."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: str,
+        log_dir: Path,
+        writer: RunWriter,
+        max_parallel: int = 16,
+        kill_grace: float = 5.0,
+        on_finished: Callable[[RunContext], None] | None = None,
+    ) -> None:
+        self.agent_id = agent_id
+        self.log_dir = log_dir
+        self.writer = writer
+        self.max_parallel = max_parallel
+        self.kill_grace = kill_grace
+        self.on_finished = on_finished
+        self._queue: queue.Queue[RunContext | None] = queue.Queue()
+        self._workers: list[threading.Thread] = []
+        self._active: dict[str, RunContext] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # --- bookkeeping ------------------------------------------------------------------------
+
+    def submit(self, ctx: RunContext) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the executor is shut down")
+            self._active[ctx.run_id] = ctx
+            # workers are started as they are needed, never more than max_parallel
+            worker = None
+            if len(self._workers) < min(self.max_parallel, len(self._active)):
+                worker = threading.Thread(
+                    target=self._work, name=f"run-{len(self._workers)}", daemon=True
+                )
+                self._workers.append(worker)
+        self._queue.put(ctx)
+        if worker is not None:
+            worker.start()
+
+    def active(self, task_id: str | None = None) -> list[RunContext]:
+        with self._lock:
+            runs = list(self._active.values())
+        return [r for r in runs if task_id is None or r.task_id == task_id]
+
+    def running_count(self) -> int:
+        with self._lock:
+            return sum(1 for r in self._active.values() if r.status == "running")
+
+    def kill(self, run_id: str, reason: str = "killed by request") -> bool:
+        """Kill a queued or running run (its whole process tree). Returns False if unknown."""
+        with self._lock:
+            ctx = self._active.get(run_id)
+        if ctx is None:
+            return False
+        self._kill(ctx, reason)
+        return True
+
+    def kill_task(self, task_id: str, reason: str) -> int:
+        runs = self.active(task_id)
+        for ctx in runs:
+            self._kill(ctx, reason)
+        return len(runs)
+
+    def _kill(self, ctx: RunContext, reason: str) -> None:
+        with ctx.lock:
+            if ctx.kill_reason is None:
+                ctx.kill_reason = reason
+            proc = ctx.proc
+        if proc is not None and proc.poll() is None:
+            kill_tree(proc, ctx.run_id, self.kill_grace)
+
+    def shutdown(self, grace: float = 0.0) -> None:
+        """Stop taking work; wait ``grace`` seconds for running runs, then kill what is left."""
+        with self._lock:
+            self._closed = True
+            workers = list(self._workers)
+        deadline = time.monotonic() + grace
+        while self.active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for ctx in self.active():
+            self._kill(ctx, "the agent stopped")
+        for _ in workers:
+            self._queue.put(None)
+        for t in workers:
+            t.join(timeout=self.kill_grace + 10)
+
+    # --- running ----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            ctx = self._queue.get()
+            if ctx is None:
+                return
+            try:
+                self._execute(ctx)
+            except Exception as e:  # a bug must not leave a run 'running' forever
+                log.exception("run %s of task %s crashed the executor", ctx.run_id, ctx.spec.name)
+                ctx.status, ctx.error = "failed", f"internal error: {e}"
+                ctx.finished_at = ctx.finished_at or _now()
+                self._report(ctx)
+            finally:
+                with self._lock:
+                    self._active.pop(ctx.run_id, None)
+
+    def _execute(self, ctx: RunContext) -> None:
+        runlog = RunLog(self.log_dir, ctx.spec.name)
+        if ctx.kill_reason is not None:  # killed while it waited for a slot
+            ctx.status, ctx.error = "killed", f"{ctx.kill_reason} before it started"
+            ctx.finished_at = _now()
+            self._report(ctx)
+            return
+        ctx.started_at = _now()
+        ctx.status = "running"
+        runlog.line(
+            f"===== {iso(ctx.started_at)} run {ctx.run_id} task {ctx.spec.name} "
+            f"scheduled {iso(ctx.scheduled_for)} attempt {ctx.attempt} trigger {ctx.trigger} "
+            f"agent {self.agent_id} ====="
+        )
+        try:
+            if ctx.spec.http is not None:
+                self.writer.update(
+                    ctx.run_id, {"status": "running", "started_at": to_bson_time(ctx.started_at)}
+                )
+                self.writer.watch_tail(ctx.run_id, ctx.changed_tail)
+                run_http(ctx, runlog)
+            else:
+                self._run_process(ctx, runlog)
+        finally:
+            self.writer.unwatch_tail(ctx.run_id)
+            ctx.finished_at = ctx.finished_at or _now()
+            runlog.line(
+                f"===== {iso(ctx.finished_at)} run {ctx.run_id} {ctx.status}"
+                + (f" exit {ctx.exit_code}" if ctx.exit_code is not None else "")
+                + (f" http {ctx.http_status}" if ctx.http_status is not None else "")
+                + (f" ({ctx.error})" if ctx.error else "")
+                + f" in {(ctx.finished_at - ctx.started_at).total_seconds():.3f}s ====="
+            )
+            runlog.close()
+        self._report(ctx)
+
+    def _run_process(self, ctx: RunContext, runlog: RunLog) -> None:
+        spec = ctx.spec
+        env = dict(os.environ)
+        env.update(spec.env)
+        env.update(ctx.environment())
+        argv = build_argv(spec)
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=spec.cwd or None,
+                env=env,
+                **popen_group_kwargs(),
+            )
+        except OSError as e:
+            where = f" in {spec.cwd}" if spec.cwd else ""
+            ctx.status, ctx.error = "failed", f"cannot start {argv[0]!r}{where}: {e.strerror or e}"
+            ctx.finished_at = _now()
+            ctx.append_output(f"{ctx.error}\n".encode())
+            runlog.line(ctx.error)
+            return
+        with ctx.lock:
+            ctx.proc = proc
+            killed_early = ctx.kill_reason is not None
+        self.writer.update(
+            ctx.run_id,
+            {"status": "running", "started_at": to_bson_time(ctx.started_at), "pid": proc.pid},
+        )
+        self.writer.watch_tail(ctx.run_id, ctx.changed_tail)
+        pump = threading.Thread(target=self._pump, args=(ctx, proc, runlog), daemon=True)
+        pump.start()
+        if killed_early:
+            kill_tree(proc, ctx.run_id, self.kill_grace)
+        try:
+            proc.wait(timeout=spec.timeout)
+        except subprocess.TimeoutExpired:
+            with ctx.lock:
+                ctx.kill_reason = ctx.kill_reason or "timeout"
+            kill_tree(proc, ctx.run_id, self.kill_grace)
+        ctx.finished_at = _now()
+        reap_leftovers(proc, grace=min(self.kill_grace, 2.0))
+        pump.join(timeout=5.0)
+        if pump.is_alive():  # a process that left the group still holds the pipe
+            log.warning(
+                "run %s: output still open after the process ended; not waiting", ctx.run_id
+            )
+        ctx.exit_code = proc.returncode
+        if ctx.kill_reason == "timeout":
+            ctx.status, ctx.error = "timed_out", f"ran longer than its timeout of {spec.timeout:g}s"
+        elif ctx.kill_reason is not None:
+            ctx.status, ctx.error = "killed", ctx.kill_reason
+        elif proc.returncode == 0:
+            ctx.status = "succeeded"
+        else:
+            ctx.status = "failed"
+            if proc.returncode < 0:
+                ctx.error = f"ended by signal {-proc.returncode}"
+
+    @staticmethod
+    def _pump(ctx: RunContext, proc: subprocess.Popen, runlog: RunLog) -> None:
+        stream = proc.stdout
+        assert stream is not None
+        try:
+            while True:
+                chunk = stream.read1(65536)
+                if not chunk:
+                    break
+                ctx.append_output(chunk)
+                runlog.write(chunk)
+        except (OSError, ValueError):
+            pass
+        finally:
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def _report(self, ctx: RunContext) -> None:
+        finished = ctx.finished_at or _now()
+        fields: dict[str, Any] = {
+            "status": ctx.status,
+            "finished_at": to_bson_time(finished),
+            "duration": round((finished - ctx.started_at).total_seconds(), 3)
+            if ctx.started_at
+            else 0.0,
+            "exit_code": ctx.exit_code,
+            "output_tail": ctx.output_tail(),
+            "error": ctx.error,
+        }
+        if ctx.started_at is not None:
+            fields["started_at"] = to_bson_time(ctx.started_at)
+        if ctx.http_status is not None:
+            fields["http_status"] = ctx.http_status
+        self.writer.update(ctx.run_id, fields, urgent=True)
+        if self.on_finished is not None:
+            try:
+                self.on_finished(ctx)
+            except Exception:
+                log.exception("after-run handling of run %s failed", ctx.run_id)

@@ -1,0 +1,228 @@
+"""The agent's local scheduler: pure logic, no I/O, time passed in.
+
+``tick(now)`` returns the fires that are due and how long to sleep until the next one, so the
+engine is tested with fixed times and nothing sleeps (Celery beat's ``tick`` and APScheduler's
+``get_due_jobs(now)`` are the models).
+
+Late fires: when a tick finds several fires of one task due (the process was paused, the host
+was overloaded), the latest one is the fire to run and every earlier one is reported as
+``missed``, each with its own scheduled time, so history shows exactly what did not run. The
+latest one runs with trigger ``schedule`` if it is at most ``on_time_tolerance`` late; later
+than that it follows the task's ``misfire`` policy within ``misfire_grace``: ``run_once`` runs
+it as a ``catch-up``, ``skip`` records it ``missed``. Beyond the grace it is ``missed`` too.
+
+Example::
+
+    sched = Scheduler()
+    sched.upsert("t1", spec, revision=1, now=now)
+    fires, delay = sched.tick(now + timedelta(seconds=10))
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from ..schedules import KEEPALIVE_RESET_AFTER, keepalive_backoff
+from ..task import TaskSpec
+
+MAX_MISSED_PER_TICK = 1000  # a long pause with a 1 s schedule must not flood the store
+
+
+@dataclass(frozen=True)
+class Fire:
+    """One thing the agent should do now for one task.
+
+    ``status`` is None for a fire to run, or ``"missed"`` for a fire to record only.
+    """
+
+    task_id: str
+    scheduled_for: datetime
+    trigger: str
+    revision: int
+    attempt: int = 0
+    status: str | None = None
+
+
+@dataclass
+class _Entry:
+    spec: TaskSpec
+    revision: int
+    generation: int
+    next_fire: datetime | None = None
+    keepalive_restarts: int = 0
+    keepalive_running: bool = False
+
+
+@dataclass(order=True)
+class _Due:
+    at: datetime
+    seq: int
+    task_id: str = field(compare=False)
+    generation: int = field(compare=False)
+    kind: str = field(compare=False)  # "schedule" | "retry"
+    scheduled_for: datetime | None = field(compare=False, default=None)
+    attempt: int = field(compare=False, default=0)
+
+
+def _ms(t: datetime) -> datetime:
+    """Fire times are kept to the millisecond, as MongoDB stores them."""
+    return t.replace(microsecond=t.microsecond // 1000 * 1000)
+
+
+class Scheduler:
+    """Which of the agent's tasks fire when. Thread-safe; every method takes ``now``."""
+
+    def __init__(self, on_time_tolerance: float = 2.0, max_sleep: float = 1.0) -> None:
+        self.on_time_tolerance = timedelta(seconds=on_time_tolerance)
+        self.max_sleep = max_sleep
+        self._tasks: dict[str, _Entry] = {}
+        self._heap: list[_Due] = []
+        self._seq = itertools.count()
+        self._generations = itertools.count(1)
+        self._lock = threading.Lock()
+
+    # --- task set ---------------------------------------------------------------------------
+
+    def upsert(self, task_id: str, spec: TaskSpec, revision: int, now: datetime) -> bool:
+        """Add a task or take a new revision of it. Returns True if anything changed.
+
+        A changed task is rescheduled from ``now``: its next fire follows the new schedule.
+        """
+        with self._lock:
+            current = self._tasks.get(task_id)
+            if current is not None and current.revision == revision:
+                return False
+            entry = _Entry(spec=spec, revision=revision, generation=next(self._generations))
+            if spec.schedule.keepalive:
+                if current is not None and current.keepalive_running:
+                    entry.keepalive_running = True  # the running process keeps its slot
+                    entry.keepalive_restarts = current.keepalive_restarts
+                else:
+                    entry.next_fire = _ms(now)
+            else:
+                entry.next_fire = spec.schedule.next_after(now)
+            self._tasks[task_id] = entry
+            self._push(entry, task_id, "schedule")
+            return True
+
+    def remove(self, task_id: str) -> bool:
+        with self._lock:
+            return self._tasks.pop(task_id, None) is not None
+
+    def task_ids(self) -> set[str]:
+        with self._lock:
+            return set(self._tasks)
+
+    def revision(self, task_id: str) -> int | None:
+        with self._lock:
+            entry = self._tasks.get(task_id)
+            return entry.revision if entry else None
+
+    def next_fire(self, task_id: str) -> datetime | None:
+        with self._lock:
+            entry = self._tasks.get(task_id)
+            return entry.next_fire if entry else None
+
+    # --- feedback from the executor ---------------------------------------------------------
+
+    def retry(self, task_id: str, scheduled_for: datetime, attempt: int, due: datetime) -> None:
+        """Schedule attempt ``attempt`` of the fire ``scheduled_for`` at ``due``."""
+        with self._lock:
+            entry = self._tasks.get(task_id)
+            if entry is None:
+                return
+            heapq.heappush(
+                self._heap,
+                _Due(
+                    due, next(self._seq), task_id, entry.generation, "retry", scheduled_for, attempt
+                ),
+            )
+
+    def keepalive_exited(
+        self, task_id: str, started_at: datetime, finished_at: datetime
+    ) -> datetime | None:
+        """A keepalive run ended: plan its restart with exponential backoff. Returns the restart time."""
+        with self._lock:
+            entry = self._tasks.get(task_id)
+            if entry is None or not entry.spec.schedule.keepalive:
+                return None
+            entry.keepalive_running = False
+            if (finished_at - started_at).total_seconds() >= KEEPALIVE_RESET_AFTER:
+                entry.keepalive_restarts = 0
+            entry.keepalive_restarts += 1
+            delay = keepalive_backoff(entry.keepalive_restarts)
+            entry.next_fire = _ms(finished_at + timedelta(seconds=delay))
+            self._push(entry, task_id, "schedule")
+            return entry.next_fire
+
+    def keepalive_not_started(self, task_id: str, now: datetime) -> None:
+        """The keepalive fire was not started (claim lost or failed): try again after a backoff."""
+        self.keepalive_exited(task_id, now, now)
+
+    # --- the engine -------------------------------------------------------------------------
+
+    def tick(self, now: datetime) -> tuple[list[Fire], float]:
+        """Return every fire due at ``now`` (in due order) and the seconds until the next one."""
+        fires: list[Fire] = []
+        with self._lock:
+            while self._heap and self._heap[0].at <= now:
+                due = heapq.heappop(self._heap)
+                entry = self._tasks.get(due.task_id)
+                if entry is None or entry.generation != due.generation:
+                    continue  # removed or changed since this was planned
+                if due.kind == "retry":
+                    fires.append(
+                        Fire(
+                            due.task_id,
+                            due.scheduled_for or due.at,
+                            "retry",
+                            entry.revision,
+                            due.attempt,
+                        )
+                    )
+                elif entry.spec.schedule.keepalive:
+                    if entry.next_fire is None or entry.keepalive_running:
+                        continue
+                    trigger = "schedule" if entry.keepalive_restarts == 0 else "restart"
+                    fires.append(Fire(due.task_id, entry.next_fire, trigger, entry.revision))
+                    entry.keepalive_running = True
+                    entry.next_fire = None
+                else:
+                    fires.extend(self._due_fires(due.task_id, entry, now))
+                    self._push(entry, due.task_id, "schedule")
+            delay = self.max_sleep
+            if self._heap:
+                delay = min(delay, max(0.0, (self._heap[0].at - now).total_seconds()))
+        return fires, delay
+
+    def _due_fires(self, task_id: str, entry: _Entry, now: datetime) -> list[Fire]:
+        schedule = entry.spec.schedule
+        due: list[datetime] = []
+        t = entry.next_fire
+        while t is not None and t <= now and len(due) < MAX_MISSED_PER_TICK:
+            due.append(t)
+            t = schedule.next_after(t)
+        entry.next_fire = schedule.next_after(now) if t is not None and t <= now else t
+        if not due:
+            return []
+        *earlier, latest = due
+        out = [Fire(task_id, _ms(t), "schedule", entry.revision, status="missed") for t in earlier]
+        late = now - latest
+        grace = timedelta(seconds=entry.spec.misfire_grace)
+        if late <= self.on_time_tolerance:
+            out.append(Fire(task_id, _ms(latest), "schedule", entry.revision))
+        elif late <= grace and entry.spec.misfire == "run_once":
+            out.append(Fire(task_id, _ms(latest), "catch-up", entry.revision))
+        else:
+            out.append(Fire(task_id, _ms(latest), "schedule", entry.revision, status="missed"))
+        return out
+
+    def _push(self, entry: _Entry, task_id: str, kind: str) -> None:
+        if entry.next_fire is not None:
+            heapq.heappush(
+                self._heap, _Due(entry.next_fire, next(self._seq), task_id, entry.generation, kind)
+            )

@@ -1,0 +1,354 @@
+"""The ``cloudtask`` command.
+
+Errors CloudTask raises on purpose are printed as they are (what is wrong, where, what to do),
+never as a traceback. Logging is configured here, at the entry point, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import Config, config_to_dict, load_config
+from .exceptions import CloudTaskError, ValidationError
+
+log = logging.getLogger("cloudtask")
+
+DEFAULT_CONFIG = Path("conf/cloudtask.json")
+
+
+class _Group(click.Group):
+    """Turns CloudTask's own errors into a clean message and exit code 2 (bad input) or 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ValidationError as e:
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(2)
+        except CloudTaskError as e:
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(1)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("kazoo").setLevel(logging.WARNING)
+    logging.getLogger("pymongo").setLevel(logging.WARNING)
+
+
+def _load(config_path: str | None) -> Config:
+    if config_path is None and DEFAULT_CONFIG.is_file():
+        config_path = str(DEFAULT_CONFIG)
+    return load_config(config_path)
+
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    envvar="CLOUDTASK_CONFIG",
+    type=click.Path(dir_okay=False),
+    help="JSON config file (default: conf/cloudtask.json if present; env CLOUDTASK_CONFIG).",
+)
+verbose_option = click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cloudtask")
+def cli() -> None:
+    """CloudTask: a distributed task scheduler that replaces per-machine crontabs."""
+
+
+# --- agent ----------------------------------------------------------------------------------
+
+
+@cli.command()
+@config_option
+@click.option(
+    "--standalone",
+    is_flag=True,
+    required=True,
+    help="Take the tasks of this agent's group straight from MongoDB (no center needed).",
+)
+@click.option(
+    "--id", "agent_id", help="Agent id (default: config agent.id, else kept in the data dir)."
+)
+@click.option("--group", help="Agent group (default: config agent.group).")
+@click.option(
+    "--data-dir", type=click.Path(file_okay=False), help="Where the agent keeps its id and logs."
+)
+@verbose_option
+def agent(
+    config_path: str | None,
+    standalone: bool,
+    agent_id: str | None,
+    group: str | None,
+    data_dir: str | None,
+    verbose: bool,
+) -> None:
+    """Run an agent: schedule and run the tasks of its group on this server."""
+    from .agent.agent import Agent
+    from .store import Store
+
+    _setup_logging(verbose)
+    cfg = _load(config_path)
+    changes = {k: v for k, v in {"id": agent_id, "group": group, "data_dir": data_dir}.items() if v}
+    if changes:
+        cfg = cfg.with_section("agent", **changes)
+    store = Store(cfg.mongodb.uri, cfg.mongodb.database, run_retention_days=cfg.runs.retention_days)
+    engine = Agent(cfg, store)
+    _stop_on_signals(engine.stop)
+    try:
+        engine.run()
+    finally:
+        store.close()
+
+
+def _stop_on_signals(stop: Any) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        log.info("signal %s received, stopping", signum)
+        stop()
+
+    for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, handler)
+
+
+# --- tasks ----------------------------------------------------------------------------------
+
+
+def _task_files(paths: tuple[str, ...]) -> Iterator[Path]:
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            yield from sorted(p for p in path.glob("*.json") if p.is_file())
+        else:
+            yield path
+
+
+def read_task_files(paths: tuple[str, ...]) -> tuple[list[tuple[Path, dict]], list[str]]:
+    """Read task files: each holds one task object or a list of them. Returns (tasks, errors)."""
+    from .task import validate_task
+
+    tasks: list[tuple[Path, dict]] = []
+    errors: list[str] = []
+    for path in _task_files(paths):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            errors.append(f"{path}: cannot read: {e.strerror}")
+            continue
+        except json.JSONDecodeError as e:
+            errors.append(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}")
+            continue
+        items = data if isinstance(data, list) else [data]
+        for i, item in enumerate(items):
+            where = f"{path}[{i}]" if isinstance(data, list) else str(path)
+            problems = validate_task(item)
+            if problems:
+                errors.extend(f"{where}: {p}" for p in problems)
+            else:
+                tasks.append((path, item))
+    names = [t[1]["name"] for t in tasks]
+    for name in {n for n in names if names.count(n) > 1}:
+        errors.append(f"task name {name!r} is defined more than once")
+    return tasks, errors
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+def validate(paths: tuple[str, ...]) -> None:
+    """Check task files (or folders of *.json) without storing anything."""
+    tasks, errors = read_task_files(paths)
+    if errors:
+        raise click.ClickException("invalid task files:\n  " + "\n  ".join(errors))
+    click.echo(f"{len(tasks)} task(s) valid")
+
+
+@cli.command()
+@config_option
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+def apply(config_path: str | None, paths: tuple[str, ...]) -> None:
+    """Create or update the tasks in these JSON files (all checked first; nothing stored if any is bad)."""
+    from .store import Store
+
+    cfg = _load(config_path)
+    tasks, errors = read_task_files(paths)
+    if errors:
+        raise click.ClickException("nothing applied; invalid task files:\n  " + "\n  ".join(errors))
+    store = Store(cfg.mongodb.uri, cfg.mongodb.database, run_retention_days=cfg.runs.retention_days)
+    try:
+        for outcome, name in apply_tasks(store, tasks):
+            click.echo(f"{outcome:9} {name}")
+    finally:
+        store.close()
+
+
+def apply_tasks(store: Any, tasks: list[tuple[Path, dict]]) -> list[tuple[str, str]]:
+    results = []
+    for path, data in tasks:
+        try:
+            outcome, doc = store.apply_task(data)
+        except ValidationError as e:
+            raise ValidationError(e.problems, source=str(path)) from None
+        results.append((outcome, doc["name"]))
+    return results
+
+
+@cli.command("next")
+@click.argument("schedule")
+@click.option("--timezone", "tz", default=None, help="IANA time zone for a cron expression.")
+@click.option("-n", "--count", default=10, show_default=True, type=click.IntRange(1, 1000))
+def next_cmd(schedule: str, tz: str | None, count: int) -> None:
+    """Print the next fire times of a schedule: a cron expression or a JSON schedule object."""
+    from .schedules import next_fires, parse_schedule
+
+    text = schedule.strip()
+    value: Any = json.loads(text) if text.startswith(("{", "[")) else {"cron": text}
+    if tz and isinstance(value, dict):
+        value["timezone"] = tz
+    parsed, problems = parse_schedule(value)
+    if problems or parsed is None:
+        raise ValidationError(problems, source="the schedule")
+    zone = value.get("timezone", "UTC") if isinstance(value, dict) else "UTC"
+    from zoneinfo import ZoneInfo
+
+    for t in next_fires(parsed, datetime.now(timezone.utc), count):
+        click.echo(f"{t.isoformat()}  {t.astimezone(ZoneInfo(zone)).isoformat()} {zone}")
+
+
+# --- up -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@config_option
+@click.option(
+    "--data-dir",
+    default=".cloudtask",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the embedded servers and the agent keep their data and logs.",
+)
+@click.option(
+    "--tasks",
+    "tasks_dir",
+    default="conf/tasks",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder of task files applied at start.",
+)
+@verbose_option
+def up(config_path: str | None, data_dir: str, tasks_dir: str, verbose: bool) -> None:
+    """Run CloudTask on this machine: embedded servers where none are configured, and an agent."""
+    from .localservers import MongoServer, ZooKeeperServer
+    from .store import Store
+
+    _setup_logging(verbose)
+    cfg = _load(config_path)
+    base = Path(data_dir).resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    servers: list[Any] = []
+    children: list[subprocess.Popen] = []
+    stopping = {"flag": False}
+
+    def request_stop(*_: Any) -> None:
+        stopping["flag"] = True
+
+    for name in ("SIGTERM", "SIGINT"):
+        signal.signal(getattr(signal, name), request_stop)
+    try:
+        if not cfg.zookeeper.hosts:
+            zk = ZooKeeperServer(base / "zookeeper")
+            click.echo("starting ZooKeeper ...")
+            zk.start()
+            servers.append(zk)
+            cfg = cfg.with_section("zookeeper", hosts=zk.hosts)
+        if not cfg.mongodb.uri:
+            mongo = MongoServer(base / "mongodb")
+            click.echo("starting the embedded MongoDB server (nx-27017) ...")
+            mongo.start()
+            servers.append(mongo)
+            cfg = cfg.with_section("mongodb", uri=mongo.uri)
+        store = Store(
+            cfg.mongodb.uri, cfg.mongodb.database, run_retention_days=cfg.runs.retention_days
+        )
+        if Path(tasks_dir).is_dir():
+            tasks, errors = read_task_files((tasks_dir,))
+            for err in errors:
+                click.echo(f"skipped: {err}", err=True)
+            for outcome, name in apply_tasks(store, tasks):
+                click.echo(f"task {name}: {outcome}")
+        store.close()
+        agent_dir = base / "agent-1"
+        agent_cfg = cfg.with_section("agent", data_dir=str(agent_dir), id=cfg.agent.id or "agent-1")
+        cfg_path = base / "agent-1.json"
+        cfg_path.write_text(json.dumps(config_to_dict(agent_cfg), indent=2), encoding="utf-8")
+        agent_log = base / "agent-1.log"
+        with open(agent_log, "ab") as out:
+            children.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "cloudtask",
+                        "agent",
+                        "--standalone",
+                        "--config",
+                        str(cfg_path),
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        log_dir = Path(agent_cfg.agent.log_dir) if agent_cfg.agent.log_dir else agent_dir / "logs"
+        click.echo("")
+        click.echo("CloudTask is running.")
+        click.echo(f"  ZooKeeper:   {cfg.zookeeper.hosts}")
+        click.echo(f"  MongoDB:     {cfg.mongodb.uri} (database {cfg.mongodb.database})")
+        click.echo(f"  agent log:   {agent_log}")
+        click.echo(f"  task logs:   {log_dir}/<task>/<YYYY-MM-DD>.log")
+        click.echo("Press Ctrl-C to stop.")
+        while not stopping["flag"]:
+            for child in children:
+                if child.poll() is not None:
+                    raise CloudTaskError(
+                        f"the agent exited with code {child.returncode}; see {agent_log}"
+                    )
+            time.sleep(0.2)
+    finally:
+        click.echo("stopping ...")
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        for server in reversed(servers):
+            server.stop()
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    cli(prog_name="cloudtask")
+
+
+if __name__ == "__main__":
+    main()

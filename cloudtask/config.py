@@ -1,0 +1,257 @@
+"""Configuration: a JSON file, then environment variables, each key checked against a schema.
+
+The file has sections (``zookeeper``, ``mongodb``, ``agent``, ``runs``, ``web``); every key is
+optional and has a default. An environment variable ``CLOUDTASK_<SECTION>_<KEY>`` overrides a
+key (``CLOUDTASK_ZK_*`` and ``CLOUDTASK_MONGO_*`` are short forms of the first two sections).
+
+Example::
+
+    cfg = load_config("conf/cloudtask.json")
+    cfg.mongodb.uri, cfg.agent.max_parallel
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .durations import parse_duration
+from .exceptions import ConfigError
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class ZooKeeperConfig:
+    hosts: str = ""  # empty: `cloudtask up` starts an embedded server
+    root: str = "/cloudtask"
+    session_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class MongoConfig:
+    uri: str = ""  # empty: `cloudtask up` starts an embedded server
+    database: str = "cloudtask"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    id: str = ""  # empty: generated once and kept in <data_dir>/agent-id
+    group: str = "default"
+    weight: int = 1
+    labels: dict[str, str] = field(default_factory=dict)
+    max_parallel: int = 16
+    data_dir: str = ".cloudtask/agent"
+    log_dir: str = ""  # empty: <data_dir>/logs
+    log_retention_days: int = 14
+    kill_grace: float = 5.0
+    poll_interval: float = 2.0  # standalone mode: how often tasks are re-read from MongoDB
+
+
+@dataclass(frozen=True)
+class RunsConfig:
+    retention_days: int = 90
+
+
+@dataclass(frozen=True)
+class Config:
+    zookeeper: ZooKeeperConfig = field(default_factory=ZooKeeperConfig)
+    mongodb: MongoConfig = field(default_factory=MongoConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    runs: RunsConfig = field(default_factory=RunsConfig)
+    source: str = "defaults"
+
+    def with_section(self, name: str, **changes: Any) -> Config:
+        """A copy with some keys of one section changed (used by `cloudtask up` and tests)."""
+        return replace(self, **{name: replace(getattr(self, name), **changes)})
+
+
+# --- value checkers: each returns the converted value or raises ValueError("expected ...") ---
+
+
+def _string(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {json.dumps(v)}")
+    return v
+
+
+def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"expected a whole number from {lo} to {hi}, got {json.dumps(v)}")
+        if not lo <= v <= hi:
+            raise ValueError(f"expected a whole number from {lo} to {hi}, got {v}")
+        return v
+
+    return check
+
+
+def _duration_range(lo: float, hi: float) -> Callable[[Any], float]:
+    def check(v: Any) -> float:
+        try:
+            seconds = parse_duration(v)
+        except ValueError as e:
+            raise ValueError(f"expected a duration such as '10s': {e}") from None
+        if not lo <= seconds <= hi:
+            raise ValueError(f"expected a duration from {lo:g}s to {hi:g}s, got {v!r}")
+        return seconds
+
+    return check
+
+
+def _zk_root(v: Any) -> str:
+    v = _string(v)
+    if not v.startswith("/") or (len(v) > 1 and v.endswith("/")) or "//" in v:
+        raise ValueError(f"expected an absolute ZooKeeper path such as '/cloudtask', got {v!r}")
+    return v
+
+
+def _mongo_uri(v: Any) -> str:
+    v = _string(v)
+    if v and not v.startswith(("mongodb://", "mongodb+srv://")):
+        raise ValueError(f"expected a URI starting with mongodb:// or mongodb+srv://, got {v!r}")
+    return v
+
+
+def _identifier(allow_empty: bool) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        v = _string(v)
+        if (v or not allow_empty) and not _ID.match(v):
+            raise ValueError(
+                f"expected letters, digits, '.', '_' or '-' (starting with a letter or digit), got {v!r}"
+            )
+        return v
+
+    return check
+
+
+def _labels(v: Any) -> dict[str, str]:
+    if isinstance(v, str):  # from the environment: "k=v,k2=v2"
+        pairs = [p for p in v.split(",") if p.strip()]
+        if any("=" not in p for p in pairs):
+            raise ValueError(f"expected key=value pairs separated by commas, got {v!r}")
+        return {k.strip(): val.strip() for k, val in (p.split("=", 1) for p in pairs)}
+    if not isinstance(v, dict) or not all(
+        isinstance(k, str) and isinstance(x, str) for k, x in v.items()
+    ):
+        raise ValueError(f"expected an object of string values, got {json.dumps(v)}")
+    return dict(v)
+
+
+_SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...]]] = {
+    "zookeeper": (
+        ZooKeeperConfig,
+        {
+            "hosts": _string,
+            "root": _zk_root,
+            "session_timeout": _duration_range(1, 600),
+        },
+        ("ZK", "ZOOKEEPER"),
+    ),
+    "mongodb": (
+        MongoConfig,
+        {"uri": _mongo_uri, "database": _identifier(allow_empty=False)},
+        ("MONGO", "MONGODB"),
+    ),
+    "agent": (
+        AgentConfig,
+        {
+            "id": _identifier(allow_empty=True),
+            "group": _identifier(allow_empty=False),
+            "weight": _int_range(1, 1000),
+            "labels": _labels,
+            "max_parallel": _int_range(1, 10000),
+            "data_dir": _string,
+            "log_dir": _string,
+            "log_retention_days": _int_range(1, 3650),
+            "kill_grace": _duration_range(0, 600),
+            "poll_interval": _duration_range(0.1, 3600),
+        },
+        ("AGENT",),
+    ),
+    "runs": (RunsConfig, {"retention_days": _int_range(1, 36500)}, ("RUNS", "RUN")),
+}
+
+
+def config_keys() -> dict[str, list[str]]:
+    """Every section and its keys, for documentation and error messages."""
+    return {name: list(spec[1]) for name, spec in _SECTIONS.items()}
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (optional), apply environment overrides, and check every value.
+
+    Raises :class:`ConfigError` naming the file (or variable), the key and what is expected.
+    """
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"{source}: cannot read the config file: {e.strerror}") from None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"{source}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+            ) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object with sections at the top")
+
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    for key in raw:
+        if key not in _SECTIONS and key not in ("version", "$comment"):
+            problems.append(
+                f"{source}: unknown section {key!r}; expected one of {', '.join(_SECTIONS)}"
+            )
+    for name, (cls, checks, env_prefixes) in _SECTIONS.items():
+        given = raw.get(name, {})
+        if not isinstance(given, dict):
+            problems.append(f"{source}: {name}: expected an object, got {json.dumps(given)}")
+            given = {}
+        values: dict[str, Any] = {}
+        for key, value in given.items():
+            if key == "$comment":
+                continue
+            if key not in checks:
+                problems.append(
+                    f"{source}: {name}.{key}: unknown key; expected one of {', '.join(checks)}"
+                )
+                continue
+            try:
+                values[key] = checks[key](value)
+            except ValueError as e:
+                problems.append(f"{source}: {name}.{key}: {e}")
+        for key, check in checks.items():
+            for prefix in env_prefixes:
+                var = f"CLOUDTASK_{prefix}_{key.upper()}"
+                if var in environ:
+                    try:
+                        values[key] = check(environ[var])
+                    except ValueError as e:
+                        problems.append(f"environment variable {var}: {e}")
+                    break
+        sections[name] = cls(**values)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return Config(**sections, source=source)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The configuration as the JSON a config file would hold (for `cloudtask up`'s children)."""
+    out: dict[str, Any] = {}
+    for name in _SECTIONS:
+        section = getattr(cfg, name)
+        out[name] = {f.name: getattr(section, f.name) for f in fields(section)}
+    return out

@@ -1,0 +1,460 @@
+"""MongoDB store: tasks, runs, events, users, audit, and files in GridFS.
+
+The store accepts a URI or a ready :class:`pymongo.MongoClient`, creates its indexes when it
+is opened, and closes only a client it created itself. Every stored document carries a schema
+``version``. Times are timezone-aware UTC (the client is opened with ``tz_aware=True``).
+
+The unique index on ``(task_id, scheduled_for, slot, attempt)`` is the once-only claim: an
+agent inserts a run document *before* it starts anything, and a duplicate key means some other
+process already has that fire.
+
+Example::
+
+    store = Store("mongodb://127.0.0.1:27017", "cloudtask")
+    task = store.create_task({"name": "hello", "schedule": {"every": "10s"}, "command": "true"})
+    claimed = store.claim_runs([new_run_document(task, scheduled_for, trigger="schedule", ...)])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import gridfs
+import pymongo
+from bson import ObjectId
+from pymongo import ASCENDING, DESCENDING, MongoClient, UpdateOne
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+
+from .exceptions import Conflict, NotFound, StoreError
+from .task import TaskSpec, parse_task
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DUPLICATE_KEY = 11000
+OUTPUT_TAIL_BYTES = 64 * 1024
+
+# Run statuses. `queued` is a claimed fire waiting for a free slot (max_parallel).
+RUNNING_STATUSES = ("queued", "running")
+FINISHED_STATUSES = (
+    "succeeded",
+    "failed",
+    "timed_out",
+    "killed",
+    "skipped",
+    "missed",
+    "lost",
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def to_bson_time(t: datetime) -> datetime:
+    """BSON keeps milliseconds: truncate so a stored time compares equal to the one we keep."""
+    return t.replace(microsecond=t.microsecond // 1000 * 1000)
+
+
+def new_id() -> str:
+    return str(ObjectId())
+
+
+class Store:
+    """All of CloudTask's persistent state, behind one object."""
+
+    def __init__(
+        self,
+        mongo: str | MongoClient,
+        database: str = "cloudtask",
+        *,
+        run_retention_days: int = 90,
+        server_selection_timeout_ms: int = 10000,
+    ) -> None:
+        if isinstance(mongo, MongoClient):
+            self.client: MongoClient = mongo
+            self._owns_client = False
+        else:
+            if not mongo:
+                raise StoreError(
+                    "no MongoDB URI configured: set mongodb.uri or CLOUDTASK_MONGO_URI"
+                )
+            self.client = MongoClient(
+                mongo,
+                tz_aware=True,
+                tzinfo=timezone.utc,
+                serverSelectionTimeoutMS=server_selection_timeout_ms,
+                connect=False,
+            )
+            self._owns_client = True
+        self.db = self.client[database]
+        self.tasks = self.db["tasks"]
+        self.runs = self.db["runs"]
+        self.events = self.db["events"]
+        self.users = self.db["users"]
+        self.audit = self.db["audit"]
+        self.fs = gridfs.GridFS(self.db, collection="files")
+        self.run_retention_days = run_retention_days
+        self._guard(self.ensure_indexes, "create indexes")
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def _guard(self, fn: Any, what: str, *args: Any, **kwargs: Any) -> Any:
+        """Run a pymongo call, turning connection failures into a StoreError that says what to do."""
+        try:
+            return fn(*args, **kwargs)
+        except (DuplicateKeyError, BulkWriteError):
+            raise
+        except PyMongoError as e:
+            raise StoreError(
+                f"MongoDB failed to {what} ({type(e).__name__}: {e}); "
+                "check that it runs and that mongodb.uri points at it"
+            ) from e
+
+    def close(self) -> None:
+        if self._owns_client:
+            self.client.close()
+
+    def ensure_indexes(self) -> None:
+        self.tasks.create_index([("name", ASCENDING)], unique=True, name="name_unique")
+        self.tasks.create_index(
+            [("group", ASCENDING), ("enabled", ASCENDING)], name="group_enabled"
+        )
+        self.runs.create_index(
+            [
+                ("task_id", ASCENDING),
+                ("scheduled_for", ASCENDING),
+                ("slot", ASCENDING),
+                ("attempt", ASCENDING),
+            ],
+            unique=True,
+            name="claim",
+        )
+        self.runs.create_index(
+            [("task_id", ASCENDING), ("scheduled_for", DESCENDING)], name="task_time"
+        )
+        self.runs.create_index([("status", ASCENDING), ("agent", ASCENDING)], name="status_agent")
+        self.runs.create_index([("scheduled_for", DESCENDING)], name="time")
+        self._ensure_ttl()
+        self.events.create_index([("at", DESCENDING)], name="at")
+        self.events.create_index([("kind", ASCENDING), ("at", DESCENDING)], name="kind_at")
+        self.users.create_index([("username", ASCENDING)], unique=True, name="username_unique")
+        self.audit.create_index([("at", DESCENDING)], name="at")
+        self.db["files.files"].create_index([("metadata.sha256", ASCENDING)], name="sha256")
+        self.db["files.files"].create_index(
+            [("filename", ASCENDING), ("uploadDate", DESCENDING)], name="name_date"
+        )
+
+    def _ensure_ttl(self) -> None:
+        seconds = int(self.run_retention_days * 86400)
+        for name, info in self.runs.index_information().items():
+            if (
+                info.get("expireAfterSeconds") is not None
+                and info.get("expireAfterSeconds") != seconds
+            ):
+                self.runs.drop_index(name)
+        self.runs.create_index([("finished_at", ASCENDING)], expireAfterSeconds=seconds, name="ttl")
+
+    def ping(self) -> None:
+        self._guard(self.client.admin.command, "answer a ping", "ping")
+
+    # --- tasks ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _task_document(
+        spec: TaskSpec, task_id: str, revision: int, now: datetime
+    ) -> dict[str, Any]:
+        return {
+            "_id": task_id,
+            "version": SCHEMA_VERSION,
+            "name": spec.name,
+            "group": spec.group,
+            "enabled": bool(spec.enabled),
+            "spec": spec.to_dict(),
+            "revision": revision,
+            "updated_at": to_bson_time(now),
+        }
+
+    def create_task(
+        self, data: dict[str, Any] | TaskSpec, now: datetime | None = None
+    ) -> dict[str, Any]:
+        """Validate and insert a task; raises ValidationError or Conflict (name taken)."""
+        now = now or utcnow()
+        spec = data if isinstance(data, TaskSpec) else parse_task(data, now=now)
+        doc = self._task_document(spec, new_id(), 1, now)
+        doc["created_at"] = doc["updated_at"]
+        doc["done_at"] = None
+        try:
+            self._guard(self.tasks.insert_one, "store the task", doc)
+        except DuplicateKeyError:
+            raise Conflict(f"a task named {spec.name!r} already exists") from None
+        return doc
+
+    def replace_task(
+        self,
+        task_id: str,
+        data: dict[str, Any] | TaskSpec,
+        now: datetime | None = None,
+        expected_revision: int | None = None,
+    ) -> dict[str, Any]:
+        """Replace a task's spec and bump its revision (optimistic when expected_revision is given)."""
+        now = now or utcnow()
+        spec = data if isinstance(data, TaskSpec) else parse_task(data, now=now)
+        current = self.get_task(task_id)
+        if expected_revision is not None and current["revision"] != expected_revision:
+            raise Conflict(
+                f"task {current['name']!r} changed meanwhile (revision {current['revision']}, "
+                f"you edited {expected_revision}); reload it and apply your change again"
+            )
+        doc = self._task_document(spec, task_id, current["revision"] + 1, now)
+        doc["created_at"] = current.get("created_at")
+        doc["done_at"] = None
+        try:
+            result = self._guard(
+                self.tasks.replace_one,
+                "update the task",
+                {"_id": task_id, "revision": current["revision"]},
+                doc,
+            )
+        except DuplicateKeyError:
+            raise Conflict(f"a task named {spec.name!r} already exists") from None
+        if result.matched_count == 0:
+            raise Conflict(f"task {current['name']!r} changed meanwhile; reload it and try again")
+        return doc
+
+    def apply_task(
+        self, data: dict[str, Any], now: datetime | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Create or update the task with this name. Returns ("created"|"updated"|"unchanged", doc)."""
+        now = now or utcnow()
+        name = data.get("name") if isinstance(data, dict) else None
+        current = self.tasks.find_one({"name": name}) if isinstance(name, str) else None
+        if current is None:
+            return "created", self.create_task(data, now)
+        spec = parse_task(
+            data
+        )  # compare canonical forms; the past-instant check applies to changes
+        if spec.to_dict() == current["spec"]:
+            return "unchanged", current
+        return "updated", self.replace_task(current["_id"], data, now)
+
+    def get_task(self, task_id: str) -> dict[str, Any]:
+        doc = self._guard(self.tasks.find_one, "read the task", {"_id": task_id})
+        if doc is None:
+            raise NotFound(f"no task with id {task_id!r}")
+        return doc
+
+    def get_task_by_name(self, name: str) -> dict[str, Any]:
+        doc = self._guard(self.tasks.find_one, "read the task", {"name": name})
+        if doc is None:
+            raise NotFound(f"no task named {name!r}")
+        return doc
+
+    def list_tasks(
+        self, groups: Iterable[str] | None = None, enabled: bool | None = None
+    ) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {}
+        if groups is not None:
+            query["group"] = {"$in": list(groups)}
+        if enabled is not None:
+            query["enabled"] = enabled
+        return list(self._guard(self.tasks.find, "list tasks", query))
+
+    def task_revisions(self, groups: Iterable[str] | None = None) -> dict[str, tuple[int, bool]]:
+        """task id -> (revision, done), cheaply, so a poller can tell whether anything changed."""
+        query: dict[str, Any] = {} if groups is None else {"group": {"$in": list(groups)}}
+        cursor = self._guard(self.tasks.find, "list tasks", query, {"revision": 1, "done_at": 1})
+        return {d["_id"]: (d["revision"], bool(d.get("done_at"))) for d in cursor}
+
+    def set_task_enabled(
+        self, task_id: str, enabled: bool, now: datetime | None = None
+    ) -> dict[str, Any]:
+        now = now or utcnow()
+        current = self.get_task(task_id)
+        spec = dict(current["spec"], enabled=enabled)
+        return self.replace_task(task_id, parse_task(spec), now)
+
+    def delete_task(self, task_id: str) -> None:
+        result = self._guard(self.tasks.delete_one, "delete the task", {"_id": task_id})
+        if result.deleted_count == 0:
+            raise NotFound(f"no task with id {task_id!r}")
+
+    def mark_task_done(self, task_id: str, revision: int, now: datetime | None = None) -> bool:
+        """A one-shot (`at`) task has run: record it so no agent schedules it again.
+
+        Only the revision that ran is marked, so an edit made meanwhile is not lost.
+        """
+        result = self._guard(
+            self.tasks.update_one,
+            "mark the task done",
+            {"_id": task_id, "revision": revision},
+            {"$set": {"done_at": to_bson_time(now or utcnow())}},
+        )
+        return result.modified_count == 1
+
+    # --- runs -------------------------------------------------------------------------------
+
+    def claim_runs(self, docs: Sequence[dict[str, Any]]) -> list[bool]:
+        """Insert run documents as claims, in one batch. Returns, per document, whether we won it.
+
+        A duplicate key means another process claimed that fire first; any other write error is
+        raised, because then we do not know whether the fire is ours.
+        """
+        if not docs:
+            return []
+        try:
+            self._guard(self.runs.insert_many, "claim runs", list(docs), ordered=False)
+            return [True] * len(docs)
+        except BulkWriteError as e:
+            lost: set[int] = set()
+            for err in e.details.get("writeErrors", []):
+                if err.get("code") != DUPLICATE_KEY:
+                    raise StoreError(f"MongoDB refused a run claim: {err.get('errmsg')}") from e
+                lost.add(err["index"])
+            return [i not in lost for i in range(len(docs))]
+
+    def update_runs(self, updates: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Apply many ``(run_id, fields to set)`` updates in one round trip."""
+        if not updates:
+            return
+        ops = [UpdateOne({"_id": run_id}, {"$set": fields}) for run_id, fields in updates]
+        self._guard(self.runs.bulk_write, "update runs", ops, ordered=False)
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        doc = self._guard(self.runs.find_one, "read the run", {"_id": run_id})
+        if doc is None:
+            raise NotFound(f"no run with id {run_id!r}")
+        return doc
+
+    def list_runs(
+        self,
+        task_id: str | None = None,
+        status: str | Sequence[str] | None = None,
+        agent: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {}
+        if task_id is not None:
+            query["task_id"] = task_id
+        if isinstance(status, str):
+            query["status"] = status
+        elif status is not None:
+            query["status"] = {"$in": list(status)}
+        if agent is not None:
+            query["agent"] = agent
+        cursor = self.runs.find(query).sort("scheduled_for", pymongo.DESCENDING).limit(limit)
+        return list(self._guard(lambda: list(cursor), "list runs"))
+
+    # --- events and audit -------------------------------------------------------------------
+
+    def add_event(self, kind: str, message: str, **data: Any) -> str:
+        doc = {
+            "_id": new_id(),
+            "version": SCHEMA_VERSION,
+            "kind": kind,
+            "at": to_bson_time(utcnow()),
+            "message": message,
+            **data,
+        }
+        self._guard(self.events.insert_one, "record an event", doc)
+        return doc["_id"]
+
+    def add_audit(
+        self, actor: str, action: str, target: str, before: Any = None, after: Any = None
+    ) -> None:
+        doc = {
+            "_id": new_id(),
+            "version": SCHEMA_VERSION,
+            "at": to_bson_time(utcnow()),
+            "actor": actor,
+            "action": action,
+            "target": target,
+            "before": before,
+            "after": after,
+        }
+        self._guard(self.audit.insert_one, "record an audit entry", doc)
+
+    # --- files (GridFS) ---------------------------------------------------------------------
+
+    def put_file(self, name: str, data: bytes, uploaded_by: str = "") -> dict[str, Any]:
+        """Store a file version; returns its metadata (name, sha256, size)."""
+        sha256 = hashlib.sha256(data).hexdigest()
+        meta = {
+            "version": SCHEMA_VERSION,
+            "sha256": sha256,
+            "size": len(data),
+            "uploaded_by": uploaded_by,
+        }
+        file_id = self._guard(self.fs.put, "store the file", data, filename=name, metadata=meta)
+        return {"id": str(file_id), "name": name, **meta}
+
+    def get_file_by_hash(self, sha256: str) -> bytes:
+        doc = self._guard(
+            self.db["files.files"].find_one, "find the file", {"metadata.sha256": sha256}
+        )
+        if doc is None:
+            raise NotFound(f"no stored file with sha256 {sha256}")
+        return self._guard(lambda: self.fs.get(doc["_id"]).read(), "read the file")
+
+    def latest_file(self, name: str) -> dict[str, Any]:
+        doc = self._guard(
+            lambda: self.db["files.files"].find_one(
+                {"filename": name}, sort=[("uploadDate", DESCENDING)]
+            ),
+            "find the file",
+        )
+        if doc is None:
+            raise NotFound(f"no stored file named {name!r}; upload it first")
+        return {"id": str(doc["_id"]), "name": name, **doc.get("metadata", {})}
+
+
+def new_run_document(
+    *,
+    task_id: str,
+    task_name: str,
+    group: str,
+    revision: int,
+    scheduled_for: datetime,
+    slot: str,
+    attempt: int,
+    trigger: str,
+    agent: str,
+    status: str,
+    now: datetime,
+    token_hash: str | None = None,
+    session: str | None = None,
+) -> dict[str, Any]:
+    """A run document as an agent inserts it to claim a fire (see :meth:`Store.claim_runs`).
+
+    A fire recorded without running (``skipped``, ``missed``) is finished at once, so it
+    expires with the other finished runs.
+    """
+    claimed_at = to_bson_time(now)
+    done = status in FINISHED_STATUSES
+    return {
+        "_id": new_id(),
+        "version": SCHEMA_VERSION,
+        "task_id": task_id,
+        "task_name": task_name,
+        "group": group,
+        "revision": revision,
+        "scheduled_for": to_bson_time(scheduled_for),
+        "slot": slot,
+        "attempt": attempt,
+        "trigger": trigger,
+        "agent": agent,
+        "session": session,
+        "status": status,
+        "claimed_at": claimed_at,
+        "started_at": None,
+        "finished_at": claimed_at if done else None,
+        "duration": 0.0 if done else None,
+        "exit_code": None,
+        "output_tail": "",
+        "error": None,
+        "token_hash": token_hash,
+    }
