@@ -26,7 +26,7 @@ from typing import Any
 import gridfs
 import pymongo
 from bson import ObjectId
-from pymongo import ASCENDING, DESCENDING, MongoClient, UpdateOne
+from pymongo import ASCENDING, DESCENDING, MongoClient, ReplaceOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from .exceptions import Conflict, NotFound, StoreError
@@ -288,11 +288,17 @@ class Store:
 
         Only the revision that ran is marked, so an edit made meanwhile is not lost.
         """
+        doc = self._guard(
+            self.tasks.find_one, "read the task", {"_id": task_id, "revision": revision}
+        )
+        if doc is None:
+            return False
+        doc["done_at"] = to_bson_time(now or utcnow())
         result = self._guard(
-            self.tasks.update_one,
+            self.tasks.replace_one,
             "mark the task done",
             {"_id": task_id, "revision": revision},
-            {"$set": {"done_at": to_bson_time(now or utcnow())}},
+            doc,
         )
         return result.modified_count == 1
 
@@ -317,12 +323,21 @@ class Store:
                 lost.add(err["index"])
             return [i not in lost for i in range(len(docs))]
 
-    def update_runs(self, updates: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        """Apply many ``(run_id, fields to set)`` updates in one round trip."""
-        if not updates:
+    def save_runs(self, docs: Sequence[dict[str, Any]]) -> None:
+        """Write the current state of many runs in one round trip.
+
+        Whole documents are replaced rather than ``$set``: every field keeps its BSON type on
+        every server (nx-27017 stores a date written with ``$set`` as a string). Only a run
+        still ``queued`` or ``running`` is replaced, so a run another process finished (a run
+        marked ``lost``, say) is never overwritten by a late write.
+        """
+        if not docs:
             return
-        ops = [UpdateOne({"_id": run_id}, {"$set": fields}) for run_id, fields in updates]
-        self._guard(self.runs.bulk_write, "update runs", ops, ordered=False)
+        ops = [
+            ReplaceOne({"_id": d["_id"], "status": {"$in": list(RUNNING_STATUSES)}}, d)
+            for d in docs
+        ]
+        self._guard(self.runs.bulk_write, "write runs", ops, ordered=False)
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         doc = self._guard(self.runs.find_one, "read the run", {"_id": run_id})

@@ -210,7 +210,8 @@ class Agent:
                     trigger=fire.trigger,
                     token=token,
                     agent=self.agent_id,
-                )
+                ),
+                doc,
             )
 
     def _keep_unclaimed(self, fires: list[Fire], now: datetime, error: Exception) -> None:

@@ -134,7 +134,9 @@ class Executor:
 
     # --- bookkeeping ------------------------------------------------------------------------
 
-    def submit(self, ctx: RunContext) -> None:
+    def submit(self, ctx: RunContext, claim: dict[str, Any]) -> None:
+        """Queue a run; ``claim`` is the run document its claim stored."""
+        self.writer.track(claim)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the executor is shut down")

@@ -1,9 +1,10 @@
 """Batched writes of run progress to MongoDB, off the scheduling path.
 
-Updates for the same run are merged and written together with everyone else's in one
-``bulk_write`` every ``flush_interval``. Output tails of running runs are written at most
-once per ``tail_interval``. When MongoDB is unreachable the pending updates are kept (merged)
-and retried with backoff: scheduling and running never wait for a write.
+The writer keeps each live run's document (from its claim on). Changes are merged into it and
+every changed run is written in one ``bulk_write`` every ``flush_interval``; output tails of
+running runs at most once per ``tail_interval``. When MongoDB is unreachable the documents
+stay dirty and are retried with backoff: scheduling and running never wait for a write.
+A run is forgotten once its finished state is written.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..exceptions import StoreError
-from ..store import Store
+from ..store import FINISHED_STATUSES, Store
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,13 @@ class RunWriter:
         self.store = store
         self.flush_interval = flush_interval
         self.tail_interval = tail_interval
-        self._pending: dict[str, dict[str, Any]] = {}
+        self._docs: dict[str, dict[str, Any]] = {}
+        self._dirty: set[str] = set()
         self._tails: dict[str, Callable[[], str | None]] = {}
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._idle = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._loop, name="run-writer", daemon=True)
         self._last_tail = 0.0
         self._backoff = 0.0
@@ -40,9 +42,19 @@ class RunWriter:
     def start(self) -> None:
         self._thread.start()
 
+    def track(self, doc: dict[str, Any]) -> None:
+        """Start keeping a claimed run's document (already stored by the claim)."""
+        with self._lock:
+            self._docs[doc["_id"]] = dict(doc)
+
     def update(self, run_id: str, fields: dict[str, Any], urgent: bool = False) -> None:
         with self._lock:
-            self._pending.setdefault(run_id, {}).update(fields)
+            doc = self._docs.get(run_id)
+            if doc is None:
+                log.warning("update for untracked run %s dropped", run_id)
+                return
+            doc.update(fields)
+            self._dirty.add(run_id)
         if urgent:
             self._wake.set()
 
@@ -56,37 +68,37 @@ class RunWriter:
             self._tails.pop(run_id, None)
 
     def flush(self) -> bool:
-        """Write what is pending now. Returns False if MongoDB refused (it stays pending)."""
-        with self._lock:
-            now = time.monotonic()
-            if now - self._last_tail >= self.tail_interval:
-                self._last_tail = now
-                for run_id, read_tail in list(self._tails.items()):
-                    tail = read_tail()
-                    if tail is not None:
-                        self._pending.setdefault(run_id, {}).setdefault("output_tail", tail)
-            batch = list(self._pending.items())
-            self._pending.clear()
-        if not batch:
-            return True
-        try:
-            self.store.update_runs(batch)
-            return True
-        except StoreError as e:
-            log.warning("cannot write %d run updates yet, will retry: %s", len(batch), e)
+        """Write every changed run now. Returns False if MongoDB refused (they stay dirty)."""
+        with self._flush_lock:
             with self._lock:
-                for run_id, fields in batch:  # newer updates win over the failed older ones
-                    merged = dict(fields)
-                    merged.update(self._pending.get(run_id, {}))
-                    self._pending[run_id] = merged
-            return False
-        finally:
+                now = time.monotonic()
+                if now - self._last_tail >= self.tail_interval:
+                    self._last_tail = now
+                    for run_id, read_tail in list(self._tails.items()):
+                        tail = read_tail()
+                        if tail is not None and run_id in self._docs:
+                            self._docs[run_id]["output_tail"] = tail
+                            self._dirty.add(run_id)
+                batch = [dict(self._docs[r]) for r in self._dirty if r in self._docs]
+                self._dirty.clear()
+            if not batch:
+                return True
+            try:
+                self.store.save_runs(batch)
+            except StoreError as e:
+                log.warning("cannot write %d runs yet, will retry: %s", len(batch), e)
+                with self._lock:
+                    self._dirty.update(d["_id"] for d in batch)
+                return False
             with self._lock:
-                self._idle.notify_all()
+                for d in batch:
+                    if d["status"] in FINISHED_STATUSES and d["_id"] not in self._dirty:
+                        self._docs.pop(d["_id"], None)
+            return True
 
     def pending_count(self) -> int:
         with self._lock:
-            return len(self._pending)
+            return len(self._dirty)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -1,0 +1,140 @@
+"""Shared fixtures: a real ZooKeeper and a MongoDB wire server for the whole session.
+
+* ``zk_server`` / ``mongo_server`` (session): the servers (:mod:`cloudtask.localservers`).
+* ``zk_hosts``: a connection string with a fresh chroot per test, so tests never see each
+  other's nodes; ``zk``: a started KazooClient on it (session timeout 2 s).
+* ``mongo_client`` (session, tz_aware); ``mongo_db_name`` / ``mongo_db``: a fresh database
+  per test, dropped afterwards.
+* ``from helpers import wait_for`` polls a condition (tests/helpers.py).
+
+When a test fails, the end of each server's log is added to its report. Tests without a
+``timeout`` marker get ``pytest.mark.timeout(120)`` unless a timeout is set on the command
+line, in PYTEST_TIMEOUT or in the configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import uuid
+from collections.abc import Generator, Iterator
+
+import pytest
+from kazoo.client import KazooClient
+from pymongo import MongoClient
+from pymongo.database import Database
+
+from cloudtask.localservers import MongoServer, ZooKeeperServer
+from cloudtask.store import Store
+
+# pytest's default import mode already puts tests/ on sys.path; other modes do not.
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+DEFAULT_TEST_TIMEOUT = 120.0
+LOG_TAIL_LINES = 40
+
+# ZooKeeper with a 200 ms tick accepts session timeouts from 0.4 s (two ticks) to 60 s.
+ZK_TICK_TIME_MS = 200
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if (
+        config.getoption("timeout", None) is not None
+        or os.environ.get("PYTEST_TIMEOUT")
+        or config.getini("timeout")
+    ):
+        return  # a timeout chosen by whoever runs the tests wins
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(DEFAULT_TEST_TIMEOUT))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    if report.failed and report.when in ("setup", "call"):
+        funcargs = getattr(item, "funcargs", {})
+        for fixture_name in ("zk_server", "mongo_server"):
+            server = funcargs.get(fixture_name)
+            if isinstance(server, (ZooKeeperServer, MongoServer)):
+                report.sections.append(
+                    (
+                        f"{server.name} log, last {LOG_TAIL_LINES} lines ({server.log_path})",
+                        server.log_tail(LOG_TAIL_LINES),
+                    )
+                )
+    return report
+
+
+@pytest.fixture(scope="session")
+def zk_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZooKeeperServer]:
+    server = ZooKeeperServer(tmp_path_factory.mktemp("zookeeper"), tick_time_ms=ZK_TICK_TIME_MS)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MongoServer]:
+    server = MongoServer(tmp_path_factory.mktemp("mongo"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def zk_hosts(zk_server: ZooKeeperServer) -> str:
+    """``"127.0.0.1:PORT/t-<uuid>"``: the session's ZooKeeper under a chroot of this test."""
+    chroot = f"/t-{uuid.uuid4()}"
+    admin = KazooClient(zk_server.hosts, timeout=5)
+    admin.start(timeout=15)
+    try:
+        admin.ensure_path(chroot)  # kazoo does not create the chroot node
+    finally:
+        admin.stop()
+        admin.close()
+    return f"{zk_server.hosts}{chroot}"
+
+
+@pytest.fixture
+def zk(zk_hosts: str) -> Iterator[KazooClient]:
+    client = KazooClient(zk_hosts, timeout=2)
+    client.start(timeout=15)
+    yield client
+    client.stop()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def mongo_client(mongo_server: MongoServer) -> Iterator[MongoClient[dict]]:
+    client: MongoClient[dict] = MongoClient(
+        mongo_server.uri, tz_aware=True, serverSelectionTimeoutMS=5000
+    )
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def mongo_db_name(mongo_client: MongoClient[dict]) -> Iterator[str]:
+    """A database name no other test uses; the database is dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    with contextlib.suppress(Exception):
+        mongo_client.drop_database(name)
+
+
+@pytest.fixture
+def mongo_db(mongo_client: MongoClient[dict], mongo_db_name: str) -> Database[dict]:
+    return mongo_client[mongo_db_name]
+
+
+@pytest.fixture
+def store(mongo_client: MongoClient[dict], mongo_db_name: str) -> Store:
+    """A Store on this test's own database (the client is shared, so the store does not close it)."""
+    return Store(mongo_client, mongo_db_name)

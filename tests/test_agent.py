@@ -1,0 +1,280 @@
+"""The standalone agent end to end on a real MongoDB wire server: claims, policies, task changes."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from helpers import wait_for
+
+from cloudtask.agent.agent import Agent, resolve_agent_id
+from cloudtask.config import Config
+from cloudtask.store import Store
+
+PY = sys.executable
+
+
+class Running:
+    """Agents running in threads, stopped at the end of the test."""
+
+    def __init__(self, mongo_client, db_name, tmp_path):
+        self.mongo_client, self.db_name, self.tmp_path = mongo_client, db_name, tmp_path
+        self.agents: list[tuple[Agent, threading.Thread]] = []
+
+    def start(self, agent_id: str, **agent_cfg) -> Agent:
+        settings = {
+            "data_dir": str(self.tmp_path / agent_id),
+            "poll_interval": 0.2,
+            "kill_grace": 1.0,
+        }
+        settings.update(agent_cfg)
+        cfg = Config().with_section("agent", **settings)
+        agent = Agent(cfg, Store(self.mongo_client, self.db_name), agent_id=agent_id)
+        thread = threading.Thread(target=agent.run, daemon=True)
+        thread.start()
+        self.agents.append((agent, thread))
+        return agent
+
+    def stop_all(self):
+        for agent, _ in self.agents:
+            agent.stop()
+        for _, thread in self.agents:
+            thread.join(timeout=30)
+            assert not thread.is_alive(), "agent did not stop"
+
+
+@pytest.fixture
+def agents(mongo_client, mongo_db_name, tmp_path):
+    running = Running(mongo_client, mongo_db_name, tmp_path)
+    yield running
+    running.stop_all()
+
+
+def make(store, **over) -> dict:
+    data = {"name": "t", "schedule": {"every": "1s"}, "command": "true"}
+    data.update(over)
+    return store.create_task(data)
+
+
+def runs(store, task_id, **query):
+    return list(
+        store.runs.find({"task_id": task_id, **query}).sort([("scheduled_for", 1), ("attempt", 1)])
+    )
+
+
+def test_two_agents_fire_each_time_once(store, agents):
+    task = make(store)
+    agents.start("a1")
+    agents.start("a2")
+    wait_for(
+        lambda: len(runs(store, task["_id"], status="succeeded")) >= 5,
+        timeout=15,
+        message="too few runs",
+    )
+    agents.stop_all()
+    docs = runs(store, task["_id"])
+    per_fire = Counter((d["scheduled_for"], d["attempt"]) for d in docs)
+    assert max(per_fire.values()) == 1, "a fire ran twice"
+    assert all(d["status"] in ("succeeded", "missed") for d in docs)
+    # fires are one second apart on the grid, with none skipped in the window
+    times = sorted(d["scheduled_for"] for d in docs)
+    assert all((b - a) == timedelta(seconds=1) for a, b in zip(times, times[1:]))
+    assert all(t.microsecond == 0 for t in times)
+
+
+def test_mode_all_runs_once_per_agent(store, agents):
+    task = make(store, mode="all")
+    agents.start("a1")
+    agents.start("a2")
+    wait_for(
+        lambda: {d["agent"] for d in runs(store, task["_id"], status="succeeded")} == {"a1", "a2"},
+        timeout=10,
+        message="not every agent ran it",
+    )
+    agents.stop_all()
+    per_slot = Counter((d["scheduled_for"], d["slot"]) for d in runs(store, task["_id"]))
+    assert max(per_slot.values()) == 1
+    assert all(d["slot"] == d["agent"] for d in runs(store, task["_id"]))
+
+
+def test_forbid_skips_while_previous_runs(store, agents):
+    task = make(store, command=[PY, "-c", "import time; time.sleep(2.5)"], concurrency="forbid")
+    agents.start("a1")
+    wait_for(
+        lambda: runs(store, task["_id"], status="skipped"), timeout=10, message="nothing skipped"
+    )
+    agents.stop_all()
+    docs = runs(store, task["_id"])
+    skipped = [d for d in docs if d["status"] == "skipped"]
+    assert "still running" in skipped[0]["error"]
+    running_at_once = [d for d in docs if d["status"] in ("succeeded", "killed", "running")]
+    for a, b in zip(running_at_once, running_at_once[1:]):
+        assert b["started_at"] >= a["finished_at"], "forbid let two runs overlap"
+
+
+def test_replace_kills_the_running_one(store, agents):
+    task = make(store, command=["sleep", "30"], concurrency="replace", schedule={"every": "2s"})
+    agents.start("a1")
+    killed = wait_for(
+        lambda: runs(store, task["_id"], status="killed"), timeout=10, message="none replaced"
+    )
+    assert killed[0]["error"].startswith("replaced by run ")
+
+
+def test_retries_keep_the_fire_time_and_count_attempts(store, agents):
+    task = make(
+        store,
+        command=[PY, "-c", "import sys; sys.exit(3)"],
+        retries=2,
+        retry_delay="0s",
+        schedule={"every": "1h"},
+        misfire_grace="2h",
+    )
+    # run it now by giving it a one-shot schedule instead
+    store.replace_task(
+        task["_id"],
+        {
+            **task["spec"],
+            "schedule": {"at": (datetime.now(timezone.utc) + timedelta(seconds=1)).isoformat()},
+        },
+    )
+    agents.start("a1")
+    docs = wait_for(
+        lambda: (d := runs(store, task["_id"], status="failed")) and len(d) == 3 and d,
+        timeout=15,
+        message="not 3 attempts",
+    )
+    assert [d["attempt"] for d in docs] == [0, 1, 2]
+    assert [d["trigger"] for d in docs] == ["schedule", "retry", "retry"]
+    assert len({d["scheduled_for"] for d in docs}) == 1
+    assert all(d["exit_code"] == 3 for d in docs)
+    # the one-shot task is done after its last attempt
+    wait_for(
+        lambda: store.get_task(task["_id"]).get("done_at"), timeout=5, message="not marked done"
+    )
+
+
+def test_one_shot_runs_once_and_is_marked_done(store, agents):
+    at = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=2)
+    task = make(store, schedule={"at": at.isoformat()})
+    agents.start("a1")
+    agents.start("a2")
+    wait_for(lambda: store.get_task(task["_id"]).get("done_at"), timeout=10, message="not done")
+    docs = runs(store, task["_id"])
+    assert [(d["scheduled_for"], d["status"]) for d in docs] == [(at, "succeeded")]
+
+
+def test_keepalive_restarts_with_backoff(store, agents):
+    task = make(store, schedule={"keepalive": True}, command=[PY, "-c", "print('up')"])
+    agents.start("a1")
+    docs = wait_for(
+        lambda: (d := runs(store, task["_id"], status="succeeded")) and len(d) >= 3 and d,
+        timeout=15,
+        message="not restarted",
+    )
+    assert [d["trigger"] for d in docs[:3]] == ["schedule", "restart", "restart"]
+    gaps = [(b["started_at"] - a["finished_at"]).total_seconds() for a, b in zip(docs, docs[1:3])]
+    assert 0.8 <= gaps[0] <= 2.5 and 1.8 <= gaps[1] <= 3.5  # 1 s, then 2 s
+
+
+def test_changes_are_picked_up_without_restart(store, agents):
+    task = make(store, command=[PY, "-c", "print('v1')"])
+    agents.start("a1")
+    wait_for(lambda: runs(store, task["_id"], status="succeeded"), timeout=10, message="no v1 run")
+    store.replace_task(task["_id"], {**task["spec"], "command": [PY, "-c", "print('v2')"]})
+    wait_for(
+        lambda: any(d["output_tail"].strip() == "v2" for d in runs(store, task["_id"])),
+        timeout=10,
+        message="v2 never ran",
+    )
+    latest = runs(store, task["_id"])[-1]
+    assert latest["revision"] == 2
+
+
+def test_paused_and_deleted_tasks_stop_firing(store, agents):
+    never = make(store, name="never", enabled=False)
+    deleted = make(store, name="deleted")
+    paused = make(store, name="paused")
+    agents.start("a1")
+    wait_for(
+        lambda: runs(store, deleted["_id"]) and runs(store, paused["_id"]),
+        timeout=10,
+        message="no run",
+    )
+    store.delete_task(deleted["_id"])
+    store.set_task_enabled(paused["_id"], False)
+    time.sleep(0.6)  # poll interval 0.2 s
+    before = {t: len(runs(store, t)) for t in (deleted["_id"], paused["_id"])}
+    time.sleep(2.5)
+    assert {t: len(runs(store, t)) for t in before} == before
+    assert runs(store, never["_id"]) == []
+
+
+class _Handler(BaseHTTPRequestHandler):
+    seen: list = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        _Handler.seen.append((self.path, self.headers, body))  # case-insensitive
+        code = 201 if self.path == "/ok" else 500
+        self.send_response(code)
+        self.end_headers()
+        self.wfile.write(b'{"done": true}')
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    _Handler.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_http_task_headers_status_and_failover(store, agents, http_server):
+    from cloudtask.localservers import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}/ok"
+    task = make(
+        store,
+        command=None,
+        http={
+            "urls": [dead, f"{http_server}/ok"],
+            "strategy": "failover",
+            "method": "POST",
+            "body": {"x": 1},
+            "expect_status": [201],
+        },
+    )
+    bad = make(
+        store, name="bad", command=None, http={"url": f"{http_server}/fail", "method": "POST"}
+    )
+    agents.start("a1")
+    ok = wait_for(
+        lambda: runs(store, task["_id"], status="succeeded"), timeout=10, message="http run failed"
+    )[0]
+    assert ok["http_status"] == 201 and '"done"' in ok["output_tail"]
+    failed = wait_for(
+        lambda: runs(store, bad["_id"], status="failed"), timeout=10, message="no failure"
+    )[0]
+    assert failed["http_status"] == 500 and "expected 2xx" in failed["error"]
+    path, headers, body = next(s for s in _Handler.seen if s[0] == "/ok")
+    assert json.loads(body) == {"x": 1}
+    assert headers["X-CloudTask-Run-Id"] in {d["_id"] for d in runs(store, task["_id"])}
+    assert headers["X-CloudTask-Task"] == "t" and headers["X-CloudTask-Agent"] == "a1"
+    assert headers["X-CloudTask-Token"] and headers["X-CloudTask-Trigger"] == "schedule"
+
+
+def test_agent_id_is_kept_in_data_dir(tmp_path):
+    first = resolve_agent_id("", tmp_path)
+    assert resolve_agent_id("", tmp_path) == first
+    assert resolve_agent_id("fixed", tmp_path) == "fixed"

@@ -1,0 +1,296 @@
+"""The executor on real processes and a real MongoDB wire server: exit codes, output, timeouts
+that leave no process behind, logs and their retention, concurrency, retries."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import wait_for
+
+from cloudtask.agent.executor import Executor, RunContext
+from cloudtask.agent.logfiles import cleanup_logs, log_path
+from cloudtask.agent.runwriter import RunWriter
+from cloudtask.store import new_run_document
+from cloudtask.task import parse_task
+
+PY = sys.executable
+
+
+@pytest.fixture
+def writer(store):
+    w = RunWriter(store, flush_interval=0.05, tail_interval=0.2)
+    w.start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture
+def executor(writer, tmp_path):
+    ex = Executor(
+        agent_id="a1", log_dir=tmp_path / "logs", writer=writer, max_parallel=4, kill_grace=1.0
+    )
+    yield ex
+    ex.shutdown()
+
+
+def start(store, executor, task: dict, attempt: int = 0) -> RunContext:
+    spec = parse_task({"name": "t", "schedule": {"every": "1h"}, **task})
+    now = datetime.now(timezone.utc)
+    doc = new_run_document(
+        task_id="task-1",
+        task_name=spec.name,
+        group=spec.group,
+        revision=1,
+        scheduled_for=now,
+        slot="one",
+        attempt=attempt,
+        trigger="manual",
+        agent="a1",
+        status="queued",
+        now=now,
+    )
+    assert store.claim_runs([doc]) == [True]
+    ctx = RunContext(
+        run_id=doc["_id"],
+        task_id="task-1",
+        revision=1,
+        spec=spec,
+        scheduled_for=doc["scheduled_for"],
+        attempt=attempt,
+        trigger="manual",
+        token=secrets.token_hex(8),
+        agent="a1",
+    )
+    executor.submit(ctx, doc)
+    return ctx
+
+
+def finished(store, run_id: str, timeout: float = 20.0) -> dict:
+    return wait_for(
+        lambda: (d := store.get_run(run_id)) and d["status"] not in ("queued", "running") and d,
+        timeout=timeout,
+        message=f"run {run_id} did not finish",
+    )
+
+
+def test_success_output_and_environment(store, executor, tmp_path):
+    ctx = start(
+        store,
+        executor,
+        {
+            "command": [
+                PY,
+                "-c",
+                "import os; print('hello', os.environ['CLOUDTASK_TASK'], os.environ['LEVEL']); print(os.environ['CLOUDTASK_RUN_ID'], os.environ['CLOUDTASK_ATTEMPT'], os.environ['CLOUDTASK_TRIGGER'], os.environ['CLOUDTASK_AGENT'], os.environ['CLOUDTASK_SCHEDULED_FOR'])",
+            ],
+            "env": {"LEVEL": "info"},
+        },
+    )
+    run = finished(store, ctx.run_id)
+    assert run["status"] == "succeeded"
+    assert run["exit_code"] == 0
+    lines = run["output_tail"].splitlines()
+    assert lines[0] == "hello t info"
+    run_id, attempt, trigger, agent, scheduled = lines[1].split()
+    assert (run_id, attempt, trigger, agent) == (ctx.run_id, "0", "manual", "a1")
+    assert (
+        scheduled.endswith("Z")
+        and datetime.fromisoformat(scheduled.replace("Z", "+00:00")) == run["scheduled_for"]
+    )
+    assert run["started_at"] <= run["finished_at"]
+    assert run["duration"] >= 0
+    logfile = log_path(tmp_path / "logs", "t", datetime.now().date())
+    text = logfile.read_text()
+    assert f"run {ctx.run_id} task t" in text and "hello t info" in text
+    assert f"run {ctx.run_id} succeeded exit 0" in text
+
+
+@pytest.mark.parametrize("code", [1, 3, 255])
+def test_exit_codes_mark_failure(store, executor, code):
+    ctx = start(store, executor, {"command": [PY, "-c", f"import sys; sys.exit({code})"]})
+    run = finished(store, ctx.run_id)
+    assert run["status"] == "failed"
+    assert run["exit_code"] == code
+
+
+def test_shell_command_and_stderr_captured(store, executor):
+    ctx = start(store, executor, {"command": "echo out; echo err 1>&2; exit 2", "shell": True})
+    run = finished(store, ctx.run_id)
+    assert run["status"] == "failed" and run["exit_code"] == 2
+    assert run["output_tail"].split() == ["out", "err"]
+
+
+def test_missing_program_fails_with_message(store, executor):
+    ctx = start(store, executor, {"command": ["/nonexistent/program-xyz"]})
+    run = finished(store, ctx.run_id)
+    assert run["status"] == "failed"
+    assert "cannot start '/nonexistent/program-xyz'" in run["error"]
+
+
+def test_missing_cwd_fails_with_message(store, executor, tmp_path):
+    ctx = start(store, executor, {"command": ["true"], "cwd": str(tmp_path / "nowhere")})
+    run = finished(store, ctx.run_id)
+    assert run["status"] == "failed" and "nowhere" in run["error"]
+
+
+def test_output_tail_is_last_64k(store, executor):
+    ctx = start(
+        store,
+        executor,
+        {
+            "command": [
+                PY,
+                "-c",
+                "import sys\nfor i in range(20000): print(f'line {i:06d}')\nprint('END')",
+            ]
+        },
+    )
+    run = finished(store, ctx.run_id)
+    tail = run["output_tail"]
+    assert len(tail.encode()) <= 64 * 1024
+    assert tail.rstrip().endswith("END")
+    assert "line 019999" in tail and "line 000000" not in tail
+
+
+def test_timeout_kills_whole_tree(store, executor):
+    ctx = start(
+        store,
+        executor,
+        {"command": "sleep 100 & sleep 100", "shell": True, "timeout": "1s"},
+    )
+    wait_for(lambda: ctx.proc is not None, message="process did not start")
+    pid = ctx.proc.pid
+    wait_for(lambda: len(psutil.Process(pid).children()) >= 2, message="children did not start")
+    children = [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    run = finished(store, ctx.run_id)
+    assert run["status"] == "timed_out"
+    assert "timeout" in run["error"]
+    for child in children + [pid]:
+        assert not _alive(child), f"process {child} survived the timeout"
+    assert _tagged(ctx.run_id) == []
+
+
+def test_timeout_kills_grandchild_that_escaped_with_setsid(store, executor):
+    ctx = start(
+        store,
+        executor,
+        {
+            "command": [
+                PY,
+                "-c",
+                "import os, subprocess, time\nsubprocess.Popen(['setsid', 'sleep', '100'])\ntime.sleep(100)",
+            ],
+            "timeout": "1s",
+        },
+    )
+    wait_for(lambda: _tagged(ctx.run_id), message="grandchild did not start")
+    run = finished(store, ctx.run_id)
+    assert run["status"] == "timed_out"
+    wait_for(lambda: _tagged(ctx.run_id) == [], timeout=5, message="escaped grandchild survived")
+
+
+def test_background_leftovers_are_reaped_after_normal_exit(store, executor):
+    ctx = start(store, executor, {"command": "sleep 100 & echo started", "shell": True})
+    run = finished(store, ctx.run_id)
+    assert run["status"] == "succeeded"
+    wait_for(lambda: _tagged(ctx.run_id) == [], timeout=5, message="background child survived")
+
+
+def test_kill_running_run(store, executor):
+    ctx = start(store, executor, {"command": ["sleep", "100"]})
+    wait_for(lambda: store.get_run(ctx.run_id)["status"] == "running", message="not running")
+    assert executor.kill(ctx.run_id, "killed by test")
+    run = finished(store, ctx.run_id)
+    assert run["status"] == "killed" and run["error"] == "killed by test"
+    assert executor.kill("no-such-run") is False
+
+
+def test_running_output_tail_is_updated_live(store, executor):
+    ctx = start(
+        store,
+        executor,
+        {"command": [PY, "-u", "-c", "import time\nprint('first', flush=True)\ntime.sleep(30)"]},
+    )
+    wait_for(
+        lambda: "first" in (store.get_run(ctx.run_id).get("output_tail") or ""),
+        timeout=10,
+        message="tail not live",
+    )
+    assert store.get_run(ctx.run_id)["status"] == "running"
+    executor.kill(ctx.run_id)
+
+
+def test_max_parallel_queues_in_order(store, writer, tmp_path):
+    ex = Executor(
+        agent_id="a1", log_dir=tmp_path / "logs", writer=writer, max_parallel=2, kill_grace=1.0
+    )
+    try:
+        runs = [
+            start(store, ex, {"command": [PY, "-c", "import time; time.sleep(0.5)"]})
+            for _ in range(5)
+        ]
+        time.sleep(0.2)
+        statuses = [store.get_run(r.run_id)["status"] for r in runs]
+        assert statuses.count("running") <= 2
+        docs = [finished(store, r.run_id) for r in runs]
+        assert all(d["status"] == "succeeded" for d in docs)
+        starts = [d["started_at"] for d in docs]
+        assert starts == sorted(starts)  # FIFO
+        # with 2 slots, 5 runs of 0.5 s need at least 3 rounds
+        assert (max(d["finished_at"] for d in docs) - min(starts)).total_seconds() >= 1.3
+    finally:
+        ex.shutdown()
+
+
+def test_log_retention_removes_only_old_files(tmp_path):
+    logs = tmp_path / "logs"
+    today = date(2026, 11, 23)
+    keep, old = [], []
+    for task in ("a", "b"):
+        for age in (0, 1, 13, 14, 15, 40):
+            p = log_path(logs, task, today - timedelta(days=age))
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text("x")
+            (old if age > 14 else keep).append(p)
+    other = logs / "a" / "notes.txt"
+    other.write_text("not a log")
+    only_old = log_path(logs, "c", today - timedelta(days=30))
+    only_old.parent.mkdir(parents=True)
+    only_old.write_text("x")
+    deleted = cleanup_logs(logs, 14, today=today)
+    assert sorted(deleted) == sorted(old + [only_old])
+    assert all(p.exists() for p in keep) and other.exists()
+    assert not (logs / "c").exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _tagged(run_id: str) -> list[int]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if (
+                p.pid != os.getpid()
+                and p.environ().get("CLOUDTASK_RUN_ID") == run_id
+                and _alive(p.pid)
+            ):
+                found.append(p.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_log_dir_path_is_per_task_and_day(tmp_path):
+    assert log_path(Path("/l"), "job", date(2026, 1, 2)) == Path("/l/job/2026-01-02.log")

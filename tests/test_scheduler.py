@@ -1,0 +1,150 @@
+"""The agent's scheduler engine, driven with fixed times: nothing sleeps, nothing reads a clock."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from cloudtask.agent.scheduler import Scheduler
+from cloudtask.task import parse_task
+
+T0 = datetime(2026, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def spec(**over):
+    data = {"name": "t", "schedule": {"every": "10s"}, "command": "true"}
+    data.update(over)
+    return parse_task(data)
+
+
+def s(n: float) -> timedelta:
+    return timedelta(seconds=n)
+
+
+def test_every_fires_on_grid_and_reports_delay():
+    sched = Scheduler()
+    sched.upsert("a", spec(), 1, T0 + s(3))
+    fires, delay = sched.tick(T0 + s(3))
+    assert fires == []
+    assert delay == 1.0  # capped by max_sleep
+    fires, _ = sched.tick(T0 + s(9.5))
+    assert fires == []
+    fires, delay = sched.tick(T0 + s(10))
+    assert [(f.task_id, f.scheduled_for, f.trigger, f.status) for f in fires] == [
+        ("a", T0 + s(10), "schedule", None)
+    ]
+    fires, delay = sched.tick(T0 + s(19.75))
+    assert fires == [] and abs(delay - 0.25) < 1e-6
+
+
+def test_fires_are_never_emitted_twice():
+    sched = Scheduler()
+    sched.upsert("a", spec(), 1, T0)
+    seen = []
+    t = T0
+    while t < T0 + s(60):
+        t += s(0.25)
+        seen += [f.scheduled_for for f in sched.tick(t)[0]]
+    assert seen == [T0 + s(10 * k) for k in range(1, 7)]
+
+
+def test_late_fires_latest_runs_earlier_recorded_missed():
+    sched = Scheduler(on_time_tolerance=2.0)
+    sched.upsert("a", spec(), 1, T0)
+    fires, _ = sched.tick(T0 + s(31))  # paused: 10, 20, 30 are due
+    assert [(f.scheduled_for, f.status, f.trigger) for f in fires] == [
+        (T0 + s(10), "missed", "schedule"),
+        (T0 + s(20), "missed", "schedule"),
+        (T0 + s(30), None, "schedule"),
+    ]
+
+
+def test_late_beyond_tolerance_follows_misfire_policy():
+    sched = Scheduler(on_time_tolerance=2.0)
+    sched.upsert("run", spec(misfire="run_once", misfire_grace="1m"), 1, T0)
+    sched.upsert("skip", spec(misfire="skip"), 1, T0)
+    sched.upsert("old", spec(misfire="run_once", misfire_grace="3s"), 1, T0)
+    fires = {f.task_id: f for f in sched.tick(T0 + s(15))[0]}
+    assert fires["run"].trigger == "catch-up" and fires["run"].status is None
+    assert fires["skip"].status == "missed"
+    assert fires["old"].status == "missed"  # 5 s late with a 3 s grace
+
+
+def test_changed_task_reschedules_and_unchanged_revision_is_ignored():
+    sched = Scheduler()
+    assert sched.upsert("a", spec(), 1, T0)
+    assert not sched.upsert("a", spec(), 1, T0 + s(1))
+    assert sched.upsert("a", spec(schedule={"every": "1m"}), 2, T0 + s(5))
+    fires, _ = sched.tick(T0 + s(10))
+    assert fires == []  # the old 10 s plan is gone
+    fires, _ = sched.tick(T0 + s(60))
+    assert [f.scheduled_for for f in fires] == [T0 + s(60)]
+    assert fires[0].revision == 2
+
+
+def test_removed_task_stops_firing():
+    sched = Scheduler()
+    sched.upsert("a", spec(), 1, T0)
+    sched.retry("a", T0, 1, T0 + s(5))
+    assert sched.remove("a")
+    assert sched.tick(T0 + s(100))[0] == []
+
+
+def test_retry_fires_with_original_scheduled_time_and_attempt():
+    sched = Scheduler()
+    sched.upsert("a", spec(schedule={"every": "1h"}), 1, T0)
+    sched.retry("a", T0 + s(1), 1, T0 + s(31))
+    assert sched.tick(T0 + s(30))[0] == []
+    fires, _ = sched.tick(T0 + s(31))
+    assert [(f.scheduled_for, f.attempt, f.trigger) for f in fires] == [(T0 + s(1), 1, "retry")]
+
+
+def test_keepalive_starts_at_once_and_restarts_with_backoff():
+    sched = Scheduler()
+    sched.upsert("k", spec(schedule={"keepalive": True}), 1, T0)
+    fires, _ = sched.tick(T0)
+    assert [(f.scheduled_for, f.trigger) for f in fires] == [(T0, "schedule")]
+    assert sched.tick(T0 + s(100))[0] == []  # running: nothing more
+    # exits quickly three times: 1 s, 2 s, 4 s
+    t = T0
+    expected = [1, 2, 4]
+    for delay in expected:
+        restart = sched.keepalive_exited("k", t, t + s(1))
+        assert restart == t + s(1) + s(delay)
+        assert sched.tick(restart - s(0.01))[0] == []
+        fires, _ = sched.tick(restart)
+        assert [f.trigger for f in fires] == ["restart"]
+        t = restart
+    # a run that lasted 60 s resets the backoff
+    assert sched.keepalive_exited("k", t, t + s(60)) == t + s(61)
+
+
+def test_keepalive_backoff_caps_at_60s():
+    sched = Scheduler()
+    sched.upsert("k", spec(schedule={"keepalive": True}), 1, T0)
+    sched.tick(T0)
+    t = T0
+    for _ in range(10):
+        restart = sched.keepalive_exited("k", t, t)
+        sched.tick(restart)
+        last = restart - t
+        t = restart
+    assert last == s(60)
+
+
+def test_one_shot_fires_once():
+    at = T0 + s(30)
+    sched = Scheduler()
+    sched.upsert("o", spec(schedule={"at": at.isoformat()}), 1, T0)
+    fires, _ = sched.tick(T0 + s(30))
+    assert [f.scheduled_for for f in fires] == [at]
+    assert sched.tick(T0 + s(3600))[0] == []
+    assert sched.next_fire("o") is None
+
+
+def test_many_tasks_due_together_come_in_one_tick():
+    sched = Scheduler()
+    for i in range(500):
+        sched.upsert(f"t{i}", spec(name=f"t{i}"), 1, T0)
+    fires, _ = sched.tick(T0 + s(10))
+    assert len(fires) == 500
+    assert {f.scheduled_for for f in fires} == {T0 + s(10)}

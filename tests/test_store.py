@@ -1,0 +1,217 @@
+"""The MongoDB store over a real wire-protocol server: indexes, tasks, claims, runs, files."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from helpers import wait_for
+
+from cloudtask.exceptions import Conflict, NotFound, StoreError, ValidationError
+from cloudtask.store import Store, new_run_document
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def task(name="nightly", **over):
+    data = {"name": name, "schedule": {"cron": "0 3 * * *"}, "command": "true"}
+    data.update(over)
+    return data
+
+
+def run_doc(task_id="t1", scheduled_for=NOW, slot="one", attempt=0, status="queued"):
+    return new_run_document(
+        task_id=task_id,
+        task_name="nightly",
+        group="default",
+        revision=1,
+        scheduled_for=scheduled_for,
+        slot=slot,
+        attempt=attempt,
+        trigger="schedule",
+        agent="a1",
+        status=status,
+        now=NOW,
+    )
+
+
+def test_indexes_created(store):
+    runs = store.runs.index_information()
+    claim = [i for i in runs.values() if i.get("unique") and len(i["key"]) == 4]
+    assert claim and [k for k, _ in claim[0]["key"]] == [
+        "task_id",
+        "scheduled_for",
+        "slot",
+        "attempt",
+    ]
+    ttl = [i for i in runs.values() if i.get("expireAfterSeconds") is not None]
+    assert ttl and ttl[0]["expireAfterSeconds"] == 90 * 86400
+    assert any(i.get("unique") for n, i in store.tasks.index_information().items() if n != "_id_")
+    assert any(i.get("unique") for n, i in store.users.index_information().items() if n != "_id_")
+    assert len(store.events.index_information()) >= 2
+    assert len(store.audit.index_information()) >= 2
+
+
+def test_ttl_expires_old_finished_runs(store):
+    old, fresh = run_doc(status="missed"), run_doc(task_id="t2", status="missed")
+    fresh["finished_at"] = datetime.now(timezone.utc)
+    store.claim_runs([old, fresh])  # `old` finished at NOW, months ago: past the 90 days
+    # nx-27017 expires at once; MongoDB's TTL monitor within about a minute
+    wait_for(lambda: [d["_id"] for d in store.runs.find()] == [fresh["_id"]], timeout=90)
+
+
+def test_ttl_follows_retention_setting(mongo_client, mongo_db_name):
+    Store(mongo_client, mongo_db_name, run_retention_days=90)
+    s = Store(mongo_client, mongo_db_name, run_retention_days=7)
+    ttls = [
+        i["expireAfterSeconds"]
+        for i in s.runs.index_information().values()
+        if "expireAfterSeconds" in i
+    ]
+    assert ttls == [7 * 86400]
+
+
+def test_create_get_and_unique_name(store):
+    doc = store.create_task(task(), now=NOW)
+    assert doc["revision"] == 1 and doc["version"] == 1
+    assert store.get_task(doc["_id"])["spec"]["name"] == "nightly"
+    assert store.get_task_by_name("nightly")["_id"] == doc["_id"]
+    with pytest.raises(Conflict, match="already exists"):
+        store.create_task(task(), now=NOW)
+
+
+def test_invalid_task_is_refused_and_nothing_stored(store):
+    with pytest.raises(ValidationError) as err:
+        store.create_task(task(schedule={"cron": "0 0 31 2 *"}, timeout="forever"), now=NOW)
+    paths = {p.path for p in err.value.problems}
+    assert {"schedule.cron", "timeout"} <= paths
+    assert store.list_tasks() == []
+
+
+def test_replace_bumps_revision_and_detects_stale_edit(store):
+    doc = store.create_task(task(), now=NOW)
+    new = store.replace_task(doc["_id"], task(command="echo hi"), now=NOW, expected_revision=1)
+    assert new["revision"] == 2 and new["spec"]["command"] == "echo hi"
+    with pytest.raises(Conflict, match="changed meanwhile"):
+        store.replace_task(doc["_id"], task(command="echo stale"), now=NOW, expected_revision=1)
+    assert store.get_task(doc["_id"])["spec"]["command"] == "echo hi"
+
+
+def test_bad_replace_keeps_what_was_stored(store):
+    doc = store.create_task(task(), now=NOW)
+    with pytest.raises(ValidationError):
+        store.replace_task(doc["_id"], task(schedule={"every": "500ms"}), now=NOW)
+    assert store.get_task(doc["_id"])["revision"] == 1
+
+
+def test_at_in_past_refused_on_create_and_change(store):
+    past = (NOW - timedelta(hours=1)).isoformat()
+    with pytest.raises(ValidationError, match="past"):
+        store.create_task(task(schedule={"at": past}), now=NOW)
+    doc = store.create_task(task(), now=NOW)
+    with pytest.raises(ValidationError, match="past"):
+        store.replace_task(doc["_id"], task(schedule={"at": past}), now=NOW)
+
+
+def test_apply_creates_updates_and_leaves_unchanged(store):
+    assert store.apply_task(task(), now=NOW)[0] == "created"
+    assert store.apply_task(task(), now=NOW)[0] == "unchanged"
+    outcome, doc = store.apply_task(task(command="echo 2"), now=NOW)
+    assert outcome == "updated" and doc["revision"] == 2
+
+
+def test_enable_disable_and_delete(store):
+    doc = store.create_task(task(), now=NOW)
+    paused = store.set_task_enabled(doc["_id"], False, now=NOW)
+    assert not paused["enabled"] and paused["revision"] == 2
+    assert store.list_tasks(enabled=True) == []
+    assert len(store.list_tasks(enabled=False)) == 1
+    store.delete_task(doc["_id"])
+    with pytest.raises(NotFound):
+        store.get_task(doc["_id"])
+    with pytest.raises(NotFound):
+        store.delete_task(doc["_id"])
+
+
+def test_mark_done_only_for_the_revision_that_ran(store):
+    doc = store.create_task(task(), now=NOW)
+    store.replace_task(doc["_id"], task(command="echo 2"), now=NOW)
+    assert not store.mark_task_done(doc["_id"], 1, NOW)
+    assert store.mark_task_done(doc["_id"], 2, NOW)
+    assert store.task_revisions()[doc["_id"]] == (2, True)
+
+
+def test_claim_is_exclusive_per_fire_slot_and_attempt(store):
+    assert store.claim_runs([run_doc()]) == [True]
+    assert store.claim_runs([run_doc()]) == [False]
+    # a batch: duplicates lose, the rest win, in order
+    batch = [
+        run_doc(scheduled_for=NOW + timedelta(seconds=1)),
+        run_doc(),
+        run_doc(attempt=1),
+        run_doc(slot="agent-2"),
+        run_doc(task_id="t2"),
+    ]
+    assert store.claim_runs(batch) == [True, False, True, True, True]
+    assert store.runs.count_documents({}) == 5
+
+
+def test_update_runs_in_bulk_and_list(store):
+    docs = [run_doc(scheduled_for=NOW + timedelta(seconds=i)) for i in range(3)]
+    store.claim_runs(docs)
+    done = datetime.now(timezone.utc).replace(microsecond=0)  # recent: the TTL index keeps it
+    store.save_runs(
+        [{**d, "status": "succeeded", "exit_code": 0, "finished_at": done} for d in docs[:2]]
+    )
+    assert [r["status"] for r in store.list_runs(task_id="t1")] == [
+        "queued",
+        "succeeded",
+        "succeeded",
+    ]
+    assert len(store.list_runs(status=["succeeded"])) == 2
+    got = store.get_run(docs[0]["_id"])
+    assert got["scheduled_for"] == NOW and got["scheduled_for"].tzinfo is not None
+    assert got["finished_at"] == done  # a date stays a date after an update
+
+
+def test_save_never_overwrites_a_finished_run(store):
+    doc = run_doc(status="running")
+    store.claim_runs([doc])
+    store.runs.replace_one({"_id": doc["_id"]}, {**doc, "status": "lost"})
+    store.save_runs([{**doc, "status": "succeeded"}])
+    assert store.get_run(doc["_id"])["status"] == "lost"
+
+
+def test_skipped_and_missed_runs_are_finished_at_once(store):
+    doc = run_doc(status="missed")
+    assert doc["finished_at"] == NOW and doc["duration"] == 0.0
+    assert run_doc()["finished_at"] is None
+
+
+def test_events_and_audit(store):
+    store.add_event("run.failed", "nightly failed", task_id="t1")
+    store.add_audit("alice", "task.create", "nightly", before=None, after={"name": "nightly"})
+    assert store.events.find_one()["kind"] == "run.failed"
+    assert store.audit.find_one()["actor"] == "alice"
+
+
+def test_files_by_hash_and_latest(store):
+    first = store.put_file("cleanup.sh", b"echo one\n")
+    second = store.put_file("cleanup.sh", b"echo two\n")
+    assert first["sha256"] != second["sha256"] and second["size"] == 9
+    assert store.get_file_by_hash(first["sha256"]) == b"echo one\n"
+    assert store.latest_file("cleanup.sh")["sha256"] == second["sha256"]
+    with pytest.raises(NotFound):
+        store.latest_file("nope")
+
+
+def test_unreachable_mongodb_gives_a_clear_error():
+    from cloudtask.localservers import free_port
+
+    with pytest.raises(StoreError, match="check that it runs"):
+        Store(f"mongodb://127.0.0.1:{free_port()}", "x", server_selection_timeout_ms=300)
+
+
+def test_empty_uri_is_refused():
+    with pytest.raises(StoreError, match="CLOUDTASK_MONGO_URI"):
+        Store("", "x")
