@@ -1,0 +1,461 @@
+"""Task specs: the JSON a user writes (files, REST API, web forms) and its validated form.
+
+:func:`validate_task` returns every problem at once, each with its path (``schedule[1].every``,
+``http.urls[0]``, ``env.PATH``); :func:`parse_task` raises them together as a
+:class:`~cloudtask.exceptions.ValidationError` or returns a :class:`TaskSpec`.
+:meth:`TaskSpec.to_dict` writes the canonical form, which parses back to an equal spec.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from .durations import format_duration, parse_duration
+from .exceptions import Problem, ValidationError
+from .schedules import ScheduleSet, parse_schedule, show_value
+
+SPEC_VERSION = 1
+TASK_KEYS = (
+    "version",
+    "name",
+    "group",
+    "schedule",
+    "command",
+    "shell",
+    "file",
+    "http",
+    "mode",
+    "timeout",
+    "retries",
+    "retry_delay",
+    "concurrency",
+    "misfire",
+    "misfire_grace",
+    "enabled",
+    "env",
+    "cwd",
+    "notify",
+    "description",
+    "owner",
+)
+HTTP_KEYS = ("url", "urls", "strategy", "method", "headers", "body", "expect_status", "timeout")
+NOTIFY_KEYS = ("emails", "on")
+MODES = ("one", "all")
+CONCURRENCY_POLICIES = ("forbid", "allow", "replace")
+MISFIRE_POLICIES = ("run_once", "skip")
+HTTP_STRATEGIES = ("first", "random", "failover")
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
+NOTIFY_EVENTS = ("failure", "timeout", "missed", "lost", "recovered", "success")
+DEFAULT_NOTIFY_ON = ("failure", "timeout", "missed", "lost")
+MAX_RETRIES = 100
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+NAME_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
+_MISSING: Any = object()
+
+
+@dataclass(frozen=True)
+class HttpSpec:
+    """A web service call made instead of a command."""
+
+    urls: tuple[str, ...]
+    strategy: str = "first"
+    method: str = "GET"
+    headers: dict[str, str] = field(default_factory=dict)
+    body: str | None = None
+    expect_status: tuple[int, ...] | None = None  # None: any 2xx
+    timeout: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "urls": list(self.urls),
+            "strategy": self.strategy,
+            "method": self.method,
+            "headers": dict(self.headers),
+            "body": self.body,
+            "expect_status": list(self.expect_status) if self.expect_status else None,
+            "timeout": _format_optional(self.timeout),
+        }
+
+
+@dataclass(frozen=True)
+class NotifySpec:
+    """Who is emailed, and on which run outcomes."""
+
+    emails: tuple[str, ...] = ()
+    on: tuple[str, ...] = DEFAULT_NOTIFY_ON
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"emails": list(self.emails), "on": list(self.on)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskSpec:
+    """A validated task. Durations are float seconds; build one with :func:`parse_task`."""
+
+    name: str
+    group: str = "default"
+    schedule: ScheduleSet
+    command: str | tuple[str, ...] | None = None
+    shell: bool = False
+    file: str | None = None
+    http: HttpSpec | None = None
+    mode: str = "one"
+    timeout: float | None = None
+    retries: int = 0
+    retry_delay: float = 0.0
+    concurrency: str = "forbid"
+    misfire: str = "run_once"
+    misfire_grace: float = 3600.0
+    enabled: bool = True
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    notify: NotifySpec = field(default_factory=NotifySpec)
+    description: str = ""
+    owner: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical JSON form: every field present, durations spelled like '10m'."""
+        command = list(self.command) if isinstance(self.command, tuple) else self.command
+        return {
+            "version": SPEC_VERSION,
+            "name": self.name,
+            "group": self.group,
+            "schedule": self.schedule.to_dict(),
+            "command": command,
+            "shell": self.shell,
+            "file": self.file,
+            "http": self.http.to_dict() if self.http is not None else None,
+            "mode": self.mode,
+            "timeout": _format_optional(self.timeout),
+            "retries": self.retries,
+            "retry_delay": format_duration(self.retry_delay),
+            "concurrency": self.concurrency,
+            "misfire": self.misfire,
+            "misfire_grace": format_duration(self.misfire_grace),
+            "enabled": self.enabled,
+            "env": dict(self.env),
+            "cwd": self.cwd,
+            "notify": self.notify.to_dict(),
+            "description": self.description,
+            "owner": self.owner,
+        }
+
+
+def validate_task(data: object, now: datetime | None = None) -> list[Problem]:
+    """Every problem in a task spec. With ``now``, instants already past are refused too."""
+    return _read_task(data, now)[1]
+
+
+def parse_task(data: object, now: datetime | None = None) -> TaskSpec:
+    """A :class:`TaskSpec` from its JSON form; raises ValidationError listing every problem."""
+    spec, problems = _read_task(data, now)
+    if problems or spec is None:
+        raise ValidationError(problems)
+    return spec
+
+
+def _format_optional(seconds: float | None) -> str | None:
+    return None if seconds is None else format_duration(seconds)
+
+
+class _Fields:
+    """Reads the keys of one JSON object, recording a problem for each bad value."""
+
+    def __init__(self, data: dict[str, Any], prefix: str, problems: list[Problem]) -> None:
+        self.data, self.prefix, self.problems = data, prefix, problems
+
+    def path(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def refuse(self, key: str, message: str) -> None:
+        self.problems.append(Problem(self.path(key), message))
+
+    def unknown_keys(self, allowed: tuple[str, ...]) -> None:
+        for key in self.data:
+            if key not in allowed:
+                self.refuse(str(key), f"unknown key; expected one of {', '.join(allowed)}")
+
+    def given(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def string(self, key: str, default: Any = "", *, nullable: bool = False) -> Any:
+        value = self.data.get(key, _MISSING)
+        if value is _MISSING or (value is None and nullable):
+            return default
+        if not isinstance(value, str):
+            self.refuse(key, f"expected a string, got {show_value(value)}")
+            return default
+        return value
+
+    def name(self, key: str, default: str | None) -> str:
+        value = self.data.get(key, _MISSING)
+        if value is _MISSING:
+            if default is None:
+                self.refuse(key, f"required: a name of {NAME_RULE}")
+            return default or ""
+        if not isinstance(value, str):
+            self.refuse(key, f"expected a string, got {show_value(value)}")
+        elif not NAME_PATTERN.fullmatch(value):
+            self.refuse(key, f"{value!r} is not a valid name: use {NAME_RULE}")
+        return value if isinstance(value, str) else ""
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.data.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        if value not in choices:
+            self.refuse(key, f"expected one of {', '.join(choices)}, got {show_value(value)}")
+            return default
+        return str(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.data.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, bool):
+            self.refuse(key, f"expected true or false, got {show_value(value)}")
+            return default
+        return value
+
+    def duration(self, key: str, default: float | None, *, nullable: bool = False) -> Any:
+        """Seconds rounded to the millisecond; ``nullable`` durations must be more than 0."""
+        value = self.data.get(key, _MISSING)
+        if value is _MISSING or (value is None and nullable):
+            return default
+        try:
+            seconds = round(parse_duration(value), 3)
+        except ValueError as exc:
+            self.refuse(key, str(exc))
+            return default
+        if nullable and seconds <= 0:
+            self.refuse(key, "must be more than 0 (or null for no limit)")
+            return default
+        return seconds
+
+    def string_map(
+        self, key: str, key_pattern: re.Pattern[str], rule: str, *, one_line: bool = False
+    ) -> dict[str, str]:
+        value = self.data.get(key, _MISSING)
+        if value is _MISSING:
+            return {}
+        if not isinstance(value, dict):
+            self.refuse(key, f"expected an object of strings, got {show_value(value)}")
+            return {}
+        out: dict[str, str] = {}
+        for name, item in value.items():
+            where = f"{key}.{name}"
+            if not isinstance(name, str) or not key_pattern.fullmatch(name):
+                self.refuse(where, f"{name!r} is not allowed: {rule}")
+            elif not isinstance(item, str):
+                self.refuse(where, f"expected a string, got {show_value(item)}")
+            elif one_line and any(c in item for c in "\r\n\0"):
+                self.refuse(where, "must not contain line breaks or NUL characters")
+            else:
+                out[name] = item
+        return out
+
+    def string_list(self, key: str, *, empty: bool = False) -> list[tuple[str, str]] | None:
+        """A list of strings (non-empty unless ``empty``) as (path, value) pairs, or None."""
+        value = self.data[key]
+        if not isinstance(value, list) or not (value or empty):
+            kind = "a list" if empty else "a non-empty list"
+            self.refuse(key, f"expected {kind} of strings, got {show_value(value)}")
+            return None
+        pairs = []
+        for i, item in enumerate(value):
+            if isinstance(item, str):
+                pairs.append((f"{key}[{i}]", item))
+            else:
+                self.refuse(f"{key}[{i}]", f"expected a string, got {show_value(item)}")
+        return pairs if len(pairs) == len(value) else None
+
+
+def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, list[Problem]]:
+    problems: list[Problem] = []
+    if not isinstance(data, dict):
+        return None, [Problem("", f"expected a task object, got {show_value(data)}")]
+    f = _Fields(data, "", problems)
+    f.unknown_keys(TASK_KEYS)
+    version = data.get("version", SPEC_VERSION)
+    if type(version) is not int or version != SPEC_VERSION:
+        f.refuse("version", f"unsupported version {show_value(version)}; expected {SPEC_VERSION}")
+    name = f.name("name", None)
+    group = f.name("group", "default")
+    if "schedule" not in data:
+        f.refuse("schedule", 'required, such as {"cron": "0 3 * * *"} or {"every": "30s"}')
+        schedule = None
+    else:
+        schedule, schedule_problems = parse_schedule(data["schedule"], "schedule", now=now)
+        problems.extend(schedule_problems)
+
+    command = _read_command(f)
+    http = _read_http(data["http"], problems) if f.given("http") else None
+    if f.given("command") and f.given("http"):
+        f.refuse("http", "a task runs either a command or an http call, not both")
+    elif not f.given("command") and not f.given("http"):
+        f.refuse("command", "required: give a command to run (or an http call)")
+    shell = f.boolean("shell", False)
+    if shell and f.given("http"):
+        f.refuse("shell", "shell only applies to a command, not to an http call")
+    elif shell and isinstance(data.get("command"), list):
+        f.refuse("shell", "with shell true, command must be one string, not a list")
+    elif not shell and isinstance(command, str):
+        try:
+            shlex.split(command)
+        except ValueError as exc:
+            f.refuse("command", f"cannot be split into arguments ({exc}); fix the quoting")
+    file = f.string("file", None, nullable=True)
+    if file is not None:
+        if f.given("http"):
+            f.refuse("file", "file only applies to a command, not to an http call")
+        elif not file or len(file) > 255 or any(c in file for c in "/\\\0") or ".." in file:
+            f.refuse(
+                "file", f"{file!r} is not a plain file name (no '/', '\\' or '..', at most 255)"
+            )
+
+    retries = data.get("retries", 0)
+    if type(retries) is not int or not 0 <= retries <= MAX_RETRIES:
+        f.refuse("retries", f"expected a whole number from 0 to 100, got {show_value(retries)}")
+        retries = 0
+    cwd = f.string("cwd", None, nullable=True)
+    values: dict[str, Any] = dict(
+        mode=f.choice("mode", MODES, "one"),
+        timeout=f.duration("timeout", None, nullable=True),
+        retries=retries,
+        retry_delay=f.duration("retry_delay", 0.0),
+        concurrency=f.choice("concurrency", CONCURRENCY_POLICIES, "forbid"),
+        misfire=f.choice("misfire", MISFIRE_POLICIES, "run_once"),
+        misfire_grace=f.duration("misfire_grace", 3600.0),
+        enabled=f.boolean("enabled", True),
+        env=f.string_map(
+            "env", ENV_NAME_PATTERN, "a variable name has letters, digits and '_', no leading digit"
+        ),
+        cwd=cwd or None,
+        notify=_read_notify(data["notify"], problems) if "notify" in data else NotifySpec(),
+        description=f.string("description"),
+        owner=f.string("owner"),
+    )
+    if problems or schedule is None:
+        return None, problems
+    spec = TaskSpec(
+        name=name,
+        group=group,
+        schedule=schedule,
+        command=command,
+        shell=shell,
+        file=file,
+        http=http,
+        **values,
+    )
+    return spec, []
+
+
+def _read_command(f: _Fields) -> str | tuple[str, ...] | None:
+    value = f.data.get("command")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not value.strip():
+            f.refuse("command", "must not be empty")
+        return value
+    if isinstance(value, list):
+        pairs = f.string_list("command")
+        if pairs is not None and not pairs[0][1].strip():
+            f.refuse("command[0]", "the program to run must not be empty")
+        return tuple(value)
+    f.refuse("command", f"expected a string or a list of strings, got {show_value(value)}")
+    return None
+
+
+def _read_http(value: object, problems: list[Problem]) -> HttpSpec | None:
+    if not isinstance(value, dict):
+        problems.append(Problem("http", f"expected an object with a url, got {show_value(value)}"))
+        return None
+    before = len(problems)
+    f = _Fields(value, "http", problems)
+    f.unknown_keys(HTTP_KEYS)
+    urls: list[tuple[str, str]] = []
+    if f.given("url") and f.given("urls"):
+        f.refuse("urls", "give url or urls, not both")
+    elif f.given("url"):
+        url = f.string("url", None)
+        urls = [("http.url", url)] if url is not None else []
+    elif f.given("urls"):
+        urls = [(f"http.{where}", u) for where, u in f.string_list("urls") or []]
+    else:
+        problems.append(Problem("http", "required: a url (or a list of urls)"))
+    for where, url in urls:
+        if not _is_web_url(url):
+            problems.append(
+                Problem(where, f"{url!r} is not an http:// or https:// URL with a host")
+            )
+    method = value.get("method", "GET")
+    if not isinstance(method, str) or method.upper() not in HTTP_METHODS:
+        f.refuse("method", f"expected one of {', '.join(HTTP_METHODS)}, got {show_value(method)}")
+    body = value.get("body")
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body)
+    elif body is not None and not isinstance(body, str):
+        f.refuse("body", f"expected a string or a JSON object or list, got {show_value(body)}")
+    expect = value.get("expect_status")
+    statuses = expect if isinstance(expect, list) else [expect]
+    if expect is not None and (
+        not statuses or any(type(s) is not int or not 100 <= s <= 599 for s in statuses)
+    ):
+        message = "expected an HTTP status from 100 to 599 or a list of them"
+        f.refuse("expect_status", f"{message}, got {show_value(expect)}")
+    spec = HttpSpec(
+        urls=tuple(url for _, url in urls),
+        strategy=f.choice("strategy", HTTP_STRATEGIES, "first"),
+        method=method.upper() if isinstance(method, str) else "GET",
+        headers=f.string_map(
+            "headers", _HEADER_NAME, "a header name has letters, digits and '-'", one_line=True
+        ),
+        body=body if isinstance(body, str) else None,
+        expect_status=tuple(statuses) if expect is not None else None,
+        timeout=f.duration("timeout", None, nullable=True),
+    )
+    return spec if len(problems) == before else None
+
+
+def _read_notify(value: object, problems: list[Problem]) -> NotifySpec:
+    if not isinstance(value, dict):
+        message = (
+            f'expected an object such as {{"emails": [...], "on": [...]}}, got {show_value(value)}'
+        )
+        problems.append(Problem("notify", message))
+        return NotifySpec()
+    f = _Fields(value, "notify", problems)
+    f.unknown_keys(NOTIFY_KEYS)
+    emails: list[str] = []
+    for where, email in (f.string_list("emails", empty=True) or []) if "emails" in value else []:
+        if not _EMAIL.fullmatch(email):
+            problems.append(Problem(f"notify.{where}", f"{email!r} is not an email address"))
+        emails.append(email)
+    on = [] if "on" in value else list(DEFAULT_NOTIFY_ON)
+    for where, event in (f.string_list("on", empty=True) or []) if "on" in value else []:
+        if event not in NOTIFY_EVENTS:
+            message = f"expected one of {', '.join(NOTIFY_EVENTS)}, got {event!r}"
+            problems.append(Problem(f"notify.{where}", message))
+        elif event not in on:
+            on.append(event)
+    return NotifySpec(emails=tuple(emails), on=tuple(on))
+
+
+def _is_web_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        host_ok = bool(parts.hostname) and not any(c.isspace() for c in url)
+        return parts.scheme in ("http", "https") and host_ok
+    except ValueError:
+        return False

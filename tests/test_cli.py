@@ -1,0 +1,215 @@
+"""The `cloudtask` command: help everywhere, clean errors, apply, and real agent processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import psutil
+import pytest
+from click.testing import CliRunner
+from helpers import wait_for
+
+from cloudtask.cli import cli
+from cloudtask.store import Store
+
+SUBCOMMANDS = ["agent", "apply", "validate", "next", "up"]
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+@pytest.mark.parametrize("sub", [None, *SUBCOMMANDS])
+def test_help_on_every_command(sub):
+    result = invoke(*([sub] if sub else []), "--help")
+    assert result.exit_code == 0
+    assert "Usage:" in result.output
+
+
+def write_tasks(tmp_path, tasks, name="tasks.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(tasks))
+    return path
+
+
+def test_validate_reports_every_problem_with_file_and_path(tmp_path):
+    path = write_tasks(
+        tmp_path,
+        [
+            {"name": "ok", "schedule": {"every": "10s"}, "command": "true"},
+            {
+                "name": "bad one",
+                "schedule": {"cron": "0 0 31 2 *"},
+                "command": "true",
+                "timeout": "x",
+            },
+        ],
+    )
+    result = invoke("validate", str(path))
+    assert result.exit_code != 0
+    assert f"{path}[1]: name:" in result.output
+    assert f"{path}[1]: schedule.cron:" in result.output
+    assert f"{path}[1]: timeout:" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_validate_bad_json_names_line(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text('{"name": "x",\n "schedule": }')
+    result = invoke("validate", str(path))
+    assert result.exit_code != 0 and "not valid JSON at line 2" in result.output
+
+
+def test_validate_example_tasks():
+    result = invoke("validate", "conf/tasks")
+    assert result.exit_code == 0, result.output
+    assert "valid" in result.output
+
+
+def test_apply_is_all_or_nothing(tmp_path, mongo_server, mongo_db_name, mongo_client):
+    env = {"CLOUDTASK_MONGO_URI": mongo_server.uri, "CLOUDTASK_MONGO_DATABASE": mongo_db_name}
+    good = write_tasks(
+        tmp_path, {"name": "a", "schedule": {"every": "1m"}, "command": "true"}, "a.json"
+    )
+    bad = write_tasks(
+        tmp_path, {"name": "b", "schedule": {"every": "1ms"}, "command": "true"}, "b.json"
+    )
+    result = invoke("apply", str(good), str(bad), env=env)
+    assert result.exit_code != 0 and "nothing applied" in result.output
+    assert mongo_client[mongo_db_name].tasks.count_documents({}) == 0
+    result = invoke("apply", str(good), env=env)
+    assert result.exit_code == 0 and "created" in result.output
+    result = invoke("apply", str(tmp_path / "a.json"), env=env)
+    assert "unchanged" in result.output
+
+
+def test_bad_config_is_a_message_not_a_traceback(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"agent": {"max_parallel": "lots"}}))
+    result = invoke("apply", "--config", str(cfg), "conf/tasks")
+    assert result.exit_code == 1
+    assert "agent.max_parallel" in result.output and str(cfg) in result.output
+    assert "Traceback" not in result.output
+
+
+def test_next_prints_fire_times_in_zone():
+    result = invoke("next", "30 2 * * *", "--timezone", "Europe/Berlin", "-n", "3")
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 3 and all(
+        "02:30:00+0" in line and "Europe/Berlin" in line for line in lines
+    )
+    bad = invoke("next", "61 * * * *")
+    assert bad.exit_code == 2 and "schedule.cron" in bad.output
+
+
+def _agent(tmp_path, agent_id, env):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cloudtask",
+            "agent",
+            "--standalone",
+            "--id",
+            agent_id,
+            "--data-dir",
+            str(tmp_path / agent_id),
+        ],
+        env={**os.environ, **env, "CLOUDTASK_AGENT_POLL_INTERVAL": "0.3s"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_two_agent_processes_fire_each_time_once(
+    tmp_path, mongo_server, mongo_db_name, mongo_client
+):
+    store = Store(mongo_client, mongo_db_name)
+    task = store.create_task({"name": "tick", "schedule": {"every": "1s"}, "command": "true"})
+    env = {"CLOUDTASK_MONGO_URI": mongo_server.uri, "CLOUDTASK_MONGO_DATABASE": mongo_db_name}
+    procs = [_agent(tmp_path, "p1", env), _agent(tmp_path, "p2", env)]
+    try:
+        wait_for(
+            lambda: store.runs.count_documents({"status": "succeeded"}) >= 6,
+            timeout=30,
+            message="too few runs",
+        )
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=30)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    docs = list(store.runs.find({"task_id": task["_id"]}))
+    counts = Counter((d["scheduled_for"], d["attempt"]) for d in docs)
+    assert max(counts.values()) == 1
+    assert {d["status"] for d in docs} <= {"succeeded", "missed"}
+    assert not any(d["status"] in ("queued", "running") for d in docs)
+    assert all("stopped" in out for out in outputs)
+
+
+def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "hello.json").write_text(
+        json.dumps(
+            {"name": "hello", "schedule": {"every": "1s"}, "command": ["echo", "hello from up"]}
+        )
+    )
+    (tasks / "broken.json").write_text(json.dumps({"name": "broken", "schedule": {"every": "0s"}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDTASK_")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cloudtask",
+            "up",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--tasks",
+            str(tasks),
+        ],
+        env={**env, "CLOUDTASK_CONFIG": "conf/cloudtask.json"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        while not any("Press Ctrl-C" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, "cloudtask up exited early:\n" + "".join(lines)
+            lines.append(line)
+        text = "".join(lines)
+        assert "task hello: created" in text
+        assert "skipped:" in text and "broken" in text  # a bad file is reported, the rest runs
+        uri = re.search(r"MongoDB:\s+(\S+)", text).group(1)
+        logs = re.search(r"task logs:\s+(\S+)/<task>", text).group(1)
+        store = Store(uri, "cloudtask")
+        wait_for(
+            lambda: store.runs.count_documents({"status": "succeeded"}) >= 1,
+            timeout=30,
+            message="no run",
+        )
+        run = store.runs.find_one({"status": "succeeded"})
+        assert run["output_tail"].strip() == "hello from up"
+        assert any(
+            p.name.endswith(".log") for p in (tmp_path / "data").rglob("*") if "hello" in str(p)
+        )
+        assert logs.startswith(str(tmp_path / "data"))
+        store.close()
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 3  # ZooKeeper, MongoDB, agent
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, rest
+    time.sleep(0.5)
+    assert [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE] == []
