@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import selectors
 import shlex
 import subprocess
 import threading
@@ -129,8 +130,10 @@ class Executor:
         self._queue: queue.Queue[RunContext | None] = queue.Queue()
         self._workers: list[threading.Thread] = []
         self._active: dict[str, RunContext] = {}
+        self._by_task: dict[str, set[str]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._base_env = dict(os.environ)  # copied once: os.environ decodes every key on read
 
     # --- bookkeeping ------------------------------------------------------------------------
 
@@ -141,6 +144,7 @@ class Executor:
             if self._closed:
                 raise RuntimeError("the executor is shut down")
             self._active[ctx.run_id] = ctx
+            self._by_task.setdefault(ctx.task_id, set()).add(ctx.run_id)
             # workers are started as they are needed, never more than max_parallel
             worker = None
             if len(self._workers) < min(self.max_parallel, len(self._active)):
@@ -154,15 +158,23 @@ class Executor:
 
     def active(self, task_id: str | None = None) -> list[RunContext]:
         with self._lock:
-            runs = list(self._active.values())
-        return [r for r in runs if task_id is None or r.task_id == task_id]
+            if task_id is None:
+                return list(self._active.values())
+            return [self._active[r] for r in self._by_task.get(task_id, ())]
+
+    def has_active(self, task_id: str) -> bool:
+        with self._lock:
+            return task_id in self._by_task
 
     def running_count(self) -> int:
         with self._lock:
             return sum(1 for r in self._active.values() if r.status == "running")
 
     def kill(self, run_id: str, reason: str = "killed by request") -> bool:
-        """Kill a queued or running run (its whole process tree). Returns False if unknown."""
+        """Kill a queued or running run (its whole process tree). Returns False if unknown.
+
+        Returns at once: the kill (terminate, grace, kill) goes on in a thread of its own.
+        """
         with self._lock:
             ctx = self._active.get(run_id)
         if ctx is None:
@@ -176,13 +188,18 @@ class Executor:
             self._kill(ctx, reason)
         return len(runs)
 
-    def _kill(self, ctx: RunContext, reason: str) -> None:
+    def _kill(self, ctx: RunContext, reason: str, wait: bool = False) -> None:
         with ctx.lock:
             if ctx.kill_reason is None:
                 ctx.kill_reason = reason
             proc = ctx.proc
         if proc is not None and proc.poll() is None:
-            kill_tree(proc, ctx.run_id, self.kill_grace)
+            killer = threading.Thread(
+                target=kill_tree, args=(proc, ctx.run_id, self.kill_grace), daemon=True
+            )
+            killer.start()
+            if wait:
+                killer.join()
 
     def shutdown(self, grace: float = 0.0) -> None:
         """Stop taking work; wait ``grace`` seconds for running runs, then kill what is left."""
@@ -193,7 +210,7 @@ class Executor:
         while self.active() and time.monotonic() < deadline:
             time.sleep(0.05)
         for ctx in self.active():
-            self._kill(ctx, "the agent stopped")
+            self._kill(ctx, "the agent stopped")  # each in its own thread, all at once
         for _ in workers:
             self._queue.put(None)
         for t in workers:
@@ -216,6 +233,11 @@ class Executor:
             finally:
                 with self._lock:
                     self._active.pop(ctx.run_id, None)
+                    same_task = self._by_task.get(ctx.task_id)
+                    if same_task is not None:
+                        same_task.discard(ctx.run_id)
+                        if not same_task:
+                            del self._by_task[ctx.task_id]
 
     def _execute(self, ctx: RunContext) -> None:
         runlog = RunLog(self.log_dir, ctx.spec.name)
@@ -255,7 +277,7 @@ class Executor:
 
     def _run_process(self, ctx: RunContext, runlog: RunLog) -> None:
         spec = ctx.spec
-        env = dict(os.environ)
+        env = dict(self._base_env)
         env.update(spec.env)
         env.update(ctx.environment())
         argv = build_argv(spec)
@@ -312,6 +334,61 @@ class Executor:
             ctx.status = "failed"
             if proc.returncode < 0:
                 ctx.error = f"ended by signal {-proc.returncode}"
+
+    def _timed_out(self, ctx: RunContext, proc: subprocess.Popen) -> None:
+        with ctx.lock:
+            ctx.kill_reason = ctx.kill_reason or "timeout"
+        kill_tree(proc, ctx.run_id, self.kill_grace)
+
+    def _collect_select(self, ctx: RunContext, proc: subprocess.Popen, runlog: RunLog) -> None:
+        """POSIX: one thread reads the output and watches the timeout and the main process.
+
+        The run ends at end-of-output. If the main process has exited but something it left
+        behind still holds the pipe, that is reaped; output still open 5 s later is abandoned.
+        """
+        stream = proc.stdout
+        assert stream is not None
+        fd = stream.fileno()
+        deadline = time.monotonic() + ctx.spec.timeout if ctx.spec.timeout else None
+        main_exited: float | None = None
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while True:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline and ctx.kill_reason is None:
+                    self._timed_out(ctx, proc)
+                wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - now))
+                if sel.select(wait):
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        break
+                    ctx.append_output(chunk)
+                    runlog.write(chunk)
+                elif proc.poll() is not None:
+                    if main_exited is None:
+                        main_exited = now
+                        reap_leftovers(proc, grace=min(self.kill_grace, 2.0))
+                    elif now - main_exited > 5.0:
+                        log.warning("run %s: output still open after the process ended", ctx.run_id)
+                        break
+        stream.close()
+        proc.wait()
+        ctx.finished_at = _now()
+        reap_leftovers(proc, grace=min(self.kill_grace, 2.0))
+
+    def _collect_threaded(self, ctx: RunContext, proc: subprocess.Popen, runlog: RunLog) -> None:
+        """Windows (pipes cannot be selected): a pump thread reads while this one waits."""
+        pump = threading.Thread(target=self._pump, args=(ctx, proc, runlog), daemon=True)
+        pump.start()
+        try:
+            proc.wait(timeout=ctx.spec.timeout)
+        except subprocess.TimeoutExpired:
+            self._timed_out(ctx, proc)
+        ctx.finished_at = _now()
+        reap_leftovers(proc, grace=min(self.kill_grace, 2.0))
+        pump.join(timeout=5.0)
+        if pump.is_alive():  # a process that left the group still holds the pipe
+            log.warning("run %s: output still open after the process ended", ctx.run_id)
 
     @staticmethod
     def _pump(ctx: RunContext, proc: subprocess.Popen, runlog: RunLog) -> None:

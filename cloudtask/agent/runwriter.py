@@ -1,8 +1,10 @@
 """Batched writes of run progress to MongoDB, off the scheduling path.
 
 The writer keeps each live run's document (from its claim on). Changes are merged into it and
-every changed run is written in one ``bulk_write`` every ``flush_interval``; output tails of
-running runs at most once per ``tail_interval``. When MongoDB is unreachable the documents
+every changed run is written in one ``bulk_write`` every ``flush_interval``. Output tails of
+running runs, and the move from ``queued`` to ``running`` (a ``lazy`` update), are written at
+most once per ``tail_interval``: a run shorter than that costs one write, its final state, which
+halves the writes of a burst of short runs. When MongoDB is unreachable the documents
 stay dirty and are retried with backoff: scheduling and running never wait for a write.
 A run is forgotten once its finished state is written.
 """
@@ -30,6 +32,7 @@ class RunWriter:
         self.tail_interval = tail_interval
         self._docs: dict[str, dict[str, Any]] = {}
         self._dirty: set[str] = set()
+        self._lazy: set[str] = set()
         self._tails: dict[str, Callable[[], str | None]] = {}
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -47,14 +50,16 @@ class RunWriter:
         with self._lock:
             self._docs[doc["_id"]] = dict(doc)
 
-    def update(self, run_id: str, fields: dict[str, Any], urgent: bool = False) -> None:
+    def update(
+        self, run_id: str, fields: dict[str, Any], urgent: bool = False, lazy: bool = False
+    ) -> None:
         with self._lock:
             doc = self._docs.get(run_id)
             if doc is None:
                 log.warning("update for untracked run %s dropped", run_id)
                 return
             doc.update(fields)
-            self._dirty.add(run_id)
+            (self._lazy if lazy else self._dirty).add(run_id)
         if urgent:
             self._wake.set()
 
@@ -74,12 +79,15 @@ class RunWriter:
                 now = time.monotonic()
                 if now - self._last_tail >= self.tail_interval:
                     self._last_tail = now
+                    self._dirty |= self._lazy
+                    self._lazy.clear()
                     for run_id, read_tail in list(self._tails.items()):
                         tail = read_tail()
                         if tail is not None and run_id in self._docs:
                             self._docs[run_id]["output_tail"] = tail
                             self._dirty.add(run_id)
                 batch = [dict(self._docs[r]) for r in self._dirty if r in self._docs]
+                self._lazy -= self._dirty
                 self._dirty.clear()
             if not batch:
                 return True
