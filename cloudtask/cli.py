@@ -296,7 +296,7 @@ def up(config_path: str | None, data_dir: str, tasks_dir: str, verbose: bool) ->
                 click.echo(f"task {name}: {outcome}")
         store.close()
         agent_dir = base / "agent-1"
-        agent_cfg = cfg.with_section("agent", data_dir=str(agent_dir), id=cfg.agent.id or "agent-1")
+        agent_cfg = cfg.with_section("agent", data_dir=str(agent_dir))
         cfg_path = base / "agent-1.json"
         cfg_path.write_text(json.dumps(config_to_dict(agent_cfg), indent=2), encoding="utf-8")
         agent_log = base / "agent-1.log"

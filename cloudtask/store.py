@@ -264,6 +264,9 @@ class Store:
             query["enabled"] = enabled
         return list(self._guard(self.tasks.find, "list tasks", query))
 
+    def get_tasks(self, task_ids: Iterable[str]) -> list[dict[str, Any]]:
+        return list(self._guard(self.tasks.find, "read tasks", {"_id": {"$in": list(task_ids)}}))
+
     def task_revisions(self, groups: Iterable[str] | None = None) -> dict[str, tuple[int, bool]]:
         """task id -> (revision, done), cheaply, so a poller can tell whether anything changed."""
         query: dict[str, Any] = {} if groups is None else {"group": {"$in": list(groups)}}
@@ -338,6 +341,29 @@ class Store:
             for d in docs
         ]
         self._guard(self.runs.bulk_write, "write runs", ops, ordered=False)
+
+    def mark_runs_lost(
+        self, query: dict[str, Any], reason: str, now: datetime | None = None
+    ) -> int:
+        """Mark the unfinished runs matching ``query`` as ``lost``. Returns how many."""
+        now = to_bson_time(now or utcnow())
+        docs = list(
+            self._guard(
+                self.runs.find,
+                "find unfinished runs",
+                {**query, "status": {"$in": list(RUNNING_STATUSES)}},
+            )
+        )
+        for doc in docs:
+            started = doc.get("started_at") or doc.get("claimed_at") or now
+            doc.update(
+                status="lost",
+                error=reason,
+                finished_at=now,
+                duration=round(max(0.0, (now - started).total_seconds()), 3),
+            )
+        self.save_runs(docs)
+        return len(docs)
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         doc = self._guard(self.runs.find_one, "read the run", {"_id": run_id})

@@ -213,3 +213,44 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
     assert proc.returncode == 0, rest
     time.sleep(0.5)
     assert [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE] == []
+
+
+def test_restarted_agent_ends_orphans_and_marks_their_runs_lost(
+    tmp_path, mongo_server, mongo_db_name, mongo_client
+):
+    store = Store(mongo_client, mongo_db_name)
+    task = store.create_task(
+        {"name": "long", "schedule": {"every": "1h"}, "command": ["sleep", "300"]}
+    )
+    store.replace_task(task["_id"], {**task["spec"], "schedule": {"keepalive": True}})
+    env = {"CLOUDTASK_MONGO_URI": mongo_server.uri, "CLOUDTASK_MONGO_DATABASE": mongo_db_name}
+    first = _agent(tmp_path, "crashy", env)
+    run = wait_for(
+        lambda: store.runs.find_one({"status": "running"}), timeout=20, message="never ran"
+    )
+    sleeper = psutil.Process(run["pid"])
+    first.kill()  # kill -9: no chance to clean up
+    first.communicate(timeout=10)
+    assert sleeper.is_running() and sleeper.status() != psutil.STATUS_ZOMBIE  # orphaned
+    second = _agent(tmp_path, "crashy", env)
+    try:
+        wait_for(
+            lambda: store.get_run(run["_id"])["status"] == "lost",
+            timeout=20,
+            message="not marked lost",
+        )
+        wait_for(
+            lambda: not sleeper.is_running() or sleeper.status() == psutil.STATUS_ZOMBIE,
+            timeout=20,
+            message="orphan survived",
+        )
+        assert "without finishing" in store.get_run(run["_id"])["error"]
+        # the keepalive task runs again under the new life of the agent
+        wait_for(
+            lambda: store.runs.count_documents({"status": "running"}) == 1,
+            timeout=20,
+            message="not restarted",
+        )
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.communicate(timeout=30)

@@ -29,6 +29,7 @@ from ..store import Store, new_run_document, utcnow
 from ..task import TaskSpec, parse_task
 from .executor import Executor, RunContext
 from .logfiles import LogJanitor
+from .proctree import end_processes, orphans_of_agent
 from .runwriter import RunWriter
 from .scheduler import Fire, Scheduler
 
@@ -101,7 +102,7 @@ class Agent:
         wanted = {tid for tid, (_, done) in revisions.items() if not done}
         changed = [tid for tid in wanted if self._known_revision(tid) != revisions[tid][0]]
         if changed:
-            for doc in self.store.tasks.find({"_id": {"$in": changed}}):
+            for doc in self.store.get_tasks(changed):
                 self._take(doc, now)
         for tid in set(self._specs) - wanted:
             self._drop(tid)  # deleted, or a one-shot task that is done
@@ -263,9 +264,32 @@ class Agent:
 
     # --- lifecycle --------------------------------------------------------------------------
 
+    def recover(self, now: datetime) -> None:
+        """Clean up after an earlier life of this agent that did not stop cleanly.
+
+        Its runs cannot be finished by anyone: their processes (found by the agent id in their
+        environment) are ended, and their run documents, still ``queued`` or ``running``, are
+        marked ``lost``. Agent ids must be unique (the cluster enforces it through ZooKeeper).
+        """
+        leftovers = orphans_of_agent(self.agent_id)
+        if leftovers:
+            log.warning("ending %d processes left by an earlier run of this agent", len(leftovers))
+            end_processes(leftovers, self.config.agent.kill_grace)
+        lost = self.store.mark_runs_lost(
+            {"agent": self.agent_id, "claimed_at": {"$lt": now}},
+            "the agent stopped without finishing this run",
+            now,
+        )
+        if lost:
+            log.warning("marked %d runs of an earlier run of this agent lost", lost)
+
     def run(self) -> None:
         """Schedule until :meth:`stop`; then stop runs gracefully and flush every write."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.recover(self.clock())
+        except CloudTaskError as e:
+            log.warning("cannot check for runs left by an earlier start: %s", e)
         self.writer.start()
         self.janitor.start()
         log.info("agent %s (group %s) started; logs in %s", self.agent_id, self.group, self.log_dir)

@@ -188,7 +188,7 @@ class Executor:
             self._kill(ctx, reason)
         return len(runs)
 
-    def _kill(self, ctx: RunContext, reason: str, wait: bool = False) -> None:
+    def _kill(self, ctx: RunContext, reason: str) -> None:
         with ctx.lock:
             if ctx.kill_reason is None:
                 ctx.kill_reason = reason
@@ -198,8 +198,6 @@ class Executor:
                 target=kill_tree, args=(proc, ctx.run_id, self.kill_grace), daemon=True
             )
             killer.start()
-            if wait:
-                killer.join()
 
     def shutdown(self, grace: float = 0.0) -> None:
         """Stop taking work; wait ``grace`` seconds for running runs, then kill what is left."""

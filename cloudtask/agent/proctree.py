@@ -66,6 +66,38 @@ def _tagged(run_id: str) -> list[psutil.Process]:
     return found
 
 
+def orphans_of_agent(agent_id: str) -> list[psutil.Process]:
+    """Processes of runs started by an earlier life of this agent (found by their environment)."""
+    found = []
+    me = os.getpid()
+    for p in psutil.process_iter():
+        if p.pid == me:
+            continue
+        try:
+            env = p.environ()
+        except (psutil.Error, OSError):
+            continue
+        if env.get("CLOUDTASK_AGENT") == agent_id and env.get("CLOUDTASK_RUN_ID"):
+            found.append(p)
+    return found
+
+
+def end_processes(procs: list[psutil.Process], grace: float) -> None:
+    """Terminate, wait ``grace``, kill what is left."""
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
 def run_processes(proc: subprocess.Popen, run_id: str | None) -> list[psutil.Process]:
     """Every process that belongs to a run, except the main one (which Popen owns)."""
     seen: dict[int, psutil.Process] = {}
