@@ -26,7 +26,7 @@ from ..store import OUTPUT_TAIL_BYTES, to_bson_time
 from ..task import TaskSpec
 from .httprun import run_http
 from .logfiles import RunLog
-from .proctree import IS_POSIX, kill_tree, popen_group_kwargs, reap_leftovers
+from .proctree import IS_POSIX, kill_tree, popen_group_kwargs, process_identity, reap_leftovers
 from .runwriter import RunWriter
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ class Executor:
         self._lock = threading.Lock()
         self._closed = False
         self._base_env = dict(os.environ)  # copied once: os.environ decodes every key on read
+        self._base_env["CLOUDTASK_AGENT_PROCESS"] = process_identity()
 
     # --- bookkeeping ------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -50,36 +51,53 @@ def _group_members(pgid: int) -> list[psutil.Process]:
     return members
 
 
-def _tagged(run_id: str) -> list[psutil.Process]:
-    """Processes whose environment names this run (reads each process's environment: slow-ish)."""
-    needle = run_id
+def _with_environment(matches: Callable[[dict[str, str]], bool]) -> list[psutil.Process]:
+    """Processes whose environment ``matches`` (reads every process's environment: slow-ish)."""
     found = []
     me = os.getpid()
     for p in psutil.process_iter():
         if p.pid == me:
             continue
         try:
-            if p.environ().get("CLOUDTASK_RUN_ID") == needle:
+            if matches(p.environ()):
                 found.append(p)
         except (psutil.Error, OSError):
             continue
     return found
 
 
+def _tagged(run_id: str) -> list[psutil.Process]:
+    """The processes of one run, wherever they were re-parented."""
+    return _with_environment(lambda env: env.get("CLOUDTASK_RUN_ID") == run_id)
+
+
+def process_identity(pid: int | None = None) -> str:
+    """``pid:start-time-ms``: names one process for its whole life (pids are reused)."""
+    p = psutil.Process(pid)
+    return f"{p.pid}:{round(p.create_time() * 1000)}"
+
+
+def _is_alive(identity: str) -> bool:
+    try:
+        pid = int(identity.split(":", 1)[0])
+        return process_identity(pid) == identity
+    except (ValueError, psutil.Error):
+        return False
+
+
 def orphans_of_agent(agent_id: str) -> list[psutil.Process]:
-    """Processes of runs started by an earlier life of this agent (found by their environment)."""
-    found = []
-    me = os.getpid()
-    for p in psutil.process_iter():
-        if p.pid == me:
-            continue
-        try:
-            env = p.environ()
-        except (psutil.Error, OSError):
-            continue
-        if env.get("CLOUDTASK_AGENT") == agent_id and env.get("CLOUDTASK_RUN_ID"):
-            found.append(p)
-    return found
+    """Processes of runs started by this agent id in an agent process that has since died.
+
+    Runs carry ``CLOUDTASK_AGENT_PROCESS`` (the starting agent's :func:`process_identity`), so a
+    live agent's runs are never taken for orphans, even another one with the same id.
+    """
+    return _with_environment(
+        lambda env: (
+            env.get("CLOUDTASK_AGENT") == agent_id
+            and bool(env.get("CLOUDTASK_RUN_ID"))
+            and not _is_alive(env.get("CLOUDTASK_AGENT_PROCESS", ""))
+        )
+    )
 
 
 def end_processes(procs: list[psutil.Process], grace: float) -> None:
