@@ -110,7 +110,7 @@ def agent(
     changes = {k: v for k, v in {"id": agent_id, "group": group, "data_dir": data_dir}.items() if v}
     if changes:
         cfg = cfg.with_section("agent", **changes)
-    store = Store(cfg.mongodb.uri, cfg.mongodb.database, run_retention_days=cfg.runs.retention_days)
+    store = Store.from_config(cfg)
     engine = Agent(cfg, store)
     _stop_on_signals(engine.stop)
     try:
@@ -192,7 +192,7 @@ def apply(config_path: str | None, paths: tuple[str, ...]) -> None:
     tasks, errors = read_task_files(paths)
     if errors:
         raise click.ClickException("nothing applied; invalid task files:\n  " + "\n  ".join(errors))
-    store = Store(cfg.mongodb.uri, cfg.mongodb.database, run_retention_days=cfg.runs.retention_days)
+    store = Store.from_config(cfg)
     try:
         for outcome, name in apply_tasks(store, tasks):
             click.echo(f"{outcome:9} {name}")
@@ -209,6 +209,43 @@ def apply_tasks(store: Any, tasks: list[tuple[Path, dict]]) -> list[tuple[str, s
             raise ValidationError(e.problems, source=str(path)) from None
         results.append((outcome, doc["name"]))
     return results
+
+
+@cli.group("file")
+def file_group() -> None:
+    """Task files: scripts, binaries or .zip/.tar.gz packages that tasks run with."""
+
+
+@file_group.command("put")
+@config_option
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", help="Name to store it under (default: the file's own name).")
+def file_put(config_path: str | None, path: str, name: str | None) -> None:
+    """Store a new version of a task file; tasks naming it run the latest version."""
+    from .store import Store
+
+    cfg = _load(config_path)
+    store = Store.from_config(cfg)
+    try:
+        meta = store.put_file(name or Path(path).name, Path(path).read_bytes())
+    finally:
+        store.close()
+    click.echo(f"stored {meta['name']}: {meta['size']} bytes, sha256 {meta['sha256']}")
+
+
+@file_group.command("list")
+@config_option
+def file_list(config_path: str | None) -> None:
+    """List stored task files (latest version of each)."""
+    from .store import Store
+
+    cfg = _load(config_path)
+    store = Store.from_config(cfg)
+    try:
+        for meta in store.list_files():
+            click.echo(f"{meta['name']}\t{meta['size']}\t{meta['sha256']}")
+    finally:
+        store.close()
 
 
 @cli.command("next")
@@ -285,9 +322,7 @@ def up(config_path: str | None, data_dir: str, tasks_dir: str, verbose: bool) ->
             mongo.start()
             servers.append(mongo)
             cfg = cfg.with_section("mongodb", uri=mongo.uri)
-        store = Store(
-            cfg.mongodb.uri, cfg.mongodb.database, run_retention_days=cfg.runs.retention_days
-        )
+        store = Store.from_config(cfg)
         if Path(tasks_dir).is_dir():
             tasks, errors = read_task_files((tasks_dir,))
             for err in errors:

@@ -29,8 +29,9 @@ from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, MongoClient, ReplaceOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
-from .exceptions import Conflict, NotFound, StoreError
-from .task import TaskSpec, parse_task
+from .config import Config
+from .exceptions import Conflict, NotFound, Problem, StoreError, ValidationError
+from .task import TaskSpec, file_name_problem, parse_task
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,12 @@ class Store:
         self.fs = gridfs.GridFS(self.db, collection="files")
         self.run_retention_days = run_retention_days
         self._guard(self.ensure_indexes, "create indexes")
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Store:
+        return cls(
+            cfg.mongodb.uri, cfg.mongodb.database, run_retention_days=cfg.runs.retention_days
+        )
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -423,6 +430,8 @@ class Store:
 
     def put_file(self, name: str, data: bytes, uploaded_by: str = "") -> dict[str, Any]:
         """Store a file version; returns its metadata (name, sha256, size)."""
+        if problem := file_name_problem(name):
+            raise ValidationError([Problem("name", problem)], source="the file name")
         sha256 = hashlib.sha256(data).hexdigest()
         meta = {
             "version": SCHEMA_VERSION,
@@ -440,6 +449,19 @@ class Store:
         if doc is None:
             raise NotFound(f"no stored file with sha256 {sha256}")
         return self._guard(lambda: self.fs.get(doc["_id"]).read(), "read the file")
+
+    def list_files(self) -> list[dict[str, Any]]:
+        """The latest version of every stored file, by name."""
+        latest: dict[str, dict[str, Any]] = {}
+        cursor = self.db["files.files"].find({}).sort("uploadDate", ASCENDING)
+        for doc in self._guard(lambda: list(cursor), "list files"):
+            latest[doc["filename"]] = {
+                "id": str(doc["_id"]),
+                "name": doc["filename"],
+                "uploaded_at": doc.get("uploadDate"),
+                **doc.get("metadata", {}),
+            }
+        return [latest[name] for name in sorted(latest)]
 
     def latest_file(self, name: str) -> dict[str, Any]:
         doc = self._guard(

@@ -151,6 +151,15 @@ class TaskSpec:
         }
 
 
+def file_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a task file (it becomes a path on agents), or None if it can."""
+    if not name or len(name) > 255 or any(c in name for c in "/\\\0") or ".." in name:
+        return f"{name!r} is not a plain file name (no '/', '\\' or '..', at most 255)"
+    if name.startswith(".") or any(ord(c) < 32 for c in name):
+        return f"{name!r} is not a plain file name (no leading '.', no control characters)"
+    return None
+
+
 def validate_task(data: object, now: datetime | None = None) -> list[Problem]:
     """Every problem in a task spec. With ``now``, instants already past are refused too."""
     return _read_task(data, now)[1]
@@ -318,10 +327,8 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
     if file is not None:
         if f.given("http"):
             f.refuse("file", "file only applies to a command, not to an http call")
-        elif not file or len(file) > 255 or any(c in file for c in "/\\\0") or ".." in file:
-            f.refuse(
-                "file", f"{file!r} is not a plain file name (no '/', '\\' or '..', at most 255)"
-            )
+        elif problem := file_name_problem(file):
+            f.refuse("file", problem)
 
     retries = data.get("retries", 0)
     if type(retries) is not int or not 0 <= retries <= MAX_RETRIES:

@@ -25,6 +25,7 @@ from kazoo.client import KazooClient
 from pymongo import MongoClient
 from pymongo.database import Database
 
+from cloudtask.agent.runwriter import RunWriter
 from cloudtask.localservers import MongoServer, ZooKeeperServer
 from cloudtask.store import Store
 
@@ -138,3 +139,12 @@ def mongo_db(mongo_client: MongoClient[dict], mongo_db_name: str) -> Database[di
 def store(mongo_client: MongoClient[dict], mongo_db_name: str) -> Store:
     """A Store on this test's own database (the client is shared, so the store does not close it)."""
     return Store(mongo_client, mongo_db_name)
+
+
+@pytest.fixture
+def writer(store: Store) -> Iterator[RunWriter]:
+    """A run writer on this test's store that flushes often."""
+    w = RunWriter(store, flush_interval=0.05, tail_interval=0.2)
+    w.start()
+    yield w
+    w.stop()

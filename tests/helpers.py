@@ -6,9 +6,15 @@ on ``sys.path`` when it loads ``tests/conftest.py``; test modules import this fi
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import TypeVar
+
+from cloudtask.agent.executor import Executor, RunContext
+from cloudtask.store import Store, new_run_document
+from cloudtask.task import parse_task
 
 T = TypeVar("T")
 
@@ -35,3 +41,45 @@ def wait_for(
                 f"condition not met within {timeout:g} s{detail} (last value: {value!r})"
             )
         time.sleep(interval)
+
+
+def start(store: Store, executor: Executor, task: dict, attempt: int = 0) -> RunContext:
+    """Claim a run of a task (given as spec fields) and hand it to ``executor``."""
+    spec = parse_task({"name": "t", "schedule": {"every": "1h"}, **task})
+    now = datetime.now(timezone.utc)
+    doc = new_run_document(
+        task_id="task-1",
+        task_name=spec.name,
+        group=spec.group,
+        revision=1,
+        scheduled_for=now,
+        slot="one",
+        attempt=attempt,
+        trigger="manual",
+        agent="a1",
+        status="queued",
+        now=now,
+    )
+    assert store.claim_runs([doc]) == [True]
+    ctx = RunContext(
+        run_id=doc["_id"],
+        task_id="task-1",
+        revision=1,
+        spec=spec,
+        scheduled_for=doc["scheduled_for"],
+        attempt=attempt,
+        trigger="manual",
+        token=secrets.token_hex(8),
+        agent="a1",
+    )
+    executor.submit(ctx, doc)
+    return ctx
+
+
+def finished(store: Store, run_id: str, timeout: float = 20.0) -> dict:
+    """The run's document once it is no longer queued or running."""
+    return wait_for(
+        lambda: (d := store.get_run(run_id)) and d["status"] not in ("queued", "running") and d,
+        timeout=timeout,
+        message=f"run {run_id} did not finish",
+    )

@@ -4,31 +4,19 @@ that leave no process behind, logs and their retention, concurrency, retries."""
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import psutil
 import pytest
-from helpers import wait_for
+from helpers import finished, start, wait_for
 
-from cloudtask.agent.executor import Executor, RunContext
+from cloudtask.agent.executor import Executor
 from cloudtask.agent.logfiles import cleanup_logs, log_path
-from cloudtask.agent.runwriter import RunWriter
-from cloudtask.store import new_run_document
-from cloudtask.task import parse_task
 
 PY = sys.executable
-
-
-@pytest.fixture
-def writer(store):
-    w = RunWriter(store, flush_interval=0.05, tail_interval=0.2)
-    w.start()
-    yield w
-    w.stop()
 
 
 @pytest.fixture
@@ -38,46 +26,6 @@ def executor(writer, tmp_path):
     )
     yield ex
     ex.shutdown()
-
-
-def start(store, executor, task: dict, attempt: int = 0) -> RunContext:
-    spec = parse_task({"name": "t", "schedule": {"every": "1h"}, **task})
-    now = datetime.now(timezone.utc)
-    doc = new_run_document(
-        task_id="task-1",
-        task_name=spec.name,
-        group=spec.group,
-        revision=1,
-        scheduled_for=now,
-        slot="one",
-        attempt=attempt,
-        trigger="manual",
-        agent="a1",
-        status="queued",
-        now=now,
-    )
-    assert store.claim_runs([doc]) == [True]
-    ctx = RunContext(
-        run_id=doc["_id"],
-        task_id="task-1",
-        revision=1,
-        spec=spec,
-        scheduled_for=doc["scheduled_for"],
-        attempt=attempt,
-        trigger="manual",
-        token=secrets.token_hex(8),
-        agent="a1",
-    )
-    executor.submit(ctx, doc)
-    return ctx
-
-
-def finished(store, run_id: str, timeout: float = 20.0) -> dict:
-    return wait_for(
-        lambda: (d := store.get_run(run_id)) and d["status"] not in ("queued", "running") and d,
-        timeout=timeout,
-        message=f"run {run_id} did not finish",
-    )
 
 
 def test_success_output_and_environment(store, executor, tmp_path):
@@ -294,3 +242,21 @@ def _tagged(run_id: str) -> list[int]:
 
 def test_log_dir_path_is_per_task_and_day(tmp_path):
     assert log_path(Path("/l"), "job", date(2026, 1, 2)) == Path("/l/job/2026-01-02.log")
+
+
+def test_threaded_collection_used_where_pipes_cannot_be_selected(store, executor, monkeypatch):
+    """The Windows path (a pump thread per run), exercised here: output, exit code, timeout."""
+    import cloudtask.agent.executor as executor_module
+
+    monkeypatch.setattr(executor_module, "IS_POSIX", False)
+    ok = start(store, executor, {"command": [PY, "-c", "print('threaded'); raise SystemExit(4)"]})
+    slow = start(
+        store, executor, {"command": [PY, "-c", "import time; time.sleep(60)"], "timeout": "1s"}
+    )
+    run = finished(store, ok.run_id)
+    assert (run["status"], run["exit_code"], run["output_tail"].strip()) == (
+        "failed",
+        4,
+        "threaded",
+    )
+    assert finished(store, slow.run_id)["status"] == "timed_out"

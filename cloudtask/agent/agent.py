@@ -28,6 +28,7 @@ from ..exceptions import CloudTaskError, StoreError, ValidationError
 from ..store import Store, new_run_document, utcnow
 from ..task import TaskSpec, parse_task
 from .executor import Executor, RunContext
+from .files import FileCache
 from .logfiles import LogJanitor
 from .proctree import end_processes, orphans_of_agent
 from .runwriter import RunWriter
@@ -85,6 +86,8 @@ class Agent:
             max_parallel=acfg.max_parallel,
             kill_grace=acfg.kill_grace,
             on_finished=self._finished,
+            files=FileCache(store, self.data_dir / "files"),
+            work_dir=self.data_dir / "work",
         )
         self.janitor = LogJanitor(self.log_dir, acfg.log_retention_days)
         self._specs: dict[str, tuple[int, TaskSpec]] = {}

@@ -13,6 +13,7 @@ import os
 import queue
 import selectors
 import shlex
+import shutil
 import subprocess
 import threading
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 from ..store import OUTPUT_TAIL_BYTES, to_bson_time
 from ..task import TaskSpec
+from .files import FileCache, TaskFileError
 from .httprun import run_http
 from .logfiles import RunLog
 from .proctree import IS_POSIX, kill_tree, popen_group_kwargs, process_identity, reap_leftovers
@@ -120,8 +122,12 @@ class Executor:
         max_parallel: int = 16,
         kill_grace: float = 5.0,
         on_finished: Callable[[RunContext], None] | None = None,
+        files: FileCache | None = None,
+        work_dir: Path | None = None,
     ) -> None:
         self.agent_id = agent_id
+        self.files = files
+        self.work_dir = work_dir or log_dir.parent / "work"
         self.log_dir = log_dir
         self.writer = writer
         self.max_parallel = max_parallel
@@ -279,6 +285,40 @@ class Executor:
         env = dict(self._base_env)
         env.update(spec.env)
         env.update(ctx.environment())
+        cwd = spec.cwd or None
+        run_dir: Path | None = None
+        try:
+            if spec.file:
+                run_dir = self.work_dir / ctx.run_id
+                try:
+                    meta = self._lay_out_file(spec.file, run_dir)
+                except TaskFileError as e:
+                    self._fail_to_start(ctx, runlog, str(e))
+                    return
+                runlog.line(f"file {spec.file} sha256 {meta['sha256']} laid out in {run_dir}")
+                env["CLOUDTASK_WORKDIR"] = str(run_dir)
+                cwd = cwd or str(run_dir)
+            self._start_and_collect(ctx, runlog, env, cwd)
+        finally:
+            if run_dir is not None:
+                shutil.rmtree(run_dir, ignore_errors=True)
+
+    def _lay_out_file(self, name: str, run_dir: Path) -> dict[str, Any]:
+        if self.files is None:
+            raise TaskFileError(f"task file {name!r}: this agent has no file store")
+        return self.files.lay_out(name, run_dir)
+
+    @staticmethod
+    def _fail_to_start(ctx: RunContext, runlog: RunLog, error: str) -> None:
+        ctx.status, ctx.error = "failed", error
+        ctx.finished_at = _now()
+        ctx.append_output(f"{error}\n".encode())
+        runlog.line(error)
+
+    def _start_and_collect(
+        self, ctx: RunContext, runlog: RunLog, env: dict[str, str], cwd: str | None
+    ) -> None:
+        spec = ctx.spec
         argv = build_argv(spec)
         try:
             proc = subprocess.Popen(
@@ -286,16 +326,13 @@ class Executor:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                cwd=spec.cwd or None,
+                cwd=cwd,
                 env=env,
                 **popen_group_kwargs(),
             )
         except OSError as e:
-            where = f" in {spec.cwd}" if spec.cwd else ""
-            ctx.status, ctx.error = "failed", f"cannot start {argv[0]!r}{where}: {e.strerror or e}"
-            ctx.finished_at = _now()
-            ctx.append_output(f"{ctx.error}\n".encode())
-            runlog.line(ctx.error)
+            where = f" in {cwd}" if cwd else ""
+            self._fail_to_start(ctx, runlog, f"cannot start {argv[0]!r}{where}: {e.strerror or e}")
             return
         with ctx.lock:
             ctx.proc = proc
@@ -303,25 +340,15 @@ class Executor:
         self.writer.update(
             ctx.run_id,
             {"status": "running", "started_at": to_bson_time(ctx.started_at), "pid": proc.pid},
+            lazy=True,
         )
         self.writer.watch_tail(ctx.run_id, ctx.changed_tail)
-        pump = threading.Thread(target=self._pump, args=(ctx, proc, runlog), daemon=True)
-        pump.start()
         if killed_early:
             kill_tree(proc, ctx.run_id, self.kill_grace)
-        try:
-            proc.wait(timeout=spec.timeout)
-        except subprocess.TimeoutExpired:
-            with ctx.lock:
-                ctx.kill_reason = ctx.kill_reason or "timeout"
-            kill_tree(proc, ctx.run_id, self.kill_grace)
-        ctx.finished_at = _now()
-        reap_leftovers(proc, grace=min(self.kill_grace, 2.0))
-        pump.join(timeout=5.0)
-        if pump.is_alive():  # a process that left the group still holds the pipe
-            log.warning(
-                "run %s: output still open after the process ended; not waiting", ctx.run_id
-            )
+        if IS_POSIX:
+            self._collect_select(ctx, proc, runlog)
+        else:
+            self._collect_threaded(ctx, proc, runlog)
         ctx.exit_code = proc.returncode
         if ctx.kill_reason == "timeout":
             ctx.status, ctx.error = "timed_out", f"ran longer than its timeout of {spec.timeout:g}s"
