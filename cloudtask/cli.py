@@ -148,11 +148,15 @@ def read_task_files(paths: tuple[str, ...]) -> tuple[list[tuple[Path, dict]], li
 
     tasks: list[tuple[Path, dict]] = []
     errors: list[str] = []
+    now = datetime.now(timezone.utc)  # a one-shot time in the past is refused here, up front
     for path in _task_files(paths):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except OSError as e:
             errors.append(f"{path}: cannot read: {e.strerror}")
+            continue
+        except UnicodeDecodeError as e:
+            errors.append(f"{path}: not UTF-8 text (byte {e.start}): {e.reason}")
             continue
         except json.JSONDecodeError as e:
             errors.append(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}")
@@ -160,7 +164,7 @@ def read_task_files(paths: tuple[str, ...]) -> tuple[list[tuple[Path, dict]], li
         items = data if isinstance(data, list) else [data]
         for i, item in enumerate(items):
             where = f"{path}[{i}]" if isinstance(data, list) else str(path)
-            problems = validate_task(item)
+            problems = validate_task(item, now=now)
             if problems:
                 errors.extend(f"{where}: {p}" for p in problems)
             else:
@@ -257,7 +261,10 @@ def next_cmd(schedule: str, tz: str | None, count: int) -> None:
     from .schedules import next_fires, parse_schedule
 
     text = schedule.strip()
-    value: Any = json.loads(text) if text.startswith(("{", "[")) else {"cron": text}
+    try:
+        value: Any = json.loads(text) if text.startswith(("{", "[")) else {"cron": text}
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON at column {e.colno}: {e.msg}") from None
     if tz and isinstance(value, dict):
         value["timezone"] = tz
     parsed, problems = parse_schedule(value)
@@ -327,8 +334,12 @@ def up(config_path: str | None, data_dir: str, tasks_dir: str, verbose: bool) ->
             tasks, errors = read_task_files((tasks_dir,))
             for err in errors:
                 click.echo(f"skipped: {err}", err=True)
-            for outcome, name in apply_tasks(store, tasks):
-                click.echo(f"task {name}: {outcome}")
+            for path, data in tasks:
+                try:
+                    outcome, doc = store.apply_task(data)
+                    click.echo(f"task {doc['name']}: {outcome}")
+                except (ValidationError, CloudTaskError) as e:  # report it, apply the rest
+                    click.echo(f"skipped: {path}: {e}", err=True)
         store.close()
         agent_dir = base / "agent-1"
         agent_cfg = cfg.with_section("agent", data_dir=str(agent_dir))

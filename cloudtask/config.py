@@ -199,6 +199,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"{source}: cannot read the config file: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{source}: not UTF-8 text (byte {e.start}): {e.reason}") from None
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:

@@ -71,7 +71,10 @@ def parse_instant(value: object) -> datetime:
         raise ValueError(f"{value!r} is not an ISO-8601 time such as {example}") from None
     if parsed.tzinfo is None:
         raise ValueError(f"{value!r} has no UTC offset: add 'Z' for UTC or an offset like '+01:00'")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{value!r} is out of range") from None
 
 
 def format_instant(moment: datetime) -> str:
@@ -85,7 +88,7 @@ def timezone_problem(name: object) -> str | None:
         return f"expected an IANA timezone name such as 'Europe/Berlin', got {show_value(name)}"
     try:
         ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # "America" is a folder of zones
         return f"unknown timezone {name!r}: use an IANA name such as 'Europe/Berlin' or 'UTC'"
     return None
 

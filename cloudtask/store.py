@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import gridfs
@@ -98,6 +98,7 @@ class Store:
         self.events = self.db["events"]
         self.users = self.db["users"]
         self.audit = self.db["audit"]
+        self.leases = self.db["leases"]
         self.fs = gridfs.GridFS(self.db, collection="files")
         self.run_retention_days = run_retention_days
         self._guard(self.ensure_indexes, "create indexes")
@@ -114,8 +115,12 @@ class Store:
         """Run a pymongo call, turning connection failures into a StoreError that says what to do."""
         try:
             return fn(*args, **kwargs)
-        except (DuplicateKeyError, BulkWriteError):
+        except DuplicateKeyError:
             raise
+        except BulkWriteError as e:
+            if all(err.get("code") == DUPLICATE_KEY for err in e.details.get("writeErrors", [])):
+                raise  # the caller tells claims lost to another process from other errors
+            raise StoreError(f"MongoDB refused to {what}: {e.details.get('writeErrors')}") from e
         except PyMongoError as e:
             raise StoreError(
                 f"MongoDB failed to {what} ({type(e).__name__}: {e}); "
@@ -317,7 +322,9 @@ class Store:
     def claim_runs(self, docs: Sequence[dict[str, Any]]) -> list[bool]:
         """Insert run documents as claims, in one batch. Returns, per document, whether we won it.
 
-        A duplicate key means another process claimed that fire first; any other write error is
+        A duplicate key means another process claimed that fire first, unless the stored
+        document has the very same ``_id``: then an earlier try of this same claim landed (its
+        answer was lost with the connection) and the fire is ours. Any other write error is
         raised, because then we do not know whether the fire is ours.
         """
         if not docs:
@@ -326,12 +333,17 @@ class Store:
             self._guard(self.runs.insert_many, "claim runs", list(docs), ordered=False)
             return [True] * len(docs)
         except BulkWriteError as e:
-            lost: set[int] = set()
+            duplicates: set[int] = set()
             for err in e.details.get("writeErrors", []):
                 if err.get("code") != DUPLICATE_KEY:
                     raise StoreError(f"MongoDB refused a run claim: {err.get('errmsg')}") from e
-                lost.add(err["index"])
-            return [i not in lost for i in range(len(docs))]
+                duplicates.add(err["index"])
+        ids = [docs[i]["_id"] for i in duplicates]
+        ours = {
+            d["_id"]
+            for d in self._guard(self.runs.find, "check claims", {"_id": {"$in": ids}}, {"_id": 1})
+        }
+        return [i not in duplicates or docs[i]["_id"] in ours for i in range(len(docs))]
 
     def save_runs(self, docs: Sequence[dict[str, Any]]) -> None:
         """Write the current state of many runs in one round trip.
@@ -351,8 +363,9 @@ class Store:
 
     def mark_runs_lost(
         self, query: dict[str, Any], reason: str, now: datetime | None = None
-    ) -> int:
-        """Mark the unfinished runs matching ``query`` as ``lost``. Returns how many."""
+    ) -> list[str]:
+        """Mark the unfinished runs matching ``query`` as ``lost``, and free any lease they
+        held (a keepalive instance that is gone). Returns their ids."""
         now = to_bson_time(now or utcnow())
         docs = list(
             self._guard(
@@ -370,7 +383,10 @@ class Store:
                 duration=round(max(0.0, (now - started).total_seconds()), 3),
             )
         self.save_runs(docs)
-        return len(docs)
+        ids = [d["_id"] for d in docs]
+        if ids:
+            self._guard(self.leases.delete_many, "free leases", {"holder": {"$in": ids}})
+        return ids
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         doc = self._guard(self.runs.find_one, "read the run", {"_id": run_id})
@@ -396,6 +412,58 @@ class Store:
             query["agent"] = agent
         cursor = self.runs.find(query).sort("scheduled_for", pymongo.DESCENDING).limit(limit)
         return list(self._guard(lambda: list(cursor), "list runs"))
+
+    # --- leases -----------------------------------------------------------------------------
+
+    def acquire_lease(
+        self, name: str, holder: str, ttl: float, now: datetime | None = None
+    ) -> bool:
+        """Take the lease ``name`` for ``holder`` if it is free or expired. Returns whether we hold it.
+
+        A lease is a document whose ``_id`` is its name: the insert is the acquisition, as with
+        run claims. An expired one is deleted only as it was seen, so two takers cannot both win.
+        """
+        now = to_bson_time(now or utcnow())
+        doc = {
+            "_id": name,
+            "version": SCHEMA_VERSION,
+            "holder": holder,
+            "acquired_at": now,
+            "expires_at": to_bson_time(now + timedelta(seconds=ttl)),
+        }
+        for _ in range(2):
+            try:
+                self._guard(self.leases.insert_one, "take a lease", doc)
+                return True
+            except DuplicateKeyError:
+                current = self._guard(self.leases.find_one, "read a lease", {"_id": name})
+                if current is None:
+                    continue
+                if current["holder"] == holder:
+                    return self.renew_lease(name, holder, ttl, now)
+                if current["expires_at"] > now:
+                    return False
+                self._guard(
+                    self.leases.delete_one,
+                    "clear an expired lease",
+                    {"_id": name, "holder": current["holder"], "expires_at": current["expires_at"]},
+                )
+        return False
+
+    def renew_lease(self, name: str, holder: str, ttl: float, now: datetime | None = None) -> bool:
+        """Extend our lease; False if it is no longer ours (it expired and someone took it)."""
+        now = to_bson_time(now or utcnow())
+        current = self._guard(self.leases.find_one, "read a lease", {"_id": name, "holder": holder})
+        if current is None:
+            return False
+        current["expires_at"] = to_bson_time(now + timedelta(seconds=ttl))
+        result = self._guard(
+            self.leases.replace_one, "renew a lease", {"_id": name, "holder": holder}, current
+        )
+        return result.matched_count == 1
+
+    def release_lease(self, name: str, holder: str) -> None:
+        self._guard(self.leases.delete_one, "release a lease", {"_id": name, "holder": holder})
 
     # --- events and audit -------------------------------------------------------------------
 

@@ -151,6 +151,9 @@ class TaskSpec:
         }
 
 
+MAX_TASK_DURATION = 366 * 86400.0  # timeouts, delays and graces: a year is plenty, and safe to add
+
+
 def file_name_problem(name: str) -> str | None:
     """Why ``name`` cannot name a task file (it becomes a path on agents), or None if it can."""
     if not name or len(name) > 255 or any(c in name for c in "/\\\0") or ".." in name:
@@ -248,6 +251,9 @@ class _Fields:
             return default
         if nullable and seconds <= 0:
             self.refuse(key, "must be more than 0 (or null for no limit)")
+            return default
+        if seconds > MAX_TASK_DURATION:
+            self.refuse(key, f"must be at most {format_duration(MAX_TASK_DURATION)}")
             return default
         return seconds
 

@@ -278,3 +278,96 @@ def test_agent_id_is_kept_in_data_dir(tmp_path):
     first = resolve_agent_id("", tmp_path)
     assert resolve_agent_id("", tmp_path) == first
     assert resolve_agent_id("fixed", tmp_path) == "fixed"
+
+
+def running_runs(store, task_id):
+    return runs(store, task_id, status="running")
+
+
+def test_keepalive_runs_once_across_agents(store, agents):
+    task = make(store, schedule={"keepalive": True}, command=["sleep", "60"])
+    agents.start("a1")
+    agents.start("a2")
+    wait_for(lambda: running_runs(store, task["_id"]), timeout=10, message="never started")
+    for _ in range(20):  # over 4 s, never two at once
+        assert len(running_runs(store, task["_id"])) <= 1
+        time.sleep(0.2)
+    assert store.leases.count_documents({}) == 1
+
+
+def test_keepalive_stops_when_paused_and_runs_once_when_resumed(store, agents):
+    task = make(store, schedule={"keepalive": True}, command=["sleep", "60"])
+    agents.start("a1")
+    first = wait_for(lambda: running_runs(store, task["_id"]), timeout=10, message="never started")[
+        0
+    ]
+    store.set_task_enabled(task["_id"], False)
+    wait_for(
+        lambda: store.get_run(first["_id"])["status"] == "killed", timeout=10, message="not stopped"
+    )
+    assert "paused" in store.get_run(first["_id"])["error"]
+    store.set_task_enabled(task["_id"], True)
+    second = wait_for(lambda: running_runs(store, task["_id"]), timeout=20, message="not resumed")
+    assert len(second) == 1 and second[0]["_id"] != first["_id"]
+    time.sleep(1.0)
+    assert len(running_runs(store, task["_id"])) == 1
+
+
+def test_keepalive_edit_restarts_with_new_definition(store, agents):
+    task = make(
+        store,
+        schedule={"keepalive": True},
+        command=[PY, "-u", "-c", "print('v1'); import time; time.sleep(60)"],
+    )
+    agents.start("a1")
+    wait_for(
+        lambda: "v1" in "".join(d["output_tail"] for d in running_runs(store, task["_id"])),
+        timeout=10,
+        message="v1 not up",
+    )
+    store.replace_task(
+        task["_id"],
+        {**task["spec"], "command": [PY, "-u", "-c", "print('v2'); import time; time.sleep(60)"]},
+    )
+    wait_for(
+        lambda: "v2" in "".join(d["output_tail"] for d in running_runs(store, task["_id"])),
+        timeout=15,
+        message="v2 not up",
+    )
+    killed = runs(store, task["_id"], status="killed")
+    assert killed and "restarted for revision 2" in killed[0]["error"]
+
+
+def test_killed_keepalive_is_restarted(store, agents):
+    task = make(store, schedule={"keepalive": True}, command=["sleep", "60"])
+    agent = agents.start("a1")
+    first = wait_for(lambda: running_runs(store, task["_id"]), timeout=10, message="never started")[
+        0
+    ]
+    assert agent.executor.kill(first["_id"], "killed by an operator")
+    again = wait_for(
+        lambda: [d for d in running_runs(store, task["_id"]) if d["_id"] != first["_id"]],
+        timeout=10,
+        message="not restarted",
+    )
+    assert again[0]["trigger"] == "restart"
+
+
+def test_agent_loop_survives_an_unexpected_error(store, agents, monkeypatch):
+    task = make(store)
+    agent = agents.start("a1")
+    original = agent.scheduler.tick
+    calls = {"n": 0}
+
+    def flaky(now):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return original(now)
+
+    monkeypatch.setattr(agent.scheduler, "tick", flaky)
+    wait_for(
+        lambda: calls["n"] > 3 and runs(store, task["_id"], status="succeeded"),
+        timeout=10,
+        message="loop died",
+    )

@@ -254,3 +254,51 @@ def test_restarted_agent_ends_orphans_and_marks_their_runs_lost(
     finally:
         second.send_signal(signal.SIGTERM)
         second.communicate(timeout=30)
+
+
+def test_apply_refuses_a_past_one_shot_before_storing_anything(
+    tmp_path, mongo_server, mongo_db_name, mongo_client
+):
+    env = {"CLOUDTASK_MONGO_URI": mongo_server.uri, "CLOUDTASK_MONGO_DATABASE": mongo_db_name}
+    good = write_tasks(
+        tmp_path, {"name": "a", "schedule": {"every": "1m"}, "command": "true"}, "a.json"
+    )
+    past = write_tasks(
+        tmp_path,
+        {"name": "b", "schedule": {"at": "2020-01-01T00:00:00Z"}, "command": "true"},
+        "b.json",
+    )
+    result = invoke("apply", str(good), str(past), env=env)
+    assert result.exit_code != 0 and "past" in result.output
+    assert mongo_client[mongo_db_name].tasks.count_documents({}) == 0
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"\xff\xfe{\x00}", "not UTF-8"),
+        (
+            b'{"name": "t", "schedule": {"cron": "* * * * *", "timezone": "America"}, "command": "x"}',
+            "unknown timezone",
+        ),
+        (
+            b'{"name": "t", "schedule": {"at": "9999-12-31T23:59:59-01:00"}, "command": "x"}',
+            "out of range",
+        ),
+        (
+            b'{"name": "t", "schedule": {"every": "1s"}, "command": "x", "misfire_grace": "1000000d"}',
+            "at most",
+        ),
+    ],
+)
+def test_bad_files_give_messages_not_tracebacks(tmp_path, content, needle):
+    path = tmp_path / "t.json"
+    path.write_bytes(content)
+    result = invoke("validate", str(path))
+    assert result.exit_code != 0 and needle in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_next_with_bad_json_is_a_usage_error():
+    result = invoke("next", "{bad")
+    assert result.exit_code == 2 and "not valid JSON" in result.output

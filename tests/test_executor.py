@@ -260,3 +260,22 @@ def test_threaded_collection_used_where_pipes_cannot_be_selected(store, executor
         "threaded",
     )
     assert finished(store, slow.run_id)["status"] == "timed_out"
+
+
+def test_timeout_holds_for_a_process_that_closed_its_output(store, executor):
+    ctx = start(
+        store,
+        executor,
+        {"command": "exec >/dev/null 2>&1; sleep 30", "shell": True, "timeout": "1s"},
+    )
+    run = finished(store, ctx.run_id, timeout=15)
+    assert run["status"] == "timed_out"
+    assert (run["finished_at"] - run["started_at"]).total_seconds() < 10
+
+
+def test_setsid_leftover_after_normal_exit_is_ended(store, executor):
+    ctx = start(store, executor, {"command": "setsid sleep 30 & echo main done", "shell": True})
+    run = finished(store, ctx.run_id, timeout=15)
+    assert run["status"] == "succeeded" and "main done" in run["output_tail"]
+    assert (run["finished_at"] - run["started_at"]).total_seconds() < 5
+    wait_for(lambda: _tagged(ctx.run_id) == [], timeout=5, message="setsid leftover survived")

@@ -148,3 +148,39 @@ def test_many_tasks_due_together_come_in_one_tick():
     fires, _ = sched.tick(T0 + s(10))
     assert len(fires) == 500
     assert {f.scheduled_for for f in fires} == {T0 + s(10)}
+
+
+def test_long_pause_reports_the_true_latest_fire_and_a_bounded_history():
+    from cloudtask.agent.scheduler import MAX_MISSED_PER_TICK
+
+    sched = Scheduler()
+    sched.upsert("a", spec(schedule={"every": "1s"}, misfire_grace="3h"), 1, T0)
+    now = T0 + s(2 * 3600 + 0.5)
+    fires, _ = sched.tick(now)
+    assert len(fires) == MAX_MISSED_PER_TICK
+    assert fires[-1].scheduled_for == T0 + s(7200) and fires[-1].trigger == "schedule"
+    assert all(f.status == "missed" for f in fires[:-1])
+    assert fires[0].scheduled_for == T0 + s(7200 - MAX_MISSED_PER_TICK + 1)
+    assert sched.next_fire("a") == T0 + s(7201)
+
+
+def test_edit_keeps_pending_retries_and_a_due_fire():
+    sched = Scheduler()
+    sched.upsert("a", spec(schedule={"every": "10s"}), 1, T0)
+    sched.retry("a", T0, 1, T0 + s(5))
+    # the edit is seen at 10.2 s: the 10 s fire is due but was not ticked yet
+    sched.upsert("a", spec(schedule={"every": "10s"}, description="edited"), 2, T0 + s(10.2))
+    fires, _ = sched.tick(T0 + s(10.3))
+    assert [(f.trigger, f.scheduled_for, f.revision) for f in fires] == [
+        ("retry", T0, 2),
+        ("schedule", T0 + s(10), 2),
+    ]
+
+
+def test_keepalive_retry_at_does_not_count_a_restart():
+    sched = Scheduler()
+    sched.upsert("k", spec(schedule={"keepalive": True}), 1, T0)
+    sched.tick(T0)
+    sched.keepalive_retry_at("k", T0 + s(5))
+    fires, _ = sched.tick(T0 + s(5))
+    assert [f.trigger for f in fires] == ["schedule"]  # still the first start, not a restart

@@ -215,3 +215,35 @@ def test_unreachable_mongodb_gives_a_clear_error():
 def test_empty_uri_is_refused():
     with pytest.raises(StoreError, match="CLOUDTASK_MONGO_URI"):
         Store("", "x")
+
+
+def test_a_claim_whose_first_insert_landed_is_still_ours(store):
+    doc = run_doc()
+    assert store.claim_runs([doc]) == [True]
+    # the same document again (the answer to the first insert was lost): ours
+    assert store.claim_runs([doc]) == [True]
+    # another process's document for the same fire: not ours
+    assert store.claim_runs([run_doc()]) == [False]
+
+
+def test_leases_exclusive_renewable_and_taken_over_after_expiry(store):
+    t = NOW
+    assert store.acquire_lease("k", "run-1", 30, t)
+    assert not store.acquire_lease("k", "run-2", 30, t + timedelta(seconds=10))
+    assert store.renew_lease("k", "run-1", 30, t + timedelta(seconds=20))
+    assert not store.acquire_lease("k", "run-2", 30, t + timedelta(seconds=40))  # renewed to 50
+    assert store.acquire_lease("k", "run-2", 30, t + timedelta(seconds=51))  # expired: taken over
+    assert not store.renew_lease("k", "run-1", 30, t + timedelta(seconds=52))
+    store.release_lease("k", "run-1")  # not the holder: nothing happens
+    assert store.leases.find_one({"_id": "k"})["holder"] == "run-2"
+    store.release_lease("k", "run-2")
+    assert store.acquire_lease("k", "run-3", 30, t + timedelta(seconds=53))
+
+
+def test_mark_runs_lost_frees_their_leases(store):
+    doc = run_doc(status="running")
+    store.claim_runs([doc])
+    store.acquire_lease("keepalive:t1", doc["_id"], 30)
+    assert store.mark_runs_lost({"agent": "a1"}, "gone") == [doc["_id"]]
+    assert store.get_run(doc["_id"])["status"] == "lost"
+    assert store.leases.count_documents({}) == 0

@@ -19,7 +19,9 @@ import re
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -37,7 +39,9 @@ from .scheduler import Fire, Scheduler
 log = logging.getLogger(__name__)
 
 CLAIM_CHUNK = 250
-TOKEN_BYTES = 24  # per-run token: 192 random bits  # fires claimed per round trip; a burst starts running after the first chunk
+TOKEN_BYTES = 24  # per-run token: 192 random bits
+LEASE_TTL = 30.0  # keepalive lease life (s); renewed every third of it
+LEASE_MARGIN = 5.0  # an instance is ended this long before its unrenewed lease expires  # fires claimed per round trip; a burst starts running after the first chunk
 
 
 def resolve_agent_id(configured: str, data_dir: Path) -> str:
@@ -56,6 +60,32 @@ def resolve_agent_id(configured: str, data_dir: Path) -> str:
     data_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(agent_id + "\n", encoding="utf-8")
     return agent_id
+
+
+def run_tokens(n: int) -> list[str]:
+    """``n`` per-run tokens from one read of the system's randomness (each read would let the
+    busy run threads take the GIL from the scheduling loop)."""
+    raw = secrets.token_bytes(TOKEN_BYTES * n)
+    return [
+        base64.urlsafe_b64encode(raw[i : i + TOKEN_BYTES]).decode().rstrip("=")
+        for i in range(0, len(raw), TOKEN_BYTES)
+    ]
+
+
+def lease_name(task_id: str) -> str:
+    return f"keepalive:{task_id}"
+
+
+@dataclass
+class _Claim:
+    """A fire on its way to being claimed: the document is built once and reused on retry, so
+    a claim whose first insert landed but whose answer was lost is recognised as ours."""
+
+    fire: Fire
+    spec: TaskSpec
+    revision: int
+    token: str
+    doc: dict
 
 
 class Agent:
@@ -91,7 +121,8 @@ class Agent:
         )
         self.janitor = LogJanitor(self.log_dir, acfg.log_retention_days)
         self._specs: dict[str, tuple[int, TaskSpec]] = {}
-        self._unclaimed: list[Fire] = []
+        self._unclaimed: list[_Claim] = []
+        self._leases: dict[str, tuple[str, float]] = {}  # run id -> (task id, last renewal)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._last_sync: datetime | None = None
@@ -133,80 +164,88 @@ class Agent:
             self._drop(task_id)
             self._specs[task_id] = (revision, spec)  # known, so it is not re-read every sync
             return
+        previous = self._specs.get(task_id)
         self._specs[task_id] = (revision, spec)
         self.scheduler.upsert(task_id, spec, revision, now)
         log.info("task %s (%s) revision %s scheduled", spec.name, task_id, revision)
+        if previous is not None and previous[1].schedule.keepalive:
+            # the running instance makes way for the new definition; its exit starts the next
+            self.executor.kill_task(task_id, f"restarted for revision {revision}")
 
     def _drop(self, task_id: str) -> None:
-        self._specs.pop(task_id, None)
+        known = self._specs.pop(task_id, None)
         if self.scheduler.remove(task_id):
             log.info("task %s unscheduled", task_id)
+        if known is not None and known[1].schedule.keepalive:
+            # a service stops with its task; a scheduled run in flight finishes
+            self.executor.kill_task(task_id, "the task was paused, deleted or moved")
 
     # --- firing -----------------------------------------------------------------------------
 
     def step(self, now: datetime) -> float:
         """One pass: claim and start what is due at ``now``. Returns seconds until the next fire."""
         fires, delay = self.scheduler.tick(now)
-        if self._unclaimed:
-            fires = self._unclaimed + fires
-            self._unclaimed = []
-        if fires:
-            self.dispatch(fires, now)
+        claims, self._unclaimed = self._unclaimed, []
+        self._dispatch(claims, fires, now)
+        self._renew_leases(now)
         return delay
 
     def dispatch(self, fires: list[Fire], now: datetime) -> None:
-        """Claim fires and start the ones won, in chunks so the first runs start at once."""
-        for i in range(0, len(fires), CLAIM_CHUNK):
-            self._dispatch_chunk(fires[i : i + CLAIM_CHUNK], now)
+        """Claim these fires and start the ones won."""
+        self._dispatch([], fires, now)
 
-    def _dispatch_chunk(self, fires: list[Fire], now: datetime) -> None:
-        docs, contexts = [], []
-        # one read of the system's randomness for the whole chunk (each read lets busy run
-        # threads take the GIL from this loop)
-        randomness = secrets.token_bytes(TOKEN_BYTES * len(fires))
-        for n, fire in enumerate(fires):
-            known = self._specs.get(fire.task_id)
-            if known is None:
-                continue
-            revision, spec = known
-            status = fire.status or "queued"
-            if (
-                status == "queued"
-                and spec.concurrency == "forbid"
-                and not spec.schedule.keepalive
-                and fire.trigger != "retry"
-                and self.executor.has_active(fire.task_id)
-            ):
-                status = "skipped"
-            token = base64.urlsafe_b64encode(randomness[n * TOKEN_BYTES : (n + 1) * TOKEN_BYTES])
-            token = token.decode().rstrip("=")
-            doc = new_run_document(
-                task_id=fire.task_id,
-                task_name=spec.name,
-                group=spec.group,
-                revision=revision,
-                scheduled_for=fire.scheduled_for,
-                slot=self.agent_id if spec.mode == "all" else "one",
-                attempt=fire.attempt,
-                trigger=fire.trigger,
-                agent=self.agent_id,
-                status=status,
-                now=now,
-                token_hash=hashlib.sha256(token.encode()).hexdigest(),
-            )
-            if status == "skipped":
-                doc["error"] = "the previous run was still running (concurrency: forbid)"
-            docs.append(doc)
-            contexts.append((fire, spec, revision, token, doc))
+    def _dispatch(self, claims: list[_Claim], fires: list[Fire], now: datetime) -> None:
+        tokens = run_tokens(len(fires))
+        claims += [c for c in map(self._prepare, fires, tokens, [now] * len(fires)) if c]
+        for i in range(0, len(claims), CLAIM_CHUNK):  # the first runs start after one chunk
+            self._claim_and_start(claims[i : i + CLAIM_CHUNK], now)
+
+    def _prepare(self, fire: Fire, token: str, now: datetime) -> _Claim | None:
+        """The run document that claims ``fire`` (built once: a retried claim reuses it)."""
+        known = self._specs.get(fire.task_id)
+        if known is None:
+            return None
+        revision, spec = known
+        status = fire.status or "queued"
+        if (
+            status == "queued"
+            and spec.concurrency == "forbid"
+            and not spec.schedule.keepalive
+            and fire.trigger != "retry"
+            and self.executor.has_active(fire.task_id)
+        ):
+            status = "skipped"
+        doc = new_run_document(
+            task_id=fire.task_id,
+            task_name=spec.name,
+            group=spec.group,
+            revision=revision,
+            scheduled_for=fire.scheduled_for,
+            slot=self.agent_id if spec.mode == "all" else "one",
+            attempt=fire.attempt,
+            trigger=fire.trigger,
+            agent=self.agent_id,
+            status=status,
+            now=now,
+            token_hash=hashlib.sha256(token.encode()).hexdigest(),
+        )
+        if status == "skipped":
+            doc["error"] = "the previous run was still running (concurrency: forbid)"
+        return _Claim(fire, spec, revision, token, doc)
+
+    def _claim_and_start(self, claims: list[_Claim], now: datetime) -> None:
+        claims = [c for c in claims if self._take_keepalive_lease(c, now)]
         try:
-            won = self.store.claim_runs(docs)
+            won = self.store.claim_runs([c.doc for c in claims])
         except StoreError as e:
-            self._keep_unclaimed([c[0] for c in contexts], now, e)
+            self._keep_unclaimed(claims, now, e)
             return
-        for (fire, spec, revision, token, doc), ok in zip(contexts, won, strict=True):
+        for claim, ok in zip(claims, won, strict=True):
+            fire, spec, doc = claim.fire, claim.spec, claim.doc
             if not ok:
                 log.debug("fire %s of %s claimed elsewhere", doc["scheduled_for"], spec.name)
                 if spec.schedule.keepalive:
+                    self._release_keepalive_lease(doc["_id"])
                     self.scheduler.keepalive_not_started(fire.task_id, now)
                 continue
             if doc["status"] != "queued":
@@ -220,40 +259,102 @@ class Agent:
                 RunContext(
                     run_id=doc["_id"],
                     task_id=fire.task_id,
-                    revision=revision,
+                    revision=claim.revision,
                     spec=spec,
                     scheduled_for=doc["scheduled_for"],
                     attempt=fire.attempt,
                     trigger=fire.trigger,
-                    token=token,
+                    token=claim.token,
                     agent=self.agent_id,
                 ),
                 doc,
             )
 
-    def _keep_unclaimed(self, fires: list[Fire], now: datetime, error: Exception) -> None:
+    def _keep_unclaimed(self, claims: list[_Claim], now: datetime, error: Exception) -> None:
         keep = []
-        for fire in fires:
-            known = self._specs.get(fire.task_id)
-            if known is None:
+        for claim in claims:
+            if claim.fire.task_id not in self._specs:
                 continue
-            if now - fire.scheduled_for <= timedelta(seconds=known[1].misfire_grace):
-                keep.append(fire)
-            else:
-                log.error(
-                    "fire %s of %s could not be claimed in time; dropped",
-                    fire.scheduled_for,
-                    fire.task_id,
-                )
+            if now - claim.fire.scheduled_for <= timedelta(seconds=claim.spec.misfire_grace):
+                keep.append(claim)
+                continue
+            log.error(
+                "fire %s of task %s could not be claimed within its misfire grace; dropped",
+                claim.fire.scheduled_for,
+                claim.spec.name,
+            )
+            if claim.spec.schedule.keepalive:
+                self.scheduler.keepalive_not_started(claim.fire.task_id, now)
         log.warning("cannot claim %d fires yet (%s); will retry", len(keep), error)
         self._unclaimed = keep + self._unclaimed
+
+    # --- keepalive leases: one instance in the whole cluster ------------------------------
+
+    def _take_keepalive_lease(self, claim: _Claim, now: datetime) -> bool:
+        """A keepalive instance runs only while its run holds the task's lease in MongoDB.
+
+        Fires of other tasks pass. A keepalive fire whose lease is held elsewhere is tried
+        again a third of a lease later, without counting as a restart.
+        """
+        if not claim.spec.schedule.keepalive or claim.doc["status"] != "queued":
+            return True
+        run_id = claim.doc["_id"]
+        if run_id in self._leases:
+            return True  # taken on an earlier try of this claim
+        try:
+            held = self.store.acquire_lease(lease_name(claim.fire.task_id), run_id, LEASE_TTL, now)
+        except StoreError as e:
+            log.warning("cannot take the keepalive lease of %s yet: %s", claim.spec.name, e)
+            held = False
+        if not held:
+            self.scheduler.keepalive_retry_at(
+                claim.fire.task_id, now + timedelta(seconds=LEASE_TTL / 3)
+            )
+            return False
+        self._leases[run_id] = (claim.fire.task_id, time.monotonic())
+        return True
+
+    def _release_keepalive_lease(self, run_id: str) -> None:
+        held = self._leases.pop(run_id, None)
+        if held is None:
+            return
+        try:
+            self.store.release_lease(lease_name(held[0]), run_id)
+        except StoreError as e:
+            log.warning("cannot release the keepalive lease of run %s (it expires): %s", run_id, e)
+
+    def _renew_leases(self, now: datetime) -> None:
+        """Renew held leases every third of their life; end an instance whose lease is gone.
+
+        An instance is ended when its lease was taken over, or could not be renewed for nearly
+        its whole life (MongoDB unreachable): by then another agent may take it, and two
+        instances must never run at once.
+        """
+        mono = time.monotonic()
+        for run_id, (task_id, renewed) in list(self._leases.items()):
+            if mono - renewed < LEASE_TTL / 3:
+                continue
+            try:
+                ok = self.store.renew_lease(lease_name(task_id), run_id, LEASE_TTL, now)
+            except StoreError as e:
+                ok = mono - renewed < LEASE_TTL - LEASE_MARGIN
+                log.warning("cannot renew the keepalive lease of run %s: %s", run_id, e)
+                if ok:
+                    continue
+            if ok:
+                self._leases[run_id] = (task_id, mono)
+                continue
+            log.error("run %s lost its keepalive lease; ending it", run_id)
+            self._leases.pop(run_id, None)
+            self.executor.kill(run_id, "lost its keepalive lease")
 
     def _finished(self, ctx: RunContext) -> None:
         """After a run: retries, keepalive restarts, one-shot tasks marked done."""
         spec = ctx.spec
         finished = ctx.finished_at or self.clock()
         if spec.schedule.keepalive:
-            if ctx.kill_reason is None or ctx.kill_reason == "timeout":
+            self._release_keepalive_lease(ctx.run_id)
+            if not self._stop.is_set():  # restarted unless the task was dropped meanwhile
                 self.scheduler.keepalive_exited(ctx.task_id, ctx.started_at or finished, finished)
         elif ctx.status in ("failed", "timed_out") and ctx.attempt < spec.retries:
             due = finished + timedelta(seconds=spec.retry_delay)
@@ -284,7 +385,7 @@ class Agent:
             now,
         )
         if lost:
-            log.warning("marked %d runs of an earlier run of this agent lost", lost)
+            log.warning("marked %d runs of an earlier run of this agent lost", len(lost))
 
     def run(self) -> None:
         """Schedule until :meth:`stop`; then stop runs gracefully and flush every write."""
@@ -306,7 +407,14 @@ class Agent:
                     except CloudTaskError as e:
                         log.warning("cannot read tasks (keeping the ones I have): %s", e)
                         self._last_sync = now
-                delay = self.step(self.clock())
+                    except Exception:  # a bug in one task's handling must not stop the agent
+                        log.exception("syncing tasks failed")
+                        self._last_sync = now
+                try:
+                    delay = self.step(self.clock())
+                except Exception:
+                    log.exception("a scheduling step failed; going on")
+                    delay = 1.0
                 if self._last_sync is not None:
                     until_sync = (self._last_sync + poll - self.clock()).total_seconds()
                     delay = min(delay, max(until_sync, 0.0))

@@ -28,7 +28,14 @@ from ..task import TaskSpec
 from .files import FileCache, TaskFileError
 from .httprun import run_http
 from .logfiles import RunLog
-from .proctree import IS_POSIX, kill_tree, popen_group_kwargs, process_identity, reap_leftovers
+from .proctree import (
+    IS_POSIX,
+    end_run_processes,
+    kill_tree,
+    popen_group_kwargs,
+    process_identity,
+    reap_leftovers,
+)
 from .runwriter import RunWriter
 
 log = logging.getLogger(__name__)
@@ -97,8 +104,12 @@ class RunContext:
         }
 
 
-def build_argv(spec: TaskSpec) -> list[str]:
-    """The process to start: argv as given, split like a shell would, or through the shell."""
+def build_argv(spec: TaskSpec) -> list[str] | str:
+    """The process to start: argv as given, split like a shell would, or through the shell.
+
+    On Windows a command string is handed to CreateProcess as it is (Windows programs parse
+    their own command line; splitting and re-quoting it would change its meaning).
+    """
     command = spec.command
     if spec.shell:
         assert isinstance(command, str)
@@ -106,7 +117,7 @@ def build_argv(spec: TaskSpec) -> list[str]:
             return ["/bin/sh", "-c", command]
         return [os.environ.get("COMSPEC", "cmd.exe"), "/c", command]
     if isinstance(command, str):
-        return shlex.split(command, posix=IS_POSIX)
+        return shlex.split(command) if IS_POSIX else command
     return list(command or ())
 
 
@@ -332,7 +343,8 @@ class Executor:
             )
         except OSError as e:
             where = f" in {cwd}" if cwd else ""
-            self._fail_to_start(ctx, runlog, f"cannot start {argv[0]!r}{where}: {e.strerror or e}")
+            program = argv[0] if isinstance(argv, list) else argv
+            self._fail_to_start(ctx, runlog, f"cannot start {program!r}{where}: {e.strerror or e}")
             return
         with ctx.lock:
             ctx.proc = proc
@@ -369,21 +381,27 @@ class Executor:
     def _collect_select(self, ctx: RunContext, proc: subprocess.Popen, runlog: RunLog) -> None:
         """POSIX: one thread reads the output and watches the timeout and the main process.
 
-        The run ends at end-of-output. If the main process has exited but something it left
-        behind still holds the pipe, that is reaped; output still open 5 s later is abandoned.
+        Output ends when every process holding the pipe has closed it. If the main process has
+        ended but others still hold the pipe, its group is ended at once, and after a second
+        every process tagged with the run's id (one that left the group with setsid()).
+        After end-of-output the timeout still holds for a main process that closed its output.
         """
         stream = proc.stdout
         assert stream is not None
         fd = stream.fileno()
         deadline = time.monotonic() + ctx.spec.timeout if ctx.spec.timeout else None
         main_exited: float | None = None
+        tagged_ended = False
         with selectors.DefaultSelector() as sel:
             sel.register(fd, selectors.EVENT_READ)
             while True:
                 now = time.monotonic()
                 if deadline is not None and now >= deadline and ctx.kill_reason is None:
                     self._timed_out(ctx, proc)
-                wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - now))
+                    continue
+                wait = 0.5
+                if deadline is not None and ctx.kill_reason is None:
+                    wait = max(0.01, min(wait, deadline - now))
                 if sel.select(wait):
                     chunk = os.read(fd, 65536)
                     if not chunk:
@@ -394,11 +412,22 @@ class Executor:
                     if main_exited is None:
                         main_exited = now
                         reap_leftovers(proc, grace=min(self.kill_grace, 2.0))
+                    elif not tagged_ended and now - main_exited >= 1.0:
+                        tagged_ended = True
+                        end_run_processes(ctx.run_id, min(self.kill_grace, 2.0))
                     elif now - main_exited > 5.0:
                         log.warning("run %s: output still open after the process ended", ctx.run_id)
                         break
         stream.close()
-        proc.wait()
+        while True:
+            remaining = None
+            if deadline is not None and ctx.kill_reason is None:
+                remaining = max(0.0, deadline - time.monotonic())
+            try:
+                proc.wait(timeout=remaining)
+                break
+            except subprocess.TimeoutExpired:
+                self._timed_out(ctx, proc)
         ctx.finished_at = _now()
         reap_leftovers(proc, grace=min(self.kill_grace, 2.0))
 
@@ -412,8 +441,11 @@ class Executor:
             self._timed_out(ctx, proc)
         ctx.finished_at = _now()
         reap_leftovers(proc, grace=min(self.kill_grace, 2.0))
-        pump.join(timeout=5.0)
-        if pump.is_alive():  # a process that left the group still holds the pipe
+        pump.join(timeout=1.0)
+        if pump.is_alive():  # something the run started still holds the pipe
+            end_run_processes(ctx.run_id, min(self.kill_grace, 2.0))
+            pump.join(timeout=5.0)
+        if pump.is_alive():
             log.warning("run %s: output still open after the process ended", ctx.run_id)
 
     @staticmethod

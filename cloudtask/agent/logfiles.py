@@ -32,11 +32,13 @@ class RunLog:
         self.task_name = task_name
         self._day: date | None = None
         self._fh: BinaryIO | None = None
+        self._closed = False
 
     def _file(self) -> BinaryIO:
         today = datetime.now().date()
         if self._fh is None or today != self._day:
-            self.close()
+            if self._fh is not None:
+                self._fh.close()
             path = log_path(self.log_dir, self.task_name, today)
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(path, "ab")  # noqa: SIM115 (kept open for the run)
@@ -44,6 +46,8 @@ class RunLog:
         return self._fh
 
     def write(self, data: bytes) -> None:
+        if self._closed:  # a straggling reader after the run's end: the run's log is complete
+            return
         try:
             fh = self._file()
             fh.write(data)
@@ -55,6 +59,7 @@ class RunLog:
         self.write(text.encode("utf-8", "replace") + b"\n")
 
     def close(self) -> None:
+        self._closed = True
         if self._fh is not None:
             try:
                 self._fh.close()

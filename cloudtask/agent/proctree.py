@@ -116,6 +116,14 @@ def end_processes(procs: list[psutil.Process], grace: float) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
+def end_run_processes(run_id: str, grace: float) -> int:
+    """End every process tagged with ``run_id``, wherever it was re-parented. Returns how many."""
+    procs = _tagged(run_id)
+    if procs:
+        end_processes(procs, grace)
+    return len(procs)
+
+
 def run_processes(proc: subprocess.Popen, run_id: str | None) -> list[psutil.Process]:
     """Every process that belongs to a run, except the main one (which Popen owns)."""
     seen: dict[int, psutil.Process] = {}

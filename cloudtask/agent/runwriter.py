@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..exceptions import StoreError
 from ..store import FINISHED_STATUSES, Store
 
 log = logging.getLogger(__name__)
@@ -93,7 +92,7 @@ class RunWriter:
                 return True
             try:
                 self.store.save_runs(batch)
-            except StoreError as e:
+            except Exception as e:  # StoreError, or anything unexpected: keep them, retry
                 log.warning("cannot write %d runs yet, will retry: %s", len(batch), e)
                 with self._lock:
                     self._dirty.update(d["_id"] for d in batch)
@@ -112,7 +111,11 @@ class RunWriter:
         while not self._stop.is_set():
             self._wake.wait(max(self.flush_interval, self._backoff))
             self._wake.clear()
-            ok = self.flush()
+            try:
+                ok = self.flush()
+            except Exception:  # never let the only writer die: runs would stay 'running'
+                log.exception("writing runs failed; will retry")
+                ok = False
             self._backoff = 0.0 if ok else min(max(self._backoff * 2, 0.5), 10.0)
 
     def stop(self, timeout: float = 10.0) -> None:

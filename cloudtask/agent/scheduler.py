@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -30,6 +32,9 @@ from ..schedules import KEEPALIVE_RESET_AFTER, keepalive_backoff
 from ..task import TaskSpec
 
 MAX_MISSED_PER_TICK = 1000  # a long pause with a 1 s schedule must not flood the store
+_EPSILON = timedelta(microseconds=1)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,13 @@ class Scheduler:
                     entry.keepalive_restarts = current.keepalive_restarts
                 else:
                     entry.next_fire = _ms(now)
+            elif (
+                current is not None
+                and current.next_fire is not None
+                and current.next_fire <= now
+                and not current.spec.schedule.keepalive
+            ):
+                entry.next_fire = current.next_fire  # due, not yet ticked: it still fires
             else:
                 entry.next_fire = spec.schedule.next_after(now)
             self._tasks[task_id] = entry
@@ -163,6 +175,17 @@ class Scheduler:
         """The keepalive fire was not started (claim lost or failed): try again after a backoff."""
         self.keepalive_exited(task_id, now, now)
 
+    def keepalive_retry_at(self, task_id: str, when: datetime) -> None:
+        """Try to start the keepalive again at ``when``, without counting a restart (another
+        process holds it for now)."""
+        with self._lock:
+            entry = self._tasks.get(task_id)
+            if entry is None or not entry.spec.schedule.keepalive:
+                return
+            entry.keepalive_running = False
+            entry.next_fire = _ms(when)
+            self._push(entry, task_id, "schedule")
+
     # --- the engine -------------------------------------------------------------------------
 
     def tick(self, now: datetime) -> tuple[list[Fire], float]:
@@ -172,8 +195,10 @@ class Scheduler:
             while self._heap and self._heap[0].at <= now:
                 due = heapq.heappop(self._heap)
                 entry = self._tasks.get(due.task_id)
-                if entry is None or entry.generation != due.generation:
-                    continue  # removed or changed since this was planned
+                if entry is None:
+                    continue  # removed since this was planned
+                if due.kind != "retry" and entry.generation != due.generation:
+                    continue  # changed since: the new revision planned its own next fire
                 if due.kind == "retry":
                     fires.append(
                         Fire(
@@ -201,18 +226,29 @@ class Scheduler:
 
     def _due_fires(self, task_id: str, entry: _Entry, now: datetime) -> list[Fire]:
         schedule = entry.spec.schedule
-        due: list[datetime] = []
-        t = entry.next_fire
-        while t is not None and t <= now and len(due) < MAX_MISSED_PER_TICK:
+        grace = timedelta(seconds=entry.spec.misfire_grace)
+        first = t = entry.next_fire
+        # The newest MAX_MISSED_PER_TICK due fires are reported (a 1 s task paused for a day
+        # would otherwise write 86,400 documents); older ones are only logged.
+        due: deque[datetime] = deque(maxlen=MAX_MISSED_PER_TICK)
+        steps = 0
+        while t is not None and t <= now:
             due.append(t)
             t = schedule.next_after(t)
-        entry.next_fire = schedule.next_after(now) if t is not None and t <= now else t
+            steps += 1
+            if steps > 20 * MAX_MISSED_PER_TICK:  # far too many: start again closer to now
+                span = (now - due[0]) / 2
+                t = schedule.next_after(now - span - _EPSILON)
+                due.clear()
+                steps = 0
+        entry.next_fire = t
+        if due and first is not None and due[0] != first:
+            log.warning("task %s: fires from %s to %s passed unrecorded", task_id, first, due[0])
         if not due:
             return []
         *earlier, latest = due
         out = [Fire(task_id, _ms(t), "schedule", entry.revision, status="missed") for t in earlier]
         late = now - latest
-        grace = timedelta(seconds=entry.spec.misfire_grace)
         if late <= self.on_time_tolerance:
             out.append(Fire(task_id, _ms(latest), "schedule", entry.revision))
         elif late <= grace and entry.spec.misfire == "run_once":
