@@ -127,12 +127,11 @@ def main() -> None:
 
             # a fresh database: nx-27017's write cost grows with the collection (MongoDB's does not)
             store = Store(mongo.uri, "bench_burst")
-            # (b) burst: n one-shot tasks due in the same second
+            # (b) burst: n tasks due in the same second, as n cron jobs at 03:00:00 would be
             due = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=4)
             for i in range(n):
-                store.create_task(
-                    {"name": f"burst-{i}", "schedule": {"at": due.isoformat()}, "command": date}
-                )
+                schedule = {"every": "1h", "start": due.isoformat()}
+                store.create_task({"name": f"burst-{i}", "schedule": schedule, "command": date})
             run_agent(store, cfg, until=due.timestamp() + 6)
             wait_quiet(store, n, {"scheduled_for": due})
             starts = [t for _, t in child_times(store, {"scheduled_for": due})]

@@ -298,24 +298,27 @@ class Store:
         if result.deleted_count == 0:
             raise NotFound(f"no task with id {task_id!r}")
 
-    def mark_task_done(self, task_id: str, revision: int, now: datetime | None = None) -> bool:
-        """A one-shot (`at`) task has run: record it so no agent schedules it again.
+    def mark_tasks_done(self, done: Sequence[tuple[str, int]], now: datetime | None = None) -> int:
+        """One-shot (`at`) tasks have run: record it so no agent schedules them again.
 
-        Only the revision that ran is marked, so an edit made meanwhile is not lost.
+        ``done`` holds ``(task id, revision that ran)``; only that revision is marked, so an
+        edit made meanwhile is not lost. One read and one write for all. Returns how many.
         """
-        doc = self._guard(
-            self.tasks.find_one, "read the task", {"_id": task_id, "revision": revision}
-        )
-        if doc is None:
-            return False
-        doc["done_at"] = to_bson_time(now or utcnow())
-        result = self._guard(
-            self.tasks.replace_one,
-            "mark the task done",
-            {"_id": task_id, "revision": revision},
-            doc,
-        )
-        return result.modified_count == 1
+        if not done:
+            return 0
+        when = to_bson_time(now or utcnow())
+        ran = dict(done)
+        docs = self._guard(self.tasks.find, "read tasks", {"_id": {"$in": list(ran)}})
+        ops = []
+        for doc in docs:
+            if doc["revision"] == ran[doc["_id"]] and not doc.get("done_at"):
+                doc["done_at"] = when
+                ops.append(ReplaceOne({"_id": doc["_id"], "revision": doc["revision"]}, doc))
+        if not ops:
+            return 0
+        return self._guard(
+            self.tasks.bulk_write, "mark tasks done", ops, ordered=False
+        ).modified_count
 
     # --- runs -------------------------------------------------------------------------------
 

@@ -136,9 +136,10 @@ def test_enable_disable_and_delete(store):
 def test_mark_done_only_for_the_revision_that_ran(store):
     doc = store.create_task(task(), now=NOW)
     store.replace_task(doc["_id"], task(command="echo 2"), now=NOW)
-    assert not store.mark_task_done(doc["_id"], 1, NOW)
-    assert store.mark_task_done(doc["_id"], 2, NOW)
+    assert store.mark_tasks_done([(doc["_id"], 1)], NOW) == 0
+    assert store.mark_tasks_done([(doc["_id"], 2)], NOW) == 1
     assert store.task_revisions()[doc["_id"]] == (2, True)
+    assert store.get_task(doc["_id"])["done_at"] == NOW  # a date, not a string
 
 
 def test_claim_is_exclusive_per_fire_slot_and_attempt(store):

@@ -122,6 +122,8 @@ class Agent:
         self.janitor = LogJanitor(self.log_dir, acfg.log_retention_days)
         self._specs: dict[str, tuple[int, TaskSpec]] = {}
         self._unclaimed: list[_Claim] = []
+        self._done: list[tuple[str, int]] = []  # one-shot tasks that ran, to be marked done
+        self._done_lock = threading.Lock()
         self._leases: dict[str, tuple[str, float]] = {}  # run id -> (task id, last renewal)
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -188,6 +190,7 @@ class Agent:
         claims, self._unclaimed = self._unclaimed, []
         self._dispatch(claims, fires, now)
         self._renew_leases(now)
+        self._mark_done(now)
         return delay
 
     def dispatch(self, fires: list[Fire], now: datetime) -> None:
@@ -360,11 +363,21 @@ class Agent:
             due = finished + timedelta(seconds=spec.retry_delay)
             self.scheduler.retry(ctx.task_id, ctx.scheduled_for, ctx.attempt + 1, due)
         elif spec.schedule.is_once:
-            try:
-                self.store.mark_task_done(ctx.task_id, ctx.revision, finished)
-            except StoreError as e:
-                log.error("cannot mark one-shot task %s done: %s", spec.name, e)
+            with self._done_lock:  # marked by the loop, in batches, off the run threads
+                self._done.append((ctx.task_id, ctx.revision))
         self._wake.set()
+
+    def _mark_done(self, now: datetime) -> None:
+        with self._done_lock:
+            done, self._done = self._done, []
+        if not done:
+            return
+        try:
+            self.store.mark_tasks_done(done, now)
+        except StoreError as e:
+            log.warning("cannot mark %d one-shot tasks done yet: %s", len(done), e)
+            with self._done_lock:
+                self._done = done + self._done
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -422,6 +435,7 @@ class Agent:
                 self._wake.clear()
         finally:
             self.executor.shutdown(grace=self.config.agent.kill_grace)
+            self._mark_done(self.clock())
             self.janitor.stop()
             self.writer.stop()
             log.info("agent %s stopped", self.agent_id)

@@ -150,6 +150,7 @@ class Executor:
         self._by_task: dict[str, set[str]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._local = threading.local()
         self._base_env = dict(os.environ)  # copied once: os.environ decodes every key on read
         self._base_env["CLOUDTASK_AGENT_PROCESS"] = process_identity()
 
@@ -373,6 +374,13 @@ class Executor:
             if proc.returncode < 0:
                 ctx.error = f"ended by signal {-proc.returncode}"
 
+    def _selector(self) -> selectors.BaseSelector:
+        """Each worker thread keeps one selector for all the runs it reads."""
+        sel = getattr(self._local, "selector", None)
+        if sel is None:
+            sel = self._local.selector = selectors.DefaultSelector()
+        return sel
+
     def _timed_out(self, ctx: RunContext, proc: subprocess.Popen) -> None:
         with ctx.lock:
             ctx.kill_reason = ctx.kill_reason or "timeout"
@@ -392,8 +400,9 @@ class Executor:
         deadline = time.monotonic() + ctx.spec.timeout if ctx.spec.timeout else None
         main_exited: float | None = None
         tagged_ended = False
-        with selectors.DefaultSelector() as sel:
-            sel.register(fd, selectors.EVENT_READ)
+        sel = self._selector()
+        sel.register(fd, selectors.EVENT_READ)
+        try:
             while True:
                 now = time.monotonic()
                 if deadline is not None and now >= deadline and ctx.kill_reason is None:
@@ -408,7 +417,10 @@ class Executor:
                         break
                     ctx.append_output(chunk)
                     runlog.write(chunk)
-                elif proc.poll() is not None:
+                    runlog.flush(older_than=1.0)
+                    continue
+                runlog.flush()  # the output paused: let the log file show it
+                if proc.poll() is not None:
                     if main_exited is None:
                         main_exited = now
                         reap_leftovers(proc, grace=min(self.kill_grace, 2.0))
@@ -418,6 +430,8 @@ class Executor:
                     elif now - main_exited > 5.0:
                         log.warning("run %s: output still open after the process ended", ctx.run_id)
                         break
+        finally:
+            sel.unregister(fd)
         stream.close()
         while True:
             remaining = None
@@ -459,6 +473,7 @@ class Executor:
                     break
                 ctx.append_output(chunk)
                 runlog.write(chunk)
+                runlog.flush(older_than=1.0)
         except (OSError, ValueError):
             pass
         finally:

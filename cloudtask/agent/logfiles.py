@@ -10,6 +10,7 @@ import logging
 import re
 import shutil
 import threading
+import time
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
@@ -25,7 +26,11 @@ def log_path(log_dir: Path, task_name: str, day: date) -> Path:
 
 
 class RunLog:
-    """Appends one run's output to its task's file of the day. Not shared between threads."""
+    """Appends one run's output to its task's file of the day. Not shared between threads.
+
+    Writes are buffered; the run's reader calls :meth:`flush` when its output pauses and at
+    least once a second, so a short run costs one write and a long one is followed live.
+    """
 
     def __init__(self, log_dir: Path, task_name: str) -> None:
         self.log_dir = log_dir
@@ -33,15 +38,24 @@ class RunLog:
         self._day: date | None = None
         self._fh: BinaryIO | None = None
         self._closed = False
+        self._flushed = time.monotonic()
+
+    def _open(self, path: Path) -> BinaryIO:
+        if path.parent not in _known_dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _known_dirs.add(path.parent)
+        try:
+            return open(path, "ab", buffering=65536)  # noqa: SIM115 (kept open for the run)
+        except FileNotFoundError:  # the janitor removed the empty folder meanwhile
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return open(path, "ab", buffering=65536)  # noqa: SIM115
 
     def _file(self) -> BinaryIO:
         today = datetime.now().date()
         if self._fh is None or today != self._day:
             if self._fh is not None:
                 self._fh.close()
-            path = log_path(self.log_dir, self.task_name, today)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(path, "ab")  # noqa: SIM115 (kept open for the run)
+            self._fh = self._open(log_path(self.log_dir, self.task_name, today))
             self._day = today
         return self._fh
 
@@ -49,14 +63,23 @@ class RunLog:
         if self._closed:  # a straggling reader after the run's end: the run's log is complete
             return
         try:
-            fh = self._file()
-            fh.write(data)
-            fh.flush()
+            self._file().write(data)
         except OSError as e:
             log.warning("cannot write the log of task %s: %s", self.task_name, e)
 
     def line(self, text: str) -> None:
         self.write(text.encode("utf-8", "replace") + b"\n")
+
+    def flush(self, older_than: float = 0.0) -> None:
+        """Write out what is buffered, if the last flush is at least ``older_than`` s ago."""
+        now = time.monotonic()
+        if self._fh is None or now - self._flushed < older_than:
+            return
+        self._flushed = now
+        try:
+            self._fh.flush()
+        except OSError as e:
+            log.warning("cannot write the log of task %s: %s", self.task_name, e)
 
     def close(self) -> None:
         self._closed = True
@@ -66,6 +89,10 @@ class RunLog:
             except OSError:
                 pass
             self._fh = None
+
+
+# task log folders known to exist, so a run does not ask the file system each time
+_known_dirs: set[Path] = set()
 
 
 def cleanup_logs(log_dir: Path, retention_days: int, today: date | None = None) -> list[Path]:
@@ -99,6 +126,7 @@ def cleanup_logs(log_dir: Path, retention_days: int, today: date | None = None) 
         try:
             next(task_dir.iterdir())
         except StopIteration:
+            _known_dirs.discard(task_dir)
             shutil.rmtree(task_dir, ignore_errors=True)
     if deleted:
         log.info("deleted %d log files older than %d days", len(deleted), retention_days)
