@@ -82,8 +82,7 @@ def cli() -> None:
 @click.option(
     "--standalone",
     is_flag=True,
-    required=True,
-    help="Take the tasks of this agent's group straight from MongoDB (no center needed).",
+    help="Take the tasks of this agent's group straight from MongoDB (no ZooKeeper, no center).",
 )
 @click.option(
     "--id", "agent_id", help="Agent id (default: config agent.id, else kept in the data dir)."
@@ -101,9 +100,11 @@ def agent(
     data_dir: str | None,
     verbose: bool,
 ) -> None:
-    """Run an agent: schedule and run the tasks of its group on this server."""
+    """Run an agent: register in the cluster and run the tasks the center assigns to it."""
     from .agent.agent import Agent
+    from .agent.cluster import ClusterAgent
     from .store import Store
+    from .zkpaths import connect
 
     _setup_logging(verbose)
     cfg = _load(config_path)
@@ -111,11 +112,46 @@ def agent(
     if changes:
         cfg = cfg.with_section("agent", **changes)
     store = Store.from_config(cfg)
-    engine = Agent(cfg, store)
-    _stop_on_signals(engine.stop)
+    zk = None
     try:
+        if standalone:
+            engine: Agent = Agent(cfg, store)
+        else:
+            zk = connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout)
+            engine = ClusterAgent(cfg, store, zk)
+        _stop_on_signals(engine.stop)
         engine.run()
     finally:
+        if zk is not None:
+            zk.stop()
+            zk.close()
+        store.close()
+
+
+# --- center ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@config_option
+@click.option("--id", "center_id", help="Center id (default: host and pid).")
+@verbose_option
+def center(config_path: str | None, center_id: str | None, verbose: bool) -> None:
+    """Run a center: one of them leads and places tasks on the live agents."""
+    from .center.center import Center
+    from .store import Store
+    from .zkpaths import connect
+
+    _setup_logging(verbose)
+    cfg = _load(config_path)
+    store = Store.from_config(cfg)
+    zk = connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout)
+    try:
+        engine = Center(cfg, store, zk, center_id=center_id)
+        _stop_on_signals(engine.stop)
+        engine.run()
+    finally:
+        zk.stop()
+        zk.close()
         store.close()
 
 
@@ -198,10 +234,31 @@ def apply(config_path: str | None, paths: tuple[str, ...]) -> None:
         raise click.ClickException("nothing applied; invalid task files:\n  " + "\n  ".join(errors))
     store = Store.from_config(cfg)
     try:
-        for outcome, name in apply_tasks(store, tasks):
+        results = apply_tasks(store, tasks)
+        for outcome, name in results:
             click.echo(f"{outcome:9} {name}")
     finally:
         store.close()
+    if any(outcome != "unchanged" for outcome, _ in results):
+        signal_centers(cfg)
+
+
+def signal_centers(cfg: Config) -> None:
+    """Tell the leading center that tasks changed (best effort: it also resyncs periodically)."""
+    if not cfg.zookeeper.hosts:
+        return
+    from .zkpaths import ZkPaths, connect, task_signal
+
+    try:
+        zk = connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout, start_timeout=5)
+    except CloudTaskError as e:
+        click.echo(f"warning: {e}; the center picks the change up at its next resync", err=True)
+        return
+    try:
+        task_signal(zk, ZkPaths(cfg.zookeeper.root))()
+    finally:
+        zk.stop()
+        zk.close()
 
 
 def apply_tasks(store: Any, tasks: list[tuple[Path, dict]]) -> list[tuple[str, str]]:
@@ -297,9 +354,13 @@ def next_cmd(schedule: str, tz: str | None, count: int) -> None:
     type=click.Path(file_okay=False),
     help="Folder of task files applied at start.",
 )
+@click.option(
+    "--agents", default=2, show_default=True, type=click.IntRange(1, 64), help="Agent processes."
+)
 @verbose_option
-def up(config_path: str | None, data_dir: str, tasks_dir: str, verbose: bool) -> None:
-    """Run CloudTask on this machine: embedded servers where none are configured, and an agent."""
+def up(config_path: str | None, data_dir: str, tasks_dir: str, agents: int, verbose: bool) -> None:
+    """Run CloudTask on this machine: embedded servers where none are configured, a center
+    and agents, each in its own process."""
     from .localservers import MongoServer, ZooKeeperServer
     from .store import Store
 
@@ -308,7 +369,7 @@ def up(config_path: str | None, data_dir: str, tasks_dir: str, verbose: bool) ->
     base = Path(data_dir).resolve()
     base.mkdir(parents=True, exist_ok=True)
     servers: list[Any] = []
-    children: list[subprocess.Popen] = []
+    children: list[tuple[str, subprocess.Popen, Path]] = []
     stopping = {"flag": False}
 
     def request_stop(*_: Any) -> None:
@@ -341,54 +402,62 @@ def up(config_path: str | None, data_dir: str, tasks_dir: str, verbose: bool) ->
                 except (ValidationError, CloudTaskError) as e:  # report it, apply the rest
                     click.echo(f"skipped: {path}: {e}", err=True)
         store.close()
-        agent_dir = base / "agent-1"
-        agent_cfg = cfg.with_section("agent", data_dir=str(agent_dir))
-        cfg_path = base / "agent-1.json"
-        cfg_path.write_text(json.dumps(config_to_dict(agent_cfg), indent=2), encoding="utf-8")
-        agent_log = base / "agent-1.log"
-        with open(agent_log, "ab") as out:
-            children.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "cloudtask",
-                        "agent",
-                        "--standalone",
-                        "--config",
-                        str(cfg_path),
-                    ],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        log_dir = Path(agent_cfg.agent.log_dir) if agent_cfg.agent.log_dir else agent_dir / "logs"
+        children = _start_cluster(cfg, base, agents)
         click.echo("")
         click.echo("CloudTask is running.")
-        click.echo(f"  ZooKeeper:   {cfg.zookeeper.hosts}")
+        click.echo(f"  ZooKeeper:   {cfg.zookeeper.hosts} (root {cfg.zookeeper.root})")
         click.echo(f"  MongoDB:     {cfg.mongodb.uri} (database {cfg.mongodb.database})")
-        click.echo(f"  agent log:   {agent_log}")
-        click.echo(f"  task logs:   {log_dir}/<task>/<YYYY-MM-DD>.log")
+        for name, _, log_path in children:
+            click.echo(f"  {name + ' log:':13}{log_path}")
+        click.echo(f"  task logs:   {base}/agent-<n>/logs/<task>/<YYYY-MM-DD>.log")
         click.echo("Press Ctrl-C to stop.")
         while not stopping["flag"]:
-            for child in children:
+            for name, child, log_path in children:
                 if child.poll() is not None:
                     raise CloudTaskError(
-                        f"the agent exited with code {child.returncode}; see {agent_log}"
+                        f"the {name} exited with code {child.returncode}; see {log_path}"
                     )
             time.sleep(0.2)
     finally:
         click.echo("stopping ...")
-        for child in children:
+        for _, child, _ in children:
             if child.poll() is None:
                 child.terminate()
-        for child in children:
+        for _, child, _ in children:
             try:
                 child.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 child.kill()
         for server in reversed(servers):
             server.stop()
+
+
+def _start_cluster(
+    cfg: Config, base: Path, agents: int
+) -> list[tuple[str, subprocess.Popen, Path]]:
+    """One center and ``agents`` agents, each a process of its own with its own config file."""
+    children = []
+
+    def spawn(name: str, child_cfg: Config, *args: str) -> None:
+        cfg_path = base / f"{name}.json"
+        cfg_path.write_text(json.dumps(config_to_dict(child_cfg), indent=2), encoding="utf-8")
+        log_path = base / f"{name}.log"
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cloudtask", *args, "--config", str(cfg_path)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        children.append((name, proc, log_path))
+
+    spawn("center", cfg, "center", "--id", "center-1")
+    for n in range(1, agents + 1):
+        agent_id = f"{cfg.agent.id}-{n}" if cfg.agent.id else ""  # "": generated, kept per agent
+        agent_cfg = cfg.with_section(
+            "agent", id=agent_id, data_dir=str(base / f"agent-{n}"), log_dir=""
+        )
+        spawn(f"agent-{n}", agent_cfg, "agent")
+    return children
 
 
 def main() -> None:

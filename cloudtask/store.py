@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -101,6 +101,8 @@ class Store:
         self.leases = self.db["leases"]
         self.fs = gridfs.GridFS(self.db, collection="files")
         self.run_retention_days = run_retention_days
+        # called after every task change (the cluster sets it to bump /signals/tasks)
+        self.on_task_change: Callable[[], None] | None = None
         self._guard(self.ensure_indexes, "create indexes")
 
     @classmethod
@@ -171,6 +173,14 @@ class Store:
                 self.runs.drop_index(name)
         self.runs.create_index([("finished_at", ASCENDING)], expireAfterSeconds=seconds, name="ttl")
 
+    def _task_changed(self) -> None:
+        if self.on_task_change is None:
+            return
+        try:
+            self.on_task_change()
+        except Exception as e:  # the change is stored; centers also resync periodically
+            log.warning("cannot signal the task change (centers pick it up on resync): %s", e)
+
     def ping(self) -> None:
         self._guard(self.client.admin.command, "answer a ping", "ping")
 
@@ -204,6 +214,7 @@ class Store:
             self._guard(self.tasks.insert_one, "store the task", doc)
         except DuplicateKeyError:
             raise Conflict(f"a task named {spec.name!r} already exists") from None
+        self._task_changed()
         return doc
 
     def replace_task(
@@ -236,6 +247,7 @@ class Store:
             raise Conflict(f"a task named {spec.name!r} already exists") from None
         if result.matched_count == 0:
             raise Conflict(f"task {current['name']!r} changed meanwhile; reload it and try again")
+        self._task_changed()
         return doc
 
     def apply_task(
@@ -297,6 +309,7 @@ class Store:
         result = self._guard(self.tasks.delete_one, "delete the task", {"_id": task_id})
         if result.deleted_count == 0:
             raise NotFound(f"no task with id {task_id!r}")
+        self._task_changed()
 
     def mark_tasks_done(self, done: Sequence[tuple[str, int]], now: datetime | None = None) -> int:
         """One-shot (`at`) tasks have run: record it so no agent schedules them again.
@@ -316,9 +329,9 @@ class Store:
                 ops.append(ReplaceOne({"_id": doc["_id"], "revision": doc["revision"]}, doc))
         if not ops:
             return 0
-        return self._guard(
-            self.tasks.bulk_write, "mark tasks done", ops, ordered=False
-        ).modified_count
+        result = self._guard(self.tasks.bulk_write, "mark tasks done", ops, ordered=False)
+        self._task_changed()
+        return result.modified_count
 
     # --- runs -------------------------------------------------------------------------------
 

@@ -144,6 +144,9 @@ class Agent:
             self._drop(tid)  # deleted, or a one-shot task that is done
         self._last_sync = now
 
+    def _sync_due(self, now: datetime, poll: timedelta) -> bool:
+        return self._last_sync is None or now - self._last_sync >= poll
+
     def _known_revision(self, task_id: str) -> int | None:
         if task_id in self._specs:
             return self._specs[task_id][0]
@@ -151,6 +154,8 @@ class Agent:
 
     def _take(self, doc: dict, now: datetime) -> None:
         task_id, revision = doc["_id"], doc["revision"]
+        if self._known_revision(task_id) == revision:
+            return  # nothing changed
         try:
             spec = parse_task(doc["spec"])
         except ValidationError as e:
@@ -231,12 +236,26 @@ class Agent:
             status=status,
             now=now,
             token_hash=hashlib.sha256(token.encode()).hexdigest(),
+            session=self.session,
         )
         if status == "skipped":
             doc["error"] = "the previous run was still running (concurrency: forbid)"
         return _Claim(fire, spec, revision, token, doc)
 
+    def may_claim(self) -> bool:
+        """Whether this agent may claim fires now (the cluster agent's fencing lease)."""
+        return True
+
+    @property
+    def session(self) -> str | None:
+        """The ZooKeeper session claims are made under (None in standalone mode)."""
+        return None
+
     def _claim_and_start(self, claims: list[_Claim], now: datetime) -> None:
+        if not self.may_claim():
+            # fenced: claim nothing; the fires wait (within their grace) for the lease to return
+            self._keep_unclaimed(claims, now, CloudTaskError("not in contact with ZooKeeper"))
+            return
         claims = [c for c in claims if self._take_keepalive_lease(c, now)]
         try:
             won = self.store.claim_runs([c.doc for c in claims])
@@ -414,7 +433,7 @@ class Agent:
         try:
             while not self._stop.is_set():
                 now = self.clock()
-                if self._last_sync is None or now - self._last_sync >= poll:
+                if self._sync_due(now, poll):
                     try:
                         self.sync_tasks(now)
                     except CloudTaskError as e:
@@ -434,6 +453,7 @@ class Agent:
                 self._wake.wait(delay)
                 self._wake.clear()
         finally:
+            self._leaving()
             self.executor.shutdown(grace=self.config.agent.kill_grace)
             self._mark_done(self.clock())
             self.janitor.stop()
@@ -441,5 +461,16 @@ class Agent:
             log.info("agent %s stopped", self.agent_id)
 
     def stop(self) -> None:
+        """Ask the loop to stop (safe from a signal handler: only sets flags)."""
         self._stop.set()
         self._wake.set()
+
+    def _leaving(self) -> None:
+        """Called first when the loop ends, before runs are given their grace."""
+
+    def drop_all(self) -> None:
+        """Forget every task (a lost session: the leader gives them to others)."""
+        for task_id in list(self._specs):
+            self._drop(task_id)
+        self._bad_specs.clear()
+        self._unclaimed = []

@@ -1,0 +1,138 @@
+"""The agent in a cluster: registered in ZooKeeper, running what the leading center assigns.
+
+Differences from the standalone agent (:class:`~cloudtask.agent.agent.Agent`):
+
+- its task set comes from ``/assignments/<agent_id>`` (watched; changes apply at once), not
+  from MongoDB;
+- every claim is fenced by the registration's lease and records the session it was made in;
+- when the session is lost, every assignment is dropped (keepalive instances are ended; runs
+  already started finish) and the agent registers again; the leader then places tasks anew;
+- a clean stop deletes the registration first, so the leader moves its tasks at once, and
+  then lets the runs in flight finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import threading
+from datetime import datetime, timedelta
+from typing import Any
+
+import psutil
+from kazoo.client import KazooClient
+
+from .. import __version__
+from ..config import Config
+from ..store import Store, to_bson_time, utcnow
+from ..zkpaths import ZkPaths
+from .agent import Agent
+from .assignments import AssignmentWatcher
+from .registration import Registration
+
+log = logging.getLogger(__name__)
+
+
+class ClusterAgent(Agent):
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        zk: KazooClient,
+        *,
+        agent_id: str | None = None,
+    ) -> None:
+        super().__init__(config, store, agent_id=agent_id)
+        self.zk = zk
+        self.paths = ZkPaths(config.zookeeper.root)
+        self._lost = threading.Event()
+        acfg = config.agent
+        info: dict[str, Any] = {
+            "agent_id": self.agent_id,
+            "group": self.group,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "version": __version__,
+            "platform": platform.system(),
+            "cores": os.cpu_count() or 1,
+            "weight": acfg.weight,
+            "labels": acfg.labels,
+            "max_parallel": acfg.max_parallel,
+            "started_at": to_bson_time(utcnow()).isoformat(),
+        }
+        self.registration = Registration(
+            zk,
+            self.paths,
+            self.agent_id,
+            self.group,
+            info,
+            session_timeout=config.zookeeper.session_timeout,
+            load=self._load,
+            on_lost=self._on_lost,
+        )
+        self.watcher = AssignmentWatcher(zk, self.paths, self.agent_id, wake=self._wake.set)
+
+    # --- hooks of the agent loop ------------------------------------------------------------
+
+    def may_claim(self) -> bool:
+        return self.registration.may_claim()
+
+    @property
+    def session(self) -> str | None:
+        return self.registration.session_id
+
+    def _sync_due(self, now: datetime, poll: timedelta) -> bool:
+        return True  # draining the watcher's queue is cheap: every pass
+
+    def sync_tasks(self, now: datetime) -> None:
+        if self._lost.is_set():
+            self._lost.clear()
+            log.warning("ZooKeeper session lost: dropping every assignment until placed again")
+            self.drop_all()
+            changes = self.watcher.reset()
+        else:
+            changes = self.watcher.drain()
+        for task_id, doc in changes.items():
+            if doc is None or not isinstance(doc.get("spec"), dict):
+                if task_id in self._specs or task_id in self._bad_specs:
+                    self._drop(task_id)
+                    self._bad_specs.pop(task_id, None)
+                continue
+            self._take(
+                {
+                    "_id": task_id,
+                    "revision": doc.get("revision", 0),
+                    "spec": doc["spec"],
+                    "enabled": True,
+                },
+                now,
+            )
+        self._last_sync = now
+
+    def _on_lost(self) -> None:
+        self._lost.set()
+        self._wake.set()
+
+    def _load(self) -> dict[str, Any]:
+        """Load figures for the registration, rounded so that small changes cause no write."""
+        return {
+            "cpu_percent": round(psutil.cpu_percent(interval=None) / 10) * 10,
+            "memory_percent": round(psutil.virtual_memory().percent / 10) * 10,
+            "running": self.executor.running_count(),
+        }
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.registration.start()
+        self.watcher.start()
+        try:
+            super().run()
+        finally:
+            self.registration.stop()
+
+    def _leaving(self) -> None:
+        """Leave the cluster before the runs' grace, so the leader moves our tasks at once."""
+        self.registration.stop()

@@ -1,0 +1,250 @@
+"""An agent's presence in ZooKeeper, and the lease that fences its claims.
+
+The agent registers an ephemeral node ``/agents/<group>/<agent_id>``; the leading center
+places tasks on the agents it sees there. The node lives exactly as long as the agent's
+session, so when the agent dies its tasks move once the session has expired.
+
+States (changed only under the lock; ``state_id`` counts changes so late callbacks are ignored)::
+
+    NEW -> REGISTERED -> SUSPENDED -> REGISTERED      (connection back within the session)
+                      -> SUSPENDED -> LOST -> REGISTERED (a new session: registered again)
+    any -> CLOSED
+
+The lease: a claim may be made only if this process heard from ZooKeeper within the session
+timeout minus a margin. A heartbeat thread makes one cheap round trip every quarter of the
+lease and records when it *started*; a process that was paused (SIGSTOP, a frozen VM) for
+longer than that wakes up with an old timestamp and fires nothing until a new round trip has
+succeeded, by which time its expired session has been noticed and its tasks are gone.
+
+Example::
+
+    reg = Registration(zk, ZkPaths("/cloudtask"), "a1", "default", info, session_timeout=10)
+    reg.start()
+    if reg.may_claim(): ...
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
+
+from ..exceptions import CloudTaskError
+from ..zkpaths import ZkPaths, decode, encode
+
+log = logging.getLogger(__name__)
+
+NEW, REGISTERED, SUSPENDED, LOST, CLOSED = "new", "registered", "suspended", "lost", "closed"
+
+
+class DuplicateAgent(CloudTaskError):
+    """Another live agent already uses this agent id."""
+
+
+class Registration:
+    def __init__(
+        self,
+        zk: KazooClient,
+        paths: ZkPaths,
+        agent_id: str,
+        group: str,
+        info: dict[str, Any],
+        *,
+        session_timeout: float,
+        margin: float | None = None,
+        load: Callable[[], dict[str, Any]] | None = None,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        self.zk = zk
+        self.paths = paths
+        self.agent_id = agent_id
+        self.group = group
+        self.info = dict(info)
+        self.session_timeout = session_timeout
+        # the lease ends this much before the session could have expired on the server
+        self.margin = margin if margin is not None else max(0.5, session_timeout / 5)
+        self.load = load
+        self.on_lost = on_lost
+        self.path = paths.agent(group, agent_id)
+        self.state = NEW
+        self.state_id = 0
+        self.session_id: str | None = None
+        self._lock = threading.Lock()
+        self._last_contact = 0.0
+        self._published: bytes | None = None
+        self._stop = threading.Event()
+        self._needs_register = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, name="zk-heartbeat", daemon=True)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self, wait_for_predecessor: float | None = None) -> None:
+        """Register, waiting for a crashed predecessor's session to expire (saying so).
+
+        Raises :class:`DuplicateAgent` if a live agent holds the id.
+        """
+        self.zk.add_listener(self._on_state)
+        self.zk.ensure_path(self.paths.agent_group(self.group))
+        self._register(wait_for_predecessor)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Leave at once: deleting the node lets the leader move our tasks within a second."""
+        with self._lock:
+            self._set_state(CLOSED)
+        self._stop.set()
+        try:
+            self.zk.remove_listener(self._on_state)
+            self.zk.delete(self.path)
+        except (KazooException, NoNodeError):
+            pass
+
+    def may_claim(self) -> bool:
+        """The fencing lease: heard from ZooKeeper recently enough, and registered."""
+        with self._lock:
+            if self.state not in (REGISTERED, SUSPENDED):
+                return False
+        return time.monotonic() - self._last_contact < self.session_timeout - self.margin
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _document(self) -> bytes:
+        doc = dict(self.info)
+        if self.load is not None:
+            try:
+                doc["load"] = self.load()
+            except Exception:  # load figures are informative; never fail registration on them
+                log.exception("cannot read load figures")
+        return encode(doc)
+
+    def _register(self, wait_for_predecessor: float | None) -> None:
+        deadline = time.monotonic() + (
+            wait_for_predecessor if wait_for_predecessor is not None else self.session_timeout + 5
+        )
+        said = False
+        while not self._stop.is_set():
+            started = time.monotonic()
+            data = self._document()
+            try:
+                self.zk.create(self.path, data, ephemeral=True)
+            except NodeExistsError:
+                holder, stat = self._holder()
+                if stat is None:
+                    continue  # gone meanwhile: try again at once
+                if stat.ephemeralOwner == self.zk.client_id[0]:
+                    break  # ours already (a retried create that had landed)
+                self._refuse_if_live(holder)
+                if time.monotonic() > deadline:
+                    raise DuplicateAgent(
+                        f"agent id {self.agent_id!r} is still registered by another session "
+                        f"({_describe(holder)}); give each agent its own id"
+                    ) from None
+                if not said:
+                    log.warning(
+                        "agent id %s is still registered by an earlier session (%s); waiting for it "
+                        "to expire (up to %.0f s)",
+                        self.agent_id,
+                        _describe(holder),
+                        max(0.0, deadline - time.monotonic()),
+                    )
+                    said = True
+                time.sleep(0.5)
+                continue
+            self._published = data
+            with self._lock:
+                self._last_contact = started
+                self.session_id = f"{self.zk.client_id[0]:x}"
+                self._set_state(REGISTERED)
+            log.info("registered as %s (session %s)", self.path, self.session_id)
+            return
+
+    def _holder(self) -> tuple[dict[str, Any] | None, Any]:
+        try:
+            data, stat = self.zk.get(self.path)
+        except NoNodeError:
+            return None, None
+        return decode(data), stat
+
+    def _refuse_if_live(self, holder: dict[str, Any] | None) -> None:
+        """A holder on this host whose process still runs is a live duplicate, not a crash."""
+        if not holder or holder.get("host") != socket.gethostname():
+            return
+        pid = holder.get("pid")
+        if isinstance(pid, int) and pid != os.getpid() and psutil.pid_exists(pid):
+            try:
+                alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                alive = False
+            if alive:
+                raise DuplicateAgent(
+                    f"agent id {self.agent_id!r} is in use by a running agent on this host "
+                    f"(pid {pid}); give each agent its own id"
+                )
+
+    def _set_state(self, state: str) -> None:
+        if self.state != CLOSED:
+            self.state = state
+            self.state_id += 1
+
+    def _on_state(self, state: str) -> None:
+        """kazoo's connection listener: never blocks."""
+        with self._lock:
+            if self.state == CLOSED:
+                return
+            if state == KazooState.SUSPENDED:
+                self._set_state(SUSPENDED)
+            elif state == KazooState.LOST:
+                self._set_state(LOST)
+                self._needs_register.set()
+            elif state == KazooState.CONNECTED and self.state == SUSPENDED:
+                self._set_state(REGISTERED)
+        if state == KazooState.LOST and self.on_lost is not None:
+            self.on_lost()
+
+    def _heartbeat(self) -> None:
+        interval = max(0.2, (self.session_timeout - self.margin) / 4)
+        last_load = 0.0
+        while not self._stop.wait(interval):
+            started = time.monotonic()
+            try:
+                if self._needs_register.is_set() and self.zk.connected:
+                    self._needs_register.clear()
+                    self._register(self.session_timeout + 5)
+                    continue
+                stat = self.zk.exists(self.path)
+                if stat is None or stat.ephemeralOwner != self.zk.client_id[0]:
+                    # a new session (after LOST): the old node is gone; register again
+                    with self._lock:
+                        self._set_state(LOST)
+                    if self.on_lost is not None:
+                        self.on_lost()
+                    self._register(self.session_timeout + 5)
+                    continue
+                with self._lock:
+                    self._last_contact = started
+                if started - last_load >= 5.0:
+                    last_load = started
+                    data = self._document()
+                    if data != self._published:  # refresh figures only when they changed
+                        self.zk.set(self.path, data)
+                        self._published = data
+            except DuplicateAgent as e:
+                log.error("%s", e)
+            except KazooException as e:
+                log.debug("heartbeat failed: %s", e)
+            except Exception:
+                log.exception("heartbeat failed")
+
+
+def _describe(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "unknown holder"
+    return f"host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('started_at')}"

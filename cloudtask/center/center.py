@@ -1,0 +1,414 @@
+"""The center: any number run, one leads (kazoo Election); the leader places tasks on agents.
+
+The leader's loop is level-triggered. Woken by a change of agents (watches on
+``/agents/<group>``), by a task change (``/signals/tasks``) or by the periodic resync, it
+computes the desired placement from the enabled tasks in MongoDB and the live agents in
+ZooKeeper, compares it with the assignments in ZooKeeper and writes only the difference, in
+transactions. Followers only wait. A new leader rebuilds its view from ZooKeeper and MongoDB
+before it writes anything; nothing is carried in memory across leaderships.
+
+Fencing: every write transaction also checks that the leader's own election node still
+exists. A leader that was paused past its session and wakes up cannot write: its node went
+with its session, so its transactions fail, and it steps down.
+
+Runs left ``queued`` or ``running`` by agents that are no longer registered are marked
+``lost`` by the leader.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
+from kazoo.recipe.watchers import ChildrenWatch, DataWatch
+
+from .. import __version__
+from ..config import Config
+from ..exceptions import CloudTaskError, ValidationError
+from ..store import Store, to_bson_time, utcnow
+from ..task import parse_task
+from ..zkpaths import ZkPaths, decode, encode
+from .placement import AgentInfo, Assignment, place_group, ring_epoch
+
+log = logging.getLogger(__name__)
+
+TXN_MAX_OPS = 200  # operations per ZooKeeper transaction
+TXN_MAX_BYTES = 512 * 1024  # well under ZooKeeper's 1 MB request limit
+
+
+class LeadershipLost(CloudTaskError):
+    """This center is no longer the leader (its session or election node is gone)."""
+
+
+@dataclass
+class LiveAgent:
+    agent_id: str
+    group: str
+    weight: int
+    joined: int  # czxid of its registration: when this incarnation joined
+    session: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Placed:
+    """One assignment as it is in ZooKeeper."""
+
+    revision: int
+    epoch: int
+
+
+@dataclass
+class TaskRecord:
+    task_id: str
+    group: str
+    mode: str
+    revision: int
+    spec: dict[str, Any]
+
+
+class Center:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        zk: KazooClient,
+        *,
+        center_id: str | None = None,
+        resync_interval: float = 30.0,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.zk = zk
+        self.paths = ZkPaths(config.zookeeper.root)
+        self.center_id = center_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.resync_interval = resync_interval
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._connection_lost = threading.Event()
+        self._election = zk.Election(self.paths.election, self.center_id)
+        self.leading = False
+        self.reconciles = 0
+        self.writes = 0  # ZooKeeper write operations made while leading (for tests and benches)
+        self._fence: str | None = None
+        self._tasks: dict[str, TaskRecord] = {}
+        self._placed: dict[str, dict[str, Placed]] = {}  # agent id -> task id -> placed
+        self._watched_groups: set[str] = set()
+        self.unassigned: dict[str, str] = {}  # task id -> group, for tasks with no live agent
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Contend for leadership until :meth:`stop`; lead whenever elected."""
+        for path in self.paths.persistent_folders():
+            self.zk.ensure_path(path)
+        self._register()
+        self.zk.add_listener(self._on_state)
+        try:
+            while not self._stop.is_set():
+                self._connection_lost.clear()
+                try:
+                    self._election.run(self._lead)
+                except KazooException as e:
+                    log.warning("election interrupted: %s", e)
+                if not self._stop.is_set():
+                    time.sleep(0.2)
+        finally:
+            self.zk.remove_listener(self._on_state)
+            try:
+                self.zk.delete(self.paths.center(self.center_id))
+            except (KazooException, NoNodeError):
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._election.cancel()
+
+    def _register(self) -> None:
+        doc = {
+            "center_id": self.center_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "version": __version__,
+            "started_at": to_bson_time(utcnow()).isoformat(),
+        }
+        try:
+            self.zk.create(self.paths.center(self.center_id), encode(doc), ephemeral=True)
+        except NodeExistsError:
+            self.zk.set(self.paths.center(self.center_id), encode(doc))
+
+    def _on_state(self, state: str) -> None:
+        if state in (KazooState.LOST, KazooState.SUSPENDED):
+            self._connection_lost.set()
+            self._wake.set()
+
+    # --- leading ----------------------------------------------------------------------------
+
+    def _lead(self) -> None:
+        lock = self._election.lock
+        self._fence = f"{lock.path}/{lock.node}"
+        self.leading = True
+        log.info("center %s leads", self.center_id)
+        try:
+            self._rebuild()
+            self._watch()
+            while not self._stop.is_set() and not self._connection_lost.is_set():
+                try:
+                    self.reconcile()
+                except LeadershipLost as e:
+                    log.warning("stepping down: %s", e)
+                    return
+                except (KazooException, CloudTaskError) as e:
+                    log.warning("reconcile failed, will retry: %s", e)
+                    self._wake.wait(1.0)
+                except Exception:
+                    log.exception("reconcile failed, will retry")
+                    self._wake.wait(1.0)
+                self._wake.wait(self.resync_interval)
+                self._wake.clear()
+            if self._connection_lost.is_set():
+                log.warning("connection to ZooKeeper suspended or lost: stepping down")
+        finally:
+            self.leading = False
+
+    def _watch(self) -> None:
+        def wake(*_: Any) -> None:
+            self._wake.set()
+
+        def groups_changed(groups: list[str]) -> bool | None:
+            for group in set(groups) - self._watched_groups:
+                self._watched_groups.add(group)
+                ChildrenWatch(self.zk, self.paths.agent_group(group), lambda _c: wake())
+            wake()
+            return None if self.leading else False
+
+        ChildrenWatch(self.zk, self.paths.agents, groups_changed)
+        DataWatch(self.zk, self.paths.task_signal, lambda *_: wake())
+
+    def _rebuild(self) -> None:
+        """Read every assignment from ZooKeeper: the only view a new leader starts from."""
+        self._placed = {}
+        self._tasks = {}
+        for agent_id in self.zk.get_children(self.paths.assignments):
+            folder = self.paths.assignment_dir(agent_id)
+            try:
+                children = self.zk.get_children(folder)
+            except NoNodeError:
+                continue
+            reads = {t: self.zk.get_async(f"{folder}/{t}") for t in children}
+            placed: dict[str, Placed] = {}
+            for task_id, result in reads.items():
+                try:
+                    data, _ = result.get()
+                except NoNodeError:
+                    continue
+                doc = decode(data) or {}
+                placed[task_id] = Placed(int(doc.get("revision", 0)), int(doc.get("epoch", 0)))
+            self._placed[agent_id] = placed
+        log.info(
+            "rebuilt the placement of %d tasks on %d agents from ZooKeeper",
+            sum(len(p) for p in self._placed.values()),
+            len(self._placed),
+        )
+
+    def live_agents(self) -> dict[str, LiveAgent]:
+        agents: dict[str, LiveAgent] = {}
+        try:
+            groups = self.zk.get_children(self.paths.agents)
+        except NoNodeError:
+            return agents
+        reads = []
+        for group in groups:
+            try:
+                for agent_id in self.zk.get_children(self.paths.agent_group(group)):
+                    path = self.paths.agent(group, agent_id)
+                    reads.append((group, agent_id, self.zk.get_async(path)))
+            except NoNodeError:
+                continue
+        for group, agent_id, result in reads:
+            try:
+                data, stat = result.get()
+            except NoNodeError:
+                continue
+            info = decode(data) or {}
+            weight = info.get("weight", 1)
+            agents[agent_id] = LiveAgent(
+                agent_id=agent_id,
+                group=group,
+                weight=weight if isinstance(weight, int) and weight > 0 else 1,
+                joined=stat.czxid,
+                session=stat.ephemeralOwner,
+                info=info,
+            )
+        return agents
+
+    def _refresh_tasks(self) -> None:
+        """Bring the task cache in line with MongoDB, reading full specs only for changes."""
+        revisions = self.store.task_revisions()
+        wanted = {tid for tid, (_, done) in revisions.items() if not done}
+        for task_id in set(self._tasks) - wanted:
+            del self._tasks[task_id]
+        changed = [
+            t for t in wanted if t not in self._tasks or self._tasks[t].revision != revisions[t][0]
+        ]
+        for doc in self.store.get_tasks(changed) if changed else ():
+            if not doc.get("enabled") or doc.get("done_at"):
+                self._tasks.pop(doc["_id"], None)
+                continue
+            try:
+                spec = parse_task(doc["spec"])
+            except ValidationError as e:
+                log.error("task %s is not valid and is not placed: %s", doc["_id"], e)
+                self._tasks.pop(doc["_id"], None)
+                continue
+            self._tasks[doc["_id"]] = TaskRecord(
+                doc["_id"], spec.group, spec.mode, doc["revision"], doc["spec"]
+            )
+
+    def desired(self, agents: dict[str, LiveAgent]) -> dict[str, dict[str, int]]:
+        """agent id -> task id -> epoch, for every live agent (pure, given the caches)."""
+        by_group: dict[str, list[LiveAgent]] = {}
+        for agent in agents.values():
+            by_group.setdefault(agent.group, []).append(agent)
+        out: dict[str, dict[str, int]] = {a: {} for a in agents}
+        self.unassigned = {}
+        one: dict[str, list[str]] = {}
+        for task in self._tasks.values():
+            members = by_group.get(task.group, [])
+            if not members:
+                self.unassigned[task.task_id] = task.group
+            elif task.mode == "all":
+                epoch = ring_epoch(_infos(members))
+                for agent in members:
+                    out[agent.agent_id][task.task_id] = epoch
+            else:
+                one.setdefault(task.group, []).append(task.task_id)
+        current = {
+            task_id: Assignment(agent_id, where.epoch)
+            for agent_id, placed in self._placed.items()
+            for task_id, where in placed.items()
+            if task_id in self._tasks and self._tasks[task_id].mode == "one"
+        }
+        for group, task_ids in one.items():
+            infos = _infos(by_group[group])
+            epoch = ring_epoch(infos)
+            placement = place_group(task_ids, infos, current)
+            for task_id, agent_id in placement.items():
+                kept = self._placed.get(agent_id, {}).get(task_id)
+                out[agent_id][task_id] = kept.epoch if kept is not None else epoch
+        return out
+
+    def reconcile(self) -> int:
+        """One level-triggered pass. Returns how many assignments were written."""
+        self._refresh_tasks()
+        agents = self.live_agents()
+        desired = self.desired(agents)
+        ops: list[tuple[str, str, str, bytes | None]] = []  # (kind, agent, task, data)
+        for agent_id, tasks in desired.items():
+            placed = self._placed.get(agent_id, {})
+            for task_id, epoch in tasks.items():
+                record = self._tasks[task_id]
+                where = placed.get(task_id)
+                if where is None:
+                    ops.append(("create", agent_id, task_id, self._assignment(record, epoch)))
+                elif where.revision != record.revision:
+                    ops.append(("set", agent_id, task_id, self._assignment(record, where.epoch)))
+        for agent_id, placed in self._placed.items():
+            keep = desired.get(agent_id, {})
+            for task_id in placed:
+                if task_id not in keep:
+                    ops.append(("delete", agent_id, task_id, None))
+        # deletions first: a moved task leaves its old agent no later than it reaches the new one
+        ops.sort(key=lambda op: op[0] != "delete")
+        self._write(ops, desired)
+        self._mark_lost_runs(agents)
+        self.reconciles += 1
+        if ops:
+            log.info("placement: %d changes written", len(ops))
+        return len(ops)
+
+    def _assignment(self, record: TaskRecord, epoch: int) -> bytes:
+        return encode(
+            {
+                "task_id": record.task_id,
+                "revision": record.revision,
+                "epoch": epoch,
+                "spec": record.spec,
+            }
+        )
+
+    def _write(
+        self, ops: list[tuple[str, str, str, bytes | None]], desired: dict[str, dict[str, int]]
+    ) -> None:
+        if not ops:
+            return
+        for agent_id in {op[1] for op in ops if op[0] == "create"}:
+            if agent_id not in self._placed:
+                self.zk.ensure_path(self.paths.assignment_dir(agent_id))
+                self._placed[agent_id] = {}
+        batch: list[tuple[str, str, str, bytes | None]] = []
+        size = 0
+        for op in ops:
+            batch.append(op)
+            size += len(op[3] or b"") + 200
+            if len(batch) >= TXN_MAX_OPS or size >= TXN_MAX_BYTES:
+                self._commit(batch, desired)
+                batch, size = [], 0
+        if batch:
+            self._commit(batch, desired)
+
+    def _commit(
+        self, batch: list[tuple[str, str, str, bytes | None]], desired: dict[str, dict[str, int]]
+    ) -> None:
+        assert self._fence is not None
+        txn = self.zk.transaction()
+        txn.check(self._fence, 0)
+        for kind, agent_id, task_id, data in batch:
+            path = self.paths.assignment(agent_id, task_id)
+            if kind == "create":
+                txn.create(path, data)
+            elif kind == "set":
+                txn.set_data(path, data)
+            else:
+                txn.delete(path)
+        results = txn.commit()
+        failures = [r for r in results if isinstance(r, Exception)]
+        if failures:
+            if isinstance(results[0], Exception):
+                raise LeadershipLost("the election node is gone: another center may lead")
+            # the view was stale (a node already there or gone): read it again and retry
+            self._rebuild()
+            raise CloudTaskError(f"assignments changed under the leader: {failures[0]!r}")
+        self.writes += len(batch)
+        for kind, agent_id, task_id, data in batch:
+            placed = self._placed.setdefault(agent_id, {})
+            if kind == "delete":
+                placed.pop(task_id, None)
+            else:
+                doc = decode(data) or {}
+                placed[task_id] = Placed(int(doc["revision"]), int(doc["epoch"]))
+
+    def _mark_lost_runs(self, agents: dict[str, LiveAgent]) -> None:
+        try:
+            lost = self.store.mark_runs_lost(
+                {"agent": {"$nin": list(agents)}},
+                "its agent left the cluster before the run finished",
+            )
+        except CloudTaskError as e:
+            log.warning("cannot check for lost runs: %s", e)
+            return
+        if lost:
+            log.warning("marked %d runs of departed agents lost", len(lost))
+
+
+def _infos(agents: Iterable[LiveAgent]) -> list[AgentInfo]:
+    return [AgentInfo(a.agent_id, a.weight, a.joined) for a in agents]

@@ -1,0 +1,272 @@
+"""Placement of a group's mode-``one`` tasks on its live agents: pure logic, no I/O.
+
+The leading center calls :func:`place_group` on every reconcile with the tasks that should
+run, the live agents of the group (from ZooKeeper) and where every task is now, and writes
+only the difference (:func:`diff_placement`). The result depends on nothing but the
+arguments: not on their order, not on dict or set iteration order, not on
+``PYTHONHASHSEED``, not on the clock. Feeding the result back as the current placement
+(with ``epoch = ring_epoch(agents)``) and the same agents changes nothing.
+
+How a group is placed
+=====================
+
+One consistent-hash ring per group: a :class:`uhashring.HashRing` with ``vnodes * weight``
+points per agent. Its points are md5 digests of ``"<agent id>-<n>"`` and a task's point is
+the md5 digest of its id, so the ring never touches Python's salted ``hash()``; agents are
+added in sorted order, so even a (practically impossible) collision of two points resolves
+the same way every time. The ring is uhashring's; the lookups are done here, with
+``bisect`` over ``HashRing.get_points()`` and ``HashRing.hashi()``, exactly as uhashring's
+``get_node`` does, because the bounded-load walk ("the first agent clockwise that still
+has room") needs the ring's order, which uhashring only offers as a generator that copies
+the key list on every call. A test checks that the preferred agent found here is
+``HashRing.get_node``'s.
+
+* ``cap(agent) = ceil(load_factor * N * weight / total_weight)`` for ``N`` tasks: no agent
+  is ever given more than ``load_factor`` times its weighted share of the mean (bounded
+  loads). Since the caps add up to at least ``N`` (``load_factor >= 1``), every task fits.
+* The task's *preferred* agent is the ring's owner of the task id.
+* **Sticky**: a task whose current agent is live stays there, except when its preferred
+  agent ``p`` is another agent, ``p.joined > current[task].epoch`` (``p`` registered, or
+  re-registered, after the assignment was written) and ``p`` is below its cap: then it
+  moves to ``p``. So when an agent joins only the tasks the ring gives it move (to it), and
+  when an agent leaves only its tasks move; no memory is needed beyond ZooKeeper's czxids.
+* **Unplaced** tasks (new, or whose agent is gone) go to the first agent with room walking
+  the ring clockwise from the task's point.
+* **Over cap** agents (tasks deleted, weights changed, a join lowered the mean): exactly
+  their excess moves, tasks not on their preferred agent first, each to the first agent
+  with room clockwise from its point.
+
+Tasks are handled in ring order (task point, then id) and agents in id order, so the
+result never depends on the input order. A weight change alone does not pull a task onto
+its newly preferred agent (that agent did not join); it moves only what the new caps force.
+
+Example::
+
+    >>> agents = [AgentInfo("agent-a", weight=1, joined=101), AgentInfo("agent-b", 1, 102)]
+    >>> placement = place_group(["t1", "t2", "t3", "t4"], agents, {})
+    >>> sorted(placement) == ["t1", "t2", "t3", "t4"]
+    True
+    >>> epoch = ring_epoch(agents)
+    >>> current = {task: Assignment(agent, epoch) for task, agent in placement.items()}
+    >>> place_group(placement, agents, current) == placement  # nothing changed: nothing moves
+    True
+    >>> agents.append(AgentInfo("agent-c", weight=1, joined=103))  # joins after `epoch`
+    >>> added, removed, moved = diff_placement(placement, place_group(placement, agents, current))
+    >>> (added, removed, all(to == "agent-c" for _, to in moved.values()))
+    ({}, {}, True)
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+
+from uhashring import HashRing
+
+__all__ = [
+    "DEFAULT_LOAD_FACTOR",
+    "DEFAULT_VNODES",
+    "AgentInfo",
+    "Assignment",
+    "diff_placement",
+    "place_group",
+    "ring_epoch",
+]
+
+DEFAULT_VNODES = 160
+DEFAULT_LOAD_FACTOR = 1.25
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """A live agent of a group, as the center sees it in ZooKeeper."""
+
+    agent_id: str
+    weight: int
+    """Capacity share, >= 1: the agent gets ``vnodes * weight`` points on the ring."""
+    joined: int
+    """When this incarnation registered: the czxid of its ephemeral node (monotonic)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.agent_id, str) or not self.agent_id:
+            raise ValueError(f"agent_id must be a non-empty string, got {self.agent_id!r}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, int) or self.weight < 1:
+            raise ValueError(f"weight of agent {self.agent_id!r} must be an int >= 1")
+        if isinstance(self.joined, bool) or not isinstance(self.joined, int):
+            raise ValueError(f"joined of agent {self.agent_id!r} must be an int")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Where a task is placed now."""
+
+    agent_id: str
+    epoch: int
+    """``ring_epoch(agents)`` when this assignment was written."""
+
+
+def ring_epoch(agents: Iterable[AgentInfo]) -> int:
+    """The newest registration among ``agents`` (max ``joined``), 0 if there are none."""
+    return max((agent.joined for agent in agents), default=0)
+
+
+def diff_placement(
+    old: Mapping[str, str], new: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, str], dict[str, tuple[str, str]]]:
+    """``(added, removed, moved)`` between two placements (task id -> agent id).
+
+    ``added``: tasks only in ``new`` (with their new agent); ``removed``: tasks only in
+    ``old`` (with their old agent); ``moved``: task -> ``(from, to)`` for tasks in both whose
+    agent changed. Each dict is sorted by task id.
+    """
+    added = {task: new[task] for task in sorted(new) if task not in old}
+    removed = {task: old[task] for task in sorted(old) if task not in new}
+    moved = {
+        task: (old[task], new[task])
+        for task in sorted(new)
+        if task in old and old[task] != new[task]
+    }
+    return added, removed, moved
+
+
+class _Ring:
+    """A uhashring ring, with its points as sorted parallel lists for bisect and walks."""
+
+    def __init__(self, agents: Mapping[str, AgentInfo], vnodes: int) -> None:
+        ring = HashRing(
+            {aid: {"weight": agents[aid].weight, "vnodes": vnodes} for aid in sorted(agents)}
+        )
+        points = ring.get_points()  # [(point, agent id)] sorted by point
+        self.hashi = ring.hashi  # md5 of str(key) as an int: no salted hash()
+        self.points = [point for point, _ in points]
+        self.owners = [owner for _, owner in points]
+        self.distinct = len(set(self.owners))
+
+    def start(self, key: str) -> tuple[int, int]:
+        """``(point of key, index of the first ring point clockwise)``, as uhashring does."""
+        point = self.hashi(key)
+        index = bisect(self.points, point)
+        return point, 0 if index == len(self.points) else index
+
+    def walk(self, index: int) -> Iterator[str]:
+        """The distinct agents clockwise from ring index ``index``, each once."""
+        seen: set[str] = set()
+        owners = self.owners
+        count = len(owners)
+        for step in range(count):
+            owner = owners[(index + step) % count]
+            if owner not in seen:
+                seen.add(owner)
+                yield owner
+                if len(seen) == self.distinct:
+                    return
+
+
+def _live_agents(agents: Iterable[AgentInfo]) -> dict[str, AgentInfo]:
+    """Agents by id, sorted; of two entries with one id the newest incarnation wins."""
+    by_id: dict[str, AgentInfo] = {}
+    for agent in agents:
+        seen = by_id.get(agent.agent_id)
+        if seen is None or (agent.joined, agent.weight) > (seen.joined, seen.weight):
+            by_id[agent.agent_id] = agent
+    return {aid: by_id[aid] for aid in sorted(by_id)}
+
+
+def _caps(agents: Mapping[str, AgentInfo], tasks: int, load_factor: float) -> dict[str, int]:
+    """``ceil(load_factor * tasks * weight / total_weight)`` per agent, in exact arithmetic."""
+    total = sum(agent.weight for agent in agents.values())
+    factor = Fraction(load_factor) * tasks
+    return {aid: math.ceil(factor * agent.weight / total) for aid, agent in agents.items()}
+
+
+def place_group(
+    task_ids: Iterable[str],
+    agents: Iterable[AgentInfo],
+    current: Mapping[str, Assignment],
+    *,
+    vnodes: int = DEFAULT_VNODES,
+    load_factor: float = DEFAULT_LOAD_FACTOR,
+) -> dict[str, str]:
+    """Task id -> agent id for every task of ``task_ids`` (empty if there are no agents).
+
+    ``task_ids``: the group's mode-``one`` tasks that should run (duplicates are ignored).
+    ``agents``: its live agents (if an id appears twice, the higher ``joined`` wins).
+    ``current``: where tasks are now; entries for other tasks or dead agents are fine.
+    The result is sorted by task id. See the module docstring for the rules.
+    """
+    if isinstance(vnodes, bool) or not isinstance(vnodes, int) or vnodes < 1:
+        raise ValueError(f"vnodes must be an int >= 1, got {vnodes!r}")
+    if not load_factor >= 1.0 or math.isinf(load_factor):  # also rejects NaN
+        raise ValueError(f"load_factor must be a finite number >= 1, got {load_factor!r}")
+    tasks = sorted(set(task_ids))
+    live = _live_agents(agents)
+    if not tasks or not live:
+        return {}
+
+    ring = _Ring(live, vnodes)
+    caps = _caps(live, len(tasks), load_factor)
+    load = dict.fromkeys(live, 0)
+    start: dict[str, int] = {}  # task -> ring index of its preferred agent
+    keyed: list[tuple[int, str]] = []
+    for task in tasks:
+        point, start[task] = ring.start(task)
+        keyed.append((point, task))
+    keyed.sort()
+    ring_order = [task for _, task in keyed]
+    rank = {task: position for position, task in enumerate(ring_order)}
+
+    def preferred(task: str) -> str:
+        return ring.owners[start[task]]
+
+    def first_with_room(task: str) -> str:
+        for aid in ring.walk(start[task]):
+            if load[aid] < caps[aid]:
+                return aid
+        # Only reachable if an agent lost every ring point to md5 collisions.
+        return min(live, key=lambda aid: (load[aid] - caps[aid], aid))
+
+    placement: dict[str, str] = {}
+    joiners: list[str] = []  # candidates to move to a newly (re)joined preferred agent
+    unplaced: list[str] = []
+    for task in ring_order:
+        assignment = current.get(task)
+        if assignment is None or assignment.agent_id not in live:
+            unplaced.append(task)
+            continue
+        owner = preferred(task)
+        if owner != assignment.agent_id and live[owner].joined > assignment.epoch:
+            joiners.append(task)
+            continue
+        placement[task] = assignment.agent_id
+        load[assignment.agent_id] += 1
+
+    for task in joiners:
+        owner = preferred(task)
+        target = owner if load[owner] < caps[owner] else current[task].agent_id
+        placement[task] = target
+        load[target] += 1
+
+    for task in unplaced:
+        target = first_with_room(task)
+        placement[task] = target
+        load[target] += 1
+
+    over = [aid for aid in live if load[aid] > caps[aid]]
+    if over:
+        held: dict[str, list[str]] = {aid: [] for aid in over}
+        for task in ring_order:
+            if placement[task] in held:
+                held[placement[task]].append(task)
+        for aid in over:
+            # Tasks not on their preferred agent first, then in ring order.
+            held[aid].sort(key=lambda task: (preferred(task) == aid, rank[task]))
+            for task in held[aid][: load[aid] - caps[aid]]:
+                load[aid] -= 1  # stays >= its cap until the last one, so never chosen again
+                target = first_with_room(task)
+                placement[task] = target
+                load[target] += 1
+
+    return {task: placement[task] for task in tasks}

@@ -1,0 +1,108 @@
+"""Where CloudTask keeps its live coordination state in ZooKeeper (root configurable).
+
+```
+<root>/agents/<group>/<agent_id>        ephemeral: the agent's registration (JSON)
+<root>/election                         kazoo Election among centers
+<root>/centers/<center_id>              ephemeral: a running center (JSON)
+<root>/assignments/<agent_id>           persistent: its data is the leader's change counter
+<root>/assignments/<agent_id>/<task_id> persistent: the task spec, revision and ring epoch (JSON)
+<root>/signals/tasks                    its version is bumped after every task change
+```
+
+ZooKeeper holds only small, live state; everything that must be kept is in MongoDB. Every JSON
+document carries a schema ``version``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+class ZkPaths:
+    """Path names under one root, e.g. ``ZkPaths("/cloudtask").agent("default", "a1")``."""
+
+    def __init__(self, root: str = "/cloudtask") -> None:
+        self.root = root.rstrip("/") or "/"
+        base = "" if self.root == "/" else self.root
+        self.agents = f"{base}/agents"
+        self.election = f"{base}/election"
+        self.centers = f"{base}/centers"
+        self.assignments = f"{base}/assignments"
+        self.signals = f"{base}/signals"
+        self.task_signal = f"{base}/signals/tasks"
+
+    def agent_group(self, group: str) -> str:
+        return f"{self.agents}/{group}"
+
+    def agent(self, group: str, agent_id: str) -> str:
+        return f"{self.agents}/{group}/{agent_id}"
+
+    def center(self, center_id: str) -> str:
+        return f"{self.centers}/{center_id}"
+
+    def assignment_dir(self, agent_id: str) -> str:
+        return f"{self.assignments}/{agent_id}"
+
+    def assignment(self, agent_id: str, task_id: str) -> str:
+        return f"{self.assignments}/{agent_id}/{task_id}"
+
+    def persistent_folders(self) -> list[str]:
+        return [self.agents, self.election, self.centers, self.assignments, self.signals]
+
+
+def encode(doc: dict[str, Any]) -> bytes:
+    return json.dumps({"version": SCHEMA_VERSION, **doc}, separators=(",", ":")).encode()
+
+
+def decode(data: bytes | None) -> dict[str, Any] | None:
+    """The JSON document in a znode, or None for an empty or unreadable one."""
+    if not data:
+        return None
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def connect(hosts: str, session_timeout: float, *, start_timeout: float = 15.0) -> Any:
+    """A started KazooClient that keeps reconnecting; a clear error if ZooKeeper is unreachable."""
+    from kazoo.client import KazooClient
+    from kazoo.handlers.threading import KazooTimeoutError
+
+    from .exceptions import CloudTaskError
+
+    if not hosts:
+        raise CloudTaskError(
+            "no ZooKeeper configured: set zookeeper.hosts or CLOUDTASK_ZK_HOSTS "
+            "(or run a standalone agent with --standalone)"
+        )
+    retry = {"max_tries": -1, "delay": 0.1, "backoff": 2, "max_delay": 1.0}
+    zk = KazooClient(hosts=hosts, timeout=session_timeout, connection_retry=retry)
+    try:
+        zk.start(timeout=start_timeout)
+    except KazooTimeoutError:
+        zk.stop()
+        zk.close()
+        raise CloudTaskError(
+            f"cannot reach ZooKeeper at {hosts} within {start_timeout:g} s: "
+            "check that it runs and that zookeeper.hosts points at it"
+        ) from None
+    return zk
+
+
+def task_signal(zk: Any, paths: ZkPaths) -> Any:
+    """A function that bumps ``/signals/tasks``, so the leading center reconciles at once."""
+    from kazoo.exceptions import NoNodeError
+
+    def bump() -> None:
+        try:
+            zk.set(paths.task_signal, b"")
+        except NoNodeError:
+            zk.ensure_path(paths.task_signal)
+            zk.set(paths.task_signal, b"")
+
+    return bump

@@ -1,0 +1,311 @@
+"""The cluster end to end: real ZooKeeper, real MongoDB wire server, centers and agents as
+separate processes, killed with SIGKILL and SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from helpers import wait_for
+
+from cloudtask.store import Store
+from cloudtask.zkpaths import ZkPaths, decode, task_signal
+
+SESSION = 2.0  # seconds: short, so failover is quick here
+
+
+class Cluster:
+    def __init__(self, zk_hosts: str, mongo_uri: str, db: str, tmp: Path) -> None:
+        self.env = {
+            **os.environ,
+            "CLOUDTASK_ZK_HOSTS": zk_hosts,
+            "CLOUDTASK_ZK_SESSION_TIMEOUT": f"{SESSION}s",
+            "CLOUDTASK_MONGO_URI": mongo_uri,
+            "CLOUDTASK_MONGO_DATABASE": db,
+            "CLOUDTASK_AGENT_KILL_GRACE": "1s",
+            "CLOUDTASK_CONFIG": "",
+        }
+        self.tmp = tmp
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cloudtask", *args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def agent(self, agent_id: str) -> subprocess.Popen:
+        return self._spawn(
+            agent_id, ["agent", "--id", agent_id, "--data-dir", str(self.tmp / agent_id)]
+        )
+
+    def center(self, center_id: str) -> subprocess.Popen:
+        return self._spawn(center_id, ["center", "--id", center_id])
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(name)
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.procs.clear()
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+
+@pytest.fixture
+def cluster(zk_hosts, mongo_server, mongo_db_name, tmp_path, request):
+    c = Cluster(zk_hosts, mongo_server.uri, mongo_db_name, tmp_path)
+    yield c
+    c.stop_all()
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        for log in tmp_path.glob("*.log"):
+            print(f"----- {log.name}\n{log.read_text(errors='replace')[-4000:]}")
+
+
+def assignments(zk) -> dict[str, set[str]]:
+    paths = ZkPaths("/cloudtask")
+    out: dict[str, set[str]] = {}
+    if not zk.exists(paths.assignments):
+        return out
+    for agent_id in zk.get_children(paths.assignments):
+        out[agent_id] = set(zk.get_children(paths.assignment_dir(agent_id)))
+    return {a: t for a, t in out.items() if t}
+
+
+def leader(zk) -> str | None:
+    paths = ZkPaths("/cloudtask")
+    if not zk.exists(paths.election):
+        return None
+    contenders = zk.Election(paths.election).contenders()
+    return contenders[0] if contenders else None
+
+
+def make_tasks(store: Store, n: int, **spec) -> list[str]:
+    ids = []
+    for i in range(n):
+        data = {"name": f"t{i:03d}", "schedule": {"every": "1s"}, "command": "true", **spec}
+        ids.append(store.create_task(data)["_id"])
+    return ids
+
+
+def no_fire_twice(store: Store) -> None:
+    counts = Counter(
+        (d["task_id"], d["scheduled_for"], d["slot"], d["attempt"]) for d in store.runs.find()
+    )
+    assert counts and max(counts.values()) == 1
+
+
+@pytest.mark.timeout(240)
+def test_failover_moves_only_the_dead_agents_tasks(cluster, zk, store):
+    ids = make_tasks(store, 60)
+    cluster.center("c1")
+    cluster.center("c2")
+    for a in ("a1", "a2", "a3"):
+        cluster.agent(a)
+    placed = wait_for(
+        lambda: (p := assignments(zk)) and len(p) == 3 and sum(map(len, p.values())) == 60 and p,
+        timeout=30,
+        message="60 tasks never spread over 3 agents",
+    )
+    assert all(len(tasks) >= 5 for tasks in placed.values())
+    assert set().union(*placed.values()) == set(ids)
+    wait_for(
+        lambda: store.runs.count_documents({"agent": "a2", "status": "succeeded"}) > 0, timeout=15
+    )
+
+    # kill -9 an agent: its tasks move to the others, theirs stay exactly as they were
+    cluster.kill("a2")
+    killed_at = time.monotonic()
+    moved = wait_for(
+        lambda: "a2" not in (p := assignments(zk)) and sum(map(len, p.values())) == 60 and p,
+        timeout=SESSION + 10,
+        message="a2's tasks did not move",
+    )
+    took = time.monotonic() - killed_at
+    assert took < SESSION + 4, f"failover took {took:.1f} s"
+    for agent in ("a1", "a3"):
+        assert placed[agent] <= moved[agent]
+    assert moved["a1"] - placed["a1"] | moved["a3"] - placed["a3"] == placed["a2"]
+    # the moved tasks fire on their new agents
+    some = next(iter(placed["a2"]))
+    wait_for(
+        lambda: store.runs.count_documents(
+            {"task_id": some, "agent": {"$in": ["a1", "a3"]}, "status": "succeeded"}
+        ),
+        timeout=10,
+        message="a moved task did not fire on its new agent",
+    )
+
+    # restart it: only tasks the ring gives back move, all of them to a2
+    cluster.agent("a2")
+    back = wait_for(
+        lambda: (p := assignments(zk)).get("a2") and p, timeout=20, message="a2 got nothing back"
+    )
+    time.sleep(1.0)
+    back = assignments(zk)
+    for agent in ("a1", "a3"):
+        assert back[agent] <= moved[agent]  # lost only what went to a2
+    assert back["a2"] == (moved["a1"] - back["a1"]) | (moved["a3"] - back["a3"])
+
+    # the leading center dies: another leads and nothing moves
+    first = leader(zk)
+    assert first in ("c1", "c2")
+    cluster.kill(first)
+    second = wait_for(
+        lambda: (lead := leader(zk)) not in (None, first) and lead, timeout=SESSION + 10
+    )
+    assert second in ("c1", "c2")
+    time.sleep(1.5)
+    assert assignments(zk) == back
+
+    cluster.stop_all()
+    no_fire_twice(store)
+    assert store.runs.count_documents({"status": {"$in": ["queued", "running"]}}) == 0
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_moves_tasks_at_once(cluster, zk, store):
+    make_tasks(store, 20)
+    cluster.center("c1")
+    cluster.agent("a1")
+    cluster.agent("a2")
+    placed = wait_for(
+        lambda: (p := assignments(zk)) and len(p) == 2 and sum(map(len, p.values())) == 20 and p,
+        timeout=30,
+    )
+    wait_for(lambda: store.runs.count_documents({"agent": "a1", "status": "succeeded"}), timeout=15)
+    cluster.kill("a1", signal.SIGTERM)
+    started = time.monotonic()
+    wait_for(
+        lambda: assignments(zk).get("a2", set()) >= placed["a1"] | placed["a2"],
+        timeout=10,
+        interval=0.02,
+    )
+    assert time.monotonic() - started < 1.5  # the session closes at once; no timeout to wait for
+    moved = next(iter(placed["a1"]))
+    wait_for(
+        lambda: store.runs.find_one({"task_id": moved, "agent": "a2", "status": "succeeded"}),
+        timeout=10,
+    )
+    cluster.stop_all()
+    no_fire_twice(store)
+
+
+@pytest.mark.timeout(120)
+def test_task_changes_reach_the_agent_within_a_second(cluster, zk, store):
+    store.on_task_change = task_signal(zk, ZkPaths("/cloudtask"))
+    (task_id,) = make_tasks(store, 1, command=[sys.executable, "-c", "print('v1')"])
+    cluster.center("c1")
+    cluster.agent("a1")
+    wait_for(lambda: store.runs.find_one({"task_id": task_id, "output_tail": "v1\n"}), timeout=30)
+    spec = store.get_task(task_id)["spec"]
+    changed_at = time.time()
+    store.replace_task(task_id, {**spec, "command": [sys.executable, "-c", "print('v2')"]})
+    run = wait_for(
+        lambda: store.runs.find_one({"task_id": task_id, "output_tail": "v2\n"}), timeout=10
+    )
+    # the first fire after the change (fires are 1 s apart) already runs the new definition
+    assert run["scheduled_for"].timestamp() - changed_at < 2.5
+    store.set_task_enabled(task_id, False)
+    wait_for(lambda: not assignments(zk), timeout=5, message="a paused task stayed assigned")
+    store.set_task_enabled(task_id, True)
+    wait_for(lambda: assignments(zk), timeout=5, message="a resumed task was not assigned")
+    store.delete_task(task_id)
+    wait_for(lambda: not assignments(zk), timeout=5, message="a deleted task stayed assigned")
+
+
+@pytest.mark.timeout(120)
+def test_mode_all_and_a_group_without_agents(cluster, zk, store):
+    everywhere = store.create_task(
+        {"name": "all", "schedule": {"every": "1s"}, "command": "true", "mode": "all"}
+    )
+    nowhere = store.create_task(
+        {"name": "lonely", "group": "empty", "schedule": {"every": "1s"}, "command": "true"}
+    )
+    cluster.center("c1")
+    cluster.agent("a1")
+    cluster.agent("a2")
+    wait_for(
+        lambda: assignments(zk) == {"a1": {everywhere["_id"]}, "a2": {everywhere["_id"]}},
+        timeout=30,
+        message="mode all was not placed on both agents",
+    )
+    wait_for(
+        lambda: (
+            {
+                d["agent"]
+                for d in store.runs.find({"task_id": everywhere["_id"], "status": "succeeded"})
+            }
+            == {"a1", "a2"}
+        ),
+        timeout=10,
+    )
+    assert store.runs.count_documents({"task_id": nowhere["_id"]}) == 0
+    cluster.stop_all()
+    no_fire_twice(store)
+
+
+@pytest.mark.timeout(120)
+def test_duplicate_agent_id_is_refused(cluster, zk, store):
+    cluster.center("c1")
+    cluster.agent("a1")
+    wait_for(lambda: zk.exists("/cloudtask/agents/default/a1"), timeout=20)
+    dup = cluster._spawn("a1-dup", ["agent", "--id", "a1", "--data-dir", str(cluster.tmp / "dup")])
+    assert dup.wait(timeout=30) != 0
+    assert "in use by a running agent" in cluster.log("a1-dup")
+
+
+@pytest.mark.timeout(120)
+def test_lost_runs_are_marked_by_the_leader(cluster, zk, store):
+    (task_id,) = make_tasks(store, 1, command=["sleep", "60"], schedule={"keepalive": True})
+    cluster.center("c1")
+    cluster.agent("a1")
+    cluster.agent("a2")
+    wait_for(
+        lambda: (
+            len(assignments(zk)) == 1 and len(zk.get_children("/cloudtask/agents/default")) == 2
+        ),
+        timeout=30,
+    )
+    run = wait_for(
+        lambda: store.runs.find_one({"task_id": task_id, "status": "running"}), timeout=30
+    )
+    owner = run["agent"]
+    other = "a2" if owner == "a1" else "a1"
+    cluster.kill(owner)
+    wait_for(
+        lambda: store.get_run(run["_id"])["status"] == "lost",
+        timeout=SESSION + 10,
+        message="not marked lost",
+    )
+    assert "left the cluster" in store.get_run(run["_id"])["error"]
+    # the keepalive task restarts on its new owner
+    wait_for(
+        lambda: store.runs.find_one({"task_id": task_id, "status": "running", "agent": other}),
+        timeout=40,  # the dead instance's lease (30 s) must expire first
+        message="keepalive did not restart on the new owner",
+    )
+    doc = decode(zk.get(f"/cloudtask/agents/default/{other}")[0])
+    assert doc["pid"] == cluster.procs[other].pid and doc["host"]
