@@ -404,6 +404,17 @@ class Store:
             self._guard(self.leases.delete_many, "free leases", {"holder": {"$in": ids}})
         return ids
 
+    def last_fire(self, task_id: str, slot: str) -> datetime | None:
+        """The latest ``scheduled_for`` recorded for a task's slot (any status), or None."""
+        doc = self._guard(
+            self.runs.find_one,
+            "read the run history",
+            {"task_id": task_id, "slot": slot},
+            {"scheduled_for": 1},
+            sort=[("scheduled_for", DESCENDING)],
+        )
+        return doc["scheduled_for"] if doc else None
+
     def get_run(self, run_id: str) -> dict[str, Any]:
         doc = self._guard(self.runs.find_one, "read the run", {"_id": run_id})
         if doc is None:

@@ -371,3 +371,32 @@ def test_agent_loop_survives_an_unexpected_error(store, agents, monkeypatch):
         timeout=10,
         message="loop died",
     )
+
+
+def test_restarted_agent_records_what_it_missed(store, agents):
+    task = make(store, misfire="run_once", misfire_grace="1h")
+    first = agents.start("a1")
+    wait_for(
+        lambda: len(runs(store, task["_id"], status="succeeded")) >= 2,
+        timeout=10,
+        message="no runs",
+    )
+    first.stop()
+    agents.agents[0][1].join(timeout=30)
+    last = runs(store, task["_id"])[-1]["scheduled_for"]
+    time.sleep(3.5)  # three or four fires pass with no agent
+    agents.start("a1")
+    wait_for(
+        lambda: runs(store, task["_id"], status="missed"),
+        timeout=10,
+        message="nothing recorded missed",
+    )
+    wait_for(lambda: len(runs(store, task["_id"], status="succeeded")) >= 4, timeout=10)
+    docs = runs(store, task["_id"])
+    times = [d["scheduled_for"] for d in docs]
+    assert times == sorted(set(times)), "a fire was recorded twice"
+    assert all((b - a) == timedelta(seconds=1) for a, b in zip(times, times[1:])), (
+        "a fire is missing"
+    )
+    missed = [d for d in docs if d["status"] == "missed"]
+    assert len(missed) >= 2 and all(d["scheduled_for"] > last for d in missed)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,95 @@ def test_lost_runs_are_marked_by_the_leader(cluster, zk, store):
     )
     doc = decode(zk.get(f"/cloudtask/agents/default/{other}")[0])
     assert doc["pid"] == cluster.procs[other].pid and doc["host"]
+
+
+@pytest.mark.timeout(180)
+def test_paused_agent_fires_nothing_twice(cluster, zk, store):
+    make_tasks(store, 10)
+    cluster.center("c1")
+    cluster.agent("a1")
+    cluster.agent("a2")
+    placed = wait_for(
+        lambda: (p := assignments(zk)) and len(p) == 2 and sum(map(len, p.values())) == 10 and p,
+        timeout=30,
+    )
+    wait_for(
+        lambda: store.runs.count_documents({"agent": "a1", "status": "succeeded"}) >= 3, timeout=15
+    )
+    cluster.procs["a1"].send_signal(signal.SIGSTOP)  # a frozen process: no heartbeat, no session
+    try:
+        wait_for(lambda: assignments(zk).get("a2", set()) >= placed["a1"], timeout=SESSION + 10)
+        time.sleep(2.0)  # a2 runs a1's tasks for a while
+    finally:
+        resumed = datetime.now(timezone.utc)
+        cluster.procs["a1"].send_signal(signal.SIGCONT)
+    # a1 wakes up with an expired session: it must claim nothing for the tasks it lost,
+    # register again, and get back what the ring gives it
+    back = wait_for(
+        lambda: assignments(zk).get("a1"), timeout=SESSION + 15, message="a1 never came back"
+    )
+    ctimes = [zk.exists(f"/cloudtask/assignments/a1/{t}").ctime for t in back]
+    regained = datetime.fromtimestamp(min(ctimes) / 1000, timezone.utc)  # when it got tasks again
+    time.sleep(3.0)
+    cluster.stop_all()
+    no_fire_twice(store)
+    assert "session lost" in cluster.log("a1")
+    stale = store.runs.count_documents(
+        {"agent": "a1", "claimed_at": {"$gte": resumed, "$lt": regained}}
+    )
+    assert stale == 0, f"a1 claimed {stale} fires before it was given tasks again"
+
+
+@pytest.mark.timeout(120)
+def test_expired_session_drops_and_regains_assignments(
+    cluster, zk, zk_hosts, mongo_client, mongo_db_name, tmp_path, store
+):
+    """Kazoo-style fault injection: another client takes the agent's session id and closes it."""
+    import threading
+
+    from kazoo.client import KazooClient
+
+    from cloudtask.agent.cluster import ClusterAgent
+    from cloudtask.config import Config
+
+    ids = make_tasks(store, 3)
+    cluster.center("c1")
+    cfg = (
+        Config()
+        .with_section("zookeeper", hosts=zk_hosts, session_timeout=SESSION)
+        .with_section("agent", data_dir=str(tmp_path / "inproc"), kill_grace=1.0)
+    )
+    client = KazooClient(hosts=zk_hosts, timeout=SESSION)
+    client.start()
+    agent = ClusterAgent(cfg, Store(mongo_client, mongo_db_name), client, agent_id="inproc")
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: assignments(zk).get("inproc") == set(ids), timeout=30)
+        wait_for(lambda: store.runs.count_documents({"status": "succeeded"}) >= 3, timeout=15)
+        old_session = agent.session
+        thief = KazooClient(hosts=zk_hosts, client_id=client.client_id, timeout=SESSION)
+        thief.start()
+        thief.stop()
+        thief.close()  # closing the session the agent was using: the server expires it
+        wait_for(
+            lambda: agent.session not in (None, old_session),
+            timeout=SESSION + 15,
+            message="no new session",
+        )
+        wait_for(lambda: assignments(zk).get("inproc") == set(ids), timeout=SESSION + 15)
+        count = store.runs.count_documents({"status": "succeeded", "session": agent.session})
+        wait_for(
+            lambda: (
+                store.runs.count_documents({"status": "succeeded", "session": agent.session})
+                > count
+            ),
+            timeout=15,
+            message="no runs under the new session",
+        )
+    finally:
+        agent.stop()
+        thread.join(timeout=30)
+        client.stop()
+        client.close()
+    no_fire_twice(store)

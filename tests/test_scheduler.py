@@ -184,3 +184,26 @@ def test_keepalive_retry_at_does_not_count_a_restart():
     sched.keepalive_retry_at("k", T0 + s(5))
     fires, _ = sched.tick(T0 + s(5))
     assert [f.trigger for f in fires] == ["schedule"]  # still the first start, not a restart
+
+
+def test_new_task_catches_up_fires_since_it_was_last_looked_after():
+    sched = Scheduler()
+    # the previous owner recorded the fire at 10 s; it died; this agent takes the task at 45.5 s
+    sched.upsert("run", spec(misfire="run_once"), 1, T0 + s(45.5), since=T0 + s(10))
+    sched.upsert("skip", spec(misfire="skip"), 1, T0 + s(45.5), since=T0 + s(10))
+    fires, _ = sched.tick(T0 + s(45.5))
+    run = [(f.scheduled_for, f.trigger, f.status) for f in fires if f.task_id == "run"]
+    assert run == [
+        (T0 + s(20), "schedule", "missed"),
+        (T0 + s(30), "schedule", "missed"),
+        (T0 + s(40), "catch-up", None),
+    ]
+    skip = [(f.scheduled_for, f.status) for f in fires if f.task_id == "skip"]
+    assert skip == [(T0 + s(20), "missed"), (T0 + s(30), "missed"), (T0 + s(40), "missed")]
+
+
+def test_catch_up_looks_back_no_further_than_the_grace():
+    sched = Scheduler()
+    sched.upsert("a", spec(misfire_grace="25s"), 1, T0 + s(45.5), since=T0 - s(3600))
+    fires, _ = sched.tick(T0 + s(45.5))
+    assert [f.scheduled_for for f in fires] == [T0 + s(30), T0 + s(40)]

@@ -173,11 +173,35 @@ class Agent:
             return
         previous = self._specs.get(task_id)
         self._specs[task_id] = (revision, spec)
-        self.scheduler.upsert(task_id, spec, revision, now)
+        since = None
+        if previous is None and not spec.schedule.keepalive:
+            since = self._fires_looked_after_until(task_id, spec, doc.get("updated_at"), now)
+        self.scheduler.upsert(task_id, spec, revision, now, since=since)
         log.info("task %s (%s) revision %s scheduled", spec.name, task_id, revision)
         if previous is not None and previous[1].schedule.keepalive:
             # the running instance makes way for the new definition; its exit starts the next
             self.executor.kill_task(task_id, f"restarted for revision {revision}")
+
+    def _fires_looked_after_until(
+        self, task_id: str, spec: TaskSpec, changed_at: datetime | str | None, now: datetime
+    ) -> datetime:
+        """Up to when this task's fires were handled before it came to this agent process:
+        its latest recorded fire (any agent, any status), or when it was created or last
+        changed, whichever is later. Fires after that which are due now were missed (an
+        agent died, or none ran the task) and are caught up or recorded per its policy."""
+        if isinstance(changed_at, str):
+            try:
+                changed_at = datetime.fromisoformat(changed_at)
+            except ValueError:
+                changed_at = None
+        since = changed_at if isinstance(changed_at, datetime) else now
+        slot = self.agent_id if spec.mode == "all" else "one"
+        try:
+            last = self.store.last_fire(task_id, slot)
+        except CloudTaskError as e:
+            log.warning("cannot read the run history of %s; no catch-up: %s", spec.name, e)
+            return now
+        return max(since, last) if last is not None else since
 
     def _drop(self, task_id: str) -> None:
         known = self._specs.pop(task_id, None)

@@ -106,6 +106,7 @@ class ClusterAgent(Agent):
                     "revision": doc.get("revision", 0),
                     "spec": doc["spec"],
                     "enabled": True,
+                    "updated_at": doc.get("updated_at"),
                 },
                 now,
             )

@@ -92,10 +92,20 @@ class Scheduler:
 
     # --- task set ---------------------------------------------------------------------------
 
-    def upsert(self, task_id: str, spec: TaskSpec, revision: int, now: datetime) -> bool:
+    def upsert(
+        self,
+        task_id: str,
+        spec: TaskSpec,
+        revision: int,
+        now: datetime,
+        since: datetime | None = None,
+    ) -> bool:
         """Add a task or take a new revision of it. Returns True if anything changed.
 
         A changed task is rescheduled from ``now``: its next fire follows the new schedule.
+        ``since``, for a task new to this scheduler, is when its fires were last looked after
+        (its latest recorded run, or when it was created or changed): fires after it that are
+        already due come out of the next tick as missed or caught up, per the task's policy.
         """
         with self._lock:
             current = self._tasks.get(task_id)
@@ -115,6 +125,9 @@ class Scheduler:
                 and not current.spec.schedule.keepalive
             ):
                 entry.next_fire = current.next_fire  # due, not yet ticked: it still fires
+            elif current is None and since is not None and since < now:
+                grace = timedelta(seconds=spec.misfire_grace)
+                entry.next_fire = spec.schedule.next_after(max(since, now - grace - _EPSILON))
             else:
                 entry.next_fire = spec.schedule.next_after(now)
             self._tasks[task_id] = entry

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from kazoo.client import KazooClient, KazooState
@@ -73,6 +74,7 @@ class TaskRecord:
     mode: str
     revision: int
     spec: dict[str, Any]
+    updated_at: str | None = None
 
 
 class Center:
@@ -270,8 +272,14 @@ class Center:
                 log.error("task %s is not valid and is not placed: %s", doc["_id"], e)
                 self._tasks.pop(doc["_id"], None)
                 continue
+            updated = doc.get("updated_at")
             self._tasks[doc["_id"]] = TaskRecord(
-                doc["_id"], spec.group, spec.mode, doc["revision"], doc["spec"]
+                doc["_id"],
+                spec.group,
+                spec.mode,
+                doc["revision"],
+                doc["spec"],
+                updated.isoformat() if isinstance(updated, datetime) else None,
             )
 
     def desired(self, agents: dict[str, LiveAgent]) -> dict[str, dict[str, int]]:
@@ -342,6 +350,7 @@ class Center:
                 "task_id": record.task_id,
                 "revision": record.revision,
                 "epoch": epoch,
+                "updated_at": record.updated_at,
                 "spec": record.spec,
             }
         )
