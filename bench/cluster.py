@@ -1,0 +1,249 @@
+"""Cluster benchmark: failover time, placement stability, leader reconcile time.
+
+(a) failover: 1 center and 3 agents as processes, 30 tasks ``every: 1s``; kill -9 one agent
+    and time until the first fire of one of its tasks on a survivor (a claimed run), for
+    session timeouts of 2 s and 10 s; and the same after SIGTERM. ZooKeeper cannot tell a dead
+    client sooner than its session timeout (plus up to a tick).
+(b) placement (the function the leader runs): 10 agents, 10,000 tasks; one leaves, one
+    joins: tasks moved divided by the minimum possible; max/mean load per agent.
+(c) a new leader reconciling 10,000 tasks over 10 agents from nothing (real ZooKeeper and
+    MongoDB wire server), and the ZooKeeper writes it makes after one agent leaves.
+
+Usage: python bench/cluster.py
+The last line is one JSON object: failover_s_t2, failover_s_t10, sigterm_failover_s,
+moved_leave_ratio, moved_join_ratio, max_mean_load, reconcile_10k_s, extra_writes_after_leave.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kazoo.client import KazooClient  # noqa: E402
+
+from cloudtask.center.center import Center  # noqa: E402
+from cloudtask.center.placement import AgentInfo, Assignment, place_group  # noqa: E402
+from cloudtask.config import Config  # noqa: E402
+from cloudtask.localservers import MongoServer, ZooKeeperServer  # noqa: E402
+from cloudtask.store import Store, new_id, to_bson_time  # noqa: E402
+from cloudtask.task import parse_task  # noqa: E402
+from cloudtask.zkpaths import ZkPaths, encode  # noqa: E402
+
+TICK_MS = 200
+
+
+def wait(predicate, timeout: float, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError("condition not met")
+
+
+def assignments(zk: KazooClient, paths: ZkPaths) -> dict[str, set[str]]:
+    out = {}
+    for agent_id in zk.get_children(paths.assignments):
+        tasks = set(zk.get_children(paths.assignment_dir(agent_id)))
+        if tasks:
+            out[agent_id] = tasks
+    return out
+
+
+def failover(
+    zk_server: ZooKeeperServer, mongo: MongoServer, session: float, sig: int, tmp: Path
+) -> float:
+    root = f"/bench-{int(time.time() * 1000)}"
+    db = f"failover_{int(time.time() * 1000)}"
+    env = {
+        **os.environ,
+        "CLOUDTASK_ZK_HOSTS": zk_server.hosts,
+        "CLOUDTASK_ZK_ROOT": root,
+        "CLOUDTASK_ZK_SESSION_TIMEOUT": f"{session}s",
+        "CLOUDTASK_MONGO_URI": mongo.uri,
+        "CLOUDTASK_MONGO_DATABASE": db,
+        "CLOUDTASK_AGENT_KILL_GRACE": "1s",
+        "CLOUDTASK_CONFIG": "",
+    }
+    store = Store(mongo.uri, db)
+    for i in range(30):
+        store.create_task({"name": f"t{i:02d}", "schedule": {"every": "1s"}, "command": "true"})
+    procs = {}
+
+    def spawn(name: str, *args: str) -> None:
+        with open(tmp / f"{name}-{db}.log", "ab") as out:
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "cloudtask", *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    zk = KazooClient(zk_server.hosts)
+    zk.start()
+    paths = ZkPaths(root)
+    try:
+        spawn("c1", "center", "--id", "c1")
+        for a in ("a1", "a2", "a3"):
+            spawn(a, "agent", "--id", a, "--data-dir", str(tmp / f"{a}-{db}"))
+        placed = wait(
+            lambda: (
+                zk.exists(paths.assignments)
+                and (p := assignments(zk, paths))
+                and len(p) == 3
+                and sum(map(len, p.values())) == 30
+                and p
+            ),
+            timeout=60,
+        )
+        wait(
+            lambda: store.runs.count_documents({"agent": "a2", "status": "succeeded"}) >= 3,
+            timeout=30,
+        )
+        moved = placed["a2"]
+        killed_at = datetime.now(timezone.utc)
+        procs.pop("a2").send_signal(sig)
+        first = wait(
+            lambda: store.runs.find_one(
+                {
+                    "task_id": {"$in": list(moved)},
+                    "agent": {"$ne": "a2"},
+                    "claimed_at": {"$gt": to_bson_time(killed_at)},
+                },
+                sort=[("claimed_at", 1)],
+            ),
+            timeout=session + 30,
+        )
+        return (first["claimed_at"] - killed_at).total_seconds()
+    finally:
+        for p in procs.values():
+            p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            p.wait(timeout=30)
+        zk.stop()
+        zk.close()
+        store.close()
+
+
+def placement_figures() -> dict[str, float]:
+    tasks = [f"task-{i:05d}" for i in range(10_000)]
+    agents = [AgentInfo(f"agent-{i}", 1, i + 1) for i in range(10)]
+    epoch = max(a.joined for a in agents)
+    first = place_group(tasks, agents, {})
+    loads = [list(first.values()).count(a.agent_id) for a in agents]
+    mean = len(tasks) / len(agents)
+    current = {t: Assignment(a, epoch) for t, a in first.items()}
+    # one leaves
+    gone = agents[3]
+    after_leave = place_group(tasks, [a for a in agents if a is not gone], current)
+    moved_leave = sum(1 for t in tasks if after_leave[t] != first[t])
+    minimum_leave = sum(1 for t in tasks if first[t] == gone.agent_id)
+    # one joins (an 11th agent, joined after every assignment)
+    newcomer = AgentInfo("agent-new", 1, epoch + 1)
+    after_join = place_group(tasks, [*agents, newcomer], current)
+    moved_join = sum(1 for t in tasks if after_join[t] != first[t])
+    minimum_join = len(tasks) / (len(agents) + 1)
+    print(
+        f"(b) placement: loads {min(loads)}..{max(loads)} (mean {mean:.0f}); leave moved {moved_leave} "
+        f"(its share {minimum_leave}); join moved {moved_join} (1/n = {minimum_join:.0f})"
+    )
+    return {
+        "moved_leave_ratio": round(moved_leave / minimum_leave, 3),
+        "moved_join_ratio": round(moved_join / minimum_join, 3),
+        "max_mean_load": round(max(loads) / mean, 3),
+    }
+
+
+def reconcile_figures(zk_server: ZooKeeperServer, mongo: MongoServer) -> dict[str, float]:
+    root = f"/bench-reconcile-{int(time.time() * 1000)}"
+    paths = ZkPaths(root)
+    store = Store(mongo.uri, f"reconcile_{int(time.time())}")
+    now = datetime.now(timezone.utc)
+    spec = parse_task({"name": "x", "schedule": {"every": "1m"}, "command": "true"})
+    docs = []
+    for i in range(10_000):
+        s = spec.__class__(**{**spec.__dict__, "name": f"task-{i:05d}"})
+        docs.append(Store._task_document(s, new_id(), 1, now))
+    for i in range(0, len(docs), 1000):
+        store.tasks.insert_many(docs[i : i + 1000])
+    agents = []
+    for i in range(10):
+        client = KazooClient(zk_server.hosts, timeout=10)
+        client.start()
+        client.ensure_path(paths.agent_group("default"))
+        client.create(paths.agent("default", f"agent-{i}"), encode({"weight": 1}), ephemeral=True)
+        agents.append(client)
+    zk = KazooClient(zk_server.hosts, timeout=10)
+    zk.start()
+    cfg = Config().with_section("zookeeper", hosts=zk_server.hosts, root=root)
+    center = Center(cfg, store, zk, center_id="bench")
+    started = time.monotonic()
+    thread = threading.Thread(target=center.run, daemon=True)
+    thread.start()
+    wait(lambda: center.reconciles >= 1, timeout=120)
+    took = time.monotonic() - started
+    total = sum(map(len, assignments(zk, paths).values()))
+    writes_before = center.writes
+    before = assignments(zk, paths)
+    agents[3].stop()  # closes its session: its registration goes at once
+    agents[3].close()
+    wait(lambda: "agent-3" not in assignments(zk, paths), timeout=60)
+    time.sleep(0.5)
+    moved = len(before["agent-3"])
+    writes = center.writes - writes_before
+    print(
+        f"(c) new leader placed {total} tasks on 10 agents in {took:.2f} s; after one agent left "
+        f"it wrote {writes} operations for {moved} moved tasks (a delete and a create each)"
+    )
+    center.stop()
+    thread.join(timeout=30)
+    for client in agents:
+        client.stop()
+        client.close()
+    zk.stop()
+    zk.close()
+    store.close()
+    return {"reconcile_10k_s": round(took, 2), "extra_writes_after_leave": writes - moved}
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        zk_server = ZooKeeperServer(tmp_path / "zk", tick_time_ms=TICK_MS)
+        mongo = MongoServer(tmp_path / "mongo")
+        zk_server.start()
+        mongo.start()
+        try:
+            for session, key in ((2.0, "failover_s_t2"), (10.0, "failover_s_t10")):
+                took = failover(zk_server, mongo, session, signal.SIGKILL, tmp_path)
+                print(
+                    f"(a) kill -9, session {session:g} s: first fire of a moved task after {took:.2f} s"
+                )
+                figures[key] = round(took, 2)
+            took = failover(zk_server, mongo, 10.0, signal.SIGTERM, tmp_path)
+            print(f"(a) SIGTERM, session 10 s: first fire of a moved task after {took:.2f} s")
+            figures["sigterm_failover_s"] = round(took, 2)
+            figures.update(placement_figures())
+            figures.update(reconcile_figures(zk_server, mongo))
+        finally:
+            mongo.stop()
+            zk_server.stop()
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
