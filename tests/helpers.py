@@ -46,9 +46,10 @@ def wait_for(
 def start(store: Store, executor: Executor, task: dict, attempt: int = 0) -> RunContext:
     """Claim a run of a task (given as spec fields) and hand it to ``executor``."""
     spec = parse_task({"name": "t", "schedule": {"every": "1h"}, **task})
+    task_id = f"task-{secrets.token_hex(4)}"  # runs started in the same millisecond stay apart
     now = datetime.now(timezone.utc)
     doc = new_run_document(
-        task_id="task-1",
+        task_id=task_id,
         task_name=spec.name,
         group=spec.group,
         revision=1,
@@ -63,7 +64,7 @@ def start(store: Store, executor: Executor, task: dict, attempt: int = 0) -> Run
     assert store.claim_runs([doc]) == [True]
     ctx = RunContext(
         run_id=doc["_id"],
-        task_id="task-1",
+        task_id=task_id,
         revision=1,
         spec=spec,
         scheduled_for=doc["scheduled_for"],
