@@ -247,6 +247,8 @@ def signal_centers(cfg: Config) -> None:
     """Tell the leading center that tasks changed (best effort: it also resyncs periodically)."""
     if not cfg.zookeeper.hosts:
         return
+    from kazoo.exceptions import KazooException
+
     from .zkpaths import ZkPaths, connect, task_signal
 
     try:
@@ -256,6 +258,11 @@ def signal_centers(cfg: Config) -> None:
         return
     try:
         task_signal(zk, ZkPaths(cfg.zookeeper.root))()
+    except KazooException as e:
+        click.echo(
+            f"warning: cannot signal the center ({e}); it picks the change up at its next resync",
+            err=True,
+        )
     finally:
         zk.stop()
         zk.close()

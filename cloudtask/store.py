@@ -378,10 +378,18 @@ class Store:
         self._guard(self.runs.bulk_write, "write runs", ops, ordered=False)
 
     def mark_runs_lost(
-        self, query: dict[str, Any], reason: str, now: datetime | None = None
+        self,
+        query: dict[str, Any],
+        reason: str,
+        now: datetime | None = None,
+        free_leases: bool = False,
     ) -> list[str]:
-        """Mark the unfinished runs matching ``query`` as ``lost``, and free any lease they
-        held (a keepalive instance that is gone). Returns their ids."""
+        """Mark the unfinished runs matching ``query`` as ``lost``. Returns their ids.
+
+        ``free_leases`` also frees the keepalive leases they held: only for a caller that knows
+        their processes are gone (an agent that ended its own orphans). Otherwise a lease runs
+        out by itself, so a keepalive instance that may still be running is not doubled.
+        """
         now = to_bson_time(now or utcnow())
         docs = list(
             self._guard(
@@ -400,7 +408,7 @@ class Store:
             )
         self.save_runs(docs)
         ids = [d["_id"] for d in docs]
-        if ids:
+        if ids and free_leases:
             self._guard(self.leases.delete_many, "free leases", {"holder": {"$in": ids}})
         return ids
 

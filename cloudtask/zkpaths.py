@@ -81,7 +81,10 @@ def connect(hosts: str, session_timeout: float, *, start_timeout: float = 15.0) 
             "(or run a standalone agent with --standalone)"
         )
     retry = {"max_tries": -1, "delay": 0.1, "backoff": 2, "max_delay": 1.0}
-    zk = KazooClient(hosts=hosts, timeout=session_timeout, connection_retry=retry)
+    try:
+        zk = KazooClient(hosts=hosts, timeout=session_timeout, connection_retry=retry)
+    except ValueError as e:
+        raise CloudTaskError(f"zookeeper.hosts {hosts!r} is not a list of host:port: {e}") from None
     try:
         zk.start(timeout=start_timeout)
     except KazooTimeoutError:

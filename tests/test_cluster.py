@@ -95,6 +95,11 @@ def assignments(zk) -> dict[str, set[str]]:
     return {a: t for a, t in out.items() if t}
 
 
+def agent_count(zk) -> int:
+    group = "/cloudtask/agents/default"
+    return len(zk.get_children(group)) if zk.exists(group) else 0
+
+
 def leader(zk) -> str | None:
     paths = ZkPaths("/cloudtask")
     if not zk.exists(paths.election):
@@ -297,9 +302,7 @@ def test_lost_runs_are_marked_by_the_leader(cluster, zk, store):
     cluster.agent("a1")
     cluster.agent("a2")
     wait_for(
-        lambda: (
-            len(assignments(zk)) == 1 and len(zk.get_children("/cloudtask/agents/default")) == 2
-        ),
+        lambda: len(assignments(zk)) == 1 and agent_count(zk) == 2,
         timeout=30,
     )
     run = wait_for(
@@ -317,7 +320,7 @@ def test_lost_runs_are_marked_by_the_leader(cluster, zk, store):
     # the keepalive task restarts on its new owner
     wait_for(
         lambda: store.runs.find_one({"task_id": task_id, "status": "running", "agent": other}),
-        timeout=40,  # the dead instance's lease (30 s) must expire first
+        timeout=60,  # the dead instance's lease (30 s) must expire first
         message="keepalive did not restart on the new owner",
     )
     doc = decode(zk.get(f"/cloudtask/agents/default/{other}")[0])
@@ -408,9 +411,47 @@ def test_expired_session_drops_and_regains_assignments(
             timeout=15,
             message="no runs under the new session",
         )
+        # and a task removed after the expiry stops firing there
+        store.on_task_change = task_signal(zk, ZkPaths("/cloudtask"))
+        store.delete_task(ids[0])
+        wait_for(
+            lambda: ids[0] not in agent._specs, timeout=10, message="removed task still scheduled"
+        )
+        time.sleep(1.5)
+        before = store.runs.count_documents({"task_id": ids[0]})
+        time.sleep(2.0)
+        assert store.runs.count_documents({"task_id": ids[0]}) == before
     finally:
         agent.stop()
         thread.join(timeout=30)
         client.stop()
         client.close()
     no_fire_twice(store)
+
+
+@pytest.mark.timeout(120)
+def test_keepalive_hands_over_on_sigterm_without_overlap(cluster, zk, store):
+    (task_id,) = make_tasks(store, 1, command=["sleep", "60"], schedule={"keepalive": True})
+    cluster.center("c1")
+    cluster.agent("a1")
+    cluster.agent("a2")
+    wait_for(lambda: agent_count(zk) == 2, timeout=30)
+    run = wait_for(
+        lambda: store.runs.find_one({"task_id": task_id, "status": "running"}), timeout=30
+    )
+    owner = run["agent"]
+    other = "a2" if owner == "a1" else "a1"
+    proc = cluster.procs.pop(owner)
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        running = store.runs.count_documents({"task_id": task_id, "status": "running"})
+        assert running <= 1, "two instances of a keepalive task at once"
+        if store.runs.find_one({"task_id": task_id, "status": "running", "agent": other}):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the keepalive task did not move to the other agent")
+    proc.wait(timeout=30)
+    old = store.get_run(run["_id"])
+    assert old["status"] == "killed" and "stopping" in old["error"]  # not lost: it was ended

@@ -439,6 +439,7 @@ class Agent:
             {"agent": self.agent_id, "claimed_at": {"$lt": now}},
             "the agent stopped without finishing this run",
             now,
+            free_leases=True,  # its processes were ended just above
         )
         if lost:
             log.warning("marked %d runs of an earlier run of this agent lost", len(lost))
@@ -482,6 +483,7 @@ class Agent:
             self._mark_done(self.clock())
             self.janitor.stop()
             self.writer.stop()
+            self._left()
             log.info("agent %s stopped", self.agent_id)
 
     def stop(self) -> None:
@@ -491,6 +493,9 @@ class Agent:
 
     def _leaving(self) -> None:
         """Called first when the loop ends, before runs are given their grace."""
+
+    def _left(self) -> None:
+        """Called last, when every run has ended and every write is done."""
 
     def drop_all(self) -> None:
         """Forget every task (a lost session: the leader gives them to others)."""

@@ -23,11 +23,12 @@ from typing import Any
 
 import psutil
 from kazoo.client import KazooClient
+from kazoo.exceptions import KazooException
 
 from .. import __version__
 from ..config import Config
 from ..store import Store, to_bson_time, utcnow
-from ..zkpaths import ZkPaths
+from ..zkpaths import ZkPaths, task_signal
 from .agent import Agent
 from .assignments import AssignmentWatcher
 from .registration import Registration
@@ -88,12 +89,19 @@ class ClusterAgent(Agent):
 
     def sync_tasks(self, now: datetime) -> None:
         if self._lost.is_set():
+            if self._specs or self._bad_specs:
+                log.warning("ZooKeeper session lost: dropping every assignment until placed again")
+                self.drop_all()
+            if not self.zk.connected:
+                return  # no new session yet; claims are fenced meanwhile
+            try:
+                changes = self.watcher.reset()
+            except KazooException as e:
+                log.info("assignments not readable yet after the lost session: %s", e)
+                return  # _lost stays set: the next pass tries again
             self._lost.clear()
-            log.warning("ZooKeeper session lost: dropping every assignment until placed again")
-            self.drop_all()
-            changes = self.watcher.reset()
         else:
-            changes = self.watcher.drain()
+            changes = self.watcher.drain(known=set(self._specs) | set(self._bad_specs))
         for task_id, doc in changes.items():
             if doc is None or not isinstance(doc.get("spec"), dict):
                 if task_id in self._specs or task_id in self._bad_specs:
@@ -135,5 +143,17 @@ class ClusterAgent(Agent):
             self.registration.stop()
 
     def _leaving(self) -> None:
-        """Leave the cluster before the runs' grace, so the leader moves our tasks at once."""
+        """Say we are leaving before the runs' grace, so the leader moves our tasks at once
+        (without taking the runs that are finishing for lost); services stop now, so their new
+        owner can start them."""
+        self.registration.leaving()
+        try:
+            task_signal(self.zk, self.paths)()
+        except KazooException as e:
+            log.debug("cannot signal the leader: %s", e)
+        for task_id, (_, spec) in list(self._specs.items()):
+            if spec.schedule.keepalive:
+                self.executor.kill_task(task_id, "the agent is stopping")
+
+    def _left(self) -> None:
         self.registration.stop()

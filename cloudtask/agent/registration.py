@@ -89,12 +89,28 @@ class Registration:
     def start(self, wait_for_predecessor: float | None = None) -> None:
         """Register, waiting for a crashed predecessor's session to expire (saying so).
 
-        Raises :class:`DuplicateAgent` if a live agent holds the id.
+        Raises :class:`DuplicateAgent` if a live agent holds the id, and CloudTaskError if
+        ZooKeeper fails meanwhile.
         """
         self.zk.add_listener(self._on_state)
-        self.zk.ensure_path(self.paths.agent_group(self.group))
-        self._register(wait_for_predecessor)
+        try:
+            self.zk.ensure_path(self.paths.agent_group(self.group))
+            self._register(wait_for_predecessor)
+        except KazooException as e:
+            raise CloudTaskError(f"cannot register in ZooKeeper: {type(e).__name__} {e}") from None
         self._thread.start()
+
+    def leaving(self) -> None:
+        """Say we are leaving (a clean stop): the leader moves our tasks but does not take our
+        runs for lost while they finish. The node itself goes in :meth:`stop`."""
+        with self._lock:
+            if self.state == CLOSED:
+                return
+        self.info["leaving"] = True
+        try:
+            self.zk.set(self.path, self._document())
+        except (KazooException, NoNodeError) as e:
+            log.debug("cannot mark the registration leaving: %s", e)
 
     def stop(self) -> None:
         """Leave at once: deleting the node lets the leader move our tasks within a second."""
@@ -107,12 +123,19 @@ class Registration:
         except (KazooException, NoNodeError):
             pass
 
+    def session_length(self) -> float:
+        """The session timeout the server granted (it may cap what we asked for), in seconds."""
+        negotiated = getattr(self.zk, "_session_timeout", None)  # kazoo keeps it in ms
+        if isinstance(negotiated, (int, float)) and negotiated > 0:
+            return min(self.session_timeout, negotiated / 1000.0)
+        return self.session_timeout
+
     def may_claim(self) -> bool:
         """The fencing lease: heard from ZooKeeper recently enough, and registered."""
         with self._lock:
             if self.state not in (REGISTERED, SUSPENDED):
                 return False
-        return time.monotonic() - self._last_contact < self.session_timeout - self.margin
+        return time.monotonic() - self._last_contact < self.session_length() - self.margin
 
     # --- internals --------------------------------------------------------------------------
 

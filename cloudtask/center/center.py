@@ -28,7 +28,13 @@ from datetime import datetime
 from typing import Any
 
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
+from kazoo.exceptions import (
+    BadVersionError,
+    KazooException,
+    NodeExistsError,
+    NoNodeError,
+    RolledBackError,
+)
 from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 
 from .. import __version__
@@ -57,6 +63,7 @@ class LiveAgent:
     joined: int  # czxid of its registration: when this incarnation joined
     session: int
     info: dict[str, Any] = field(default_factory=dict)
+    leaving: bool = False  # stopping cleanly: gets no tasks, but its runs are not lost
 
 
 @dataclass
@@ -104,6 +111,8 @@ class Center:
         self._tasks: dict[str, TaskRecord] = {}
         self._placed: dict[str, dict[str, Placed]] = {}  # agent id -> task id -> placed
         self._watched_groups: set[str] = set()
+        self._seen_groups: set[str] = set()
+        self._groups_lock = threading.Lock()
         self.unassigned: dict[str, str] = {}  # task id -> group, for tasks with no live agent
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -114,6 +123,7 @@ class Center:
             self.zk.ensure_path(path)
         self._register()
         self.zk.add_listener(self._on_state)
+        self._watch()
         try:
             while not self._stop.is_set():
                 self._connection_lost.clear()
@@ -152,6 +162,8 @@ class Center:
         if state in (KazooState.LOST, KazooState.SUSPENDED):
             self._connection_lost.set()
             self._wake.set()
+        elif state == KazooState.CONNECTED:
+            self._connection_lost.clear()  # the fence check tells whether we still lead
 
     # --- leading ----------------------------------------------------------------------------
 
@@ -159,10 +171,10 @@ class Center:
         lock = self._election.lock
         self._fence = f"{lock.path}/{lock.node}"
         self.leading = True
+        self._connection_lost.clear()
         log.info("center %s leads", self.center_id)
         try:
             self._rebuild()
-            self._watch()
             while not self._stop.is_set() and not self._connection_lost.is_set():
                 try:
                     self.reconcile()
@@ -183,18 +195,23 @@ class Center:
             self.leading = False
 
     def _watch(self) -> None:
-        def wake(*_: Any) -> None:
+        """Watches set once per process. Their callbacks run on kazoo's event thread: they
+        only record and wake; the loop sets the per-group watches (see :meth:`_watch_groups`)."""
+
+        def groups_changed(groups: list[str]) -> None:
+            with self._groups_lock:
+                self._seen_groups = set(groups)
             self._wake.set()
 
-        def groups_changed(groups: list[str]) -> bool | None:
-            for group in set(groups) - self._watched_groups:
-                self._watched_groups.add(group)
-                ChildrenWatch(self.zk, self.paths.agent_group(group), lambda _c: wake())
-            wake()
-            return None if self.leading else False
-
         ChildrenWatch(self.zk, self.paths.agents, groups_changed)
-        DataWatch(self.zk, self.paths.task_signal, lambda *_: wake())
+        DataWatch(self.zk, self.paths.task_signal, lambda *_: self._wake.set())
+
+    def _watch_groups(self) -> None:
+        with self._groups_lock:
+            new = self._seen_groups - self._watched_groups
+            self._watched_groups |= new
+        for group in sorted(new):
+            ChildrenWatch(self.zk, self.paths.agent_group(group), lambda _c: self._wake.set())
 
     def _rebuild(self) -> None:
         """Read every assignment from ZooKeeper: the only view a new leader starts from."""
@@ -250,6 +267,7 @@ class Center:
                 joined=stat.czxid,
                 session=stat.ephemeralOwner,
                 info=info,
+                leaving=bool(info.get("leaving")),
             )
         return agents
 
@@ -286,8 +304,9 @@ class Center:
         """agent id -> task id -> epoch, for every live agent (pure, given the caches)."""
         by_group: dict[str, list[LiveAgent]] = {}
         for agent in agents.values():
-            by_group.setdefault(agent.group, []).append(agent)
-        out: dict[str, dict[str, int]] = {a: {} for a in agents}
+            if not agent.leaving:
+                by_group.setdefault(agent.group, []).append(agent)
+        out: dict[str, dict[str, int]] = {a: {} for a, agent in agents.items() if not agent.leaving}
         self.unassigned = {}
         one: dict[str, list[str]] = {}
         for task in self._tasks.values():
@@ -317,7 +336,9 @@ class Center:
 
     def reconcile(self) -> int:
         """One level-triggered pass. Returns how many assignments were written."""
+        self._watch_groups()
         self._refresh_tasks()
+        agents_read_at = utcnow()
         agents = self.live_agents()
         desired = self.desired(agents)
         ops: list[tuple[str, str, str, bytes | None]] = []  # (kind, agent, task, data)
@@ -338,7 +359,7 @@ class Center:
         # deletions first: a moved task leaves its old agent no later than it reaches the new one
         ops.sort(key=lambda op: op[0] != "delete")
         self._write(ops, desired)
-        self._mark_lost_runs(agents)
+        self._mark_lost_runs(agents, agents_read_at)
         self.reconciles += 1
         if ops:
             log.info("placement: %d changes written", len(ops))
@@ -392,8 +413,9 @@ class Center:
         results = txn.commit()
         failures = [r for r in results if isinstance(r, Exception)]
         if failures:
-            if isinstance(results[0], Exception):
+            if isinstance(results[0], (NoNodeError, BadVersionError)):
                 raise LeadershipLost("the election node is gone: another center may lead")
+            failures = [r for r in failures if not isinstance(r, RolledBackError)] or failures
             # the view was stale (a node already there or gone): read it again and retry
             self._rebuild()
             raise CloudTaskError(f"assignments changed under the leader: {failures[0]!r}")
@@ -406,10 +428,14 @@ class Center:
                 doc = decode(data) or {}
                 placed[task_id] = Placed(int(doc["revision"]), int(doc["epoch"]))
 
-    def _mark_lost_runs(self, agents: dict[str, LiveAgent]) -> None:
+    def _mark_lost_runs(self, agents: dict[str, LiveAgent], read_at: Any) -> None:
+        """Runs claimed before the agents were read, by agents not among them, are lost."""
+        assert self._fence is not None
+        if not self.zk.exists(self._fence):  # a deposed leader writes nothing, here either
+            raise LeadershipLost("the election node is gone: another center may lead")
         try:
             lost = self.store.mark_runs_lost(
-                {"agent": {"$nin": list(agents)}},
+                {"agent": {"$nin": list(agents)}, "claimed_at": {"$lt": to_bson_time(read_at)}},
                 "its agent left the cluster before the run finished",
             )
         except CloudTaskError as e:
