@@ -241,10 +241,13 @@ def test_leases_exclusive_renewable_and_taken_over_after_expiry(store):
     assert store.acquire_lease("k", "run-3", 30, t + timedelta(seconds=53))
 
 
-def test_mark_runs_lost_frees_their_leases(store):
-    doc = run_doc(status="running")
-    store.claim_runs([doc])
+def test_mark_runs_lost_frees_their_leases_only_when_asked(store):
+    doc, other = run_doc(status="running"), run_doc(task_id="t2", status="running")
+    store.claim_runs([doc, other])
     store.acquire_lease("keepalive:t1", doc["_id"], 30)
-    assert store.mark_runs_lost({"agent": "a1"}, "gone") == [doc["_id"]]
+    store.acquire_lease("keepalive:t2", other["_id"], 30)
+    assert store.mark_runs_lost({"task_id": "t1"}, "gone") == [doc["_id"]]
     assert store.get_run(doc["_id"])["status"] == "lost"
-    assert store.leases.count_documents({}) == 0
+    assert store.leases.count_documents({}) == 2  # its instance may still run: the lease runs out
+    assert store.mark_runs_lost({"task_id": "t2"}, "gone", free_leases=True) == [other["_id"]]
+    assert store.leases.count_documents({}) == 1
