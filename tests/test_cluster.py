@@ -86,12 +86,29 @@ def cluster(zk_hosts, mongo_server, mongo_db_name, tmp_path, request):
 
 
 def assignments(zk) -> dict[str, set[str]]:
+    """What each registered agent acts on: assignments written after it registered (what a
+    departed agent leaves behind is deleted later, and ignored by a returning one)."""
     paths = ZkPaths("/cloudtask")
     out: dict[str, set[str]] = {}
-    if not zk.exists(paths.assignments):
+    if not zk.exists(paths.assignments) or not zk.exists(paths.agents):
         return out
+    registered = {}
+    for group in zk.get_children(paths.agents):
+        for agent_id in zk.get_children(paths.agent_group(group)):
+            stat = zk.exists(paths.agent(group, agent_id))
+            if stat is not None and not (decode(zk.get(paths.agent(group, agent_id))[0]) or {}).get(
+                "leaving"
+            ):
+                registered[agent_id] = stat.czxid
     for agent_id in zk.get_children(paths.assignments):
-        out[agent_id] = set(zk.get_children(paths.assignment_dir(agent_id)))
+        if agent_id not in registered:
+            continue
+        tasks = set()
+        for task_id in zk.get_children(paths.assignment_dir(agent_id)):
+            stat = zk.exists(paths.assignment(agent_id, task_id))
+            if stat is not None and stat.mzxid > registered[agent_id]:
+                tasks.add(task_id)
+        out[agent_id] = tasks
     return {a: t for a, t in out.items() if t}
 
 

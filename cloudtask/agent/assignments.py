@@ -39,6 +39,7 @@ class AssignmentWatcher:
         agent_id: str,
         wake: Callable[[], None],
         resync_interval: float = 30.0,
+        registered: Callable[[], int] = lambda: 0,
     ) -> None:
         self.zk = zk
         self.paths = paths
@@ -46,6 +47,9 @@ class AssignmentWatcher:
         self.folder = paths.assignment_dir(agent_id)
         self.wake = wake
         self.resync_interval = resync_interval
+        # the zxid of our registration: an assignment last written before it was meant for an
+        # earlier life of this agent, and is ignored until the leader rewrites it
+        self.registered = registered
         self._pending: dict[str, dict[str, Any] | None] = {}
         self._children: set[str] | None = None  # latest list seen by the children watch
         self._watched: set[str] = set()  # tasks with a live data watch
@@ -76,6 +80,8 @@ class AssignmentWatcher:
             if stat is None:
                 self._watched.discard(task_id)
                 self._pending[task_id] = None
+            elif stat.mzxid <= self.registered():
+                self._pending[task_id] = None  # stale: not (yet) ours in this life
             else:
                 self._pending[task_id] = decode(data) or None
         self.wake()
@@ -137,12 +143,13 @@ class AssignmentWatcher:
             return {}
         asyncs = {t: self.zk.get_async(f"{self.folder}/{t}") for t in children}
         out: dict[str, dict[str, Any] | None] = {}
+        registered = self.registered()
         for task_id, result in asyncs.items():
             try:
-                data, _ = result.get()
-                out[task_id] = decode(data)
+                data, stat = result.get()
             except NoNodeError:
                 continue
+            out[task_id] = decode(data) if stat.mzxid > registered else None
         return out
 
     def _resync(self, known: set[str]) -> None:

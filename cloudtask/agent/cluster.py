@@ -73,7 +73,13 @@ class ClusterAgent(Agent):
             load=self._load,
             on_lost=self._on_lost,
         )
-        self.watcher = AssignmentWatcher(zk, self.paths, self.agent_id, wake=self._wake.set)
+        self.watcher = AssignmentWatcher(
+            zk,
+            self.paths,
+            self.agent_id,
+            wake=self._wake.set,
+            registered=lambda: self.registration.czxid,
+        )
 
     # --- hooks of the agent loop ------------------------------------------------------------
 

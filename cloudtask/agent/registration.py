@@ -77,6 +77,8 @@ class Registration:
         self.state = NEW
         self.state_id = 0
         self.session_id: str | None = None
+        # the zxid that created our node: assignments written before it were for an earlier life
+        self.czxid = 0
         self._lock = threading.Lock()
         self._last_contact = 0.0
         self._published: bytes | None = None
@@ -157,37 +159,41 @@ class Registration:
             started = time.monotonic()
             data = self._document()
             try:
-                self.zk.create(self.path, data, ephemeral=True)
+                _, stat = self.zk.create(self.path, data, ephemeral=True, include_data=True)
             except NodeExistsError:
                 holder, stat = self._holder()
                 if stat is None:
                     continue  # gone meanwhile: try again at once
-                if stat.ephemeralOwner == self.zk.client_id[0]:
-                    break  # ours already (a retried create that had landed)
-                self._refuse_if_live(holder)
-                if time.monotonic() > deadline:
-                    raise DuplicateAgent(
-                        f"agent id {self.agent_id!r} is still registered by another session "
-                        f"({_describe(holder)}); give each agent its own id"
-                    ) from None
-                if not said:
-                    log.warning(
-                        "agent id %s is still registered by an earlier session (%s); waiting for it "
-                        "to expire (up to %.0f s)",
-                        self.agent_id,
-                        _describe(holder),
-                        max(0.0, deadline - time.monotonic()),
-                    )
+                if stat.ephemeralOwner != self.zk.client_id[0]:
+                    self._wait_for_holder(holder, deadline, said)
                     said = True
-                time.sleep(0.5)
-                continue
+                    continue
+                # ours already: a retried create whose first try had landed
             self._published = data
             with self._lock:
                 self._last_contact = started
                 self.session_id = f"{self.zk.client_id[0]:x}"
+                self.czxid = stat.czxid
                 self._set_state(REGISTERED)
             log.info("registered as %s (session %s)", self.path, self.session_id)
             return
+
+    def _wait_for_holder(self, holder: dict[str, Any] | None, deadline: float, said: bool) -> None:
+        self._refuse_if_live(holder)
+        if time.monotonic() > deadline:
+            raise DuplicateAgent(
+                f"agent id {self.agent_id!r} is still registered by another session "
+                f"({_describe(holder)}); give each agent its own id"
+            )
+        if not said:
+            log.warning(
+                "agent id %s is still registered by an earlier session (%s); waiting for it "
+                "to expire (up to %.0f s)",
+                self.agent_id,
+                _describe(holder),
+                max(0.0, deadline - time.monotonic()),
+            )
+        time.sleep(0.5)
 
     def _holder(self) -> tuple[dict[str, Any] | None, Any]:
         try:

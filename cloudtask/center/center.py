@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 TXN_MAX_OPS = 200  # operations per ZooKeeper transaction
 TXN_MAX_BYTES = 512 * 1024  # well under ZooKeeper's 1 MB request limit
+GARBAGE_AFTER = 60.0  # seconds before the assignments left by a departed agent are deleted
 
 
 class LeadershipLost(CloudTaskError):
@@ -68,10 +69,24 @@ class LiveAgent:
 
 @dataclass
 class Placed:
-    """One assignment as it is in ZooKeeper."""
+    """One assignment as it is in ZooKeeper.
+
+    ``valid_for`` is the registration (czxid) of the agent it was written for: an agent acts
+    only on assignments written after it registered, so one written for an earlier life of a
+    restarted agent is stale and is rewritten (or deleted), never trusted. ``mzxid`` is set
+    when the node was read rather than written by this leader; ``valid_for`` is then resolved
+    against the agent's registration when the agent is next seen.
+    """
 
     revision: int
     epoch: int
+    valid_for: int | None = None
+    mzxid: int = 0
+
+    def valid(self, joined: int) -> bool:
+        if self.valid_for is None:
+            self.valid_for = joined if self.mzxid > joined else -1
+        return self.valid_for == joined
 
 
 @dataclass
@@ -93,6 +108,7 @@ class Center:
         *,
         center_id: str | None = None,
         resync_interval: float = 30.0,
+        garbage_after: float = GARBAGE_AFTER,
     ) -> None:
         self.config = config
         self.store = store
@@ -100,6 +116,7 @@ class Center:
         self.paths = ZkPaths(config.zookeeper.root)
         self.center_id = center_id or f"{socket.gethostname()}-{os.getpid()}"
         self.resync_interval = resync_interval
+        self.garbage_after = garbage_after
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._connection_lost = threading.Event()
@@ -107,9 +124,13 @@ class Center:
         self.leading = False
         self.reconciles = 0
         self.writes = 0  # ZooKeeper write operations made while leading (for tests and benches)
+        self.garbage_deleted = 0  # assignments of departed agents deleted later
         self._fence: str | None = None
         self._tasks: dict[str, TaskRecord] = {}
         self._placed: dict[str, dict[str, Placed]] = {}  # agent id -> task id -> placed
+        # assignments left by departed agents: agent id -> (since, task ids); deleted later,
+        # off the failover path, or rewritten if the agent comes back first
+        self._garbage: dict[str, tuple[float, set[str]]] = {}
         self._watched_groups: set[str] = set()
         self._seen_groups: set[str] = set()
         self._groups_lock = threading.Lock()
@@ -216,6 +237,7 @@ class Center:
     def _rebuild(self) -> None:
         """Read every assignment from ZooKeeper: the only view a new leader starts from."""
         self._placed = {}
+        self._garbage = {}
         self._tasks = {}
         for agent_id in self.zk.get_children(self.paths.assignments):
             folder = self.paths.assignment_dir(agent_id)
@@ -227,11 +249,13 @@ class Center:
             placed: dict[str, Placed] = {}
             for task_id, result in reads.items():
                 try:
-                    data, _ = result.get()
+                    data, stat = result.get()
                 except NoNodeError:
                     continue
                 doc = decode(data) or {}
-                placed[task_id] = Placed(int(doc.get("revision", 0)), int(doc.get("epoch", 0)))
+                placed[task_id] = Placed(
+                    int(doc.get("revision", 0)), int(doc.get("epoch", 0)), mzxid=stat.mzxid
+                )
             self._placed[agent_id] = placed
         log.info(
             "rebuilt the placement of %d tasks on %d agents from ZooKeeper",
@@ -323,15 +347,19 @@ class Center:
             task_id: Assignment(agent_id, where.epoch)
             for agent_id, placed in self._placed.items()
             for task_id, where in placed.items()
-            if task_id in self._tasks and self._tasks[task_id].mode == "one"
+            if task_id in self._tasks
+            and self._tasks[task_id].mode == "one"
+            and agent_id in agents
+            and where.valid(agents[agent_id].joined)
         }
         for group, task_ids in one.items():
             infos = _infos(by_group[group])
             epoch = ring_epoch(infos)
             placement = place_group(task_ids, infos, current)
             for task_id, agent_id in placement.items():
-                kept = self._placed.get(agent_id, {}).get(task_id)
-                out[agent_id][task_id] = kept.epoch if kept is not None else epoch
+                kept = current.get(task_id)
+                same = kept is not None and kept.agent_id == agent_id
+                out[agent_id][task_id] = kept.epoch if same else epoch
         return out
 
     def reconcile(self) -> int:
@@ -341,16 +369,20 @@ class Center:
         agents_read_at = utcnow()
         agents = self.live_agents()
         desired = self.desired(agents)
+        self._sort_departed(agents)
         ops: list[tuple[str, str, str, bytes | None]] = []  # (kind, agent, task, data)
         for agent_id, tasks in desired.items():
             placed = self._placed.get(agent_id, {})
+            joined = agents[agent_id].joined
             for task_id, epoch in tasks.items():
                 record = self._tasks[task_id]
                 where = placed.get(task_id)
                 if where is None:
-                    ops.append(("create", agent_id, task_id, self._assignment(record, epoch)))
-                elif where.revision != record.revision:
-                    ops.append(("set", agent_id, task_id, self._assignment(record, where.epoch)))
+                    ops.append(
+                        ("create", agent_id, task_id, self._assignment(record, epoch, joined))
+                    )
+                elif not where.valid(joined) or where.revision != record.revision:
+                    ops.append(("set", agent_id, task_id, self._assignment(record, epoch, joined)))
         for agent_id, placed in self._placed.items():
             keep = desired.get(agent_id, {})
             for task_id in placed:
@@ -359,18 +391,72 @@ class Center:
         # deletions first: a moved task leaves its old agent no later than it reaches the new one
         ops.sort(key=lambda op: op[0] != "delete")
         self._write(ops, desired)
+        self._collect_garbage()
         self._mark_lost_runs(agents, agents_read_at)
         self.reconciles += 1
         if ops:
             log.info("placement: %d changes written", len(ops))
         return len(ops)
 
-    def _assignment(self, record: TaskRecord, epoch: int) -> bytes:
+    def _sort_departed(self, agents: dict[str, LiveAgent]) -> None:
+        """Assignments of agents that are gone (or leaving) become garbage, not deletions: the
+        agents that take over their tasks are written first, and the rest is deleted later. A
+        returning agent's garbage is placed again as stale (rewritten or deleted now)."""
+        now = time.monotonic()
+        for agent_id in list(self._placed):
+            agent = agents.get(agent_id)
+            if agent is None or agent.leaving:
+                since, tasks = self._garbage.get(agent_id, (now, set()))
+                self._garbage[agent_id] = (since, tasks | set(self._placed.pop(agent_id)))
+        for agent_id in list(self._garbage):
+            agent = agents.get(agent_id)
+            if agent is not None and not agent.leaving:
+                _, tasks = self._garbage.pop(agent_id)
+                placed = self._placed.setdefault(agent_id, {})
+                for task_id in tasks:
+                    placed.setdefault(task_id, Placed(0, 0, valid_for=-1))
+
+    def _collect_garbage(self) -> None:
+        due = [
+            a
+            for a, (since, _) in self._garbage.items()
+            if time.monotonic() - since >= self.garbage_after
+        ]
+        for agent_id in due:
+            _, tasks = self._garbage[agent_id]
+            ops = [("delete", agent_id, task_id, None) for task_id in sorted(tasks)]
+            for i in range(0, len(ops), TXN_MAX_OPS):
+                self._commit_garbage(ops[i : i + TXN_MAX_OPS])
+            try:
+                self.zk.delete(self.paths.assignment_dir(agent_id))
+            except (NoNodeError, KazooException):
+                pass  # not empty (the agent is back) or gone already
+            self._garbage.pop(agent_id, None)
+
+    def _commit_garbage(self, ops: list[tuple[str, str, str, bytes | None]]) -> None:
+        assert self._fence is not None
+        txn = self.zk.transaction()
+        txn.check(self._fence, 0)
+        for _, agent_id, task_id, _ in ops:
+            txn.delete(self.paths.assignment(agent_id, task_id))
+        results = txn.commit()
+        if isinstance(results[0], (NoNodeError, BadVersionError)):
+            raise LeadershipLost("the election node is gone: another center may lead")
+        if any(isinstance(r, Exception) for r in results):  # some were gone already: one by one
+            for _, agent_id, task_id, _ in ops:
+                try:
+                    self.zk.delete(self.paths.assignment(agent_id, task_id))
+                except NoNodeError:
+                    pass
+        self.garbage_deleted += len(ops)
+
+    def _assignment(self, record: TaskRecord, epoch: int, joined: int) -> bytes:
         return encode(
             {
                 "task_id": record.task_id,
                 "revision": record.revision,
                 "epoch": epoch,
+                "for_agent": joined,
                 "updated_at": record.updated_at,
                 "spec": record.spec,
             }
@@ -426,7 +512,9 @@ class Center:
                 placed.pop(task_id, None)
             else:
                 doc = decode(data) or {}
-                placed[task_id] = Placed(int(doc["revision"]), int(doc["epoch"]))
+                placed[task_id] = Placed(
+                    int(doc["revision"]), int(doc["epoch"]), valid_for=int(doc["for_agent"])
+                )
 
     def _mark_lost_runs(self, agents: dict[str, LiveAgent], read_at: Any) -> None:
         """Runs claimed before the agents were read, by agents not among them, are lost."""

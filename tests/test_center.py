@@ -1,0 +1,109 @@
+"""The leader in-process, with agents simulated by ZooKeeper sessions of their own: exact
+write counts, garbage collection of a departed agent's assignments, stale assignments."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from helpers import wait_for
+from kazoo.client import KazooClient
+
+from cloudtask.center.center import Center
+from cloudtask.config import Config
+from cloudtask.zkpaths import ZkPaths, encode
+
+PATHS = ZkPaths("/cloudtask")
+
+
+@pytest.fixture
+def fake_agents(zk_hosts):
+    clients: dict[str, KazooClient] = {}
+
+    def join(agent_id: str) -> KazooClient:
+        client = KazooClient(hosts=zk_hosts, timeout=2)
+        client.start()
+        client.ensure_path(PATHS.agent_group("default"))
+        client.create(PATHS.agent("default", agent_id), encode({"weight": 1}), ephemeral=True)
+        clients[agent_id] = client
+        return client
+
+    def leave(agent_id: str) -> None:
+        client = clients.pop(agent_id)
+        client.stop()  # closes the session: the registration goes at once
+        client.close()
+
+    yield join, leave
+    for client in clients.values():
+        client.stop()
+        client.close()
+
+
+@pytest.fixture
+def center(zk, zk_hosts, store):
+    cfg = Config().with_section("zookeeper", hosts=zk_hosts)
+    c = Center(cfg, store, zk, center_id="c1", resync_interval=0.3, garbage_after=1.5)
+    thread = threading.Thread(target=c.run, daemon=True)
+    yield c, thread
+    c.stop()
+    thread.join(timeout=30)
+
+
+def nodes(zk, agent_id: str) -> set[str]:
+    folder = PATHS.assignment_dir(agent_id)
+    return set(zk.get_children(folder)) if zk.exists(folder) else set()
+
+
+def test_writes_after_a_leave_are_the_moved_tasks_and_garbage_goes_later(
+    zk, store, center, fake_agents
+):
+    join, leave = fake_agents
+    for i in range(60):
+        store.create_task({"name": f"t{i:02d}", "schedule": {"every": "1m"}, "command": "true"})
+    for a in ("a1", "a2", "a3"):
+        join(a)
+    c, thread = center
+    thread.start()
+    wait_for(lambda: sum(len(nodes(zk, a)) for a in ("a1", "a2", "a3")) == 60, timeout=20)
+    before = {a: nodes(zk, a) for a in ("a1", "a2", "a3")}
+    writes = c.writes
+    leave("a2")
+    wait_for(
+        lambda: nodes(zk, "a1") | nodes(zk, "a3") == before["a1"] | before["a2"] | before["a3"],
+        timeout=10,
+        message="a2's tasks did not move",
+    )
+    moved = len(before["a2"])
+    assert c.writes - writes == moved  # one create per moved task; nothing else on the way
+    assert nodes(zk, "a2") == before["a2"]  # left behind for now
+    wait_for(
+        lambda: not zk.exists(PATHS.assignment_dir("a2")), timeout=10, message="garbage stayed"
+    )
+    assert c.garbage_deleted == moved
+
+
+def test_a_returning_agent_never_trusts_what_was_left_for_its_earlier_life(
+    zk, store, center, fake_agents
+):
+    join, leave = fake_agents
+    for i in range(20):
+        store.create_task({"name": f"t{i:02d}", "schedule": {"every": "1m"}, "command": "true"})
+    join("a1")
+    join("a2")
+    c, thread = center
+    thread.start()
+    wait_for(lambda: len(nodes(zk, "a1")) + len(nodes(zk, "a2")) == 20, timeout=20)
+    leave("a2")
+    wait_for(lambda: len(nodes(zk, "a1")) == 20, timeout=10)
+    client = join("a2")  # back before the garbage was collected
+    registered = client.exists(PATHS.agent("default", "a2")).czxid
+    # every assignment it has now was written after it registered again
+    wait_for(
+        lambda: (
+            (got := nodes(zk, "a2"))
+            and all(zk.exists(PATHS.assignment("a2", t)).mzxid > registered for t in got)
+        ),
+        timeout=10,
+        message="stale assignments were kept for the returning agent",
+    )
+    wait_for(lambda: len(nodes(zk, "a1")) + len(nodes(zk, "a2")) == 20, timeout=10)
