@@ -412,16 +412,16 @@ class Store:
             self._guard(self.leases.delete_many, "free leases", {"holder": {"$in": ids}})
         return ids
 
-    def last_fire(self, task_id: str, slot: str) -> datetime | None:
-        """The latest ``scheduled_for`` recorded for a task's slot (any status), or None."""
-        doc = self._guard(
+    def last_fire(self, task_id: str, slot: str) -> dict[str, Any] | None:
+        """The latest run recorded for a task's slot (its last attempt of its latest fire),
+        with ``scheduled_for``, ``attempt``, ``status`` and ``finished_at``; or None."""
+        return self._guard(
             self.runs.find_one,
             "read the run history",
             {"task_id": task_id, "slot": slot},
-            {"scheduled_for": 1},
-            sort=[("scheduled_for", DESCENDING)],
+            {"scheduled_for": 1, "attempt": 1, "status": 1, "finished_at": 1},
+            sort=[("scheduled_for", DESCENDING), ("attempt", DESCENDING)],
         )
-        return doc["scheduled_for"] if doc else None
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         doc = self._guard(self.runs.find_one, "read the run", {"_id": run_id})

@@ -400,3 +400,24 @@ def test_restarted_agent_records_what_it_missed(store, agents):
     )
     missed = [d for d in docs if d["status"] == "missed"]
     assert len(missed) >= 2 and all(d["scheduled_for"] > last for d in missed)
+
+
+def test_retries_owed_by_a_stopped_agent_are_made_by_the_next(store, agents):
+    at = (datetime.now(timezone.utc) + timedelta(seconds=1)).isoformat()
+    task = make(
+        store,
+        schedule={"at": at},
+        command=[PY, "-c", "import sys; sys.exit(2)"],
+        retries=1,
+        retry_delay="3s",
+    )
+    first = agents.start("a1")
+    wait_for(
+        lambda: runs(store, task["_id"], status="failed"), timeout=10, message="no first attempt"
+    )
+    first.stop()  # before its retry is due
+    agents.agents[0][1].join(timeout=30)
+    assert [d["attempt"] for d in runs(store, task["_id"])] == [0]
+    agents.start("a2")
+    second = wait_for(lambda: runs(store, task["_id"], attempt=1), timeout=15, message="retry lost")
+    assert second[0]["agent"] == "a2" and second[0]["trigger"] == "retry"

@@ -173,22 +173,28 @@ class Agent:
             return
         previous = self._specs.get(task_id)
         self._specs[task_id] = (revision, spec)
-        since = None
+        since, retry = None, None
         if previous is None and not spec.schedule.keepalive:
-            since = self._fires_looked_after_until(task_id, spec, doc.get("updated_at"), now)
+            since, retry = self._history(task_id, spec, doc.get("updated_at"), now)
         self.scheduler.upsert(task_id, spec, revision, now, since=since)
+        if retry is not None:
+            self.scheduler.retry(task_id, *retry)
         log.info("task %s (%s) revision %s scheduled", spec.name, task_id, revision)
         if previous is not None and previous[1].schedule.keepalive:
             # the running instance makes way for the new definition; its exit starts the next
             self.executor.kill_task(task_id, f"restarted for revision {revision}")
 
-    def _fires_looked_after_until(
+    def _history(
         self, task_id: str, spec: TaskSpec, changed_at: datetime | str | None, now: datetime
-    ) -> datetime:
-        """Up to when this task's fires were handled before it came to this agent process:
-        its latest recorded fire (any agent, any status), or when it was created or last
-        changed, whichever is later. Fires after that which are due now were missed (an
-        agent died, or none ran the task) and are caught up or recorded per its policy."""
+    ) -> tuple[datetime, tuple[datetime, int, datetime] | None]:
+        """What a task's history says when it comes to this agent process.
+
+        First, up to when its fires were handled: its latest recorded fire (any agent, any
+        status), or when it was created or last changed, whichever is later. Fires after that
+        which are due now were missed (an agent died, or none ran the task) and are caught up
+        or recorded per its policy. Second, a retry still owed, ``(scheduled_for, attempt,
+        due)``, when the latest run failed with attempts left (its agent died before retrying).
+        """
         if isinstance(changed_at, str):
             try:
                 changed_at = datetime.fromisoformat(changed_at)
@@ -200,8 +206,16 @@ class Agent:
             last = self.store.last_fire(task_id, slot)
         except CloudTaskError as e:
             log.warning("cannot read the run history of %s; no catch-up: %s", spec.name, e)
-            return now
-        return max(since, last) if last is not None else since
+            return now, None
+        if last is None:
+            return since, None
+        retry = None
+        if last["status"] in ("failed", "timed_out") and last["attempt"] < spec.retries:
+            finished = last.get("finished_at")
+            finished = finished if isinstance(finished, datetime) else now
+            due = max(now, finished + timedelta(seconds=spec.retry_delay))
+            retry = (last["scheduled_for"], last["attempt"] + 1, due)
+        return max(since, last["scheduled_for"]), retry
 
     def _drop(self, task_id: str) -> None:
         known = self._specs.pop(task_id, None)
