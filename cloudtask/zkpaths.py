@@ -7,6 +7,7 @@
 <root>/assignments/<agent_id>           persistent: its data is the leader's change counter
 <root>/assignments/<agent_id>/<task_id> persistent: the task spec, revision and ring epoch (JSON)
 <root>/signals/tasks                    its version is bumped after every task change
+<root>/status                           the leader's summary: who leads, unassigned tasks (JSON)
 ```
 
 ZooKeeper holds only small, live state; everything that must be kept is in MongoDB. Every JSON
@@ -33,6 +34,7 @@ class ZkPaths:
         self.assignments = f"{base}/assignments"
         self.signals = f"{base}/signals"
         self.task_signal = f"{base}/signals/tasks"
+        self.status = f"{base}/status"
 
     def agent_group(self, group: str) -> str:
         return f"{self.agents}/{group}"

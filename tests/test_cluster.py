@@ -298,6 +298,9 @@ def test_mode_all_and_a_group_without_agents(cluster, zk, store):
         timeout=10,
     )
     assert store.runs.count_documents({"task_id": nowhere["_id"]}) == 0
+    status = decode(zk.get("/cloudtask/status")[0])
+    assert status["unassigned"] == {nowhere["_id"]: "empty"}
+    assert status["leader"] == "c1" and status["agents"] == ["a1", "a2"]
     cluster.stop_all()
     no_fire_twice(store)
 

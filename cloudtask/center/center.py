@@ -135,6 +135,7 @@ class Center:
         self._seen_groups: set[str] = set()
         self._groups_lock = threading.Lock()
         self.unassigned: dict[str, str] = {}  # task id -> group, for tasks with no live agent
+        self._published_status: dict[str, Any] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -239,6 +240,7 @@ class Center:
         self._placed = {}
         self._garbage = {}
         self._tasks = {}
+        self._published_status = None
         for agent_id in self.zk.get_children(self.paths.assignments):
             folder = self.paths.assignment_dir(agent_id)
             try:
@@ -391,12 +393,42 @@ class Center:
         # deletions first: a moved task leaves its old agent no later than it reaches the new one
         ops.sort(key=lambda op: op[0] != "delete")
         self._write(ops, desired)
+        self._publish_status(agents)
         self._collect_garbage()
         self._mark_lost_runs(agents, agents_read_at)
         self.reconciles += 1
         if ops:
             log.info("placement: %d changes written", len(ops))
         return len(ops)
+
+    def _publish_status(self, agents: dict[str, LiveAgent]) -> None:
+        """``/status``: the leader and the tasks no live agent can run (their group is empty),
+        for the web site and alerts. Written only when it changes."""
+        status = {
+            "leader": self.center_id,
+            "unassigned": dict(sorted(self.unassigned.items())),
+            "agents": sorted(a for a, agent in agents.items() if not agent.leaving),
+        }
+        if status == self._published_status:
+            return
+        assert self._fence is not None
+        txn = self.zk.transaction()
+        txn.check(self._fence, 0)
+        if self.zk.exists(self.paths.status):
+            txn.set_data(self.paths.status, encode(status))
+        else:
+            txn.create(self.paths.status, encode(status))
+        results = txn.commit()
+        if isinstance(results[0], (NoNodeError, BadVersionError)):
+            raise LeadershipLost("the election node is gone: another center may lead")
+        if not any(isinstance(r, Exception) for r in results):
+            self._published_status = status
+            if self.unassigned:
+                log.warning(
+                    "%d tasks have no live agent in their group: %s",
+                    len(self.unassigned),
+                    ", ".join(sorted(set(self.unassigned.values()))),
+                )
 
     def _sort_departed(self, agents: dict[str, LiveAgent]) -> None:
         """Assignments of agents that are gone (or leaving) become garbage, not deletions: the
