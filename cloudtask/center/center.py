@@ -401,6 +401,21 @@ class Center:
             log.info("placement: %d changes written", len(ops))
         return len(ops)
 
+    def _fenced(self) -> Any:
+        """A transaction that applies only while our election node exists (we still lead)."""
+        assert self._fence is not None
+        txn = self.zk.transaction()
+        txn.check(self._fence, 0)
+        return txn
+
+    @staticmethod
+    def _commit_fenced(txn: Any) -> list[Any]:
+        """Commit; LeadershipLost if the fence failed (other failures are the caller's)."""
+        results = txn.commit()
+        if isinstance(results[0], (NoNodeError, BadVersionError)):
+            raise LeadershipLost("the election node is gone: another center may lead")
+        return results
+
     def _publish_status(self, agents: dict[str, LiveAgent]) -> None:
         """``/status``: the leader and the tasks no live agent can run (their group is empty),
         for the web site and alerts. Written only when it changes."""
@@ -411,17 +426,12 @@ class Center:
         }
         if status == self._published_status:
             return
-        assert self._fence is not None
-        txn = self.zk.transaction()
-        txn.check(self._fence, 0)
+        txn = self._fenced()
         if self.zk.exists(self.paths.status):
             txn.set_data(self.paths.status, encode(status))
         else:
             txn.create(self.paths.status, encode(status))
-        results = txn.commit()
-        if isinstance(results[0], (NoNodeError, BadVersionError)):
-            raise LeadershipLost("the election node is gone: another center may lead")
-        if not any(isinstance(r, Exception) for r in results):
+        if not any(isinstance(r, Exception) for r in self._commit_fenced(txn)):
             self._published_status = status
             if self.unassigned:
                 log.warning(
@@ -466,15 +476,12 @@ class Center:
             self._garbage.pop(agent_id, None)
 
     def _commit_garbage(self, ops: list[tuple[str, str, str, bytes | None]]) -> None:
-        assert self._fence is not None
-        txn = self.zk.transaction()
-        txn.check(self._fence, 0)
+        txn = self._fenced()
         for _, agent_id, task_id, _ in ops:
             txn.delete(self.paths.assignment(agent_id, task_id))
-        results = txn.commit()
-        if isinstance(results[0], (NoNodeError, BadVersionError)):
-            raise LeadershipLost("the election node is gone: another center may lead")
-        if any(isinstance(r, Exception) for r in results):  # some were gone already: one by one
+        if any(
+            isinstance(r, Exception) for r in self._commit_fenced(txn)
+        ):  # some were gone already: one by one
             for _, agent_id, task_id, _ in ops:
                 try:
                     self.zk.delete(self.paths.assignment(agent_id, task_id))
@@ -517,9 +524,7 @@ class Center:
     def _commit(
         self, batch: list[tuple[str, str, str, bytes | None]], desired: dict[str, dict[str, int]]
     ) -> None:
-        assert self._fence is not None
-        txn = self.zk.transaction()
-        txn.check(self._fence, 0)
+        txn = self._fenced()
         for kind, agent_id, task_id, data in batch:
             path = self.paths.assignment(agent_id, task_id)
             if kind == "create":
@@ -528,11 +533,9 @@ class Center:
                 txn.set_data(path, data)
             else:
                 txn.delete(path)
-        results = txn.commit()
+        results = self._commit_fenced(txn)
         failures = [r for r in results if isinstance(r, Exception)]
         if failures:
-            if isinstance(results[0], (NoNodeError, BadVersionError)):
-                raise LeadershipLost("the election node is gone: another center may lead")
             failures = [r for r in failures if not isinstance(r, RolledBackError)] or failures
             # the view was stale (a node already there or gone): read it again and retry
             self._rebuild()
