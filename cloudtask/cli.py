@@ -279,6 +279,64 @@ def apply_tasks(store: Any, tasks: list[tuple[Path, dict]]) -> list[tuple[str, s
     return results
 
 
+def _cluster(cfg: Config) -> tuple[Any, Any, Any]:
+    """A store that signals task changes, a ZooKeeper client, and the paths: for commands
+    that act on a running cluster."""
+    from .store import Store
+    from .zkpaths import ZkPaths, connect, task_signal
+
+    zk = connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout, start_timeout=10)
+    paths = ZkPaths(cfg.zookeeper.root)
+    store = Store.from_config(cfg)
+    store.on_task_change = task_signal(zk, paths)
+    return store, zk, paths
+
+
+@cli.group("task")
+def task_group() -> None:
+    """Act on stored tasks."""
+
+
+@task_group.command("delete")
+@config_option
+@click.argument("name_or_id")
+@click.option("--kill-running", is_flag=True, help="Also kill its runs that are still going.")
+def task_delete(config_path: str | None, name_or_id: str, kill_running: bool) -> None:
+    """Delete a task; its running runs finish unless --kill-running."""
+    from .operations import delete_task
+
+    store, zk, paths = _cluster(_load(config_path))
+    try:
+        task, killed = delete_task(store, zk, paths, name_or_id, kill_running)
+        click.echo(f"deleted {task['name']}" + (f"; killing {len(killed)} runs" if killed else ""))
+    finally:
+        zk.stop()
+        zk.close()
+        store.close()
+
+
+@cli.group("run")
+def run_group() -> None:
+    """Act on runs."""
+
+
+@run_group.command("kill")
+@config_option
+@click.argument("run_id")
+def run_kill(config_path: str | None, run_id: str) -> None:
+    """Kill a running run and its whole process tree."""
+    from .operations import kill_run
+
+    store, zk, paths = _cluster(_load(config_path))
+    try:
+        run = kill_run(store, zk, paths, run_id, "killed by request")
+        click.echo(f"asked agent {run['agent']} to kill run {run_id}")
+    finally:
+        zk.stop()
+        zk.close()
+        store.close()
+
+
 @cli.group("file")
 def file_group() -> None:
     """Task files: scripts, binaries or .zip/.tar.gz packages that tasks run with."""

@@ -8,6 +8,7 @@
 <root>/assignments/<agent_id>/<task_id> persistent: the task spec, revision and ring epoch (JSON)
 <root>/signals/tasks                    its version is bumped after every task change
 <root>/status                           the leader's summary: who leads, unassigned tasks (JSON)
+<root>/kills/<agent_id>/<run_id>        persistent: a request to kill a run (JSON: reason, by)
 ```
 
 ZooKeeper holds only small, live state; everything that must be kept is in MongoDB. Every JSON
@@ -35,6 +36,7 @@ class ZkPaths:
         self.signals = f"{base}/signals"
         self.task_signal = f"{base}/signals/tasks"
         self.status = f"{base}/status"
+        self.kills = f"{base}/kills"
 
     def agent_group(self, group: str) -> str:
         return f"{self.agents}/{group}"
@@ -51,8 +53,21 @@ class ZkPaths:
     def assignment(self, agent_id: str, task_id: str) -> str:
         return f"{self.assignments}/{agent_id}/{task_id}"
 
+    def kill_dir(self, agent_id: str) -> str:
+        return f"{self.kills}/{agent_id}"
+
+    def kill(self, agent_id: str, run_id: str) -> str:
+        return f"{self.kills}/{agent_id}/{run_id}"
+
     def persistent_folders(self) -> list[str]:
-        return [self.agents, self.election, self.centers, self.assignments, self.signals]
+        return [
+            self.agents,
+            self.election,
+            self.centers,
+            self.assignments,
+            self.signals,
+            self.kills,
+        ]
 
 
 def encode(doc: dict[str, Any]) -> bytes:
@@ -111,3 +126,13 @@ def task_signal(zk: Any, paths: ZkPaths) -> Any:
             zk.set(paths.task_signal, b"")
 
     return bump
+
+
+def request_kill(zk: Any, paths: ZkPaths, agent_id: str, run_id: str, reason: str) -> None:
+    """Ask the agent running ``run_id`` to kill it (its whole process tree)."""
+    from kazoo.exceptions import NodeExistsError
+
+    try:
+        zk.create(paths.kill(agent_id, run_id), encode({"reason": reason}), makepath=True)
+    except NodeExistsError:
+        pass  # asked already

@@ -19,7 +19,7 @@ from helpers import wait_for
 from cloudtask.cli import cli
 from cloudtask.store import Store
 
-SUBCOMMANDS = ["agent", "apply", "validate", "next", "up"]
+SUBCOMMANDS = ["agent", "apply", "validate", "next", "up", "center", "task", "run", "file"]
 
 
 def invoke(*args, env=None):

@@ -475,3 +475,49 @@ def test_keepalive_hands_over_on_sigterm_without_overlap(cluster, zk, store):
     proc.wait(timeout=30)
     old = store.get_run(run["_id"])
     assert old["status"] == "killed" and "stopping" in old["error"]  # not lost: it was ended
+
+
+@pytest.mark.timeout(120)
+def test_delete_with_kill_running_and_run_kill(
+    cluster, zk, store, zk_hosts, mongo_server, mongo_db_name
+):
+    from click.testing import CliRunner
+
+    from cloudtask.cli import cli
+
+    env = {
+        "CLOUDTASK_ZK_HOSTS": zk_hosts,
+        "CLOUDTASK_MONGO_URI": mongo_server.uri,
+        "CLOUDTASK_MONGO_DATABASE": mongo_db_name,
+        "CLOUDTASK_CONFIG": "",
+    }
+    keep = store.create_task(
+        {"name": "keep", "schedule": {"every": "1h"}, "command": ["sleep", "60"]}
+    )
+    store.replace_task(
+        keep["_id"], {**keep["spec"], "schedule": {"every": "1s"}, "concurrency": "allow"}
+    )
+    gone = store.create_task(
+        {"name": "gone", "schedule": {"every": "1s"}, "command": ["sleep", "60"]}
+    )
+    cluster.center("c1")
+    cluster.agent("a1")
+    one = wait_for(
+        lambda: store.runs.find_one({"task_id": keep["_id"], "status": "running"}), timeout=30
+    )
+    two = wait_for(
+        lambda: store.runs.find_one({"task_id": gone["_id"], "status": "running"}), timeout=30
+    )
+    result = CliRunner().invoke(cli, ["run", "kill", one["_id"]], env=env)
+    assert result.exit_code == 0, result.output
+    wait_for(
+        lambda: store.get_run(one["_id"])["status"] == "killed", timeout=15, message="run kill"
+    )
+    result = CliRunner().invoke(cli, ["task", "delete", "gone", "--kill-running"], env=env)
+    assert result.exit_code == 0 and "killing 1 runs" in result.output, result.output
+    wait_for(
+        lambda: store.get_run(two["_id"])["status"] == "killed", timeout=15, message="kill_running"
+    )
+    assert store.get_run(two["_id"])["error"] == "the task was deleted"
+    again = CliRunner().invoke(cli, ["run", "kill", one["_id"]], env=env)
+    assert again.exit_code == 1 and "not running" in again.output

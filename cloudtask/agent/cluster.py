@@ -23,12 +23,13 @@ from typing import Any
 
 import psutil
 from kazoo.client import KazooClient
-from kazoo.exceptions import KazooException
+from kazoo.exceptions import KazooException, NoNodeError
+from kazoo.recipe.watchers import ChildrenWatch
 
 from .. import __version__
 from ..config import Config
 from ..store import Store, to_bson_time, utcnow
-from ..zkpaths import ZkPaths, task_signal
+from ..zkpaths import ZkPaths, decode, task_signal
 from .agent import Agent
 from .assignments import AssignmentWatcher
 from .registration import Registration
@@ -49,6 +50,8 @@ class ClusterAgent(Agent):
         self.zk = zk
         self.paths = ZkPaths(config.zookeeper.root)
         self._lost = threading.Event()
+        self._kill_requests: set[str] = set()
+        self._kills_lock = threading.Lock()
         acfg = config.agent
         info: dict[str, Any] = {
             "agent_id": self.agent_id,
@@ -140,9 +143,42 @@ class ClusterAgent(Agent):
 
     # --- lifecycle --------------------------------------------------------------------------
 
+    def _on_kills(self, run_ids: list[str]) -> None:
+        """kazoo's event thread: note the kill requests and wake the loop."""
+        with self._kills_lock:
+            self._kill_requests = set(run_ids)
+        self._wake.set()
+
+    def _handle_kills(self) -> None:
+        with self._kills_lock:
+            requests, self._kill_requests = self._kill_requests, set()
+        for run_id in sorted(requests):
+            path = self.paths.kill(self.agent_id, run_id)
+            try:
+                doc = decode(self.zk.get(path)[0]) or {}
+            except NoNodeError:
+                continue
+            reason = str(doc.get("reason") or "killed by request")
+            if self.executor.kill(run_id, reason):
+                log.info("run %s killed on request: %s", run_id, reason)
+            try:
+                self.zk.delete(path)
+            except NoNodeError:
+                pass
+
+    def step(self, now: datetime) -> float:
+        if self._kill_requests:
+            try:
+                self._handle_kills()
+            except KazooException as e:
+                log.warning("cannot read kill requests yet: %s", e)
+        return super().step(now)
+
     def run(self) -> None:
         self.registration.start()
         self.watcher.start()
+        self.zk.ensure_path(self.paths.kill_dir(self.agent_id))
+        ChildrenWatch(self.zk, self.paths.kill_dir(self.agent_id), self._on_kills)
         try:
             super().run()
         finally:
