@@ -421,3 +421,21 @@ def test_retries_owed_by_a_stopped_agent_are_made_by_the_next(store, agents):
     agents.start("a2")
     second = wait_for(lambda: runs(store, task["_id"], attempt=1), timeout=15, message="retry lost")
     assert second[0]["agent"] == "a2" and second[0]["trigger"] == "retry"
+
+
+def test_forbid_holds_across_agents_when_a_task_changes_hands(store, agents):
+    task = make(store, command=["sleep", "3"], concurrency="forbid")
+    first = agents.start("a1", kill_grace=6.0)
+    run = wait_for(
+        lambda: runs(store, task["_id"], status="running"), timeout=10, message="no run"
+    )[0]
+    first.stop()  # a1 lets its run finish (up to 6 s) while a2 takes over
+    agents.start("a2")
+    wait_for(lambda: store.get_run(run["_id"])["status"] == "succeeded", timeout=15)
+    wait_for(lambda: runs(store, task["_id"], agent="a2", status="succeeded"), timeout=15)
+    skipped = runs(store, task["_id"], agent="a2", status="skipped")
+    assert skipped and "still running" in skipped[0]["error"]
+    ran = [d for d in runs(store, task["_id"]) if d.get("started_at") and d.get("finished_at")]
+    ran.sort(key=lambda d: d["started_at"])
+    for a, b in zip(ran, ran[1:]):
+        assert b["started_at"] >= a["finished_at"], "two runs of a forbid task overlapped"

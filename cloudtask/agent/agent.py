@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..exceptions import CloudTaskError, StoreError, ValidationError
-from ..store import Store, new_run_document, utcnow
+from ..store import RUNNING_STATUSES, Store, new_run_document, utcnow
 from ..task import TaskSpec, parse_task
 from .executor import Executor, RunContext
 from .files import FileCache
@@ -129,6 +129,8 @@ class Agent:
         self._wake = threading.Event()
         self._last_sync: datetime | None = None
         self._bad_specs: dict[str, int] = {}
+        # task id -> a run of it another agent started and may still be finishing (forbid)
+        self._foreign_runs: dict[str, str] = {}
 
     # --- task set ---------------------------------------------------------------------------
 
@@ -176,6 +178,8 @@ class Agent:
         since, retry = None, None
         if previous is None and not spec.schedule.keepalive:
             since, retry = self._history(task_id, spec, doc.get("updated_at"), now)
+            if spec.concurrency == "forbid":
+                self._note_foreign_run(task_id)
         self.scheduler.upsert(task_id, spec, revision, now, since=since)
         if retry is not None:
             self.scheduler.retry(task_id, *retry)
@@ -183,6 +187,14 @@ class Agent:
         if previous is not None and previous[1].schedule.keepalive:
             # the running instance makes way for the new definition; its exit starts the next
             self.executor.kill_task(task_id, f"restarted for revision {revision}")
+
+    def _note_foreign_run(self, task_id: str) -> None:
+        try:
+            running = self.store.list_runs(task_id=task_id, status=["running"], limit=1)
+        except CloudTaskError:
+            return
+        if running and running[0]["agent"] != self.agent_id:
+            self._foreign_runs[task_id] = running[0]["_id"]
 
     def _history(
         self, task_id: str, spec: TaskSpec, changed_at: datetime | str | None, now: datetime
@@ -218,6 +230,7 @@ class Agent:
         return max(since, last["scheduled_for"]), retry
 
     def _drop(self, task_id: str) -> None:
+        self._foreign_runs.pop(task_id, None)
         known = self._specs.pop(task_id, None)
         if self.scheduler.remove(task_id):
             log.info("task %s unscheduled", task_id)
@@ -258,7 +271,7 @@ class Agent:
             and spec.concurrency == "forbid"
             and not spec.schedule.keepalive
             and fire.trigger != "retry"
-            and self.executor.has_active(fire.task_id)
+            and (self.executor.has_active(fire.task_id) or self._running_elsewhere(fire.task_id))
         ):
             status = "skipped"
         doc = new_run_document(
@@ -288,6 +301,20 @@ class Agent:
     def session(self) -> str | None:
         """The ZooKeeper session claims are made under (None in standalone mode)."""
         return None
+
+    def _running_elsewhere(self, task_id: str) -> bool:
+        """Whether a run of this task that its previous owner started is still going (a task
+        that moved while a run finished there): ``forbid`` holds across agents too."""
+        run_id = self._foreign_runs.get(task_id)
+        if run_id is None:
+            return False
+        try:
+            if self.store.get_run(run_id)["status"] in RUNNING_STATUSES:
+                return True
+        except CloudTaskError:
+            return False  # gone (or unreadable): do not block the task on it
+        del self._foreign_runs[task_id]
+        return False
 
     def _claim_and_start(self, claims: list[_Claim], now: datetime) -> None:
         if not self.may_claim():
