@@ -337,6 +337,79 @@ def run_kill(config_path: str | None, run_id: str) -> None:
         store.close()
 
 
+@cli.group("user")
+def user_group() -> None:
+    """Users of the web site and the API."""
+
+
+@user_group.command("add")
+@config_option
+@click.argument("username")
+@click.option(
+    "--role",
+    type=click.Choice(["admin", "operator", "viewer"]),
+    default="viewer",
+    show_default=True,
+)
+def user_add(config_path: str | None, username: str, role: str) -> None:
+    """Add a user. The password is asked for (or read from standard input when piped)."""
+    from .store import Store
+    from .users import Users
+
+    password = _read_password()
+    store = Store.from_config(_load(config_path))
+    try:
+        Users(store).add(username, password, role)
+    finally:
+        store.close()
+    click.echo(f"added {username} ({role})")
+
+
+@user_group.command("list")
+@config_option
+def user_list(config_path: str | None) -> None:
+    """List users: name, role, state, created."""
+    from .store import Store
+    from .users import describe
+
+    store = Store.from_config(_load(config_path))
+    try:
+        for doc in store.users.find().sort("_id", 1):
+            click.echo(describe(doc))
+    finally:
+        store.close()
+
+
+@cli.group("token")
+def token_group() -> None:
+    """API tokens."""
+
+
+@token_group.command("create")
+@config_option
+@click.argument("username")
+@click.option("--name", default="cli", show_default=True, help="What the token is for.")
+def token_create(config_path: str | None, username: str, name: str) -> None:
+    """Create an API token for a user; it is shown once (only its hash is kept)."""
+    from .store import Store
+    from .users import Users
+
+    store = Store.from_config(_load(config_path))
+    try:
+        click.echo(Users(store).create_token(username, name))
+    finally:
+        store.close()
+
+
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        return click.prompt("password", hide_input=True, confirmation_prompt=True)
+    password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        raise click.UsageError("no password on standard input")
+    return password
+
+
 @cli.group("file")
 def file_group() -> None:
     """Task files: scripts, binaries or .zip/.tar.gz packages that tasks run with."""
@@ -466,6 +539,9 @@ def up(config_path: str | None, data_dir: str, tasks_dir: str, agents: int, verb
                     click.echo(f"task {doc['name']}: {outcome}")
                 except (ValidationError, CloudTaskError) as e:  # report it, apply the rest
                     click.echo(f"skipped: {path}: {e}", err=True)
+        from .users import Users
+
+        admins = Users(store).count_admins()
         store.close()
         children = _start_cluster(cfg, base, agents)
         click.echo("")
@@ -475,6 +551,11 @@ def up(config_path: str | None, data_dir: str, tasks_dir: str, agents: int, verb
         for name, _, log_path in children:
             click.echo(f"  {name + ' log:':13}{log_path}")
         click.echo(f"  task logs:   {base}/agent-<n>/logs/<task>/<YYYY-MM-DD>.log")
+        if not admins:
+            click.echo("No admin user yet. Create the first one with:")
+            click.echo(
+                f"  CLOUDTASK_MONGO_URI={cfg.mongodb.uri} cloudtask user add NAME --role admin"
+            )
         click.echo("Press Ctrl-C to stop.")
         while not stopping["flag"]:
             for name, child, log_path in children:

@@ -19,7 +19,19 @@ from helpers import wait_for
 from cloudtask.cli import cli
 from cloudtask.store import Store
 
-SUBCOMMANDS = ["agent", "apply", "validate", "next", "up", "center", "task", "run", "file"]
+SUBCOMMANDS = [
+    "agent",
+    "apply",
+    "validate",
+    "next",
+    "up",
+    "center",
+    "task",
+    "run",
+    "file",
+    "user",
+    "token",
+]
 
 
 def invoke(*args, env=None):
@@ -189,6 +201,7 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
             lines.append(line)
         text = "".join(lines)
         assert "task hello: created" in text
+        assert "No admin user yet" in text and "user add NAME --role admin" in text
         assert "skipped:" in text and "broken" in text  # a bad file is reported, the rest runs
         uri = re.search(r"MongoDB:\s+(\S+)", text).group(1)
         logs = re.search(r"task logs:\s+(\S+)/<task>", text).group(1)
