@@ -1,0 +1,67 @@
+"""CSRF tokens for forms and a login throttle (5 failures per user and address).
+
+CSRF: a random token kept in the (signed, HttpOnly, SameSite) session; every form carries it
+in a hidden field named ``csrf_token`` and every state-changing request without a matching
+one is refused with 400. API requests authenticated by a Bearer token carry no cookie, so
+they are not exposed to CSRF and are exempt.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import threading
+import time
+
+from flask import abort, request, session
+
+CSRF_FIELD = "csrf_token"
+
+
+def csrf_token() -> str:
+    token = session.get(CSRF_FIELD)
+    if not token:
+        token = session[CSRF_FIELD] = secrets.token_urlsafe(32)
+    return token
+
+
+def check_csrf() -> None:
+    """Refuse a state-changing browser request without the session's CSRF token."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    if request.headers.get("Authorization", "").startswith("Bearer "):
+        return
+    sent = request.form.get(CSRF_FIELD) or request.headers.get("X-CSRF-Token", "")
+    expected = session.get(CSRF_FIELD, "")
+    if not expected or not hmac.compare_digest(sent, expected):
+        abort(
+            400, description="the form is missing its security token or it expired; reload the page"
+        )
+
+
+class LoginThrottle:
+    """After ``limit`` failures for the same user from the same address, refuse for ``window``."""
+
+    def __init__(self, limit: int = 5, window: float = 300.0) -> None:
+        self.limit = limit
+        self.window = window
+        self._failures: dict[tuple[str, str], list[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, key: tuple[str, str], now: float) -> list[float]:
+        times = [t for t in self._failures.get(key, []) if now - t < self.window]
+        self._failures[key] = times
+        return times
+
+    def blocked(self, username: str, address: str) -> bool:
+        with self._lock:
+            return len(self._recent((username, address), time.monotonic())) >= self.limit
+
+    def failed(self, username: str, address: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._recent((username, address), now).append(now)
+
+    def succeeded(self, username: str, address: str) -> None:
+        with self._lock:
+            self._failures.pop((username, address), None)
