@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -353,15 +354,11 @@ def user_group() -> None:
 )
 def user_add(config_path: str | None, username: str, role: str) -> None:
     """Add a user. The password is asked for (or read from standard input when piped)."""
-    from .store import Store
     from .users import Users
 
     password = _read_password()
-    store = Store.from_config(_load(config_path))
-    try:
+    with _store(config_path) as store:
         Users(store).add(username, password, role)
-    finally:
-        store.close()
     click.echo(f"added {username} ({role})")
 
 
@@ -369,15 +366,11 @@ def user_add(config_path: str | None, username: str, role: str) -> None:
 @config_option
 def user_list(config_path: str | None) -> None:
     """List users: name, role, state, created."""
-    from .store import Store
     from .users import describe
 
-    store = Store.from_config(_load(config_path))
-    try:
+    with _store(config_path) as store:
         for doc in store.users.find().sort("_id", 1):
             click.echo(describe(doc))
-    finally:
-        store.close()
 
 
 @cli.group("token")
@@ -391,12 +384,20 @@ def token_group() -> None:
 @click.option("--name", default="cli", show_default=True, help="What the token is for.")
 def token_create(config_path: str | None, username: str, name: str) -> None:
     """Create an API token for a user; it is shown once (only its hash is kept)."""
-    from .store import Store
     from .users import Users
+
+    with _store(config_path) as store:
+        click.echo(Users(store).create_token(username, name))
+
+
+@contextmanager
+def _store(config_path: str | None) -> Iterator[Any]:
+    """The store of the configured MongoDB, closed after the command."""
+    from .store import Store
 
     store = Store.from_config(_load(config_path))
     try:
-        click.echo(Users(store).create_token(username, name))
+        yield store
     finally:
         store.close()
 
@@ -421,14 +422,9 @@ def file_group() -> None:
 @click.option("--name", help="Name to store it under (default: the file's own name).")
 def file_put(config_path: str | None, path: str, name: str | None) -> None:
     """Store a new version of a task file; tasks naming it run the latest version."""
-    from .store import Store
 
-    cfg = _load(config_path)
-    store = Store.from_config(cfg)
-    try:
+    with _store(config_path) as store:
         meta = store.put_file(name or Path(path).name, Path(path).read_bytes())
-    finally:
-        store.close()
     click.echo(f"stored {meta['name']}: {meta['size']} bytes, sha256 {meta['sha256']}")
 
 
@@ -436,15 +432,10 @@ def file_put(config_path: str | None, path: str, name: str | None) -> None:
 @config_option
 def file_list(config_path: str | None) -> None:
     """List stored task files (latest version of each)."""
-    from .store import Store
 
-    cfg = _load(config_path)
-    store = Store.from_config(cfg)
-    try:
+    with _store(config_path) as store:
         for meta in store.list_files():
             click.echo(f"{meta['name']}\t{meta['size']}\t{meta['sha256']}")
-    finally:
-        store.close()
 
 
 @cli.command("next")
