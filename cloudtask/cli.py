@@ -129,6 +129,61 @@ def agent(
         store.close()
 
 
+# --- web ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@config_option
+@click.option("--host", help="Address to listen on (default: config web.host).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (default: config web.port).")
+@verbose_option
+def web(config_path: str | None, host: str | None, port: int | None, verbose: bool) -> None:
+    """Serve the web site and the REST API (waitress, a production WSGI server)."""
+    import waitress
+
+    from web import create_app
+
+    from .store import Store
+    from .zkpaths import ZkPaths, connect, task_signal
+
+    _setup_logging(verbose)
+    cfg = _load(config_path)
+    cfg = cfg.with_section("web", secret_key=_web_secret(cfg))
+    store = Store.from_config(cfg)
+    zk = None
+    if cfg.zookeeper.hosts:  # task changes made here reach the leading center at once
+        zk = connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout)
+        store.on_task_change = task_signal(zk, ZkPaths(cfg.zookeeper.root))
+    app = create_app(cfg, {"STORE": store})
+    host = host or cfg.web.host
+    port = cfg.web.port if port is None else port
+    log.info("web site on http://%s:%d/", host, port)
+    try:
+        waitress.serve(app, host=host, port=port, threads=8, ident="cloudtask")
+    finally:
+        if zk is not None:
+            zk.stop()
+            zk.close()
+        store.close()
+
+
+def _web_secret(cfg: Config) -> str:
+    """The key that signs sessions: configured, or generated once and kept with mode 0600."""
+    if cfg.web.secret_key:
+        return cfg.web.secret_key
+    import secrets
+
+    path = Path(cfg.web.data_dir) / "secret-key"
+    if path.is_file():
+        return path.read_text(encoding="utf-8").strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(key + "\n")
+    return key
+
+
 # --- center ---------------------------------------------------------------------------------
 
 
@@ -486,8 +541,13 @@ def next_cmd(schedule: str, tz: str | None, count: int) -> None:
 @click.option(
     "--agents", default=2, show_default=True, type=click.IntRange(1, 64), help="Agent processes."
 )
+@click.option(
+    "--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Web site port."
+)
 @verbose_option
-def up(config_path: str | None, data_dir: str, tasks_dir: str, agents: int, verbose: bool) -> None:
+def up(
+    config_path: str | None, data_dir: str, tasks_dir: str, agents: int, port: int, verbose: bool
+) -> None:
     """Run CloudTask on this machine: embedded servers where none are configured, a center
     and agents, each in its own process."""
     from .localservers import MongoServer, ZooKeeperServer
@@ -534,9 +594,11 @@ def up(config_path: str | None, data_dir: str, tasks_dir: str, agents: int, verb
 
         admins = Users(store).count_admins()
         store.close()
-        children = _start_cluster(cfg, base, agents)
+        web_cfg = cfg.with_section("web", port=port, data_dir=str(base / "web"))
+        children = _start_cluster(web_cfg, base, agents)
         click.echo("")
         click.echo("CloudTask is running.")
+        click.echo(f"  web site:    http://{web_cfg.web.host}:{port}/")
         click.echo(f"  ZooKeeper:   {cfg.zookeeper.hosts} (root {cfg.zookeeper.root})")
         click.echo(f"  MongoDB:     {cfg.mongodb.uri} (database {cfg.mongodb.database})")
         for name, _, log_path in children:
@@ -588,6 +650,7 @@ def _start_cluster(
         children.append((name, proc, log_path))
 
     spawn("center", cfg, "center", "--id", "center-1")
+    spawn("web", cfg, "web")
     for n in range(1, agents + 1):
         agent_id = f"{cfg.agent.id}-{n}" if cfg.agent.id else ""  # "": generated, kept per agent
         agent_cfg = cfg.with_section(

@@ -59,11 +59,20 @@ class RunsConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    secret_key: str = ""  # empty: generated once and kept in <data_dir>/secret-key
+    data_dir: str = ".cloudtask/web"
+
+
+@dataclass(frozen=True)
 class Config:
     zookeeper: ZooKeeperConfig = field(default_factory=ZooKeeperConfig)
     mongodb: MongoConfig = field(default_factory=MongoConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     runs: RunsConfig = field(default_factory=RunsConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     source: str = "defaults"
 
     def with_section(self, name: str, **changes: Any) -> Config:
@@ -177,6 +186,16 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...
         ("AGENT",),
     ),
     "runs": (RunsConfig, {"retention_days": _int_range(1, 36500)}, ("RUNS", "RUN")),
+    "web": (
+        WebConfig,
+        {
+            "host": _string,
+            "port": _int_range(0, 65535),
+            "secret_key": _string,
+            "data_dir": _string,
+        },
+        ("WEB",),
+    ),
 }
 
 

@@ -31,6 +31,7 @@ SUBCOMMANDS = [
     "file",
     "user",
     "token",
+    "web",
 ]
 
 
@@ -167,6 +168,16 @@ def test_two_agent_processes_fire_each_time_once(
     assert all("stopped" in out for out in outputs)
 
 
+def _get(url: str) -> str | None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return answer.read().decode()
+    except OSError:
+        return None
+
+
 def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -177,12 +188,17 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
     )
     (tasks / "broken.json").write_text(json.dumps({"name": "broken", "schedule": {"every": "0s"}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDTASK_")}
+    from cloudtask.localservers import free_port
+
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "cloudtask",
             "up",
+            "--port",
+            str(port),
             "--data-dir",
             str(tmp_path / "data"),
             "--tasks",
@@ -202,6 +218,13 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
         text = "".join(lines)
         assert "task hello: created" in text
         assert "No admin user yet" in text and "user add NAME --role admin" in text
+        assert f"web site:    http://127.0.0.1:{port}/" in text
+        health = wait_for(
+            lambda: _get(f"http://127.0.0.1:{port}/healthz"), timeout=30, message="web not up"
+        )
+        assert json.loads(health)["status"] == "ok"
+        login_page = _get(f"http://127.0.0.1:{port}/")  # redirected to the login page
+        assert "Log in" in login_page
         assert "skipped:" in text and "broken" in text  # a bad file is reported, the rest runs
         uri = re.search(r"MongoDB:\s+(\S+)", text).group(1)
         logs = re.search(r"task logs:\s+(\S+)/<task>", text).group(1)
@@ -219,7 +242,7 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
         assert logs.startswith(str(tmp_path / "data"))
         store.close()
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert len(children) >= 3  # ZooKeeper, MongoDB, agent
+        assert len(children) >= 6  # ZooKeeper, MongoDB, center, web, two agents
     finally:
         proc.send_signal(signal.SIGINT)
         rest = proc.communicate(timeout=60)[0]
@@ -315,3 +338,17 @@ def test_bad_files_give_messages_not_tracebacks(tmp_path, content, needle):
 def test_next_with_bad_json_is_a_usage_error():
     result = invoke("next", "{bad")
     assert result.exit_code == 2 and "not valid JSON" in result.output
+
+
+def test_web_secret_key_is_generated_once_and_private(tmp_path):
+    import stat
+
+    from cloudtask.cli import _web_secret
+    from cloudtask.config import Config
+
+    cfg = Config().with_section("web", data_dir=str(tmp_path / "web"))
+    first = _web_secret(cfg)
+    assert len(first) == 64 and _web_secret(cfg) == first
+    mode = (tmp_path / "web" / "secret-key").stat().st_mode
+    assert stat.S_IMODE(mode) == 0o600
+    assert _web_secret(cfg.with_section("web", secret_key="given")) == "given"

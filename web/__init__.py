@@ -27,9 +27,10 @@ OPEN_ENDPOINTS = {"auth.login", "healthz", "static"}
 
 def create_app(config: Config | None = None, test_config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
+    cfg = config or Config()
     app.config.from_mapping(
-        CLOUDTASK=config or Config(),
-        SECRET_KEY=secrets.token_hex(32),
+        CLOUDTASK=cfg,
+        SECRET_KEY=cfg.web.secret_key or secrets.token_hex(32),
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         REMEMBER_COOKIE_HTTPONLY=True,
