@@ -81,6 +81,12 @@ class RunContext:
                 del self.tail[: len(self.tail) - OUTPUT_TAIL_BYTES]
             self.tail_dirty = True
 
+    def record_output(self, chunk: bytes, runlog: RunLog) -> None:
+        """A chunk of output: into the tail, and into the log file (flushed at least once a second)."""
+        self.append_output(chunk)
+        runlog.write(chunk)
+        runlog.flush(older_than=1.0)
+
     def output_tail(self) -> str:
         with self.lock:
             self.tail_dirty = False
@@ -415,9 +421,7 @@ class Executor:
                     chunk = os.read(fd, 65536)
                     if not chunk:
                         break
-                    ctx.append_output(chunk)
-                    runlog.write(chunk)
-                    runlog.flush(older_than=1.0)
+                    ctx.record_output(chunk, runlog)
                     continue
                 runlog.flush()  # the output paused: let the log file show it
                 if proc.poll() is not None:
@@ -471,9 +475,7 @@ class Executor:
                 chunk = stream.read1(65536)
                 if not chunk:
                     break
-                ctx.append_output(chunk)
-                runlog.write(chunk)
-                runlog.flush(older_than=1.0)
+                ctx.record_output(chunk, runlog)
         except (OSError, ValueError):
             pass
         finally:

@@ -71,8 +71,7 @@ def run_http(ctx: RunContext, runlog: RunLog) -> None:
                     chunk = response.read(65536)
                     if not chunk:
                         break
-                    ctx.append_output(chunk)
-                    runlog.write(chunk)
+                    ctx.record_output(chunk, runlog)
                     if deadline is not None and time.monotonic() > deadline:
                         raise TimeoutError
         except TimeoutError:
