@@ -112,6 +112,14 @@ def assignments(zk) -> dict[str, set[str]]:
     return {a: t for a, t in out.items() if t}
 
 
+def spread_over(zk, agents: int, tasks: int) -> dict[str, set[str]] | None:
+    """The assignments, once ``tasks`` tasks are placed over exactly ``agents`` agents."""
+    placed = assignments(zk)
+    if len(placed) == agents and sum(map(len, placed.values())) == tasks:
+        return placed
+    return None
+
+
 def agent_count(zk) -> int:
     group = "/cloudtask/agents/default"
     return len(zk.get_children(group)) if zk.exists(group) else 0
@@ -148,7 +156,7 @@ def test_failover_moves_only_the_dead_agents_tasks(cluster, zk, store):
     for a in ("a1", "a2", "a3"):
         cluster.agent(a)
     placed = wait_for(
-        lambda: (p := assignments(zk)) and len(p) == 3 and sum(map(len, p.values())) == 60 and p,
+        lambda: spread_over(zk, agents=3, tasks=60),
         timeout=30,
         message="60 tasks never spread over 3 agents",
     )
@@ -184,10 +192,8 @@ def test_failover_moves_only_the_dead_agents_tasks(cluster, zk, store):
     # restart it: only tasks the ring gives back move, all of them to a2
     cluster.agent("a2")
     back = wait_for(
-        lambda: (p := assignments(zk)).get("a2") and p, timeout=20, message="a2 got nothing back"
+        lambda: spread_over(zk, agents=3, tasks=60), timeout=20, message="a2 got nothing back"
     )
-    time.sleep(1.0)
-    back = assignments(zk)
     for agent in ("a1", "a3"):
         assert back[agent] <= moved[agent]  # lost only what went to a2
     assert back["a2"] == (moved["a1"] - back["a1"]) | (moved["a3"] - back["a3"])
@@ -227,7 +233,7 @@ def test_sigterm_moves_tasks_at_once(cluster, zk, store):
     cluster.agent("a1")
     cluster.agent("a2")
     placed = wait_for(
-        lambda: (p := assignments(zk)) and len(p) == 2 and sum(map(len, p.values())) == 20 and p,
+        lambda: spread_over(zk, agents=2, tasks=20),
         timeout=30,
     )
     wait_for(lambda: store.runs.count_documents({"agent": "a1", "status": "succeeded"}), timeout=15)
@@ -354,7 +360,7 @@ def test_paused_agent_fires_nothing_twice(cluster, zk, store):
     cluster.agent("a1")
     cluster.agent("a2")
     placed = wait_for(
-        lambda: (p := assignments(zk)) and len(p) == 2 and sum(map(len, p.values())) == 10 and p,
+        lambda: spread_over(zk, agents=2, tasks=10),
         timeout=30,
     )
     wait_for(
