@@ -21,6 +21,11 @@ deps: $(VENV)/.installed zookeeper
 zookeeper:
 	@sh scripts/ensure-zookeeper.sh
 
+# Debian's chromium for the browser tests (Playwright drives the system browser; it never
+# downloads one)
+browser:
+	@sh scripts/ensure-chromium.sh
+
 up: deps
 	$(BIN)/cloudtask up --data-dir $(DATA_DIR) $(ARGS)
 
@@ -32,7 +37,7 @@ format: $(VENV)/.installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: deps lint
+test: deps browser lint
 	$(BIN)/python -m pytest $(ARGS)
 
 clean:

@@ -154,7 +154,7 @@ def web(config_path: str | None, host: str | None, port: int | None, verbose: bo
     if cfg.zookeeper.hosts:  # task changes made here reach the leading center at once
         zk = connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout)
         store.on_task_change = task_signal(zk, ZkPaths(cfg.zookeeper.root))
-    app = create_app(cfg, {"STORE": store})
+    app = create_app(cfg, {"STORE": store, "ZK": zk})
     host = host or cfg.web.host
     port = cfg.web.port if port is None else port
     log.info("web site on http://%s:%d/", host, port)
@@ -324,11 +324,24 @@ def signal_centers(cfg: Config) -> None:
         zk.close()
 
 
+def cli_actor() -> str:
+    """Who acts, for the audit log: ``cli:<login name>``."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:
+        return "cli:unknown"
+
+
 def apply_tasks(store: Any, tasks: list[tuple[Path, dict]]) -> list[tuple[str, str]]:
+    from .operations import Operations
+
+    ops = Operations(store)
     results = []
     for path, data in tasks:
         try:
-            outcome, doc = store.apply_task(data)
+            outcome, doc = ops.apply_task(cli_actor(), data)
         except ValidationError as e:
             raise ValidationError(e.problems, source=str(path)) from None
         results.append((outcome, doc["name"]))
@@ -359,11 +372,14 @@ def task_group() -> None:
 @click.option("--kill-running", is_flag=True, help="Also kill its runs that are still going.")
 def task_delete(config_path: str | None, name_or_id: str, kill_running: bool) -> None:
     """Delete a task; its running runs finish unless --kill-running."""
-    from .operations import delete_task
+    from .operations import Operations, find_task
 
     store, zk, paths = _cluster(_load(config_path))
     try:
-        task, killed = delete_task(store, zk, paths, name_or_id, kill_running)
+        task = find_task(store, name_or_id)
+        task, killed = Operations(store, zk, paths).delete_task(
+            cli_actor(), task["_id"], kill_running
+        )
         click.echo(f"deleted {task['name']}" + (f"; killing {len(killed)} runs" if killed else ""))
     finally:
         zk.stop()
@@ -381,12 +397,15 @@ def run_group() -> None:
 @click.argument("run_id")
 def run_kill(config_path: str | None, run_id: str) -> None:
     """Kill a running run and its whole process tree."""
-    from .operations import kill_run
+    from .operations import Operations
 
     store, zk, paths = _cluster(_load(config_path))
     try:
-        run = kill_run(store, zk, paths, run_id, "killed by request")
-        click.echo(f"asked agent {run['agent']} to kill run {run_id}")
+        run = Operations(store, zk, paths).kill_run(cli_actor(), run_id)
+        if run.get("agent"):
+            click.echo(f"asked agent {run['agent']} to kill run {run_id}")
+        else:
+            click.echo(f"cancelled run {run_id} (no agent had taken it)")
     finally:
         zk.stop()
         zk.close()

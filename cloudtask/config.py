@@ -64,6 +64,9 @@ class WebConfig:
     port: int = 8080
     secret_key: str = ""  # empty: generated once and kept in <data_dir>/secret-key
     data_dir: str = ".cloudtask/web"
+    max_upload_bytes: int = 50 * 1024 * 1024  # task files (scripts, binaries, archives)
+    file_versions_kept: int = 20  # per file name; older versions are deleted unless pinned
+    base_url: str = ""  # how users reach the site, for links in mail (empty: http://host:port)
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,9 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...
             "port": _int_range(0, 65535),
             "secret_key": _string,
             "data_dir": _string,
+            "max_upload_bytes": _int_range(1, 16 * 1024**3),
+            "file_versions_kept": _int_range(1, 1000),
+            "base_url": _string,
         },
         ("WEB",),
     ),

@@ -1,12 +1,22 @@
-"""Operations that touch both MongoDB and ZooKeeper (the CLI uses them; the web will too)."""
+"""Changes made by people, the same from the web site, the REST API and the CLI.
+
+Every change goes through :class:`Operations`, which validates it (the task model), stores it,
+signals the cluster (ZooKeeper, when there is one) and writes an audit entry: who, what, when,
+and the task's definition before and after.
+
+``actor`` names who acts: a user name for the web site and the API, ``cli:<login>`` for the
+command line.
+"""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-from .exceptions import Conflict, NotFound
+from .exceptions import Conflict, NotFound, Problem, ValidationError
 from .store import RUNNING_STATUSES, Store
-from .zkpaths import ZkPaths, request_kill
+from .task import parse_task
+from .zkpaths import ZkPaths, request_kill, run_signal
 
 
 def find_task(store: Store, name_or_id: str) -> dict[str, Any]:
@@ -16,28 +26,160 @@ def find_task(store: Store, name_or_id: str) -> dict[str, Any]:
         return store.get_task(name_or_id)
 
 
-def delete_task(
-    store: Store, zk: Any, paths: ZkPaths, name_or_id: str, kill_running: bool = False
-) -> tuple[dict[str, Any], list[str]]:
-    """Delete a task. Its running runs finish, or are killed with ``kill_running``.
+class Operations:
+    """Validated, audited changes. ``zk`` is None without a cluster (standalone agents):
+    then a running run cannot be killed, everything else works the same."""
 
-    Returns the deleted task and the ids of the runs asked to be killed.
-    """
-    task = find_task(store, name_or_id)
-    running = store.list_runs(task_id=task["_id"], status=list(RUNNING_STATUSES), limit=10_000)
-    store.delete_task(task["_id"])
-    killed = []
-    if kill_running:
-        for run in running:
-            request_kill(zk, paths, run["agent"], run["_id"], "the task was deleted")
-            killed.append(run["_id"])
-    return task, killed
+    def __init__(self, store: Store, zk: Any = None, paths: ZkPaths | None = None) -> None:
+        self.store = store
+        self.zk = zk
+        self.paths = paths or ZkPaths()
+
+    # --- tasks ------------------------------------------------------------------------------
+
+    def create_task(self, actor: str, data: dict[str, Any]) -> dict[str, Any]:
+        doc = self.store.create_task(data)
+        self.store.add_audit(actor, "task.create", _target(doc), None, doc["spec"])
+        return doc
+
+    def replace_task(
+        self,
+        actor: str,
+        task_id: str,
+        data: dict[str, Any],
+        expected_revision: int | None = None,
+    ) -> dict[str, Any]:
+        before = self.store.get_task(task_id)
+        doc = self.store.replace_task(task_id, data, expected_revision=expected_revision)
+        self.store.add_audit(actor, "task.update", _target(doc), before["spec"], doc["spec"])
+        return doc
+
+    def patch_task(
+        self,
+        actor: str,
+        task_id: str,
+        changes: dict[str, Any],
+        expected_revision: int | None = None,
+    ) -> dict[str, Any]:
+        """Change some top-level keys of a task's definition (a JSON merge of one level)."""
+        if not isinstance(changes, dict):
+            raise ValidationError(
+                [Problem("", "a patch is a JSON object of the keys to change")], source="the patch"
+            )
+        current = self.store.get_task(task_id)
+        spec = copy.deepcopy(current["spec"])
+        spec.pop("version", None)
+        spec.update(changes)
+        return self.replace_task(actor, task_id, spec, expected_revision)
+
+    def apply_task(self, actor: str, data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Create or update the task named in ``data`` (``cloudtask apply``)."""
+        name = data.get("name") if isinstance(data, dict) else None
+        before = None
+        if isinstance(name, str):
+            try:
+                before = self.store.get_task_by_name(name)
+            except NotFound:
+                before = None
+        outcome, doc = self.store.apply_task(data)
+        if outcome != "unchanged":
+            self.store.add_audit(
+                actor,
+                "task.create" if outcome == "created" else "task.update",
+                _target(doc),
+                before["spec"] if before else None,
+                doc["spec"],
+            )
+        return outcome, doc
+
+    def set_enabled(self, actor: str, task_id: str, enabled: bool) -> dict[str, Any]:
+        before = self.store.get_task(task_id)
+        if bool(before.get("enabled")) == enabled:
+            return before
+        doc = self.store.set_task_enabled(task_id, enabled)
+        action = "task.resume" if enabled else "task.pause"
+        self.store.add_audit(actor, action, _target(doc), before["spec"], doc["spec"])
+        return doc
+
+    def clone_task(self, actor: str, task_id: str, new_name: str) -> dict[str, Any]:
+        """A copy of a task under a new name, created paused so it does not fire twice."""
+        source = self.store.get_task(task_id)
+        spec = copy.deepcopy(source["spec"])
+        spec.pop("version", None)
+        spec.update(name=new_name, enabled=False)
+        doc = self.store.create_task(spec)
+        self.store.add_audit(
+            actor, "task.clone", _target(doc), {"from": source["name"]}, doc["spec"]
+        )
+        return doc
+
+    def delete_task(
+        self, actor: str, task_id: str, kill_running: bool = False
+    ) -> tuple[dict[str, Any], list[str]]:
+        """Delete a task. Its running runs finish, or are killed with ``kill_running``.
+        Returns the deleted task and the ids of the runs asked to be killed."""
+        task = self.store.get_task(task_id)
+        running = self.store.list_runs(
+            task_id=task["_id"], status=list(RUNNING_STATUSES), limit=10_000
+        )
+        self.store.delete_task(task["_id"])
+        self.store.add_audit(actor, "task.delete", _target(task), task["spec"], None)
+        killed = []
+        if kill_running:
+            for run in running:
+                try:
+                    self._kill(run, f"the task was deleted by {actor}")
+                except Conflict:
+                    continue
+                killed.append(run["_id"])
+        return task, killed
+
+    # --- runs -------------------------------------------------------------------------------
+
+    def run_now(self, actor: str, task_id: str) -> dict[str, Any]:
+        """Ask for one run of the task now. The run is stored at once (``queued``, no agent);
+        the agent that owns the task (or, for a paused task, any agent of its group) takes it."""
+        task = self.store.get_task(task_id)
+        spec = parse_task(task["spec"])
+        if spec.schedule.keepalive:
+            raise Conflict(
+                f"task {task['name']!r} is a keepalive service: it runs all the time; "
+                "pause and resume it to restart it"
+            )
+        run = self.store.request_manual_run(task, requested_by=actor)
+        self.store.add_audit(actor, "task.run", _target(task), None, {"run_id": run["_id"]})
+        if self.zk is not None:
+            try:
+                run_signal(self.zk, self.paths)()
+            except Exception:  # agents also look every poll_interval
+                pass
+        return run
+
+    def kill_run(self, actor: str, run_id: str) -> dict[str, Any]:
+        """Kill a run (its whole process tree), or cancel a manual run no agent took yet."""
+        run = self.store.get_run(run_id)
+        self._kill(run, f"killed by {actor}")
+        self.store.add_audit(
+            actor, "run.kill", f"run:{run_id}", {"status": run["status"]}, {"requested": True}
+        )
+        return run
+
+    def _kill(self, run: dict[str, Any], reason: str) -> None:
+        if run["status"] not in RUNNING_STATUSES:
+            raise Conflict(f"run {run['_id']} is not running (it is {run['status']})")
+        if run.get("agent") is None:
+            if self.store.cancel_pending_run(run["_id"], reason):
+                return
+            run = self.store.get_run(run["_id"])  # an agent took it meanwhile
+            if run["status"] not in RUNNING_STATUSES:
+                raise Conflict(f"run {run['_id']} is not running (it is {run['status']})")
+        if self.zk is None:
+            raise Conflict(
+                "killing a running run needs the cluster (ZooKeeper): "
+                "this web site or command has no zookeeper.hosts configured"
+            )
+        request_kill(self.zk, self.paths, run["agent"], run["_id"], reason)
 
 
-def kill_run(store: Store, zk: Any, paths: ZkPaths, run_id: str, reason: str) -> dict[str, Any]:
-    """Ask the run's agent to kill it (and its whole process tree)."""
-    run = store.get_run(run_id)
-    if run["status"] not in RUNNING_STATUSES:
-        raise Conflict(f"run {run_id} is not running (it is {run['status']})")
-    request_kill(zk, paths, run["agent"], run_id, reason)
-    return run
+def _target(task: dict[str, Any]) -> str:
+    return f"task:{task['name']}"

@@ -26,7 +26,7 @@ from typing import Any
 import gridfs
 import pymongo
 from bson import ObjectId
-from pymongo import ASCENDING, DESCENDING, MongoClient, ReplaceOne
+from pymongo import ASCENDING, DESCENDING, MongoClient, ReplaceOne, ReturnDocument, UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from .config import Config
@@ -99,6 +99,7 @@ class Store:
         self.users = self.db["users"]
         self.audit = self.db["audit"]
         self.leases = self.db["leases"]
+        self.agents = self.db["agents"]
         self.fs = gridfs.GridFS(self.db, collection="files")
         self.run_retention_days = run_retention_days
         # called after every task change (the cluster sets it to bump /signals/tasks)
@@ -154,6 +155,11 @@ class Store:
         self.runs.create_index([("status", ASCENDING), ("agent", ASCENDING)], name="status_agent")
         self.runs.create_index([("scheduled_for", DESCENDING)], name="time")
         self._ensure_ttl()
+        self.runs.create_index(
+            [("trigger", ASCENDING), ("status", ASCENDING), ("group", ASCENDING)],
+            name="pending_manual",
+        )
+        self.tasks.create_index([("last_run.status", ASCENDING)], name="last_status")
         self.events.create_index([("at", DESCENDING)], name="at")
         self.events.create_index([("kind", ASCENDING), ("at", DESCENDING)], name="kind_at")
         self.users.create_index([("username", ASCENDING)], unique=True, name="username_unique")
@@ -236,6 +242,8 @@ class Store:
         doc = self._task_document(spec, task_id, current["revision"] + 1, now)
         doc["created_at"] = current.get("created_at")
         doc["done_at"] = None
+        if "last_run" in current:
+            doc["last_run"] = current["last_run"]
         try:
             result = self._guard(
                 self.tasks.replace_one,
@@ -376,6 +384,144 @@ class Store:
             for d in docs
         ]
         self._guard(self.runs.bulk_write, "write runs", ops, ordered=False)
+        self.note_last_runs(docs)
+
+    def note_last_runs(self, docs: Sequence[dict[str, Any]]) -> None:
+        """Copy each task's latest finished run (status, time, duration) onto the task, so lists
+        and filters by last result need no scan of the runs. Times are epoch seconds: ``$set``
+        keeps numbers as numbers on every server. Best effort: the runs are stored already."""
+        latest: dict[str, dict[str, Any]] = {}
+        for d in docs:
+            if d.get("status") not in FINISHED_STATUSES or not d.get("finished_at"):
+                continue
+            key = d["task_id"]
+            if key not in latest or d["finished_at"] >= latest[key]["finished_at"]:
+                latest[key] = d
+        if not latest:
+            return
+        ops = [
+            UpdateOne(
+                {"_id": task_id},
+                {
+                    "$set": {
+                        "last_run": {
+                            "id": d["_id"],
+                            "status": d["status"],
+                            "finished": d["finished_at"].timestamp(),
+                            "duration": d.get("duration"),
+                            "trigger": d.get("trigger"),
+                        }
+                    }
+                },
+            )
+            for task_id, d in latest.items()
+        ]
+        try:
+            self._guard(self.tasks.bulk_write, "note last runs", ops, ordered=False)
+        except (StoreError, BulkWriteError) as e:
+            log.warning("cannot note the last runs on their tasks: %s", e)
+
+    # --- manual runs ("run now") --------------------------------------------------------------
+
+    def request_manual_run(
+        self, task: dict[str, Any], requested_by: str, now: datetime | None = None
+    ) -> dict[str, Any]:
+        """Record a manual run of ``task``, waiting for an agent of its group to take it.
+
+        The run is stored first (``queued``, no agent), so it is never silently lost: the agent
+        that owns the task takes it with one conditional write (see :meth:`take_manual_run`),
+        which only one agent can win.
+        """
+        now = now or utcnow()
+        doc = new_run_document(
+            task_id=task["_id"],
+            task_name=task["name"],
+            group=task["group"],
+            revision=task["revision"],
+            scheduled_for=now,
+            slot="manual",
+            attempt=0,
+            trigger="manual",
+            agent=None,
+            status="queued",
+            now=now,
+        )
+        doc["requested_by"] = requested_by
+        self._guard(self.runs.insert_one, "record the manual run", doc)
+        return doc
+
+    def pending_manual_runs(self, group: str, limit: int = 100) -> list[dict[str, Any]]:
+        """Manual runs of ``group`` that no agent has taken yet, oldest first."""
+        cursor = (
+            self.runs.find({"trigger": "manual", "status": "queued", "group": group, "agent": None})
+            .sort("claimed_at", ASCENDING)
+            .limit(limit)
+        )
+        return self._guard(lambda: list(cursor), "read pending manual runs")
+
+    def take_manual_run(
+        self, run_id: str, agent: str, session: str | None, token_hash: str
+    ) -> dict[str, Any] | None:
+        """Take a pending manual run for ``agent``: the whole run document, or None if another
+        agent took it first (or it was cancelled). Only strings are written with ``$set``."""
+        return self._guard(
+            self.runs.find_one_and_update,
+            "take a manual run",
+            {"_id": run_id, "status": "queued", "agent": None},
+            {"$set": {"agent": agent, "session": session, "token_hash": token_hash}},
+            return_document=ReturnDocument.AFTER,
+        )
+
+    def cancel_pending_run(self, run_id: str, reason: str, now: datetime | None = None) -> bool:
+        """Finish a manual run no agent has taken yet as ``killed``. False if one took it."""
+        now = to_bson_time(now or utcnow())
+        doc = self._guard(
+            self.runs.find_one, "read the run", {"_id": run_id, "status": "queued", "agent": None}
+        )
+        if doc is None:
+            return False
+        doc.update(status="killed", error=reason, finished_at=now, duration=0.0)
+        result = self._guard(
+            self.runs.replace_one,
+            "cancel the run",
+            {"_id": run_id, "status": "queued", "agent": None},
+            doc,
+        )
+        if result.matched_count:
+            self.note_last_runs([doc])
+        return bool(result.matched_count)
+
+    # --- agents as the leading center saw them ------------------------------------------------
+
+    def record_agents(self, live: dict[str, dict[str, Any]], now: datetime | None = None) -> None:
+        """The leader's view of the live agents (id -> registration info): each is stored
+        ``online`` with its info; any other agent stored online becomes ``offline`` (kept, so
+        the site can show agents that went away and when they were last seen)."""
+        now = to_bson_time(now or utcnow())
+        known = {d["_id"]: d for d in self._guard(self.agents.find, "read agents", {}, {"info": 0})}
+        ops = []
+        for agent_id, info in live.items():
+            doc = {
+                "_id": agent_id,
+                "version": SCHEMA_VERSION,
+                "group": info.get("group", ""),
+                "status": "online",
+                "info": info,
+                "first_seen": known.get(agent_id, {}).get("first_seen", now),
+                "last_seen": now,
+            }
+            ops.append(ReplaceOne({"_id": agent_id}, doc, upsert=True))
+        for agent_id, doc in known.items():
+            if agent_id not in live and doc.get("status") == "online":
+                full = self._guard(self.agents.find_one, "read an agent", {"_id": agent_id})
+                if full is not None:
+                    full.update(status="offline", last_seen=now)
+                    ops.append(ReplaceOne({"_id": agent_id}, full))
+        if ops:
+            self._guard(self.agents.bulk_write, "record agents", ops, ordered=False)
+
+    def list_agents(self) -> list[dict[str, Any]]:
+        return list(self._guard(self.agents.find, "list agents", {}))
 
     def mark_runs_lost(
         self,
@@ -588,7 +734,7 @@ def new_run_document(
     slot: str,
     attempt: int,
     trigger: str,
-    agent: str,
+    agent: str | None,
     status: str,
     now: datetime,
     token_hash: str | None = None,

@@ -29,6 +29,7 @@ TASK_KEYS = (
     "command",
     "shell",
     "file",
+    "file_version",
     "http",
     "mode",
     "timeout",
@@ -44,7 +45,17 @@ TASK_KEYS = (
     "description",
     "owner",
 )
-HTTP_KEYS = ("url", "urls", "strategy", "method", "headers", "body", "expect_status", "timeout")
+HTTP_KEYS = (
+    "url",
+    "urls",
+    "strategy",
+    "method",
+    "headers",
+    "body",
+    "expect_status",
+    "timeout",
+    "callback",
+)
 NOTIFY_KEYS = ("emails", "on")
 MODES = ("one", "all")
 CONCURRENCY_POLICIES = ("forbid", "allow", "replace")
@@ -74,6 +85,9 @@ class HttpSpec:
     body: str | None = None
     expect_status: tuple[int, ...] | None = None  # None: any 2xx
     timeout: float | None = None
+    # the service answers at once and reports its result later (POST /api/v1/runs/<id>/result);
+    # the run stays running until then, or until the task's timeout
+    callback: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +98,7 @@ class HttpSpec:
             "body": self.body,
             "expect_status": list(self.expect_status) if self.expect_status else None,
             "timeout": _format_optional(self.timeout),
+            "callback": self.callback,
         }
 
 
@@ -108,6 +123,7 @@ class TaskSpec:
     command: str | tuple[str, ...] | None = None
     shell: bool = False
     file: str | None = None
+    file_version: str | None = None  # a pinned version (sha256); None follows the latest
     http: HttpSpec | None = None
     mode: str = "one"
     timeout: float | None = None
@@ -134,6 +150,7 @@ class TaskSpec:
             "command": command,
             "shell": self.shell,
             "file": self.file,
+            "file_version": self.file_version,
             "http": self.http.to_dict() if self.http is not None else None,
             "mode": self.mode,
             "timeout": _format_optional(self.timeout),
@@ -335,6 +352,12 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
             f.refuse("file", "file only applies to a command, not to an http call")
         elif problem := file_name_problem(file):
             f.refuse("file", problem)
+    file_version = f.string("file_version", None, nullable=True)
+    if file_version is not None:
+        if file is None:
+            f.refuse("file_version", "pins a version of the task's file: give file too")
+        elif not re.fullmatch(r"[0-9a-f]{64}", file_version):
+            f.refuse("file_version", "expected the sha256 of a stored version (64 hex digits)")
 
     retries = data.get("retries", 0)
     if type(retries) is not int or not 0 <= retries <= MAX_RETRIES:
@@ -367,6 +390,7 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
         command=command,
         shell=shell,
         file=file,
+        file_version=file_version,
         http=http,
         **values,
     )
@@ -437,6 +461,7 @@ def _read_http(value: object, problems: list[Problem]) -> HttpSpec | None:
         body=body if isinstance(body, str) else None,
         expect_status=tuple(statuses) if expect is not None else None,
         timeout=f.duration("timeout", None, nullable=True),
+        callback=f.boolean("callback", False),
     )
     return spec if len(problems) == before else None
 

@@ -7,6 +7,7 @@
 <root>/assignments/<agent_id>           persistent: its data is the leader's change counter
 <root>/assignments/<agent_id>/<task_id> persistent: the task spec, revision and ring epoch (JSON)
 <root>/signals/tasks                    its version is bumped after every task change
+<root>/signals/runs                     bumped when a manual run waits for an agent to take it
 <root>/status                           the leader's summary: who leads, unassigned tasks (JSON)
 <root>/kills/<agent_id>/<run_id>        persistent: a request to kill a run (JSON: reason, by)
 ```
@@ -35,6 +36,7 @@ class ZkPaths:
         self.assignments = f"{base}/assignments"
         self.signals = f"{base}/signals"
         self.task_signal = f"{base}/signals/tasks"
+        self.run_signal = f"{base}/signals/runs"
         self.status = f"{base}/status"
         self.kills = f"{base}/kills"
 
@@ -114,18 +116,27 @@ def connect(hosts: str, session_timeout: float, *, start_timeout: float = 15.0) 
     return zk
 
 
-def task_signal(zk: Any, paths: ZkPaths) -> Any:
-    """A function that bumps ``/signals/tasks``, so the leading center reconciles at once."""
+def _bumper(zk: Any, path: str) -> Any:
     from kazoo.exceptions import NoNodeError
 
     def bump() -> None:
         try:
-            zk.set(paths.task_signal, b"")
+            zk.set(path, b"")
         except NoNodeError:
-            zk.ensure_path(paths.task_signal)
-            zk.set(paths.task_signal, b"")
+            zk.ensure_path(path)
+            zk.set(path, b"")
 
     return bump
+
+
+def task_signal(zk: Any, paths: ZkPaths) -> Any:
+    """A function that bumps ``/signals/tasks``, so the leading center reconciles at once."""
+    return _bumper(zk, paths.task_signal)
+
+
+def run_signal(zk: Any, paths: ZkPaths) -> Any:
+    """A function that bumps ``/signals/runs``, so agents look for manual runs at once."""
+    return _bumper(zk, paths.run_signal)
 
 
 def request_kill(zk: Any, paths: ZkPaths, agent_id: str, run_id: str, reason: str) -> None:

@@ -84,7 +84,13 @@ def test_design_example_parses() -> None:
     assert (spec.timeout, spec.retries, spec.retry_delay, spec.misfire_grace) == (600, 2, 30, 3600)
     assert spec.env == {"LEVEL": "info"}
     assert spec.notify.emails == ("ops@example.com",)
-    assert spec.to_dict() == {"version": 1, **DESIGN_EXAMPLE, "shell": False, "http": None}
+    assert spec.to_dict() == {
+        "version": 1,
+        **DESIGN_EXAMPLE,
+        "shell": False,
+        "http": None,
+        "file_version": None,
+    }
 
 
 def test_http_spec_is_normalised() -> None:

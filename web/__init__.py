@@ -1,7 +1,12 @@
 """The CloudTask web site (Flask): an application factory and its blueprints.
 
 ``create_app(config, test_config)`` builds the app from defaults, then the CloudTask config,
-then test overrides. Every page and API route needs a logged-in user (a session, or an API
+then test overrides (``STORE``: a ready Store; ``ZK``: a started kazoo client, None without a
+cluster).
+
+One blueprint per area: ``auth`` (login, logout, password), ``dashboard``, ``tasks``,
+``runs``, ``cluster``, ``files``, ``admin`` (users, audit log) and ``api`` (``/api/v1``, JSON).
+Shared helpers are in :mod:`web.context`. Every page and API route needs a logged-in user (a session, or an API
 token as ``Authorization: Bearer``), except the login page and ``/healthz``; roles are checked
 on the server for every route; every form carries a CSRF token.
 """
@@ -19,10 +24,18 @@ from cloudtask.exceptions import CloudTaskError
 from cloudtask.store import Store
 
 from .auth import bp as auth_bp
-from .auth import login_manager, requires
+from .auth import login_manager
 from .security import LoginThrottle, check_csrf, csrf_token
 
-OPEN_ENDPOINTS = {"auth.login", "healthz", "static"}
+# routes anyone may call: the login page, the health check, static files, and the callbacks
+# of http tasks (authenticated by the run's own token, not by a user)
+OPEN_ENDPOINTS = {
+    "auth.login",
+    "healthz",
+    "static",
+    "api.run_progress",
+    "api.run_result",
+}
 
 
 def create_app(config: Config | None = None, test_config: dict[str, Any] | None = None) -> Flask:
@@ -30,6 +43,8 @@ def create_app(config: Config | None = None, test_config: dict[str, Any] | None 
     cfg = config or Config()
     app.config.from_mapping(
         CLOUDTASK=cfg,
+        ZK=None,
+        MAX_CONTENT_LENGTH=cfg.web.max_upload_bytes + 64 * 1024,
         SECRET_KEY=cfg.web.secret_key or secrets.token_hex(32),
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
@@ -51,6 +66,12 @@ def create_app(config: Config | None = None, test_config: dict[str, Any] | None 
     app.extensions["cloudtask_throttle"] = LoginThrottle()
     login_manager.init_app(app)
     app.register_blueprint(auth_bp)
+    from . import admin, api, cluster, dashboard, files, runs, tasks
+    from .filters import register_filters
+
+    for module in (dashboard, tasks, runs, cluster, files, admin, api):
+        app.register_blueprint(module.bp)
+    register_filters(app)
     app.before_request(check_csrf)
     app.jinja_env.globals["csrf_token"] = csrf_token
     app.jinja_env.globals["version"] = __version__
@@ -64,27 +85,53 @@ def create_app(config: Config | None = None, test_config: dict[str, Any] | None 
             return jsonify(status="unavailable", version=__version__, error=str(e)), 503
         return jsonify(status="ok", version=__version__)
 
-    @app.get("/")
-    @requires("viewer")
-    def home() -> Any:
-        return render_template("home.html")
-
-    @app.get("/api/v1/me")
-    @requires("viewer")
-    def api_me() -> Any:
-        from flask_login import current_user
-
-        return jsonify(username=current_user.username, role=current_user.role)
-
     @app.errorhandler(400)
     @app.errorhandler(403)
     @app.errorhandler(404)
+    @app.errorhandler(405)
+    @app.errorhandler(413)
     def error_page(error: Any) -> Any:
         from flask import request
 
         message = getattr(error, "description", str(error))
+        if error.code == 413:
+            limit = app.config["CLOUDTASK"].web.max_upload_bytes
+            message = f"the upload is too large: at most {limit} bytes (web.max_upload_bytes)"
         if request.path.startswith("/api/"):
-            return jsonify(error=message), error.code
+            return jsonify(error=message, details=[]), error.code
         return render_template("error.html", code=error.code, message=message), error.code
+
+    @app.errorhandler(500)
+    def server_error(error: Any) -> Any:
+        from flask import request
+
+        message = "an internal error occurred; it is in the web server's log"
+        if request.path.startswith("/api/"):
+            return jsonify(error=message, details=[]), 500
+        return render_template("error.html", code=500, message=message), 500
+
+    @app.errorhandler(CloudTaskError)
+    def cloudtask_error(error: CloudTaskError) -> Any:
+        """CloudTask's own errors not handled by a view: bad input 422 (with one detail per
+        problem), not found 404, conflict 409, store or cluster failure 503."""
+        from flask import request
+
+        from cloudtask.exceptions import Conflict, NotFound, ValidationError
+
+        details: list[dict[str, str]] = []
+        if isinstance(error, ValidationError):
+            code, message = 422, f"{error.source or 'the input'} is invalid"
+            details = [p.to_dict() for p in error.problems]
+        elif isinstance(error, NotFound):
+            code, message = 404, str(error)
+        elif isinstance(error, Conflict):
+            code, message = 409, str(error)
+        else:
+            code, message = 503, str(error)
+        if request.path.startswith("/api/"):
+            return jsonify(error=message, details=details), code
+        if details:
+            message += ": " + "; ".join(f"{d['path']}: {d['message']}" for d in details)
+        return render_template("error.html", code=code, message=message), code
 
     return app

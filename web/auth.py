@@ -99,7 +99,7 @@ def _safe_next(target: str | None) -> str:
     # only paths on this site: never an absolute URL an attacker chose
     if target and target.startswith("/") and not target.startswith("//"):
         return target
-    return url_for("home")
+    return url_for("dashboard.index")
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -143,5 +143,5 @@ def change_password() -> Any:
             flash(str(e), "error")
             return render_template("password.html"), 400
         flash("Password changed.", "ok")
-        return redirect(url_for("home"))
+        return redirect(url_for("dashboard.index"))
     return render_template("password.html")

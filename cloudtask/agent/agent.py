@@ -131,6 +131,8 @@ class Agent:
         self._bad_specs: dict[str, int] = {}
         # task id -> a run of it another agent started and may still be finishing (forbid)
         self._foreign_runs: dict[str, str] = {}
+        self._manual_checked: float | None = None  # monotonic time of the last look
+        self._manual_signal = threading.Event()
 
     # --- task set ---------------------------------------------------------------------------
 
@@ -245,6 +247,7 @@ class Agent:
         fires, delay = self.scheduler.tick(now)
         claims, self._unclaimed = self._unclaimed, []
         self._dispatch(claims, fires, now)
+        self._take_manual_runs(now)
         self._renew_leases(now)
         self._mark_done(now)
         return delay
@@ -292,6 +295,94 @@ class Agent:
         if status == "skipped":
             doc["error"] = "the previous run was still running (concurrency: forbid)"
         return _Claim(fire, spec, revision, token, doc)
+
+    # --- manual runs ("run now") ----------------------------------------------------------------
+
+    def _take_manual_runs(self, now: datetime) -> None:
+        """Start the manual runs of our tasks that wait for an agent (every ``poll_interval``,
+        and at once when the cluster signals one). A run of a paused or finished task, which no
+        agent owns, goes to whichever agent of its group takes it first."""
+        checked = self._manual_checked
+        due = checked is None or time.monotonic() - checked >= self.config.agent.poll_interval
+        if not (due or self._manual_signal.is_set()) or not self.may_claim():
+            return
+        self._manual_signal.clear()
+        self._manual_checked = time.monotonic()
+        try:
+            pending = self.store.pending_manual_runs(self.group)
+        except CloudTaskError as e:
+            log.warning("cannot look for manual runs: %s", e)
+            return
+        for doc in pending:
+            try:
+                self._take_manual_run(doc, now)
+            except CloudTaskError as e:
+                log.warning("cannot take manual run %s: %s", doc["_id"], e)
+
+    def _manual_spec(self, task_id: str) -> tuple[int, TaskSpec] | None:
+        known = self._specs.get(task_id)
+        if known is not None:
+            return known
+        try:
+            task = self.store.get_task(task_id)
+        except CloudTaskError:
+            return None  # deleted: the run waits until someone cancels it
+        if task.get("enabled") and not task.get("done_at"):
+            return None  # a live task another agent owns: that agent takes it
+        try:
+            return task["revision"], parse_task(task["spec"])
+        except ValidationError:
+            return None
+
+    def _take_manual_run(self, doc: dict, now: datetime) -> None:
+        known = self._manual_spec(doc["task_id"])
+        if known is None:
+            return
+        revision, spec = known
+        token = run_tokens(1)[0]
+        taken = self.store.take_manual_run(
+            doc["_id"], self.agent_id, self.session, hashlib.sha256(token.encode()).hexdigest()
+        )
+        if taken is None:
+            return  # another agent took it, or it was cancelled
+        task_id = doc["task_id"]
+        busy = self.executor.has_active(task_id) or self._running_elsewhere(task_id)
+        if spec.concurrency == "forbid" and busy:
+            self.writer.track(taken)
+            self.writer.update(
+                taken["_id"],
+                {
+                    "status": "skipped",
+                    "error": "the previous run was still running (concurrency: forbid)",
+                    "finished_at": taken["claimed_at"],
+                    "duration": 0.0,
+                },
+                urgent=True,
+            )
+            log.info("manual run %s of %s skipped: a run is going", doc["_id"], spec.name)
+            return
+        if spec.concurrency == "replace":
+            self.executor.kill_task(task_id, f"replaced by run {doc['_id']}")
+        log.info(
+            "manual run %s of %s taken (asked by %s)",
+            doc["_id"],
+            spec.name,
+            doc.get("requested_by"),
+        )
+        self.executor.submit(
+            RunContext(
+                run_id=doc["_id"],
+                task_id=task_id,
+                revision=revision,
+                spec=spec,
+                scheduled_for=taken["scheduled_for"],
+                attempt=0,
+                trigger="manual",
+                token=token,
+                agent=self.agent_id,
+            ),
+            taken,
+        )
 
     def may_claim(self) -> bool:
         """Whether this agent may claim fires now (the cluster agent's fencing lease)."""
@@ -439,7 +530,9 @@ class Agent:
         """After a run: retries, keepalive restarts, one-shot tasks marked done."""
         spec = ctx.spec
         finished = ctx.finished_at or self.clock()
-        if spec.schedule.keepalive:
+        if ctx.trigger == "manual":
+            pass  # a manual run is one run: no retry, no restart, a one-shot task stays due
+        elif spec.schedule.keepalive:
             self._release_keepalive_lease(ctx.run_id)
             if not self._stop.is_set():  # restarted unless the task was dropped meanwhile
                 self.scheduler.keepalive_exited(ctx.task_id, ctx.started_at or finished, finished)

@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException, NoNodeError
-from kazoo.recipe.watchers import ChildrenWatch
+from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 
 from .. import __version__
 from ..config import Config
@@ -149,6 +149,11 @@ class ClusterAgent(Agent):
             self._kill_requests = set(run_ids)
         self._wake.set()
 
+    def _on_run_signal(self, *_: Any) -> None:
+        """kazoo's event thread: a manual run waits; look for it at once."""
+        self._manual_signal.set()
+        self._wake.set()
+
     def _handle_kills(self) -> None:
         with self._kills_lock:
             requests, self._kill_requests = self._kill_requests, set()
@@ -179,6 +184,7 @@ class ClusterAgent(Agent):
         self.watcher.start()
         self.zk.ensure_path(self.paths.kill_dir(self.agent_id))
         ChildrenWatch(self.zk, self.paths.kill_dir(self.agent_id), self._on_kills)
+        DataWatch(self.zk, self.paths.run_signal, self._on_run_signal)
         try:
             super().run()
         finally:

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 TXN_MAX_OPS = 200  # operations per ZooKeeper transaction
 TXN_MAX_BYTES = 512 * 1024  # well under ZooKeeper's 1 MB request limit
 GARBAGE_AFTER = 60.0  # seconds before the assignments left by a departed agent are deleted
+AGENT_RECORD_INTERVAL = 15.0  # seconds between refreshes of the agents collection
 
 
 class LeadershipLost(CloudTaskError):
@@ -136,6 +137,8 @@ class Center:
         self._groups_lock = threading.Lock()
         self.unassigned: dict[str, str] = {}  # task id -> group, for tasks with no live agent
         self._published_status: dict[str, Any] | None = None
+        self._recorded_agents: set[str] | None = None
+        self._agents_recorded_at = 0.0
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -241,6 +244,8 @@ class Center:
         self._garbage = {}
         self._tasks = {}
         self._published_status = None
+        self._recorded_agents = None
+        self._agents_recorded_at = 0.0
         for agent_id in self.zk.get_children(self.paths.assignments):
             folder = self.paths.assignment_dir(agent_id)
             try:
@@ -396,6 +401,7 @@ class Center:
         self._publish_status(agents)
         self._collect_garbage()
         self._mark_lost_runs(agents, agents_read_at)
+        self._record_agents(agents)
         self.reconciles += 1
         if ops:
             log.info("placement: %d changes written", len(ops))
@@ -551,6 +557,21 @@ class Center:
                     int(doc["revision"]), int(doc["epoch"]), valid_for=int(doc["for_agent"])
                 )
 
+    def _record_agents(self, agents: dict[str, LiveAgent]) -> None:
+        """Keep MongoDB's list of agents (online, offline, last seen) for the web site: written
+        when the set of agents changes, and every ``AGENT_RECORD_INTERVAL`` seconds."""
+        live = {a: _agent_record(agent) for a, agent in agents.items()}
+        due = time.monotonic() - self._agents_recorded_at >= AGENT_RECORD_INTERVAL
+        if live.keys() == self._recorded_agents and not due:
+            return
+        try:
+            self.store.record_agents(live)
+        except CloudTaskError as e:
+            log.warning("cannot record the agents in MongoDB: %s", e)
+            return
+        self._recorded_agents = set(live)
+        self._agents_recorded_at = time.monotonic()
+
     def _mark_lost_runs(self, agents: dict[str, LiveAgent], read_at: Any) -> None:
         """Runs claimed before the agents were read, by agents not among them, are lost."""
         assert self._fence is not None
@@ -558,7 +579,11 @@ class Center:
             raise LeadershipLost("the election node is gone: another center may lead")
         try:
             lost = self.store.mark_runs_lost(
-                {"agent": {"$nin": list(agents)}, "claimed_at": {"$lt": to_bson_time(read_at)}},
+                # a manual run no agent has taken yet has agent None: it is waiting, not lost
+                {
+                    "agent": {"$nin": [*agents, None]},
+                    "claimed_at": {"$lt": to_bson_time(read_at)},
+                },
                 "its agent left the cluster before the run finished",
             )
         except CloudTaskError as e:
@@ -566,6 +591,10 @@ class Center:
             return
         if lost:
             log.warning("marked %d runs of departed agents lost", len(lost))
+
+
+def _agent_record(agent: LiveAgent) -> dict[str, Any]:
+    return {**agent.info, "group": agent.group, "leaving": agent.leaving}
 
 
 def _infos(agents: Iterable[LiveAgent]) -> list[AgentInfo]:
