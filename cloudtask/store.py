@@ -160,6 +160,15 @@ class Store:
             name="pending_manual",
         )
         self.tasks.create_index([("last_run.status", ASCENDING)], name="last_status")
+        self.tasks.create_index([("spec.owner", ASCENDING)], name="owner")
+        self.runs.create_index(
+            [("agent", ASCENDING), ("scheduled_for", DESCENDING)], name="agent_time"
+        )
+        self.runs.create_index(
+            [("status", ASCENDING), ("scheduled_for", DESCENDING)], name="status_time"
+        )
+        self.audit.create_index([("actor", ASCENDING), ("at", DESCENDING)], name="actor_at")
+        self.audit.create_index([("target", ASCENDING), ("at", DESCENDING)], name="target_at")
         self.events.create_index([("at", DESCENDING)], name="at")
         self.events.create_index([("kind", ASCENDING), ("at", DESCENDING)], name="kind_at")
         self.users.create_index([("username", ASCENDING)], unique=True, name="username_unique")
@@ -453,7 +462,9 @@ class Store:
     def pending_manual_runs(self, group: str, limit: int = 100) -> list[dict[str, Any]]:
         """Manual runs of ``group`` that no agent has taken yet, oldest first."""
         cursor = (
-            self.runs.find({"trigger": "manual", "status": "queued", "group": group, "agent": None})
+            self.runs.find(
+                {"trigger": "manual", "status": "queued", "group": group, "agent": {"$in": [None]}}
+            )
             .sort("claimed_at", ASCENDING)
             .limit(limit)
         )
@@ -467,7 +478,7 @@ class Store:
         return self._guard(
             self.runs.find_one_and_update,
             "take a manual run",
-            {"_id": run_id, "status": "queued", "agent": None},
+            {"_id": run_id, "status": "queued", "agent": {"$in": [None]}},
             {"$set": {"agent": agent, "session": session, "token_hash": token_hash}},
             return_document=ReturnDocument.AFTER,
         )
@@ -476,7 +487,9 @@ class Store:
         """Finish a manual run no agent has taken yet as ``killed``. False if one took it."""
         now = to_bson_time(now or utcnow())
         doc = self._guard(
-            self.runs.find_one, "read the run", {"_id": run_id, "status": "queued", "agent": None}
+            self.runs.find_one,
+            "read the run",
+            {"_id": run_id, "status": "queued", "agent": {"$in": [None]}},
         )
         if doc is None:
             return False
@@ -484,7 +497,7 @@ class Store:
         result = self._guard(
             self.runs.replace_one,
             "cancel the run",
-            {"_id": run_id, "status": "queued", "agent": None},
+            {"_id": run_id, "status": "queued", "agent": {"$in": [None]}},
             doc,
         )
         if result.matched_count:

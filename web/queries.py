@@ -1,0 +1,212 @@
+"""The list queries behind the pages and the API, built to stay fast at 10,000 tasks and
+100,000s of runs: every filter maps to an index, pages are bounded, and counts are capped.
+
+Filters come from query arguments, checked here; a bad one raises ValidationError naming the
+argument, so the page shows it and the API answers 422 with the same detail.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING
+
+from cloudtask.exceptions import Problem, ValidationError
+from cloudtask.store import FINISHED_STATUSES, RUNNING_STATUSES, Store
+
+TASK_STATES = ("enabled", "paused", "done")
+LAST_RESULTS = ("succeeded", "failed", "timed_out", "killed", "skipped", "missed", "lost", "never")
+RUN_STATUSES = RUNNING_STATUSES + FINISHED_STATUSES
+MAX_PER_PAGE = 500
+COUNT_CAP = 100_000  # counts above this show as "100000+"
+
+# what a task list shows per task (never the whole output or env of many tasks)
+TASK_LIST_FIELDS = {
+    "name": 1,
+    "group": 1,
+    "enabled": 1,
+    "done_at": 1,
+    "revision": 1,
+    "updated_at": 1,
+    "last_run": 1,
+    "spec.schedule": 1,
+    "spec.owner": 1,
+    "spec.description": 1,
+}
+RUN_LIST_FIELDS = {"output_tail": 0, "token_hash": 0}
+
+
+@dataclass
+class Page:
+    items: list[dict[str, Any]]
+    page: int
+    per_page: int
+    total: int  # capped at COUNT_CAP
+    capped: bool
+    filters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.per_page))
+
+    @property
+    def has_next(self) -> bool:
+        return self.page * self.per_page < self.total
+
+
+def _int_arg(args: Any, name: str, default: int, low: int, high: int, problems: list) -> int:
+    raw = args.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        problems.append(Problem(name, f"expected a whole number, got {raw!r}"))
+        return default
+    if not low <= value <= high:
+        problems.append(Problem(name, f"expected a number from {low} to {high}, got {value}"))
+        return default
+    return value
+
+
+def _choice_arg(args: Any, name: str, choices: tuple[str, ...], problems: list) -> str | None:
+    raw = args.get(name)
+    if raw in (None, ""):
+        return None
+    if raw not in choices:
+        problems.append(Problem(name, f"expected one of {', '.join(choices)}, got {raw!r}"))
+        return None
+    return raw
+
+
+def _time_arg(args: Any, name: str, problems: list) -> datetime | None:
+    raw = args.get(name)
+    if raw in (None, ""):
+        return None
+    try:
+        value = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
+    except ValueError:
+        problems.append(
+            Problem(name, f"expected a time such as 2026-11-24T08:00 (UTC), got {raw!r}")
+        )
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _text_arg(args: Any, name: str, problems: list, limit: int = 200) -> str | None:
+    raw = args.get(name)
+    if raw in (None, ""):
+        return None
+    raw = str(raw).strip()
+    if len(raw) > limit:
+        problems.append(Problem(name, f"at most {limit} characters"))
+        return None
+    return raw or None
+
+
+def _count(collection: Any, query: dict[str, Any]) -> tuple[int, bool]:
+    n = collection.count_documents(query, limit=COUNT_CAP + 1)
+    return min(n, COUNT_CAP), n > COUNT_CAP
+
+
+def task_filters(args: Any) -> dict[str, Any]:
+    """Checked task-list filters: q, group, state, owner, last, page, per_page."""
+    problems: list[Problem] = []
+    filters = {
+        "q": _text_arg(args, "q", problems),
+        "group": _text_arg(args, "group", problems),
+        "state": _choice_arg(args, "state", TASK_STATES, problems),
+        "owner": _text_arg(args, "owner", problems),
+        "last": _choice_arg(args, "last", LAST_RESULTS, problems),
+        "page": _int_arg(args, "page", 1, 1, 1_000_000, problems),
+        "per_page": _int_arg(args, "per_page", 50, 1, MAX_PER_PAGE, problems),
+    }
+    if problems:
+        raise ValidationError(problems, source="the filters")
+    return filters
+
+
+def list_tasks(store: Store, filters: dict[str, Any], owners: dict[str, str] | None = None) -> Page:
+    """Tasks sorted by name. ``q`` matches the name (case-insensitive, anywhere), ``owner``
+    the task's owner (a person or team, ``spec.owner``). ``owners`` (task id -> agent) adds
+    ``owner_agent`` to each listed task."""
+    query: dict[str, Any] = {}
+    if filters.get("q"):
+        query["name"] = {"$regex": re.escape(filters["q"]), "$options": "i"}
+    if filters.get("group"):
+        query["group"] = filters["group"]
+    state = filters.get("state")
+    if state == "enabled":
+        query["enabled"] = True
+        query["done_at"] = {"$in": [None]}
+    elif state == "paused":
+        query["enabled"] = False
+    elif state == "done":
+        query["done_at"] = {"$nin": [None]}
+    if filters.get("owner"):
+        query["spec.owner"] = filters["owner"]
+    last = filters.get("last")
+    if last == "never":
+        query["last_run"] = {"$in": [None]}
+    elif last:
+        query["last_run.status"] = last
+    page, per_page = filters.get("page", 1), filters.get("per_page", 50)
+    cursor = (
+        store.tasks.find(query, TASK_LIST_FIELDS)
+        .sort("name", ASCENDING)
+        .skip((page - 1) * per_page)
+        .limit(per_page)
+    )
+    items = list(cursor)
+    total, capped = _count(store.tasks, query)
+    for item in items:
+        item["owner_agent"] = (owners or {}).get(item["_id"])
+    return Page(items, page, per_page, total, capped, filters)
+
+
+def run_filters(args: Any) -> dict[str, Any]:
+    """Checked run-list filters: task (id), status, agent, since, until, page, per_page."""
+    problems: list[Problem] = []
+    filters = {
+        "task": _text_arg(args, "task", problems),
+        "status": _choice_arg(args, "status", RUN_STATUSES, problems),
+        "agent": _text_arg(args, "agent", problems),
+        "since": _time_arg(args, "since", problems),
+        "until": _time_arg(args, "until", problems),
+        "page": _int_arg(args, "page", 1, 1, 1_000_000, problems),
+        "per_page": _int_arg(args, "per_page", 50, 1, MAX_PER_PAGE, problems),
+    }
+    if problems:
+        raise ValidationError(problems, source="the filters")
+    return filters
+
+
+def list_runs(store: Store, filters: dict[str, Any]) -> Page:
+    """Runs, newest scheduled first, without their output."""
+    query: dict[str, Any] = {}
+    if filters.get("task"):
+        query["task_id"] = filters["task"]
+    if filters.get("status"):
+        query["status"] = filters["status"]
+    if filters.get("agent"):
+        query["agent"] = filters["agent"]
+    span: dict[str, Any] = {}
+    if filters.get("since"):
+        span["$gte"] = filters["since"]
+    if filters.get("until"):
+        span["$lt"] = filters["until"]
+    if span:
+        query["scheduled_for"] = span
+    page, per_page = filters.get("page", 1), filters.get("per_page", 50)
+    cursor = (
+        store.runs.find(query, RUN_LIST_FIELDS)
+        .sort("scheduled_for", DESCENDING)
+        .skip((page - 1) * per_page)
+        .limit(per_page)
+    )
+    items = list(cursor)
+    total, capped = _count(store.runs, query)
+    return Page(items, page, per_page, total, capped, filters)
