@@ -2,8 +2,9 @@
 
 CSRF: a random token kept in the (signed, HttpOnly, SameSite) session; every form carries it
 in a hidden field named ``csrf_token`` and every state-changing request without a matching
-one is refused with 400. API requests authenticated by a Bearer token carry no cookie, so
-they are not exposed to CSRF and are exempt.
+one is refused with 400. API requests authenticated by a Bearer token, and http-task
+callbacks authenticated by their run's ``X-CloudTask-Token``, carry no cookie, so they are not
+exposed to CSRF and are exempt (a cookie alone never authenticates them).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def check_csrf() -> None:
         return
     if request.headers.get("Authorization", "").startswith("Bearer "):
         return
+    if request.headers.get("X-CloudTask-Token"):
+        return  # an http task's callback, authenticated by its run's token (no cookie)
     sent = request.form.get(CSRF_FIELD) or request.headers.get("X-CSRF-Token", "")
     expected = session.get(CSRF_FIELD, "")
     if not expected or not hmac.compare_digest(sent, expected):
