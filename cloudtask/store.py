@@ -161,6 +161,12 @@ class Store:
         )
         self.tasks.create_index([("last_run.status", ASCENDING)], name="last_status")
         self.tasks.create_index([("spec.owner", ASCENDING)], name="owner")
+        self.tasks.create_index([("name_lc", ASCENDING)], name="name_lc")
+        # a single-field index: the wire server used on one machine sorts a task's runs by
+        # time fast with it, and 100 times slower through the compound ones
+        self.runs.create_index([("task_id", ASCENDING)], name="task")
+        for doc in self.tasks.find({"name_lc": {"$in": [None]}}, {"name": 1}):
+            self.tasks.update_one({"_id": doc["_id"]}, {"$set": {"name_lc": doc["name"].lower()}})
         self.runs.create_index(
             [("agent", ASCENDING), ("scheduled_for", DESCENDING)], name="agent_time"
         )
@@ -179,14 +185,30 @@ class Store:
         )
 
     def _ensure_ttl(self) -> None:
-        seconds = int(self.run_retention_days * 86400)
+        """Finished runs are deleted by :meth:`purge_runs` (the leading center, or a standalone
+        agent, calls it hourly), not by a TTL index: the MongoDB wire server used on one machine
+        checks a TTL index on every query of the collection, which made every run query cost
+        100-200 ms at 100,000 runs. A TTL index left by an older version is dropped."""
         for name, info in self.runs.index_information().items():
-            if (
-                info.get("expireAfterSeconds") is not None
-                and info.get("expireAfterSeconds") != seconds
-            ):
+            if info.get("expireAfterSeconds") is not None:
                 self.runs.drop_index(name)
-        self.runs.create_index([("finished_at", ASCENDING)], expireAfterSeconds=seconds, name="ttl")
+        self.runs.create_index([("finished_at", ASCENDING)], name="finished")
+        self.runs.create_index([("ts", DESCENDING)], name="ts")
+
+    def purge_runs(self, now: datetime | None = None) -> int:
+        """Delete the runs that finished more than ``run_retention_days`` ago. Returns how many."""
+        cutoff = to_bson_time((now or utcnow()) - timedelta(days=self.run_retention_days))
+        result = self._guard(
+            self.runs.delete_many, "delete old runs", {"finished_at": {"$lt": cutoff}}
+        )
+        if result.deleted_count:
+            log.info(
+                "deleted %d runs finished before %s (runs.retention_days = %s)",
+                result.deleted_count,
+                cutoff.date(),
+                self.run_retention_days,
+            )
+        return result.deleted_count
 
     def _task_changed(self) -> None:
         if self.on_task_change is None:
@@ -209,6 +231,7 @@ class Store:
             "_id": task_id,
             "version": SCHEMA_VERSION,
             "name": spec.name,
+            "name_lc": spec.name.lower(),  # case-insensitive name search (a prefix range)
             "group": spec.group,
             "enabled": bool(spec.enabled),
             "spec": spec.to_dict(),
@@ -759,6 +782,7 @@ def new_run_document(
     expires with the other finished runs.
     """
     claimed_at = to_bson_time(now)
+    scheduled_for = to_bson_time(scheduled_for)
     done = status in FINISHED_STATUSES
     return {
         "_id": new_id(),
@@ -767,7 +791,10 @@ def new_run_document(
         "task_name": task_name,
         "group": group,
         "revision": revision,
-        "scheduled_for": to_bson_time(scheduled_for),
+        "scheduled_for": scheduled_for,
+        # the same instant in epoch seconds: ranges over numbers are fast on every server
+        # (the dashboard's and the lists' counts use it)
+        "ts": scheduled_for.timestamp(),
         "slot": slot,
         "attempt": attempt,
         "trigger": trigger,

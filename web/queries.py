@@ -7,7 +7,6 @@ argument, so the page shows it and the API answers 422 with the same detail.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -107,8 +106,17 @@ def _text_arg(args: Any, name: str, problems: list, limit: int = 200) -> str | N
     return raw or None
 
 
+def count(collection: Any, query: dict[str, Any]) -> int:
+    """How many documents match, counted by the server in one aggregation (``$match`` then
+    ``$count``): on the MongoDB wire server used on one machine this runs as one SQL query,
+    where ``count_documents`` reads every document (a second at 10,000 tasks). Queries given
+    here compare numbers and strings only (runs are ranged by their numeric ``ts``)."""
+    result = list(collection.aggregate([{"$match": query}, {"$count": "n"}]))
+    return int(result[0]["n"]) if result else 0
+
+
 def _count(collection: Any, query: dict[str, Any]) -> tuple[int, bool]:
-    n = collection.count_documents(query, limit=COUNT_CAP + 1)
+    n = count(collection, query)
     return min(n, COUNT_CAP), n > COUNT_CAP
 
 
@@ -130,12 +138,14 @@ def task_filters(args: Any) -> dict[str, Any]:
 
 
 def list_tasks(store: Store, filters: dict[str, Any], owners: dict[str, str] | None = None) -> Page:
-    """Tasks sorted by name. ``q`` matches the name (case-insensitive, anywhere), ``owner``
+    """Tasks sorted by name. ``q`` matches the start of the name (case-insensitive; an
+    indexed range, fast at any number of tasks), ``owner``
     the task's owner (a person or team, ``spec.owner``). ``owners`` (task id -> agent) adds
     ``owner_agent`` to each listed task."""
     query: dict[str, Any] = {}
     if filters.get("q"):
-        query["name"] = {"$regex": re.escape(filters["q"]), "$options": "i"}
+        prefix = filters["q"].lower()
+        query["name_lc"] = {"$gte": prefix, "$lt": prefix + "\U0010ffff"}
     if filters.get("group"):
         query["group"] = filters["group"]
     state = filters.get("state")
@@ -195,11 +205,11 @@ def list_runs(store: Store, filters: dict[str, Any]) -> Page:
         query["agent"] = filters["agent"]
     span: dict[str, Any] = {}
     if filters.get("since"):
-        span["$gte"] = filters["since"]
+        span["$gte"] = filters["since"].timestamp()
     if filters.get("until"):
-        span["$lt"] = filters["until"]
+        span["$lt"] = filters["until"].timestamp()
     if span:
-        query["scheduled_for"] = span
+        query["ts"] = span  # scheduled_for in epoch seconds
     page, per_page = filters.get("page", 1), filters.get("per_page", 50)
     cursor = (
         store.runs.find(query, RUN_LIST_FIELDS)

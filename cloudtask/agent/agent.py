@@ -39,6 +39,7 @@ from .scheduler import Fire, Scheduler
 log = logging.getLogger(__name__)
 
 CLAIM_CHUNK = 250
+PURGE_INTERVAL = 3600.0  # seconds between deletions of runs past their retention
 TOKEN_BYTES = 24  # per-run token: 192 random bits
 LEASE_TTL = 30.0  # keepalive lease life (s); renewed every third of it
 LEASE_MARGIN = 5.0  # an instance is ended this long before its unrenewed lease expires  # fires claimed per round trip; a burst starts running after the first chunk
@@ -133,6 +134,7 @@ class Agent:
         self._foreign_runs: dict[str, str] = {}
         self._manual_checked: float | None = None  # monotonic time of the last look
         self._manual_signal = threading.Event()
+        self._purged_at = -PURGE_INTERVAL
 
     # --- task set ---------------------------------------------------------------------------
 
@@ -601,6 +603,7 @@ class Agent:
                     except Exception:  # a bug in one task's handling must not stop the agent
                         log.exception("syncing tasks failed")
                         self._last_sync = now
+                self._purge_runs()
                 try:
                     delay = self.step(self.clock())
                 except Exception:
@@ -619,6 +622,17 @@ class Agent:
             self.writer.stop()
             self._left()
             log.info("agent %s stopped", self.agent_id)
+
+    def _purge_runs(self) -> None:
+        """A standalone agent deletes runs past their retention, hourly (in a cluster the
+        leading center does it)."""
+        if time.monotonic() - self._purged_at < PURGE_INTERVAL:
+            return
+        self._purged_at = time.monotonic()
+        try:
+            self.store.purge_runs()
+        except CloudTaskError as e:
+            log.warning("cannot delete old runs: %s", e)
 
     def stop(self) -> None:
         """Ask the loop to stop (safe from a signal handler: only sets flags)."""

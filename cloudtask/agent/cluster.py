@@ -149,6 +149,9 @@ class ClusterAgent(Agent):
             self._kill_requests = set(run_ids)
         self._wake.set()
 
+    def _purge_runs(self) -> None:
+        """In a cluster the leading center deletes old runs."""
+
     def _on_run_signal(self, *_: Any) -> None:
         """kazoo's event thread: a manual run waits; look for it at once."""
         self._manual_signal.set()

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 TXN_MAX_OPS = 200  # operations per ZooKeeper transaction
 TXN_MAX_BYTES = 512 * 1024  # well under ZooKeeper's 1 MB request limit
 GARBAGE_AFTER = 60.0  # seconds before the assignments left by a departed agent are deleted
+PURGE_INTERVAL = 3600.0  # seconds between deletions of runs past their retention
 AGENT_RECORD_INTERVAL = 15.0  # seconds between refreshes of the agents collection
 
 
@@ -139,6 +140,7 @@ class Center:
         self._published_status: dict[str, Any] | None = None
         self._recorded_agents: set[str] | None = None
         self._agents_recorded_at = 0.0
+        self._purged_at = -PURGE_INTERVAL
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -402,6 +404,7 @@ class Center:
         self._collect_garbage()
         self._mark_lost_runs(agents, agents_read_at)
         self._record_agents(agents)
+        self._purge_runs()
         self.reconciles += 1
         if ops:
             log.info("placement: %d changes written", len(ops))
@@ -556,6 +559,16 @@ class Center:
                 placed[task_id] = Placed(
                     int(doc["revision"]), int(doc["epoch"]), valid_for=int(doc["for_agent"])
                 )
+
+    def _purge_runs(self) -> None:
+        """Delete runs past ``runs.retention_days``, hourly (only the leader does it)."""
+        if time.monotonic() - self._purged_at < PURGE_INTERVAL:
+            return
+        self._purged_at = time.monotonic()
+        try:
+            self.store.purge_runs()
+        except CloudTaskError as e:
+            log.warning("cannot delete old runs: %s", e)
 
     def _record_agents(self, agents: dict[str, LiveAgent]) -> None:
         """Keep MongoDB's list of agents (online, offline, last seen) for the web site: written
