@@ -1,17 +1,994 @@
-"""Task pages: list, detail, create, edit, clone, pause, resume, run now, delete."""
+"""Task pages: list, detail, create, edit, clone, pause, resume, run now, delete.
+
+The form builds a task spec (the same JSON the API and ``cloudtask apply`` take) from its
+fields, or takes the whole spec as JSON, and hands it to :class:`~cloudtask.operations.
+Operations`, so it validates exactly like the model. Each problem's path (``schedule.cron``,
+``timeout``, ``http.url``, ``env.X``) is mapped to the field that holds it; problems of no
+field are shown at the top. What the user typed is always shown again as typed.
+
+Two JSON endpoints serve the pages' scripts: ``preview`` (the next fire times of a schedule
+typed in the form) and ``trend`` (duration and status per run, for the chart).
+"""
 
 from __future__ import annotations
 
+import json
+import re
+from datetime import datetime, timezone
 from typing import Any
+from zoneinfo import ZoneInfo
 
-from flask import Blueprint
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from pymongo import DESCENDING
+from werkzeug.routing import BuildError
+
+from cloudtask.exceptions import CloudTaskError, Conflict, NotFound, Problem, ValidationError
+from cloudtask.schedules import next_fires, parse_schedule, timezone_problem
+from cloudtask.store import RUNNING_STATUSES
+from cloudtask.task import (
+    CONCURRENCY_POLICIES,
+    DEFAULT_NOTIFY_ON,
+    HTTP_METHODS,
+    MISFIRE_POLICIES,
+    MODES,
+    NOTIFY_EVENTS,
+    parse_task,
+    validate_task,
+)
 
 from .auth import requires
+from .context import actor, cluster, ops, store
+from .queries import LAST_RESULTS, RUN_LIST_FIELDS, TASK_STATES, list_tasks, task_filters
 
 bp = Blueprint("tasks", __name__, url_prefix="/tasks")
+
+DETAIL_RUNS = 20
+DETAIL_FIRES = 10
+PREVIEW_FIRES = 5
+TREND_DEFAULT = 500
+TREND_MAX = 5000
+SCHEDULE_KINDS = ("cron", "every", "at", "keepalive")
+
+
+# --- helpers shared by the views and templates -----------------------------------------------
+
+
+def run_link(run_id: str) -> str:
+    """The run page of ``run_id`` (``runs.detail``; a plain path while that page is missing)."""
+    try:
+        return url_for("runs.detail", run_id=run_id)
+    except BuildError:
+        return f"/runs/{run_id}"
+
+
+def schedule_summary(schedule: Any) -> str:
+    """One line per schedule: ``cron 0 3 * * * Europe/Berlin``, ``every 10s``, ``at …``."""
+    items = schedule if isinstance(schedule, list) else [schedule]
+    parts = []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        if "cron" in item:
+            text = f"cron {item['cron']}"
+            if item.get("timezone", "UTC") != "UTC":
+                text += f" {item['timezone']}"
+        elif "every" in item:
+            text = f"every {item['every']}"
+            if item.get("timezone", "UTC") != "UTC" and item.get("between"):
+                text += f" {item['timezone']}"
+        elif "at" in item:
+            text = f"at {item['at']}"
+        elif "keepalive" in item:
+            text = "keepalive"
+        else:
+            continue
+        if item.get("between"):
+            text += f" between {'-'.join(item['between'])}"
+        parts.append(text)
+    return " + ".join(parts) or "–"
+
+
+def task_state(task: dict[str, Any]) -> str:
+    if task.get("done_at"):
+        return "done"
+    return "enabled" if task.get("enabled", True) else "paused"
+
+
+def schedule_zone(schedule: Any) -> str:
+    """The time zone a task's fire times are shown in: its first cron/every schedule's."""
+    items = schedule if isinstance(schedule, list) else [schedule]
+    for item in items:
+        if isinstance(item, dict) and ("cron" in item or "every" in item):
+            return str(item.get("timezone") or "UTC")
+    return "UTC"
+
+
+def _fmt_local(moment: datetime, zone: ZoneInfo) -> str:
+    local = moment.astimezone(zone)
+    name = local.strftime("%Z")
+    offset = local.strftime("%z")
+    offset = f"UTC{offset[:3]}:{offset[3:]}"
+    return local.strftime("%Y-%m-%d %H:%M:%S ") + (name if name[:1].isalpha() else offset)
+
+
+def _fmt_utc(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fire_times(task: dict[str, Any], n: int = DETAIL_FIRES) -> dict[str, Any]:
+    """What the detail page says about the next fires: ``kind`` is one of ok, keepalive, done,
+    none (no fire left) or invalid; ``fires`` holds (local, UTC) texts; ``zone`` the zone."""
+    schedule = task["spec"].get("schedule")
+    zone_name = schedule_zone(schedule)
+    out: dict[str, Any] = {"zone": zone_name, "fires": [], "kind": "ok", "message": ""}
+    if task.get("done_at"):
+        out["kind"] = "done"
+        return out
+    try:
+        spec = parse_task(task["spec"])
+        zone = ZoneInfo(zone_name)
+    except (ValidationError, ValueError, LookupError) as e:
+        out.update(kind="invalid", message=str(e))
+        return out
+    if spec.schedule.keepalive:
+        out["kind"] = "keepalive"
+        return out
+    fires = next_fires(spec.schedule, datetime.now(timezone.utc), n)
+    out["fires"] = [(_fmt_local(f, zone), _fmt_utc(f)) for f in fires]
+    if not fires:
+        out["kind"] = "none"
+    return out
+
+
+def owner_text(task: dict[str, Any]) -> tuple[str, str | None]:
+    """(what to say about the task's owner agent, the agent id or None)."""
+    view = cluster()
+    if not view.connected:
+        return "cluster not connected", None
+    agent = view.owners.get(task["_id"])
+    if agent:
+        return agent, agent
+    if task["_id"] in view.unassigned:
+        group = view.unassigned[task["_id"]] or task.get("group")
+        return f"unassigned: no live agent in group {group}", None
+    if task.get("done_at"):
+        return "none (done)", None
+    if not task.get("enabled", True):
+        return "none (paused)", None
+    return "not assigned yet", None
+
+
+def facets() -> dict[str, list[str]]:
+    """The distinct groups and owners, for the list's filters (two indexed distinct reads)."""
+    try:
+        groups = sorted(g for g in store().tasks.distinct("group") if isinstance(g, str))
+        owners = sorted(o for o in store().tasks.distinct("spec.owner") if isinstance(o, str) and o)
+    except Exception:  # a facet is a convenience: the page works without it
+        groups, owners = [], []
+    return {"groups": groups, "owners": owners}
+
+
+def nest_dotted(doc: dict[str, Any]) -> dict[str, Any]:
+    """A document read with a dotted projection (``spec.owner``), nested as MongoDB returns it:
+    nx-27017 answers such a projection with flat dotted keys instead."""
+    for key in [k for k in doc if "." in k]:
+        value = doc.pop(key)
+        parts = key.split(".")
+        target = doc
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = value
+    return doc
+
+
+def _get_task(task_id: str) -> dict[str, Any]:
+    try:
+        return store().get_task(task_id)
+    except NotFound:
+        abort(404, description=f"no task with id {task_id!r}; it may have been deleted")
+
+
+@bp.context_processor
+def _template_helpers() -> dict[str, Any]:
+    return {
+        "run_link": run_link,
+        "schedule_summary": schedule_summary,
+        "task_state": task_state,
+    }
+
+
+# --- list -------------------------------------------------------------------------------------
 
 
 @bp.get("")
 @requires("viewer")
 def index() -> Any:
-    return "tasks"
+    errors: list[Problem] = []
+    try:
+        filters = task_filters(request.args)
+    except ValidationError as e:
+        errors = e.problems
+        bad = {p.path for p in errors}
+        filters = task_filters({k: v for k, v in request.args.items() if k not in bad})
+    view = cluster()
+    page = list_tasks(store(), filters, view.owners if view.connected else None)
+    for item in page.items:
+        nest_dotted(item)
+    status = 422 if errors else 200
+    return render_template(
+        "tasks/list.html",
+        page=page,
+        args=request.args,
+        errors={p.path: p.message for p in errors},
+        facets=facets(),
+        states=TASK_STATES,
+        last_results=LAST_RESULTS,
+        connected=view.connected,
+    ), status
+
+
+# --- detail -----------------------------------------------------------------------------------
+
+
+@bp.get("/<task_id>")
+@requires("viewer")
+def detail(task_id: str) -> Any:
+    task = _get_task(task_id)
+    runs = list(
+        store()
+        .runs.find({"task_id": task["_id"]}, RUN_LIST_FIELDS)
+        .sort("scheduled_for", DESCENDING)
+        .limit(DETAIL_RUNS)
+    )
+    owner, owner_agent = owner_text(task)
+    schedule = task["spec"].get("schedule")
+    keepalive = isinstance(schedule, dict) and "keepalive" in schedule
+    return render_template(
+        "tasks/detail.html",
+        task=task,
+        state=task_state(task),
+        fires=fire_times(task),
+        owner=owner,
+        owner_agent=owner_agent,
+        runs=runs,
+        keepalive=keepalive,
+        definition=json.dumps(task["spec"], indent=2, ensure_ascii=False),
+    )
+
+
+# --- trend (JSON for the chart) --------------------------------------------------------------
+
+
+def _json_error(message: str, problems: list[Problem], code: int) -> Any:
+    return jsonify(error=message, details=[p.to_dict() for p in problems]), code
+
+
+def _trend_args(args: Any) -> tuple[dict[str, Any], list[Problem]]:
+    problems: list[Problem] = []
+    out: dict[str, Any] = {}
+    for name in ("since", "until"):
+        raw = args.get(name)
+        if raw in (None, ""):
+            continue
+        try:
+            value = datetime.fromisoformat(str(raw).strip().replace("Z", "+00:00"))
+        except ValueError:
+            problems.append(
+                Problem(name, f"expected a time such as 2026-11-24T08:00:00Z (UTC), got {raw!r}")
+            )
+            continue
+        out[name] = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    raw = args.get("limit")
+    out["limit"] = TREND_DEFAULT
+    if raw not in (None, ""):
+        try:
+            limit = int(raw)
+            if not 1 <= limit <= TREND_MAX:
+                raise ValueError
+            out["limit"] = limit
+        except ValueError:
+            problems.append(Problem("limit", f"expected a number from 1 to {TREND_MAX}"))
+    if not problems and out.get("since") and out.get("until") and out["since"] >= out["until"]:
+        problems.append(Problem("until", "must be after since"))
+    return out, problems
+
+
+def _epoch_ms(value: Any) -> int | None:
+    if not isinstance(value, datetime):
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return int(value.timestamp() * 1000)
+
+
+@bp.get("/<task_id>/trend.json")
+@requires("viewer")
+def trend(task_id: str) -> Any:
+    """{"points": [{"t": epoch ms of scheduled_for, "d": seconds or null, "s": status,
+    "id": run id}]}, oldest first: the newest ``limit`` (500) runs, within since/until."""
+    args, problems = _trend_args(request.args)
+    if problems:
+        return _json_error("the chart's arguments are invalid", problems, 422)
+    try:
+        task = store().get_task(task_id)
+    except NotFound as e:
+        return _json_error(str(e), [], 404)
+    query: dict[str, Any] = {"task_id": task["_id"]}
+    span = {}
+    if args.get("since"):
+        span["$gte"] = args["since"]
+    if args.get("until"):
+        span["$lt"] = args["until"]
+    if span:
+        query["scheduled_for"] = span
+    docs = list(
+        store()
+        .runs.find(query, {"scheduled_for": 1, "duration": 1, "status": 1})
+        .sort("scheduled_for", DESCENDING)
+        .limit(args["limit"])
+    )
+    points = []
+    for doc in reversed(docs):
+        t = _epoch_ms(doc.get("scheduled_for"))
+        if t is None:
+            continue
+        duration = doc.get("duration")
+        duration = float(duration) if isinstance(duration, (int, float)) else None
+        if doc.get("status") in ("queued", "running"):
+            duration = None
+        points.append({"t": t, "d": duration, "s": doc.get("status"), "id": doc["_id"]})
+    return jsonify(points=points, task=task["name"])
+
+
+# --- preview (JSON for the form's schedule fields) --------------------------------------------
+
+
+@bp.get("/preview")
+@requires("viewer")
+def preview() -> Any:
+    """The next fire times of a schedule typed in the form: ``cron`` (+ ``timezone``) or
+    ``every`` (+ ``timezone``, ``start``), or ``schedule`` (a JSON schedule); ``n`` fires (5).
+    Answers 200 with ``fires`` or 422 with ``details`` naming the field; never 500."""
+    args = request.args
+    try:
+        n = int(args.get("n") or PREVIEW_FIRES)
+        if not 1 <= n <= 50:
+            raise ValueError
+    except ValueError:
+        return _json_error("n is invalid", [Problem("n", "expected a number from 1 to 50")], 422)
+    tz = (args.get("timezone") or "").strip() or "UTC"
+    value: Any
+    if args.get("schedule"):
+        try:
+            value = json.loads(args["schedule"])
+        except ValueError as e:
+            return _json_error(
+                "the schedule is invalid", [Problem("schedule", f"not valid JSON: {e}")], 422
+            )
+    elif (args.get("cron") or "").strip():
+        value = {"cron": args["cron"].strip(), "timezone": tz}
+    elif (args.get("every") or "").strip():
+        value = {"every": _duration_value(args["every"]), "timezone": tz}
+    else:  # nothing typed yet: nothing to show
+        return jsonify(timezone=tz, keepalive=False, fires=[], message="no schedule given")
+    if isinstance(value, dict) and "at" not in value and "keepalive" not in value:
+        for key in ("start", "end"):
+            if (args.get(key) or "").strip():
+                value[key] = _instant_value(args[key], tz)
+        between = [(args.get(k) or "").strip() for k in ("between_start", "between_end")]
+        if any(between):
+            value["between"] = between
+    try:
+        parsed, problems = parse_schedule(value, "schedule")
+        if problems or parsed is None:
+            return _json_error("the schedule is invalid", problems, 422)
+        zone_name = schedule_zone(value) if isinstance(value, (dict, list)) else "UTC"
+        zone = ZoneInfo(zone_name)
+        fires = next_fires(parsed, datetime.now(timezone.utc), n)
+    except Exception as e:  # never a 500 for what a user types
+        current_app.logger.warning("schedule preview failed for %r: %s", value, e)
+        return _json_error(
+            "the schedule is invalid", [Problem("schedule", f"cannot compute it: {e}")], 422
+        )
+    return jsonify(
+        timezone=zone_name,
+        keepalive=parsed.keepalive,
+        fires=[{"utc": f.isoformat(), "local": _fmt_local(f, zone)} for f in fires],
+    )
+
+
+# --- the form: fields <-> spec ----------------------------------------------------------------
+
+TEXT_FIELDS = (
+    "name",
+    "group",
+    "description",
+    "owner",
+    "schedule_kind",
+    "cron",
+    "timezone",
+    "every",
+    "at",
+    "start",
+    "end",
+    "between_start",
+    "between_end",
+    "run_kind",
+    "command",
+    "file",
+    "file_version",
+    "cwd",
+    "url",
+    "method",
+    "headers",
+    "body",
+    "expect_status",
+    "http_timeout",
+    "timeout",
+    "retries",
+    "retry_delay",
+    "concurrency",
+    "misfire",
+    "misfire_grace",
+    "mode",
+    "env",
+    "notify_emails",
+    "spec_json",
+    "editor",
+    "revision",
+)
+CHECKBOXES = ("enabled", "shell", "callback")
+
+# problem path (indices dropped) -> form field; a path not listed is tried without its last part
+FIELD_OF_PATH = {
+    "name": "name",
+    "group": "group",
+    "description": "description",
+    "owner": "owner",
+    "enabled": "enabled",
+    "schedule": "schedule_kind",
+    "schedule.keepalive": "schedule_kind",
+    "schedule.cron": "cron",
+    "schedule.timezone": "timezone",
+    "schedule.every": "every",
+    "schedule.at": "at",
+    "schedule.start": "start",
+    "schedule.end": "end",
+    "schedule.between": "between",
+    "command": "command",
+    "shell": "shell",
+    "file": "file",
+    "file_version": "file_version",
+    "cwd": "cwd",
+    "http": "url",
+    "http.url": "url",
+    "http.urls": "url",
+    "http.method": "method",
+    "http.headers": "headers",
+    "http.body": "body",
+    "http.expect_status": "expect_status",
+    "http.timeout": "http_timeout",
+    "http.callback": "callback",
+    "timeout": "timeout",
+    "retries": "retries",
+    "retry_delay": "retry_delay",
+    "concurrency": "concurrency",
+    "misfire": "misfire",
+    "misfire_grace": "misfire_grace",
+    "mode": "mode",
+    "env": "env",
+    "notify": "notify_emails",
+    "notify.emails": "notify_emails",
+    "notify.on": "notify_on",
+}
+_INDEX = re.compile(r"\[\d+\]")
+_NUMBER = re.compile(r"\d+(\.\d+)?")
+
+
+def field_of(path: str) -> str | None:
+    """The form field that shows a problem at ``path``, or None (shown at the top)."""
+    key = _INDEX.sub("", path)
+    while key:
+        if key in FIELD_OF_PATH:
+            return FIELD_OF_PATH[key]
+        key = key.rpartition(".")[0]
+    return None
+
+
+def group_problems(problems: list[Problem], editor: str) -> tuple[dict[str, list[str]], list[str]]:
+    """Problems by form field, and those of no field (with their path, for the top)."""
+    by_field: dict[str, list[str]] = {}
+    top: list[str] = []
+    for p in problems:
+        if editor == "json":
+            by_field.setdefault("spec_json", []).append(str(p))
+            continue
+        where = field_of(p.path)
+        if where is None:
+            top.append(str(p))
+        else:
+            by_field.setdefault(where, []).append(p.message)
+    return by_field, top
+
+
+def default_form() -> dict[str, Any]:
+    form: dict[str, Any] = {name: "" for name in TEXT_FIELDS}
+    form.update(
+        schedule_kind="cron",
+        cron="0 3 * * *",
+        timezone="UTC",
+        run_kind="command",
+        method="GET",
+        retries="0",
+        retry_delay="0s",
+        concurrency="forbid",
+        misfire="run_once",
+        misfire_grace="1h",
+        mode="one",
+        editor="fields",
+        enabled=True,
+        shell=False,
+        callback=False,
+        notify_on=list(DEFAULT_NOTIFY_ON),
+    )
+    form["spec_json"] = json.dumps(
+        {"name": "", "schedule": {"cron": "0 3 * * *", "timezone": "UTC"}, "command": ""},
+        indent=2,
+    )
+    return form
+
+
+def fits_fields(spec: dict[str, Any]) -> bool:
+    """Whether the fields can show this spec without losing anything (else: edit as JSON)."""
+    schedule = spec.get("schedule")
+    if not isinstance(schedule, dict):
+        return False
+    if spec.get("command") is not None and not isinstance(spec["command"], str):
+        return False
+    http = spec.get("http")
+    if http is not None:
+        urls = http.get("urls") or ([http["url"]] if http.get("url") else [])
+        if len(urls) != 1 or not isinstance(http.get("body"), (str, type(None))):
+            return False
+    return True
+
+
+def spec_form(spec: dict[str, Any]) -> dict[str, Any]:
+    """The form's fields showing a stored (canonical) spec."""
+    form = default_form()
+    shown = {k: v for k, v in spec.items() if k != "version"}
+    form["spec_json"] = json.dumps(shown, indent=2, ensure_ascii=False)
+    if not fits_fields(spec):
+        form["editor"] = "json"
+    schedule = spec.get("schedule") if isinstance(spec.get("schedule"), dict) else {}
+    kind = next((k for k in SCHEDULE_KINDS if k in schedule), "cron")
+    between = schedule.get("between") or ["", ""]
+    http = spec.get("http") or {}
+    urls = http.get("urls") or ([http["url"]] if http.get("url") else [""])
+    expect = http.get("expect_status")
+    form.update(
+        name=spec.get("name", ""),
+        group=spec.get("group", "default"),
+        description=spec.get("description", ""),
+        owner=spec.get("owner", ""),
+        enabled=bool(spec.get("enabled", True)),
+        schedule_kind=kind,
+        cron=schedule.get("cron", "") if kind == "cron" else "",
+        timezone=schedule.get("timezone", "UTC"),
+        every=schedule.get("every", "") if kind == "every" else "",
+        at=schedule.get("at", "") if kind == "at" else "",
+        start=schedule.get("start", ""),
+        end=schedule.get("end", ""),
+        between_start=between[0],
+        between_end=between[1],
+        run_kind="http" if spec.get("http") else "command",
+        command=spec.get("command") if isinstance(spec.get("command"), str) else "",
+        shell=bool(spec.get("shell")),
+        file=spec.get("file") or "",
+        file_version=spec.get("file_version") or "",
+        cwd=spec.get("cwd") or "",
+        url=urls[0] if urls else "",
+        method=http.get("method", "GET"),
+        headers="\n".join(f"{k}: {v}" for k, v in (http.get("headers") or {}).items()),
+        body=http.get("body") or "",
+        expect_status=", ".join(str(s) for s in expect) if expect else "",
+        http_timeout=http.get("timeout") or "",
+        callback=bool(http.get("callback")),
+        timeout=spec.get("timeout") or "",
+        retries=str(spec.get("retries", 0)),
+        retry_delay=spec.get("retry_delay", "0s"),
+        concurrency=spec.get("concurrency", "forbid"),
+        misfire=spec.get("misfire", "run_once"),
+        misfire_grace=spec.get("misfire_grace", "1h"),
+        mode=spec.get("mode", "one"),
+        env="\n".join(f"{k}={v}" for k, v in (spec.get("env") or {}).items()),
+        notify_emails=", ".join((spec.get("notify") or {}).get("emails") or []),
+        notify_on=list((spec.get("notify") or {}).get("on") or []),
+    )
+    return form
+
+
+def read_form(data: Any) -> dict[str, Any]:
+    """The posted form, as typed."""
+    form = default_form()
+    for name in TEXT_FIELDS:
+        form[name] = str(data.get(name, ""))
+    for name in CHECKBOXES:
+        form[name] = data.get(name) in ("on", "true", "1", "yes")
+    form["notify_on"] = [e for e in data.getlist("notify_on") if isinstance(e, str)]
+    if form["editor"] not in ("fields", "json"):
+        form["editor"] = "fields"
+    return form
+
+
+def _duration_value(text: str) -> Any:
+    """A duration field: a bare number means seconds; anything else goes to the model as typed."""
+    text = text.strip()
+    if _NUMBER.fullmatch(text):
+        return float(text) if "." in text else int(text)
+    return text
+
+
+def _instant_value(text: str, zone_name: str) -> str:
+    """A time field: ISO 8601; without an offset, read in the form's time zone."""
+    text = text.strip()
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return text  # the model says why
+    if parsed.tzinfo is not None or timezone_problem(zone_name or "UTC"):
+        return text
+    return parsed.replace(tzinfo=ZoneInfo(zone_name or "UTC")).isoformat()
+
+
+def _lines(text: str) -> list[tuple[int, str]]:
+    return [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
+    """The spec the form describes, and the problems only the form can see (bad lines).
+
+    In JSON mode, the spec is the JSON text (a syntax error is a problem of ``spec_json``)."""
+    problems: list[Problem] = []
+    if form["editor"] == "json":
+        try:
+            return json.loads(form["spec_json"]), []
+        except ValueError as e:
+            return None, [Problem("", f"the JSON is not valid: {e}")]
+    spec: dict[str, Any] = {}
+    for key in ("name", "group"):
+        if form[key].strip():
+            spec[key] = form[key].strip()
+    spec["description"] = form["description"]
+    spec["owner"] = form["owner"].strip()
+    spec["enabled"] = form["enabled"]
+
+    kind = form["schedule_kind"] if form["schedule_kind"] in SCHEDULE_KINDS else "cron"
+    tz = form["timezone"].strip()
+    schedule: dict[str, Any] = {}
+    if kind == "cron":
+        schedule["cron"] = form["cron"].strip()
+    elif kind == "every":
+        schedule["every"] = _duration_value(form["every"])
+    elif kind == "at":
+        schedule["at"] = _instant_value(form["at"], tz)
+    else:
+        schedule["keepalive"] = True
+    if kind in ("cron", "every") and tz:
+        schedule["timezone"] = tz
+    # the window fields a kind takes (the page hides the others, so they are ignored)
+    for key in ("start", "end") if kind != "keepalive" else ():
+        if form[key].strip():
+            schedule[key] = _instant_value(form[key], tz)
+    between = [form["between_start"].strip(), form["between_end"].strip()]
+    if any(between) and kind in ("cron", "every"):
+        schedule["between"] = between
+    spec["schedule"] = schedule
+
+    if form["run_kind"] == "http":
+        http: dict[str, Any] = {"url": form["url"].strip(), "method": form["method"] or "GET"}
+        headers: dict[str, str] = {}
+        for number, line in _lines(form["headers"]):
+            name, sep, value = line.partition(":")
+            if not sep or not name.strip():
+                problems.append(
+                    Problem("http.headers", f"line {number}: expected 'Name: value', got {line!r}")
+                )
+            else:
+                headers[name.strip()] = value.strip()
+        if headers:
+            http["headers"] = headers
+        if form["body"]:
+            http["body"] = form["body"]
+        statuses = [s for s in re.split(r"[,\s]+", form["expect_status"]) if s]
+        if statuses:
+            values = [int(s) if s.isdigit() else s for s in statuses]
+            http["expect_status"] = values[0] if len(values) == 1 else values
+        if form["http_timeout"].strip():
+            http["timeout"] = _duration_value(form["http_timeout"])
+        http["callback"] = form["callback"]
+        spec["http"] = http
+    else:
+        if form["command"].strip():
+            spec["command"] = form["command"]
+        spec["shell"] = form["shell"]
+        if form["file"].strip():
+            spec["file"] = form["file"].strip()
+        if form["file_version"].strip():
+            spec["file_version"] = form["file_version"].strip()
+        if form["cwd"].strip():
+            spec["cwd"] = form["cwd"].strip()
+
+    if form["timeout"].strip():
+        spec["timeout"] = _duration_value(form["timeout"])
+    retries = form["retries"].strip()
+    if retries:
+        spec["retries"] = int(retries) if retries.isdigit() else retries
+    for key in ("retry_delay", "misfire_grace"):
+        if form[key].strip():
+            spec[key] = _duration_value(form[key])
+    for key in ("concurrency", "misfire", "mode"):
+        if form[key]:
+            spec[key] = form[key]
+    env: dict[str, str] = {}
+    for number, line in _lines(form["env"]):
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip():
+            problems.append(Problem("env", f"line {number}: expected KEY=VALUE, got {line!r}"))
+        else:
+            env[name.strip()] = value
+    spec["env"] = env
+    emails = [e for e in re.split(r"[,;\s]+", form["notify_emails"]) if e]
+    spec["notify"] = {"emails": emails, "on": form["notify_on"]}
+    return spec, problems
+
+
+def file_choices(current: str) -> list[str]:
+    try:
+        names = [f["name"] for f in store().list_files()]
+    except CloudTaskError:
+        names = []
+    if current and current not in names:
+        names.append(current)
+    return names
+
+
+def file_versions(name: str) -> list[dict[str, Any]]:
+    """The stored versions of one file, newest first (for the pin field's suggestions)."""
+    if not name:
+        return []
+    try:
+        cursor = (
+            store()
+            .db["files.files"]
+            .find({"filename": name}, {"metadata": 1, "uploadDate": 1})
+            .sort("uploadDate", DESCENDING)
+            .limit(20)
+        )
+        return [
+            {"sha256": d.get("metadata", {}).get("sha256", ""), "at": d.get("uploadDate")}
+            for d in cursor
+        ]
+    except Exception:
+        return []
+
+
+def render_form(
+    form: dict[str, Any],
+    *,
+    task: dict[str, Any] | None = None,
+    problems: list[Problem] | None = None,
+    message: str = "",
+    status: int = 200,
+) -> Any:
+    by_field, top = group_problems(problems or [], form["editor"])
+    if message:
+        top.insert(0, message)
+    return render_template(
+        "tasks/form.html",
+        form=form,
+        task=task,
+        errors=by_field,
+        top_errors=top,
+        files=file_choices(form["file"]),
+        versions=file_versions(form["file"]),
+        conflict=status == 409,
+        schedule_kinds=SCHEDULE_KINDS,
+        methods=HTTP_METHODS,
+        concurrency_policies=CONCURRENCY_POLICIES,
+        misfire_policies=MISFIRE_POLICIES,
+        modes=MODES,
+        notify_events=NOTIFY_EVENTS,
+    ), status
+
+
+def _name_taken(name: Any, task_id: str | None) -> bool:
+    if not isinstance(name, str):
+        return False
+    query: dict[str, Any] = {"name": name}
+    if task_id:
+        query["_id"] = {"$ne": task_id}
+    return store().tasks.find_one(query, {"_id": 1}) is not None
+
+
+def _save(form: dict[str, Any], task: dict[str, Any] | None) -> Any:
+    """Create (task None) or replace a task from the posted form; re-show it on any problem."""
+    spec, problems = form_spec(form)
+    if problems and spec is not None:
+        problems += validate_task(spec, now=datetime.now(timezone.utc))
+    if problems:
+        return render_form(form, task=task, problems=problems, status=422)
+    try:
+        if task is None:
+            doc = ops().create_task(actor(), spec)
+            flash(f"Task {doc['name']} created.", "ok")
+        else:
+            revision = int(form["revision"]) if form["revision"].isdigit() else None
+            doc = ops().replace_task(actor(), task["_id"], spec, expected_revision=revision)
+            flash(f"Task {doc['name']} saved (revision {doc['revision']}).", "ok")
+    except ValidationError as e:
+        return render_form(form, task=task, problems=e.problems, status=422)
+    except Conflict as e:
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if _name_taken(name, task["_id"] if task else None):
+            problem = Problem("name", f"a task named {name!r} already exists: choose another name")
+            return render_form(form, task=task, problems=[problem], status=409)
+        return render_form(form, task=task, message=str(e), status=409)
+    except NotFound as e:
+        return render_form(form, task=task, message=f"{e}: it was deleted meanwhile", status=404)
+    return redirect(url_for("tasks.detail", task_id=doc["_id"]))
+
+
+# The form pages: anyone logged in may look (a viewer sees them read-only); saving, the POST,
+# needs an operator, checked on the server by the POST handlers below.
+
+
+@bp.route("/new", methods=["GET", "POST"])
+@requires("viewer")
+def new() -> Any:
+    if request.method == "POST":
+        return _create()
+    return render_form(default_form())
+
+
+@requires("operator")
+def _create() -> Any:
+    return _save(read_form(request.form), None)
+
+
+@bp.route("/<task_id>/edit", methods=["GET", "POST"])
+@requires("viewer")
+def edit(task_id: str) -> Any:
+    if request.method == "POST":
+        return _replace(task_id)
+    task = _get_task(task_id)
+    form = spec_form(task["spec"])
+    form["revision"] = str(task["revision"])
+    if request.args.get("editor") == "json":
+        form["editor"] = "json"
+    return render_form(form, task=task)
+
+
+@requires("operator")
+def _replace(task_id: str) -> Any:
+    return _save(read_form(request.form), _get_task(task_id))
+
+
+@bp.route("/<task_id>/clone", methods=["GET", "POST"])
+@requires("viewer")
+def clone(task_id: str) -> Any:
+    if request.method == "POST":
+        return _clone(task_id)
+    task = _get_task(task_id)
+    name = f"{task['name']}-copy"[:128]
+    return render_template("tasks/clone.html", task=task, name=name, error="", top_error="")
+
+
+@requires("operator")
+def _clone(task_id: str) -> Any:
+    task = _get_task(task_id)
+    name = request.form.get("name", "").strip()
+    try:
+        doc = ops().clone_task(actor(), task["_id"], name)
+    except ValidationError as e:
+        error = "; ".join(p.message for p in e.problems if p.path == "name")
+        top = "; ".join(str(p) for p in e.problems if p.path != "name")
+        status = 422
+    except Conflict as e:
+        error, top, status = str(e), "", 409
+    else:
+        flash(f"Task {doc['name']} created as a paused copy of {task['name']}.", "ok")
+        return redirect(url_for("tasks.detail", task_id=doc["_id"]))
+    page = render_template("tasks/clone.html", task=task, name=name, error=error, top_error=top)
+    return page, status
+
+
+# --- actions ----------------------------------------------------------------------------------
+
+
+def _back(task_id: str) -> Any:
+    target = request.form.get("next", "")
+    if target.startswith("/") and not target.startswith("//"):
+        return redirect(target)
+    return redirect(url_for("tasks.detail", task_id=task_id))
+
+
+def _set_enabled(task_id: str, enabled: bool) -> Any:
+    task = _get_task(task_id)
+    try:
+        ops().set_enabled(actor(), task["_id"], enabled)
+    except CloudTaskError as e:
+        flash(f"Cannot {'resume' if enabled else 'pause'} {task['name']}: {e}", "error")
+    else:
+        flash(f"Task {task['name']} {'resumed' if enabled else 'paused'}.", "ok")
+    return _back(task["_id"])
+
+
+@bp.post("/<task_id>/pause")
+@requires("operator")
+def pause(task_id: str) -> Any:
+    return _set_enabled(task_id, False)
+
+
+@bp.post("/<task_id>/resume")
+@requires("operator")
+def resume(task_id: str) -> Any:
+    return _set_enabled(task_id, True)
+
+
+@bp.post("/<task_id>/run")
+@requires("operator")
+def run(task_id: str) -> Any:
+    task = _get_task(task_id)
+    try:
+        doc = ops().run_now(actor(), task["_id"])
+    except (Conflict, ValidationError) as e:
+        flash(f"Cannot run {task['name']} now: {e}", "error")
+        return redirect(url_for("tasks.detail", task_id=task["_id"]))
+    flash(f"Run {doc['_id']} of {task['name']} queued: an agent of {task['group']} takes it.", "ok")
+    return redirect(run_link(doc["_id"]))
+
+
+def _running(task: dict[str, Any]) -> int:
+    return store().runs.count_documents(
+        {"task_id": task["_id"], "status": {"$in": list(RUNNING_STATUSES)}}, limit=1000
+    )
+
+
+@bp.route("/<task_id>/delete", methods=["GET", "POST"])
+@requires("viewer")
+def delete(task_id: str) -> Any:
+    """GET: the confirmation page; POST (operator): delete, killing running runs if asked."""
+    if request.method == "POST":
+        return _delete(task_id)
+    task = _get_task(task_id)
+    return render_template("tasks/delete.html", task=task, running=_running(task))
+
+
+@requires("operator")
+def _delete(task_id: str) -> Any:
+    task = _get_task(task_id)
+    running = _running(task)
+    kill = request.form.get("kill_running") in ("on", "true", "1", "yes")
+    try:
+        _, killed = ops().delete_task(actor(), task["_id"], kill_running=kill)
+    except NotFound:
+        flash(f"Task {task['name']} was already deleted.", "ok")
+        return redirect(url_for("tasks.index"))
+    message = f"Task {task['name']} deleted."
+    if kill:
+        message += f" {len(killed)} of its {running} running runs asked to stop."
+    elif running:
+        message += f" Its {running} running runs finish on their own."
+    flash(message, "ok")
+    return redirect(url_for("tasks.index"))
