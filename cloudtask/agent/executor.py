@@ -3,7 +3,8 @@
 Fires beyond ``max_parallel`` wait in a FIFO queue and keep their ``scheduled_for``. Each
 running process has two threads: one waits for it (with the task's timeout) and one pumps its
 output (stdout and stderr merged, so their order is kept) to the daily log file and to a
-64 KiB tail that the run writer sends to MongoDB at most once a second.
+64 KiB tail that the run writer sends to MongoDB at most once a second. An HTTP run is one
+call, or for a callback task the call and then the wait for its service's result (httprun.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pymongo
+
 from ..store import OUTPUT_TAIL_BYTES, to_bson_time
 from ..task import TaskSpec
 from .files import FileCache, TaskFileError
@@ -39,6 +42,10 @@ from .proctree import (
 from .runwriter import RunWriter
 
 log = logging.getLogger(__name__)
+
+# a read of a callback report gives up after this long (MongoDB down), so that a run waiting
+# for its result still sees a kill or its timeout within a couple of seconds
+REPORT_READ_BUDGET = 2.0
 
 
 def _now() -> datetime:
@@ -69,6 +76,7 @@ class RunContext:
     http_status: int | None = None
     error: str | None = None
     kill_reason: str | None = None  # "timeout", or why it was killed
+    kill_requested: threading.Event = field(default_factory=threading.Event)  # wakes waits
     proc: subprocess.Popen | None = None
     tail: bytearray = field(default_factory=bytearray)
     tail_dirty: bool = False
@@ -218,6 +226,7 @@ class Executor:
             if ctx.kill_reason is None:
                 ctx.kill_reason = reason
             proc = ctx.proc
+        ctx.kill_requested.set()
         if proc is not None and proc.poll() is None:
             killer = threading.Thread(
                 target=kill_tree, args=(proc, ctx.run_id, self.kill_grace), daemon=True
@@ -282,7 +291,9 @@ class Executor:
                     ctx.run_id, {"status": "running", "started_at": to_bson_time(ctx.started_at)}
                 )
                 self.writer.watch_tail(ctx.run_id, ctx.changed_tail)
-                run_http(ctx, runlog)
+                run_http(
+                    ctx, runlog, read_report=self._read_report, show_progress=self._show_progress
+                )
             else:
                 self._run_process(ctx, runlog)
         finally:
@@ -297,6 +308,15 @@ class Executor:
             )
             runlog.close()
         self._report(ctx)
+
+    def _read_report(self, run_id: str) -> dict[str, Any] | None:
+        """What the service of a callback run reported (StoreError when MongoDB cannot tell)."""
+        with pymongo.timeout(REPORT_READ_BUDGET):
+            return self.writer.store.get_report(run_id)
+
+    def _show_progress(self, ctx: RunContext, progress: dict[str, Any]) -> None:
+        """A callback run's progress into its document, written like a running run's output."""
+        self.writer.update(ctx.run_id, {"progress": progress}, lazy=True)
 
     def _run_process(self, ctx: RunContext, runlog: RunLog) -> None:
         spec = ctx.spec
