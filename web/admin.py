@@ -1,23 +1,468 @@
-"""Users (admin only) and the audit log."""
+"""Users (admin only) and the audit log (anyone logged in).
+
+Users: the list with an add form; one user's page to change the role, enable or disable the
+account, set a new password, and create or revoke API tokens. A new token is shown once, on
+the page that answers its creation, and never again (only its hash is stored). Every change
+is a POST carrying the CSRF token, needs the admin role, and writes an audit entry (target
+``user:<name>``) whose before/after never hold a password or a hash. The guard rails (nobody
+disables or demotes their own account, the last enabled admin stays) are in
+:class:`cloudtask.users.Users`; this module shows their refusal next to the field.
+
+Audit log: newest first, filtered by actor, action prefix (``task.``), target (``task:nightly``,
+or a task name typed plainly) and time (since/until, to the second), in bounded pages. Each
+entry shows its changes compactly: the keys whose values differ, old → new.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
-from flask import Blueprint
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask_login import current_user
+from pymongo import DESCENDING
+from werkzeug.routing import BuildError
+
+from cloudtask.exceptions import Conflict, NotFound, Problem, ValidationError
+from cloudtask.users import ROLES, Users, public, token_name_problem
 
 from .auth import requires
+from .context import actor, store
+from .queries import _int_arg, _text_arg, _time_arg, count
 
 bp = Blueprint("admin", __name__)
+
+AUDIT_PER_PAGE = 50
+AUDIT_MAX_PER_PAGE = 200
+VALUE_CHARS = 240  # a changed value longer than this is cut in the audit list
+DIFF_DEPTH = 2  # nested objects are compared key by key this deep (schedule.cron)
+KNOWN_ACTIONS = (
+    "task.",
+    "task.create",
+    "task.update",
+    "task.pause",
+    "task.resume",
+    "task.clone",
+    "task.delete",
+    "task.run",
+    "run.",
+    "run.kill",
+    "file.",
+    "file.upload",
+    "file.rollback",
+    "user.",
+    "user.create",
+    "user.role",
+    "user.enable",
+    "user.disable",
+    "user.password",
+    "token.",
+    "token.create",
+    "token.revoke",
+)
+# keys whose values the audit list never shows, whatever wrote the entry
+SECRET_KEYS = {"password", "password_hash", "hash", "token_hash", "secret", "token"}
+
+
+def _users() -> Users:
+    return Users(store())
+
+
+def _audit(action: str, username: str, before: Any, after: Any) -> None:
+    store().add_audit(actor(), action, f"user:{username}", before, after)
+
+
+def _get_user(username: str) -> dict[str, Any]:
+    try:
+        return _users().get(username)
+    except NotFound:
+        abort(404, description=f"no user named {username!r}")
+
+
+# --- users: list and add ----------------------------------------------------------------------
+
+
+def _render_users(form: dict[str, str], errors: dict[str, str], status: int = 200) -> Any:
+    return render_template(
+        "admin/users.html", users=_users().list(), form=form, errors=errors, roles=ROLES
+    ), status
 
 
 @bp.get("/users")
 @requires("admin")
 def users() -> Any:
-    return "users"
+    return _render_users({"username": "", "role": "viewer"}, {})
+
+
+@bp.post("/users")
+@requires("admin")
+def user_add() -> Any:
+    form = {
+        "username": request.form.get("username", "").strip(),
+        "role": request.form.get("role", "viewer"),
+    }
+    password = request.form.get("password", "")
+    problems = Users.problems(form["username"], password, form["role"])
+    if password != request.form.get("password2", ""):
+        problems.append(Problem("password2", "the two passwords differ: type the same twice"))
+    if problems:
+        return _render_users(form, {p.path: p.message for p in problems}, 422)
+    try:
+        _users().add(form["username"], password, form["role"])
+    except Conflict:
+        message = f"a user named {form['username']!r} already exists: choose another name"
+        return _render_users(form, {"username": message}, 409)
+    _audit(
+        "user.create",
+        form["username"],
+        None,
+        {"username": form["username"], "role": form["role"], "enabled": True},
+    )
+    flash(f"User {form['username']} added ({form['role']}).", "ok")
+    return redirect(url_for("admin.user_detail", username=form["username"]))
+
+
+# --- users: one user --------------------------------------------------------------------------
+
+
+def _render_user(
+    username: str,
+    errors: dict[str, str] | None = None,
+    status: int = 200,
+    new_token: dict[str, str] | None = None,
+    token_name: str = "",
+) -> Any:
+    """One user's page; ``new_token`` (id, name, token) is shown once, on this answer only."""
+    doc = _get_user(username)
+    tokens = _users().list_tokens(username)  # also gives tokens made before ids their id
+    page = render_template(
+        "admin/user.html",
+        user=public(doc),
+        tokens=tokens,
+        is_self=username == current_user.username,
+        last_admin=_is_last_admin(doc),
+        errors=errors or {},
+        roles=ROLES,
+        new_token=new_token,
+        token_name=token_name,
+    )
+    # a page holding a new token is never cached (nor kept for the back button)
+    headers = {"Cache-Control": "no-store"} if new_token else {}
+    return page, status, headers
+
+
+def _is_last_admin(doc: dict[str, Any]) -> bool:
+    return (
+        doc.get("role") == "admin"
+        and bool(doc.get("enabled"))
+        and _users().enabled_admins() == [doc["_id"]]
+    )
+
+
+@bp.get("/users/<username>")
+@requires("admin")
+def user_detail(username: str) -> Any:
+    return _render_user(username)
+
+
+@bp.post("/users/<username>/role")
+@requires("admin")
+def user_role(username: str) -> Any:
+    _get_user(username)
+    role = request.form.get("role", "")
+    try:
+        old = _users().set_role(username, role, by=current_user.username)
+    except ValidationError as e:
+        return _render_user(username, {"role": "; ".join(p.message for p in e.problems)}, 422)
+    except Conflict as e:
+        return _render_user(username, {"role": str(e)}, 409)
+    if old != role:
+        _audit("user.role", username, {"role": old}, {"role": role})
+        flash(f"{username} is now {role}.", "ok")
+    return redirect(url_for("admin.user_detail", username=username))
+
+
+def _set_enabled(username: str, enabled: bool) -> Any:
+    _get_user(username)
+    try:
+        old = _users().set_enabled(username, enabled, by=current_user.username)
+    except Conflict as e:
+        return _render_user(username, {"enabled": str(e)}, 409)
+    if old != enabled:
+        action = "user.enable" if enabled else "user.disable"
+        _audit(action, username, {"enabled": old}, {"enabled": enabled})
+        note = "" if enabled else ": their sessions and API tokens stop working"
+        flash(f"{username} {'enabled' if enabled else 'disabled'}{note}.", "ok")
+    return redirect(url_for("admin.user_detail", username=username))
+
+
+@bp.post("/users/<username>/disable")
+@requires("admin")
+def user_disable(username: str) -> Any:
+    return _set_enabled(username, False)
+
+
+@bp.post("/users/<username>/enable")
+@requires("admin")
+def user_enable(username: str) -> Any:
+    return _set_enabled(username, True)
+
+
+@bp.post("/users/<username>/password")
+@requires("admin")
+def user_password(username: str) -> Any:
+    _get_user(username)
+    password = request.form.get("password", "")
+    errors = {p.path: p.message for p in Users.problems(username, password, None)}
+    if password != request.form.get("password2", ""):
+        errors["password2"] = "the two passwords differ: type the same twice"
+    if errors:
+        return _render_user(username, errors, 422)
+    _users().set_password(username, password)
+    _audit("user.password", username, None, {"password_changed": True})
+    flash(f"New password set for {username}.", "ok")
+    return redirect(url_for("admin.user_detail", username=username))
+
+
+@bp.post("/users/<username>/tokens")
+@requires("admin")
+def user_token_create(username: str) -> Any:
+    _get_user(username)
+    name = request.form.get("name", "").strip()
+    if problem := token_name_problem(name):
+        return _render_user(username, {"token_name": problem}, 422, token_name=name)
+    token_id, token = _users().add_token(username, name)
+    _audit("token.create", username, None, {"token_id": token_id, "name": name})
+    # answered here, not after a redirect: the token must not travel in the session cookie
+    return _render_user(username, new_token={"id": token_id, "name": name, "token": token})
+
+
+@bp.post("/users/<username>/tokens/<token_id>/revoke")
+@requires("admin")
+def user_token_revoke(username: str, token_id: str) -> Any:
+    _get_user(username)
+    try:
+        gone = _users().revoke_token(username, token_id)
+    except NotFound as e:
+        return _render_user(username, {"tokens": f"{e}: it was revoked already"}, 404)
+    _audit("token.revoke", username, {"token_id": token_id, "name": gone["name"]}, None)
+    flash(f"Token {gone['name']} ({token_id}) of {username} revoked: it stops working now.", "ok")
+    return redirect(url_for("admin.user_detail", username=username))
+
+
+# --- audit log: filters and query -------------------------------------------------------------
+
+
+def audit_filters(args: Any) -> dict[str, Any]:
+    """Checked audit filters: actor, action (a prefix), target, since, until, page, per_page.
+
+    A target without a kind (``nightly-cleanup``) means a task (``task:nightly-cleanup``):
+    task names hold no ``:``. Times are taken to the whole second (see :func:`list_audit`)."""
+    problems: list[Problem] = []
+    filters: dict[str, Any] = {
+        "actor": _text_arg(args, "actor", problems),
+        "action": _text_arg(args, "action", problems),
+        "target": _text_arg(args, "target", problems),
+        "since": _time_arg(args, "since", problems),
+        "until": _time_arg(args, "until", problems),
+        "page": _int_arg(args, "page", 1, 1, 100_000, problems),
+        "per_page": _int_arg(args, "per_page", AUDIT_PER_PAGE, 1, AUDIT_MAX_PER_PAGE, problems),
+    }
+    for name in ("since", "until"):
+        if filters[name] is not None:
+            filters[name] = filters[name].replace(microsecond=0)
+    if filters["target"] and ":" not in filters["target"]:
+        filters["target"] = f"task:{filters['target']}"
+    since, until = filters["since"], filters["until"]
+    if since and until and since >= until:
+        problems.append(Problem("until", "must be after since"))
+    if problems:
+        raise ValidationError(problems, source="the filters")
+    return filters
+
+
+def _same(value: str) -> dict[str, str]:
+    """Equality on a string field, written as a range with both ends on the value: the
+    MongoDB wire server used on one machine turns ``{field: value}`` into a test that also
+    looks inside arrays, which no index serves; this range is the same test on a string and
+    uses the (actor, at) and (target, at) indexes in both servers."""
+    return {"$gte": value, "$lte": value}
+
+
+def _id_at(moment: datetime) -> str:
+    """The smallest audit entry id made in ``moment``'s second or later. Entry ids are
+    ObjectIds as 24 hex digits (``Store.add_audit``) whose first 8 are the second they were
+    made in, so they compare as strings in time order."""
+    seconds = min(max(int(moment.timestamp()), 0), 0xFFFFFFFF)
+    return f"{seconds:08x}" + "0" * 16
+
+
+@dataclass
+class AuditPage:
+    items: list[dict[str, Any]]
+    page: int
+    per_page: int
+    total: int
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.per_page))
+
+    @property
+    def has_next(self) -> bool:
+        return self.page * self.per_page < self.total
+
+
+def list_audit(filters: dict[str, Any]) -> AuditPage:
+    """One page of entries, newest first.
+
+    The time range is applied through the entries' ids, not their ``at``: the wire server
+    used on one machine neither compares dates inside an aggregation (its counts come out
+    wrong) nor serves a date range from an index (it reads and sorts every match), while ids
+    compare as strings everywhere. So the entries in range are counted by id, and the page is
+    read from the entries that match the other filters, newest first by ``at`` (indexed),
+    after skipping those newer than ``until`` (counted by id too)."""
+    audit = store().audit
+    query: dict[str, Any] = {}
+    if filters.get("actor"):
+        query["actor"] = _same(filters["actor"])
+    if filters.get("action"):
+        prefix = filters["action"]
+        query["action"] = {"$gte": prefix, "$lt": prefix + "\U0010ffff"}
+    if filters.get("target"):
+        query["target"] = _same(filters["target"])
+    ids: dict[str, str] = {}
+    if filters.get("since"):
+        ids["$gte"] = _id_at(filters["since"])
+    if filters.get("until"):
+        ids["$lt"] = _id_at(filters["until"])
+    total = count(audit, {**query, "_id": ids} if ids else query)
+    newer = count(audit, {**query, "_id": {"$gte": ids["$lt"]}}) if "$lt" in ids else 0
+    page, per_page = filters.get("page", 1), filters.get("per_page", AUDIT_PER_PAGE)
+    offset = (page - 1) * per_page
+    wanted = min(per_page, total - offset)
+    items: list[dict[str, Any]] = []
+    if wanted > 0:
+        cursor = audit.find(query).sort("at", DESCENDING).skip(newer + offset).limit(wanted)
+        items = list(cursor)
+    return AuditPage(items, page, per_page, total)
+
+
+# --- audit log: how an entry is shown ---------------------------------------------------------
+
+_MISSING = object()
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: "(hidden)" if _is_secret(str(k)) else _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
+
+
+def _show(value: Any) -> str:
+    """A value as the audit list shows it: text as it is, anything else as compact JSON."""
+    if value is _MISSING:
+        return "–"
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, datetime):
+        text = value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    else:
+        text = json.dumps(_redacted(value), ensure_ascii=False, sort_keys=True, default=str)
+    return text if len(text) <= VALUE_CHARS else text[: VALUE_CHARS - 1] + "…"
+
+
+def _is_secret(key: str) -> bool:
+    return key.lower() in SECRET_KEYS or key.lower().endswith("_hash")
+
+
+def audit_changes(before: Any, after: Any) -> list[tuple[str, str, str]]:
+    """(key, old, new) for what differs between an entry's before and after (None when there
+    was nothing, as before a create): the keys of objects, dotted into nested objects
+    (``schedule.cron``) down to DIFF_DEPTH levels, deeper values and lists as JSON. Values
+    that are not objects are one change with the key ''."""
+    objects = isinstance(before, (dict, type(None))) and isinstance(after, (dict, type(None)))
+    if not objects or before is after is None:
+        return [] if before == after else [("", _show(before), _show(after))]
+    changes: list[tuple[str, str, str]] = []
+    _diff_objects(before or {}, after or {}, "", 1, changes)
+    return changes
+
+
+def _diff_objects(
+    old: dict[str, Any], new: dict[str, Any], prefix: str, depth: int, changes: list
+) -> None:
+    for key in list(old) + [k for k in new if k not in old]:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        a, b = old.get(key, _MISSING), new.get(key, _MISSING)
+        if a == b:
+            continue
+        if _is_secret(str(key)):
+            changes.append((path, "(hidden)", "(hidden)"))
+        elif isinstance(a, dict) and isinstance(b, dict) and depth < DIFF_DEPTH:
+            _diff_objects(a, b, path, depth + 1, changes)
+        else:
+            changes.append((path, _show(a), _show(b)))
+
+
+def _link(endpoint: str, **values: Any) -> str | None:
+    try:
+        return url_for(endpoint, **values)
+    except BuildError:  # that area of the site is missing: show the target as text
+        return None
+
+
+def target_links(items: list[dict[str, Any]]) -> dict[str, str]:
+    """target -> URL for the page's entries: tasks that still exist (found by name in one
+    query for the whole page), users (for admins), runs and files."""
+    targets = {str(item.get("target") or "") for item in items}
+    names = sorted(t[5:] for t in targets if t.startswith("task:"))
+    task_ids: dict[str, str] = {}
+    if names:
+        for doc in store().tasks.find({"name": {"$in": names}}, {"name": 1}):
+            task_ids[doc["name"]] = doc["_id"]
+    links: dict[str, str] = {}
+    for target in targets:
+        kind, _, name = target.partition(":")
+        url = None
+        if kind == "task" and name in task_ids:
+            url = _link("tasks.detail", task_id=task_ids[name])
+        elif kind == "user" and current_user.can("admin"):
+            url = _link("admin.user_detail", username=name)
+        elif kind == "run" and name:
+            url = _link("runs.detail", run_id=name)
+        elif kind == "file" and name:
+            url = _link("files.detail", name=name)
+        if url:
+            links[target] = url
+    return links
 
 
 @bp.get("/audit")
 @requires("viewer")
 def audit() -> Any:
-    return "audit"
+    errors: dict[str, str] = {}
+    try:
+        filters = audit_filters(request.args)
+    except ValidationError as e:
+        errors = {p.path: p.message for p in e.problems}
+        kept = {k: v for k, v in request.args.items() if k not in errors}
+        if "until" in errors:
+            kept.pop("since", None)  # since/until disagree: list without either
+        filters = audit_filters(kept)
+    page = list_audit(filters)
+    for item in page.items:
+        item["changes"] = audit_changes(item.get("before"), item.get("after"))
+    return render_template(
+        "admin/audit.html",
+        page=page,
+        args=request.args,
+        filters=filters,
+        errors=errors,
+        links=target_links(page.items),
+        actions=KNOWN_ACTIONS,
+    ), (422 if errors else 200)

@@ -142,6 +142,9 @@ def change_password() -> Any:
         except Exception as e:  # ValidationError: say what is wrong
             flash(str(e), "error")
             return render_template("password.html"), 400
+        store = current_app.extensions["cloudtask_store"]()
+        name = current_user.username
+        store.add_audit(name, "user.password", f"user:{name}", None, {"password_changed": True})
         flash("Password changed.", "ok")
         return redirect(url_for("dashboard.index"))
     return render_template("password.html")

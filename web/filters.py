@@ -39,10 +39,12 @@ def when(value: Any) -> str:
 
 
 def seconds(value: Any) -> str:
-    """A duration in seconds as ``0.31 s``, ``4m12s`` or ``2h``."""
+    """A duration in seconds as ``4 ms``, ``3.10 s``, ``4m12s`` or ``2h``."""
     if value is None:
         return "–"
     value = float(value)
+    if value < 1:
+        return f"{value * 1000:.0f} ms"
     if value < 60:
         return f"{value:.2f} s" if value < 10 else f"{value:.1f} s"
     return format_duration(round(value))
