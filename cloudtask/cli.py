@@ -495,21 +495,128 @@ def file_group() -> None:
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--name", help="Name to store it under (default: the file's own name).")
 def file_put(config_path: str | None, path: str, name: str | None) -> None:
-    """Store a new version of a task file; tasks naming it run the latest version."""
+    """Store a new version of a task file; tasks naming it run the latest version.
 
+    An archive (.zip, .tar.gz, .tgz, .tar) is checked first: one that does not open, or holds
+    a member that would land outside the run's folder (or a link, or a device), is refused.
+    The newest web.file_versions_kept versions of each name are kept, and every pinned one.
+    """
+    web = _load(config_path).web
+    name = name or Path(path).name
     with _store(config_path) as store:
-        meta = store.put_file(name or Path(path).name, Path(path).read_bytes())
-    click.echo(f"stored {meta['name']}: {meta['size']} bytes, sha256 {meta['sha256']}")
+        meta = store.put_file(
+            name,
+            Path(path).read_bytes(),
+            uploaded_by=cli_actor(),
+            keep=web.file_versions_kept,
+            max_bytes=web.max_upload_bytes,
+        )
+        if meta["created"]:
+            store.add_audit(
+                cli_actor(),
+                "file.upload",
+                f"file:{name}",
+                None,
+                {"sha256": meta["sha256"], "size": meta["size"]},
+            )
+    if meta["created"]:
+        click.echo(f"stored {meta['name']}: {meta['size']} bytes, sha256 {meta['sha256']}")
+    else:
+        click.echo(
+            f"unchanged {meta['name']}: {meta['size']} bytes, sha256 {meta['sha256']} "
+            "is the latest version already"
+        )
+
+
+def _when(value: Any) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if isinstance(value, datetime) else "-"
 
 
 @file_group.command("list")
 @config_option
 def file_list(config_path: str | None) -> None:
-    """List stored task files (latest version of each)."""
+    """List stored task files: name, size, sha256, uploaded at and by of the latest version,
+    and how many versions are stored (tab-separated)."""
 
     with _store(config_path) as store:
         for meta in store.list_files():
-            click.echo(f"{meta['name']}\t{meta['size']}\t{meta['sha256']}")
+            click.echo(
+                f"{meta['name']}\t{meta['size']}\t{meta['sha256']}\t{_when(meta['uploaded_at'])}"
+                f"\t{meta['uploaded_by'] or '-'}\t{meta['versions']} version"
+                + ("" if meta["versions"] == 1 else "s")
+            )
+
+
+@file_group.command("versions")
+@config_option
+@click.argument("name")
+def file_versions(config_path: str | None, name: str) -> None:
+    """List the stored versions of a task file, newest first: sha256, size, uploaded at and
+    by, then ``latest``, ``pinned by TASK,...`` and ``rollback of SHA256`` where they apply."""
+
+    with _store(config_path) as store:
+        versions = store.list_file_versions(name)
+    for v in versions:
+        notes = []
+        if v["latest"]:
+            notes.append("latest")
+        if v["pinned_by"]:
+            notes.append("pinned by " + ",".join(v["pinned_by"]))
+        if v["rolled_back_from"]:
+            notes.append(f"rollback from {v['rolled_back_from'][:12]}")
+        click.echo(
+            f"{v['sha256']}\t{v['size']}\t{_when(v['uploaded_at'])}\t{v['uploaded_by'] or '-'}"
+            f"\t{'; '.join(notes)}".rstrip("\t")
+        )
+
+
+@file_group.command("rollback")
+@config_option
+@click.argument("name")
+@click.argument("sha256")
+def file_rollback(config_path: str | None, name: str, sha256: str) -> None:
+    """Make an older version of a task file the latest again (stored as a new upload of its
+    bytes, so the history shows the rollback). SHA256 may be abbreviated to 8 or more digits,
+    as `cloudtask file versions NAME` prints them."""
+    import re
+
+    from .exceptions import NotFound, Problem
+
+    text = sha256.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{8,64}", text):
+        raise ValidationError(
+            [
+                Problem(
+                    "SHA256",
+                    f"expected the sha256 of a version (8 to 64 hex digits), got {sha256!r}",
+                )
+            ],
+            source="the rollback",
+        )
+    web = _load(config_path).web
+    with _store(config_path) as store:
+        matches = sorted(
+            {v["sha256"] for v in store.list_file_versions(name) if v["sha256"].startswith(text)}
+        )
+        if not matches:
+            raise NotFound(
+                f"file {name!r} has no stored version {text}; "
+                "list them with `cloudtask file versions NAME`"
+            )
+        if len(matches) > 1:
+            raise ValidationError(
+                [Problem("SHA256", f"{text} names {len(matches)} versions: give more digits")],
+                source="the rollback",
+            )
+        meta = store.rollback_file(name, matches[0], cli_actor(), keep=web.file_versions_kept)
+        store.add_audit(
+            cli_actor(),
+            "file.rollback",
+            f"file:{name}",
+            {"sha256": meta["rolled_back_from"]},
+            {"sha256": meta["sha256"], "size": meta["size"]},
+        )
+    click.echo(f"rolled back {name}: version {meta['sha256']} is the latest again")
 
 
 @cli.command("next")

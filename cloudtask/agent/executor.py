@@ -329,7 +329,7 @@ class Executor:
             if spec.file:
                 run_dir = self.work_dir / ctx.run_id
                 try:
-                    meta = self._lay_out_file(spec.file, run_dir)
+                    meta = self._lay_out_file(spec.file, run_dir, spec.file_version)
                 except TaskFileError as e:
                     self._fail_to_start(ctx, runlog, str(e))
                     return
@@ -341,10 +341,12 @@ class Executor:
             if run_dir is not None:
                 shutil.rmtree(run_dir, ignore_errors=True)
 
-    def _lay_out_file(self, name: str, run_dir: Path) -> dict[str, Any]:
+    def _lay_out_file(
+        self, name: str, run_dir: Path, version: str | None = None
+    ) -> dict[str, Any]:
         if self.files is None:
             raise TaskFileError(f"task file {name!r}: this agent has no file store")
-        return self.files.lay_out(name, run_dir)
+        return self.files.lay_out(name, run_dir, version=version)
 
     @staticmethod
     def _fail_to_start(ctx: RunContext, runlog: RunLog, error: str) -> None:
