@@ -1,17 +1,150 @@
-"""The cluster page: agents by group and centers with the leader marked."""
+"""The cluster page: agents by group and centers with the leader marked.
+
+Live agents, centers, the leader and the unassigned tasks come from ZooKeeper (the cached
+:func:`web.context.cluster` view); agents that went away from MongoDB, where the leader keeps
+every agent it saw (:func:`web.context.agents` joins both). Each group also shows how many
+enabled tasks it has (one aggregation over the ``group_enabled`` index). A group with tasks
+the leader could not place (no live agent) is flagged; while no center leads, so is a group
+with enabled tasks and no live agent.
+
+``?group=NAME`` shows one group only. Without ZooKeeper the page says the cluster is not
+connected and lists the agents as the leader last recorded them.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Blueprint
+from flask import Blueprint, render_template, request
+from pymongo.errors import PyMongoError
+
+from cloudtask.clusterview import merge_agents
+from cloudtask.exceptions import CloudTaskError, StoreError
 
 from .auth import requires
+from .context import agents, cluster, store
 
 bp = Blueprint("cluster", __name__, url_prefix="/cluster")
+
+GROUP_ARG_LIMIT = 200
+
+
+@dataclass
+class Group:
+    name: str
+    agents: list[dict[str, Any]] = field(default_factory=list)
+    tasks: int = 0  # enabled tasks
+    unassigned: int = 0  # tasks the leader could not place
+    connected: bool = True  # without ZooKeeper no agent is known to be live
+    leader: bool = True  # a center leads: its unassigned tasks are the ones with no agent
+
+    @property
+    def live(self) -> int:
+        """Agents that take tasks (a leaving agent is finishing its runs, not taking new ones)."""
+        return sum(1 for a in self.agents if a["status"] == "online")
+
+    @property
+    def problem(self) -> str | None:
+        if not self.connected:
+            return None
+        if self.unassigned:
+            n = self.unassigned
+            return f"{n} task{'' if n == 1 else 's'} unassigned: no live agent in this group"
+        if not self.leader and self.tasks and not self.live:
+            # no leader says which tasks lack an agent: a group of enabled tasks and no agent
+            return "enabled tasks but no live agent: start an agent in this group"
+        return None
+
+
+def enabled_tasks_by_group() -> dict[str, int]:
+    """Enabled tasks per group (done one-shot tasks included: they keep their flag), in one
+    read of the ``group_enabled`` index."""
+    try:
+        rows = store().tasks.aggregate(
+            [{"$match": {"enabled": True}}, {"$group": {"_id": "$group", "n": {"$sum": 1}}}]
+        )
+        return {str(r["_id"]): int(r["n"]) for r in rows if r.get("_id") is not None}
+    except PyMongoError as e:
+        raise StoreError(
+            f"MongoDB failed to count the tasks of each group ({type(e).__name__}: {e}); "
+            "check that it runs and that mongodb.uri points at it"
+        ) from e
+
+
+def recorded_agents() -> list[dict[str, Any]]:
+    """Without ZooKeeper: the agents as the leader last recorded them, their status unknown."""
+    try:
+        recorded = store().list_agents()
+    except CloudTaskError:
+        recorded = []
+    status = {d["_id"]: d.get("status") for d in recorded}
+    rows = merge_agents(cluster(), recorded)
+    for row in rows:
+        row["recorded_status"] = status.get(row["agent_id"])
+        row["status"] = "unknown"
+    return rows
+
+
+def group_arg() -> tuple[str | None, str | None]:
+    """(the ``group`` filter, or an error message about it)."""
+    raw = request.args.get("group", "")
+    value = raw.strip()
+    if len(value) > GROUP_ARG_LIMIT:
+        return None, f"group: at most {GROUP_ARG_LIMIT} characters, got {len(value)}"
+    return value or None, None
+
+
+def build_groups(
+    rows: list[dict[str, Any]],
+    tasks: dict[str, int],
+    unassigned: dict[str, str],
+    connected: bool,
+    leader: bool,
+) -> list[Group]:
+    """Every group that has agents, enabled tasks or unassigned tasks."""
+    groups: dict[str, Group] = {}
+
+    def group(name: str) -> Group:
+        return groups.setdefault(name, Group(name, connected=connected, leader=leader))
+
+    for row in rows:
+        group(row["group"]).agents.append(row)
+    for name, n in tasks.items():
+        group(name).tasks = n
+    for name in unassigned.values():
+        group(name).unassigned += 1
+    # groups that need attention first, then by name
+    return sorted(groups.values(), key=lambda g: (g.problem is None, g.name))
 
 
 @bp.get("")
 @requires("viewer")
 def index() -> Any:
-    return "cluster"
+    selected, error = group_arg()
+    view = cluster()
+    rows = agents() if view.connected else recorded_agents()
+    leader_known = any(c["leader"] for c in view.centers)
+    groups = build_groups(
+        rows, enabled_tasks_by_group(), view.unassigned, view.connected, leader_known
+    )
+    all_names = sorted(g.name for g in groups)
+    if selected is not None:
+        groups = [g for g in groups if g.name == selected]
+    return render_template(
+        "cluster.html",
+        connected=view.connected,
+        groups=groups,
+        group_names=all_names,
+        selected=selected,
+        error=error,
+        centers=view.centers,
+        leader=view.leader,
+        leader_known=leader_known,
+        unassigned_total=len(view.unassigned),
+        totals={
+            "online": sum(1 for r in rows if r["status"] == "online"),
+            "leaving": sum(1 for r in rows if r["status"] == "leaving"),
+            "offline": sum(1 for r in rows if r["status"] == "offline"),
+        },
+    ), (422 if error else 200)

@@ -1,18 +1,252 @@
 """The dashboard: tasks by state, runs and success rate in the last 24 h, failing tasks,
-agents online and offline, unassigned tasks, recent runs."""
+agents online and offline, unassigned tasks, recent runs.
+
+Every figure is one indexed read, chosen by measuring the MongoDB wire server used on one
+machine (nx-27017, SQLite underneath) with 10,000 tasks and 100,000 runs:
+
+- tasks by state: ``$match enabled`` + ``$group`` by group reads only the ``group_enabled``
+  index (about 2 ms, where a count of ``enabled`` alone scans every task); done tasks have no
+  index of their own and take one scan (about 25 ms);
+- runs in the last 24 h: one ``$match`` on the numeric ``ts`` + ``$group`` by status, run as
+  one SQL query over the ``ts`` index (about 40 ms for 10,000 runs a day). The range is
+  bounded on both sides: with only a lower bound SQLite walks the status index instead, six
+  times slower;
+- failing tasks: one indexed read per failing status (``last_run.status``), merged here.
+
+These figures are read at most once per ``DASHBOARD_CACHE_SECONDS`` (app config, 5 s) and
+shared by every viewer; the recent runs are read on every view. The cluster parts (agents,
+unassigned tasks) come from the cached cluster view; without ZooKeeper they say "cluster not
+connected" and the rest of the page still works.
+"""
 
 from __future__ import annotations
 
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
-from flask import Blueprint, render_template
+from flask import Blueprint, current_app, render_template
+from pymongo import DESCENDING
+from pymongo.errors import PyMongoError
+
+from cloudtask.exceptions import StoreError
+from cloudtask.store import Store
 
 from .auth import requires
+from .context import agents, cluster, store
+from .queries import RUN_LIST_FIELDS, RUN_STATUSES, count
+from .tasks import run_link
 
 bp = Blueprint("dashboard", __name__)
+
+DAY_SECONDS = 86_400
+# the runs that count for the success rate: finished runs that ran (or should have) to an end;
+# skipped and missed fires never started, so they neither help nor hurt
+RATE_STATUSES = ("succeeded", "failed", "timed_out", "lost", "killed")
+FAILING_STATUSES = ("failed", "timed_out", "lost")
+FAILING_SHOWN = 20
+UNASSIGNED_SHOWN = 20
+RECENT_RUNS = 15
+OFFLINE_SHOWN = 10
+CACHE_SECONDS = 5.0
+_cache_lock = threading.Lock()
+
+
+@dataclass
+class TaskStates:
+    """Counts that match the task list's ``state`` filter (web.queries.list_tasks)."""
+
+    enabled: int = 0  # enabled and not done
+    paused: int = 0  # enabled false (done or not)
+    done: int = 0
+    total: int = 0
+
+
+@dataclass
+class RunStats:
+    by_status: dict[str, int] = field(default_factory=dict)
+    total: int = 0
+    succeeded: int = 0
+    counted: int = 0  # succeeded + failed + timed_out + lost + killed
+    since: datetime | None = None
+
+    @property
+    def success_rate(self) -> float | None:
+        """Percent of counted runs that succeeded; None when no run counts."""
+        return 100.0 * self.succeeded / self.counted if self.counted else None
+
+
+def _grouped(collection: Any, pipeline: list[dict[str, Any]]) -> dict[Any, int]:
+    """``{_id: n}`` of a ``$group`` pipeline whose accumulator is ``n``."""
+    return {row["_id"]: int(row["n"]) for row in collection.aggregate(pipeline)}
+
+
+def task_states(db: Store) -> TaskStates:
+    by_flag = {}
+    for flag in (True, False):
+        # group_enabled is (group, enabled): grouping by group lets the server read only it
+        counts = _grouped(
+            db.tasks,
+            [{"$match": {"enabled": flag}}, {"$group": {"_id": "$group", "n": {"$sum": 1}}}],
+        )
+        by_flag[flag] = sum(counts.values())
+    # done tasks, split by their flag (a done task keeps enabled true); no index: one scan
+    done = _grouped(
+        db.tasks,
+        [
+            {"$match": {"done_at": {"$nin": [None]}}},
+            {"$group": {"_id": "$enabled", "n": {"$sum": 1}}},
+        ],
+    )
+    done_enabled = sum(n for flag, n in done.items() if flag)  # stored true, or 1 after $set
+    return TaskStates(
+        enabled=max(0, by_flag[True] - done_enabled),
+        paused=by_flag[False],
+        done=sum(done.values()),
+        total=by_flag[True] + by_flag[False],
+    )
+
+
+def run_stats(db: Store, now: float | None = None) -> RunStats:
+    """Runs scheduled in the last 24 h, by status (``ts`` is scheduled_for in epoch seconds)."""
+    now = time.time() if now is None else now
+    since = now - DAY_SECONDS
+    # the upper bound only steers SQLite's planner to the ts index (see the module's notes);
+    # it is a day ahead so that no run is left out by a clock a little ahead
+    window = {"ts": {"$gte": since, "$lt": now + DAY_SECONDS}}
+    counts = _grouped(
+        db.runs, [{"$match": window}, {"$group": {"_id": "$status", "n": {"$sum": 1}}}]
+    )
+    by_status = {s: counts.get(s, 0) for s in RUN_STATUSES}
+    by_status.update({str(s): n for s, n in counts.items() if s not in by_status})  # unknown
+    return RunStats(
+        by_status=by_status,
+        total=sum(counts.values()),
+        succeeded=by_status["succeeded"],
+        counted=sum(by_status[s] for s in RATE_STATUSES),
+        since=datetime.fromtimestamp(since, timezone.utc),
+    )
+
+
+def failing_tasks(db: Store) -> tuple[list[dict[str, Any]], int]:
+    """Tasks whose last run failed, timed out or was lost, latest failure first (at most
+    ``FAILING_SHOWN``), and how many there are."""
+    fields = {"name": 1, "group": 1, "enabled": 1, "done_at": 1, "last_run": 1}
+    found: list[dict[str, Any]] = []
+    total = 0
+    for status in FAILING_STATUSES:  # equality reads use the index; an $in does not
+        query = {"last_run.status": status}
+        rows = list(
+            db.tasks.find(query, fields).sort("last_run.finished", DESCENDING).limit(FAILING_SHOWN)
+        )
+        found += rows
+        total += len(rows) if len(rows) < FAILING_SHOWN else count(db.tasks, query)
+    found.sort(key=lambda t: -float((t.get("last_run") or {}).get("finished") or 0))
+    return found[:FAILING_SHOWN], total
+
+
+def unassigned_tasks(db: Store, unassigned: dict[str, str]) -> list[dict[str, Any]]:
+    """The first ``UNASSIGNED_SHOWN`` tasks the leader could not place (no live agent in
+    their group), by group and name. A task deleted meanwhile is shown by its id."""
+    ids = sorted(unassigned, key=lambda t: (unassigned[t], t))[:UNASSIGNED_SHOWN]
+    names = {d["_id"]: d["name"] for d in db.tasks.find({"_id": {"$in": ids}}, {"name": 1})}
+    rows = [{"id": t, "name": names.get(t), "group": unassigned[t]} for t in ids]
+    rows.sort(key=lambda r: (r["group"], r["name"] or r["id"]))
+    return rows
+
+
+def recent_runs(db: Store) -> list[dict[str, Any]]:
+    return list(
+        db.runs.find({}, RUN_LIST_FIELDS).sort("scheduled_for", DESCENDING).limit(RECENT_RUNS)
+    )
+
+
+def agent_summary() -> dict[str, Any]:
+    """Counts of online, leaving and offline agents, and the latest offline ones."""
+    rows = agents()
+    counts = {"online": 0, "leaving": 0, "offline": 0}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    offline = [r for r in rows if r["status"] == "offline"]
+    offline.sort(key=lambda r: _aware(r.get("last_seen")), reverse=True)
+    return {"counts": counts, "offline": offline[:OFFLINE_SHOWN], "total": len(rows)}
+
+
+def _aware(value: Any) -> datetime:
+    if not isinstance(value, datetime):
+        return datetime.min.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+@dataclass
+class Figures:
+    """What the dashboard reads from MongoDB, but for the recent runs (always fresh)."""
+
+    states: TaskStates
+    runs: RunStats
+    failing: list[dict[str, Any]]
+    failing_total: int
+    read_at: datetime
+
+
+def read_figures(db: Store) -> Figures:
+    try:
+        failing, failing_total = failing_tasks(db)
+        return Figures(
+            task_states(db), run_stats(db), failing, failing_total, datetime.now(timezone.utc)
+        )
+    except PyMongoError as e:
+        raise _store_error(e) from e
+
+
+def figures() -> Figures:
+    """The figures, read at most once per ``DASHBOARD_CACHE_SECONDS`` (5; 0 reads every time):
+    a dashboard left open by many people costs one set of reads, not one per view."""
+    ttl = float(current_app.config.get("DASHBOARD_CACHE_SECONDS", CACHE_SECONDS))
+    cache = current_app.extensions.setdefault("cloudtask_dashboard", {})
+    with _cache_lock:
+        hit = cache.get("figures")
+    if hit and time.monotonic() - hit[0] < ttl:
+        return hit[1]
+    value = read_figures(store())
+    with _cache_lock:
+        cache["figures"] = (time.monotonic(), value)
+    return value
+
+
+def _store_error(e: PyMongoError) -> StoreError:
+    return StoreError(
+        f"MongoDB failed to read the dashboard's figures ({type(e).__name__}: {e}); "
+        "check that it runs and that mongodb.uri points at it"
+    )
 
 
 @bp.get("/")
 @requires("viewer")
 def index() -> Any:
-    return render_template("dashboard.html")
+    db = store()
+    view = cluster()
+    data = figures()
+    try:
+        unassigned = unassigned_tasks(db, view.unassigned) if view.connected else []
+        recent = recent_runs(db)
+    except PyMongoError as e:
+        raise _store_error(e) from e
+    return render_template(
+        "dashboard.html",
+        connected=view.connected,
+        leader=view.leader,
+        states=data.states,
+        runs=data.runs,
+        read_at=data.read_at,
+        failing=data.failing,
+        failing_total=data.failing_total,
+        failing_statuses=FAILING_STATUSES,
+        agents=agent_summary() if view.connected else None,
+        unassigned=unassigned,
+        unassigned_total=len(view.unassigned),
+        recent=recent,
+        run_link=run_link,
+    )
