@@ -15,7 +15,8 @@ token, one client, sequential requests).
 
 Usage: python bench/web.py [--tasks 10000] [--runs 100000] [--requests 60]
 The last line is one JSON object: tasks_list_p95_ms, task_detail_p95_ms, runs_list_p95_ms,
-dashboard_p95_ms, api_create_per_s (targets: 150 ms each on a 2-core machine).
+dashboard_p95_ms (its figures read on every request), api_create_per_s (targets: 150 ms each
+on a 2-core machine); also dashboard_cached_p95_ms (figures at most 5 s old, as served).
 """
 
 from __future__ import annotations
@@ -177,7 +178,9 @@ def main() -> None:
             Users(store).add("bench", "bench passphrase", role="operator")
             token = Users(store).create_token("bench", "bench")
             token = token if isinstance(token, str) else token["token"]
-            app = create_app(Config(), {"STORE": store})
+            # the dashboard's figures are cached for a few seconds; measure the page uncached
+            # (every request reads MongoDB), then cached, as viewers mostly see it
+            app = create_app(Config(), {"STORE": store, "DASHBOARD_CACHE_SECONDS": 0})
             port = free_port()
             server = waitress.server.create_server(app, host="127.0.0.1", port=port, threads=8)
             threading.Thread(target=server.run, daemon=True).start()
@@ -201,18 +204,22 @@ def main() -> None:
             figures = {"tasks_list_p95_ms": p95(timed(client, lists))}
             details = [f"/tasks/{rnd.choice(ids)}" for _ in range(n)]
             figures["task_detail_p95_ms"] = p95(timed(client, details))
+            since = (datetime.now(timezone.utc) - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M")
             runs = [f"/runs?page={rnd.randint(1, 200)}" for _ in range(n // 2)] + [
                 rnd.choice(
                     [
                         f"/runs?status={rnd.choice(['failed', 'timed_out', 'succeeded'])}",
                         f"/runs?task={rnd.choice(ids)}",
                         f"/runs?agent=agent-{rnd.randint(0, 9)}",
+                        f"/runs?since={since}&status=failed",
                     ]
                 )
                 for _ in range(n - n // 2)
             ]
             figures["runs_list_p95_ms"] = p95(timed(client, runs))
             figures["dashboard_p95_ms"] = p95(timed(client, ["/"] * n))
+            app.config["DASHBOARD_CACHE_SECONDS"] = 5
+            figures["dashboard_cached_p95_ms"] = p95(timed(client, ["/"] * n))
             # API creation rate
             started = time.perf_counter()
             for i in range(args.creates):
@@ -236,7 +243,8 @@ def main() -> None:
         finally:
             mongo.stop()
     for key, value in figures.items():
-        print(f"{key:22} {value}")
+        print(f"{key:24} {value}")
+    figures.pop("dashboard_cached_p95_ms")  # the last line has exactly the issue's keys
     print(json.dumps(figures))
 
 

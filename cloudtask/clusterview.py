@@ -74,7 +74,8 @@ def read_cluster(zk: Any, paths: ZkPaths) -> ClusterView:
         view.centers.append({**info, "center_id": center_id, "leader": center_id == view.leader})
     view.centers.sort(key=lambda c: (not c["leader"], c["center_id"]))
     # owners: the assignments of live agents (a departed agent's leftovers are not owners)
-    live = sorted(a for a, info in view.agents.items() if info["status"] == "online")
+    # (a leaving agent's tasks are counted, but it owns none: the leader is moving them)
+    live = sorted(view.agents)
     child_reads = [(a, zk.get_children_async(paths.assignment_dir(a))) for a in live]
     for agent_id, result in child_reads:
         try:
@@ -82,6 +83,8 @@ def read_cluster(zk: Any, paths: ZkPaths) -> ClusterView:
         except NoNodeError:
             tasks = []
         view.task_counts[agent_id] = len(tasks)
+        if view.agents[agent_id]["status"] != "online":
+            continue
         for task_id in tasks:
             view.owners.setdefault(task_id, agent_id)
     return view

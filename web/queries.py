@@ -208,6 +208,10 @@ def list_runs(store: Store, filters: dict[str, Any]) -> Page:
         span["$gte"] = filters["since"].timestamp()
     if filters.get("until"):
         span["$lt"] = filters["until"].timestamp()
+    elif span:
+        # an upper bound too (no run is scheduled a day ahead): with both bounds the wire
+        # server used on one machine ranges over the ts index instead of scanning another
+        span["$lt"] = datetime.now(timezone.utc).timestamp() + 86400
     if span:
         query["ts"] = span  # scheduled_for in epoch seconds
     page, per_page = filters.get("page", 1), filters.get("per_page", 50)

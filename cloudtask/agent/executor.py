@@ -341,9 +341,7 @@ class Executor:
             if run_dir is not None:
                 shutil.rmtree(run_dir, ignore_errors=True)
 
-    def _lay_out_file(
-        self, name: str, run_dir: Path, version: str | None = None
-    ) -> dict[str, Any]:
+    def _lay_out_file(self, name: str, run_dir: Path, version: str | None = None) -> dict[str, Any]:
         if self.files is None:
             raise TaskFileError(f"task file {name!r}: this agent has no file store")
         return self.files.lay_out(name, run_dir, version=version)
