@@ -17,6 +17,8 @@ import secrets
 from typing import Any
 
 from flask import Flask, jsonify, render_template
+from pymongo.errors import PyMongoError
+from werkzeug.exceptions import HTTPException
 
 from cloudtask import __version__
 from cloudtask.config import Config
@@ -97,9 +99,33 @@ def create_app(config: Config | None = None, test_config: dict[str, Any] | None 
         if error.code == 413:
             limit = app.config["CLOUDTASK"].web.max_upload_bytes
             message = f"the upload is too large: at most {limit} bytes (web.max_upload_bytes)"
+        # keep what the error says in headers (a 405's Allow), but not its HTML content type
+        headers = [(k, v) for k, v in error.get_headers() if k.lower() != "content-type"]
         if request.path.startswith("/api/"):
-            return jsonify(error=message, details=[]), error.code
-        return render_template("error.html", code=error.code, message=message), error.code
+            return jsonify(error=message, details=[]), error.code, headers
+        page = render_template("error.html", code=error.code, message=message)
+        return page, error.code, headers
+
+    @app.errorhandler(HTTPException)
+    def other_http_error(error: HTTPException) -> Any:
+        """Any other HTTP error (401, 415, 431 ...): JSON on the API, Werkzeug's page elsewhere."""
+        from flask import request
+
+        if not request.path.startswith("/api/") or error.code is None:
+            return error
+        headers = [(k, v) for k, v in error.get_headers() if k.lower() != "content-type"]
+        return jsonify(error=error.description or error.name, details=[]), error.code, headers
+
+    @app.errorhandler(PyMongoError)
+    def store_error(error: PyMongoError) -> Any:
+        """MongoDB failed under a query made without the store's guard: 503, never a 500."""
+        from flask import request
+
+        app.logger.warning("MongoDB failed: %s", error)
+        message = f"the store (MongoDB) failed: {error}"
+        if request.path.startswith("/api/"):
+            return jsonify(error=message, details=[]), 503
+        return render_template("error.html", code=503, message=message), 503
 
     @app.errorhandler(500)
     def server_error(error: Any) -> Any:

@@ -1,0 +1,737 @@
+"""The OpenAPI 3.1 document of the REST API, built from the routes themselves.
+
+Every API route is declared with :meth:`ApiTable.route` (see :mod:`web.api`): one call adds
+the Flask URL rule and records what the document says of it (parameters, request body,
+replies, errors), so the document and the URL map cannot drift apart. ``SCHEMAS`` holds the
+bodies the API takes and gives; the task spec's mirrors the model (:mod:`cloudtask.task`),
+whose names, choices and bounds it reads.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Blueprint
+
+from cloudtask import __version__
+from cloudtask.schedules import EVERY_MAX, EVERY_MIN
+from cloudtask.store import FINISHED_STATUSES, RUNNING_STATUSES
+from cloudtask.task import (
+    CONCURRENCY_POLICIES,
+    HTTP_METHODS,
+    HTTP_STRATEGIES,
+    MAX_RETRIES,
+    MAX_TASK_DURATION,
+    MISFIRE_POLICIES,
+    MODES,
+    NAME_PATTERN,
+    NOTIFY_EVENTS,
+    SPEC_VERSION,
+)
+
+OPENAPI_VERSION = "3.1.0"
+PREFIX = "/api/v1"
+JSON = "application/json"
+
+# --- what a route declares --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    """A query, path or header parameter."""
+
+    name: str
+    where: str  # query, path or header
+    schema: dict[str, Any]
+    description: str
+    required: bool = False
+
+    def to_openapi(self) -> dict[str, Any]:
+        out = {
+            "name": self.name,
+            "in": self.where,
+            "required": self.required or self.where == "path",
+            "description": self.description,
+            "schema": self.schema,
+        }
+        if self.where == "query":
+            out["allowEmptyValue"] = True  # an empty value counts as not given (as in forms)
+        return out
+
+
+def query(name: str, schema: dict[str, Any], description: str) -> Param:
+    return Param(name, "query", schema, description)
+
+
+def path_param(name: str, description: str) -> Param:
+    return Param(name, "path", {"type": "string", "minLength": 1}, description, True)
+
+
+def header(name: str, schema: dict[str, Any], description: str) -> Param:
+    return Param(name, "header", schema, description)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A successful answer: its description, the component schema of its JSON body, and the
+    headers it always carries (name -> description)."""
+
+    description: str
+    schema: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+# Error answers, shared by every operation (components/responses)
+ERRORS = {
+    400: ("BadRequest", "The body is not JSON, or not a JSON object."),
+    401: (
+        "Unauthorized",
+        "No valid login: send `Authorization: Bearer <token>` (or, for the callbacks of http "
+        "tasks, the run's `X-CloudTask-Token`).",
+    ),
+    403: ("Forbidden", "The user's role is not enough for this operation."),
+    404: ("NotFound", "No such task, run or file."),
+    409: (
+        "Conflict",
+        "The change collides with the stored state: the name is taken, the revision is "
+        "stale, or the run is not running (or already reported its result).",
+    ),
+    413: ("TooLarge", "The body is too large."),
+    422: (
+        "Invalid",
+        "The input is invalid: `details` names each field (`schedule.cron`, `per_page`) and "
+        "says what is wrong.",
+    ),
+}
+ROLE_TEXT = {
+    "viewer": "Needs a logged-in user (any role).",
+    "operator": "Needs the operator role (or admin).",
+    "admin": "Needs the admin role.",
+}
+
+
+@dataclass
+class Operation:
+    method: str
+    rule: str  # the Flask rule, relative to the blueprint: /tasks/<task>
+    endpoint: str
+    summary: str
+    description: str
+    role: str | None  # None: the callbacks, authenticated by the run's token
+    params: tuple[Param, ...]
+    body: dict[str, Any] | None  # media type -> schema
+    replies: dict[int, Reply]
+    errors: tuple[int, ...]
+
+    @property
+    def path(self) -> str:
+        """The OpenAPI path: ``/api/v1/tasks/{task}``."""
+        return PREFIX + re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", self.rule)
+
+    def error_codes(self) -> list[int]:
+        codes = set(self.errors) | {401}
+        if self.role in ("operator", "admin"):
+            codes.add(403)
+        if self.body is not None:
+            codes |= {400, 413}
+        return sorted(codes)
+
+    def to_openapi(self) -> dict[str, Any]:
+        text = self.description
+        if self.role:
+            text = f"{text}\n\n{ROLE_TEXT[self.role]}".strip()
+        out: dict[str, Any] = {
+            "operationId": self.endpoint,
+            "summary": self.summary,
+            "description": text,
+            "tags": [self.rule.strip("/").split("/")[0].replace(".json", "")],
+        }
+        if self.params:
+            out["parameters"] = [p.to_openapi() for p in self.params]
+        if self.body is not None:
+            out["requestBody"] = {
+                "required": True,
+                "content": {media: {"schema": schema} for media, schema in self.body.items()},
+            }
+        responses: dict[str, Any] = {}
+        for code, reply in sorted(self.replies.items()):
+            answer: dict[str, Any] = {
+                "description": reply.description,
+                "content": {JSON: {"schema": ref(reply.schema)}},
+            }
+            if reply.headers:
+                answer["headers"] = {
+                    name: {"description": text, "required": True, "schema": {"type": "string"}}
+                    for name, text in reply.headers.items()
+                }
+            responses[str(code)] = answer
+        for code in self.error_codes():
+            responses[str(code)] = {"$ref": f"#/components/responses/{ERRORS[code][0]}"}
+        out["responses"] = responses
+        if self.role is None:
+            out["security"] = [{"runToken": []}]
+        else:
+            out["x-required-role"] = self.role
+        return out
+
+
+class ApiTable:
+    """The API's routes: each added to a blueprint and described for the document at once."""
+
+    def __init__(self, blueprint: Blueprint) -> None:
+        self.blueprint = blueprint
+        self.operations: list[Operation] = []
+
+    def route(
+        self,
+        method: str,
+        rule: str,
+        *,
+        summary: str,
+        replies: dict[int, Reply],
+        description: str = "",
+        params: tuple[Param, ...] = (),
+        body: dict[str, Any] | None = None,
+        errors: tuple[int, ...] = (),
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: ``view`` answers ``method rule``. Put it above ``@requires(role)`` (the
+        role is read from the view) or on a callback, which has no role."""
+
+        def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
+            self.blueprint.add_url_rule(rule, view.__name__, view, methods=[method])
+            self.operations.append(
+                Operation(
+                    method=method,
+                    rule=rule,
+                    endpoint=view.__name__,
+                    summary=summary,
+                    description=description,
+                    role=getattr(view, "required_role", None),
+                    params=params,
+                    body=body,
+                    replies=replies,
+                    errors=errors,
+                )
+            )
+            return view
+
+        return decorate
+
+
+def document(table: ApiTable) -> dict[str, Any]:
+    """The whole OpenAPI document of ``table``'s routes."""
+    paths: dict[str, dict[str, Any]] = {}
+    for op in table.operations:
+        paths.setdefault(op.path, {})[op.method.lower()] = op.to_openapi()
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "CloudTask REST API",
+            "version": __version__,
+            "description": (
+                "Manage and watch CloudTask: tasks, runs, agents, the cluster and task files. "
+                "JSON only. Log in with an API token (`cloudtask token create NAME`, or the "
+                "users page) sent as `Authorization: Bearer <token>`; a browser session works "
+                "too (its writes need the `X-CSRF-Token` header). Viewers read, operators "
+                "change tasks, runs and files. Every error is "
+                '`{"error": "...", "details": [{"path": "...", "message": "..."}]}`.'
+            ),
+        },
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "responses": {
+                name: {"description": text, "content": {JSON: {"schema": ref("Error")}}}
+                for name, text in ERRORS.values()
+            },
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API token of a user: `cloudtask token create NAME`.",
+                },
+                "runToken": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "X-CloudTask-Token",
+                    "description": "The run's own token, sent to the service of an http task "
+                    "in the X-CloudTask-Token header of its call.",
+                },
+            },
+        },
+        "security": [{"bearer": []}],
+    }
+
+
+# --- schemas ----------------------------------------------------------------------------------
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+STRING = {"type": "string"}
+TIME = {"type": "string", "format": "date-time", "description": "ISO 8601, UTC"}
+NAME = {
+    "type": "string",
+    "pattern": f"^{NAME_PATTERN.pattern}$",
+    "description": "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+}
+DURATION = {
+    "description": "A duration such as '30s', '10m', '1h30m', '2d', or a number of seconds",
+    "anyOf": [
+        {"type": "string", "minLength": 1, "examples": ["30s", "10m"]},
+        {"type": "number", "minimum": 0, "maximum": MAX_TASK_DURATION},
+    ],
+}
+INSTANT = {
+    "type": "string",
+    "description": "ISO 8601 with a UTC offset, such as 2026-12-01T03:00:00Z",
+    "examples": ["2026-12-01T03:00:00Z"],
+}
+WINDOW = {
+    "start": INSTANT,
+    "end": INSTANT,
+    "between": {
+        "type": "array",
+        "items": {"type": "string", "pattern": "^([01]?[0-9]|2[0-3]):[0-5][0-9]$"},
+        "minItems": 2,
+        "maxItems": 2,
+        "description": 'Local times ["08:00", "18:00"]: fires only inside (end exclusive)',
+    },
+}
+TIMEZONE = {"type": "string", "description": "An IANA time zone (UTC)", "examples": ["UTC"]}
+
+
+def _schedule(kind: str, value: dict[str, Any], **more: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": [kind],
+        "properties": {kind: value, **more},
+        "additionalProperties": False,
+    }
+
+
+SCHEDULE_ONE = {
+    "oneOf": [
+        _schedule(
+            "cron",
+            {"type": "string", "description": "5 fields, or 6 with seconds first"},
+            timezone=TIMEZONE,
+            **WINDOW,
+        ),
+        _schedule(
+            "every",
+            {
+                "description": f"From {EVERY_MIN:g}s to {EVERY_MAX / 86400:g}d",
+                "anyOf": [
+                    {"type": "string", "minLength": 1, "examples": ["30s"]},
+                    {"type": "number", "minimum": EVERY_MIN, "maximum": EVERY_MAX},
+                ],
+            },
+            timezone=TIMEZONE,
+            **WINDOW,
+        ),
+        _schedule("at", INSTANT, start=INSTANT, end=INSTANT),
+        _schedule("keepalive", {"const": True}),
+    ]
+}
+STRINGS = {"type": "array", "items": STRING}
+HTTP_SPEC = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "A web service call made instead of a command",
+    "properties": {
+        "url": {"type": "string", "description": "http:// or https:// with a host"},
+        "urls": {**STRINGS, "minItems": 1},
+        "strategy": {"enum": list(HTTP_STRATEGIES)},
+        "method": {"enum": list(HTTP_METHODS)},
+        "headers": {"type": "object", "additionalProperties": STRING},
+        "body": {"anyOf": [STRING, {"type": "object"}, {"type": "array"}, {"type": "null"}]},
+        "expect_status": {
+            "anyOf": [
+                {"type": "integer", "minimum": 100, "maximum": 599},
+                {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {"type": "integer", "minimum": 100, "maximum": 599},
+                },
+                {"type": "null"},
+            ]
+        },
+        "timeout": nullable(DURATION),
+        "callback": {
+            "type": "boolean",
+            "description": "The service answers at once and reports later "
+            "(POST /api/v1/runs/{run_id}/progress and /result)",
+        },
+    },
+}
+TASK_SPEC_PROPERTIES = {
+    "version": {"const": SPEC_VERSION},
+    "name": NAME,
+    "group": {**NAME, "description": "Which agents run it (default)"},
+    "schedule": {
+        "description": "One schedule, or a list of them (the earliest next fire wins)",
+        "anyOf": [SCHEDULE_ONE, {"type": "array", "minItems": 1, "items": SCHEDULE_ONE}],
+    },
+    "command": {
+        "description": "A string (split like a shell would) or a list of arguments",
+        "anyOf": [
+            {"type": "string", "minLength": 1},
+            {**STRINGS, "minItems": 1},
+            {"type": "null"},
+        ],
+    },
+    "shell": {"type": "boolean"},
+    "file": {"type": ["string", "null"], "description": "A stored task file"},
+    "file_version": {
+        "type": ["string", "null"],
+        "pattern": "^[0-9a-f]{64}$",
+        "description": "Pins a version of the file (its sha256); null follows the latest",
+    },
+    "http": nullable(HTTP_SPEC),
+    "mode": {"enum": list(MODES)},
+    "timeout": nullable(DURATION),
+    "retries": {"type": "integer", "minimum": 0, "maximum": MAX_RETRIES},
+    "retry_delay": DURATION,
+    "concurrency": {"enum": list(CONCURRENCY_POLICIES)},
+    "misfire": {"enum": list(MISFIRE_POLICIES)},
+    "misfire_grace": DURATION,
+    "enabled": {"type": "boolean"},
+    "env": {
+        "type": "object",
+        "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+        "additionalProperties": STRING,
+    },
+    "cwd": {"type": ["string", "null"]},
+    "notify": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "emails": STRINGS,
+            "on": {"type": "array", "items": {"enum": list(NOTIFY_EVENTS)}},
+        },
+    },
+    "description": STRING,
+    "owner": {"type": "string", "description": "A person or team"},
+}
+TASK_SPEC = {
+    "type": "object",
+    "description": "A task, as README.md 'A task' describes it. A task runs a command or an "
+    "http call; every problem is reported at once, each with its path.",
+    "required": ["name", "schedule"],
+    "additionalProperties": False,
+    "properties": TASK_SPEC_PROPERTIES,
+    "examples": [
+        {
+            "name": "nightly-cleanup",
+            "schedule": {"cron": "0 3 * * *", "timezone": "Europe/Berlin"},
+            "command": ["python", "cleanup.py", "--days", "7"],
+            "timeout": "10m",
+        }
+    ],
+}
+TASK_PATCH = {
+    "type": "object",
+    "description": "Top-level keys of the task spec to change (null removes a key)",
+    "additionalProperties": False,
+    "properties": {key: nullable(value) for key, value in TASK_SPEC_PROPERTIES.items()},
+}
+LAST_RUN = {
+    "type": ["object", "null"],
+    "description": "The task's latest finished run",
+    "properties": {
+        "id": STRING,
+        "status": {"enum": list(FINISHED_STATUSES)},
+        "finished": {"type": "number", "description": "epoch seconds"},
+        "duration": {"type": ["number", "null"]},
+        "trigger": {"type": ["string", "null"]},
+    },
+}
+_TASK_FIELDS = {
+    "id": STRING,
+    "name": STRING,
+    "group": STRING,
+    "enabled": {"type": "boolean"},
+    "done": {"type": "boolean", "description": "A one-shot task that has run"},
+    "state": {"enum": ["enabled", "paused", "done"]},
+    "revision": {"type": "integer", "minimum": 1},
+    "created_at": nullable(TIME),
+    "updated_at": nullable(TIME),
+    "last_run": LAST_RUN,
+    "owner_agent": {
+        "type": ["string", "null"],
+        "description": "The agent that owns the task now (null: none, or no cluster)",
+    },
+}
+TASK = {
+    "type": "object",
+    "required": [*_TASK_FIELDS, "spec", "next_fires"],
+    "properties": {
+        **_TASK_FIELDS,
+        "spec": {"type": "object", "description": "The canonical task spec (every key)"},
+        "next_fires": {
+            "type": "array",
+            "items": TIME,
+            "maxItems": 10,
+            "description": "The next 10 fire times in UTC (none for keepalive or done tasks)",
+        },
+    },
+}
+TASK_SUMMARY = {
+    "type": "object",
+    "required": list(_TASK_FIELDS),
+    "properties": {
+        **_TASK_FIELDS,
+        "spec": {
+            "type": "object",
+            "description": "Part of the spec: schedule, owner, description",
+        },
+    },
+}
+
+
+def _page(item: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["items", "page", "per_page", "total", "capped"],
+        "properties": {
+            "items": {"type": "array", "items": ref(item)},
+            "page": {"type": "integer", "minimum": 1},
+            "per_page": {"type": "integer", "minimum": 1},
+            "total": {"type": "integer", "minimum": 0},
+            "capped": {"type": "boolean", "description": "total is a lower bound"},
+        },
+    }
+
+
+RUN_STATUS = {"enum": list(RUNNING_STATUSES + FINISHED_STATUSES)}
+RUN = {
+    "type": "object",
+    "description": "A run of a task (never its token; its output is at /output)",
+    "required": ["id", "task_id", "task_name", "status", "trigger", "scheduled_for"],
+    "properties": {
+        "id": STRING,
+        "task_id": STRING,
+        "task_name": STRING,
+        "group": STRING,
+        "revision": {"type": "integer"},
+        "scheduled_for": TIME,
+        "ts": {"type": "number", "description": "scheduled_for in epoch seconds"},
+        "slot": STRING,
+        "attempt": {"type": "integer", "minimum": 0},
+        "trigger": STRING,
+        "agent": {"type": ["string", "null"]},
+        "status": RUN_STATUS,
+        "claimed_at": nullable(TIME),
+        "started_at": nullable(TIME),
+        "finished_at": nullable(TIME),
+        "duration": {"type": ["number", "null"], "description": "seconds"},
+        "exit_code": {"type": ["integer", "null"]},
+        "http_status": {"type": ["integer", "null"]},
+        "error": {"type": ["string", "null"]},
+        "requested_by": {"type": ["string", "null"]},
+    },
+}
+REPORT = {
+    "type": ["object", "null"],
+    "description": "What the service of an http task reported (null: nothing yet)",
+    "required": ["percent", "message", "result"],
+    "properties": {
+        "percent": {"type": ["number", "null"], "minimum": 0, "maximum": 100},
+        "message": STRING,
+        "updated_at": TIME,
+        "result": {
+            "type": ["object", "null"],
+            "properties": {
+                "status": {"enum": ["succeeded", "failed"]},
+                "message": STRING,
+                "at": TIME,
+            },
+        },
+    },
+}
+AGENT = {
+    "type": "object",
+    "required": ["agent_id", "group", "host", "pid", "status", "running", "tasks", "last_seen"],
+    "properties": {
+        "agent_id": STRING,
+        "group": STRING,
+        "host": {"type": ["string", "null"]},
+        "pid": {"type": ["integer", "null"]},
+        "status": {"enum": ["online", "leaving", "offline"]},
+        "load": {
+            "type": "object",
+            "properties": {
+                "cpu_percent": {"type": ["number", "null"]},
+                "memory_percent": {"type": ["number", "null"]},
+            },
+        },
+        "running": {"type": "integer", "description": "Runs going on it now"},
+        "tasks": {"type": "integer", "description": "Tasks assigned to it"},
+        "last_seen": {
+            "anyOf": [TIME, {"type": "null"}],
+            "description": "null for a live agent (seen now)",
+        },
+    },
+}
+FILE_INFO = {
+    "type": "object",
+    "required": ["id", "name", "sha256", "size"],
+    "properties": {
+        "id": STRING,
+        "name": STRING,
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "size": {"type": "integer", "minimum": 0},
+        "uploaded_by": STRING,
+        "uploaded_at": {"type": ["string", "null"], "description": "ISO 8601, UTC"},
+        "versions": {"type": "integer", "minimum": 1},
+        "created": {
+            "type": "boolean",
+            "description": "false: the bytes equal the latest version's; no version was added",
+        },
+    },
+}
+
+
+def _items(item: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["items"],
+        "properties": {"items": {"type": "array", "items": ref(item)}},
+    }
+
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {"type": "string", "description": "What is wrong, in a sentence"},
+            "details": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["path", "message"],
+                    "properties": {
+                        "path": {
+                            "type": "string",
+                            "description": "Where: a field such as schedule.cron, a query "
+                            "argument, or empty for the whole input",
+                        },
+                        "message": STRING,
+                    },
+                },
+            },
+        },
+    },
+    "Me": {
+        "type": "object",
+        "required": ["username", "role"],
+        "properties": {"username": STRING, "role": {"enum": ["viewer", "operator", "admin"]}},
+    },
+    "TaskSpec": TASK_SPEC,
+    "TaskPatch": TASK_PATCH,
+    "Task": TASK,
+    "TaskSummary": TASK_SUMMARY,
+    "TaskPage": _page("TaskSummary"),
+    "Deleted": {
+        "type": "object",
+        "required": ["deleted", "killed"],
+        "properties": {
+            "deleted": ref("TaskSummary"),
+            "killed": {
+                "type": "array",
+                "items": STRING,
+                "description": "The ids of the running runs asked to stop",
+            },
+        },
+    },
+    "Run": RUN,
+    "RunDetail": {"allOf": [ref("Run"), {"properties": {"report": REPORT}}]},
+    "RunPage": _page("Run"),
+    "RunOutput": {
+        "type": "object",
+        "required": ["run_id", "status", "output"],
+        "properties": {
+            "run_id": STRING,
+            "status": RUN_STATUS,
+            "output": {"type": "string", "description": "The last 64 KiB of the output"},
+        },
+    },
+    "Report": REPORT,
+    "Progress": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "percent": {"type": ["number", "null"], "minimum": 0, "maximum": 100},
+            "message": {"type": "string", "maxLength": 2000},
+        },
+    },
+    "Result": {
+        "type": "object",
+        "required": ["status"],
+        "additionalProperties": False,
+        "properties": {
+            "status": {"enum": ["succeeded", "failed"]},
+            "message": {"type": "string", "maxLength": 2000},
+        },
+    },
+    "Agent": AGENT,
+    "AgentList": _items("Agent"),
+    "Cluster": {
+        "type": "object",
+        "required": ["connected", "leader", "centers", "agents", "unassigned"],
+        "properties": {
+            "connected": {
+                "type": "boolean",
+                "description": "false: this web site reaches no ZooKeeper",
+            },
+            "leader": {"type": ["string", "null"], "description": "The leading center"},
+            "centers": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["center_id", "leader"],
+                    "properties": {"center_id": STRING, "leader": {"type": "boolean"}},
+                },
+            },
+            "agents": {"type": "array", "items": ref("Agent")},
+            "unassigned": {
+                "type": "array",
+                "description": "Tasks no live agent of their group can take",
+                "items": {
+                    "type": "object",
+                    "required": ["task_id", "group"],
+                    "properties": {
+                        "task_id": STRING,
+                        "name": {"type": ["string", "null"]},
+                        "group": {"type": ["string", "null"]},
+                    },
+                },
+            },
+        },
+    },
+    "File": FILE_INFO,
+    "FileList": _items("File"),
+    "Upload": {
+        "type": "object",
+        "required": ["file"],
+        "properties": {
+            "file": {"type": "string", "format": "binary"},
+            "name": {
+                "type": "string",
+                "description": "The file's name (default: the uploaded file's name)",
+            },
+        },
+    },
+    "OpenApi": {"type": "object", "description": "This document"},
+}
