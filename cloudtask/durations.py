@@ -18,6 +18,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration such as '30s', '10m' or '1h', got {value!r}")
     if isinstance(value, (int, float)):
+        if isinstance(value, int) and value > 10**15:  # float() of a huge int overflows
+            raise ValueError("the duration is far too long (a number of seconds over 10^15)")
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"a duration must be a non-negative number of seconds, got {value!r}")
         return float(value)
@@ -29,7 +31,10 @@ def parse_duration(value: object) -> float:
             f"{value!r} is not a duration: write a number with a unit, "
             "ms, s, m, h, d or w, such as '30s', '10m', '1h30m'"
         )
-    return sum(float(n) * _UNITS[u] for n, u in _PART.findall(text))
+    total = sum(float(n) * _UNITS[u] for n, u in _PART.findall(text))
+    if not math.isfinite(total) or total > 1e15:
+        raise ValueError(f"{value[:40]!r} is far too long a duration")
+    return total
 
 
 def format_duration(seconds: float) -> str:

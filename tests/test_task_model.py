@@ -437,3 +437,11 @@ def test_task_spec_is_frozen() -> None:
     with pytest.raises(AttributeError):
         spec.name = "other"  # type: ignore[misc]
     assert isinstance(spec, TaskSpec)
+
+
+def test_huge_durations_are_refused_with_a_message_not_an_overflow():
+    base = {"name": "a", "schedule": {"every": "1h"}, "command": "true"}
+    problems = validate_task({**base, "timeout": 10**400})
+    assert [p.path for p in problems] == ["timeout"] and "too long" in problems[0].message
+    problems = validate_task({**base, "schedule": {"every": "1" + "0" * 400 + "s"}})
+    assert [p.path for p in problems] == ["schedule.every"] and "too long" in problems[0].message

@@ -67,9 +67,12 @@ def load_user_from_token(req: Any) -> User | None:
 @login_manager.unauthorized_handler
 def unauthorized() -> Any:
     if request.path.startswith("/api/"):
-        return jsonify(
-            error="authentication required: log in or send 'Authorization: Bearer <token>'"
-        ), 401
+        answer = jsonify(
+            error="authentication required: log in or send 'Authorization: Bearer <token>'",
+            details=[],
+        )
+        answer.headers["WWW-Authenticate"] = 'Bearer realm="cloudtask"'
+        return answer, 401
     return redirect(
         url_for("auth.login", next=request.full_path if request.query_string else request.path)
     )
@@ -85,7 +88,7 @@ def requires(role: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                 return login_manager.unauthorized()
             if not current_user.can(role):
                 if request.path.startswith("/api/"):
-                    return jsonify(error=f"this needs the {role} role"), 403
+                    return jsonify(error=f"this needs the {role} role", details=[]), 403
                 abort(403)
             return view(*args, **kwargs)
 
