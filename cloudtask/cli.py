@@ -433,6 +433,7 @@ def user_add(config_path: str | None, username: str, role: str) -> None:
     password = _read_password()
     with _store(config_path) as store:
         Users(store).add(username, password, role)
+        store.add_audit(cli_actor(), "user.create", f"user:{username}", None, {"role": role})
     click.echo(f"added {username} ({role})")
 
 
@@ -461,7 +462,9 @@ def token_create(config_path: str | None, username: str, name: str) -> None:
     from .users import Users
 
     with _store(config_path) as store:
-        click.echo(Users(store).create_token(username, name))
+        token = Users(store).create_token(username, name)
+        store.add_audit(cli_actor(), "token.create", f"user:{username}", None, {"name": name})
+        click.echo(token)
 
 
 @contextmanager

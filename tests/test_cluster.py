@@ -524,6 +524,6 @@ def test_delete_with_kill_running_and_run_kill(
     wait_for(
         lambda: store.get_run(two["_id"])["status"] == "killed", timeout=15, message="kill_running"
     )
-    assert store.get_run(two["_id"])["error"] == "the task was deleted"
+    assert store.get_run(two["_id"])["error"].startswith("the task was deleted by cli:")
     again = CliRunner().invoke(cli, ["run", "kill", one["_id"]], env=env)
     assert again.exit_code == 1 and "not running" in again.output
