@@ -149,7 +149,13 @@ def web(config_path: str | None, host: str | None, port: int | None, verbose: bo
     _setup_logging(verbose)
     cfg = _load(config_path)
     cfg = cfg.with_section("web", secret_key=_web_secret(cfg))
-    store = Store.from_config(cfg)
+    # a page waits at most 2 s for MongoDB before it says it is unreachable (503)
+    store = Store(
+        cfg.mongodb.uri,
+        cfg.mongodb.database,
+        run_retention_days=cfg.runs.retention_days,
+        server_selection_timeout_ms=2000,
+    )
     zk = None
     if cfg.zookeeper.hosts:  # task changes made here reach the leading center at once
         zk = connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout)

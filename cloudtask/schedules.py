@@ -72,9 +72,13 @@ def parse_instant(value: object) -> datetime:
     if parsed.tzinfo is None:
         raise ValueError(f"{value!r} has no UTC offset: add 'Z' for UTC or an offset like '+01:00'")
     try:
-        return parsed.astimezone(UTC)
+        moment = parsed.astimezone(UTC)
     except OverflowError:
         raise ValueError(f"{value!r} is out of range") from None
+    if moment >= datetime(9000, 1, 1, tzinfo=UTC):
+        # fire times near the calendar's end could not be computed or stored
+        raise ValueError(f"{value!r} is out of range: give a time before the year 9000")
+    return moment
 
 
 def format_instant(moment: datetime) -> str:

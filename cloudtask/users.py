@@ -30,18 +30,23 @@ Example::
 from __future__ import annotations
 
 import builtins
+import functools
 import hashlib
+import random
 import re
 import secrets
 import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from pymongo.errors import DuplicateKeyError, PyMongoError
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from .exceptions import Conflict, NotFound, Problem, ValidationError
 from .store import SCHEMA_VERSION, Store, to_bson_time, utcnow
+
+T = TypeVar("T")
 
 ROLES = ("admin", "operator", "viewer")
 ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
@@ -94,6 +99,25 @@ def token_name_problem(name: Any) -> str | None:
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         return "one line of text, without control characters"
     return None
+
+
+class _Stale(Exception):
+    """The user changed between our read and our write."""
+
+
+def _retrying(method: Callable[..., T]) -> Callable[..., T]:
+    """Run a read-change-write of a user again when another change got in between."""
+
+    @functools.wraps(method)
+    def wrapped(*args: Any, **kwargs: Any) -> T:
+        for attempt in range(10):
+            try:
+                return method(*args, **kwargs)
+            except _Stale:
+                time.sleep(random.uniform(0, 0.01 * (attempt + 1)))  # let the other one finish
+        raise Conflict("the user is being changed by someone else right now; try again")
+
+    return wrapped
 
 
 class Users:
@@ -160,14 +184,33 @@ class Users:
         return doc
 
     def _replace(self, doc: dict[str, Any]) -> None:
-        self.store._guard(self.users.replace_one, "update the user", {"_id": doc["_id"]}, doc)
+        """Write the user back only if nobody changed it since it was read (its ``rev``), so
+        two changes at once (a revoke during a password reset) never undo each other: the
+        loser raises _Stale and :func:`_retrying` applies it again to the fresh document."""
+        rev = doc.get("rev")
+        match = {"_id": doc["_id"], "rev": rev if rev is not None else {"$in": [None]}}
+        doc["rev"] = (rev or 0) + 1
+        result = self.store._guard(self.users.replace_one, "update the user", match, doc)
+        if not result.matched_count:
+            doc["rev"] = rev
+            raise _Stale(doc["_id"])
 
-    def set_password(self, username: str, password: str) -> None:
+    def set_password(self, username: str, password: str) -> dict[str, Any]:
+        """Set a new password; the user's open sessions end (their ``session_epoch`` moves
+        on). Returns the updated user."""
         self._check(username, password, None)
-        doc = self.get(username)
-        doc["password_hash"] = generate_password_hash(password)
-        self._replace(doc)
+        password_hash = generate_password_hash(password)  # slow: outside the retried part
+        return self._set_password_hash(username, password_hash)
 
+    @_retrying
+    def _set_password_hash(self, username: str, password_hash: str) -> dict[str, Any]:
+        doc = self.get(username)
+        doc["password_hash"] = password_hash
+        doc["session_epoch"] = int(doc.get("session_epoch") or 0) + 1
+        self._replace(doc)
+        return doc
+
+    @_retrying
     def set_role(self, username: str, role: str, by: str | None = None) -> str:
         """Change the user's role; returns the previous one. ``by`` is the admin doing it:
         nobody demotes their own admin account, and the last enabled admin stays admin."""
@@ -189,6 +232,7 @@ class Users:
             self._verify_an_admin_left(doc, old_role=old)
         return old
 
+    @_retrying
     def set_enabled(self, username: str, enabled: bool, by: str | None = None) -> bool:
         """Enable or disable the account (a disabled user cannot log in, their sessions and
         API tokens stop working); returns the previous state. ``by`` is the admin doing it:
@@ -203,6 +247,8 @@ class Users:
             if by == username:
                 raise Conflict("you cannot disable your own account: ask another admin")
         doc["enabled"] = bool(enabled)
+        if not enabled:  # their open sessions end, and stay ended if they are enabled again
+            doc["session_epoch"] = int(doc.get("session_epoch") or 0) + 1
         self._replace(doc)
         if not enabled and doc.get("role") == "admin":
             self._verify_an_admin_left(doc, old_enabled=old)
@@ -246,6 +292,7 @@ class Users:
 
     # --- API tokens -------------------------------------------------------------------------
 
+    @_retrying
     def add_token(self, username: str, name: str) -> tuple[str, str]:
         """A new API token for the user: (its id, the token). The token is returned only
         here; only its sha256 is stored."""
@@ -273,6 +320,7 @@ class Users:
         """A new API token for the user: returned once, stored only as its hash."""
         return self.add_token(username, name)[1]
 
+    @_retrying
     def list_tokens(self, username: str) -> builtins.list[dict[str, Any]]:
         """The user's tokens, oldest first, as :func:`public_token` shows them."""
         doc = self.get(username)
@@ -281,6 +329,7 @@ class Users:
             self._replace(doc)
         return [public_token(t) for t in doc.get("tokens") or []]
 
+    @_retrying
     def revoke_token(self, username: str, token_id: str) -> dict[str, Any]:
         """Delete one of the user's tokens (it stops working at once); returns what it was."""
         doc = self.get(username)

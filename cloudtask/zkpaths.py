@@ -21,6 +21,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from kazoo.handlers.threading import KazooTimeoutError
+
+from .exceptions import CloudTaskError
+
 SCHEMA_VERSION = 1
 
 
@@ -116,15 +120,35 @@ def connect(hosts: str, session_timeout: float, *, start_timeout: float = 15.0) 
     return zk
 
 
+# how long a request made for a person (a signal, a kill request) may wait for ZooKeeper:
+# kazoo queues a request while the connection is down and would wait for ever
+ZK_REQUEST_TIMEOUT = 5.0
+
+
+class ClusterUnavailable(CloudTaskError):
+    """ZooKeeper cannot be reached now; what needed it was not done."""
+
+
+def _call(zk: Any, what: str, async_result: Any) -> Any:
+    try:
+        return async_result.get(timeout=ZK_REQUEST_TIMEOUT)
+    except KazooTimeoutError:
+        raise ClusterUnavailable(
+            f"ZooKeeper did not answer within {ZK_REQUEST_TIMEOUT:g} s to {what}"
+        ) from None
+
+
 def _bumper(zk: Any, path: str) -> Any:
     from kazoo.exceptions import NoNodeError
 
     def bump() -> None:
+        if not zk.connected:
+            raise ClusterUnavailable("not connected to ZooKeeper: cannot signal the change")
         try:
-            zk.set(path, b"")
+            _call(zk, "a signal", zk.set_async(path, b""))
         except NoNodeError:
             zk.ensure_path(path)
-            zk.set(path, b"")
+            _call(zk, "a signal", zk.set_async(path, b""))
 
     return bump
 
@@ -143,7 +167,18 @@ def request_kill(zk: Any, paths: ZkPaths, agent_id: str, run_id: str, reason: st
     """Ask the agent running ``run_id`` to kill it (its whole process tree)."""
     from kazoo.exceptions import NodeExistsError
 
+    if not zk.connected:
+        raise ClusterUnavailable(
+            "not connected to ZooKeeper: the kill request cannot reach the run's agent now; "
+            "try again when the cluster is reachable"
+        )
     try:
-        zk.create(paths.kill(agent_id, run_id), encode({"reason": reason}), makepath=True)
+        _call(
+            zk,
+            "the kill request",
+            zk.create_async(
+                paths.kill(agent_id, run_id), encode({"reason": reason}), makepath=True
+            ),
+        )
     except NodeExistsError:
         pass  # asked already

@@ -16,7 +16,6 @@ entry shows its changes compactly: the keys whose values differ, old → new.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -30,7 +29,7 @@ from cloudtask.users import ROLES, Users, public, token_name_problem
 
 from .auth import requires
 from .context import actor, store
-from .queries import _int_arg, _text_arg, _time_arg, count
+from .queries import Page, count, int_arg, text_arg, time_arg
 
 bp = Blueprint("admin", __name__)
 
@@ -262,13 +261,13 @@ def audit_filters(args: Any) -> dict[str, Any]:
     task names hold no ``:``. Times are taken to the whole second (see :func:`list_audit`)."""
     problems: list[Problem] = []
     filters: dict[str, Any] = {
-        "actor": _text_arg(args, "actor", problems),
-        "action": _text_arg(args, "action", problems),
-        "target": _text_arg(args, "target", problems),
-        "since": _time_arg(args, "since", problems),
-        "until": _time_arg(args, "until", problems),
-        "page": _int_arg(args, "page", 1, 1, 100_000, problems),
-        "per_page": _int_arg(args, "per_page", AUDIT_PER_PAGE, 1, AUDIT_MAX_PER_PAGE, problems),
+        "actor": text_arg(args, "actor", problems),
+        "action": text_arg(args, "action", problems),
+        "target": text_arg(args, "target", problems),
+        "since": time_arg(args, "since", problems),
+        "until": time_arg(args, "until", problems),
+        "page": int_arg(args, "page", 1, 1, 100_000, problems),
+        "per_page": int_arg(args, "per_page", AUDIT_PER_PAGE, 1, AUDIT_MAX_PER_PAGE, problems),
     }
     for name in ("since", "until"):
         if filters[name] is not None:
@@ -299,23 +298,7 @@ def _id_at(moment: datetime) -> str:
     return f"{seconds:08x}" + "0" * 16
 
 
-@dataclass
-class AuditPage:
-    items: list[dict[str, Any]]
-    page: int
-    per_page: int
-    total: int
-
-    @property
-    def pages(self) -> int:
-        return max(1, -(-self.total // self.per_page))
-
-    @property
-    def has_next(self) -> bool:
-        return self.page * self.per_page < self.total
-
-
-def list_audit(filters: dict[str, Any]) -> AuditPage:
+def list_audit(filters: dict[str, Any]) -> Page:
     """One page of entries, newest first.
 
     The time range is applied through the entries' ids, not their ``at``: the wire server
@@ -347,7 +330,7 @@ def list_audit(filters: dict[str, Any]) -> AuditPage:
     if wanted > 0:
         cursor = audit.find(query).sort("at", DESCENDING).skip(newer + offset).limit(wanted)
         items = list(cursor)
-    return AuditPage(items, page, per_page, total)
+    return Page(items, page, per_page, total, capped=False, filters=filters)
 
 
 # --- audit log: how an entry is shown ---------------------------------------------------------

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import (
     Blueprint,
     abort,
     current_app,
     flash,
+    g,
     jsonify,
     redirect,
     render_template,
@@ -19,6 +21,7 @@ from flask import (
 )
 from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user
 
+from cloudtask.exceptions import CloudTaskError, NotFound, ValidationError
 from cloudtask.users import Users, has_role
 
 bp = Blueprint("auth", __name__)
@@ -41,26 +44,48 @@ class User(UserMixin):
     def can(self, role: str) -> bool:
         return has_role(self.role, role)
 
+    def get_id(self) -> str:
+        # the session names the user and their session epoch: a password change or reset, or
+        # disabling the account, moves the epoch on, and every older session ends
+        return f"{self.id}|{int(self.doc.get('session_epoch') or 0)}"
+
 
 def users() -> Users:
     return Users(current_app.extensions["cloudtask_store"]())
 
 
 @login_manager.user_loader
-def load_user(user_id: str) -> User | None:
-    try:
-        doc = users().get(user_id)
-    except Exception:
+def load_user(session_id: str) -> User | None:
+    """The session's user, if the account is enabled and the session's epoch is current. If
+    MongoDB cannot be reached the request fails with 503 (once: the error page then renders
+    for an anonymous user), rather than looking logged out."""
+    if g.get("_user_load_failed"):
         return None
-    return User(doc) if doc.get("enabled") else None
+    username, _, epoch = session_id.rpartition("|")
+    if not username:
+        username, epoch = session_id, "0"
+    try:
+        doc = users().get(username)
+    except NotFound:
+        return None
+    except CloudTaskError:
+        g._user_load_failed = True
+        raise
+    if not doc.get("enabled") or str(int(doc.get("session_epoch") or 0)) != epoch:
+        return None
+    return User(doc)
 
 
 @login_manager.request_loader
 def load_user_from_token(req: Any) -> User | None:
     header = req.headers.get("Authorization", "")
-    if not header.startswith("Bearer "):
+    if not header.startswith("Bearer ") or g.get("_user_load_failed"):
         return None
-    doc = users().by_token(header[7:].strip())
+    try:
+        doc = users().by_token(header[7:].strip())
+    except CloudTaskError:
+        g._user_load_failed = True
+        raise
     return User(doc) if doc else None
 
 
@@ -98,11 +123,20 @@ def requires(role: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return decorate
 
 
+def safe_path(target: str | None) -> str | None:
+    """``target`` if it is a path on this site, else None: never an absolute URL an attacker
+    chose (``//host``, ``/\\host``, or one hidden behind tabs and newlines, which browsers
+    drop), nor anything that cannot go in a Location header."""
+    if not target or any(c in target for c in "\\\r\n\t\x00") or not target.isprintable():
+        return None
+    if not target.startswith("/") or target.startswith("//"):
+        return None
+    parts = urlsplit(target)
+    return target if not parts.scheme and not parts.netloc else None
+
+
 def _safe_next(target: str | None) -> str:
-    # only paths on this site: never an absolute URL an attacker chose
-    if target and target.startswith("/") and not target.startswith("//"):
-        return target
-    return url_for("dashboard.index")
+    return safe_path(target) or url_for("dashboard.index")
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -137,17 +171,27 @@ def logout() -> Any:
 @requires("viewer")
 def change_password() -> Any:
     if request.method == "POST":
-        if users().authenticate(current_user.username, request.form.get("current", "")) is None:
+        name = current_user.username
+        address = request.remote_addr or "?"
+        throttle = current_app.extensions["cloudtask_throttle"]
+        key = f"password-change:{name}"  # guesses of the current password are throttled too
+        if throttle.blocked(key, address):
+            flash("Too many wrong passwords. Wait a few minutes and try again.", "error")
+            return render_template("password.html"), 429
+        if users().authenticate(name, request.form.get("current", "")) is None:
+            throttle.failed(key, address)
             flash("The current password is wrong.", "error")
             return render_template("password.html"), 400
+        throttle.succeeded(key, address)
         try:
-            users().set_password(current_user.username, request.form.get("new", ""))
-        except Exception as e:  # ValidationError: say what is wrong
-            flash(str(e), "error")
+            doc = users().set_password(name, request.form.get("new", ""))
+        except ValidationError as e:  # say what is wrong
+            flash("; ".join(p.message for p in e.problems) or str(e), "error")
             return render_template("password.html"), 400
+        # the change ended every session of this user; this one goes on with the new epoch
+        login_user(User(doc))
         store = current_app.extensions["cloudtask_store"]()
-        name = current_user.username
         store.add_audit(name, "user.password", f"user:{name}", None, {"password_changed": True})
-        flash("Password changed.", "ok")
+        flash("Password changed. Your other sessions have ended.", "ok")
         return redirect(url_for("dashboard.index"))
     return render_template("password.html")

@@ -58,11 +58,12 @@ class Group:
 
 
 def enabled_tasks_by_group() -> dict[str, int]:
-    """Enabled tasks per group (done one-shot tasks included: they keep their flag), in one
-    read of the ``group_enabled`` index."""
+    """Enabled tasks per group that still fire (done one-shot tasks left out, as the task
+    list's ``state=enabled`` filter does), in one aggregation."""
     try:
+        match = {"enabled": True, "done_at": {"$in": [None]}}
         rows = store().tasks.aggregate(
-            [{"$match": {"enabled": True}}, {"$group": {"_id": "$group", "n": {"$sum": 1}}}]
+            [{"$match": match}, {"$group": {"_id": "$group", "n": {"$sum": 1}}}]
         )
         return {str(r["_id"]): int(r["n"]) for r in rows if r.get("_id") is not None}
     except PyMongoError as e:

@@ -56,7 +56,7 @@ class Page:
         return self.page * self.per_page < self.total
 
 
-def _int_arg(args: Any, name: str, default: int, low: int, high: int, problems: list) -> int:
+def int_arg(args: Any, name: str, default: int, low: int, high: int, problems: list) -> int:
     raw = args.get(name)
     if raw in (None, ""):
         return default
@@ -71,7 +71,7 @@ def _int_arg(args: Any, name: str, default: int, low: int, high: int, problems: 
     return value
 
 
-def _choice_arg(args: Any, name: str, choices: tuple[str, ...], problems: list) -> str | None:
+def choice_arg(args: Any, name: str, choices: tuple[str, ...], problems: list) -> str | None:
     raw = args.get(name)
     if raw in (None, ""):
         return None
@@ -81,21 +81,41 @@ def _choice_arg(args: Any, name: str, choices: tuple[str, ...], problems: list) 
     return raw
 
 
-def _time_arg(args: Any, name: str, problems: list) -> datetime | None:
+EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
+LATEST = datetime(9000, 1, 1, tzinfo=timezone.utc)
+
+
+def parse_time(raw: Any) -> datetime:
+    """A time typed in a filter (ISO 8601; UTC without an offset), from 1970 to 9000 so that
+    it converts to UTC and to BSON anywhere. Raises ValueError with a message for the user."""
+    text = str(raw).strip()
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"expected a time such as 2026-11-24T08:00 (UTC), got {raw!r}") from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    try:
+        in_range = EARLIEST <= value.astimezone(timezone.utc) < LATEST
+    except OverflowError:
+        in_range = False
+    if not in_range:
+        raise ValueError(f"expected a time from 1970 to 9000, got {raw!r}")
+    return value
+
+
+def time_arg(args: Any, name: str, problems: list) -> datetime | None:
     raw = args.get(name)
     if raw in (None, ""):
         return None
     try:
-        value = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
-    except ValueError:
-        problems.append(
-            Problem(name, f"expected a time such as 2026-11-24T08:00 (UTC), got {raw!r}")
-        )
+        return parse_time(raw)
+    except ValueError as e:
+        problems.append(Problem(name, str(e)))
         return None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
-def _text_arg(args: Any, name: str, problems: list, limit: int = 200) -> str | None:
+def text_arg(args: Any, name: str, problems: list, limit: int = 200) -> str | None:
     raw = args.get(name)
     if raw in (None, ""):
         return None
@@ -124,13 +144,13 @@ def task_filters(args: Any) -> dict[str, Any]:
     """Checked task-list filters: q, group, state, owner, last, page, per_page."""
     problems: list[Problem] = []
     filters = {
-        "q": _text_arg(args, "q", problems),
-        "group": _text_arg(args, "group", problems),
-        "state": _choice_arg(args, "state", TASK_STATES, problems),
-        "owner": _text_arg(args, "owner", problems),
-        "last": _choice_arg(args, "last", LAST_RESULTS, problems),
-        "page": _int_arg(args, "page", 1, 1, 1_000_000, problems),
-        "per_page": _int_arg(args, "per_page", 50, 1, MAX_PER_PAGE, problems),
+        "q": text_arg(args, "q", problems),
+        "group": text_arg(args, "group", problems),
+        "state": choice_arg(args, "state", TASK_STATES, problems),
+        "owner": text_arg(args, "owner", problems),
+        "last": choice_arg(args, "last", LAST_RESULTS, problems),
+        "page": int_arg(args, "page", 1, 1, 1_000_000, problems),
+        "per_page": int_arg(args, "per_page", 50, 1, MAX_PER_PAGE, problems),
     }
     if problems:
         raise ValidationError(problems, source="the filters")
@@ -181,13 +201,13 @@ def run_filters(args: Any) -> dict[str, Any]:
     """Checked run-list filters: task (id), status, agent, since, until, page, per_page."""
     problems: list[Problem] = []
     filters = {
-        "task": _text_arg(args, "task", problems),
-        "status": _choice_arg(args, "status", RUN_STATUSES, problems),
-        "agent": _text_arg(args, "agent", problems),
-        "since": _time_arg(args, "since", problems),
-        "until": _time_arg(args, "until", problems),
-        "page": _int_arg(args, "page", 1, 1, 1_000_000, problems),
-        "per_page": _int_arg(args, "per_page", 50, 1, MAX_PER_PAGE, problems),
+        "task": text_arg(args, "task", problems),
+        "status": choice_arg(args, "status", RUN_STATUSES, problems),
+        "agent": text_arg(args, "agent", problems),
+        "since": time_arg(args, "since", problems),
+        "until": time_arg(args, "until", problems),
+        "page": int_arg(args, "page", 1, 1, 1_000_000, problems),
+        "per_page": int_arg(args, "per_page", 50, 1, MAX_PER_PAGE, problems),
     }
     if problems:
         raise ValidationError(problems, source="the filters")

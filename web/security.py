@@ -38,7 +38,7 @@ def check_csrf() -> None:
         return  # no logged-in session to abuse: the route answers 401 (or checks its token)
     sent = request.form.get(CSRF_FIELD) or request.headers.get("X-CSRF-Token", "")
     expected = session.get(CSRF_FIELD, "")
-    if not expected or not hmac.compare_digest(sent, expected):
+    if not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
         abort(
             400, description="the form is missing its security token or it expired; reload the page"
         )

@@ -46,9 +46,16 @@ from cloudtask.task import (
     validate_task,
 )
 
-from .auth import requires
+from .auth import requires, safe_path
 from .context import actor, cluster, ops, store
-from .queries import LAST_RESULTS, RUN_LIST_FIELDS, TASK_STATES, list_tasks, task_filters
+from .queries import (
+    LAST_RESULTS,
+    RUN_LIST_FIELDS,
+    TASK_STATES,
+    list_tasks,
+    parse_time,
+    task_filters,
+)
 
 bp = Blueprint("tasks", __name__, url_prefix="/tasks")
 
@@ -143,8 +150,12 @@ def fire_times(task: dict[str, Any], n: int = DETAIL_FIRES) -> dict[str, Any]:
     if spec.schedule.keepalive:
         out["kind"] = "keepalive"
         return out
-    fires = next_fires(spec.schedule, datetime.now(timezone.utc), n)
-    out["fires"] = [(_fmt_local(f, zone), _fmt_utc(f)) for f in fires]
+    try:
+        fires = next_fires(spec.schedule, datetime.now(timezone.utc), n)
+        out["fires"] = [(_fmt_local(f, zone), _fmt_utc(f)) for f in fires]
+    except (OverflowError, ValueError) as e:  # a time at the edge of the calendar
+        out.update(kind="invalid", message=f"its fire times cannot be computed: {e}")
+        return out
     if not fires:
         out["kind"] = "none"
     return out
@@ -281,13 +292,9 @@ def _trend_args(args: Any) -> tuple[dict[str, Any], list[Problem]]:
         if raw in (None, ""):
             continue
         try:
-            value = datetime.fromisoformat(str(raw).strip().replace("Z", "+00:00"))
-        except ValueError:
-            problems.append(
-                Problem(name, f"expected a time such as 2026-11-24T08:00:00Z (UTC), got {raw!r}")
-            )
-            continue
-        out[name] = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+            out[name] = parse_time(raw)
+        except ValueError as e:
+            problems.append(Problem(name, str(e)))
     raw = args.get("limit")
     out["limit"] = TREND_DEFAULT
     if raw not in (None, ""):
@@ -492,7 +499,7 @@ FIELD_OF_PATH = {
     "notify.on": "notify_on",
 }
 _INDEX = re.compile(r"\[\d+\]")
-_NUMBER = re.compile(r"\d+(\.\d+)?")
+_NUMBER = re.compile(r"\d+(\.\d+)?", re.ASCII)
 
 
 def field_of(path: str) -> str | None:
@@ -555,6 +562,8 @@ def fits_fields(spec: dict[str, Any]) -> bool:
         return False
     if spec.get("command") is not None and not isinstance(spec["command"], str):
         return False
+    if any("\n" in str(v) or "\r" in str(v) for v in (spec.get("env") or {}).values()):
+        return False  # the env field holds one KEY=VALUE a line
     http = spec.get("http")
     if http is not None:
         urls = http.get("urls") or ([http["url"]] if http.get("url") else [])
@@ -631,10 +640,16 @@ def read_form(data: Any) -> dict[str, Any]:
     return form
 
 
+def _small_number(text: str) -> bool:
+    """Digits 0-9 only (``"²".isdigit()`` is true, but int() refuses it), at most 15 of them:
+    anything else goes to the model as typed, which says what is wrong."""
+    return text.isascii() and text.isdecimal() and len(text) <= 15
+
+
 def _duration_value(text: str) -> Any:
     """A duration field: a bare number means seconds; anything else goes to the model as typed."""
     text = text.strip()
-    if _NUMBER.fullmatch(text):
+    if len(text) <= 20 and _NUMBER.fullmatch(text):
         return float(text) if "." in text else int(text)
     return text
 
@@ -712,7 +727,7 @@ def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
             http["body"] = form["body"]
         statuses = [s for s in re.split(r"[,\s]+", form["expect_status"]) if s]
         if statuses:
-            values = [int(s) if s.isdigit() else s for s in statuses]
+            values = [int(s) if _small_number(s) else s for s in statuses]
             http["expect_status"] = values[0] if len(values) == 1 else values
         if form["http_timeout"].strip():
             http["timeout"] = _duration_value(form["http_timeout"])
@@ -733,7 +748,7 @@ def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
         spec["timeout"] = _duration_value(form["timeout"])
     retries = form["retries"].strip()
     if retries:
-        spec["retries"] = int(retries) if retries.isdigit() else retries
+        spec["retries"] = int(retries) if _small_number(retries) else retries
     for key in ("retry_delay", "misfire_grace"):
         if form[key].strip():
             spec[key] = _duration_value(form[key])
@@ -833,7 +848,7 @@ def _save(form: dict[str, Any], task: dict[str, Any] | None) -> Any:
             doc = ops().create_task(actor(), spec)
             flash(f"Task {doc['name']} created.", "ok")
         else:
-            revision = int(form["revision"]) if form["revision"].isdigit() else None
+            revision = int(form["revision"]) if _small_number(form["revision"]) else None
             doc = ops().replace_task(actor(), task["_id"], spec, expected_revision=revision)
             flash(f"Task {doc['name']} saved (revision {doc['revision']}).", "ok")
     except ValidationError as e:
@@ -917,10 +932,8 @@ def _clone(task_id: str) -> Any:
 
 
 def _back(task_id: str) -> Any:
-    target = request.form.get("next", "")
-    if target.startswith("/") and not target.startswith("//"):
-        return redirect(target)
-    return redirect(url_for("tasks.detail", task_id=task_id))
+    target = safe_path(request.form.get("next"))
+    return redirect(target or url_for("tasks.detail", task_id=task_id))
 
 
 def _set_enabled(task_id: str, enabled: bool) -> Any:

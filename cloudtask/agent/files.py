@@ -35,6 +35,8 @@ if TYPE_CHECKING:  # the store imports this module's checks: no import cycle at 
 log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
+MAX_UNPACKED_BYTES = 4 * 2**30  # what an archive may unpack to, at upload
+MAX_MEMBERS = 100_000
 # what an archive may hold besides plain files and folders: nothing
 _SPECIAL_MODES = (stat.S_ISLNK, stat.S_ISCHR, stat.S_ISBLK, stat.S_ISFIFO, stat.S_ISSOCK)
 
@@ -95,12 +97,27 @@ def check_archive(name: str, data: bytes) -> None:
     lower = name.lower()
     if not is_archive(lower):
         return
+    unpacked = members = 0
+
+    def count(size: int) -> None:
+        # an archive bomb (a small upload that unpacks to gigabytes) would fill every agent's
+        # disk once per run: the unpacked size and the number of members are bounded
+        nonlocal unpacked, members
+        unpacked, members = unpacked + max(0, size), members + 1
+        if unpacked > MAX_UNPACKED_BYTES:
+            raise TaskFileError(
+                f"{name!r} unpacks to more than {MAX_UNPACKED_BYTES // 2**20} MiB: too large"
+            )
+        if members > MAX_MEMBERS:
+            raise TaskFileError(f"{name!r} has more than {MAX_MEMBERS} members: too many")
+
     try:
         if lower.endswith(".zip"):
             with zipfile.ZipFile(io.BytesIO(data)) as zf:
                 for info in zf.infolist():
                     if problem := _zip_member_problem(info):
                         raise TaskFileError(problem)
+                    count(info.file_size)
                 if (broken := zf.testzip()) is not None:
                     raise TaskFileError(f"archive member {broken!r} is damaged (bad checksum)")
             return
@@ -108,6 +125,7 @@ def check_archive(name: str, data: bytes) -> None:
             for member in tf:  # reads every header: a truncated archive fails here
                 if problem := _tar_member_problem(member):
                     raise TaskFileError(problem)
+                count(member.size)
                 if member.isfile():
                     extracted = tf.extractfile(member)
                     if extracted is not None:  # reading it checks the compressed stream
