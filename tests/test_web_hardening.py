@@ -349,3 +349,15 @@ def test_an_http_task_does_not_follow_a_redirect_with_its_token(store, writer, t
         executor.shutdown()
         server.shutdown()
         server.server_close()
+
+
+def test_the_login_throttle_stays_bounded_and_still_blocks():
+    from web.security import MAX_TRACKED, LoginThrottle
+
+    throttle = LoginThrottle()
+    for _ in range(5):
+        throttle.failed("alice", "10.0.0.1")
+    for i in range(MAX_TRACKED + 500):  # an attacker trying made-up names
+        throttle.failed(f"nobody-{i}", "10.0.0.2")
+    assert len(throttle._failures) <= MAX_TRACKED
+    assert throttle.blocked("alice", "10.0.0.1")  # a blocked pair is never the one evicted

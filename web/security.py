@@ -17,6 +17,7 @@ import time
 from flask import abort, request, session
 
 CSRF_FIELD = "csrf_token"
+MAX_TRACKED = 10_000  # (user, address) pairs with recent failures kept by the login throttle
 
 
 def csrf_token() -> str:
@@ -66,6 +67,14 @@ class LoginThrottle:
         with self._lock:
             now = time.monotonic()
             self._recent((username, address), now).append(now)
+            if len(self._failures) > MAX_TRACKED:  # made-up names must not grow it for ever
+                for key in [k for k, v in self._failures.items() if not v or now - v[-1] > 60]:
+                    del self._failures[key]
+                excess = len(self._failures) - MAX_TRACKED
+                if excess > 0:  # the oldest that are not blocked go first; blocked ones stay
+                    unblocked = [k for k, v in self._failures.items() if len(v) < self.limit]
+                    for key in unblocked[:excess]:
+                        del self._failures[key]
 
     def succeeded(self, username: str, address: str) -> None:
         with self._lock:
