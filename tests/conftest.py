@@ -5,7 +5,10 @@
   other's nodes; ``zk``: a started KazooClient on it (session timeout 2 s).
 * ``mongo_client`` (session, tz_aware); ``mongo_db_name`` / ``mongo_db``: a fresh database
   per test, dropped afterwards.
-* ``from helpers import wait_for`` polls a condition (tests/helpers.py).
+* The web site, for a module that defines an ``app`` fixture: ``client`` (its test client),
+  ``operator`` / ``viewer`` (that client logged in as ``op1`` / ``viewer1``; the session's
+  CSRF token, read from the page ``csrf_page``, "/" unless the module overrides it).
+* ``from helpers import wait_for`` polls a condition; tests/helpers.py has the other helpers.
 
 When a test fails, the end of each server's log is added to its report. Tests without a
 ``timeout`` marker get ``pytest.mark.timeout(120)`` unless a timeout is set on the command
@@ -19,6 +22,7 @@ import os
 import sys
 import uuid
 from collections.abc import Generator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from kazoo.client import KazooClient
@@ -29,10 +33,16 @@ from cloudtask.agent.runwriter import RunWriter
 from cloudtask.localservers import MongoServer, ZooKeeperServer
 from cloudtask.store import Store
 
+if TYPE_CHECKING:
+    from flask import Flask
+    from flask.testing import FlaskClient
+
 # pytest's default import mode already puts tests/ on sys.path; other modes do not.
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
+
+from helpers import OPERATOR, VIEWER, web_login  # noqa: E402  (needs tests/ on sys.path)
 
 DEFAULT_TEST_TIMEOUT = 120.0
 LOG_TAIL_LINES = 40
@@ -148,3 +158,27 @@ def writer(store: Store) -> Iterator[RunWriter]:
     w.start()
     yield w
     w.stop()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    """The test client of the module's ``app``."""
+    return app.test_client()
+
+
+@pytest.fixture
+def csrf_page() -> str:
+    """The page ``operator`` and ``viewer`` read the CSRF token from after logging in."""
+    return "/"
+
+
+@pytest.fixture
+def operator(client: FlaskClient, csrf_page: str) -> str:
+    """``client`` logged in as the operator ``op1``: the session's CSRF token."""
+    return web_login(client, OPERATOR.name, OPERATOR.password, csrf_page)
+
+
+@pytest.fixture
+def viewer(client: FlaskClient, csrf_page: str) -> str:
+    """``client`` logged in as the viewer ``viewer1``: the session's CSRF token."""
+    return web_login(client, VIEWER.name, VIEWER.password, csrf_page)

@@ -1,20 +1,39 @@
 """Helpers shared by the tests: ``from helpers import wait_for``.
 
+* ``wait_for`` polls a condition; ``start`` / ``finished`` run a task on an executor.
+* ``run_document`` is a run of a stored task as an agent stores one; ``serve_http`` serves a
+  ``QuietHandler`` locally (a service for http tasks).
+* The web site: ``make_web_app`` (an app on a store, with users such as ``OPERATOR`` and
+  ``VIEWER``), ``form_csrf`` (a form's hidden token), ``post_login`` and ``web_login`` (which
+  returns the session's CSRF token).
+
 ``tests/`` has no ``__init__.py``, so pytest (default "prepend" import mode) puts this folder
 on ``sys.path`` when it loads ``tests/conftest.py``; test modules import this file by name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
 import secrets
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
-from typing import TypeVar
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from cloudtask.agent.executor import Executor, RunContext
 from cloudtask.store import Store, new_run_document
 from cloudtask.task import parse_task
+from cloudtask.users import Users
+
+if TYPE_CHECKING:  # the web site is imported only by the tests that make an app
+    from flask import Flask
+    from flask.testing import FlaskClient
+    from kazoo.client import KazooClient
+
+    from cloudtask.config import Config
 
 T = TypeVar("T")
 
@@ -84,3 +103,110 @@ def finished(store: Store, run_id: str, timeout: float = 20.0) -> dict:
         timeout=timeout,
         message=f"run {run_id} did not finish",
     )
+
+
+def run_document(
+    task: dict,
+    when: datetime,
+    *,
+    status: str = "running",
+    agent: str | None = "agent-1",
+    attempt: int = 0,
+    trigger: str = "schedule",
+    **more: Any,
+) -> dict:
+    """A run of ``task`` (a stored task) scheduled for and claimed at ``when``, slot ``one``,
+    as an agent makes one (see :func:`cloudtask.store.new_run_document`; ``more``: its
+    ``token_hash`` or ``session``). Not stored."""
+    return new_run_document(
+        task_id=task["_id"],
+        task_name=task["name"],
+        group=task["group"],
+        revision=task["revision"],
+        scheduled_for=when,
+        slot="one",
+        attempt=attempt,
+        trigger=trigger,
+        agent=agent,
+        status=status,
+        now=when,
+        **more,
+    )
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler that logs nothing; ``reply`` answers with a status and a body."""
+
+    def reply(self, code: int, body: bytes) -> None:
+        self.send_response(code)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serve_http(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve ``handler`` on a free port of 127.0.0.1 in a thread; yields the base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# --- the web site -----------------------------------------------------------------------------
+
+
+class WebUser(NamedTuple):
+    name: str
+    password: str
+    role: str
+
+
+ADMIN = WebUser("root", "admin passphrase", "admin")
+OPERATOR = WebUser("op1", "operator passphrase", "operator")
+VIEWER = WebUser("viewer1", "viewer passphrase", "viewer")
+
+
+def make_web_app(
+    store: Store,
+    zk: KazooClient | None = None,
+    config: Config | None = None,
+    users: Iterable[tuple[str, str, str]] = (OPERATOR, VIEWER),
+    **test_config: Any,
+) -> Flask:
+    """The web app on ``store`` (and ``zk``, None: no cluster), TESTING, with ``test_config``
+    added, and ``users`` (name, password, role) added to the store unless it has them already
+    (an app made twice on one store)."""
+    from web import create_app
+
+    app = create_app(config, test_config={"STORE": store, "TESTING": True, "ZK": zk, **test_config})
+    for name, password, role in users:
+        if store.users.find_one({"_id": name}) is None:
+            Users(store).add(name, password, role=role)
+    return app
+
+
+def form_csrf(client: FlaskClient, path: str = "/login") -> str:
+    """The hidden ``csrf_token`` of the form on the page at ``path``."""
+    page = client.get(path).get_data(as_text=True)
+    return re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+
+
+def post_login(client: FlaskClient, username: str, password: str) -> Any:
+    """Post the login form (with the login page's token); returns the answer."""
+    data = {"username": username, "password": password, "csrf_token": form_csrf(client)}
+    return client.post("/login", data=data)
+
+
+def web_login(client: FlaskClient, username: str, password: str, page: str = "/") -> str:
+    """Log in through the form (which must succeed); returns the session's CSRF token, read
+    from the ``<meta name="csrf-token">`` of the page at ``page``."""
+    answer = post_login(client, username, password)
+    assert answer.status_code == 302, (username, answer.status_code)
+    html = client.get(page).get_data(as_text=True)
+    return re.search(r'name="csrf-token" content="([^"]+)"', html).group(1)

@@ -8,10 +8,9 @@ import threading
 import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from helpers import wait_for
+from helpers import QuietHandler, serve_http, wait_for
 
 from cloudtask.agent.agent import Agent, resolve_agent_id
 from cloudtask.config import Config
@@ -216,28 +215,20 @@ def test_paused_and_deleted_tasks_stop_firing(store, agents):
     assert runs(store, never["_id"]) == []
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     seen: list = []
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         _Handler.seen.append((self.path, self.headers, body))  # case-insensitive
-        code = 201 if self.path == "/ok" else 500
-        self.send_response(code)
-        self.end_headers()
-        self.wfile.write(b'{"done": true}')
-
-    def log_message(self, *args):
-        pass
+        self.reply(201 if self.path == "/ok" else 500, b'{"done": true}')
 
 
 @pytest.fixture
 def http_server():
     _Handler.seen = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serve_http(_Handler) as url:
+        yield url
 
 
 def test_http_task_headers_status_and_failover(store, agents, http_server):

@@ -16,6 +16,7 @@ import secrets
 
 import pytest
 import schemathesis
+from helpers import make_web_app, run_document
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -28,9 +29,8 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
-from cloudtask.store import new_run_document, to_bson_time, utcnow
+from cloudtask.store import to_bson_time, utcnow
 from cloudtask.users import Users, token_hash
-from web import create_app
 from web.api import api
 from web.openapi import document
 
@@ -52,9 +52,8 @@ CHECKS = [
 
 @pytest.fixture
 def fuzz_app(store, zk):
-    app = create_app(test_config={"STORE": store, "TESTING": True, "ZK": zk})
+    app = make_web_app(store, zk, users=[("fuzzer", "fuzzer passphrase", "operator")])
     users = Users(store)
-    users.add("fuzzer", "fuzzer passphrase", role="operator")
     # the token the schema's config sends, stored as Users.create_token stores one
     doc = users.get("fuzzer")
     doc["tokens"] = [
@@ -65,21 +64,7 @@ def fuzz_app(store, zk):
     task = store.create_task(
         {"name": TASK_NAME, "schedule": {"cron": "0 3 * * *"}, "command": "true"}
     )
-    now = utcnow()
-    run = new_run_document(
-        task_id=task["_id"],
-        task_name=task["name"],
-        group=task["group"],
-        revision=task["revision"],
-        scheduled_for=now,
-        slot="one",
-        attempt=0,
-        trigger="schedule",
-        agent="agent-1",
-        status="running",
-        now=now,
-        token_hash=hashlib.sha256(RUN_TOKEN.encode()).hexdigest(),
-    )
+    run = run_document(task, utcnow(), token_hash=hashlib.sha256(RUN_TOKEN.encode()).hexdigest())
     run["_id"] = RUN_ID
     store.runs.insert_one(run)
     app.statuses = []  # type: ignore[attr-defined]

@@ -10,10 +10,9 @@ from __future__ import annotations
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from helpers import finished, start, wait_for
+from helpers import QuietHandler, finished, serve_http, start, wait_for
 
 from cloudtask.agent import httprun
 from cloudtask.agent.agent import Agent
@@ -25,7 +24,7 @@ from cloudtask.localservers import MongoServer, free_port
 from cloudtask.store import Store
 
 
-class _Service(BaseHTTPRequestHandler):
+class _Service(QuietHandler):
     """``/accept`` answers 202 (the job is taken), ``/busy`` 503; every call is recorded."""
 
     calls: list[dict] = []
@@ -40,23 +39,17 @@ class _Service(BaseHTTPRequestHandler):
                 "attempt": self.headers.get("X-CloudTask-Attempt"),
             }
         )
-        code = 202 if self.path == "/accept" else 503
-        self.send_response(code)
-        self.end_headers()
-        self.wfile.write(b'{"accepted": true}' if code == 202 else b"try later")
-
-    def log_message(self, *args):
-        pass
+        if self.path == "/accept":
+            self.reply(202, b'{"accepted": true}')
+        else:
+            self.reply(503, b"try later")
 
 
 @pytest.fixture
 def service():
     _Service.calls = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Service)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_http(_Service) as url:
+        yield url
 
 
 def _executor(writer, tmp_path) -> Executor:

@@ -12,49 +12,27 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from bson import ObjectId
+from helpers import ADMIN, OPERATOR, VIEWER, make_web_app, post_login, web_login
 
 from cloudtask.store import SCHEMA_VERSION, new_id, to_bson_time
 from cloudtask.users import Users, token_hash
-from web import create_app
 
-ADMIN_PW = "admin passphrase"
-OPERATOR_PW = "operator passphrase"
-VIEWER_PW = "viewer passphrase"
+ADMIN_PW, OPERATOR_PW, VIEWER_PW = ADMIN.password, OPERATOR.password, VIEWER.password
 NOW = datetime.now(timezone.utc)
 
 
 @pytest.fixture
 def app(store):
-    app = create_app(test_config={"STORE": store, "TESTING": True})
-    Users(store).add("root", ADMIN_PW, role="admin")
-    Users(store).add("op1", OPERATOR_PW, role="operator")
-    Users(store).add("viewer1", VIEWER_PW, role="viewer")
-    return app
-
-
-def csrf_of(page: str) -> str:
-    return re.search(r'name="csrf-token" content="([^"]+)"', page).group(1)
+    return make_web_app(store, users=[ADMIN, OPERATOR, VIEWER])
 
 
 def login(client, username, password) -> str:
     """Log in through the form; returns the session's CSRF token."""
-    page = client.get("/login").get_data(as_text=True)
-    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
-    answer = client.post(
-        "/login", data={"username": username, "password": password, "csrf_token": token}
-    )
-    assert answer.status_code == 302, (username, answer.status_code)
-    return csrf_of(client.get("/audit").get_data(as_text=True))
+    return web_login(client, username, password, "/audit")
 
 
 def can_log_in(app, username, password) -> bool:
-    client = app.test_client()
-    page = client.get("/login").get_data(as_text=True)
-    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
-    answer = client.post(
-        "/login", data={"username": username, "password": password, "csrf_token": token}
-    )
-    return answer.status_code == 302
+    return post_login(app.test_client(), username, password).status_code == 302
 
 
 @pytest.fixture

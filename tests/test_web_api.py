@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import schemathesis
+from helpers import make_web_app, run_document
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -22,11 +23,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from cloudtask.config import Config
-from cloudtask.store import new_run_document
 from cloudtask.task import validate_task
 from cloudtask.users import Users
 from cloudtask.zkpaths import ZkPaths, encode
-from web import create_app
 from web.api import api
 from web.openapi import document
 
@@ -43,13 +42,8 @@ CONFORMANCE = [
 
 
 def make_app(store, zk=None, config=None):
-    test_config = {"STORE": store, "TESTING": True}
-    if zk is not None:
-        test_config["ZK"] = zk
-    app = create_app(config, test_config=test_config)
+    app = make_web_app(store, zk, config)
     users = Users(store)
-    users.add("op1", "operator passphrase", role="operator")
-    users.add("viewer1", "viewer passphrase", role="viewer")
     app.tokens = {  # type: ignore[attr-defined]
         "operator": users.create_token("op1", "tests"),
         "viewer": users.create_token("viewer1", "tests"),
@@ -111,18 +105,11 @@ def paths_of(body):
 def add_run(store, task, status="running", agent=None, token=None, output="", **more):
     """A run of ``task`` stored as an agent stores one (each a minute before the previous)."""
     when = NOW - timedelta(minutes=1 + store.runs.count_documents({}))
-    doc = new_run_document(
-        task_id=task["_id"],
-        task_name=task["name"],
-        group=task["group"],
-        revision=task["revision"],
-        scheduled_for=when,
-        slot="one",
-        attempt=0,
-        trigger="schedule",
-        agent=agent,
+    doc = run_document(
+        task,
+        when,
         status=status,
-        now=when,
+        agent=agent,
         token_hash=hashlib.sha256(token.encode()).hexdigest() if token else None,
     )
     doc["output_tail"] = output

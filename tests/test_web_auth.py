@@ -3,43 +3,23 @@ client on a real store)."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
+from helpers import VIEWER, form_csrf, make_web_app, post_login
 
 from cloudtask.users import Users
-from web import create_app
 from web.auth import requires
 
 
 @pytest.fixture
 def app(store):
-    app = create_app(test_config={"STORE": store, "TESTING": True})
+    app = make_web_app(store, users=[("admin1", "admin passphrase", "admin"), VIEWER])
 
     @requires("operator")
     def operator_only():
         return {"ok": True}
 
     app.add_url_rule("/api/v1/operator-only", "operator_only", operator_only)
-    Users(store).add("admin1", "admin passphrase", role="admin")
-    Users(store).add("viewer1", "viewer passphrase", role="viewer")
     return app
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
-
-
-def csrf(client, path="/login") -> str:
-    html = client.get(path).get_data(as_text=True)
-    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
-
-
-def login(client, username, password):
-    return client.post(
-        "/login", data={"username": username, "password": password, "csrf_token": csrf(client)}
-    )
 
 
 def test_anonymous_is_refused_everywhere_but_login_and_health(client):
@@ -53,36 +33,40 @@ def test_anonymous_is_refused_everywhere_but_login_and_health(client):
 
 
 def test_login_session_and_logout(client):
-    answer = login(client, "admin1", "admin passphrase")
+    answer = post_login(client, "admin1", "admin passphrase")
     assert answer.status_code == 302 and answer.headers["Location"].endswith("/")
     cookie = answer.headers.get("Set-Cookie", "")
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
     assert "admin1" in client.get("/").get_data(as_text=True)
     assert client.get("/api/v1/me").get_json() == {"username": "admin1", "role": "admin"}
     assert client.post("/logout").status_code == 400  # no CSRF token: refused
-    assert client.post("/logout", data={"csrf_token": csrf(client, "/")}).status_code == 302
+    assert client.post("/logout", data={"csrf_token": form_csrf(client, "/")}).status_code == 302
     assert client.get("/").status_code == 302
 
 
 def test_wrong_password_and_missing_csrf(client):
-    assert login(client, "admin1", "not the password").status_code == 401
+    assert post_login(client, "admin1", "not the password").status_code == 401
     no_token = client.post("/login", data={"username": "admin1", "password": "admin passphrase"})
     assert no_token.status_code == 400 and "security token" in no_token.get_data(as_text=True)
 
 
 def test_login_is_throttled_after_five_failures(client):
     for _ in range(5):
-        assert login(client, "admin1", "wrong guess!!").status_code == 401
-    assert login(client, "admin1", "admin passphrase").status_code == 429
+        assert post_login(client, "admin1", "wrong guess!!").status_code == 401
+    assert post_login(client, "admin1", "admin passphrase").status_code == 429
     assert (
-        login(client, "viewer1", "viewer passphrase").status_code == 302
+        post_login(client, "viewer1", "viewer passphrase").status_code == 302
     )  # other users unaffected
 
 
 def test_next_never_leaves_the_site(client):
     answer = client.post(
         "/login?next=//evil.example/x",
-        data={"username": "admin1", "password": "admin passphrase", "csrf_token": csrf(client)},
+        data={
+            "username": "admin1",
+            "password": "admin passphrase",
+            "csrf_token": form_csrf(client),
+        },
     )
     assert answer.headers["Location"] == "/"
 
@@ -104,8 +88,8 @@ def test_bearer_tokens_and_roles(client, store):
 
 
 def test_change_own_password(client, store):
-    login(client, "viewer1", "viewer passphrase")
-    token = csrf(client, "/account/password")
+    post_login(client, "viewer1", "viewer passphrase")
+    token = form_csrf(client, "/account/password")
     bad = client.post(
         "/account/password",
         data={"current": "wrong one!!", "new": "another passphrase", "csrf_token": token},

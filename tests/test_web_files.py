@@ -12,10 +12,9 @@ import re
 import zipfile
 
 import pytest
+from helpers import make_web_app
 
 from cloudtask.config import Config
-from cloudtask.users import Users
-from web import create_app
 
 LIMIT = 2000  # web.max_upload_bytes of these tests' app
 
@@ -23,37 +22,12 @@ LIMIT = 2000  # web.max_upload_bytes of these tests' app
 @pytest.fixture
 def app(store):
     config = Config().with_section("web", max_upload_bytes=LIMIT, file_versions_kept=3)
-    app = create_app(config, test_config={"STORE": store, "TESTING": True})
-    Users(store).add("op1", "operator passphrase", role="operator")
-    Users(store).add("viewer1", "viewer passphrase", role="viewer")
-    return app
+    return make_web_app(store, config=config)
 
 
 @pytest.fixture
-def client(app):
-    return app.test_client()
-
-
-def login(client, username, password) -> str:
-    """Log in; returns the session's CSRF token."""
-    page = client.get("/login").get_data(as_text=True)
-    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
-    answer = client.post(
-        "/login", data={"username": username, "password": password, "csrf_token": token}
-    )
-    assert answer.status_code == 302
-    page = client.get("/files").get_data(as_text=True)
-    return re.search(r'name="csrf-token" content="([^"]+)"', page).group(1)
-
-
-@pytest.fixture
-def operator(client):
-    return login(client, "op1", "operator passphrase")
-
-
-@pytest.fixture
-def viewer(client):
-    return login(client, "viewer1", "viewer passphrase")
+def csrf_page():
+    return "/files"
 
 
 def upload(client, csrf, data: bytes | None, filename: str = "job.sh", name: str = ""):

@@ -8,9 +8,7 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from cloudtask.users import Users
-from web import create_app
+from helpers import VIEWER, make_web_app, web_login
 
 OPEN = {"auth.login", "healthz", "static", "api.run_progress", "api.run_result"}
 VIEWER_WRITES = {"auth.logout", "auth.change_password"}  # a viewer's own session and password
@@ -19,9 +17,7 @@ WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
 @pytest.fixture
 def app(store):
-    app = create_app(test_config={"STORE": store, "TESTING": True})
-    Users(store).add("viewer1", "viewer passphrase", role="viewer")
-    return app
+    return make_web_app(store, users=[VIEWER])
 
 
 def routes(app):
@@ -72,20 +68,9 @@ def test_callbacks_need_the_run_token(app):
         assert answer.status_code in (401, 404), (path, answer.status_code)
 
 
-def login(client, username, password):
-    html = client.get("/login").get_data(as_text=True)
-    token = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
-    answer = client.post(
-        "/login", data={"username": username, "password": password, "csrf_token": token}
-    )
-    assert answer.status_code == 302
-    html = client.get("/").get_data(as_text=True)
-    return re.search(r'name="csrf-token" content="([^"]+)"', html).group(1)
-
-
 def test_viewers_get_403_on_every_write(app):
     client = app.test_client()
-    csrf = login(client, "viewer1", "viewer passphrase")
+    csrf = web_login(client, "viewer1", "viewer passphrase")
     checked = 0
     for endpoint, method, url in routes(app):
         if method not in WRITE_METHODS or endpoint in OPEN | VIEWER_WRITES:
@@ -98,7 +83,7 @@ def test_viewers_get_403_on_every_write(app):
 
 def test_viewers_read_every_page(app, store):
     client = app.test_client()
-    login(client, "viewer1", "viewer passphrase")
+    web_login(client, "viewer1", "viewer passphrase")
     for endpoint, method, url in routes(app):
         if method != "GET" or endpoint in OPEN or "x1" in url or endpoint.startswith("admin.user"):
             continue
@@ -108,7 +93,7 @@ def test_viewers_read_every_page(app, store):
 
 def test_a_write_without_the_csrf_token_is_refused(app):
     client = app.test_client()
-    login(client, "viewer1", "viewer passphrase")
+    web_login(client, "viewer1", "viewer passphrase")
     for endpoint, method, url in routes(app):
         if method not in WRITE_METHODS or url.startswith("/api/") or endpoint in OPEN:
             continue

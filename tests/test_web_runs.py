@@ -11,53 +11,23 @@ import re
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from helpers import make_web_app, run_document, web_login
 
 from cloudtask.config import Config
-from cloudtask.store import OUTPUT_TAIL_BYTES, new_run_document, to_bson_time
-from cloudtask.users import Users
+from cloudtask.store import OUTPUT_TAIL_BYTES, to_bson_time
 from cloudtask.zkpaths import ZkPaths, decode
-from web import create_app
 
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
 
 
-def make_app(store, zk=None):
-    app = create_app(test_config={"STORE": store, "TESTING": True, "ZK": zk})
-    Users(store).add("op1", "operator passphrase", role="operator")
-    Users(store).add("viewer1", "viewer passphrase", role="viewer")
-    return app
-
-
 @pytest.fixture
 def app(store):
-    return make_app(store)
+    return make_web_app(store)
 
 
 @pytest.fixture
-def client(app):
-    return app.test_client()
-
-
-def login(client, username, password) -> str:
-    """Log in through the form; returns the session's CSRF token."""
-    page = client.get("/login").get_data(as_text=True)
-    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
-    answer = client.post(
-        "/login", data={"username": username, "password": password, "csrf_token": token}
-    )
-    assert answer.status_code == 302
-    page = client.get("/runs").get_data(as_text=True)
-    return re.search(r'name="csrf-token" content="([^"]+)"', page).group(1)
-
-
-@pytest.fixture
-def operator(client):
-    return login(client, "op1", "operator passphrase")
-
-
-@pytest.fixture
-def viewer(client):
-    return login(client, "viewer1", "viewer passphrase")
+def csrf_page():
+    return "/runs"
 
 
 def make_task(store, name="backup", **spec):
@@ -67,18 +37,12 @@ def make_task(store, name="backup", **spec):
 def add_run(store, task, hours_ago=1.0, status="succeeded", agent="agent-1", **fields):
     """One run of ``task`` scheduled ``hours_ago`` hours ago, stored whole."""
     when = NOW - timedelta(hours=hours_ago)
-    doc = new_run_document(
-        task_id=task["_id"],
-        task_name=task["name"],
-        group=task["group"],
-        revision=task["revision"],
-        scheduled_for=when,
-        slot="one",
+    doc = run_document(
+        task,
+        when,
+        agent=agent,
         attempt=fields.pop("attempt", 0),
         trigger=fields.pop("trigger", "schedule"),
-        agent=agent,
-        status="running",
-        now=when,
     )
     finished = status not in ("queued", "running")
     doc.update(
@@ -404,9 +368,8 @@ def test_kill_of_a_running_run_without_zookeeper_says_why(client, store, operato
 
 
 def test_kill_of_a_running_run_asks_its_agent(store, zk):
-    app = make_app(store, zk)
-    client = app.test_client()
-    token = login(client, "op1", "operator passphrase")
+    client = make_web_app(store, zk).test_client()
+    token = web_login(client, "op1", "operator passphrase", "/runs")
     run = add_run(store, make_task(store), status="running", agent="agent-7")
     answer = client.post(f"/runs/{run['_id']}/kill", data={"csrf_token": token})
     assert answer.status_code == 302

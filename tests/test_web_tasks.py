@@ -11,11 +11,10 @@ import re
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from helpers import VIEWER, make_web_app, run_document, web_login
 
-from cloudtask.store import new_run_document, to_bson_time
-from cloudtask.users import Users
+from cloudtask.store import to_bson_time
 from cloudtask.zkpaths import ZkPaths, encode
-from web import create_app
 from web.tasks import field_of
 
 NOW = datetime.now(timezone.utc)
@@ -23,40 +22,12 @@ NOW = datetime.now(timezone.utc)
 
 @pytest.fixture
 def app(store):
-    app = create_app(test_config={"STORE": store, "TESTING": True})
-    Users(store).add("op1", "operator passphrase", role="operator")
-    Users(store).add("viewer1", "viewer passphrase", role="viewer")
-    return app
+    return make_web_app(store)
 
 
 @pytest.fixture
-def client(app):
-    return app.test_client()
-
-
-def csrf(client, path="/login") -> str:
-    page = client.get(path).get_data(as_text=True)
-    return re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
-
-
-def login(client, username, password) -> str:
-    """Log in; returns the session's CSRF token."""
-    answer = client.post(
-        "/login", data={"username": username, "password": password, "csrf_token": csrf(client)}
-    )
-    assert answer.status_code == 302
-    page = client.get("/tasks").get_data(as_text=True)
-    return re.search(r'name="csrf-token" content="([^"]+)"', page).group(1)
-
-
-@pytest.fixture
-def operator(client):
-    return login(client, "op1", "operator passphrase")
-
-
-@pytest.fixture
-def viewer(client):
-    return login(client, "viewer1", "viewer passphrase")
+def csrf_page():
+    return "/tasks"
 
 
 def make_task(store, name="backup", **spec):
@@ -70,19 +41,7 @@ def add_runs(store, task, count, start=None, status=lambda i: "succeeded"):
     docs = []
     for i in range(count):
         when = start + timedelta(hours=i)
-        doc = new_run_document(
-            task_id=task["_id"],
-            task_name=task["name"],
-            group=task["group"],
-            revision=task["revision"],
-            scheduled_for=when,
-            slot="one",
-            attempt=0,
-            trigger="schedule",
-            agent="agent-1",
-            status="running",
-            now=when,
-        )
+        doc = run_document(task, when)
         doc.update(
             status=status(i),
             started_at=to_bson_time(when),
@@ -279,8 +238,7 @@ def test_detail_of_keepalive_done_and_paused_tasks(client, store, viewer):
 
 
 def test_detail_names_the_owner_agent_or_why_there_is_none(store, zk):
-    app = create_app(test_config={"STORE": store, "TESTING": True, "ZK": zk})
-    Users(store).add("viewer1", "viewer passphrase", role="viewer")
+    app = make_web_app(store, zk, users=[VIEWER])
     owned = make_task(store, "owned", group="g1")
     stranded = make_task(store, "stranded", group="g2")
     paths = ZkPaths(app.config["CLOUDTASK"].zookeeper.root)
@@ -290,7 +248,7 @@ def test_detail_names_the_owner_agent_or_why_there_is_none(store, zk):
         paths.status, encode({"leader": "c1", "unassigned": {stranded["_id"]: "g2"}}), makepath=True
     )
     client = app.test_client()
-    login(client, "viewer1", "viewer passphrase")  # the first page reads the cluster
+    web_login(client, "viewer1", "viewer passphrase", "/tasks")  # the first page reads the cluster
     assert "agent-7" in client.get(f"/tasks/{owned['_id']}").get_data(as_text=True)
     page = client.get(f"/tasks/{stranded['_id']}").get_data(as_text=True)
     assert "unassigned: no live agent in group g2" in page
