@@ -68,10 +68,10 @@ def create_app(config: Config | None = None, test_config: dict[str, Any] | None 
     app.extensions["cloudtask_throttle"] = LoginThrottle()
     login_manager.init_app(app)
     app.register_blueprint(auth_bp)
-    from . import admin, api, cluster, dashboard, files, runs, tasks
+    from . import admin, api, cluster, dashboard, events, files, runs, tasks
     from .filters import register_filters
 
-    for module in (dashboard, tasks, runs, cluster, files, admin, api):
+    for module in (dashboard, tasks, runs, events, cluster, files, admin, api):
         app.register_blueprint(module.bp)
     register_filters(app)
     app.before_request(check_csrf)

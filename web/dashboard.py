@@ -163,6 +163,22 @@ def recent_runs(db: Store) -> list[dict[str, Any]]:
     )
 
 
+RECENT_EVENTS = 10
+
+
+def recent_events(db: Store) -> list[dict[str, Any]]:
+    """The newest events that need attention (errors and warnings), by their numeric ts."""
+    # one equality query per severity: the wire server used on one machine serves an
+    # equality from the (severity, ts) index, an $in from no index at all
+    found = [
+        e
+        for severity in ("error", "warning")
+        for e in db.events.find({"severity": severity}).sort("ts", DESCENDING).limit(RECENT_EVENTS)
+    ]
+    found.sort(key=lambda e: e.get("ts") or 0, reverse=True)
+    return found[:RECENT_EVENTS]
+
+
 def agent_summary() -> dict[str, Any]:
     """Counts of online, leaving and offline agents, and the latest offline ones."""
     rows = agents()
@@ -232,6 +248,7 @@ def index() -> Any:
     try:
         unassigned = unassigned_tasks(db, view.unassigned) if view.connected else []
         recent = recent_runs(db)
+        events = recent_events(db)
     except PyMongoError as e:
         raise _store_error(e) from e
     return render_template(
@@ -248,5 +265,6 @@ def index() -> Any:
         unassigned=unassigned,
         unassigned_total=len(view.unassigned),
         recent=recent,
+        events=events,
         run_link=run_link,
     )

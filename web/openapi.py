@@ -610,6 +610,26 @@ def _items(item: str) -> dict[str, Any]:
     }
 
 
+EVENT = {
+    "type": "object",
+    "required": ["id", "kind", "severity", "at", "ts", "message"],
+    "properties": {
+        "id": STRING,
+        "version": {"type": "integer"},
+        "kind": STRING,
+        "severity": {"enum": ["error", "warning", "info"]},
+        "at": {"type": "string", "format": "date-time"},
+        "ts": {"type": "number", "description": "at, in epoch seconds"},
+        "message": STRING,
+        "task_id": {"type": ["string", "null"]},
+        "task_name": {"type": ["string", "null"]},
+        "group": {"type": ["string", "null"]},
+        "run_id": {"type": ["string", "null"]},
+        "agent": {"type": ["string", "null"]},
+        "details": {"type": "object", "description": "What the kind adds"},
+    },
+}
+
 SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -685,6 +705,8 @@ SCHEMAS: dict[str, Any] = {
             "message": {"type": "string", "maxLength": 2000},
         },
     },
+    "Event": EVENT,
+    "EventPage": _page("Event"),
     "Agent": AGENT,
     "AgentList": _items("Agent"),
     "Cluster": {

@@ -246,3 +246,90 @@ def list_runs(store: Store, filters: dict[str, Any]) -> Page:
     items = list(cursor)
     total, capped = _count(store.runs, query)
     return Page(items, page, per_page, total, capped, filters)
+
+
+EVENT_KINDS = (
+    "run.failed",
+    "run.timed_out",
+    "run.missed",
+    "run.lost",
+    "run.recovered",
+    "agent.joined",
+    "agent.left",
+    "agent.returned",
+    "center.leader",
+    "task.unassigned",
+    "task.created",
+    "task.changed",
+    "task.deleted",
+)
+EVENT_SEVERITIES = ("error", "warning", "info")
+
+
+def event_filters(args: Any) -> dict[str, Any]:
+    """Checked event-list filters: kind (or a prefix such as ``run.``), severity, task (id),
+    agent, group, since, until, page, per_page."""
+    problems: list[Problem] = []
+    kind = text_arg(args, "kind", problems, limit=40)
+    if (
+        kind
+        and kind not in EVENT_KINDS
+        and not (kind.endswith(".") and any(k.startswith(kind) for k in EVENT_KINDS))
+    ):
+        prefixes = sorted({k.split(".")[0] + "." for k in EVENT_KINDS})
+        problems.append(
+            Problem(
+                "kind",
+                f"expected one of {', '.join(EVENT_KINDS)} or a prefix "
+                f"({', '.join(prefixes)}), got {kind!r}",
+            )
+        )
+        kind = None
+    filters = {
+        "kind": kind,
+        "severity": choice_arg(args, "severity", EVENT_SEVERITIES, problems),
+        "task": text_arg(args, "task", problems),
+        "agent": text_arg(args, "agent", problems),
+        "group": text_arg(args, "group", problems),
+        "since": time_arg(args, "since", problems),
+        "until": time_arg(args, "until", problems),
+        "page": int_arg(args, "page", 1, 1, 1_000_000, problems),
+        "per_page": int_arg(args, "per_page", 50, 1, MAX_PER_PAGE, problems),
+    }
+    if problems:
+        raise ValidationError(problems, source="the filters")
+    return filters
+
+
+def list_events(store: Store, filters: dict[str, Any]) -> Page:
+    """Events, newest first, ranged and sorted by their numeric ``ts``."""
+    query: dict[str, Any] = {}
+    kind = filters.get("kind")
+    if kind and kind.endswith("."):
+        query["kind"] = {"$in": [k for k in EVENT_KINDS if k.startswith(kind)]}
+    elif kind:
+        query["kind"] = kind
+    for name, field_name in (
+        ("severity", "severity"),
+        ("task", "task_id"),
+        ("agent", "agent"),
+        ("group", "group"),
+    ):
+        if filters.get(name):
+            query[field_name] = filters[name]
+    span: dict[str, Any] = {}
+    if filters.get("since"):
+        span["$gte"] = filters["since"].timestamp()
+    if filters.get("until"):
+        span["$lt"] = filters["until"].timestamp()
+    elif span:
+        span["$lt"] = datetime.now(timezone.utc).timestamp() + 86400
+    if span:
+        query["ts"] = span
+    page, per_page = filters.get("page", 1), filters.get("per_page", 50)
+    cursor = (
+        store.events.find(query).sort("ts", DESCENDING).skip((page - 1) * per_page).limit(per_page)
+    )
+    items = list(cursor)
+    total, capped = _count(store.events, query)
+    return Page(items, page, per_page, total, capped, filters)

@@ -1,0 +1,53 @@
+"""The events page: what happened in the cluster (runs that failed, timed out, were missed or
+lost, and recovered; agents that joined, left and came back; leader changes; tasks without an
+agent; task changes), newest first, filtered by kind, severity, task, agent, group and time.
+
+Events are recorded where they happen (see :mod:`cloudtask.events`); this page only reads
+them, by their numeric ``ts`` (indexed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, render_template, request
+
+from cloudtask.exceptions import Problem, ValidationError
+
+from .auth import requires
+from .context import store
+from .queries import EVENT_KINDS, EVENT_SEVERITIES, event_filters, list_events
+from .runs import _local_input
+
+bp = Blueprint("events", __name__, url_prefix="/events")
+
+FILTER_FIELDS = ("kind", "severity", "task", "agent", "group", "since", "until")
+SEVERITY_CLASS = {"error": "bad", "warning": "warn", "info": "muted"}
+
+
+def checked_filters(args: Any) -> tuple[dict[str, Any], list[Problem]]:
+    """The filters, and their problems: a bad filter is dropped, the others still apply."""
+    try:
+        return event_filters(args), []
+    except ValidationError as e:
+        bad = {p.path for p in e.problems}
+        return event_filters({k: v for k, v in args.items() if k not in bad}), e.problems
+
+
+@bp.get("")
+@requires("viewer")
+def index() -> Any:
+    filters, problems = checked_filters(request.args)
+    page = list_events(store(), filters)
+    return render_template(
+        "events/list.html",
+        page=page,
+        args=request.args,
+        errors={p.path: p.message for p in problems},
+        kinds=EVENT_KINDS,
+        prefixes=sorted({k.split(".")[0] + "." for k in EVENT_KINDS}),
+        severities=EVENT_SEVERITIES,
+        severity_class=SEVERITY_CLASS,
+        times={k: _local_input(filters.get(k)) for k in ("since", "until")},
+        fields=FILTER_FIELDS,
+    ), (422 if problems else 200)
