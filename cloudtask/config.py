@@ -1,8 +1,9 @@
 """Configuration: a JSON file, then environment variables, each key checked against a schema.
 
-The file has sections (``zookeeper``, ``mongodb``, ``agent``, ``runs``, ``web``); every key is
-optional and has a default. An environment variable ``CLOUDTASK_<SECTION>_<KEY>`` overrides a
-key (``CLOUDTASK_ZK_*`` and ``CLOUDTASK_MONGO_*`` are short forms of the first two sections).
+The file has sections (``zookeeper``, ``mongodb``, ``agent``, ``runs``, ``web``, ``alerts``);
+every key is optional and has a default. An environment variable ``CLOUDTASK_<SECTION>_<KEY>``
+overrides a key (``CLOUDTASK_ZK_*`` and ``CLOUDTASK_MONGO_*`` are short forms of the first two
+sections); lists and objects are given to it as JSON (a list of addresses also as "a, b").
 
 Example::
 
@@ -17,13 +18,20 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .durations import parse_duration
+from .events import KINDS as EVENT_KINDS
 from .exceptions import ConfigError
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_EMAIL = re.compile(r"[^@\s,;<>\"]+@[^@\s,;<>\"]+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+SMTP_SECURITY = ("starttls", "ssl", "none")
 
 
 @dataclass(frozen=True)
@@ -70,12 +78,34 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class AlertsConfig:
+    """Mail and webhooks for events (the notifier of the leading center). Settings stored in
+    MongoDB (the settings page) override these; see cloudtask/notify/settings.py."""
+
+    smtp_host: str = ""  # empty: no mail
+    smtp_port: int = 587
+    smtp_security: str = "starttls"  # starttls | ssl | none
+    smtp_user: str = ""  # empty: no login
+    smtp_password: str = ""
+    smtp_password_env: str = ""  # the name of an environment variable holding the password
+    smtp_timeout: float = 20.0  # every SMTP network call
+    mail_from: str = ""  # empty: cloudtask@<this host>
+    operators: tuple[str, ...] = ()  # mailed on every event
+    operators_by_kind: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    operators_by_group: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    alert_interval: float = 15 * 60.0  # a failing task mails at most one digest this often
+    webhooks: tuple[dict[str, Any], ...] = ()  # {"url", "secret", "kinds": None | (...)}
+    webhook_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     zookeeper: ZooKeeperConfig = field(default_factory=ZooKeeperConfig)
     mongodb: MongoConfig = field(default_factory=MongoConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     runs: RunsConfig = field(default_factory=RunsConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     source: str = "defaults"
 
     def with_section(self, name: str, **changes: Any) -> Config:
@@ -84,6 +114,14 @@ class Config:
 
 
 # --- value checkers: each returns the converted value or raises ValueError("expected ...") ---
+
+
+class SubkeyError(ValueError):
+    """A bad value inside a list or an object: ``subpath`` (``[1].url``) says where."""
+
+    def __init__(self, subpath: str, message: str) -> None:
+        super().__init__(message)
+        self.subpath = subpath
 
 
 def _string(v: Any) -> str:
@@ -157,6 +195,168 @@ def _labels(v: Any) -> dict[str, str]:
     return dict(v)
 
 
+def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if v not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {json.dumps(v)}")
+        return str(v)
+
+    return check
+
+
+def _env_name(v: Any) -> str:
+    v = _string(v)
+    if v and not _ENV_NAME.fullmatch(v):
+        raise ValueError(
+            f"expected the name of an environment variable (letters, digits, '_'), got {v!r}"
+        )
+    return v
+
+
+def email_problem(v: Any) -> str | None:
+    """Why ``v`` is not one plain email address (``name@example.com``), or None."""
+    if not isinstance(v, str):
+        return f"expected an email address, got {json.dumps(v)}"
+    if not _EMAIL.fullmatch(v) or len(v) > 254:
+        return f"{v!r} is not an email address such as ops@example.com"
+    return None
+
+
+def _mail_from(v: Any) -> str:
+    v = _string(v).strip()
+    if not v:
+        return ""
+    if any(c in v for c in "\r\n\0"):
+        raise ValueError("must be one line")
+    name, address = parseaddr(v)
+    if email_problem(address) or (not name and address != v):
+        raise ValueError(
+            f"expected an address such as 'cloudtask@example.com' or "
+            f"'CloudTask <cloudtask@example.com>', got {v!r}"
+        )
+    return v
+
+
+def _from_json_text(v: Any, what: str) -> Any:
+    """Lists and objects given as text (an environment variable) are JSON."""
+    if isinstance(v, str) and v.strip()[:1] in ("[", "{"):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"expected {what} as JSON: {e.msg} at column {e.colno}") from None
+    return v
+
+
+def _emails(v: Any, subpath: str = "") -> tuple[str, ...]:
+    """A list of addresses; from the environment also "a@x.org, b@y.org"."""
+    v = _from_json_text(v, "a list of email addresses")
+    if isinstance(v, str):
+        v = [p.strip() for p in v.split(",") if p.strip()]
+    if not isinstance(v, list):
+        raise SubkeyError(subpath, f"expected a list of email addresses, got {json.dumps(v)}")
+    out: list[str] = []
+    for i, item in enumerate(v):
+        if problem := email_problem(item):
+            raise SubkeyError(f"{subpath}[{i}]", problem)
+        if item.lower() not in (o.lower() for o in out):
+            out.append(item)
+    return tuple(out)
+
+
+def _emails_by(key_check: Callable[[str], str | None], what: str) -> Callable[[Any], Any]:
+    def check(v: Any) -> dict[str, tuple[str, ...]]:
+        v = _from_json_text(v, f"an object of {what} to lists of email addresses")
+        if not isinstance(v, dict):
+            raise ValueError(
+                f"expected an object of {what} to lists of email addresses, got {json.dumps(v)}"
+            )
+        out: dict[str, tuple[str, ...]] = {}
+        for key, emails in v.items():
+            if problem := key_check(key):
+                raise SubkeyError(f".{key}", problem)
+            out[key] = _emails(emails, f".{key}")
+        return out
+
+    return check
+
+
+def _kind_problem(kind: Any) -> str | None:
+    if kind not in EVENT_KINDS:
+        return f"{json.dumps(kind)} is not an event kind; expected one of {', '.join(EVENT_KINDS)}"
+    return None
+
+
+def _group_problem(group: Any) -> str | None:
+    if not isinstance(group, str) or not _ID.match(group):
+        return f"{json.dumps(group)} is not a group name (letters, digits, '.', '_', '-')"
+    return None
+
+
+def _show(v: Any) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _webhooks(v: Any) -> tuple[dict[str, Any], ...]:
+    v = _from_json_text(v, "a list of webhooks")
+    if not isinstance(v, list):
+        raise ValueError(
+            'expected a list of webhooks such as [{"url": "https://...", "secret": "..."}], '
+            f"got {json.dumps(v)}"
+        )
+    out = []
+    for i, hook in enumerate(v):
+        at = f"[{i}]"
+        if not isinstance(hook, dict):
+            raise SubkeyError(at, f'expected an object {{"url", "secret"}}, got {_show(hook)}')
+        for key in hook:
+            if key not in ("url", "secret", "kinds", "$comment"):
+                raise SubkeyError(f"{at}.{key}", "unknown key; expected one of url, secret, kinds")
+        url = hook.get("url")
+        try:
+            parts = urlsplit(url) if isinstance(url, str) else None
+            url_ok = parts is not None and parts.scheme in ("http", "https") and parts.hostname
+        except ValueError:
+            url_ok = False
+        if not url_ok or any(c.isspace() for c in url):
+            raise SubkeyError(f"{at}.url", f"expected an http:// or https:// URL, got {url!r}")
+        secret = hook.get("secret")
+        if not isinstance(secret, str) or not secret:
+            raise SubkeyError(
+                f"{at}.secret", "required: the shared secret the receiver checks signatures with"
+            )
+        kinds = hook.get("kinds")
+        if kinds is not None:
+            if not isinstance(kinds, list):
+                raise SubkeyError(
+                    f"{at}.kinds", f"expected a list of event kinds, got {_show(kinds)}"
+                )
+            for j, kind in enumerate(kinds):
+                if problem := _kind_problem(kind):
+                    raise SubkeyError(f"{at}.kinds[{j}]", problem)
+            kinds = tuple(dict.fromkeys(kinds))
+        out.append({"url": url, "secret": secret, "kinds": kinds})
+    return tuple(out)
+
+
+# The checks of the alerts section, also used for the settings stored in MongoDB.
+ALERTS_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "smtp_host": _string,
+    "smtp_port": _int_range(1, 65535),
+    "smtp_security": _choice(SMTP_SECURITY),
+    "smtp_user": _string,
+    "smtp_password": _string,
+    "smtp_password_env": _env_name,
+    "smtp_timeout": _duration_range(0.5, 300),
+    "mail_from": _mail_from,
+    "operators": _emails,
+    "operators_by_kind": _emails_by(_kind_problem, "event kinds"),
+    "operators_by_group": _emails_by(_group_problem, "agent groups"),
+    "alert_interval": _duration_range(0, 7 * 86400),
+    "webhooks": _webhooks,
+    "webhook_timeout": _duration_range(0.1, 300),
+}
+
 _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...]]] = {
     "zookeeper": (
         ZooKeeperConfig,
@@ -202,6 +402,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...
         },
         ("WEB",),
     ),
+    "alerts": (AlertsConfig, ALERTS_CHECKS, ("ALERTS",)),
 }
 
 
@@ -259,7 +460,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             try:
                 values[key] = checks[key](value)
             except ValueError as e:
-                problems.append(f"{source}: {name}.{key}: {e}")
+                problems.append(f"{source}: {name}.{key}{getattr(e, 'subpath', '')}: {e}")
         for key, check in checks.items():
             for prefix in env_prefixes:
                 var = f"CLOUDTASK_{prefix}_{key.upper()}"
@@ -267,7 +468,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
                     try:
                         values[key] = check(environ[var])
                     except ValueError as e:
-                        problems.append(f"environment variable {var}: {e}")
+                        where = f" at {e.subpath}" if getattr(e, "subpath", "") else ""
+                        problems.append(f"environment variable {var}{where}: {e}")
                     break
         sections[name] = cls(**values)
     if problems:

@@ -39,7 +39,9 @@ class Operations:
 
     def create_task(self, actor: str, data: dict[str, Any]) -> dict[str, Any]:
         doc = self.store.create_task(data)
-        self.store.add_audit(actor, "task.create", _target(doc), None, doc["spec"])
+        self.store.add_audit(
+            actor, "task.create", _target(doc), None, doc["spec"], task_id=doc["_id"]
+        )
         return doc
 
     def replace_task(
@@ -51,7 +53,9 @@ class Operations:
     ) -> dict[str, Any]:
         before = self.store.get_task(task_id)
         doc = self.store.replace_task(task_id, data, expected_revision=expected_revision)
-        self.store.add_audit(actor, "task.update", _target(doc), before["spec"], doc["spec"])
+        self.store.add_audit(
+            actor, "task.update", _target(doc), before["spec"], doc["spec"], task_id=doc["_id"]
+        )
         return doc
 
     def patch_task(
@@ -89,6 +93,7 @@ class Operations:
                 _target(doc),
                 before["spec"] if before else None,
                 doc["spec"],
+                task_id=doc["_id"],
             )
         return outcome, doc
 
@@ -98,7 +103,9 @@ class Operations:
             return before
         doc = self.store.set_task_enabled(task_id, enabled)
         action = "task.resume" if enabled else "task.pause"
-        self.store.add_audit(actor, action, _target(doc), before["spec"], doc["spec"])
+        self.store.add_audit(
+            actor, action, _target(doc), before["spec"], doc["spec"], task_id=doc["_id"]
+        )
         return doc
 
     def clone_task(self, actor: str, task_id: str, new_name: str) -> dict[str, Any]:
@@ -109,7 +116,12 @@ class Operations:
         spec.update(name=new_name, enabled=False)
         doc = self.store.create_task(spec)
         self.store.add_audit(
-            actor, "task.clone", _target(doc), {"from": source["name"]}, doc["spec"]
+            actor,
+            "task.clone",
+            _target(doc),
+            {"from": source["name"]},
+            doc["spec"],
+            task_id=doc["_id"],
         )
         return doc
 
@@ -123,7 +135,9 @@ class Operations:
             task_id=task["_id"], status=list(RUNNING_STATUSES), limit=10_000
         )
         self.store.delete_task(task["_id"])
-        self.store.add_audit(actor, "task.delete", _target(task), task["spec"], None)
+        self.store.add_audit(
+            actor, "task.delete", _target(task), task["spec"], None, task_id=task["_id"]
+        )
         killed = []
         if kill_running:
             for run in running:

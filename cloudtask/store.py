@@ -29,7 +29,9 @@ from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, MongoClient, ReplaceOne, ReturnDocument, UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
+from . import events as ev
 from .config import Config
+from .events import event_document  # noqa: F401  (part of the store's API: see events.md)
 from .exceptions import Conflict, NotFound, Problem, StoreError, ValidationError
 from .task import TaskSpec, file_name_problem, parse_task
 
@@ -63,6 +65,30 @@ def to_bson_time(t: datetime) -> datetime:
 
 def new_id() -> str:
     return str(ObjectId())
+
+
+def _count_failures(
+    last_run: dict[str, Any], runs: list[dict[str, Any]]
+) -> tuple[int, list[dict[str, Any]]]:
+    """Walk a task's newly finished ``runs`` (oldest first) from its stored ``last_run``: how
+    many failing runs since the last success after them, and the ``run.recovered`` events
+    (a success that ends failing runs). Killed and skipped runs neither count nor end it."""
+    status = last_run.get("status")
+    failures = last_run.get("failures")
+    if not isinstance(failures, int):  # noted by an older version: at least its last status
+        failures = 1 if status in ev.FAILING_STATUSES else 0
+    events = []
+    for d in runs:
+        if d["_id"] == last_run.get("id"):
+            continue  # the same final write again: counted when it was written first
+        if d["status"] in ev.FAILING_STATUSES:
+            failures += 1
+        elif d["status"] == "succeeded":
+            if failures:
+                events.append(ev.recovered_event(d, failures, status))
+            failures = 0
+        status = d["status"]
+    return failures, events
 
 
 class Store:
@@ -177,14 +203,30 @@ class Store:
         self.audit.create_index([("actor", ASCENDING), ("at", DESCENDING)], name="actor_at")
         self.audit.create_index([("target", ASCENDING), ("at", DESCENDING)], name="target_at")
         self.audit.create_index([("action", ASCENDING), ("at", DESCENDING)], name="action_at")
-        self.events.create_index([("at", DESCENDING)], name="at")
-        self.events.create_index([("kind", ASCENDING), ("at", DESCENDING)], name="kind_at")
+        self._ensure_event_indexes()
         self.users.create_index([("username", ASCENDING)], unique=True, name="username_unique")
         self.audit.create_index([("at", DESCENDING)], name="at")
         self.db["files.files"].create_index([("metadata.sha256", ASCENDING)], name="sha256")
         self.db["files.files"].create_index(
             [("filename", ASCENDING), ("uploadDate", DESCENDING)], name="name_date"
         )
+
+    def _ensure_event_indexes(self) -> None:
+        """Events are ranged and sorted by ``ts`` (a number), never by the date: the notifier
+        reads "new, oldest first", the site filters by kind, task or agent. The indexes on
+        ``at`` of an older version are dropped (nothing queries them; each costs inserts)."""
+        existing = self.events.index_information()
+        for old in ("at", "kind_at"):
+            if old in existing:
+                self.events.drop_index(old)
+        self.events.create_index([("delivery", ASCENDING), ("ts", ASCENDING)], name="delivery_ts")
+        self.events.create_index([("ts", DESCENDING)], name="ts")
+        self.events.create_index([("kind", ASCENDING), ("ts", DESCENDING)], name="kind_ts")
+        self.events.create_index([("task_id", ASCENDING), ("ts", DESCENDING)], name="task_ts")
+        self.events.create_index([("agent", ASCENDING), ("ts", DESCENDING)], name="agent_ts")
+        # the events page also filters by severity and by group
+        self.events.create_index([("severity", ASCENDING), ("ts", DESCENDING)], name="severity_ts")
+        self.events.create_index([("group", ASCENDING), ("ts", DESCENDING)], name="group_ts")
 
     def _ensure_ttl(self) -> None:
         """Finished runs are deleted by :meth:`purge_runs` (the leading center, or a standalone
@@ -384,24 +426,33 @@ class Store:
         document has the very same ``_id``: then an earlier try of this same claim landed (its
         answer was lost with the connection) and the fire is ours. Any other write error is
         raised, because then we do not know whether the fire is ours.
+
+        A fire recorded ``missed`` is final at once: its ``run.missed`` event is recorded here
+        (by the claim that won it; a retried claim finds the event recorded).
         """
         if not docs:
             return []
         try:
             self._guard(self.runs.insert_many, "claim runs", list(docs), ordered=False)
-            return [True] * len(docs)
+            won = [True] * len(docs)
         except BulkWriteError as e:
             duplicates: set[int] = set()
             for err in e.details.get("writeErrors", []):
                 if err.get("code") != DUPLICATE_KEY:
                     raise StoreError(f"MongoDB refused a run claim: {err.get('errmsg')}") from e
                 duplicates.add(err["index"])
-        ids = [docs[i]["_id"] for i in duplicates]
-        ours = {
-            d["_id"]
-            for d in self._guard(self.runs.find, "check claims", {"_id": {"$in": ids}}, {"_id": 1})
-        }
-        return [i not in duplicates or docs[i]["_id"] in ours for i in range(len(docs))]
+            ids = [docs[i]["_id"] for i in duplicates]
+            ours = {
+                d["_id"]
+                for d in self._guard(
+                    self.runs.find, "check claims", {"_id": {"$in": ids}}, {"_id": 1}
+                )
+            }
+            won = [i not in duplicates or docs[i]["_id"] in ours for i in range(len(docs))]
+        missed = [ev.run_event(d) for d, ok in zip(docs, won) if ok and d["status"] == "missed"]
+        if missed:
+            self._record_events_quietly([e for e in missed if e], "missed fires")
+        return won
 
     def save_runs(self, docs: Sequence[dict[str, Any]]) -> None:
         """Write the current state of many runs in one round trip.
@@ -421,39 +472,71 @@ class Store:
         self.note_last_runs(docs)
 
     def note_last_runs(self, docs: Sequence[dict[str, Any]]) -> None:
-        """Copy each task's latest finished run (status, time, duration) onto the task, so lists
-        and filters by last result need no scan of the runs. Times are epoch seconds: ``$set``
-        keeps numbers as numbers on every server. Best effort: the runs are stored already."""
-        latest: dict[str, dict[str, Any]] = {}
+        """Copy each task's latest finished run (status, time, duration, and ``failures``: how
+        many failed, timed out or lost runs since its last success) onto the task, so lists
+        and filters by last result need no scan of the runs; and record the events of the
+        finished runs (see :meth:`_record_run_events`). Times are epoch seconds: ``$set``
+        keeps numbers as numbers on every server. Best effort: the runs are stored already,
+        and nothing here raises.
+
+        The tasks' previous ``last_run`` is read first, in one query: a success after failing
+        runs is ``run.recovered``. The run that is the stored last run (the same final write
+        again) is not counted twice.
+        """
+        by_task: dict[str, list[dict[str, Any]]] = {}
         for d in docs:
-            if d.get("status") not in FINISHED_STATUSES or not d.get("finished_at"):
-                continue
-            key = d["task_id"]
-            if key not in latest or d["finished_at"] >= latest[key]["finished_at"]:
-                latest[key] = d
-        if not latest:
+            if d.get("status") in FINISHED_STATUSES and d.get("finished_at"):
+                by_task.setdefault(d["task_id"], []).append(d)
+        if not by_task:
             return
-        ops = [
-            UpdateOne(
-                {"_id": task_id},
-                {
-                    "$set": {
-                        "last_run": {
-                            "id": d["_id"],
-                            "status": d["status"],
-                            "finished": d["finished_at"].timestamp(),
-                            "duration": d.get("duration"),
-                            "trigger": d.get("trigger"),
-                        }
-                    }
-                },
-            )
-            for task_id, d in latest.items()
-        ]
+        previous = self._previous_last_runs(list(by_task))
+        events: list[dict[str, Any]] = []
+        ops = []
+        for task_id, runs in by_task.items():
+            runs.sort(key=lambda d: d["finished_at"])
+            last_run: dict[str, Any] = {
+                "id": runs[-1]["_id"],
+                "status": runs[-1]["status"],
+                "finished": runs[-1]["finished_at"].timestamp(),
+                "duration": runs[-1].get("duration"),
+                "trigger": runs[-1].get("trigger"),
+            }
+            if previous is not None:
+                failures, recovered = _count_failures(previous.get(task_id) or {}, runs)
+                last_run["failures"] = failures
+                events += recovered
+            ops.append(UpdateOne({"_id": task_id}, {"$set": {"last_run": last_run}}))
+        events += [e for runs in by_task.values() for d in runs if (e := ev.run_event(d))]
+        if events:
+            self._record_run_events(events)
         try:
             self._guard(self.tasks.bulk_write, "note last runs", ops, ordered=False)
         except (StoreError, BulkWriteError) as e:
             log.warning("cannot note the last runs on their tasks: %s", e)
+
+    def _previous_last_runs(self, task_ids: list[str]) -> dict[str, dict[str, Any]] | None:
+        """task id -> its stored ``last_run`` ({} if none); None if MongoDB did not answer."""
+        try:
+            cursor = self.tasks.find({"_id": {"$in": task_ids}}, {"last_run": 1})
+            found = self._guard(lambda: list(cursor), "read the tasks' last runs")
+        except (StoreError, BulkWriteError) as e:
+            log.warning("cannot read the last runs of the tasks (no recovery events): %s", e)
+            return None
+        return {d["_id"]: d.get("last_run") or {} for d in found}
+
+    def _record_run_events(self, events: list[dict[str, Any]]) -> None:
+        """Record run events, only for runs stored in the status the event is about: a late
+        write that did not land (the run was marked lost meanwhile, say) records nothing.
+        One read and one insert_many; the event ids make a repeated write record nothing."""
+        try:
+            ids = list({e["run_id"] for e in events})
+            cursor = self.runs.find({"_id": {"$in": ids}}, {"status": 1})
+            stored = {d["_id"]: d.get("status") for d in cursor}
+            landed = [e for e in events if stored.get(e["run_id"]) == e["details"]["status"]]
+            if landed:
+                self.record_events(landed)
+        except Exception as e:  # never fail a run write for its events
+            log.warning("cannot record the events of %d runs: %s", len(events), e)
 
     # --- manual runs ("run now") --------------------------------------------------------------
 
@@ -534,27 +617,56 @@ class Store:
     def record_agents(self, live: dict[str, dict[str, Any]], now: datetime | None = None) -> None:
         """The leader's view of the live agents (id -> registration info): each is stored
         ``online`` with its info; any other agent stored online becomes ``offline`` (kept, so
-        the site can show agents that went away and when they were last seen)."""
+        the site can show agents that went away and when they were last seen).
+
+        The changes are events, recorded before the agents are written: ``agent.joined`` (never
+        seen before), ``agent.left`` (stored online, now gone) and ``agent.returned`` (stored
+        offline, now live; or live again under a new registration, ``czxid`` in its info, that
+        no leader saw go: then it left too). Their ids name the stored state they change, so
+        a second leader that sees the same change (the first one stopped before writing the
+        agents) records nothing twice.
+        """
         now = to_bson_time(now or utcnow())
         known = {d["_id"]: d for d in self._guard(self.agents.find, "read agents", {}, {"info": 0})}
         ops = []
+        events: list[dict[str, Any]] = []
+        restarted: list[tuple[str, dict[str, Any]]] = []
         for agent_id, info in live.items():
+            stored = known.get(agent_id)
             doc = {
                 "_id": agent_id,
                 "version": SCHEMA_VERSION,
                 "group": info.get("group", ""),
                 "status": "online",
+                "czxid": info.get("czxid"),  # its registration: a restart changes it
                 "info": info,
-                "first_seen": known.get(agent_id, {}).get("first_seen", now),
+                "first_seen": (stored or {}).get("first_seen", now),
                 "last_seen": now,
             }
             ops.append(ReplaceOne({"_id": agent_id}, doc, upsert=True))
+            if stored is None:
+                events.append(ev.agent_joined(agent_id, info, now))
+            elif stored.get("status") != "online":
+                events.append(ev.agent_returned(agent_id, info, stored, now))
+            elif None not in (stored.get("czxid"), info.get("czxid")) and stored.get(
+                "czxid"
+            ) != info.get("czxid"):
+                # restarted between two looks: it left (a moment before now), and is back
+                restarted.append((agent_id, ev.agent_returned(agent_id, info, stored, now)))
         for agent_id, doc in known.items():
             if agent_id not in live and doc.get("status") == "online":
                 full = self._guard(self.agents.find_one, "read an agent", {"_id": agent_id})
                 if full is not None:
+                    events.append(ev.agent_left(full, now))
                     full.update(status="offline", last_seen=now)
                     ops.append(ReplaceOne({"_id": agent_id}, full))
+        for agent_id, returned in restarted:
+            full = self._guard(self.agents.find_one, "read an agent", {"_id": agent_id})
+            if full is not None:
+                events.append(ev.agent_left(full, now - timedelta(milliseconds=1)))
+            events.append(returned)
+        if events:
+            self._record_events_quietly(events, "agent changes")
         if ops:
             self._guard(self.agents.bulk_write, "record agents", ops, ordered=False)
 
@@ -760,22 +872,89 @@ class Store:
         self._guard(self.leases.delete_one, "release a lease", {"_id": name, "holder": holder})
 
     # --- events and audit -------------------------------------------------------------------
+    #
+    # Events (see cloudtask/events.py for their shape) are written whole, once: an event whose
+    # ``_id`` is taken is already recorded. Recording one never breaks the write it hangs on:
+    # the callers in this store log and swallow a failure (``_record_events_quietly``).
 
-    def add_event(self, kind: str, message: str, **data: Any) -> str:
-        doc = {
-            "_id": new_id(),
-            "version": SCHEMA_VERSION,
-            "kind": kind,
-            "at": to_bson_time(utcnow()),
-            "message": message,
-            **data,
-        }
-        self._guard(self.events.insert_one, "record an event", doc)
+    def record_event(self, doc: dict[str, Any]) -> bool:
+        """Insert one event. False if its ``_id`` is recorded already; StoreError if MongoDB
+        refused it otherwise (a duplicate on another unique index is a refusal too)."""
+        try:
+            self._guard(self.events.insert_one, "record an event", doc)
+        except DuplicateKeyError as e:
+            if self._events_recorded([doc["_id"]]):
+                return False
+            raise StoreError(f"MongoDB refused the event {doc['_id']}: {e}") from e
+        return True
+
+    def record_events(self, docs: Sequence[dict[str, Any]]) -> int:
+        """Insert events in one unordered ``insert_many``; those whose ``_id`` is recorded
+        already are skipped. Returns how many were new. Other refusals raise StoreError
+        (after the others were inserted)."""
+        if not docs:
+            return 0
+        docs = list(docs)
+        try:
+            result = self._guard(self.events.insert_many, "record events", docs, ordered=False)
+        except BulkWriteError as e:  # duplicate keys only: _guard raised anything else
+            errors = e.details.get("writeErrors", [])
+            failed = [docs[err["index"]]["_id"] for err in errors]
+            refused = set(failed) - self._events_recorded(failed)
+            if refused:
+                raise StoreError(
+                    f"MongoDB refused {len(refused)} events (a unique index other than _id?): "
+                    f"{errors[0].get('errmsg')}"
+                ) from e
+            return int(e.details.get("nInserted", len(docs) - len(errors)))
+        return len(result.inserted_ids)
+
+    def _events_recorded(self, ids: list[str]) -> set[str]:
+        """Which of these event ids are stored (a duplicate key on ``_id``, not on another
+        index: servers word that error differently, so ask)."""
+        cursor = self.events.find({"_id": {"$in": ids}}, {"_id": 1})
+        return {d["_id"] for d in self._guard(lambda: list(cursor), "read events")}
+
+    def _record_events_quietly(self, docs: Sequence[dict[str, Any]], what: str) -> int:
+        """:meth:`record_events`, for a path an event must not break: a failure is logged."""
+        try:
+            return self.record_events(docs)
+        except Exception as e:
+            log.warning("cannot record the events of %s (%d lost): %s", what, len(docs), e)
+            return 0
+
+    def new_events(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Events whose deliveries are not planned yet (``delivery`` "new"), oldest first."""
+        cursor = self.events.find({"delivery": "new"}).sort("ts", ASCENDING).limit(limit)
+        return self._guard(lambda: list(cursor), "read new events")
+
+    def set_event_delivery(self, event_id: str, state: str) -> bool:
+        """Set an event's ``delivery`` (read, change, replace whole). False if it is gone."""
+        doc = self._guard(self.events.find_one, "read an event", {"_id": event_id})
+        if doc is None:
+            return False
+        doc["delivery"] = state
+        result = self._guard(self.events.replace_one, "mark an event", {"_id": event_id}, doc)
+        return bool(result.matched_count)
+
+    def add_event(self, kind: str, message: str, **fields: Any) -> str:
+        """Record an event of ``kind`` now (fields: see :func:`event_document`); its id."""
+        doc = event_document(kind, message, **fields)
+        self.record_event(doc)
         return doc["_id"]
 
     def add_audit(
-        self, actor: str, action: str, target: str, before: Any = None, after: Any = None
+        self,
+        actor: str,
+        action: str,
+        target: str,
+        before: Any = None,
+        after: Any = None,
+        task_id: str | None = None,
     ) -> None:
+        """Record who changed what. A change of a task (create, clone, update, pause, resume,
+        delete) is also an event (``task.created``/``changed``/``deleted``) naming the actor;
+        ``task_id`` is looked up by the task's name when not given."""
         doc = {
             "_id": new_id(),
             "version": SCHEMA_VERSION,
@@ -787,6 +966,22 @@ class Store:
             "after": after,
         }
         self._guard(self.audit.insert_one, "record an audit entry", doc)
+        if action in ev.AUDIT_KINDS:
+            self._record_audit_event(doc, task_id)
+
+    def _record_audit_event(self, entry: dict[str, Any], task_id: str | None) -> None:
+        try:
+            event = ev.audit_event(entry, task_id)
+            if event is None:
+                return
+            if task_id is None and event["task_name"] and entry["action"] != "task.delete":
+                found = self.tasks.find_one({"name": event["task_name"]}, {"_id": 1})
+                event["task_id"] = found["_id"] if found else None
+            self.record_event(event)
+        except Exception as e:  # the change and its audit entry are stored: never fail them
+            log.warning(
+                "cannot record the event of %s on %s: %s", entry["action"], entry["target"], e
+            )
 
     # --- files (GridFS) ---------------------------------------------------------------------
     #

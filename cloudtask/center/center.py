@@ -13,6 +13,13 @@ with its session, so its transactions fail, and it steps down.
 
 Runs left ``queued`` or ``running`` by agents that are no longer registered are marked
 ``lost`` by the leader.
+
+Events (cloudtask/events.py) the leader records: ``center.leader`` when it starts leading,
+the agents that joined, left or came back (through ``Store.record_agents``), and
+``task.unassigned`` once per task that has had no live agent in its group for
+``unassigned_grace`` seconds (a group briefly empty while its agent restarts, or while a
+whole cluster starts, is no alert). A new leader starts from the unassigned tasks its
+predecessor published in ``/status``, so a task is not reported again by each leader.
 """
 
 from __future__ import annotations
@@ -38,8 +45,10 @@ from kazoo.exceptions import (
 from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 
 from .. import __version__
+from .. import events as ev
 from ..config import Config
 from ..exceptions import CloudTaskError, ValidationError
+from ..notify import NotifierThread
 from ..store import Store, to_bson_time, utcnow
 from ..task import parse_task
 from ..zkpaths import ZkPaths, decode, encode
@@ -111,6 +120,8 @@ class Center:
         center_id: str | None = None,
         resync_interval: float = 30.0,
         garbage_after: float = GARBAGE_AFTER,
+        unassigned_grace: float | None = None,
+        notify: bool = True,
     ) -> None:
         self.config = config
         self.store = store
@@ -119,6 +130,11 @@ class Center:
         self.center_id = center_id or f"{socket.gethostname()}-{os.getpid()}"
         self.resync_interval = resync_interval
         self.garbage_after = garbage_after
+        # seconds a task stays unassigned before it is an event (default: the agents' session
+        # timeout, within which a restarted agent is back)
+        self.unassigned_grace = (
+            config.zookeeper.session_timeout if unassigned_grace is None else unassigned_grace
+        )
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._connection_lost = threading.Event()
@@ -127,6 +143,9 @@ class Center:
         self.reconciles = 0
         self.writes = 0  # ZooKeeper write operations made while leading (for tests and benches)
         self.garbage_deleted = 0  # assignments of departed agents deleted later
+        # alerts are sent by the leader only; deliveries are claimed in MongoDB before each
+        # send, so a leader that has not yet noticed it lost its session cannot double one
+        self.notifier = NotifierThread(store, config, is_leader=self.notifies) if notify else None
         self._fence: str | None = None
         self._tasks: dict[str, TaskRecord] = {}
         self._placed: dict[str, dict[str, Placed]] = {}  # agent id -> task id -> placed
@@ -137,6 +156,8 @@ class Center:
         self._seen_groups: set[str] = set()
         self._groups_lock = threading.Lock()
         self.unassigned: dict[str, str] = {}  # task id -> group, for tasks with no live agent
+        self._unassigned_reported: set[str] = set()  # recorded as events (or by the last leader)
+        self._unassigned_since: dict[str, float] = {}  # not reported yet: since (monotonic)
         self._published_status: dict[str, Any] | None = None
         self._recorded_agents: set[str] | None = None
         self._agents_recorded_at = 0.0
@@ -151,6 +172,8 @@ class Center:
         self._register()
         self.zk.add_listener(self._on_state)
         self._watch()
+        if self.notifier is not None:
+            self.notifier.start()
         try:
             while not self._stop.is_set():
                 self._connection_lost.clear()
@@ -161,11 +184,17 @@ class Center:
                 if not self._stop.is_set():
                     time.sleep(0.2)
         finally:
+            if self.notifier is not None:
+                self.notifier.stop()
             self.zk.remove_listener(self._on_state)
             try:
                 self.zk.delete(self.paths.center(self.center_id))
             except (KazooException, NoNodeError):
                 pass
+
+    def notifies(self) -> bool:
+        """Whether this center sends alerts now: it leads and its session holds."""
+        return self.leading and not self._connection_lost.is_set() and not self._stop.is_set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -201,6 +230,10 @@ class Center:
         self._connection_lost.clear()
         log.info("center %s leads", self.center_id)
         try:
+            published = self._read_status()  # as the previous leader left it
+            self._unassigned_reported = set(published.get("unassigned") or {})
+            self._unassigned_since = {}
+            self._record_leadership(str(lock.node), published.get("leader"))
             self._rebuild()
             while not self._stop.is_set() and not self._connection_lost.is_set():
                 try:
@@ -214,12 +247,40 @@ class Center:
                 except Exception:
                     log.exception("reconcile failed, will retry")
                     self._wake.wait(1.0)
-                self._wake.wait(self.resync_interval)
+                self._wake.wait(self._next_pass_in())
                 self._wake.clear()
             if self._connection_lost.is_set():
                 log.warning("connection to ZooKeeper suspended or lost: stepping down")
         finally:
             self.leading = False
+
+    def _next_pass_in(self) -> float:
+        """Seconds until the next pass: the resync interval, or sooner when a task's grace
+        before its ``task.unassigned`` event ends earlier."""
+        wait = self.resync_interval
+        if self._unassigned_since:
+            ends = min(self._unassigned_since.values()) + self.unassigned_grace
+            wait = min(wait, max(0.05, ends - time.monotonic()))
+        return wait
+
+    def _read_status(self) -> dict[str, Any]:
+        try:
+            data, _ = self.zk.get(self.paths.status)
+        except NoNodeError:
+            return {}
+        return decode(data) or {}
+
+    def _record_leadership(self, node: str, previous: Any) -> None:
+        """The ``center.leader`` event; its id names our election node, so it is recorded
+        once per leadership. A failure is logged: leading does not wait for MongoDB."""
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__}
+        event = ev.leader_event(
+            self.center_id, node, previous if isinstance(previous, str) else None, info
+        )
+        try:
+            self.store.record_event(event)
+        except Exception as e:
+            log.warning("cannot record the leadership event: %s", e)
 
     def _watch(self) -> None:
         """Watches set once per process. Their callbacks run on kazoo's event thread: they
@@ -378,6 +439,7 @@ class Center:
         agents_read_at = utcnow()
         agents = self.live_agents()
         desired = self.desired(agents)
+        self._note_unassigned()
         self._sort_departed(agents)
         ops: list[tuple[str, str, str, bytes | None]] = []  # (kind, agent, task, data)
         for agent_id, tasks in desired.items():
@@ -448,6 +510,32 @@ class Center:
                     len(self.unassigned),
                     ", ".join(sorted(set(self.unassigned.values()))),
                 )
+
+    def _note_unassigned(self) -> None:
+        """Record ``task.unassigned`` for each task unassigned for ``unassigned_grace``
+        seconds and not reported yet: once per transition into unassigned (a task assigned
+        again is forgotten, and reported again if it loses its agents again). Recorded before
+        ``/status`` is published; if recording fails, the tasks stay due for the next pass."""
+        now = time.monotonic()
+        current = self.unassigned
+        reported = self._unassigned_reported & current.keys()
+        since = {t: self._unassigned_since.get(t, now) for t in current if t not in reported}
+        due = sorted(t for t, at in since.items() if now - at >= self.unassigned_grace)
+        if due:
+            events = []
+            for task_id in due:
+                record = self._tasks.get(task_id)
+                name = record.spec.get("name") if record else None
+                events.append(ev.unassigned_event(task_id, name, current[task_id]))
+            try:
+                self.store.record_events(events)
+            except Exception as e:
+                log.warning("cannot record %d unassigned tasks (will retry): %s", len(due), e)
+            else:
+                reported.update(due)
+                for task_id in due:
+                    del since[task_id]
+        self._unassigned_reported, self._unassigned_since = reported, since
 
     def _sort_departed(self, agents: dict[str, LiveAgent]) -> None:
         """Assignments of agents that are gone (or leaving) become garbage, not deletions: the
@@ -607,7 +695,8 @@ class Center:
 
 
 def _agent_record(agent: LiveAgent) -> dict[str, Any]:
-    return {**agent.info, "group": agent.group, "leaving": agent.leaving}
+    # czxid: the registration, so a restart no leader saw is still a departure and a return
+    return {**agent.info, "group": agent.group, "leaving": agent.leaving, "czxid": agent.joined}
 
 
 def _infos(agents: Iterable[LiveAgent]) -> list[AgentInfo]:

@@ -1,0 +1,385 @@
+"""Events: what happened in the cluster that people may need to know, as MongoDB documents.
+
+An event is written once, whole, into the ``events`` collection (see docs of the contract:
+``_id``, ``version``, ``kind``, ``severity``, ``at``, ``ts``, ``message``, ``task_id``,
+``task_name``, ``group``, ``run_id``, ``agent``, ``details``, ``delivery``). This module only
+builds documents; :class:`cloudtask.store.Store` writes them, from the places where things
+happen: a run reaching a final status (``Store.note_last_runs``, ``Store.claim_runs`` for
+missed fires), the leader's view of the agents (``Store.record_agents``), an audited change
+of a task (``Store.add_audit``), and the leading center (leadership, unassigned tasks).
+
+Where the same event could be recorded twice (a repeated run write, two leaders in a row),
+its ``_id`` is deterministic, so the second insert is a duplicate key: already recorded.
+
+Example::
+
+    doc = event_document("run.failed", "task nightly failed on agent a1 (exit 2)",
+                         event_id="run.failed:6b0f...", task_id="6b0e...", run_id="6b0f...")
+    store.record_event(doc)
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from bson import ObjectId
+
+EVENT_VERSION = 1
+
+# kind -> severity
+SEVERITIES: dict[str, str] = {
+    "run.failed": "error",
+    "run.timed_out": "error",
+    "run.missed": "warning",
+    "run.lost": "error",
+    "run.recovered": "info",
+    "agent.joined": "info",
+    "agent.left": "error",
+    "agent.returned": "info",
+    "center.leader": "info",
+    "task.unassigned": "error",
+    "task.created": "info",
+    "task.changed": "info",
+    "task.deleted": "info",
+}
+KINDS = tuple(SEVERITIES)
+
+# final run statuses that are alerts (killed and skipped runs were wanted: no event)
+RUN_EVENT_KINDS = {
+    "failed": "run.failed",
+    "timed_out": "run.timed_out",
+    "missed": "run.missed",
+    "lost": "run.lost",
+}
+# statuses a later success recovers from
+FAILING_STATUSES = ("failed", "timed_out", "lost")
+
+# audit actions on tasks -> event kind
+AUDIT_KINDS = {
+    "task.create": "task.created",
+    "task.clone": "task.created",
+    "task.update": "task.changed",
+    "task.pause": "task.changed",
+    "task.resume": "task.changed",
+    "task.delete": "task.deleted",
+}
+
+OUTPUT_LINES = 20  # lines of the output tail an event carries
+OUTPUT_MAX_CHARS = 8192  # ... and no more characters than this (a few very long lines)
+
+
+def _utc_ms(t: datetime | None) -> datetime:
+    """UTC, truncated to the millisecond BSON keeps (so ``ts`` equals the stored ``at``)."""
+    t = t or datetime.now(timezone.utc)
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    t = t.astimezone(timezone.utc)
+    return t.replace(microsecond=t.microsecond // 1000 * 1000)
+
+
+def event_document(
+    kind: str,
+    message: str,
+    *,
+    at: datetime | None = None,
+    event_id: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """An event document in the shape of the contract; ``fields`` sets ``task_id``,
+    ``task_name``, ``group``, ``run_id``, ``agent`` and ``details``. The severity follows the
+    kind; an unknown kind is a ValueError (a programming error, not input)."""
+    if kind not in SEVERITIES:
+        raise ValueError(f"unknown event kind {kind!r}; known: {', '.join(KINDS)}")
+    when = _utc_ms(at)
+    doc: dict[str, Any] = {
+        "_id": event_id or str(ObjectId()),
+        "version": EVENT_VERSION,
+        "kind": kind,
+        "severity": SEVERITIES[kind],
+        "at": when,
+        "ts": when.timestamp(),
+        "message": message,
+        "task_id": None,
+        "task_name": None,
+        "group": None,
+        "run_id": None,
+        "agent": None,
+        "details": {},
+    }
+    doc.update(fields)
+    doc["delivery"] = "new"  # the notifier moves it on; always "new" when recorded
+    return doc
+
+
+def _iso(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def tail_lines(text: str | None, lines: int = OUTPUT_LINES) -> str:
+    """The last ``lines`` lines of an output tail (at most ``OUTPUT_MAX_CHARS`` characters)."""
+    if not text:
+        return ""
+    out = "\n".join(text.rstrip("\n").splitlines()[-lines:])
+    return out[-OUTPUT_MAX_CHARS:]
+
+
+def run_details(run: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "status": run.get("status"),
+        "trigger": run.get("trigger"),
+        "attempt": run.get("attempt"),
+        "scheduled_for": _iso(run.get("scheduled_for")),
+        "started_at": _iso(run.get("started_at")),
+        "finished_at": _iso(run.get("finished_at")),
+        "duration": run.get("duration"),
+        "exit_code": run.get("exit_code"),
+        "http_status": run.get("http_status"),
+        "error": run.get("error"),
+        "output_tail_lines": tail_lines(run.get("output_tail")),
+    }
+
+
+def _run_fields(run: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "task_id": run.get("task_id"),
+        "task_name": run.get("task_name"),
+        "group": run.get("group"),
+        "run_id": run["_id"],
+        "agent": run.get("agent"),
+    }
+
+
+def _when(run: dict[str, Any]) -> datetime | None:
+    at = run.get("finished_at")
+    return at if isinstance(at, datetime) else None
+
+
+def _seconds(value: Any) -> str:
+    return f"{value:g}s" if isinstance(value, (int, float)) else "?"
+
+
+def run_message(run: dict[str, Any]) -> str:
+    """One line for a person: what happened to the run, where, and the one figure that says why."""
+    name = run.get("task_name") or run.get("task_id")
+    where = f" on agent {run['agent']}" if run.get("agent") else ""
+    status = run.get("status")
+    if status == "failed":
+        if run.get("exit_code") is not None:
+            why = f"exit {run['exit_code']}"
+        elif run.get("http_status") is not None:
+            why = f"HTTP {run['http_status']}"
+        else:
+            why = run.get("error") or "no exit code"
+        return f"task {name} failed{where} ({_one_line(why)})"
+    if status == "timed_out":
+        return f"task {name} timed out{where} after {_seconds(run.get('duration'))}"
+    if status == "missed":
+        fire = _iso(run.get("scheduled_for"))
+        return f"task {name} missed its fire of {fire}{where}"
+    if status == "lost":
+        why = f": {_one_line(run['error'])}" if run.get("error") else ""
+        return f"task {name}: run lost{where}{why}"
+    return f"task {name} {status}{where}"
+
+
+def _one_line(text: Any, limit: int = 200) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def run_event(run: dict[str, Any]) -> dict[str, Any] | None:
+    """The event of a run in a final status that is an alert, else None."""
+    kind = RUN_EVENT_KINDS.get(run.get("status") or "")
+    if kind is None:
+        return None
+    return event_document(
+        kind,
+        run_message(run),
+        at=_when(run),
+        event_id=f"{kind}:{run['_id']}",
+        details=run_details(run),
+        **_run_fields(run),
+    )
+
+
+def recovered_event(run: dict[str, Any], failures: int, previous_status: str | None) -> dict:
+    """The first success of a task after ``failures`` failing runs (``previous_status`` is the
+    status of its last run before this one)."""
+    name = run.get("task_name") or run.get("task_id")
+    where = f" on agent {run['agent']}" if run.get("agent") else ""
+    plural = "s" if failures != 1 else ""
+    details = run_details(run)
+    details.update(failures=failures, previous_status=previous_status)
+    return event_document(
+        "run.recovered",
+        f"task {name} succeeded again{where} after {failures} failing run{plural}",
+        at=_when(run),
+        event_id=f"run.recovered:{run['_id']}",
+        details=details,
+        **_run_fields(run),
+    )
+
+
+# --- agents ---------------------------------------------------------------------------------
+
+
+def _ms(t: Any) -> str:
+    """A time as epoch milliseconds (the part of an event id that names one transition)."""
+    if isinstance(t, datetime):
+        return str(int(_utc_ms(t).timestamp() * 1000))
+    if isinstance(t, str):  # a date nx-27017 handed back as text
+        try:
+            return _ms(datetime.fromisoformat(t))
+        except ValueError:
+            return t
+    return "0"
+
+
+def _agent_details(agent_id: str, info: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "host": info.get("host"),
+        "pid": info.get("pid"),
+        "group": info.get("group"),
+        "version": info.get("version"),
+        "czxid": info.get("czxid"),
+        "agent_id": agent_id,
+    }
+
+
+def _where(info: dict[str, Any]) -> str:
+    parts = [f"group {info.get('group') or '?'}"]
+    if info.get("host"):
+        parts.append(f"host {info['host']}")
+    return ", ".join(parts)
+
+
+def agent_joined(agent_id: str, info: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """An agent seen for the first time ever (its id names its registration, if known)."""
+    registration = info.get("czxid") or "first"
+    return event_document(
+        "agent.joined",
+        f"agent {agent_id} joined ({_where(info)})",
+        at=now,
+        event_id=f"agent.joined:{agent_id}:{registration}",
+        group=info.get("group"),
+        agent=agent_id,
+        details=_agent_details(agent_id, info),
+    )
+
+
+def agent_left(stored: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """An agent stored online that is no longer registered (``stored``: its agents document).
+    The id names the last time it was seen online, which every leader reads alike."""
+    agent_id = stored["_id"]
+    info = {**(stored.get("info") or {}), "group": stored.get("group")}
+    how = (
+        "it stopped"
+        if info.get("leaving")
+        else "its ZooKeeper session ended: killed, crashed or cut off"
+    )
+    details = _agent_details(agent_id, info)
+    details.update(leaving=bool(info.get("leaving")), last_seen=_iso(stored.get("last_seen")))
+    return event_document(
+        "agent.left",
+        f"agent {agent_id} left the cluster ({_where(info)}): {how}",
+        at=now,
+        event_id=f"agent.left:{agent_id}:{_ms(stored.get('last_seen'))}",
+        group=info.get("group"),
+        agent=agent_id,
+        details=details,
+    )
+
+
+def agent_returned(
+    agent_id: str, info: dict[str, Any], stored: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    """An agent seen again after it had left (``stored``: its agents document as it was)."""
+    since = stored.get("last_seen")
+    details = _agent_details(agent_id, info)
+    details.update(offline_since=_iso(since))
+    return event_document(
+        "agent.returned",
+        f"agent {agent_id} is back ({_where(info)})",
+        at=now,
+        event_id=f"agent.returned:{agent_id}:{_ms(since)}",
+        group=info.get("group"),
+        agent=agent_id,
+        details=details,
+    )
+
+
+# --- the leading center ---------------------------------------------------------------------
+
+
+def leader_event(
+    center_id: str, node: str, previous: str | None, info: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A center became the leader (``node``: its election node; ``previous``: the leader
+    named in ``/status``, if any)."""
+    took_over = f", taking over from {previous}" if previous and previous != center_id else ""
+    return event_document(
+        "center.leader",
+        f"center {center_id} leads{took_over}",
+        event_id=f"center.leader:{center_id}:{node}",
+        details={"center_id": center_id, "previous": previous, "node": node, **(info or {})},
+    )
+
+
+def unassigned_event(task_id: str, task_name: str | None, group: str) -> dict[str, Any]:
+    return event_document(
+        "task.unassigned",
+        f"task {task_name or task_id} does not run: group {group} has no live agent",
+        task_id=task_id,
+        task_name=task_name,
+        group=group,
+        details={"group": group},
+    )
+
+
+# --- audited task changes -------------------------------------------------------------------
+
+
+def changed_keys(before: Any, after: Any) -> list[str]:
+    """The top-level keys of a task definition that differ between two versions."""
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return []
+    return sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+
+
+def audit_event(entry: dict[str, Any], task_id: str | None) -> dict[str, Any] | None:
+    """The event of an audit entry about a task (see ``AUDIT_KINDS``), else None."""
+    action = entry.get("action")
+    kind = AUDIT_KINDS.get(action or "")
+    if kind is None:
+        return None
+    before, after = entry.get("before"), entry.get("after")
+    spec = after if isinstance(after, dict) else before if isinstance(before, dict) else {}
+    target = entry.get("target") or ""
+    name = spec.get("name") or (target[5:] if target.startswith("task:") else target) or None
+    actor = entry.get("actor")
+    details: dict[str, Any] = {"actor": actor, "audit_id": entry["_id"], "action": action}
+    if action == "task.clone" and isinstance(before, dict):
+        details["cloned_from"] = before.get("from")
+        what = f"created by {actor} (a copy of {before.get('from')})"
+    elif action == "task.create":
+        what = f"created by {actor}"
+    elif action == "task.delete":
+        what = f"deleted by {actor}"
+    elif action == "task.pause":
+        what = f"paused by {actor}"
+    elif action == "task.resume":
+        what = f"resumed by {actor}"
+    else:
+        keys = changed_keys(before, after)
+        details["changed"] = keys
+        what = f"changed by {actor}" + (f" ({', '.join(keys)})" if keys else "")
+    return event_document(
+        kind,
+        f"task {name} {what}",
+        at=entry.get("at"),
+        task_id=task_id,
+        task_name=name,
+        group=spec.get("group"),
+        details=details,
+    )

@@ -1,0 +1,372 @@
+"""What alerts say: mail subjects and plain-text bodies, and the JSON body of a webhook.
+
+Subjects start with ``[CloudTask]`` and a word in capitals, then the task or agent, then the
+time in UTC, so a mailbox sorted by subject groups them::
+
+    [CloudTask] FAILED nightly-cleanup (exit 2) 2026-12-01 03:00 UTC
+    [CloudTask] DIGEST nightly-cleanup failed 9 more times
+    [CloudTask] RECOVERED nightly-cleanup 2026-12-01 05:00 UTC
+    [CloudTask] AGENT OFFLINE a1 2026-12-01 03:12 UTC
+
+Everything here is pure: events, tasks and alert state in, text out.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from ..durations import format_duration
+
+SUBJECT_PREFIX = "[CloudTask]"
+DIGEST_ITEMS_SHOWN = 50  # a digest lists this many failures, then counts the rest
+OUTPUT_LINES = 20
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # keeps \t and \n
+
+# kind -> the capital word of the subject
+_WORDS = {
+    "run.failed": "FAILED",
+    "run.timed_out": "TIMED OUT",
+    "run.missed": "MISSED",
+    "run.lost": "LOST",
+    "run.recovered": "RECOVERED",
+    "agent.joined": "AGENT JOINED",
+    "agent.left": "AGENT OFFLINE",
+    "agent.returned": "AGENT BACK",
+    "center.leader": "LEADER",
+    "task.unassigned": "UNASSIGNED",
+    "task.created": "TASK CREATED",
+    "task.changed": "TASK CHANGED",
+    "task.deleted": "TASK DELETED",
+}
+
+
+def as_datetime(value: Any) -> datetime | None:
+    """A stored time as an aware UTC datetime: a datetime, ISO text (nx-27017 answers some
+    dates as text) or epoch seconds; None when there is none or it cannot be read."""
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        moment = datetime.fromtimestamp(value, timezone.utc)
+    elif isinstance(value, str) and value:
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    else:
+        return None
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+
+
+def when(value: Any, seconds: bool = True) -> str:
+    """``2026-12-01 03:00:05 UTC`` (or without seconds), '–' when unknown."""
+    moment = as_datetime(value)
+    if moment is None:
+        return "–"
+    moment = moment.astimezone(timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC" if seconds else "%Y-%m-%d %H:%M UTC")
+
+
+def one_line(text: Any, limit: int = 200) -> str:
+    """Text fit for a subject or a table cell: one line, no control characters, bounded."""
+    flat = " ".join(_CONTROL.sub(" ", str(text or "")).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def clean_text(text: Any) -> str:
+    return _CONTROL.sub("", str(text or "")).replace("\r\n", "\n")
+
+
+def schedule_summary(schedule: Any) -> str:
+    """One line per schedule of a stored spec: ``cron 0 3 * * * Europe/Berlin``, ``every 10s``."""
+    items = schedule if isinstance(schedule, list) else [schedule]
+    parts = []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        zone = item.get("timezone", "UTC")
+        if "cron" in item:
+            text = f"cron {item['cron']}" + (f" {zone}" if zone != "UTC" else "")
+        elif "every" in item:
+            text = f"every {item['every']}"
+        elif "at" in item:
+            text = f"at {item['at']}"
+        elif "keepalive" in item:
+            text = "keepalive"
+        else:
+            continue
+        if item.get("between"):
+            text += f" between {'-'.join(item['between'])}" + (f" {zone}" if zone != "UTC" else "")
+        parts.append(text)
+    return " + ".join(parts) or "–"
+
+
+def _details(event: dict[str, Any]) -> dict[str, Any]:
+    details = event.get("details")
+    return details if isinstance(details, dict) else {}
+
+
+def _name(event: dict[str, Any]) -> str:
+    return one_line(event.get("task_name") or event.get("task_id") or "?", 128)
+
+
+def _outcome(event: dict[str, Any]) -> str:
+    """``(exit 2)``, ``(HTTP 500)``, ``(after 10m)`` or ''."""
+    d = _details(event)
+    if event.get("kind") == "run.timed_out" and isinstance(d.get("duration"), (int, float)):
+        return f" (after {format_duration(round(d['duration'], 1))})"
+    if d.get("http_status") is not None:
+        return f" (HTTP {d['http_status']})"
+    if d.get("exit_code") is not None:
+        return f" (exit {d['exit_code']})"
+    return ""
+
+
+def event_subject(event: dict[str, Any]) -> str:
+    kind = str(event.get("kind", "event"))
+    word = _WORDS.get(kind, kind.upper())
+    d = _details(event)
+    at = when(d.get("scheduled_for") or event.get("at") or event.get("ts"), seconds=False)
+    if kind == "run.recovered":
+        what = _name(event)
+    elif kind.startswith("run."):
+        what = f"{_name(event)}{_outcome(event)}"
+    elif kind.startswith("agent."):
+        what = one_line(event.get("agent") or "?", 128)
+        if event.get("group"):
+            what += f" (group {one_line(event['group'], 128)})"
+    elif kind == "center.leader":
+        what = one_line(d.get("center_id") or event.get("message") or "", 128)
+    elif kind == "task.unassigned":
+        what = f"{_name(event)} (no live agent in group {one_line(event.get('group'), 128)})"
+    elif kind.startswith("task."):
+        what = _name(event) + (f" by {one_line(d['actor'], 64)}" if d.get("actor") else "")
+    else:
+        what = one_line(event.get("message"), 120)
+    return f"{SUBJECT_PREFIX} {word} {what} {at}".replace("  ", " ")
+
+
+def digest_subject(task_name: str, count: int) -> str:
+    times = "time" if count == 1 else "times"
+    return f"{SUBJECT_PREFIX} DIGEST {one_line(task_name, 128)} failed {count} more {times}"
+
+
+def _line(label: str, value: Any) -> str:
+    return f"{label + ':':<13}{value}"
+
+
+def _links(event: dict[str, Any], base_url: str) -> list[str]:
+    out = []
+    if event.get("run_id"):
+        out.append(_line("Run", f"{base_url}/runs/{event['run_id']}"))
+    if event.get("task_id") and event.get("kind") != "task.deleted":
+        out.append(_line("Task", f"{base_url}/tasks/{event['task_id']}"))
+    if event.get("kind", "").startswith("agent."):
+        out.append(_line("Cluster", f"{base_url}/cluster"))
+    return out
+
+
+def _footer(base_url: str, task: bool = True) -> list[str]:
+    why = "one of the task's notify.emails or as " if task else ""
+    return [
+        "",
+        "-- ",
+        f"CloudTask, {base_url}",
+        f"You get this mail as {why}an operator in the alert settings.",
+    ]
+
+
+def _local(details: dict[str, Any], spec: dict[str, Any]) -> str:
+    """`` (04:00 Europe/Berlin)``: the fire in the task's own time zone, when it has one."""
+    schedule = spec.get("schedule")
+    first = schedule[0] if isinstance(schedule, list) and schedule else schedule
+    zone = first.get("timezone") if isinstance(first, dict) else None
+    moment = as_datetime(details.get("scheduled_for"))
+    if not zone or zone == "UTC" or moment is None:
+        return ""
+    try:
+        local = moment.astimezone(ZoneInfo(zone))
+    except (ZoneInfoNotFoundError, ValueError):
+        return ""
+    return f" ({local.strftime('%Y-%m-%d %H:%M')} {zone})"
+
+
+def _run_lines(event: dict[str, Any], task: dict[str, Any] | None) -> list[str]:
+    d = _details(event)
+    spec = (task or {}).get("spec") or {}
+    group = event.get("group") or spec.get("group")
+    lines = [_line("Task", _name(event) + (f" (group {group})" if group else ""))]
+    if task is None and event.get("task_id"):
+        lines.append(_line("Schedule", "– (the task no longer exists)"))
+    else:
+        lines.append(_line("Schedule", schedule_summary(spec.get("schedule"))))
+    lines.append(_line("Agent", event.get("agent") or "–"))
+    status = d.get("status") or str(event.get("kind", "")).removeprefix("run.")
+    extra = []
+    if d.get("trigger"):
+        extra.append(f"trigger {d['trigger']}")
+    if isinstance(d.get("attempt"), int):
+        extra.append(f"attempt {d['attempt'] + 1}")
+    lines.append(_line("Status", status + (f" ({', '.join(extra)})" if extra else "")))
+    lines.append(_line("Scheduled", when(d.get("scheduled_for")) + _local(d, spec)))
+    lines.append(_line("Started", when(d.get("started_at"))))
+    lines.append(_line("Finished", when(d.get("finished_at"))))
+    if isinstance(d.get("duration"), (int, float)):
+        lines.append(_line("Duration", format_duration(round(d["duration"], 3))))
+    if d.get("exit_code") is not None:
+        lines.append(_line("Exit code", d["exit_code"]))
+    if d.get("http_status") is not None:
+        lines.append(_line("HTTP status", d["http_status"]))
+    if d.get("error"):
+        lines.append(_line("Error", one_line(d["error"], 2000)))
+    return lines
+
+
+def output_block(tail: Any) -> list[str]:
+    text = clean_text(tail).rstrip("\n")
+    if not text:
+        return ["", "No output."]
+    lines = text.split("\n")[-OUTPUT_LINES:]
+    return ["", f"Last {len(lines)} line{'s' if len(lines) != 1 else ''} of output:"] + [
+        f"  {line}" for line in lines
+    ]
+
+
+def event_body(event: dict[str, Any], task: dict[str, Any] | None, base_url: str) -> str:
+    """The mail of one event (not a digest)."""
+    kind = str(event.get("kind", ""))
+    d = _details(event)
+    lines = [one_line(event.get("message"), 2000), ""]
+    if kind.startswith("run."):
+        lines += _run_lines(event, task)
+        if kind != "run.recovered" or d.get("output_tail_lines"):
+            lines += output_block(d.get("output_tail_lines"))
+    else:
+        lines.append(_line("Event", kind))
+        lines.append(_line("When", when(event.get("at") or event.get("ts"))))
+        if event.get("task_name") or event.get("task_id"):
+            lines.append(_line("Task", _name(event)))
+        if event.get("agent"):
+            lines.append(_line("Agent", event["agent"]))
+        if event.get("group"):
+            lines.append(_line("Group", event["group"]))
+        for key in ("host", "pid", "center_id", "previous", "actor"):
+            if d.get(key) not in (None, ""):
+                label = {"center_id": "Center", "previous": "Previous", "pid": "PID"}.get(
+                    key, key.capitalize()
+                )
+                lines.append(_line(label, one_line(d[key], 200)))
+    lines += ["", *_links(event, base_url), *_footer(base_url, kind.startswith("run."))]
+    return "\n".join(lines) + "\n"
+
+
+def _held_lines(held: list[dict[str, Any]], count: int, base_url: str) -> list[str]:
+    lines = []
+    for item in held[:DIGEST_ITEMS_SHOWN]:
+        kind = str(item.get("kind", "")).removeprefix("run.")
+        outcome = ""
+        if item.get("http_status") is not None:
+            outcome = f" HTTP {item['http_status']}"
+        elif item.get("exit_code") is not None:
+            outcome = f" exit {item['exit_code']}"
+        agent = f" on {item['agent']}" if item.get("agent") else ""
+        link = f"  {base_url}/runs/{item['run_id']}" if item.get("run_id") else ""
+        lines.append(f"  {when(item.get('ts'))}  {kind}{outcome}{agent}{link}")
+    if count > len(lines):
+        lines.append(f"  ... and {count - len(lines)} more")
+    return lines
+
+
+def digest_body(
+    state: dict[str, Any],
+    last_alert_ts: float,
+    count: int,
+    held: list[dict[str, Any]],
+    interval: float,
+    base_url: str,
+) -> str:
+    """The digest of the failures held back for one recipient since their last alert."""
+    name = state.get("task_name") or state["_id"]
+    lines = [
+        f"Task {name} failed {count} more time{'s' if count != 1 else ''} since the last alert "
+        f"({when(last_alert_ts, seconds=False)}). It has been failing since "
+        f"{when(state.get('failing_since_ts'), seconds=False)}.",
+        "",
+        f"You get at most one mail about it every {format_duration(interval)} until it "
+        "succeeds again; then one more says it recovered.",
+        "",
+        "Failures since the last alert:",
+        *_held_lines(held, count, base_url),
+        "",
+        _line("Task", f"{base_url}/tasks/{state['_id']}"),
+        _line("Its runs", f"{base_url}/runs?task={state['_id']}"),
+        *_footer(base_url),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def recovery_body(
+    event: dict[str, Any],
+    task: dict[str, Any] | None,
+    failing_since_ts: float | None,
+    count: int,
+    held: list[dict[str, Any]],
+    base_url: str,
+) -> str:
+    """The mail of run.recovered, with the failures not mailed yet (held for a digest)."""
+    body = event_body(event, task, base_url)
+    parts = []
+    if failing_since_ts is not None:
+        parts.append(f"It had been failing since {when(failing_since_ts, seconds=False)}.")
+    if count:
+        parts += [
+            "",
+            f"Failures since the last alert ({count}):",
+            *_held_lines(held, count, base_url),
+        ]
+    if not parts:
+        return body
+    head, _, rest = body.partition("\n\n")
+    return head + "\n\n" + "\n".join(parts).strip("\n") + "\n\n" + rest
+
+
+def test_body(base_url: str, sender: str) -> str:
+    return (
+        "This is a test mail from CloudTask's alert settings.\n\n"
+        f"It was sent by {sender} through the configured SMTP server. Mail about failing\n"
+        f"tasks will arrive the same way, with links to {base_url}.\n"
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        moment = as_datetime(value)
+        return moment.isoformat().replace("+00:00", "Z") if moment else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def webhook_body(event: dict[str, Any], delivery_id: str, base_url: str) -> str:
+    """The JSON a webhook receives: the event (``id`` for ``_id``, times as ISO 8601 UTC),
+    ``delivery_id`` (the same on every retry: receivers drop repeats by it) and links."""
+    payload = {k: v for k, v in event.items() if k not in ("_id", "delivery")}
+    payload = {"id": event.get("_id"), **_jsonable(payload), "delivery_id": delivery_id}
+    if isinstance(payload.get("at"), str) and "T" not in payload["at"]:
+        at = as_datetime(payload["at"])  # text from nx-27017: normalise it
+        payload["at"] = at.isoformat().replace("+00:00", "Z") if at else payload["at"]
+    links = {}
+    if event.get("run_id"):
+        links["run"] = f"{base_url}/runs/{event['run_id']}"
+    if event.get("task_id") and event.get("kind") != "task.deleted":
+        links["task"] = f"{base_url}/tasks/{event['task_id']}"
+    payload["links"] = links
+    return json.dumps(payload, ensure_ascii=False, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,178 @@
+"""The ``deliveries`` collection: one document per message to send (an event or a digest, on
+one channel, to one target), from "pending" to "sent" (or "failed" after its last attempt).
+
+``_id`` is deterministic (``<event id>:mail:<address>``, ``<event id>:webhook:<n>``,
+``digest:<task id>:<n>:mail:<address>``), so planning an event again after a crash inserts
+nothing new. The message is rendered when the delivery is planned and stored with it, so every
+attempt sends the same bytes (a webhook's signature is over the stored body).
+
+Sending one delivery: *claim* it (a whole-document replace conditional on its ``claims``
+counter, pushing ``next_at_ts`` past the longest send), send, then mark it sent. A second
+notifier cannot claim it meanwhile; a crash after the send repeats at most this one message
+once the claim runs out; a crash before it loses nothing. Documents are always written whole
+(nx-27017 returns dates and booleans written with ``$set`` changed).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pymongo import ASCENDING
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+
+from ..exceptions import StoreError
+from ..store import DUPLICATE_KEY, SCHEMA_VERSION, Store
+from .content import as_datetime
+
+log = logging.getLogger(__name__)
+
+COLLECTION = "deliveries"
+BACKOFF_FIRST = 5.0  # seconds before the first retry; doubled each time
+BACKOFF_MAX = 600.0
+MAX_ATTEMPTS = 20  # a delivery is given up after at least this many attempts ...
+GIVE_UP_AFTER = 86400.0  # ... spread over at least a day since its first failure
+CLAIM_SECONDS = 300.0  # longer than any one send (every network call has a timeout)
+
+
+def backoff(attempts: int) -> float:
+    """Seconds before attempt ``attempts + 1``: 5, 10, 20 ... capped at 10 minutes."""
+    return min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, min(attempts - 1, 20)))
+
+
+def new_delivery(
+    delivery_id: str,
+    *,
+    event_id: str,
+    kind: str,
+    channel: str,
+    target: str,
+    now: float,
+    task_id: str | None = None,
+    **content: Any,
+) -> dict[str, Any]:
+    """A pending delivery due now. ``content``: ``subject`` and ``body`` (mail), or ``body``
+    and ``webhook`` (the index of the webhook in the settings) for a webhook."""
+    return {
+        "_id": delivery_id,
+        "version": SCHEMA_VERSION,
+        "event_id": event_id,
+        "kind": kind,
+        "task_id": task_id,
+        "channel": channel,
+        "target": target,
+        "status": "pending",
+        "attempts": 0,
+        "claims": 0,
+        "next_at_ts": float(now),
+        "created_ts": float(now),
+        "first_failure_ts": None,
+        "last_error": None,
+        "sent_ts": None,
+        "sent_at": None,
+        **content,
+    }
+
+
+class Deliveries:
+    def __init__(self, store: Store) -> None:
+        self.col = store.db[COLLECTION]
+
+    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (DuplicateKeyError, BulkWriteError):
+            raise
+        except PyMongoError as e:
+            raise StoreError(f"MongoDB failed to {what} ({type(e).__name__}: {e})") from e
+
+    def ensure_indexes(self) -> None:
+        self._guard(
+            "index the deliveries",
+            self.col.create_index,
+            [("status", ASCENDING), ("next_at_ts", ASCENDING)],
+            name="status_next",
+        )
+        self._guard(
+            "index the deliveries",
+            self.col.create_index,
+            [("event_id", ASCENDING)],
+            name="event",
+        )
+
+    def insert(self, docs: list[dict[str, Any]]) -> int:
+        """Insert pending deliveries; those already there are left as they are. Returns how
+        many are new."""
+        if not docs:
+            return 0
+        try:
+            result = self._guard("record deliveries", self.col.insert_many, docs, ordered=False)
+            return len(result.inserted_ids)
+        except BulkWriteError as e:
+            errors = e.details.get("writeErrors", [])
+            if any(err.get("code") != DUPLICATE_KEY for err in errors):
+                raise StoreError(f"MongoDB refused to record deliveries: {errors}") from e
+            return int(e.details.get("nInserted", len(docs) - len(errors)))
+
+    def due(self, now: float, limit: int) -> list[dict[str, Any]]:
+        """Pending deliveries whose time has come, oldest due first."""
+        cursor = (
+            self.col.find({"status": "pending", "next_at_ts": {"$lte": float(now)}})
+            .sort("next_at_ts", ASCENDING)
+            .limit(limit)
+        )
+        return self._guard("read the deliveries due", lambda: list(cursor))
+
+    def _replace(self, doc: dict[str, Any], new: dict[str, Any], what: str) -> bool:
+        result = self._guard(
+            what, self.col.replace_one, {"_id": doc["_id"], "claims": doc["claims"]}, new
+        )
+        return result.matched_count == 1
+
+    def claim(self, doc: dict[str, Any], now: float, holder: str) -> dict[str, Any] | None:
+        """Take ``doc`` for sending; None when another notifier took it first."""
+        if doc.get("status") != "pending":
+            return None
+        claimed = {
+            **doc,
+            "claims": doc["claims"] + 1,
+            "next_at_ts": float(now) + CLAIM_SECONDS,
+            "claimed_by": holder,
+        }
+        return claimed if self._replace(doc, claimed, "claim a delivery") else None
+
+    def mark_sent(self, doc: dict[str, Any], now: float) -> None:
+        sent = {
+            **doc,
+            "status": "sent",
+            "attempts": doc["attempts"] + 1,
+            "sent_ts": float(now),
+            "sent_at": as_datetime(now),
+        }
+        if not self._replace(doc, sent, "mark a delivery sent"):
+            log.warning("delivery %s was sent, but its claim had run out meanwhile", doc["_id"])
+
+    def mark_failed_attempt(self, doc: dict[str, Any], now: float, error: str) -> str:
+        """Record a failed attempt: retried after the backoff, or "failed" for good once it has
+        failed MAX_ATTEMPTS times over at least GIVE_UP_AFTER. Returns the new status."""
+        attempts = doc["attempts"] + 1
+        first = doc.get("first_failure_ts") or float(now)
+        give_up = attempts >= MAX_ATTEMPTS and now - first >= GIVE_UP_AFTER
+        new = {
+            **doc,
+            "attempts": attempts,
+            "first_failure_ts": first,
+            "last_error": error,
+            "last_attempt_ts": float(now),
+            "status": "failed" if give_up else "pending",
+            "next_at_ts": float(now) + backoff(attempts),
+        }
+        self._replace(doc, new, "record a failed delivery")
+        return new["status"]
+
+    def get(self, delivery_id: str) -> dict[str, Any] | None:
+        return self._guard("read a delivery", self.col.find_one, {"_id": delivery_id})
+
+    def for_event(self, event_id: str) -> list[dict[str, Any]]:
+        cursor = self.col.find({"event_id": event_id}).sort("_id", ASCENDING)
+        return self._guard("read deliveries", lambda: list(cursor))

@@ -1,0 +1,187 @@
+"""The effective alert settings: the config file's ``alerts`` section, overridden key by key by
+the document ``settings/alerts`` in MongoDB (written by the settings page).
+
+Both are checked by the same functions (:data:`cloudtask.config.ALERTS_CHECKS`), so a value the
+page saves is one the file would accept. The stored document holds only the keys the page set;
+a key left out falls back to the file.
+
+Example::
+
+    settings = load_settings(store, cfg)
+    save_settings(store, {"smtp_host": "mail.example.com", "operators": ["ops@example.com"]})
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, fields
+from typing import Any
+
+from pymongo.errors import PyMongoError
+
+from ..config import ALERTS_CHECKS, AlertsConfig, Config
+from ..exceptions import Problem, StoreError, ValidationError
+from ..store import SCHEMA_VERSION, Store, to_bson_time, utcnow
+
+log = logging.getLogger(__name__)
+
+SETTINGS_COLLECTION = "settings"
+SETTINGS_ID = "alerts"
+SETTING_KEYS = tuple(ALERTS_CHECKS)
+
+
+@dataclass(frozen=True)
+class Webhook:
+    url: str
+    secret: str
+    kinds: tuple[str, ...] | None = None  # None: every kind
+
+    def wants(self, kind: str) -> bool:
+        return self.kinds is None or kind in self.kinds
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    """What the notifier uses. ``smtp_password`` is resolved (from ``smtp_password_env`` when
+    that names a variable that is set); ``password_problem`` says why a login cannot work."""
+
+    smtp_host: str = ""
+    smtp_port: int = 587
+    smtp_security: str = "starttls"
+    smtp_user: str = ""
+    smtp_password: str = ""
+    smtp_password_env: str = ""
+    smtp_timeout: float = 20.0
+    mail_from: str = ""
+    operators: tuple[str, ...] = ()
+    operators_by_kind: dict[str, tuple[str, ...]] | None = None
+    operators_by_group: dict[str, tuple[str, ...]] | None = None
+    alert_interval: float = 900.0
+    webhooks: tuple[Webhook, ...] = ()
+    webhook_timeout: float = 10.0
+    base_url: str = "http://127.0.0.1:8080"
+    from_database: tuple[str, ...] = ()  # the keys the stored settings override
+    password_problem: str = ""
+
+    @property
+    def mail_enabled(self) -> bool:
+        return bool(self.smtp_host)
+
+    @property
+    def sender(self) -> str:
+        return self.mail_from or f"CloudTask <cloudtask@{_host_name()}>"
+
+    def by_kind(self, kind: str) -> tuple[str, ...]:
+        return (self.operators_by_kind or {}).get(kind, ())
+
+    def by_group(self, group: str | None) -> tuple[str, ...]:
+        return (self.operators_by_group or {}).get(group or "", ())
+
+
+def _host_name() -> str:
+    name = socket.getfqdn() or socket.gethostname() or "localhost"
+    return name if "." in name else f"{name}.localdomain"
+
+
+def base_url(cfg: Config) -> str:
+    """Where people reach the web site, for links: ``web.base_url``, else http://host:port."""
+    if cfg.web.base_url:
+        return cfg.web.base_url.rstrip("/")
+    host = cfg.web.host
+    if host in ("", "0.0.0.0", "::"):  # listening everywhere: name this machine
+        host = _host_name()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{cfg.web.port}"
+
+
+def validate_settings(data: object) -> tuple[dict[str, Any], list[Problem]]:
+    """Check settings as the page sends them: the known keys, each as the config file checks
+    it. Returns the converted values and every problem (path such as ``webhooks[0].url``)."""
+    if not isinstance(data, dict):
+        return {}, [Problem("", "expected an object of alert settings")]
+    values: dict[str, Any] = {}
+    problems: list[Problem] = []
+    for key, value in data.items():
+        check = ALERTS_CHECKS.get(key) if isinstance(key, str) else None
+        if check is None:
+            problems.append(
+                Problem(str(key), f"unknown key; expected one of {', '.join(SETTING_KEYS)}")
+            )
+            continue
+        try:
+            values[key] = check(value)
+        except ValueError as e:
+            problems.append(Problem(f"{key}{getattr(e, 'subpath', '')}", str(e)))
+    return values, problems
+
+
+def _collection(store: Store) -> Any:
+    return store.db[SETTINGS_COLLECTION]
+
+
+def stored_settings(store: Store) -> dict[str, Any]:
+    """The keys the settings page saved (empty when none), as converted values."""
+    try:
+        doc = _collection(store).find_one({"_id": SETTINGS_ID})
+    except PyMongoError as e:
+        raise StoreError(f"MongoDB failed to read the alert settings: {e}") from e
+    if not doc:
+        return {}
+    values, problems = validate_settings(
+        {k: v for k, v in doc.items() if k in SETTING_KEYS and v is not None}
+    )
+    for p in problems:  # edited by hand, or by another version: keep the file's value
+        log.warning("ignoring the stored alert setting %s", p)
+    return values
+
+
+def save_settings(store: Store, data: object, *, by: str = "") -> dict[str, Any]:
+    """Replace the stored settings with ``data`` (the keys it has; the others come from the
+    file again). Raises ValidationError listing every problem; returns the stored values."""
+    values, problems = validate_settings(data)
+    if problems:
+        raise ValidationError(problems, source="the alert settings")
+    doc = {
+        "_id": SETTINGS_ID,
+        "version": SCHEMA_VERSION,
+        "updated_at": to_bson_time(utcnow()),
+        "updated_by": by,
+        **values,
+    }
+    try:
+        _collection(store).replace_one({"_id": SETTINGS_ID}, doc, upsert=True)
+    except PyMongoError as e:
+        raise StoreError(f"MongoDB failed to store the alert settings: {e}") from e
+    return values
+
+
+def load_settings(
+    store: Store | None, cfg: Config, environ: dict[str, str] | None = None
+) -> AlertSettings:
+    """The effective settings: the file's ``alerts``, then the stored document key by key."""
+    file_values = {f.name: getattr(cfg.alerts, f.name) for f in fields(AlertsConfig)}
+    stored = stored_settings(store) if store is not None else {}
+    values = {**file_values, **stored}
+    environ = os.environ if environ is None else environ
+    password, problem = values["smtp_password"], ""
+    if values["smtp_password_env"]:
+        name = values["smtp_password_env"]
+        if name in environ:
+            password = environ[name]
+        elif not password:
+            problem = (
+                f"alerts.smtp_password_env names the environment variable {name}, "
+                "which is not set in the center's environment"
+            )
+    hooks = tuple(Webhook(h["url"], h["secret"], h.get("kinds")) for h in values["webhooks"])
+    return AlertSettings(
+        **{k: v for k, v in values.items() if k not in ("webhooks", "smtp_password")},
+        smtp_password=password,
+        webhooks=hooks,
+        base_url=base_url(cfg),
+        from_database=tuple(sorted(stored)),
+        password_problem=problem,
+    )

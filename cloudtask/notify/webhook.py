@@ -1,0 +1,86 @@
+"""Webhooks: a JSON POST per event, signed with the webhook's shared secret.
+
+Headers: ``X-CloudTask-Signature: sha256=<hex HMAC-SHA256 of the exact body>``,
+``X-CloudTask-Event: <kind>``, ``X-CloudTask-Delivery: <delivery id>`` (the same on every
+retry, so a receiver can drop a repeat). A receiver checks the signature like this::
+
+    expected = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+    hmac.compare_digest(expected, request.headers["X-CloudTask-Signature"])
+
+Any 2xx answer is success. Redirects are not followed (the signed body is for this URL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import time
+import urllib.error
+import urllib.request
+
+from .content import one_line
+from .mail import DeliveryError
+
+MAX_ANSWER_BYTES = 64 * 1024  # what is read of an answer (it is not used)
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
+def signature(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+def post_event(
+    url: str, body: bytes, *, secret: str, kind: str, delivery_id: str, timeout: float
+) -> int:
+    """POST ``body`` to ``url``; returns the HTTP status, or raises DeliveryError.
+
+    ``timeout`` bounds the connection and each read, and the whole answer is read within it.
+    """
+    headers = {
+        "Content-Type": "application/json; charset=utf-8",
+        "User-Agent": "cloudtask-notifier",
+        "X-CloudTask-Event": kind,
+        "X-CloudTask-Delivery": delivery_id,
+        "X-CloudTask-Signature": signature(secret, body),
+    }
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    deadline = time.monotonic() + timeout
+    try:
+        with _OPENER.open(request, timeout=timeout) as response:
+            status = response.status
+            left = MAX_ANSWER_BYTES
+            while left > 0 and time.monotonic() < deadline:
+                chunk = response.read(min(left, 16384))
+                if not chunk:
+                    break
+                left -= len(chunk)
+    except urllib.error.HTTPError as e:
+        with e:
+            status = e.code
+            reason = one_line(e.reason, 100)
+        # 4xx (but 408 and 429) is about this request; the rest is the receiver's trouble
+        whole = status >= 500 or status in (408, 429) or status < 400
+        raise DeliveryError(f"{url} answered HTTP {status} {reason}", whole_target=whole) from None
+    except (TimeoutError, OSError) as e:
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            raise DeliveryError(f"{url} did not answer within {timeout:g}s") from None
+        if isinstance(reason, ConnectionRefusedError):
+            raise DeliveryError(f"cannot connect to {url}: connection refused") from None
+        text = getattr(reason, "strerror", None) or reason
+        raise DeliveryError(f"cannot reach {url}: {one_line(text, 200)}") from None
+    except http.client.HTTPException as e:  # a broken answer
+        raise DeliveryError(f"{url} gave no proper HTTP answer ({type(e).__name__})") from None
+    except ValueError as e:  # http.client refuses some URLs only when asked to open them
+        raise DeliveryError(f"cannot post to {url}: {e}", whole_target=False) from None
+    if not 200 <= status < 300:
+        raise DeliveryError(f"{url} answered HTTP {status} (expected 2xx)")
+    return status
