@@ -44,6 +44,13 @@ SEVERITIES: dict[str, str] = {
     "task.deleted": "info",
 }
 KINDS = tuple(SEVERITIES)
+# what the global operators (alerts.operators) are mailed: what went wrong, and its end;
+# the other kinds (a task changed, an agent joined, a new leader) only to whom
+# alerts.operators_by_kind names for them
+OPERATOR_KINDS = frozenset(
+    {k for k, severity in SEVERITIES.items() if severity != "info"}
+    | {"run.recovered", "agent.returned"}
+)
 
 # final run statuses that are alerts (killed and skipped runs were wanted: no event)
 RUN_EVENT_KINDS = {

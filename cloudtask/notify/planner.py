@@ -5,7 +5,8 @@ Recipients of an event, deduplicated without regard to case:
 * the task's ``notify.emails`` when ``notify.on`` names the outcome (``failure`` is
   run.failed, ``timeout`` run.timed_out, ``missed`` run.missed, ``lost`` run.lost,
   ``recovered`` run.recovered; ``success`` has no event);
-* ``alerts.operators`` (every event), ``alerts.operators_by_kind[kind]``,
+* ``alerts.operators`` (what went wrong and its recovery: see ``events.OPERATOR_KINDS``),
+  ``alerts.operators_by_kind[kind]`` (any kind),
   ``alerts.operators_by_group[group]`` (the event's agent group);
 * for run.recovered also everyone mailed about the failures it ends.
 
@@ -20,6 +21,7 @@ import logging
 from typing import Any
 
 from ..config import email_problem
+from ..events import OPERATOR_KINDS
 from ..store import Store
 from ..task import DEFAULT_NOTIFY_ON
 from . import content, throttle
@@ -57,7 +59,7 @@ def recipients(event: dict[str, Any], task: dict[str, Any] | None, s: AlertSetti
     group = event.get("group") or details.get("group")
     candidates = [
         *task_recipients(task, kind),
-        *s.operators,
+        *(s.operators if kind in OPERATOR_KINDS else ()),
         *s.by_kind(kind),
         *s.by_group(group),
     ]
