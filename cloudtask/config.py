@@ -90,7 +90,7 @@ class AlertsConfig:
     smtp_password_env: str = ""  # the name of an environment variable holding the password
     smtp_timeout: float = 20.0  # every SMTP network call
     mail_from: str = ""  # empty: cloudtask@<this host>
-    operators: tuple[str, ...] = ()  # mailed on every event
+    operators: tuple[str, ...] = ()  # mailed what went wrong (events.OPERATOR_KINDS)
     operators_by_kind: dict[str, tuple[str, ...]] = field(default_factory=dict)
     operators_by_group: dict[str, tuple[str, ...]] = field(default_factory=dict)
     alert_interval: float = 15 * 60.0  # a failing task mails at most one digest this often
