@@ -5,7 +5,8 @@ then test overrides (``STORE``: a ready Store; ``ZK``: a started kazoo client, N
 cluster).
 
 One blueprint per area: ``auth`` (login, logout, password), ``dashboard``, ``tasks``,
-``runs``, ``cluster``, ``files``, ``admin`` (users, audit log) and ``api`` (``/api/v1``, JSON).
+``runs``, ``events``, ``cluster``, ``files``, ``admin`` (users, audit log), ``settings`` (the
+alert settings, admin only) and ``api`` (``/api/v1``, JSON).
 Shared helpers are in :mod:`web.context`. Every page and API route needs a logged-in user (a session, or an API
 token as ``Authorization: Bearer``), except the login page and ``/healthz``; roles are checked
 on the server for every route; every form carries a CSRF token.
@@ -68,10 +69,10 @@ def create_app(config: Config | None = None, test_config: dict[str, Any] | None 
     app.extensions["cloudtask_throttle"] = LoginThrottle()
     login_manager.init_app(app)
     app.register_blueprint(auth_bp)
-    from . import admin, api, cluster, dashboard, events, files, runs, tasks
+    from . import admin, api, cluster, dashboard, events, files, runs, settings, tasks
     from .filters import register_filters
 
-    for module in (dashboard, tasks, runs, events, cluster, files, admin, api):
+    for module in (dashboard, tasks, runs, events, cluster, files, admin, settings, api):
         app.register_blueprint(module.bp)
     register_filters(app)
     app.before_request(check_csrf)

@@ -60,9 +60,19 @@ KNOWN_ACTIONS = (
     "token.",
     "token.create",
     "token.revoke",
+    "settings.",
+    "settings.alerts",
 )
 # keys whose values the audit list never shows, whatever wrote the entry
-SECRET_KEYS = {"password", "password_hash", "hash", "token_hash", "secret", "token"}
+SECRET_KEYS = {
+    "password",
+    "password_hash",
+    "hash",
+    "token_hash",
+    "secret",
+    "token",
+    "smtp_password",
+}
 
 
 def _users() -> Users:
