@@ -501,3 +501,27 @@ def _parse_between(value: object, path: str, problems: list[Problem]) -> tuple[t
     if len(clocks) == 2 and clocks[0] == clocks[1]:
         problems.append(Problem(path, "the window opens and closes at the same time"))
     return (clocks[0], clocks[1]) if len(clocks) == 2 and clocks[0] != clocks[1] else None
+
+
+def schedule_summary(schedule: Any) -> str:
+    """One line per schedule of a stored spec: ``cron 0 3 * * * Europe/Berlin``, ``every 10s``."""
+    items = schedule if isinstance(schedule, list) else [schedule]
+    parts = []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        zone = item.get("timezone", "UTC")
+        if "cron" in item:
+            text = f"cron {item['cron']}" + (f" {zone}" if zone != "UTC" else "")
+        elif "every" in item:
+            text = f"every {item['every']}"
+        elif "at" in item:
+            text = f"at {item['at']}"
+        elif "keepalive" in item:
+            text = "keepalive"
+        else:
+            continue
+        if item.get("between"):
+            text += f" between {'-'.join(item['between'])}" + (f" {zone}" if zone != "UTC" else "")
+        parts.append(text)
+    return " + ".join(parts) or "–"

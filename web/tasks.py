@@ -33,7 +33,7 @@ from pymongo import DESCENDING
 from werkzeug.routing import BuildError
 
 from cloudtask.exceptions import CloudTaskError, Conflict, NotFound, Problem, ValidationError
-from cloudtask.schedules import next_fires, parse_schedule, timezone_problem
+from cloudtask.schedules import next_fires, parse_schedule, schedule_summary, timezone_problem
 from cloudtask.store import RUNNING_STATUSES
 from cloudtask.task import (
     CONCURRENCY_POLICIES,
@@ -76,33 +76,6 @@ def run_link(run_id: str) -> str:
         return url_for("runs.detail", run_id=run_id)
     except BuildError:
         return f"/runs/{run_id}"
-
-
-def schedule_summary(schedule: Any) -> str:
-    """One line per schedule: ``cron 0 3 * * * Europe/Berlin``, ``every 10s``, ``at …``."""
-    items = schedule if isinstance(schedule, list) else [schedule]
-    parts = []
-    for item in items:
-        if not isinstance(item, dict):
-            continue
-        if "cron" in item:
-            text = f"cron {item['cron']}"
-            if item.get("timezone", "UTC") != "UTC":
-                text += f" {item['timezone']}"
-        elif "every" in item:
-            text = f"every {item['every']}"
-            if item.get("timezone", "UTC") != "UTC" and item.get("between"):
-                text += f" {item['timezone']}"
-        elif "at" in item:
-            text = f"at {item['at']}"
-        elif "keepalive" in item:
-            text = "keepalive"
-        else:
-            continue
-        if item.get("between"):
-            text += f" between {'-'.join(item['between'])}"
-        parts.append(text)
-    return " + ".join(parts) or "–"
 
 
 def task_state(task: dict[str, Any]) -> str:

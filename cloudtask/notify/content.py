@@ -20,6 +20,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ..durations import format_duration
+from ..schedules import schedule_summary
 
 SUBJECT_PREFIX = "[CloudTask]"
 DIGEST_ITEMS_SHOWN = 50  # a digest lists this many failures, then counts the rest
@@ -79,30 +80,6 @@ def one_line(text: Any, limit: int = 200) -> str:
 
 def clean_text(text: Any) -> str:
     return _CONTROL.sub("", str(text or "")).replace("\r\n", "\n")
-
-
-def schedule_summary(schedule: Any) -> str:
-    """One line per schedule of a stored spec: ``cron 0 3 * * * Europe/Berlin``, ``every 10s``."""
-    items = schedule if isinstance(schedule, list) else [schedule]
-    parts = []
-    for item in items:
-        if not isinstance(item, dict):
-            continue
-        zone = item.get("timezone", "UTC")
-        if "cron" in item:
-            text = f"cron {item['cron']}" + (f" {zone}" if zone != "UTC" else "")
-        elif "every" in item:
-            text = f"every {item['every']}"
-        elif "at" in item:
-            text = f"at {item['at']}"
-        elif "keepalive" in item:
-            text = "keepalive"
-        else:
-            continue
-        if item.get("between"):
-            text += f" between {'-'.join(item['between'])}" + (f" {zone}" if zone != "UTC" else "")
-        parts.append(text)
-    return " + ".join(parts) or "–"
 
 
 def _details(event: dict[str, Any]) -> dict[str, Any]:
