@@ -14,6 +14,8 @@ on ``sys.path`` when it loads ``tests/conftest.py``; test modules import this fi
 from __future__ import annotations
 
 import contextlib
+import email
+import email.policy
 import re
 import secrets
 import threading
@@ -22,6 +24,8 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+
+from aiosmtpd.controller import Controller
 
 from cloudtask.agent.executor import Executor, RunContext
 from cloudtask.store import Store, new_run_document
@@ -210,3 +214,60 @@ def web_login(client: FlaskClient, username: str, password: str, page: str = "/"
     assert answer.status_code == 302, (username, answer.status_code)
     html = client.get(page).get_data(as_text=True)
     return re.search(r'name="csrf-token" content="([^"]+)"', html).group(1)
+
+
+# --- a real SMTP server -------------------------------------------------------------------
+
+
+class Inbox:
+    """An aiosmtpd handler keeping every message it is given (``envelopes`` keeps the SMTP
+    envelope: ``mail_from``, ``rcpt_tos``)."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[Any] = []
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001, ANN201, N802
+        with self.lock:
+            self.envelopes.append(envelope)
+        return "250 OK"
+
+    def messages(self) -> list[tuple[list[str], email.message.EmailMessage]]:
+        with self.lock:
+            envs = list(self.envelopes)
+        return [
+            (
+                list(e.rcpt_tos),
+                email.message_from_bytes(e.original_content, policy=email.policy.default),
+            )
+            for e in envs
+        ]
+
+    def by_recipient(self) -> dict[str, list[email.message.EmailMessage]]:
+        out: dict[str, list[email.message.EmailMessage]] = {}
+        for rcpts, msg in self.messages():
+            for r in rcpts:
+                out.setdefault(r.lower(), []).append(msg)
+        return out
+
+
+class SmtpServer:
+    """A real SMTP server (aiosmtpd) on 127.0.0.1:``port``; ``kwargs`` go to its Controller."""
+
+    def __init__(self, port: int, **kwargs: Any) -> None:
+        self.port = port
+        self.inbox = Inbox()
+        self.kwargs = kwargs
+        self.controller: Controller | None = None
+
+    def start(self) -> SmtpServer:
+        self.controller = Controller(
+            self.inbox, hostname="127.0.0.1", port=self.port, **self.kwargs
+        )
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None

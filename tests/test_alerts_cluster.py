@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from helpers import wait_for
+from helpers import SmtpServer, wait_for
 from test_cluster import Cluster, leader
-from test_notify import SmtpServer
 
 from cloudtask.localservers import free_port
 

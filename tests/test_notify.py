@@ -6,13 +6,10 @@ free ports, the real MongoDB wire server. Time is passed to ``Notifier.run_once`
 from __future__ import annotations
 
 import contextlib
-import email
-import email.policy
 import hashlib
 import hmac
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,13 +18,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
-from helpers import wait_for
+from helpers import SmtpServer, wait_for
 
 from cloudtask import events
 from cloudtask.config import Config, load_config
 from cloudtask.exceptions import CloudTaskError, ConfigError, ValidationError
+from cloudtask.localservers import free_port
 from cloudtask.notify import (
     Notifier,
     NotifierThread,
@@ -46,63 +43,6 @@ SECRET = "s3cret-shared"
 
 
 # --- real servers ------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Inbox:
-    """An aiosmtpd handler keeping every message it is given."""
-
-    def __init__(self) -> None:
-        self.envelopes: list[Any] = []
-        self.lock = threading.Lock()
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001, ANN201, N802
-        with self.lock:
-            self.envelopes.append(envelope)
-        return "250 OK"
-
-    def messages(self) -> list[tuple[list[str], email.message.EmailMessage]]:
-        with self.lock:
-            envs = list(self.envelopes)
-        return [
-            (
-                list(e.rcpt_tos),
-                email.message_from_bytes(e.original_content, policy=email.policy.default),
-            )
-            for e in envs
-        ]
-
-    def by_recipient(self) -> dict[str, list[email.message.EmailMessage]]:
-        out: dict[str, list[email.message.EmailMessage]] = {}
-        for rcpts, msg in self.messages():
-            for r in rcpts:
-                out.setdefault(r.lower(), []).append(msg)
-        return out
-
-
-class SmtpServer:
-    def __init__(self, port: int, **kwargs: Any) -> None:
-        self.port = port
-        self.inbox = Inbox()
-        self.kwargs = kwargs
-        self.controller: Controller | None = None
-
-    def start(self) -> SmtpServer:
-        self.controller = Controller(
-            self.inbox, hostname="127.0.0.1", port=self.port, **self.kwargs
-        )
-        self.controller.start()
-        return self
-
-    def stop(self) -> None:
-        if self.controller is not None:
-            self.controller.stop()
-            self.controller = None
 
 
 @pytest.fixture

@@ -7,22 +7,18 @@ the test mail arrives (or its failure is said), and only admins get in."""
 
 from __future__ import annotations
 
-import email
-import email.policy
 import html
 import re
-import socket
-import threading
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
-from helpers import ADMIN, OPERATOR, VIEWER, make_web_app, web_login
+from helpers import ADMIN, OPERATOR, VIEWER, Inbox, SmtpServer, make_web_app, web_login
 
 from cloudtask.config import Config, load_config
+from cloudtask.localservers import free_port
 from cloudtask.notify import load_settings, save_settings, stored_settings
 
 FILE_PASSWORD = "file-pass-Zq81"
@@ -36,44 +32,11 @@ MASK = "********"
 # --- a real SMTP server ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Inbox:
-    """An aiosmtpd handler keeping every message."""
-
-    def __init__(self) -> None:
-        self.envelopes: list[Any] = []
-        self.lock = threading.Lock()
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001, ANN201, N802
-        with self.lock:
-            self.envelopes.append(envelope)
-        return "250 OK"
-
-    def messages(self) -> list[tuple[str, list[str], email.message.EmailMessage]]:
-        with self.lock:
-            envs = list(self.envelopes)
-        return [
-            (
-                e.mail_from,
-                list(e.rcpt_tos),
-                email.message_from_bytes(e.original_content, policy=email.policy.default),
-            )
-            for e in envs
-        ]
-
-
 @pytest.fixture
 def smtp() -> Iterator[tuple[int, Inbox]]:
-    inbox, port = Inbox(), free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield port, inbox
-    controller.stop()
+    server = SmtpServer(free_port()).start()
+    yield server.port, server.inbox
+    server.stop()
 
 
 # --- the app -----------------------------------------------------------------------------------
@@ -456,8 +419,9 @@ def test_the_test_mail_arrives_with_the_saved_settings(admin, store, smtp):
     page = admin.get(answer.headers["Location"]).get_data(as_text=True)
     assert any(m.startswith("Test mail sent to me@example.com") for m in flashes(page))
     assert form_of(page) and 'name="to" value="me@example.com"' in page
-    ((sender, rcpts, msg),) = inbox.messages()
-    assert sender == "alerts@example.com" and rcpts == ["me@example.com"]
+    ((rcpts, msg),) = inbox.messages()
+    (envelope,) = inbox.envelopes
+    assert envelope.mail_from == "alerts@example.com" and rcpts == ["me@example.com"]
     assert msg["From"] == "CloudTask <alerts@example.com>" and msg["To"] == "me@example.com"
     assert msg["Subject"].startswith("[CloudTask] TEST")
 
@@ -468,16 +432,10 @@ def test_the_test_mail_logs_in_with_the_stored_password(admin, store):
         ok = auth_data.login == b"alerts" and auth_data.password == DB_PASSWORD.encode()
         return AuthResult(success=ok, handled=False)
 
-    inbox, port = Inbox(), free_port()
-    controller = Controller(
-        inbox,
-        hostname="127.0.0.1",
-        port=port,
-        authenticator=authenticator,
-        auth_required=True,
-        auth_require_tls=False,
-    )
-    controller.start()
+    server = SmtpServer(
+        free_port(), authenticator=authenticator, auth_required=True, auth_require_tls=False
+    ).start()
+    inbox, port = server.inbox, server.port
     try:
         change = {"smtp_port": str(port), "smtp_user": "alerts", "smtp_password": DB_PASSWORD}
         assert post_settings(admin, change).status_code == 302
@@ -488,7 +446,7 @@ def test_the_test_mail_logs_in_with_the_stored_password(admin, store):
         assert any(m.startswith("Test mail sent") for m in flashes(answer.get_data(as_text=True)))
         assert len(inbox.messages()) == 1
     finally:
-        controller.stop()
+        server.stop()
 
 
 def test_a_test_mail_to_a_closed_port_says_so(admin, cfg):

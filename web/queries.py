@@ -197,6 +197,21 @@ def list_tasks(store: Store, filters: dict[str, Any], owners: dict[str, str] | N
     return Page(items, page, per_page, total, capped, filters)
 
 
+def ts_span(filters: dict[str, Any]) -> dict[str, float]:
+    """The ``since``/``until`` filters as a range of a numeric ``ts`` (epoch seconds), or {}.
+    A range from ``since`` gets an upper bound too (nothing is recorded a day ahead): with both
+    bounds the wire server used on one machine ranges over the ts index instead of scanning
+    another."""
+    span: dict[str, float] = {}
+    if filters.get("since"):
+        span["$gte"] = filters["since"].timestamp()
+    if filters.get("until"):
+        span["$lt"] = filters["until"].timestamp()
+    elif span:
+        span["$lt"] = datetime.now(timezone.utc).timestamp() + 86400
+    return span
+
+
 def run_filters(args: Any) -> dict[str, Any]:
     """Checked run-list filters: task (id), status, agent, since, until, page, per_page."""
     problems: list[Problem] = []
@@ -223,15 +238,7 @@ def list_runs(store: Store, filters: dict[str, Any]) -> Page:
         query["status"] = filters["status"]
     if filters.get("agent"):
         query["agent"] = filters["agent"]
-    span: dict[str, Any] = {}
-    if filters.get("since"):
-        span["$gte"] = filters["since"].timestamp()
-    if filters.get("until"):
-        span["$lt"] = filters["until"].timestamp()
-    elif span:
-        # an upper bound too (no run is scheduled a day ahead): with both bounds the wire
-        # server used on one machine ranges over the ts index instead of scanning another
-        span["$lt"] = datetime.now(timezone.utc).timestamp() + 86400
+    span = ts_span(filters)
     if span:
         query["ts"] = span  # scheduled_for in epoch seconds
     page, per_page = filters.get("page", 1), filters.get("per_page", 50)
@@ -317,13 +324,7 @@ def list_events(store: Store, filters: dict[str, Any]) -> Page:
     ):
         if filters.get(name):
             query[field_name] = filters[name]
-    span: dict[str, Any] = {}
-    if filters.get("since"):
-        span["$gte"] = filters["since"].timestamp()
-    if filters.get("until"):
-        span["$lt"] = filters["until"].timestamp()
-    elif span:
-        span["$lt"] = datetime.now(timezone.utc).timestamp() + 86400
+    span = ts_span(filters)
     if span:
         query["ts"] = span
     page, per_page = filters.get("page", 1), filters.get("per_page", 50)
