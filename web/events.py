@@ -12,11 +12,9 @@ from typing import Any
 
 from flask import Blueprint, render_template, request
 
-from cloudtask.exceptions import Problem, ValidationError
-
 from .auth import requires
 from .context import store
-from .queries import EVENT_KINDS, EVENT_SEVERITIES, event_filters, list_events
+from .queries import EVENT_KINDS, EVENT_SEVERITIES, event_filters, lenient, list_events
 from .runs import _local_input
 
 bp = Blueprint("events", __name__, url_prefix="/events")
@@ -25,19 +23,10 @@ FILTER_FIELDS = ("kind", "severity", "task", "agent", "group", "since", "until")
 SEVERITY_CLASS = {"error": "bad", "warning": "warn", "info": "muted"}
 
 
-def checked_filters(args: Any) -> tuple[dict[str, Any], list[Problem]]:
-    """The filters, and their problems: a bad filter is dropped, the others still apply."""
-    try:
-        return event_filters(args), []
-    except ValidationError as e:
-        bad = {p.path for p in e.problems}
-        return event_filters({k: v for k, v in args.items() if k not in bad}), e.problems
-
-
 @bp.get("")
 @requires("viewer")
 def index() -> Any:
-    filters, problems = checked_filters(request.args)
+    filters, problems = lenient(event_filters, request.args)
     page = list_events(store(), filters)
     return render_template(
         "events/list.html",

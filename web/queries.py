@@ -126,6 +126,16 @@ def text_arg(args: Any, name: str, problems: list, limit: int = 200) -> str | No
     return raw or None
 
 
+def lenient(check: Any, args: Any) -> tuple[dict[str, Any], list[Problem]]:
+    """``check(args)``'s filters and their problems: a page shows each bad filter's message at
+    its field and still applies the others (each bad one left out)."""
+    try:
+        return check(args), []
+    except ValidationError as e:
+        bad = {p.path for p in e.problems}
+        return check({k: v for k, v in args.items() if k not in bad}), list(e.problems)
+
+
 def count(collection: Any, query: dict[str, Any]) -> int:
     """How many documents match, counted by the server in one aggregation (``$match`` then
     ``$count``): on the MongoDB wire server used on one machine this runs as one SQL query,

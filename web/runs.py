@@ -20,13 +20,13 @@ from typing import Any
 
 from flask import Blueprint, abort, flash, jsonify, redirect, render_template, request, url_for
 
-from cloudtask.exceptions import CloudTaskError, Conflict, NotFound, Problem, ValidationError
+from cloudtask.exceptions import CloudTaskError, Conflict, NotFound, Problem
 from cloudtask.store import OUTPUT_TAIL_BYTES, RUNNING_STATUSES
 
 from .auth import requires
 from .context import actor, ops, store
 from .filters import seconds, status_class, when
-from .queries import RUN_STATUSES, list_runs, run_filters
+from .queries import RUN_STATUSES, lenient, list_runs, run_filters
 
 bp = Blueprint("runs", __name__, url_prefix="/runs")
 
@@ -150,13 +150,7 @@ def _resolve_task(value: str) -> tuple[str | None, dict[str, Any] | None]:
 
 def _checked_filters(args: Any) -> tuple[dict[str, Any], list[Problem], dict[str, Any] | None]:
     """The filters to apply, the problems of the bad ones (each left out), the filtered task."""
-    problems: list[Problem] = []
-    try:
-        filters = run_filters(args)
-    except ValidationError as e:
-        problems = list(e.problems)
-        bad = {p.path for p in problems}
-        filters = run_filters({k: v for k, v in args.items() if k not in bad})
+    filters, problems = lenient(run_filters, args)
     task = None
     if filters.get("task"):
         task_id, task = _resolve_task(filters["task"])

@@ -52,6 +52,7 @@ from .queries import (
     LAST_RESULTS,
     RUN_LIST_FIELDS,
     TASK_STATES,
+    lenient,
     list_tasks,
     parse_time,
     task_filters,
@@ -197,13 +198,7 @@ def _template_helpers() -> dict[str, Any]:
 @bp.get("")
 @requires("viewer")
 def index() -> Any:
-    errors: list[Problem] = []
-    try:
-        filters = task_filters(request.args)
-    except ValidationError as e:
-        errors = e.problems
-        bad = {p.path for p in errors}
-        filters = task_filters({k: v for k, v in request.args.items() if k not in bad})
+    filters, errors = lenient(task_filters, request.args)
     view = cluster()
     page = list_tasks(store(), filters, view.owners if view.connected else None)
     for item in page.items:
@@ -756,18 +751,8 @@ def file_versions(name: str) -> list[dict[str, Any]]:
     if not name:
         return []
     try:
-        cursor = (
-            store()
-            .db["files.files"]
-            .find({"filename": name}, {"metadata": 1, "uploadDate": 1})
-            .sort("uploadDate", DESCENDING)
-            .limit(20)
-        )
-        return [
-            {"sha256": d.get("metadata", {}).get("sha256", ""), "at": d.get("uploadDate")}
-            for d in cursor
-        ]
-    except Exception:
+        return store().list_file_versions(name)
+    except CloudTaskError:  # none stored (yet): the field says so when the task is run
         return []
 
 
