@@ -14,8 +14,8 @@ from flask import Blueprint, render_template, request
 
 from .auth import requires
 from .context import store
+from .filters import datetime_local
 from .queries import EVENT_KINDS, EVENT_SEVERITIES, event_filters, lenient, list_events
-from .runs import _local_input
 
 bp = Blueprint("events", __name__, url_prefix="/events")
 
@@ -28,15 +28,20 @@ SEVERITY_CLASS = {"error": "bad", "warning": "warn", "info": "muted"}
 def index() -> Any:
     filters, problems = lenient(event_filters, request.args)
     page = list_events(store(), filters)
+    errors = {p.path: p.message for p in problems}
     return render_template(
         "events/list.html",
         page=page,
         args=request.args,
-        errors={p.path: p.message for p in problems},
+        errors=errors,
         kinds=EVENT_KINDS,
         prefixes=sorted({k.split(".")[0] + "." for k in EVENT_KINDS}),
         severities=EVENT_SEVERITIES,
         severity_class=SEVERITY_CLASS,
-        times={k: _local_input(filters.get(k)) for k in ("since", "until")},
+        # what the fields show: as typed when wrong, else the checked value
+        times={
+            k: request.args.get(k, "") if k in errors else datetime_local(filters.get(k))
+            for k in ("since", "until")
+        },
         fields=FILTER_FIELDS,
     ), (422 if problems else 200)

@@ -50,6 +50,14 @@ def seconds(value: Any) -> str:
     return format_duration(round(value))
 
 
+def datetime_local(value: datetime | None) -> str:
+    """A filter time as a datetime-local input shows it (UTC, to the minute or second)."""
+    if value is None:
+        return ""
+    value = value.astimezone(timezone.utc)
+    return value.strftime("%Y-%m-%dT%H:%M:%S" if value.second else "%Y-%m-%dT%H:%M")
+
+
 def status_class(status: Any) -> str:
     return STATUS_CLASS.get(str(status), "muted")
 

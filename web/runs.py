@@ -25,7 +25,7 @@ from cloudtask.store import OUTPUT_TAIL_BYTES, RUNNING_STATUSES
 
 from .auth import requires
 from .context import actor, ops, store
-from .filters import seconds, status_class, when
+from .filters import datetime_local, seconds, status_class, when
 from .queries import RUN_STATUSES, lenient, list_runs, run_filters
 
 bp = Blueprint("runs", __name__, url_prefix="/runs")
@@ -164,14 +164,6 @@ def _checked_filters(args: Any) -> tuple[dict[str, Any], list[Problem], dict[str
     return filters, problems, task
 
 
-def _local_input(value: datetime | None) -> str:
-    """A filter time as a datetime-local input shows it (UTC, to the minute or second)."""
-    if value is None:
-        return ""
-    value = value.astimezone(timezone.utc)
-    return value.strftime("%Y-%m-%dT%H:%M:%S" if value.second else "%Y-%m-%dT%H:%M")
-
-
 @bp.get("")
 @requires("viewer")
 def index() -> Any:
@@ -184,7 +176,7 @@ def index() -> Any:
     errors = {p.path: p.message for p in problems}
     # what the fields show: as typed when wrong, else the checked value
     times = {
-        name: request.args.get(name, "") if name in errors else _local_input(filters.get(name))
+        name: request.args.get(name, "") if name in errors else datetime_local(filters.get(name))
         for name in ("since", "until")
     }
     try:
