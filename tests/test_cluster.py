@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers import wait_for
+from kazoo.exceptions import NoNodeError
 
 from cloudtask.store import Store
 from cloudtask.zkpaths import ZkPaths, decode, task_signal
@@ -87,24 +88,32 @@ def cluster(zk_hosts, mongo_server, mongo_db_name, tmp_path, request):
 
 def assignments(zk) -> dict[str, set[str]]:
     """What each registered agent acts on: assignments written after it registered (what a
-    departed agent leaves behind is deleted later, and ignored by a returning one)."""
+    departed agent leaves behind is deleted later, and ignored by a returning one). Nodes come
+    and go while this reads (a killed agent's session expires, the leader moves tasks): one
+    that vanished between listing and reading counts as absent."""
     paths = ZkPaths("/cloudtask")
-    out: dict[str, set[str]] = {}
-    if not zk.exists(paths.assignments) or not zk.exists(paths.agents):
-        return out
+
+    def children(path: str) -> list[str]:
+        try:
+            return zk.get_children(path)
+        except NoNodeError:
+            return []
+
     registered = {}
-    for group in zk.get_children(paths.agents):
-        for agent_id in zk.get_children(paths.agent_group(group)):
-            stat = zk.exists(paths.agent(group, agent_id))
-            if stat is not None and not (decode(zk.get(paths.agent(group, agent_id))[0]) or {}).get(
-                "leaving"
-            ):
+    for group in children(paths.agents):
+        for agent_id in children(paths.agent_group(group)):
+            try:
+                data, stat = zk.get(paths.agent(group, agent_id))
+            except NoNodeError:
+                continue
+            if not (decode(data) or {}).get("leaving"):
                 registered[agent_id] = stat.czxid
-    for agent_id in zk.get_children(paths.assignments):
+    out: dict[str, set[str]] = {}
+    for agent_id in children(paths.assignments):
         if agent_id not in registered:
             continue
         tasks = set()
-        for task_id in zk.get_children(paths.assignment_dir(agent_id)):
+        for task_id in children(paths.assignment_dir(agent_id)):
             stat = zk.exists(paths.assignment(agent_id, task_id))
             if stat is not None and stat.mzxid > registered[agent_id]:
                 tasks.add(task_id)
