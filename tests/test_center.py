@@ -104,7 +104,11 @@ def test_a_returning_agent_never_trusts_what_was_left_for_its_earlier_life(
     wait_for(
         lambda: (
             (got := nodes(zk, "a2"))
-            and all(zk.exists(PATHS.assignment("a2", t)).mzxid > registered for t in got)
+            and all(
+                (stat := zk.exists(PATHS.assignment("a2", t))) is not None
+                and stat.mzxid > registered
+                for t in got
+            )
         ),
         timeout=10,
         message="stale assignments were kept for the returning agent",

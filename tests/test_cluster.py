@@ -387,7 +387,9 @@ def test_paused_agent_fires_nothing_twice(cluster, zk, store):
     back = wait_for(
         lambda: assignments(zk).get("a1"), timeout=SESSION + 15, message="a1 never came back"
     )
-    ctimes = [zk.exists(f"/cloudtask/assignments/a1/{t}").ctime for t in back]
+    stats = [zk.exists(f"/cloudtask/assignments/a1/{t}") for t in back]
+    ctimes = [stat.ctime for stat in stats if stat is not None]
+    assert ctimes, "a1's assignments vanished as soon as it got them"
     regained = datetime.fromtimestamp(min(ctimes) / 1000, timezone.utc)  # when it got tasks again
     time.sleep(3.0)
     cluster.stop_all()
