@@ -34,6 +34,7 @@ SEVERITIES: dict[str, str] = {
     "run.missed": "warning",
     "run.lost": "error",
     "run.recovered": "info",
+    "run.succeeded": "info",
     "agent.joined": "info",
     "agent.left": "error",
     "agent.returned": "info",
@@ -59,6 +60,9 @@ RUN_EVENT_KINDS = {
     "missed": "run.missed",
     "lost": "run.lost",
 }
+# a success is an event only for a task whose notify.on asks for it ("success"): recorded
+# for every success, it would be most of the events collection and mean nothing to anyone
+SUCCESS_KIND = "run.succeeded"
 # statuses a later success recovers from
 FAILING_STATUSES = ("failed", "timed_out", "lost")
 
@@ -187,6 +191,8 @@ def run_message(run: dict[str, Any]) -> str:
     if status == "lost":
         why = f": {_one_line(run['error'])}" if run.get("error") else ""
         return f"task {name}: run lost{where}{why}"
+    if status == "succeeded":
+        return f"task {name} succeeded{where} in {_seconds(run.get('duration'))}"
     return f"task {name} {status}{where}"
 
 
@@ -195,9 +201,12 @@ def _one_line(text: Any, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def run_event(run: dict[str, Any]) -> dict[str, Any] | None:
-    """The event of a run in a final status that is an alert, else None."""
+def run_event(run: dict[str, Any], success: bool = False) -> dict[str, Any] | None:
+    """The event of a run in a final status that is an alert (or, with ``success``, a
+    succeeded run: for the tasks that asked to hear of them), else None."""
     kind = RUN_EVENT_KINDS.get(run.get("status") or "")
+    if kind is None and success and run.get("status") == "succeeded":
+        kind = SUCCESS_KIND
     if kind is None:
         return None
     return event_document(

@@ -67,6 +67,19 @@ def new_id() -> str:
     return str(ObjectId())
 
 
+def nest_dotted(doc: dict[str, Any]) -> dict[str, Any]:
+    """A document read with a dotted projection (``spec.owner``), nested as MongoDB returns it:
+    nx-27017 answers such a projection with flat dotted keys instead. Changes ``doc``."""
+    for key in [k for k in doc if "." in k]:
+        value = doc.pop(key)
+        parts = key.split(".")
+        target = doc
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = value
+    return doc
+
+
 def _count_failures(
     last_run: dict[str, Any], runs: list[dict[str, Any]]
 ) -> tuple[int, list[dict[str, Any]]]:
@@ -481,7 +494,8 @@ class Store:
 
         The tasks' previous ``last_run`` is read first, in one query: a success after failing
         runs is ``run.recovered``. The run that is the stored last run (the same final write
-        again) is not counted twice.
+        again) is not counted twice. The same query reads the tasks' ``notify.on``: a success
+        is ``run.succeeded`` for the tasks that name ``success`` there.
         """
         by_task: dict[str, list[dict[str, Any]]] = {}
         for d in docs:
@@ -490,6 +504,7 @@ class Store:
         if not by_task:
             return
         previous = self._previous_last_runs(list(by_task))
+        wants_success = self._wants_success
         events: list[dict[str, Any]] = []
         ops = []
         for task_id, runs in by_task.items():
@@ -502,11 +517,15 @@ class Store:
                 "trigger": runs[-1].get("trigger"),
             }
             if previous is not None:
-                failures, recovered = _count_failures(previous.get(task_id) or {}, runs)
+                failures, recovered = _count_failures(
+                    (previous.get(task_id) or {}).get("last_run") or {}, runs
+                )
                 last_run["failures"] = failures
                 events += recovered
             ops.append(UpdateOne({"_id": task_id}, {"$set": {"last_run": last_run}}))
-        events += [e for runs in by_task.values() for d in runs if (e := ev.run_event(d))]
+        for task_id, runs in by_task.items():
+            success = previous is not None and wants_success(previous.get(task_id))
+            events += [e for d in runs if (e := ev.run_event(d, success=success))]
         if events:
             self._record_run_events(events)
         try:
@@ -515,14 +534,23 @@ class Store:
             log.warning("cannot note the last runs on their tasks: %s", e)
 
     def _previous_last_runs(self, task_ids: list[str]) -> dict[str, dict[str, Any]] | None:
-        """task id -> its stored ``last_run`` ({} if none); None if MongoDB did not answer."""
+        """task id -> its stored ``last_run`` and ``spec.notify.on``; None if MongoDB did not
+        answer."""
         try:
-            cursor = self.tasks.find({"_id": {"$in": task_ids}}, {"last_run": 1})
+            cursor = self.tasks.find(
+                {"_id": {"$in": task_ids}}, {"last_run": 1, "spec.notify.on": 1}
+            )
             found = self._guard(lambda: list(cursor), "read the tasks' last runs")
         except (StoreError, BulkWriteError) as e:
             log.warning("cannot read the last runs of the tasks (no recovery events): %s", e)
             return None
-        return {d["_id"]: d.get("last_run") or {} for d in found}
+        return {d["_id"]: nest_dotted(d) for d in found}
+
+    @staticmethod
+    def _wants_success(task: dict[str, Any] | None) -> bool:
+        notify = ((task or {}).get("spec") or {}).get("notify")
+        on = notify.get("on") if isinstance(notify, dict) else None
+        return isinstance(on, list) and "success" in on
 
     def _record_run_events(self, events: list[dict[str, Any]]) -> None:
         """Record run events, only for runs stored in the status the event is about: a late
@@ -1042,8 +1070,7 @@ class Store:
         )
         pins: dict[str, list[str]] = {}
         for doc in self._guard(lambda: list(cursor), "read the tasks pinning the file"):
-            # nx-27017 answers a dotted projection with a flat dotted key
-            sha256 = doc.get("spec.file_version") or (doc.get("spec") or {}).get("file_version")
+            sha256 = (nest_dotted(doc).get("spec") or {}).get("file_version")
             if sha256:
                 pins.setdefault(sha256, []).append(doc["name"])
         for names in pins.values():
@@ -1063,13 +1090,13 @@ class Store:
         )
         out = []
         for doc in self._guard(lambda: list(cursor), "read the tasks using files"):
-            spec = doc.get("spec") or {}
+            spec = nest_dotted(doc).get("spec") or {}
             out.append(
                 {
                     "id": doc["_id"],
                     "name": doc["name"],
-                    "file": doc.get("spec.file") or spec.get("file"),
-                    "file_version": doc.get("spec.file_version") or spec.get("file_version"),
+                    "file": spec.get("file"),
+                    "file_version": spec.get("file_version"),
                 }
             )
         return out

@@ -4,6 +4,7 @@ write counts, garbage collection of a departed agent's assignments, stale assign
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from helpers import wait_for
@@ -68,6 +69,8 @@ def test_writes_after_a_leave_are_the_moved_tasks_and_garbage_goes_later(
     c, thread = center
     thread.start()
     wait_for(lambda: sum(len(nodes(zk, a)) for a in ("a1", "a2", "a3")) == 60, timeout=20)
+    # the center counts a batch once its transaction returns, a moment after the nodes show
+    wait_for(lambda: c.writes == 60, timeout=10, message="the first placement was not 60 writes")
     before = {a: nodes(zk, a) for a in ("a1", "a2", "a3")}
     writes = c.writes
     leave("a2")
@@ -77,8 +80,10 @@ def test_writes_after_a_leave_are_the_moved_tasks_and_garbage_goes_later(
         message="a2's tasks did not move",
     )
     moved = len(before["a2"])
-    assert c.writes - writes == moved  # one create per moved task; nothing else on the way
     assert nodes(zk, "a2") == before["a2"]  # left behind for now
+    wait_for(lambda: c.writes - writes >= moved, timeout=10)
+    time.sleep(0.7)  # a few resyncs (0.3 s): they write nothing
+    assert c.writes - writes == moved  # one create per moved task; nothing else on the way
     wait_for(
         lambda: not zk.exists(PATHS.assignment_dir("a2")), timeout=10, message="garbage stayed"
     )

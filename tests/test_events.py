@@ -183,6 +183,35 @@ def test_killed_skipped_and_succeeded_runs_are_no_alerts(store):
     assert events(store) == []
 
 
+def test_a_success_is_an_event_only_for_a_task_that_asks_for_it(store):
+    quiet = make_task(store, "quiet", notify={"emails": ["a@example.com"]})
+    loud = make_task(
+        store, "loud", notify={"emails": ["a@example.com"], "on": ["failure", "success"]}
+    )
+    store.save_runs([finish(claimed(store, quiet, NOW), "succeeded")])
+    done = finish(claimed(store, loud, NOW), "succeeded", exit_code=0, output_tail=OUTPUT)
+    store.save_runs([done])
+    store.save_runs([done])  # written again: still one event
+    (event,) = events(store)
+    assert event["_id"] == f"run.succeeded:{done['_id']}"
+    assert (event["kind"], event["severity"], event["task_name"]) == (
+        "run.succeeded",
+        "info",
+        "loud",
+    )
+    assert event["message"] == "task loud succeeded on agent a1 in 3s"
+    assert event["details"]["status"] == "succeeded" and event["details"]["exit_code"] == 0
+    # a failure of the same task is still its own alert, and the next success also counts
+    run_once(store, loud, "failed", NOW + timedelta(minutes=1), exit_code=1)
+    run_once(store, loud, "succeeded", NOW + timedelta(minutes=2))
+    assert [e["kind"] for e in events(store)] == [
+        "run.succeeded",
+        "run.failed",
+        "run.recovered",
+        "run.succeeded",
+    ]
+
+
 def test_recovered_after_failures_counts_them(store):
     task = make_task(store)
     t = NOW

@@ -247,6 +247,45 @@ def test_task_notify_on_decides_its_own_recipients(store, smtp):
     ]
 
 
+def test_success_mails_go_only_to_tasks_that_ask_one_per_success(store, smtp):
+    cfg = config(smtp.port, operators=("ops@example.com",))
+    loud = make_task(store, "loud", notify={"emails": ["l@example.com"], "on": ["success"]})
+    quiet = make_task(store, "quiet", notify={"emails": ["q@example.com"]})
+    for task, at in ((loud, T0), (loud, T0 + timedelta(minutes=1)), (quiet, T0)):
+        run = new_run_document(
+            task_id=task["_id"],
+            task_name=task["name"],
+            group=task["group"],
+            revision=1,
+            scheduled_for=at,
+            slot="one",
+            attempt=0,
+            trigger="schedule",
+            agent="a1",
+            status="running",
+            now=at,
+        )
+        run.update(
+            status="succeeded",
+            started_at=at,
+            finished_at=at + timedelta(seconds=2),
+            duration=2.0,
+            exit_code=0,
+            output_tail="42 rows archived\n",
+        )
+        store.runs.insert_one(run)
+        store.note_last_runs([run])  # what every final run write does
+    assert Notifier(store, cfg).run_once(ts(T0, 180))["sent"] == 2
+    got = smtp.inbox.by_recipient()
+    assert sorted(got) == ["l@example.com"]  # not the operators, not the quiet task's owner
+    assert [m["Subject"] for m in got["l@example.com"]] == [
+        "[CloudTask] SUCCEEDED loud (exit 0) 2026-12-01 03:00 UTC",
+        "[CloudTask] SUCCEEDED loud (exit 0) 2026-12-01 03:01 UTC",
+    ]
+    body = got["l@example.com"][0].get_content()
+    assert "task loud succeeded on agent a1 in 2s" in body and "42 rows archived" in body
+
+
 # --- throttling --------------------------------------------------------------------------------
 
 

@@ -31,7 +31,7 @@ from flask_login import current_user
 from cloudtask.exceptions import Conflict, NotFound, Problem, ValidationError
 from cloudtask.operations import find_task
 from cloudtask.schedules import next_fires
-from cloudtask.store import RUNNING_STATUSES
+from cloudtask.store import RUNNING_STATUSES, nest_dotted
 from cloudtask.task import parse_task
 
 from . import queries
@@ -48,7 +48,7 @@ from .openapi import (
     ref,
 )
 from .queries import LAST_RESULTS, MAX_PER_PAGE, RUN_LIST_FIELDS, RUN_STATUSES, TASK_STATES
-from .tasks import nest_dotted, task_state
+from .tasks import task_state
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 api = ApiTable(bp)

@@ -13,6 +13,7 @@ from typing import Any
 
 from pymongo import ASCENDING, DESCENDING
 
+from cloudtask import events
 from cloudtask.exceptions import Problem, ValidationError
 from cloudtask.store import FINISHED_STATUSES, RUNNING_STATUSES, Store
 
@@ -265,21 +266,7 @@ def list_runs(store: Store, filters: dict[str, Any]) -> Page:
     return Page(items, page, per_page, total, capped, filters)
 
 
-EVENT_KINDS = (
-    "run.failed",
-    "run.timed_out",
-    "run.missed",
-    "run.lost",
-    "run.recovered",
-    "agent.joined",
-    "agent.left",
-    "agent.returned",
-    "center.leader",
-    "task.unassigned",
-    "task.created",
-    "task.changed",
-    "task.deleted",
-)
+EVENT_KINDS = events.KINDS
 EVENT_SEVERITIES = ("error", "warning", "info")
 
 

@@ -34,7 +34,7 @@ from werkzeug.routing import BuildError
 
 from cloudtask.exceptions import CloudTaskError, Conflict, NotFound, Problem, ValidationError
 from cloudtask.schedules import next_fires, parse_schedule, schedule_summary, timezone_problem
-from cloudtask.store import RUNNING_STATUSES
+from cloudtask.store import RUNNING_STATUSES, nest_dotted
 from cloudtask.task import (
     CONCURRENCY_POLICIES,
     DEFAULT_NOTIFY_ON,
@@ -161,19 +161,6 @@ def facets() -> dict[str, list[str]]:
     except Exception:  # a facet is a convenience: the page works without it
         groups, owners = [], []
     return {"groups": groups, "owners": owners}
-
-
-def nest_dotted(doc: dict[str, Any]) -> dict[str, Any]:
-    """A document read with a dotted projection (``spec.owner``), nested as MongoDB returns it:
-    nx-27017 answers such a projection with flat dotted keys instead."""
-    for key in [k for k in doc if "." in k]:
-        value = doc.pop(key)
-        parts = key.split(".")
-        target = doc
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-        target[parts[-1]] = value
-    return doc
 
 
 def _get_task(task_id: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ _WORDS = {
     "run.missed": "MISSED",
     "run.lost": "LOST",
     "run.recovered": "RECOVERED",
+    "run.succeeded": "SUCCEEDED",
     "agent.joined": "AGENT JOINED",
     "agent.left": "AGENT OFFLINE",
     "agent.returned": "AGENT BACK",
@@ -220,7 +221,7 @@ def event_body(event: dict[str, Any], task: dict[str, Any] | None, base_url: str
     lines = [one_line(event.get("message"), 2000), ""]
     if kind.startswith("run."):
         lines += _run_lines(event, task)
-        if kind != "run.recovered" or d.get("output_tail_lines"):
+        if kind not in ("run.recovered", "run.succeeded") or d.get("output_tail_lines"):
             lines += output_block(d.get("output_tail_lines"))
     else:
         lines.append(_line("Event", kind))

@@ -4,7 +4,8 @@ Recipients of an event, deduplicated without regard to case:
 
 * the task's ``notify.emails`` when ``notify.on`` names the outcome (``failure`` is
   run.failed, ``timeout`` run.timed_out, ``missed`` run.missed, ``lost`` run.lost,
-  ``recovered`` run.recovered; ``success`` has no event);
+  ``recovered`` run.recovered, ``success`` run.succeeded: recorded only for the tasks
+  whose ``notify.on`` names it, and mailed unthrottled, one mail per success);
 * ``alerts.operators`` (what went wrong and its recovery: see ``events.OPERATOR_KINDS``),
   ``alerts.operators_by_kind[kind]`` (any kind),
   ``alerts.operators_by_group[group]`` (the event's agent group);
@@ -38,6 +39,7 @@ KIND_OF_OUTCOME = {
     "missed": "run.missed",
     "lost": "run.lost",
     "recovered": "run.recovered",
+    "success": "run.succeeded",
 }
 OUTCOME_OF_KIND = {kind: outcome for outcome, kind in KIND_OF_OUTCOME.items()}
 
