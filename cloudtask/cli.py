@@ -344,6 +344,11 @@ def apply_tasks(store: Any, tasks: list[tuple[Path, dict]]) -> list[tuple[str, s
     from .operations import Operations
 
     ops = Operations(store)
+    for path, data in tasks:  # the files they name are stored: checked before storing any
+        try:
+            ops.check_apply(data)
+        except ValidationError as e:
+            raise ValidationError(e.problems, source=str(path)) from None
     results = []
     for path, data in tasks:
         try:

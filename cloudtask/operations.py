@@ -15,7 +15,7 @@ from typing import Any
 
 from .exceptions import Conflict, NotFound, Problem, ValidationError
 from .store import RUNNING_STATUSES, Store
-from .task import parse_task
+from .task import TaskSpec, parse_task
 from .zkpaths import ZkPaths, request_kill, run_signal
 
 
@@ -37,8 +37,21 @@ class Operations:
 
     # --- tasks ------------------------------------------------------------------------------
 
+    def _checked(self, data: dict[str, Any], before: dict[str, Any] | None) -> TaskSpec:
+        """The task ``data`` parsed, and its file reference checked when it is new or changed
+        (``before``: the stored spec): a task never saved pointing at a file or a version that
+        is not stored. A task whose file went away later can still be changed otherwise."""
+        spec = parse_task(data)
+        old = (before or {}).get("spec") or {}
+        changed = (spec.file, spec.file_version) != (old.get("file"), old.get("file_version"))
+        if spec.file and changed:
+            problems = self.store.file_reference_problems(spec.file, spec.file_version)
+            if problems:
+                raise ValidationError(problems)
+        return spec
+
     def create_task(self, actor: str, data: dict[str, Any]) -> dict[str, Any]:
-        doc = self.store.create_task(data)
+        doc = self.store.create_task(self._checked(data, None))
         self.store.add_audit(
             actor, "task.create", _target(doc), None, doc["spec"], task_id=doc["_id"]
         )
@@ -52,7 +65,8 @@ class Operations:
         expected_revision: int | None = None,
     ) -> dict[str, Any]:
         before = self.store.get_task(task_id)
-        doc = self.store.replace_task(task_id, data, expected_revision=expected_revision)
+        spec = self._checked(data, before)
+        doc = self.store.replace_task(task_id, spec, expected_revision=expected_revision)
         self.store.add_audit(
             actor, "task.update", _target(doc), before["spec"], doc["spec"], task_id=doc["_id"]
         )
@@ -76,15 +90,24 @@ class Operations:
         spec.update(changes)
         return self.replace_task(actor, task_id, spec, expected_revision)
 
-    def apply_task(self, actor: str, data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """Create or update the task named in ``data`` (``cloudtask apply``)."""
+    def _named(self, data: dict[str, Any]) -> dict[str, Any] | None:
         name = data.get("name") if isinstance(data, dict) else None
-        before = None
         if isinstance(name, str):
             try:
-                before = self.store.get_task_by_name(name)
+                return self.store.get_task_by_name(name)
             except NotFound:
-                before = None
+                pass
+        return None
+
+    def check_apply(self, data: dict[str, Any]) -> None:
+        """Raise ValidationError if :meth:`apply_task` would refuse ``data`` (checks every task
+        of an ``apply`` before any is stored)."""
+        self._checked(data, self._named(data))
+
+    def apply_task(self, actor: str, data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Create or update the task named in ``data`` (``cloudtask apply``)."""
+        before = self._named(data)
+        self._checked(data, before)
         outcome, doc = self.store.apply_task(data)
         if outcome != "unchanged":
             self.store.add_audit(

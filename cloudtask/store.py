@@ -218,6 +218,11 @@ class Store:
         self.audit.create_index([("action", ASCENDING), ("at", DESCENDING)], name="action_at")
         self._ensure_event_indexes()
         self.users.create_index([("username", ASCENDING)], unique=True, name="username_unique")
+        # the web's login throttle (web.security.LoginThrottle): MongoDB drops a pair's failures
+        # once they are too old to count
+        self.db["login_failures"].create_index(
+            [("expires_at", ASCENDING)], expireAfterSeconds=0, name="expire"
+        )
         self.audit.create_index([("at", DESCENDING)], name="at")
         self.db["files.files"].create_index([("metadata.sha256", ASCENDING)], name="sha256")
         self.db["files.files"].create_index(
@@ -1303,6 +1308,32 @@ class Store:
         if doc is None:
             raise NotFound(f"no stored file named {name!r}; upload it first")
         return self._file_meta(doc)
+
+    def file_reference_problems(self, name: str | None, sha256: str | None) -> list[Problem]:
+        """What is wrong with a task naming the file ``name`` (pinned to ``sha256``, if given):
+        no such file is stored, or not that version. [] when it can run."""
+        if not name:
+            return []
+        versions = self._versions_of(name)
+        if not versions:
+            return [
+                Problem(
+                    "file",
+                    f"no file named {name!r} is stored; upload it first (the Files page, "
+                    f"POST /api/v1/files or `cloudtask file put`)",
+                )
+            ]
+        hashes = [(d.get("metadata") or {}).get("sha256") for d in versions]
+        if sha256 and sha256 not in hashes:
+            shown = ", ".join(h[:12] for h in dict.fromkeys(hashes) if h)
+            return [
+                Problem(
+                    "file_version",
+                    f"file {name!r} has no version {sha256[:12]}…; its stored versions, newest "
+                    f"first: {shown}",
+                )
+            ]
+        return []
 
     def list_file_versions(self, name: str) -> list[dict[str, Any]]:
         """The stored versions of the file ``name``, newest first: the metadata of each, plus

@@ -103,6 +103,28 @@ def test_apply_is_all_or_nothing(tmp_path, mongo_server, mongo_db_name, mongo_cl
     assert "unchanged" in result.output
 
 
+def test_apply_refuses_a_task_naming_a_file_not_stored_before_storing_any(
+    tmp_path, mongo_server, mongo_db_name, mongo_client
+):
+    env = {"CLOUDTASK_MONGO_URI": mongo_server.uri, "CLOUDTASK_MONGO_DATABASE": mongo_db_name}
+    good = write_tasks(
+        tmp_path, {"name": "a", "schedule": {"every": "1m"}, "command": "true"}, "a.json"
+    )
+    spec = {"name": "b", "schedule": {"every": "1m"}, "command": "./b.sh", "file": "b.sh"}
+    needs_file = write_tasks(tmp_path, spec, "b.json")
+    result = invoke("apply", str(good), str(needs_file), env=env)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"{needs_file}" in result.output and "no file named 'b.sh' is stored" in result.output
+    assert mongo_client[mongo_db_name].tasks.count_documents({}) == 0
+    script = tmp_path / "b.sh"
+    script.write_text("echo b\n")
+    put = invoke("file", "put", str(script), env=env)
+    assert put.exit_code == 0, put.output
+    result = invoke("apply", str(good), str(needs_file), env=env)
+    assert result.exit_code == 0, result.output
+    assert mongo_client[mongo_db_name].tasks.count_documents({}) == 2
+
+
 def test_bad_config_is_a_message_not_a_traceback(tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"agent": {"max_parallel": "lots"}}))

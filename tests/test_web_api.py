@@ -529,6 +529,29 @@ def test_files_upload_by_multipart_or_raw_body_and_list(op, viewer, store):
     assert paths_of(body) == ["file"]
 
 
+def test_a_task_cannot_name_a_file_or_version_that_is_not_stored(op, store):
+    spec = {**SPEC, "command": "./job.sh", "file": "job.sh"}
+    body = error_of(op.post("/tasks", json=spec), 422)
+    assert paths_of(body) == ["file"] and "upload it first" in body["details"][0]["message"]
+    assert store.tasks.count_documents({}) == 0
+    one = op.post("/files?name=job.sh", data=b"echo one").get_json()["sha256"]
+    two = op.post("/files?name=job.sh", data=b"echo two").get_json()["sha256"]
+    pinned = {**spec, "file_version": "f" * 64}
+    body = error_of(op.post("/tasks", json=pinned), 422)
+    assert paths_of(body) == ["file_version"]
+    assert f"{two[:12]}, {one[:12]}" in body["details"][0]["message"]  # newest first
+    task = op.post("/tasks", json={**spec, "file_version": one}).get_json()
+    assert task["spec"]["file_version"] == one
+    # a task whose file went away later can still be changed, just not to another missing one
+    for doc in store.db["files.files"].find({"filename": "job.sh"}):
+        store.fs.delete(doc["_id"])
+    changed = op("PATCH", f"/tasks/{task['id']}", json={"retries": 1})
+    assert changed.status_code == 200, changed.get_json()
+    body = error_of(op("PATCH", f"/tasks/{task['id']}", json={"file_version": two}), 422)
+    assert paths_of(body) == ["file"]
+    assert store.get_task(task["id"])["spec"]["file_version"] == one  # nothing lost
+
+
 def test_an_upload_over_the_limit_is_413(store):
     config = Config().with_section("web", max_upload_bytes=1000)
     app = make_app(store, config=config)

@@ -351,13 +351,36 @@ def test_an_http_task_does_not_follow_a_redirect_with_its_token(store, writer, t
         server.server_close()
 
 
-def test_the_login_throttle_stays_bounded_and_still_blocks():
-    from web.security import MAX_TRACKED, LoginThrottle
+def test_the_login_throttle_is_shared_by_web_processes_and_stays_small(store):
+    from web.security import LoginThrottle
 
-    throttle = LoginThrottle()
-    for _ in range(5):
+    # two web processes on one database: their failures add up
+    first = LoginThrottle(lambda: store.db["login_failures"])
+    second = LoginThrottle(lambda: store.db["login_failures"])
+    for throttle in (first, second, first, second):
         throttle.failed("alice", "10.0.0.1")
-    for i in range(MAX_TRACKED + 500):  # an attacker trying made-up names
-        throttle.failed(f"nobody-{i}", "10.0.0.2")
-    assert len(throttle._failures) <= MAX_TRACKED
-    assert throttle.blocked("alice", "10.0.0.1")  # a blocked pair is never the one evicted
+    assert not first.blocked("alice", "10.0.0.1") and not second.blocked("alice", "10.0.0.1")
+    second.failed("alice", "10.0.0.1")
+    assert first.blocked("alice", "10.0.0.1") and second.blocked("alice", "10.0.0.1")
+    assert not first.blocked("alice", "10.0.0.2") and not first.blocked("bob", "10.0.0.1")
+    for _ in range(20):
+        first.failed("alice", "10.0.0.1")
+    (doc,) = store.db["login_failures"].find({})
+    assert len(doc["times"]) == 5 and len(doc["_id"]) == 64  # the last 5 only, a fixed-size key
+    first.failed("x" * 100_000, "10.0.0.3")  # a made-up name of any length: a fixed-size key
+    assert all(len(d["_id"]) == 64 for d in store.db["login_failures"].find({}))
+    # a success forgets the pair's failures
+    first.succeeded("alice", "10.0.0.1")
+    assert not second.blocked("alice", "10.0.0.1")
+    # the failures stop counting after the window, and expired pairs are deleted
+    short = LoginThrottle(lambda: store.db["login_failures"], limit=2, window=0.5)
+    short.failed("carol", "10.0.0.4")
+    short.failed("carol", "10.0.0.4")
+    assert short.blocked("carol", "10.0.0.4")
+    time.sleep(0.7)
+    assert not short.blocked("carol", "10.0.0.4")
+    short._swept = 0.0
+    short.failed("dave", "10.0.0.5")  # sweeps the expired ones (without a TTL monitor)
+    keys = {d["_id"] for d in store.db["login_failures"].find({})}
+    assert LoginThrottle._key("carol", "10.0.0.4") not in keys
+    assert LoginThrottle._key("dave", "10.0.0.5") in keys

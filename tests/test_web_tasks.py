@@ -313,6 +313,19 @@ def test_create_an_http_task_paused_with_a_window(client, store, operator):
     assert spec["http"]["expect_status"] == [200, 204] and spec["http"]["callback"] is True
 
 
+def test_a_file_version_not_stored_is_shown_at_its_field(client, store, operator):
+    stored = store.put_file("report.sh", b"echo report\n", "op1")
+    data = form_data(operator, command="./report.sh", file="report.sh", file_version="a" * 64)
+    answer = client.post("/tasks/new", data=data)
+    assert answer.status_code == 422
+    version = field_block(answer.get_data(as_text=True), "file_version")
+    assert "has no version aaaaaaaaaaaa" in version and stored["sha256"][:12] in version
+    assert store.tasks.count_documents({}) == 0
+    data["file_version"] = stored["sha256"]
+    assert client.post("/tasks/new", data=data).status_code == 302
+    assert store.get_task_by_name("nightly")["spec"]["file_version"] == stored["sha256"]
+
+
 def test_create_errors_are_shown_next_to_their_fields_and_the_input_kept(client, store, operator):
     data = form_data(
         operator, cron="61 * * * *", timeout="soon", command="", env="GOOD=1\nno equals sign"

@@ -1,4 +1,5 @@
-"""CSRF tokens for forms and a login throttle (5 failures per user and address).
+"""CSRF tokens for forms and a login throttle (5 failures per user and address, counted in
+MongoDB by every web process alike).
 
 CSRF: a random token kept in the (signed, HttpOnly, SameSite) session; every form carries it
 in a hidden field named ``csrf_token`` and every state-changing request without a matching
@@ -9,15 +10,17 @@ exposed to CSRF and are exempt (a cookie alone never authenticates them).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
-import threading
 import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
 
 from flask import abort, request, session
 
 CSRF_FIELD = "csrf_token"
-MAX_TRACKED = 10_000  # (user, address) pairs with recent failures kept by the login throttle
 
 
 def csrf_token() -> str:
@@ -46,36 +49,50 @@ def check_csrf() -> None:
 
 
 class LoginThrottle:
-    """After ``limit`` failures for the same user from the same address, refuse for ``window``."""
+    """After ``limit`` failures for the same user from the same address within ``window``
+    seconds, refuse further tries until the oldest of them is ``window`` old.
 
-    def __init__(self, limit: int = 5, window: float = 300.0) -> None:
+    The failures live in MongoDB (collection ``login_failures``), so every web process behind
+    a load balancer counts the same tries: N processes do not allow N times the guesses. One
+    small document per (user, address) pair, keyed by a hash of both (a made-up name of any
+    length costs the same), holding the times of its last ``limit`` failures; a TTL index
+    drops it when it is ``window`` old, and this class also deletes expired ones at most once
+    a minute (servers without TTL monitors). A MongoDB failure propagates: the login it
+    guards cannot be checked without MongoDB either.
+    """
+
+    def __init__(
+        self, collection: Callable[[], Any], limit: int = 5, window: float = 300.0
+    ) -> None:
+        self._collection = collection
         self.limit = limit
         self.window = window
-        self._failures: dict[tuple[str, str], list[float]] = {}
-        self._lock = threading.Lock()
+        self._swept = 0.0
 
-    def _recent(self, key: tuple[str, str], now: float) -> list[float]:
-        times = [t for t in self._failures.get(key, []) if now - t < self.window]
-        self._failures[key] = times
-        return times
+    @staticmethod
+    def _key(username: str, address: str) -> str:
+        return hashlib.sha256(f"{username}\x00{address}".encode("utf-8", "replace")).hexdigest()
 
     def blocked(self, username: str, address: str) -> bool:
-        with self._lock:
-            return len(self._recent((username, address), time.monotonic())) >= self.limit
+        doc = self._collection().find_one({"_id": self._key(username, address)})
+        now = time.time()
+        recent = [t for t in (doc or {}).get("times") or [] if isinstance(t, (int, float))]
+        return len([t for t in recent if now - t < self.window]) >= self.limit
 
     def failed(self, username: str, address: str) -> None:
-        with self._lock:
-            now = time.monotonic()
-            self._recent((username, address), now).append(now)
-            if len(self._failures) > MAX_TRACKED:  # made-up names must not grow it for ever
-                for key in [k for k, v in self._failures.items() if not v or now - v[-1] > 60]:
-                    del self._failures[key]
-                excess = len(self._failures) - MAX_TRACKED
-                if excess > 0:  # the oldest that are not blocked go first; blocked ones stay
-                    unblocked = [k for k, v in self._failures.items() if len(v) < self.limit]
-                    for key in unblocked[:excess]:
-                        del self._failures[key]
+        now = time.time()
+        collection = self._collection()
+        collection.update_one(
+            {"_id": self._key(username, address)},
+            {
+                "$push": {"times": {"$each": [now], "$slice": -self.limit}},
+                "$set": {"expires_at": datetime.fromtimestamp(now + self.window, timezone.utc)},
+            },
+            upsert=True,
+        )
+        if now - self._swept > 60:
+            self._swept = now
+            collection.delete_many({"expires_at": {"$lt": datetime.now(timezone.utc)}})
 
     def succeeded(self, username: str, address: str) -> None:
-        with self._lock:
-            self._failures.pop((username, address), None)
+        self._collection().delete_one({"_id": self._key(username, address)})
