@@ -86,13 +86,16 @@ class LoginThrottle:
             {"_id": self._key(username, address)},
             {
                 "$push": {"times": {"$each": [now], "$slice": -self.limit}},
-                "$set": {"expires_at": datetime.fromtimestamp(now + self.window, timezone.utc)},
+                "$set": {
+                    "expires_at": datetime.fromtimestamp(now + self.window, timezone.utc),
+                    "expires_ts": now + self.window,  # numbers compare alike on every server
+                },
             },
             upsert=True,
         )
         if now - self._swept > 60:
             self._swept = now
-            collection.delete_many({"expires_at": {"$lt": datetime.now(timezone.utc)}})
+            collection.delete_many({"expires_ts": {"$lt": now}})
 
     def succeeded(self, username: str, address: str) -> None:
         self._collection().delete_one({"_id": self._key(username, address)})
