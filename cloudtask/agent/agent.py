@@ -239,8 +239,14 @@ class Agent:
         if self.scheduler.remove(task_id):
             log.info("task %s unscheduled", task_id)
         if known is not None and known[1].schedule.keepalive:
-            # a service stops with its task; a scheduled run in flight finishes
-            self.executor.kill_task(task_id, "the task was paused, deleted or moved")
+            # a service stops with its task; a scheduled run in flight finishes. While the
+            # agent stops, the leader moves its tasks away: that is the agent stopping too
+            why = (
+                "the agent is stopping"
+                if self._stop.is_set()
+                else "the task was paused, deleted or moved"
+            )
+            self.executor.kill_task(task_id, why)
 
     # --- firing -----------------------------------------------------------------------------
 
