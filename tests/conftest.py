@@ -115,7 +115,7 @@ def zk_hosts(zk_server: ZooKeeperServer) -> str:
 
 @pytest.fixture
 def zk(zk_hosts: str) -> Iterator[KazooClient]:
-    client = KazooClient(zk_hosts, timeout=2)
+    client = KazooClient(zk_hosts, timeout=10)  # it only observes: a stall must not drop it
     client.start(timeout=15)
     yield client
     client.stop()

@@ -101,6 +101,7 @@ schema = schemathesis.openapi.from_dict(document(api), config=CONFIG)
 @settings(
     max_examples=MAX_EXAMPLES,
     deadline=None,
+    derandomize=True,  # the same inputs every run: CI fails on a change, not on luck
     suppress_health_check=list(HealthCheck),
 )
 def test_no_generated_input_makes_a_500_or_an_undocumented_answer(case, fuzz_app):

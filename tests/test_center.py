@@ -44,7 +44,7 @@ def fake_agents(zk_hosts):
 @pytest.fixture
 def center(zk, zk_hosts, store):
     cfg = Config().with_section("zookeeper", hosts=zk_hosts)
-    c = Center(cfg, store, zk, center_id="c1", resync_interval=0.3, garbage_after=1.5)
+    c = Center(cfg, store, zk, center_id="c1", resync_interval=0.3, garbage_after=4.0)
     thread = threading.Thread(target=c.run, daemon=True)
     yield c, thread
     c.stop()

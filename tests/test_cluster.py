@@ -184,7 +184,7 @@ def test_failover_moves_only_the_dead_agents_tasks(cluster, zk, store):
         message="a2's tasks did not move",
     )
     took = time.monotonic() - killed_at
-    assert took < SESSION + 4, f"failover took {took:.1f} s"
+    assert took < SESSION + 8, f"failover took {took:.1f} s"  # generous: 2 loaded cores
     for agent in ("a1", "a3"):
         assert placed[agent] <= moved[agent]
     assert moved["a1"] - placed["a1"] | moved["a3"] - placed["a3"] == placed["a2"]
@@ -388,9 +388,11 @@ def test_paused_agent_fires_nothing_twice(cluster, zk, store):
         lambda: assignments(zk).get("a1"), timeout=SESSION + 15, message="a1 never came back"
     )
     stats = [zk.exists(f"/cloudtask/assignments/a1/{t}") for t in back]
-    ctimes = [stat.ctime for stat in stats if stat is not None]
-    assert ctimes, "a1's assignments vanished as soon as it got them"
-    regained = datetime.fromtimestamp(min(ctimes) / 1000, timezone.utc)  # when it got tasks again
+    # mtime: the leader gives a returning agent its old nodes again with a set (they are kept
+    # as garbage for a while), so their ctime is from before the pause
+    mtimes = [stat.mtime for stat in stats if stat is not None]
+    assert mtimes, "a1's assignments vanished as soon as it got them"
+    regained = datetime.fromtimestamp(min(mtimes) / 1000, timezone.utc)  # when it got tasks again
     time.sleep(3.0)
     cluster.stop_all()
     no_fire_twice(store)

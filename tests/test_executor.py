@@ -111,7 +111,7 @@ def test_timeout_kills_whole_tree(store, executor):
     ctx = start(
         store,
         executor,
-        {"command": "sleep 100 & sleep 100", "shell": True, "timeout": "1s"},
+        {"command": "sleep 100 & sleep 100", "shell": True, "timeout": "3s"},
     )
     wait_for(lambda: ctx.proc is not None, message="process did not start")
     pid = ctx.proc.pid
@@ -135,7 +135,7 @@ def test_timeout_kills_grandchild_that_escaped_with_setsid(store, executor):
                 "-c",
                 "import os, subprocess, time\nsubprocess.Popen(['setsid', 'sleep', '100'])\ntime.sleep(100)",
             ],
-            "timeout": "1s",
+            "timeout": "3s",
         },
     )
     wait_for(lambda: _tagged(ctx.run_id), message="grandchild did not start")
