@@ -134,7 +134,7 @@ def make_task(store: Store, name: str = "nightly-cleanup", **spec: Any) -> dict[
     )
 
 
-def run_event(
+def finished_run(
     store: Store,
     task: dict[str, Any],
     at: datetime,
@@ -143,9 +143,8 @@ def run_event(
     exit_code: int | None = 2,
     output: str = "",
     attempt: int = 0,
-    record: bool = True,
 ) -> dict[str, Any]:
-    """A finished run of ``task`` scheduled at ``at`` (stored), and its event (recorded)."""
+    """A run of ``task`` scheduled at ``at`` that finished with ``status`` (stored)."""
     run = new_run_document(
         task_id=task["_id"],
         task_name=task["name"],
@@ -169,6 +168,24 @@ def run_event(
         error=None if status != "timed_out" else "killed after the timeout of 2s",
     )
     store.runs.insert_one(run)
+    return run
+
+
+def run_event(
+    store: Store,
+    task: dict[str, Any],
+    at: datetime,
+    *,
+    status: str = "failed",
+    exit_code: int | None = 2,
+    output: str = "",
+    attempt: int = 0,
+    record: bool = True,
+) -> dict[str, Any]:
+    """A finished run of ``task`` scheduled at ``at`` (stored), and its event (recorded)."""
+    run = finished_run(
+        store, task, at, status=status, exit_code=exit_code, output=output, attempt=attempt
+    )
     if status == "succeeded":
         event = events.recovered_event(run, 3, "failed")
     else:
@@ -252,28 +269,7 @@ def test_success_mails_go_only_to_tasks_that_ask_one_per_success(store, smtp):
     loud = make_task(store, "loud", notify={"emails": ["l@example.com"], "on": ["success"]})
     quiet = make_task(store, "quiet", notify={"emails": ["q@example.com"]})
     for task, at in ((loud, T0), (loud, T0 + timedelta(minutes=1)), (quiet, T0)):
-        run = new_run_document(
-            task_id=task["_id"],
-            task_name=task["name"],
-            group=task["group"],
-            revision=1,
-            scheduled_for=at,
-            slot="one",
-            attempt=0,
-            trigger="schedule",
-            agent="a1",
-            status="running",
-            now=at,
-        )
-        run.update(
-            status="succeeded",
-            started_at=at,
-            finished_at=at + timedelta(seconds=2),
-            duration=2.0,
-            exit_code=0,
-            output_tail="42 rows archived\n",
-        )
-        store.runs.insert_one(run)
+        run = finished_run(store, task, at, status="succeeded", output="42 rows archived\n")
         store.note_last_runs([run])  # what every final run write does
     assert Notifier(store, cfg).run_once(ts(T0, 180))["sent"] == 2
     got = smtp.inbox.by_recipient()
