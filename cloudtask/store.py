@@ -509,7 +509,6 @@ class Store:
         if not by_task:
             return
         previous = self._previous_last_runs(list(by_task))
-        wants_success = self._wants_success
         events: list[dict[str, Any]] = []
         ops = []
         for task_id, runs in by_task.items():
@@ -528,8 +527,7 @@ class Store:
                 last_run["failures"] = failures
                 events += recovered
             ops.append(UpdateOne({"_id": task_id}, {"$set": {"last_run": last_run}}))
-        for task_id, runs in by_task.items():
-            success = previous is not None and wants_success(previous.get(task_id))
+            success = previous is not None and self._wants_success(previous.get(task_id))
             events += [e for d in runs if (e := ev.run_event(d, success=success))]
         if events:
             self._record_run_events(events)

@@ -267,7 +267,7 @@ def list_runs(store: Store, filters: dict[str, Any]) -> Page:
 
 
 EVENT_KINDS = events.KINDS
-EVENT_SEVERITIES = ("error", "warning", "info")
+EVENT_SEVERITIES = tuple(dict.fromkeys(events.SEVERITIES.values()))  # error, warning, info
 
 
 def event_filters(args: Any) -> dict[str, Any]:

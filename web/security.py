@@ -76,8 +76,9 @@ class LoginThrottle:
     def blocked(self, username: str, address: str) -> bool:
         doc = self._collection().find_one({"_id": self._key(username, address)})
         now = time.time()
-        recent = [t for t in (doc or {}).get("times") or [] if isinstance(t, (int, float))]
-        return len([t for t in recent if now - t < self.window]) >= self.limit
+        times = (doc or {}).get("times") or []
+        recent = [t for t in times if isinstance(t, (int, float)) and now - t < self.window]
+        return len(recent) >= self.limit
 
     def failed(self, username: str, address: str) -> None:
         now = time.time()
