@@ -5,8 +5,13 @@ Every datetime in and out is timezone-aware UTC.
 
 Cron expressions are evaluated on naive local wall-clock times in the schedule's timezone and
 converted to UTC one candidate at a time, so daylight saving time is handled here rather than
-left to croniter: a local time that does not exist (spring forward) is skipped, and a local
-time that happens twice (fall back) fires once, at its first occurrence.
+left to croniter, the way Vixie cron does it (crontab(5)). A cron whose hour field names every
+hour (``*``, ``*/1``, ``0-23``) fires at every real instant that shows a matching local time:
+local times the clock skips (spring forward) do not happen, and a repeated local time (fall
+back) fires in both passes. Any other cron names fixed hours: a fire time the clock skips runs
+once at the first instant after the jump (however many of its fire times fell in the gap, and
+not again for a matching time right at the jump), and a repeated one fires once, at its first
+occurrence.
 
 ``every`` fires at ``anchor + k * every`` where the anchor is the window start or the Unix
 epoch, so every machine computes the same fire times, across restarts too: the claim that makes
@@ -22,6 +27,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta, timezone
+from functools import cached_property
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -165,6 +171,18 @@ def _opening_instant(wall: datetime, zone: ZoneInfo) -> datetime:
     return _transition(before, after, zone)
 
 
+def _naive_wall(moment: datetime, zone: ZoneInfo) -> datetime:
+    return moment.astimezone(zone).replace(tzinfo=None)
+
+
+def _fold_walls(wall: datetime, zone: ZoneInfo) -> tuple[datetime, datetime]:
+    """The local times [first, end) that happen twice around ``wall``, a repeated local time."""
+    first = wall.replace(tzinfo=zone, fold=0).astimezone(UTC)
+    second = wall.replace(tzinfo=zone, fold=1).astimezone(UTC)
+    switch = _transition(first, second, zone)  # the clock goes back from `end` to `first`
+    return _naive_wall(switch, zone), _naive_wall(switch - _SECOND, zone) + _SECOND
+
+
 @dataclass(frozen=True)
 class Window:
     """Limits on when a schedule fires: instants [start, end], and a daily local `between`."""
@@ -232,36 +250,58 @@ class CronSchedule(Schedule):
         if problem := cron_problem(self.expr) or timezone_problem(self.timezone):
             raise ValueError(problem)
 
+    @cached_property
+    def wildcard_hour(self) -> bool:
+        """Whether the hour field names every hour (``*``, ``*/1``, ``0-23``): see the module doc."""
+        expanded = croniter(self.expr, _CRON_REFERENCE, second_at_beginning=True).expanded
+        return bool(expanded[1] == ["*"])  # croniter writes a field covering all its values "*"
+
     def next_after(self, t: datetime) -> datetime | None:
         t = _utc(t)
-        win, zone = self.window, ZoneInfo(self.timezone)
+        win, zone, wild = self.window, ZoneInfo(self.timezone), self.wildcard_hour
         lo = win.start - _MICROSECOND if win.start is not None and win.start > t else t
         local = lo.astimezone(zone)
         wall = local.replace(tzinfo=None, microsecond=0)
-        first_pass = wall.replace(tzinfo=zone, fold=0).astimezone(UTC)
-        if local.fold == 1 and first_pass != lo.replace(microsecond=0):
-            # Second pass through a repeated hour: its local times fired in the first pass,
-            # so resume where the repetition ends (the switch instant plus the hour it gave back).
-            switch = _transition(first_pass, lo, zone)
-            wall = switch.astimezone(zone).replace(tzinfo=None) + (lo - first_pass) - _SECOND
-            wall = wall.replace(microsecond=0)
+        # A wildcard-hour cron at a time in the first pass of a repeated hour fires at the rest
+        # of that pass, then goes back to fire the whole repetition again: `revisit` is where
+        # the repeated local times start, `fold_end` where they end.
+        revisit = fold_end = None
+        if wild and local.fold == 0 and zone.utcoffset(wall.replace(fold=1)) != local.utcoffset():
+            revisit, fold_end = _fold_walls(wall, zone)
         it = croniter(self.expr, wall, ret_type=datetime, second_at_beginning=True)
         while True:
             try:
-                candidate: datetime = it.get_next()
+                candidate: datetime | None = it.get_next()
             except CroniterBadDateError:
-                return None
-            moment = _wall_to_utc(candidate, zone)
-            if moment is None:  # skipped by the clock: resume where the gap ends
-                gap_end = _opening_instant(candidate, zone).astimezone(zone)
-                it.set_current(gap_end.replace(tzinfo=None) - _SECOND, force=True)
+                candidate = None
+            if revisit is not None and (candidate is None or candidate >= fold_end):
+                it.set_current(revisit - _SECOND, force=True)  # the repetition's second pass
+                revisit = None
                 continue
-            if (win.end is not None and moment > win.end) or moment - lo > SEARCH_HORIZON:
+            if candidate is None:
                 return None
-            if not win.allows_clock(candidate.time()):
+            before, after = zone.utcoffset(candidate), zone.utcoffset(candidate.replace(fold=1))
+            earliest = (candidate - max(before, after)).replace(tzinfo=UTC)  # no fire before it
+            if (win.end is not None and earliest > win.end) or earliest - lo > SEARCH_HORIZON:
+                return None
+            if not win.allows_clock(candidate.time()):  # `between` judges the cron's own time
                 it.set_current(win.next_opening(candidate) - _SECOND, force=True)
                 continue
-            if moment > t and (win.start is None or moment >= win.start):
+            moment = (candidate - before).replace(tzinfo=UTC)
+            if before < after:  # skipped by the clock (spring forward)
+                gap_end = _opening_instant(candidate, zone)
+                if wild or gap_end <= lo:  # it does not happen / its catch-up already fired
+                    it.set_current(_naive_wall(gap_end, zone) - _SECOND, force=True)
+                    continue
+                moment = gap_end  # several skipped times and the time at the jump: one fire
+            elif before > after and moment <= lo:  # repeated (fall back), its first pass is over
+                if not wild:  # fired in the first pass: resume where the repetition ends
+                    it.set_current(_fold_walls(candidate, zone)[1] - _SECOND, force=True)
+                    continue
+                moment = (candidate - after).replace(tzinfo=UTC)
+            if win.end is not None and moment > win.end:
+                return None
+            if moment > lo:
                 return moment
 
     def to_dict(self) -> dict[str, object]:

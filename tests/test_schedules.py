@@ -114,17 +114,162 @@ def test_next_fires_stops_when_the_schedule_ends() -> None:
 
 
 # --- DST ---------------------------------------------------------------------------------
+#
+# Vixie cron's rules (crontab(5)): a cron naming fixed hours runs a fire time the clock skips
+# right after the jump, once, and a repeated fire time once, at its first occurrence; a cron
+# whose hour field is a wildcard fires at every real instant that shows a matching local time.
+
+SYDNEY = ZoneInfo("Australia/Sydney")
+# zone, the instant the clock jumps forward, the hour it skips, the instant it falls back, the
+# hour it repeats (all in 2026; Sydney is southern: it falls back in April, springs in October)
+DST_ZONES = [
+    pytest.param(BERLIN, "2026-03-29T01:00", 2, "2026-10-25T01:00", 2, id="Berlin"),
+    pytest.param(NEW_YORK, "2026-03-08T07:00", 2, "2026-11-01T06:00", 1, id="New_York"),
+    pytest.param(SYDNEY, "2026-10-03T16:00", 2, "2026-04-04T16:00", 2, id="Sydney"),
+]
+HOUR = timedelta(hours=1)
 
 
-def test_berlin_spring_forward_skips_the_missing_local_time() -> None:
+def walk(schedule: CronSchedule, start: datetime, end: datetime) -> list[datetime]:
+    """Every fire in (start, end], checking each is strictly later and found from just before."""
+    fires: list[datetime] = []
+    t = start
+    while (fire := schedule.next_after(t)) is not None and fire <= end:
+        assert fire > t
+        assert schedule.next_after(fire - timedelta(microseconds=1)) == fire
+        fires.append(fire)
+        t = fire
+    return fires
+
+
+@pytest.mark.parametrize(
+    ("expr", "wildcard"),
+    [
+        ("* * * * *", True),
+        ("0 */1 * * *", True),
+        ("0 0-23 * * *", True),
+        ("*/5 * * * * *", True),
+        ("0 0 */1 * * *", True),
+        ("30 2 * * *", False),
+        ("0 */2 * * *", False),
+        ("* 1-23 * * *", False),
+        ("* 2 * * * *", True),  # every second of minute 2 of every hour: the hour is third
+        ("0 0 2 * * *", False),
+    ],
+)
+def test_wildcard_hour_is_an_hour_field_naming_every_hour(expr: str, wildcard: bool) -> None:
+    assert CronSchedule(expr).wildcard_hour is wildcard
+
+
+@pytest.mark.parametrize(("zone", "jump", "skipped", "back", "repeated"), DST_ZONES)
+@pytest.mark.parametrize("expr", ["30 {h} * * *", "0 30 {h} * * *"])
+def test_fixed_time_in_the_skipped_hour_runs_right_after_the_jump(
+    zone: ZoneInfo, jump: str, skipped: int, back: str, repeated: int, expr: str
+) -> None:
+    schedule = CronSchedule(expr.format(h=skipped), zone.key)
+    fires = next_fires(schedule, utc(jump) - 25 * HOUR, 3)
+    assert [local(f, zone)[11:] for f in fires] == [f"0{skipped}:30:00", "03:00:00", "02:30:00"]
+    assert fires[1] == utc(jump)  # the first instant after the gap, not a day late
+    assert [f.date() for f in fires] == sorted({f.date() for f in fires})  # one a day
+
+
+@pytest.mark.parametrize(("zone", "jump", "skipped", "back", "repeated"), DST_ZONES)
+@pytest.mark.parametrize(
+    ("expr", "fires_at_three"),
+    [
+        ("0,30 {h} * * *", False),  # two fire times in the gap
+        ("* {h} * * *", False),  # sixty
+        ("0 {h},3 * * *", True),  # one in the gap and one at the first instant after it
+        ("*/15 * {h},3 * * *", True),  # 6 fields: every 15 s of two hours
+    ],
+)
+def test_fire_times_in_the_skipped_hour_run_once(
+    zone: ZoneInfo,
+    jump: str,
+    skipped: int,
+    back: str,
+    repeated: int,
+    expr: str,
+    fires_at_three: bool,
+) -> None:
+    schedule = CronSchedule(expr.format(h=skipped), zone.key)
+    before = utc(jump) - HOUR - timedelta(minutes=1)  # 00:59 or 01:59 local, before the jump
+    fires = walk(schedule, before, utc(jump) + timedelta(seconds=59))
+    assert fires[0] == utc(jump)  # 03:00, the first instant after the gap
+    if fires_at_three:  # 03:00 also matches: still one fire then, and the rest of 03:00 after
+        assert fires == [utc(jump) + timedelta(seconds=s) for s in range(0, 60, 15)][: len(fires)]
+    else:
+        assert fires == [utc(jump)]
+        assert schedule.next_after(utc(jump)) == utc(jump) + 23 * HOUR  # tomorrow, 02:00
+
+
+@pytest.mark.parametrize(("zone", "jump", "skipped", "back", "repeated"), DST_ZONES)
+@pytest.mark.parametrize("expr", ["* * * * *", "*/30 * * * * *", "30 * * * *"])
+def test_wildcard_hour_fires_at_real_times_across_the_jump(
+    zone: ZoneInfo, jump: str, skipped: int, back: str, repeated: int, expr: str
+) -> None:
+    schedule = CronSchedule(expr, zone.key)
+    fires = walk(schedule, utc(jump) - 2 * HOUR, utc(jump) + 2 * HOUR)
+    step = {"* * * * *": 60, "*/30 * * * * *": 30, "30 * * * *": 3600}[expr]
+    assert {(b - a).total_seconds() for a, b in zip(fires, fires[1:])} == {step}
+    assert len(fires) == 4 * 3600 // step  # the skipped local times are not made up for
+    if expr == "30 * * * *":
+        assert [local(f, zone)[11:16] for f in fires] == ["00:30", "01:30", "03:30", "04:30"]
+
+
+@pytest.mark.parametrize(("zone", "jump", "skipped", "back", "repeated"), DST_ZONES)
+@pytest.mark.parametrize("expr", ["* * * * *", "*/30 * * * * *", "0 * * * *", "0 */1 * * *"])
+def test_wildcard_hour_fires_in_both_passes_of_the_repeated_hour(
+    zone: ZoneInfo, jump: str, skipped: int, back: str, repeated: int, expr: str
+) -> None:
+    schedule = CronSchedule(expr, zone.key)
+    fires = walk(schedule, utc(back) - 2 * HOUR, utc(back) + 2 * HOUR)
+    step = {"*/30 * * * * *": 30, "* * * * *": 60}.get(expr, 3600)
+    assert {(b - a).total_seconds() for a, b in zip(fires, fires[1:])} == {step}  # no gap
+    assert len(fires) == 4 * 3600 // step
+    repeat = f"{repeated:02d}:00:00"
+    assert [f for f in fires if local(f, zone)[11:] == repeat] == [utc(back) - HOUR, utc(back)]
+
+
+@pytest.mark.parametrize(("zone", "jump", "skipped", "back", "repeated"), DST_ZONES)
+@pytest.mark.parametrize("expr", ["30 {h} * * *", "0 30 {h} * * *", "*/20 {h} * * *"])
+def test_fixed_time_in_the_repeated_hour_fires_at_its_first_occurrence(
+    zone: ZoneInfo, jump: str, skipped: int, back: str, repeated: int, expr: str
+) -> None:
+    schedule = CronSchedule(expr.format(h=repeated), zone.key)
+    fires = walk(schedule, utc(back) - 2 * HOUR, utc(back) + 2 * HOUR)
+    assert fires and all(utc(back) - HOUR <= f < utc(back) for f in fires)  # first pass only
+    # From inside the second pass it resumes after the repetition, without refiring.
+    assert (
+        schedule.next_after(utc(back) + timedelta(minutes=10)) == fires[0] + 25 * HOUR
+    )  # tomorrow
+
+
+def test_fixed_hours_every_other_hour_across_both_changes() -> None:
+    schedule = CronSchedule("0 */2 * * *", "Europe/Berlin")  # fixed: hours 0, 2, 4, ...
+    spring = walk(schedule, utc("2026-03-28T22:00"), utc("2026-03-29T04:00"))
+    assert [local(f, BERLIN)[11:13] for f in spring] == ["00", "03", "04", "06"]
+    fall = walk(schedule, utc("2026-10-24T21:00"), utc("2026-10-25T05:00"))
+    assert [local(f, BERLIN)[11:13] for f in fall] == ["00", "02", "04", "06"]
+    assert utc("2026-10-25T00:00") in fall and utc("2026-10-25T01:00") not in fall
+
+
+def test_berlin_spring_forward_catches_up_once(cron_steps: list[datetime]) -> None:
     # 2026-03-29: 02:00 CET jumps to 03:00 CEST, so 02:30 does not exist that day.
     fires = next_fires(CronSchedule("30 2 * * *", "Europe/Berlin"), utc("2026-03-27T12:00"), 3)
     assert [local(f, BERLIN) for f in fires] == [
         "2026-03-28 02:30:00",
+        "2026-03-29 03:00:00",
         "2026-03-30 02:30:00",
-        "2026-03-31 02:30:00",
     ]
-    assert fires[0] == utc("2026-03-28T01:30") and fires[1] == utc("2026-03-30T00:30")
+    assert fires[1] == utc("2026-03-29T01:00") and fires[2] == utc("2026-03-30T00:30")
+    every_second = CronSchedule("* * 2 * * *", "Europe/Berlin")  # each second of 02:00-03:00
+    cron_steps.clear()
+    assert next_fires(every_second, utc("2026-03-29T00:59:58"), 2) == [
+        utc("2026-03-29T01:00"),
+        utc("2026-03-30T00:00"),
+    ]
+    assert len(cron_steps) < 10  # the 3,600 skipped seconds are not walked
 
 
 def test_berlin_fall_back_fires_a_repeated_time_once_at_its_first_occurrence() -> None:
@@ -133,45 +278,57 @@ def test_berlin_fall_back_fires_a_repeated_time_once_at_its_first_occurrence() -
     assert fires == [utc("2026-10-25T00:30"), utc("2026-10-26T01:30")]
 
 
-def test_berlin_hourly_across_fall_back_fires_once_per_local_time() -> None:
-    fires = next_fires(CronSchedule("0 * * * *", "Europe/Berlin"), utc("2026-10-24T22:30"), 5)
-    assert len(set(fires)) == len(fires) == 5
-    assert fires == sorted(fires)
+def test_berlin_hourly_across_fall_back_fires_every_real_hour() -> None:
+    fires = next_fires(CronSchedule("0 * * * *", "Europe/Berlin"), utc("2026-10-24T22:30"), 6)
     assert [local(f, BERLIN)[11:] for f in fires] == [
         "01:00:00",
+        "02:00:00",
         "02:00:00",
         "03:00:00",
         "04:00:00",
         "05:00:00",
     ]
-    # 02:00 CEST (00:00Z) fires; the second 02:00 (CET, 01:00Z) does not.
-    assert utc("2026-10-25T00:00") in fires and utc("2026-10-25T01:00") not in fires
+    # 02:00 CEST (00:00Z) and the second 02:00 (CET, 01:00Z) both fire.
+    assert fires[1:3] == [utc("2026-10-25T00:00"), utc("2026-10-25T01:00")]
 
 
-def test_time_inside_the_second_pass_of_a_fold_does_not_refire(cron_steps: list[datetime]) -> None:
+def test_times_inside_the_repeated_hour(cron_steps: list[datetime]) -> None:
+    first_pass = utc("2026-10-25T00:45")  # 02:45 CEST, the first 02:45 of the night
+    second_pass = utc("2026-10-25T01:10")  # 02:10 CET, the second 02:10
+    assert first_pass.astimezone(BERLIN).fold == 0 and second_pass.astimezone(BERLIN).fold == 1
+    # A fixed time is not refired in the second pass, and the repetition is not walked.
     schedule = CronSchedule("30 2 * * *", "Europe/Berlin")
-    second_pass = utc("2026-10-25T01:10")  # 02:10 CET, the second 02:10 of the night
-    assert second_pass.astimezone(BERLIN).fold == 1
     assert schedule.next_after(second_pass) == utc("2026-10-26T01:30")
-    # A per-minute cron resumes right after the repeated hour, and not second by second.
+    fixed_seconds = CronSchedule("* * 2 * * *", "Europe/Berlin")
+    cron_steps.clear()
+    assert fixed_seconds.next_after(second_pass) == utc("2026-10-26T01:00")
+    assert len(cron_steps) < 5
+    # A wildcard hour goes on from the end of the first pass into the start of the second.
     minutely = CronSchedule("*/20 * * * *", "Europe/Berlin")
-    assert next_fires(minutely, second_pass, 2) == [
+    assert next_fires(minutely, first_pass, 2) == [utc("2026-10-25T01:00"), utc("2026-10-25T01:20")]
+    assert next_fires(minutely, second_pass, 3) == [
+        utc("2026-10-25T01:20"),
+        utc("2026-10-25T01:40"),
         utc("2026-10-25T02:00"),
-        utc("2026-10-25T02:20"),
     ]
     every_second = CronSchedule("* * * * * *", "Europe/Berlin")
     cron_steps.clear()
-    assert every_second.next_after(second_pass) == utc("2026-10-25T02:00:00")
-    assert len(cron_steps) < 5  # not the 50 minutes of local times that already fired
+    assert every_second.next_after(second_pass) == second_pass + timedelta(seconds=1)
+    assert every_second.next_after(utc("2026-10-25T00:59:59")) == utc("2026-10-25T01:00")
+    assert len(cron_steps) < 5
 
 
 def test_new_york_dst() -> None:
     # 2026-03-08: 02:00 EST jumps to 03:00 EDT. 2026-11-01: 02:00 EDT falls back to 01:00 EST.
-    spring = next_fires(CronSchedule("30 2 * * *", "America/New_York"), utc("2026-03-07T00:00"), 2)
-    assert spring == [utc("2026-03-07T07:30"), utc("2026-03-09T06:30")]
+    spring = next_fires(CronSchedule("30 2 * * *", "America/New_York"), utc("2026-03-07T00:00"), 3)
+    assert spring == [utc("2026-03-07T07:30"), utc("2026-03-08T07:00"), utc("2026-03-09T06:30")]
     fall = next_fires(CronSchedule("30 1 * * *", "America/New_York"), utc("2026-10-31T12:00"), 2)
     assert fall == [utc("2026-11-01T05:30"), utc("2026-11-02T06:30")]
     assert [local(f, NEW_YORK)[11:] for f in fall] == ["01:30:00", "01:30:00"]
+    every_minute = CronSchedule("* * * * *", "America/New_York")
+    assert utc("2026-11-01T06:30") in walk(
+        every_minute, utc("2026-11-01T06:00"), utc("2026-11-01T07:00")
+    )  # the second 01:30
 
 
 def test_per_second_cron_jumps_over_the_spring_forward_gap(cron_steps: list[datetime]) -> None:
@@ -184,6 +341,27 @@ def test_per_second_cron_jumps_over_the_spring_forward_gap(cron_steps: list[date
         utc("2026-03-29T01:00:01"),
     ]
     assert local(fires[1], BERLIN) == "2026-03-29 03:00:00"
+
+
+def test_dst_with_between_start_and_end() -> None:
+    # `between` judges the cron's own local time: the skipped 02:30 is inside 02:00-02:45.
+    window = Window(between=(time(2), time(2, 45)))
+    fixed = CronSchedule("30 2 * * *", "Europe/Berlin", window)
+    assert fixed.next_after(utc("2026-03-29T00:00")) == utc("2026-03-29T01:00")
+    wildcard = CronSchedule("*/20 * * * *", "Europe/Berlin", Window(between=(time(2), time(3))))
+    fall = walk(wildcard, utc("2026-10-24T22:00"), utc("2026-10-25T04:00"))
+    assert [local(f, BERLIN)[11:16] for f in fall] == ["02:00", "02:20", "02:40"] * 2
+    assert walk(wildcard, utc("2026-03-28T22:00"), utc("2026-03-29T04:00")) == []
+    # A window starting inside the second pass, and one ending inside the gap.
+    starts = Window(start=utc("2026-10-25T01:05"))
+    assert CronSchedule("*/20 * * * *", "Europe/Berlin", starts).next_after(
+        utc("2026-10-24T00:00")
+    ) == utc("2026-10-25T01:20")
+    ends = Window(end=utc("2026-03-29T00:59:59"))
+    assert (
+        CronSchedule("30 2 * * *", "Europe/Berlin", ends).next_after(utc("2026-03-28T12:00"))
+        is None
+    )
 
 
 # --- cron validation ---------------------------------------------------------------------
