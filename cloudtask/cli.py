@@ -10,22 +10,23 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from . import __version__
 from .config import Config, config_to_dict, load_config
-from .exceptions import CloudTaskError, ValidationError
+from .exceptions import CloudTaskError, StoreError, ValidationError
 
 log = logging.getLogger("cloudtask")
+T = TypeVar("T")
 
 DEFAULT_CONFIG = Path("conf/cloudtask.json")
 
@@ -104,7 +105,8 @@ def agent(
     """Run an agent: register in the cluster and run the tasks the center assigns to it."""
     from .agent.agent import Agent
     from .agent.cluster import ClusterAgent
-    from .store import Store
+    from .store import Store, utcnow
+    from .testing.clock import clock_from_environment
     from .zkpaths import connect
 
     _setup_logging(verbose)
@@ -112,14 +114,18 @@ def agent(
     changes = {k: v for k, v in {"id": agent_id, "group": group, "data_dir": data_dir}.items() if v}
     if changes:
         cfg = cfg.with_section("agent", **changes)
-    store = Store.from_config(cfg)
+    store = _when_reachable("MongoDB", lambda: Store.from_config(cfg))
     zk = None
     try:
+        # tests and the chaos bench may skew this agent's clock (cloudtask/testing/clock.py)
+        clock = clock_from_environment() or utcnow
         if standalone:
-            engine: Agent = Agent(cfg, store)
+            engine: Agent = Agent(cfg, store, clock=clock)
         else:
-            zk = connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout)
-            engine = ClusterAgent(cfg, store, zk)
+            zk = _when_reachable(
+                "ZooKeeper", lambda: connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout)
+            )
+            engine = ClusterAgent(cfg, store, zk, clock=clock)
         _stop_on_signals(engine.stop)
         engine.run()
     finally:
@@ -205,8 +211,10 @@ def center(config_path: str | None, center_id: str | None, verbose: bool) -> Non
 
     _setup_logging(verbose)
     cfg = _load(config_path)
-    store = Store.from_config(cfg)
-    zk = connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout)
+    store = _when_reachable("MongoDB", lambda: Store.from_config(cfg))
+    zk = _when_reachable(
+        "ZooKeeper", lambda: connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout)
+    )
     try:
         engine = Center(cfg, store, zk, center_id=center_id)
         _stop_on_signals(engine.stop)
@@ -215,6 +223,37 @@ def center(config_path: str | None, center_id: str | None, verbose: bool) -> Non
         zk.stop()
         zk.close()
         store.close()
+
+
+def _when_reachable(what: str, open_it: Callable[[], T]) -> T:
+    """``open_it()``, tried again (1 s, doubling to 10 s) while the server does not answer: a
+    daemon started while MongoDB or ZooKeeper is down (or cut off) waits for it rather than
+    exit. A configuration error is raised at once. SIGTERM or Ctrl-C while waiting exits."""
+    from pymongo.errors import PyMongoError
+
+    from .zkpaths import ClusterUnavailable
+
+    stopping = threading.Event()
+    handlers = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handlers[sig] = signal.signal(sig, lambda *_: stopping.set())
+    try:
+        delay = 1.0
+        while True:
+            try:
+                return open_it()
+            except CloudTaskError as e:
+                if not isinstance(e, ClusterUnavailable | StoreError) or (
+                    isinstance(e, StoreError) and not isinstance(e.__cause__, PyMongoError)
+                ):
+                    raise
+                log.warning("%s is not reachable yet; trying again in %.0f s: %s", what, delay, e)
+            if stopping.wait(delay):
+                raise SystemExit(0)
+            delay = min(delay * 2, 10.0)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def _stop_on_signals(stop: Any) -> None:
@@ -689,23 +728,31 @@ def up(
     config_path: str | None, data_dir: str, tasks_dir: str, agents: int, port: int, verbose: bool
 ) -> None:
     """Run CloudTask on this machine: embedded servers where none are configured, a center
-    and agents, each in its own process."""
+    and agents, each in its own process (one that dies is started again)."""
     from .localservers import MongoServer, ZooKeeperServer
     from .store import Store
+    from .supervisor import Supervisor
 
     _setup_logging(verbose)
     cfg = _load(config_path)
     base = Path(data_dir).resolve()
     base.mkdir(parents=True, exist_ok=True)
     servers: list[Any] = []
-    children: list[tuple[str, subprocess.Popen, Path]] = []
-    stopping = {"flag": False}
+    supervisor = Supervisor()
+    signals = {"count": 0}
 
     def request_stop(*_: Any) -> None:
-        stopping["flag"] = True
+        """The first signal stops everything gracefully; a second one kills it all at once."""
+        signals["count"] += 1
+        if signals["count"] > 1:
+            supervisor.kill()
+            for server in servers:
+                _kill_server(server)
 
-    for name in ("SIGTERM", "SIGINT"):
-        signal.signal(getattr(signal, name), request_stop)
+    for name in ("SIGTERM", "SIGINT", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, request_stop)
     try:
         if not cfg.zookeeper.hosts:
             zk = ZooKeeperServer(base / "zookeeper")
@@ -735,14 +782,16 @@ def up(
         admins = Users(store).count_admins()
         store.close()
         web_cfg = cfg.with_section("web", port=port, data_dir=str(base / "web"))
-        children = _start_cluster(web_cfg, base, agents)
+        if signals["count"]:
+            return  # stopped while starting: the servers are stopped below
+        _start_cluster(supervisor, web_cfg, base, agents)
         click.echo("")
         click.echo("CloudTask is running.")
         click.echo(f"  web site:    http://{web_cfg.web.host}:{port}/")
         click.echo(f"  ZooKeeper:   {cfg.zookeeper.hosts} (root {cfg.zookeeper.root})")
         click.echo(f"  MongoDB:     {cfg.mongodb.uri} (database {cfg.mongodb.database})")
-        for name, _, log_path in children:
-            click.echo(f"  {name + ' log:':13}{log_path}")
+        for child in supervisor.children.values():
+            click.echo(f"  {child.name + ' log:':13}{child.log_path}")
         click.echo(f"  task logs:   {base}/agent-<n>/logs/<task>/<YYYY-MM-DD>.log")
         if not admins:
             click.echo("No admin user yet. Create the first one with:")
@@ -750,44 +799,40 @@ def up(
                 f"  CLOUDTASK_MONGO_URI={cfg.mongodb.uri} cloudtask user add NAME --role admin"
             )
         click.echo("Press Ctrl-C to stop.")
-        while not stopping["flag"]:
-            for name, child, log_path in children:
-                if child.poll() is not None:
-                    raise CloudTaskError(
-                        f"the {name} exited with code {child.returncode}; see {log_path}"
-                    )
+        while not signals["count"]:
+            supervisor.poll()  # a child that died is logged and started again (backoff)
             time.sleep(0.2)
     finally:
         click.echo("stopping ...")
-        for _, child, _ in children:
-            if child.poll() is None:
-                child.terminate()
-        for _, child, _ in children:
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        # agents let their runs finish within kill_grace; a second Ctrl-C kills at once
+        supervisor.stop(grace=max(30.0, cfg.agent.kill_grace + 15.0))
         for server in reversed(servers):
-            server.stop()
+            server.stop(timeout=1 if signals["count"] > 1 else 10)
 
 
-def _start_cluster(
-    cfg: Config, base: Path, agents: int
-) -> list[tuple[str, subprocess.Popen, Path]]:
-    """One center and ``agents`` agents, each a process of its own with its own config file."""
-    children = []
+def _kill_server(server: Any) -> None:
+    """Kill an embedded server's process group at once (a second Ctrl-C)."""
+    pid = server.pid
+    if pid is None or not server.is_running() or os.name != "posix":
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _start_cluster(supervisor: Any, cfg: Config, base: Path, agents: int) -> None:
+    """One center, the web site and ``agents`` agents, each a supervised process of its own
+    with its own config file (a restarted agent keeps its id and data dir: both are in it)."""
 
     def spawn(name: str, child_cfg: Config, *args: str) -> None:
         cfg_path = base / f"{name}.json"
         cfg_path.write_text(json.dumps(config_to_dict(child_cfg), indent=2), encoding="utf-8")
-        log_path = base / f"{name}.log"
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "cloudtask", *args, "--config", str(cfg_path)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        children.append((name, proc, log_path))
+        supervisor.spawn(
+            name,
+            [sys.executable, "-m", "cloudtask", *args, "--config", str(cfg_path)],
+            base / f"{name}.log",
+        )
 
     spawn("center", cfg, "center", "--id", "center-1")
     spawn("web", cfg, "web")
@@ -797,7 +842,6 @@ def _start_cluster(
             "agent", id=agent_id, data_dir=str(base / f"agent-{n}"), log_dir=""
         )
         spawn(f"agent-{n}", agent_cfg, "agent")
-    return children
 
 
 def main() -> None:

@@ -45,6 +45,9 @@ class ZooKeeperConfig:
 class MongoConfig:
     uri: str = ""  # empty: `cloudtask up` starts an embedded server
     database: str = "cloudtask"
+    # write concern of run claims and their state changes: "auto" (majority on a replica set,
+    # else the server's default), "majority", or a number of members
+    claim_write_concern: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,13 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
         return str(v)
 
     return check
+
+
+def _write_concern(v: Any) -> str:
+    text = str(v).strip() if isinstance(v, (str, int)) and not isinstance(v, bool) else ""
+    if text in ("auto", "majority") or (text.isdigit() and 1 <= int(text) <= 50):
+        return text
+    raise ValueError(f'expected "auto", "majority" or a number of members (1-50), got {v!r}')
 
 
 def _env_name(v: Any) -> str:
@@ -369,7 +379,11 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...
     ),
     "mongodb": (
         MongoConfig,
-        {"uri": _mongo_uri, "database": _identifier(allow_empty=False)},
+        {
+            "uri": _mongo_uri,
+            "database": _identifier(allow_empty=False),
+            "claim_write_concern": _write_concern,
+        },
         ("MONGO", "MONGODB"),
     ),
     "agent": (

@@ -5,8 +5,9 @@ An event is written once, whole, into the ``events`` collection (see docs of the
 ``task_name``, ``group``, ``run_id``, ``agent``, ``details``, ``delivery``). This module only
 builds documents; :class:`cloudtask.store.Store` writes them, from the places where things
 happen: a run reaching a final status (``Store.note_last_runs``, ``Store.claim_runs`` for
-missed fires), the leader's view of the agents (``Store.record_agents``), an audited change
-of a task (``Store.add_audit``), and the leading center (leadership, unassigned tasks).
+missed fires), the leader's view of the agents (``Store.record_agents``; an agent that stops
+cleanly records its own departure, :func:`agent_stopped`), an audited change of a task
+(``Store.add_audit``), and the leading center (leadership, unassigned tasks).
 
 Where the same event could be recorded twice (a repeated run write, two leaders in a row),
 its ``_id`` is deterministic, so the second insert is a duplicate key: already recorded.
@@ -63,7 +64,9 @@ RUN_EVENT_KINDS = {
 # a success is an event only for a task whose notify.on asks for it ("success"): recorded
 # for every success, it would be most of the events collection and mean nothing to anyone
 SUCCESS_KIND = "run.succeeded"
-# statuses a later success recovers from
+# statuses a later success recovers from. Not "missed": a fire nobody ran (the cluster was
+# down or restarting, the agent overloaded) says nothing about the task itself, so it neither
+# starts nor extends a failing streak (it is still an event, mailed to whoever asks for it)
 FAILING_STATUSES = ("failed", "timed_out", "lost")
 
 # audit actions on tasks -> event kind
@@ -95,19 +98,23 @@ def event_document(
     *,
     at: datetime | None = None,
     event_id: str | None = None,
+    severity: str | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
     """An event document in the shape of the contract; ``fields`` sets ``task_id``,
     ``task_name``, ``group``, ``run_id``, ``agent`` and ``details``. The severity follows the
-    kind; an unknown kind is a ValueError (a programming error, not input)."""
+    kind unless given (an agent's clean stop is an ``agent.left`` of severity info); an
+    unknown kind or severity is a ValueError (a programming error, not input)."""
     if kind not in SEVERITIES:
         raise ValueError(f"unknown event kind {kind!r}; known: {', '.join(KINDS)}")
+    if severity is not None and severity not in SEVERITIES.values():
+        raise ValueError(f"unknown severity {severity!r}")
     when = _utc_ms(at)
     doc: dict[str, Any] = {
         "_id": event_id or str(ObjectId()),
         "version": EVENT_VERSION,
         "kind": kind,
-        "severity": SEVERITIES[kind],
+        "severity": severity or SEVERITIES[kind],
         "at": when,
         "ts": when.timestamp(),
         "message": message,
@@ -284,39 +291,93 @@ def agent_joined(agent_id: str, info: dict[str, Any], now: datetime) -> dict[str
     )
 
 
+# why an agent left: it stopped cleanly (marked its registration ``leaving`` first, or said
+# so itself: see agent_stopped), or its ZooKeeper session ended without that
+STOPPED, SESSION_ENDED = "stopped", "session ended"
+
+
+def left_event_id(agent_id: str, stored: dict[str, Any]) -> str:
+    """The id of the departure of the registration an agents document (or an agent's own
+    view of itself) names: its czxid and the agent process's start, which the leader and
+    the agent read alike; without a czxid (recorded by an older version), the last time it
+    was seen online."""
+    info = stored.get("info") or {}
+    czxid = stored.get("czxid") or info.get("czxid")
+    if not czxid:
+        return f"agent.left:{agent_id}:{_ms(stored.get('last_seen'))}"
+    started = info.get("started_at")
+    return f"agent.left:{agent_id}:{czxid}" + (f":{_ms(started)}" if started else "")
+
+
 def agent_left(stored: dict[str, Any], now: datetime) -> dict[str, Any]:
     """An agent stored online that is no longer registered (``stored``: its agents document).
-    The id names the last time it was seen online, which every leader reads alike."""
+    A clean stop (its registration said ``leaving``) is reason "stopped", severity info and
+    mailed to nobody; otherwise its session ended (killed, crashed or cut off): an error."""
     agent_id = stored["_id"]
     info = {**(stored.get("info") or {}), "group": stored.get("group")}
+    stopped = bool(info.get("leaving"))
     how = (
-        "it stopped"
-        if info.get("leaving")
+        "it stopped cleanly"
+        if stopped
         else "its ZooKeeper session ended: killed, crashed or cut off"
     )
     details = _agent_details(agent_id, info)
-    details.update(leaving=bool(info.get("leaving")), last_seen=_iso(stored.get("last_seen")))
+    details.update(
+        reason=STOPPED if stopped else SESSION_ENDED,
+        leaving=stopped,
+        last_seen=_iso(stored.get("last_seen")),
+    )
     return event_document(
         "agent.left",
         f"agent {agent_id} left the cluster ({_where(info)}): {how}",
         at=now,
-        event_id=f"agent.left:{agent_id}:{_ms(stored.get('last_seen'))}",
+        event_id=left_event_id(agent_id, stored),
+        severity="info" if stopped else None,
         group=info.get("group"),
         agent=agent_id,
         details=details,
     )
 
 
+def agent_stopped(agent_id: str, info: dict[str, Any], czxid: int, now: datetime) -> dict[str, Any]:
+    """The ``agent.left`` an agent records itself as it stops cleanly, before it deletes its
+    registration (``info``: what it registered; ``czxid``: its registration). Its id is the
+    one the leader gives that departure, so a leader that never saw it ``leaving`` (slow, or
+    stopped at the same moment) finds it recorded and does not take the stop for a crash."""
+    stored = {
+        "_id": agent_id,
+        "group": info.get("group"),
+        "czxid": czxid,
+        "info": {**info, "czxid": czxid, "leaving": True},
+        "last_seen": now,
+    }
+    return agent_left(stored, now)
+
+
+def clean_stop(event: dict[str, Any]) -> bool:
+    """An agent's clean stop, or its return after one: recorded (and posted to the webhooks
+    that ask for the kind) but no alert, so mailed to nobody."""
+    details = event.get("details") if isinstance(event.get("details"), dict) else {}
+    if event.get("kind") == "agent.left":
+        return details.get("reason") == STOPPED
+    if event.get("kind") == "agent.returned":
+        return details.get("left_reason") == STOPPED
+    return False
+
+
 def agent_returned(
     agent_id: str, info: dict[str, Any], stored: dict[str, Any], now: datetime
 ) -> dict[str, Any]:
-    """An agent seen again after it had left (``stored``: its agents document as it was)."""
+    """An agent seen again after it had left (``stored``: its agents document as it was;
+    its ``left_reason`` says why it left: back after a clean stop is no alert)."""
     since = stored.get("last_seen")
+    after_stop = stored.get("left_reason") == STOPPED
     details = _agent_details(agent_id, info)
-    details.update(offline_since=_iso(since))
+    details.update(offline_since=_iso(since), left_reason=stored.get("left_reason"))
+    again = "is back after a clean stop" if after_stop else "is back"
     return event_document(
         "agent.returned",
-        f"agent {agent_id} is back ({_where(info)})",
+        f"agent {agent_id} {again} ({_where(info)})",
         at=now,
         event_id=f"agent.returned:{agent_id}:{_ms(since)}",
         group=info.get("group"),

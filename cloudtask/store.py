@@ -26,8 +26,18 @@ from typing import Any
 import gridfs
 import pymongo
 from bson import ObjectId
-from pymongo import ASCENDING, DESCENDING, MongoClient, ReplaceOne, ReturnDocument, UpdateOne
+from pymongo import (
+    ASCENDING,
+    DESCENDING,
+    MongoClient,
+    ReadPreference,
+    ReplaceOne,
+    ReturnDocument,
+    UpdateOne,
+    WriteConcern,
+)
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+from pymongo.read_concern import ReadConcern
 
 from . import events as ev
 from .config import Config
@@ -40,6 +50,9 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 DUPLICATE_KEY = 11000
 OUTPUT_TAIL_BYTES = 64 * 1024
+
+# seconds between an agent's heartbeats of its unfinished runs (see Store.beat_runs)
+BEAT_INTERVAL = 2.0
 
 # Run statuses. `queued` is a claimed fire waiting for a free slot (max_parallel).
 RUNNING_STATUSES = ("queued", "running")
@@ -85,7 +98,9 @@ def _count_failures(
 ) -> tuple[int, list[dict[str, Any]]]:
     """Walk a task's newly finished ``runs`` (oldest first) from its stored ``last_run``: how
     many failing runs since the last success after them, and the ``run.recovered`` events
-    (a success that ends failing runs). Killed and skipped runs neither count nor end it."""
+    (a success that ends failing runs). Killed, skipped and missed runs neither count nor end
+    it: a fire recorded missed (the cluster was down or restarting) is no failure of the task,
+    and is not the status a recovery comes after either."""
     status = last_run.get("status")
     failures = last_run.get("failures")
     if not isinstance(failures, int):  # noted by an older version: at least its last status
@@ -94,6 +109,8 @@ def _count_failures(
     for d in runs:
         if d["_id"] == last_run.get("id"):
             continue  # the same final write again: counted when it was written first
+        if d["status"] == "missed":
+            continue
         if d["status"] in ev.FAILING_STATUSES:
             failures += 1
         elif d["status"] == "succeeded":
@@ -114,6 +131,7 @@ class Store:
         *,
         run_retention_days: int = 90,
         server_selection_timeout_ms: int = 10000,
+        claim_write_concern: str = "auto",
     ) -> None:
         if isinstance(mongo, MongoClient):
             self.client: MongoClient = mongo
@@ -142,6 +160,9 @@ class Store:
         self.reports = self.db["run_reports"]  # what http-task services report (callbacks)
         self.fs = gridfs.GridFS(self.db, collection="files")
         self.run_retention_days = run_retention_days
+        self.claim_write_concern = claim_write_concern
+        # runs as claims are written and read: see _use_claim_concern (set with the indexes)
+        self.claims = self.runs
         # called after every task change (the cluster sets it to bump /signals/tasks)
         self.on_task_change: Callable[[], None] | None = None
         self._guard(self.ensure_indexes, "create indexes")
@@ -149,7 +170,10 @@ class Store:
     @classmethod
     def from_config(cls, cfg: Config) -> Store:
         return cls(
-            cfg.mongodb.uri, cfg.mongodb.database, run_retention_days=cfg.runs.retention_days
+            cfg.mongodb.uri,
+            cfg.mongodb.database,
+            run_retention_days=cfg.runs.retention_days,
+            claim_write_concern=cfg.mongodb.claim_write_concern,
         )
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -174,7 +198,29 @@ class Store:
         if self._owns_client:
             self.client.close()
 
+    def _use_claim_concern(self) -> None:
+        """Claims and every change of a run's owner or state that once-only rests on (start,
+        release, lost) are written with ``claim_write_concern``: on a replica set "auto" means
+        ``majority``, so an election cannot roll a claim back and let a fire be claimed again;
+        the reads that decide a claim (is this duplicate ours? what ran last?) read from the
+        primary at ``majority``, so they see such writes. A single server (and the wire server
+        used on one machine) has nothing to roll back: the server's default is kept."""
+        wanted = self.claim_write_concern
+        if wanted == "auto":
+            hello = self.client.admin.command("hello")
+            wanted = "majority" if hello.get("setName") else ""
+        if not wanted:
+            self.claims = self.runs
+            return
+        w: int | str = int(wanted) if wanted.isdigit() else wanted
+        self.claims = self.runs.with_options(
+            write_concern=WriteConcern(w=w, wtimeout=10000),
+            read_concern=ReadConcern("majority"),
+            read_preference=ReadPreference.PRIMARY,
+        )
+
     def ensure_indexes(self) -> None:
+        self._use_claim_concern()
         self.tasks.create_index([("name", ASCENDING)], unique=True, name="name_unique")
         self.tasks.create_index(
             [("group", ASCENDING), ("enabled", ASCENDING)], name="group_enabled"
@@ -451,7 +497,7 @@ class Store:
         if not docs:
             return []
         try:
-            self._guard(self.runs.insert_many, "claim runs", list(docs), ordered=False)
+            self._guard(self.claims.insert_many, "claim runs", list(docs), ordered=False)
             won = [True] * len(docs)
         except BulkWriteError as e:
             duplicates: set[int] = set()
@@ -463,7 +509,7 @@ class Store:
             ours = {
                 d["_id"]
                 for d in self._guard(
-                    self.runs.find, "check claims", {"_id": {"$in": ids}}, {"_id": 1}
+                    self.claims.find, "check claims", {"_id": {"$in": ids}}, {"_id": 1}
                 )
             }
             won = [i not in duplicates or docs[i]["_id"] in ours for i in range(len(docs))]
@@ -472,22 +518,122 @@ class Store:
             self._record_events_quietly([e for e in missed if e], "missed fires")
         return won
 
-    def save_runs(self, docs: Sequence[dict[str, Any]]) -> None:
-        """Write the current state of many runs in one round trip.
+    def save_runs(self, docs: Sequence[dict[str, Any]], owner: str | None = None) -> None:
+        """Write the current state of many runs in one round trip (the run's agent writes).
 
         Whole documents are replaced rather than ``$set``: every field keeps its BSON type on
-        every server (nx-27017 stores a date written with ``$set`` as a string). Only a run
-        still ``queued`` or ``running`` is replaced, so a run another process finished (a run
-        marked ``lost``, say) is never overwritten by a late write.
+        every server (nx-27017 stores a date written with ``$set`` as a string). A run is
+        replaced only while it is still its agent's (``owner``, else the document's own
+        ``agent``: a claim released to another agent is no longer ours) and not finished, or
+        marked ``lost`` by the leader: "lost" means its agent could not be heard from, and the
+        agent that ran it after all records the real outcome. A run another process finished
+        is never overwritten by a late write.
         """
         if not docs:
             return
         ops = [
-            ReplaceOne({"_id": d["_id"], "status": {"$in": list(RUNNING_STATUSES)}}, d)
+            ReplaceOne(
+                {
+                    "_id": d["_id"],
+                    "status": {"$in": [*RUNNING_STATUSES, "lost"]},
+                    "agent": owner if owner is not None else d["agent"],
+                },
+                d,
+            )
             for d in docs
         ]
-        self._guard(self.runs.bulk_write, "write runs", ops, ordered=False)
+        self._guard(self.claims.bulk_write, "write runs", ops, ordered=False)
         self.note_last_runs(docs)
+
+    def beat_runs(self, agent: str, run_ids: Sequence[str], beat: float) -> int:
+        """The heartbeat of an agent's unfinished runs: ``beat`` (its clock, epoch seconds) on
+        each. The leader marks a run ``lost`` only once its agent's session is gone *and* it
+        has seen this value stay the same for a grace period. Returns how many were beaten."""
+        if not run_ids:
+            return 0
+        result = self._guard(
+            self.claims.update_many,
+            "beat runs",
+            {
+                "_id": {"$in": list(run_ids)},
+                "agent": agent,
+                "status": {"$in": [*RUNNING_STATUSES, "lost"]},
+            },
+            {"$set": {"beat": float(beat)}},
+        )
+        return result.modified_count
+
+    def start_queued_run(self, run_id: str, agent: str) -> bool:
+        """Move a claim that waited for a slot from ``queued`` to ``running``, before its
+        process starts: one conditional write, so a claim released to (or taken over by)
+        another agent meanwhile is never started here too. Only a string is ``$set``."""
+        result = self._guard(
+            self.claims.update_one,
+            "start a queued run",
+            {"_id": run_id, "status": "queued", "agent": agent},
+            {"$set": {"status": "running"}},
+        )
+        return result.matched_count == 1
+
+    def stored_run_ids(self, run_ids: Sequence[str]) -> set[str]:
+        """Which of these runs are stored (claims whose write may have landed)."""
+        cursor = self.claims.find({"_id": {"$in": list(run_ids)}}, {"_id": 1})
+        return {d["_id"] for d in self._guard(lambda: list(cursor), "check claims")}
+
+    def run_states(self, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """run id -> its ``status``, ``attempt`` and ``finished_at`` (runs that exist)."""
+        cursor = self.runs.find(
+            {"_id": {"$in": list(run_ids)}}, {"status": 1, "attempt": 1, "finished_at": 1}
+        )
+        return {d["_id"]: d for d in self._guard(lambda: list(cursor), "read runs")}
+
+    def unfinished_runs(self, query: dict[str, Any]) -> list[dict[str, Any]]:
+        """Runs matching ``query`` that are still ``queued`` or ``running``."""
+        cursor = self.runs.find({**query, "status": {"$in": list(RUNNING_STATUSES)}})
+        return self._guard(lambda: list(cursor), "find unfinished runs")
+
+    def finish_unheard_runs(
+        self, docs: Sequence[dict[str, Any]], reason: str, now: datetime | None = None
+    ) -> list[str]:
+        """The leader's verdict on runs whose agent is gone and went silent: a run that was
+        ``running`` becomes ``lost``; a claim still ``queued`` (it never started) is released:
+        ``agent`` None, so the task's owner takes it over like a manual run and runs it (see
+        :meth:`take_pending_run`). Each write applies only if the run is exactly as read (same
+        status, agent and heartbeat): a run its agent touched meanwhile is left alone.
+        Returns the ids written."""
+        if not docs:
+            return []
+        now = to_bson_time(now or utcnow())
+        ops, written = [], []
+        for doc in docs:
+            new = dict(doc)
+            if doc["status"] == "queued":
+                new.update(agent=None, session=None, token_hash=None, released_by=doc["agent"])
+                new["error"] = f"released: {reason}; not started there"
+            else:
+                started = doc.get("started_at") or doc.get("claimed_at") or now
+                new.update(
+                    status="lost",
+                    error=reason,
+                    finished_at=now,
+                    duration=round(max(0.0, (now - started).total_seconds()), 3),
+                )
+            beat = doc.get("beat")
+            ops.append(
+                ReplaceOne(
+                    {
+                        "_id": doc["_id"],
+                        "status": doc["status"],
+                        "agent": doc["agent"],
+                        "beat": beat if beat is not None else {"$in": [None]},
+                    },
+                    new,
+                )
+            )
+            written.append(new)
+        self._guard(self.claims.bulk_write, "mark runs lost", ops, ordered=False)
+        self.note_last_runs([d for d in written if d["status"] == "lost"])
+        return [d["_id"] for d in written]
 
     def note_last_runs(self, docs: Sequence[dict[str, Any]]) -> None:
         """Copy each task's latest finished run (status, time, duration, and ``failures``: how
@@ -569,6 +715,40 @@ class Store:
         except Exception as e:  # never fail a run write for its events
             log.warning("cannot record the events of %d runs: %s", len(events), e)
 
+    def released_claims(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """Claims released by the leader (never started, waiting for the task's owner)."""
+        cursor = self.runs.find(
+            {"status": "queued", "agent": {"$in": [None]}},
+            {"task_id": 1, "scheduled_for": 1, "trigger": 1, "status": 1, "claimed_at": 1},
+        ).limit(limit)
+        docs = self._guard(lambda: list(cursor), "read released claims")
+        return [d for d in docs if d.get("trigger") != "manual"]
+
+    def finish_released_claims(self, verdicts: Sequence[tuple[dict[str, Any], str, str]]) -> None:
+        """Record released claims no agent took: ``(doc, status, reason)`` each, written only
+        while the claim still waits (an agent that took it meanwhile wins)."""
+        now = to_bson_time(utcnow())
+        finished = []
+        for doc, status, reason in verdicts:
+            full = self._guard(
+                self.claims.find_one,
+                "read a released claim",
+                {"_id": doc["_id"], "status": "queued", "agent": {"$in": [None]}},
+            )
+            if full is None:
+                continue
+            full.update(status=status, error=f"{full.get('error') or 'released'}; {reason}")
+            full.update(finished_at=now, duration=0.0)
+            result = self._guard(
+                self.claims.replace_one,
+                "record a released claim",
+                {"_id": doc["_id"], "status": "queued", "agent": {"$in": [None]}},
+                full,
+            )
+            if result.matched_count:
+                finished.append(full)
+        self.note_last_runs(finished)
+
     # --- manual runs ("run now") --------------------------------------------------------------
 
     def request_manual_run(
@@ -577,7 +757,7 @@ class Store:
         """Record a manual run of ``task``, waiting for an agent of its group to take it.
 
         The run is stored first (``queued``, no agent), so it is never silently lost: the agent
-        that owns the task takes it with one conditional write (see :meth:`take_manual_run`),
+        that owns the task takes it with one conditional write (see :meth:`take_pending_run`),
         which only one agent can win.
         """
         now = now or utcnow()
@@ -598,47 +778,56 @@ class Store:
         self._guard(self.runs.insert_one, "record the manual run", doc)
         return doc
 
-    def pending_manual_runs(self, group: str, limit: int = 100) -> list[dict[str, Any]]:
-        """Manual runs of ``group`` that no agent has taken yet, oldest first."""
+    def pending_runs(self, group: str, limit: int = 100) -> list[dict[str, Any]]:
+        """Runs of ``group`` waiting for an agent to take them, oldest first: manual runs
+        ("run now") and claims released by the leader after their agent left before starting
+        them."""
         cursor = (
-            self.runs.find(
-                {"trigger": "manual", "status": "queued", "group": group, "agent": {"$in": [None]}}
-            )
+            self.runs.find({"status": "queued", "agent": {"$in": [None]}, "group": group})
             .sort("claimed_at", ASCENDING)
             .limit(limit)
         )
-        return self._guard(lambda: list(cursor), "read pending manual runs")
+        return self._guard(lambda: list(cursor), "read pending runs")
 
-    def take_manual_run(
-        self, run_id: str, agent: str, session: str | None, token_hash: str
+    def take_pending_run(
+        self,
+        run_id: str,
+        agent: str,
+        session: str | None,
+        token_hash: str,
+        trigger: str | None = None,
     ) -> dict[str, Any] | None:
-        """Take a pending manual run for ``agent``: the whole run document, or None if another
-        agent took it first (or it was cancelled). Only strings are written with ``$set``."""
+        """Take a pending run for ``agent``: the whole run document, or None if another agent
+        took it first (or it was cancelled). Only strings are written with ``$set``;
+        ``trigger`` (a released claim run late is a ``catch-up``) is set too when given."""
+        fields = {"agent": agent, "session": session, "token_hash": token_hash}
+        if trigger is not None:
+            fields["trigger"] = trigger
         return self._guard(
-            self.runs.find_one_and_update,
-            "take a manual run",
+            self.claims.find_one_and_update,
+            "take a pending run",
             {"_id": run_id, "status": "queued", "agent": {"$in": [None]}},
-            {"$set": {"agent": agent, "session": session, "token_hash": token_hash}},
+            {"$set": fields},
             return_document=ReturnDocument.AFTER,
         )
 
-    def cancel_pending_run(self, run_id: str, reason: str, now: datetime | None = None) -> bool:
-        """Finish a manual run no agent has taken yet as ``killed``. False if one took it."""
+    def cancel_pending_run(
+        self, run_id: str, reason: str, now: datetime | None = None, agent: str | None = None
+    ) -> bool:
+        """Finish a run that has not started as ``killed``: a manual run no agent has taken
+        yet (``agent`` None), or a claim of ``agent`` still waiting for a slot (its agent is
+        asked to kill a run it does not run). False if it started or someone else has it."""
         now = to_bson_time(now or utcnow())
-        doc = self._guard(
-            self.runs.find_one,
-            "read the run",
-            {"_id": run_id, "status": "queued", "agent": {"$in": [None]}},
-        )
+        query = {
+            "_id": run_id,
+            "status": "queued",
+            "agent": agent if agent is not None else {"$in": [None]},
+        }
+        doc = self._guard(self.claims.find_one, "read the run", query)
         if doc is None:
             return False
         doc.update(status="killed", error=reason, finished_at=now, duration=0.0)
-        result = self._guard(
-            self.runs.replace_one,
-            "cancel the run",
-            {"_id": run_id, "status": "queued", "agent": {"$in": [None]}},
-            doc,
-        )
+        result = self._guard(self.claims.replace_one, "cancel the run", query, doc)
         if result.matched_count:
             self.note_last_runs([doc])
         return bool(result.matched_count)
@@ -656,12 +845,18 @@ class Store:
         no leader saw go: then it left too). Their ids name the stored state they change, so
         a second leader that sees the same change (the first one stopped before writing the
         agents) records nothing twice.
+
+        A departure is a clean stop (``agent.left`` "stopped", no alert) when the registration
+        said ``leaving``, or when the agent recorded that departure itself as it stopped
+        (:func:`events.agent_stopped`, the same id): the recorded reason wins, so a leader
+        that never saw ``leaving`` does not report a crash. The reason is kept on the offline
+        agent (``left_reason``): its return after a clean stop is no alert either.
         """
         now = to_bson_time(now or utcnow())
         known = {d["_id"]: d for d in self._guard(self.agents.find, "read agents", {}, {"info": 0})}
         ops = []
         events: list[dict[str, Any]] = []
-        restarted: list[tuple[str, dict[str, Any]]] = []
+        restarted: list[str] = []
         for agent_id, info in live.items():
             stored = known.get(agent_id)
             doc = {
@@ -683,19 +878,29 @@ class Store:
                 "czxid"
             ) != info.get("czxid"):
                 # restarted between two looks: it left (a moment before now), and is back
-                restarted.append((agent_id, ev.agent_returned(agent_id, info, stored, now)))
-        for agent_id, doc in known.items():
-            if agent_id not in live and doc.get("status") == "online":
-                full = self._guard(self.agents.find_one, "read an agent", {"_id": agent_id})
-                if full is not None:
-                    events.append(ev.agent_left(full, now))
-                    full.update(status="offline", last_seen=now)
-                    ops.append(ReplaceOne({"_id": agent_id}, full))
-        for agent_id, returned in restarted:
+                restarted.append(agent_id)
+        gone = [a for a, d in known.items() if a not in live and d.get("status") == "online"]
+        departures = []  # (stored agent, its agent.left)
+        for agent_id in gone + restarted:
             full = self._guard(self.agents.find_one, "read an agent", {"_id": agent_id})
             if full is not None:
-                events.append(ev.agent_left(full, now - timedelta(milliseconds=1)))
-            events.append(returned)
+                at = now if agent_id in gone else now - timedelta(milliseconds=1)
+                departures.append((full, ev.agent_left(full, at)))
+        recorded: dict[str, Any] = {}  # departures recorded already: the agent's own clean stop
+        if departures:
+            ids = [left["_id"] for _, left in departures]
+            cursor = self.events.find({"_id": {"$in": ids}}, {"details": 1})
+            recorded = {d["_id"]: d for d in self._guard(lambda: list(cursor), "read events")}
+        for full, left in departures:
+            reason = (recorded.get(left["_id"], left).get("details") or {}).get("reason")
+            events.append(left)
+            agent_id = full["_id"]
+            if agent_id in gone:
+                full.update(status="offline", last_seen=now, left_reason=reason)
+                ops.append(ReplaceOne({"_id": agent_id}, full))
+            else:
+                before = {**known[agent_id], "left_reason": reason}
+                events.append(ev.agent_returned(agent_id, live[agent_id], before, now))
         if events:
             self._record_events_quietly(events, "agent changes")
         if ops:
@@ -713,18 +918,13 @@ class Store:
     ) -> list[str]:
         """Mark the unfinished runs matching ``query`` as ``lost``. Returns their ids.
 
+        For an agent that restarted after a crash (its earlier life's runs, whose processes it
+        has just ended) and for tests; the leader decides with :meth:`finish_unheard_runs`.
         ``free_leases`` also frees the keepalive leases they held: only for a caller that knows
-        their processes are gone (an agent that ended its own orphans). Otherwise a lease runs
-        out by itself, so a keepalive instance that may still be running is not doubled.
+        their processes are gone.
         """
         now = to_bson_time(now or utcnow())
-        docs = list(
-            self._guard(
-                self.runs.find,
-                "find unfinished runs",
-                {**query, "status": {"$in": list(RUNNING_STATUSES)}},
-            )
-        )
+        docs = self.unfinished_runs(query)
         for doc in docs:
             started = doc.get("started_at") or doc.get("claimed_at") or now
             doc.update(
@@ -733,7 +933,11 @@ class Store:
                 finished_at=now,
                 duration=round(max(0.0, (now - started).total_seconds()), 3),
             )
-        self.save_runs(docs)
+        by_agent: dict[Any, list[dict[str, Any]]] = {}
+        for doc in docs:
+            by_agent.setdefault(doc["agent"], []).append(doc)
+        for agent, group in by_agent.items():
+            self.save_runs(group, owner=agent)
         ids = [d["_id"] for d in docs]
         if ids and free_leases:
             self._guard(self.leases.delete_many, "free leases", {"holder": {"$in": ids}})
@@ -743,12 +947,43 @@ class Store:
         """The latest run recorded for a task's slot (its last attempt of its latest fire),
         with ``scheduled_for``, ``attempt``, ``status`` and ``finished_at``; or None."""
         return self._guard(
-            self.runs.find_one,
+            self.claims.find_one,
             "read the run history",
             {"task_id": task_id, "slot": slot},
             {"scheduled_for": 1, "attempt": 1, "status": 1, "finished_at": 1},
             sort=[("scheduled_for", DESCENDING), ("attempt", DESCENDING)],
         )
+
+    def owed_retries(
+        self,
+        task_id: str,
+        slot: str,
+        retries: int,
+        since: datetime,
+        statuses: Sequence[str],
+        limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        """Runs of a task's slot scheduled since ``since`` that ended in ``statuses`` with
+        attempts left (``attempt`` < ``retries``) and whose next attempt is not recorded: the
+        retries their agent still owed when it died or stopped. Oldest first."""
+        cursor = (
+            self.claims.find(
+                {"task_id": task_id, "slot": slot, "ts": {"$gte": since.timestamp(), "$lte": 1e12}},
+                {"scheduled_for": 1, "attempt": 1, "status": 1, "finished_at": 1},
+            )
+            .sort("ts", DESCENDING)
+            .limit(limit * (retries + 1))
+        )
+        docs = self._guard(lambda: list(cursor), "read the run history")
+        attempts = {(d["scheduled_for"], d["attempt"]) for d in docs}
+        owed = [
+            d
+            for d in docs
+            if d["status"] in statuses
+            and d["attempt"] < retries
+            and (d["scheduled_for"], d["attempt"] + 1) not in attempts
+        ]
+        return sorted(owed, key=lambda d: d["scheduled_for"])[-limit:]
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         doc = self._guard(self.runs.find_one, "read the run", {"_id": run_id})
@@ -855,10 +1090,13 @@ class Store:
     def acquire_lease(
         self, name: str, holder: str, ttl: float, now: datetime | None = None
     ) -> bool:
-        """Take the lease ``name`` for ``holder`` if it is free or expired. Returns whether we hold it.
+        """Take the lease ``name`` for ``holder`` if it is free. Returns whether we hold it.
 
         A lease is a document whose ``_id`` is its name: the insert is the acquisition, as with
-        run claims. An expired one is deleted only as it was seen, so two takers cannot both win.
+        run claims. A lease held by someone else is never judged expired by this process's
+        clock (clocks of two machines may disagree by seconds): a taker that has watched it
+        stay unrenewed for its whole life on its own monotonic clock takes it over with
+        :meth:`take_over_lease`. ``expires_at`` is informative.
         """
         now = to_bson_time(now or utcnow())
         doc = {
@@ -868,24 +1106,36 @@ class Store:
             "acquired_at": now,
             "expires_at": to_bson_time(now + timedelta(seconds=ttl)),
         }
-        for _ in range(2):
-            try:
-                self._guard(self.leases.insert_one, "take a lease", doc)
-                return True
-            except DuplicateKeyError:
-                current = self._guard(self.leases.find_one, "read a lease", {"_id": name})
-                if current is None:
-                    continue
-                if current["holder"] == holder:
-                    return self.renew_lease(name, holder, ttl, now)
-                if current["expires_at"] > now:
-                    return False
-                self._guard(
-                    self.leases.delete_one,
-                    "clear an expired lease",
-                    {"_id": name, "holder": current["holder"], "expires_at": current["expires_at"]},
-                )
-        return False
+        try:
+            self._guard(self.leases.insert_one, "take a lease", doc)
+            return True
+        except DuplicateKeyError:
+            current = self.read_lease(name)
+            if current is not None and current["holder"] == holder:
+                return self.renew_lease(name, holder, ttl, now)
+            return False
+
+    def read_lease(self, name: str) -> dict[str, Any] | None:
+        return self._guard(self.leases.find_one, "read a lease", {"_id": name})
+
+    def take_over_lease(
+        self,
+        name: str,
+        holder: str,
+        ttl: float,
+        seen: dict[str, Any],
+        now: datetime | None = None,
+    ) -> bool:
+        """Take over a lease its holder stopped renewing: ``seen`` is the lease as the caller
+        read it at least a whole lease life ago and again now. It is deleted only if it is
+        still exactly that (holder and expiry), so a holder that renewed meanwhile keeps it
+        and two takers cannot both win; then it is acquired as usual."""
+        self._guard(
+            self.leases.delete_one,
+            "clear an unrenewed lease",
+            {"_id": name, "holder": seen["holder"], "expires_at": seen["expires_at"]},
+        )
+        return self.acquire_lease(name, holder, ttl, now)
 
     def renew_lease(self, name: str, holder: str, ttl: float, now: datetime | None = None) -> bool:
         """Extend our lease; False if it is no longer ours (it expired and someone took it)."""

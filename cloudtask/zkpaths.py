@@ -113,7 +113,7 @@ def connect(hosts: str, session_timeout: float, *, start_timeout: float = 15.0) 
     except KazooTimeoutError:
         zk.stop()
         zk.close()
-        raise CloudTaskError(
+        raise ClusterUnavailable(
             f"cannot reach ZooKeeper at {hosts} within {start_timeout:g} s: "
             "check that it runs and that zookeeper.hosts points at it"
         ) from None
@@ -129,38 +129,49 @@ class ClusterUnavailable(CloudTaskError):
     """ZooKeeper cannot be reached now; what needed it was not done."""
 
 
-def _call(zk: Any, what: str, async_result: Any) -> Any:
+def _call(zk: Any, what: str, async_result: Any, timeout: float = ZK_REQUEST_TIMEOUT) -> Any:
     try:
-        return async_result.get(timeout=ZK_REQUEST_TIMEOUT)
+        return async_result.get(timeout=timeout)
     except KazooTimeoutError:
         raise ClusterUnavailable(
-            f"ZooKeeper did not answer within {ZK_REQUEST_TIMEOUT:g} s to {what}"
+            f"ZooKeeper did not answer within {timeout:g} s to {what}"
         ) from None
 
 
-def _bumper(zk: Any, path: str) -> Any:
+def bounded(zk: Any, what: str, request: Any, timeout: float = ZK_REQUEST_TIMEOUT) -> Any:
+    """Make one ZooKeeper request and wait at most ``timeout`` for its answer.
+
+    ``request`` starts it (``lambda: zk.get_async(path)``). kazoo queues a request made while
+    the connection is down and waits for ever; this raises :class:`ClusterUnavailable` at
+    once instead, and after ``timeout`` when no answer comes (the request may still be
+    carried out later). kazoo's own errors (NoNodeError, ...) are raised as they are."""
+    if not zk.connected:
+        raise ClusterUnavailable(f"not connected to ZooKeeper: cannot {what} now")
+    return _call(zk, what, request(), timeout)
+
+
+def _bumper(zk: Any, path: str, timeout: float) -> Any:
     from kazoo.exceptions import NoNodeError
 
     def bump() -> None:
-        if not zk.connected:
-            raise ClusterUnavailable("not connected to ZooKeeper: cannot signal the change")
         try:
-            _call(zk, "a signal", zk.set_async(path, b""))
+            bounded(zk, "signal the change", lambda: zk.set_async(path, b""), timeout)
         except NoNodeError:
-            zk.ensure_path(path)
-            _call(zk, "a signal", zk.set_async(path, b""))
+            bounded(
+                zk, "signal the change", lambda: zk.create_async(path, b"", makepath=True), timeout
+            )
 
     return bump
 
 
-def task_signal(zk: Any, paths: ZkPaths) -> Any:
+def task_signal(zk: Any, paths: ZkPaths, timeout: float = ZK_REQUEST_TIMEOUT) -> Any:
     """A function that bumps ``/signals/tasks``, so the leading center reconciles at once."""
-    return _bumper(zk, paths.task_signal)
+    return _bumper(zk, paths.task_signal, timeout)
 
 
-def run_signal(zk: Any, paths: ZkPaths) -> Any:
-    """A function that bumps ``/signals/runs``, so agents look for manual runs at once."""
-    return _bumper(zk, paths.run_signal)
+def run_signal(zk: Any, paths: ZkPaths, timeout: float = ZK_REQUEST_TIMEOUT) -> Any:
+    """A function that bumps ``/signals/runs``, so agents look for waiting runs at once."""
+    return _bumper(zk, paths.run_signal, timeout)
 
 
 def request_kill(zk: Any, paths: ZkPaths, agent_id: str, run_id: str, reason: str) -> None:

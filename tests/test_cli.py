@@ -200,6 +200,23 @@ def _get(url: str) -> str | None:
         return None
 
 
+def _registered_pids(zk, paths) -> dict[str, int]:
+    """agent id -> the pid in its ZooKeeper registration."""
+    from kazoo.exceptions import NoNodeError
+
+    from cloudtask.zkpaths import decode
+
+    out = {}
+    for group in zk.get_children(paths.agents) if zk.exists(paths.agents) else []:
+        for agent_id in zk.get_children(paths.agent_group(group)):
+            try:
+                out[agent_id] = (decode(zk.get(paths.agent(group, agent_id))[0]) or {}).get("pid")
+            except NoNodeError:
+                continue
+    return out
+
+
+@pytest.mark.timeout(180)
 def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -263,19 +280,65 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
         )
         assert logs.startswith(str(tmp_path / "data"))
         store.close()
+
+        # kill -9 of one agent: `up` starts it again (a new pid, registered again under the
+        # same id), and nothing else stops: the web site answers throughout
+        from kazoo.client import KazooClient
+
+        from cloudtask.zkpaths import ZkPaths
+
+        hosts, root = re.search(r"ZooKeeper:\s+(\S+) \(root (\S+)\)", text).groups()
+        paths = ZkPaths(root)
+        up = psutil.Process(proc.pid)
+
+        def agent_pids() -> set[int]:
+            return {c.pid for c in up.children() if "agent" in c.cmdline()}
+
+        others = {c.pid for c in up.children() if "agent" not in c.cmdline()}
+        zk = KazooClient(hosts=hosts)
+        zk.start(timeout=10)
+        try:
+            before = agent_pids()
+            registered = wait_for(
+                lambda: (r := _registered_pids(zk, paths)) and set(r.values()) == before and r,
+                timeout=30,
+                message="agents not registered",
+            )
+            victim, victim_pid = min(registered.items())
+            os.kill(victim_pid, signal.SIGKILL)
+            assert json.loads(_get(f"http://127.0.0.1:{port}/healthz"))["status"] == "ok"
+
+            def back() -> int | None:
+                pid = _registered_pids(zk, paths).get(victim)
+                return pid if pid not in (None, victim_pid) else None
+
+            new_pid = wait_for(back, timeout=60, message="the killed agent did not come back")
+            assert new_pid in agent_pids() and victim_pid not in agent_pids()
+            assert agent_pids() - {new_pid} == before - {victim_pid}  # the other one kept on
+            assert others <= {c.pid for c in up.children()}  # center, web, servers: the same
+            assert json.loads(_get(f"http://127.0.0.1:{port}/healthz"))["status"] == "ok"
+        finally:
+            zk.stop()
+            zk.close()
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 6  # ZooKeeper, MongoDB, center, web, two agents
     finally:
         proc.send_signal(signal.SIGINT)
         rest = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, rest
+    # the death was logged: name, pid, signal, log file
+    assert re.search(rf"(agent-\d) \(pid {victim_pid}\) was killed by SIGKILL.*\1\.log", rest)
     time.sleep(0.5)
     assert [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE] == []
 
 
-def test_restarted_agent_ends_orphans_and_marks_their_runs_lost(
-    tmp_path, mongo_server, mongo_db_name, mongo_client
+@pytest.mark.parametrize("guard_dies_too", [False, True])
+def test_a_killed_agents_runs_end_and_its_next_life_marks_them_lost(
+    tmp_path, mongo_server, mongo_db_name, mongo_client, guard_dies_too
 ):
+    """kill -9 of an agent: its run guard ends its runs. If the guard is killed as well (both
+    crash), the runs are orphans until the agent starts again, which ends them. Either way
+    the run is recorded lost by the agent's next life and the service runs again."""
     store = Store(mongo_client, mongo_db_name)
     task = store.create_task(
         {"name": "long", "schedule": {"every": "1h"}, "command": ["sleep", "300"]}
@@ -284,12 +347,25 @@ def test_restarted_agent_ends_orphans_and_marks_their_runs_lost(
     env = {"CLOUDTASK_MONGO_URI": mongo_server.uri, "CLOUDTASK_MONGO_DATABASE": mongo_db_name}
     first = _agent(tmp_path, "crashy", env)
     run = wait_for(
-        lambda: store.runs.find_one({"status": "running"}), timeout=20, message="never ran"
+        lambda: store.runs.find_one({"status": "running", "pid": {"$gt": 0}}),
+        timeout=20,
+        message="never ran",
     )
     sleeper = psutil.Process(run["pid"])
+    guard = sleeper.parent()
+    assert "cloudtask.agent.guard" in " ".join(guard.cmdline())
+    if guard_dies_too:
+        guard.kill()
     first.kill()  # kill -9: no chance to clean up
     first.communicate(timeout=10)
-    assert sleeper.is_running() and sleeper.status() != psutil.STATUS_ZOMBIE  # orphaned
+
+    def gone() -> bool:
+        return not sleeper.is_running() or sleeper.status() == psutil.STATUS_ZOMBIE
+
+    if guard_dies_too:
+        assert not gone()  # orphaned
+    else:
+        wait_for(gone, timeout=10, message="the run outlived its agent and guard")
     second = _agent(tmp_path, "crashy", env)
     try:
         wait_for(
@@ -297,11 +373,7 @@ def test_restarted_agent_ends_orphans_and_marks_their_runs_lost(
             timeout=20,
             message="not marked lost",
         )
-        wait_for(
-            lambda: not sleeper.is_running() or sleeper.status() == psutil.STATUS_ZOMBIE,
-            timeout=20,
-            message="orphan survived",
-        )
+        wait_for(gone, timeout=20, message="orphan survived")
         assert "without finishing" in store.get_run(run["_id"])["error"]
         # the keepalive task runs again under the new life of the agent
         wait_for(

@@ -6,6 +6,7 @@ cannot be recorded never fails the write it hangs on."""
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from datetime import datetime, timedelta, timezone
 
@@ -14,6 +15,7 @@ from helpers import run_document, wait_for
 from kazoo.client import KazooClient
 from test_cluster import SESSION, Cluster, agent_count, assignments, make_tasks
 
+from cloudtask import events as ev
 from cloudtask.center.center import Center
 from cloudtask.config import Config
 from cloudtask.operations import Operations
@@ -163,13 +165,23 @@ def test_runs_marked_lost_record_one_event_each(store):
 
 
 def test_a_late_write_that_does_not_land_records_nothing(store):
-    """The center marked the run lost; the agent's late 'failed' is not stored, nor alerted."""
+    """The center marked the run lost; a write of another agent is not stored, nor alerted."""
+    task = make_task(store)
+    doc = claimed(store, task, agent="gone")
+    store.mark_runs_lost({"agent": "gone"}, "its agent left the cluster")
+    store.save_runs([finish({**doc, "agent": "other"}, "failed", exit_code=1)])
+    assert store.get_run(doc["_id"])["status"] == "lost"
+    assert [e["kind"] for e in events(store)] == ["run.lost"]
+
+
+def test_the_real_outcome_of_a_run_marked_lost_is_recorded_and_alerted(store):
+    """Its own agent finishes it after all: the history and the events say what happened."""
     task = make_task(store)
     doc = claimed(store, task, agent="gone")
     store.mark_runs_lost({"agent": "gone"}, "its agent left the cluster")
     store.save_runs([finish(doc, "failed", exit_code=1)])
-    assert store.get_run(doc["_id"])["status"] == "lost"
-    assert [e["kind"] for e in events(store)] == ["run.lost"]
+    assert store.get_run(doc["_id"])["status"] == "failed"
+    assert sorted(e["kind"] for e in events(store)) == ["run.failed", "run.lost"]
 
 
 def test_killed_skipped_and_succeeded_runs_are_no_alerts(store):
@@ -256,6 +268,24 @@ def test_recovered_from_a_lost_run_and_within_one_batch(store):
     assert len(by_task) == 2
 
 
+def test_missed_fires_are_no_failures_and_not_what_a_recovery_ends():
+    """A fire recorded missed (the cluster was down or restarting) neither counts as a
+    failure, nor starts a streak, nor is the status a recovery comes after."""
+    from cloudtask.store import _count_failures
+
+    def run(n, status):
+        return {"_id": f"r{n}", "status": status, "task_id": "t", "agent": "a1"}
+
+    assert _count_failures({}, [run(1, "missed"), run(2, "missed")]) == (0, [])
+    assert _count_failures({}, [run(1, "missed"), run(2, "succeeded")]) == (0, [])
+    failures, (recovered,) = _count_failures(
+        {"id": "r0", "status": "failed", "failures": 1},
+        [run(1, "missed"), run(2, "failed"), run(3, "missed"), run(4, "succeeded")],
+    )
+    assert failures == 0 and recovered["details"]["failures"] == 2
+    assert recovered["details"]["previous_status"] == "failed"
+
+
 def test_no_recovery_after_a_success(store):
     task = make_task(store)
     run_once(store, task, "succeeded", NOW)
@@ -315,7 +345,9 @@ def test_agents_joined_left_returned_once_each(store):
     # stopped cleanly (leaving), then restarted under a new registration no leader saw go
     store.record_agents({"a1": info(20, leaving=True)}, now=t + timedelta(seconds=6))
     store.record_agents({}, now=t + timedelta(seconds=7))
-    assert "it stopped" in events(store, kind="agent.left")[-1]["message"]
+    stopped = events(store, kind="agent.left")[-1]
+    assert "it stopped" in stopped["message"] and stopped["severity"] == "info"
+    assert stopped["details"]["reason"] == "stopped"
     store.record_agents({"a1": info(30)}, now=t + timedelta(seconds=8))
     store.record_agents({"a1": info(40)}, now=t + timedelta(seconds=9))  # restarted unseen
     kinds = [e["kind"] for e in events(store)]
@@ -334,6 +366,64 @@ def test_a_second_leader_does_not_record_an_agent_change_twice(store):
     store.record_agents({"a2": info(11)}, now=NOW + timedelta(seconds=2))
     assert len(events(store, kind="agent.left")) == 1
     assert store.agents.find_one({"_id": "a1"})["status"] == "offline"
+
+
+def registration(czxid: int) -> dict:
+    """What an agent registers (and the leader stores as its info)."""
+    return info(czxid, agent_id="a1", started_at="2026-12-01T03:00:00+00:00")
+
+
+def test_a_clean_stop_the_leader_never_saw_leaving_is_no_alert(store):
+    """The agent records its own departure (``agent_stopped``) before it deletes its
+    registration; the leader, too slow to see ``leaving``, records the same id: one
+    agent.left, "stopped", info; and the return after it is no alert either."""
+    store.record_agents({"a1": registration(10)}, now=NOW)
+    mine = ev.agent_stopped("a1", registration(10), 10, NOW + timedelta(seconds=1))
+    assert store.record_event(mine)
+    store.record_agents({}, now=NOW + timedelta(seconds=2))  # the node is gone, no leaving seen
+    (left,) = events(store, kind="agent.left")
+    assert left["_id"] == mine["_id"] == "agent.left:a1:10:1796094000000"
+    assert left["severity"] == "info" and left["details"]["reason"] == "stopped"
+    assert "stopped" in left["message"] and "crashed" not in left["message"]
+    assert ev.clean_stop(left)
+    stored = store.agents.find_one({"_id": "a1"})
+    assert (stored["status"], stored["left_reason"]) == ("offline", "stopped")
+
+    store.record_agents({"a1": registration(20)}, now=NOW + timedelta(seconds=30))
+    (back,) = events(store, kind="agent.returned")
+    assert back["severity"] == "info" and back["details"]["left_reason"] == "stopped"
+    assert "after a clean stop" in back["message"] and ev.clean_stop(back)
+
+
+def test_a_clean_stop_seen_only_when_the_agent_is_back_is_no_alert(store):
+    """`cloudtask up` stopped with Ctrl-C: the agents and the center stop at once, so no
+    leader sees them go; the next leader finds them registered again under new czxids."""
+    store.record_agents({"a1": registration(10)}, now=NOW)
+    store.record_event(ev.agent_stopped("a1", registration(10), 10, NOW + timedelta(seconds=1)))
+    store.record_agents({"a1": registration(20)}, now=NOW + timedelta(seconds=60))
+    kinds = [(e["kind"], e["severity"], ev.clean_stop(e)) for e in events(store)]
+    assert kinds == [
+        ("agent.joined", "info", False),
+        ("agent.left", "info", True),
+        ("agent.returned", "info", True),
+    ]
+
+
+def test_a_crash_stays_an_error_and_its_return_an_alert(store):
+    store.record_agents({"a1": registration(10)}, now=NOW)
+    store.record_agents({}, now=NOW + timedelta(seconds=2))  # the session ended: no stop
+    (left,) = events(store, kind="agent.left")
+    assert (left["severity"], left["details"]["reason"]) == ("error", "session ended")
+    assert "killed, crashed or cut off" in left["message"] and not ev.clean_stop(left)
+    assert store.agents.find_one({"_id": "a1"})["left_reason"] == "session ended"
+    store.record_agents({"a1": registration(20)}, now=NOW + timedelta(seconds=30))
+    (back,) = events(store, kind="agent.returned")
+    assert back["message"] == "agent a1 is back (group default, host h1)"
+    assert not ev.clean_stop(back)
+    # a stop recorded for another registration (the one before) does not hide this crash
+    store.record_event(ev.agent_stopped("a1", registration(10), 10, NOW))
+    store.record_agents({}, now=NOW + timedelta(seconds=40))
+    assert [e["severity"] for e in events(store, kind="agent.left")] == ["error", "error"]
 
 
 # --- audited task changes -----------------------------------------------------------------------
@@ -501,6 +591,28 @@ def cluster(zk_hosts, mongo_server, mongo_db_name, tmp_path):
     c = Cluster(zk_hosts, mongo_server.uri, mongo_db_name, tmp_path)
     yield c
     c.stop_all()
+
+
+@pytest.mark.timeout(180)
+def test_an_agent_stopped_while_no_center_runs_is_a_clean_stop(cluster, zk, store):
+    """No leader sees the agent leaving (the center was killed first): the agent's own record
+    of its stop makes the next leader's agent.left a clean stop, and its return no alert."""
+    cluster.center("c1")
+    cluster.agent("a1")
+    wait_for(lambda: events(store, kind="agent.joined"), timeout=30)
+    cluster.kill("c1")
+    cluster.kill("a1", signal.SIGTERM)  # a clean stop, with no leader to see it
+    (left,) = wait_for(lambda: events(store, kind="agent.left"), timeout=10)
+    assert left["details"]["reason"] == "stopped" and left["severity"] == "info"
+    cluster.center("c2")
+    wait_for(
+        lambda: store.agents.find_one({"_id": "a1"})["status"] == "offline", timeout=SESSION + 30
+    )
+    assert store.agents.find_one({"_id": "a1"})["left_reason"] == "stopped"
+    assert len(events(store, kind="agent.left")) == 1
+    cluster.agent("a1")
+    (back,) = wait_for(lambda: events(store, kind="agent.returned"), timeout=30)
+    assert ev.clean_stop(back) and "after a clean stop" in back["message"]
 
 
 @pytest.mark.timeout(180)

@@ -14,18 +14,32 @@ import pytest
 from helpers import finished, start, wait_for
 
 from cloudtask.agent.executor import Executor
+from cloudtask.agent.guard import GuardClient
 from cloudtask.agent.logfiles import cleanup_logs, log_path
 
 PY = sys.executable
 
 
-@pytest.fixture
-def executor(writer, tmp_path):
+@pytest.fixture(params=["here", "guard"])
+def executor(request, writer, tmp_path):
+    """An executor that starts its processes itself, and one whose run guard starts them (as
+    agents on POSIX do): every behaviour below holds for both."""
+    guard = None
+    if request.param == "guard":
+        guard = GuardClient(fence=lambda: (None, 0.0), silent_after=60.0, kill_grace=1.0)
+        guard.start()
     ex = Executor(
-        agent_id="a1", log_dir=tmp_path / "logs", writer=writer, max_parallel=4, kill_grace=1.0
+        agent_id="a1",
+        log_dir=tmp_path / "logs",
+        writer=writer,
+        max_parallel=4,
+        kill_grace=1.0,
+        guard=guard,
     )
     yield ex
     ex.shutdown()
+    if guard is not None:
+        guard.stop()
 
 
 def test_success_output_and_environment(store, executor, tmp_path):
@@ -149,6 +163,23 @@ def test_background_leftovers_are_reaped_after_normal_exit(store, executor):
     run = finished(store, ctx.run_id)
     assert run["status"] == "succeeded"
     wait_for(lambda: _tagged(ctx.run_id) == [], timeout=5, message="background child survived")
+
+
+def test_a_killed_run_is_asked_to_stop_first(store, executor):
+    """SIGTERM first, so a task can clean up in its grace (runs must not inherit an ignored
+    SIGTERM from whatever started them)."""
+    script = (
+        "import signal, sys, time\n"
+        "def done(*_): print('cleaned up', flush=True); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, done)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(100)"
+    )
+    ctx = start(store, executor, {"command": [PY, "-c", script]})
+    wait_for(lambda: "ready" in store.get_run(ctx.run_id)["output_tail"], message="not running")
+    assert executor.kill(ctx.run_id, "killed by test")
+    run = finished(store, ctx.run_id)
+    assert run["status"] == "killed" and "cleaned up" in run["output_tail"]
 
 
 def test_kill_running_run(store, executor):

@@ -70,11 +70,11 @@ def test_a_paused_task_can_be_run_by_hand_and_stays_paused(store, agents):
 def test_only_one_agent_takes_a_manual_run(store):
     task = hourly(store)
     run = Operations(store).run_now("alice", task["_id"])
-    first = store.take_manual_run(run["_id"], "a1", None, "h1")
-    second = store.take_manual_run(run["_id"], "a2", None, "h2")
+    first = store.take_pending_run(run["_id"], "a1", None, "h1")
+    second = store.take_pending_run(run["_id"], "a2", None, "h2")
     assert first is not None and first["agent"] == "a1"
     assert second is None
-    assert store.pending_manual_runs("default") == []
+    assert store.pending_runs("default") == []
 
 
 def test_a_manual_run_no_agent_took_can_be_cancelled(store, agents):

@@ -438,6 +438,156 @@ def test_agent_left_mails_operators_once(store, smtp):
     assert "web-3" in body and f"{BASE}/cluster" in body
 
 
+def test_a_clean_stop_and_the_return_after_it_mail_nobody(store, smtp, receiver):
+    """An agent stopped on purpose (a Ctrl-C restart of `cloudtask up`): agent.left "stopped"
+    and agent.returned after it are info, mailed to nobody (not the operators, not those who
+    asked for the kind or the group); a webhook that asks for everything still gets them."""
+    cfg = config(
+        smtp.port,
+        operators=("ops@example.com",),
+        operators_by_kind={"agent.left": ("kind@example.com",)},
+        operators_by_group={"batch": ("batch-team@example.com",)},
+        webhooks=({"url": receiver.url, "secret": SECRET, "kinds": None},),
+    )
+    info = {"group": "batch", "host": "web-3", "pid": 4242, "czxid": 7}
+    store.record_agents({"a1": info}, now=T0)
+    store.record_event(events.agent_stopped("a1", info, 7, T0 + timedelta(seconds=5)))
+    store.record_agents({}, now=T0 + timedelta(seconds=6))
+    store.record_agents({"a1": {**info, "czxid": 9}}, now=T0 + timedelta(seconds=20))
+    kinds = [e["kind"] for e in store.events.find().sort("ts", 1)]
+    assert kinds == ["agent.joined", "agent.left", "agent.returned"]
+    counts = Notifier(store, cfg).run_once(ts(T0, 30))
+    assert counts["events"] == 3 and counts["sent"] == 4  # three webhooks, one mail:
+    ((to, joined),) = smtp.inbox.messages()  # the group's team hears of the agent joining
+    assert joined["Subject"].startswith("[CloudTask] AGENT JOINED a1") and to == [
+        "batch-team@example.com"
+    ]
+    hooks = [json.loads(r["body"]) for r in receiver.requests]
+    assert [(h["kind"], h["severity"]) for h in hooks[1:]] == [
+        ("agent.left", "info"),
+        ("agent.returned", "info"),
+    ]
+    assert hooks[1]["details"]["reason"] == "stopped"
+
+    # the same agent killed later: an alert as before, and so is its return
+    store.record_agents({}, now=T0 + timedelta(minutes=5))
+    store.record_agents({"a1": {**info, "czxid": 11}}, now=T0 + timedelta(minutes=6))
+    Notifier(store, cfg).run_once(ts(T0, 400))
+    subjects = sorted(m["Subject"] for _, m in smtp.inbox.messages()[1:])
+    assert subjects == [
+        "[CloudTask] AGENT BACK a1 (group batch) 2026-12-01 03:06 UTC",
+        "[CloudTask] AGENT BACK a1 (group batch) 2026-12-01 03:06 UTC",
+        "[CloudTask] AGENT OFFLINE a1 (group batch) 2026-12-01 03:05 UTC",
+        "[CloudTask] AGENT OFFLINE a1 (group batch) 2026-12-01 03:05 UTC",
+        "[CloudTask] AGENT OFFLINE a1 (group batch) 2026-12-01 03:05 UTC",
+    ]
+
+
+# --- missed fires: not failures ----------------------------------------------------------------
+
+
+def missed_events(store: Store, task: dict[str, Any], at: datetime, n: int) -> list[dict]:
+    """``n`` fires of ``task`` from ``at`` on, recorded missed (as an agent does after a
+    restart), with their run.missed events."""
+    from cloudtask.store import new_run_document as run_doc
+
+    docs = [
+        run_doc(
+            task_id=task["_id"],
+            task_name=task["name"],
+            group=task["group"],
+            revision=1,
+            scheduled_for=at + timedelta(minutes=i),
+            slot="one",
+            attempt=0,
+            trigger="schedule",
+            agent="a1",
+            status="missed",
+            now=at + timedelta(hours=1),
+        )
+        for i in range(n)
+    ]
+    assert store.claim_runs(docs) == [True] * n
+    return [store.events.find_one({"_id": f"run.missed:{d['_id']}"}) for d in docs]
+
+
+def test_missed_fires_of_a_restart_are_mailed_throttled_but_are_no_failures(store, smtp):
+    """The cluster was down 03:00-04:00: the fires of that hour are recorded missed when it
+    is back. Whoever asks for missed fires hears of them (the first at once, the rest in a
+    digest of missed fires), but they are no failures: no failing streak, no failure digest,
+    and a real failure afterwards is mailed at once."""
+    cfg = config(smtp.port, operators=("ops@example.com",))
+    task = make_task(store, notify={"emails": ["owner@example.com"]})  # on: missed by default
+    notifier = Notifier(store, cfg)
+    restart = T0 + timedelta(hours=1)
+    missed_events(store, task, T0, 5)
+    counts = notifier.run_once(ts(restart, 5))
+    assert counts["sent"] == 2 and counts["held"] == 8  # one at once to each, four held each
+    assert {m["Subject"].split()[1] for _, m in smtp.inbox.messages()} == {"MISSED"}
+    assert store.db["alert_state"].find_one({"_id": task["_id"]}) is None  # not failing
+    missed_state = store.db["alert_state"].find_one({"_id": f"{task['_id']}:missed"})
+    assert missed_state["kind"] == "missed" and missed_state["failing_since_ts"] is None
+
+    # a real failure just after the restart: mailed at once (nothing held it back)
+    failure = run_event(store, task, restart + timedelta(minutes=1))
+    counts = notifier.run_once(ts(restart, 65))
+    assert counts["sent"] == 2 and counts["held"] == 0
+    state = store.db["alert_state"].find_one({"_id": task["_id"]})
+    assert state["failing_since_ts"] == failure["ts"]  # after the restart, not its missed fires
+
+    # the interval passes: the missed fires come as a digest of missed fires, the failure
+    # state has nothing held (no failure digest)
+    counts = notifier.run_once(ts(restart, 905))
+    assert counts["digests"] == 2
+    digest = smtp.inbox.by_recipient()["owner@example.com"][-1]
+    assert digest["Subject"] == "[CloudTask] DIGEST nightly-cleanup missed 4 more fires"
+    body = digest.get_content().replace("\r\n", "\n")
+    assert "failing since" not in body and "failed" not in body
+    assert "2026-12-01 03:04:00 UTC  missed" in body  # listed by when they were due
+    assert f"{BASE}/tasks/{task['_id']}" in body
+
+    # it succeeds: the recovery mail says it was failing since the failure, after the restart
+    run_event(store, task, restart + timedelta(minutes=20), status="succeeded")
+    notifier.run_once(ts(restart, 20 * 60 + 5))
+    recovery = smtp.inbox.by_recipient()["owner@example.com"][-1]
+    assert recovery["Subject"].startswith("[CloudTask] RECOVERED")
+    text = recovery.get_content().replace("\r\n", "\n")
+    assert "It had been failing since 2026-12-01 04:01 UTC." in text
+    assert "missed" not in text.split("Task:")[0]  # no missed fire listed among failures
+    assert store.db["alert_state"].find_one({"_id": task["_id"]}) is None
+
+
+def test_missed_fires_alone_start_no_failing_streak_that_a_later_recovery_reports(store, smtp):
+    """Before, a restart's missed fires opened the task's failing state: a failure days later
+    was held behind them, and its recovery said "failing since" the old restart."""
+    cfg = config(smtp.port, operators=("ops@example.com",), alert_interval=600.0)
+    task = make_task(store)
+    notifier = Notifier(store, cfg)
+    missed_events(store, task, T0, 3)
+    notifier.run_once(ts(T0, 3605))
+    notifier.run_once(ts(T0, 3605 + 600))  # the missed digest
+    later = T0 + timedelta(days=2)
+    run_event(store, task, later)
+    assert notifier.run_once(ts(later, 5))["sent"] == 1  # the failure, at once
+    run_event(store, task, later + timedelta(minutes=5), status="succeeded")
+    notifier.run_once(ts(later, 305))
+    subjects = [m["Subject"] for _, m in smtp.inbox.messages()]
+    assert [s.split()[1] for s in subjects] == ["MISSED", "DIGEST", "FAILED", "RECOVERED"]
+    assert subjects[1] == "[CloudTask] DIGEST nightly-cleanup missed 2 more fires"
+    recovery = smtp.inbox.messages()[-1][1].get_content()
+    assert "It had been failing since 2026-12-03 03:00 UTC." in recovery
+
+
+def test_missed_fires_are_mailed_only_to_whoever_asks_for_them(store, smtp):
+    cfg = config(smtp.port, operators=())
+    asks = make_task(store, "asks", notify={"emails": ["a@example.com"], "on": ["missed"]})
+    not_asks = make_task(store, "quiet", notify={"emails": ["q@example.com"], "on": ["failure"]})
+    missed_events(store, asks, T0, 1)
+    missed_events(store, not_asks, T0, 1)
+    Notifier(store, cfg).run_once(ts(T0, 3605))
+    assert sorted(smtp.inbox.by_recipient()) == ["a@example.com"]
+
+
 # --- retries -----------------------------------------------------------------------------------
 
 

@@ -202,8 +202,15 @@ def test_new_task_catches_up_fires_since_it_was_last_looked_after():
     assert skip == [(T0 + s(20), "missed"), (T0 + s(30), "missed"), (T0 + s(40), "missed")]
 
 
-def test_catch_up_looks_back_no_further_than_the_grace():
+def test_catch_up_accounts_for_every_fire_since_and_runs_only_the_newest():
+    """An hour without an owner: the newest fire (inside the grace) runs, every older one is
+    recorded missed, so the history shows the gap instead of hiding it."""
     sched = Scheduler()
     sched.upsert("a", spec(misfire_grace="25s"), 1, T0 + s(45.5), since=T0 - s(3600))
     fires, _ = sched.tick(T0 + s(45.5))
-    assert [f.scheduled_for for f in fires] == [T0 + s(30), T0 + s(40)]
+    assert fires[-1].scheduled_for == T0 + s(40) and fires[-1].status is None
+    missed = fires[:-1]
+    assert {f.status for f in missed} == {"missed"}
+    assert [f.scheduled_for for f in missed] == [T0 - s(3590) + s(10 * i) for i in range(363)]
+    fires, _ = sched.tick(T0 + s(45.6))
+    assert fires == []

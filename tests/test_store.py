@@ -177,9 +177,52 @@ def test_update_runs_in_bulk_and_list(store):
 def test_save_never_overwrites_a_finished_run(store):
     doc = run_doc(status="running")
     store.claim_runs([doc])
-    store.runs.replace_one({"_id": doc["_id"]}, {**doc, "status": "lost"})
+    store.save_runs([{**doc, "status": "killed"}])
+    store.save_runs([{**doc, "status": "succeeded"}])  # a late write after the final one
+    assert store.get_run(doc["_id"])["status"] == "killed"
+
+
+def test_a_run_marked_lost_gets_its_real_outcome_from_its_own_agent_only(store):
+    """A run "lost" means its agent went silent; when the agent finishes the run after all, its
+    outcome is the truth. Nobody else overwrites the verdict."""
+    doc, other = run_doc(status="running"), run_doc(task_id="t2", status="running")
+    store.claim_runs([doc, other])
+    store.mark_runs_lost({}, "its agent left")
     store.save_runs([{**doc, "status": "succeeded"}])
-    assert store.get_run(doc["_id"])["status"] == "lost"
+    assert store.get_run(doc["_id"])["status"] == "succeeded"
+    store.save_runs([{**other, "status": "succeeded"}], owner="a2")  # another agent's write
+    store.save_runs([{**other, "agent": "a2", "status": "succeeded"}])
+    assert store.get_run(other["_id"])["status"] == "lost"
+
+
+def test_a_released_claim_is_no_longer_its_old_agents(store):
+    doc = run_doc(status="queued")
+    store.claim_runs([doc])
+    released = store.finish_unheard_runs([store.get_run(doc["_id"])], "its agent left")
+    assert released == [doc["_id"]]
+    stored = store.get_run(doc["_id"])
+    assert stored["status"] == "queued" and stored["agent"] is None
+    assert stored["released_by"] == "a1"
+    store.save_runs([{**doc, "status": "running"}])  # the old agent wakes up: refused
+    assert store.get_run(doc["_id"])["agent"] is None
+    assert not store.start_queued_run(doc["_id"], "a1")
+    taken = store.take_pending_run(doc["_id"], "a2", "s2", "h", trigger="catch-up")
+    assert taken["agent"] == "a2" and taken["trigger"] == "catch-up"
+    assert store.start_queued_run(doc["_id"], "a2")
+    assert store.get_run(doc["_id"])["status"] == "running"
+
+
+def test_unheard_runs_are_judged_only_as_read(store):
+    """The leader's verdict applies only to a run exactly as it read it: a heartbeat or a
+    final write of its agent in between wins."""
+    beating, finishing = run_doc(status="running"), run_doc(task_id="t2", status="running")
+    store.claim_runs([beating, finishing])
+    read = {d["_id"]: d for d in store.unfinished_runs({})}
+    assert store.beat_runs("a1", [beating["_id"]], 123.0) == 1
+    store.save_runs([{**finishing, "status": "succeeded"}])
+    store.finish_unheard_runs(list(read.values()), "its agent left")
+    assert store.get_run(beating["_id"])["status"] == "running"
+    assert store.get_run(finishing["_id"])["status"] == "succeeded"
 
 
 def test_skipped_and_missed_runs_are_finished_at_once(store):
@@ -226,13 +269,18 @@ def test_a_claim_whose_first_insert_landed_is_still_ours(store):
     assert store.claim_runs([run_doc()]) == [False]
 
 
-def test_leases_exclusive_renewable_and_taken_over_after_expiry(store):
+def test_leases_exclusive_renewable_and_taken_over_only_as_seen(store):
+    """A lease is never judged expired by the taker's clock: it is taken over only if it is
+    still exactly as the taker saw it a whole lease life earlier (see agent/leases.py)."""
     t = NOW
     assert store.acquire_lease("k", "run-1", 30, t)
-    assert not store.acquire_lease("k", "run-2", 30, t + timedelta(seconds=10))
+    assert not store.acquire_lease("k", "run-2", 30, t + timedelta(seconds=100))
+    seen = store.read_lease("k")
     assert store.renew_lease("k", "run-1", 30, t + timedelta(seconds=20))
-    assert not store.acquire_lease("k", "run-2", 30, t + timedelta(seconds=40))  # renewed to 50
-    assert store.acquire_lease("k", "run-2", 30, t + timedelta(seconds=51))  # expired: taken over
+    assert not store.take_over_lease("k", "run-2", 30, seen)  # renewed since it was seen
+    assert store.read_lease("k")["holder"] == "run-1"
+    seen = store.read_lease("k")
+    assert store.take_over_lease("k", "run-2", 30, seen)  # unchanged: taken over
     assert not store.renew_lease("k", "run-1", 30, t + timedelta(seconds=52))
     store.release_lease("k", "run-1")  # not the holder: nothing happens
     assert store.leases.find_one({"_id": "k"})["holder"] == "run-2"

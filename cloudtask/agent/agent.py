@@ -5,9 +5,23 @@ straight from MongoDB every ``poll_interval``; it is one process, so there is no
 Every fire is still claimed through the unique run index, so two standalone agents given the
 same tasks run each fire once between them.
 
-A claim that fails because MongoDB is unreachable is retried on the next steps; a fire that
-cannot be claimed within its task's ``misfire_grace`` is dropped with a warning (it never runs
-unclaimed: once-only comes before liveness).
+The claim protocol (docs/architecture.md, "A fire runs once"):
+
+- A fire is claimed by inserting its run document; the unique index on ``(task, scheduled_for,
+  slot, attempt)`` lets one process win it. A claim the agent can start at once is written
+  ``running``; one that must wait for a slot is written ``queued`` and moved to ``running`` by
+  a conditional write just before its process starts. So a ``queued`` claim has certainly not
+  started, and a claim whose agent left before starting it is released by the leader and run
+  by the task's new owner instead of being written off.
+- Nothing starts unless the agent's fence holds: checked after the claim is written, and again
+  just before the process starts (for the claim's own session). A fire claimed by an agent
+  that lost its fence meanwhile is released, never started late.
+- When a claim cannot be written (MongoDB unreachable), its fires wait. Each step first
+  settles the claims whose write may have landed (they are ours if stored), then collapses each
+  task's backlog like a late tick: the newest fire runs (or is caught up, per ``misfire``), every
+  older one is recorded ``missed``; ``forbid`` is checked again at claim time. No fire is
+  dropped without a record. A step stops at the first chunk that fails.
+- Every MongoDB call of the loop has a deadline (``CALL_BUDGET``); the loop never waits longer.
 """
 
 from __future__ import annotations
@@ -21,28 +35,36 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pymongo
+from pymongo.errors import PyMongoError
+
 from ..config import Config
-from ..exceptions import CloudTaskError, StoreError, ValidationError
-from ..store import RUNNING_STATUSES, Store, new_run_document, utcnow
+from ..exceptions import CloudTaskError, ValidationError
+from ..store import RUNNING_STATUSES, Store, new_id, new_run_document, to_bson_time, utcnow
 from ..task import TaskSpec, parse_task
 from .executor import Executor, RunContext
 from .files import FileCache
+from .guard import GuardClient
+from .leases import LeaseKeeper
 from .logfiles import LogJanitor
-from .proctree import end_processes, orphans_of_agent
+from .proctree import IS_POSIX, end_processes, orphans_of_agent
 from .runwriter import RunWriter
 from .scheduler import Fire, Scheduler
 
 log = logging.getLogger(__name__)
 
-CLAIM_CHUNK = 250
+CLAIM_CHUNK = 250  # fires claimed per round trip; a burst starts running after the first chunk
+CALL_BUDGET = 2.0  # seconds any one MongoDB call of the agent loop may take
 PURGE_INTERVAL = 3600.0  # seconds between deletions of runs past their retention
 TOKEN_BYTES = 24  # per-run token: 192 random bits
-LEASE_TTL = 30.0  # keepalive lease life (s); renewed every third of it
-LEASE_MARGIN = 5.0  # an instance is ended this long before its unrenewed lease expires  # fires claimed per round trip; a burst starts running after the first chunk
+MAX_MISSED_RECORDS = 1000  # per task and backlog: older missed fires are summed up in one
+RETRY_STATUSES = ("failed", "timed_out", "lost")  # a run that ends so is retried (retries > 0)
+STANDALONE_SILENT_AFTER = 60.0  # a standalone agent silent this long has its runs ended
+STORE_ERRORS = (CloudTaskError, PyMongoError)
 
 
 def resolve_agent_id(configured: str, data_dir: Path) -> str:
@@ -73,20 +95,26 @@ def run_tokens(n: int) -> list[str]:
     ]
 
 
-def lease_name(task_id: str) -> str:
-    return f"keepalive:{task_id}"
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def lease_name(task_id: str, slot: str = "one") -> str:
+    """One lease per keepalive task; one per agent for mode ``all`` (its slot)."""
+    return f"keepalive:{task_id}" if slot == "one" else f"keepalive:{task_id}:{slot}"
 
 
 @dataclass
 class _Claim:
-    """A fire on its way to being claimed: the document is built once and reused on retry, so
-    a claim whose first insert landed but whose answer was lost is recognised as ours."""
+    """A fire on its way to being claimed. ``doc`` is built when it is written; a claim whose
+    write may have landed keeps its document (same ``_id``), so it is recognised as ours."""
 
     fire: Fire
     spec: TaskSpec
     revision: int
     token: str
-    doc: dict
+    doc: dict | None = None
+    reason: str | None = None  # why a fire is recorded rather than run
 
 
 class Agent:
@@ -109,7 +137,16 @@ class Agent:
         self.group = acfg.group
         self.log_dir = Path(acfg.log_dir) if acfg.log_dir else self.data_dir / "logs"
         self.scheduler = Scheduler()
-        self.writer = RunWriter(store)
+        self.writer = RunWriter(store, owner=self.agent_id)
+        # on POSIX the runs are started by a guard process that ends them if this agent dies
+        # or freezes, and starts nothing under a fence that ran out (see guard.py)
+        self.guard = (
+            GuardClient(
+                fence=self.fence, silent_after=self.silent_after, kill_grace=acfg.kill_grace
+            )
+            if IS_POSIX
+            else None
+        )
         self.executor = Executor(
             agent_id=self.agent_id,
             log_dir=self.log_dir,
@@ -117,34 +154,55 @@ class Agent:
             max_parallel=acfg.max_parallel,
             kill_grace=acfg.kill_grace,
             on_finished=self._finished,
+            begin=self._begin,
+            guard=self.guard,
             files=FileCache(store, self.data_dir / "files"),
             work_dir=self.data_dir / "work",
         )
+        self.leases = LeaseKeeper(
+            store,
+            kill=self.executor.kill,
+            alive=self._lease_alive,
+            fence_ok=self.may_claim,
+            kill_grace=acfg.kill_grace,
+            on_deadline=self.guard.set_deadline if self.guard is not None else None,
+        )
         self.janitor = LogJanitor(self.log_dir, acfg.log_retention_days)
         self._specs: dict[str, tuple[int, TaskSpec]] = {}
-        self._unclaimed: list[_Claim] = []
+        self._pending: list[_Claim] = []  # fires not claimed yet (MongoDB did not answer)
+        self._in_doubt: list[_Claim] = []  # claims written without an answer: ours if stored
+        self._claim_error = ""  # why the last claim failed (for the records of a backlog)
+        self._starting: set[str] = set()  # keepalive runs between their lease and their start
+        self._starting_lock = threading.Lock()
         self._done: list[tuple[str, int]] = []  # one-shot tasks that ran, to be marked done
         self._done_lock = threading.Lock()
-        self._leases: dict[str, tuple[str, float]] = {}  # run id -> (task id, last renewal)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._last_sync: datetime | None = None
         self._bad_specs: dict[str, int] = {}
-        # task id -> a run of it another agent started and may still be finishing (forbid)
-        self._foreign_runs: dict[str, str] = {}
-        self._manual_checked: float | None = None  # monotonic time of the last look
-        self._manual_signal = threading.Event()
+        # tasks new to this process, scheduled once their history is read: id -> changed at
+        self._awaiting: dict[str, datetime | str | None] = {}
+        self._recovered = False  # an earlier life's leftovers dealt with (see recover)
+        # task id -> {run id: (scheduled_for, attempt)}: runs of our tasks that another agent
+        # started and may still be finishing (forbid holds across agents; their retries are ours)
+        self._foreign: dict[str, dict[str, tuple[datetime, int]]] = {}
+        self._foreign_checked = 0.0
+        self._pending_checked: float | None = None  # monotonic time of the last look
+        self._pending_signal = threading.Event()
         self._purged_at = -PURGE_INTERVAL
 
     # --- task set ---------------------------------------------------------------------------
 
     def sync_tasks(self, now: datetime) -> None:
         """Bring the scheduler in line with the enabled tasks of this agent's group."""
-        revisions = self.store.task_revisions(groups=[self.group])
+        with pymongo.timeout(CALL_BUDGET):
+            revisions = self.store.task_revisions(groups=[self.group])
         wanted = {tid for tid, (_, done) in revisions.items() if not done}
         changed = [tid for tid in wanted if self._known_revision(tid) != revisions[tid][0]]
         if changed:
-            for doc in self.store.get_tasks(changed):
+            with pymongo.timeout(CALL_BUDGET):
+                docs = self.store.get_tasks(changed)
+            for doc in docs:
                 self._take(doc, now)
         for tid in set(self._specs) - wanted:
             self._drop(tid)  # deleted, or a one-shot task that is done
@@ -157,6 +215,9 @@ class Agent:
         if task_id in self._specs:
             return self._specs[task_id][0]
         return self._bad_specs.get(task_id)
+
+    def _slot(self, spec: TaskSpec) -> str:
+        return self.agent_id if spec.mode == "all" else "one"
 
     def _take(self, doc: dict, now: datetime) -> None:
         task_id, revision = doc["_id"], doc["revision"]
@@ -179,37 +240,74 @@ class Agent:
             return
         previous = self._specs.get(task_id)
         self._specs[task_id] = (revision, spec)
-        since, retry = None, None
-        if previous is None and not spec.schedule.keepalive:
-            since, retry = self._history(task_id, spec, doc.get("updated_at"), now)
-            if spec.concurrency == "forbid":
-                self._note_foreign_run(task_id)
-        self.scheduler.upsert(task_id, spec, revision, now, since=since)
-        if retry is not None:
-            self.scheduler.retry(task_id, *retry)
+        if task_id in self._awaiting or (previous is None and not spec.schedule.keepalive):
+            # new to this process: scheduled once its history is read (see _read_histories)
+            self._awaiting[task_id] = doc.get("updated_at")
+            log.info("task %s (%s) revision %s taken", spec.name, task_id, revision)
+            return
+        self.scheduler.upsert(task_id, spec, revision, now)
         log.info("task %s (%s) revision %s scheduled", spec.name, task_id, revision)
         if previous is not None and previous[1].schedule.keepalive:
             # the running instance makes way for the new definition; its exit starts the next
             self.executor.kill_task(task_id, f"restarted for revision {revision}")
 
-    def _note_foreign_run(self, task_id: str) -> None:
-        try:
-            running = self.store.list_runs(task_id=task_id, status=["running"], limit=1)
-        except CloudTaskError:
-            return
-        if running and running[0]["agent"] != self.agent_id:
-            self._foreign_runs[task_id] = running[0]["_id"]
+    def _read_histories(self, now: datetime) -> None:
+        """Schedule the tasks new to this process from their history: fires since their last
+        recorded one are caught up or recorded missed, retries still owed are made, and runs
+        another agent is finishing are watched. A task whose history cannot be read now (MongoDB
+        unreachable) waits unscheduled, rather than lose its record of what was missed: the
+        fires could not be claimed meanwhile anyway. The first failure ends the pass."""
+        for task_id, changed_at in list(self._awaiting.items()):
+            known = self._specs.get(task_id)
+            if known is None:
+                del self._awaiting[task_id]
+                continue
+            revision, spec = known
+            try:
+                since, retries = self._history(task_id, spec, changed_at, now)
+                if spec.mode == "one":
+                    self._note_foreign_runs(task_id)
+            except STORE_ERRORS as e:
+                log.warning(
+                    "cannot read the run history of %s yet (%d tasks wait for theirs): %s",
+                    spec.name,
+                    len(self._awaiting),
+                    e,
+                )
+                return
+            del self._awaiting[task_id]
+            self.scheduler.upsert(task_id, spec, revision, now, since=since)
+            for retry in retries:
+                self.scheduler.retry(task_id, *retry)
+            log.info("task %s (%s) revision %s scheduled", spec.name, task_id, revision)
+
+    def _note_foreign_runs(self, task_id: str) -> None:
+        """Runs of a task that came to us which another agent started and may be finishing:
+        ``forbid`` waits for them, and their retries (if they fail) are made here."""
+        with pymongo.timeout(CALL_BUDGET):
+            found = self.store.unfinished_runs({"task_id": task_id, "slot": "one"})
+        elsewhere = {
+            d["_id"]: (d["scheduled_for"], d["attempt"])
+            for d in found
+            if d.get("agent") not in (None, self.agent_id) and d.get("trigger") != "manual"
+        }
+        if elsewhere:
+            self._foreign[task_id] = elsewhere
 
     def _history(
         self, task_id: str, spec: TaskSpec, changed_at: datetime | str | None, now: datetime
-    ) -> tuple[datetime, tuple[datetime, int, datetime] | None]:
-        """What a task's history says when it comes to this agent process.
+    ) -> tuple[datetime, list[tuple[datetime, int, datetime]]]:
+        """What a task's history says when it comes to this agent process (raises StoreError
+        or PyMongoError when it cannot be read).
 
         First, up to when its fires were handled: its latest recorded fire (any agent, any
         status), or when it was created or last changed, whichever is later. Fires after that
         which are due now were missed (an agent died, or none ran the task) and are caught up
-        or recorded per its policy. Second, a retry still owed, ``(scheduled_for, attempt,
-        due)``, when the latest run failed with attempts left (its agent died before retrying).
+        or recorded per its policy. A mode ``all`` task's history is this agent's own slot: an
+        agent's history starts when it first ran the task, so a new agent misses nothing.
+        Second, the retries still owed, ``(scheduled_for, attempt, due)``: recent runs that
+        failed (or were lost) with attempts left and no next attempt (their agent died or
+        stopped before retrying), within the task's ``misfire_grace``.
         """
         if isinstance(changed_at, str):
             try:
@@ -217,24 +315,27 @@ class Agent:
             except ValueError:
                 changed_at = None
         since = changed_at if isinstance(changed_at, datetime) else now
-        slot = self.agent_id if spec.mode == "all" else "one"
-        try:
-            last = self.store.last_fire(task_id, slot)
-        except CloudTaskError as e:
-            log.warning("cannot read the run history of %s; no catch-up: %s", spec.name, e)
-            return now, None
+        with pymongo.timeout(CALL_BUDGET):
+            last = self.store.last_fire(task_id, self._slot(spec))
+            owed = []
+            if spec.retries and last is not None:
+                horizon = now - timedelta(seconds=spec.misfire_grace)
+                owed = self.store.owed_retries(
+                    task_id, self._slot(spec), spec.retries, horizon, RETRY_STATUSES
+                )
         if last is None:
-            return since, None
-        retry = None
-        if last["status"] in ("failed", "timed_out") and last["attempt"] < spec.retries:
-            finished = last.get("finished_at")
+            return (now if spec.mode == "all" else since), []
+        retries = []
+        for run in owed:
+            finished = run.get("finished_at")
             finished = finished if isinstance(finished, datetime) else now
             due = max(now, finished + timedelta(seconds=spec.retry_delay))
-            retry = (last["scheduled_for"], last["attempt"] + 1, due)
-        return max(since, last["scheduled_for"]), retry
+            retries.append((run["scheduled_for"], run["attempt"] + 1, due))
+        return max(since, last["scheduled_for"]), retries
 
     def _drop(self, task_id: str) -> None:
-        self._foreign_runs.pop(task_id, None)
+        self._foreign.pop(task_id, None)
+        self._awaiting.pop(task_id, None)
         known = self._specs.pop(task_id, None)
         if self.scheduler.remove(task_id):
             log.info("task %s unscheduled", task_id)
@@ -252,80 +353,356 @@ class Agent:
 
     def step(self, now: datetime) -> float:
         """One pass: claim and start what is due at ``now``. Returns seconds until the next fire."""
+        if self._awaiting:
+            self._read_histories(now)
+        if not self._recovered:
+            self._recover_quietly(now)
         fires, delay = self.scheduler.tick(now)
-        claims, self._unclaimed = self._unclaimed, []
-        self._dispatch(claims, fires, now)
-        self._take_manual_runs(now)
-        self._renew_leases(now)
+        self.dispatch(fires, now)
+        self._take_pending_runs(now)
+        self._check_foreign_runs(now)
         self._mark_done(now)
         return delay
 
     def dispatch(self, fires: list[Fire], now: datetime) -> None:
-        """Claim these fires and start the ones won."""
-        self._dispatch([], fires, now)
-
-    def _dispatch(self, claims: list[_Claim], fires: list[Fire], now: datetime) -> None:
+        """Claim these fires (and the backlog) and start the ones won."""
         tokens = run_tokens(len(fires))
-        claims += [c for c in map(self._prepare, fires, tokens, [now] * len(fires)) if c]
-        for i in range(0, len(claims), CLAIM_CHUNK):  # the first runs start after one chunk
-            self._claim_and_start(claims[i : i + CLAIM_CHUNK], now)
-
-    def _prepare(self, fire: Fire, token: str, now: datetime) -> _Claim | None:
-        """The run document that claims ``fire`` (built once: a retried claim reuses it)."""
-        known = self._specs.get(fire.task_id)
-        if known is None:
-            return None
-        revision, spec = known
-        status = fire.status or "queued"
-        if (
-            status == "queued"
-            and spec.concurrency == "forbid"
-            and not spec.schedule.keepalive
-            and fire.trigger != "retry"
-            and (self.executor.has_active(fire.task_id) or self._running_elsewhere(fire.task_id))
-        ):
-            status = "skipped"
-        doc = new_run_document(
-            task_id=fire.task_id,
-            task_name=spec.name,
-            group=spec.group,
-            revision=revision,
-            scheduled_for=fire.scheduled_for,
-            slot=self.agent_id if spec.mode == "all" else "one",
-            attempt=fire.attempt,
-            trigger=fire.trigger,
-            agent=self.agent_id,
-            status=status,
-            now=now,
-            token_hash=hashlib.sha256(token.encode()).hexdigest(),
-            session=self.session,
-        )
-        if status == "skipped":
-            doc["error"] = "the previous run was still running (concurrency: forbid)"
-        return _Claim(fire, spec, revision, token, doc)
-
-    # --- manual runs ("run now") ----------------------------------------------------------------
-
-    def _take_manual_runs(self, now: datetime) -> None:
-        """Start the manual runs of our tasks that wait for an agent (every ``poll_interval``,
-        and at once when the cluster signals one). A run of a paused or finished task, which no
-        agent owns, goes to whichever agent of its group takes it first."""
-        checked = self._manual_checked
-        due = checked is None or time.monotonic() - checked >= self.config.agent.poll_interval
-        if not (due or self._manual_signal.is_set()) or not self.may_claim():
+        claims = self._pending
+        self._pending = []
+        for fire, token in zip(fires, tokens):
+            known = self._specs.get(fire.task_id)
+            if known is not None:
+                claims.append(_Claim(fire, known[1], known[0], token, reason=fire.note))
+        if self._in_doubt and not self._settle_in_doubt(claims, now):
+            self._keep_pending(claims, now)
             return
-        self._manual_signal.clear()
-        self._manual_checked = time.monotonic()
+        if not claims:
+            return
+        if not self.may_claim():
+            # fenced: claim nothing; the fires wait (collapsed) for the fence to return
+            self._claim_error = "its agent was not in contact with ZooKeeper"
+            self._keep_pending(claims, now)
+            return
+        claims = self._collapse(claims, now)
+        claims = [c for c in claims if self._ready(c, now)]
+        self._build_documents(claims, now)
+        for i in range(0, len(claims), CLAIM_CHUNK):  # the first runs start after one chunk
+            chunk = claims[i : i + CLAIM_CHUNK]
+            if not self._claim_chunk(chunk, now):
+                self._keep_pending(claims[i + CLAIM_CHUNK :], now)
+                return
+
+    def _keep_pending(self, claims: list[_Claim], now: datetime) -> None:
+        """Fires that could not be claimed wait for the next step, collapsed per task (their
+        documents are built again then). Fires of tasks no longer ours are forgotten."""
+        keep = []
+        for c in claims:
+            if c.spec.schedule.keepalive and c.doc is not None:
+                self._release_lease(c.doc["_id"])  # its start is planned again, lease and all
+                self.scheduler.keepalive_not_started(c.fire.task_id, now)
+            elif c.fire.task_id in self._specs:
+                c.doc = None
+                keep.append(c)
+        self._pending = self._collapse(keep, now) if keep else []
+        if self._pending:
+            log.warning(
+                "cannot claim %d fires yet (%s); they wait", len(self._pending), self._claim_error
+            )
+
+    def _collapse(self, claims: list[_Claim], now: datetime) -> list[_Claim]:
+        """The rule of a late tick, per task, for fires waiting to be claimed: the newest runs
+        if it is on time, is caught up within ``misfire_grace`` (``run_once``), or else is
+        recorded ``missed``; every older one is recorded ``missed``. Retries and keepalive
+        starts are kept as they are. Beyond ``MAX_MISSED_RECORDS`` missed fires of one task,
+        the oldest kept record also counts the ones not recorded one by one."""
+        by_task: dict[str, list[_Claim]] = {}
+        out: list[_Claim] = []
+        for c in claims:
+            if c.fire.trigger in ("schedule", "catch-up") and not c.spec.schedule.keepalive:
+                by_task.setdefault(c.fire.task_id, []).append(c)
+            else:
+                out.append(c)
+        for group in by_task.values():
+            group.sort(key=lambda c: c.fire.scheduled_for)
+            *older, newest = group
+            for c in older:
+                self._record_only(c, "missed", c.reason or self._late_reason())
+            if newest.fire.status is None:
+                verdict = self._late_verdict(newest.spec, newest.fire.scheduled_for, now)
+                if verdict == "catch-up":
+                    newest.fire = _with(newest.fire, trigger="catch-up")
+                elif verdict == "missed":
+                    self._record_only(newest, "missed", self._late_reason())
+            if len(older) > MAX_MISSED_RECORDS:
+                dropped = older[: len(older) - MAX_MISSED_RECORDS]
+                older = older[len(dropped) :]
+                first = dropped[0].fire.scheduled_for
+                older[0].reason = (
+                    f"{older[0].reason}; {len(dropped)} earlier fires from {first.isoformat()} "
+                    f"were missed too (not recorded one by one)"
+                )
+            out.extend(older)
+            out.append(newest)
+        return out
+
+    def _late_verdict(self, spec: TaskSpec, scheduled_for: datetime, now: datetime) -> str:
+        """``run`` (on time), ``catch-up`` (late, within ``misfire_grace``, ``run_once``) or
+        ``missed``: the rule of a late tick for one fire."""
+        late = now - scheduled_for
+        if late <= self.scheduler.on_time_tolerance:
+            return "run"
+        if late <= timedelta(seconds=spec.misfire_grace) and spec.misfire == "run_once":
+            return "catch-up"
+        return "missed"
+
+    def _late_reason(self) -> str:
+        why = self._claim_error or "the agent was busy or paused"
+        return f"not claimed in time: {why}"
+
+    @staticmethod
+    def _record_only(claim: _Claim, status: str, reason: str) -> None:
+        claim.fire = _with(claim.fire, status=status)
+        claim.reason = claim.reason or reason
+
+    def _ready(self, claim: _Claim, now: datetime) -> bool:
+        """A keepalive start needs its lease first (one instance in the whole cluster): a lease
+        held elsewhere is tried again a third of a lease later, without counting a restart."""
+        if not claim.spec.schedule.keepalive or claim.fire.status is not None:
+            return True
+        if claim.doc is not None:
+            return True  # written before: its lease was taken then
+        run_id = new_id()
+        with self._starting_lock:
+            self._starting.add(run_id)
+        name = lease_name(claim.fire.task_id, self._slot(claim.spec))
+        if not self.leases.acquire(name, run_id):
+            with self._starting_lock:
+                self._starting.discard(run_id)
+            self.scheduler.keepalive_retry_at(
+                claim.fire.task_id, now + timedelta(seconds=self.leases.ttl / 3)
+            )
+            return False
+        claim.doc = {"_id": run_id}  # the document is built around this id
+        return True
+
+    def _lease_alive(self, run_id: str) -> bool:
+        with self._starting_lock:
+            if run_id in self._starting:
+                return True
+        return self.executor.is_active(run_id) or self.writer.keeps(run_id)
+
+    def _build_documents(self, claims: list[_Claim], now: datetime) -> None:
+        """The run documents that claim these fires: recorded ones (missed, skipped: forbid
+        checked now) are final at once; of the ones to run, as many as there are free slots
+        are claimed ``running``, the rest ``queued``."""
+        free = self.executor.free_slots()
+        for claim in claims:
+            fire, spec = claim.fire, claim.spec
+            status, reason = fire.status or "run", claim.reason
+            if (
+                status == "run"
+                and spec.concurrency == "forbid"
+                and not spec.schedule.keepalive
+                and fire.trigger != "retry"
+                and (
+                    self.executor.has_active(fire.task_id) or self._running_elsewhere(fire.task_id)
+                )
+            ):
+                status, reason = (
+                    "skipped",
+                    "the previous run was still running (concurrency: forbid)",
+                )
+            if status == "run":
+                status = "running" if free > 0 else "queued"
+                free -= 1
+            run_id = claim.doc["_id"] if claim.doc else None
+            claim.doc = new_run_document(
+                task_id=fire.task_id,
+                task_name=spec.name,
+                group=spec.group,
+                revision=claim.revision,
+                scheduled_for=fire.scheduled_for,
+                slot=self._slot(spec),
+                attempt=fire.attempt,
+                trigger=fire.trigger,
+                agent=self.agent_id,
+                status=status,
+                now=now,
+                token_hash=token_hash(claim.token),
+                session=self.session,
+            )
+            if run_id is not None:
+                claim.doc["_id"] = run_id
+            if reason and status in ("missed", "skipped"):
+                claim.doc["error"] = reason
+
+    def _claim_chunk(self, chunk: list[_Claim], now: datetime) -> bool:
+        """Write one chunk of claims; start the ones won. False if MongoDB did not answer:
+        the chunk is then in doubt (settled first at the next step)."""
         try:
-            pending = self.store.pending_manual_runs(self.group)
-        except CloudTaskError as e:
-            log.warning("cannot look for manual runs: %s", e)
+            with pymongo.timeout(CALL_BUDGET * 2):
+                won = self.store.claim_runs([c.doc for c in chunk])
+        except STORE_ERRORS as e:
+            self._claim_error = f"MongoDB did not answer ({type(e).__name__})"
+            log.warning("claiming %d fires failed; settled at the next step: %s", len(chunk), e)
+            self._in_doubt = chunk
+            return False
+        self._claim_error = ""
+        self._after_claim(chunk, won, now)
+        return True
+
+    def _settle_in_doubt(self, claims: list[_Claim], now: datetime) -> bool:
+        """Claims written without an answer: the stored ones are ours (the write landed), the
+        others were never written and join ``claims`` (the backlog). A landed fire is recorded
+        ``missed`` when a newer fire of its task waits too, or when it is now too late, by the
+        rule of a late tick. False if MongoDB cannot say."""
+        ids = [c.doc["_id"] for c in self._in_doubt]
+        try:
+            with pymongo.timeout(CALL_BUDGET):
+                stored = self.store.stored_run_ids(ids)
+        except STORE_ERRORS as e:
+            self._claim_error = f"MongoDB did not answer ({type(e).__name__})"
+            log.debug("claims still in doubt: %s", e)
+            return False
+        doubt, self._in_doubt = self._in_doubt, []
+        landed = [c for c in doubt if c.doc["_id"] in stored]
+        for c in doubt:
+            if c.doc["_id"] not in stored:
+                if c.spec.schedule.keepalive and c.fire.status is None:
+                    self._release_lease(c.doc["_id"])  # its start is planned again
+                    self.scheduler.keepalive_not_started(c.fire.task_id, now)
+                elif c.fire.task_id in self._specs:
+                    c.doc = None
+                    claims.append(c)
+        if landed:
+            log.info("%d claims written while MongoDB did not answer had landed", len(landed))
+            newest: dict[str, datetime] = {}
+            for c in claims:
+                if c.fire.trigger != "retry":
+                    t = newest.get(c.fire.task_id)
+                    newest[c.fire.task_id] = (
+                        max(t, c.fire.scheduled_for) if t else c.fire.scheduled_for
+                    )
+            start = []
+            for c in landed:
+                if (
+                    c.doc["status"] in RUNNING_STATUSES
+                    and not c.spec.schedule.keepalive
+                    and c.fire.trigger != "retry"
+                    and (
+                        newest.get(c.fire.task_id, c.fire.scheduled_for) > c.fire.scheduled_for
+                        or self._late_verdict(c.spec, c.fire.scheduled_for, now) == "missed"
+                    )
+                ):
+                    self._finish_unstarted(c.doc, "missed", self._late_reason())
+                else:
+                    start.append(c)
+            self._after_claim(start, [True] * len(start), now)
+        return True
+
+    def _after_claim(self, claims: list[_Claim], won: list[bool], now: datetime) -> None:
+        """Start the claims won, if the fence still holds now that they are written (an agent
+        frozen while its claim was in flight must not start it when it wakes up)."""
+        fenced = not self.may_claim()
+        for claim, ok in zip(claims, won, strict=True):
+            fire, spec, doc = claim.fire, claim.spec, claim.doc
+            if not ok:
+                log.debug("fire %s of %s claimed elsewhere", doc["scheduled_for"], spec.name)
+                if spec.schedule.keepalive:
+                    self._release_lease(doc["_id"])
+                    self.scheduler.keepalive_not_started(fire.task_id, now)
+                continue
+            if doc["status"] not in RUNNING_STATUSES:
+                log.info(
+                    "task %s fire %s recorded %s", spec.name, doc["scheduled_for"], doc["status"]
+                )
+                continue
+            if fenced or fire.task_id not in self._specs:
+                why = (
+                    "its agent lost its ZooKeeper session while claiming it"
+                    if fenced
+                    else "the task left this agent while it was claimed"
+                )
+                self.writer.track(doc)
+                self.writer.release(doc["_id"], why)
+                if spec.schedule.keepalive:
+                    self._release_lease(doc["_id"])
+                    self.scheduler.keepalive_not_started(fire.task_id, now)
+                continue
+            if spec.concurrency == "replace" and fire.trigger != "retry":
+                self.executor.kill_task(fire.task_id, f"replaced by run {doc['_id']}")
+            self._submit(doc, spec, claim.revision, claim.token, fire.trigger, fire.attempt)
+
+    def _submit(
+        self, doc: dict, spec: TaskSpec, revision: int, token: str, trigger: str, attempt: int
+    ) -> None:
+        self.executor.submit(
+            RunContext(
+                run_id=doc["_id"],
+                task_id=doc["task_id"],
+                revision=revision,
+                spec=spec,
+                scheduled_for=doc["scheduled_for"],
+                attempt=attempt,
+                trigger=trigger,
+                token=token,
+                agent=self.agent_id,
+                session=doc.get("session"),
+                claimed_status=doc["status"],
+            ),
+            doc,
+        )
+        with self._starting_lock:
+            self._starting.discard(doc["_id"])
+
+    def _begin(self, ctx: RunContext) -> tuple[str, str]:
+        """Called by the executor just before a run's process starts (on its thread):
+        ``("start", "")``, or ``("release", why)`` when the fence that covered its claim is
+        gone, ``("drop", why)`` when another agent took it over, ``("later", why)`` when
+        MongoDB cannot confirm the start of a claim that waited for its slot."""
+        if ctx.session != self.session or not self.may_claim():
+            return "release", "its agent lost its ZooKeeper session before starting it"
+        if ctx.claimed_status == "queued":
+            try:
+                with pymongo.timeout(CALL_BUDGET):
+                    started = self.store.start_queued_run(ctx.run_id, self.agent_id)
+            except STORE_ERRORS as e:
+                return "later", f"MongoDB did not confirm the start ({type(e).__name__})"
+            if not started:
+                return "drop", "it was taken over by another agent"
+            ctx.claimed_status = "running"
+            if ctx.session != self.session or not self.may_claim():
+                return "release", "its agent lost its ZooKeeper session before starting it"
+        return "start", ""
+
+    # --- runs waiting for an agent: "run now", and claims released by the leader -----------
+
+    def _take_pending_runs(self, now: datetime) -> None:
+        """Take the runs of our group that wait for an agent (every ``poll_interval``, and at
+        once when the cluster signals one): manual runs of our tasks (of a paused or finished
+        task, which no agent owns: whichever agent of its group takes it first), and claims
+        another agent made and left before starting them (released by the leader)."""
+        checked = self._pending_checked
+        due = checked is None or time.monotonic() - checked >= self.config.agent.poll_interval
+        if not (due or self._pending_signal.is_set()) or not self.may_claim():
+            return
+        self._pending_signal.clear()
+        self._pending_checked = time.monotonic()
+        try:
+            with pymongo.timeout(CALL_BUDGET):
+                pending = self.store.pending_runs(self.group)
+        except STORE_ERRORS as e:
+            log.warning("cannot look for runs waiting for an agent: %s", e)
             return
         for doc in pending:
             try:
-                self._take_manual_run(doc, now)
-            except CloudTaskError as e:
-                log.warning("cannot take manual run %s: %s", doc["_id"], e)
+                with pymongo.timeout(CALL_BUDGET):
+                    if doc.get("trigger") == "manual":
+                        self._take_manual_run(doc)
+                    else:
+                        self._take_released_claim(doc, now)
+            except STORE_ERRORS as e:
+                log.warning("cannot take run %s: %s", doc["_id"], e)
 
     def _manual_spec(self, task_id: str) -> tuple[int, TaskSpec] | None:
         known = self._specs.get(task_id)
@@ -342,30 +719,22 @@ class Agent:
         except ValidationError:
             return None
 
-    def _take_manual_run(self, doc: dict, now: datetime) -> None:
+    def _take_manual_run(self, doc: dict) -> None:
         known = self._manual_spec(doc["task_id"])
         if known is None:
             return
         revision, spec = known
         token = run_tokens(1)[0]
-        taken = self.store.take_manual_run(
-            doc["_id"], self.agent_id, self.session, hashlib.sha256(token.encode()).hexdigest()
+        taken = self.store.take_pending_run(
+            doc["_id"], self.agent_id, self.session, token_hash(token)
         )
         if taken is None:
             return  # another agent took it, or it was cancelled
         task_id = doc["task_id"]
         busy = self.executor.has_active(task_id) or self._running_elsewhere(task_id)
         if spec.concurrency == "forbid" and busy:
-            self.writer.track(taken)
-            self.writer.update(
-                taken["_id"],
-                {
-                    "status": "skipped",
-                    "error": "the previous run was still running (concurrency: forbid)",
-                    "finished_at": taken["claimed_at"],
-                    "duration": 0.0,
-                },
-                urgent=True,
+            self._finish_unstarted(
+                taken, "skipped", "the previous run was still running (concurrency: forbid)"
             )
             log.info("manual run %s of %s skipped: a run is going", doc["_id"], spec.name)
             return
@@ -377,174 +746,149 @@ class Agent:
             spec.name,
             doc.get("requested_by"),
         )
-        self.executor.submit(
-            RunContext(
-                run_id=doc["_id"],
-                task_id=task_id,
-                revision=revision,
-                spec=spec,
-                scheduled_for=taken["scheduled_for"],
-                attempt=0,
-                trigger="manual",
-                token=token,
-                agent=self.agent_id,
-            ),
-            taken,
+        self._submit(taken, spec, revision, token, "manual", 0)
+
+    def _take_released_claim(self, doc: dict, now: datetime) -> None:
+        """A claim its agent left before starting it: the task's owner runs it like a late
+        fire (on time, a catch-up within ``misfire_grace`` with ``run_once``, or recorded
+        ``missed``), so a fire that never started is not written off."""
+        known = self._specs.get(doc["task_id"])
+        if known is None or doc.get("slot") not in ("one", self.agent_id):
+            return  # not ours: the task's owner takes it
+        revision, spec = known
+        trigger = doc.get("trigger") or "schedule"
+        outcome = None
+        if spec.schedule.keepalive:
+            outcome = ("skipped", "a keepalive start its agent left; the service starts here anew")
+        elif trigger != "retry":
+            verdict = self._late_verdict(spec, doc["scheduled_for"], now)
+            if verdict == "catch-up":
+                trigger = "catch-up"
+            elif verdict == "missed":
+                outcome = ("missed", f"released by {doc.get('released_by')}; too late to run")
+        token = run_tokens(1)[0]
+        taken = self.store.take_pending_run(
+            doc["_id"], self.agent_id, self.session, token_hash(token), trigger=trigger
+        )
+        if taken is None:
+            return
+        task_id = doc["task_id"]
+        busy = self.executor.has_active(task_id) or self._running_elsewhere(task_id)
+        if outcome is None and spec.concurrency == "forbid" and busy and trigger != "retry":
+            outcome = ("skipped", "the previous run was still running (concurrency: forbid)")
+        if outcome is not None:
+            self._finish_unstarted(taken, *outcome)
+            return
+        log.info(
+            "took over fire %s of %s (released by %s, never started)",
+            doc["scheduled_for"],
+            spec.name,
+            doc.get("released_by"),
+        )
+        self._submit(taken, spec, revision, token, trigger, taken.get("attempt", 0))
+
+    def _finish_unstarted(self, doc: dict, status: str, reason: str) -> None:
+        self.writer.track(doc)
+        self.writer.update(
+            doc["_id"],
+            {
+                "status": status,
+                "error": reason,
+                "finished_at": to_bson_time(self.clock()),
+                "duration": 0.0,
+            },
+            urgent=True,
         )
 
     def may_claim(self) -> bool:
-        """Whether this agent may claim fires now (the cluster agent's fencing lease)."""
+        """Whether this agent may claim and start fires now (the cluster agent's fence)."""
         return True
+
+    def fence(self) -> tuple[str | None, float]:
+        """``(session, until)``: claims of ``session`` may start until the monotonic ``until``
+        (for the guard). A standalone agent has no session and no fence."""
+        return None, 0.0
+
+    def silent_after(self) -> float:
+        """Seconds without a pulse from this agent before its guard ends its runs."""
+        return STANDALONE_SILENT_AFTER
 
     @property
     def session(self) -> str | None:
         """The ZooKeeper session claims are made under (None in standalone mode)."""
         return None
 
+    # --- runs of our tasks that other agents started ----------------------------------------
+
     def _running_elsewhere(self, task_id: str) -> bool:
         """Whether a run of this task that its previous owner started is still going (a task
         that moved while a run finished there): ``forbid`` holds across agents too."""
-        run_id = self._foreign_runs.get(task_id)
-        if run_id is None:
-            return False
-        try:
-            if self.store.get_run(run_id)["status"] in RUNNING_STATUSES:
-                return True
-        except CloudTaskError:
-            return False  # gone (or unreadable): do not block the task on it
-        del self._foreign_runs[task_id]
-        return False
+        return bool(self._foreign.get(task_id))
 
-    def _claim_and_start(self, claims: list[_Claim], now: datetime) -> None:
-        if not self.may_claim():
-            # fenced: claim nothing; the fires wait (within their grace) for the lease to return
-            self._keep_unclaimed(claims, now, CloudTaskError("not in contact with ZooKeeper"))
+    def _check_foreign_runs(self, now: datetime) -> None:
+        """Every ``poll_interval``: which runs of our tasks that other agents started are over.
+        One that failed (or was lost) with attempts left is retried here: retries owed by a
+        run in flight survive a move or a stop of its agent."""
+        if not self._foreign:
             return
-        claims = [c for c in claims if self._take_keepalive_lease(c, now)]
-        try:
-            won = self.store.claim_runs([c.doc for c in claims])
-        except StoreError as e:
-            self._keep_unclaimed(claims, now, e)
+        if time.monotonic() - self._foreign_checked < self.config.agent.poll_interval:
             return
-        for claim, ok in zip(claims, won, strict=True):
-            fire, spec, doc = claim.fire, claim.spec, claim.doc
-            if not ok:
-                log.debug("fire %s of %s claimed elsewhere", doc["scheduled_for"], spec.name)
-                if spec.schedule.keepalive:
-                    self._release_keepalive_lease(doc["_id"])
-                    self.scheduler.keepalive_not_started(fire.task_id, now)
-                continue
-            if doc["status"] != "queued":
-                log.info(
-                    "task %s fire %s recorded %s", spec.name, doc["scheduled_for"], doc["status"]
-                )
-                continue
-            if spec.concurrency == "replace":
-                self.executor.kill_task(fire.task_id, f"replaced by run {doc['_id']}")
-            self.executor.submit(
-                RunContext(
-                    run_id=doc["_id"],
-                    task_id=fire.task_id,
-                    revision=claim.revision,
-                    spec=spec,
-                    scheduled_for=doc["scheduled_for"],
-                    attempt=fire.attempt,
-                    trigger=fire.trigger,
-                    token=claim.token,
-                    agent=self.agent_id,
-                ),
-                doc,
-            )
-
-    def _keep_unclaimed(self, claims: list[_Claim], now: datetime, error: Exception) -> None:
-        keep = []
-        for claim in claims:
-            if claim.fire.task_id not in self._specs:
-                continue
-            if now - claim.fire.scheduled_for <= timedelta(seconds=claim.spec.misfire_grace):
-                keep.append(claim)
-                continue
-            log.error(
-                "fire %s of task %s could not be claimed within its misfire grace; dropped",
-                claim.fire.scheduled_for,
-                claim.spec.name,
-            )
-            if claim.spec.schedule.keepalive:
-                self.scheduler.keepalive_not_started(claim.fire.task_id, now)
-        log.warning("cannot claim %d fires yet (%s); will retry", len(keep), error)
-        self._unclaimed = keep + self._unclaimed
-
-    # --- keepalive leases: one instance in the whole cluster ------------------------------
-
-    def _take_keepalive_lease(self, claim: _Claim, now: datetime) -> bool:
-        """A keepalive instance runs only while its run holds the task's lease in MongoDB.
-
-        Fires of other tasks pass. A keepalive fire whose lease is held elsewhere is tried
-        again a third of a lease later, without counting as a restart.
-        """
-        if not claim.spec.schedule.keepalive or claim.doc["status"] != "queued":
-            return True
-        run_id = claim.doc["_id"]
-        if run_id in self._leases:
-            return True  # taken on an earlier try of this claim
+        self._foreign_checked = time.monotonic()
+        ids = [r for runs in self._foreign.values() for r in runs]
         try:
-            held = self.store.acquire_lease(lease_name(claim.fire.task_id), run_id, LEASE_TTL, now)
-        except StoreError as e:
-            log.warning("cannot take the keepalive lease of %s yet: %s", claim.spec.name, e)
-            held = False
-        if not held:
-            self.scheduler.keepalive_retry_at(
-                claim.fire.task_id, now + timedelta(seconds=LEASE_TTL / 3)
-            )
-            return False
-        self._leases[run_id] = (claim.fire.task_id, time.monotonic())
-        return True
-
-    def _release_keepalive_lease(self, run_id: str) -> None:
-        held = self._leases.pop(run_id, None)
-        if held is None:
+            with pymongo.timeout(CALL_BUDGET):
+                states = self.store.run_states(ids)
+        except STORE_ERRORS as e:
+            log.debug("cannot check runs finishing elsewhere: %s", e)
             return
-        try:
-            self.store.release_lease(lease_name(held[0]), run_id)
-        except StoreError as e:
-            log.warning("cannot release the keepalive lease of run %s (it expires): %s", run_id, e)
-
-    def _renew_leases(self, now: datetime) -> None:
-        """Renew held leases every third of their life; end an instance whose lease is gone.
-
-        An instance is ended when its lease was taken over, or could not be renewed for nearly
-        its whole life (MongoDB unreachable): by then another agent may take it, and two
-        instances must never run at once.
-        """
-        mono = time.monotonic()
-        for run_id, (task_id, renewed) in list(self._leases.items()):
-            if mono - renewed < LEASE_TTL / 3:
-                continue
-            try:
-                ok = self.store.renew_lease(lease_name(task_id), run_id, LEASE_TTL, now)
-            except StoreError as e:
-                ok = mono - renewed < LEASE_TTL - LEASE_MARGIN
-                log.warning("cannot renew the keepalive lease of run %s: %s", run_id, e)
-                if ok:
+        for task_id, runs in list(self._foreign.items()):
+            for run_id in list(runs):
+                state = states.get(run_id)
+                if state is not None and state["status"] in RUNNING_STATUSES:
                     continue
-            if ok:
-                self._leases[run_id] = (task_id, mono)
-                continue
-            log.error("run %s lost its keepalive lease; ending it", run_id)
-            self._leases.pop(run_id, None)
-            self.executor.kill(run_id, "lost its keepalive lease")
+                scheduled_for, attempt = runs.pop(run_id)
+                known = self._specs.get(task_id)
+                if state is None or known is None:
+                    continue
+                spec = known[1]
+                if state["status"] in RETRY_STATUSES and attempt < spec.retries:
+                    finished = state.get("finished_at")
+                    finished = finished if isinstance(finished, datetime) else now
+                    due = max(now, finished + timedelta(seconds=spec.retry_delay))
+                    log.info(
+                        "run %s of %s ended %s on another agent: retrying here",
+                        run_id,
+                        spec.name,
+                        state["status"],
+                    )
+                    self.scheduler.retry(task_id, scheduled_for, attempt + 1, due)
+            if not runs:
+                del self._foreign[task_id]
+
+    # --- after a run --------------------------------------------------------------------------
+
+    def _release_lease(self, run_id: str) -> None:
+        with self._starting_lock:
+            self._starting.discard(run_id)
+        self.leases.release(run_id)
 
     def _finished(self, ctx: RunContext) -> None:
         """After a run: retries, keepalive restarts, one-shot tasks marked done."""
         spec = ctx.spec
         finished = ctx.finished_at or self.clock()
-        if ctx.trigger == "manual":
+        if spec.schedule.keepalive:
+            # given back once the final state is stored: history never shows two instances
+            self.writer.when_written(ctx.run_id, lambda: self._release_lease(ctx.run_id))
+        if ctx.status in ("released", "dropped"):
+            if spec.schedule.keepalive and not self._stop.is_set():
+                self.scheduler.keepalive_not_started(ctx.task_id, finished)
+        elif ctx.trigger == "manual":
             pass  # a manual run is one run: no retry, no restart, a one-shot task stays due
         elif spec.schedule.keepalive:
-            self._release_keepalive_lease(ctx.run_id)
             if not self._stop.is_set():  # restarted unless the task was dropped meanwhile
                 self.scheduler.keepalive_exited(ctx.task_id, ctx.started_at or finished, finished)
-        elif ctx.status in ("failed", "timed_out") and ctx.attempt < spec.retries:
+        elif ctx.status in RETRY_STATUSES and ctx.attempt < spec.retries:
+            # if the task left this agent meanwhile, its new owner retries (see _check_foreign_runs)
             due = finished + timedelta(seconds=spec.retry_delay)
             self.scheduler.retry(ctx.task_id, ctx.scheduled_for, ctx.attempt + 1, due)
         elif spec.schedule.is_once:
@@ -558,8 +902,9 @@ class Agent:
         if not done:
             return
         try:
-            self.store.mark_tasks_done(done, now)
-        except StoreError as e:
+            with pymongo.timeout(CALL_BUDGET):
+                self.store.mark_tasks_done(done, now)
+        except STORE_ERRORS as e:
             log.warning("cannot mark %d one-shot tasks done yet: %s", len(done), e)
             with self._done_lock:
                 self._done = done + self._done
@@ -577,24 +922,33 @@ class Agent:
         if leftovers:
             log.warning("ending %d processes left by an earlier run of this agent", len(leftovers))
             end_processes(leftovers, self.config.agent.kill_grace)
-        lost = self.store.mark_runs_lost(
-            {"agent": self.agent_id, "claimed_at": {"$lt": now}},
-            "the agent stopped without finishing this run",
-            now,
-            free_leases=True,  # its processes were ended just above
-        )
+        with pymongo.timeout(CALL_BUDGET * 5):
+            lost = self.store.mark_runs_lost(
+                {"agent": self.agent_id, "claimed_at": {"$lt": now}},
+                "the agent stopped without finishing this run",
+                now,
+                free_leases=True,  # its processes were ended just above
+            )
         if lost:
             log.warning("marked %d runs of an earlier run of this agent lost", len(lost))
+
+    def _recover_quietly(self, now: datetime) -> None:
+        """:meth:`recover`, tried again on later steps while MongoDB does not answer."""
+        try:
+            self.recover(now)
+            self._recovered = True
+        except STORE_ERRORS as e:
+            log.warning("cannot check for runs left by an earlier start yet: %s", e)
 
     def run(self) -> None:
         """Schedule until :meth:`stop`; then stop runs gracefully and flush every write."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            self.recover(self.clock())
-        except CloudTaskError as e:
-            log.warning("cannot check for runs left by an earlier start: %s", e)
+        self._recover_quietly(self.clock())
         self.writer.start()
+        if self.guard is not None:
+            self.guard.start()
         self.janitor.start()
+        self.leases.start()
         log.info("agent %s (group %s) started; logs in %s", self.agent_id, self.group, self.log_dir)
         poll = timedelta(seconds=self.config.agent.poll_interval)
         try:
@@ -603,7 +957,7 @@ class Agent:
                 if self._sync_due(now, poll):
                     try:
                         self.sync_tasks(now)
-                    except CloudTaskError as e:
+                    except STORE_ERRORS as e:
                         log.warning("cannot read tasks (keeping the ones I have): %s", e)
                         self._last_sync = now
                     except Exception:  # a bug in one task's handling must not stop the agent
@@ -615,6 +969,8 @@ class Agent:
                 except Exception:
                     log.exception("a scheduling step failed; going on")
                     delay = 1.0
+                if self._pending or self._in_doubt:
+                    delay = min(delay, 1.0)  # a backlog is tried again within a second
                 if self._last_sync is not None:
                     until_sync = (self._last_sync + poll - self.clock()).total_seconds()
                     delay = min(delay, max(until_sync, 0.0))
@@ -623,7 +979,10 @@ class Agent:
         finally:
             self._leaving()
             self.executor.shutdown(grace=self.config.agent.kill_grace)
+            if self.guard is not None:
+                self.guard.stop()
             self._mark_done(self.clock())
+            self.leases.stop()
             self.janitor.stop()
             self.writer.stop()
             self._left()
@@ -636,8 +995,9 @@ class Agent:
             return
         self._purged_at = time.monotonic()
         try:
-            self.store.purge_runs()
-        except CloudTaskError as e:
+            with pymongo.timeout(60):
+                self.store.purge_runs()
+        except STORE_ERRORS as e:
             log.warning("cannot delete old runs: %s", e)
 
     def stop(self) -> None:
@@ -652,8 +1012,14 @@ class Agent:
         """Called last, when every run has ended and every write is done."""
 
     def drop_all(self) -> None:
-        """Forget every task (a lost session: the leader gives them to others)."""
+        """Forget every task (a lost session: the leader gives them to others). Claims not
+        written yet are forgotten; claims in doubt are still settled (and released)."""
         for task_id in list(self._specs):
             self._drop(task_id)
         self._bad_specs.clear()
-        self._unclaimed = []
+        self._awaiting.clear()
+        self._pending = []
+
+
+def _with(fire: Fire, **changes: object) -> Fire:
+    return replace(fire, **changes)

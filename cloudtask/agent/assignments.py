@@ -1,15 +1,20 @@
 """Following an agent's own assignments in ZooKeeper: ``/assignments/<agent_id>/<task_id>``.
 
 One children watch (set once; kazoo re-arms it after a lost session) sees tasks come and go,
-and a data watch per task sees its spec change. The watch callbacks run on kazoo's event
-thread, so they only record what they saw and wake the agent loop; every ZooKeeper call
-(setting a new data watch, a re-read) happens on the loop, in :meth:`drain`. Changes are
-queued (the latest per task wins). A full re-read every ``resync_interval``, compared with
-what the agent actually runs, guards against anything a watch could have missed.
+and a data watch per task sees its spec change. Nothing here ever blocks the agent loop: the
+data watches are asynchronous reads whose answers and watch events arrive on kazoo's threads,
+which only record what they saw and wake the loop; a full re-read (every ``resync_interval``,
+compared with what the agent actually runs, against a watch that could have been missed) is
+made only while connected and waits at most ``READ_BUDGET``. Changes are queued (the latest per
+task wins) and taken by the loop with :meth:`drain`.
+
+An assignment counts only if it was last written (``mzxid``) after the agent's current
+registration (``registered()``, its ``czxid``): one written for an earlier life of the agent
+is stale until the leader rewrites it.
 
 Example::
 
-    watcher = AssignmentWatcher(zk, paths, "a1", wake=event.set)
+    watcher = AssignmentWatcher(zk, paths, "a1", wake=event.set, registered=lambda: czxid)
     watcher.start()
     changes = watcher.drain(known=set_of_task_ids_the_agent_runs)
 """
@@ -23,12 +28,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import NoNodeError
-from kazoo.recipe.watchers import ChildrenWatch, DataWatch
+from kazoo.exceptions import KazooException, NoNodeError
+from kazoo.protocol.states import EventType
+from kazoo.recipe.watchers import ChildrenWatch
 
-from ..zkpaths import ZkPaths, decode
+from ..zkpaths import ZkPaths, bounded, decode
 
 log = logging.getLogger(__name__)
+
+READ_BUDGET = 3.0  # seconds a full re-read of the assignments may take
 
 
 class AssignmentWatcher:
@@ -47,36 +55,63 @@ class AssignmentWatcher:
         self.folder = paths.assignment_dir(agent_id)
         self.wake = wake
         self.resync_interval = resync_interval
-        # the zxid of our registration: an assignment last written before it was meant for an
-        # earlier life of this agent, and is ignored until the leader rewrites it
         self.registered = registered
         self._pending: dict[str, dict[str, Any] | None] = {}
         self._children: set[str] | None = None  # latest list seen by the children watch
-        self._watched: set[str] = set()  # tasks with a live data watch
+        self._watched: set[str] = set()  # tasks with a data watch set (or being set)
+        self._rewatch: set[str] = set()  # tasks whose watch could not be set: tried again
         self._lock = threading.Lock()
         self._last_resync = time.monotonic()
         self._generation = 0
         self._started = False
 
     def start(self) -> None:
-        """Set the children watch (once per process)."""
+        """Set the children watch (once per process; ZooKeeper must be reachable)."""
         if self._started:
             return
         self.zk.ensure_path(self.folder)
         ChildrenWatch(self.zk, self.folder, self._on_children)
         self._started = True
 
-    # --- kazoo's event thread: record and wake, nothing else ------------------------------
+    # --- kazoo's threads: record and wake, nothing else ------------------------------------
 
     def _on_children(self, children: list[str]) -> None:
         with self._lock:
             self._children = set(children)
         self.wake()
 
-    def _on_data(self, task_id: str, generation: int, data: bytes | None, stat: Any) -> bool | None:
+    def _watch(self, task_id: str, generation: int) -> None:
+        """Read the assignment and leave a watch on it, asynchronously (never blocks)."""
+        path = f"{self.folder}/{task_id}"
+
+        def on_event(event: Any) -> None:
+            with self._lock:
+                current = generation == self._generation and task_id in self._watched
+            if current and event.type != EventType.NONE:
+                self._watch(task_id, generation)  # read again (and watch again)
+
+        try:
+            result = self.zk.get_async(path, watch=on_event)
+        except KazooException:  # closed or closing: the next drain tries again
+            with self._lock:
+                self._rewatch.add(task_id)
+            return
+        result.rawlink(lambda r: self._on_data(task_id, generation, r))
+
+    def _on_data(self, task_id: str, generation: int, result: Any) -> None:
+        try:
+            data, stat = result.get_nowait()
+        except NoNodeError:
+            data, stat = None, None
+        except Exception:  # connection loss or session expiry: set the watch again later
+            with self._lock:
+                if generation == self._generation:
+                    self._rewatch.add(task_id)
+            self.wake()
+            return
         with self._lock:
             if generation != self._generation:
-                return False  # a reset happened since: a newer watch follows this task
+                return  # a reset happened since: a newer watch follows this task
             if stat is None:
                 self._watched.discard(task_id)
                 self._pending[task_id] = None
@@ -85,7 +120,6 @@ class AssignmentWatcher:
             else:
                 self._pending[task_id] = decode(data) or None
         self.wake()
-        return False if stat is None else None
 
     # --- the agent loop -------------------------------------------------------------------
 
@@ -95,40 +129,38 @@ class AssignmentWatcher:
         with self._lock:
             children, self._children = self._children, None
             generation = self._generation
-        if children is not None:
-            with self._lock:
+            rewatch, self._rewatch = self._rewatch, set()
+            new: set[str] = set()
+            if children is not None:
                 new = children - self._watched
-                gone = self._watched - children
-                self._watched |= new
-                for task_id in gone:
+                for task_id in self._watched - children:
                     self._watched.discard(task_id)
                     self._pending[task_id] = None
-            for task_id in sorted(new):
+                self._watched |= new
+            rewatch &= self._watched
+        if (new or rewatch) and not self.zk.connected:
+            with self._lock:
+                self._rewatch |= new | rewatch
+        else:
+            for task_id in sorted(new | rewatch):
                 self._watch(task_id, generation)
-        if time.monotonic() - self._last_resync >= self.resync_interval:
+        if time.monotonic() - self._last_resync >= self.resync_interval and self.zk.connected:
             self._last_resync = time.monotonic()
             self._resync(set(known))
         with self._lock:
             changes, self._pending = self._pending, {}
         return changes
 
-    def _watch(self, task_id: str, generation: int) -> None:
-        DataWatch(
-            self.zk,
-            f"{self.folder}/{task_id}",
-            lambda data, stat, event=None: self._on_data(task_id, generation, data, stat),
-        )
-
     def reset(self) -> dict[str, dict[str, Any] | None]:
-        """After a lost session: forget the data watches and read the folder afresh.
-
-        Raises kazoo's errors while the new session is not there yet; the caller retries.
-        """
+        """After a lost session (and a new registration): forget the data watches and read the
+        folder afresh. Raises kazoo's errors (or ClusterUnavailable) when it cannot be read
+        now; the caller tries again."""
         current = self.snapshot()
         with self._lock:
             self._generation += 1
             generation = self._generation
             self._watched = set(current)
+            self._rewatch.clear()
             self._pending.clear()
             self._children = None
         for task_id in sorted(current):
@@ -136,9 +168,15 @@ class AssignmentWatcher:
         return current
 
     def snapshot(self) -> dict[str, dict[str, Any] | None]:
-        """Every current assignment, read now (pipelined reads)."""
+        """Every current assignment, read now (pipelined reads), within ``READ_BUDGET``."""
+        deadline = time.monotonic() + READ_BUDGET
         try:
-            children = self.zk.get_children(self.folder)
+            children = bounded(
+                self.zk,
+                "read the assignments",
+                lambda: self.zk.get_children_async(self.folder),
+                READ_BUDGET,
+            )
         except NoNodeError:
             return {}
         asyncs = {t: self.zk.get_async(f"{self.folder}/{t}") for t in children}
@@ -146,7 +184,7 @@ class AssignmentWatcher:
         registered = self.registered()
         for task_id, result in asyncs.items():
             try:
-                data, stat = result.get()
+                data, stat = result.get(timeout=max(0.01, deadline - time.monotonic()))
             except NoNodeError:
                 continue
             out[task_id] = decode(data) if stat.mzxid > registered else None
@@ -155,7 +193,7 @@ class AssignmentWatcher:
     def _resync(self, known: set[str]) -> None:
         try:
             current = self.snapshot()
-        except Exception as e:  # ZooKeeper unreachable now: the next resync tries again
+        except Exception as e:  # ZooKeeper unreachable or slow now: the next resync tries again
             log.debug("assignment resync failed: %s", e)
             return
         with self._lock:

@@ -5,8 +5,12 @@ Differences from the standalone agent (:class:`~cloudtask.agent.agent.Agent`):
 - its task set comes from ``/assignments/<agent_id>`` (watched; changes apply at once), not
   from MongoDB;
 - every claim is fenced by the registration's lease and records the session it was made in;
+  a claim starts only while that session's fence holds;
 - when the session is lost, every assignment is dropped (keepalive instances are ended; runs
-  already started finish) and the agent registers again; the leader then places tasks anew;
+  already started finish) and the agent registers again; only then are its assignments read
+  again, and only those the leader wrote for the new registration count;
+- no ZooKeeper call of the agent loop waits: reads and writes are bounded, and skipped while
+  disconnected (kazoo would queue them for ever);
 - a clean stop deletes the registration first, so the leader moves its tasks at once, and
   then lets the runs in flight finish.
 """
@@ -18,21 +22,25 @@ import os
 import platform
 import socket
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import psutil
+import pymongo
 from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException, NoNodeError
 from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 
 from .. import __version__
+from .. import events as ev
 from ..config import Config
+from ..exceptions import CloudTaskError
 from ..store import Store, to_bson_time, utcnow
-from ..zkpaths import ZkPaths, decode, task_signal
-from .agent import Agent
+from ..zkpaths import ZkPaths, bounded, decode, task_signal
+from .agent import CALL_BUDGET, STORE_ERRORS, Agent
 from .assignments import AssignmentWatcher
-from .registration import Registration
+from .registration import REGISTERED, STOP_BUDGET, Registration
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +53,13 @@ class ClusterAgent(Agent):
         zk: KazooClient,
         *,
         agent_id: str | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        super().__init__(config, store, agent_id=agent_id)
+        super().__init__(config, store, agent_id=agent_id, clock=clock)
         self.zk = zk
         self.paths = ZkPaths(config.zookeeper.root)
         self._lost = threading.Event()
+        self._lost_registration = 0  # the czxid of the registration that was lost
         self._kill_requests: set[str] = set()
         self._kills_lock = threading.Lock()
         acfg = config.agent
@@ -89,6 +99,12 @@ class ClusterAgent(Agent):
     def may_claim(self) -> bool:
         return self.registration.may_claim()
 
+    def fence(self) -> tuple[str | None, float]:
+        return self.registration.fence()
+
+    def silent_after(self) -> float:
+        return self.registration.session_length()
+
     @property
     def session(self) -> str | None:
         return self.registration.session_id
@@ -101,11 +117,12 @@ class ClusterAgent(Agent):
             if self._specs or self._bad_specs:
                 log.warning("ZooKeeper session lost: dropping every assignment until placed again")
                 self.drop_all()
-            if not self.zk.connected:
-                return  # no new session yet; claims are fenced meanwhile
+            reg = self.registration
+            if not self.zk.connected or not reg.registered_since(self._lost_registration):
+                return  # not registered again yet; claims are fenced meanwhile
             try:
-                changes = self.watcher.reset()
-            except KazooException as e:
+                changes = self.watcher.reset()  # compared with the new registration
+            except Exception as e:
                 log.info("assignments not readable yet after the lost session: %s", e)
                 return  # _lost stays set: the next pass tries again
             self._lost.clear()
@@ -130,7 +147,10 @@ class ClusterAgent(Agent):
         self._last_sync = now
 
     def _on_lost(self) -> None:
-        self._lost.set()
+        """kazoo's thread or the heartbeat: the session is gone (remember which one)."""
+        if not self._lost.is_set():
+            self._lost_registration = self.registration.czxid
+            self._lost.set()
         self._wake.set()
 
     def _load(self) -> dict[str, Any]:
@@ -153,8 +173,8 @@ class ClusterAgent(Agent):
         """In a cluster the leading center deletes old runs."""
 
     def _on_run_signal(self, *_: Any) -> None:
-        """kazoo's event thread: a manual run waits; look for it at once."""
-        self._manual_signal.set()
+        """kazoo's event thread: a run waits for an agent; look for it at once."""
+        self._pending_signal.set()
         self._wake.set()
 
     def _handle_kills(self) -> None:
@@ -163,23 +183,46 @@ class ClusterAgent(Agent):
         for run_id in sorted(requests):
             path = self.paths.kill(self.agent_id, run_id)
             try:
-                doc = decode(self.zk.get(path)[0]) or {}
+                data, _ = bounded(
+                    self.zk, "read a kill request", lambda p=path: self.zk.get_async(p)
+                )
             except NoNodeError:
                 continue
-            reason = str(doc.get("reason") or "killed by request")
+            except (KazooException, CloudTaskError) as e:
+                log.warning("cannot read the kill request of run %s yet: %s", run_id, e)
+                with self._kills_lock:
+                    self._kill_requests.add(run_id)
+                continue
+            reason = str((decode(data) or {}).get("reason") or "killed by request")
             if self.executor.kill(run_id, reason):
                 log.info("run %s killed on request: %s", run_id, reason)
+            elif not self._kill_unstarted(run_id, reason):
+                with self._kills_lock:
+                    self._kill_requests.add(run_id)  # MongoDB did not answer: try again
+                continue
             try:
-                self.zk.delete(path)
+                bounded(self.zk, "delete a kill request", lambda p=path: self.zk.delete_async(p))
             except NoNodeError:
                 pass
+            except (KazooException, CloudTaskError) as e:
+                log.warning("cannot delete the kill request of run %s: %s", run_id, e)
+
+    def _kill_unstarted(self, run_id: str, reason: str) -> bool:
+        """A kill request for a run this agent does not run: a claim of ours that never
+        started (its answer was lost, then it was dropped) is finished ``killed``. True when
+        settled (or nothing to do), False when MongoDB could not say."""
+        try:
+            with pymongo.timeout(CALL_BUDGET):
+                if self.store.cancel_pending_run(run_id, reason, agent=self.agent_id):
+                    log.info("run %s (claimed, never started) killed on request", run_id)
+        except STORE_ERRORS as e:
+            log.warning("cannot kill run %s yet: %s", run_id, e)
+            return False
+        return True
 
     def step(self, now: datetime) -> float:
-        if self._kill_requests:
-            try:
-                self._handle_kills()
-            except KazooException as e:
-                log.warning("cannot read kill requests yet: %s", e)
+        if self._kill_requests and self.zk.connected:
+            self._handle_kills()
         return super().step(now)
 
     def run(self) -> None:
@@ -199,12 +242,23 @@ class ClusterAgent(Agent):
         owner can start them."""
         self.registration.leaving()
         try:
-            task_signal(self.zk, self.paths)()
-        except KazooException as e:
-            log.debug("cannot signal the leader: %s", e)
+            task_signal(self.zk, self.paths, STOP_BUDGET)()
+        except (KazooException, CloudTaskError) as e:
+            log.info("cannot signal the leader (it sees the registration go): %s", e)
         for task_id, (_, spec) in list(self._specs.items()):
             if spec.schedule.keepalive:
                 self.executor.kill_task(task_id, "the agent is stopping")
 
     def _left(self) -> None:
-        self.registration.stop()
+        # a clean stop is recorded before the registration goes, with the id the leader gives
+        # that departure: a leader that never saw us leaving does not take it for a crash
+        reg = self.registration
+        if reg.state == REGISTERED:
+            info = {**reg.info, "group": self.group}
+            try:
+                with pymongo.timeout(CALL_BUDGET):
+                    event = ev.agent_stopped(self.agent_id, info, reg.czxid, utcnow())
+                    self.store.record_event(event)
+            except STORE_ERRORS as e:
+                log.warning("cannot record this clean stop (the leader decides alone): %s", e)
+        reg.stop()

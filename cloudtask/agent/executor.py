@@ -29,6 +29,7 @@ import pymongo
 from ..store import OUTPUT_TAIL_BYTES, to_bson_time
 from ..task import TaskSpec
 from .files import FileCache, TaskFileError
+from .guard import GuardClient, GuardGone, SpawnRefused
 from .httprun import run_http
 from .logfiles import RunLog
 from .proctree import (
@@ -69,6 +70,8 @@ class RunContext:
     trigger: str
     token: str
     agent: str
+    session: str | None = None  # the ZooKeeper session it was claimed under
+    claimed_status: str = "running"  # "queued": its claim waited for a slot (started by a write)
     status: str = "queued"
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -147,6 +150,8 @@ class Executor:
         max_parallel: int = 16,
         kill_grace: float = 5.0,
         on_finished: Callable[[RunContext], None] | None = None,
+        begin: Callable[[RunContext], tuple[str, str]] | None = None,
+        guard: GuardClient | None = None,
         files: FileCache | None = None,
         work_dir: Path | None = None,
     ) -> None:
@@ -158,6 +163,9 @@ class Executor:
         self.max_parallel = max_parallel
         self.kill_grace = kill_grace
         self.on_finished = on_finished
+        # asked just before a process starts: ("start", ""), or ("release" | "drop" | "later", why)
+        self.begin = begin
+        self.guard = guard  # starts the processes (POSIX), see guard.py
         self._queue: queue.Queue[RunContext | None] = queue.Queue()
         self._workers: list[threading.Thread] = []
         self._active: dict[str, RunContext] = {}
@@ -194,6 +202,15 @@ class Executor:
             if task_id is None:
                 return list(self._active.values())
             return [self._active[r] for r in self._by_task.get(task_id, ())]
+
+    def is_active(self, run_id: str) -> bool:
+        with self._lock:
+            return run_id in self._active
+
+    def free_slots(self) -> int:
+        """How many more runs would start at once (``max_parallel`` minus the runs it has)."""
+        with self._lock:
+            return self.max_parallel - len(self._active)
 
     def has_active(self, task_id: str) -> bool:
         with self._lock:
@@ -255,29 +272,48 @@ class Executor:
             ctx = self._queue.get()
             if ctx is None:
                 return
+            done = True
             try:
-                self._execute(ctx)
+                done = self._execute(ctx)
             except Exception as e:  # a bug must not leave a run 'running' forever
                 log.exception("run %s of task %s crashed the executor", ctx.run_id, ctx.spec.name)
                 ctx.status, ctx.error = "failed", f"internal error: {e}"
                 ctx.finished_at = ctx.finished_at or _now()
                 self._report(ctx)
-            finally:
-                with self._lock:
-                    self._active.pop(ctx.run_id, None)
-                    same_task = self._by_task.get(ctx.task_id)
-                    if same_task is not None:
-                        same_task.discard(ctx.run_id)
-                        if not same_task:
-                            del self._by_task[ctx.task_id]
+            if done:  # else it is tried again later and stays active
+                self._forget(ctx)
 
-    def _execute(self, ctx: RunContext) -> None:
-        runlog = RunLog(self.log_dir, ctx.spec.name)
+    def _forget(self, ctx: RunContext) -> None:
+        with self._lock:
+            self._active.pop(ctx.run_id, None)
+            same_task = self._by_task.get(ctx.task_id)
+            if same_task is not None:
+                same_task.discard(ctx.run_id)
+                if not same_task:
+                    del self._by_task[ctx.task_id]
+
+    def _execute(self, ctx: RunContext) -> bool:
+        """Run one claimed fire to its end. False if it could not start yet (it is queued again
+        a second later)."""
+        if self._closed:  # the agent stops: not started, so the task's next owner runs it
+            self._not_started(ctx, "released", "its agent stopped before starting it")
+            return True
         if ctx.kill_reason is not None:  # killed while it waited for a slot
             ctx.status, ctx.error = "killed", f"{ctx.kill_reason} before it started"
             ctx.finished_at = _now()
             self._report(ctx)
-            return
+            return True
+        action, why = self.begin(ctx) if self.begin is not None else ("start", "")
+        if action == "later":
+            log.warning("run %s of %s cannot start yet: %s", ctx.run_id, ctx.spec.name, why)
+            timer = threading.Timer(1.0, self._queue.put, args=(ctx,))
+            timer.daemon = True
+            timer.start()
+            return False
+        if action != "start":
+            self._not_started(ctx, "released" if action == "release" else "dropped", why)
+            return True
+        runlog = RunLog(self.log_dir, ctx.spec.name)
         ctx.started_at = _now()
         ctx.status = "running"
         runlog.line(
@@ -307,7 +343,27 @@ class Executor:
                 + f" in {(ctx.finished_at - ctx.started_at).total_seconds():.3f}s ====="
             )
             runlog.close()
+        if ctx.status == "released":  # the guard refused to start it under a lost fence
+            self._not_started(ctx, "released", ctx.error or "its fence ran out")
+            return True
         self._report(ctx)
+        return True
+
+    def _not_started(self, ctx: RunContext, outcome: str, why: str) -> None:
+        """A claimed run that will not start here: ``released`` (handed back, still
+        ``queued``, for the task's owner to take over) or ``dropped`` (another agent has it)."""
+        log.info("run %s of %s not started: %s", ctx.run_id, ctx.spec.name, why)
+        if outcome == "released":
+            self.writer.release(ctx.run_id, why)
+        else:
+            self.writer.forget(ctx.run_id)
+        ctx.status, ctx.error = outcome, why
+        ctx.finished_at = _now()
+        if self.on_finished is not None:
+            try:
+                self.on_finished(ctx)
+            except Exception:
+                log.exception("after-run handling of run %s failed", ctx.run_id)
 
     def _read_report(self, run_id: str) -> dict[str, Any] | None:
         """What the service of a callback run reported (StoreError when MongoDB cannot tell)."""
@@ -359,15 +415,13 @@ class Executor:
         spec = ctx.spec
         argv = build_argv(spec)
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                env=env,
-                **popen_group_kwargs(),
-            )
+            proc = self._spawn(ctx, argv, env, cwd)
+        except SpawnRefused as e:
+            ctx.status, ctx.error = "released", str(e)
+            return
+        except GuardGone as e:
+            self._fail_to_start(ctx, runlog, f"cannot start: {e}")
+            return
         except OSError as e:
             where = f" in {cwd}" if cwd else ""
             program = argv[0] if isinstance(argv, list) else argv
@@ -388,6 +442,9 @@ class Executor:
             self._collect_select(ctx, proc, runlog)
         else:
             self._collect_threaded(ctx, proc, runlog)
+        ended_by_guard = getattr(proc, "ended_by_guard", None)
+        if ended_by_guard and ctx.kill_reason is None:
+            ctx.kill_reason = ended_by_guard
         ctx.exit_code = proc.returncode
         if ctx.kill_reason == "timeout":
             ctx.status, ctx.error = "timed_out", f"ran longer than its timeout of {spec.timeout:g}s"
@@ -399,6 +456,23 @@ class Executor:
             ctx.status = "failed"
             if proc.returncode < 0:
                 ctx.error = f"ended by signal {-proc.returncode}"
+
+    def _spawn(
+        self, ctx: RunContext, argv: list[str] | str, env: dict[str, str], cwd: str | None
+    ) -> Any:
+        """Start the run's process: through the run guard when there is one (it starts it only
+        under the fence the run was claimed in), else here."""
+        if self.guard is not None and isinstance(argv, list):
+            return self.guard.spawn(ctx.run_id, ctx.session, argv, env, cwd)
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            **popen_group_kwargs(),
+        )
 
     def _selector(self) -> selectors.BaseSelector:
         """Each worker thread keeps one selector for all the runs it reads."""

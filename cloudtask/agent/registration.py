@@ -38,11 +38,12 @@ from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
 
 from ..exceptions import CloudTaskError
-from ..zkpaths import ZkPaths, decode, encode
+from ..zkpaths import ClusterUnavailable, ZkPaths, bounded, decode, encode
 
 log = logging.getLogger(__name__)
 
 NEW, REGISTERED, SUSPENDED, LOST, CLOSED = "new", "registered", "suspended", "lost", "closed"
+STOP_BUDGET = 1.0  # seconds the calls of a clean stop may wait for ZooKeeper each
 
 
 class DuplicateAgent(CloudTaskError):
@@ -109,21 +110,46 @@ class Registration:
             if self.state == CLOSED:
                 return
         self.info["leaving"] = True
+        data = self._document()
         try:
-            self.zk.set(self.path, self._document())
-        except (KazooException, NoNodeError) as e:
-            log.debug("cannot mark the registration leaving: %s", e)
+            bounded(
+                self.zk,
+                "mark the registration leaving",
+                lambda: self.zk.set_async(self.path, data),
+                STOP_BUDGET,
+            )
+        except (KazooException, ClusterUnavailable) as e:
+            log.info("cannot mark the registration leaving (it ends with the session): %s", e)
 
     def stop(self) -> None:
-        """Leave at once: deleting the node lets the leader move our tasks within a second."""
+        """Leave at once: deleting the node lets the leader move our tasks within a second.
+        Waits at most ``STOP_BUDGET`` for ZooKeeper (the node goes with the session anyway)."""
         with self._lock:
             self._set_state(CLOSED)
         self._stop.set()
+        self.zk.remove_listener(self._on_state)
         try:
-            self.zk.remove_listener(self._on_state)
-            self.zk.delete(self.path)
-        except (KazooException, NoNodeError):
+            bounded(
+                self.zk,
+                "delete the registration",
+                lambda: self.zk.delete_async(self.path),
+                STOP_BUDGET,
+            )
+        except (KazooException, ClusterUnavailable):
             pass
+
+    def fence(self) -> tuple[str | None, float]:
+        """``(session, until)``: claims made under ``session`` may start until the monotonic
+        time ``until`` (for the guard process, which enforces it if this process freezes)."""
+        with self._lock:
+            if self.state not in (REGISTERED, SUSPENDED):
+                return self.session_id, 0.0
+            return self.session_id, self._last_contact + self.session_length() - self.margin
+
+    def registered_since(self, czxid: int) -> bool:
+        """Whether the agent is registered now, with a registration other than ``czxid``."""
+        with self._lock:
+            return self.state == REGISTERED and self.czxid != czxid
 
     def session_length(self) -> float:
         """The session timeout the server granted (it may cap what we asked for), in seconds."""
@@ -159,7 +185,14 @@ class Registration:
             started = time.monotonic()
             data = self._document()
             try:
-                _, stat = self.zk.create(self.path, data, ephemeral=True, include_data=True)
+                _, stat = bounded(
+                    self.zk,
+                    "register",
+                    lambda data=data: self.zk.create_async(
+                        self.path, data, ephemeral=True, include_data=True
+                    ),
+                    self.session_timeout,
+                )
             except NodeExistsError:
                 holder, stat = self._holder()
                 if stat is None:
@@ -197,7 +230,9 @@ class Registration:
 
     def _holder(self) -> tuple[dict[str, Any] | None, Any]:
         try:
-            data, stat = self.zk.get(self.path)
+            data, stat = bounded(
+                self.zk, "read the registration", lambda: self.zk.get_async(self.path), 5.0
+            )
         except NoNodeError:
             return None, None
         return decode(data), stat
@@ -243,12 +278,19 @@ class Registration:
         last_load = 0.0
         while not self._stop.wait(interval):
             started = time.monotonic()
+            if not self.zk.connected:
+                continue  # no contact: the fence runs out by itself
             try:
-                if self._needs_register.is_set() and self.zk.connected:
+                if self._needs_register.is_set():
                     self._needs_register.clear()
                     self._register(self.session_timeout + 5)
                     continue
-                stat = self.zk.exists(self.path)
+                stat = bounded(
+                    self.zk,
+                    "check the registration",
+                    lambda: self.zk.exists_async(self.path),
+                    interval,
+                )
                 if stat is None or stat.ephemeralOwner != self.zk.client_id[0]:
                     # a new session (after LOST): the old node is gone; register again
                     with self._lock:
@@ -263,11 +305,16 @@ class Registration:
                     last_load = started
                     data = self._document()
                     if data != self._published:  # refresh figures only when they changed
-                        self.zk.set(self.path, data)
+                        bounded(
+                            self.zk,
+                            "publish load figures",
+                            lambda data=data: self.zk.set_async(self.path, data),
+                            interval,
+                        )
                         self._published = data
             except DuplicateAgent as e:
                 log.error("%s", e)
-            except KazooException as e:
+            except (KazooException, CloudTaskError) as e:
                 log.debug("heartbeat failed: %s", e)
             except Exception:
                 log.exception("heartbeat failed")

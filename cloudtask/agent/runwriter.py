@@ -6,7 +6,13 @@ running runs, and the move from ``queued`` to ``running`` (a ``lazy`` update), a
 most once per ``tail_interval``: a run shorter than that costs one write, its final state, which
 halves the writes of a burst of short runs. When MongoDB is unreachable the documents
 stay dirty and are retried with backoff: scheduling and running never wait for a write.
-A run is forgotten once its finished state is written.
+A run is forgotten once its finished state is written, or once it was released (a claim this
+agent will not start, handed back for the task's owner: ``agent`` None).
+
+Every ``beat_interval`` the writer also beats the unfinished runs it keeps (one
+``update_many``): the leader marks a run ``lost`` only after its agent's session is gone and
+its beat stopped changing, so a run whose agent is cut off from ZooKeeper but still running
+it is not lost. Every call to MongoDB has a deadline (``CALL_BUDGET``).
 """
 
 from __future__ import annotations
@@ -17,22 +23,35 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..store import FINISHED_STATUSES, Store
+import pymongo
+
+from ..store import BEAT_INTERVAL, FINISHED_STATUSES, RUNNING_STATUSES, Store
 
 log = logging.getLogger(__name__)
+
+CALL_BUDGET = 5.0  # seconds a write may take before it counts as failed (and is retried)
 
 
 class RunWriter:
     def __init__(
-        self, store: Store, flush_interval: float = 0.1, tail_interval: float = 1.0
+        self,
+        store: Store,
+        flush_interval: float = 0.1,
+        tail_interval: float = 1.0,
+        owner: str | None = None,
+        beat_interval: float = BEAT_INTERVAL,
     ) -> None:
         self.store = store
+        self.owner = owner  # the agent whose runs these are (writes apply only while they are)
         self.flush_interval = flush_interval
         self.tail_interval = tail_interval
+        self.beat_interval = beat_interval
+        self._last_beat = 0.0
         self._docs: dict[str, dict[str, Any]] = {}
         self._dirty: set[str] = set()
         self._lazy: set[str] = set()
         self._tails: dict[str, Callable[[], str | None]] = {}
+        self._after: dict[str, Callable[[], None]] = {}  # run id -> call once it is written
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._wake = threading.Event()
@@ -67,6 +86,48 @@ class RunWriter:
         with self._lock:
             self._tails[run_id] = read_tail
 
+    def release(self, run_id: str, reason: str) -> None:
+        """Hand a claim this agent will not start back for the task's owner to take over: it
+        stays ``queued``, with no agent (written only while it is still ours)."""
+        self.update(
+            run_id,
+            {
+                "status": "queued",
+                "agent": None,
+                "session": None,
+                "token_hash": None,
+                "released_by": self.owner,
+                "error": f"released: {reason}; not started there",
+            },
+            urgent=True,
+        )
+
+    def keeps(self, run_id: str) -> bool:
+        """Whether the run's final state is not stored yet (or it still runs)."""
+        with self._lock:
+            return run_id in self._docs
+
+    def when_written(self, run_id: str, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the writer's thread) once the run's final state is stored, or
+        at once if the run is not kept (already written). A keepalive lease is given back so:
+        the next instance never starts while the stored history still shows this one running."""
+        with self._lock:
+            if run_id in self._docs:
+                self._after[run_id] = callback
+                return
+        callback()
+
+    def forget(self, run_id: str) -> None:
+        """Stop keeping a run without writing it (another agent has taken it over)."""
+        with self._lock:
+            self._docs.pop(run_id, None)
+            self._dirty.discard(run_id)
+            self._lazy.discard(run_id)
+            self._tails.pop(run_id, None)
+            callback = self._after.pop(run_id, None)
+        if callback is not None:
+            callback()
+
     def unwatch_tail(self, run_id: str) -> None:
         with self._lock:
             self._tails.pop(run_id, None)
@@ -89,19 +150,51 @@ class RunWriter:
                 self._lazy -= self._dirty
                 self._dirty.clear()
             if not batch:
-                return True
+                return self._beat()
             try:
-                self.store.save_runs(batch)
+                with pymongo.timeout(CALL_BUDGET):
+                    self.store.save_runs(batch, owner=self.owner)
             except Exception as e:  # StoreError, or anything unexpected: keep them, retry
                 log.warning("cannot write %d runs yet, will retry: %s", len(batch), e)
                 with self._lock:
                     self._dirty.update(d["_id"] for d in batch)
                 return False
+            after = []
             with self._lock:
                 for d in batch:
-                    if d["status"] in FINISHED_STATUSES and d["_id"] not in self._dirty:
+                    gone = d["status"] in FINISHED_STATUSES or d.get("agent") is None
+                    if gone and d["_id"] not in self._dirty:
                         self._docs.pop(d["_id"], None)
+                        if d["_id"] in self._after:
+                            after.append(self._after.pop(d["_id"]))
+            for callback in after:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("after writing a run")
+            return self._beat()
+
+    def _beat(self) -> bool:
+        """Beat the unfinished runs, every ``beat_interval`` (called by the flush)."""
+        if self.owner is None or time.monotonic() - self._last_beat < self.beat_interval:
             return True
+        self._last_beat = time.monotonic()
+        with self._lock:
+            ids = [r for r, d in self._docs.items() if d["status"] in RUNNING_STATUSES]
+        if not ids:
+            return True
+        beat = round(time.time(), 3)
+        try:
+            with pymongo.timeout(CALL_BUDGET):
+                self.store.beat_runs(self.owner, ids, beat)
+        except Exception as e:
+            log.warning("cannot beat %d runs yet: %s", len(ids), e)
+            return False
+        with self._lock:
+            for run_id in ids:
+                if run_id in self._docs:
+                    self._docs[run_id]["beat"] = beat
+        return True
 
     def pending_count(self) -> int:
         with self._lock:

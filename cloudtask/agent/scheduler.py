@@ -50,6 +50,7 @@ class Fire:
     revision: int
     attempt: int = 0
     status: str | None = None
+    note: str | None = None  # why it is recorded, when there is more to say
 
 
 @dataclass
@@ -126,8 +127,9 @@ class Scheduler:
             ):
                 entry.next_fire = current.next_fire  # due, not yet ticked: it still fires
             elif current is None and since is not None and since < now:
-                grace = timedelta(seconds=spec.misfire_grace)
-                entry.next_fire = spec.schedule.next_after(max(since, now - grace - _EPSILON))
+                # every fire since then is accounted for: the newest per the misfire policy,
+                # the older ones recorded missed (see _due_fires)
+                entry.next_fire = spec.schedule.next_after(since)
             else:
                 entry.next_fire = spec.schedule.next_after(now)
             self._tasks[task_id] = entry
@@ -255,12 +257,21 @@ class Scheduler:
                 due.clear()
                 steps = 0
         entry.next_fire = t
-        if due and first is not None and due[0] != first:
-            log.warning("task %s: fires from %s to %s passed unrecorded", task_id, first, due[0])
         if not due:
             return []
         *earlier, latest = due
         out = [Fire(task_id, _ms(t), "schedule", entry.revision, status="missed") for t in earlier]
+        if out and first is not None and due[0] != first:
+            log.warning("task %s: fires from %s to %s were missed", task_id, first, due[0])
+            out[0] = Fire(
+                task_id,
+                out[0].scheduled_for,
+                "schedule",
+                entry.revision,
+                status="missed",
+                note=f"earlier fires from {first.isoformat()} on were missed too "
+                f"(more than {MAX_MISSED_PER_TICK}: not recorded one by one)",
+            )
         late = now - latest
         if late <= self.on_time_tolerance:
             out.append(Fire(task_id, _ms(latest), "schedule", entry.revision))

@@ -11,8 +11,16 @@ Fencing: every write transaction also checks that the leader's own election node
 exists. A leader that was paused past its session and wakes up cannot write: its node went
 with its session, so its transactions fail, and it steps down.
 
-Runs left ``queued`` or ``running`` by agents that are no longer registered are marked
-``lost`` by the leader.
+Runs of agents that are no longer registered are judged by the leader ("lost" means lost):
+a claim still ``queued`` never started, so it is released at once for the task's owner to run;
+a ``running`` run is marked ``lost`` only once its heartbeat (written by its agent every few
+seconds) has stayed the same for ``lost_grace`` seconds of the leader's own clock: an agent
+cut off from ZooKeeper but still running its runs keeps beating them, and they are not lost.
+Released claims no agent takes within their ``misfire_grace`` are recorded ``missed``.
+
+Every MongoDB call of a pass has a deadline; placement goes on from the tasks it read last when
+MongoDB does not answer (a dead agent's tasks move all the same), and a failed pass is tried
+again within seconds, not at the next resync.
 
 Events (cloudtask/events.py) the leader records: ``center.leader`` when it starts leading,
 the agents that joined, left or came back (through ``Store.record_agents``), and
@@ -34,6 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import pymongo
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (
     BadVersionError,
@@ -49,9 +58,9 @@ from .. import events as ev
 from ..config import Config
 from ..exceptions import CloudTaskError, ValidationError
 from ..notify import NotifierThread
-from ..store import Store, to_bson_time, utcnow
+from ..store import BEAT_INTERVAL, Store, to_bson_time, utcnow
 from ..task import parse_task
-from ..zkpaths import ZkPaths, decode, encode
+from ..zkpaths import ZkPaths, decode, encode, run_signal
 from .placement import AgentInfo, Assignment, place_group, ring_epoch
 
 log = logging.getLogger(__name__)
@@ -61,6 +70,9 @@ TXN_MAX_BYTES = 512 * 1024  # well under ZooKeeper's 1 MB request limit
 GARBAGE_AFTER = 60.0  # seconds before the assignments left by a departed agent are deleted
 PURGE_INTERVAL = 3600.0  # seconds between deletions of runs past their retention
 AGENT_RECORD_INTERVAL = 15.0  # seconds between refreshes of the agents collection
+CALL_BUDGET = 5.0  # seconds any one MongoDB call of a pass may take
+RETRY_AFTER = (1.0, 2.0, 4.0)  # seconds before a failed pass is tried again, then every 4 s
+RELEASED_SLACK = 30.0  # seconds past misfire_grace before a released claim nobody took is missed
 
 
 class LeadershipLost(CloudTaskError):
@@ -108,6 +120,7 @@ class TaskRecord:
     revision: int
     spec: dict[str, Any]
     updated_at: str | None = None
+    misfire_grace: float = 0.0
 
 
 class Center:
@@ -121,6 +134,7 @@ class Center:
         resync_interval: float = 30.0,
         garbage_after: float = GARBAGE_AFTER,
         unassigned_grace: float | None = None,
+        lost_grace: float | None = None,
         notify: bool = True,
     ) -> None:
         self.config = config
@@ -135,6 +149,13 @@ class Center:
         self.unassigned_grace = (
             config.zookeeper.session_timeout if unassigned_grace is None else unassigned_grace
         )
+        # seconds a departed agent's run must go without a heartbeat before it is lost: two
+        # beats, the kill grace its guard gives the run's processes, and a second
+        self.lost_grace = (
+            2 * BEAT_INTERVAL + config.agent.kill_grace + 1.0 if lost_grace is None else lost_grace
+        )
+        self._unheard: dict[str, tuple[Any, float]] = {}  # run id -> (beat, since: monotonic)
+        self._failed_passes = 0
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._connection_lost = threading.Event()
@@ -148,6 +169,7 @@ class Center:
         self.notifier = NotifierThread(store, config, is_leader=self.notifies) if notify else None
         self._fence: str | None = None
         self._tasks: dict[str, TaskRecord] = {}
+        self._tasks_read = False  # read from MongoDB at least once in this leadership
         self._placed: dict[str, dict[str, Placed]] = {}  # agent id -> task id -> placed
         # assignments left by departed agents: agent id -> (since, task ids); deleted later,
         # off the failover path, or rewritten if the agent comes back first
@@ -235,18 +257,21 @@ class Center:
             self._unassigned_since = {}
             self._record_leadership(str(lock.node), published.get("leader"))
             self._rebuild()
+            self._unheard = {}
+            self._failed_passes = 0
             while not self._stop.is_set() and not self._connection_lost.is_set():
                 try:
                     self.reconcile()
+                    self._failed_passes = 0
                 except LeadershipLost as e:
                     log.warning("stepping down: %s", e)
                     return
                 except (KazooException, CloudTaskError) as e:
+                    self._failed_passes += 1
                     log.warning("reconcile failed, will retry: %s", e)
-                    self._wake.wait(1.0)
                 except Exception:
+                    self._failed_passes += 1
                     log.exception("reconcile failed, will retry")
-                    self._wake.wait(1.0)
                 self._wake.wait(self._next_pass_in())
                 self._wake.clear()
             if self._connection_lost.is_set():
@@ -258,8 +283,13 @@ class Center:
         """Seconds until the next pass: the resync interval, or sooner when a task's grace
         before its ``task.unassigned`` event ends earlier."""
         wait = self.resync_interval
+        if self._failed_passes:
+            wait = RETRY_AFTER[min(self._failed_passes, len(RETRY_AFTER)) - 1]
         if self._unassigned_since:
             ends = min(self._unassigned_since.values()) + self.unassigned_grace
+            wait = min(wait, max(0.05, ends - time.monotonic()))
+        if self._unheard:  # a departed agent's run becomes lost when its grace ends
+            ends = min(since for _, since in self._unheard.values()) + self.lost_grace
             wait = min(wait, max(0.05, ends - time.monotonic()))
         return wait
 
@@ -306,6 +336,7 @@ class Center:
         self._placed = {}
         self._garbage = {}
         self._tasks = {}
+        self._tasks_read = False
         self._published_status = None
         self._recorded_agents = None
         self._agents_recorded_at = 0.0
@@ -392,7 +423,9 @@ class Center:
                 doc["revision"],
                 doc["spec"],
                 updated.isoformat() if isinstance(updated, datetime) else None,
+                spec.misfire_grace,
             )
+        self._tasks_read = True
 
     def desired(self, agents: dict[str, LiveAgent]) -> dict[str, dict[str, int]]:
         """agent id -> task id -> epoch, for every live agent (pure, given the caches)."""
@@ -435,7 +468,15 @@ class Center:
     def reconcile(self) -> int:
         """One level-triggered pass. Returns how many assignments were written."""
         self._watch_groups()
-        self._refresh_tasks()
+        stale_tasks = None
+        try:
+            with pymongo.timeout(CALL_BUDGET):
+                self._refresh_tasks()
+        except (CloudTaskError, pymongo.errors.PyMongoError) as e:
+            if not self._tasks_read:
+                raise
+            stale_tasks = e  # place what we know: a dead agent's tasks move all the same
+            log.warning("cannot read tasks; placing the ones read last: %s", e)
         agents_read_at = utcnow()
         agents = self.live_agents()
         desired = self.desired(agents)
@@ -464,12 +505,14 @@ class Center:
         self._write(ops, desired)
         self._publish_status(agents)
         self._collect_garbage()
-        self._mark_lost_runs(agents, agents_read_at)
+        self._judge_unheard_runs(agents, agents_read_at)
         self._record_agents(agents)
         self._purge_runs()
         self.reconciles += 1
         if ops:
             log.info("placement: %d changes written", len(ops))
+        if stale_tasks is not None:
+            raise CloudTaskError(f"placed from the tasks read last: {stale_tasks}")
         return len(ops)
 
     def _fenced(self) -> Any:
@@ -673,25 +716,95 @@ class Center:
         self._recorded_agents = set(live)
         self._agents_recorded_at = time.monotonic()
 
-    def _mark_lost_runs(self, agents: dict[str, LiveAgent], read_at: Any) -> None:
-        """Runs claimed before the agents were read, by agents not among them, are lost."""
+    def _judge_unheard_runs(self, agents: dict[str, LiveAgent], read_at: Any) -> None:
+        """Runs claimed before the agents were read, under sessions not among theirs: a claim still
+        ``queued`` never started and is released at once (the task's owner takes it over); a
+        ``running`` run is marked ``lost`` once its heartbeat has not changed for
+        ``lost_grace`` seconds (watched from here: clocks need not agree). Then released claims
+        no agent took in time are recorded."""
         assert self._fence is not None
         if not self.zk.exists(self._fence):  # a deposed leader writes nothing, here either
             raise LeadershipLost("the election node is gone: another center may lead")
         try:
-            lost = self.store.mark_runs_lost(
-                # a manual run no agent has taken yet has agent None: it is waiting, not lost
-                {
-                    "agent": {"$nin": [*agents, None]},
-                    "claimed_at": {"$lt": to_bson_time(read_at)},
-                },
-                "its agent left the cluster before the run finished",
-            )
-        except CloudTaskError as e:
+            with pymongo.timeout(CALL_BUDGET):
+                # runs claimed under a session that is not registered now: their agent left, or
+                # came back with a new session after an earlier life (a run waiting for an
+                # agent, manual or released, has agent None: not lost)
+                sessions = [f"{agent.session:x}" for agent in agents.values()]
+                docs = self.store.unfinished_runs(
+                    {
+                        "agent": {"$nin": [None]},
+                        "session": {"$nin": sessions},
+                        "claimed_at": {"$lt": to_bson_time(read_at)},
+                    }
+                )
+        except (CloudTaskError, pymongo.errors.PyMongoError) as e:
             log.warning("cannot check for lost runs: %s", e)
             return
-        if lost:
-            log.warning("marked %d runs of departed agents lost", len(lost))
+        now = time.monotonic()
+        verdict, unheard = [], {}
+        for doc in docs:
+            if doc["status"] == "queued":
+                verdict.append(doc)
+                continue
+            beat = doc.get("beat")
+            seen = self._unheard.get(doc["_id"])
+            if seen is None or seen[0] != beat:
+                seen = (beat, now)
+            if now - seen[1] >= self.lost_grace:
+                verdict.append(doc)
+            else:
+                unheard[doc["_id"]] = seen
+        self._unheard = unheard
+        if verdict:
+            try:
+                with pymongo.timeout(CALL_BUDGET):
+                    self.store.finish_unheard_runs(
+                        verdict, "its agent left the cluster before the run finished"
+                    )
+            except (CloudTaskError, pymongo.errors.PyMongoError) as e:
+                log.warning("cannot mark runs of departed agents: %s", e)
+                return
+            released = sum(1 for d in verdict if d["status"] == "queued")
+            if released:
+                log.warning("released %d claims their departed agents never started", released)
+                self._signal_waiting_runs()
+            if len(verdict) > released:
+                log.warning("marked %d runs of departed agents lost", len(verdict) - released)
+        self._settle_released_claims()
+
+    def _signal_waiting_runs(self) -> None:
+        try:
+            run_signal(self.zk, self.paths, 1.0)()
+        except (KazooException, CloudTaskError) as e:
+            log.info("cannot signal the agents (they look every few seconds): %s", e)
+
+    def _settle_released_claims(self) -> None:
+        """Released claims (never started) that no agent took: of a task that is paused or
+        gone they are ``skipped``; past their ``misfire_grace`` (and a slack) ``missed``."""
+        try:
+            with pymongo.timeout(CALL_BUDGET):
+                waiting = self.store.released_claims()
+        except (CloudTaskError, pymongo.errors.PyMongoError) as e:
+            log.warning("cannot check released claims: %s", e)
+            return
+        now = utcnow()
+        verdicts: list[tuple[dict[str, Any], str, str]] = []
+        for doc in waiting:
+            record = self._tasks.get(doc["task_id"])
+            if record is None:
+                verdicts.append((doc, "skipped", "its task was paused, finished or deleted"))
+                continue
+            late = (now - doc["scheduled_for"]).total_seconds()
+            if late > record.misfire_grace + RELEASED_SLACK:
+                verdicts.append((doc, "missed", "no agent took it over within its misfire grace"))
+        if not verdicts:
+            return
+        try:
+            with pymongo.timeout(CALL_BUDGET):
+                self.store.finish_released_claims(verdicts)
+        except (CloudTaskError, pymongo.errors.PyMongoError) as e:
+            log.warning("cannot record released claims: %s", e)
 
 
 def _agent_record(agent: LiveAgent) -> dict[str, Any]:

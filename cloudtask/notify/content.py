@@ -5,6 +5,7 @@ time in UTC, so a mailbox sorted by subject groups them::
 
     [CloudTask] FAILED nightly-cleanup (exit 2) 2026-12-01 03:00 UTC
     [CloudTask] DIGEST nightly-cleanup failed 9 more times
+    [CloudTask] DIGEST nightly-cleanup missed 3 more fires
     [CloudTask] RECOVERED nightly-cleanup 2026-12-01 05:00 UTC
     [CloudTask] AGENT OFFLINE a1 2026-12-01 03:12 UTC
 
@@ -128,7 +129,11 @@ def event_subject(event: dict[str, Any]) -> str:
     return f"{SUBJECT_PREFIX} {word} {what} {at}".replace("  ", " ")
 
 
-def digest_subject(task_name: str, count: int) -> str:
+def digest_subject(task_name: str, count: int, missed: bool = False) -> str:
+    """The subject of a digest of failures, or (``missed``) of missed fires."""
+    if missed:
+        fires = "fire" if count == 1 else "fires"
+        return f"{SUBJECT_PREFIX} DIGEST {one_line(task_name, 128)} missed {count} more {fires}"
     times = "time" if count == 1 else "times"
     return f"{SUBJECT_PREFIX} DIGEST {one_line(task_name, 128)} failed {count} more {times}"
 
@@ -253,7 +258,9 @@ def _held_lines(held: list[dict[str, Any]], count: int, base_url: str) -> list[s
             outcome = f" exit {item['exit_code']}"
         agent = f" on {item['agent']}" if item.get("agent") else ""
         link = f"  {base_url}/runs/{item['run_id']}" if item.get("run_id") else ""
-        lines.append(f"  {when(item.get('ts'))}  {kind}{outcome}{agent}{link}")
+        # a missed fire is listed by the time it was due (it is recorded when noticed)
+        at = item.get("scheduled_for") if kind == "missed" else None
+        lines.append(f"  {when(at or item.get('ts'))}  {kind}{outcome}{agent}{link}")
     if count > len(lines):
         lines.append(f"  ... and {count - len(lines)} more")
     return lines
@@ -267,21 +274,38 @@ def digest_body(
     interval: float,
     base_url: str,
 ) -> str:
-    """The digest of the failures held back for one recipient since their last alert."""
-    name = state.get("task_name") or state["_id"]
+    """The digest of the failures held back for one recipient since their last alert, or of
+    the missed fires (a state of ``kind`` "missed": no failures, so no "failing since")."""
+    task_id = state.get("task_id") or state["_id"]
+    name = state.get("task_name") or task_id
+    since = when(last_alert_ts, seconds=False)
+    if state.get("kind") == "missed":
+        head = [
+            f"Task {name} missed {count} more fire{'s' if count != 1 else ''} since the last "
+            f"alert ({since}): fires no agent ran, because the cluster was down or "
+            "restarting, or its agent was overloaded. Missed fires are not failures of the task.",
+            "",
+            f"You get at most one mail about its missed fires every {format_duration(interval)}.",
+            "",
+            "Missed since the last alert:",
+        ]
+    else:
+        head = [
+            f"Task {name} failed {count} more time{'s' if count != 1 else ''} since the last "
+            f"alert ({since}). It has been failing since "
+            f"{when(state.get('failing_since_ts'), seconds=False)}.",
+            "",
+            f"You get at most one mail about it every {format_duration(interval)} until it "
+            "succeeds again; then one more says it recovered.",
+            "",
+            "Failures since the last alert:",
+        ]
     lines = [
-        f"Task {name} failed {count} more time{'s' if count != 1 else ''} since the last alert "
-        f"({when(last_alert_ts, seconds=False)}). It has been failing since "
-        f"{when(state.get('failing_since_ts'), seconds=False)}.",
-        "",
-        f"You get at most one mail about it every {format_duration(interval)} until it "
-        "succeeds again; then one more says it recovered.",
-        "",
-        "Failures since the last alert:",
+        *head,
         *_held_lines(held, count, base_url),
         "",
-        _line("Task", f"{base_url}/tasks/{state['_id']}"),
-        _line("Its runs", f"{base_url}/runs?task={state['_id']}"),
+        _line("Task", f"{base_url}/tasks/{task_id}"),
+        _line("Its runs", f"{base_url}/runs?task={task_id}"),
         *_footer(base_url),
     ]
     return "\n".join(lines) + "\n"

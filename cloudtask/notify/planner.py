@@ -11,8 +11,14 @@ Recipients of an event, deduplicated without regard to case:
   ``alerts.operators_by_group[group]`` (the event's agent group);
 * for run.recovered also everyone mailed about the failures it ends.
 
-Mail of failures is throttled per task (:mod:`.throttle`); webhooks get every event they ask
-for, unthrottled. The order is always: deliveries inserted (pending), then the state, then
+An agent's clean stop (``agent.left`` with reason "stopped") and its return after one are no
+alerts: they mail nobody (not even ``operators_by_kind`` or ``operators_by_group``); webhooks
+still get them when they ask for the kind, as they get every other info event.
+
+Mail of failures is throttled per task (:mod:`.throttle`), and so is mail of missed fires, on
+a state of their own: a fire missed while the cluster was down or restarting is no failure
+(no "failing since", not in a failure digest, nothing a recovery ends). Webhooks get every
+event they ask for, unthrottled. The order is always: deliveries inserted (pending), then the state, then
 the event marked planned, so a crash anywhere plans again without sending anything twice.
 """
 
@@ -22,13 +28,13 @@ import logging
 from typing import Any
 
 from ..config import email_problem
-from ..events import OPERATOR_KINDS
+from ..events import OPERATOR_KINDS, clean_stop
 from ..store import Store
 from ..task import DEFAULT_NOTIFY_ON
 from . import content, throttle
 from .deliveries import Deliveries, new_delivery
 from .settings import AlertSettings
-from .throttle import FAILURE_KINDS, AlertStates
+from .throttle import THROTTLED_KINDS, AlertStates
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,8 @@ def task_recipients(task: dict[str, Any] | None, kind: str) -> list[str]:
 
 
 def recipients(event: dict[str, Any], task: dict[str, Any] | None, s: AlertSettings) -> list[str]:
+    if clean_stop(event):
+        return []  # an agent stopped (or is back) on purpose: nobody is mailed
     kind = str(event.get("kind"))
     details = event.get("details") if isinstance(event.get("details"), dict) else {}
     group = event.get("group") or details.get("group")
@@ -156,8 +164,8 @@ class Planner:
         task = self.task(event.get("task_id"))
         to = recipients(event, task, s) if s.mail_enabled else []
         docs = self._webhooks(event, s, now)  # webhooks are not throttled
-        if kind in FAILURE_KINDS and event.get("task_id"):
-            before = self.states.get(event["task_id"])
+        if kind in THROTTLED_KINDS and event.get("task_id"):
+            before = self.states.get(throttle.state_id(event))
             state, mail_now = throttle.plan_failure(before, event, to, now, s.alert_interval)
             docs += self._event_mails(event, task, mail_now, s, now)
             new = self.deliveries.insert(docs)
@@ -231,16 +239,18 @@ class Planner:
         """Record the digests due of one task (one per recipient with failures held); returns
         how many deliveries are new."""
         new_state, due = throttle.plan_digests(state, now, s.alert_interval)
+        task_id = throttle.task_of(state)
+        missed = throttle.is_missed(state)
         docs = []
         for entry, digest_id in due:
             count = throttle.held_count(entry)
-            subject = content.digest_subject(state.get("task_name") or state["_id"], count)
+            subject = content.digest_subject(state.get("task_name") or task_id, count, missed)
             held = throttle.held_summaries(state, entry)
             body = content.digest_body(
                 state, entry["last_alert_ts"], count, held, s.alert_interval, s.base_url
             )
             docs += self._mails(
-                digest_id, "digest", [entry["address"]], subject, body, s, now, state["_id"]
+                digest_id, "digest", [entry["address"]], subject, body, s, now, task_id
             )
         new = self.deliveries.insert(docs)
         self.states.save(new_state)

@@ -9,9 +9,16 @@ the failures (listing what was still held for them) and deletes the state. Per r
 because recipients differ per kind (a task's ``notify.on``, ``operators_by_kind``): someone who
 was never told of a failure gets their first one at once.
 
+Missed fires (``run.missed``) are throttled the same way but on a state of their own
+(``_id`` ``<task id>:missed``, ``kind`` "missed"): a fire missed while the cluster was down or
+restarting is no failure of the task, so it never starts a failing streak (no
+``failing_since_ts``), is never counted in a failure digest, never holds back the mail of a
+real failure, and is not what a recovery ends. Its digest says "missed N more fires".
+
 State document (written whole; lists of objects, as addresses have dots)::
 
-    {_id: task id, task_name, failing_since_ts,
+    {_id: task id (or "<task id>:missed"), task_id, kind: "failing" | "missed", task_name,
+     failing_since_ts (None for missed fires),
      recipients: [{address, last_alert_ts, last_alert_event, held: [event ids], more: n,
                    digests: n}],
      summaries: [what digests list of each held event], digest_due_ts}
@@ -38,7 +45,26 @@ MAX_HELD_IDS = 10_000  # per recipient; more are counted, not kept
 MAX_SUMMARIES = 500
 
 # the run outcomes that make a task "failing" (and are throttled)
-FAILURE_KINDS = ("run.failed", "run.timed_out", "run.lost", "run.missed")
+FAILURE_KINDS = ("run.failed", "run.timed_out", "run.lost")
+# fires nobody ran: throttled too, but on a state of their own (no failure of the task)
+MISSED_KIND = "run.missed"
+THROTTLED_KINDS = (*FAILURE_KINDS, MISSED_KIND)
+
+
+def state_id(event: dict[str, Any]) -> str:
+    """The alert state an event is throttled on: its task's, or its task's missed fires'."""
+    if event.get("kind") == MISSED_KIND:
+        return f"{event['task_id']}:missed"
+    return str(event["task_id"])
+
+
+def is_missed(state: dict[str, Any]) -> bool:
+    return state.get("kind") == "missed"
+
+
+def task_of(state: dict[str, Any]) -> str:
+    """The task an alert state is about (states written before ``task_id`` was: the id)."""
+    return str(state.get("task_id") or state["_id"])
 
 
 def merge(addresses: list[str], more: list[str] | tuple[str, ...]) -> list[str]:
@@ -63,15 +89,19 @@ def summary(event: dict[str, Any]) -> dict[str, Any]:
         "agent": event.get("agent"),
         "exit_code": details.get("exit_code"),
         "http_status": details.get("http_status"),
+        "scheduled_for": details.get("scheduled_for"),
     }
 
 
 def new_state(event: dict[str, Any]) -> dict[str, Any]:
+    missed = event.get("kind") == MISSED_KIND
     return {
-        "_id": event["task_id"],
+        "_id": state_id(event),
         "version": SCHEMA_VERSION,
+        "task_id": event["task_id"],
+        "kind": "missed" if missed else "failing",
         "task_name": event.get("task_name"),
-        "failing_since_ts": event.get("ts"),
+        "failing_since_ts": None if missed else event.get("ts"),
         "recipients": [],
         "summaries": [],
         "digest_due_ts": NEVER,
@@ -114,8 +144,8 @@ def plan_failure(
     now: float,
     interval: float,
 ) -> tuple[dict[str, Any], list[str]]:
-    """Decide for each recipient of a failure: mailed now, or held. Returns the new state and
-    the recipients to mail now."""
+    """Decide for each recipient of a failure (or of a missed fire, on its own state): mailed
+    now, or held. Returns the new state and the recipients to mail now."""
     state = dict(state) if state else new_state(event)
     state["recipients"] = [dict(r) for r in state["recipients"]]
     state["task_name"] = event.get("task_name") or state.get("task_name")

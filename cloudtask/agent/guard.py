@@ -1,0 +1,578 @@
+"""The run guard: a small process beside each agent that starts the agent's runs and ends them
+when the agent can no longer answer for them.
+
+An agent can be killed (kill -9), frozen (SIGSTOP, a paused VM) or stuck, and its runs would
+go on as orphans: a keepalive service would run twice once its task moves, a ``forbid`` task
+would overlap, and a run marked ``lost`` would finish unrecorded. A thread of the agent cannot
+prevent that (it dies or freezes with the agent), so the guard is a process of its own
+(POSIX; on Windows the agent starts runs itself). It is the parent of every run process:
+
+- **Start under the fence.** The agent asks the guard to start a run; the guard starts it only
+  if the ZooKeeper session the run was claimed under is the agent's current one and its fence
+  (the last contact with ZooKeeper + the session - a margin, which the agent pulses to the guard
+  several times a second) has not run out. An agent frozen between its own check and the start
+  of the process therefore cannot start a stale claim when it wakes up: the guard, which was not
+  frozen, refuses it.
+- **Agent gone.** When the agent's end of the socket closes (it exited or was killed), the guard
+  ends every run (their whole process trees, a grace period, then SIGKILL) and exits.
+- **Agent silent.** When the agent has not pulsed for its session timeout (frozen past its
+  session: its tasks are moving to other agents), the guard ends every run.
+- **Deadlines.** A keepalive run has a deadline (its lease must be renewed by then); the guard
+  ends the run at that deadline if the agent has not moved it, so a frozen agent's service is
+  gone before another agent may take its lease over.
+
+The guard reports each run's exit status (it reaps them) and the runs it ended. Messages are
+JSON over a ``SOCK_SEQPACKET`` socket pair; a run's output pipe is handed over with the start
+request (``SCM_RIGHTS``), so the agent reads the output as if it had started the process.
+
+Example (the agent's side)::
+
+    guard = GuardClient(fence=registration.fence, silent_after=10.0, kill_grace=5.0)
+    guard.start()
+    proc = guard.spawn(run_id, session, argv, env, cwd)  # Popen-like: pid, stdout, poll, wait
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PULSE_EVERY = 0.25  # seconds between the agent's pulses
+MAX_MESSAGE = 1024 * 1024  # a start request carries argv and environment
+
+
+class SpawnRefused(Exception):
+    """The guard did not start the run: the fence it was claimed under is gone."""
+
+
+class GuardGone(Exception):
+    """The guard process is not there (it died); the agent starts a new one."""
+
+
+# --- the agent's side -----------------------------------------------------------------------
+
+
+class GuardedProcess:
+    """A run process the guard started: what the executor and proctree use of ``Popen``."""
+
+    def __init__(self, client: GuardClient, run_id: str, pid: int, stdout: Any) -> None:
+        self._client = client
+        self.run_id = run_id
+        self.pid = pid
+        self.stdout = stdout
+        self.returncode: int | None = None
+        self.ended_by_guard: str | None = None
+        self._exited = threading.Event()
+
+    def _set_exit(self, code: int) -> None:
+        self.returncode = code
+        self._exited.set()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._exited.wait(timeout):
+            raise subprocess.TimeoutExpired(f"run {self.run_id}", timeout or 0.0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            self._client._send({"op": "signal", "id": self.run_id, "sig": int(sig)})
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class GuardClient:
+    """The agent's end: starts the guard, pulses it, asks it to start runs, hears exits."""
+
+    def __init__(
+        self,
+        *,
+        fence: Callable[[], tuple[str | None, float]],
+        silent_after: Callable[[], float] | float,
+        kill_grace: float,
+    ) -> None:
+        self.fence = fence  # (session, fence runs out at: monotonic) of claims started now
+        self.silent_after = silent_after  # seconds without a pulse before the guard ends runs
+        self.kill_grace = kill_grace
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()  # one message at a time, and the maps below
+        self._replies: dict[str, tuple[threading.Event, list[dict[str, Any]]]] = {}
+        self._procs: dict[str, GuardedProcess] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.restarts = 0
+
+    def start(self) -> None:
+        self._launch()
+        pulse = threading.Thread(target=self._pulse, name="guard-pulse", daemon=True)
+        pulse.start()
+        self._threads.append(pulse)
+
+    def _launch(self) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "cloudtask.agent.guard", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        theirs.close()
+        self._sock = mine
+        self._send_pulse()
+        reader = threading.Thread(target=self._read, args=(mine,), name="guard-reader", daemon=True)
+        reader.start()
+        self._threads.append(reader)
+        log.info("run guard started (pid %s)", self._proc.pid)
+
+    def stop(self) -> None:
+        """Close the socket: the guard ends what still runs and exits."""
+        self._stop.set()
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=self.kill_grace + 5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def spawn(
+        self,
+        run_id: str,
+        session: str | None,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str | None,
+        timeout: float = 30.0,
+    ) -> GuardedProcess:
+        """Start a run through the guard. Raises SpawnRefused (its fence is gone), OSError
+        (the program could not be started: errno and message as Popen gives them) or
+        GuardGone."""
+        read_end, write_end = os.pipe()
+        done = threading.Event()
+        box: list[dict[str, Any]] = []
+        with self._lock:
+            self._replies[run_id] = (done, box)
+        try:
+            try:
+                self._send(
+                    {
+                        "op": "spawn",
+                        "id": run_id,
+                        "session": session,
+                        "argv": argv,
+                        "env": env,
+                        "cwd": cwd,
+                        "grace": self.kill_grace,
+                    },
+                    fds=[write_end],
+                )
+            finally:
+                os.close(write_end)
+            if not done.wait(timeout):
+                raise GuardGone(f"the run guard did not answer within {timeout:g} s")
+            reply = box[0]
+            if reply["op"] == "spawned":
+                proc = GuardedProcess(self, run_id, reply["pid"], os.fdopen(read_end, "rb"))
+                read_end = -1
+                with self._lock:
+                    self._procs[run_id] = proc
+                    early = self._replies.pop(f"exit:{run_id}", None)
+                if early is not None:  # it exited before we registered it
+                    proc._set_exit(early[1][0]["code"])
+                return proc
+            if reply["op"] == "refused":
+                raise SpawnRefused(reply["why"])
+            if reply["op"] == "gone":
+                raise GuardGone("the run guard died")
+            raise OSError(reply.get("errno") or 0, reply.get("error") or "cannot start")
+        finally:
+            with self._lock:
+                self._replies.pop(run_id, None)
+            if read_end >= 0:
+                os.close(read_end)
+
+    def set_deadline(self, run_id: str, until: float | None) -> None:
+        """End the run at the monotonic time ``until`` unless moved again (None: no deadline)."""
+        try:
+            self._send({"op": "deadline", "id": run_id, "until": until})
+        except GuardGone:
+            pass
+
+    def _send(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+        data = json.dumps(msg, separators=(",", ":")).encode()
+        with self._lock:
+            sock = self._sock
+            if sock is None:
+                raise GuardGone("the run guard is not running")
+            try:
+                if fds:
+                    socket.send_fds(sock, [data], fds)
+                else:
+                    sock.send(data)
+            except OSError as e:
+                raise GuardGone(f"the run guard is gone: {e}") from None
+
+    def _send_pulse(self) -> None:
+        session, until = self.fence()
+        after = self.silent_after() if callable(self.silent_after) else self.silent_after
+        self._send(
+            {
+                "op": "pulse",
+                "session": session,
+                "fence_until": until,
+                "alive_until": time.monotonic() + after,
+            }
+        )
+
+    def _pulse(self) -> None:
+        while not self._stop.wait(PULSE_EVERY):
+            try:
+                self._send_pulse()
+            except GuardGone:
+                pass  # the reader restarts it
+            except Exception:
+                log.exception("cannot pulse the run guard")
+
+    # --- answers ----------------------------------------------------------------------------
+
+    def _read(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                data = sock.recv(MAX_MESSAGE)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            try:
+                msg = json.loads(data)
+            except ValueError:
+                continue
+            self._on_message(msg)
+        if self._stop.is_set():
+            return
+        self._guard_died()
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        op, run_id = msg.get("op"), str(msg.get("id"))
+        with self._lock:
+            if op in ("spawned", "refused", "failed"):
+                waiting = self._replies.get(run_id)
+                if waiting is not None:
+                    waiting[1].append(msg)
+                    waiting[0].set()
+                return
+            proc = self._procs.get(run_id)
+            if op == "exited":
+                if proc is None:  # before spawn() registered it
+                    self._replies[f"exit:{run_id}"] = (threading.Event(), [msg])
+                    return
+                del self._procs[run_id]
+        if op == "exited":
+            proc._set_exit(int(msg["code"]))
+        elif op == "ended" and proc is not None:
+            proc.ended_by_guard = str(msg.get("why"))
+            log.warning("the run guard ended run %s: %s", run_id, msg.get("why"))
+
+    def _guard_died(self) -> None:
+        """The guard died under us: its runs were orphaned. They are ended here (found by
+        their run id), reported killed, and a new guard is started."""
+        from .proctree import end_run_processes
+
+        code = self._proc.poll() if self._proc is not None else None
+        log.error("the run guard died (exit %s); ending its runs and starting a new one", code)
+        with self._lock:
+            self._sock = None
+            procs, self._procs = self._procs, {}
+            waiting = list(self._replies.values())
+            self._replies.clear()
+        for done, box in waiting:
+            box.append({"op": "gone"})
+            done.set()
+        for proc in procs.values():
+            proc.ended_by_guard = "its agent's run guard died"
+            end_run_processes(proc.run_id, self.kill_grace)
+            proc._set_exit(-signal.SIGKILL)
+        if not self._stop.is_set():
+            self.restarts += 1
+            self._launch()
+
+
+# --- the guard process ----------------------------------------------------------------------
+
+
+class _Run:
+    def __init__(self, run_id: str, proc: subprocess.Popen, grace: float) -> None:
+        self.run_id = run_id
+        self.proc = proc
+        self.grace = grace
+        self.ending = False
+
+
+class Guard:
+    """The guard's loop (``python -m cloudtask.agent.guard FD``)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.runs: dict[str, _Run] = {}
+        self.by_pid: dict[int, _Run] = {}
+        self.deadlines: dict[str, float] = {}
+        self.session: str | None = None
+        self.fence_until = 0.0
+        self.alive_until = time.monotonic() + 60.0
+        self.silent = False
+        self._send_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+
+    def serve(self) -> None:
+        # the agent decides when runs stop: a Ctrl-C or SIGTERM to the group is not for us.
+        # Handled, not ignored: an ignored signal would stay ignored in every run started here
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
+        signal.set_wakeup_fd(self._wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, "agent")
+        sel.register(self._wake_r, selectors.EVENT_READ, "child")
+        while True:
+            for key, _ in sel.select(self._timeout()):
+                if key.data == "child":
+                    try:
+                        while os.read(self._wake_r, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                elif not self._receive():
+                    self._agent_gone()
+                    return
+            self._reap()
+            self._enforce()
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        ends = [self.alive_until] if self.runs and not self.silent else []
+        ends += [d for r, d in self.deadlines.items() if r in self.runs]
+        wait = 0.5
+        if ends:
+            wait = min(wait, max(0.0, min(ends) - now))
+        return wait
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        try:
+            with self._send_lock:
+                self.sock.send(json.dumps(msg, separators=(",", ":")).encode())
+        except OSError:
+            pass  # the agent is gone: its end is noticed by the loop
+
+    def _receive(self) -> bool:
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 4)
+        except OSError:
+            return False
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return False
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            msg = {}
+        op = msg.get("op")
+        if op == "pulse":
+            self.session = msg.get("session")
+            self.fence_until = float(msg.get("fence_until") or 0.0)
+            self.alive_until = float(msg["alive_until"])
+            self.silent = False
+        elif op == "spawn":
+            self._spawn(msg, fds)
+            fds = []
+        elif op == "deadline":
+            if msg.get("until") is None:
+                self.deadlines.pop(str(msg["id"]), None)
+            else:
+                self.deadlines[str(msg["id"])] = float(msg["until"])
+        elif op == "signal":
+            run = self.runs.get(str(msg["id"]))
+            if run is not None and run.proc.returncode is None:
+                try:
+                    os.kill(run.proc.pid, int(msg["sig"]))
+                except OSError:
+                    pass
+        for fd in fds:
+            os.close(fd)
+        return True
+
+    def _spawn(self, msg: dict[str, Any], fds: list[int]) -> None:
+        run_id = str(msg["id"])
+        out = fds[0] if fds else None
+        for extra in fds[1:]:
+            os.close(extra)
+        try:
+            now = time.monotonic()
+            session = msg.get("session")
+            if session is not None and (session != self.session or now >= self.fence_until):
+                why = (
+                    "its agent's ZooKeeper session changed since it was claimed"
+                    if session != self.session
+                    else "its agent's ZooKeeper fence ran out before it started"
+                )
+                self._send({"op": "refused", "id": run_id, "why": why})
+                return
+            try:
+                proc = subprocess.Popen(
+                    msg["argv"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    cwd=msg.get("cwd"),
+                    env=msg.get("env"),
+                    start_new_session=True,
+                )
+            except OSError as e:
+                self._send(
+                    {"op": "failed", "id": run_id, "errno": e.errno, "error": e.strerror or str(e)}
+                )
+                return
+            run = _Run(run_id, proc, float(msg.get("grace") or 5.0))
+            self.runs[run_id] = run
+            self.by_pid[proc.pid] = run
+            self._send({"op": "spawned", "id": run_id, "pid": proc.pid})
+        finally:
+            if out is not None:
+                os.close(out)
+
+    def _reap(self) -> None:
+        while self.by_pid:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            run = self.by_pid.pop(pid, None)
+            if run is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            run.proc.returncode = code
+            self.runs.pop(run.run_id, None)
+            self.deadlines.pop(run.run_id, None)
+            self._send({"op": "exited", "id": run.run_id, "pid": pid, "code": code})
+
+    def _enforce(self) -> None:
+        now = time.monotonic()
+        if self.runs and not self.silent and now >= self.alive_until:
+            self.silent = True
+            for run in list(self.runs.values()):
+                self._end(run, "its agent stopped answering for its session timeout")
+        for run_id, until in list(self.deadlines.items()):
+            run = self.runs.get(run_id)
+            if run is not None and now >= until:
+                del self.deadlines[run_id]
+                self._end(run, "its keepalive lease ran out while its agent did not renew it")
+
+    def _end(self, run: _Run, why: str) -> None:
+        if run.ending:
+            return
+        run.ending = True
+        self._send({"op": "ended", "id": run.run_id, "why": why})
+        threading.Thread(target=_end_tree, args=(run,), daemon=True).start()
+
+    def _agent_gone(self) -> None:
+        """The agent's end closed: end every run, wait for them, and exit."""
+        enders = []
+        for run in list(self.runs.values()):
+            run.ending = True
+            t = threading.Thread(target=_end_tree, args=(run,), daemon=True)
+            t.start()
+            enders.append(t)
+        deadline = time.monotonic() + max([r.grace for r in self.runs.values()] or [0]) + 5
+        while self.by_pid and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.05)
+        for t in enders:
+            t.join(timeout=1.0)
+
+
+def _end_tree(run: _Run) -> None:
+    """Terminate a run's whole tree (process group, descendants, and processes tagged with its
+    run id), then kill what is left after its grace. Never waits on the process itself: the
+    guard's loop reaps it."""
+    from .proctree import IS_POSIX, run_processes
+
+    pid = run.proc.pid
+    others = run_processes(run.proc, run.run_id)
+    for p in others:
+        try:
+            p.terminate()
+        except Exception:
+            pass
+    if IS_POSIX:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.monotonic() + run.grace
+    while time.monotonic() < deadline and run.proc.returncode is None:
+        time.sleep(0.05)
+    others = [p for p in others if p.is_running()] + [
+        p for p in run_processes(run.proc, run.run_id) if p not in others
+    ]
+    if IS_POSIX:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    if run.proc.returncode is None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for p in others:
+        try:
+            p.kill()
+        except Exception:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    sock = socket.socket(fileno=int(args[0]))
+    Guard(sock).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The run guard with real processes and real faults: an agent killed with SIGKILL or frozen
+with SIGSTOP leaves no run behind; nothing starts under a fence that ran out; a keepalive
+deadline ends its run even while the agent cannot; a dead guard is replaced."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from helpers import wait_for
+
+from cloudtask.agent.guard import GuardClient, SpawnRefused
+
+# An "agent": a process with a guard, which starts `sleep 60` through it and then waits.
+HOST = """
+import os, sys, time
+from cloudtask.agent.guard import GuardClient
+silent_after, deadline_in = float(sys.argv[1]), float(sys.argv[2])
+guard = GuardClient(
+    fence=lambda: ("s1", time.monotonic() + 3600), silent_after=silent_after, kill_grace=0.5
+)
+guard.start()
+proc = guard.spawn("r1", "s1", ["sleep", "60"], dict(os.environ), None)
+if deadline_in > 0:
+    guard.set_deadline("r1", time.monotonic() + deadline_in)
+print(proc.pid, guard.pid, flush=True)
+code = proc.wait()
+print("exit", code, proc.ended_by_guard, flush=True)
+time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture
+def host():
+    started: list[subprocess.Popen] = []
+
+    def start(silent_after: float = 60.0, deadline_in: float = 0.0):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOST, str(silent_after), str(deadline_in)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        started.append(proc)
+        run_pid, guard_pid = map(int, proc.stdout.readline().split())
+        assert alive(run_pid) and alive(guard_pid)
+        return proc, run_pid, guard_pid
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def guard():
+    fence = {"session": "s1", "until": time.monotonic() + 3600}
+    client = GuardClient(
+        fence=lambda: (fence["session"], fence["until"]), silent_after=60.0, kill_grace=0.5
+    )
+    client.fence_state = fence
+    client.start()
+    yield client
+    client.stop()
+
+
+def test_runs_end_when_their_agent_is_killed(host):
+    agent, run_pid, guard_pid = host()
+    agent.kill()  # kill -9: no cleanup of its own
+    agent.wait()
+    wait_for(lambda: not alive(run_pid), timeout=10, message="the run outlived its agent")
+    wait_for(lambda: not alive(guard_pid), timeout=10, message="the guard outlived its agent")
+
+
+def test_runs_end_when_their_agent_freezes_past_its_session(host):
+    agent, run_pid, _ = host(silent_after=2.0)
+    agent.send_signal(signal.SIGSTOP)
+    frozen = time.monotonic()
+    try:
+        time.sleep(1.0)
+        assert alive(run_pid), "ended before the agent's session could have run out"
+        wait_for(lambda: not alive(run_pid), timeout=10, message="the frozen agent's run went on")
+        assert time.monotonic() - frozen >= 1.9
+    finally:
+        agent.send_signal(signal.SIGCONT)
+    line = agent.stdout.readline().split(maxsplit=2)
+    assert line[:2] == ["exit", str(-signal.SIGTERM)]
+    assert "stopped answering" in line[2]  # the agent learns why when it wakes up
+
+
+def test_a_keepalive_deadline_ends_the_run_without_the_agent(host):
+    agent, run_pid, _ = host(deadline_in=1.0)
+    agent.send_signal(signal.SIGSTOP)  # it could not end its instance itself
+    try:
+        wait_for(lambda: not alive(run_pid), timeout=10, message="the deadline was not kept")
+    finally:
+        agent.send_signal(signal.SIGCONT)
+    assert "keepalive lease" in agent.stdout.readline()
+
+
+def test_nothing_starts_under_a_fence_that_ran_out(guard):
+    env = dict(os.environ)
+    with pytest.raises(SpawnRefused, match="session changed"):
+        guard.spawn("r1", "another-session", ["true"], env, None)
+    guard.fence_state["until"] = time.monotonic() - 1  # the agent's contact is too old
+    time.sleep(0.6)  # a pulse carries it to the guard
+    with pytest.raises(SpawnRefused, match="fence ran out"):
+        guard.spawn("r2", "s1", ["true"], env, None)
+    proc = guard.spawn("r3", None, ["true"], env, None)  # no session: a standalone agent
+    assert proc.wait(timeout=10) == 0
+
+
+def test_exit_codes_output_and_start_failures(guard):
+    env = dict(os.environ)
+    proc = guard.spawn("r1", "s1", ["sh", "-c", "echo hello; exit 3"], env, None)
+    assert proc.stdout.read() == b"hello\n"
+    assert proc.wait(timeout=10) == 3
+    with pytest.raises(OSError) as e:
+        guard.spawn("r2", "s1", ["/no/such/program"], env, None)
+    assert e.value.errno == errno.ENOENT
+
+
+def test_a_guard_that_dies_is_replaced_and_its_runs_end(guard):
+    env = dict(os.environ, CLOUDTASK_RUN_ID="r1")
+    proc = guard.spawn("r1", "s1", ["sleep", "60"], env, None)
+    old = guard.pid
+    os.kill(old, signal.SIGKILL)
+    assert proc.wait(timeout=15) == -signal.SIGKILL
+    assert proc.ended_by_guard and "guard died" in proc.ended_by_guard
+    wait_for(lambda: not alive(proc.pid), timeout=10, message="the orphaned run went on")
+    wait_for(lambda: guard.pid != old and alive(guard.pid), timeout=10)
+    again = guard.spawn("r2", "s1", ["true"], dict(os.environ), None)
+    assert again.wait(timeout=10) == 0
