@@ -35,7 +35,9 @@ for a while, and then the evidence is read:
 - ``lost_but_ran``: runs recorded ``lost`` whose process did end (its end record);
 - ``mislabelled``: run documents that contradict the records (a ``succeeded`` run that never
   ended with 0, a ``missed`` fire that started, a started run with no document ...);
-- ``missed_ratio``: fires recorded ``missed`` over fires due.
+- ``missed_ratio``: fires recorded ``missed`` over fires due;
+- ``crashes``: agents or centers that ended with no fault on them (each is restarted), and
+  faults that never healed (a SIGTERM that did not stop its agent within a minute).
 
 It prints the counts per fault kind, the median and longest gap each kind caused (how much
 longer than its interval a task went without starting, after a fault) and the figures; the
@@ -153,6 +155,8 @@ class Chaos:
         self.active: list[Fault] = []
         self.tasks: list[Task] = []
         self.busy: set[str] = set()  # targets with a fault in progress
+        self.exits: list[str] = []  # processes that ended without a fault (each restarted)
+        self.fault_log = work / "faults.log"
 
     # --- the cluster --------------------------------------------------------------------------
 
@@ -285,8 +289,7 @@ class Chaos:
                 self.faults.append(fault)
                 self.active.append(fault)
                 self.busy.add(fault.target)
-                if self.verbose:
-                    print(f"{time.strftime('%H:%M:%S')} fault {kind} on {fault.target}")
+                self.note(f"fault {kind} on {fault.target}")
                 return fault
         return None
 
@@ -300,6 +303,24 @@ class Chaos:
                 fault.ended = time.time()
                 self.active.remove(fault)
                 self.busy.discard(fault.target)
+                self.note(f"healed {fault.kind} on {fault.target}")
+
+    def note(self, line: str) -> None:
+        stamped = f"{datetime.now(timezone.utc).isoformat(timespec='milliseconds')} {line}"
+        with open(self.fault_log, "a") as out:
+            out.write(stamped + "\n")
+        if self.verbose:
+            print(stamped, flush=True)
+
+    def restart_exited(self) -> None:
+        """A process that ended with no fault on it crashed or gave up: noted, and restarted so
+        the run goes on (the count is in the figures: it must be 0)."""
+        for name in (*AGENTS, *CENTERS):
+            proc = self.procs[name]
+            if proc.faulted is None and proc.popen is not None and proc.popen.poll() is not None:
+                self.exits.append(f"{name} ended by itself (exit {proc.popen.returncode})")
+                self.note(self.exits[-1])
+                self.spawn(proc)
 
     def _free_agent(self) -> str | None:
         down = sum(1 for a in AGENTS if self.procs[a].faulted)
@@ -367,8 +388,10 @@ class Chaos:
         proc = self.procs[leader]
         proc.popen.kill()
         proc.popen.wait()
+        proc.faulted = "kill"
 
         def heal() -> bool:
+            proc.faulted = None
             self.spawn(proc)
             return True
 
@@ -626,10 +649,16 @@ def main() -> None:
             until = time.monotonic() + pause
             while time.monotonic() < until:
                 chaos.heal_due()
+                chaos.restart_exited()
                 time.sleep(0.1)
-        while chaos.active:  # heal what is left (an agent may still be stopping)
+        give_up = time.monotonic() + 60
+        while chaos.active and time.monotonic() < give_up:  # an agent may still be stopping
             chaos.heal_due(everything=True)
             time.sleep(0.2)
+        for fault in chaos.active:
+            chaos.exits.append(f"{fault.kind} on {fault.target} never healed (a stop that hung)")
+            chaos.note(chaos.exits[-1])
+        chaos.restart_exited()
         faults_ended = datetime.now(timezone.utc)
         time.sleep(args.settle)
         end = datetime.now(timezone.utc)
@@ -647,7 +676,7 @@ def main() -> None:
     for kind in FAULTS:
         gaps = result["gaps"].get(kind) or [0.0]
         print(f"{kind:<18}{kinds_seen[kind]:>7}{statistics.median(gaps):>14.2f}{max(gaps):>15.2f}")
-    for problem in result["problems"][:40]:
+    for problem in [*chaos.exits, *result["problems"]][:40]:
         print("  " + problem)
     figures = {
         "fault_cycles": sum(1 for f in chaos.faults if f.ended is not None),
@@ -659,6 +688,7 @@ def main() -> None:
         "lost_but_ran": result["lost_but_ran"],
         "missed_ratio": result["missed_ratio"],
         "mislabelled": result["mislabelled"],
+        "crashes": len(chaos.exits),
         "lost_never_started": result["lost_never_started"],
         "seconds": round(took),
         "median_gap_s": {k: statistics.median(v) for k, v in sorted(result["gaps"].items()) if v},

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from helpers import wait_for
 from kazoo.exceptions import NoNodeError
 
 from cloudtask.store import Store
+from cloudtask.testing.records import duplicate_starts, overlaps, read_records, recording_command
 from cloudtask.zkpaths import ZkPaths, decode, task_signal
 
 SESSION = 2.0  # seconds: short, so failover is quick here
@@ -35,6 +35,7 @@ class Cluster:
         }
         self.tmp = tmp
         self.procs: dict[str, subprocess.Popen] = {}
+        self.records = tmp / "records"  # what the tasks themselves did (testing/records.py)
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
@@ -157,24 +158,28 @@ def leader(zk) -> str | None:
     return contenders[0] if contenders else None
 
 
-def make_tasks(store: Store, n: int, **spec) -> list[str]:
+def make_tasks(store: Store, n: int, records: Path | None = None, **spec) -> list[str]:
+    """``n`` tasks every second; with ``records``, each run appends its own start and end."""
+    command = recording_command(records) if records is not None else "true"
     ids = []
     for i in range(n):
-        data = {"name": f"t{i:03d}", "schedule": {"every": "1s"}, "command": "true", **spec}
+        data = {"name": f"t{i:03d}", "schedule": {"every": "1s"}, "command": command, **spec}
         ids.append(store.create_task(data)["_id"])
     return ids
 
 
-def no_fire_twice(store: Store) -> None:
-    counts = Counter(
-        (d["task_id"], d["scheduled_for"], d["slot"], d["attempt"]) for d in store.runs.find()
-    )
-    assert counts and max(counts.values()) == 1
+def no_fire_twice(records: Path, per_agent: tuple[str, ...] = ()) -> None:
+    """From what the tasks did: fires ran, none started twice (per agent for mode ``all``),
+    and no run of a locked task started while another still held its lock."""
+    seen = read_records(records)
+    assert [r for r in seen if r.kind == "start"], "no task recorded a start"
+    assert duplicate_starts(seen, per_agent) == []
+    assert overlaps(seen) == []
 
 
 @pytest.mark.timeout(240)
 def test_failover_moves_only_the_dead_agents_tasks(cluster, zk, store):
-    ids = make_tasks(store, 60)
+    ids = make_tasks(store, 60, cluster.records)
     cluster.center("c1")
     cluster.center("c2")
     for a in ("a1", "a2", "a3"):
@@ -235,7 +240,7 @@ def test_failover_moves_only_the_dead_agents_tasks(cluster, zk, store):
     assert assignments(zk) == back
 
     cluster.stop_all()
-    no_fire_twice(store)
+    no_fire_twice(cluster.records)
     assert store.runs.count_documents({"status": {"$in": ["queued", "running"]}}) == 0
     every_fire_accounted_for(store, ids)
 
@@ -253,7 +258,7 @@ def every_fire_accounted_for(store: Store, task_ids: list[str]) -> None:
 
 @pytest.mark.timeout(120)
 def test_sigterm_moves_tasks_at_once(cluster, zk, store):
-    make_tasks(store, 20)
+    make_tasks(store, 20, cluster.records)
     cluster.center("c1")
     cluster.agent("a1")
     cluster.agent("a2")
@@ -276,7 +281,7 @@ def test_sigterm_moves_tasks_at_once(cluster, zk, store):
         timeout=10,
     )
     cluster.stop_all()
-    no_fire_twice(store)
+    no_fire_twice(cluster.records)
 
 
 @pytest.mark.timeout(120)
@@ -304,8 +309,9 @@ def test_task_changes_reach_the_agent_within_a_second(cluster, zk, store):
 
 @pytest.mark.timeout(120)
 def test_mode_all_and_a_group_without_agents(cluster, zk, store):
+    command = recording_command(cluster.records, lock=cluster.tmp / "all.lock", lock_per_agent=True)
     everywhere = store.create_task(
-        {"name": "all", "schedule": {"every": "1s"}, "command": "true", "mode": "all"}
+        {"name": "all", "schedule": {"every": "1s"}, "command": command, "mode": "all"}
     )
     nowhere = store.create_task(
         {"name": "lonely", "group": "empty", "schedule": {"every": "1s"}, "command": "true"}
@@ -333,7 +339,7 @@ def test_mode_all_and_a_group_without_agents(cluster, zk, store):
     assert status["unassigned"] == {nowhere["_id"]: "empty"}
     assert status["leader"] == "c1" and status["agents"] == ["a1", "a2"]
     cluster.stop_all()
-    no_fire_twice(store)
+    no_fire_twice(cluster.records)
 
 
 @pytest.mark.timeout(120)
@@ -380,7 +386,7 @@ def test_lost_runs_are_marked_by_the_leader(cluster, zk, store):
 
 @pytest.mark.timeout(180)
 def test_paused_agent_fires_nothing_twice(cluster, zk, store):
-    make_tasks(store, 10)
+    make_tasks(store, 10, cluster.records)
     cluster.center("c1")
     cluster.agent("a1")
     cluster.agent("a2")
@@ -411,7 +417,7 @@ def test_paused_agent_fires_nothing_twice(cluster, zk, store):
     regained = datetime.fromtimestamp(min(mtimes) / 1000, timezone.utc)  # when it got tasks again
     time.sleep(3.0)
     cluster.stop_all()
-    no_fire_twice(store)
+    no_fire_twice(cluster.records)
     assert "session lost" in cluster.log("a1")
     stale = store.runs.count_documents(
         {"agent": "a1", "claimed_at": {"$gte": resumed, "$lt": regained}}
@@ -431,7 +437,7 @@ def test_expired_session_drops_and_regains_assignments(
     from cloudtask.agent.cluster import ClusterAgent
     from cloudtask.config import Config
 
-    ids = make_tasks(store, 3)
+    ids = make_tasks(store, 3, cluster.records)
     cluster.center("c1")
     cfg = (
         Config()
@@ -481,12 +487,13 @@ def test_expired_session_drops_and_regains_assignments(
         thread.join(timeout=30)
         client.stop()
         client.close()
-    no_fire_twice(store)
+    no_fire_twice(cluster.records)
 
 
 @pytest.mark.timeout(120)
 def test_keepalive_hands_over_on_sigterm_without_overlap(cluster, zk, store):
-    (task_id,) = make_tasks(store, 1, command=["sleep", "60"], schedule={"keepalive": True})
+    command = recording_command(cluster.records, work="sleep 60", lock=cluster.tmp / "keep.lock")
+    (task_id,) = make_tasks(store, 1, command=command, schedule={"keepalive": True})
     cluster.center("c1")
     cluster.agent("a1")
     cluster.agent("a2")
@@ -510,6 +517,12 @@ def test_keepalive_hands_over_on_sigterm_without_overlap(cluster, zk, store):
     proc.wait(timeout=30)
     old = store.get_run(run["_id"])
     assert old["status"] == "killed" and "stopping" in old["error"]  # not lost: it was ended
+    # the service itself saw no second instance while the first still held its lock
+    wait_for(
+        lambda: len([r for r in read_records(cluster.records) if r.kind == "start"]) >= 2,
+        timeout=10,
+    )
+    no_fire_twice(cluster.records)
 
 
 @pytest.mark.timeout(120)

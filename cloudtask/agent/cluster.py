@@ -37,7 +37,7 @@ from .. import events as ev
 from ..config import Config
 from ..exceptions import CloudTaskError
 from ..store import Store, to_bson_time, utcnow
-from ..zkpaths import ZkPaths, bounded, decode, task_signal
+from ..zkpaths import ClusterUnavailable, ZkPaths, bounded, decode, task_signal
 from .agent import CALL_BUDGET, STORE_ERRORS, Agent
 from .assignments import AssignmentWatcher
 from .registration import REGISTERED, STOP_BUDGET, Registration
@@ -227,14 +227,28 @@ class ClusterAgent(Agent):
 
     def run(self) -> None:
         self.registration.start()
+        for folder in (self.watcher.folder, self.paths.kill_dir(self.agent_id)):
+            self._ensure(folder)
         self.watcher.start()
-        self.zk.ensure_path(self.paths.kill_dir(self.agent_id))
         ChildrenWatch(self.zk, self.paths.kill_dir(self.agent_id), self._on_kills)
         DataWatch(self.zk, self.paths.run_signal, self._on_run_signal)
         try:
             super().run()
         finally:
             self.registration.stop()
+
+    def _ensure(self, path: str) -> None:
+        """Create ``path`` if it is missing, trying again (bounded) until ZooKeeper answers."""
+        tries = 0
+        while not self._stop.is_set():
+            try:
+                bounded(self.zk, f"create {path}", lambda: self.zk.ensure_path_async(path))
+                return
+            except ClusterUnavailable as e:
+                tries += 1
+                if tries == 1 or tries % 30 == 0:
+                    log.warning("%s; trying again", e)
+                self._stop.wait(0.5)
 
     def _leaving(self) -> None:
         """Say we are leaving before the runs' grace, so the leader moves our tasks at once

@@ -97,8 +97,7 @@ class Registration:
         """
         self.zk.add_listener(self._on_state)
         try:
-            self.zk.ensure_path(self.paths.agent_group(self.group))
-            self._register(wait_for_predecessor)
+            self._register(wait_for_predecessor, make_group=True)
         except KazooException as e:
             raise CloudTaskError(f"cannot register in ZooKeeper: {type(e).__name__} {e}") from None
         self._thread.start()
@@ -176,15 +175,27 @@ class Registration:
                 log.exception("cannot read load figures")
         return encode(doc)
 
-    def _register(self, wait_for_predecessor: float | None) -> None:
+    def _register(self, wait_for_predecessor: float | None, make_group: bool = False) -> None:
+        """Create our node; while ZooKeeper does not answer, keep trying (saying so): an agent
+        that cannot register claims nothing, and giving up would only need a restart."""
         deadline = time.monotonic() + (
             wait_for_predecessor if wait_for_predecessor is not None else self.session_timeout + 5
         )
         said = False
+        unanswered = 0
         while not self._stop.is_set():
             started = time.monotonic()
             data = self._document()
             try:
+                if make_group:
+                    group = self.paths.agent_group(self.group)
+                    bounded(
+                        self.zk,
+                        "create the agent group",
+                        lambda: self.zk.ensure_path_async(group),
+                        self.session_timeout,
+                    )
+                    make_group = False
                 _, stat = bounded(
                     self.zk,
                     "register",
@@ -193,8 +204,17 @@ class Registration:
                     ),
                     self.session_timeout,
                 )
+            except ClusterUnavailable as e:
+                unanswered += 1
+                if unanswered == 1 or unanswered % 30 == 0:
+                    log.warning("cannot register yet, trying again: %s", e)
+                self._stop.wait(0.5)
+                continue
             except NodeExistsError:
-                holder, stat = self._holder()
+                try:
+                    holder, stat = self._holder()
+                except ClusterUnavailable:
+                    continue
                 if stat is None:
                     continue  # gone meanwhile: try again at once
                 if stat.ephemeralOwner != self.zk.client_id[0]:
