@@ -53,6 +53,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import logging
 import os
@@ -577,25 +578,30 @@ class Chaos:
         return out
 
     def gaps(self, records: list[Record]) -> dict[str, list[float]]:
-        """For each fault, the longest time beyond its interval that a task went without
-        starting a fire, among the gaps that began during the fault (or its first 10 s after)."""
-        starts = defaultdict(list)
+        """For each fault, the longest time beyond its interval that an affected task went
+        without starting a fire: the gap that spans the fault's start. A fault on one agent
+        affects the tasks that agent started last before it; a fault of a shared part
+        (center, ZooKeeper, MongoDB) affects every task."""
+        starts: dict[str, list[tuple[float, str]]] = defaultdict(list)
         plain = {t.name: t.interval for t in self.tasks if t.kind in ("interval", "cron")}
         for r in records:
             if r.kind == "start" and r.task in plain and r.attempt == 0:
-                starts[r.task].append(r.time)
-        holes = []  # (begin, end, excess)
-        for task, times in starts.items():
+                starts[r.task].append((r.time, r.agent))
+        for times in starts.values():
             times.sort()
-            for a, b in zip(times, times[1:]):
-                excess = b - a - plain[task]
-                if excess > 0.5:
-                    holes.append((a, b, excess))
         out: dict[str, list[float]] = defaultdict(list)
         for fault in self.faults:
-            end = (fault.ended or time.time()) + 10
-            caused = [x for a, b, x in holes if fault.started - 2 <= a <= end]
-            out[fault.kind].append(round(max(caused, default=0.0), 2))
+            agent = fault.target.removeprefix("clock:")
+            worst = 0.0
+            for task, times in starts.items():
+                i = bisect.bisect_left(times, (fault.started, ""))
+                if i == 0 or i == len(times):
+                    continue
+                (before, owner), (after, _) = times[i - 1], times[i]
+                if agent in AGENTS and owner != agent:
+                    continue
+                worst = max(worst, after - before - plain[task])
+            out[fault.kind].append(round(max(worst, 0.0), 2))
         return out
 
 

@@ -918,8 +918,8 @@ class Store:
     ) -> list[str]:
         """Mark the unfinished runs matching ``query`` as ``lost``. Returns their ids.
 
-        For an agent that restarted after a crash (its earlier life's runs, whose processes it
-        has just ended) and for tests; the leader decides with :meth:`finish_unheard_runs`.
+        For tests and tools; the leader decides with :meth:`finish_unheard_runs`, a restarted
+        agent with :meth:`left_runs` and its run journal.
         ``free_leases`` also frees the keepalive leases they held: only for a caller that knows
         their processes are gone.
         """
@@ -942,6 +942,26 @@ class Store:
         if ids and free_leases:
             self._guard(self.leases.delete_many, "free leases", {"holder": {"$in": ids}})
         return ids
+
+    def left_runs(self, agent: str, before: datetime, known: set[str]) -> list[dict[str, Any]]:
+        """The runs an earlier life of ``agent`` left: still ``queued`` or ``running`` (claimed
+        before ``before``), and the ones in ``known`` (its run journal) that the leader has
+        marked ``lost`` meanwhile (fires of the last day)."""
+        left = self.unfinished_runs({"agent": agent, "claimed_at": {"$lt": before}})
+        if known:
+            since = (before - timedelta(days=1)).timestamp()  # ts: the fire's time, a number
+            cursor = self.runs.find(
+                {"agent": agent, "status": "lost", "ts": {"$gte": since, "$lte": 1e12}}
+            )
+            lost = self._guard(lambda: list(cursor), "find lost runs")
+            left += [d for d in lost if d["_id"] in known]
+        return left
+
+    def free_leases(self, holders: Sequence[str]) -> None:
+        """Free the keepalive leases these runs held (for a caller that knows their processes
+        are gone)."""
+        if holders:
+            self._guard(self.leases.delete_many, "free leases", {"holder": {"$in": list(holders)}})
 
     def last_fire(self, task_id: str, slot: str) -> dict[str, Any] | None:
         """The latest run recorded for a task's slot (its last attempt of its latest fire),

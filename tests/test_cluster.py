@@ -339,7 +339,7 @@ def test_mode_all_and_a_group_without_agents(cluster, zk, store):
     assert status["unassigned"] == {nowhere["_id"]: "empty"}
     assert status["leader"] == "c1" and status["agents"] == ["a1", "a2"]
     cluster.stop_all()
-    no_fire_twice(cluster.records)
+    no_fire_twice(cluster.records, per_agent=("all",))
 
 
 @pytest.mark.timeout(120)

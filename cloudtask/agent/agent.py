@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pymongo
@@ -49,6 +49,7 @@ from ..task import TaskSpec, parse_task
 from .executor import Executor, RunContext
 from .files import FileCache
 from .guard import GuardClient
+from .journal import Earlier, Journal
 from .leases import LeaseKeeper
 from .logfiles import LogJanitor
 from .proctree import IS_POSIX, end_processes, orphans_of_agent
@@ -65,6 +66,7 @@ MAX_MISSED_RECORDS = 1000  # per task and backlog: older missed fires are summed
 RETRY_STATUSES = ("failed", "timed_out", "lost")  # a run that ends so is retried (retries > 0)
 STANDALONE_SILENT_AFTER = 60.0  # a standalone agent silent this long has its runs ended
 STORE_ERRORS = (CloudTaskError, PyMongoError)
+JOURNAL_TIDY_INTERVAL = 10.0  # seconds between looks for run journal segments to delete
 
 
 def resolve_agent_id(configured: str, data_dir: Path) -> str:
@@ -147,8 +149,13 @@ class Agent:
             if IS_POSIX
             else None
         )
+        # what the runs really did, on this disk: read by a restart after a crash (journal.py)
+        self.journal = Journal(self.data_dir / "journal")
+        self._earlier = Earlier()
+        self._journal_tidied = 0.0
         self.executor = Executor(
             agent_id=self.agent_id,
+            journal=self.journal,
             log_dir=self.log_dir,
             writer=self.writer,
             max_parallel=acfg.max_parallel,
@@ -362,7 +369,19 @@ class Agent:
         self._take_pending_runs(now)
         self._check_foreign_runs(now)
         self._mark_done(now)
+        self._tidy_journal()
         return delay
+
+    def _tidy_journal(self) -> None:
+        if time.monotonic() - self._journal_tidied < JOURNAL_TIDY_INTERVAL:
+            return
+        self._journal_tidied = time.monotonic()
+        doubt = {c.doc["_id"] for c in self._in_doubt}
+        self.journal.tidy(
+            lambda run_id: (
+                run_id in doubt or self.writer.keeps(run_id) or self.executor.is_active(run_id)
+            )
+        )
 
     def dispatch(self, fires: list[Fire], now: datetime) -> None:
         """Claim these fires (and the backlog) and start the ones won."""
@@ -539,6 +558,7 @@ class Agent:
     def _claim_chunk(self, chunk: list[_Claim], now: datetime) -> bool:
         """Write one chunk of claims; start the ones won. False if MongoDB did not answer:
         the chunk is then in doubt (settled first at the next step)."""
+        self.journal.claimed([c.doc["_id"] for c in chunk if c.doc["status"] in RUNNING_STATUSES])
         try:
             with pymongo.timeout(CALL_BUDGET * 2):
                 won = self.store.claim_runs([c.doc for c in chunk])
@@ -725,6 +745,7 @@ class Agent:
             return
         revision, spec = known
         token = run_tokens(1)[0]
+        self.journal.claimed([doc["_id"]])
         taken = self.store.take_pending_run(
             doc["_id"], self.agent_id, self.session, token_hash(token)
         )
@@ -767,6 +788,7 @@ class Agent:
             elif verdict == "missed":
                 outcome = ("missed", f"released by {doc.get('released_by')}; too late to run")
         token = run_tokens(1)[0]
+        self.journal.claimed([doc["_id"]])
         taken = self.store.take_pending_run(
             doc["_id"], self.agent_id, self.session, token_hash(token), trigger=trigger
         )
@@ -915,22 +937,55 @@ class Agent:
         """Clean up after an earlier life of this agent that did not stop cleanly.
 
         Its runs cannot be finished by anyone: their processes (found by the agent id in their
-        environment) are ended, and their run documents, still ``queued`` or ``running``, are
-        marked ``lost``. Agent ids must be unique (the cluster enforces it through ZooKeeper).
+        environment) are ended. Its runs still ``queued`` or ``running``, and the ones the
+        leader has marked ``lost`` meanwhile, get what the run journal knows about them: the
+        outcome they really had, released (claimed but never started: the task's owner runs
+        it as a catch-up, or records it missed), or else ``lost``. Agent ids must be unique
+        (the cluster enforces it through ZooKeeper).
         """
         leftovers = orphans_of_agent(self.agent_id)
         if leftovers:
             log.warning("ending %d processes left by an earlier run of this agent", len(leftovers))
             end_processes(leftovers, self.config.agent.kill_grace)
+        earlier = self._earlier
+        known = earlier.claimed | earlier.started | set(earlier.ended)
         with pymongo.timeout(CALL_BUDGET * 5):
-            lost = self.store.mark_runs_lost(
-                {"agent": self.agent_id, "claimed_at": {"$lt": now}},
-                "the agent stopped without finishing this run",
-                now,
-                free_leases=True,  # its processes were ended just above
+            docs = self.store.left_runs(self.agent_id, now, known)
+            counts: dict[str, int] = {}
+            for doc in docs:
+                verdict, state = earlier.verdict(doc["_id"])
+                if verdict == "ended":
+                    doc.update(journal_state(state or {}))
+                elif verdict == "never started":
+                    doc.update(
+                        status="queued",
+                        agent=None,
+                        session=None,
+                        token_hash=None,
+                        released_by=self.agent_id,
+                        error="released: its agent stopped before starting it; not started there",
+                    )
+                elif doc["status"] != "lost":
+                    started = doc.get("started_at") or doc.get("claimed_at") or now
+                    doc.update(
+                        status="lost",
+                        error="the agent stopped without finishing this run",
+                        finished_at=now,
+                        duration=round(max(0.0, (now - started).total_seconds()), 3),
+                    )
+                counts[verdict] = counts.get(verdict, 0) + 1
+            self.store.save_runs(docs, owner=self.agent_id)
+            self.store.free_leases([d["_id"] for d in docs])  # their processes are gone
+        self.journal.forget_earlier(earlier)
+        self._earlier = Earlier()
+        if docs:
+            log.warning(
+                "runs left by an earlier run of this agent: %d ended (outcome recorded), "
+                "%d never started (released), %d lost",
+                counts.get("ended", 0),
+                counts.get("never started", 0),
+                counts.get("unknown", 0),
             )
-        if lost:
-            log.warning("marked %d runs of an earlier run of this agent lost", len(lost))
 
     def _recover_quietly(self, now: datetime) -> None:
         """:meth:`recover`, tried again on later steps while MongoDB does not answer."""
@@ -943,6 +998,8 @@ class Agent:
     def run(self) -> None:
         """Schedule until :meth:`stop`; then stop runs gracefully and flush every write."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._earlier = self.journal.read_earlier()
+        self.journal.open()
         self._recover_quietly(self.clock())
         self.writer.start()
         if self.guard is not None:
@@ -985,6 +1042,7 @@ class Agent:
             self.leases.stop()
             self.janitor.stop()
             self.writer.stop()
+            self.journal.close()
             self._left()
             log.info("agent %s stopped", self.agent_id)
 
@@ -1019,6 +1077,17 @@ class Agent:
         self._bad_specs.clear()
         self._awaiting.clear()
         self._pending = []
+
+
+def journal_state(state: dict) -> dict:
+    """A run's final state as the journal keeps it, as run document fields."""
+    out = {k: state[k] for k in ("status", "exit_code", "error", "http_status") if k in state}
+    for key in ("started_at", "finished_at"):
+        if state.get(key) is not None:
+            out[key] = to_bson_time(datetime.fromtimestamp(state[key], timezone.utc))
+    if state.get("duration") is not None:
+        out["duration"] = state["duration"]
+    return out
 
 
 def _with(fire: Fire, **changes: object) -> Fire:

@@ -31,6 +31,7 @@ from ..task import TaskSpec
 from .files import FileCache, TaskFileError
 from .guard import GuardClient, GuardGone, SpawnRefused
 from .httprun import run_http
+from .journal import Journal
 from .logfiles import RunLog
 from .proctree import (
     IS_POSIX,
@@ -152,6 +153,7 @@ class Executor:
         on_finished: Callable[[RunContext], None] | None = None,
         begin: Callable[[RunContext], tuple[str, str]] | None = None,
         guard: GuardClient | None = None,
+        journal: Journal | None = None,
         files: FileCache | None = None,
         work_dir: Path | None = None,
     ) -> None:
@@ -166,6 +168,7 @@ class Executor:
         # asked just before a process starts: ("start", ""), or ("release" | "drop" | "later", why)
         self.begin = begin
         self.guard = guard  # starts the processes (POSIX), see guard.py
+        self.journal = journal  # what really ran, for a restart after a crash (journal.py)
         self._queue: queue.Queue[RunContext | None] = queue.Queue()
         self._workers: list[threading.Thread] = []
         self._active: dict[str, RunContext] = {}
@@ -279,6 +282,7 @@ class Executor:
                 log.exception("run %s of task %s crashed the executor", ctx.run_id, ctx.spec.name)
                 ctx.status, ctx.error = "failed", f"internal error: {e}"
                 ctx.finished_at = ctx.finished_at or _now()
+                self._journal_end(ctx)
                 self._report(ctx)
             if done:  # else it is tried again later and stays active
                 self._forget(ctx)
@@ -301,6 +305,7 @@ class Executor:
         if ctx.kill_reason is not None:  # killed while it waited for a slot
             ctx.status, ctx.error = "killed", f"{ctx.kill_reason} before it started"
             ctx.finished_at = _now()
+            self._journal_end(ctx)
             self._report(ctx)
             return True
         action, why = self.begin(ctx) if self.begin is not None else ("start", "")
@@ -316,6 +321,8 @@ class Executor:
         runlog = RunLog(self.log_dir, ctx.spec.name)
         ctx.started_at = _now()
         ctx.status = "running"
+        if self.journal is not None:
+            self.journal.started(ctx.run_id)  # before anything can start
         runlog.line(
             f"===== {iso(ctx.started_at)} run {ctx.run_id} task {ctx.spec.name} "
             f"scheduled {iso(ctx.scheduled_for)} attempt {ctx.attempt} trigger {ctx.trigger} "
@@ -346,8 +353,26 @@ class Executor:
         if ctx.status == "released":  # the guard refused to start it under a lost fence
             self._not_started(ctx, "released", ctx.error or "its fence ran out")
             return True
+        self._journal_end(ctx)
         self._report(ctx)
         return True
+
+    def _journal_end(self, ctx: RunContext) -> None:
+        if self.journal is None:
+            return
+        state: dict[str, Any] = {"status": ctx.status, "error": ctx.error}
+        if ctx.exit_code is not None:
+            state["exit_code"] = ctx.exit_code
+        if ctx.http_status is not None:
+            state["http_status"] = ctx.http_status
+        if ctx.started_at is not None:
+            state["started_at"] = ctx.started_at.timestamp()
+        if ctx.finished_at is not None:
+            state["finished_at"] = ctx.finished_at.timestamp()
+            if ctx.started_at is not None:
+                duration = (ctx.finished_at - ctx.started_at).total_seconds()
+                state["duration"] = round(duration, 3)
+        self.journal.ended(ctx.run_id, state)
 
     def _not_started(self, ctx: RunContext, outcome: str, why: str) -> None:
         """A claimed run that will not start here: ``released`` (handed back, still

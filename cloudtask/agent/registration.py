@@ -192,7 +192,7 @@ class Registration:
                     bounded(
                         self.zk,
                         "create the agent group",
-                        lambda: self.zk.ensure_path_async(group),
+                        lambda group=group: self.zk.ensure_path_async(group),
                         self.session_timeout,
                     )
                     make_group = False

@@ -1,0 +1,165 @@
+"""The run journal: what an agent's processes really did, read by the agent's next life.
+
+The journal itself is tested without servers; what a restarted agent makes of an earlier
+life's runs is tested on a real MongoDB wire server, with the task's own execution records
+as the evidence of what ran."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+
+from helpers import wait_for
+
+from cloudtask.agent.agent import Agent
+from cloudtask.agent.journal import Journal
+from cloudtask.config import Config
+from cloudtask.store import Store, new_run_document, utcnow
+from cloudtask.testing.records import read_records, recording_command
+
+
+def test_verdicts_from_claims_starts_and_ends(tmp_path):
+    earlier = Journal(tmp_path)
+    earlier.open()
+    earlier.claimed(["never", "ran", "cut"])
+    earlier.started("ran")
+    earlier.ended("ran", {"status": "succeeded", "exit_code": 0})
+    earlier.started("cut")
+    earlier.close()
+    # a line cut short by a crash is skipped, the rest is read
+    path = next(tmp_path.glob("runs-*.log"))
+    with open(path, "a") as out:
+        out.write('{"start": "hal')
+    seen = Journal(tmp_path).read_earlier()
+    assert seen.verdict("never") == ("never started", None)
+    assert seen.verdict("ran") == ("ended", {"status": "succeeded", "exit_code": 0})
+    assert seen.verdict("cut") == ("unknown", None)  # started, never ended: lost
+    assert seen.verdict("not-journaled") == ("unknown", None)
+
+
+def test_an_unreadable_segment_makes_every_run_unknown(tmp_path):
+    journal = Journal(tmp_path)
+    journal.open()
+    journal.claimed(["a"])
+    journal.close()
+    (tmp_path / "runs-99999999T000000000000-1.log").mkdir()  # reading it fails
+    seen = Journal(tmp_path).read_earlier()
+    assert seen.verdict("a") == ("unknown", None)  # never taken for not started on a guess
+    assert len(seen.files) == 2
+
+
+def test_segments_go_once_their_claims_are_settled(tmp_path):
+    now = [1000.0]
+    journal = Journal(tmp_path, clock=lambda: now[0])
+    journal.open()
+    journal.claimed(["old"])
+    now[0] += 121  # a new segment
+    unsettled = {"old"}
+    journal.tidy(lambda r: r in unsettled)
+    journal.claimed(["new"])
+    assert len(list(tmp_path.glob("runs-*.log"))) == 2  # "old" still needs the first one
+    unsettled = {"new"}
+    journal.tidy(lambda r: r in unsettled)
+    (left,) = tmp_path.glob("runs-*.log")  # only the current segment: never deleted
+    assert "new" in left.read_text()
+    journal.close()
+
+
+def test_a_restarted_agent_tells_the_truth_about_its_earlier_life(
+    mongo_client, mongo_db_name, tmp_path
+):
+    """An earlier life of agent a1 died (kill -9) leaving: a claim it never started, which the
+    leader has meanwhile marked lost; a run that ended (succeeded) before its final write;
+    and a run that started and never ended. The next life releases the first, so the fire
+    runs (a catch-up, within the grace), records the second's real outcome, and marks only
+    the third lost."""
+    store = Store(mongo_client, mongo_db_name)
+    records = tmp_path / "records"
+    hourly = {
+        "schedule": {"every": "1h"},
+        "misfire": "run_once",
+        "misfire_grace": "2h",
+        "command": recording_command(records),
+    }
+    tasks = {n: store.create_task({"name": n, **hourly}) for n in ("never", "ran", "cut")}
+    now = utcnow()
+    due = now.replace(minute=0, second=0, microsecond=0)
+    docs = {}
+    for name, task in tasks.items():
+        doc = new_run_document(
+            task_id=task["_id"],
+            task_name=name,
+            group="default",
+            revision=task["revision"],
+            scheduled_for=due,
+            slot="one",
+            attempt=0,
+            trigger="schedule",
+            agent="a1",
+            status="running",
+            now=due + timedelta(seconds=1),
+        )
+        docs[name] = doc
+    assert store.claim_runs(list(docs.values())) == [True, True, True]
+    # the leader's verdict on the never-started claim, made while a1 was dead
+    store.finish_unheard_runs([store.get_run(docs["never"]["_id"])], "its agent left")
+    assert store.get_run(docs["never"]["_id"])["status"] == "lost"
+
+    data_dir = tmp_path / "a1"
+    earlier = Journal(data_dir / "journal")
+    earlier.open()
+    earlier.claimed([d["_id"] for d in docs.values()])
+    started = (due + timedelta(seconds=1)).timestamp()
+    earlier.started(docs["ran"]["_id"])
+    earlier.ended(
+        docs["ran"]["_id"],
+        {
+            "status": "succeeded",
+            "exit_code": 0,
+            "error": None,
+            "started_at": started,
+            "finished_at": started + 2.5,
+            "duration": 2.5,
+        },
+    )
+    earlier.started(docs["cut"]["_id"])
+    earlier.close()
+    (earlier_path,) = (data_dir / "journal").glob("runs-*.log")
+
+    cfg = Config().with_section(
+        "agent", data_dir=str(data_dir), poll_interval=0.2, kill_grace=1.0, id="a1"
+    )
+    agent = Agent(cfg, store, agent_id="a1")
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        ran = wait_for(
+            lambda: (
+                store.get_run(docs["ran"]["_id"])
+                if store.get_run(docs["ran"]["_id"])["status"] != "running"
+                else None
+            ),
+            timeout=15,
+        )
+        assert ran["status"] == "succeeded" and ran["exit_code"] == 0
+        finished = datetime.fromtimestamp(started + 2.5, timezone.utc)
+        assert abs((ran["finished_at"] - finished).total_seconds()) < 0.01
+        cut = store.get_run(docs["cut"]["_id"])
+        assert cut["status"] == "lost"
+        # the fire that never started runs now, once, under its own run document
+        never = wait_for(
+            lambda: (
+                store.get_run(docs["never"]["_id"])
+                if store.get_run(docs["never"]["_id"])["status"] == "succeeded"
+                else None
+            ),
+            timeout=20,
+        )
+        assert never["trigger"] == "catch-up" and never["released_by"] == "a1"
+        starts = [r for r in read_records(records) if r.kind == "start"]
+        assert [(r.task, r.run_id) for r in starts] == [("never", docs["never"]["_id"])]
+    finally:
+        agent.stop()
+        thread.join(timeout=30)
+    # the earlier life's journal is gone once its runs are settled
+    assert not earlier_path.exists()
