@@ -339,12 +339,14 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
 
 
 @pytest.mark.parametrize("guard_dies_too", [False, True])
-def test_a_killed_agents_runs_end_and_its_next_life_marks_them_lost(
+def test_a_killed_agents_runs_end_and_its_next_life_records_how(
     tmp_path, mongo_server, mongo_db_name, mongo_client, guard_dies_too
 ):
-    """kill -9 of an agent: its run guard ends its runs. If the guard is killed as well (both
-    crash), the runs are orphans until the agent starts again, which ends them. Either way
-    the run is recorded lost by the agent's next life and the service runs again."""
+    """kill -9 of an agent: its run guard ends its runs and notes it in the agent's run
+    journal, so the agent's next life records the run ``killed`` (its agent ended). If the
+    guard is killed as well (both crash), the runs are orphans until the agent starts again,
+    which ends them, and nobody knows how they ended: ``lost``. Either way the service runs
+    again."""
     store = Store(mongo_client, mongo_db_name)
     task = store.create_task(
         {"name": "long", "schedule": {"every": "1h"}, "command": ["sleep", "300"]}
@@ -374,13 +376,15 @@ def test_a_killed_agents_runs_end_and_its_next_life_marks_them_lost(
         wait_for(gone, timeout=10, message="the run outlived its agent and guard")
     second = _agent(tmp_path, "crashy", env)
     try:
+        verdict = "lost" if guard_dies_too else "killed"
         wait_for(
-            lambda: store.get_run(run["_id"])["status"] == "lost",
+            lambda: store.get_run(run["_id"])["status"] == verdict,
             timeout=20,
-            message="not marked lost",
+            message=f"not recorded {verdict}",
         )
         wait_for(gone, timeout=20, message="orphan survived")
-        assert "without finishing" in store.get_run(run["_id"])["error"]
+        why = store.get_run(run["_id"])["error"]
+        assert ("without finishing" if guard_dies_too else "its agent ended") in why
         # the keepalive task runs again under the new life of the agent
         wait_for(
             lambda: store.runs.count_documents({"status": "running"}) == 1,

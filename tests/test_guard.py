@@ -5,6 +5,7 @@ deadline ends its run even while the agent cannot; a dead guard is replaced."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,8 @@ silent_after, deadline_in = float(sys.argv[1]), float(sys.argv[2])
 guard = GuardClient(
     fence=lambda: ("s1", time.monotonic() + 3600), silent_after=silent_after, kill_grace=0.5
 )
+if len(sys.argv) > 3:
+    guard.set_journal(sys.argv[3])
 guard.start()
 proc = guard.spawn("r1", "s1", ["sleep", "60"], dict(os.environ), None)
 if deadline_in > 0:
@@ -47,9 +50,10 @@ def alive(pid: int) -> bool:
 def host():
     started: list[subprocess.Popen] = []
 
-    def start(silent_after: float = 60.0, deadline_in: float = 0.0):
+    def start(silent_after: float = 60.0, deadline_in: float = 0.0, journal: str | None = None):
+        extra = [journal] if journal else []
         proc = subprocess.Popen(
-            [sys.executable, "-c", HOST, str(silent_after), str(deadline_in)],
+            [sys.executable, "-c", HOST, str(silent_after), str(deadline_in), *extra],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -145,3 +149,36 @@ def test_a_guard_that_dies_is_replaced_and_its_runs_end(guard):
     wait_for(lambda: guard.pid != old and alive(guard.pid), timeout=10)
     again = guard.spawn("r2", "s1", ["true"], dict(os.environ), None)
     assert again.wait(timeout=10) == 0
+
+
+def journal_ends(path) -> dict:
+    ends = {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        if "end" in entry:
+            ends[entry["end"]] = entry["state"]
+    return ends
+
+
+def test_the_guard_notes_each_exit_in_the_agents_journal(guard, tmp_path):
+    journal = tmp_path / "runs-1.log"
+    journal.touch()
+    guard.set_journal(str(journal))
+    proc = guard.spawn("r1", "s1", ["sh", "-c", "exit 3"], dict(os.environ), None)
+    assert proc.wait(timeout=10) == 3
+    state = wait_for(lambda: journal_ends(journal).get("r1"), timeout=5)
+    assert state["status"] == "failed" and state["exit_code"] == 3
+    assert state["finished_at"] >= state["started_at"]
+
+
+def test_runs_of_an_agent_killed_with_sigkill_are_journaled_killed(host, tmp_path):
+    """The agent dies before it can record anything: its next start reads in the journal that
+    the guard ended the run, instead of calling it lost."""
+    journal = tmp_path / "runs-1.log"
+    journal.touch()
+    proc, run_pid, guard_pid = host(journal=str(journal))
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: not alive(run_pid), timeout=10, message="the run outlived its agent")
+    state = wait_for(lambda: journal_ends(journal).get("r1"), timeout=5)
+    assert state["status"] == "killed" and "its agent ended" in state["error"]

@@ -49,7 +49,7 @@ from ..task import TaskSpec, parse_task
 from .executor import Executor, RunContext
 from .files import FileCache
 from .guard import GuardClient
-from .journal import Earlier, Journal
+from .journal import Journal
 from .leases import LeaseKeeper
 from .logfiles import LogJanitor
 from .proctree import IS_POSIX, end_processes, orphans_of_agent
@@ -151,7 +151,8 @@ class Agent:
         )
         # what the runs really did, on this disk: read by a restart after a crash (journal.py)
         self.journal = Journal(self.data_dir / "journal")
-        self._earlier = Earlier()
+        if self.guard is not None:
+            self.journal.on_segment = lambda path: self.guard.set_journal(str(path))
         self._journal_tidied = 0.0
         self.executor = Executor(
             agent_id=self.agent_id,
@@ -947,7 +948,8 @@ class Agent:
         if leftovers:
             log.warning("ending %d processes left by an earlier run of this agent", len(leftovers))
             end_processes(leftovers, self.config.agent.kill_grace)
-        earlier = self._earlier
+        # read after the leftovers are gone: their guard notes how they ended
+        earlier = self.journal.read_earlier()
         known = earlier.claimed | earlier.started | set(earlier.ended)
         with pymongo.timeout(CALL_BUDGET * 5):
             docs = self.store.left_runs(self.agent_id, now, known)
@@ -977,7 +979,6 @@ class Agent:
             self.store.save_runs(docs, owner=self.agent_id)
             self.store.free_leases([d["_id"] for d in docs])  # their processes are gone
         self.journal.forget_earlier(earlier)
-        self._earlier = Earlier()
         if docs:
             log.warning(
                 "runs left by an earlier run of this agent: %d ended (outcome recorded), "
@@ -998,7 +999,6 @@ class Agent:
     def run(self) -> None:
         """Schedule until :meth:`stop`; then stop runs gracefully and flush every write."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._earlier = self.journal.read_earlier()
         self.journal.open()
         self._recover_quietly(self.clock())
         self.writer.start()

@@ -21,7 +21,9 @@ prevent that (it dies or freezes with the agent), so the guard is a process of i
   ends the run at that deadline if the agent has not moved it, so a frozen agent's service is
   gone before another agent may take its lease over.
 
-The guard reports each run's exit status (it reaps them) and the runs it ended. Messages are
+The guard reports each run's exit status (it reaps them) and the runs it ended, and notes each
+exit in the agent's run journal (journal.py) before it reports it: if the agent dies before it
+records an exit, its next start still knows how the run ended. Messages are
 JSON over a ``SOCK_SEQPACKET`` socket pair; a run's output pipe is handed over with the start
 request (``SCM_RIGHTS``), so the agent reads the output as if it had started the process.
 
@@ -120,6 +122,7 @@ class GuardClient:
         self._procs: dict[str, GuardedProcess] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._journal: str | None = None
         self.restarts = 0
 
     def start(self) -> None:
@@ -140,6 +143,8 @@ class GuardClient:
         theirs.close()
         self._sock = mine
         self._send_pulse()
+        if self._journal is not None:
+            self._send({"op": "journal", "path": self._journal})
         reader = threading.Thread(target=self._read, args=(mine,), name="guard-reader", daemon=True)
         reader.start()
         self._threads.append(reader)
@@ -222,6 +227,15 @@ class GuardClient:
                 self._replies.pop(run_id, None)
             if read_end >= 0:
                 os.close(read_end)
+
+    def set_journal(self, path: str) -> None:
+        """Where the guard notes the exits it sees (the journal's current segment)."""
+        self._journal = path
+        if self._sock is not None:
+            try:
+                self._send({"op": "journal", "path": path})
+            except GuardGone:
+                pass  # sent again when the guard is started anew
 
     def set_deadline(self, run_id: str, until: float | None) -> None:
         """End the run at the monotonic time ``until`` unless moved again (None: no deadline)."""
@@ -338,6 +352,8 @@ class _Run:
         self.proc = proc
         self.grace = grace
         self.ending = False
+        self.why: str | None = None  # why the guard ended it
+        self.started = time.time()
 
 
 class Guard:
@@ -352,6 +368,7 @@ class Guard:
         self.fence_until = 0.0
         self.alive_until = time.monotonic() + 60.0
         self.silent = False
+        self.journal: int | None = None  # the agent's current journal segment (O_APPEND)
         self._send_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -424,6 +441,8 @@ class Guard:
                 self.deadlines.pop(str(msg["id"]), None)
             else:
                 self.deadlines[str(msg["id"])] = float(msg["until"])
+        elif op == "journal":
+            self._open_journal(str(msg["path"]))
         elif op == "signal":
             run = self.runs.get(str(msg["id"]))
             if run is not None and run.proc.returncode is None:
@@ -489,7 +508,43 @@ class Guard:
             run.proc.returncode = code
             self.runs.pop(run.run_id, None)
             self.deadlines.pop(run.run_id, None)
+            self._note_exit(run, code)
             self._send({"op": "exited", "id": run.run_id, "pid": pid, "code": code})
+
+    def _open_journal(self, path: str) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except OSError:
+            return
+        if self.journal is not None:
+            os.close(self.journal)
+        self.journal = fd
+
+    def _note_exit(self, run: _Run, code: int) -> None:
+        """The run's end as the guard saw it, in the agent's journal (the agent's own line, if
+        it lives to write it, comes later and says more: a timeout, an HTTP status)."""
+        if self.journal is None:
+            return
+        if run.why is not None:
+            status, error = "killed", run.why
+        elif code == 0:
+            status, error = "succeeded", None
+        else:
+            status, error = "failed", f"ended by signal {-code}" if code < 0 else None
+        now = time.time()
+        state = {
+            "status": status,
+            "error": error,
+            "exit_code": code,
+            "started_at": run.started,
+            "finished_at": now,
+            "duration": round(now - run.started, 3),
+        }
+        line = json.dumps({"end": run.run_id, "state": state}, separators=(",", ":")) + "\n"
+        try:
+            os.write(self.journal, line.encode())
+        except OSError:
+            pass
 
     def _enforce(self) -> None:
         now = time.monotonic()
@@ -507,6 +562,7 @@ class Guard:
         if run.ending:
             return
         run.ending = True
+        run.why = why
         self._send({"op": "ended", "id": run.run_id, "why": why})
         threading.Thread(target=_end_tree, args=(run,), daemon=True).start()
 
@@ -515,6 +571,7 @@ class Guard:
         enders = []
         for run in list(self.runs.values()):
             run.ending = True
+            run.why = run.why or "its agent ended while it ran"
             t = threading.Thread(target=_end_tree, args=(run,), daemon=True)
             t.start()
             enders.append(t)

@@ -77,15 +77,19 @@ class Journal:
         self._opened = 0.0  # epoch seconds
         # this life's segments, oldest first: (path, the run ids claimed in it)
         self._segments: list[tuple[Path, set[str]]] = []
+        # told each new segment: the run guard notes the exits it sees there too
+        self.on_segment: Callable[[Path], None] | None = None
 
     # --- this life ------------------------------------------------------------------------
 
     def read_earlier(self) -> Earlier:
-        """The segments earlier lives left (call before :meth:`open`). A segment that cannot
+        """The segments earlier lives left (this life's own are skipped). A segment that cannot
         be read makes every run unknown: nothing is taken for never started on a guess."""
         out = Earlier()
+        with self._lock:
+            own = {path for path, _ in self._segments}
         try:
-            files = sorted(self.folder.glob(f"{PREFIX}*.log"))
+            files = sorted(p for p in self.folder.glob(f"{PREFIX}*.log") if p not in own)
         except OSError:
             return out
         for path in files:
@@ -177,6 +181,8 @@ class Journal:
             os.close(self._fd)
         self._fd, self._opened = fd, opened
         self._segments.append((path, set()))
+        if self.on_segment is not None:
+            self.on_segment(path)
 
     def _append(self, entry: dict[str, Any], claims: list[str] | None = None) -> None:
         line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
