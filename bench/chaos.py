@@ -470,8 +470,9 @@ class Chaos:
     # --- evidence -----------------------------------------------------------------------------
 
     def judge(self, window: tuple[datetime, datetime], end: datetime) -> dict:
-        records = read_records(self.records)
+        # the documents first: a run that ends between the two reads has its end record
         runs = list(self.client[DB]["runs"].find())
+        records = read_records(self.records)
         ids = {d["_id"]: d for d in runs}
         by_name = {t.name: t for t in self.tasks}
         per_agent = [t.name for t in self.tasks if t.kind == "all"]

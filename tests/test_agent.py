@@ -14,7 +14,8 @@ from helpers import QuietHandler, serve_http, wait_for
 
 from cloudtask.agent.agent import Agent, resolve_agent_id
 from cloudtask.config import Config
-from cloudtask.store import Store
+from cloudtask.store import Store, new_run_document
+from cloudtask.testing.records import overlaps, read_records, recording_command
 
 PY = sys.executable
 
@@ -437,3 +438,48 @@ def test_forbid_holds_across_agents_when_a_task_changes_hands(store, agents):
     ran.sort(key=lambda d: d["started_at"])
     for a, b in zip(ran, ran[1:]):
         assert b["started_at"] >= a["finished_at"], "two runs of a forbid task overlapped"
+
+
+def test_forbid_holds_against_a_former_owner_that_has_not_seen_the_move(store, agents, tmp_path):
+    """The task came here, and only then does its former owner (cut off, so it did not see the
+    move) start a run of it: this agent's next claims see that run once they are written and
+    are recorded skipped until it ends. The task's own records show no overlap."""
+    records = tmp_path / "records"
+    command = recording_command(records, work="sleep 0.2", lock=tmp_path / "t.lock")
+    task = make(store, command=command, concurrency="forbid")
+    agents.start("a1")
+    wait_for(lambda: runs(store, task["_id"], status="succeeded"), timeout=10, message="no run")
+    # the former owner's late run: claimed (running) after a1 read the task's history
+    now = datetime.now(timezone.utc)
+    foreign = new_run_document(
+        task_id=task["_id"],
+        task_name="t",
+        group="default",
+        revision=task["revision"],
+        scheduled_for=now - timedelta(milliseconds=300),  # off the grid: its own fire
+        slot="one",
+        attempt=0,
+        trigger="schedule",
+        agent="a0",
+        status="running",
+        now=now,
+    )
+    assert store.claim_runs([foreign]) == [True]
+    skipped = wait_for(
+        lambda: [d for d in runs(store, task["_id"], status="skipped") if "a0" in d["error"]],
+        timeout=10,
+        message="a1 did not see the former owner's run",
+    )
+    assert "still running on a0" in skipped[0]["error"]
+    assert not runs(store, task["_id"], status="running", agent="a1")
+    # the former owner's run ends: a1 runs the task again
+    store.runs.update_one({"_id": foreign["_id"]}, {"$set": {"status": "succeeded"}})
+    ended = datetime.now(timezone.utc)
+    wait_for(
+        lambda: [
+            d for d in runs(store, task["_id"], status="succeeded") if d["scheduled_for"] > ended
+        ],
+        timeout=15,
+        message="a1 did not run the task again",
+    )
+    assert overlaps(read_records(records)) == []

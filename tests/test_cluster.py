@@ -284,6 +284,44 @@ def test_sigterm_moves_tasks_at_once(cluster, zk, store):
     no_fire_twice(cluster.records)
 
 
+@pytest.mark.timeout(180)
+def test_sigterm_hands_over_at_once_while_mongodb_is_stalled(cluster, zk, store, mongo_server):
+    """The MongoDB server frozen (SIGSTOP): an agent stopped with SIGTERM still hands its
+    tasks over at once (the leader places from the tasks it read last) and exits within its
+    bounded stop; nothing runs twice, and once MongoDB answers again the moved tasks run."""
+    make_tasks(store, 10, cluster.records)
+    cluster.center("c1")
+    cluster.agent("a1")
+    cluster.agent("a2")
+    placed = wait_for(lambda: spread_over(zk, agents=2, tasks=10), timeout=30)
+    wait_for(lambda: store.runs.count_documents({"agent": "a1", "status": "succeeded"}), timeout=15)
+    proc = cluster.procs.pop("a1")
+    os.kill(mongo_server.pid, signal.SIGSTOP)
+    try:
+        time.sleep(1.0)  # the agents' calls are in flight against a frozen server
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        wait_for(
+            lambda: assignments(zk).get("a2", set()) >= placed["a1"] | placed["a2"],
+            timeout=15,
+            interval=0.02,
+        )
+        moved_after = time.monotonic() - started
+        proc.wait(timeout=30)
+        exited_after = time.monotonic() - started
+    finally:
+        os.kill(mongo_server.pid, signal.SIGCONT)
+    assert moved_after < 3.0, moved_after
+    assert exited_after < 20.0, exited_after
+    moved = next(iter(placed["a1"]))
+    wait_for(
+        lambda: store.runs.find_one({"task_id": moved, "agent": "a2", "status": "succeeded"}),
+        timeout=30,
+    )
+    cluster.stop_all()
+    no_fire_twice(cluster.records)
+
+
 @pytest.mark.timeout(120)
 def test_task_changes_reach_the_agent_within_a_second(cluster, zk, store):
     store.on_task_change = task_signal(zk, ZkPaths("/cloudtask"))

@@ -66,6 +66,7 @@ MAX_MISSED_RECORDS = 1000  # per task and backlog: older missed fires are summed
 RETRY_STATUSES = ("failed", "timed_out", "lost")  # a run that ends so is retried (retries > 0)
 STANDALONE_SILENT_AFTER = 60.0  # a standalone agent silent this long has its runs ended
 STORE_ERRORS = (CloudTaskError, PyMongoError)
+FORBID_CHECK_SLACK = 5.0  # seconds beyond a session length that a new owner double-checks forbid
 JOURNAL_TIDY_INTERVAL = 10.0  # seconds between looks for run journal segments to delete
 
 
@@ -194,6 +195,7 @@ class Agent:
         # task id -> {run id: (scheduled_for, attempt)}: runs of our tasks that another agent
         # started and may still be finishing (forbid holds across agents; their retries are ours)
         self._foreign: dict[str, dict[str, tuple[datetime, int]]] = {}
+        self._taken_at: dict[str, float] = {}  # task id -> monotonic time it was scheduled here
         self._foreign_checked = 0.0
         self._pending_checked: float | None = None  # monotonic time of the last look
         self._pending_signal = threading.Event()
@@ -284,6 +286,7 @@ class Agent:
                 )
                 return
             del self._awaiting[task_id]
+            self._taken_at[task_id] = time.monotonic()
             self.scheduler.upsert(task_id, spec, revision, now, since=since)
             for retry in retries:
                 self.scheduler.retry(task_id, *retry)
@@ -342,6 +345,7 @@ class Agent:
         return max(since, last["scheduled_for"]), retries
 
     def _drop(self, task_id: str) -> None:
+        self._taken_at.pop(task_id, None)
         self._foreign.pop(task_id, None)
         self._awaiting.pop(task_id, None)
         known = self._specs.pop(task_id, None)
@@ -623,8 +627,10 @@ class Agent:
 
     def _after_claim(self, claims: list[_Claim], won: list[bool], now: datetime) -> None:
         """Start the claims won, if the fence still holds now that they are written (an agent
-        frozen while its claim was in flight must not start it when it wakes up)."""
+        frozen while its claim was in flight must not start it when it wakes up), and if no
+        other agent runs the task meanwhile (``forbid``, see :meth:`_busy_elsewhere`)."""
         fenced = not self.may_claim()
+        busy = {} if fenced else self._busy_elsewhere(claims, won)
         for claim, ok in zip(claims, won, strict=True):
             fire, spec, doc = claim.fire, claim.spec, claim.doc
             if not ok:
@@ -650,9 +656,72 @@ class Agent:
                     self._release_lease(doc["_id"])
                     self.scheduler.keepalive_not_started(fire.task_id, now)
                 continue
+            if doc["_id"] in busy:
+                self._finish_unstarted(
+                    doc,
+                    "skipped",
+                    f"the previous run was still running on {busy[doc['_id']]} "
+                    "(concurrency: forbid)",
+                )
+                continue
             if spec.concurrency == "replace" and fire.trigger != "retry":
                 self.executor.kill_task(fire.task_id, f"replaced by run {doc['_id']}")
             self._submit(doc, spec, claim.revision, claim.token, fire.trigger, fire.attempt)
+
+    def _busy_elsewhere(self, claims: list[_Claim], won: list[bool]) -> dict[str, str]:
+        """``forbid`` across agents while two may both think a task is theirs: for a session
+        length after a task came here, its former owner may not have seen the move yet (it was
+        cut off from ZooKeeper) and may still start runs; and while this agent has not heard
+        from ZooKeeper for a while, it may itself be that former owner. Then each claim of a
+        ``forbid`` task is checked, once written, against the other agents' unfinished runs of
+        the task: both claims are written before either check reads, so at least one of the
+        two agents sees the other's, and of two that see each other the older fire runs.
+        Returns run id -> the agent whose run makes it wait."""
+        window = self.silent_after() + FORBID_CHECK_SLACK
+        stale = self.view_may_be_stale()
+        mine: dict[str, dict] = {}
+        for claim, ok in zip(claims, won, strict=True):
+            doc, spec = claim.doc, claim.spec
+            if (
+                ok
+                and doc["status"] in RUNNING_STATUSES
+                and spec.concurrency == "forbid"
+                and spec.mode == "one"
+                and not spec.schedule.keepalive
+                and claim.fire.trigger != "retry"
+                and (stale or time.monotonic() - self._taken_at.get(claim.fire.task_id, 0) < window)
+            ):
+                mine[doc["_id"]] = doc
+        if not mine:
+            return {}
+        task_ids = sorted({d["task_id"] for d in mine.values()})
+        try:
+            with pymongo.timeout(CALL_BUDGET):
+                found = self.store.unfinished_runs({"task_id": {"$in": task_ids}, "slot": "one"})
+        except STORE_ERRORS as e:
+            log.warning("cannot check for runs of other agents; not starting %d: %s", len(mine), e)
+            return {run_id: "an agent MongoDB could not name" for run_id in mine}
+        others: dict[str, list[dict]] = {}
+        for d in found:
+            mine_or_free = d["_id"] in mine or d.get("agent") in (None, self.agent_id)
+            if not mine_or_free and d.get("trigger") != "manual":
+                others.setdefault(d["task_id"], []).append(d)
+        out = {}
+        for run_id, doc in mine.items():
+            for other in others.get(doc["task_id"], ()):
+                if (other["scheduled_for"], other["_id"]) < (doc["scheduled_for"], run_id):
+                    out[run_id] = other["agent"]
+                    self._foreign.setdefault(doc["task_id"], {})[other["_id"]] = (
+                        other["scheduled_for"],
+                        other["attempt"],
+                    )
+                    break
+        return out
+
+    def view_may_be_stale(self) -> bool:
+        """Whether this agent may have missed a change of its assignments (a cluster agent
+        that has not heard from ZooKeeper for a while)."""
+        return False
 
     def _submit(
         self, doc: dict, spec: TaskSpec, revision: int, token: str, trigger: str, attempt: int

@@ -105,6 +105,9 @@ class ClusterAgent(Agent):
     def silent_after(self) -> float:
         return self.registration.session_length()
 
+    def view_may_be_stale(self) -> bool:
+        return self.registration.out_of_touch()
+
     @property
     def session(self) -> str | None:
         return self.registration.session_id

@@ -157,6 +157,16 @@ class Registration:
             return min(self.session_timeout, negotiated / 1000.0)
         return self.session_timeout
 
+    def heartbeat_interval(self) -> float:
+        return max(0.2, (self.session_timeout - self.margin) / 4)
+
+    def out_of_touch(self) -> bool:
+        """Whether two heartbeats in a row have not reached ZooKeeper: a change of our
+        assignments may not have reached us yet."""
+        with self._lock:
+            last = self._last_contact
+        return time.monotonic() - last > 2 * self.heartbeat_interval()
+
     def may_claim(self) -> bool:
         """The fencing lease: heard from ZooKeeper recently enough, and registered."""
         with self._lock:
@@ -294,7 +304,7 @@ class Registration:
             self.on_lost()
 
     def _heartbeat(self) -> None:
-        interval = max(0.2, (self.session_timeout - self.margin) / 4)
+        interval = self.heartbeat_interval()
         last_load = 0.0
         while not self._stop.wait(interval):
             started = time.monotonic()
