@@ -639,6 +639,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     chaos = Chaos(work, args.seed, args.session, args.verbose)
     began = time.monotonic()
+
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt  # the cluster is stopped by the finally below
+
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         chaos.start()
         # warm up: every task placed and running before the first fault
