@@ -67,6 +67,9 @@ RETRY_STATUSES = ("failed", "timed_out", "lost")  # a run that ends so is retrie
 STANDALONE_SILENT_AFTER = 60.0  # a standalone agent silent this long has its runs ended
 STORE_ERRORS = (CloudTaskError, PyMongoError)
 FORBID_CHECK_SLACK = 5.0  # seconds beyond a session length that a new owner double-checks forbid
+# seconds a stopping agent keeps trying to store final states (what is not stored then is
+# in the run journal, and recorded by the agent's next start)
+WRITER_STOP_BUDGET = 5.0
 JOURNAL_TIDY_INTERVAL = 10.0  # seconds between looks for run journal segments to delete
 
 
@@ -187,6 +190,8 @@ class Agent:
         self._done_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._leaving_lock = threading.Lock()  # the leaving is announced once (see stop)
+        self._left_announced = False
         self._last_sync: datetime | None = None
         self._bad_specs: dict[str, int] = {}
         # tasks new to this process, scheduled once their history is read: id -> changed at
@@ -371,9 +376,10 @@ class Agent:
             self._recover_quietly(now)
         fires, delay = self.scheduler.tick(now)
         self.dispatch(fires, now)
-        self._take_pending_runs(now)
-        self._check_foreign_runs(now)
-        self._mark_done(now)
+        for then in (self._take_pending_runs, self._check_foreign_runs, self._mark_done):
+            if self._stop.is_set():
+                return 0.0  # stopping: no further call may hold the stop up
+            then(now)
         self._tidy_journal()
         return delay
 
@@ -1103,14 +1109,14 @@ class Agent:
                 self._wake.wait(delay)
                 self._wake.clear()
         finally:
-            self._leaving()
+            self._announce_leaving()
             self.executor.shutdown(grace=self.config.agent.kill_grace)
             if self.guard is not None:
                 self.guard.stop()
             self._mark_done(self.clock())
             self.leases.stop()
             self.janitor.stop()
-            self.writer.stop()
+            self.writer.stop(timeout=WRITER_STOP_BUDGET)
             self.journal.close()
             self._left()
             log.info("agent %s stopped", self.agent_id)
@@ -1128,9 +1134,26 @@ class Agent:
             log.warning("cannot delete old runs: %s", e)
 
     def stop(self) -> None:
-        """Ask the loop to stop (safe from a signal handler: only sets flags)."""
+        """Ask the loop to stop (safe from a signal handler). The leaving is announced at once,
+        from a thread of its own, so the tasks move within a second even while the loop still
+        waits for a call to a dead server to time out."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._wake.set()
+        threading.Thread(target=self._announce_leaving, name="leaving", daemon=True).start()
+
+    def _announce_leaving(self) -> None:
+        with self._leaving_lock:
+            if self._left_announced:
+                return
+            self._left_announced = True
+        try:
+            self._leaving()
+        except Exception:
+            log.exception("announcing the stop failed (the loop's end tries again)")
+            with self._leaving_lock:
+                self._left_announced = False
 
     def _leaving(self) -> None:
         """Called first when the loop ends, before runs are given their grace."""

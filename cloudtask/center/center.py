@@ -71,6 +71,7 @@ GARBAGE_AFTER = 60.0  # seconds before the assignments left by a departed agent 
 PURGE_INTERVAL = 3600.0  # seconds between deletions of runs past their retention
 AGENT_RECORD_INTERVAL = 15.0  # seconds between refreshes of the agents collection
 CALL_BUDGET = 5.0  # seconds any one MongoDB call of a pass may take
+QUICK_READ = 0.5  # seconds a pass waits for the task read when it has tasks read before
 RETRY_AFTER = (1.0, 2.0, 4.0)  # seconds before a failed pass is tried again, then every 4 s
 RELEASED_SLACK = 30.0  # seconds past misfire_grace before a released claim nobody took is missed
 
@@ -469,8 +470,11 @@ class Center:
         """One level-triggered pass. Returns how many assignments were written."""
         self._watch_groups()
         stale_tasks = None
+        # with tasks in hand a pass waits briefly for MongoDB: a departed agent's tasks move at
+        # once even while it stalls (the pass after a failed one waits the whole budget)
+        quick = self._tasks_read and not self._failed_passes
         try:
-            with pymongo.timeout(CALL_BUDGET):
+            with pymongo.timeout(QUICK_READ if quick else CALL_BUDGET):
                 self._refresh_tasks()
         except (CloudTaskError, pymongo.errors.PyMongoError) as e:
             if not self._tasks_read:
