@@ -52,7 +52,9 @@ def test_run_now_is_stored_first_then_taken_and_run(store, agents):
     assert done["agent"] == "a1" and done["token_hash"]
     assert "manual-manual" in done["output_tail"]
     # the task remembers its last run; the audit log says who asked
-    assert store.get_task(task["_id"])["last_run"]["status"] == "succeeded"
+    # (copied onto the task right after the run's own write)
+    last = wait_for(lambda: store.get_task(task["_id"]).get("last_run"), timeout=10)
+    assert last["status"] == "succeeded"
     entry = store.audit.find_one({"action": "task.run"})
     assert entry["actor"] == "alice" and entry["after"] == {"run_id": run["_id"]}
 
