@@ -663,12 +663,7 @@ class Agent:
                     self.scheduler.keepalive_not_started(fire.task_id, now)
                 continue
             if doc["_id"] in busy:
-                self._finish_unstarted(
-                    doc,
-                    "skipped",
-                    f"the previous run was still running on {busy[doc['_id']]} "
-                    "(concurrency: forbid)",
-                )
+                self._finish_unstarted(doc, "skipped", busy[doc["_id"]])
                 continue
             if spec.concurrency == "replace" and fire.trigger != "retry":
                 self.executor.kill_task(fire.task_id, f"replaced by run {doc['_id']}")
@@ -682,7 +677,7 @@ class Agent:
         ``forbid`` task is checked, once written, against the other agents' unfinished runs of
         the task: both claims are written before either check reads, so at least one of the
         two agents sees the other's, and of two that see each other the older fire runs.
-        Returns run id -> the agent whose run makes it wait."""
+        Returns run id -> why it does not start."""
         window = self.silent_after() + FORBID_CHECK_SLACK
         stale = self.view_may_be_stale()
         mine: dict[str, dict] = {}
@@ -706,7 +701,8 @@ class Agent:
                 found = self.store.unfinished_runs({"task_id": {"$in": task_ids}, "slot": "one"})
         except STORE_ERRORS as e:
             log.warning("cannot check for runs of other agents; not starting %d: %s", len(mine), e)
-            return {run_id: "an agent MongoDB could not name" for run_id in mine}
+            why = "its former owner's runs could not be checked (MongoDB did not answer)"
+            return {run_id: f"{why}; not started (concurrency: forbid)" for run_id in mine}
         others: dict[str, list[dict]] = {}
         for d in found:
             mine_or_free = d["_id"] in mine or d.get("agent") in (None, self.agent_id)
@@ -716,7 +712,10 @@ class Agent:
         for run_id, doc in mine.items():
             for other in others.get(doc["task_id"], ()):
                 if (other["scheduled_for"], other["_id"]) < (doc["scheduled_for"], run_id):
-                    out[run_id] = other["agent"]
+                    out[run_id] = (
+                        f"the previous run was still running on {other['agent']} "
+                        "(concurrency: forbid)"
+                    )
                     self._foreign.setdefault(doc["task_id"], {})[other["_id"]] = (
                         other["scheduled_for"],
                         other["attempt"],
