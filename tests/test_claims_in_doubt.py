@@ -1,0 +1,93 @@
+"""A claim whose insert reached MongoDB but whose answer was lost (a TCP proxy swallows the
+reply): the agent does not know whether the fire is its own. It must neither run the fire
+twice nor leave its document ``running`` or ``queued`` for ever: at the next step it reads
+whether the claim landed and settles it. Judged by the task's own execution records."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from helpers import wait_for
+from pymongo import MongoClient
+
+from cloudtask.agent.agent import Agent
+from cloudtask.config import Config
+from cloudtask.localservers import MongoServer
+from cloudtask.store import Store
+from cloudtask.testing import TcpProxy
+from cloudtask.testing.records import duplicate_starts, read_records, recording_command
+
+
+@pytest.fixture
+def mongo_proxy(mongo_server: MongoServer) -> Iterator[TcpProxy]:
+    with TcpProxy(("127.0.0.1", mongo_server.port)) as proxy:
+        yield proxy
+
+
+@pytest.mark.timeout(120)
+def test_a_claim_whose_answer_was_lost_runs_at_most_once_and_is_settled(
+    mongo_proxy, mongo_client, mongo_db_name, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO, logger="cloudtask.agent.agent")
+    records = tmp_path / "records"
+    direct = Store(mongo_client, mongo_db_name)
+    task = direct.create_task(
+        {
+            "name": "t",
+            "schedule": {"every": "1s"},
+            "misfire": "run_once",
+            "misfire_grace": "1h",
+            "command": recording_command(records),
+        }
+    )
+    # the agent talks to MongoDB through the proxy (no monitor check of its own is "the next
+    # request" the proxy drops)
+    client: MongoClient = MongoClient(
+        mongo_proxy.mongo_uri, tz_aware=True, heartbeatFrequencyMS=60_000
+    )
+    cfg = Config().with_section(
+        "agent", data_dir=str(tmp_path / "a1"), poll_interval=0.2, kill_grace=1.0
+    )
+    agent = Agent(cfg, Store(client, mongo_db_name), agent_id="a1")
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(
+            lambda: direct.runs.count_documents({"status": "succeeded"}) >= 2,
+            timeout=20,
+            message="no runs",
+        )
+        mongo_proxy.drop_next_reply(match=b"\x02insert\x00")  # the next claim's answer
+        wait_for(lambda: mongo_proxy.dropped_replies == 1, timeout=10)
+        wait_for(
+            lambda: "had landed" in caplog.text,
+            timeout=20,
+            message="the claim in doubt was never settled",
+        )
+        settled_at = time.time()
+        wait_for(
+            lambda: [r for r in read_records(records) if r.kind == "end" and r.time > settled_at],
+            timeout=20,
+            message="the task did not run again after the claim in doubt",
+        )
+    finally:
+        agent.stop()
+        thread.join(timeout=30)
+        client.close()
+    assert not thread.is_alive()
+    seen = read_records(records)
+    assert duplicate_starts(seen) == []
+    started = {r.run_id for r in seen if r.kind == "start"}
+    for doc in direct.runs.find({"task_id": task["_id"]}):
+        # nothing left claimed; what the documents say is what happened
+        assert doc["status"] in ("succeeded", "missed", "queued"), doc
+        if doc["status"] == "queued":  # released at the stop, never started
+            assert doc["agent"] is None and doc["_id"] not in started
+        if doc["status"] == "missed":
+            assert doc["_id"] not in started
+        if doc["status"] == "succeeded":
+            assert doc["_id"] in started
