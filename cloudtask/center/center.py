@@ -46,10 +46,13 @@ import pymongo
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (
     BadVersionError,
+    ConnectionLoss,
     KazooException,
     NodeExistsError,
     NoNodeError,
+    OperationTimeoutError,
     RolledBackError,
+    SessionExpiredError,
 )
 from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 
@@ -190,9 +193,9 @@ class Center:
 
     def run(self) -> None:
         """Contend for leadership until :meth:`stop`; lead whenever elected."""
-        for path in self.paths.persistent_folders():
-            self.zk.ensure_path(path)
-        self._register()
+        self._until_done("create its folders and register", self._start_up)
+        if self._stop.is_set():
+            return
         self.zk.add_listener(self._on_state)
         self._watch()
         if self.notifier is not None:
@@ -223,6 +226,25 @@ class Center:
         self._stop.set()
         self._wake.set()
         self._election.cancel()
+
+    def _start_up(self) -> None:
+        for path in self.paths.persistent_folders():
+            self.zk.ensure_path(path)
+        self._register()
+
+    def _until_done(self, what: str, step: Any) -> None:
+        """Do ``step`` (ZooKeeper calls), trying again while ZooKeeper does not answer (a
+        center started while the ensemble elects a leader must not give up)."""
+        tries = 0
+        while not self._stop.is_set():
+            try:
+                step()
+                return
+            except (ConnectionLoss, SessionExpiredError, OperationTimeoutError) as e:
+                tries += 1
+                if tries == 1 or tries % 30 == 0:
+                    log.warning("cannot %s yet (%s); trying again", what, type(e).__name__)
+                self._stop.wait(0.5)
 
     def _register(self) -> None:
         doc = {
