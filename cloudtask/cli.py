@@ -241,13 +241,17 @@ def _when_reachable(what: str, open_it: Callable[[], T]) -> T:
         delay = 1.0
         while True:
             try:
-                return open_it()
+                opened = open_it()
             except CloudTaskError as e:
                 if not isinstance(e, ClusterUnavailable | StoreError) or (
                     isinstance(e, StoreError) and not isinstance(e.__cause__, PyMongoError)
                 ):
                     raise
                 log.warning("%s is not reachable yet; trying again in %.0f s: %s", what, delay, e)
+            else:
+                if stopping.is_set():  # asked to stop while it connected: not lost
+                    raise SystemExit(0)
+                return opened
             if stopping.wait(delay):
                 raise SystemExit(0)
             delay = min(delay * 2, 10.0)

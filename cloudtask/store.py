@@ -588,9 +588,23 @@ class Store:
         return {d["_id"]: d for d in self._guard(lambda: list(cursor), "read runs")}
 
     def unfinished_runs(self, query: dict[str, Any]) -> list[dict[str, Any]]:
-        """Runs matching ``query`` that are still ``queued`` or ``running``."""
-        cursor = self.runs.find({**query, "status": {"$in": list(RUNNING_STATUSES)}})
-        return self._guard(lambda: list(cursor), "find unfinished runs")
+        """Runs matching ``query`` that are still ``queued`` or ``running``.
+
+        One equality query per status (and per value of a ``task_id`` ``$in``): the wire
+        server used on one machine scans the whole collection for an ``$in``, which took longer
+        than a pass's deadline once the runs grew past about 100,000."""
+        task_ids = query.get("task_id")
+        if isinstance(task_ids, dict) and set(task_ids) == {"$in"}:
+            rest = {k: v for k, v in query.items() if k != "task_id"}
+            out: list[dict[str, Any]] = []
+            for task_id in task_ids["$in"]:
+                out += self.unfinished_runs({**rest, "task_id": task_id})
+            return out
+        found: list[dict[str, Any]] = []
+        for status in RUNNING_STATUSES:
+            cursor = self.runs.find({**query, "status": status})
+            found += self._guard(lambda cursor=cursor: list(cursor), "find unfinished runs")
+        return found
 
     def finish_unheard_runs(
         self, docs: Sequence[dict[str, Any]], reason: str, now: datetime | None = None
