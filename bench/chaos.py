@@ -472,8 +472,8 @@ class Chaos:
     def judge(self, window: tuple[datetime, datetime], end: datetime) -> dict:
         # the documents first: a run that ends between the two reads has its end record; a run
         # claimed after the documents were read is not judged (it is past the window anyway)
+        read_at = datetime.now(timezone.utc) - timedelta(seconds=5)  # before: the read is long
         runs = list(self.client[DB]["runs"].find())
-        read_at = datetime.now(timezone.utc) - timedelta(seconds=5)
         records = [r for r in read_records(self.records) if r.scheduled_for < read_at]
         ids = {d["_id"]: d for d in runs}
         by_name = {t.name: t for t in self.tasks}
