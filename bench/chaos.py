@@ -473,7 +473,7 @@ class Chaos:
         # the documents first: a run that ends between the two reads has its end record; a run
         # claimed after the documents were read is not judged (it is past the window anyway)
         read_at = datetime.now(timezone.utc) - timedelta(seconds=5)  # before: the read is long
-        runs = list(self.client[DB]["runs"].find())
+        runs = [d for d in self.client[DB]["runs"].find() if d["scheduled_for"] < read_at]
         records = [r for r in read_records(self.records) if r.scheduled_for < read_at]
         ids = {d["_id"]: d for d in runs}
         by_name = {t.name: t for t in self.tasks}
