@@ -380,7 +380,7 @@ def test_a_killed_agents_runs_end_and_its_next_life_records_how(
         verdict = "lost" if guard_dies_too else "killed"
         wait_for(
             lambda: store.get_run(run["_id"])["status"] == verdict,
-            timeout=20,
+            timeout=45,  # the next life first ends the orphans (a kill grace) and reads the journal
             message=f"not recorded {verdict}",
         )
         wait_for(gone, timeout=20, message="orphan survived")
