@@ -622,16 +622,9 @@ class Store:
         for doc in docs:
             new = dict(doc)
             if doc["status"] == "queued":
-                new.update(agent=None, session=None, token_hash=None, released_by=doc["agent"])
-                new["error"] = f"released: {reason}; not started there"
+                new.update(released_fields(doc["agent"], reason))
             else:
-                started = doc.get("started_at") or doc.get("claimed_at") or now
-                new.update(
-                    status="lost",
-                    error=reason,
-                    finished_at=now,
-                    duration=round(max(0.0, (now - started).total_seconds()), 3),
-                )
+                new.update(lost_fields(doc, reason, now))
             beat = doc.get("beat")
             ops.append(
                 ReplaceOne(
@@ -940,21 +933,15 @@ class Store:
         now = to_bson_time(now or utcnow())
         docs = self.unfinished_runs(query)
         for doc in docs:
-            started = doc.get("started_at") or doc.get("claimed_at") or now
-            doc.update(
-                status="lost",
-                error=reason,
-                finished_at=now,
-                duration=round(max(0.0, (now - started).total_seconds()), 3),
-            )
+            doc.update(lost_fields(doc, reason, now))
         by_agent: dict[Any, list[dict[str, Any]]] = {}
         for doc in docs:
             by_agent.setdefault(doc["agent"], []).append(doc)
         for agent, group in by_agent.items():
             self.save_runs(group, owner=agent)
         ids = [d["_id"] for d in docs]
-        if ids and free_leases:
-            self._guard(self.leases.delete_many, "free leases", {"holder": {"$in": ids}})
+        if free_leases:
+            self.free_leases(ids)
         return ids
 
     def left_runs(self, agent: str, before: datetime, known: set[str]) -> list[dict[str, Any]]:
@@ -1655,6 +1642,31 @@ class Store:
         if hashlib.sha256(data).hexdigest() != sha256:
             raise StoreError(f"the stored bytes of {name!r} {sha256[:12]} do not match its sha256")
         return self._add_file_version(name, data, by, keep, rolled_back_from=current)
+
+
+def released_fields(by: str | None, reason: str) -> dict[str, Any]:
+    """What a claim handed back unstarted carries: still ``queued``, with no agent, for the
+    task's owner to take over (see :meth:`Store.take_pending_run`)."""
+    return {
+        "status": "queued",
+        "agent": None,
+        "session": None,
+        "token_hash": None,
+        "released_by": by,
+        "error": f"released: {reason}; not started there",
+    }
+
+
+def lost_fields(doc: dict[str, Any], reason: str, now: datetime) -> dict[str, Any]:
+    """What a run whose agent went silent while it ran carries: ``lost``, finished ``now``."""
+    now = to_bson_time(now)
+    started = doc.get("started_at") or doc.get("claimed_at") or now
+    return {
+        "status": "lost",
+        "error": reason,
+        "finished_at": now,
+        "duration": round(max(0.0, (now - started).total_seconds()), 3),
+    }
 
 
 def new_run_document(

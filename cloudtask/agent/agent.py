@@ -44,7 +44,16 @@ from pymongo.errors import PyMongoError
 
 from ..config import Config
 from ..exceptions import CloudTaskError, ValidationError
-from ..store import RUNNING_STATUSES, Store, new_id, new_run_document, to_bson_time, utcnow
+from ..store import (
+    RUNNING_STATUSES,
+    Store,
+    lost_fields,
+    new_id,
+    new_run_document,
+    released_fields,
+    to_bson_time,
+    utcnow,
+)
 from ..task import TaskSpec, parse_task
 from .executor import Executor, RunContext
 from .files import FileCache
@@ -1034,20 +1043,11 @@ class Agent:
                     doc.update(journal_state(state or {}))
                 elif verdict == "never started":
                     doc.update(
-                        status="queued",
-                        agent=None,
-                        session=None,
-                        token_hash=None,
-                        released_by=self.agent_id,
-                        error="released: its agent stopped before starting it; not started there",
+                        released_fields(self.agent_id, "its agent stopped before starting it")
                     )
                 elif doc["status"] != "lost":
-                    started = doc.get("started_at") or doc.get("claimed_at") or now
                     doc.update(
-                        status="lost",
-                        error="the agent stopped without finishing this run",
-                        finished_at=now,
-                        duration=round(max(0.0, (now - started).total_seconds()), 3),
+                        lost_fields(doc, "the agent stopped without finishing this run", now)
                     )
                 counts[verdict] = counts.get(verdict, 0) + 1
             self.store.save_runs(docs, owner=self.agent_id)

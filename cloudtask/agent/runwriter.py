@@ -25,7 +25,7 @@ from typing import Any
 
 import pymongo
 
-from ..store import BEAT_INTERVAL, FINISHED_STATUSES, RUNNING_STATUSES, Store
+from ..store import BEAT_INTERVAL, FINISHED_STATUSES, RUNNING_STATUSES, Store, released_fields
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +89,7 @@ class RunWriter:
     def release(self, run_id: str, reason: str) -> None:
         """Hand a claim this agent will not start back for the task's owner to take over: it
         stays ``queued``, with no agent (written only while it is still ours)."""
-        self.update(
-            run_id,
-            {
-                "status": "queued",
-                "agent": None,
-                "session": None,
-                "token_hash": None,
-                "released_by": self.owner,
-                "error": f"released: {reason}; not started there",
-            },
-            urgent=True,
-        )
+        self.update(run_id, released_fields(self.owner, reason), urgent=True)
 
     def keeps(self, run_id: str) -> bool:
         """Whether the run's final state is not stored yet (or it still runs)."""
