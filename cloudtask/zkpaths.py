@@ -19,11 +19,17 @@ document carries a schema ``version``.
 from __future__ import annotations
 
 import json
+import logging
+import threading
+from collections.abc import Callable
 from typing import Any
 
+from kazoo.exceptions import ConnectionLoss, OperationTimeoutError, SessionExpiredError
 from kazoo.handlers.threading import KazooTimeoutError
 
 from .exceptions import CloudTaskError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -127,6 +133,27 @@ ZK_REQUEST_TIMEOUT = 5.0
 
 class ClusterUnavailable(CloudTaskError):
     """ZooKeeper cannot be reached now; what needed it was not done."""
+
+
+# what a later try may not meet: no answer in time, a dropped link, a session that ended
+ZK_TRANSIENT = (ClusterUnavailable, ConnectionLoss, SessionExpiredError, OperationTimeoutError)
+
+
+def keep_trying(what: str, step: Callable[[], Any], stop: threading.Event) -> bool:
+    """``step()`` (ZooKeeper calls), tried again every half second while ZooKeeper does not
+    answer, until ``stop`` is set: a daemon started while its ensemble elects a leader must
+    not give up. Says so at the first failure and every 30th. Returns whether it was done."""
+    tries = 0
+    while not stop.is_set():
+        try:
+            step()
+            return True
+        except ZK_TRANSIENT as e:
+            tries += 1
+            if tries == 1 or tries % 30 == 0:
+                log.warning("cannot %s yet (%s: %s); trying again", what, type(e).__name__, e)
+            stop.wait(0.5)
+    return False
 
 
 def _call(zk: Any, what: str, async_result: Any, timeout: float = ZK_REQUEST_TIMEOUT) -> Any:

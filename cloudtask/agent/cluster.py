@@ -37,7 +37,7 @@ from .. import events as ev
 from ..config import Config
 from ..exceptions import CloudTaskError
 from ..store import Store, to_bson_time, utcnow
-from ..zkpaths import ClusterUnavailable, ZkPaths, bounded, decode, task_signal
+from ..zkpaths import ZkPaths, bounded, decode, keep_trying, task_signal
 from .agent import CALL_BUDGET, STORE_ERRORS, Agent
 from .assignments import AssignmentWatcher
 from .registration import REGISTERED, STOP_BUDGET, Registration
@@ -242,16 +242,11 @@ class ClusterAgent(Agent):
 
     def _ensure(self, path: str) -> None:
         """Create ``path`` if it is missing, trying again (bounded) until ZooKeeper answers."""
-        tries = 0
-        while not self._stop.is_set():
-            try:
-                bounded(self.zk, f"create {path}", lambda: self.zk.ensure_path_async(path))
-                return
-            except ClusterUnavailable as e:
-                tries += 1
-                if tries == 1 or tries % 30 == 0:
-                    log.warning("%s; trying again", e)
-                self._stop.wait(0.5)
+        keep_trying(
+            f"create {path}",
+            lambda: bounded(self.zk, f"create {path}", lambda: self.zk.ensure_path_async(path)),
+            self._stop,
+        )
 
     def _leaving(self) -> None:
         """Say we are leaving before the runs' grace, so the leader moves our tasks at once

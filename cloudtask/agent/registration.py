@@ -35,23 +35,14 @@ from typing import Any
 
 import psutil
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import (
-    ConnectionLoss,
-    KazooException,
-    NodeExistsError,
-    NoNodeError,
-    OperationTimeoutError,
-    SessionExpiredError,
-)
+from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
 
 from ..exceptions import CloudTaskError
-from ..zkpaths import ClusterUnavailable, ZkPaths, bounded, decode, encode
+from ..zkpaths import ZK_TRANSIENT, ClusterUnavailable, ZkPaths, bounded, decode, encode
 
 log = logging.getLogger(__name__)
 
 NEW, REGISTERED, SUSPENDED, LOST, CLOSED = "new", "registered", "suspended", "lost", "closed"
-# errors of a link or a session that a later try may not meet
-ZK_TRANSIENT = (ConnectionLoss, SessionExpiredError, OperationTimeoutError)
 STOP_BUDGET = 1.0  # seconds the calls of a clean stop may wait for ZooKeeper each
 
 
@@ -223,7 +214,7 @@ class Registration:
                     ),
                     self.session_timeout,
                 )
-            except (ClusterUnavailable, *ZK_TRANSIENT) as e:
+            except ZK_TRANSIENT as e:
                 unanswered += 1
                 if unanswered == 1 or unanswered % 30 == 0:
                     log.warning("cannot register yet, trying again: %s", e)
@@ -232,7 +223,7 @@ class Registration:
             except NodeExistsError:
                 try:
                     holder, stat = self._holder()
-                except (ClusterUnavailable, *ZK_TRANSIENT):
+                except ZK_TRANSIENT:
                     self._stop.wait(0.5)
                     continue
                 if stat is None:

@@ -46,13 +46,10 @@ import pymongo
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (
     BadVersionError,
-    ConnectionLoss,
     KazooException,
     NodeExistsError,
     NoNodeError,
-    OperationTimeoutError,
     RolledBackError,
-    SessionExpiredError,
 )
 from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 
@@ -63,7 +60,7 @@ from ..exceptions import CloudTaskError, ValidationError
 from ..notify import NotifierThread
 from ..store import BEAT_INTERVAL, Store, to_bson_time, utcnow
 from ..task import parse_task
-from ..zkpaths import ZkPaths, decode, encode, run_signal
+from ..zkpaths import ZkPaths, decode, encode, keep_trying, run_signal
 from .placement import AgentInfo, Assignment, place_group, ring_epoch
 
 log = logging.getLogger(__name__)
@@ -193,8 +190,7 @@ class Center:
 
     def run(self) -> None:
         """Contend for leadership until :meth:`stop`; lead whenever elected."""
-        self._until_done("create its folders and register", self._start_up)
-        if self._stop.is_set():
+        if not keep_trying("create its folders and register", self._start_up, self._stop):
             return
         self.zk.add_listener(self._on_state)
         self._watch()
@@ -231,20 +227,6 @@ class Center:
         for path in self.paths.persistent_folders():
             self.zk.ensure_path(path)
         self._register()
-
-    def _until_done(self, what: str, step: Any) -> None:
-        """Do ``step`` (ZooKeeper calls), trying again while ZooKeeper does not answer (a
-        center started while the ensemble elects a leader must not give up)."""
-        tries = 0
-        while not self._stop.is_set():
-            try:
-                step()
-                return
-            except (ConnectionLoss, SessionExpiredError, OperationTimeoutError) as e:
-                tries += 1
-                if tries == 1 or tries % 30 == 0:
-                    log.warning("cannot %s yet (%s); trying again", what, type(e).__name__)
-                self._stop.wait(0.5)
 
     def _register(self) -> None:
         doc = {
