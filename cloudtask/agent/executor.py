@@ -31,7 +31,7 @@ from ..task import TaskSpec
 from .files import FileCache, TaskFileError
 from .guard import GuardClient, GuardGone, SpawnRefused
 from .httprun import run_http
-from .journal import Journal
+from .journal import Journal, end_state
 from .logfiles import RunLog
 from .proctree import (
     IS_POSIX,
@@ -360,18 +360,14 @@ class Executor:
     def _journal_end(self, ctx: RunContext) -> None:
         if self.journal is None:
             return
-        state: dict[str, Any] = {"status": ctx.status, "error": ctx.error}
-        if ctx.exit_code is not None:
-            state["exit_code"] = ctx.exit_code
-        if ctx.http_status is not None:
-            state["http_status"] = ctx.http_status
-        if ctx.started_at is not None:
-            state["started_at"] = ctx.started_at.timestamp()
-        if ctx.finished_at is not None:
-            state["finished_at"] = ctx.finished_at.timestamp()
-            if ctx.started_at is not None:
-                duration = (ctx.finished_at - ctx.started_at).total_seconds()
-                state["duration"] = round(duration, 3)
+        state = end_state(
+            ctx.status,
+            ctx.error,
+            started=ctx.started_at.timestamp() if ctx.started_at else None,
+            finished=ctx.finished_at.timestamp() if ctx.finished_at else None,
+            exit_code=ctx.exit_code,
+            http_status=ctx.http_status,
+        )
         self.journal.ended(ctx.run_id, state)
 
     def _not_started(self, ctx: RunContext, outcome: str, why: str) -> None:

@@ -49,6 +49,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .journal import end_state, entry_line
+
 log = logging.getLogger(__name__)
 
 PULSE_EVERY = 0.25  # seconds between the agent's pulses
@@ -531,18 +533,9 @@ class Guard:
             status, error = "succeeded", None
         else:
             status, error = "failed", f"ended by signal {-code}" if code < 0 else None
-        now = time.time()
-        state = {
-            "status": status,
-            "error": error,
-            "exit_code": code,
-            "started_at": run.started,
-            "finished_at": now,
-            "duration": round(now - run.started, 3),
-        }
-        line = json.dumps({"end": run.run_id, "state": state}, separators=(",", ":")) + "\n"
+        state = end_state(status, error, run.started, time.time(), exit_code=code)
         try:
-            os.write(self.journal, line.encode())
+            os.write(self.journal, entry_line({"end": run.run_id, "state": state}))
         except OSError:
             pass
 

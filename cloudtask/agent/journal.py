@@ -50,6 +50,47 @@ SEGMENT_SECONDS = 120.0
 PREFIX = "runs-"
 
 
+def end_state(
+    status: str,
+    error: str | None,
+    started: float | None,
+    finished: float | None,
+    exit_code: int | None = None,
+    http_status: int | None = None,
+) -> dict[str, Any]:
+    """A run's final state as an ``end`` entry keeps it (times as epoch seconds): written by
+    the executor, and by the run guard for the exits it sees."""
+    state: dict[str, Any] = {"status": status, "error": error}
+    if exit_code is not None:
+        state["exit_code"] = exit_code
+    if http_status is not None:
+        state["http_status"] = http_status
+    if started is not None:
+        state["started_at"] = started
+    if finished is not None:
+        state["finished_at"] = finished
+        if started is not None:
+            state["duration"] = round(finished - started, 3)
+    return state
+
+
+def entry_line(entry: dict[str, Any]) -> bytes:
+    """One journal entry as the line appended for it."""
+    return (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+
+
+def _unlink(path: Path) -> bool:
+    """Delete a segment; False (said in the log) if it cannot be deleted."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("cannot delete the run journal %s: %s", path, e)
+        return False
+    return True
+
+
 @dataclass
 class Earlier:
     """What the journal says about the runs of earlier lives."""
@@ -140,12 +181,7 @@ class Journal:
     def forget_earlier(self, earlier: Earlier) -> None:
         """The earlier lives' segments, once their runs are settled in MongoDB."""
         for path in earlier.files:
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                log.warning("cannot delete the run journal %s: %s", path, e)
+            _unlink(path)
 
     def tidy(self, unsettled: Callable[[str], bool]) -> None:
         """Start a new segment when the current one is old, and delete the oldest segments
@@ -158,14 +194,7 @@ class Journal:
                 self._rotate()
             while len(self._segments) > 1:
                 path, claims = self._segments[0]
-                if any(unsettled(r) for r in claims):
-                    break
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    log.warning("cannot delete the run journal %s: %s", path, e)
+                if any(unsettled(r) for r in claims) or not _unlink(path):
                     break
                 self._segments.pop(0)
 
@@ -176,7 +205,7 @@ class Journal:
         stamp = datetime.fromtimestamp(opened, timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         path = self.folder / f"{PREFIX}{stamp}-{os.getpid()}.log"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.write(fd, (json.dumps({"opened": opened}) + "\n").encode())
+        os.write(fd, entry_line({"opened": opened}))
         if self._fd is not None:
             os.close(self._fd)
         self._fd, self._opened = fd, opened
@@ -185,7 +214,7 @@ class Journal:
             self.on_segment(path)
 
     def _append(self, entry: dict[str, Any], claims: list[str] | None = None) -> None:
-        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+        line = entry_line(entry)
         with self._lock:
             if self._fd is None:
                 return
