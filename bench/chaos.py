@@ -65,6 +65,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -334,11 +335,8 @@ class Chaos:
     def _fault(self, kind: str, target: str, duration: float, heal: object) -> Fault:
         return Fault(kind, target, time.time(), time.monotonic() + duration, heal)
 
-    def _agent_kill(self) -> Fault | None:
-        agent = self._free_agent()
-        if agent is None:
-            return None
-        proc = self.procs[agent]
+    def _kill(self, proc: Proc) -> Callable[[], bool]:
+        """kill -9 of ``proc``; the heal starts it again."""
         proc.popen.kill()
         proc.popen.wait()
         proc.faulted = "kill"
@@ -348,6 +346,13 @@ class Chaos:
             self.spawn(proc)
             return True
 
+        return heal
+
+    def _agent_kill(self) -> Fault | None:
+        agent = self._free_agent()
+        if agent is None:
+            return None
+        heal = self._kill(self.procs[agent])
         return self._fault("agent_kill", agent, self.session + self.rng.uniform(0.5, 3), heal)
 
     def _agent_term(self) -> Fault | None:
@@ -386,16 +391,7 @@ class Chaos:
         leader = self.leader()
         if leader not in CENTERS or any(c in self.busy for c in CENTERS):
             return None
-        proc = self.procs[leader]
-        proc.popen.kill()
-        proc.popen.wait()
-        proc.faulted = "kill"
-
-        def heal() -> bool:
-            proc.faulted = None
-            self.spawn(proc)
-            return True
-
+        heal = self._kill(self.procs[leader])
         return self._fault("center_kill", leader, self.rng.uniform(1, 4), heal)
 
     def _zk_leader_kill(self) -> Fault | None:
