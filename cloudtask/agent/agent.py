@@ -309,15 +309,22 @@ class Agent:
     def _note_foreign_runs(self, task_id: str) -> None:
         """Runs of a task that came to us which another agent started and may be finishing:
         ``forbid`` waits for them, and their retries (if they fail) are made here."""
-        with pymongo.timeout(CALL_BUDGET):
-            found = self.store.unfinished_runs({"task_id": task_id, "slot": "one"})
         elsewhere = {
-            d["_id"]: (d["scheduled_for"], d["attempt"])
-            for d in found
-            if d.get("agent") not in (None, self.agent_id) and d.get("trigger") != "manual"
+            d["_id"]: (d["scheduled_for"], d["attempt"]) for d in self._runs_elsewhere([task_id])
         }
         if elsewhere:
             self._foreign[task_id] = elsewhere
+
+    def _runs_elsewhere(self, task_ids: list[str]) -> list[dict]:
+        """The unfinished scheduled runs of these tasks (slot ``one``) that other agents hold
+        (a manual run is one run and holds nothing up)."""
+        with pymongo.timeout(CALL_BUDGET):
+            found = self.store.unfinished_runs({"task_id": {"$in": task_ids}, "slot": "one"})
+        return [
+            d
+            for d in found
+            if d.get("agent") not in (None, self.agent_id) and d.get("trigger") != "manual"
+        ]
 
     def _history(
         self, task_id: str, spec: TaskSpec, changed_at: datetime | str | None, now: datetime
@@ -706,17 +713,14 @@ class Agent:
             return {}
         task_ids = sorted({d["task_id"] for d in mine.values()})
         try:
-            with pymongo.timeout(CALL_BUDGET):
-                found = self.store.unfinished_runs({"task_id": {"$in": task_ids}, "slot": "one"})
+            found = self._runs_elsewhere(task_ids)
         except STORE_ERRORS as e:
             log.warning("cannot check for runs of other agents; not starting %d: %s", len(mine), e)
             why = "its former owner's runs could not be checked (MongoDB did not answer)"
             return {run_id: f"{why}; not started (concurrency: forbid)" for run_id in mine}
         others: dict[str, list[dict]] = {}
         for d in found:
-            mine_or_free = d["_id"] in mine or d.get("agent") in (None, self.agent_id)
-            if not mine_or_free and d.get("trigger") != "manual":
-                others.setdefault(d["task_id"], []).append(d)
+            others.setdefault(d["task_id"], []).append(d)
         out = {}
         for run_id, doc in mine.items():
             for other in others.get(doc["task_id"], ()):
