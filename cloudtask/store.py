@@ -948,7 +948,10 @@ class Store:
         """The runs an earlier life of ``agent`` left: still ``queued`` or ``running`` (claimed
         before ``before``), and the ones in ``known`` (its run journal) that the leader has
         marked ``lost`` meanwhile (fires of the last day)."""
-        left = self.unfinished_runs({"agent": agent, "claimed_at": {"$lt": before}})
+        # compared here, not in the query: the wire server used on one machine compares dates
+        # to the second, so a run claimed in the second the agent started was not found
+        before = to_bson_time(before)
+        left = [d for d in self.unfinished_runs({"agent": agent}) if d["claimed_at"] < before]
         if known:
             since = (before - timedelta(days=1)).timestamp()  # ts: the fire's time, a number
             cursor = self.runs.find(

@@ -339,6 +339,13 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
     assert [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE] == []
 
 
+def _ended(proc: psutil.Process) -> bool:
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 @pytest.mark.parametrize("guard_dies_too", [False, True])
 def test_a_killed_agents_runs_end_and_its_next_life_records_how(
     tmp_path, mongo_server, mongo_db_name, mongo_client, guard_dies_too
@@ -364,12 +371,16 @@ def test_a_killed_agents_runs_end_and_its_next_life_records_how(
     guard = sleeper.parent()
     assert "cloudtask.agent.guard" in " ".join(guard.cmdline())
     if guard_dies_too:
+        # frozen first, so that the agent cannot see its guard die and end the run itself
+        # (it would then know how the run ended) before its own kill -9 lands
+        first.send_signal(signal.SIGSTOP)
         guard.kill()
+        wait_for(lambda: _ended(guard), timeout=10, message="the guard did not die")
     first.kill()  # kill -9: no chance to clean up
     first.communicate(timeout=10)
 
     def gone() -> bool:
-        return not sleeper.is_running() or sleeper.status() == psutil.STATUS_ZOMBIE
+        return _ended(sleeper)
 
     if guard_dies_too:
         assert not gone()  # orphaned
@@ -394,7 +405,7 @@ def test_a_killed_agents_runs_end_and_its_next_life_records_how(
         )
     finally:
         second.send_signal(signal.SIGTERM)
-        second.communicate(timeout=30)
+        print(second.communicate(timeout=30)[0].decode(errors="replace"))  # shown on failure
 
 
 def test_apply_refuses_a_past_one_shot_before_storing_anything(

@@ -225,6 +225,17 @@ def test_unheard_runs_are_judged_only_as_read(store):
     assert store.get_run(finishing["_id"])["status"] == "succeeded"
 
 
+def test_runs_left_by_an_earlier_life_include_those_claimed_in_the_same_second(store):
+    """A restarted agent finds its earlier life's unfinished runs, also the one claimed a
+    fraction of a second before it started (the embedded server compares dates to the
+    second), but not what it claimed itself after starting."""
+    left, later = run_doc(status="running"), run_doc(task_id="t2", status="running")
+    later["claimed_at"] = NOW + timedelta(milliseconds=500)
+    store.claim_runs([left, later])
+    found = store.left_runs("a1", NOW + timedelta(milliseconds=300), set())
+    assert [d["_id"] for d in found] == [left["_id"]]
+
+
 def test_skipped_and_missed_runs_are_finished_at_once(store):
     doc = run_doc(status="missed")
     assert doc["finished_at"] == NOW and doc["duration"] == 0.0
