@@ -396,13 +396,13 @@ def test_duplicate_agent_id_is_refused(cluster, zk, store):
 @pytest.mark.timeout(120)
 def test_lost_runs_are_marked_by_the_leader(cluster, zk, store):
     (task_id,) = make_tasks(store, 1, command=["sleep", "60"], schedule={"keepalive": True})
-    cluster.center("c1")
     cluster.agent("a1")
     cluster.agent("a2")
-    wait_for(
-        lambda: len(assignments(zk)) == 1 and agent_count(zk) == 2,
-        timeout=30,
-    )
+    # the center starts once both agents are there: the task is placed once, not first on
+    # whichever agent came first (whose instance would end when the task moves)
+    wait_for(lambda: agent_count(zk) == 2, timeout=30)
+    cluster.center("c1")
+    wait_for(lambda: len(assignments(zk)) == 1, timeout=30)
     run = wait_for(
         lambda: store.runs.find_one({"task_id": task_id, "status": "running"}), timeout=30
     )
@@ -411,7 +411,7 @@ def test_lost_runs_are_marked_by_the_leader(cluster, zk, store):
     cluster.kill(owner)
     wait_for(
         lambda: store.get_run(run["_id"])["status"] == "lost",
-        timeout=SESSION + 10,
+        timeout=SESSION + 30,  # the session ends, then the run's beat stays unchanged a grace
         message="not marked lost",
     )
     assert "left the cluster" in store.get_run(run["_id"])["error"]
