@@ -194,6 +194,11 @@ class Store:
                 "check that it runs and that mongodb.uri points at it"
             ) from e
 
+    def _read(self, cursor: Any, what: str) -> list[dict[str, Any]]:
+        """Every document of ``cursor``, read under :meth:`_guard` (a cursor talks to the server
+        while it is read, not when it is made)."""
+        return self._guard(lambda: list(cursor), what)
+
     def close(self) -> None:
         if self._owns_client:
             self.client.close()
@@ -434,16 +439,16 @@ class Store:
             query["group"] = {"$in": list(groups)}
         if enabled is not None:
             query["enabled"] = enabled
-        return list(self._guard(self.tasks.find, "list tasks", query))
+        return self._read(self.tasks.find(query), "list tasks")
 
     def get_tasks(self, task_ids: Iterable[str]) -> list[dict[str, Any]]:
-        return list(self._guard(self.tasks.find, "read tasks", {"_id": {"$in": list(task_ids)}}))
+        return self._read(self.tasks.find({"_id": {"$in": list(task_ids)}}), "read tasks")
 
     def task_revisions(self, groups: Iterable[str] | None = None) -> dict[str, tuple[int, bool]]:
         """task id -> (revision, done), cheaply, so a poller can tell whether anything changed."""
         query: dict[str, Any] = {} if groups is None else {"group": {"$in": list(groups)}}
-        cursor = self._guard(self.tasks.find, "list tasks", query, {"revision": 1, "done_at": 1})
-        return {d["_id"]: (d["revision"], bool(d.get("done_at"))) for d in cursor}
+        docs = self._read(self.tasks.find(query, {"revision": 1, "done_at": 1}), "list tasks")
+        return {d["_id"]: (d["revision"], bool(d.get("done_at"))) for d in docs}
 
     def set_task_enabled(
         self, task_id: str, enabled: bool, now: datetime | None = None
@@ -469,7 +474,7 @@ class Store:
             return 0
         when = to_bson_time(now or utcnow())
         ran = dict(done)
-        docs = self._guard(self.tasks.find, "read tasks", {"_id": {"$in": list(ran)}})
+        docs = self._read(self.tasks.find({"_id": {"$in": list(ran)}}), "read tasks")
         ops = []
         for doc in docs:
             if doc["revision"] == ran[doc["_id"]] and not doc.get("done_at"):
@@ -578,14 +583,14 @@ class Store:
     def stored_run_ids(self, run_ids: Sequence[str]) -> set[str]:
         """Which of these runs are stored (claims whose write may have landed)."""
         cursor = self.claims.find({"_id": {"$in": list(run_ids)}}, {"_id": 1})
-        return {d["_id"] for d in self._guard(lambda: list(cursor), "check claims")}
+        return {d["_id"] for d in self._read(cursor, "check claims")}
 
     def run_states(self, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """run id -> its ``status``, ``attempt`` and ``finished_at`` (runs that exist)."""
         cursor = self.runs.find(
             {"_id": {"$in": list(run_ids)}}, {"status": 1, "attempt": 1, "finished_at": 1}
         )
-        return {d["_id"]: d for d in self._guard(lambda: list(cursor), "read runs")}
+        return {d["_id"]: d for d in self._read(cursor, "read runs")}
 
     def unfinished_runs(self, query: dict[str, Any]) -> list[dict[str, Any]]:
         """Runs matching ``query`` that are still ``queued`` or ``running``.
@@ -603,7 +608,7 @@ class Store:
         found: list[dict[str, Any]] = []
         for status in RUNNING_STATUSES:
             cursor = self.runs.find({**query, "status": status})
-            found += self._guard(lambda cursor=cursor: list(cursor), "find unfinished runs")
+            found += self._read(cursor, "find unfinished runs")
         return found
 
     def finish_unheard_runs(
@@ -696,7 +701,7 @@ class Store:
             cursor = self.tasks.find(
                 {"_id": {"$in": task_ids}}, {"last_run": 1, "spec.notify.on": 1}
             )
-            found = self._guard(lambda: list(cursor), "read the tasks' last runs")
+            found = self._read(cursor, "read the tasks' last runs")
         except (StoreError, BulkWriteError) as e:
             log.warning("cannot read the last runs of the tasks (no recovery events): %s", e)
             return None
@@ -728,7 +733,7 @@ class Store:
             {"status": "queued", "agent": {"$in": [None]}},
             {"task_id": 1, "scheduled_for": 1, "trigger": 1, "status": 1, "claimed_at": 1},
         ).limit(limit)
-        docs = self._guard(lambda: list(cursor), "read released claims")
+        docs = self._read(cursor, "read released claims")
         return [d for d in docs if d.get("trigger") != "manual"]
 
     def finish_released_claims(self, verdicts: Sequence[tuple[dict[str, Any], str, str]]) -> None:
@@ -794,7 +799,7 @@ class Store:
             .sort("claimed_at", ASCENDING)
             .limit(limit)
         )
-        return self._guard(lambda: list(cursor), "read pending runs")
+        return self._read(cursor, "read pending runs")
 
     def take_pending_run(
         self,
@@ -860,7 +865,7 @@ class Store:
         agent (``left_reason``): its return after a clean stop is no alert either.
         """
         now = to_bson_time(now or utcnow())
-        known = {d["_id"]: d for d in self._guard(self.agents.find, "read agents", {}, {"info": 0})}
+        known = {d["_id"]: d for d in self._read(self.agents.find({}, {"info": 0}), "read agents")}
         ops = []
         events: list[dict[str, Any]] = []
         restarted: list[str] = []
@@ -897,7 +902,7 @@ class Store:
         if departures:
             ids = [left["_id"] for _, left in departures]
             cursor = self.events.find({"_id": {"$in": ids}}, {"details": 1})
-            recorded = {d["_id"]: d for d in self._guard(lambda: list(cursor), "read events")}
+            recorded = {d["_id"]: d for d in self._read(cursor, "read events")}
         for full, left in departures:
             reason = (recorded.get(left["_id"], left).get("details") or {}).get("reason")
             events.append(left)
@@ -914,7 +919,7 @@ class Store:
             self._guard(self.agents.bulk_write, "record agents", ops, ordered=False)
 
     def list_agents(self) -> list[dict[str, Any]]:
-        return list(self._guard(self.agents.find, "list agents", {}))
+        return self._read(self.agents.find({}), "list agents")
 
     def mark_runs_lost(
         self,
@@ -957,7 +962,7 @@ class Store:
             cursor = self.runs.find(
                 {"agent": agent, "status": "lost", "ts": {"$gte": since, "$lte": 1e12}}
             )
-            lost = self._guard(lambda: list(cursor), "find lost runs")
+            lost = self._read(cursor, "find lost runs")
             left += [d for d in lost if d["_id"] in known]
         return left
 
@@ -998,7 +1003,7 @@ class Store:
             .sort("ts", DESCENDING)
             .limit(limit * (retries + 1))
         )
-        docs = self._guard(lambda: list(cursor), "read the run history")
+        docs = self._read(cursor, "read the run history")
         attempts = {(d["scheduled_for"], d["attempt"]) for d in docs}
         owed = [
             d
@@ -1032,7 +1037,7 @@ class Store:
         if agent is not None:
             query["agent"] = agent
         cursor = self.runs.find(query).sort("scheduled_for", pymongo.DESCENDING).limit(limit)
-        return list(self._guard(lambda: list(cursor), "list runs"))
+        return self._read(cursor, "list runs")
 
     # --- reports of http-task services (callbacks) ---------------------------------------------
 
@@ -1218,7 +1223,7 @@ class Store:
         """Which of these event ids are stored (a duplicate key on ``_id``, not on another
         index: servers word that error differently, so ask)."""
         cursor = self.events.find({"_id": {"$in": ids}}, {"_id": 1})
-        return {d["_id"] for d in self._guard(lambda: list(cursor), "read events")}
+        return {d["_id"] for d in self._read(cursor, "read events")}
 
     def _record_events_quietly(self, docs: Sequence[dict[str, Any]], what: str) -> int:
         """:meth:`record_events`, for a path an event must not break: a failure is logged."""
@@ -1231,7 +1236,7 @@ class Store:
     def new_events(self, limit: int = 100) -> list[dict[str, Any]]:
         """Events whose deliveries are not planned yet (``delivery`` "new"), oldest first."""
         cursor = self.events.find({"delivery": "new"}).sort("ts", ASCENDING).limit(limit)
-        return self._guard(lambda: list(cursor), "read new events")
+        return self._read(cursor, "read new events")
 
     def set_event_delivery(self, event_id: str, state: str) -> bool:
         """Set an event's ``delivery`` (read, change, replace whole). False if it is gone."""
@@ -1346,7 +1351,7 @@ class Store:
             {"name": 1, "spec.file_version": 1},
         )
         pins: dict[str, list[str]] = {}
-        for doc in self._guard(lambda: list(cursor), "read the tasks pinning the file"):
+        for doc in self._read(cursor, "read the tasks pinning the file"):
             sha256 = (nest_dotted(doc).get("spec") or {}).get("file_version")
             if sha256:
                 pins.setdefault(sha256, []).append(doc["name"])
@@ -1366,7 +1371,7 @@ class Store:
             .limit(limit)
         )
         out = []
-        for doc in self._guard(lambda: list(cursor), "read the tasks using files"):
+        for doc in self._read(cursor, "read the tasks using files"):
             spec = nest_dotted(doc).get("spec") or {}
             out.append(
                 {
@@ -1383,7 +1388,9 @@ class Store:
         aggregation over the ``spec.file`` index."""
         match = {"spec.file": name if name is not None else {"$gt": ""}}
         pipeline = [{"$match": match}, {"$group": {"_id": "$spec.file", "n": {"$sum": 1}}}]
-        rows = self._guard(lambda: list(self.tasks.aggregate(pipeline)), "count the files' tasks")
+        rows = self._guard(  # aggregate talks to the server when called
+            lambda: list(self.tasks.aggregate(pipeline)), "count the files' tasks"
+        )
         return {row["_id"]: int(row["n"]) for row in rows if isinstance(row.get("_id"), str)}
 
     def _upload_problems(self, name: str, data: bytes, max_bytes: int | None) -> list[Problem]:
@@ -1508,11 +1515,11 @@ class Store:
             .sort([("filename", ASCENDING), ("uploadDate", DESCENDING), ("_id", DESCENDING)])
         )
         by_name: dict[str, list[dict[str, Any]]] = {}
-        for doc in self._guard(lambda: list(cursor), "list files"):
+        for doc in self._read(cursor, "list files"):
             by_name.setdefault(doc["filename"], []).append(doc)
         for name, versions in by_name.items():
             self._write_file_head(name, versions)
-        for head in self._guard(lambda: list(self.db["file_heads"].find({}, {"_id": 1})), "list"):
+        for head in self._read(self.db["file_heads"].find({}, {"_id": 1}), "list"):
             if head["_id"] not in by_name and head["_id"] != self._FILE_HEADS_BUILT:
                 self._write_file_head(head["_id"], [])  # its versions were deleted
         marker = {"_id": self._FILE_HEADS_BUILT, "version": SCHEMA_VERSION}
@@ -1554,10 +1561,10 @@ class Store:
         """The latest version of every stored file, by name, with ``versions`` (how many
         versions of it are stored)."""
         heads = self.db["file_heads"]
-        docs = self._guard(lambda: list(heads.find({}).sort("_id", ASCENDING)), "list files")
+        docs = self._read(heads.find({}).sort("_id", ASCENDING), "list files")
         if not any(d["_id"] == self._FILE_HEADS_BUILT for d in docs):
             self.rebuild_file_heads()
-            docs = self._guard(lambda: list(heads.find({}).sort("_id", ASCENDING)), "list files")
+            docs = self._read(heads.find({}).sort("_id", ASCENDING), "list files")
         out = []
         for doc in docs:
             if doc["_id"] == self._FILE_HEADS_BUILT:

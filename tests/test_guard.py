@@ -151,6 +151,16 @@ def test_a_guard_that_dies_is_replaced_and_its_runs_end(guard):
     assert again.wait(timeout=10) == 0
 
 
+def test_a_signal_for_a_run_after_its_guard_stopped_is_no_error(guard):
+    """An agent stopping ends its runs in threads of their own while its guard closes: a
+    late SIGTERM for a run finds no guard, which has ended the run itself."""
+    proc = guard.spawn("r1", "s1", ["sleep", "60"], dict(os.environ), None)
+    guard.stop()
+    wait_for(lambda: not alive(proc.pid), timeout=10, message="the stopped guard left its run")
+    proc.terminate()  # the socket is closed: no GuardGone in the caller
+    proc.kill()
+
+
 def journal_ends(path) -> dict:
     ends = {}
     for line in path.read_text().splitlines():

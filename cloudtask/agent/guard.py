@@ -95,7 +95,10 @@ class GuardedProcess:
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:
-            self._client._send({"op": "signal", "id": self.run_id, "sig": int(sig)})
+            try:
+                self._client._send({"op": "signal", "id": self.run_id, "sig": int(sig)})
+            except GuardGone:
+                pass  # a guard that is gone ended its runs (or its agent ends them: _guard_died)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)

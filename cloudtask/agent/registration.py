@@ -322,7 +322,10 @@ class Registration:
                     lambda: self.zk.exists_async(self.path),
                     interval,
                 )
-                if stat is None or stat.ephemeralOwner != self.zk.client_id[0]:
+                client_id = self.zk.client_id
+                if client_id is None:
+                    continue  # the connection dropped meanwhile: as above
+                if stat is None or stat.ephemeralOwner != client_id[0]:
                     # a new session (after LOST): the old node is gone; register again
                     with self._lock:
                         self._set_state(LOST)
