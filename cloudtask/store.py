@@ -76,6 +76,23 @@ def to_bson_time(t: datetime) -> datetime:
     return t.replace(microsecond=t.microsecond // 1000 * 1000)
 
 
+def indexed(query: dict[str, Any]) -> dict[str, Any]:
+    """``query`` with each plain equality on a string or number written as ``$eq``.
+
+    MongoDB reads the two alike. The embedded server (nx-27017) lets a plain value match
+    inside arrays too, a condition no index serves, so it scans the whole collection: 0.5 s a
+    query over 126,000 runs, against 3 ms with ``$eq`` (and a long query holds that
+    single-threaded server for everyone). Dates are left alone (nx-27017 compares them by
+    its own rules), as are ``None`` and operators.
+    """
+    return {
+        key: {"$eq": value}
+        if not key.startswith("$") and key != "_id" and isinstance(value, (str, int, float))
+        else value
+        for key, value in query.items()
+    }
+
+
 def new_id() -> str:
     return str(ObjectId())
 
@@ -513,8 +530,8 @@ class Store:
             ids = [docs[i]["_id"] for i in duplicates]
             ours = {
                 d["_id"]
-                for d in self._guard(
-                    self.claims.find, "check claims", {"_id": {"$in": ids}}, {"_id": 1}
+                for d in self._read(
+                    self.claims.find({"_id": {"$in": ids}}, {"_id": 1}), "check claims"
                 )
             }
             won = [i not in duplicates or docs[i]["_id"] in ours for i in range(len(docs))]
@@ -607,7 +624,7 @@ class Store:
             return out
         found: list[dict[str, Any]] = []
         for status in RUNNING_STATUSES:
-            cursor = self.runs.find({**query, "status": status})
+            cursor = self.runs.find(indexed({**query, "status": status}))
             found += self._read(cursor, "find unfinished runs")
         return found
 
@@ -729,12 +746,29 @@ class Store:
 
     def released_claims(self, limit: int = 1000) -> list[dict[str, Any]]:
         """Claims released by the leader (never started, waiting for the task's owner)."""
-        cursor = self.runs.find(
-            {"status": "queued", "agent": {"$in": [None]}},
-            {"task_id": 1, "scheduled_for": 1, "trigger": 1, "status": 1, "claimed_at": 1},
-        ).limit(limit)
-        docs = self._read(cursor, "read released claims")
-        return [d for d in docs if d.get("trigger") != "manual"]
+        docs = self._waiting_runs(
+            {
+                "agent": 1,
+                "task_id": 1,
+                "scheduled_for": 1,
+                "trigger": 1,
+                "status": 1,
+                "claimed_at": 1,
+            }
+        )
+        return [d for d in docs if d.get("trigger") != "manual"][:limit]
+
+    def _waiting_runs(self, projection: dict[str, int] | None = None) -> list[dict[str, Any]]:
+        """Runs ``queued`` with no agent (manual runs, released claims), oldest claim first.
+        Read by status alone (there are few) and picked here: a plain match on ``agent`` None
+        misses stored nulls on nx-27017, and ``$in: [None]`` is a scan there."""
+        cursor = self.runs.find({"status": {"$eq": "queued"}}, projection)
+        docs = [
+            d
+            for d in self._read(cursor, "read the runs waiting for an agent")
+            if d.get("agent") is None
+        ]
+        return sorted(docs, key=lambda d: d["claimed_at"])
 
     def finish_released_claims(self, verdicts: Sequence[tuple[dict[str, Any], str, str]]) -> None:
         """Record released claims no agent took: ``(doc, status, reason)`` each, written only
@@ -794,12 +828,7 @@ class Store:
         """Runs of ``group`` waiting for an agent to take them, oldest first: manual runs
         ("run now") and claims released by the leader after their agent left before starting
         them."""
-        cursor = (
-            self.runs.find({"status": "queued", "agent": {"$in": [None]}, "group": group})
-            .sort("claimed_at", ASCENDING)
-            .limit(limit)
-        )
-        return self._read(cursor, "read pending runs")
+        return [d for d in self._waiting_runs() if d.get("group") == group][:limit]
 
     def take_pending_run(
         self,
@@ -960,7 +989,7 @@ class Store:
         if known:
             since = (before - timedelta(days=1)).timestamp()  # ts: the fire's time, a number
             cursor = self.runs.find(
-                {"agent": agent, "status": "lost", "ts": {"$gte": since, "$lte": 1e12}}
+                indexed({"agent": agent, "status": "lost", "ts": {"$gte": since, "$lte": 1e12}})
             )
             lost = self._read(cursor, "find lost runs")
             left += [d for d in lost if d["_id"] in known]
@@ -978,7 +1007,7 @@ class Store:
         return self._guard(
             self.claims.find_one,
             "read the run history",
-            {"task_id": task_id, "slot": slot},
+            indexed({"task_id": task_id, "slot": slot}),
             {"scheduled_for": 1, "attempt": 1, "status": 1, "finished_at": 1},
             sort=[("scheduled_for", DESCENDING), ("attempt", DESCENDING)],
         )
@@ -997,7 +1026,13 @@ class Store:
         retries their agent still owed when it died or stopped. Oldest first."""
         cursor = (
             self.claims.find(
-                {"task_id": task_id, "slot": slot, "ts": {"$gte": since.timestamp(), "$lte": 1e12}},
+                indexed(
+                    {
+                        "task_id": task_id,
+                        "slot": slot,
+                        "ts": {"$gte": since.timestamp(), "$lte": 1e12},
+                    }
+                ),
                 {"scheduled_for": 1, "attempt": 1, "status": 1, "finished_at": 1},
             )
             .sort("ts", DESCENDING)
@@ -1235,7 +1270,7 @@ class Store:
 
     def new_events(self, limit: int = 100) -> list[dict[str, Any]]:
         """Events whose deliveries are not planned yet (``delivery`` "new"), oldest first."""
-        cursor = self.events.find({"delivery": "new"}).sort("ts", ASCENDING).limit(limit)
+        cursor = self.events.find(indexed({"delivery": "new"})).sort("ts", ASCENDING).limit(limit)
         return self._read(cursor, "read new events")
 
     def set_event_delivery(self, event_id: str, state: str) -> bool:

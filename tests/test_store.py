@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from cloudtask.exceptions import Conflict, NotFound, StoreError, ValidationError
-from cloudtask.store import Store, new_run_document
+from cloudtask.store import Store, indexed, new_run_document
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -234,6 +234,24 @@ def test_runs_left_by_an_earlier_life_include_those_claimed_in_the_same_second(s
     store.claim_runs([left, later])
     found = store.left_runs("a1", NOW + timedelta(milliseconds=300), set())
     assert [d["_id"] for d in found] == [left["_id"]]
+
+
+def test_plain_equalities_are_written_as_eq_for_the_embedded_servers_indexes(store):
+    query = {"status": "queued", "attempt": 0, "agent": None, "_id": "r1", "ts": {"$lt": 5.0}}
+    query["scheduled_for"] = NOW
+    assert indexed(query) == {
+        "status": {"$eq": "queued"},
+        "attempt": {"$eq": 0},
+        "agent": None,
+        "_id": "r1",
+        "ts": {"$lt": 5.0},
+        "scheduled_for": NOW,  # dates as they were
+    }
+    doc = run_doc(status="queued")
+    store.claim_runs([doc])
+    assert [d["_id"] for d in store.runs.find(indexed({"status": "queued", "slot": "one"}))] == [
+        doc["_id"]
+    ]
 
 
 def test_skipped_and_missed_runs_are_finished_at_once(store):

@@ -738,14 +738,17 @@ class Center:
                 # runs claimed under a session that is not registered now: their agent left, or
                 # came back with a new session after an earlier life (a run waiting for an
                 # agent, manual or released, has agent None: not lost)
-                sessions = [f"{agent.session:x}" for agent in agents.values()]
-                docs = self.store.unfinished_runs(
-                    {
-                        "agent": {"$nin": [None]},
-                        "session": {"$nin": sessions},
-                        "claimed_at": {"$lt": to_bson_time(read_at)},
-                    }
-                )
+                # (read by status alone, the rest picked here: exact, and on the embedded
+                # server a "$nin" scans every run, seconds once they are many)
+                sessions = {f"{agent.session:x}" for agent in agents.values()}
+                read_at = to_bson_time(read_at)
+                docs = [
+                    d
+                    for d in self.store.unfinished_runs({})
+                    if d.get("agent") is not None
+                    and d.get("session") not in sessions
+                    and d["claimed_at"] < read_at
+                ]
         except (CloudTaskError, pymongo.errors.PyMongoError) as e:
             log.warning("cannot check for lost runs: %s", e)
             return

@@ -22,7 +22,7 @@ from pymongo import ASCENDING
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from ..exceptions import StoreError
-from ..store import DUPLICATE_KEY, SCHEMA_VERSION, Store
+from ..store import DUPLICATE_KEY, SCHEMA_VERSION, Store, indexed
 from .content import as_datetime
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class Deliveries:
     def due(self, now: float, limit: int) -> list[dict[str, Any]]:
         """Pending deliveries whose time has come, oldest due first."""
         cursor = (
-            self.col.find({"status": "pending", "next_at_ts": {"$lte": float(now)}})
+            self.col.find(indexed({"status": "pending", "next_at_ts": {"$lte": float(now)}}))
             .sort("next_at_ts", ASCENDING)
             .limit(limit)
         )
@@ -174,5 +174,5 @@ class Deliveries:
         return self._guard("read a delivery", self.col.find_one, {"_id": delivery_id})
 
     def for_event(self, event_id: str) -> list[dict[str, Any]]:
-        cursor = self.col.find({"event_id": event_id}).sort("_id", ASCENDING)
+        cursor = self.col.find(indexed({"event_id": event_id})).sort("_id", ASCENDING)
         return self._guard("read deliveries", lambda: list(cursor))
