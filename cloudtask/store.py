@@ -978,16 +978,21 @@ class Store:
             self.free_leases(ids)
         return ids
 
-    def left_runs(self, agent: str, before: datetime, known: set[str]) -> list[dict[str, Any]]:
-        """The runs an earlier life of ``agent`` left: still ``queued`` or ``running`` (claimed
-        before ``before``), and the ones in ``known`` (its run journal) that the leader has
-        marked ``lost`` meanwhile (fires of the last day)."""
-        # compared here, not in the query: the wire server used on one machine compares dates
-        # to the second, so a run claimed in the second the agent started was not found
-        before = to_bson_time(before)
-        left = [d for d in self.unfinished_runs({"agent": agent}) if d["claimed_at"] < before]
+    def left_runs(
+        self, agent: str, own: set[str], known: set[str], now: datetime
+    ) -> list[dict[str, Any]]:
+        """The runs an earlier life of ``agent`` left: still ``queued`` or ``running`` and not
+        among ``own`` (the claims of this life, from its journal), and the ones in ``known``
+        (its run journal) that the leader has marked ``lost`` meanwhile (fires of the last
+        day before ``now``).
+
+        Told apart by the journal, not by time: a claim's time is the earlier life's clock,
+        which may have run ahead (a run claimed by a life whose clock was 5 s fast was taken
+        for this life's own, and its journal deleted unread), and the embedded server
+        compares dates to the second."""
+        left = [d for d in self.unfinished_runs({"agent": agent}) if d["_id"] not in own]
         if known:
-            since = (before - timedelta(days=1)).timestamp()  # ts: the fire's time, a number
+            since = (now - timedelta(days=1)).timestamp()  # ts: the fire's time, a number
             cursor = self.runs.find(
                 indexed({"agent": agent, "status": "lost", "ts": {"$gte": since, "$lte": 1e12}})
             )

@@ -58,10 +58,12 @@ def test_segments_go_once_their_claims_are_settled(tmp_path):
     journal.tidy(lambda r: r in unsettled)
     journal.claimed(["new"])
     assert len(list(tmp_path.glob("runs-*.log"))) == 2  # "old" still needs the first one
+    assert journal.own_claims() == {"old", "new"}  # this life's, in both segments
     unsettled = {"new"}
     journal.tidy(lambda r: r in unsettled)
     (left,) = tmp_path.glob("runs-*.log")  # only the current segment: never deleted
     assert "new" in left.read_text()
+    assert journal.own_claims() == {"new"}
     journal.close()
 
 

@@ -1039,7 +1039,7 @@ class Agent:
         earlier = self.journal.read_earlier()
         known = earlier.claimed | earlier.started | set(earlier.ended)
         with pymongo.timeout(CALL_BUDGET * 5):
-            docs = self.store.left_runs(self.agent_id, now, known)
+            docs = self.store.left_runs(self.agent_id, self.journal.own_claims(), known, now)
             counts: dict[str, int] = {}
             for doc in docs:
                 verdict, state = earlier.verdict(doc["_id"])

@@ -170,6 +170,11 @@ class Journal:
         if run_ids:
             self._append({"claim": list(run_ids)}, claims=run_ids)
 
+    def own_claims(self) -> set[str]:
+        """The runs this life claimed (in its segments not yet deleted as settled)."""
+        with self._lock:
+            return set().union(*(claims for _, claims in self._segments))
+
     def started(self, run_id: str) -> None:
         """Before the run's process starts (a run journaled so may have started)."""
         self._append({"start": run_id})
