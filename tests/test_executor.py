@@ -3,6 +3,7 @@ that leave no process behind, logs and their retention, concurrency, retries."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -18,6 +19,15 @@ from cloudtask.agent.guard import GuardClient
 from cloudtask.agent.logfiles import cleanup_logs, log_path
 
 PY = sys.executable
+
+
+def journal_ends(path) -> dict:
+    ends = {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        if "end" in entry:
+            ends[entry["end"]] = entry["state"]
+    return ends
 
 
 @pytest.fixture(params=["here", "guard"])
@@ -189,6 +199,32 @@ def test_kill_running_run(store, executor):
     run = finished(store, ctx.run_id)
     assert run["status"] == "killed" and run["error"] == "killed by test"
     assert executor.kill("no-such-run") is False
+
+
+def test_the_guard_notes_the_agents_reason_for_ending_a_run(store, executor, tmp_path):
+    """An agent that dies between ending a run and recording its end leaves only its guard's
+    journal note for its next life: the note says killed or timed out and why, not "ended by
+    signal 15"."""
+    if executor.guard is None:
+        pytest.skip("only a run guard keeps a journal")
+    journal = tmp_path / "runs-1.log"
+    journal.touch()
+    executor.guard.set_journal(str(journal))
+    killed = start(store, executor, {"command": ["sleep", "100"]})
+    slow = start(store, executor, {"command": ["sleep", "100"], "timeout": "2s"})
+    wait_for(lambda: killed.proc is not None, message="not started")
+    executor.kill(killed.run_id, "the task was paused, deleted or moved")
+    ends = wait_for(
+        lambda: (lambda e: e if {killed.run_id, slow.run_id} <= e.keys() else None)(
+            journal_ends(journal)
+        ),
+        timeout=30,
+        message="the guard noted no end",
+    )
+    assert ends[killed.run_id]["status"] == "killed"
+    assert ends[killed.run_id]["error"] == "the task was paused, deleted or moved"
+    assert ends[slow.run_id]["status"] == "timed_out"
+    assert "timeout of 2s" in ends[slow.run_id]["error"]
 
 
 def test_running_output_tail_is_updated_live(store, executor):

@@ -122,6 +122,22 @@ class RunContext:
         }
 
 
+def _kill_outcome(ctx: RunContext) -> tuple[str, str]:
+    """The status and error of a run its agent ended (``ctx.kill_reason`` is set)."""
+    if ctx.kill_reason == "timeout":
+        return "timed_out", f"ran longer than its timeout of {ctx.spec.timeout:g}s"
+    return "killed", str(ctx.kill_reason)
+
+
+def _end_tree(ctx: RunContext, proc: Any, grace: float) -> None:
+    """End a run's process tree, telling its guard why first (a guarded run's end is noted by
+    the guard too: if this agent dies before it records the end, that note says the same)."""
+    ending = getattr(proc, "ending", None)
+    if ending is not None and ctx.kill_reason is not None:
+        ending(*_kill_outcome(ctx))
+    kill_tree(proc, ctx.run_id, grace)
+
+
 def build_argv(spec: TaskSpec) -> list[str] | str:
     """The process to start: argv as given, split like a shell would, or through the shell.
 
@@ -249,7 +265,7 @@ class Executor:
         ctx.kill_requested.set()
         if proc is not None and proc.poll() is None:
             killer = threading.Thread(
-                target=kill_tree, args=(proc, ctx.run_id, self.kill_grace), daemon=True
+                target=_end_tree, args=(ctx, proc, self.kill_grace), daemon=True
             )
             killer.start()
 
@@ -458,7 +474,7 @@ class Executor:
         )
         self.writer.watch_tail(ctx.run_id, ctx.changed_tail)
         if killed_early:
-            kill_tree(proc, ctx.run_id, self.kill_grace)
+            _end_tree(ctx, proc, self.kill_grace)
         if IS_POSIX:
             self._collect_select(ctx, proc, runlog)
         else:
@@ -467,10 +483,8 @@ class Executor:
         if ended_by_guard and ctx.kill_reason is None:
             ctx.kill_reason = ended_by_guard
         ctx.exit_code = proc.returncode
-        if ctx.kill_reason == "timeout":
-            ctx.status, ctx.error = "timed_out", f"ran longer than its timeout of {spec.timeout:g}s"
-        elif ctx.kill_reason is not None:
-            ctx.status, ctx.error = "killed", ctx.kill_reason
+        if ctx.kill_reason is not None:
+            ctx.status, ctx.error = _kill_outcome(ctx)
         elif proc.returncode == 0:
             ctx.status = "succeeded"
         else:
@@ -505,7 +519,7 @@ class Executor:
     def _timed_out(self, ctx: RunContext, proc: subprocess.Popen) -> None:
         with ctx.lock:
             ctx.kill_reason = ctx.kill_reason or "timeout"
-        kill_tree(proc, ctx.run_id, self.kill_grace)
+        _end_tree(ctx, proc, self.kill_grace)
 
     def _collect_select(self, ctx: RunContext, proc: subprocess.Popen, runlog: RunLog) -> None:
         """POSIX: one thread reads the output and watches the timeout and the main process.

@@ -100,6 +100,17 @@ class GuardedProcess:
             except GuardGone:
                 pass  # a guard that is gone ended its runs (or its agent ends them: _guard_died)
 
+    def ending(self, status: str, error: str) -> None:
+        """Tell the guard why the agent is about to end this run, before it signals it: if the
+        agent dies before it records the end, the guard's journal line says the same."""
+        if self.returncode is None:
+            try:
+                self._client._send(
+                    {"op": "ending", "id": self.run_id, "status": status, "error": error}
+                )
+            except GuardGone:
+                pass
+
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
 
@@ -357,7 +368,8 @@ class _Run:
         self.proc = proc
         self.grace = grace
         self.ending = False
-        self.why: str | None = None  # why the guard ended it
+        self.why: str | None = None  # why the guard (or the agent, before it did) ended it
+        self.status = "killed"  # or "timed_out": the status ``why`` goes with
         self.started = time.time()
 
 
@@ -448,6 +460,11 @@ class Guard:
                 self.deadlines[str(msg["id"])] = float(msg["until"])
         elif op == "journal":
             self._open_journal(str(msg["path"]))
+        elif op == "ending":
+            run = self.runs.get(str(msg["id"]))
+            if run is not None and run.why is None:
+                run.why = str(msg.get("error") or "ended by its agent")
+                run.status = "timed_out" if msg.get("status") == "timed_out" else "killed"
         elif op == "signal":
             run = self.runs.get(str(msg["id"]))
             if run is not None and run.proc.returncode is None:
@@ -531,7 +548,7 @@ class Guard:
         if self.journal is None:
             return
         if run.why is not None:
-            status, error = "killed", run.why
+            status, error = run.status, run.why
         elif code == 0:
             status, error = "succeeded", None
         else:
