@@ -597,11 +597,6 @@ class Store:
         )
         return result.matched_count == 1
 
-    def stored_run_ids(self, run_ids: Sequence[str]) -> set[str]:
-        """Which of these runs are stored (claims whose write may have landed)."""
-        cursor = self.claims.find({"_id": {"$in": list(run_ids)}}, {"_id": 1})
-        return {d["_id"] for d in self._read(cursor, "check claims")}
-
     def run_states(self, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """run id -> its ``status``, ``attempt`` and ``finished_at`` (runs that exist)."""
         cursor = self.runs.find(

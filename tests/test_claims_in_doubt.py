@@ -13,9 +13,11 @@ from collections.abc import Iterator
 import pytest
 from helpers import wait_for
 from pymongo import MongoClient
+from pymongo.errors import BulkWriteError
 
 from cloudtask.agent.agent import Agent
 from cloudtask.config import Config
+from cloudtask.exceptions import StoreError
 from cloudtask.localservers import MongoServer
 from cloudtask.store import Store
 from cloudtask.testing import TcpProxy
@@ -64,7 +66,7 @@ def test_a_claim_whose_answer_was_lost_runs_at_most_once_and_is_settled(
         mongo_proxy.drop_next_reply(match=b"\x02insert\x00")  # the next claim's answer
         wait_for(lambda: mongo_proxy.dropped_replies == 1, timeout=10)
         wait_for(
-            lambda: "had landed" in caplog.text,
+            lambda: "are settled" in caplog.text,
             timeout=20,
             message="the claim in doubt was never settled",
         )
@@ -91,3 +93,79 @@ def test_a_claim_whose_answer_was_lost_runs_at_most_once_and_is_settled(
             assert doc["_id"] not in started
         if doc["status"] == "succeeded":
             assert doc["_id"] in started
+
+
+class LateLanding(Store):
+    """A store whose first claim of a keepalive instance is held in the network: the call
+    fails without writing, and the held insert lands right after the agent's next claim
+    call has returned (a link cut that heals, TCP retransmitting what the client gave up on).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.held: list[dict] | None = None
+        self.landed = threading.Event()
+
+    def claim_runs(self, docs):
+        if self.held is None and any(d["task_name"] == "svc" for d in docs):
+            self.held = [dict(d) for d in docs]
+            raise StoreError("MongoDB failed to claim runs (held in the network: test)")
+        won = super().claim_runs(docs)
+        if self.held is not None and not self.landed.is_set():
+            try:
+                self.claims.insert_many(self.held, ordered=False)
+            except BulkWriteError:
+                pass  # its id was taken meanwhile: the late copy changes nothing
+            self.landed.set()
+        return won
+
+
+@pytest.mark.timeout(120)
+def test_a_claim_that_lands_after_the_agent_gave_up_on_it_is_not_left_behind(
+    mongo_client, mongo_db_name, tmp_path
+):
+    """The late copy of a claim must not become a second ``running`` instance of a service
+    that nobody started (the agent read "not stored" and planned a new instance)."""
+    records = tmp_path / "records"
+    direct = Store(mongo_client, mongo_db_name)
+    task = direct.create_task(
+        {
+            "name": "svc",
+            "schedule": {"keepalive": True},
+            "command": recording_command(records, work="sleep 60"),
+        }
+    )
+    cfg = Config().with_section(
+        "agent", data_dir=str(tmp_path / "a1"), poll_interval=0.2, kill_grace=1.0
+    )
+    store = LateLanding(mongo_client, mongo_db_name)
+    agent = Agent(cfg, store, agent_id="a1")
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(store.landed.is_set, timeout=30, message="the held claim never landed")
+        wait_for(
+            lambda: [r for r in read_records(records) if r.kind == "start"],
+            timeout=30,
+            message="the service never started",
+        )
+        time.sleep(3)  # what the documents say once the agent has settled everything
+        started = {r.run_id for r in read_records(records) if r.kind == "start"}
+        live = list(
+            direct.runs.find({"task_id": task["_id"], "status": {"$in": ["queued", "running"]}})
+        )
+        assert len(live) == 1, live
+        assert live[0]["_id"] in started
+        assert len(started) == 1
+    finally:
+        agent.stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    seen = read_records(records)
+    assert duplicate_starts(seen) == []
+    started = {r.run_id for r in seen if r.kind == "start"}
+    for doc in direct.runs.find({"task_id": task["_id"]}):
+        # every instance that is recorded to have run did run, and none is left unfinished
+        assert doc["status"] not in ("queued", "running", "lost"), doc
+        if doc["status"] in ("succeeded", "failed", "killed"):
+            assert doc["_id"] in started, doc

@@ -599,30 +599,27 @@ class Agent:
         return True
 
     def _settle_in_doubt(self, claims: list[_Claim], now: datetime) -> bool:
-        """Claims written without an answer: the stored ones are ours (the write landed), the
-        others were never written and join ``claims`` (the backlog). A landed fire is recorded
+        """Claims written without an answer are written again, as they were: each is then
+        stored under its own id (it had landed, or lands now) and ours, or the fire is another
+        agent's. Reading whether they landed would not settle them: a write held in the
+        network can land after the read said it had not, leaving a claim nobody starts or
+        ends; written again, a late copy finds its id taken. A landed fire is recorded
         ``missed`` when a newer fire of its task waits too, or when it is now too late, by the
         rule of a late tick. False if MongoDB cannot say."""
-        ids = [c.doc["_id"] for c in self._in_doubt]
+        docs = [c.doc for c in self._in_doubt]
         try:
-            with pymongo.timeout(CALL_BUDGET):
-                stored = self.store.stored_run_ids(ids)
+            with pymongo.timeout(CALL_BUDGET * 2):
+                won = self.store.claim_runs(docs)
         except STORE_ERRORS as e:
             self._claim_error = f"MongoDB did not answer ({type(e).__name__})"
             log.debug("claims still in doubt: %s", e)
             return False
         doubt, self._in_doubt = self._in_doubt, []
-        landed = [c for c in doubt if c.doc["_id"] in stored]
-        for c in doubt:
-            if c.doc["_id"] not in stored:
-                if c.spec.schedule.keepalive and c.fire.status is None:
-                    self._release_lease(c.doc["_id"])  # its start is planned again
-                    self.scheduler.keepalive_not_started(c.fire.task_id, now)
-                elif c.fire.task_id in self._specs:
-                    c.doc = None
-                    claims.append(c)
+        landed = [c for c, ok in zip(doubt, won, strict=True) if ok]
+        others = [c for c, ok in zip(doubt, won, strict=True) if not ok]
+        self._after_claim(others, [False] * len(others), now)
         if landed:
-            log.info("%d claims written while MongoDB did not answer had landed", len(landed))
+            log.info("%d claims written while MongoDB did not answer are settled", len(landed))
             newest: dict[str, datetime] = {}
             for c in claims:
                 if c.fire.trigger != "retry":
