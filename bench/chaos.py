@@ -35,7 +35,10 @@ for a while, and then the evidence is read:
 - ``lost_but_ran``: runs recorded ``lost`` whose process did end (its end record);
 - ``mislabelled``: run documents that contradict the records (a ``succeeded`` run that never
   ended with 0, a ``missed`` fire that started, a started run with no document ...);
-- ``missed_ratio``: fires recorded ``missed`` over fires due;
+- ``missed_ratio``: fires recorded ``missed`` over fires due; ``missed_ratio_by_kind`` the
+  same over the fires due while a fault of each kind was on or had healed less than 10 s
+  before (``none``: no fault), so with ``--serial`` (one fault at a time) each fault kind's
+  cost is its own;
 - ``crashes``: agents or centers that ended with no fault on them (each is restarted), and
   faults that never healed (a SIGTERM that did not stop its agent within a minute).
 
@@ -48,6 +51,7 @@ Usage::
 
     python bench/chaos.py --duration 600 --seed 7
     python bench/chaos.py --cycles 1000 --faults agent_kill=3,agent_stop=2,mongo_stall=1
+    python bench/chaos.py --serial --every 10 --duration 300 --faults agent_kill=1
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ FAULTS = {
     "clock_skew": 2,
 }
 AGENTS = ("a1", "a2", "a3")
+RECOVERY_SLACK = 10.0  # seconds after a fault healed that its misses are still its own
 CENTERS = ("c1", "c2")
 DB = "chaos"
 
@@ -538,6 +543,13 @@ class Chaos:
         # every fire due in the window: started, or recorded with the reason
         docs_by_fire = {(d["task_name"], d["scheduled_for"], d["attempt"]): d for d in runs}
         fires = unexplained = missed = 0
+        # per fault kind: fires due while a fault of that kind was on (or within its recovery
+        # slack after it healed), and how many of them were recorded missed
+        spans = [
+            (f.kind, f.started, (f.ended or end.timestamp()) + RECOVERY_SLACK) for f in self.faults
+        ]
+        due_by_kind: Counter[str] = Counter()
+        missed_by_kind: Counter[str] = Counter()
         for task in self.tasks:
             if task.kind in ("keepalive", "all"):
                 continue
@@ -547,10 +559,14 @@ class Chaos:
                 fires += 1
                 key = (task.name, t, 0)
                 doc = docs_by_fire.get(key)
+                during = {k for k, a, b in spans if a <= t.timestamp() <= b} or {"none"}
+                due_by_kind.update(during)
                 if key in started_fires:
                     pass
                 elif doc is not None and doc["status"] in ("missed", "skipped"):
                     missed += doc["status"] == "missed"
+                    if doc["status"] == "missed":
+                        missed_by_kind.update(during)
                 elif doc is not None and doc["status"] == "lost":
                     pass  # counted above (lost_never_started)
                 else:
@@ -572,6 +588,9 @@ class Chaos:
         out["fires"] = fires
         out["unexplained_misses"] = unexplained
         out["missed_ratio"] = round(missed / fires, 4) if fires else 0.0
+        out["missed_ratio_by_kind"] = {
+            k: round(missed_by_kind[k] / n, 4) for k, n in sorted(due_by_kind.items())
+        }
         out["problems"] = problems
         out["gaps"] = self.gaps(records)
         return out
@@ -625,6 +644,12 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=3.0, help="mean seconds between faults")
     parser.add_argument("--session", type=float, default=3.0, help="ZooKeeper session (s)")
     parser.add_argument("--settle", type=float, default=30.0, help="quiet seconds at the end")
+    parser.add_argument(
+        "--serial",
+        action="store_true",
+        help="one fault at a time, the next one --every seconds after the last healed "
+        "(gaps and misses then belong to one fault)",
+    )
     parser.add_argument("--work", help="folder for servers, logs and records (kept)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
@@ -661,6 +686,9 @@ def main() -> None:
                 chaos.heal_due()
                 chaos.restart_exited()
                 time.sleep(0.1)
+                if args.serial and chaos.active:
+                    until = time.monotonic() + pause  # the pause counts from the heal
+
         give_up = time.monotonic() + 60
         while chaos.active and time.monotonic() < give_up:  # an agent may still be stopping
             chaos.heal_due(everything=True)
@@ -702,6 +730,7 @@ def main() -> None:
         "lost_never_started": result["lost_never_started"],
         "seconds": round(took),
         "median_gap_s": {k: statistics.median(v) for k, v in sorted(result["gaps"].items()) if v},
+        "missed_ratio_by_kind": result["missed_ratio_by_kind"],
     }
     print(json.dumps(figures))
 

@@ -597,6 +597,11 @@ class Store:
         )
         return result.matched_count == 1
 
+    def runs_by_id(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The whole documents of these runs (the ones that exist)."""
+        cursor = self.runs.find({"_id": {"$in": list(run_ids)}})
+        return self._read(cursor, "read runs")
+
     def run_states(self, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """run id -> its ``status``, ``attempt`` and ``finished_at`` (runs that exist)."""
         cursor = self.runs.find(

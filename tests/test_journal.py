@@ -165,3 +165,68 @@ def test_a_restarted_agent_tells_the_truth_about_its_earlier_life(
         thread.join(timeout=30)
     # the earlier life's journal is gone once its runs are settled
     assert not earlier_path.exists()
+
+
+def test_a_claim_of_an_earlier_life_that_lands_after_the_restart_is_released(
+    mongo_client, mongo_db_name, tmp_path
+):
+    """An earlier life of a1 wrote a claim and died before its answer; the write was held
+    (a frozen server, a cut link) and lands only after the next life has recovered. It must
+    not stay ``running`` under a dead session (to be called ``lost``, though it never ran):
+    the new life releases it and the fire runs once, as a catch-up."""
+    store = Store(mongo_client, mongo_db_name)
+    records = tmp_path / "records"
+    task = store.create_task(
+        {
+            "name": "late",
+            "schedule": {"every": "1h"},
+            "misfire": "run_once",
+            "misfire_grace": "2h",
+            "command": recording_command(records),
+        }
+    )
+    due = utcnow().replace(minute=0, second=0, microsecond=0)
+    doc = new_run_document(
+        task_id=task["_id"],
+        task_name="late",
+        group="default",
+        revision=task["revision"],
+        scheduled_for=due,
+        slot="one",
+        attempt=0,
+        trigger="schedule",
+        agent="a1",
+        status="running",
+        now=due + timedelta(seconds=1),
+    )
+    data_dir = tmp_path / "a1"
+    earlier = Journal(data_dir / "journal")
+    earlier.open()
+    earlier.claimed([doc["_id"]])
+    earlier.close()
+
+    cfg = Config().with_section(
+        "agent", data_dir=str(data_dir), poll_interval=0.2, kill_grace=1.0, id="a1"
+    )
+    agent = Agent(cfg, store, agent_id="a1")
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: agent._recovered, timeout=15, message="the agent never recovered")
+        assert store.runs_by_id([doc["_id"]]) == []
+        assert store.claim_runs([doc]) == [True]  # the held claim lands now
+        ran = wait_for(
+            lambda: (
+                store.get_run(doc["_id"])
+                if store.get_run(doc["_id"])["status"] == "succeeded"
+                else None
+            ),
+            timeout=60,
+            message="the late claim was never released and run",
+        )
+        assert ran["trigger"] == "catch-up" and ran["released_by"] == "a1"
+        starts = [r for r in read_records(records) if r.kind == "start"]
+        assert [(r.task, r.run_id) for r in starts] == [("late", doc["_id"])]
+    finally:
+        agent.stop()
+        thread.join(timeout=30)

@@ -80,6 +80,11 @@ FORBID_CHECK_SLACK = 5.0  # seconds beyond a session length that a new owner dou
 # in the run journal, and recorded by the agent's next start)
 WRITER_STOP_BUDGET = 5.0
 JOURNAL_TIDY_INTERVAL = 10.0  # seconds between looks for run journal segments to delete
+# An earlier life's claims that were not stored when this life recovered may still land (a
+# write held in the network, or by a frozen server, reaches MongoDB after its writer died):
+# they are looked for this long, this often, and released if they appear.
+LATE_CLAIM_WATCH = 120.0
+LATE_CLAIM_LOOK = 3.0
 
 
 def resolve_agent_id(configured: str, data_dir: Path) -> str:
@@ -206,6 +211,9 @@ class Agent:
         # tasks new to this process, scheduled once their history is read: id -> changed at
         self._awaiting: dict[str, datetime | str | None] = {}
         self._recovered = False  # an earlier life's leftovers dealt with (see recover)
+        # an earlier life's claims, never started, not stored at recovery: id set, watch end
+        self._late_claims: tuple[set[str], float] | None = None
+        self._late_looked = 0.0
         # task id -> {run id: (scheduled_for, attempt)}: runs of our tasks that another agent
         # started and may still be finishing (forbid holds across agents; their retries are ours)
         self._foreign: dict[str, dict[str, tuple[datetime, int]]] = {}
@@ -390,6 +398,8 @@ class Agent:
             self._read_histories(now)
         if not self._recovered:
             self._recover_quietly(now)
+        if self._late_claims is not None:
+            self._release_late_claims()
         fires, delay = self.scheduler.tick(now)
         self.dispatch(fires, now)
         for then in (self._take_pending_runs, self._check_foreign_runs, self._mark_done):
@@ -1053,6 +1063,9 @@ class Agent:
                 counts[verdict] = counts.get(verdict, 0) + 1
             self.store.save_runs(docs, owner=self.agent_id)
             self.store.free_leases([d["_id"] for d in docs])  # their processes are gone
+        unseen = earlier.claimed - earlier.started - set(earlier.ended) - {d["_id"] for d in docs}
+        if unseen:
+            self._late_claims = (unseen, time.monotonic() + LATE_CLAIM_WATCH)
         self.journal.forget_earlier(earlier)
         if docs:
             log.warning(
@@ -1062,6 +1075,45 @@ class Agent:
                 counts.get("never started", 0),
                 counts.get("unknown", 0),
             )
+
+    def _release_late_claims(self) -> None:
+        """Claims an earlier life wrote and never started, whose documents were not stored
+        when this life recovered: a write held in the network (or by a frozen server) can
+        land after its writer died, and would then stay ``running`` under a dead session
+        until the leader called it ``lost``. Looked for a while after the start; each one
+        that lands is released (the task's owner runs it as a catch-up, or records it
+        missed), like the earlier life's other claims that never started."""
+        assert self._late_claims is not None
+        if time.monotonic() - self._late_looked < LATE_CLAIM_LOOK:
+            return
+        self._late_looked = time.monotonic()
+        ids, until = self._late_claims
+        try:
+            with pymongo.timeout(CALL_BUDGET):
+                docs = self.store.runs_by_id(sorted(ids))
+                mine = [
+                    d
+                    for d in docs
+                    if d.get("agent") == self.agent_id
+                    and d["status"] in (*RUNNING_STATUSES, "lost")
+                ]
+                for doc in mine:
+                    doc.update(
+                        released_fields(self.agent_id, "its agent stopped before starting it")
+                    )
+                self.store.save_runs(mine, owner=self.agent_id)
+        except STORE_ERRORS as e:
+            log.debug("cannot look for late claims of an earlier life: %s", e)
+            return
+        if mine:
+            log.warning(
+                "released %d claims of an earlier run of this agent that were stored after it "
+                "stopped, never started",
+                len(mine),
+            )
+        ids -= {d["_id"] for d in docs}  # every one found is settled: released, or not ours
+        if not ids or time.monotonic() >= until:
+            self._late_claims = None
 
     def _recover_quietly(self, now: datetime) -> None:
         """:meth:`recover`, tried again on later steps while MongoDB does not answer."""
