@@ -133,12 +133,12 @@ def test_in_a_cluster_the_owner_takes_the_run_at_once_and_waiting_runs_are_not_l
     run = ops.run_now("alice", task_id)
     done = wait_for(
         lambda: store.get_run(run["_id"])["status"] == "succeeded" and store.get_run(run["_id"]),
-        timeout=20,
+        timeout=40,  # well under the 60 s poll: a loaded machine took over 20 s once
     )
     # the signal wakes the owner: it does not wait for its poll (60 s here)
     assert done["agent"] == owner, (done["agent"], assignments(zk))
     assert done["started_at"].timestamp() - done["claimed_at"].timestamp() < 15
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 40
     # the leader records the agents for the web site
     recorded = wait_for(lambda: {a["_id"]: a for a in store.list_agents()}.keys() >= {"a1", "a2"})
     assert recorded

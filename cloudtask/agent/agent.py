@@ -272,6 +272,10 @@ class Agent:
             return
         previous = self._specs.get(task_id)
         self._specs[task_id] = (revision, spec)
+        if previous is None:
+            # a run may already wait for this task (a manual run signalled before the task
+            # reached this agent): look at the next step, not at the next poll
+            self._pending_signal.set()
         if task_id in self._awaiting or (previous is None and not spec.schedule.keepalive):
             # new to this process: scheduled once its history is read (see _read_histories)
             self._awaiting[task_id] = doc.get("updated_at")
