@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import email
 import email.policy
+import json
 import re
 import secrets
 import threading
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from aiosmtpd.controller import Controller
@@ -136,6 +138,16 @@ def run_document(
         now=when,
         **more,
     )
+
+
+def journal_ends(path: Path) -> dict[str, dict]:
+    """Run id -> the final state the run journal file at ``path`` holds for it."""
+    ends = {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        if "end" in entry:
+            ends[entry["end"]] = entry["state"]
+    return ends
 
 
 class QuietHandler(BaseHTTPRequestHandler):

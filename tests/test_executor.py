@@ -3,7 +3,6 @@ that leave no process behind, logs and their retention, concurrency, retries."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -12,22 +11,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import finished, start, wait_for
+from helpers import finished, journal_ends, start, wait_for
 
 from cloudtask.agent.executor import Executor
 from cloudtask.agent.guard import GuardClient
 from cloudtask.agent.logfiles import cleanup_logs, log_path
 
 PY = sys.executable
-
-
-def journal_ends(path) -> dict:
-    ends = {}
-    for line in path.read_text().splitlines():
-        entry = json.loads(line)
-        if "end" in entry:
-            ends[entry["end"]] = entry["state"]
-    return ends
 
 
 @pytest.fixture(params=["here", "guard"])

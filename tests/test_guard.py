@@ -5,7 +5,6 @@ deadline ends its run even while the agent cannot; a dead guard is replaced."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import time
 
 import psutil
 import pytest
-from helpers import wait_for
+from helpers import journal_ends, wait_for
 
 from cloudtask.agent.guard import GuardClient, SpawnRefused
 
@@ -159,15 +158,6 @@ def test_a_signal_for_a_run_after_its_guard_stopped_is_no_error(guard):
     wait_for(lambda: not alive(proc.pid), timeout=10, message="the stopped guard left its run")
     proc.terminate()  # the socket is closed: no GuardGone in the caller
     proc.kill()
-
-
-def journal_ends(path) -> dict:
-    ends = {}
-    for line in path.read_text().splitlines():
-        entry = json.loads(line)
-        if "end" in entry:
-            ends[entry["end"]] = entry["state"]
-    return ends
 
 
 def test_the_guard_notes_each_exit_in_the_agents_journal(guard, tmp_path):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import threading
 from datetime import datetime, timedelta, timezone
 
-from helpers import wait_for
+from helpers import run_document, wait_for
 
 from cloudtask.agent.agent import Agent
 from cloudtask.agent.journal import Journal
 from cloudtask.config import Config
-from cloudtask.store import Store, new_run_document, utcnow
+from cloudtask.store import Store, utcnow
 from cloudtask.testing.records import read_records, recording_command
 
 
@@ -88,20 +88,7 @@ def test_a_restarted_agent_tells_the_truth_about_its_earlier_life(
     due = now.replace(minute=0, second=0, microsecond=0)
     docs = {}
     for name, task in tasks.items():
-        doc = new_run_document(
-            task_id=task["_id"],
-            task_name=name,
-            group="default",
-            revision=task["revision"],
-            scheduled_for=due,
-            slot="one",
-            attempt=0,
-            trigger="schedule",
-            agent="a1",
-            status="running",
-            now=due + timedelta(seconds=1),
-        )
-        docs[name] = doc
+        docs[name] = run_document(task, due, agent="a1")
     assert store.claim_runs(list(docs.values())) == [True, True, True]
     # the leader's verdict on the never-started claim, made while a1 was dead
     store.finish_unheard_runs([store.get_run(docs["never"]["_id"])], "its agent left")
@@ -186,19 +173,7 @@ def test_a_claim_of_an_earlier_life_that_lands_after_the_restart_is_released(
         }
     )
     due = utcnow().replace(minute=0, second=0, microsecond=0)
-    doc = new_run_document(
-        task_id=task["_id"],
-        task_name="late",
-        group="default",
-        revision=task["revision"],
-        scheduled_for=due,
-        slot="one",
-        attempt=0,
-        trigger="schedule",
-        agent="a1",
-        status="running",
-        now=due + timedelta(seconds=1),
-    )
+    doc = run_document(task, due, agent="a1")
     data_dir = tmp_path / "a1"
     earlier = Journal(data_dir / "journal")
     earlier.open()

@@ -85,6 +85,8 @@ JOURNAL_TIDY_INTERVAL = 10.0  # seconds between looks for run journal segments t
 # they are looked for this long, this often, and released if they appear.
 LATE_CLAIM_WATCH = 120.0
 LATE_CLAIM_LOOK = 3.0
+# why a claim of an earlier life that never started is released
+STOPPED_BEFORE_START = "its agent stopped before starting it"
 
 
 def resolve_agent_id(configured: str, data_dir: Path) -> str:
@@ -1057,9 +1059,7 @@ class Agent:
                 if verdict == "ended":
                     doc.update(journal_state(state or {}))
                 elif verdict == "never started":
-                    doc.update(
-                        released_fields(self.agent_id, "its agent stopped before starting it")
-                    )
+                    doc.update(released_fields(self.agent_id, STOPPED_BEFORE_START))
                 elif doc["status"] != "lost":
                     doc.update(
                         lost_fields(doc, "the agent stopped without finishing this run", now)
@@ -1067,7 +1067,7 @@ class Agent:
                 counts[verdict] = counts.get(verdict, 0) + 1
             self.store.save_runs(docs, owner=self.agent_id)
             self.store.free_leases([d["_id"] for d in docs])  # their processes are gone
-        unseen = earlier.claimed - earlier.started - set(earlier.ended) - {d["_id"] for d in docs}
+        unseen = earlier.never_started() - {d["_id"] for d in docs}
         if unseen:
             self._late_claims = (unseen, time.monotonic() + LATE_CLAIM_WATCH)
         self.journal.forget_earlier(earlier)
@@ -1102,9 +1102,7 @@ class Agent:
                     and d["status"] in (*RUNNING_STATUSES, "lost")
                 ]
                 for doc in mine:
-                    doc.update(
-                        released_fields(self.agent_id, "its agent stopped before starting it")
-                    )
+                    doc.update(released_fields(self.agent_id, STOPPED_BEFORE_START))
                 self.store.save_runs(mine, owner=self.agent_id)
         except STORE_ERRORS as e:
             log.debug("cannot look for late claims of an earlier life: %s", e)

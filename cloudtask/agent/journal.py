@@ -100,6 +100,10 @@ class Earlier:
     ended: dict[str, dict[str, Any]] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
 
+    def never_started(self) -> set[str]:
+        """Every run id :meth:`verdict` calls never started."""
+        return self.claimed - self.started - self.ended.keys()
+
     def verdict(self, run_id: str) -> tuple[str, dict[str, Any] | None]:
         """``("ended", state)``, ``("never started", None)`` or ``("unknown", None)``."""
         if run_id in self.ended:
