@@ -539,10 +539,16 @@ def test_keepalive_hands_over_on_sigterm_without_overlap(cluster, zk, store):
     cluster.agent("a1")
     cluster.agent("a2")
     wait_for(lambda: agent_count(zk) == 2, timeout=30)
+    # the task may start on one agent and move once the second registers: take the owner
+    # from the settled placement, and the instance it runs there
+    wait_for(lambda: spread_over(zk, 1, 1), timeout=30)
+    (owner,) = settled(zk)
     run = wait_for(
-        lambda: store.runs.find_one({"task_id": task_id, "status": "running"}), timeout=30
+        lambda: store.runs.find_one(
+            {"task_id": task_id, "status": "running", "agent": owner}
+        ),
+        timeout=30,
     )
-    owner = run["agent"]
     other = "a2" if owner == "a1" else "a1"
     proc = cluster.procs.pop(owner)
     proc.send_signal(signal.SIGTERM)
