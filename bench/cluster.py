@@ -35,9 +35,11 @@ from kazoo.client import KazooClient  # noqa: E402
 
 from cloudtask.center.center import Center  # noqa: E402
 from cloudtask.center.placement import AgentInfo, Assignment, place_group  # noqa: E402
+from cloudtask.clock import to_bson_time
 from cloudtask.config import Config  # noqa: E402
 from cloudtask.localservers import MongoServer, ZooKeeperServer  # noqa: E402
-from cloudtask.store import Store, new_id, to_bson_time  # noqa: E402
+from cloudtask.runmodel import new_id
+from cloudtask.store import Store  # noqa: E402
 from cloudtask.task import parse_task  # noqa: E402
 from cloudtask.zkpaths import ZkPaths, encode  # noqa: E402
 

@@ -38,9 +38,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cloudtask.clock import to_bson_time
 from cloudtask.config import Config  # noqa: E402
 from cloudtask.localservers import MongoServer, free_port  # noqa: E402
-from cloudtask.store import Store, new_id, new_run_document, to_bson_time  # noqa: E402
+from cloudtask.runmodel import new_id, new_run_document
+from cloudtask.store import Store  # noqa: E402
 from cloudtask.task import parse_task  # noqa: E402
 from cloudtask.users import Users  # noqa: E402
 

@@ -15,13 +15,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from . import __version__
+from .clock import utcnow
 from .config import Config, config_to_dict, load_config
 from .exceptions import CloudTaskError, StoreError, ValidationError
 
@@ -105,7 +106,8 @@ def agent(
     """Run an agent: register in the cluster and run the tasks the center assigns to it."""
     from .agent.agent import Agent
     from .agent.cluster import ClusterAgent
-    from .store import Store, utcnow
+    from .clock import utcnow
+    from .store import Store
     from .testing.clock import clock_from_environment
     from .zkpaths import connect
 
@@ -289,7 +291,7 @@ def read_task_files(paths: tuple[str, ...]) -> tuple[list[tuple[Path, dict]], li
 
     tasks: list[tuple[Path, dict]] = []
     errors: list[str] = []
-    now = datetime.now(timezone.utc)  # a one-shot time in the past is refused here, up front
+    now = utcnow()  # a one-shot time in the past is refused here, up front
     for path in _task_files(paths):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -498,7 +500,7 @@ def user_list(config_path: str | None) -> None:
     from .users import describe
 
     with _store(config_path) as store:
-        for doc in store.users.find().sort("_id", 1):
+        for doc in store.list_user_docs():
             click.echo(describe(doc))
 
 
@@ -697,7 +699,7 @@ def next_cmd(schedule: str, tz: str | None, count: int) -> None:
     zone = value.get("timezone", "UTC") if isinstance(value, dict) else "UTC"
     from zoneinfo import ZoneInfo
 
-    for t in next_fires(parsed, datetime.now(timezone.utc), count):
+    for t in next_fires(parsed, utcnow(), count):
         click.echo(f"{t.isoformat()}  {t.astimezone(ZoneInfo(zone)).isoformat()} {zone}")
 
 

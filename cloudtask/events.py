@@ -21,10 +21,12 @@ Example::
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from bson import ObjectId
+
+from .clock import bson_time
 
 EVENT_VERSION = 1
 
@@ -83,15 +85,6 @@ OUTPUT_LINES = 20  # lines of the output tail an event carries
 OUTPUT_MAX_CHARS = 8192  # ... and no more characters than this (a few very long lines)
 
 
-def _utc_ms(t: datetime | None) -> datetime:
-    """UTC, truncated to the millisecond BSON keeps (so ``ts`` equals the stored ``at``)."""
-    t = t or datetime.now(timezone.utc)
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=timezone.utc)
-    t = t.astimezone(timezone.utc)
-    return t.replace(microsecond=t.microsecond // 1000 * 1000)
-
-
 def event_document(
     kind: str,
     message: str,
@@ -109,7 +102,7 @@ def event_document(
         raise ValueError(f"unknown event kind {kind!r}; known: {', '.join(KINDS)}")
     if severity is not None and severity not in SEVERITIES.values():
         raise ValueError(f"unknown severity {severity!r}")
-    when = _utc_ms(at)
+    when = bson_time(at)
     doc: dict[str, Any] = {
         "_id": event_id or str(ObjectId()),
         "version": EVENT_VERSION,
@@ -250,7 +243,7 @@ def recovered_event(run: dict[str, Any], failures: int, previous_status: str | N
 def _ms(t: Any) -> str:
     """A time as epoch milliseconds (the part of an event id that names one transition)."""
     if isinstance(t, datetime):
-        return str(int(_utc_ms(t).timestamp() * 1000))
+        return str(int(bson_time(t).timestamp() * 1000))
     if isinstance(t, str):  # a date nx-27017 handed back as text
         try:
             return _ms(datetime.fromisoformat(t))

@@ -14,7 +14,8 @@ import copy
 from typing import Any
 
 from .exceptions import Conflict, NotFound, Problem, ValidationError
-from .store import RUNNING_STATUSES, Store
+from .runmodel import RUNNING_STATUSES
+from .store import Store
 from .task import TaskSpec, parse_task
 from .zkpaths import ZkPaths, request_kill, run_signal
 

@@ -10,9 +10,8 @@ the first admin is made with ``cloudtask user add NAME --role admin``.
 Guard rails: an admin cannot disable or demote their own account, and the last enabled admin
 can never be disabled or demoted (:class:`~cloudtask.exceptions.Conflict`).
 
-User documents are always written whole (``replace_one``): the MongoDB wire server used on one
-machine turns booleans and dates written with ``$set`` into numbers and strings. The only
-partial write is a token's ``last_used_at``, a plain number (epoch seconds).
+The documents are read and written by :mod:`cloudtask.store.users` (always whole, but for a
+token's ``last_used_at``).
 
 What pages and the API may show of a user comes from :func:`public` (or :meth:`Users.list`,
 :meth:`Users.list_tokens`): never a password hash or a token hash.
@@ -40,11 +39,12 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from pymongo.errors import DuplicateKeyError, PyMongoError
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from .clock import to_bson_time, utcnow
 from .exceptions import Conflict, NotFound, Problem, ValidationError
-from .store import SCHEMA_VERSION, Store, to_bson_time, utcnow
+from .runmodel import SCHEMA_VERSION
+from .store import Store
 
 T = TypeVar("T")
 
@@ -123,7 +123,6 @@ def _retrying(method: Callable[..., T]) -> Callable[..., T]:
 class Users:
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.users = store.users
 
     def _check(self, username: str, password: str | None, role: str | None) -> None:
         if problems := self.problems(username, password, role):
@@ -156,14 +155,11 @@ class Users:
             "created_at": now,
             "tokens": [],
         }
-        try:
-            self.store._guard(self.users.insert_one, "store the user", doc)
-        except DuplicateKeyError:
-            raise Conflict(f"a user named {username!r} already exists") from None
+        self.store.insert_user(doc)
         return doc
 
     def get(self, username: str) -> dict[str, Any]:
-        doc = self.store._guard(self.users.find_one, "read the user", {"_id": username})
+        doc = self.store.find_user(username)
         if doc is None:
             raise NotFound(f"no user named {username!r}")
         return doc
@@ -188,10 +184,8 @@ class Users:
         two changes at once (a revoke during a password reset) never undo each other: the
         loser raises _Stale and :func:`_retrying` applies it again to the fresh document."""
         rev = doc.get("rev")
-        match = {"_id": doc["_id"], "rev": rev if rev is not None else {"$in": [None]}}
         doc["rev"] = (rev or 0) + 1
-        result = self.store._guard(self.users.replace_one, "update the user", match, doc)
-        if not result.matched_count:
+        if not self.store.replace_user(doc, rev):
             doc["rev"] = rev
             raise _Stale(doc["_id"])
 
@@ -256,10 +250,7 @@ class Users:
 
     def enabled_admins(self) -> builtins.list[str]:
         """The names of the enabled admins (flags read by truthiness, see the module doc)."""
-        cursor = self.store._guard(
-            self.users.find, "read the admins", {"role": "admin"}, {"enabled": 1}
-        )
-        return sorted(d["_id"] for d in cursor if d.get("enabled"))
+        return self.store.enabled_admin_names()
 
     def _keep_an_admin(self, doc: dict[str, Any], what: str) -> None:
         if doc.get("enabled") and not [a for a in self.enabled_admins() if a != doc["_id"]]:
@@ -286,9 +277,7 @@ class Users:
 
     def list(self, limit: int = MAX_LISTED_USERS) -> builtins.list[dict[str, Any]]:
         """Every user (at most ``limit``) by name, as :func:`public` shows them."""
-        cursor = self.store._guard(self.users.find, "list the users", {})
-        docs = cursor.sort("_id", 1).limit(limit)
-        return [public(d) for d in docs]
+        return [public(d) for d in self.store.list_user_docs(limit)]
 
     # --- API tokens -------------------------------------------------------------------------
 
@@ -355,7 +344,7 @@ class Users:
         """The enabled user owning this API token, or None. Runs on every API request: it
         notes the token's use only when the stored note is over a minute old."""
         hashed = token_hash(token)
-        doc = self.store._guard(self.users.find_one, "find the token", {"tokens.hash": hashed})
+        doc = self.store.user_by_token_hash(hashed)
         if doc is None or not doc.get("enabled"):
             return None
         entry = next((t for t in doc.get("tokens") or [] if t.get("hash") == hashed), None)
@@ -369,15 +358,7 @@ class Users:
         last = entry.get("last_used_at")
         if isinstance(last, (int, float)) and now - last < LAST_USED_EVERY:
             return
-        try:
-            # one number in one array element: atomic, so it never undoes a concurrent change
-            # of the user (a role, a disable) the way writing back the whole document would
-            self.users.update_one(
-                {"_id": username, "tokens.hash": entry["hash"]},
-                {"$set": {"tokens.$.last_used_at": round(now, 3)}},
-            )
-        except PyMongoError:
-            pass  # a convenience: the request goes on without it
+        self.store.note_token_use(username, entry["hash"], round(now, 3))
         entry["last_used_at"] = round(now, 3)
 
 

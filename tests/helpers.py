@@ -29,8 +29,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from aiosmtpd.controller import Controller
 
-from cloudtask.agent.executor import Executor, RunContext
-from cloudtask.store import Store, new_run_document
+from cloudtask.agent.executor import Executor
+from cloudtask.agent.run import RunContext
+from cloudtask.runmodel import new_run_document
+from cloudtask.store import Store
 from cloudtask.task import parse_task
 from cloudtask.users import Users
 

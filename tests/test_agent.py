@@ -14,7 +14,8 @@ from helpers import QuietHandler, serve_http, wait_for
 
 from cloudtask.agent.agent import Agent, resolve_agent_id
 from cloudtask.config import Config
-from cloudtask.store import Store, new_run_document
+from cloudtask.runmodel import new_run_document
+from cloudtask.store import Store
 from cloudtask.testing.records import overlaps, read_records, recording_command
 
 PY = sys.executable

@@ -29,7 +29,7 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
-from cloudtask.store import to_bson_time, utcnow
+from cloudtask.clock import to_bson_time, utcnow
 from cloudtask.users import Users, token_hash
 from web.api import api
 from web.openapi import document

@@ -544,9 +544,7 @@ def test_keepalive_hands_over_on_sigterm_without_overlap(cluster, zk, store):
     wait_for(lambda: spread_over(zk, 1, 1), timeout=30)
     (owner,) = settled(zk)
     run = wait_for(
-        lambda: store.runs.find_one(
-            {"task_id": task_id, "status": "running", "agent": owner}
-        ),
+        lambda: store.runs.find_one({"task_id": task_id, "status": "running", "agent": owner}),
         timeout=30,
     )
     other = "a2" if owner == "a1" else "a1"

@@ -17,9 +17,9 @@ from test_cluster import SESSION, Cluster, agent_count, assignments, make_tasks
 
 from cloudtask import events as ev
 from cloudtask.center.center import Center
+from cloudtask.clock import to_bson_time
 from cloudtask.config import Config
 from cloudtask.operations import Operations
-from cloudtask.store import to_bson_time
 from cloudtask.zkpaths import ZkPaths, encode
 
 PATHS = ZkPaths("/cloudtask")
@@ -271,7 +271,7 @@ def test_recovered_from_a_lost_run_and_within_one_batch(store):
 def test_missed_fires_are_no_failures_and_not_what_a_recovery_ends():
     """A fire recorded missed (the cluster was down or restarting) neither counts as a
     failure, nor starts a streak, nor is the status a recovery comes after."""
-    from cloudtask.store import _count_failures
+    from cloudtask.runmodel import count_failures as _count_failures
 
     def run(n, status):
         return {"_id": f"r{n}", "status": status, "task_id": "t", "agent": "a1"}

@@ -13,8 +13,9 @@ from helpers import run_document, wait_for
 
 from cloudtask.agent.agent import Agent
 from cloudtask.agent.journal import Journal
+from cloudtask.clock import utcnow
 from cloudtask.config import Config
-from cloudtask.store import Store, utcnow
+from cloudtask.store import Store
 from cloudtask.testing.records import read_records, recording_command
 
 

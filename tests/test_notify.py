@@ -35,7 +35,8 @@ from cloudtask.notify import (
 from cloudtask.notify.content import event_subject
 from cloudtask.notify.deliveries import Deliveries
 from cloudtask.notify.webhook import signature
-from cloudtask.store import Store, new_run_document
+from cloudtask.runmodel import new_run_document
+from cloudtask.store import Store
 
 T0 = datetime(2026, 12, 1, 3, 0, tzinfo=timezone.utc)
 BASE = "https://ct.example.com"

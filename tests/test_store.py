@@ -7,7 +7,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from cloudtask.exceptions import Conflict, NotFound, StoreError, ValidationError
-from cloudtask.store import Store, indexed, new_run_document
+from cloudtask.runmodel import new_run_document
+from cloudtask.store import Store, indexed
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 

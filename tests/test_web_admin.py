@@ -14,7 +14,8 @@ import pytest
 from bson import ObjectId
 from helpers import ADMIN, OPERATOR, VIEWER, make_web_app, post_login, web_login
 
-from cloudtask.store import SCHEMA_VERSION, new_id, to_bson_time
+from cloudtask.clock import to_bson_time
+from cloudtask.runmodel import SCHEMA_VERSION, new_id
 from cloudtask.users import Users, token_hash
 
 ADMIN_PW, OPERATOR_PW, VIEWER_PW = ADMIN.password, OPERATOR.password, VIEWER.password

@@ -10,7 +10,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from helpers import OPERATOR, VIEWER, make_web_app, web_login
 
-from cloudtask.store import new_id, to_bson_time
+from cloudtask.clock import to_bson_time
+from cloudtask.runmodel import new_id
 from cloudtask.users import Users
 
 NOW = datetime.now(timezone.utc)

@@ -13,8 +13,10 @@ import pytest
 from helpers import finished, start
 
 from cloudtask.agent.executor import Executor
+from cloudtask.clock import utcnow
 from cloudtask.localservers import MongoServer, ZooKeeperServer
-from cloudtask.store import Store, new_run_document, utcnow
+from cloudtask.runmodel import new_run_document
+from cloudtask.store import Store
 from cloudtask.task import validate_task
 from cloudtask.users import Users, _Stale
 from cloudtask.zkpaths import connect
@@ -355,8 +357,8 @@ def test_the_login_throttle_is_shared_by_web_processes_and_stays_small(store):
     from web.security import LoginThrottle
 
     # two web processes on one database: their failures add up
-    first = LoginThrottle(lambda: store.db["login_failures"])
-    second = LoginThrottle(lambda: store.db["login_failures"])
+    first = LoginThrottle(lambda: store)
+    second = LoginThrottle(lambda: store)
     for throttle in (first, second, first, second):
         throttle.failed("alice", "10.0.0.1")
     assert not first.blocked("alice", "10.0.0.1") and not second.blocked("alice", "10.0.0.1")
@@ -373,7 +375,7 @@ def test_the_login_throttle_is_shared_by_web_processes_and_stays_small(store):
     first.succeeded("alice", "10.0.0.1")
     assert not second.blocked("alice", "10.0.0.1")
     # the failures stop counting after the window, and expired pairs are deleted
-    short = LoginThrottle(lambda: store.db["login_failures"], limit=2, window=2.0)
+    short = LoginThrottle(lambda: store, limit=2, window=2.0)
     short.failed("carol", "10.0.0.4")
     short.failed("carol", "10.0.0.4")
     assert short.blocked("carol", "10.0.0.4")

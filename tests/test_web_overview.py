@@ -14,10 +14,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from helpers import VIEWER, make_web_app, post_login, run_document
 
+from cloudtask.clock import to_bson_time
 from cloudtask.config import Config
-from cloudtask.store import to_bson_time
 from cloudtask.zkpaths import ZkPaths, encode
-from web.queries import list_tasks
 
 NOW = datetime.now(timezone.utc)
 SOON = {"at": (NOW + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")}  # a one-shot schedule
@@ -173,7 +172,7 @@ def test_the_dashboard_figures_match_the_data(store, zk, cluster_data):
     assert figure(page, "tasks-paused") == "2"  # paused-task, paused-once (done too)
     assert figure(page, "tasks-done") == "2"
     for state in ("enabled", "paused", "done"):
-        assert figure(page, f"tasks-{state}") == str(list_tasks(store, {"state": state}).total)
+        assert figure(page, f"tasks-{state}") == str(store.task_page({"state": state}).total)
     # runs scheduled in the last 24 h only
     expected = {
         "succeeded": 3,

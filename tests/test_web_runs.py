@@ -13,8 +13,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from helpers import make_web_app, run_document, web_login
 
+from cloudtask.clock import to_bson_time
 from cloudtask.config import Config
-from cloudtask.store import OUTPUT_TAIL_BYTES, to_bson_time
+from cloudtask.runmodel import OUTPUT_TAIL_BYTES
 from cloudtask.zkpaths import ZkPaths, decode
 
 NOW = datetime.now(timezone.utc).replace(microsecond=0)

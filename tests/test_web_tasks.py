@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from helpers import VIEWER, make_web_app, run_document, web_login
 
-from cloudtask.store import to_bson_time
+from cloudtask.clock import to_bson_time
 from cloudtask.zkpaths import ZkPaths, encode
 from web.tasks import field_of
 

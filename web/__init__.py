@@ -66,7 +66,7 @@ def create_app(config: Config | None = None, test_config: dict[str, Any] | None 
         return app.extensions["cloudtask"]["store"]
 
     app.extensions["cloudtask_store"] = store
-    app.extensions["cloudtask_throttle"] = LoginThrottle(lambda: store().db["login_failures"])
+    app.extensions["cloudtask_throttle"] = LoginThrottle(store)
     login_manager.init_app(app)
     app.register_blueprint(auth_bp)
     from . import admin, api, cluster, dashboard, events, files, runs, settings, tasks

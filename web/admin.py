@@ -21,15 +21,15 @@ from typing import Any
 
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user
-from pymongo import DESCENDING
 from werkzeug.routing import BuildError
 
 from cloudtask.exceptions import Conflict, NotFound, Problem, ValidationError
+from cloudtask.store import Page
 from cloudtask.users import ROLES, Users, public, token_name_problem
 
 from .auth import requires
 from .context import actor, store
-from .queries import Page, count, int_arg, text_arg, time_arg
+from .queries import int_arg, text_arg, time_arg
 
 bp = Blueprint("admin", __name__)
 
@@ -292,58 +292,10 @@ def audit_filters(args: Any) -> dict[str, Any]:
     return filters
 
 
-def _same(value: str) -> dict[str, str]:
-    """Equality on a string field, written as a range with both ends on the value: the
-    MongoDB wire server used on one machine turns ``{field: value}`` into a test that also
-    looks inside arrays, which no index serves; this range is the same test on a string and
-    uses the (actor, at) and (target, at) indexes in both servers."""
-    return {"$gte": value, "$lte": value}
-
-
-def _id_at(moment: datetime) -> str:
-    """The smallest audit entry id made in ``moment``'s second or later. Entry ids are
-    ObjectIds as 24 hex digits (``Store.add_audit``) whose first 8 are the second they were
-    made in, so they compare as strings in time order."""
-    seconds = min(max(int(moment.timestamp()), 0), 0xFFFFFFFF)
-    return f"{seconds:08x}" + "0" * 16
-
-
 def list_audit(filters: dict[str, Any]) -> Page:
-    """One page of entries, newest first.
+    """One page of entries, newest first (see :meth:`Store.audit_page`)."""
+    return store().audit_page(filters, AUDIT_PER_PAGE)
 
-    The time range is applied through the entries' ids, not their ``at``: the wire server
-    used on one machine neither compares dates inside an aggregation (its counts come out
-    wrong) nor serves a date range from an index (it reads and sorts every match), while ids
-    compare as strings everywhere. So the entries in range are counted by id, and the page is
-    read from the entries that match the other filters, newest first by ``at`` (indexed),
-    after skipping those newer than ``until`` (counted by id too)."""
-    audit = store().audit
-    query: dict[str, Any] = {}
-    if filters.get("actor"):
-        query["actor"] = _same(filters["actor"])
-    if filters.get("action"):
-        prefix = filters["action"]
-        query["action"] = {"$gte": prefix, "$lt": prefix + "\U0010ffff"}
-    if filters.get("target"):
-        query["target"] = _same(filters["target"])
-    ids: dict[str, str] = {}
-    if filters.get("since"):
-        ids["$gte"] = _id_at(filters["since"])
-    if filters.get("until"):
-        ids["$lt"] = _id_at(filters["until"])
-    total = count(audit, {**query, "_id": ids} if ids else query)
-    newer = count(audit, {**query, "_id": {"$gte": ids["$lt"]}}) if "$lt" in ids else 0
-    page, per_page = filters.get("page", 1), filters.get("per_page", AUDIT_PER_PAGE)
-    offset = (page - 1) * per_page
-    wanted = min(per_page, total - offset)
-    items: list[dict[str, Any]] = []
-    if wanted > 0:
-        cursor = audit.find(query).sort("at", DESCENDING).skip(newer + offset).limit(wanted)
-        items = list(cursor)
-    return Page(items, page, per_page, total, capped=False, filters=filters)
-
-
-# --- audit log: how an entry is shown ---------------------------------------------------------
 
 _MISSING = object()
 
@@ -414,10 +366,7 @@ def target_links(items: list[dict[str, Any]]) -> dict[str, str]:
     query for the whole page), users (for admins), runs and files."""
     targets = {str(item.get("target") or "") for item in items}
     names = sorted(t[5:] for t in targets if t.startswith("task:"))
-    task_ids: dict[str, str] = {}
-    if names:
-        for doc in store().tasks.find({"name": {"$in": names}}, {"name": 1}):
-            task_ids[doc["name"]] = doc["_id"]
+    task_ids = store().task_ids_by_name(names) if names else {}
     links: dict[str, str] = {}
     for target in targets:
         kind, _, name = target.partition(":")

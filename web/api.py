@@ -22,16 +22,19 @@ import hmac
 import json
 import math
 import re
-from datetime import datetime, timezone
+from datetime import timezone
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 from flask_login import current_user
 
+from cloudtask.clock import utcnow
 from cloudtask.exceptions import Conflict, NotFound, Problem, ValidationError
 from cloudtask.operations import find_task
+from cloudtask.runmodel import RESULT_STATUSES, RUNNING_STATUSES
 from cloudtask.schedules import next_fires
-from cloudtask.store import RUNNING_STATUSES, nest_dotted
+from cloudtask.store import nest_dotted
+from cloudtask.store.queries import RUN_LIST_FIELDS
 from cloudtask.task import parse_task
 
 from . import queries
@@ -47,7 +50,7 @@ from .openapi import (
     query,
     ref,
 )
-from .queries import LAST_RESULTS, MAX_PER_PAGE, RUN_LIST_FIELDS, RUN_STATUSES, TASK_STATES
+from .queries import LAST_RESULTS, MAX_PER_PAGE, RUN_STATUSES, TASK_STATES
 from .tasks import task_state
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -221,7 +224,7 @@ def fire_times(task: dict[str, Any]) -> list[str]:
         return []
     if spec.schedule.keepalive:
         return []
-    now = datetime.now(timezone.utc)
+    now = utcnow()
     return [
         f.astimezone(timezone.utc).isoformat() for f in next_fires(spec.schedule, now, NEXT_FIRES)
     ]
@@ -317,7 +320,7 @@ def me() -> Any:
 def list_tasks() -> Any:
     filters = checked(queries.task_filters)
     view = cluster()
-    page = queries.list_tasks(store(), filters, view.owners if view.connected else {})
+    page = store().task_page(filters, view.owners if view.connected else {})
     items = [task_out(nest_dotted(item), detail=False) for item in page.items]
     return jsonify(
         items=items, page=page.page, per_page=page.per_page, total=page.total, capped=page.capped
@@ -489,7 +492,7 @@ RUN_PARAM = path_param("run_id", "The run's id")
 
 
 def read_run(run_id: str, fields: dict[str, int]) -> dict[str, Any]:
-    doc = store().runs.find_one({"_id": run_id}, fields)
+    doc = store().run_fields(run_id, fields)
     if doc is None:
         raise ApiError(404, f"no run with id {run_id!r}")
     return doc
@@ -518,7 +521,7 @@ def read_run(run_id: str, fields: dict[str, int]) -> dict[str, Any]:
 @requires("viewer")
 def list_runs() -> Any:
     filters = checked(queries.run_filters)
-    page = queries.list_runs(store(), filters)
+    page = store().run_page(filters)
     return jsonify(
         items=[run_json(r) for r in page.items],
         page=page.page,
@@ -593,7 +596,7 @@ def _callback_run(run_id: str) -> dict[str, Any]:
     """The run whose token the request carries; 401 for a wrong token and an unknown run
     alike, so the API does not tell which run ids exist."""
     token = request.headers.get("X-CloudTask-Token", "")
-    doc = store().runs.find_one({"_id": run_id}, {"status": 1, "token_hash": 1}) or {}
+    doc = store().run_fields(run_id, {"status": 1, "token_hash": 1}) or {}
     expected = doc.get("token_hash")
     expected = expected.encode() if isinstance(expected, str) and expected else b"\0"
     given = hashlib.sha256(token.encode("utf-8", "replace")).hexdigest().encode()
@@ -678,7 +681,7 @@ def run_result(run_id: str) -> Any:
     problems: list[Problem] = []
     _unknown_keys(body, ("status", "message"), problems)
     status = body.get("status")
-    if status not in ("succeeded", "failed"):
+    if status not in RESULT_STATUSES:
         got = "nothing" if "status" not in body else json.dumps(status)[:40]
         problems.append(Problem("status", f"expected succeeded or failed, got {got}"))
     message = _message(body, problems)
@@ -728,8 +731,7 @@ def get_cluster() -> Any:
     listed = unassigned[:UNASSIGNED_LISTED]
     names = {}
     if listed:
-        cursor = store().tasks.find({"_id": {"$in": [t for t, _ in listed]}}, {"name": 1})
-        names = {d["_id"]: d.get("name") for d in cursor}
+        names = store().task_names(t for t, _ in listed)
     return jsonify(
         connected=view.connected,
         leader=view.leader,
@@ -781,7 +783,7 @@ def event_json(doc: dict[str, Any]) -> dict[str, Any]:
 @requires("viewer")
 def list_events() -> Any:
     filters = checked(queries.event_filters)
-    page = queries.list_events(store(), filters)
+    page = store().event_page(filters)
     return jsonify(
         items=[event_json(e) for e in page.items],
         page=page.page,

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Blueprint, render_template, request
-from pymongo.errors import PyMongoError
 
 from cloudtask.clusterview import merge_agents
-from cloudtask.exceptions import CloudTaskError, StoreError
+from cloudtask.exceptions import CloudTaskError
 
 from .auth import requires
 from .context import agents, cluster, store
@@ -60,17 +59,7 @@ class Group:
 def enabled_tasks_by_group() -> dict[str, int]:
     """Enabled tasks per group that still fire (done one-shot tasks left out, as the task
     list's ``state=enabled`` filter does), in one aggregation."""
-    try:
-        match = {"enabled": True, "done_at": {"$in": [None]}}
-        rows = store().tasks.aggregate(
-            [{"$match": match}, {"$group": {"_id": "$group", "n": {"$sum": 1}}}]
-        )
-        return {str(r["_id"]): int(r["n"]) for r in rows if r.get("_id") is not None}
-    except PyMongoError as e:
-        raise StoreError(
-            f"MongoDB failed to count the tasks of each group ({type(e).__name__}: {e}); "
-            "check that it runs and that mongodb.uri points at it"
-        ) from e
+    return store().enabled_tasks_by_group()
 
 
 def recorded_agents() -> list[dict[str, Any]]:

@@ -28,15 +28,16 @@ from datetime import datetime, timezone
 from typing import Any
 
 from flask import Blueprint, current_app, render_template
-from pymongo import DESCENDING
 from pymongo.errors import PyMongoError
 
+from cloudtask.clock import from_epoch, utcnow
 from cloudtask.exceptions import StoreError
+from cloudtask.runmodel import FAILING_STATUSES
 from cloudtask.store import Store
 
 from .auth import requires
 from .context import agents, cluster, store
-from .queries import RUN_LIST_FIELDS, RUN_STATUSES, count
+from .queries import RUN_STATUSES
 from .tasks import run_link
 
 bp = Blueprint("dashboard", __name__)
@@ -44,8 +45,7 @@ bp = Blueprint("dashboard", __name__)
 DAY_SECONDS = 86_400
 # the runs that count for the success rate: finished runs that ran (or should have) to an end;
 # skipped and missed fires never started, so they neither help nor hurt
-RATE_STATUSES = ("succeeded", "failed", "timed_out", "lost", "killed")
-FAILING_STATUSES = ("failed", "timed_out", "lost")
+RATE_STATUSES = ("succeeded", *FAILING_STATUSES, "killed")
 FAILING_SHOWN = 20
 UNASSIGNED_SHOWN = 20
 RECENT_RUNS = 15
@@ -56,7 +56,7 @@ _cache_lock = threading.Lock()
 
 @dataclass
 class TaskStates:
-    """Counts that match the task list's ``state`` filter (web.queries.list_tasks)."""
+    """Counts that match the task list's ``state`` filter (Store.task_page)."""
 
     enabled: int = 0  # enabled and not done
     paused: int = 0  # enabled false (done or not)
@@ -78,34 +78,14 @@ class RunStats:
         return 100.0 * self.succeeded / self.counted if self.counted else None
 
 
-def _grouped(collection: Any, pipeline: list[dict[str, Any]]) -> dict[Any, int]:
-    """``{_id: n}`` of a ``$group`` pipeline whose accumulator is ``n``."""
-    return {row["_id"]: int(row["n"]) for row in collection.aggregate(pipeline)}
-
-
 def task_states(db: Store) -> TaskStates:
-    by_flag = {}
-    for flag in (True, False):
-        # group_enabled is (group, enabled): grouping by group lets the server read only it
-        counts = _grouped(
-            db.tasks,
-            [{"$match": {"enabled": flag}}, {"$group": {"_id": "$group", "n": {"$sum": 1}}}],
-        )
-        by_flag[flag] = sum(counts.values())
-    # done tasks, split by their flag (a done task keeps enabled true); no index: one scan
-    done = _grouped(
-        db.tasks,
-        [
-            {"$match": {"done_at": {"$nin": [None]}}},
-            {"$group": {"_id": "$enabled", "n": {"$sum": 1}}},
-        ],
-    )
+    enabled, paused, done = db.task_flag_counts()
     done_enabled = sum(n for flag, n in done.items() if flag)  # stored true, or 1 after $set
     return TaskStates(
-        enabled=max(0, by_flag[True] - done_enabled),
-        paused=by_flag[False],
+        enabled=max(0, enabled - done_enabled),
+        paused=paused,
         done=sum(done.values()),
-        total=by_flag[True] + by_flag[False],
+        total=enabled + paused,
     )
 
 
@@ -115,10 +95,7 @@ def run_stats(db: Store, now: float | None = None) -> RunStats:
     since = now - DAY_SECONDS
     # the upper bound only steers SQLite's planner to the ts index (see the module's notes);
     # it is a day ahead so that no run is left out by a clock a little ahead
-    window = {"ts": {"$gte": since, "$lt": now + DAY_SECONDS}}
-    counts = _grouped(
-        db.runs, [{"$match": window}, {"$group": {"_id": "$status", "n": {"$sum": 1}}}]
-    )
+    counts = db.run_status_counts(since, now + DAY_SECONDS)
     by_status = {s: counts.get(s, 0) for s in RUN_STATUSES}
     by_status.update({str(s): n for s, n in counts.items() if s not in by_status})  # unknown
     return RunStats(
@@ -126,57 +103,36 @@ def run_stats(db: Store, now: float | None = None) -> RunStats:
         total=sum(counts.values()),
         succeeded=by_status["succeeded"],
         counted=sum(by_status[s] for s in RATE_STATUSES),
-        since=datetime.fromtimestamp(since, timezone.utc),
+        since=from_epoch(since),
     )
 
 
 def failing_tasks(db: Store) -> tuple[list[dict[str, Any]], int]:
     """Tasks whose last run failed, timed out or was lost, latest failure first (at most
     ``FAILING_SHOWN``), and how many there are."""
-    fields = {"name": 1, "group": 1, "enabled": 1, "done_at": 1, "last_run": 1}
-    found: list[dict[str, Any]] = []
-    total = 0
-    for status in FAILING_STATUSES:  # equality reads use the index; an $in does not
-        query = {"last_run.status": status}
-        rows = list(
-            db.tasks.find(query, fields).sort("last_run.finished", DESCENDING).limit(FAILING_SHOWN)
-        )
-        found += rows
-        total += len(rows) if len(rows) < FAILING_SHOWN else count(db.tasks, query)
-    found.sort(key=lambda t: -float((t.get("last_run") or {}).get("finished") or 0))
-    return found[:FAILING_SHOWN], total
+    return db.tasks_last_ended(FAILING_STATUSES, FAILING_SHOWN)
 
 
 def unassigned_tasks(db: Store, unassigned: dict[str, str]) -> list[dict[str, Any]]:
     """The first ``UNASSIGNED_SHOWN`` tasks the leader could not place (no live agent in
     their group), by group and name. A task deleted meanwhile is shown by its id."""
     ids = sorted(unassigned, key=lambda t: (unassigned[t], t))[:UNASSIGNED_SHOWN]
-    names = {d["_id"]: d["name"] for d in db.tasks.find({"_id": {"$in": ids}}, {"name": 1})}
+    names = db.task_names(ids)
     rows = [{"id": t, "name": names.get(t), "group": unassigned[t]} for t in ids]
     rows.sort(key=lambda r: (r["group"], r["name"] or r["id"]))
     return rows
 
 
 def recent_runs(db: Store) -> list[dict[str, Any]]:
-    return list(
-        db.runs.find({}, RUN_LIST_FIELDS).sort("scheduled_for", DESCENDING).limit(RECENT_RUNS)
-    )
+    return db.recent_runs(RECENT_RUNS)
 
 
 RECENT_EVENTS = 10
 
 
 def recent_events(db: Store) -> list[dict[str, Any]]:
-    """The newest events that need attention (errors and warnings), by their numeric ts."""
-    # one equality query per severity: the wire server used on one machine serves an
-    # equality from the (severity, ts) index, an $in from no index at all
-    found = [
-        e
-        for severity in ("error", "warning")
-        for e in db.events.find({"severity": severity}).sort("ts", DESCENDING).limit(RECENT_EVENTS)
-    ]
-    found.sort(key=lambda e: e.get("ts") or 0, reverse=True)
-    return found[:RECENT_EVENTS]
+    """The newest events that need attention (errors and warnings)."""
+    return db.recent_events(("error", "warning"), RECENT_EVENTS)
 
 
 def agent_summary() -> dict[str, Any]:
@@ -210,9 +166,7 @@ class Figures:
 def read_figures(db: Store) -> Figures:
     try:
         failing, failing_total = failing_tasks(db)
-        return Figures(
-            task_states(db), run_stats(db), failing, failing_total, datetime.now(timezone.utc)
-        )
+        return Figures(task_states(db), run_stats(db), failing, failing_total, utcnow())
     except PyMongoError as e:
         raise _store_error(e) from e
 

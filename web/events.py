@@ -15,7 +15,7 @@ from flask import Blueprint, render_template, request
 from .auth import requires
 from .context import store
 from .filters import datetime_local
-from .queries import EVENT_KINDS, EVENT_SEVERITIES, event_filters, lenient, list_events
+from .queries import EVENT_KINDS, EVENT_SEVERITIES, event_filters, lenient
 
 bp = Blueprint("events", __name__, url_prefix="/events")
 
@@ -27,7 +27,7 @@ SEVERITY_CLASS = {"error": "bad", "warning": "warn", "info": "muted"}
 @requires("viewer")
 def index() -> Any:
     filters, problems = lenient(event_filters, request.args)
-    page = list_events(store(), filters)
+    page = store().event_page(filters)
     errors = {p.path: p.message for p in problems}
     return render_template(
         "events/list.html",

@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Flask, request, url_for
 
+from cloudtask.clock import from_epoch
 from cloudtask.durations import format_duration
 
 STATUS_CLASS = {
@@ -27,7 +28,7 @@ def when(value: Any) -> str:
     if value is None or value == "":
         return "–"
     if isinstance(value, (int, float)):
-        value = datetime.fromtimestamp(value, timezone.utc)
+        value = from_epoch(value)
     if isinstance(value, str):
         try:
             value = datetime.fromisoformat(value)

@@ -17,8 +17,8 @@ from typing import Any
 from flask import Blueprint
 
 from cloudtask import __version__
+from cloudtask.runmodel import FINISHED_STATUSES, RESULT_STATUSES, STATUSES
 from cloudtask.schedules import EVERY_MAX, EVERY_MIN
-from cloudtask.store import FINISHED_STATUSES, RUNNING_STATUSES
 from cloudtask.task import (
     CONCURRENCY_POLICIES,
     HTTP_METHODS,
@@ -513,7 +513,7 @@ def _page(item: str) -> dict[str, Any]:
     }
 
 
-RUN_STATUS = {"enum": list(RUNNING_STATUSES + FINISHED_STATUSES)}
+RUN_STATUS = {"enum": list(STATUSES)}
 RUN = {
     "type": "object",
     "description": "A run of a task (never its token; its output is at /output)",
@@ -552,7 +552,7 @@ REPORT = {
         "result": {
             "type": ["object", "null"],
             "properties": {
-                "status": {"enum": ["succeeded", "failed"]},
+                "status": {"enum": list(RESULT_STATUSES)},
                 "message": STRING,
                 "at": TIME,
             },
@@ -701,7 +701,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["status"],
         "additionalProperties": False,
         "properties": {
-            "status": {"enum": ["succeeded", "failed"]},
+            "status": {"enum": list(RESULT_STATUSES)},
             "message": {"type": "string", "maxLength": 2000},
         },
     },

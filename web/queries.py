@@ -7,54 +7,17 @@ argument, so the page shows it and the API answers 422 with the same detail.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING
-
 from cloudtask import events
 from cloudtask.exceptions import Problem, ValidationError
-from cloudtask.store import FINISHED_STATUSES, RUNNING_STATUSES, Store
+from cloudtask.runmodel import FINISHED_STATUSES, STATUSES
 
 TASK_STATES = ("enabled", "paused", "done")
-LAST_RESULTS = ("succeeded", "failed", "timed_out", "killed", "skipped", "missed", "lost", "never")
-RUN_STATUSES = RUNNING_STATUSES + FINISHED_STATUSES
+LAST_RESULTS = (*FINISHED_STATUSES, "never")
+RUN_STATUSES = STATUSES
 MAX_PER_PAGE = 500
-COUNT_CAP = 100_000  # counts above this show as "100000+"
-
-# what a task list shows per task (never the whole output or env of many tasks)
-TASK_LIST_FIELDS = {
-    "name": 1,
-    "group": 1,
-    "enabled": 1,
-    "done_at": 1,
-    "revision": 1,
-    "updated_at": 1,
-    "last_run": 1,
-    "spec.schedule": 1,
-    "spec.owner": 1,
-    "spec.description": 1,
-}
-RUN_LIST_FIELDS = {"output_tail": 0, "token_hash": 0}
-
-
-@dataclass
-class Page:
-    items: list[dict[str, Any]]
-    page: int
-    per_page: int
-    total: int  # capped at COUNT_CAP
-    capped: bool
-    filters: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def pages(self) -> int:
-        return max(1, -(-self.total // self.per_page))
-
-    @property
-    def has_next(self) -> bool:
-        return self.page * self.per_page < self.total
 
 
 def int_arg(args: Any, name: str, default: int, low: int, high: int, problems: list) -> int:
@@ -137,20 +100,6 @@ def lenient(check: Any, args: Any) -> tuple[dict[str, Any], list[Problem]]:
         return check({k: v for k, v in args.items() if k not in bad}), list(e.problems)
 
 
-def count(collection: Any, query: dict[str, Any]) -> int:
-    """How many documents match, counted by the server in one aggregation (``$match`` then
-    ``$count``): on the MongoDB wire server used on one machine this runs as one SQL query,
-    where ``count_documents`` reads every document (a second at 10,000 tasks). Queries given
-    here compare numbers and strings only (runs are ranged by their numeric ``ts``)."""
-    result = list(collection.aggregate([{"$match": query}, {"$count": "n"}]))
-    return int(result[0]["n"]) if result else 0
-
-
-def _count(collection: Any, query: dict[str, Any]) -> tuple[int, bool]:
-    n = count(collection, query)
-    return min(n, COUNT_CAP), n > COUNT_CAP
-
-
 def task_filters(args: Any) -> dict[str, Any]:
     """Checked task-list filters: q, group, state, owner, last, page, per_page."""
     problems: list[Problem] = []
@@ -168,61 +117,6 @@ def task_filters(args: Any) -> dict[str, Any]:
     return filters
 
 
-def list_tasks(store: Store, filters: dict[str, Any], owners: dict[str, str] | None = None) -> Page:
-    """Tasks sorted by name. ``q`` matches the start of the name (case-insensitive; an
-    indexed range, fast at any number of tasks), ``owner``
-    the task's owner (a person or team, ``spec.owner``). ``owners`` (task id -> agent) adds
-    ``owner_agent`` to each listed task."""
-    query: dict[str, Any] = {}
-    if filters.get("q"):
-        prefix = filters["q"].lower()
-        query["name_lc"] = {"$gte": prefix, "$lt": prefix + "\U0010ffff"}
-    if filters.get("group"):
-        query["group"] = filters["group"]
-    state = filters.get("state")
-    if state == "enabled":
-        query["enabled"] = True
-        query["done_at"] = {"$in": [None]}
-    elif state == "paused":
-        query["enabled"] = False
-    elif state == "done":
-        query["done_at"] = {"$nin": [None]}
-    if filters.get("owner"):
-        query["spec.owner"] = filters["owner"]
-    last = filters.get("last")
-    if last == "never":
-        query["last_run"] = {"$in": [None]}
-    elif last:
-        query["last_run.status"] = last
-    page, per_page = filters.get("page", 1), filters.get("per_page", 50)
-    cursor = (
-        store.tasks.find(query, TASK_LIST_FIELDS)
-        .sort("name", ASCENDING)
-        .skip((page - 1) * per_page)
-        .limit(per_page)
-    )
-    items = list(cursor)
-    total, capped = _count(store.tasks, query)
-    for item in items:
-        item["owner_agent"] = (owners or {}).get(item["_id"])
-    return Page(items, page, per_page, total, capped, filters)
-
-
-def ts_span(filters: dict[str, Any]) -> dict[str, float]:
-    """The ``since``/``until`` filters as a range of a numeric ``ts`` (epoch seconds), or {}.
-    A range from ``since`` gets an upper bound too (nothing is recorded a day ahead): with both
-    bounds the wire server used on one machine ranges over the ts index instead of scanning
-    another."""
-    span: dict[str, float] = {}
-    if filters.get("since"):
-        span["$gte"] = filters["since"].timestamp()
-    if filters.get("until"):
-        span["$lt"] = filters["until"].timestamp()
-    elif span:
-        span["$lt"] = datetime.now(timezone.utc).timestamp() + 86400
-    return span
-
-
 def run_filters(args: Any) -> dict[str, Any]:
     """Checked run-list filters: task (id), status, agent, since, until, page, per_page."""
     problems: list[Problem] = []
@@ -238,32 +132,6 @@ def run_filters(args: Any) -> dict[str, Any]:
     if problems:
         raise ValidationError(problems, source="the filters")
     return filters
-
-
-def list_runs(store: Store, filters: dict[str, Any]) -> Page:
-    """Runs, newest scheduled first, without their output."""
-    query: dict[str, Any] = {}
-    if filters.get("task"):
-        query["task_id"] = filters["task"]
-    if filters.get("status"):
-        query["status"] = filters["status"]
-    if filters.get("agent"):
-        query["agent"] = filters["agent"]
-    span = ts_span(filters)
-    if span:
-        query["ts"] = span  # scheduled_for in epoch seconds
-    page, per_page = filters.get("page", 1), filters.get("per_page", 50)
-    # ts is scheduled_for in epoch seconds, so the order is the same; sorting on the ranged
-    # field lets the wire server used on one machine answer from one index (117 ms -> 7 ms)
-    cursor = (
-        store.runs.find(query, RUN_LIST_FIELDS)
-        .sort("ts" if span else "scheduled_for", DESCENDING)
-        .skip((page - 1) * per_page)
-        .limit(per_page)
-    )
-    items = list(cursor)
-    total, capped = _count(store.runs, query)
-    return Page(items, page, per_page, total, capped, filters)
 
 
 EVENT_KINDS = events.KINDS
@@ -303,31 +171,3 @@ def event_filters(args: Any) -> dict[str, Any]:
     if problems:
         raise ValidationError(problems, source="the filters")
     return filters
-
-
-def list_events(store: Store, filters: dict[str, Any]) -> Page:
-    """Events, newest first, ranged and sorted by their numeric ``ts``."""
-    query: dict[str, Any] = {}
-    kind = filters.get("kind")
-    if kind and kind.endswith("."):
-        query["kind"] = {"$in": [k for k in EVENT_KINDS if k.startswith(kind)]}
-    elif kind:
-        query["kind"] = kind
-    for name, field_name in (
-        ("severity", "severity"),
-        ("task", "task_id"),
-        ("agent", "agent"),
-        ("group", "group"),
-    ):
-        if filters.get(name):
-            query[field_name] = filters[name]
-    span = ts_span(filters)
-    if span:
-        query["ts"] = span
-    page, per_page = filters.get("page", 1), filters.get("per_page", 50)
-    cursor = (
-        store.events.find(query).sort("ts", DESCENDING).skip((page - 1) * per_page).limit(per_page)
-    )
-    items = list(cursor)
-    total, capped = _count(store.events, query)
-    return Page(items, page, per_page, total, capped, filters)

@@ -20,13 +20,14 @@ from typing import Any
 
 from flask import Blueprint, abort, flash, jsonify, redirect, render_template, request, url_for
 
+from cloudtask.clock import utcnow
 from cloudtask.exceptions import CloudTaskError, Conflict, NotFound, Problem
-from cloudtask.store import OUTPUT_TAIL_BYTES, RUNNING_STATUSES
+from cloudtask.runmodel import OUTPUT_TAIL_BYTES, RUNNING_STATUSES
 
 from .auth import requires
 from .context import actor, ops, store
 from .filters import datetime_local, seconds, status_class, when
-from .queries import RUN_STATUSES, lenient, list_runs, run_filters
+from .queries import RUN_STATUSES, lenient, run_filters
 
 bp = Blueprint("runs", __name__, url_prefix="/runs")
 
@@ -52,7 +53,7 @@ def elapsed(run: dict[str, Any], now: datetime | None = None) -> float | None:
     started = _aware(run.get("started_at"))
     if started is None:
         return None
-    return max(0.0, ((now or datetime.now(timezone.utc)) - started).total_seconds())
+    return max(0.0, ((now or utcnow()) - started).total_seconds())
 
 
 def duration_text(run: dict[str, Any]) -> str:
@@ -97,7 +98,7 @@ def _get_run(run_id: str) -> dict[str, Any]:
 
 def _task_of(run: dict[str, Any]) -> dict[str, Any] | None:
     """The run's task (name and spec), or None if it was deleted since."""
-    return store().tasks.find_one({"_id": run.get("task_id")}, {"name": 1, "spec": 1})
+    return store().task_fields(run.get("task_id"), {"name": 1, "spec": 1})
 
 
 def _is_http(run: dict[str, Any], task: dict[str, Any] | None, report: Any) -> bool:
@@ -138,12 +139,12 @@ def _template_helpers() -> dict[str, Any]:
 def _resolve_task(value: str) -> tuple[str | None, dict[str, Any] | None]:
     """(the task id to filter on, the task) for a task id or name as typed; the id alone
     for a deleted task that still has runs; (None, None) if nothing has that id or name."""
-    task = store().tasks.find_one({"_id": value}, {"name": 1})
+    task = store().task_fields(value, {"name": 1})
     if task is None:
-        task = store().tasks.find_one({"name": value}, {"name": 1})
+        task = store().task_fields_by_name(value, {"name": 1})
     if task is not None:
         return task["_id"], task
-    if store().runs.find_one({"task_id": value}, {"_id": 1}) is not None:
+    if store().task_has_runs(value):
         return value, None  # runs of a deleted task stay listed by its id
     return None, None
 
@@ -168,11 +169,9 @@ def _checked_filters(args: Any) -> tuple[dict[str, Any], list[Problem], dict[str
 @requires("viewer")
 def index() -> Any:
     filters, problems, task = _checked_filters(request.args)
-    page = list_runs(store(), filters)
+    page = store().run_page(filters)
     task_ids = {r["task_id"] for r in page.items if isinstance(r.get("task_id"), str)}
-    existing = {
-        t["_id"] for t in store().tasks.find({"_id": {"$in": sorted(task_ids)}}, {"_id": 1})
-    }
+    existing = set(store().task_names(task_ids))
     errors = {p.path: p.message for p in problems}
     # what the fields show: as typed when wrong, else the checked value
     times = {
@@ -180,9 +179,7 @@ def index() -> Any:
         for name in ("since", "until")
     }
     try:
-        agents = sorted(
-            a["_id"] for a in store().agents.find({}, {"_id": 1}).limit(MAX_AGENT_CHOICES)
-        )
+        agents = store().agent_ids(MAX_AGENT_CHOICES)
     except Exception:  # suggestions are a convenience: the page works without them
         agents = []
     return render_template(
@@ -283,7 +280,7 @@ def kill(run_id: str) -> Any:
         flash(f"Run {run['_id']} was deleted meanwhile.", "error")
         return redirect(url_for("runs.index"))
     else:
-        after = store().runs.find_one({"_id": run["_id"]}, {"status": 1, "agent": 1}) or {}
+        after = store().run_fields(run["_id"], {"status": 1, "agent": 1}) or {}
         if after.get("status") == "killed" and not after.get("agent"):
             flash(
                 f"Run {run['_id']} asked to stop: no agent had taken it, so it is cancelled.", "ok"

@@ -15,10 +15,11 @@ import hmac
 import secrets
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
-from typing import Any
 
 from flask import abort, request, session
+
+from cloudtask.clock import from_epoch
+from cloudtask.store import Store
 
 CSRF_FIELD = "csrf_token"
 
@@ -61,10 +62,8 @@ class LoginThrottle:
     guards cannot be checked without MongoDB either.
     """
 
-    def __init__(
-        self, collection: Callable[[], Any], limit: int = 5, window: float = 300.0
-    ) -> None:
-        self._collection = collection
+    def __init__(self, store: Callable[[], Store], limit: int = 5, window: float = 300.0) -> None:
+        self._store = store
         self.limit = limit
         self.window = window
         self._swept = 0.0
@@ -74,29 +73,21 @@ class LoginThrottle:
         return hashlib.sha256(f"{username}\x00{address}".encode("utf-8", "replace")).hexdigest()
 
     def blocked(self, username: str, address: str) -> bool:
-        doc = self._collection().find_one({"_id": self._key(username, address)})
+        times = self._store().login_failure_times(self._key(username, address))
         now = time.time()
-        times = (doc or {}).get("times") or []
         recent = [t for t in times if isinstance(t, (int, float)) and now - t < self.window]
         return len(recent) >= self.limit
 
     def failed(self, username: str, address: str) -> None:
         now = time.time()
-        collection = self._collection()
-        collection.update_one(
-            {"_id": self._key(username, address)},
-            {
-                "$push": {"times": {"$each": [now], "$slice": -self.limit}},
-                "$set": {
-                    "expires_at": datetime.fromtimestamp(now + self.window, timezone.utc),
-                    "expires_ts": now + self.window,  # numbers compare alike on every server
-                },
-            },
-            upsert=True,
+        store = self._store()
+        until = now + self.window  # a number too: numbers compare alike on every server
+        store.add_login_failure(
+            self._key(username, address), now, self.limit, from_epoch(until), until
         )
         if now - self._swept > 60:
             self._swept = now
-            collection.delete_many({"expires_ts": {"$lt": now}})
+            store.sweep_login_failures(now)
 
     def succeeded(self, username: str, address: str) -> None:
-        self._collection().delete_one({"_id": self._key(username, address)})
+        self._store().clear_login_failures(self._key(username, address))

@@ -29,12 +29,13 @@ from flask import (
     request,
     url_for,
 )
-from pymongo import DESCENDING
 from werkzeug.routing import BuildError
 
+from cloudtask.clock import utcnow
 from cloudtask.exceptions import CloudTaskError, Conflict, NotFound, Problem, ValidationError
 from cloudtask.schedules import next_fires, parse_schedule, schedule_summary, timezone_problem
-from cloudtask.store import RUNNING_STATUSES, nest_dotted
+from cloudtask.store import nest_dotted
+from cloudtask.store.queries import RUN_LIST_FIELDS
 from cloudtask.task import (
     CONCURRENCY_POLICIES,
     DEFAULT_NOTIFY_ON,
@@ -50,10 +51,8 @@ from .auth import requires, safe_path
 from .context import actor, cluster, ops, store
 from .queries import (
     LAST_RESULTS,
-    RUN_LIST_FIELDS,
     TASK_STATES,
     lenient,
-    list_tasks,
     parse_time,
     task_filters,
 )
@@ -125,7 +124,7 @@ def fire_times(task: dict[str, Any], n: int = DETAIL_FIRES) -> dict[str, Any]:
         out["kind"] = "keepalive"
         return out
     try:
-        fires = next_fires(spec.schedule, datetime.now(timezone.utc), n)
+        fires = next_fires(spec.schedule, utcnow(), n)
         out["fires"] = [(_fmt_local(f, zone), _fmt_utc(f)) for f in fires]
     except (OverflowError, ValueError) as e:  # a time at the edge of the calendar
         out.update(kind="invalid", message=f"its fire times cannot be computed: {e}")
@@ -156,8 +155,8 @@ def owner_text(task: dict[str, Any]) -> tuple[str, str | None]:
 def facets() -> dict[str, list[str]]:
     """The distinct groups and owners, for the list's filters (two indexed distinct reads)."""
     try:
-        groups = sorted(g for g in store().tasks.distinct("group") if isinstance(g, str))
-        owners = sorted(o for o in store().tasks.distinct("spec.owner") if isinstance(o, str) and o)
+        groups = store().task_values("group")
+        owners = [o for o in store().task_values("spec.owner") if o]
     except Exception:  # a facet is a convenience: the page works without it
         groups, owners = [], []
     return {"groups": groups, "owners": owners}
@@ -187,7 +186,7 @@ def _template_helpers() -> dict[str, Any]:
 def index() -> Any:
     filters, errors = lenient(task_filters, request.args)
     view = cluster()
-    page = list_tasks(store(), filters, view.owners if view.connected else None)
+    page = store().task_page(filters, view.owners if view.connected else None)
     for item in page.items:
         nest_dotted(item)
     status = 422 if errors else 200
@@ -210,12 +209,7 @@ def index() -> Any:
 @requires("viewer")
 def detail(task_id: str) -> Any:
     task = _get_task(task_id)
-    runs = list(
-        store()
-        .runs.find({"task_id": task["_id"]}, RUN_LIST_FIELDS)
-        .sort("scheduled_for", DESCENDING)
-        .limit(DETAIL_RUNS)
-    )
+    runs = store().task_runs(task["_id"], RUN_LIST_FIELDS, DETAIL_RUNS)
     owner, owner_agent = owner_text(task)
     schedule = task["spec"].get("schedule")
     keepalive = isinstance(schedule, dict) and "keepalive" in schedule
@@ -285,19 +279,9 @@ def trend(task_id: str) -> Any:
         task = store().get_task(task_id)
     except NotFound as e:
         return _json_error(str(e), [], 404)
-    query: dict[str, Any] = {"task_id": task["_id"]}
-    span = {}
-    if args.get("since"):
-        span["$gte"] = args["since"]
-    if args.get("until"):
-        span["$lt"] = args["until"]
-    if span:
-        query["scheduled_for"] = span
-    docs = list(
-        store()
-        .runs.find(query, {"scheduled_for": 1, "duration": 1, "status": 1})
-        .sort("scheduled_for", DESCENDING)
-        .limit(args["limit"])
+    fields = {"scheduled_for": 1, "duration": 1, "status": 1}
+    docs = store().task_runs(
+        task["_id"], fields, args["limit"], since=args.get("since"), until=args.get("until")
     )
     points = []
     for doc in reversed(docs):
@@ -356,7 +340,7 @@ def preview() -> Any:
             return _json_error("the schedule is invalid", problems, 422)
         zone_name = schedule_zone(value) if isinstance(value, (dict, list)) else "UTC"
         zone = ZoneInfo(zone_name)
-        fires = next_fires(parsed, datetime.now(timezone.utc), n)
+        fires = next_fires(parsed, utcnow(), n)
     except Exception as e:  # never a 500 for what a user types
         current_app.logger.warning("schedule preview failed for %r: %s", value, e)
         return _json_error(
@@ -775,17 +759,14 @@ def render_form(
 def _name_taken(name: Any, task_id: str | None) -> bool:
     if not isinstance(name, str):
         return False
-    query: dict[str, Any] = {"name": name}
-    if task_id:
-        query["_id"] = {"$ne": task_id}
-    return store().tasks.find_one(query, {"_id": 1}) is not None
+    return store().name_taken(name, task_id)
 
 
 def _save(form: dict[str, Any], task: dict[str, Any] | None) -> Any:
     """Create (task None) or replace a task from the posted form; re-show it on any problem."""
     spec, problems = form_spec(form)
     if problems and spec is not None:
-        problems += validate_task(spec, now=datetime.now(timezone.utc))
+        problems += validate_task(spec, now=utcnow())
     if problems:
         return render_form(form, task=task, problems=problems, status=422)
     try:
@@ -918,9 +899,7 @@ def run(task_id: str) -> Any:
 
 
 def _running(task: dict[str, Any]) -> int:
-    return store().runs.count_documents(
-        {"task_id": task["_id"], "status": {"$in": list(RUNNING_STATUSES)}}, limit=1000
-    )
+    return store().unfinished_run_count(task["_id"])
 
 
 @bp.route("/<task_id>/delete", methods=["GET", "POST"])

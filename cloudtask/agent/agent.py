@@ -36,32 +36,33 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pymongo
 from pymongo.errors import PyMongoError
 
+from ..clock import from_epoch, to_bson_time, utcnow
 from ..config import Config
 from ..exceptions import CloudTaskError, ValidationError
-from ..store import (
+from ..runmodel import (
+    RETRY_STATUSES,
     RUNNING_STATUSES,
-    Store,
     lost_fields,
     new_id,
     new_run_document,
     released_fields,
-    to_bson_time,
-    utcnow,
 )
+from ..store import Store
 from ..task import TaskSpec, parse_task
-from .executor import Executor, RunContext
+from .executor import Executor
 from .files import FileCache
 from .guard import GuardClient
 from .journal import Journal
 from .leases import LeaseKeeper
 from .logfiles import LogJanitor
 from .proctree import IS_POSIX, end_processes, orphans_of_agent
+from .run import RunContext
 from .runwriter import RunWriter
 from .scheduler import Fire, Scheduler
 
@@ -72,7 +73,6 @@ CALL_BUDGET = 2.0  # seconds any one MongoDB call of the agent loop may take
 PURGE_INTERVAL = 3600.0  # seconds between deletions of runs past their retention
 TOKEN_BYTES = 24  # per-run token: 192 random bits
 MAX_MISSED_RECORDS = 1000  # per task and backlog: older missed fires are summed up in one
-RETRY_STATUSES = ("failed", "timed_out", "lost")  # a run that ends so is retried (retries > 0)
 STANDALONE_SILENT_AFTER = 60.0  # a standalone agent silent this long has its runs ended
 STORE_ERRORS = (CloudTaskError, PyMongoError)
 FORBID_CHECK_SLACK = 5.0  # seconds beyond a session length that a new owner double-checks forbid
@@ -1230,7 +1230,7 @@ def journal_state(state: dict) -> dict:
     out = {k: state[k] for k in ("status", "exit_code", "error", "http_status") if k in state}
     for key in ("started_at", "finished_at"):
         if state.get(key) is not None:
-            out[key] = to_bson_time(datetime.fromtimestamp(state[key], timezone.utc))
+            out[key] = to_bson_time(from_epoch(state[key]))
     if state.get("duration") is not None:
         out["duration"] = state["duration"]
     return out

@@ -34,9 +34,10 @@ from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 
 from .. import __version__
 from .. import events as ev
+from ..clock import to_bson_time, utcnow
 from ..config import Config
 from ..exceptions import CloudTaskError
-from ..store import Store, to_bson_time, utcnow
+from ..store import Store
 from ..zkpaths import ZkPaths, bounded, decode, keep_trying, task_signal
 from .agent import CALL_BUDGET, STORE_ERRORS, Agent
 from .assignments import AssignmentWatcher

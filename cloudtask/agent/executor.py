@@ -19,14 +19,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pymongo
 
-from ..store import OUTPUT_TAIL_BYTES, to_bson_time
+from ..clock import to_bson_time, utcnow
 from ..task import TaskSpec
 from .files import FileCache, TaskFileError
 from .guard import GuardClient, GuardGone, SpawnRefused
@@ -41,6 +39,7 @@ from .proctree import (
     process_identity,
     reap_leftovers,
 )
+from .run import RunContext, iso, kill_outcome
 from .runwriter import RunWriter
 
 log = logging.getLogger(__name__)
@@ -50,91 +49,12 @@ log = logging.getLogger(__name__)
 REPORT_READ_BUDGET = 2.0
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-@dataclass
-class RunContext:
-    """A claimed fire on its way through the executor."""
-
-    run_id: str
-    task_id: str
-    revision: int
-    spec: TaskSpec
-    scheduled_for: datetime
-    attempt: int
-    trigger: str
-    token: str
-    agent: str
-    session: str | None = None  # the ZooKeeper session it was claimed under
-    claimed_status: str = "running"  # "queued": its claim waited for a slot (started by a write)
-    status: str = "queued"
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    exit_code: int | None = None
-    http_status: int | None = None
-    error: str | None = None
-    kill_reason: str | None = None  # "timeout", or why it was killed
-    kill_requested: threading.Event = field(default_factory=threading.Event)  # wakes waits
-    proc: subprocess.Popen | None = None
-    tail: bytearray = field(default_factory=bytearray)
-    tail_dirty: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def append_output(self, data: bytes) -> None:
-        with self.lock:
-            self.tail += data
-            if len(self.tail) > OUTPUT_TAIL_BYTES:
-                del self.tail[: len(self.tail) - OUTPUT_TAIL_BYTES]
-            self.tail_dirty = True
-
-    def record_output(self, chunk: bytes, runlog: RunLog) -> None:
-        """A chunk of output: into the tail, and into the log file (flushed at least once a second)."""
-        self.append_output(chunk)
-        runlog.write(chunk)
-        runlog.flush(older_than=1.0)
-
-    def output_tail(self) -> str:
-        with self.lock:
-            self.tail_dirty = False
-            return bytes(self.tail).decode("utf-8", "replace")
-
-    def changed_tail(self) -> str | None:
-        with self.lock:
-            if not self.tail_dirty:
-                return None
-        return self.output_tail()
-
-    def environment(self) -> dict[str, str]:
-        """What every process of the run gets, so a task can make itself idempotent."""
-        return {
-            "CLOUDTASK_TASK": self.spec.name,
-            "CLOUDTASK_RUN_ID": self.run_id,
-            "CLOUDTASK_SCHEDULED_FOR": iso(self.scheduled_for),
-            "CLOUDTASK_ATTEMPT": str(self.attempt),
-            "CLOUDTASK_TRIGGER": self.trigger,
-            "CLOUDTASK_AGENT": self.agent,
-        }
-
-
-def _kill_outcome(ctx: RunContext) -> tuple[str, str]:
-    """The status and error of a run its agent ended (``ctx.kill_reason`` is set)."""
-    if ctx.kill_reason == "timeout":
-        return "timed_out", f"ran longer than its timeout of {ctx.spec.timeout:g}s"
-    return "killed", str(ctx.kill_reason)
-
-
 def _end_tree(ctx: RunContext, proc: Any, grace: float) -> None:
     """End a run's process tree, telling its guard why first (a guarded run's end is noted by
     the guard too: if this agent dies before it records the end, that note says the same)."""
     ending = getattr(proc, "ending", None)
     if ending is not None and ctx.kill_reason is not None:
-        ending(*_kill_outcome(ctx))
+        ending(*kill_outcome(ctx))
     kill_tree(proc, ctx.run_id, grace)
 
 
@@ -297,7 +217,7 @@ class Executor:
             except Exception as e:  # a bug must not leave a run 'running' forever
                 log.exception("run %s of task %s crashed the executor", ctx.run_id, ctx.spec.name)
                 ctx.status, ctx.error = "failed", f"internal error: {e}"
-                ctx.finished_at = ctx.finished_at or _now()
+                ctx.finished_at = ctx.finished_at or utcnow()
                 self._journal_end(ctx)
                 self._report(ctx)
             if done:  # else it is tried again later and stays active
@@ -320,7 +240,7 @@ class Executor:
             return True
         if ctx.kill_reason is not None:  # killed while it waited for a slot
             ctx.status, ctx.error = "killed", f"{ctx.kill_reason} before it started"
-            ctx.finished_at = _now()
+            ctx.finished_at = utcnow()
             self._journal_end(ctx)
             self._report(ctx)
             return True
@@ -335,7 +255,7 @@ class Executor:
             self._not_started(ctx, "released" if action == "release" else "dropped", why)
             return True
         runlog = RunLog(self.log_dir, ctx.spec.name)
-        ctx.started_at = _now()
+        ctx.started_at = utcnow()
         ctx.status = "running"
         if self.journal is not None:
             self.journal.started(ctx.run_id)  # before anything can start
@@ -357,7 +277,7 @@ class Executor:
                 self._run_process(ctx, runlog)
         finally:
             self.writer.unwatch_tail(ctx.run_id)
-            ctx.finished_at = ctx.finished_at or _now()
+            ctx.finished_at = ctx.finished_at or utcnow()
             runlog.line(
                 f"===== {iso(ctx.finished_at)} run {ctx.run_id} {ctx.status}"
                 + (f" exit {ctx.exit_code}" if ctx.exit_code is not None else "")
@@ -395,7 +315,7 @@ class Executor:
         else:
             self.writer.forget(ctx.run_id)
         ctx.status, ctx.error = outcome, why
-        ctx.finished_at = _now()
+        ctx.finished_at = utcnow()
         if self.on_finished is not None:
             try:
                 self.on_finished(ctx)
@@ -442,7 +362,7 @@ class Executor:
     @staticmethod
     def _fail_to_start(ctx: RunContext, runlog: RunLog, error: str) -> None:
         ctx.status, ctx.error = "failed", error
-        ctx.finished_at = _now()
+        ctx.finished_at = utcnow()
         ctx.append_output(f"{error}\n".encode())
         runlog.line(error)
 
@@ -484,7 +404,7 @@ class Executor:
             ctx.kill_reason = ended_by_guard
         ctx.exit_code = proc.returncode
         if ctx.kill_reason is not None:
-            ctx.status, ctx.error = _kill_outcome(ctx)
+            ctx.status, ctx.error = kill_outcome(ctx)
         elif proc.returncode == 0:
             ctx.status = "succeeded"
         else:
@@ -575,7 +495,7 @@ class Executor:
                 break
             except subprocess.TimeoutExpired:
                 self._timed_out(ctx, proc)
-        ctx.finished_at = _now()
+        ctx.finished_at = utcnow()
         reap_leftovers(proc, grace=min(self.kill_grace, 2.0))
 
     def _collect_threaded(self, ctx: RunContext, proc: subprocess.Popen, runlog: RunLog) -> None:
@@ -586,7 +506,7 @@ class Executor:
             proc.wait(timeout=ctx.spec.timeout)
         except subprocess.TimeoutExpired:
             self._timed_out(ctx, proc)
-        ctx.finished_at = _now()
+        ctx.finished_at = utcnow()
         reap_leftovers(proc, grace=min(self.kill_grace, 2.0))
         pump.join(timeout=1.0)
         if pump.is_alive():  # something the run started still holds the pipe
@@ -614,7 +534,7 @@ class Executor:
                 pass
 
     def _report(self, ctx: RunContext) -> None:
-        finished = ctx.finished_at or _now()
+        finished = ctx.finished_at or utcnow()
         fields: dict[str, Any] = {
             "status": ctx.status,
             "finished_at": to_bson_time(finished),

@@ -36,13 +36,11 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..exceptions import StoreError
-
-if TYPE_CHECKING:
-    from .executor import RunContext
-    from .logfiles import RunLog
+from .logfiles import RunLog
+from .run import RunContext
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from ..clock import from_epoch
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ class Journal:
 
     def _rotate(self) -> None:
         opened = self.clock()
-        stamp = datetime.fromtimestamp(opened, timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        stamp = from_epoch(opened).strftime("%Y%m%dT%H%M%S%f")
         path = self.folder / f"{PREFIX}{stamp}-{os.getpid()}.log"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.write(fd, entry_line({"opened": opened}))

@@ -25,7 +25,8 @@ from typing import Any
 
 import pymongo
 
-from ..store import BEAT_INTERVAL, FINISHED_STATUSES, RUNNING_STATUSES, Store, released_fields
+from ..runmodel import BEAT_INTERVAL, FINISHED_STATUSES, RUNNING_STATUSES, released_fields
+from ..store import Store
 
 log = logging.getLogger(__name__)
 

@@ -55,10 +55,12 @@ from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 
 from .. import __version__
 from .. import events as ev
+from ..clock import to_bson_time, utcnow
 from ..config import Config
 from ..exceptions import CloudTaskError, ValidationError
 from ..notify import NotifierThread
-from ..store import BEAT_INTERVAL, Store, to_bson_time, utcnow
+from ..runmodel import BEAT_INTERVAL
+from ..store import Store
 from ..task import parse_task
 from ..zkpaths import ZkPaths, decode, encode, keep_trying, run_signal
 from .placement import AgentInfo, Assignment, place_group, ring_epoch

@@ -1,4 +1,4 @@
-"""The ``deliveries`` collection: one document per message to send (an event or a digest, on
+"""Deliveries (stored by :mod:`cloudtask.store.alerts`): one document per message to send (an event or a digest, on
 one channel, to one target), from "pending" to "sent" (or "failed" after its last attempt).
 
 ``_id`` is deterministic (``<event id>:mail:<address>``, ``<event id>:webhook:<n>``,
@@ -18,16 +18,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pymongo import ASCENDING
-from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
-
-from ..exceptions import StoreError
-from ..store import DUPLICATE_KEY, SCHEMA_VERSION, Store, indexed
+from ..runmodel import SCHEMA_VERSION
+from ..store import Store
 from .content import as_datetime
 
 log = logging.getLogger(__name__)
 
-COLLECTION = "deliveries"
 BACKOFF_FIRST = 5.0  # seconds before the first retry; doubled each time
 BACKOFF_MAX = 600.0
 MAX_ATTEMPTS = 20  # a delivery is given up after at least this many attempts ...
@@ -75,59 +71,25 @@ def new_delivery(
 
 
 class Deliveries:
-    def __init__(self, store: Store) -> None:
-        self.col = store.db[COLLECTION]
+    """The deliveries of the store, with the rules of their life (claim, sent, retried)."""
 
-    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (DuplicateKeyError, BulkWriteError):
-            raise
-        except PyMongoError as e:
-            raise StoreError(f"MongoDB failed to {what} ({type(e).__name__}: {e})") from e
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     def ensure_indexes(self) -> None:
-        self._guard(
-            "index the deliveries",
-            self.col.create_index,
-            [("status", ASCENDING), ("next_at_ts", ASCENDING)],
-            name="status_next",
-        )
-        self._guard(
-            "index the deliveries",
-            self.col.create_index,
-            [("event_id", ASCENDING)],
-            name="event",
-        )
+        self.store.ensure_alert_indexes()
 
     def insert(self, docs: list[dict[str, Any]]) -> int:
         """Insert pending deliveries; those already there are left as they are. Returns how
         many are new."""
-        if not docs:
-            return 0
-        try:
-            result = self._guard("record deliveries", self.col.insert_many, docs, ordered=False)
-            return len(result.inserted_ids)
-        except BulkWriteError as e:
-            errors = e.details.get("writeErrors", [])
-            if any(err.get("code") != DUPLICATE_KEY for err in errors):
-                raise StoreError(f"MongoDB refused to record deliveries: {errors}") from e
-            return int(e.details.get("nInserted", len(docs) - len(errors)))
+        return self.store.insert_deliveries(docs)
 
     def due(self, now: float, limit: int) -> list[dict[str, Any]]:
         """Pending deliveries whose time has come, oldest due first."""
-        cursor = (
-            self.col.find(indexed({"status": "pending", "next_at_ts": {"$lte": float(now)}}))
-            .sort("next_at_ts", ASCENDING)
-            .limit(limit)
-        )
-        return self._guard("read the deliveries due", lambda: list(cursor))
+        return self.store.deliveries_due(now, limit)
 
     def _replace(self, doc: dict[str, Any], new: dict[str, Any], what: str) -> bool:
-        result = self._guard(
-            what, self.col.replace_one, {"_id": doc["_id"], "claims": doc["claims"]}, new
-        )
-        return result.matched_count == 1
+        return self.store.replace_delivery(doc, new, what)
 
     def claim(self, doc: dict[str, Any], now: float, holder: str) -> dict[str, Any] | None:
         """Take ``doc`` for sending; None when another notifier took it first."""
@@ -171,8 +133,7 @@ class Deliveries:
         return new["status"]
 
     def get(self, delivery_id: str) -> dict[str, Any] | None:
-        return self._guard("read a delivery", self.col.find_one, {"_id": delivery_id})
+        return self.store.get_delivery(delivery_id)
 
     def for_event(self, event_id: str) -> list[dict[str, Any]]:
-        cursor = self.col.find(indexed({"event_id": event_id})).sort("_id", ASCENDING)
-        return self._guard("read deliveries", lambda: list(cursor))
+        return self.store.deliveries_for_event(event_id)

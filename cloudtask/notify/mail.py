@@ -15,12 +15,12 @@ import hashlib
 import smtplib
 import socket
 import ssl
-from datetime import datetime, timezone
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
 from functools import lru_cache
 from typing import Any
 
+from ..clock import utcnow
 from ..config import email_problem
 from ..exceptions import CloudTaskError
 from .content import one_line, test_body
@@ -212,7 +212,7 @@ def send_test_mail(settings: AlertSettings, to: str) -> None:
         raise CloudTaskError(f"cannot send a test mail: {problem}")
     if not settings.mail_enabled:
         raise CloudTaskError("cannot send a test mail: mail is off (alerts.smtp_host is empty)")
-    now = datetime.now(timezone.utc)
+    now = utcnow()
     msg = build_message(
         settings=settings,
         to=to,

@@ -101,7 +101,7 @@ class Planner:
         if not task_id:
             return None
         if task_id not in self._tasks:
-            self._tasks[task_id] = self.store.tasks.find_one({"_id": task_id})
+            self._tasks[task_id] = self.store.find_task(task_id)
         return self._tasks[task_id]
 
     # --- deliveries -------------------------------------------------------------------------
@@ -228,7 +228,7 @@ class Planner:
             return event
         if str(event.get("kind")) not in ("run.failed", "run.timed_out"):
             return event
-        run = self.store.runs.find_one({"_id": event["run_id"]}, {"output_tail": 1})
+        run = self.store.run_fields(event["run_id"], {"output_tail": 1})
         tail = (run or {}).get("output_tail") or ""
         lines = "\n".join(str(tail).rstrip("\n").split("\n")[-content.OUTPUT_LINES :])
         return {**event, "details": {**details, "output_tail_lines": lines}}

@@ -19,15 +19,14 @@ import socket
 from dataclasses import dataclass, fields
 from typing import Any
 
-from pymongo.errors import PyMongoError
-
+from ..clock import to_bson_time, utcnow
 from ..config import ALERTS_CHECKS, AlertsConfig, Config
-from ..exceptions import Problem, StoreError, ValidationError
-from ..store import SCHEMA_VERSION, Store, to_bson_time, utcnow
+from ..exceptions import Problem, ValidationError
+from ..runmodel import SCHEMA_VERSION
+from ..store import Store
 
 log = logging.getLogger(__name__)
 
-SETTINGS_COLLECTION = "settings"
 SETTINGS_ID = "alerts"
 SETTING_KEYS = tuple(ALERTS_CHECKS)
 
@@ -118,16 +117,9 @@ def validate_settings(data: object) -> tuple[dict[str, Any], list[Problem]]:
     return values, problems
 
 
-def _collection(store: Store) -> Any:
-    return store.db[SETTINGS_COLLECTION]
-
-
 def stored_settings(store: Store) -> dict[str, Any]:
     """The keys the settings page saved (empty when none), as converted values."""
-    try:
-        doc = _collection(store).find_one({"_id": SETTINGS_ID})
-    except PyMongoError as e:
-        raise StoreError(f"MongoDB failed to read the alert settings: {e}") from e
+    doc = store.read_settings_doc(SETTINGS_ID)
     if not doc:
         return {}
     values, problems = validate_settings(
@@ -151,10 +143,7 @@ def save_settings(store: Store, data: object, *, by: str = "") -> dict[str, Any]
         "updated_by": by,
         **values,
     }
-    try:
-        _collection(store).replace_one({"_id": SETTINGS_ID}, doc, upsert=True)
-    except PyMongoError as e:
-        raise StoreError(f"MongoDB failed to store the alert settings: {e}") from e
+    store.write_settings_doc(doc)
     return values
 
 

@@ -1,5 +1,5 @@
-"""Throttling of a failing task's mail, per task and recipient, in the ``alert_state``
-collection.
+"""Throttling of a failing task's mail, per task and recipient (its state stored by
+:mod:`cloudtask.store.alerts`, collection ``alert_state``).
 
 Each recipient gets the first failure of a task at once. Failures after it are *held* for
 that recipient, and once ``alert_interval`` has passed since the recipient's last mail about
@@ -32,14 +32,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pymongo import ASCENDING
-from pymongo.errors import PyMongoError
-
-from ..exceptions import StoreError
-from ..store import SCHEMA_VERSION, Store
+from ..runmodel import SCHEMA_VERSION
+from ..store import Store
 from .content import DIGEST_ITEMS_SHOWN
 
-COLLECTION = "alert_state"
 NEVER = 1e18  # digest_due_ts when nothing is held (a number: null ranges differ by server)
 MAX_HELD_IDS = 10_000  # per recipient; more are counted, not kept
 MAX_SUMMARIES = 500
@@ -198,42 +194,22 @@ def plan_digests(
 
 
 class AlertStates:
-    def __init__(self, store: Store) -> None:
-        self.col = store.db[COLLECTION]
+    """The alert throttle states of the store."""
 
-    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except PyMongoError as e:
-            raise StoreError(f"MongoDB failed to {what} ({type(e).__name__}: {e})") from e
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     def ensure_indexes(self) -> None:
-        self._guard(
-            "index the alert state",
-            self.col.create_index,
-            [("digest_due_ts", ASCENDING)],
-            name="digest_due",
-        )
+        self.store.ensure_alert_indexes()
 
     def get(self, task_id: str) -> dict[str, Any] | None:
-        return self._guard("read the alert state", self.col.find_one, {"_id": task_id})
+        return self.store.get_alert_state(task_id)
 
     def save(self, state: dict[str, Any]) -> None:
-        self._guard(
-            "store the alert state",
-            self.col.replace_one,
-            {"_id": state["_id"]},
-            state,
-            upsert=True,
-        )
+        self.store.save_alert_state(state)
 
     def delete(self, task_id: str) -> None:
-        self._guard("reset the alert state", self.col.delete_one, {"_id": task_id})
+        self.store.delete_alert_state(task_id)
 
     def digests_due(self, now: float, limit: int) -> list[dict[str, Any]]:
-        cursor = (
-            self.col.find({"digest_due_ts": {"$lte": float(now)}})
-            .sort("digest_due_ts", ASCENDING)
-            .limit(limit)
-        )
-        return self._guard("read the digests due", lambda: list(cursor))
+        return self.store.alert_digests_due(now, limit)

@@ -1,0 +1,158 @@
+"""The notifier's state and the login throttle: ``deliveries`` (one document per message to
+send), ``alert_state`` (per-task throttling of failure mail), ``settings`` (the alert settings
+saved on the settings page) and ``login_failures`` (the web's failed logins).
+
+The rules (when to retry a delivery, what a digest holds, which settings are valid, how many
+failed logins block) are :mod:`cloudtask.notify`'s and :mod:`web.security`'s; this module
+reads and writes. Documents are written whole, never with ``$set`` of dates or booleans
+(nx-27017 returns them changed); the login throttle's update sets numbers and one date only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pymongo import ASCENDING
+from pymongo.errors import BulkWriteError
+
+from ..exceptions import StoreError
+from .base import DUPLICATE_KEY, StoreBase, indexed
+
+DELIVERIES = "deliveries"
+ALERT_STATE = "alert_state"
+SETTINGS = "settings"
+LOGIN_FAILURES = "login_failures"
+
+
+class AlertRecords(StoreBase):
+    """Deliveries, alert throttle states, alert settings and failed logins."""
+
+    def ensure_alert_indexes(self) -> None:
+        deliveries = self.db[DELIVERIES]
+        self._guard(
+            deliveries.create_index,
+            "index the deliveries",
+            [("status", ASCENDING), ("next_at_ts", ASCENDING)],
+            name="status_next",
+        )
+        self._guard(
+            deliveries.create_index, "index the deliveries", [("event_id", ASCENDING)], name="event"
+        )
+        self._guard(
+            self.db[ALERT_STATE].create_index,
+            "index the alert state",
+            [("digest_due_ts", ASCENDING)],
+            name="digest_due",
+        )
+
+    # --- deliveries ---------------------------------------------------------------------------
+
+    def insert_deliveries(self, docs: list[dict[str, Any]]) -> int:
+        """Insert pending deliveries; those already there are left as they are. Returns how
+        many are new."""
+        if not docs:
+            return 0
+        try:
+            result = self._guard(
+                self.db[DELIVERIES].insert_many, "record deliveries", docs, ordered=False
+            )
+            return len(result.inserted_ids)
+        except BulkWriteError as e:  # duplicate keys only: the guard raised anything else
+            errors = e.details.get("writeErrors", [])
+            if any(err.get("code") != DUPLICATE_KEY for err in errors):
+                raise StoreError(f"MongoDB refused to record deliveries: {errors}") from e
+            return int(e.details.get("nInserted", len(docs) - len(errors)))
+
+    def deliveries_due(self, now: float, limit: int) -> list[dict[str, Any]]:
+        """Pending deliveries whose time has come, oldest due first."""
+        query = indexed({"status": "pending", "next_at_ts": {"$lte": float(now)}})
+        cursor = self.db[DELIVERIES].find(query).sort("next_at_ts", ASCENDING).limit(limit)
+        return self._read(cursor, "read the deliveries due")
+
+    def replace_delivery(self, doc: dict[str, Any], new: dict[str, Any], what: str) -> bool:
+        """Write ``new`` over ``doc`` if it is still unclaimed since read (its ``claims``)."""
+        match = {"_id": doc["_id"], "claims": doc["claims"]}
+        result = self._guard(self.db[DELIVERIES].replace_one, what, match, new)
+        return result.matched_count == 1
+
+    def get_delivery(self, delivery_id: str) -> dict[str, Any] | None:
+        return self._guard(self.db[DELIVERIES].find_one, "read a delivery", {"_id": delivery_id})
+
+    def deliveries_for_event(self, event_id: str) -> list[dict[str, Any]]:
+        cursor = self.db[DELIVERIES].find(indexed({"event_id": event_id})).sort("_id", ASCENDING)
+        return self._read(cursor, "read deliveries")
+
+    # --- alert throttle state -----------------------------------------------------------------
+
+    def get_alert_state(self, key: str) -> dict[str, Any] | None:
+        return self._guard(self.db[ALERT_STATE].find_one, "read the alert state", {"_id": key})
+
+    def save_alert_state(self, state: dict[str, Any]) -> None:
+        self._guard(
+            self.db[ALERT_STATE].replace_one,
+            "store the alert state",
+            {"_id": state["_id"]},
+            state,
+            upsert=True,
+        )
+
+    def delete_alert_state(self, key: str) -> None:
+        self._guard(self.db[ALERT_STATE].delete_one, "reset the alert state", {"_id": key})
+
+    def alert_digests_due(self, now: float, limit: int) -> list[dict[str, Any]]:
+        cursor = (
+            self.db[ALERT_STATE]
+            .find({"digest_due_ts": {"$lte": float(now)}})
+            .sort("digest_due_ts", ASCENDING)
+            .limit(limit)
+        )
+        return self._read(cursor, "read the digests due")
+
+    # --- alert settings -----------------------------------------------------------------------
+
+    def read_settings_doc(self, key: str) -> dict[str, Any] | None:
+        return self._guard(self.db[SETTINGS].find_one, "read the settings", {"_id": key})
+
+    def write_settings_doc(self, doc: dict[str, Any]) -> None:
+        self._guard(
+            self.db[SETTINGS].replace_one,
+            "store the settings",
+            {"_id": doc["_id"]},
+            doc,
+            upsert=True,
+        )
+
+    # --- failed logins (web.security.LoginThrottle) -------------------------------------------
+
+    def login_failure_times(self, key: str) -> list[Any]:
+        doc = self._guard(self.db[LOGIN_FAILURES].find_one, "read failed logins", {"_id": key})
+        return (doc or {}).get("times") or []
+
+    def add_login_failure(
+        self, key: str, at: float, keep: int, expires_at: datetime, expires_ts: float
+    ) -> None:
+        """Note a failed login at ``at`` (epoch s), keeping the last ``keep`` times. MongoDB's
+        TTL index drops the document at ``expires_at``; ``expires_ts`` is the same instant as
+        a number (see :meth:`sweep_login_failures`)."""
+        self._guard(
+            self.db[LOGIN_FAILURES].update_one,
+            "note a failed login",
+            {"_id": key},
+            {
+                "$push": {"times": {"$each": [at], "$slice": -keep}},
+                "$set": {"expires_at": expires_at, "expires_ts": expires_ts},
+            },
+            upsert=True,
+        )
+
+    def sweep_login_failures(self, now: float) -> None:
+        """Delete expired failed logins (servers without a TTL monitor)."""
+        self._guard(
+            self.db[LOGIN_FAILURES].delete_many,
+            "forget old failed logins",
+            {"expires_ts": {"$lt": now}},
+        )
+
+    def clear_login_failures(self, key: str) -> None:
+        self._guard(self.db[LOGIN_FAILURES].delete_one, "forget failed logins", {"_id": key})

@@ -1,0 +1,193 @@
+"""Tasks: their specs and revisions (``tasks`` collection).
+
+A task document carries its parsed spec (``spec``), a ``revision`` bumped by every change
+(optimistic writes compare it), ``done_at`` (a one-shot task that ran) and ``last_run`` (what
+:mod:`cloudtask.store.history` copies of its latest finished run).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from pymongo import ReplaceOne
+from pymongo.errors import DuplicateKeyError
+
+from ..clock import to_bson_time, utcnow
+from ..exceptions import Conflict, NotFound
+from ..runmodel import (
+    SCHEMA_VERSION,
+    new_id,
+)
+from ..task import TaskSpec, parse_task
+from .base import StoreBase
+
+log = logging.getLogger("cloudtask.store")
+
+
+class TaskRecords(StoreBase):
+    """Tasks and their revisions."""
+
+    @staticmethod
+    def _task_document(
+        spec: TaskSpec, task_id: str, revision: int, now: datetime
+    ) -> dict[str, Any]:
+        return {
+            "_id": task_id,
+            "version": SCHEMA_VERSION,
+            "name": spec.name,
+            "name_lc": spec.name.lower(),  # case-insensitive name search (a prefix range)
+            "group": spec.group,
+            "enabled": bool(spec.enabled),
+            "spec": spec.to_dict(),
+            "revision": revision,
+            "updated_at": to_bson_time(now),
+        }
+
+    def create_task(
+        self, data: dict[str, Any] | TaskSpec, now: datetime | None = None
+    ) -> dict[str, Any]:
+        """Validate and insert a task; raises ValidationError or Conflict (name taken)."""
+        now = now or utcnow()
+        spec = data if isinstance(data, TaskSpec) else parse_task(data, now=now)
+        doc = self._task_document(spec, new_id(), 1, now)
+        doc["created_at"] = doc["updated_at"]
+        doc["done_at"] = None
+        try:
+            self._guard(self.tasks.insert_one, "store the task", doc)
+        except DuplicateKeyError:
+            raise Conflict(f"a task named {spec.name!r} already exists") from None
+        self._task_changed()
+        return doc
+
+    def replace_task(
+        self,
+        task_id: str,
+        data: dict[str, Any] | TaskSpec,
+        now: datetime | None = None,
+        expected_revision: int | None = None,
+    ) -> dict[str, Any]:
+        """Replace a task's spec and bump its revision (optimistic when expected_revision is given)."""
+        now = now or utcnow()
+        spec = data if isinstance(data, TaskSpec) else parse_task(data, now=now)
+        current = self.get_task(task_id)
+        if expected_revision is not None and current["revision"] != expected_revision:
+            raise Conflict(
+                f"task {current['name']!r} changed meanwhile (revision {current['revision']}, "
+                f"you edited {expected_revision}); reload it and apply your change again"
+            )
+        doc = self._task_document(spec, task_id, current["revision"] + 1, now)
+        doc["created_at"] = current.get("created_at")
+        doc["done_at"] = None
+        if "last_run" in current:
+            doc["last_run"] = current["last_run"]
+        try:
+            result = self._guard(
+                self.tasks.replace_one,
+                "update the task",
+                {"_id": task_id, "revision": current["revision"]},
+                doc,
+            )
+        except DuplicateKeyError:
+            raise Conflict(f"a task named {spec.name!r} already exists") from None
+        if result.matched_count == 0:
+            raise Conflict(f"task {current['name']!r} changed meanwhile; reload it and try again")
+        self._task_changed()
+        return doc
+
+    def apply_task(
+        self, data: dict[str, Any], now: datetime | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Create or update the task with this name. Returns ("created"|"updated"|"unchanged", doc)."""
+        now = now or utcnow()
+        name = data.get("name") if isinstance(data, dict) else None
+        current = self.tasks.find_one({"name": name}) if isinstance(name, str) else None
+        if current is None:
+            return "created", self.create_task(data, now)
+        spec = parse_task(
+            data
+        )  # compare canonical forms; the past-instant check applies to changes
+        if spec.to_dict() == current["spec"]:
+            return "unchanged", current
+        return "updated", self.replace_task(current["_id"], data, now)
+
+    def get_task(self, task_id: str) -> dict[str, Any]:
+        doc = self._guard(self.tasks.find_one, "read the task", {"_id": task_id})
+        if doc is None:
+            raise NotFound(f"no task with id {task_id!r}")
+        return doc
+
+    def find_task(self, task_id: str) -> dict[str, Any] | None:
+        """The task with this id, or None."""
+        return self._guard(self.tasks.find_one, "read the task", {"_id": task_id})
+
+    def get_task_by_name(self, name: str) -> dict[str, Any]:
+        doc = self._guard(self.tasks.find_one, "read the task", {"name": name})
+        if doc is None:
+            raise NotFound(f"no task named {name!r}")
+        return doc
+
+    def list_tasks(
+        self, groups: Iterable[str] | None = None, enabled: bool | None = None
+    ) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {}
+        if groups is not None:
+            query["group"] = {"$in": list(groups)}
+        if enabled is not None:
+            query["enabled"] = enabled
+        return self._read(self.tasks.find(query), "list tasks")
+
+    def get_tasks(self, task_ids: Iterable[str]) -> list[dict[str, Any]]:
+        return self._read(self.tasks.find({"_id": {"$in": list(task_ids)}}), "read tasks")
+
+    def task_revisions(self, groups: Iterable[str] | None = None) -> dict[str, tuple[int, bool]]:
+        """task id -> (revision, done), cheaply, so a poller can tell whether anything changed."""
+        query: dict[str, Any] = {} if groups is None else {"group": {"$in": list(groups)}}
+        docs = self._read(self.tasks.find(query, {"revision": 1, "done_at": 1}), "list tasks")
+        return {d["_id"]: (d["revision"], bool(d.get("done_at"))) for d in docs}
+
+    def set_task_enabled(
+        self, task_id: str, enabled: bool, now: datetime | None = None
+    ) -> dict[str, Any]:
+        now = now or utcnow()
+        current = self.get_task(task_id)
+        spec = dict(current["spec"], enabled=enabled)
+        return self.replace_task(task_id, parse_task(spec), now)
+
+    def delete_task(self, task_id: str) -> None:
+        result = self._guard(self.tasks.delete_one, "delete the task", {"_id": task_id})
+        if result.deleted_count == 0:
+            raise NotFound(f"no task with id {task_id!r}")
+        self._task_changed()
+
+    def mark_tasks_done(self, done: Sequence[tuple[str, int]], now: datetime | None = None) -> int:
+        """One-shot (`at`) tasks have run: record it so no agent schedules them again.
+
+        ``done`` holds ``(task id, revision that ran)``; only that revision is marked, so an
+        edit made meanwhile is not lost. One read and one write for all. Returns how many.
+        """
+        if not done:
+            return 0
+        when = to_bson_time(now or utcnow())
+        ran = dict(done)
+        docs = self._read(self.tasks.find({"_id": {"$in": list(ran)}}), "read tasks")
+        ops = []
+        for doc in docs:
+            if doc["revision"] == ran[doc["_id"]] and not doc.get("done_at"):
+                doc["done_at"] = when
+                ops.append(ReplaceOne({"_id": doc["_id"], "revision": doc["revision"]}, doc))
+        if not ops:
+            return 0
+        result = self._guard(self.tasks.bulk_write, "mark tasks done", ops, ordered=False)
+        self._task_changed()
+        return result.modified_count
+
+    def _task_changed(self) -> None:
+        if self.on_task_change is None:
+            return
+        try:
+            self.on_task_change()
+        except Exception as e:  # the change is stored; centers also resync periodically
+            log.warning("cannot signal the task change (centers pick it up on resync): %s", e)
