@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -23,8 +22,9 @@ import click
 
 from . import __version__
 from .clock import utcnow
-from .config import Config, config_to_dict, load_config
+from .config import Config, load_config
 from .exceptions import CloudTaskError, StoreError, ValidationError
+from .taskfiles import read_task_files
 
 log = logging.getLogger("cloudtask")
 T = TypeVar("T")
@@ -152,7 +152,7 @@ def web(config_path: str | None, host: str | None, port: int | None, verbose: bo
     from web import create_app
 
     from .store import Store
-    from .zkpaths import ZkPaths, connect, task_signal
+    from .zkpaths import connect
 
     _setup_logging(verbose)
     cfg = _load(config_path)
@@ -167,7 +167,6 @@ def web(config_path: str | None, host: str | None, port: int | None, verbose: bo
     zk = None
     if cfg.zookeeper.hosts:  # task changes made here reach the leading center at once
         zk = connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout)
-        store.on_task_change = task_signal(zk, ZkPaths(cfg.zookeeper.root))
     app = create_app(cfg, {"STORE": store, "ZK": zk})
     host = host or cfg.web.host
     port = cfg.web.port if port is None else port
@@ -276,48 +275,6 @@ def _stop_on_signals(stop: Any) -> None:
 # --- tasks ----------------------------------------------------------------------------------
 
 
-def _task_files(paths: tuple[str, ...]) -> Iterator[Path]:
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            yield from sorted(p for p in path.glob("*.json") if p.is_file())
-        else:
-            yield path
-
-
-def read_task_files(paths: tuple[str, ...]) -> tuple[list[tuple[Path, dict]], list[str]]:
-    """Read task files: each holds one task object or a list of them. Returns (tasks, errors)."""
-    from .task import validate_task
-
-    tasks: list[tuple[Path, dict]] = []
-    errors: list[str] = []
-    now = utcnow()  # a one-shot time in the past is refused here, up front
-    for path in _task_files(paths):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            errors.append(f"{path}: cannot read: {e.strerror}")
-            continue
-        except UnicodeDecodeError as e:
-            errors.append(f"{path}: not UTF-8 text (byte {e.start}): {e.reason}")
-            continue
-        except json.JSONDecodeError as e:
-            errors.append(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}")
-            continue
-        items = data if isinstance(data, list) else [data]
-        for i, item in enumerate(items):
-            where = f"{path}[{i}]" if isinstance(data, list) else str(path)
-            problems = validate_task(item, now=now)
-            if problems:
-                errors.extend(f"{where}: {p}" for p in problems)
-            else:
-                tasks.append((path, item))
-    names = [t[1]["name"] for t in tasks]
-    for name in {n for n in names if names.count(n) > 1}:
-        errors.append(f"task name {name!r} is defined more than once")
-    return tasks, errors
-
-
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 def validate(paths: tuple[str, ...]) -> None:
@@ -333,46 +290,13 @@ def validate(paths: tuple[str, ...]) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 def apply(config_path: str | None, paths: tuple[str, ...]) -> None:
     """Create or update the tasks in these JSON files (all checked first; nothing stored if any is bad)."""
-    from .store import Store
-
-    cfg = _load(config_path)
     tasks, errors = read_task_files(paths)
     if errors:
         raise click.ClickException("nothing applied; invalid task files:\n  " + "\n  ".join(errors))
-    store = Store.from_config(cfg)
-    try:
-        results = apply_tasks(store, tasks)
-        for outcome, name in results:
-            click.echo(f"{outcome:9} {name}")
-    finally:
-        store.close()
-    if any(outcome != "unchanged" for outcome, _ in results):
-        signal_centers(cfg)
-
-
-def signal_centers(cfg: Config) -> None:
-    """Tell the leading center that tasks changed (best effort: it also resyncs periodically)."""
-    if not cfg.zookeeper.hosts:
-        return
-    from kazoo.exceptions import KazooException
-
-    from .zkpaths import ZkPaths, connect, task_signal
-
-    try:
-        zk = connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout, start_timeout=5)
-    except CloudTaskError as e:
-        click.echo(f"warning: {e}; the center picks the change up at its next resync", err=True)
-        return
-    try:
-        task_signal(zk, ZkPaths(cfg.zookeeper.root))()
-    except KazooException as e:
-        click.echo(
-            f"warning: cannot signal the center ({e}); it picks the change up at its next resync",
-            err=True,
-        )
-    finally:
-        zk.stop()
-        zk.close()
+    with _operations(config_path, cluster="optional") as ops:
+        results = ops.apply_tasks(cli_actor(), [(str(path), data) for path, data in tasks])
+    for outcome, name in results:
+        click.echo(f"{outcome:9} {name}")
 
 
 def cli_actor() -> str:
@@ -385,36 +309,35 @@ def cli_actor() -> str:
         return "cli:unknown"
 
 
-def apply_tasks(store: Any, tasks: list[tuple[Path, dict]]) -> list[tuple[str, str]]:
+@contextmanager
+def _operations(config_path: str | None, cluster: str = "none") -> Iterator[Any]:
+    """The operations on the configured store, closed after the command. ``cluster``:
+    ``required`` (the command needs ZooKeeper: a kill reaches a run's agent through it),
+    ``optional`` (the leading center is told of task changes at once when ZooKeeper is
+    reachable, else at its next resync) or ``none``."""
+    from kazoo.exceptions import KazooException
+
     from .operations import Operations
-
-    ops = Operations(store)
-    for path, data in tasks:  # the files they name are stored: checked before storing any
-        try:
-            ops.check_apply(data)
-        except ValidationError as e:
-            raise ValidationError(e.problems, source=str(path)) from None
-    results = []
-    for path, data in tasks:
-        try:
-            outcome, doc = ops.apply_task(cli_actor(), data)
-        except ValidationError as e:
-            raise ValidationError(e.problems, source=str(path)) from None
-        results.append((outcome, doc["name"]))
-    return results
-
-
-def _cluster(cfg: Config) -> tuple[Any, Any, Any]:
-    """A store that signals task changes, a ZooKeeper client, and the paths: for commands
-    that act on a running cluster."""
     from .store import Store
-    from .zkpaths import ZkPaths, connect, task_signal
+    from .zkpaths import ZkPaths, connect
 
-    zk = connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout, start_timeout=10)
-    paths = ZkPaths(cfg.zookeeper.root)
+    cfg = _load(config_path)
+    zk = None
+    if cluster != "none" and (cfg.zookeeper.hosts or cluster == "required"):
+        try:
+            zk = connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout, start_timeout=10)
+        except (CloudTaskError, KazooException) as e:
+            if cluster == "required":
+                raise
+            click.echo(f"warning: {e}; the center picks the change up at its next resync", err=True)
     store = Store.from_config(cfg)
-    store.on_task_change = task_signal(zk, paths)
-    return store, zk, paths
+    try:
+        yield Operations(store, zk, ZkPaths(cfg.zookeeper.root))
+    finally:
+        store.close()
+        if zk is not None:
+            zk.stop()
+            zk.close()
 
 
 @cli.group("task")
@@ -428,19 +351,12 @@ def task_group() -> None:
 @click.option("--kill-running", is_flag=True, help="Also kill its runs that are still going.")
 def task_delete(config_path: str | None, name_or_id: str, kill_running: bool) -> None:
     """Delete a task; its running runs finish unless --kill-running."""
-    from .operations import Operations, find_task
+    from .operations import find_task
 
-    store, zk, paths = _cluster(_load(config_path))
-    try:
-        task = find_task(store, name_or_id)
-        task, killed = Operations(store, zk, paths).delete_task(
-            cli_actor(), task["_id"], kill_running
-        )
-        click.echo(f"deleted {task['name']}" + (f"; killing {len(killed)} runs" if killed else ""))
-    finally:
-        zk.stop()
-        zk.close()
-        store.close()
+    with _operations(config_path, cluster="required") as ops:
+        task = find_task(ops.store, name_or_id)
+        task, killed = ops.delete_task(cli_actor(), task["_id"], kill_running)
+    click.echo(f"deleted {task['name']}" + (f"; killing {len(killed)} runs" if killed else ""))
 
 
 @cli.group("run")
@@ -453,19 +369,12 @@ def run_group() -> None:
 @click.argument("run_id")
 def run_kill(config_path: str | None, run_id: str) -> None:
     """Kill a running run and its whole process tree."""
-    from .operations import Operations
-
-    store, zk, paths = _cluster(_load(config_path))
-    try:
-        run = Operations(store, zk, paths).kill_run(cli_actor(), run_id)
-        if run.get("agent"):
-            click.echo(f"asked agent {run['agent']} to kill run {run_id}")
-        else:
-            click.echo(f"cancelled run {run_id} (no agent had taken it)")
-    finally:
-        zk.stop()
-        zk.close()
-        store.close()
+    with _operations(config_path, cluster="required") as ops:
+        run = ops.kill_run(cli_actor(), run_id)
+    if run.get("agent"):
+        click.echo(f"asked agent {run['agent']} to kill run {run_id}")
+    else:
+        click.echo(f"cancelled run {run_id} (no agent had taken it)")
 
 
 @cli.group("user")
@@ -484,12 +393,9 @@ def user_group() -> None:
 )
 def user_add(config_path: str | None, username: str, role: str) -> None:
     """Add a user. The password is asked for (or read from standard input when piped)."""
-    from .users import Users
-
     password = _read_password()
-    with _store(config_path) as store:
-        Users(store).add(username, password, role)
-        store.add_audit(cli_actor(), "user.create", f"user:{username}", None, {"role": role})
+    with _operations(config_path) as ops:
+        ops.add_user(cli_actor(), username, password, role)
     click.echo(f"added {username} ({role})")
 
 
@@ -515,12 +421,9 @@ def token_group() -> None:
 @click.option("--name", default="cli", show_default=True, help="What the token is for.")
 def token_create(config_path: str | None, username: str, name: str) -> None:
     """Create an API token for a user; it is shown once (only its hash is kept)."""
-    from .users import Users
-
-    with _store(config_path) as store:
-        token = Users(store).create_token(username, name)
-        store.add_audit(cli_actor(), "token.create", f"user:{username}", None, {"name": name})
-        click.echo(token)
+    with _operations(config_path) as ops:
+        _, token = ops.add_token(cli_actor(), username, name)
+    click.echo(token)
 
 
 @contextmanager
@@ -562,22 +465,14 @@ def file_put(config_path: str | None, path: str, name: str | None) -> None:
     """
     web = _load(config_path).web
     name = name or Path(path).name
-    with _store(config_path) as store:
-        meta = store.put_file(
+    with _operations(config_path) as ops:
+        meta = ops.put_file(
+            cli_actor(),
             name,
             Path(path).read_bytes(),
-            uploaded_by=cli_actor(),
             keep=web.file_versions_kept,
             max_bytes=web.max_upload_bytes,
         )
-        if meta["created"]:
-            store.add_audit(
-                cli_actor(),
-                "file.upload",
-                f"file:{name}",
-                None,
-                {"sha256": meta["sha256"], "size": meta["size"]},
-            )
     if meta["created"]:
         click.echo(f"stored {meta['name']}: {meta['size']} bytes, sha256 {meta['sha256']}")
     else:
@@ -653,10 +548,9 @@ def file_rollback(config_path: str | None, name: str, sha256: str) -> None:
             source="the rollback",
         )
     web = _load(config_path).web
-    with _store(config_path) as store:
-        matches = sorted(
-            {v["sha256"] for v in store.list_file_versions(name) if v["sha256"].startswith(text)}
-        )
+    with _operations(config_path) as ops:
+        versions = ops.store.list_file_versions(name)
+        matches = sorted({v["sha256"] for v in versions if v["sha256"].startswith(text)})
         if not matches:
             raise NotFound(
                 f"file {name!r} has no stored version {text}; "
@@ -667,14 +561,7 @@ def file_rollback(config_path: str | None, name: str, sha256: str) -> None:
                 [Problem("SHA256", f"{text} names {len(matches)} versions: give more digits")],
                 source="the rollback",
             )
-        meta = store.rollback_file(name, matches[0], cli_actor(), keep=web.file_versions_kept)
-        store.add_audit(
-            cli_actor(),
-            "file.rollback",
-            f"file:{name}",
-            {"sha256": meta["rolled_back_from"]},
-            {"sha256": meta["sha256"], "size": meta["size"]},
-        )
+        meta = ops.rollback_file(cli_actor(), name, matches[0], keep=web.file_versions_kept)
     click.echo(f"rolled back {name}: version {meta['sha256']} is the latest again")
 
 
@@ -735,119 +622,10 @@ def up(
 ) -> None:
     """Run CloudTask on this machine: embedded servers where none are configured, a center
     and agents, each in its own process (one that dies is started again)."""
-    from .localservers import MongoServer, ZooKeeperServer
-    from .store import Store
-    from .supervisor import Supervisor
+    from .up import run_local
 
     _setup_logging(verbose)
-    cfg = _load(config_path)
-    base = Path(data_dir).resolve()
-    base.mkdir(parents=True, exist_ok=True)
-    servers: list[Any] = []
-    supervisor = Supervisor()
-    signals = {"count": 0}
-
-    def request_stop(*_: Any) -> None:
-        """The first signal stops everything gracefully; a second one kills it all at once."""
-        signals["count"] += 1
-        if signals["count"] > 1:
-            supervisor.kill()
-            for server in servers:
-                _kill_server(server)
-
-    for name in ("SIGTERM", "SIGINT", "SIGHUP"):
-        sig = getattr(signal, name, None)
-        if sig is not None:
-            signal.signal(sig, request_stop)
-    try:
-        if not cfg.zookeeper.hosts:
-            zk = ZooKeeperServer(base / "zookeeper")
-            click.echo("starting ZooKeeper ...")
-            zk.start()
-            servers.append(zk)
-            cfg = cfg.with_section("zookeeper", hosts=zk.hosts)
-        if not cfg.mongodb.uri:
-            mongo = MongoServer(base / "mongodb")
-            click.echo("starting the embedded MongoDB server (nx-27017) ...")
-            mongo.start()
-            servers.append(mongo)
-            cfg = cfg.with_section("mongodb", uri=mongo.uri)
-        store = Store.from_config(cfg)
-        if Path(tasks_dir).is_dir():
-            tasks, errors = read_task_files((tasks_dir,))
-            for err in errors:
-                click.echo(f"skipped: {err}", err=True)
-            for path, data in tasks:
-                try:
-                    outcome, doc = store.apply_task(data)
-                    click.echo(f"task {doc['name']}: {outcome}")
-                except (ValidationError, CloudTaskError) as e:  # report it, apply the rest
-                    click.echo(f"skipped: {path}: {e}", err=True)
-        from .users import Users
-
-        admins = Users(store).count_admins()
-        store.close()
-        web_cfg = cfg.with_section("web", port=port, data_dir=str(base / "web"))
-        if signals["count"]:
-            return  # stopped while starting: the servers are stopped below
-        _start_cluster(supervisor, web_cfg, base, agents)
-        click.echo("")
-        click.echo("CloudTask is running.")
-        click.echo(f"  web site:    http://{web_cfg.web.host}:{port}/")
-        click.echo(f"  ZooKeeper:   {cfg.zookeeper.hosts} (root {cfg.zookeeper.root})")
-        click.echo(f"  MongoDB:     {cfg.mongodb.uri} (database {cfg.mongodb.database})")
-        for child in supervisor.children.values():
-            click.echo(f"  {child.name + ' log:':13}{child.log_path}")
-        click.echo(f"  task logs:   {base}/agent-<n>/logs/<task>/<YYYY-MM-DD>.log")
-        if not admins:
-            click.echo("No admin user yet. Create the first one with:")
-            click.echo(
-                f"  CLOUDTASK_MONGO_URI={cfg.mongodb.uri} cloudtask user add NAME --role admin"
-            )
-        click.echo("Press Ctrl-C to stop.")
-        while not signals["count"]:
-            supervisor.poll()  # a child that died is logged and started again (backoff)
-            time.sleep(0.2)
-    finally:
-        click.echo("stopping ...")
-        # agents let their runs finish within kill_grace; a second Ctrl-C kills at once
-        supervisor.stop(grace=max(30.0, cfg.agent.kill_grace + 15.0))
-        for server in reversed(servers):
-            server.stop(timeout=1 if signals["count"] > 1 else 10)
-
-
-def _kill_server(server: Any) -> None:
-    """Kill an embedded server's process group at once (a second Ctrl-C)."""
-    pid = server.pid
-    if pid is None or not server.is_running() or os.name != "posix":
-        return
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-def _start_cluster(supervisor: Any, cfg: Config, base: Path, agents: int) -> None:
-    """One center, the web site and ``agents`` agents, each a supervised process of its own
-    with its own config file (a restarted agent keeps its id and data dir: both are in it)."""
-
-    def spawn(name: str, child_cfg: Config, *args: str) -> None:
-        cfg_path = base / f"{name}.json"
-        cfg_path.write_text(json.dumps(config_to_dict(child_cfg), indent=2), encoding="utf-8")
-        supervisor.spawn(
-            name,
-            [sys.executable, "-m", "cloudtask", *args, "--config", str(cfg_path)],
-            base / f"{name}.log",
-        )
-
-    spawn("center", cfg, "center", "--id", "center-1")
-    spawn("web", cfg, "web")
-    for n in range(1, agents + 1):
-        agent_id = f"{cfg.agent.id}-{n}" if cfg.agent.id else ""  # "": generated, kept per agent
-        agent_cfg = cfg.with_section(
-            "agent", id=agent_id, data_dir=str(base / f"agent-{n}"), log_dir=""
-        )
-        spawn(f"agent-{n}", agent_cfg, "agent")
+    run_local(_load(config_path), Path(data_dir), Path(tasks_dir), agents, port, actor=cli_actor())
 
 
 def main() -> None:

@@ -55,7 +55,14 @@ class NotFound(CloudTaskError):
 
 
 class Conflict(CloudTaskError):
-    """The change collides with what is stored (a task name already taken, a stale revision)."""
+    """The change collides with what is stored (a task name already taken, a stale revision).
+
+    ``problems`` says where when a field is the cause (a name taken: ``name``), so a form or
+    the API can show it at that field."""
+
+    def __init__(self, message: str, problems: list[Problem] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems or [])
 
 
 class ServerStartError(CloudTaskError):

@@ -14,6 +14,7 @@ from helpers import QuietHandler, serve_http, wait_for
 
 from cloudtask.agent.agent import Agent, resolve_agent_id
 from cloudtask.config import Config
+from cloudtask.operations import Operations
 from cloudtask.runmodel import new_run_document
 from cloudtask.store import Store
 from cloudtask.testing.records import overlaps, read_records, recording_command
@@ -216,7 +217,7 @@ def test_paused_and_deleted_tasks_stop_firing(store, agents):
         message="no run",
     )
     store.delete_task(deleted["_id"])
-    store.set_task_enabled(paused["_id"], False)
+    Operations(store).set_enabled("test", paused["_id"], False)
     time.sleep(1.5)  # poll interval 0.2 s: several polls, also on a loaded machine
     before = {t: len(runs(store, t)) for t in (deleted["_id"], paused["_id"])}
     time.sleep(2.5)
@@ -301,12 +302,12 @@ def test_keepalive_stops_when_paused_and_runs_once_when_resumed(store, agents):
     first = wait_for(lambda: running_runs(store, task["_id"]), timeout=10, message="never started")[
         0
     ]
-    store.set_task_enabled(task["_id"], False)
+    Operations(store).set_enabled("test", task["_id"], False)
     wait_for(
         lambda: store.get_run(first["_id"])["status"] == "killed", timeout=10, message="not stopped"
     )
     assert "paused" in store.get_run(first["_id"])["error"]
-    store.set_task_enabled(task["_id"], True)
+    Operations(store).set_enabled("test", task["_id"], True)
     second = wait_for(lambda: running_runs(store, task["_id"]), timeout=20, message="not resumed")
     assert len(second) == 1 and second[0]["_id"] != first["_id"]
     time.sleep(1.0)

@@ -233,6 +233,17 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
         )
     )
     (tasks / "broken.json").write_text(json.dumps({"name": "broken", "schedule": {"every": "0s"}}))
+    # valid on its own, but its file is not stored: checked like any change, and skipped
+    (tasks / "nofile.json").write_text(
+        json.dumps(
+            {
+                "name": "nofile",
+                "schedule": {"every": "1h"},
+                "command": "./missing.sh",
+                "file": "missing.sh",
+            }
+        )
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDTASK_")}
     from cloudtask.localservers import free_port
 
@@ -282,6 +293,11 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
         )
         run = store.runs.find_one({"status": "succeeded"})
         assert run["output_tail"].strip() == "hello from up"
+        # task files enter through the same door as every change: checked and audited
+        assert "skipped:" in text and "nofile" in text and "missing.sh" in text
+        assert [t["name"] for t in store.list_tasks()] == ["hello"]
+        (entry,) = store.audit.find({"action": "task.create"})
+        assert entry["target"] == "task:hello" and entry["actor"].startswith("cli:")
         assert any(
             p.name.endswith(".log") for p in (tmp_path / "data").rglob("*") if "hello" in str(p)
         )

@@ -15,9 +15,10 @@ import pytest
 from helpers import wait_for
 from kazoo.exceptions import NoNodeError
 
+from cloudtask.operations import Operations
 from cloudtask.store import Store
 from cloudtask.testing.records import duplicate_starts, overlaps, read_records, recording_command
-from cloudtask.zkpaths import ZkPaths, decode, task_signal
+from cloudtask.zkpaths import ZkPaths, decode
 
 SESSION = 2.0  # seconds: short, so failover is quick here
 
@@ -327,24 +328,24 @@ def test_sigterm_hands_over_at_once_while_mongodb_is_stalled(cluster, zk, store,
 
 @pytest.mark.timeout(120)
 def test_task_changes_reach_the_agent_within_a_second(cluster, zk, store):
-    store.on_task_change = task_signal(zk, ZkPaths("/cloudtask"))
+    ops = Operations(store, zk, ZkPaths("/cloudtask"))  # signals the leader, as people's changes do
     (task_id,) = make_tasks(store, 1, command=[sys.executable, "-c", "print('v1')"])
     cluster.center("c1")
     cluster.agent("a1")
     wait_for(lambda: store.runs.find_one({"task_id": task_id, "output_tail": "v1\n"}), timeout=30)
     spec = store.get_task(task_id)["spec"]
     changed_at = time.time()
-    store.replace_task(task_id, {**spec, "command": [sys.executable, "-c", "print('v2')"]})
+    ops.replace_task("test", task_id, {**spec, "command": [sys.executable, "-c", "print('v2')"]})
     run = wait_for(
         lambda: store.runs.find_one({"task_id": task_id, "output_tail": "v2\n"}), timeout=10
     )
     # the first fire after the change (fires are 1 s apart) already runs the new definition
     assert run["scheduled_for"].timestamp() - changed_at < 2.5
-    store.set_task_enabled(task_id, False)
+    ops.set_enabled("test", task_id, False)
     wait_for(lambda: not assignments(zk), timeout=5, message="a paused task stayed assigned")
-    store.set_task_enabled(task_id, True)
+    ops.set_enabled("test", task_id, True)
     wait_for(lambda: assignments(zk), timeout=5, message="a resumed task was not assigned")
-    store.delete_task(task_id)
+    ops.delete_task("test", task_id)
     wait_for(lambda: not assignments(zk), timeout=5, message="a deleted task stayed assigned")
 
 
@@ -514,8 +515,7 @@ def test_expired_session_drops_and_regains_assignments(
             message="no runs under the new session",
         )
         # and a task removed after the expiry stops firing there
-        store.on_task_change = task_signal(zk, ZkPaths("/cloudtask"))
-        store.delete_task(ids[0])
+        Operations(store, zk, ZkPaths("/cloudtask")).delete_task("test", ids[0])
         wait_for(
             lambda: ids[0] not in agent._specs, timeout=10, message="removed task still scheduled"
         )

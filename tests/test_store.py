@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from cloudtask.exceptions import Conflict, NotFound, StoreError, ValidationError
+from cloudtask.operations import Operations
 from cloudtask.runmodel import new_run_document
 from cloudtask.store import Store, indexed
 
@@ -114,15 +115,45 @@ def test_at_in_past_refused_on_create_and_change(store):
 
 
 def test_apply_creates_updates_and_leaves_unchanged(store):
-    assert store.apply_task(task(), now=NOW)[0] == "created"
-    assert store.apply_task(task(), now=NOW)[0] == "unchanged"
-    outcome, doc = store.apply_task(task(command="echo 2"), now=NOW)
+    ops = Operations(store)
+    assert ops.apply_task("test", task())[0] == "created"
+    assert ops.apply_task("test", task())[0] == "unchanged"
+    outcome, doc = ops.apply_task("test", task(command="echo 2"))
     assert outcome == "updated" and doc["revision"] == 2
+    actions = [e["action"] for e in store.audit.find({}).sort("at", 1)]
+    assert actions == ["task.create", "task.update"]  # nothing audited for "unchanged"
+
+
+def test_a_changed_schedule_is_checked_for_past_instants_an_unchanged_one_is_not(store):
+    ops = Operations(store)
+    past = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()
+    with pytest.raises(ValidationError, match="past"):
+        ops.create_task("test", task(schedule={"at": past}))
+    doc = ops.create_task("test", task())
+    with pytest.raises(ValidationError, match="past"):
+        ops.replace_task("test", doc["_id"], task(schedule={"at": past}))
+    # a one-shot task that ran long ago can still get a new description
+    old = store.create_task(task(name="once", schedule={"at": past}), now=NOW - timedelta(days=1))
+    changed = ops.replace_task("test", old["_id"], {**old["spec"], "description": "kept"})
+    assert changed["spec"]["description"] == "kept"
+
+
+def test_a_name_clash_is_a_conflict_at_the_name(store):
+    ops = Operations(store)
+    ops.create_task("test", task(name="one"))
+    other = ops.create_task("test", task(name="two"))
+    with pytest.raises(Conflict) as caught:
+        ops.create_task("test", task(name="one"))
+    assert [p.path for p in caught.value.problems] == ["name"]
+    with pytest.raises(Conflict) as caught:
+        ops.replace_task("test", other["_id"], task(name="one"))
+    assert [p.path for p in caught.value.problems] == ["name"]
+    assert store.get_task(other["_id"])["name"] == "two"  # nothing lost
 
 
 def test_enable_disable_and_delete(store):
     doc = store.create_task(task(), now=NOW)
-    paused = store.set_task_enabled(doc["_id"], False, now=NOW)
+    paused = Operations(store).set_enabled("test", doc["_id"], False)
     assert not paused["enabled"] and paused["revision"] == 2
     assert store.list_tasks(enabled=True) == []
     assert len(store.list_tasks(enabled=False)) == 1

@@ -521,6 +521,16 @@ def test_files_upload_by_multipart_or_raw_body_and_list(op, viewer, store):
     files = viewer.get("/files").get_json()["items"]
     assert [(f["name"], f["size"]) for f in files] == [("b.sh", 1), ("hello.sh", 8)]
     assert store.get_file_by_hash(hashlib.sha256(data).hexdigest()) == data
+    # every upload that stored a version is audited, as on the site and the command line
+    uploads = [
+        (e["actor"], e["target"], (e["before"] or {}).get("sha256"))
+        for e in store.audit.find({"action": "file.upload"}).sort("at", 1)
+    ]
+    assert uploads == [
+        ("op1", "file:hello.sh", None),
+        ("op1", "file:b.sh", None),
+        ("op1", "file:hello.sh", hashlib.sha256(data).hexdigest()),
+    ]
 
     assert paths_of(error_of(op.post("/files", data=b"echo"), 422)) == ["name"]
     assert paths_of(error_of(op.post("/files?name=../x.sh", data=b"echo"), 422)) == ["name"]

@@ -248,9 +248,6 @@ def test_zookeeper_down_changes_still_answer_and_are_audited(store, tmp_path):
     try:
         app = create_app(test_config={"STORE": store, "TESTING": True, "ZK": zk})
         Users(store).add("op1", "operator passphrase", role="operator")
-        from cloudtask.zkpaths import ZkPaths, task_signal
-
-        store.on_task_change = task_signal(zk, ZkPaths())
         task = store.create_task({"name": "t", "schedule": {"every": "1h"}, "command": "true"})
         now = utcnow()
         run = new_run_document(

@@ -28,7 +28,7 @@ from cloudtask.store import Page
 from cloudtask.users import ROLES, Users, public, token_name_problem
 
 from .auth import requires
-from .context import actor, store
+from .context import actor, ops, store
 from .queries import int_arg, text_arg, time_arg
 
 bp = Blueprint("admin", __name__)
@@ -79,10 +79,6 @@ def _users() -> Users:
     return Users(store())
 
 
-def _audit(action: str, username: str, before: Any, after: Any) -> None:
-    store().add_audit(actor(), action, f"user:{username}", before, after)
-
-
 def _get_user(username: str) -> dict[str, Any]:
     try:
         return _users().get(username)
@@ -119,16 +115,9 @@ def user_add() -> Any:
     if problems:
         return _render_users(form, {p.path: p.message for p in problems}, 422)
     try:
-        _users().add(form["username"], password, form["role"])
-    except Conflict:
-        message = f"a user named {form['username']!r} already exists: choose another name"
-        return _render_users(form, {"username": message}, 409)
-    _audit(
-        "user.create",
-        form["username"],
-        None,
-        {"username": form["username"], "role": form["role"], "enabled": True},
-    )
+        ops().add_user(actor(), form["username"], password, form["role"])
+    except Conflict as e:
+        return _render_users(form, {p.path: p.message for p in e.problems}, 409)
     flash(f"User {form['username']} added ({form['role']}).", "ok")
     return redirect(url_for("admin.user_detail", username=form["username"]))
 
@@ -182,13 +171,12 @@ def user_role(username: str) -> Any:
     _get_user(username)
     role = request.form.get("role", "")
     try:
-        old = _users().set_role(username, role, by=current_user.username)
+        old = ops().set_role(actor(), username, role, by=current_user.username)
     except ValidationError as e:
         return _render_user(username, {"role": "; ".join(p.message for p in e.problems)}, 422)
     except Conflict as e:
         return _render_user(username, {"role": str(e)}, 409)
     if old != role:
-        _audit("user.role", username, {"role": old}, {"role": role})
         flash(f"{username} is now {role}.", "ok")
     return redirect(url_for("admin.user_detail", username=username))
 
@@ -196,12 +184,10 @@ def user_role(username: str) -> Any:
 def _set_enabled(username: str, enabled: bool) -> Any:
     _get_user(username)
     try:
-        old = _users().set_enabled(username, enabled, by=current_user.username)
+        old = ops().set_user_enabled(actor(), username, enabled, by=current_user.username)
     except Conflict as e:
         return _render_user(username, {"enabled": str(e)}, 409)
     if old != enabled:
-        action = "user.enable" if enabled else "user.disable"
-        _audit(action, username, {"enabled": old}, {"enabled": enabled})
         note = "" if enabled else ": their sessions and API tokens stop working"
         flash(f"{username} {'enabled' if enabled else 'disabled'}{note}.", "ok")
     return redirect(url_for("admin.user_detail", username=username))
@@ -229,8 +215,7 @@ def user_password(username: str) -> Any:
         errors["password2"] = "the two passwords differ: type the same twice"
     if errors:
         return _render_user(username, errors, 422)
-    _users().set_password(username, password)
-    _audit("user.password", username, None, {"password_changed": True})
+    ops().set_password(actor(), username, password)
     flash(f"New password set for {username}.", "ok")
     return redirect(url_for("admin.user_detail", username=username))
 
@@ -242,8 +227,7 @@ def user_token_create(username: str) -> Any:
     name = request.form.get("name", "").strip()
     if problem := token_name_problem(name):
         return _render_user(username, {"token_name": problem}, 422, token_name=name)
-    token_id, token = _users().add_token(username, name)
-    _audit("token.create", username, None, {"token_id": token_id, "name": name})
+    token_id, token = ops().add_token(actor(), username, name)
     # answered here, not after a redirect: the token must not travel in the session cookie
     return _render_user(username, new_token={"id": token_id, "name": name, "token": token})
 
@@ -253,10 +237,9 @@ def user_token_create(username: str) -> Any:
 def user_token_revoke(username: str, token_id: str) -> Any:
     _get_user(username)
     try:
-        gone = _users().revoke_token(username, token_id)
+        gone = ops().revoke_token(actor(), username, token_id)
     except NotFound as e:
         return _render_user(username, {"tokens": f"{e}: it was revoked already"}, 404)
-    _audit("token.revoke", username, {"token_id": token_id, "name": gone["name"]}, None)
     flash(f"Token {gone['name']} ({token_id}) of {username} revoked: it stops working now.", "ok")
     return redirect(url_for("admin.user_detail", username=username))
 

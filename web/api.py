@@ -260,11 +260,9 @@ def spec_problems(error: ValidationError) -> ApiError:
     return ApiError(422, "the task is invalid", error.problems)
 
 
-def name_conflict(error: Conflict, spec: Any) -> ApiError:
-    name = spec.get("name") if isinstance(spec, dict) else None
-    if "already exists" in str(error) and isinstance(name, str):
-        return ApiError(409, str(error), [Problem("name", "taken: choose another name")])
-    return ApiError(409, str(error))
+def name_conflict(error: Conflict) -> ApiError:
+    """409, with the field at fault when there is one (a name taken: ``name``)."""
+    return ApiError(409, str(error), error.problems)
 
 
 TASK_PARAM = path_param("task", "The task's name or id")
@@ -343,7 +341,7 @@ def create_task() -> Any:
     except ValidationError as e:
         raise spec_problems(e) from None
     except Conflict as e:
-        raise name_conflict(e, spec) from None
+        raise name_conflict(e) from None
     return task_reply(doc, 201, Location=url_for("api.get_task", task=doc["_id"]))
 
 
@@ -380,7 +378,7 @@ def replace_task(task: str) -> Any:
     except ValidationError as e:
         raise spec_problems(e) from None
     except Conflict as e:
-        raise name_conflict(e, spec) from None
+        raise name_conflict(e) from None
     return task_reply(doc)
 
 
@@ -405,7 +403,7 @@ def patch_task(task: str) -> Any:
     except ValidationError as e:
         raise spec_problems(e) from None
     except Conflict as e:
-        raise name_conflict(e, changes) from None
+        raise name_conflict(e) from None
     return task_reply(doc)
 
 
@@ -853,13 +851,7 @@ def upload_file() -> Any:
     if not name:
         raise invalid("the upload is invalid", "name", "required: the file's name")
     try:
-        info = store().put_file(
-            name,
-            data,
-            uploaded_by=actor(),
-            keep=cfg.web.file_versions_kept,
-            max_bytes=limit,
-        )
+        info = ops().put_file(actor(), name, data, keep=cfg.web.file_versions_kept, max_bytes=limit)
     except ValidationError as e:
         raise ApiError(422, f"the file {name[:100]!r} is refused", e.problems) from None
     created = info.get("created", True)

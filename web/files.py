@@ -32,7 +32,7 @@ from cloudtask.exceptions import Conflict, NotFound, ValidationError
 from cloudtask.task import file_name_problem
 
 from .auth import requires
-from .context import actor, store
+from .context import actor, ops, store
 
 bp = Blueprint("files", __name__, url_prefix="/files")
 
@@ -137,11 +137,7 @@ def upload() -> Any:
     kept, limit = _settings()
     data = chosen.read(limit + 1)  # one byte more than allowed is enough to refuse it
     try:
-        before = store().latest_file(name)["sha256"]
-    except NotFound:
-        before = None
-    try:
-        meta = store().put_file(name, data, uploaded_by=actor(), keep=kept, max_bytes=limit)
+        meta = ops().put_file(actor(), name, data, keep=kept, max_bytes=limit)
     except ValidationError as e:
         errors: dict[str, str] = {}
         for p in e.problems:
@@ -149,13 +145,6 @@ def upload() -> Any:
             errors[key] = f"{errors[key]}; {p.message}" if key in errors else p.message
         return render_list(errors, given, 422)
     if meta["created"]:
-        store().add_audit(
-            actor(),
-            "file.upload",
-            f"file:{name}",
-            {"sha256": before} if before else None,
-            {"sha256": meta["sha256"], "size": meta["size"]},
-        )
         flash(f"Stored {name}: version {meta['sha256'][:12]}, {size_text(meta['size'])}.", "ok")
     else:
         flash(f"{name}: these bytes are the latest version already; nothing changed.", "ok")
@@ -204,20 +193,13 @@ def rollback(name: str) -> Any:
     if not SHA256.fullmatch(sha256):
         return render_detail(name, "sha256: expected the sha256 of a stored version", 422)
     try:
-        meta = store().rollback_file(name, sha256, actor(), keep=_settings()[0])
+        ops().rollback_file(actor(), name, sha256, keep=_settings()[0])
     except Conflict as e:
         return render_detail(name, str(e), 409)
     except NotFound as e:
         if "has no stored version" not in str(e):
             abort(404, description=str(e))
         return render_detail(name, str(e), 422)
-    store().add_audit(
-        actor(),
-        "file.rollback",
-        f"file:{name}",
-        {"sha256": meta["rolled_back_from"]},
-        {"sha256": meta["sha256"], "size": meta["size"]},
-    )
     flash(f"{name} rolled back: version {sha256[:12]} is the latest again.", "ok")
     return redirect(url_for("files.detail", name=name))
 

@@ -37,18 +37,17 @@ from cloudtask.durations import format_duration
 from cloudtask.events import KINDS as EVENT_KINDS
 from cloudtask.events import OPERATOR_KINDS
 from cloudtask.exceptions import CloudTaskError, Problem, ValidationError
-from cloudtask.notify import load_settings, save_settings, send_test_mail, stored_settings
+from cloudtask.notify import load_settings, send_test_mail, stored_settings
 from cloudtask.notify.settings import ALERTS_CHECKS, validate_settings
 
 from .auth import requires
-from .context import actor, store
+from .context import actor, ops, store
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
 
 MASK = "********"  # a webhook secret as the page shows it; kept as it is, the secret is kept
-HIDDEN = "(hidden)"  # secrets in the audit entry
 TEST_MAIL_TIMEOUT = 30.0  # the test mail holds a web request: never wait longer than this
 DURATION_KEYS = ("smtp_timeout", "alert_interval", "webhook_timeout")
 TEXT_KEYS = ("smtp_host", "smtp_user", "smtp_password_env", "mail_from")
@@ -303,39 +302,6 @@ def place_problems(
     return top
 
 
-# --- the audit entry -------------------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def hidden_secrets(values: dict[str, Any]) -> dict[str, Any]:
-    """Stored settings for the audit log: the password and webhook secrets as (hidden)."""
-    out = _plain(values)
-    if out.get("smtp_password"):
-        out["smtp_password"] = HIDDEN
-    for hook in out.get("webhooks", []):
-        hook["secret"] = HIDDEN
-    return out
-
-
-def changed_secrets(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """The secrets a save changed (hidden, they would not show in the audit entry's diff)."""
-    out = []
-    if before.get("smtp_password", "") != after.get("smtp_password", ""):
-        out.append("smtp_password")
-    old = {h["url"]: h["secret"] for h in before.get("webhooks", ())}
-    for i, hook in enumerate(after.get("webhooks", ())):
-        if hook["url"] in old and old[hook["url"]] != hook["secret"]:
-            out.append(f"webhooks[{i}].secret")
-    return out
-
-
 # --- the page --------------------------------------------------------------------------------
 
 
@@ -400,19 +366,13 @@ def save() -> Any:
         top = place_problems(problems, lines, errors)
         return render_page(form, errors, top, 422)
     try:
-        after = save_settings(store(), data, by=actor())
+        before, after = ops().save_alert_settings(actor(), data)
     except ValidationError as e:
         top = place_problems(e.problems, lines, errors)
         return render_page(form, errors, top, 422)
     if after == before:
         flash("Nothing changed: the settings are as they were.", "ok")
         return redirect(url_for("settings.index"))
-    audit_after = hidden_secrets(after)
-    if secrets := changed_secrets(before, after):
-        audit_after["secrets_changed"] = secrets
-    store().add_audit(
-        actor(), "settings.alerts", "settings:alerts", hidden_secrets(before), audit_after
-    )
     kept = ", ".join(sorted(after)) or "none: every value comes from the config file"
     flash(
         f"Alert settings saved. Stored in the database: {kept}. "

@@ -756,12 +756,6 @@ def render_form(
     ), status
 
 
-def _name_taken(name: Any, task_id: str | None) -> bool:
-    if not isinstance(name, str):
-        return False
-    return store().name_taken(name, task_id)
-
-
 def _save(form: dict[str, Any], task: dict[str, Any] | None) -> Any:
     """Create (task None) or replace a task from the posted form; re-show it on any problem."""
     spec, problems = form_spec(form)
@@ -780,10 +774,8 @@ def _save(form: dict[str, Any], task: dict[str, Any] | None) -> Any:
     except ValidationError as e:
         return render_form(form, task=task, problems=e.problems, status=422)
     except Conflict as e:
-        name = spec.get("name") if isinstance(spec, dict) else None
-        if _name_taken(name, task["_id"] if task else None):
-            problem = Problem("name", f"a task named {name!r} already exists: choose another name")
-            return render_form(form, task=task, problems=[problem], status=409)
+        if e.problems:
+            return render_form(form, task=task, problems=e.problems, status=409)
         return render_form(form, task=task, message=str(e), status=409)
     except NotFound as e:
         return render_form(form, task=task, message=f"{e}: it was deleted meanwhile", status=404)

@@ -174,3 +174,38 @@ def load_settings(
         from_database=tuple(sorted(stored)),
         password_problem=problem,
     )
+
+
+# --- the audit entry of a change -----------------------------------------------------------
+
+HIDDEN = "(hidden)"  # secrets in the audit entry
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def hidden_secrets(values: dict[str, Any]) -> dict[str, Any]:
+    """Stored settings for the audit log: the password and webhook secrets as (hidden)."""
+    out = _plain(values)
+    if out.get("smtp_password"):
+        out["smtp_password"] = HIDDEN
+    for hook in out.get("webhooks", []):
+        hook["secret"] = HIDDEN
+    return out
+
+
+def changed_secrets(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The secrets a save changed (hidden, they would not show in the audit entry's diff)."""
+    out = []
+    if before.get("smtp_password", "") != after.get("smtp_password", ""):
+        out.append("smtp_password")
+    old = {h["url"]: h["secret"] for h in before.get("webhooks", ())}
+    for i, hook in enumerate(after.get("webhooks", ())):
+        if hook["url"] in old and old[hook["url"]] != hook["secret"]:
+            out.append(f"webhooks[{i}].secret")
+    return out

@@ -37,8 +37,6 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from pymongo import MongoClient
 
 from ..clock import to_bson_time, utcnow
@@ -127,8 +125,6 @@ class Store(
             server_selection_timeout_ms=server_selection_timeout_ms,
             claim_write_concern=claim_write_concern,
         )
-        # called after every task change (the cluster sets it to bump /signals/tasks)
-        self.on_task_change: Callable[[], None] | None = None
         self._guard(self.ensure_indexes, "create indexes")
 
     @classmethod

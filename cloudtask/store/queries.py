@@ -327,13 +327,6 @@ class PageQueries(StoreBase):
     def task_fields_by_name(self, name: str, fields: dict[str, int]) -> dict[str, Any] | None:
         return self._guard(self.tasks.find_one, "read the task", {"name": name}, fields)
 
-    def name_taken(self, name: str, by_other_than: str | None = None) -> bool:
-        """Whether a task (other than ``by_other_than``) has this name."""
-        query: dict[str, Any] = {"name": name}
-        if by_other_than:
-            query["_id"] = {"$ne": by_other_than}
-        return self._guard(self.tasks.find_one, "read the task", query, {"_id": 1}) is not None
-
     def task_names(self, task_ids: Iterable[str]) -> dict[str, str]:
         """task id -> name, for those of ``task_ids`` that exist."""
         cursor = self.tasks.find({"_id": {"$in": sorted(set(task_ids))}}, {"name": 1})

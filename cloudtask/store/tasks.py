@@ -16,7 +16,7 @@ from pymongo import ReplaceOne
 from pymongo.errors import DuplicateKeyError
 
 from ..clock import to_bson_time, utcnow
-from ..exceptions import Conflict, NotFound
+from ..exceptions import Conflict, NotFound, Problem
 from ..runmodel import (
     SCHEMA_VERSION,
     new_id,
@@ -25,6 +25,13 @@ from ..task import TaskSpec, parse_task
 from .base import StoreBase
 
 log = logging.getLogger("cloudtask.store")
+
+
+def _name_taken(name: str) -> Conflict:
+    return Conflict(
+        f"a task named {name!r} already exists",
+        [Problem("name", f"a task named {name!r} already exists: choose another name")],
+    )
 
 
 class TaskRecords(StoreBase):
@@ -49,7 +56,8 @@ class TaskRecords(StoreBase):
     def create_task(
         self, data: dict[str, Any] | TaskSpec, now: datetime | None = None
     ) -> dict[str, Any]:
-        """Validate and insert a task; raises ValidationError or Conflict (name taken)."""
+        """Insert a task (a dict is parsed here: for tools and tests; the operations hand a
+        parsed spec); ValidationError, or Conflict (name taken, the problem at ``name``)."""
         now = now or utcnow()
         spec = data if isinstance(data, TaskSpec) else parse_task(data, now=now)
         doc = self._task_document(spec, new_id(), 1, now)
@@ -58,8 +66,7 @@ class TaskRecords(StoreBase):
         try:
             self._guard(self.tasks.insert_one, "store the task", doc)
         except DuplicateKeyError:
-            raise Conflict(f"a task named {spec.name!r} already exists") from None
-        self._task_changed()
+            raise _name_taken(spec.name) from None
         return doc
 
     def replace_task(
@@ -68,11 +75,14 @@ class TaskRecords(StoreBase):
         data: dict[str, Any] | TaskSpec,
         now: datetime | None = None,
         expected_revision: int | None = None,
+        current: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Replace a task's spec and bump its revision (optimistic when expected_revision is given)."""
+        """Replace a task's spec and bump its revision (optimistic when expected_revision is
+        given). ``current``: the task as the caller just read it (no second read); the write
+        applies only if it is still at that revision."""
         now = now or utcnow()
         spec = data if isinstance(data, TaskSpec) else parse_task(data, now=now)
-        current = self.get_task(task_id)
+        current = current if current is not None else self.get_task(task_id)
         if expected_revision is not None and current["revision"] != expected_revision:
             raise Conflict(
                 f"task {current['name']!r} changed meanwhile (revision {current['revision']}, "
@@ -91,27 +101,10 @@ class TaskRecords(StoreBase):
                 doc,
             )
         except DuplicateKeyError:
-            raise Conflict(f"a task named {spec.name!r} already exists") from None
+            raise _name_taken(spec.name) from None
         if result.matched_count == 0:
             raise Conflict(f"task {current['name']!r} changed meanwhile; reload it and try again")
-        self._task_changed()
         return doc
-
-    def apply_task(
-        self, data: dict[str, Any], now: datetime | None = None
-    ) -> tuple[str, dict[str, Any]]:
-        """Create or update the task with this name. Returns ("created"|"updated"|"unchanged", doc)."""
-        now = now or utcnow()
-        name = data.get("name") if isinstance(data, dict) else None
-        current = self.tasks.find_one({"name": name}) if isinstance(name, str) else None
-        if current is None:
-            return "created", self.create_task(data, now)
-        spec = parse_task(
-            data
-        )  # compare canonical forms; the past-instant check applies to changes
-        if spec.to_dict() == current["spec"]:
-            return "unchanged", current
-        return "updated", self.replace_task(current["_id"], data, now)
 
     def get_task(self, task_id: str) -> dict[str, Any]:
         doc = self._guard(self.tasks.find_one, "read the task", {"_id": task_id})
@@ -148,19 +141,10 @@ class TaskRecords(StoreBase):
         docs = self._read(self.tasks.find(query, {"revision": 1, "done_at": 1}), "list tasks")
         return {d["_id"]: (d["revision"], bool(d.get("done_at"))) for d in docs}
 
-    def set_task_enabled(
-        self, task_id: str, enabled: bool, now: datetime | None = None
-    ) -> dict[str, Any]:
-        now = now or utcnow()
-        current = self.get_task(task_id)
-        spec = dict(current["spec"], enabled=enabled)
-        return self.replace_task(task_id, parse_task(spec), now)
-
     def delete_task(self, task_id: str) -> None:
         result = self._guard(self.tasks.delete_one, "delete the task", {"_id": task_id})
         if result.deleted_count == 0:
             raise NotFound(f"no task with id {task_id!r}")
-        self._task_changed()
 
     def mark_tasks_done(self, done: Sequence[tuple[str, int]], now: datetime | None = None) -> int:
         """One-shot (`at`) tasks have run: record it so no agent schedules them again.
@@ -181,13 +165,4 @@ class TaskRecords(StoreBase):
         if not ops:
             return 0
         result = self._guard(self.tasks.bulk_write, "mark tasks done", ops, ordered=False)
-        self._task_changed()
         return result.modified_count
-
-    def _task_changed(self) -> None:
-        if self.on_task_change is None:
-            return
-        try:
-            self.on_task_change()
-        except Exception as e:  # the change is stored; centers also resync periodically
-            log.warning("cannot signal the task change (centers pick it up on resync): %s", e)

@@ -13,7 +13,7 @@ from typing import Any
 
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from ..exceptions import Conflict
+from ..exceptions import Conflict, Problem
 from .base import StoreBase
 
 
@@ -25,7 +25,9 @@ class UserRecords(StoreBase):
         try:
             self._guard(self.users.insert_one, "store the user", doc)
         except DuplicateKeyError:
-            raise Conflict(f"a user named {doc['_id']!r} already exists") from None
+            message = f"a user named {doc['_id']!r} already exists"
+            problem = Problem("username", f"{message}: choose another name")
+            raise Conflict(message, [problem]) from None
 
     def find_user(self, username: str) -> dict[str, Any] | None:
         return self._guard(self.users.find_one, "read the user", {"_id": username})

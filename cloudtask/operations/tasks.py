@@ -1,0 +1,180 @@
+"""Task changes: create, replace, patch, apply (by name), pause and resume, clone, delete.
+
+A task's definition is parsed once, here (:func:`~cloudtask.task.parse_task`), and the store
+is handed the parsed spec. A new or changed file reference is checked against the stored files,
+so no task is saved pointing at a file or a version that is not stored (a task whose file went
+away later can still be changed otherwise).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from ..clock import utcnow
+from ..exceptions import Conflict, NotFound, Problem, ValidationError
+from ..runmodel import RUNNING_STATUSES
+from ..schedules import parse_schedule
+from ..task import TaskSpec, parse_task
+from .base import task_target
+from .runs import RunOperations
+
+Applied = Literal["created", "updated", "unchanged"]
+
+
+class TaskOperations(RunOperations):
+    """Task changes (deleting one may kill its runs: a run operation)."""
+
+    def _checked(self, data: dict[str, Any] | TaskSpec, before: dict[str, Any] | None) -> TaskSpec:
+        """``data`` parsed, once. When its schedule is new or changed (``before``: the stored
+        task), an instant already past is refused; when its file reference is, the file (and
+        the pinned version) must be stored."""
+        spec = data if isinstance(data, TaskSpec) else parse_task(data)
+        old = (before or {}).get("spec") or {}
+        schedule = spec.to_dict().get("schedule")
+        problems = []
+        if schedule != old.get("schedule"):
+            problems += parse_schedule(schedule, "schedule", now=utcnow())[1]
+        if spec.file and (spec.file, spec.file_version) != (
+            old.get("file"),
+            old.get("file_version"),
+        ):
+            problems += self.store.file_reference_problems(spec.file, spec.file_version)
+        if problems:
+            raise ValidationError(problems)
+        return spec
+
+    def create_task(self, actor: str, data: dict[str, Any] | TaskSpec) -> dict[str, Any]:
+        """Store a new task; ValidationError, or Conflict (with the problem at ``name``)
+        when the name is taken."""
+        doc = self.store.create_task(self._checked(data, None))
+        self._audit(actor, "task.create", task_target(doc), None, doc["spec"], doc["_id"])
+        self._signal("tasks")
+        return doc
+
+    def replace_task(
+        self,
+        actor: str,
+        task_id: str,
+        data: dict[str, Any] | TaskSpec,
+        expected_revision: int | None = None,
+        *,
+        current: dict[str, Any] | None = None,
+        action: str = "task.update",
+    ) -> dict[str, Any]:
+        """Replace a task's definition (``current``: the task as just read, to spare a read);
+        Conflict when it changed meanwhile (``expected_revision``) or the name is taken."""
+        before = current if current is not None else self.store.get_task(task_id)
+        spec = self._checked(data, before)
+        doc = self.store.replace_task(
+            task_id, spec, expected_revision=expected_revision, current=before
+        )
+        self._audit(actor, action, task_target(doc), before["spec"], doc["spec"], doc["_id"])
+        self._signal("tasks")
+        return doc
+
+    def patch_task(
+        self,
+        actor: str,
+        task_id: str,
+        changes: dict[str, Any],
+        expected_revision: int | None = None,
+    ) -> dict[str, Any]:
+        """Change some top-level keys of a task's definition (a JSON merge of one level)."""
+        if not isinstance(changes, dict):
+            raise ValidationError(
+                [Problem("", "a patch is a JSON object of the keys to change")], source="the patch"
+            )
+        current = self.store.get_task(task_id)
+        spec = copy.deepcopy(current["spec"])
+        spec.pop("version", None)
+        spec.update(changes)
+        return self.replace_task(actor, task_id, spec, expected_revision, current=current)
+
+    def _named(self, data: Any) -> dict[str, Any] | None:
+        name = data.get("name") if isinstance(data, dict) else None
+        if isinstance(name, str):
+            try:
+                return self.store.get_task_by_name(name)
+            except NotFound:
+                pass
+        return None
+
+    def check_apply(self, data: dict[str, Any]) -> None:
+        """Raise ValidationError if :meth:`apply_task` would refuse ``data``."""
+        self._checked(data, self._named(data))
+
+    def apply_task(self, actor: str, data: dict[str, Any]) -> tuple[Applied, dict[str, Any]]:
+        """Create or update the task named in ``data`` (a task file): ``created``, ``updated``
+        or ``unchanged`` (the same definition, compared in canonical form), and the task."""
+        before = self._named(data)
+        spec = self._checked(data, before)
+        if before is None:
+            return "created", self.create_task(actor, spec)
+        if spec.to_dict() == before["spec"]:
+            return "unchanged", before
+        return "updated", self.replace_task(actor, before["_id"], spec, current=before)
+
+    def apply_tasks(
+        self, actor: str, tasks: Sequence[tuple[str, dict[str, Any]]]
+    ) -> list[tuple[Applied, str]]:
+        """Apply task files (``(source, data)`` each): all are checked first, so one bad
+        file stores none (its problems name the file). Returns (outcome, task name) each."""
+        for source, data in tasks:
+            try:
+                self.check_apply(data)
+            except ValidationError as e:
+                raise ValidationError(e.problems, source=source) from None
+        results = []
+        for source, data in tasks:
+            try:
+                outcome, doc = self.apply_task(actor, data)
+            except ValidationError as e:
+                raise ValidationError(e.problems, source=source) from None
+            results.append((outcome, doc["name"]))
+        return results
+
+    def set_enabled(self, actor: str, task_id: str, enabled: bool) -> dict[str, Any]:
+        """Pause or resume a task (a no-op when it is so already)."""
+        before = self.store.get_task(task_id)
+        if bool(before.get("enabled")) == enabled:
+            return before
+        spec = parse_task(dict(before["spec"], enabled=enabled))
+        action = "task.resume" if enabled else "task.pause"
+        return self.replace_task(actor, task_id, spec, current=before, action=action)
+
+    def clone_task(self, actor: str, task_id: str, new_name: str) -> dict[str, Any]:
+        """A copy of a task under a new name, created paused so it does not fire twice."""
+        source = self.store.get_task(task_id)
+        spec = copy.deepcopy(source["spec"])
+        spec.pop("version", None)
+        spec.update(name=new_name, enabled=False)
+        doc = self.store.create_task(parse_task(spec))
+        self._audit(
+            actor, "task.clone", task_target(doc), {"from": source["name"]}, doc["spec"], doc["_id"]
+        )
+        self._signal("tasks")
+        return doc
+
+    def delete_task(
+        self, actor: str, task_id: str, kill_running: bool = False
+    ) -> tuple[dict[str, Any], list[str]]:
+        """Delete a task. Its running runs finish, or are killed with ``kill_running``.
+        Returns the deleted task and the ids of the runs asked to be killed."""
+        task = self.store.get_task(task_id)
+        running = self.store.list_runs(
+            task_id=task["_id"], status=list(RUNNING_STATUSES), limit=10_000
+        )
+        self.store.delete_task(task["_id"])
+        self._audit(actor, "task.delete", task_target(task), task["spec"], None, task["_id"])
+        self._signal("tasks")
+        killed = []
+        if kill_running:
+            for run in running:
+                try:
+                    self._kill(run, f"the task was deleted by {actor}")
+                except Conflict:
+                    continue
+                killed.append(run["_id"])
+        return task, killed
