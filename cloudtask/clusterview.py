@@ -1,10 +1,10 @@
 """What the cluster looks like now, read from ZooKeeper (for the web site and the API).
 
-Live agents come from their ephemeral registrations, centers from theirs, the leader and the
-unassigned tasks from the leader's ``/status``, and which agent owns which task from
-``/assignments``. Agents that went away are not in ZooKeeper: the leading center keeps every
-agent it saw in MongoDB's ``agents`` collection (online or offline, last seen), and
-:func:`merge_agents` joins the two.
+Live agents come from their ephemeral registrations (read by :mod:`cloudtask.registry`, as
+the leading center reads them), centers from theirs, the leader and the unassigned tasks from
+the leader's ``/status``, and which agent owns which task from ``/assignments``. Agents that
+went away are not in ZooKeeper: the leading center keeps every agent it saw in MongoDB's
+``agents`` collection (online or offline, last seen), and :func:`merge_agents` joins the two.
 
 Every read is asynchronous and gathered at the end, so a view of 100 agents and 10,000
 assignments costs a few round trips' time, not thousands.
@@ -18,6 +18,7 @@ from typing import Any
 
 from kazoo.exceptions import NoNodeError
 
+from .registry import read_agents
 from .zkpaths import ZkPaths, decode
 
 
@@ -37,24 +38,15 @@ def read_cluster(zk: Any, paths: ZkPaths) -> ClusterView:
     if zk is None or not zk.connected:
         view.connected = False
         return view
-    # agents
-    reads = []
-    for group in _children(zk, paths.agents):
-        for agent_id in _children(zk, paths.agent_group(group)):
-            reads.append((group, agent_id, zk.get_async(paths.agent(group, agent_id))))
-    for group, agent_id, result in reads:
-        try:
-            data, stat = result.get()
-        except NoNodeError:
-            continue
-        info = decode(data) or {}
+    # agents, from the registry the leading center reads too
+    for agent_id, agent in read_agents(zk, paths).items():
         view.agents[agent_id] = {
-            **info,
+            **agent.info,
             "agent_id": agent_id,
-            "group": group,
-            "status": "leaving" if info.get("leaving") else "online",
-            "registered_ms": stat.ctime,
-            "updated_ms": stat.mtime,
+            "group": agent.group,
+            "status": agent.status,
+            "registered_ms": agent.registered_ms,
+            "updated_ms": agent.updated_ms,
         }
     # centers and the leader's status
     center_reads = [(c, zk.get_async(paths.center(c))) for c in _children(zk, paths.centers)]

@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -59,6 +59,7 @@ from ..clock import to_bson_time, utcnow
 from ..config import Config
 from ..exceptions import CloudTaskError, ValidationError
 from ..notify import NotifierThread
+from ..registry import LiveAgent, read_agents
 from ..runmodel import BEAT_INTERVAL
 from ..store import Store
 from ..task import parse_task
@@ -80,17 +81,6 @@ RELEASED_SLACK = 30.0  # seconds past misfire_grace before a released claim nobo
 
 class LeadershipLost(CloudTaskError):
     """This center is no longer the leader (its session or election node is gone)."""
-
-
-@dataclass
-class LiveAgent:
-    agent_id: str
-    group: str
-    weight: int
-    joined: int  # czxid of its registration: when this incarnation joined
-    session: int
-    info: dict[str, Any] = field(default_factory=dict)
-    leaving: bool = False  # stopping cleanly: gets no tasks, but its runs are not lost
 
 
 @dataclass
@@ -372,36 +362,8 @@ class Center:
         )
 
     def live_agents(self) -> dict[str, LiveAgent]:
-        agents: dict[str, LiveAgent] = {}
-        try:
-            groups = self.zk.get_children(self.paths.agents)
-        except NoNodeError:
-            return agents
-        reads = []
-        for group in groups:
-            try:
-                for agent_id in self.zk.get_children(self.paths.agent_group(group)):
-                    path = self.paths.agent(group, agent_id)
-                    reads.append((group, agent_id, self.zk.get_async(path)))
-            except NoNodeError:
-                continue
-        for group, agent_id, result in reads:
-            try:
-                data, stat = result.get()
-            except NoNodeError:
-                continue
-            info = decode(data) or {}
-            weight = info.get("weight", 1)
-            agents[agent_id] = LiveAgent(
-                agent_id=agent_id,
-                group=group,
-                weight=weight if isinstance(weight, int) and weight > 0 else 1,
-                joined=stat.czxid,
-                session=stat.ephemeralOwner,
-                info=info,
-                leaving=bool(info.get("leaving")),
-            )
-        return agents
+        """The registered agents (see :mod:`cloudtask.registry`)."""
+        return read_agents(self.zk, self.paths)
 
     def _refresh_tasks(self) -> None:
         """Bring the task cache in line with MongoDB, reading full specs only for changes."""
