@@ -1,0 +1,33 @@
+"""The API about itself: who the logged-in user is, and the OpenAPI document of every route
+(built once per app from the route table)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app, jsonify
+from flask_login import current_user
+
+from ..auth import requires
+from ..openapi import Reply, document
+from .table import api
+
+
+@api.route("GET", "/me", summary="The logged-in user", replies={200: Reply("The user", "Me")})
+@requires("viewer")
+def me() -> Any:
+    return jsonify(username=current_user.username, role=current_user.role)
+
+
+@api.route(
+    "GET",
+    "/openapi.json",
+    summary="This API's OpenAPI document",
+    replies={200: Reply("The OpenAPI 3.1 document", "OpenApi")},
+)
+@requires("viewer")
+def openapi() -> Any:
+    cache = current_app.extensions.setdefault("cloudtask_openapi", {})
+    if "doc" not in cache:
+        cache["doc"] = document(api)
+    return jsonify(cache["doc"])

@@ -1,0 +1,288 @@
+"""The API's tasks: list, create, get, replace, patch, delete, run now, pause, resume.
+
+A task is answered with its definition, its state, the agent that owns it and (one task)
+its next fire times, with its revision as the ETag; PUT and PATCH take the revision they
+expect (``If-Match`` or ``?revision=``) and answer 409 when the task changed meanwhile.
+"""
+
+from __future__ import annotations
+
+from datetime import timezone
+from typing import Any
+
+from flask import jsonify, url_for
+
+from cloudtask.clock import utcnow
+from cloudtask.exceptions import Conflict, NotFound, ValidationError
+from cloudtask.operations import find_task
+from cloudtask.schedules import next_fires
+from cloudtask.store import nest_dotted
+from cloudtask.task import parse_task
+
+from .. import queries
+from ..auth import requires
+from ..context import actor, cluster, ops, run_json, store, task_json
+from ..openapi import JSON, Reply, header, path_param, query, ref
+from ..queries import LAST_RESULTS, TASK_STATES
+from ..tasks import task_state
+from .hardening import ApiError, checked, expected_revision, flag_arg, json_body
+from .table import PAGE_PARAMS, TEXT_ARG, api, page_json
+
+NEXT_FIRES = 10
+
+TASK_PARAM = path_param("task", "The task's name or id")
+TASK_REPLY = Reply("The task", "Task", {"ETag": 'The task\'s revision, such as "3"'})
+REVISION_PARAMS = (
+    header(
+        "If-Match",
+        {"type": "string", "pattern": '^(\\*|(W/)?"?[0-9]{1,18}"?)$'},
+        'Only change the task if its revision is still this one ("3"); else 409',
+    ),
+    query("revision", {"type": "integer", "minimum": 1}, "The same as If-Match"),
+)
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def owner_of(task_id: str) -> str | None:
+    view = cluster()
+    return view.owners.get(task_id) if view.connected else None
+
+
+def fire_times(task: dict[str, Any]) -> list[str]:
+    """The next fires in UTC (ISO 8601); none for a done, keepalive or unreadable task."""
+    if task.get("done_at"):
+        return []
+    try:
+        spec = parse_task(task["spec"])
+    except ValidationError:
+        return []
+    if spec.schedule.keepalive:
+        return []
+    now = utcnow()
+    return [
+        f.astimezone(timezone.utc).isoformat() for f in next_fires(spec.schedule, now, NEXT_FIRES)
+    ]
+
+
+def task_out(doc: dict[str, Any], detail: bool = True) -> dict[str, Any]:
+    doc.setdefault("spec", {})
+    owner = doc.get("owner_agent") if "owner_agent" in doc else owner_of(doc["_id"])
+    out = task_json(doc, owner)
+    out["enabled"] = bool(out["enabled"])  # flags are read by truthiness (nx-27017)
+    out["state"] = task_state(doc)
+    if detail:
+        out["next_fires"] = fire_times(doc)
+    return out
+
+
+def task_reply(doc: dict[str, Any], status: int = 200, **headers: str) -> Any:
+    answer = jsonify(task_out(doc))
+    answer.headers["ETag"] = f'"{doc["revision"]}"'
+    for name, value in headers.items():
+        answer.headers[name] = value
+    return answer, status
+
+
+def find_or_404(name_or_id: str) -> dict[str, Any]:
+    try:
+        return find_task(store(), name_or_id)
+    except NotFound:
+        raise ApiError(404, f"no task named {name_or_id!r} (nor with that id)") from None
+
+
+def spec_problems(error: ValidationError) -> ApiError:
+    return ApiError(422, "the task is invalid", error.problems)
+
+
+def name_conflict(error: Conflict) -> ApiError:
+    """409, with the field at fault when there is one (a name taken: ``name``)."""
+    return ApiError(409, str(error), error.problems)
+
+
+# --- routes -----------------------------------------------------------------------------------
+
+
+@api.route(
+    "GET",
+    "/tasks",
+    summary="List tasks",
+    description="Sorted by name; `q` matches the start of the name (any case).",
+    params=(
+        query("q", TEXT_ARG, "The start of the name"),
+        query("group", TEXT_ARG, "Only this group"),
+        query("state", {"enum": list(TASK_STATES)}, "Only tasks in this state"),
+        query("owner", TEXT_ARG, "Only tasks of this owner (a person or team)"),
+        query("last", {"enum": list(LAST_RESULTS)}, "Only tasks whose last run ended so"),
+        *PAGE_PARAMS,
+    ),
+    replies={200: Reply("One page of tasks", "TaskPage")},
+    errors=(422,),
+)
+@requires("viewer")
+def list_tasks() -> Any:
+    filters = checked(queries.task_filters)
+    view = cluster()
+    page = store().task_page(filters, view.owners if view.connected else {})
+    items = [task_out(nest_dotted(item), detail=False) for item in page.items]
+    return jsonify(page_json(page, items))
+
+
+@api.route(
+    "POST",
+    "/tasks",
+    summary="Create a task",
+    body={JSON: ref("TaskSpec")},
+    replies={201: Reply("The task, created", "Task", {"Location": "The task's URL"})},
+    errors=(409, 422),
+)
+@requires("operator")
+def create_task() -> Any:
+    spec = json_body()
+    try:
+        doc = ops().create_task(actor(), spec)
+    except ValidationError as e:
+        raise spec_problems(e) from None
+    except Conflict as e:
+        raise name_conflict(e) from None
+    return task_reply(doc, 201, Location=url_for("api.get_task", task=doc["_id"]))
+
+
+@api.route(
+    "GET",
+    "/tasks/<task>",
+    summary="One task",
+    description="Its definition, the agent that owns it and its next 10 fire times (UTC).",
+    params=(TASK_PARAM,),
+    replies={200: TASK_REPLY},
+    errors=(404,),
+)
+@requires("viewer")
+def get_task(task: str) -> Any:
+    return task_reply(find_or_404(task))
+
+
+@api.route(
+    "PUT",
+    "/tasks/<task>",
+    summary="Replace a task's definition",
+    params=(TASK_PARAM, *REVISION_PARAMS),
+    body={JSON: ref("TaskSpec")},
+    replies={200: TASK_REPLY},
+    errors=(404, 409, 422),
+)
+@requires("operator")
+def replace_task(task: str) -> Any:
+    revision = expected_revision()
+    current = find_or_404(task)
+    spec = json_body()
+    try:
+        doc = ops().replace_task(actor(), current["_id"], spec, expected_revision=revision)
+    except ValidationError as e:
+        raise spec_problems(e) from None
+    except Conflict as e:
+        raise name_conflict(e) from None
+    return task_reply(doc)
+
+
+@api.route(
+    "PATCH",
+    "/tasks/<task>",
+    summary="Change some keys of a task's definition",
+    description="The top-level keys given replace the task's (null removes one); the result "
+    "must be a valid task.",
+    params=(TASK_PARAM, *REVISION_PARAMS),
+    body={JSON: ref("TaskPatch")},
+    replies={200: TASK_REPLY},
+    errors=(404, 409, 422),
+)
+@requires("operator")
+def patch_task(task: str) -> Any:
+    revision = expected_revision()
+    current = find_or_404(task)
+    changes = json_body()
+    try:
+        doc = ops().patch_task(actor(), current["_id"], changes, expected_revision=revision)
+    except ValidationError as e:
+        raise spec_problems(e) from None
+    except Conflict as e:
+        raise name_conflict(e) from None
+    return task_reply(doc)
+
+
+@api.route(
+    "DELETE",
+    "/tasks/<task>",
+    summary="Delete a task",
+    description="Its running runs finish, or are asked to stop with `kill_running=true`.",
+    params=(
+        TASK_PARAM,
+        query("kill_running", {"type": "boolean"}, "Kill its running runs (false)"),
+    ),
+    replies={200: Reply("The deleted task, and the runs asked to stop", "Deleted")},
+    errors=(404, 422),
+)
+@requires("operator")
+def delete_task(task: str) -> Any:
+    kill = flag_arg("kill_running")
+    current = find_or_404(task)
+    try:
+        deleted, killed = ops().delete_task(actor(), current["_id"], kill_running=kill)
+    except NotFound:
+        raise ApiError(404, f"task {current['name']!r} was deleted meanwhile") from None
+    deleted["owner_agent"] = None
+    return jsonify(deleted=task_out(deleted, detail=False), killed=killed)
+
+
+@api.route(
+    "POST",
+    "/tasks/<task>/run",
+    summary="Run a task now",
+    description="The run is stored at once (queued); an agent of the task's group takes it.",
+    params=(TASK_PARAM,),
+    replies={202: Reply("The queued run", "Run", {"Location": "The run's URL"})},
+    errors=(404, 409),
+)
+@requires("operator")
+def run_task(task: str) -> Any:
+    current = find_or_404(task)
+    run = ops().run_now(actor(), current["_id"])  # Conflict (a keepalive task): 409
+    answer = jsonify(run_json(run))
+    answer.headers["Location"] = url_for("api.get_run", run_id=run["_id"])
+    return answer, 202
+
+
+def _set_enabled(task: str, enabled: bool) -> Any:
+    current = find_or_404(task)
+    try:
+        doc = ops().set_enabled(actor(), current["_id"], enabled)
+    except ValidationError as e:  # a stored spec the model no longer takes
+        raise spec_problems(e) from None
+    return task_reply(doc)
+
+
+@api.route(
+    "POST",
+    "/tasks/<task>/pause",
+    summary="Pause a task",
+    params=(TASK_PARAM,),
+    replies={200: TASK_REPLY},
+    errors=(404, 409, 422),
+)
+@requires("operator")
+def pause_task(task: str) -> Any:
+    return _set_enabled(task, False)
+
+
+@api.route(
+    "POST",
+    "/tasks/<task>/resume",
+    summary="Resume a paused task",
+    params=(TASK_PARAM,),
+    replies={200: TASK_REPLY},
+    errors=(404, 409, 422),
+)
+@requires("operator")
+def resume_task(task: str) -> Any:
+    return _set_enabled(task, True)
