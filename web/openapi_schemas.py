@@ -1,0 +1,514 @@
+"""The schemas of the REST API's bodies, as the OpenAPI document's ``components/schemas``
+(``SCHEMAS``): what the API takes and gives. The task spec's mirrors the model
+(:mod:`cloudtask.task`), whose names, choices and bounds it reads. The machinery that builds
+the document from the routes is :mod:`web.openapi`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cloudtask.runmodel import FINISHED_STATUSES, RESULT_STATUSES, STATUSES
+from cloudtask.schedules import EVERY_MAX, EVERY_MIN
+from cloudtask.task import (
+    CONCURRENCY_POLICIES,
+    HTTP_METHODS,
+    HTTP_STRATEGIES,
+    MAX_RETRIES,
+    MAX_TASK_DURATION,
+    MISFIRE_POLICIES,
+    MODES,
+    NAME_PATTERN,
+    NOTIFY_EVENTS,
+    SPEC_VERSION,
+)
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+STRING = {"type": "string"}
+TIME = {"type": "string", "format": "date-time", "description": "ISO 8601, UTC"}
+NAME = {
+    "type": "string",
+    "pattern": f"^{NAME_PATTERN.pattern}$",
+    "description": "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+}
+DURATION = {
+    "description": "A duration such as '30s', '10m', '1h30m', '2d', or a number of seconds",
+    "anyOf": [
+        {"type": "string", "minLength": 1, "examples": ["30s", "10m"]},
+        {"type": "number", "minimum": 0, "maximum": MAX_TASK_DURATION},
+    ],
+}
+INSTANT = {
+    "type": "string",
+    "description": "ISO 8601 with a UTC offset, such as 2026-12-01T03:00:00Z",
+    "examples": ["2026-12-01T03:00:00Z"],
+}
+WINDOW = {
+    "start": INSTANT,
+    "end": INSTANT,
+    "between": {
+        "type": "array",
+        "items": {"type": "string", "pattern": "^([01]?[0-9]|2[0-3]):[0-5][0-9]$"},
+        "minItems": 2,
+        "maxItems": 2,
+        "description": 'Local times ["08:00", "18:00"]: fires only inside (end exclusive)',
+    },
+}
+TIMEZONE = {"type": "string", "description": "An IANA time zone (UTC)", "examples": ["UTC"]}
+
+
+def _schedule(kind: str, value: dict[str, Any], **more: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": [kind],
+        "properties": {kind: value, **more},
+        "additionalProperties": False,
+    }
+
+
+SCHEDULE_ONE = {
+    "oneOf": [
+        _schedule(
+            "cron",
+            {"type": "string", "description": "5 fields, or 6 with seconds first"},
+            timezone=TIMEZONE,
+            **WINDOW,
+        ),
+        _schedule(
+            "every",
+            {
+                "description": f"From {EVERY_MIN:g}s to {EVERY_MAX / 86400:g}d",
+                "anyOf": [
+                    {"type": "string", "minLength": 1, "examples": ["30s"]},
+                    {"type": "number", "minimum": EVERY_MIN, "maximum": EVERY_MAX},
+                ],
+            },
+            timezone=TIMEZONE,
+            **WINDOW,
+        ),
+        _schedule("at", INSTANT, start=INSTANT, end=INSTANT),
+        _schedule("keepalive", {"const": True}),
+    ]
+}
+STRINGS = {"type": "array", "items": STRING}
+HTTP_SPEC = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "A web service call made instead of a command",
+    "properties": {
+        "url": {"type": "string", "description": "http:// or https:// with a host"},
+        "urls": {**STRINGS, "minItems": 1},
+        "strategy": {"enum": list(HTTP_STRATEGIES)},
+        "method": {"enum": list(HTTP_METHODS)},
+        "headers": {"type": "object", "additionalProperties": STRING},
+        "body": {"anyOf": [STRING, {"type": "object"}, {"type": "array"}, {"type": "null"}]},
+        "expect_status": {
+            "anyOf": [
+                {"type": "integer", "minimum": 100, "maximum": 599},
+                {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {"type": "integer", "minimum": 100, "maximum": 599},
+                },
+                {"type": "null"},
+            ]
+        },
+        "timeout": nullable(DURATION),
+        "callback": {
+            "type": "boolean",
+            "description": "The service answers at once and reports later "
+            "(POST /api/v1/runs/{run_id}/progress and /result)",
+        },
+    },
+}
+TASK_SPEC_PROPERTIES = {
+    "version": {"const": SPEC_VERSION},
+    "name": NAME,
+    "group": {**NAME, "description": "Which agents run it (default)"},
+    "schedule": {
+        "description": "One schedule, or a list of them (the earliest next fire wins)",
+        "anyOf": [SCHEDULE_ONE, {"type": "array", "minItems": 1, "items": SCHEDULE_ONE}],
+    },
+    "command": {
+        "description": "A string (split like a shell would) or a list of arguments",
+        "anyOf": [
+            {"type": "string", "minLength": 1},
+            {**STRINGS, "minItems": 1},
+            {"type": "null"},
+        ],
+    },
+    "shell": {"type": "boolean"},
+    "file": {"type": ["string", "null"], "description": "A stored task file"},
+    "file_version": {
+        "type": ["string", "null"],
+        "pattern": "^[0-9a-f]{64}$",
+        "description": "Pins a version of the file (its sha256); null follows the latest",
+    },
+    "http": nullable(HTTP_SPEC),
+    "mode": {"enum": list(MODES)},
+    "timeout": nullable(DURATION),
+    "retries": {"type": "integer", "minimum": 0, "maximum": MAX_RETRIES},
+    "retry_delay": DURATION,
+    "concurrency": {"enum": list(CONCURRENCY_POLICIES)},
+    "misfire": {"enum": list(MISFIRE_POLICIES)},
+    "misfire_grace": DURATION,
+    "enabled": {"type": "boolean"},
+    "env": {
+        "type": "object",
+        "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+        "additionalProperties": STRING,
+    },
+    "cwd": {"type": ["string", "null"]},
+    "notify": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "emails": STRINGS,
+            "on": {"type": "array", "items": {"enum": list(NOTIFY_EVENTS)}},
+        },
+    },
+    "description": STRING,
+    "owner": {"type": "string", "description": "A person or team"},
+}
+TASK_SPEC = {
+    "type": "object",
+    "description": "A task, as README.md 'A task' describes it. A task runs a command or an "
+    "http call; every problem is reported at once, each with its path.",
+    "required": ["name", "schedule"],
+    "additionalProperties": False,
+    "properties": TASK_SPEC_PROPERTIES,
+    "examples": [
+        {
+            "name": "nightly-cleanup",
+            "schedule": {"cron": "0 3 * * *", "timezone": "Europe/Berlin"},
+            "command": ["python", "cleanup.py", "--days", "7"],
+            "timeout": "10m",
+        }
+    ],
+}
+TASK_PATCH = {
+    "type": "object",
+    "description": "Top-level keys of the task spec to change (null removes a key)",
+    "additionalProperties": False,
+    "properties": {key: nullable(value) for key, value in TASK_SPEC_PROPERTIES.items()},
+}
+LAST_RUN = {
+    "type": ["object", "null"],
+    "description": "The task's latest finished run",
+    "properties": {
+        "id": STRING,
+        "status": {"enum": list(FINISHED_STATUSES)},
+        "finished": {"type": "number", "description": "epoch seconds"},
+        "duration": {"type": ["number", "null"]},
+        "trigger": {"type": ["string", "null"]},
+    },
+}
+_TASK_FIELDS = {
+    "id": STRING,
+    "name": STRING,
+    "group": STRING,
+    "enabled": {"type": "boolean"},
+    "done": {"type": "boolean", "description": "A one-shot task that has run"},
+    "state": {"enum": ["enabled", "paused", "done"]},
+    "revision": {"type": "integer", "minimum": 1},
+    "created_at": nullable(TIME),
+    "updated_at": nullable(TIME),
+    "last_run": LAST_RUN,
+    "owner_agent": {
+        "type": ["string", "null"],
+        "description": "The agent that owns the task now (null: none, or no cluster)",
+    },
+}
+TASK = {
+    "type": "object",
+    "required": [*_TASK_FIELDS, "spec", "next_fires"],
+    "properties": {
+        **_TASK_FIELDS,
+        "spec": {"type": "object", "description": "The canonical task spec (every key)"},
+        "next_fires": {
+            "type": "array",
+            "items": TIME,
+            "maxItems": 10,
+            "description": "The next 10 fire times in UTC (none for keepalive or done tasks)",
+        },
+    },
+}
+TASK_SUMMARY = {
+    "type": "object",
+    "required": list(_TASK_FIELDS),
+    "properties": {
+        **_TASK_FIELDS,
+        "spec": {
+            "type": "object",
+            "description": "Part of the spec: schedule, owner, description",
+        },
+    },
+}
+
+
+def _page(item: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["items", "page", "per_page", "total", "capped"],
+        "properties": {
+            "items": {"type": "array", "items": ref(item)},
+            "page": {"type": "integer", "minimum": 1},
+            "per_page": {"type": "integer", "minimum": 1},
+            "total": {"type": "integer", "minimum": 0},
+            "capped": {"type": "boolean", "description": "total is a lower bound"},
+        },
+    }
+
+
+RUN_STATUS = {"enum": list(STATUSES)}
+RUN = {
+    "type": "object",
+    "description": "A run of a task (never its token; its output is at /output)",
+    "required": ["id", "task_id", "task_name", "status", "trigger", "scheduled_for"],
+    "properties": {
+        "id": STRING,
+        "task_id": STRING,
+        "task_name": STRING,
+        "group": STRING,
+        "revision": {"type": "integer"},
+        "scheduled_for": TIME,
+        "ts": {"type": "number", "description": "scheduled_for in epoch seconds"},
+        "slot": STRING,
+        "attempt": {"type": "integer", "minimum": 0},
+        "trigger": STRING,
+        "agent": {"type": ["string", "null"]},
+        "status": RUN_STATUS,
+        "claimed_at": nullable(TIME),
+        "started_at": nullable(TIME),
+        "finished_at": nullable(TIME),
+        "duration": {"type": ["number", "null"], "description": "seconds"},
+        "exit_code": {"type": ["integer", "null"]},
+        "http_status": {"type": ["integer", "null"]},
+        "error": {"type": ["string", "null"]},
+        "requested_by": {"type": ["string", "null"]},
+    },
+}
+REPORT = {
+    "type": ["object", "null"],
+    "description": "What the service of an http task reported (null: nothing yet)",
+    "required": ["percent", "message", "result"],
+    "properties": {
+        "percent": {"type": ["number", "null"], "minimum": 0, "maximum": 100},
+        "message": STRING,
+        "updated_at": TIME,
+        "result": {
+            "type": ["object", "null"],
+            "properties": {
+                "status": {"enum": list(RESULT_STATUSES)},
+                "message": STRING,
+                "at": TIME,
+            },
+        },
+    },
+}
+AGENT = {
+    "type": "object",
+    "required": ["agent_id", "group", "host", "pid", "status", "running", "tasks", "last_seen"],
+    "properties": {
+        "agent_id": STRING,
+        "group": STRING,
+        "host": {"type": ["string", "null"]},
+        "pid": {"type": ["integer", "null"]},
+        "status": {"enum": ["online", "leaving", "offline"]},
+        "load": {
+            "type": "object",
+            "properties": {
+                "cpu_percent": {"type": ["number", "null"]},
+                "memory_percent": {"type": ["number", "null"]},
+            },
+        },
+        "running": {"type": "integer", "description": "Runs going on it now"},
+        "tasks": {"type": "integer", "description": "Tasks assigned to it"},
+        "last_seen": {
+            "anyOf": [TIME, {"type": "null"}],
+            "description": "null for a live agent (seen now)",
+        },
+    },
+}
+FILE_INFO = {
+    "type": "object",
+    "required": ["id", "name", "sha256", "size"],
+    "properties": {
+        "id": STRING,
+        "name": STRING,
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "size": {"type": "integer", "minimum": 0},
+        "uploaded_by": STRING,
+        "uploaded_at": {"type": ["string", "null"], "description": "ISO 8601, UTC"},
+        "versions": {"type": "integer", "minimum": 1},
+        "created": {
+            "type": "boolean",
+            "description": "false: the bytes equal the latest version's; no version was added",
+        },
+    },
+}
+
+
+def _items(item: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["items"],
+        "properties": {"items": {"type": "array", "items": ref(item)}},
+    }
+
+
+EVENT = {
+    "type": "object",
+    "required": ["id", "kind", "severity", "at", "ts", "message"],
+    "properties": {
+        "id": STRING,
+        "version": {"type": "integer"},
+        "kind": STRING,
+        "severity": {"enum": ["error", "warning", "info"]},
+        "at": {"type": "string", "format": "date-time"},
+        "ts": {"type": "number", "description": "at, in epoch seconds"},
+        "message": STRING,
+        "task_id": {"type": ["string", "null"]},
+        "task_name": {"type": ["string", "null"]},
+        "group": {"type": ["string", "null"]},
+        "run_id": {"type": ["string", "null"]},
+        "agent": {"type": ["string", "null"]},
+        "details": {"type": "object", "description": "What the kind adds"},
+    },
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {"type": "string", "description": "What is wrong, in a sentence"},
+            "details": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["path", "message"],
+                    "properties": {
+                        "path": {
+                            "type": "string",
+                            "description": "Where: a field such as schedule.cron, a query "
+                            "argument, or empty for the whole input",
+                        },
+                        "message": STRING,
+                    },
+                },
+            },
+        },
+    },
+    "Me": {
+        "type": "object",
+        "required": ["username", "role"],
+        "properties": {"username": STRING, "role": {"enum": ["viewer", "operator", "admin"]}},
+    },
+    "TaskSpec": TASK_SPEC,
+    "TaskPatch": TASK_PATCH,
+    "Task": TASK,
+    "TaskSummary": TASK_SUMMARY,
+    "TaskPage": _page("TaskSummary"),
+    "Deleted": {
+        "type": "object",
+        "required": ["deleted", "killed"],
+        "properties": {
+            "deleted": ref("TaskSummary"),
+            "killed": {
+                "type": "array",
+                "items": STRING,
+                "description": "The ids of the running runs asked to stop",
+            },
+        },
+    },
+    "Run": RUN,
+    "RunDetail": {"allOf": [ref("Run"), {"properties": {"report": REPORT}}]},
+    "RunPage": _page("Run"),
+    "RunOutput": {
+        "type": "object",
+        "required": ["run_id", "status", "output"],
+        "properties": {
+            "run_id": STRING,
+            "status": RUN_STATUS,
+            "output": {"type": "string", "description": "The last 64 KiB of the output"},
+        },
+    },
+    "Report": REPORT,
+    "Progress": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "percent": {"type": ["number", "null"], "minimum": 0, "maximum": 100},
+            "message": {"type": "string", "maxLength": 2000},
+        },
+    },
+    "Result": {
+        "type": "object",
+        "required": ["status"],
+        "additionalProperties": False,
+        "properties": {
+            "status": {"enum": list(RESULT_STATUSES)},
+            "message": {"type": "string", "maxLength": 2000},
+        },
+    },
+    "Event": EVENT,
+    "EventPage": _page("Event"),
+    "Agent": AGENT,
+    "AgentList": _items("Agent"),
+    "Cluster": {
+        "type": "object",
+        "required": ["connected", "leader", "centers", "agents", "unassigned"],
+        "properties": {
+            "connected": {
+                "type": "boolean",
+                "description": "false: this web site reaches no ZooKeeper",
+            },
+            "leader": {"type": ["string", "null"], "description": "The leading center"},
+            "centers": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["center_id", "leader"],
+                    "properties": {"center_id": STRING, "leader": {"type": "boolean"}},
+                },
+            },
+            "agents": {"type": "array", "items": ref("Agent")},
+            "unassigned": {
+                "type": "array",
+                "description": "Tasks no live agent of their group can take",
+                "items": {
+                    "type": "object",
+                    "required": ["task_id", "group"],
+                    "properties": {
+                        "task_id": STRING,
+                        "name": {"type": ["string", "null"]},
+                        "group": {"type": ["string", "null"]},
+                    },
+                },
+            },
+        },
+    },
+    "File": FILE_INFO,
+    "FileList": _items("File"),
+    "Upload": {
+        "type": "object",
+        "required": ["file"],
+        "properties": {
+            "file": {"type": "string", "format": "binary"},
+            "name": {
+                "type": "string",
+                "description": "The file's name (default: the uploaded file's name)",
+            },
+        },
+    },
+    "OpenApi": {"type": "object", "description": "This document"},
+}
