@@ -12,6 +12,7 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
 
 from cloudtask.center.center import Center
+from cloudtask.center.writer import LeadershipLost, StaleView
 from cloudtask.config import Config
 from cloudtask.zkpaths import ZkPaths, encode
 
@@ -119,3 +120,36 @@ def test_a_returning_agent_never_trusts_what_was_left_for_its_earlier_life(
         message="stale assignments were kept for the returning agent",
     )
     wait_for(lambda: len(nodes(zk, "a1")) + len(nodes(zk, "a2")) == 20, timeout=10)
+
+
+def test_a_stale_view_is_read_again_before_anything_else_is_written(zk, store, fake_agents):
+    """A pass whose transaction finds an assignment it did not expect writes nothing, forgets
+    its caches and reads every assignment again; the next pass places on what is there."""
+    join, _ = fake_agents
+    for path in PATHS.persistent_folders():
+        zk.ensure_path(path)
+    fence = zk.create(f"{PATHS.election}/fence", b"")
+    join("a1")
+    first = store.create_task({"name": "t1", "schedule": {"every": "1m"}, "command": "true"})
+    cfg = Config().with_section("zookeeper", hosts="unused:2181")
+    c = Center(cfg, store, zk, center_id="c1", notify=False)
+    c.writer.fence = fence  # leads (as _lead would set it)
+    c._rebuild()
+    assert c.reconcile() == 1
+    second = store.create_task({"name": "t2", "schedule": {"every": "1m"}, "command": "true"})
+    behind = {"task_id": second["_id"], "revision": 1, "epoch": 0, "for_agent": 0, "spec": {}}
+    zk.create(PATHS.assignment("a1", second["_id"]), encode(behind))  # behind the leader's back
+    with pytest.raises(StaleView):
+        c.reconcile()
+    assert not c._tasks_read and not c._tasks  # forgotten: read again from MongoDB
+    assert set(c.writer.placed["a1"]) == {first["_id"], second["_id"]}
+    writes = c.writes
+    # the node found there was written after the agent registered (the agent acts on it):
+    # the next pass keeps it and writes nothing
+    assert c.reconcile() == 0 and c.writes == writes
+    assert nodes(zk, "a1") == {first["_id"], second["_id"]}
+    zk.delete(fence)  # deposed: nothing more is written
+    store.create_task({"name": "t3", "schedule": {"every": "1m"}, "command": "true"})
+    with pytest.raises(LeadershipLost):
+        c.reconcile()
+    assert nodes(zk, "a1") == {first["_id"], second["_id"]}

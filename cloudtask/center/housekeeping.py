@@ -1,0 +1,302 @@
+"""The leader's periodic upkeep, done after the placement of every pass: what is not placement.
+
+:class:`Housekeeping` keeps what the chores remember between passes of one leadership. Each
+chore is best effort: a chore MongoDB does not answer is logged and done again on a later
+pass; none stops the placement. Every MongoDB call has a deadline (``CALL_BUDGET``).
+
+* **Verdicts on unheard runs** (:meth:`Housekeeping.judge_unheard_runs`). Runs claimed
+  before the agents were read, under sessions not among the registered ones, belong to an
+  agent that left ("lost" means lost). A claim still ``queued`` never started: it is
+  released at once, for the task's owner to run (and the agents are signalled). A
+  ``running`` run is marked ``lost`` only once its heartbeat (written by its agent every few
+  seconds) has stayed the same for ``lost_grace`` seconds of the leader's own clock: an
+  agent cut off from ZooKeeper but still running its runs keeps beating them, and they are
+  not lost. Before any verdict the leader checks that it still leads (the fence, see
+  cloudtask/center/writer.py); each verdict is a conditional write (the run as read). Then
+  released claims no agent took are recorded: ``skipped`` if their task is paused or gone,
+  ``missed`` once past their ``misfire_grace`` (and ``RELEASED_SLACK``).
+* **The agents' records** (:meth:`Housekeeping.record_agents`). MongoDB's list of agents
+  (online, offline, last seen) for the web site, written when the set of agents changes and
+  every ``AGENT_RECORD_INTERVAL`` seconds; ``Store.record_agents`` records the agents that
+  joined, left or came back as events.
+* **The unassigned tasks** (:meth:`Housekeeping.note_unassigned`,
+  :meth:`Housekeeping.publish_status`). ``task.unassigned`` is recorded once per task that
+  has had no live agent in its group for ``unassigned_grace`` seconds (a group briefly empty
+  while its agent restarts, or while a whole cluster starts, is no alert); then ``/status``
+  (the leader, the unassigned tasks, the live agents) is written, fenced, when it changes. A
+  new leader starts from the unassigned tasks its predecessor published there
+  (:meth:`Housekeeping.take_over`), so a task is not reported again by each leader.
+* **The purge** (:meth:`Housekeeping.purge_runs`): runs past ``runs.retention_days`` are
+  deleted hourly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import pymongo
+from kazoo.exceptions import KazooException, NoNodeError
+
+from .. import events as ev
+from ..clock import to_bson_time, utcnow
+from ..config import Config
+from ..exceptions import CloudTaskError
+from ..registry import LiveAgent
+from ..runmodel import BEAT_INTERVAL
+from ..store import Store
+from ..zkpaths import ZkPaths, decode, run_signal
+from .tasks import TaskRecord
+from .writer import FencedWriter
+
+log = logging.getLogger(__name__)
+
+PURGE_INTERVAL = 3600.0  # seconds between deletions of runs past their retention
+AGENT_RECORD_INTERVAL = 15.0  # seconds between refreshes of the agents collection
+CALL_BUDGET = 5.0  # seconds any one MongoDB call of a pass may take
+RELEASED_SLACK = 30.0  # seconds past misfire_grace before a released claim nobody took is missed
+
+
+class Housekeeping:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        zk: Any,
+        paths: ZkPaths,
+        writer: FencedWriter,
+        center_id: str,
+        *,
+        unassigned_grace: float | None = None,
+        lost_grace: float | None = None,
+    ) -> None:
+        self.store = store
+        self.zk = zk
+        self.paths = paths
+        self.writer = writer
+        self.center_id = center_id
+        # seconds a task stays unassigned before it is an event (default: the agents' session
+        # timeout, within which a restarted agent is back)
+        self.unassigned_grace = (
+            config.zookeeper.session_timeout if unassigned_grace is None else unassigned_grace
+        )
+        # seconds a departed agent's run must go without a heartbeat before it is lost: two
+        # beats, the kill grace its guard gives the run's processes, and a second
+        self.lost_grace = (
+            2 * BEAT_INTERVAL + config.agent.kill_grace + 1.0 if lost_grace is None else lost_grace
+        )
+        self._unheard: dict[str, tuple[Any, float]] = {}  # run id -> (beat, since: monotonic)
+        self._unassigned_reported: set[str] = set()  # recorded as events (or by the last leader)
+        self._unassigned_since: dict[str, float] = {}  # not reported yet: since (monotonic)
+        self._published_status: dict[str, Any] | None = None
+        self._recorded_agents: set[str] | None = None
+        self._agents_recorded_at = 0.0
+        self._purged_at = -PURGE_INTERVAL
+
+    def take_over(self) -> dict[str, Any]:
+        """A new leadership: start from the ``/status`` the previous leader left (returned),
+        with no run unheard yet."""
+        try:
+            data, _ = self.zk.get(self.paths.status)
+        except NoNodeError:
+            published: dict[str, Any] = {}
+        else:
+            published = decode(data) or {}
+        self._unassigned_reported = set(published.get("unassigned") or {})
+        self._unassigned_since = {}
+        self._unheard = {}
+        return published
+
+    def forget_written(self) -> None:
+        """The view is rebuilt: ``/status`` and the agents' records are written again."""
+        self._published_status = None
+        self._recorded_agents = None
+        self._agents_recorded_at = 0.0
+
+    def due_in(self) -> float | None:
+        """Seconds until a grace ends (a task's before its ``task.unassigned`` event, a
+        departed agent's run's before it is lost), or None."""
+        now = time.monotonic()
+        ends = []
+        if self._unassigned_since:
+            ends.append(min(self._unassigned_since.values()) + self.unassigned_grace)
+        if self._unheard:
+            ends.append(min(since for _, since in self._unheard.values()) + self.lost_grace)
+        return min((max(0.05, end - now) for end in ends), default=None)
+
+    # --- the unassigned tasks -----------------------------------------------------------------
+
+    def note_unassigned(self, unassigned: dict[str, str], tasks: dict[str, TaskRecord]) -> None:
+        """Record ``task.unassigned`` for each task unassigned for ``unassigned_grace``
+        seconds and not reported yet: once per transition into unassigned (a task assigned
+        again is forgotten, and reported again if it loses its agents again). Recorded before
+        ``/status`` is published; if recording fails, the tasks stay due for the next pass."""
+        now = time.monotonic()
+        current = unassigned
+        reported = self._unassigned_reported & current.keys()
+        since = {t: self._unassigned_since.get(t, now) for t in current if t not in reported}
+        due = sorted(t for t, at in since.items() if now - at >= self.unassigned_grace)
+        if due:
+            events = []
+            for task_id in due:
+                record = tasks.get(task_id)
+                name = record.spec.get("name") if record else None
+                events.append(ev.unassigned_event(task_id, name, current[task_id]))
+            try:
+                self.store.record_events(events)
+            except Exception as e:
+                log.warning("cannot record %d unassigned tasks (will retry): %s", len(due), e)
+            else:
+                reported.update(due)
+                for task_id in due:
+                    del since[task_id]
+        self._unassigned_reported, self._unassigned_since = reported, since
+
+    def publish_status(self, agents: dict[str, LiveAgent], unassigned: dict[str, str]) -> None:
+        """``/status``: the leader and the tasks no live agent can run (their group is empty),
+        for the web site and alerts. Written only when it changes."""
+        status = {
+            "leader": self.center_id,
+            "unassigned": dict(sorted(unassigned.items())),
+            "agents": sorted(a for a, agent in agents.items() if not agent.leaving),
+        }
+        if status == self._published_status:
+            return
+        if self.writer.put_status(status):
+            self._published_status = status
+            if unassigned:
+                log.warning(
+                    "%d tasks have no live agent in their group: %s",
+                    len(unassigned),
+                    ", ".join(sorted(set(unassigned.values()))),
+                )
+
+    # --- runs of departed agents --------------------------------------------------------------
+
+    def judge_unheard_runs(
+        self, agents: dict[str, LiveAgent], read_at: Any, tasks: dict[str, TaskRecord]
+    ) -> None:
+        """Runs claimed before the agents were read, under sessions not among theirs: a claim still
+        ``queued`` never started and is released at once (the task's owner takes it over); a
+        ``running`` run is marked ``lost`` once its heartbeat has not changed for
+        ``lost_grace`` seconds (watched from here: clocks need not agree). Then released claims
+        no agent took in time are recorded."""
+        self.writer.check_fence()  # a deposed leader writes nothing, here either
+        try:
+            with pymongo.timeout(CALL_BUDGET):
+                # runs claimed under a session that is not registered now: their agent left, or
+                # came back with a new session after an earlier life (a run waiting for an
+                # agent, manual or released, has agent None: not lost)
+                # (read by status alone, the rest picked here: exact, and on the embedded
+                # server a "$nin" scans every run, seconds once they are many)
+                sessions = {f"{agent.session:x}" for agent in agents.values()}
+                read_at = to_bson_time(read_at)
+                docs = [
+                    d
+                    for d in self.store.unfinished_runs({})
+                    if d.get("agent") is not None
+                    and d.get("session") not in sessions
+                    and d["claimed_at"] < read_at
+                ]
+        except (CloudTaskError, pymongo.errors.PyMongoError) as e:
+            log.warning("cannot check for lost runs: %s", e)
+            return
+        now = time.monotonic()
+        verdict, unheard = [], {}
+        for doc in docs:
+            if doc["status"] == "queued":
+                verdict.append(doc)
+                continue
+            beat = doc.get("beat")
+            seen = self._unheard.get(doc["_id"])
+            if seen is None or seen[0] != beat:
+                seen = (beat, now)
+            if now - seen[1] >= self.lost_grace:
+                verdict.append(doc)
+            else:
+                unheard[doc["_id"]] = seen
+        self._unheard = unheard
+        if verdict:
+            try:
+                with pymongo.timeout(CALL_BUDGET):
+                    self.store.finish_unheard_runs(
+                        verdict, "its agent left the cluster before the run finished"
+                    )
+            except (CloudTaskError, pymongo.errors.PyMongoError) as e:
+                log.warning("cannot mark runs of departed agents: %s", e)
+                return
+            released = sum(1 for d in verdict if d["status"] == "queued")
+            if released:
+                log.warning("released %d claims their departed agents never started", released)
+                self._signal_waiting_runs()
+            if len(verdict) > released:
+                log.warning("marked %d runs of departed agents lost", len(verdict) - released)
+        self._settle_released_claims(tasks)
+
+    def _signal_waiting_runs(self) -> None:
+        try:
+            run_signal(self.zk, self.paths, 1.0)()
+        except (KazooException, CloudTaskError) as e:
+            log.info("cannot signal the agents (they look every few seconds): %s", e)
+
+    def _settle_released_claims(self, tasks: dict[str, TaskRecord]) -> None:
+        """Released claims (never started) that no agent took: of a task that is paused or
+        gone they are ``skipped``; past their ``misfire_grace`` (and a slack) ``missed``."""
+        try:
+            with pymongo.timeout(CALL_BUDGET):
+                waiting = self.store.released_claims()
+        except (CloudTaskError, pymongo.errors.PyMongoError) as e:
+            log.warning("cannot check released claims: %s", e)
+            return
+        now = utcnow()
+        verdicts: list[tuple[dict[str, Any], str, str]] = []
+        for doc in waiting:
+            record = tasks.get(doc["task_id"])
+            if record is None:
+                verdicts.append((doc, "skipped", "its task was paused, finished or deleted"))
+                continue
+            late = (now - doc["scheduled_for"]).total_seconds()
+            if late > record.misfire_grace + RELEASED_SLACK:
+                verdicts.append((doc, "missed", "no agent took it over within its misfire grace"))
+        if not verdicts:
+            return
+        try:
+            with pymongo.timeout(CALL_BUDGET):
+                self.store.finish_released_claims(verdicts)
+        except (CloudTaskError, pymongo.errors.PyMongoError) as e:
+            log.warning("cannot record released claims: %s", e)
+
+    # --- records ------------------------------------------------------------------------------
+
+    def record_agents(self, agents: dict[str, LiveAgent]) -> None:
+        """Keep MongoDB's list of agents (online, offline, last seen) for the web site: written
+        when the set of agents changes, and every ``AGENT_RECORD_INTERVAL`` seconds."""
+        live = {a: agent_record(agent) for a, agent in agents.items()}
+        due = time.monotonic() - self._agents_recorded_at >= AGENT_RECORD_INTERVAL
+        if live.keys() == self._recorded_agents and not due:
+            return
+        try:
+            self.store.record_agents(live)
+        except CloudTaskError as e:
+            log.warning("cannot record the agents in MongoDB: %s", e)
+            return
+        self._recorded_agents = set(live)
+        self._agents_recorded_at = time.monotonic()
+
+    def purge_runs(self) -> None:
+        """Delete runs past ``runs.retention_days``, hourly (only the leader does it)."""
+        if time.monotonic() - self._purged_at < PURGE_INTERVAL:
+            return
+        self._purged_at = time.monotonic()
+        try:
+            self.store.purge_runs()
+        except CloudTaskError as e:
+            log.warning("cannot delete old runs: %s", e)
+
+
+def agent_record(agent: LiveAgent) -> dict[str, Any]:
+    """An agent as ``Store.record_agents`` keeps it: its registration info, group, leaving
+    state and czxid (the registration, so a restart no leader saw is still a departure and a
+    return)."""
+    return {**agent.info, "group": agent.group, "leaving": agent.leaving, "czxid": agent.joined}
