@@ -28,6 +28,7 @@ from kazoo.exceptions import ConnectionLoss, OperationTimeoutError, SessionExpir
 from kazoo.handlers.threading import KazooTimeoutError
 
 from .exceptions import CloudTaskError
+from .retry import Backoff, Stopped, retry
 
 log = logging.getLogger(__name__)
 
@@ -139,21 +140,24 @@ class ClusterUnavailable(CloudTaskError):
 ZK_TRANSIENT = (ClusterUnavailable, ConnectionLoss, SessionExpiredError, OperationTimeoutError)
 
 
+# ZooKeeper is tried again every half second while it does not answer
+KEEP_TRYING = Backoff(first=0.5)
+
+
 def keep_trying(what: str, step: Callable[[], Any], stop: threading.Event) -> bool:
     """``step()`` (ZooKeeper calls), tried again every half second while ZooKeeper does not
     answer, until ``stop`` is set: a daemon started while its ensemble elects a leader must
     not give up. Says so at the first failure and every 30th. Returns whether it was done."""
-    tries = 0
-    while not stop.is_set():
-        try:
-            step()
-            return True
-        except ZK_TRANSIENT as e:
-            tries += 1
-            if tries == 1 or tries % 30 == 0:
-                log.warning("cannot %s yet (%s: %s); trying again", what, type(e).__name__, e)
-            stop.wait(0.5)
-    return False
+
+    def say(tries: int, e: BaseException) -> None:
+        if tries == 1 or tries % 30 == 0:
+            log.warning("cannot %s yet (%s: %s); trying again", what, type(e).__name__, e)
+
+    try:
+        retry(step, backoff=KEEP_TRYING, retry_on=ZK_TRANSIENT, stop=stop, on_retry=say)
+    except Stopped:
+        return False
+    return True
 
 
 def _call(zk: Any, what: str, async_result: Any, timeout: float = ZK_REQUEST_TIMEOUT) -> Any:

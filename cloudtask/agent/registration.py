@@ -38,12 +38,15 @@ from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
 
 from ..exceptions import CloudTaskError
+from ..retry import Backoff, Stopped, TryAgain, retry
 from ..zkpaths import ZK_TRANSIENT, ClusterUnavailable, ZkPaths, bounded, decode, encode
 
 log = logging.getLogger(__name__)
 
 NEW, REGISTERED, SUSPENDED, LOST, CLOSED = "new", "registered", "suspended", "lost", "closed"
 STOP_BUDGET = 1.0  # seconds the calls of a clean stop may wait for ZooKeeper each
+# registering is tried again every half second, for as long as ZooKeeper does not answer
+REGISTER_RETRY = Backoff(first=0.5)
 
 
 class DuplicateAgent(CloudTaskError):
@@ -187,13 +190,16 @@ class Registration:
 
     def _register(self, wait_for_predecessor: float | None, make_group: bool = False) -> None:
         """Create our node; while ZooKeeper does not answer, keep trying (saying so): an agent
-        that cannot register claims nothing, and giving up would only need a restart."""
+        that cannot register claims nothing, and giving up would only need a restart. Ends
+        when registered, when stopped, or with :class:`DuplicateAgent` (a live holder, or a
+        predecessor whose session outlived ``wait_for_predecessor``)."""
         deadline = time.monotonic() + (
             wait_for_predecessor if wait_for_predecessor is not None else self.session_timeout + 5
         )
         said = False
-        unanswered = 0
-        while not self._stop.is_set():
+
+        def attempt() -> tuple[float, bytes, Any]:
+            nonlocal make_group, said
             started = time.monotonic()
             data = self._document()
             try:
@@ -202,47 +208,63 @@ class Registration:
                     bounded(
                         self.zk,
                         "create the agent group",
-                        lambda group=group: self.zk.ensure_path_async(group),
+                        lambda: self.zk.ensure_path_async(group),
                         self.session_timeout,
                     )
                     make_group = False
                 _, stat = bounded(
                     self.zk,
                     "register",
-                    lambda data=data: self.zk.create_async(
+                    lambda: self.zk.create_async(
                         self.path, data, ephemeral=True, include_data=True
                     ),
                     self.session_timeout,
                 )
-            except ZK_TRANSIENT as e:
-                unanswered += 1
-                if unanswered == 1 or unanswered % 30 == 0:
-                    log.warning("cannot register yet, trying again: %s", e)
-                self._stop.wait(0.5)
-                continue
             except NodeExistsError:
                 try:
                     holder, stat = self._holder()
                 except ZK_TRANSIENT:
-                    self._stop.wait(0.5)
-                    continue
+                    raise TryAgain from None
                 if stat is None:
-                    continue  # gone meanwhile: try again at once
+                    raise TryAgain(0.0) from None  # gone meanwhile: try again at once
                 if stat.ephemeralOwner != self.zk.client_id[0]:
                     self._wait_for_holder(holder, deadline, said)
                     said = True
-                    continue
+                    raise TryAgain from None
                 # ours already: a retried create whose first try had landed
-            self._published = data
-            with self._lock:
-                self._last_contact = started
-                self.session_id = f"{self.zk.client_id[0]:x}"
-                self.czxid = stat.czxid
-                self._set_state(REGISTERED)
-            log.info("registered as %s (session %s)", self.path, self.session_id)
+            return started, data, stat
+
+        def say(tries: int, e: BaseException) -> None:
+            nonlocal unanswered
+            if isinstance(e, TryAgain):
+                return  # the node is held, or could not be read: only ZooKeeper's silence counts
+            unanswered += 1
+            if unanswered == 1 or unanswered % 30 == 0:
+                log.warning("cannot register yet, trying again: %s", e)
+
+        unanswered = 0
+        try:
+            started, data, stat = retry(
+                attempt,
+                backoff=REGISTER_RETRY,
+                retry_on=ZK_TRANSIENT,
+                stop=self._stop,
+                on_retry=say,
+            )
+        except Stopped:
             return
+        self._published = data
+        with self._lock:
+            self._last_contact = started
+            self.session_id = f"{self.zk.client_id[0]:x}"
+            self.czxid = stat.czxid
+            self._set_state(REGISTERED)
+        log.info("registered as %s (session %s)", self.path, self.session_id)
 
     def _wait_for_holder(self, holder: dict[str, Any] | None, deadline: float, said: bool) -> None:
+        """Another session holds our node: refuse a live duplicate, and a predecessor whose
+        session outlived ``deadline``; else say once that we wait (the next try comes after
+        ``REGISTER_RETRY``'s wait)."""
         self._refuse_if_live(holder)
         if time.monotonic() > deadline:
             raise DuplicateAgent(
@@ -257,7 +279,6 @@ class Registration:
                 _describe(holder),
                 max(0.0, deadline - time.monotonic()),
             )
-        time.sleep(0.5)
 
     def _holder(self) -> tuple[dict[str, Any] | None, Any]:
         try:

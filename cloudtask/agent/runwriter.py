@@ -25,12 +25,15 @@ from typing import Any
 
 import pymongo
 
+from ..retry import Backoff, TryAgain, retry
 from ..runmodel import BEAT_INTERVAL, FINISHED_STATUSES, RUNNING_STATUSES, released_fields
 from ..store import Store
 
 log = logging.getLogger(__name__)
 
 CALL_BUDGET = 5.0  # seconds a write may take before it counts as failed (and is retried)
+WRITE_BACKOFF = Backoff(first=0.5, factor=2.0, most=10.0)  # after failed writes, at most 10 s
+STOP_RETRY = 0.5  # seconds between the tries of a stopping writer
 
 
 class RunWriter:
@@ -59,7 +62,7 @@ class RunWriter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="run-writer", daemon=True)
         self._last_tail = 0.0
-        self._backoff = 0.0
+        self._failures = 0  # flushes failed in a row
 
     def start(self) -> None:
         self._thread.start()
@@ -192,14 +195,15 @@ class RunWriter:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(max(self.flush_interval, self._backoff))
+            backoff = WRITE_BACKOFF.wait(self._failures) if self._failures else 0.0
+            self._wake.wait(max(self.flush_interval, backoff))
             self._wake.clear()
             try:
                 ok = self.flush()
             except Exception:  # never let the only writer die: runs would stay 'running'
                 log.exception("writing runs failed; will retry")
                 ok = False
-            self._backoff = 0.0 if ok else min(max(self._backoff * 2, 0.5), 10.0)
+            self._failures = 0 if ok else self._failures + 1
 
     def stop(self, timeout: float = 10.0) -> None:
         """Write everything still pending (retrying until ``timeout``), then stop."""
@@ -207,6 +211,12 @@ class RunWriter:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        deadline = time.monotonic() + timeout
-        while not self.flush() and time.monotonic() < deadline:
-            time.sleep(0.5)
+
+        def flushed() -> None:
+            if not self.flush():
+                raise TryAgain
+
+        try:
+            retry(flushed, backoff=Backoff(STOP_RETRY, deadline=max(0.0, timeout)))
+        except TryAgain:
+            pass  # still not written: the run journal has the final states
