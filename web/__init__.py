@@ -2,7 +2,8 @@
 
 ``create_app(config, test_config)`` builds the app from defaults, then the CloudTask config,
 then test overrides (``STORE``: a ready Store; ``ZK``: a started kazoo client, None without a
-cluster).
+cluster). What the app holds for CloudTask (the store, ZooKeeper, the login throttle, the
+caches) is one :class:`~web.context.CloudTaskExtension`, in ``app.extensions["cloudtask"]``.
 
 One blueprint per area: ``auth`` (login, logout, password), ``dashboard``, ``tasks``,
 ``runs``, ``events``, ``cluster``, ``files``, ``admin`` (users, audit log), ``settings`` (the
@@ -24,11 +25,11 @@ from werkzeug.exceptions import HTTPException
 from cloudtask import __version__
 from cloudtask.config import Config
 from cloudtask.exceptions import CloudTaskError
-from cloudtask.store import Store
 
 from .auth import bp as auth_bp
 from .auth import login_manager
-from .security import LoginThrottle, check_csrf, csrf_token
+from .context import CloudTaskExtension
+from .security import check_csrf, csrf_token
 
 # routes anyone may call: the login page, the health check, static files, and the callbacks
 # of http tasks (authenticated by the run's own token, not by a user)
@@ -57,16 +58,10 @@ def create_app(config: Config | None = None, test_config: dict[str, Any] | None 
     if test_config:
         app.config.update(test_config)
 
-    def store() -> Store:
-        if "store" not in app.extensions.setdefault("cloudtask", {}):
-            cfg: Config = app.config["CLOUDTASK"]
-            app.extensions["cloudtask"]["store"] = app.config.get("STORE") or Store(
-                cfg.mongodb.uri, cfg.mongodb.database, server_selection_timeout_ms=2000
-            )
-        return app.extensions["cloudtask"]["store"]
-
-    app.extensions["cloudtask_store"] = store
-    app.extensions["cloudtask_throttle"] = LoginThrottle(store)
+    extension = CloudTaskExtension(
+        app.config["CLOUDTASK"], store=app.config.get("STORE"), zk=app.config.get("ZK")
+    )
+    app.extensions["cloudtask"] = extension
     login_manager.init_app(app)
     app.register_blueprint(auth_bp)
     from . import admin, api, cluster, dashboard, events, files, runs, settings, tasks
@@ -83,7 +78,7 @@ def create_app(config: Config | None = None, test_config: dict[str, Any] | None 
     def healthz() -> Any:
         """Open to anyone (no login): says whether this web process reaches MongoDB."""
         try:
-            store().ping()
+            extension.store().ping()
         except CloudTaskError as e:
             return jsonify(status="unavailable", version=__version__, error=str(e)), 503
         return jsonify(status="ok", version=__version__)

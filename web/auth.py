@@ -10,7 +10,6 @@ from urllib.parse import urlsplit
 from flask import (
     Blueprint,
     abort,
-    current_app,
     flash,
     g,
     jsonify,
@@ -23,6 +22,8 @@ from flask_login import LoginManager, UserMixin, current_user, login_user, logou
 
 from cloudtask.exceptions import CloudTaskError, NotFound, ValidationError
 from cloudtask.users import Users, has_role
+
+from .context import store, throttle
 
 bp = Blueprint("auth", __name__)
 login_manager = LoginManager()
@@ -51,7 +52,7 @@ class User(UserMixin):
 
 
 def users() -> Users:
-    return Users(current_app.extensions["cloudtask_store"]())
+    return Users(store())
 
 
 @login_manager.user_loader
@@ -145,16 +146,16 @@ def login() -> Any:
         username = request.form.get("username", "").strip()
         password = request.form.get("password", "")
         address = request.remote_addr or "?"
-        throttle = current_app.extensions["cloudtask_throttle"]
-        if throttle.blocked(username, address):
+        guard = throttle()
+        if guard.blocked(username, address):
             flash("Too many failed attempts. Wait a few minutes and try again.", "error")
             return render_template("login.html", username=username), 429
         doc = users().authenticate(username, password)
         if doc is None:
-            throttle.failed(username, address)
+            guard.failed(username, address)
             flash("Wrong user name or password.", "error")
             return render_template("login.html", username=username), 401
-        throttle.succeeded(username, address)
+        guard.succeeded(username, address)
         login_user(User(doc))
         return redirect(_safe_next(request.args.get("next")))
     return render_template("login.html", username="")
@@ -173,16 +174,16 @@ def change_password() -> Any:
     if request.method == "POST":
         name = current_user.username
         address = request.remote_addr or "?"
-        throttle = current_app.extensions["cloudtask_throttle"]
+        guard = throttle()
         key = f"password-change:{name}"  # guesses of the current password are throttled too
-        if throttle.blocked(key, address):
+        if guard.blocked(key, address):
             flash("Too many wrong passwords. Wait a few minutes and try again.", "error")
             return render_template("password.html"), 429
         if users().authenticate(name, request.form.get("current", "")) is None:
-            throttle.failed(key, address)
+            guard.failed(key, address)
             flash("The current password is wrong.", "error")
             return render_template("password.html"), 400
-        throttle.succeeded(key, address)
+        guard.succeeded(key, address)
         try:
             doc = users().set_password(name, request.form.get("new", ""))
         except ValidationError as e:  # say what is wrong
@@ -190,8 +191,7 @@ def change_password() -> Any:
             return render_template("password.html"), 400
         # the change ended every session of this user; this one goes on with the new epoch
         login_user(User(doc))
-        store = current_app.extensions["cloudtask_store"]()
-        store.add_audit(name, "user.password", f"user:{name}", None, {"password_changed": True})
+        store().add_audit(name, "user.password", f"user:{name}", None, {"password_changed": True})
         flash("Password changed. Your other sessions have ended.", "ok")
         return redirect(url_for("dashboard.index"))
     return render_template("password.html")

@@ -1,46 +1,114 @@
-"""What every blueprint needs: the store, the audited operations, the cluster view, JSON helpers.
+"""What every blueprint needs: the app's CloudTask extension (the store, ZooKeeper, the login
+throttle, the caches), the audited operations, the cluster view, JSON helpers.
 
-The app keeps one :class:`~cloudtask.store.Store` and (in a cluster) one kazoo client; both
-are thread-safe and shared by the server's threads. The cluster view is cached for
-``CLUSTER_CACHE_SECONDS`` so a busy page does not read ZooKeeper on every request.
+:class:`CloudTaskExtension` is made once per app by :func:`web.create_app` and kept in
+``app.extensions["cloudtask"]``. It holds one :class:`~cloudtask.store.Store` (made on first
+use from the config unless one is given) and, in a cluster, one kazoo client; both are
+thread-safe and shared by the server's threads. Its caches keep what is costly to read for a
+while: the cluster view for ``CLUSTER_CACHE_SECONDS`` (so a busy page does not read ZooKeeper
+on every request), the dashboard's figures, the OpenAPI document. The functions below
+(:func:`store`, :func:`zk`, :func:`paths`, :func:`ops`, :func:`cluster` ...) read the current
+app's extension.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from bson import ObjectId
 from flask import current_app
 from flask_login import current_user
 
 from cloudtask.clusterview import ClusterView, merge_agents, read_cluster
+from cloudtask.config import Config
 from cloudtask.exceptions import CloudTaskError
 from cloudtask.operations import Operations
 from cloudtask.store import Store
 from cloudtask.zkpaths import ZkPaths
 
+from .security import LoginThrottle
+
 CLUSTER_CACHE_SECONDS = 2.0
-_cluster_lock = threading.Lock()
+T = TypeVar("T")
+
+
+class CloudTaskExtension:
+    """The app's CloudTask state: the store, the ZooKeeper client (None without a cluster) and
+    its paths, the login throttle, and the caches."""
+
+    def __init__(self, config: Config, store: Store | None = None, zk: Any = None) -> None:
+        self.config = config
+        self.zk = zk
+        self.paths = ZkPaths(config.zookeeper.root)
+        self._store = store
+        self._store_lock = threading.Lock()
+        self.throttle = LoginThrottle(self.store)
+        self._cache: dict[str, tuple[float, Any]] = {}
+        self._cache_lock = threading.Lock()
+
+    def store(self) -> Store:
+        """The store given, or one on ``mongodb.uri`` made on first use."""
+        with self._store_lock:
+            if self._store is None:
+                mongodb = self.config.mongodb
+                self._store = Store(mongodb.uri, mongodb.database, server_selection_timeout_ms=2000)
+            return self._store
+
+    def ops(self) -> Operations:
+        return Operations(self.store(), self.zk, self.paths)
+
+    def cached(self, key: str, ttl: float, read: Callable[[], T], fresh: bool = False) -> T:
+        """What ``read()`` gave at most ``ttl`` seconds ago (``fresh``: read now in any case).
+        Two requests may both read when the value is stale; the later one is kept."""
+        with self._cache_lock:
+            hit = self._cache.get(key)
+        if not fresh and hit and time.monotonic() - hit[0] < ttl:
+            return hit[1]
+        value = read()
+        with self._cache_lock:
+            self._cache[key] = (time.monotonic(), value)
+        return value
+
+    def cluster(self, fresh: bool = False) -> ClusterView:
+        """The cluster as ZooKeeper shows it (cached for ``CLUSTER_CACHE_SECONDS``);
+        ``connected`` is False without one, or when ZooKeeper cannot be read."""
+        return self.cached("cluster", CLUSTER_CACHE_SECONDS, self._read_cluster, fresh)
+
+    def _read_cluster(self) -> ClusterView:
+        try:
+            return read_cluster(self.zk, self.paths)
+        except Exception:  # ZooKeeper unreachable: pages still work, marked disconnected
+            return ClusterView(connected=False)
+
+
+def extension() -> CloudTaskExtension:
+    """The current app's extension."""
+    return current_app.extensions["cloudtask"]
 
 
 def store() -> Store:
-    return current_app.extensions["cloudtask_store"]()
+    return extension().store()
 
 
 def zk() -> Any:
     """The app's kazoo client, or None without a cluster (standalone agents)."""
-    return current_app.config.get("ZK")
+    return extension().zk
 
 
 def paths() -> ZkPaths:
-    return ZkPaths(current_app.config["CLOUDTASK"].zookeeper.root)
+    return extension().paths
 
 
 def ops() -> Operations:
-    return Operations(store(), zk(), paths())
+    return extension().ops()
+
+
+def throttle() -> LoginThrottle:
+    return extension().throttle
 
 
 def actor() -> str:
@@ -50,18 +118,7 @@ def actor() -> str:
 
 def cluster(fresh: bool = False) -> ClusterView:
     """The cluster as ZooKeeper shows it (cached briefly); ``connected`` is False without one."""
-    cache = current_app.extensions.setdefault("cloudtask_cluster", {})
-    with _cluster_lock:
-        hit = cache.get("view")
-        if not fresh and hit and time.monotonic() - hit[0] < CLUSTER_CACHE_SECONDS:
-            return hit[1]
-    try:
-        view = read_cluster(zk(), paths())
-    except Exception:  # ZooKeeper unreachable: pages still work, marked disconnected
-        view = ClusterView(connected=False)
-    with _cluster_lock:
-        cache["view"] = (time.monotonic(), view)
-    return view
+    return extension().cluster(fresh)
 
 
 def agents() -> list[dict[str, Any]]:

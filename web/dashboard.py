@@ -21,7 +21,6 @@ connected" and the rest of the page still works.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,7 +35,7 @@ from cloudtask.runmodel import FAILING_STATUSES
 from cloudtask.store import Store
 
 from .auth import requires
-from .context import agents, cluster, store
+from .context import agents, cluster, extension, store
 from .queries import RUN_STATUSES
 from .tasks import run_link
 
@@ -51,7 +50,6 @@ UNASSIGNED_SHOWN = 20
 RECENT_RUNS = 15
 OFFLINE_SHOWN = 10
 CACHE_SECONDS = 5.0
-_cache_lock = threading.Lock()
 
 
 @dataclass
@@ -175,15 +173,7 @@ def figures() -> Figures:
     """The figures, read at most once per ``DASHBOARD_CACHE_SECONDS`` (5; 0 reads every time):
     a dashboard left open by many people costs one set of reads, not one per view."""
     ttl = float(current_app.config.get("DASHBOARD_CACHE_SECONDS", CACHE_SECONDS))
-    cache = current_app.extensions.setdefault("cloudtask_dashboard", {})
-    with _cache_lock:
-        hit = cache.get("figures")
-    if hit and time.monotonic() - hit[0] < ttl:
-        return hit[1]
-    value = read_figures(store())
-    with _cache_lock:
-        cache["figures"] = (time.monotonic(), value)
-    return value
+    return extension().cached("dashboard.figures", ttl, lambda: read_figures(store()))
 
 
 def _store_error(e: PyMongoError) -> StoreError:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app, jsonify
+from flask import jsonify
 from flask_login import current_user
 
 from ..auth import requires
+from ..context import extension
 from ..openapi import Reply, document
 from .table import api
 
@@ -27,7 +28,4 @@ def me() -> Any:
 )
 @requires("viewer")
 def openapi() -> Any:
-    cache = current_app.extensions.setdefault("cloudtask_openapi", {})
-    if "doc" not in cache:
-        cache["doc"] = document(api)
-    return jsonify(cache["doc"])
+    return jsonify(extension().cached("openapi", float("inf"), lambda: document(api)))
