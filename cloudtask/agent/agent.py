@@ -55,6 +55,7 @@ from ..runmodel import (
 )
 from ..store import Store
 from ..task import TaskSpec, parse_task
+from .assigned import AssignedTask
 from .executor import Executor
 from .files import FileCache
 from .guard import GuardClient
@@ -237,7 +238,7 @@ class Agent:
             with pymongo.timeout(CALL_BUDGET):
                 docs = self.store.get_tasks(changed)
             for doc in docs:
-                self._take(doc, now)
+                self._take(AssignedTask.from_task(doc), now)
         for tid in set(self._specs) - wanted:
             self._drop(tid)  # deleted, or a one-shot task that is done
         self._last_sync = now
@@ -253,12 +254,12 @@ class Agent:
     def _slot(self, spec: TaskSpec) -> str:
         return self.agent_id if spec.mode == "all" else "one"
 
-    def _take(self, doc: dict, now: datetime) -> None:
-        task_id, revision = doc["_id"], doc["revision"]
+    def _take(self, task: AssignedTask, now: datetime) -> None:
+        task_id, revision = task.task_id, task.revision
         if self._known_revision(task_id) == revision:
             return  # nothing changed
         try:
-            spec = parse_task(doc["spec"])
+            spec = parse_task(task.spec)
         except ValidationError as e:
             if self._bad_specs.get(task_id) != revision:
                 log.error(
@@ -268,7 +269,7 @@ class Agent:
             self._drop(task_id)
             return
         self._bad_specs.pop(task_id, None)
-        if not doc.get("enabled"):
+        if not task.enabled:
             self._drop(task_id)
             self._specs[task_id] = (revision, spec)  # known, so it is not re-read every sync
             return
@@ -280,7 +281,7 @@ class Agent:
             self._pending_signal.set()
         if task_id in self._awaiting or (previous is None and not spec.schedule.keepalive):
             # new to this process: scheduled once its history is read (see _read_histories)
-            self._awaiting[task_id] = doc.get("updated_at")
+            self._awaiting[task_id] = task.changed_at
             log.info("task %s (%s) revision %s taken", spec.name, task_id, revision)
             return
         self.scheduler.upsert(task_id, spec, revision, now)

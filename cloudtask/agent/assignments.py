@@ -6,7 +6,8 @@ data watches are asynchronous reads whose answers and watch events arrive on kaz
 which only record what they saw and wake the loop; a full re-read (every ``resync_interval``,
 compared with what the agent actually runs, against a watch that could have been missed) is
 made only while connected and waits at most ``READ_BUDGET``. Changes are queued (the latest per
-task wins) and taken by the loop with :meth:`drain`.
+task wins) and taken by the loop with :meth:`drain`, each as an
+:class:`~cloudtask.agent.assigned.AssignedTask`, or None for a task no longer assigned.
 
 An assignment counts only if it was last written (``mzxid``) after the agent's current
 registration (``registered()``, its ``czxid``): one written for an earlier life of the agent
@@ -33,6 +34,7 @@ from kazoo.protocol.states import EventType
 from kazoo.recipe.watchers import ChildrenWatch
 
 from ..zkpaths import ZkPaths, bounded, decode
+from .assigned import AssignedTask
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +125,10 @@ class AssignmentWatcher:
 
     # --- the agent loop -------------------------------------------------------------------
 
-    def drain(self, known: Iterable[str] = ()) -> dict[str, dict[str, Any] | None]:
-        """The changes since the last drain. ``known`` is what the agent runs now, so a full
-        re-read (every ``resync_interval``) can also remove what should not be there."""
+    def drain(self, known: Iterable[str] = ()) -> dict[str, AssignedTask | None]:
+        """The changes since the last drain: task id -> the task as now assigned, or None (no
+        longer assigned, stale, or without a spec). ``known`` is what the agent runs now, so a
+        full re-read (every ``resync_interval``) can also remove what should not be there."""
         with self._lock:
             children, self._children = self._children, None
             generation = self._generation
@@ -149,9 +152,9 @@ class AssignmentWatcher:
             self._resync(set(known))
         with self._lock:
             changes, self._pending = self._pending, {}
-        return changes
+        return _assigned(changes)
 
-    def reset(self) -> dict[str, dict[str, Any] | None]:
+    def reset(self) -> dict[str, AssignedTask | None]:
         """After a lost session (and a new registration): forget the data watches and read the
         folder afresh. Raises kazoo's errors (or ClusterUnavailable) when it cannot be read
         now; the caller tries again."""
@@ -165,7 +168,7 @@ class AssignmentWatcher:
             self._children = None
         for task_id in sorted(current):
             self._watch(task_id, generation)
-        return current
+        return _assigned(current)
 
     def snapshot(self) -> dict[str, dict[str, Any] | None]:
         """Every current assignment, read now (pipelined reads), within ``READ_BUDGET``."""
@@ -206,3 +209,7 @@ class AssignmentWatcher:
                 self._pending.setdefault(task_id, doc)
         for task_id in sorted(missing):
             self._watch(task_id, generation)
+
+
+def _assigned(docs: dict[str, dict[str, Any] | None]) -> dict[str, AssignedTask | None]:
+    return {task_id: AssignedTask.from_assignment(task_id, doc) for task_id, doc in docs.items()}

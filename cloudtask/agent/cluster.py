@@ -2,8 +2,8 @@
 
 Differences from the standalone agent (:class:`~cloudtask.agent.agent.Agent`):
 
-- its task set comes from ``/assignments/<agent_id>`` (watched; changes apply at once), not
-  from MongoDB;
+- its task set comes from ``/assignments/<agent_id>`` (watched; changes apply at once, as
+  :class:`~cloudtask.agent.assigned.AssignedTask`), not from MongoDB;
 - every claim is fenced by the registration's lease and records the session it was made in;
   a claim starts only while that session's fence holds;
 - when the session is lost, every assignment is dropped (keepalive instances are ended; runs
@@ -132,22 +132,13 @@ class ClusterAgent(Agent):
             self._lost.clear()
         else:
             changes = self.watcher.drain(known=set(self._specs) | set(self._bad_specs))
-        for task_id, doc in changes.items():
-            if doc is None or not isinstance(doc.get("spec"), dict):
+        for task_id, task in changes.items():
+            if task is None:  # unassigned, stale, or without a spec
                 if task_id in self._specs or task_id in self._bad_specs:
                     self._drop(task_id)
                     self._bad_specs.pop(task_id, None)
                 continue
-            self._take(
-                {
-                    "_id": task_id,
-                    "revision": doc.get("revision", 0),
-                    "spec": doc["spec"],
-                    "enabled": True,
-                    "updated_at": doc.get("updated_at"),
-                },
-                now,
-            )
+            self._take(task, now)
         self._last_sync = now
 
     def _on_lost(self) -> None:
