@@ -13,6 +13,12 @@
 When a test fails, the end of each server's log is added to its report. Tests without a
 ``timeout`` marker get ``pytest.mark.timeout(120)`` unless a timeout is set on the command
 line, in PYTEST_TIMEOUT or in the configuration.
+
+Markers: a test that uses a real server (ZooKeeper or MongoDB through these fixtures, or one it
+starts itself: its module says ``pytestmark = pytest.mark.external``) is marked ``external``,
+so ``pytest -m "not external"`` runs the pure suites (the task model, schedules, placement,
+the scheduler's ticks, the journal, mail content ...) in seconds. ``slow`` marks the tests
+that run a whole cluster under faults for a minute or more (``-m "not slow"`` leaves them out).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from pymongo import MongoClient
 from pymongo.database import Database
 
 from cloudtask.agent.runwriter import RunWriter
-from cloudtask.localservers import MongoServer, ZooKeeperServer
+from cloudtask.localservers import MongoServer, ZooKeeperServer, free_port
 from cloudtask.store import Store
 
 if TYPE_CHECKING:
@@ -42,7 +48,7 @@ _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
-from helpers import OPERATOR, VIEWER, web_login  # noqa: E402  (needs tests/ on sys.path)
+from helpers import OPERATOR, VIEWER, Receiver, SmtpServer, web_login  # noqa: E402
 
 DEFAULT_TEST_TIMEOUT = 120.0
 LOG_TAIL_LINES = 40
@@ -51,7 +57,14 @@ LOG_TAIL_LINES = 40
 ZK_TICK_TIME_MS = 200
 
 
+# a test using one of these fixtures talks to a real server
+SERVER_FIXTURES = frozenset({"zk_server", "mongo_server"})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.external)
     if (
         config.getoption("timeout", None) is not None
         or os.environ.get("PYTEST_TIMEOUT")
@@ -182,3 +195,19 @@ def operator(client: FlaskClient, csrf_page: str) -> str:
 def viewer(client: FlaskClient, csrf_page: str) -> str:
     """``client`` logged in as the viewer ``viewer1``: the session's CSRF token."""
     return web_login(client, VIEWER.name, VIEWER.password, csrf_page)
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpServer]:
+    """A real SMTP server (aiosmtpd) on a free port, recording what it is sent."""
+    server = SmtpServer(free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A webhook receiver on a free port, recording each request."""
+    r = Receiver(free_port()).start()
+    yield r
+    r.stop()

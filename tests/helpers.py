@@ -1,5 +1,7 @@
 """Helpers shared by the tests: ``from helpers import wait_for``.
 
+* ``task_spec`` is a task definition with defaults (hourly, ``true``); ``make_task`` stores
+  one. Every test module builds its tasks with these two.
 * ``wait_for`` polls a condition; ``start`` / ``finished`` run a task on an executor.
 * ``run_document`` is a run of a stored task as an agent stores one; ``serve_http`` serves a
   ``QuietHandler`` locally (a service for http tasks).
@@ -44,6 +46,18 @@ if TYPE_CHECKING:  # the web site is imported only by the tests that make an app
     from cloudtask.config import Config
 
 T = TypeVar("T")
+
+DEFAULT_SPEC: dict[str, Any] = {"schedule": {"every": "1h"}, "command": "true"}
+
+
+def task_spec(name: str = "job", **over: Any) -> dict[str, Any]:
+    """A task definition: ``name``, hourly, ``true``, with ``over`` on top."""
+    return {"name": name, **DEFAULT_SPEC, **over}
+
+
+def make_task(store: Store, name: str = "job", **over: Any) -> dict[str, Any]:
+    """Store :func:`task_spec` ``(name, **over)``; returns the task document."""
+    return store.create_task(task_spec(name, **over))
 
 
 def wait_for(
@@ -285,3 +299,48 @@ class SmtpServer:
         if self.controller is not None:
             self.controller.stop()
             self.controller = None
+
+
+class Receiver:
+    """A webhook receiver: records each request; answers ``status`` after ``delay`` seconds."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.requests: list[dict[str, Any]] = []
+        self.status = 200
+        self.delay = 0.0
+        self.server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def start(self) -> Receiver:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                receiver.requests.append({"headers": headers, "body": body})
+                if receiver.delay:
+                    time.sleep(receiver.delay)
+                self.send_response(receiver.status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    self.wfile.write(b"ok")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None

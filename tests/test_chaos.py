@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# a whole cluster (its own ZooKeeper, MongoDB, centers and agents) under faults
+pytestmark = [pytest.mark.external, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -223,6 +223,7 @@ def _registered_pids(zk, paths) -> dict[str, int]:
     return out
 
 
+@pytest.mark.external
 @pytest.mark.timeout(180)
 def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
     tasks = tmp_path / "tasks"

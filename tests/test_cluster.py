@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from helpers import make_task, wait_for
 from kazoo.exceptions import NoNodeError
 
 from cloudtask.operations import Operations
@@ -164,8 +164,8 @@ def make_tasks(store: Store, n: int, records: Path | None = None, **spec) -> lis
     command = recording_command(records) if records is not None else "true"
     ids = []
     for i in range(n):
-        data = {"name": f"t{i:03d}", "schedule": {"every": "1s"}, "command": command, **spec}
-        ids.append(store.create_task(data)["_id"])
+        over = {"schedule": {"every": "1s"}, "command": command, **spec}
+        ids.append(make_task(store, f"t{i:03d}", **over)["_id"])
     return ids
 
 

@@ -11,7 +11,7 @@ import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from helpers import run_document, wait_for
+from helpers import make_task, run_document, wait_for
 from kazoo.client import KazooClient
 from test_cluster import SESSION, Cluster, agent_count, assignments, make_tasks
 
@@ -60,11 +60,6 @@ def events(store, **query) -> list[dict]:
     return list(store.events.find(query).sort([("ts", 1), ("_id", 1)]))
 
 
-def make_task(store, name="nightly", **over) -> dict:
-    data = {"name": name, "schedule": {"every": "1h"}, "command": "true", **over}
-    return store.create_task(data)
-
-
 def claimed(store, task, when=NOW, status="running", agent="a1") -> dict:
     doc = run_document(task, when, status=status, agent=agent)
     assert store.claim_runs([doc]) == [True]
@@ -108,7 +103,7 @@ OUTPUT = "".join(f"line {i}\n" for i in range(1, 31))
 def test_a_final_run_records_one_event_also_when_written_again(
     store, status, kind, severity, words
 ):
-    task = make_task(store)
+    task = make_task(store, "nightly")
     doc = claimed(store, task)
     final = finish(doc, status, exit_code=2 if status == "failed" else None, output_tail=OUTPUT)
     store.save_runs([final])
@@ -138,7 +133,7 @@ def test_a_final_run_records_one_event_also_when_written_again(
 
 
 def test_a_missed_fire_records_one_event_also_when_the_claim_is_retried(store):
-    task = make_task(store)
+    task = make_task(store, "nightly")
     doc = run_document(task, NOW, status="missed", agent="a1")
     assert store.claim_runs([doc]) == [True]
     assert store.claim_runs([doc]) == [True]  # its answer was lost: the same claim again
@@ -154,7 +149,7 @@ def test_a_missed_fire_records_one_event_also_when_the_claim_is_retried(store):
 
 
 def test_runs_marked_lost_record_one_event_each(store):
-    task = make_task(store)
+    task = make_task(store, "nightly")
     docs = [claimed(store, task, NOW + timedelta(seconds=i), agent="gone") for i in range(3)]
     lost = store.mark_runs_lost({"agent": "gone"}, "its agent left the cluster")
     assert sorted(lost) == sorted(d["_id"] for d in docs)
@@ -166,7 +161,7 @@ def test_runs_marked_lost_record_one_event_each(store):
 
 def test_a_late_write_that_does_not_land_records_nothing(store):
     """The center marked the run lost; a write of another agent is not stored, nor alerted."""
-    task = make_task(store)
+    task = make_task(store, "nightly")
     doc = claimed(store, task, agent="gone")
     store.mark_runs_lost({"agent": "gone"}, "its agent left the cluster")
     store.save_runs([finish({**doc, "agent": "other"}, "failed", exit_code=1)])
@@ -176,7 +171,7 @@ def test_a_late_write_that_does_not_land_records_nothing(store):
 
 def test_the_real_outcome_of_a_run_marked_lost_is_recorded_and_alerted(store):
     """Its own agent finishes it after all: the history and the events say what happened."""
-    task = make_task(store)
+    task = make_task(store, "nightly")
     doc = claimed(store, task, agent="gone")
     store.mark_runs_lost({"agent": "gone"}, "its agent left the cluster")
     store.save_runs([finish(doc, "failed", exit_code=1)])
@@ -185,7 +180,7 @@ def test_the_real_outcome_of_a_run_marked_lost_is_recorded_and_alerted(store):
 
 
 def test_killed_skipped_and_succeeded_runs_are_no_alerts(store):
-    task = make_task(store)
+    task = make_task(store, "nightly")
     store.save_runs([finish(claimed(store, task, NOW), "killed")])
     store.save_runs([finish(claimed(store, task, NOW + timedelta(seconds=1)), "succeeded")])
     assert store.claim_runs([run_document(task, NOW + timedelta(seconds=2), status="skipped")])
@@ -225,7 +220,7 @@ def test_a_success_is_an_event_only_for_a_task_that_asks_for_it(store):
 
 
 def test_recovered_after_failures_counts_them(store):
-    task = make_task(store)
+    task = make_task(store, "nightly")
     t = NOW
     run_once(store, task, "succeeded", t)
     run_once(store, task, "failed", t + timedelta(minutes=1), exit_code=1)
@@ -287,7 +282,7 @@ def test_missed_fires_are_no_failures_and_not_what_a_recovery_ends():
 
 
 def test_no_recovery_after_a_success(store):
-    task = make_task(store)
+    task = make_task(store, "nightly")
     run_once(store, task, "succeeded", NOW)
     run_once(store, task, "succeeded", NOW + timedelta(minutes=1))
     assert events(store) == []
@@ -296,7 +291,7 @@ def test_no_recovery_after_a_success(store):
 def test_a_run_write_succeeds_when_its_event_is_refused(store, caplog):
     """The events collection refuses every error event: a unique index on severity that an
     error event already holds. The run write, and the task's last run, still succeed."""
-    task = make_task(store)
+    task = make_task(store, "nightly")
     blocker = run_document(task, NOW - timedelta(hours=1), status="missed")
     store.events.insert_one({"_id": "blocker", "severity": "error"})
     store.events.create_index("severity", unique=True, name="refuse_errors")

@@ -28,6 +28,9 @@ from pymongo.errors import AutoReconnect, PyMongoError
 from cloudtask.localservers import MongoServer, ZooKeeperEnsemble, ZooKeeperServer
 from cloudtask.testing import ProxyGroup, TcpProxy
 
+# ZooKeeper ensembles and proxies of their own
+pytestmark = [pytest.mark.external, pytest.mark.slow]
+
 # kazoo retries a connection with a growing delay (up to 60 s by default): keep it short so
 # that a client reconnects soon after a fault ends.
 CONNECTION_RETRY = {"max_tries": -1, "delay": 0.1, "backoff": 2, "max_delay": 1.0}

@@ -26,6 +26,9 @@ from cloudtask.localservers import (
     free_port,
 )
 
+# starts and stops the embedded servers themselves
+pytestmark = pytest.mark.external
+
 
 def process_gone(pid: int) -> bool:
     if not psutil.pid_exists(pid):

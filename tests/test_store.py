@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from helpers import task_spec
 
 from cloudtask.exceptions import Conflict, NotFound, StoreError, ValidationError
 from cloudtask.operations import Operations
@@ -15,9 +16,7 @@ NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 
 
 def task(name="nightly", **over):
-    data = {"name": name, "schedule": {"cron": "0 3 * * *"}, "command": "true"}
-    data.update(over)
-    return data
+    return task_spec(name, **{"schedule": {"cron": "0 3 * * *"}, **over})
 
 
 def run_doc(task_id="t1", scheduled_for=NOW, slot="one", attempt=0, status="queued"):
