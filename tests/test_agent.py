@@ -12,7 +12,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from helpers import QuietHandler, serve_http, wait_for
 
-from cloudtask.agent.agent import Agent, resolve_agent_id
+from cloudtask.agent.agent import Agent
+from cloudtask.agent.identity import resolve_agent_id
 from cloudtask.config import Config
 from cloudtask.operations import Operations
 from cloudtask.runmodel import new_run_document

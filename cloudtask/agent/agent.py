@@ -3,7 +3,8 @@
 In standalone mode (``cloudtask agent --standalone``) the agent reads the tasks of its group
 straight from MongoDB every ``poll_interval``; it is one process, so there is no placement.
 Every fire is still claimed through the unique run index, so two standalone agents given the
-same tasks run each fire once between them.
+same tasks run each fire once between them. The cluster agent (cluster.py) follows its
+assignments in ZooKeeper instead; both hand the loop an :class:`AssignedTask` per task.
 
 The claim protocol (docs/architecture.md, "A fire runs once"):
 
@@ -12,57 +13,55 @@ The claim protocol (docs/architecture.md, "A fire runs once"):
   ``running``; one that must wait for a slot is written ``queued`` and moved to ``running`` by
   a conditional write just before its process starts. So a ``queued`` claim has certainly not
   started, and a claim whose agent left before starting it is released by the leader and run
-  by the task's new owner instead of being written off.
+  by the task's new owner instead of being written off (manual.py).
 - Nothing starts unless the agent's fence holds: checked after the claim is written, and again
   just before the process starts (for the claim's own session). A fire claimed by an agent
   that lost its fence meanwhile is released, never started late.
 - When a claim cannot be written (MongoDB unreachable), its fires wait. Each step first
   settles the claims whose write may have landed (they are ours if stored), then collapses each
-  task's backlog like a late tick: the newest fire runs (or is caught up, per ``misfire``), every
-  older one is recorded ``missed``; ``forbid`` is checked again at claim time. No fire is
-  dropped without a record. A step stops at the first chunk that fails.
-- Every MongoDB call of the loop has a deadline (``CALL_BUDGET``); the loop never waits longer.
+  task's backlog like a late tick (claims.py): the newest fire runs (or is caught up, per
+  ``misfire``), every older one is recorded ``missed``; ``forbid`` is checked again at claim
+  time. No fire is dropped without a record. A step stops at the first chunk that fails.
+- A keepalive start takes its lease first (leases.py): one instance in the whole cluster.
+- Every MongoDB call of the loop has a deadline (``CALL_BUDGET``, budget.py); the loop never
+  waits longer.
+
+The recipes the loop calls: the task's history when it comes here and the runs another agent
+is finishing (handover.py), runs waiting for an agent (manual.py), keepalive leases
+(leases.py), an earlier life's leftovers (recovery.py), the run journal (journal.py).
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import logging
-import re
-import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pymongo
-from pymongo.errors import PyMongoError
 
-from ..clock import from_epoch, to_bson_time, utcnow
+from ..clock import to_bson_time, utcnow
 from ..config import Config
-from ..exceptions import CloudTaskError, ValidationError
-from ..runmodel import (
-    RETRY_STATUSES,
-    RUNNING_STATUSES,
-    lost_fields,
-    new_id,
-    new_run_document,
-    released_fields,
-)
+from ..exceptions import ValidationError
+from ..runmodel import RETRY_STATUSES, RUNNING_STATUSES, new_id
 from ..store import Store
 from ..task import TaskSpec, parse_task
 from .assigned import AssignedTask
+from .budget import CALL_BUDGET, STORE_ERRORS
+from .claims import Claim, build_documents, collapse, run_tokens, too_late
 from .executor import Executor
 from .files import FileCache
 from .guard import GuardClient
+from .handover import ForeignRuns, read_history
+from .identity import resolve_agent_id
 from .journal import Journal
-from .leases import LeaseKeeper
+from .leases import LeaseKeeper, lease_name
 from .logfiles import LogJanitor
-from .proctree import IS_POSIX, end_processes, orphans_of_agent
+from .manual import WaitingRuns
+from .proctree import IS_POSIX
+from .recovery import EarlierLife
 from .run import RunContext
 from .runwriter import RunWriter
 from .scheduler import Fire, Scheduler
@@ -70,74 +69,13 @@ from .scheduler import Fire, Scheduler
 log = logging.getLogger(__name__)
 
 CLAIM_CHUNK = 250  # fires claimed per round trip; a burst starts running after the first chunk
-CALL_BUDGET = 2.0  # seconds any one MongoDB call of the agent loop may take
 PURGE_INTERVAL = 3600.0  # seconds between deletions of runs past their retention
-TOKEN_BYTES = 24  # per-run token: 192 random bits
-MAX_MISSED_RECORDS = 1000  # per task and backlog: older missed fires are summed up in one
 STANDALONE_SILENT_AFTER = 60.0  # a standalone agent silent this long has its runs ended
-STORE_ERRORS = (CloudTaskError, PyMongoError)
 FORBID_CHECK_SLACK = 5.0  # seconds beyond a session length that a new owner double-checks forbid
 # seconds a stopping agent keeps trying to store final states (what is not stored then is
 # in the run journal, and recorded by the agent's next start)
 WRITER_STOP_BUDGET = 5.0
 JOURNAL_TIDY_INTERVAL = 10.0  # seconds between looks for run journal segments to delete
-# An earlier life's claims that were not stored when this life recovered may still land (a
-# write held in the network, or by a frozen server, reaches MongoDB after its writer died):
-# they are looked for this long, this often, and released if they appear.
-LATE_CLAIM_WATCH = 120.0
-LATE_CLAIM_LOOK = 3.0
-# why a claim of an earlier life that never started is released
-STOPPED_BEFORE_START = "its agent stopped before starting it"
-
-
-def resolve_agent_id(configured: str, data_dir: Path) -> str:
-    """The configured id, else the one kept in ``<data_dir>/agent-id``, else a new one kept there."""
-    if configured:
-        return configured
-    path = data_dir / "agent-id"
-    try:
-        stored = path.read_text(encoding="utf-8").strip()
-        if stored:
-            return stored
-    except FileNotFoundError:
-        pass
-    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:40].strip(".-_") or "agent"
-    agent_id = f"{host}-{secrets.token_hex(3)}"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(agent_id + "\n", encoding="utf-8")
-    return agent_id
-
-
-def run_tokens(n: int) -> list[str]:
-    """``n`` per-run tokens from one read of the system's randomness (each read would let the
-    busy run threads take the GIL from the scheduling loop)."""
-    raw = secrets.token_bytes(TOKEN_BYTES * n)
-    return [
-        base64.urlsafe_b64encode(raw[i : i + TOKEN_BYTES]).decode().rstrip("=")
-        for i in range(0, len(raw), TOKEN_BYTES)
-    ]
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def lease_name(task_id: str, slot: str = "one") -> str:
-    """One lease per keepalive task; one per agent for mode ``all`` (its slot)."""
-    return f"keepalive:{task_id}" if slot == "one" else f"keepalive:{task_id}:{slot}"
-
-
-@dataclass
-class _Claim:
-    """A fire on its way to being claimed. ``doc`` is built when it is written; a claim whose
-    write may have landed keeps its document (same ``_id``), so it is recognised as ours."""
-
-    fire: Fire
-    spec: TaskSpec
-    revision: int
-    token: str
-    doc: dict | None = None
-    reason: str | None = None  # why a fire is recorded rather than run
 
 
 class Agent:
@@ -191,18 +129,45 @@ class Agent:
         self.leases = LeaseKeeper(
             store,
             kill=self.executor.kill,
-            alive=self._lease_alive,
+            # a lease is held while its run is with the executor, or its final state unstored
+            alive=lambda run_id: self.executor.is_active(run_id) or self.writer.keeps(run_id),
             fence_ok=self.may_claim,
             kill_grace=acfg.kill_grace,
             on_deadline=self.guard.set_deadline if self.guard is not None else None,
         )
         self.janitor = LogJanitor(self.log_dir, acfg.log_retention_days)
         self._specs: dict[str, tuple[int, TaskSpec]] = {}
-        self._pending: list[_Claim] = []  # fires not claimed yet (MongoDB did not answer)
-        self._in_doubt: list[_Claim] = []  # claims written without an answer: ours if stored
+        # runs of our tasks that another agent started and may still be finishing (forbid
+        # holds across agents; their retries are ours)
+        self.foreign = ForeignRuns(
+            store,
+            self.agent_id,
+            poll_interval=acfg.poll_interval,
+            spec_of=self._spec,
+            retry=self.scheduler.retry,
+        )
+        # manual runs, and claims the leader released: taken here when they are ours
+        self.waiting = WaitingRuns(
+            store,
+            self.journal,
+            self.writer,
+            agent_id=self.agent_id,
+            group=self.group,
+            poll_interval=acfg.poll_interval,
+            clock=self.clock,
+            may_claim=self.may_claim,
+            session=lambda: self.session,
+            known=lambda task_id: self._specs.get(task_id),
+            busy=self._busy,
+            kill_task=self.executor.kill_task,
+            late_verdict=self.scheduler.late_verdict,
+            submit=self._submit,
+        )
+        # an earlier life's leftovers, dealt with at the start (see recover)
+        self.earlier = EarlierLife(store, self.journal, self.agent_id, kill_grace=acfg.kill_grace)
+        self._pending: list[Claim] = []  # fires not claimed yet (MongoDB did not answer)
+        self._in_doubt: list[Claim] = []  # claims written without an answer: ours if stored
         self._claim_error = ""  # why the last claim failed (for the records of a backlog)
-        self._starting: set[str] = set()  # keepalive runs between their lease and their start
-        self._starting_lock = threading.Lock()
         self._done: list[tuple[str, int]] = []  # one-shot tasks that ran, to be marked done
         self._done_lock = threading.Lock()
         self._stop = threading.Event()
@@ -214,16 +179,6 @@ class Agent:
         # tasks new to this process, scheduled once their history is read: id -> changed at
         self._awaiting: dict[str, datetime | str | None] = {}
         self._recovered = False  # an earlier life's leftovers dealt with (see recover)
-        # an earlier life's claims, never started, not stored at recovery: id set, watch end
-        self._late_claims: tuple[set[str], float] | None = None
-        self._late_looked = 0.0
-        # task id -> {run id: (scheduled_for, attempt)}: runs of our tasks that another agent
-        # started and may still be finishing (forbid holds across agents; their retries are ours)
-        self._foreign: dict[str, dict[str, tuple[datetime, int]]] = {}
-        self._taken_at: dict[str, float] = {}  # task id -> monotonic time it was scheduled here
-        self._foreign_checked = 0.0
-        self._pending_checked: float | None = None  # monotonic time of the last look
-        self._pending_signal = threading.Event()
         self._purged_at = -PURGE_INTERVAL
 
     # --- task set ---------------------------------------------------------------------------
@@ -250,6 +205,10 @@ class Agent:
         if task_id in self._specs:
             return self._specs[task_id][0]
         return self._bad_specs.get(task_id)
+
+    def _spec(self, task_id: str) -> TaskSpec | None:
+        known = self._specs.get(task_id)
+        return known[1] if known is not None else None
 
     def _slot(self, spec: TaskSpec) -> str:
         return self.agent_id if spec.mode == "all" else "one"
@@ -278,7 +237,7 @@ class Agent:
         if previous is None:
             # a run may already wait for this task (a manual run signalled before the task
             # reached this agent): look at the next step, not at the next poll
-            self._pending_signal.set()
+            self.waiting.signal()
         if task_id in self._awaiting or (previous is None and not spec.schedule.keepalive):
             # new to this process: scheduled once its history is read (see _read_histories)
             self._awaiting[task_id] = task.changed_at
@@ -291,11 +250,12 @@ class Agent:
             self.executor.kill_task(task_id, f"restarted for revision {revision}")
 
     def _read_histories(self, now: datetime) -> None:
-        """Schedule the tasks new to this process from their history: fires since their last
-        recorded one are caught up or recorded missed, retries still owed are made, and runs
-        another agent is finishing are watched. A task whose history cannot be read now (MongoDB
-        unreachable) waits unscheduled, rather than lose its record of what was missed: the
-        fires could not be claimed meanwhile anyway. The first failure ends the pass."""
+        """Schedule the tasks new to this process from their history (handover.py): fires
+        since their last recorded one are caught up or recorded missed, retries still owed are
+        made, and runs another agent is finishing are watched. A task whose history cannot be
+        read now (MongoDB unreachable) waits unscheduled, rather than lose its record of what
+        was missed: the fires could not be claimed meanwhile anyway. The first failure ends
+        the pass."""
         for task_id, changed_at in list(self._awaiting.items()):
             known = self._specs.get(task_id)
             if known is None:
@@ -303,9 +263,11 @@ class Agent:
                 continue
             revision, spec = known
             try:
-                since, retries = self._history(task_id, spec, changed_at, now)
+                since, retries = read_history(
+                    self.store, task_id, spec, self._slot(spec), changed_at, now
+                )
                 if spec.mode == "one":
-                    self._note_foreign_runs(task_id)
+                    self.foreign.note(task_id)
             except STORE_ERRORS as e:
                 log.warning(
                     "cannot read the run history of %s yet (%d tasks wait for theirs): %s",
@@ -315,74 +277,14 @@ class Agent:
                 )
                 return
             del self._awaiting[task_id]
-            self._taken_at[task_id] = time.monotonic()
+            self.foreign.came(task_id)
             self.scheduler.upsert(task_id, spec, revision, now, since=since)
             for retry in retries:
                 self.scheduler.retry(task_id, *retry)
             log.info("task %s (%s) revision %s scheduled", spec.name, task_id, revision)
 
-    def _note_foreign_runs(self, task_id: str) -> None:
-        """Runs of a task that came to us which another agent started and may be finishing:
-        ``forbid`` waits for them, and their retries (if they fail) are made here."""
-        elsewhere = {
-            d["_id"]: (d["scheduled_for"], d["attempt"]) for d in self._runs_elsewhere([task_id])
-        }
-        if elsewhere:
-            self._foreign[task_id] = elsewhere
-
-    def _runs_elsewhere(self, task_ids: list[str]) -> list[dict]:
-        """The unfinished scheduled runs of these tasks (slot ``one``) that other agents hold
-        (a manual run is one run and holds nothing up)."""
-        with pymongo.timeout(CALL_BUDGET):
-            found = self.store.unfinished_runs({"task_id": {"$in": task_ids}, "slot": "one"})
-        return [
-            d
-            for d in found
-            if d.get("agent") not in (None, self.agent_id) and d.get("trigger") != "manual"
-        ]
-
-    def _history(
-        self, task_id: str, spec: TaskSpec, changed_at: datetime | str | None, now: datetime
-    ) -> tuple[datetime, list[tuple[datetime, int, datetime]]]:
-        """What a task's history says when it comes to this agent process (raises StoreError
-        or PyMongoError when it cannot be read).
-
-        First, up to when its fires were handled: its latest recorded fire (any agent, any
-        status), or when it was created or last changed, whichever is later. Fires after that
-        which are due now were missed (an agent died, or none ran the task) and are caught up
-        or recorded per its policy. A mode ``all`` task's history is this agent's own slot: an
-        agent's history starts when it first ran the task, so a new agent misses nothing.
-        Second, the retries still owed, ``(scheduled_for, attempt, due)``: recent runs that
-        failed (or were lost) with attempts left and no next attempt (their agent died or
-        stopped before retrying), within the task's ``misfire_grace``.
-        """
-        if isinstance(changed_at, str):
-            try:
-                changed_at = datetime.fromisoformat(changed_at)
-            except ValueError:
-                changed_at = None
-        since = changed_at if isinstance(changed_at, datetime) else now
-        with pymongo.timeout(CALL_BUDGET):
-            last = self.store.last_fire(task_id, self._slot(spec))
-            owed = []
-            if spec.retries and last is not None:
-                horizon = now - timedelta(seconds=spec.misfire_grace)
-                owed = self.store.owed_retries(
-                    task_id, self._slot(spec), spec.retries, horizon, RETRY_STATUSES
-                )
-        if last is None:
-            return (now if spec.mode == "all" else since), []
-        retries = []
-        for run in owed:
-            finished = run.get("finished_at")
-            finished = finished if isinstance(finished, datetime) else now
-            due = max(now, finished + timedelta(seconds=spec.retry_delay))
-            retries.append((run["scheduled_for"], run["attempt"] + 1, due))
-        return max(since, last["scheduled_for"]), retries
-
     def _drop(self, task_id: str) -> None:
-        self._taken_at.pop(task_id, None)
-        self._foreign.pop(task_id, None)
+        self.foreign.forget(task_id)
         self._awaiting.pop(task_id, None)
         known = self._specs.pop(task_id, None)
         if self.scheduler.remove(task_id):
@@ -405,11 +307,11 @@ class Agent:
             self._read_histories(now)
         if not self._recovered:
             self._recover_quietly(now)
-        if self._late_claims is not None:
-            self._release_late_claims()
+        if self.earlier.watching:
+            self.earlier.release_late_claims()
         fires, delay = self.scheduler.tick(now)
         self.dispatch(fires, now)
-        for then in (self._take_pending_runs, self._check_foreign_runs, self._mark_done):
+        for then in (self.waiting.look, self.foreign.check, self._mark_done):
             if self._stop.is_set():
                 return 0.0  # stopping: no further call may hold the stop up
             then(now)
@@ -435,7 +337,7 @@ class Agent:
         for fire, token in zip(fires, tokens):
             known = self._specs.get(fire.task_id)
             if known is not None:
-                claims.append(_Claim(fire, known[1], known[0], token, reason=fire.note))
+                claims.append(Claim(fire, known[1], known[0], token, reason=fire.note))
         if self._in_doubt and not self._settle_in_doubt(claims, now):
             self._keep_pending(claims, now)
             return
@@ -455,14 +357,14 @@ class Agent:
                 self._keep_pending(claims[i + CLAIM_CHUNK :], now)
                 return
 
-    def _keep_pending(self, claims: list[_Claim], now: datetime) -> None:
+    def _keep_pending(self, claims: list[Claim], now: datetime) -> None:
         """Fires that could not be claimed wait for the next step, collapsed per task (their
         documents are built again then). Fires of tasks no longer ours are forgotten."""
         keep = []
         for c in claims:
             if c.spec.schedule.keepalive and c.doc is not None:
-                self._release_lease(c.doc["_id"])  # its start is planned again, lease and all
-                self.scheduler.keepalive_not_started(c.fire.task_id, now)
+                # its start is planned again, lease and all
+                self._keepalive_not_started(c.doc["_id"], c.fire.task_id, now)
             elif c.fire.task_id in self._specs:
                 c.doc = None
                 keep.append(c)
@@ -472,134 +374,55 @@ class Agent:
                 "cannot claim %d fires yet (%s); they wait", len(self._pending), self._claim_error
             )
 
-    def _collapse(self, claims: list[_Claim], now: datetime) -> list[_Claim]:
-        """The rule of a late tick, per task, for fires waiting to be claimed: the newest runs
-        if it is on time, is caught up within ``misfire_grace`` (``run_once``), or else is
-        recorded ``missed``; every older one is recorded ``missed``. Retries and keepalive
-        starts are kept as they are. Beyond ``MAX_MISSED_RECORDS`` missed fires of one task,
-        the oldest kept record also counts the ones not recorded one by one."""
-        by_task: dict[str, list[_Claim]] = {}
-        out: list[_Claim] = []
-        for c in claims:
-            if c.fire.trigger in ("schedule", "catch-up") and not c.spec.schedule.keepalive:
-                by_task.setdefault(c.fire.task_id, []).append(c)
-            else:
-                out.append(c)
-        for group in by_task.values():
-            group.sort(key=lambda c: c.fire.scheduled_for)
-            *older, newest = group
-            for c in older:
-                self._record_only(c, "missed", c.reason or self._late_reason())
-            if newest.fire.status is None:
-                verdict = self._late_verdict(newest.spec, newest.fire.scheduled_for, now)
-                if verdict == "catch-up":
-                    newest.fire = _with(newest.fire, trigger="catch-up")
-                elif verdict == "missed":
-                    self._record_only(newest, "missed", self._late_reason())
-            if len(older) > MAX_MISSED_RECORDS:
-                dropped = older[: len(older) - MAX_MISSED_RECORDS]
-                older = older[len(dropped) :]
-                first = dropped[0].fire.scheduled_for
-                older[0].reason = (
-                    f"{older[0].reason}; {len(dropped)} earlier fires from {first.isoformat()} "
-                    f"were missed too (not recorded one by one)"
-                )
-            out.extend(older)
-            out.append(newest)
-        return out
-
-    def _late_verdict(self, spec: TaskSpec, scheduled_for: datetime, now: datetime) -> str:
-        """``run`` (on time), ``catch-up`` (late, within ``misfire_grace``, ``run_once``) or
-        ``missed``: the rule of a late tick for one fire."""
-        late = now - scheduled_for
-        if late <= self.scheduler.on_time_tolerance:
-            return "run"
-        if late <= timedelta(seconds=spec.misfire_grace) and spec.misfire == "run_once":
-            return "catch-up"
-        return "missed"
+    def _collapse(self, claims: list[Claim], now: datetime) -> list[Claim]:
+        """Fires waiting to be claimed, per task, by the rule of a late tick (claims.py)."""
+        return collapse(claims, now, self.scheduler.late_verdict, self._late_reason())
 
     def _late_reason(self) -> str:
         why = self._claim_error or "the agent was busy or paused"
         return f"not claimed in time: {why}"
 
-    @staticmethod
-    def _record_only(claim: _Claim, status: str, reason: str) -> None:
-        claim.fire = _with(claim.fire, status=status)
-        claim.reason = claim.reason or reason
-
-    def _ready(self, claim: _Claim, now: datetime) -> bool:
+    def _ready(self, claim: Claim, now: datetime) -> bool:
         """A keepalive start needs its lease first (one instance in the whole cluster): a lease
-        held elsewhere is tried again a third of a lease later, without counting a restart."""
+        held elsewhere is tried again a little later, without counting a restart."""
         if not claim.spec.schedule.keepalive or claim.fire.status is not None:
             return True
         if claim.doc is not None:
             return True  # written before: its lease was taken then
         run_id = new_id()
-        with self._starting_lock:
-            self._starting.add(run_id)
-        name = lease_name(claim.fire.task_id, self._slot(claim.spec))
-        if not self.leases.acquire(name, run_id):
-            with self._starting_lock:
-                self._starting.discard(run_id)
+        if not self.leases.acquire(lease_name(claim.fire.task_id, self._slot(claim.spec)), run_id):
             self.scheduler.keepalive_retry_at(
-                claim.fire.task_id, now + timedelta(seconds=self.leases.ttl / 3)
+                claim.fire.task_id, now + timedelta(seconds=self.leases.retry_delay)
             )
             return False
         claim.doc = {"_id": run_id}  # the document is built around this id
         return True
 
-    def _lease_alive(self, run_id: str) -> bool:
-        with self._starting_lock:
-            if run_id in self._starting:
-                return True
-        return self.executor.is_active(run_id) or self.writer.keeps(run_id)
+    def _keepalive_not_started(self, run_id: str, task_id: str, now: datetime) -> None:
+        """A keepalive start that did not happen: its lease is given back, and the start is
+        planned again after a backoff."""
+        self.leases.release(run_id)
+        self.scheduler.keepalive_not_started(task_id, now)
 
-    def _build_documents(self, claims: list[_Claim], now: datetime) -> None:
-        """The run documents that claim these fires: recorded ones (missed, skipped: forbid
-        checked now) are final at once; of the ones to run, as many as there are free slots
-        are claimed ``running``, the rest ``queued``."""
-        free = self.executor.free_slots()
-        for claim in claims:
-            fire, spec = claim.fire, claim.spec
-            status, reason = fire.status or "run", claim.reason
-            if (
-                status == "run"
-                and spec.concurrency == "forbid"
-                and not spec.schedule.keepalive
-                and fire.trigger != "retry"
-                and (
-                    self.executor.has_active(fire.task_id) or self._running_elsewhere(fire.task_id)
-                )
-            ):
-                status, reason = (
-                    "skipped",
-                    "the previous run was still running (concurrency: forbid)",
-                )
-            if status == "run":
-                status = "running" if free > 0 else "queued"
-                free -= 1
-            run_id = claim.doc["_id"] if claim.doc else None
-            claim.doc = new_run_document(
-                task_id=fire.task_id,
-                task_name=spec.name,
-                group=spec.group,
-                revision=claim.revision,
-                scheduled_for=fire.scheduled_for,
-                slot=self._slot(spec),
-                attempt=fire.attempt,
-                trigger=fire.trigger,
-                agent=self.agent_id,
-                status=status,
-                now=now,
-                token_hash=token_hash(claim.token),
-                session=self.session,
-            )
-            if run_id is not None:
-                claim.doc["_id"] = run_id
-            if reason and status in ("missed", "skipped"):
-                claim.doc["error"] = reason
+    def _build_documents(self, claims: list[Claim], now: datetime) -> None:
+        """The run documents that claim these fires (claims.py): recorded ones (missed,
+        skipped: forbid checked now) are final at once; of the ones to run, as many as there
+        are free slots are claimed ``running``, the rest ``queued``."""
+        build_documents(
+            claims,
+            now,
+            free=self.executor.free_slots(),
+            busy=self._busy,
+            slot_of=self._slot,
+            agent_id=self.agent_id,
+            session=lambda: self.session,
+        )
 
-    def _claim_chunk(self, chunk: list[_Claim], now: datetime) -> bool:
+    def _busy(self, task_id: str) -> bool:
+        """Whether a run of this task is going, here or on its former owner."""
+        return self.executor.has_active(task_id) or self.foreign.running(task_id)
+
+    def _claim_chunk(self, chunk: list[Claim], now: datetime) -> bool:
         """Write one chunk of claims; start the ones won. False if MongoDB did not answer:
         the chunk is then in doubt (settled first at the next step)."""
         self.journal.claimed([c.doc["_id"] for c in chunk if c.doc["status"] in RUNNING_STATUSES])
@@ -615,14 +438,14 @@ class Agent:
         self._after_claim(chunk, won, now)
         return True
 
-    def _settle_in_doubt(self, claims: list[_Claim], now: datetime) -> bool:
+    def _settle_in_doubt(self, claims: list[Claim], now: datetime) -> bool:
         """Claims written without an answer are written again, as they were: each is then
         stored under its own id (it had landed, or lands now) and ours, or the fire is another
         agent's. Reading whether they landed would not settle them: a write held in the
         network can land after the read said it had not, leaving a claim nobody starts or
         ends; written again, a late copy finds its id taken. A landed fire is recorded
         ``missed`` when a newer fire of its task waits too, or when it is now too late, by the
-        rule of a late tick. False if MongoDB cannot say."""
+        rule of a late tick (claims.py). False if MongoDB cannot say."""
         docs = [c.doc for c in self._in_doubt]
         try:
             with pymongo.timeout(CALL_BUDGET * 2):
@@ -637,34 +460,16 @@ class Agent:
         self._after_claim(others, [False] * len(others), now)
         if landed:
             log.info("%d claims written while MongoDB did not answer are settled", len(landed))
-            newest: dict[str, datetime] = {}
-            for c in claims:
-                if c.fire.trigger != "retry":
-                    t = newest.get(c.fire.task_id)
-                    newest[c.fire.task_id] = (
-                        max(t, c.fire.scheduled_for) if t else c.fire.scheduled_for
-                    )
-            start = []
-            for c in landed:
-                if (
-                    c.doc["status"] in RUNNING_STATUSES
-                    and not c.spec.schedule.keepalive
-                    and c.fire.trigger != "retry"
-                    and (
-                        newest.get(c.fire.task_id, c.fire.scheduled_for) > c.fire.scheduled_for
-                        or self._late_verdict(c.spec, c.fire.scheduled_for, now) == "missed"
-                    )
-                ):
-                    self._finish_unstarted(c.doc, "missed", self._late_reason())
-                else:
-                    start.append(c)
+            late, start = too_late(landed, claims, now, self.scheduler.late_verdict)
+            for c in late:
+                self._finish_unstarted(c.doc, "missed", self._late_reason())
             self._after_claim(start, [True] * len(start), now)
         return True
 
-    def _after_claim(self, claims: list[_Claim], won: list[bool], now: datetime) -> None:
+    def _after_claim(self, claims: list[Claim], won: list[bool], now: datetime) -> None:
         """Start the claims won, if the fence still holds now that they are written (an agent
         frozen while its claim was in flight must not start it when it wakes up), and if no
-        other agent runs the task meanwhile (``forbid``, see :meth:`_busy_elsewhere`)."""
+        other agent runs the task meanwhile (``forbid``, see :meth:`ForeignRuns.busy`)."""
         fenced = not self.may_claim()
         busy = {} if fenced else self._busy_elsewhere(claims, won)
         for claim, ok in zip(claims, won, strict=True):
@@ -672,8 +477,7 @@ class Agent:
             if not ok:
                 log.debug("fire %s of %s claimed elsewhere", doc["scheduled_for"], spec.name)
                 if spec.schedule.keepalive:
-                    self._release_lease(doc["_id"])
-                    self.scheduler.keepalive_not_started(fire.task_id, now)
+                    self._keepalive_not_started(doc["_id"], fire.task_id, now)
                 continue
             if doc["status"] not in RUNNING_STATUSES:
                 log.info(
@@ -689,8 +493,7 @@ class Agent:
                 self.writer.track(doc)
                 self.writer.release(doc["_id"], why)
                 if spec.schedule.keepalive:
-                    self._release_lease(doc["_id"])
-                    self.scheduler.keepalive_not_started(fire.task_id, now)
+                    self._keepalive_not_started(doc["_id"], fire.task_id, now)
                 continue
             if doc["_id"] in busy:
                 self._finish_unstarted(doc, "skipped", busy[doc["_id"]])
@@ -699,61 +502,16 @@ class Agent:
                 self.executor.kill_task(fire.task_id, f"replaced by run {doc['_id']}")
             self._submit(doc, spec, claim.revision, claim.token, fire.trigger, fire.attempt)
 
-    def _busy_elsewhere(self, claims: list[_Claim], won: list[bool]) -> dict[str, str]:
+    def _busy_elsewhere(self, claims: list[Claim], won: list[bool]) -> dict[str, str]:
         """``forbid`` across agents while two may both think a task is theirs: for a session
-        length after a task came here, its former owner may not have seen the move yet (it was
-        cut off from ZooKeeper) and may still start runs; and while this agent has not heard
-        from ZooKeeper for a while, it may itself be that former owner. Then each claim of a
-        ``forbid`` task is checked, once written, against the other agents' unfinished runs of
-        the task: both claims are written before either check reads, so at least one of the
-        two agents sees the other's, and of two that see each other the older fire runs.
-        Returns run id -> why it does not start."""
+        length after a task came here, and while this agent may have missed a change of its
+        assignments (handover.py). Returns run id -> why it does not start."""
         window = self.silent_after() + FORBID_CHECK_SLACK
-        stale = self.view_may_be_stale()
-        mine: dict[str, dict] = {}
-        for claim, ok in zip(claims, won, strict=True):
-            doc, spec = claim.doc, claim.spec
-            if (
-                ok
-                and doc["status"] in RUNNING_STATUSES
-                and spec.concurrency == "forbid"
-                and spec.mode == "one"
-                and not spec.schedule.keepalive
-                and claim.fire.trigger != "retry"
-                and (stale or time.monotonic() - self._taken_at.get(claim.fire.task_id, 0) < window)
-            ):
-                mine[doc["_id"]] = doc
-        if not mine:
-            return {}
-        task_ids = sorted({d["task_id"] for d in mine.values()})
-        try:
-            found = self._runs_elsewhere(task_ids)
-        except STORE_ERRORS as e:
-            log.warning("cannot check for runs of other agents; not starting %d: %s", len(mine), e)
-            why = "its former owner's runs could not be checked (MongoDB did not answer)"
-            return {run_id: f"{why}; not started (concurrency: forbid)" for run_id in mine}
-        others: dict[str, list[dict]] = {}
-        for d in found:
-            others.setdefault(d["task_id"], []).append(d)
-        out = {}
-        for run_id, doc in mine.items():
-            for other in others.get(doc["task_id"], ()):
-                if (other["scheduled_for"], other["_id"]) < (doc["scheduled_for"], run_id):
-                    out[run_id] = (
-                        f"the previous run was still running on {other['agent']} "
-                        "(concurrency: forbid)"
-                    )
-                    self._foreign.setdefault(doc["task_id"], {})[other["_id"]] = (
-                        other["scheduled_for"],
-                        other["attempt"],
-                    )
-                    break
-        return out
+        return self.foreign.busy(claims, won, window, self.view_may_be_stale())
 
-    def view_may_be_stale(self) -> bool:
-        """Whether this agent may have missed a change of its assignments (a cluster agent
-        that has not heard from ZooKeeper for a while)."""
-        return False
+    def _finish_unstarted(self, doc: dict, status: str, reason: str) -> None:
+        """A claim won that does not start: finished at once, ``status`` with ``reason``."""
+        self.writer.finish_unstarted(doc, status, reason, to_bson_time(self.clock()))
 
     def _submit(
         self, doc: dict, spec: TaskSpec, revision: int, token: str, trigger: str, attempt: int
@@ -774,8 +532,7 @@ class Agent:
             ),
             doc,
         )
-        with self._starting_lock:
-            self._starting.discard(doc["_id"])
+        self.leases.submitted(doc["_id"])
 
     def _begin(self, ctx: RunContext) -> tuple[str, str]:
         """Called by the executor just before a run's process starts (on its thread):
@@ -797,132 +554,7 @@ class Agent:
                 return "release", "its agent lost its ZooKeeper session before starting it"
         return "start", ""
 
-    # --- runs waiting for an agent: "run now", and claims released by the leader -----------
-
-    def _take_pending_runs(self, now: datetime) -> None:
-        """Take the runs of our group that wait for an agent (every ``poll_interval``, and at
-        once when the cluster signals one): manual runs of our tasks (of a paused or finished
-        task, which no agent owns: whichever agent of its group takes it first), and claims
-        another agent made and left before starting them (released by the leader)."""
-        checked = self._pending_checked
-        due = checked is None or time.monotonic() - checked >= self.config.agent.poll_interval
-        if not (due or self._pending_signal.is_set()) or not self.may_claim():
-            return
-        self._pending_signal.clear()
-        self._pending_checked = time.monotonic()
-        try:
-            with pymongo.timeout(CALL_BUDGET):
-                pending = self.store.pending_runs(self.group)
-        except STORE_ERRORS as e:
-            log.warning("cannot look for runs waiting for an agent: %s", e)
-            return
-        for doc in pending:
-            try:
-                with pymongo.timeout(CALL_BUDGET):
-                    if doc.get("trigger") == "manual":
-                        self._take_manual_run(doc)
-                    else:
-                        self._take_released_claim(doc, now)
-            except STORE_ERRORS as e:
-                log.warning("cannot take run %s: %s", doc["_id"], e)
-
-    def _manual_spec(self, task_id: str) -> tuple[int, TaskSpec] | None:
-        known = self._specs.get(task_id)
-        if known is not None:
-            return known
-        try:
-            task = self.store.get_task(task_id)
-        except CloudTaskError:
-            return None  # deleted: the run waits until someone cancels it
-        if task.get("enabled") and not task.get("done_at"):
-            return None  # a live task another agent owns: that agent takes it
-        try:
-            return task["revision"], parse_task(task["spec"])
-        except ValidationError:
-            return None
-
-    def _take_manual_run(self, doc: dict) -> None:
-        known = self._manual_spec(doc["task_id"])
-        if known is None:
-            return
-        revision, spec = known
-        token = run_tokens(1)[0]
-        self.journal.claimed([doc["_id"]])
-        taken = self.store.take_pending_run(
-            doc["_id"], self.agent_id, self.session, token_hash(token)
-        )
-        if taken is None:
-            return  # another agent took it, or it was cancelled
-        task_id = doc["task_id"]
-        busy = self.executor.has_active(task_id) or self._running_elsewhere(task_id)
-        if spec.concurrency == "forbid" and busy:
-            self._finish_unstarted(
-                taken, "skipped", "the previous run was still running (concurrency: forbid)"
-            )
-            log.info("manual run %s of %s skipped: a run is going", doc["_id"], spec.name)
-            return
-        if spec.concurrency == "replace":
-            self.executor.kill_task(task_id, f"replaced by run {doc['_id']}")
-        log.info(
-            "manual run %s of %s taken (asked by %s)",
-            doc["_id"],
-            spec.name,
-            doc.get("requested_by"),
-        )
-        self._submit(taken, spec, revision, token, "manual", 0)
-
-    def _take_released_claim(self, doc: dict, now: datetime) -> None:
-        """A claim its agent left before starting it: the task's owner runs it like a late
-        fire (on time, a catch-up within ``misfire_grace`` with ``run_once``, or recorded
-        ``missed``), so a fire that never started is not written off."""
-        known = self._specs.get(doc["task_id"])
-        if known is None or doc.get("slot") not in ("one", self.agent_id):
-            return  # not ours: the task's owner takes it
-        revision, spec = known
-        trigger = doc.get("trigger") or "schedule"
-        outcome = None
-        if spec.schedule.keepalive:
-            outcome = ("skipped", "a keepalive start its agent left; the service starts here anew")
-        elif trigger != "retry":
-            verdict = self._late_verdict(spec, doc["scheduled_for"], now)
-            if verdict == "catch-up":
-                trigger = "catch-up"
-            elif verdict == "missed":
-                outcome = ("missed", f"released by {doc.get('released_by')}; too late to run")
-        token = run_tokens(1)[0]
-        self.journal.claimed([doc["_id"]])
-        taken = self.store.take_pending_run(
-            doc["_id"], self.agent_id, self.session, token_hash(token), trigger=trigger
-        )
-        if taken is None:
-            return
-        task_id = doc["task_id"]
-        busy = self.executor.has_active(task_id) or self._running_elsewhere(task_id)
-        if outcome is None and spec.concurrency == "forbid" and busy and trigger != "retry":
-            outcome = ("skipped", "the previous run was still running (concurrency: forbid)")
-        if outcome is not None:
-            self._finish_unstarted(taken, *outcome)
-            return
-        log.info(
-            "took over fire %s of %s (released by %s, never started)",
-            doc["scheduled_for"],
-            spec.name,
-            doc.get("released_by"),
-        )
-        self._submit(taken, spec, revision, token, trigger, taken.get("attempt", 0))
-
-    def _finish_unstarted(self, doc: dict, status: str, reason: str) -> None:
-        self.writer.track(doc)
-        self.writer.update(
-            doc["_id"],
-            {
-                "status": status,
-                "error": reason,
-                "finished_at": to_bson_time(self.clock()),
-                "duration": 0.0,
-            },
-            urgent=True,
-        )
+    # --- what the cluster agent changes -----------------------------------------------------
 
     def may_claim(self) -> bool:
         """Whether this agent may claim and start fires now (the cluster agent's fence)."""
@@ -937,64 +569,17 @@ class Agent:
         """Seconds without a pulse from this agent before its guard ends its runs."""
         return STANDALONE_SILENT_AFTER
 
+    def view_may_be_stale(self) -> bool:
+        """Whether this agent may have missed a change of its assignments (a cluster agent
+        that has not heard from ZooKeeper for a while)."""
+        return False
+
     @property
     def session(self) -> str | None:
         """The ZooKeeper session claims are made under (None in standalone mode)."""
         return None
 
-    # --- runs of our tasks that other agents started ----------------------------------------
-
-    def _running_elsewhere(self, task_id: str) -> bool:
-        """Whether a run of this task that its previous owner started is still going (a task
-        that moved while a run finished there): ``forbid`` holds across agents too."""
-        return bool(self._foreign.get(task_id))
-
-    def _check_foreign_runs(self, now: datetime) -> None:
-        """Every ``poll_interval``: which runs of our tasks that other agents started are over.
-        One that failed (or was lost) with attempts left is retried here: retries owed by a
-        run in flight survive a move or a stop of its agent."""
-        if not self._foreign:
-            return
-        if time.monotonic() - self._foreign_checked < self.config.agent.poll_interval:
-            return
-        self._foreign_checked = time.monotonic()
-        ids = [r for runs in self._foreign.values() for r in runs]
-        try:
-            with pymongo.timeout(CALL_BUDGET):
-                states = self.store.run_states(ids)
-        except STORE_ERRORS as e:
-            log.debug("cannot check runs finishing elsewhere: %s", e)
-            return
-        for task_id, runs in list(self._foreign.items()):
-            for run_id in list(runs):
-                state = states.get(run_id)
-                if state is not None and state["status"] in RUNNING_STATUSES:
-                    continue
-                scheduled_for, attempt = runs.pop(run_id)
-                known = self._specs.get(task_id)
-                if state is None or known is None:
-                    continue
-                spec = known[1]
-                if state["status"] in RETRY_STATUSES and attempt < spec.retries:
-                    finished = state.get("finished_at")
-                    finished = finished if isinstance(finished, datetime) else now
-                    due = max(now, finished + timedelta(seconds=spec.retry_delay))
-                    log.info(
-                        "run %s of %s ended %s on another agent: retrying here",
-                        run_id,
-                        spec.name,
-                        state["status"],
-                    )
-                    self.scheduler.retry(task_id, scheduled_for, attempt + 1, due)
-            if not runs:
-                del self._foreign[task_id]
-
     # --- after a run --------------------------------------------------------------------------
-
-    def _release_lease(self, run_id: str) -> None:
-        with self._starting_lock:
-            self._starting.discard(run_id)
-        self.leases.release(run_id)
 
     def _finished(self, ctx: RunContext) -> None:
         """After a run: retries, keepalive restarts, one-shot tasks marked done."""
@@ -1002,7 +587,7 @@ class Agent:
         finished = ctx.finished_at or self.clock()
         if spec.schedule.keepalive:
             # given back once the final state is stored: history never shows two instances
-            self.writer.when_written(ctx.run_id, lambda: self._release_lease(ctx.run_id))
+            self.writer.when_written(ctx.run_id, lambda: self.leases.release(ctx.run_id))
         if ctx.status in ("released", "dropped"):
             if spec.schedule.keepalive and not self._stop.is_set():
                 self.scheduler.keepalive_not_started(ctx.task_id, finished)
@@ -1012,7 +597,7 @@ class Agent:
             if not self._stop.is_set():  # restarted unless the task was dropped meanwhile
                 self.scheduler.keepalive_exited(ctx.task_id, ctx.started_at or finished, finished)
         elif ctx.status in RETRY_STATUSES and ctx.attempt < spec.retries:
-            # if the task left this agent meanwhile, its new owner retries (see _check_foreign_runs)
+            # if the task left this agent meanwhile, its new owner retries (see handover.py)
             due = finished + timedelta(seconds=spec.retry_delay)
             self.scheduler.retry(ctx.task_id, ctx.scheduled_for, ctx.attempt + 1, due)
         elif spec.schedule.is_once:
@@ -1036,87 +621,10 @@ class Agent:
     # --- lifecycle --------------------------------------------------------------------------
 
     def recover(self, now: datetime) -> None:
-        """Clean up after an earlier life of this agent that did not stop cleanly.
-
-        Its runs cannot be finished by anyone: their processes (found by the agent id in their
-        environment) are ended. Its runs still ``queued`` or ``running``, and the ones the
-        leader has marked ``lost`` meanwhile, get what the run journal knows about them: the
-        outcome they really had, released (claimed but never started: the task's owner runs
-        it as a catch-up, or records it missed), or else ``lost``. Agent ids must be unique
-        (the cluster enforces it through ZooKeeper).
-        """
-        leftovers = orphans_of_agent(self.agent_id)
-        if leftovers:
-            log.warning("ending %d processes left by an earlier run of this agent", len(leftovers))
-            end_processes(leftovers, self.config.agent.kill_grace)
-        # read after the leftovers are gone: their guard notes how they ended
-        earlier = self.journal.read_earlier()
-        known = earlier.claimed | earlier.started | set(earlier.ended)
-        with pymongo.timeout(CALL_BUDGET * 5):
-            docs = self.store.left_runs(self.agent_id, self.journal.own_claims(), known, now)
-            counts: dict[str, int] = {}
-            for doc in docs:
-                verdict, state = earlier.verdict(doc["_id"])
-                if verdict == "ended":
-                    doc.update(journal_state(state or {}))
-                elif verdict == "never started":
-                    doc.update(released_fields(self.agent_id, STOPPED_BEFORE_START))
-                elif doc["status"] != "lost":
-                    doc.update(
-                        lost_fields(doc, "the agent stopped without finishing this run", now)
-                    )
-                counts[verdict] = counts.get(verdict, 0) + 1
-            self.store.save_runs(docs, owner=self.agent_id)
-            self.store.free_leases([d["_id"] for d in docs])  # their processes are gone
-        unseen = earlier.never_started() - {d["_id"] for d in docs}
-        if unseen:
-            self._late_claims = (unseen, time.monotonic() + LATE_CLAIM_WATCH)
-        self.journal.forget_earlier(earlier)
-        if docs:
-            log.warning(
-                "runs left by an earlier run of this agent: %d ended (outcome recorded), "
-                "%d never started (released), %d lost",
-                counts.get("ended", 0),
-                counts.get("never started", 0),
-                counts.get("unknown", 0),
-            )
-
-    def _release_late_claims(self) -> None:
-        """Claims an earlier life wrote and never started, whose documents were not stored
-        when this life recovered: a write held in the network (or by a frozen server) can
-        land after its writer died, and would then stay ``running`` under a dead session
-        until the leader called it ``lost``. Looked for a while after the start; each one
-        that lands is released (the task's owner runs it as a catch-up, or records it
-        missed), like the earlier life's other claims that never started."""
-        assert self._late_claims is not None
-        if time.monotonic() - self._late_looked < LATE_CLAIM_LOOK:
-            return
-        self._late_looked = time.monotonic()
-        ids, until = self._late_claims
-        try:
-            with pymongo.timeout(CALL_BUDGET):
-                docs = self.store.runs_by_id(sorted(ids))
-                mine = [
-                    d
-                    for d in docs
-                    if d.get("agent") == self.agent_id
-                    and d["status"] in (*RUNNING_STATUSES, "lost")
-                ]
-                for doc in mine:
-                    doc.update(released_fields(self.agent_id, STOPPED_BEFORE_START))
-                self.store.save_runs(mine, owner=self.agent_id)
-        except STORE_ERRORS as e:
-            log.debug("cannot look for late claims of an earlier life: %s", e)
-            return
-        if mine:
-            log.warning(
-                "released %d claims of an earlier run of this agent that were stored after it "
-                "stopped, never started",
-                len(mine),
-            )
-        ids -= {d["_id"] for d in docs}  # every one found is settled: released, or not ours
-        if not ids or time.monotonic() >= until:
-            self._late_claims = None
+        """Clean up after an earlier life of this agent that did not stop cleanly: its
+        processes are ended and its runs settled by what the run journal knows (recovery.py).
+        Raises StoreError or PyMongoError when MongoDB does not answer."""
+        self.earlier.recover(now)
 
     def _recover_quietly(self, now: datetime) -> None:
         """:meth:`recover`, tried again on later steps while MongoDB does not answer."""
@@ -1224,18 +732,3 @@ class Agent:
         self._bad_specs.clear()
         self._awaiting.clear()
         self._pending = []
-
-
-def journal_state(state: dict) -> dict:
-    """A run's final state as the journal keeps it, as run document fields."""
-    out = {k: state[k] for k in ("status", "exit_code", "error", "http_status") if k in state}
-    for key in ("started_at", "finished_at"):
-        if state.get(key) is not None:
-            out[key] = to_bson_time(from_epoch(state[key]))
-    if state.get("duration") is not None:
-        out["duration"] = state["duration"]
-    return out
-
-
-def _with(fire: Fire, **changes: object) -> Fire:
-    return replace(fire, **changes)

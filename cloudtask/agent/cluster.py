@@ -39,8 +39,9 @@ from ..config import Config
 from ..exceptions import CloudTaskError
 from ..store import Store
 from ..zkpaths import ZkPaths, bounded, decode, keep_trying, task_signal
-from .agent import CALL_BUDGET, STORE_ERRORS, Agent
+from .agent import Agent
 from .assignments import AssignmentWatcher
+from .budget import CALL_BUDGET, STORE_ERRORS
 from .registration import REGISTERED, STOP_BUDGET, Registration
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ class ClusterAgent(Agent):
 
     def _on_run_signal(self, *_: Any) -> None:
         """kazoo's event thread: a run waits for an agent; look for it at once."""
-        self._pending_signal.set()
+        self.waiting.signal()
         self._wake.set()
 
     def _handle_kills(self) -> None:

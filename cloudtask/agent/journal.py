@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..clock import from_epoch
+from ..clock import from_epoch, to_bson_time
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,17 @@ def end_state(
         if started is not None:
             state["duration"] = round(finished - started, 3)
     return state
+
+
+def end_fields(state: dict[str, Any]) -> dict[str, Any]:
+    """An ``end`` entry's state (see :func:`end_state`) as run document fields."""
+    out = {k: state[k] for k in ("status", "exit_code", "error", "http_status") if k in state}
+    for key in ("started_at", "finished_at"):
+        if state.get(key) is not None:
+            out[key] = to_bson_time(from_epoch(state[key]))
+    if state.get("duration") is not None:
+        out["duration"] = state["duration"]
+    return out
 
 
 def entry_line(entry: dict[str, Any]) -> bytes:

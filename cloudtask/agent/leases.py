@@ -1,10 +1,10 @@
 """Keepalive leases: a service runs as one instance in the whole cluster (one per agent for
 mode ``all``), and never two at once, even across a frozen or cut-off agent.
 
-A lease is a MongoDB document (``leases/keepalive:<task>``) whose insert is the acquisition.
-Its holder renews it from a thread of its own (never the agent's loop, which may wait for a
-slow call), every ``renew_every`` seconds, each call under a deadline. The holder's instance
-must be gone before anyone else could take the lease:
+A lease is a MongoDB document (``leases/keepalive:<task>``, see :func:`lease_name`) whose
+insert is the acquisition. Its holder renews it from a thread of its own (never the agent's
+loop, which may wait for a slow call), every ``renew_every`` seconds, each call under a
+deadline. The holder's instance must be gone before anyone else could take the lease:
 
 - A taker never judges a lease expired by its own clock (two machines' clocks may disagree by
   seconds). It takes a lease over only after it has watched the document stay exactly the same
@@ -15,14 +15,32 @@ must be gone before anyone else could take the lease:
   instance at that same deadline (see guard.py).
 - The instance also ends when the agent's ZooKeeper fence lapses (``fence_ok``): its task may
   be given to another agent, which must be able to start it. The lease is then released.
-- A lease is held only while its run exists (``alive``): a lease taken for a claim that was
-  then dropped is released by the next pass, never renewed for ever.
+- A lease is held only while its run exists: from :meth:`LeaseKeeper.acquire` until the run
+  is handed to the executor (:meth:`LeaseKeeper.submitted`) the keeper itself keeps it alive;
+  after that, while ``alive(run_id)`` (the executor runs it, or its final state is not stored
+  yet). A lease taken for a claim that was then dropped is released by the next pass, never
+  renewed for ever.
+
+The agent's part (agent.py):
+
+- A keepalive start takes its lease before its claim is written. A lease held elsewhere makes
+  the start wait ``retry_delay`` (a third of a lease), without counting a restart.
+- A start that does not happen (its claim failed, was lost to another agent, or was released)
+  gives its lease back at once (:meth:`LeaseKeeper.release`), and is planned again.
+- A run that ended gives its lease back only once its final state is stored: the history never
+  shows two instances running.
+- The agent ends its instance itself when the task changes (a new revision restarts it), when
+  the task leaves it (paused, deleted, moved), and when the agent stops (its leaving is
+  announced first, so the new owner can start it at once); each time the lease follows the
+  final state as above.
 
 Example::
 
     keeper = LeaseKeeper(store, kill=executor.kill, alive=executor.is_active, fence_ok=lambda: True)
     keeper.start()
-    if keeper.acquire("keepalive:t1", run_id): ...
+    if keeper.acquire(lease_name("t1"), run_id):
+        executor.submit(...)
+        keeper.submitted(run_id)
     keeper.release(run_id)
 """
 
@@ -43,6 +61,11 @@ log = logging.getLogger(__name__)
 LEASE_TTL = 30.0  # seconds a lease lives without renewal, as a taker measures it
 RENEW_EVERY = 3.0  # seconds between renewals
 CALL_BUDGET = 2.0  # seconds a renewal may take
+
+
+def lease_name(task_id: str, slot: str = "one") -> str:
+    """One lease per keepalive task; one per agent for mode ``all`` (its slot)."""
+    return f"keepalive:{task_id}" if slot == "one" else f"keepalive:{task_id}:{slot}"
 
 
 @dataclass
@@ -82,6 +105,7 @@ class LeaseKeeper:
         self.on_deadline = on_deadline  # the guard enforces the deadline if the agent freezes
         self._held: dict[str, _Held] = {}  # run id -> lease
         self._seen: dict[str, tuple[object, object, float]] = {}  # name -> holder, expiry, since
+        self._starting: set[str] = set()  # runs between their lease and the executor
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="leases", daemon=True)
@@ -96,11 +120,17 @@ class LeaseKeeper:
 
     # --- the agent loop ------------------------------------------------------------------------
 
+    @property
+    def retry_delay(self) -> float:
+        """Seconds a start waits when its lease is held elsewhere, before it tries again."""
+        return self.ttl / 3
+
     def acquire(self, name: str, run_id: str) -> bool:
         """Take the lease ``name`` for the run ``run_id`` (one call under a deadline). False if
         another holds it (and has not been seen unrenewed for a whole ``ttl``) or MongoDB
-        cannot say."""
+        cannot say. A lease taken is kept alive until :meth:`submitted` (or :meth:`release`)."""
         with self._lock:
+            self._starting.add(run_id)
             if run_id in self._held:
                 return True
         started = time.monotonic()
@@ -111,8 +141,10 @@ class LeaseKeeper:
                     held = self._take_over_if_unrenewed(name, run_id)
         except (CloudTaskError, pymongo.errors.PyMongoError) as e:
             log.warning("cannot take the keepalive lease %s yet: %s", name, e)
+            self._not_starting(run_id)
             return False
         if not held:
+            self._not_starting(run_id)
             return False
         with self._lock:
             self._seen.pop(name, None)
@@ -142,10 +174,25 @@ class LeaseKeeper:
         )
         return bool(self.store.take_over_lease(name, run_id, self.ttl, current))
 
+    def submitted(self, run_id: str) -> None:
+        """The run is in the executor's hands: from now on its lease lives while ``alive``."""
+        self._not_starting(run_id)
+
+    def _not_starting(self, run_id: str) -> None:
+        with self._lock:
+            self._starting.discard(run_id)
+
+    def _alive(self, run_id: str) -> bool:
+        with self._lock:
+            if run_id in self._starting:
+                return True
+        return self.alive(run_id)
+
     def release(self, run_id: str) -> None:
         """The run ended (or never started): give the lease back so the next instance can start
         at once. A failure is logged: the lease then runs out by itself."""
         with self._lock:
+            self._starting.discard(run_id)
             held = self._held.pop(run_id, None)
         if held is None:
             return
@@ -186,7 +233,7 @@ class LeaseKeeper:
         """One pass: end what must end, release what nothing runs, renew the rest."""
         fence = self.fence_ok()
         for held in self._snapshot():
-            if not self.alive(held.run_id):
+            if not self._alive(held.run_id):
                 log.info(
                     "run %s holds keepalive lease %s but is gone: released", held.run_id, held.name
                 )

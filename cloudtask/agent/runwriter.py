@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import pymongo
@@ -94,6 +95,18 @@ class RunWriter:
         """Hand a claim this agent will not start back for the task's owner to take over: it
         stays ``queued``, with no agent (written only while it is still ours)."""
         self.update(run_id, released_fields(self.owner, reason), urgent=True)
+
+    def finish_unstarted(
+        self, doc: dict[str, Any], status: str, reason: str, finished_at: datetime
+    ) -> None:
+        """A claim this agent won and will not start (``skipped``, ``missed``): kept from now,
+        and finished at once with ``status`` and ``reason``."""
+        self.track(doc)
+        self.update(
+            doc["_id"],
+            {"status": status, "error": reason, "finished_at": finished_at, "duration": 0.0},
+            urgent=True,
+        )
 
     def keeps(self, run_id: str) -> bool:
         """Whether the run's final state is not stored yet (or it still runs)."""

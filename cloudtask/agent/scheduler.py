@@ -241,7 +241,6 @@ class Scheduler:
 
     def _due_fires(self, task_id: str, entry: _Entry, now: datetime) -> list[Fire]:
         schedule = entry.spec.schedule
-        grace = timedelta(seconds=entry.spec.misfire_grace)
         first = t = entry.next_fire
         # The newest MAX_MISSED_PER_TICK due fires are reported (a 1 s task paused for a day
         # would otherwise write 86,400 documents); older ones are only logged.
@@ -272,14 +271,25 @@ class Scheduler:
                 note=f"earlier fires from {first.isoformat()} on were missed too "
                 f"(more than {MAX_MISSED_PER_TICK}: not recorded one by one)",
             )
-        late = now - latest
-        if late <= self.on_time_tolerance:
+        verdict = self.late_verdict(entry.spec, latest, now)
+        if verdict == "run":
             out.append(Fire(task_id, _ms(latest), "schedule", entry.revision))
-        elif late <= grace and entry.spec.misfire == "run_once":
+        elif verdict == "catch-up":
             out.append(Fire(task_id, _ms(latest), "catch-up", entry.revision))
         else:
             out.append(Fire(task_id, _ms(latest), "schedule", entry.revision, status="missed"))
         return out
+
+    def late_verdict(self, spec: TaskSpec, scheduled_for: datetime, now: datetime) -> str:
+        """The rule of a late tick for one fire: ``run`` (at most ``on_time_tolerance`` late),
+        ``catch-up`` (later, within ``misfire_grace``, with ``run_once``) or ``missed``. The
+        agent applies it to fires that waited to be claimed and to claims left by others."""
+        late = now - scheduled_for
+        if late <= self.on_time_tolerance:
+            return "run"
+        if late <= timedelta(seconds=spec.misfire_grace) and spec.misfire == "run_once":
+            return "catch-up"
+        return "missed"
 
     def _push(self, entry: _Entry, task_id: str, kind: str) -> None:
         if entry.next_fire is not None:
