@@ -84,6 +84,23 @@ def wait_for(
         time.sleep(interval)
 
 
+def holds(
+    predicate: Callable[[], Any], seconds: float, interval: float = 0.05, message: str = ""
+) -> None:
+    """Assert that ``predicate`` stays truthy for ``seconds`` (checked every ``interval``):
+    for what must *not* happen (a removed task fires no more, a quiet leader writes nothing).
+    Fails at the first look that finds it false."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = predicate()
+        if not value:
+            detail = f": {message}" if message else ""
+            raise AssertionError(f"condition stopped holding{detail} (value: {value!r})")
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval)
+
+
 def start(store: Store, executor: Executor, task: dict, attempt: int = 0) -> RunContext:
     """Claim a run of a task (given as spec fields) and hand it to ``executor``."""
     spec = parse_task({"name": "t", "schedule": {"every": "1h"}, **task})

@@ -4,7 +4,6 @@ write counts, garbage collection of a departed agent's assignments, stale assign
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from helpers import wait_for
@@ -83,7 +82,8 @@ def test_writes_after_a_leave_are_the_moved_tasks_and_garbage_goes_later(
     moved = len(before["a2"])
     assert nodes(zk, "a2") == before["a2"]  # left behind for now
     wait_for(lambda: c.writes - writes >= moved, timeout=10)
-    time.sleep(0.7)  # a few resyncs (0.3 s): they write nothing
+    passes = c.reconciles
+    wait_for(lambda: c.reconciles >= passes + 3, timeout=10)  # resyncs (0.3 s) write nothing
     assert c.writes - writes == moved  # one create per moved task; nothing else on the way
     wait_for(
         lambda: not zk.exists(PATHS.assignment_dir("a2")), timeout=10, message="garbage stayed"

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -352,8 +351,11 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
     assert proc.returncode == 0, rest
     # the death was logged: name, pid, signal, log file
     assert re.search(rf"(agent-\d) \(pid {victim_pid}\) was killed by SIGKILL.*\1\.log", rest)
-    time.sleep(0.5)
-    assert [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE] == []
+    wait_for(
+        lambda: not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE],
+        timeout=10,
+        message="processes left running",
+    )
 
 
 def _ended(proc: psutil.Process) -> bool:
