@@ -1,5 +1,9 @@
 """The cluster end to end: real ZooKeeper, real MongoDB wire server, centers and agents as
-separate processes, killed with SIGKILL and SIGTERM."""
+separate processes, killed with SIGKILL and SIGTERM.
+
+Longer than the other files on purpose: its first 160 lines are the harness (``Cluster``, the
+placement readers) that the event tests import too, and each test after it is one failover
+story told from start to end."""
 
 from __future__ import annotations
 

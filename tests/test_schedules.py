@@ -1,4 +1,8 @@
-"""Schedules: cron (with DST), every, at, keepalive, windows, lists, parsing and round trips."""
+"""Schedules: cron (with DST), every, at, keepalive, windows, lists, parsing and round trips.
+
+Longer than the other files on purpose: it is the table of cases of one pure module
+(``cloudtask/schedules.py``), most of them the daylight-saving transitions of two zones, each
+a few lines; split, the cases of one rule would sit in two files."""
 
 from __future__ import annotations
 
