@@ -4,6 +4,9 @@
 ``http.urls[0]``, ``env.PATH``); :func:`parse_task` raises them together as a
 :class:`~cloudtask.exceptions.ValidationError` or returns a :class:`TaskSpec`.
 :meth:`TaskSpec.to_dict` writes the canonical form, which parses back to an equal spec.
+:data:`TASK_FIELDS` declares the top-level keys once (type, required, default, a line of
+description, the choices) for those who describe a task: the web form and the API's OpenAPI
+document derive theirs from it; the reading itself is written out in :func:`_read_task`.
 """
 
 from __future__ import annotations
@@ -21,30 +24,6 @@ from .exceptions import Problem, ValidationError
 from .schedules import ScheduleSet, parse_schedule, show_value
 
 SPEC_VERSION = 1
-TASK_KEYS = (
-    "version",
-    "name",
-    "group",
-    "schedule",
-    "command",
-    "shell",
-    "file",
-    "file_version",
-    "http",
-    "mode",
-    "timeout",
-    "retries",
-    "retry_delay",
-    "concurrency",
-    "misfire",
-    "misfire_grace",
-    "enabled",
-    "env",
-    "cwd",
-    "notify",
-    "description",
-    "owner",
-)
 HTTP_KEYS = (
     "url",
     "urls",
@@ -72,6 +51,123 @@ ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 _MISSING: Any = object()
+
+# --- the top-level fields, declared once --------------------------------------------------------
+
+# The types of the field table: the JSON each takes. A name follows NAME_RULE, a duration is
+# written like "10m" or given in seconds, a schedule is one object or a list of them.
+FIELD_TYPES: dict[str, tuple[str, ...]] = {
+    "string": ("string",),
+    "name": ("string",),
+    "sha256": ("string",),
+    "integer": ("integer",),
+    "boolean": ("boolean",),
+    "duration": ("string", "number"),
+    "schedule": ("object", "array"),
+    "command": ("string", "array"),
+    "http": ("object",),
+    "env": ("object",),
+    "notify": ("object",),
+}
+
+
+@dataclass(frozen=True)
+class TaskField:
+    """One top-level key of a task spec, as the form, the API's document and the docs tell
+    it. This is a description: how the model reads the key is :func:`_read_task`, and
+    ``tests/test_task_fields.py`` checks that the two agree."""
+
+    name: str
+    type: str  # a key of FIELD_TYPES
+    description: str  # one line
+    required: bool = False
+    default: Any = None  # as TaskSpec.to_dict writes it (shared: copy it to change it)
+    enum: tuple[Any, ...] = ()  # the values taken, when they are a fixed few
+    nullable: bool = False  # null is taken too, and means the default
+
+    @property
+    def json_types(self) -> tuple[str, ...]:
+        types = FIELD_TYPES[self.type]
+        return (*types, "null") if self.nullable else types
+
+
+TASK_FIELDS: tuple[TaskField, ...] = (
+    TaskField(
+        "version",
+        "integer",
+        "The spec's format version",
+        default=SPEC_VERSION,
+        enum=(SPEC_VERSION,),
+    ),
+    TaskField("name", "name", "Unique; it names the task's log folder", required=True),
+    TaskField("group", "name", "Which agents run it", default="default"),
+    TaskField(
+        "schedule",
+        "schedule",
+        "One schedule, or a list of them (the earliest next fire wins)",
+        required=True,
+    ),
+    TaskField(
+        "command",
+        "command",
+        "A string (split like a shell would) or a list of arguments; or give http",
+        nullable=True,
+    ),
+    TaskField("shell", "boolean", "Run the command string through /bin/sh -c", default=False),
+    TaskField("file", "string", "A stored task file, laid out afresh for each run", nullable=True),
+    TaskField(
+        "file_version",
+        "sha256",
+        "Pins a version of the file (its sha256); null follows the latest",
+        nullable=True,
+    ),
+    TaskField("http", "http", "A web service call made instead of a command", nullable=True),
+    TaskField(
+        "mode",
+        "string",
+        "one: one agent runs each fire; all: every agent of the group does",
+        default="one",
+        enum=MODES,
+    ),
+    TaskField(
+        "timeout",
+        "duration",
+        "Kill the run's whole process tree after this long; null: no limit",
+        nullable=True,
+    ),
+    TaskField(
+        "retries", "integer", f"Attempts after a failure or timeout (0 to {MAX_RETRIES})", default=0
+    ),
+    TaskField("retry_delay", "duration", "The pause before each retry", default="0s"),
+    TaskField(
+        "concurrency",
+        "string",
+        "A fire while the previous run runs: forbid (skipped), allow, replace (kill it)",
+        default="forbid",
+        enum=CONCURRENCY_POLICIES,
+    ),
+    TaskField(
+        "misfire",
+        "string",
+        "A fire found late: run_once runs it as a catch-up, skip records it missed",
+        default="run_once",
+        enum=MISFIRE_POLICIES,
+    ),
+    TaskField("misfire_grace", "duration", "How late a fire may still be caught up", default="1h"),
+    TaskField("enabled", "boolean", "False: paused", default=True),
+    TaskField("env", "env", "Environment variables of the command", default={}),
+    TaskField("cwd", "string", "The command's working folder", nullable=True),
+    TaskField(
+        "notify",
+        "notify",
+        "Who is emailed, and on which run outcomes",
+        default={"emails": [], "on": list(DEFAULT_NOTIFY_ON)},
+    ),
+    TaskField("description", "string", "What the task is for", default=""),
+    TaskField("owner", "string", "A person or team", default=""),
+)
+TASK_KEYS = tuple(f.name for f in TASK_FIELDS)
+TASK_FIELD = {f.name: f for f in TASK_FIELDS}
 
 
 @dataclass(frozen=True)

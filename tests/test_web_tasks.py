@@ -15,7 +15,7 @@ from helpers import VIEWER, make_web_app, run_document, web_login
 
 from cloudtask.clock import to_bson_time
 from cloudtask.zkpaths import ZkPaths, encode
-from web.tasks import field_of
+from web.taskform import field_of
 
 NOW = datetime.now(timezone.utc)
 

@@ -1,6 +1,8 @@
 """The schemas of the REST API's bodies, as the OpenAPI document's ``components/schemas``
 (``SCHEMAS``): what the API takes and gives. The task spec's mirrors the model
-(:mod:`cloudtask.task`), whose names, choices and bounds it reads. The machinery that builds
+(:mod:`cloudtask.task`), whose names, choices and bounds it reads: its top-level keys are the
+model's field table (``TASK_FIELDS``: type, required, default, description, choices), each
+type given here in JSON Schema (``TYPE_SCHEMAS``). The machinery that builds
 the document from the routes is :mod:`web.openapi`.
 """
 
@@ -11,16 +13,14 @@ from typing import Any
 from cloudtask.runmodel import FINISHED_STATUSES, RESULT_STATUSES, STATUSES
 from cloudtask.schedules import EVERY_MAX, EVERY_MIN
 from cloudtask.task import (
-    CONCURRENCY_POLICIES,
     HTTP_METHODS,
     HTTP_STRATEGIES,
     MAX_RETRIES,
     MAX_TASK_DURATION,
-    MISFIRE_POLICIES,
-    MODES,
     NAME_PATTERN,
     NOTIFY_EVENTS,
-    SPEC_VERSION,
+    TASK_FIELDS,
+    TaskField,
 )
 
 
@@ -129,60 +129,71 @@ HTTP_SPEC = {
         },
     },
 }
-TASK_SPEC_PROPERTIES = {
-    "version": {"const": SPEC_VERSION},
-    "name": NAME,
-    "group": {**NAME, "description": "Which agents run it (default)"},
-    "schedule": {
-        "description": "One schedule, or a list of them (the earliest next fire wins)",
-        "anyOf": [SCHEDULE_ONE, {"type": "array", "minItems": 1, "items": SCHEDULE_ONE}],
-    },
-    "command": {
-        "description": "A string (split like a shell would) or a list of arguments",
-        "anyOf": [
-            {"type": "string", "minLength": 1},
-            {**STRINGS, "minItems": 1},
-            {"type": "null"},
-        ],
-    },
-    "shell": {"type": "boolean"},
-    "file": {"type": ["string", "null"], "description": "A stored task file"},
-    "file_version": {
-        "type": ["string", "null"],
-        "pattern": "^[0-9a-f]{64}$",
-        "description": "Pins a version of the file (its sha256); null follows the latest",
-    },
-    "http": nullable(HTTP_SPEC),
-    "mode": {"enum": list(MODES)},
-    "timeout": nullable(DURATION),
-    "retries": {"type": "integer", "minimum": 0, "maximum": MAX_RETRIES},
-    "retry_delay": DURATION,
-    "concurrency": {"enum": list(CONCURRENCY_POLICIES)},
-    "misfire": {"enum": list(MISFIRE_POLICIES)},
-    "misfire_grace": DURATION,
-    "enabled": {"type": "boolean"},
-    "env": {
-        "type": "object",
-        "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
-        "additionalProperties": STRING,
-    },
-    "cwd": {"type": ["string", "null"]},
-    "notify": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "emails": STRINGS,
-            "on": {"type": "array", "items": {"enum": list(NOTIFY_EVENTS)}},
-        },
-    },
-    "description": STRING,
-    "owner": {"type": "string", "description": "A person or team"},
+SCHEDULE = {"anyOf": [SCHEDULE_ONE, {"type": "array", "minItems": 1, "items": SCHEDULE_ONE}]}
+COMMAND = {"anyOf": [{"type": "string", "minLength": 1}, {**STRINGS, "minItems": 1}]}
+ENV = {
+    "type": "object",
+    "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+    "additionalProperties": STRING,
 }
+NOTIFY = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "emails": STRINGS,
+        "on": {"type": "array", "items": {"enum": list(NOTIFY_EVENTS)}},
+    },
+}
+# each type of the model's field table (cloudtask.task.FIELD_TYPES) in JSON Schema
+TYPE_SCHEMAS: dict[str, dict[str, Any]] = {
+    "string": STRING,
+    "name": NAME,
+    "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    "integer": {"type": "integer"},
+    "boolean": {"type": "boolean"},
+    "duration": DURATION,
+    "schedule": SCHEDULE,
+    "command": COMMAND,
+    "http": HTTP_SPEC,
+    "env": ENV,
+    "notify": NOTIFY,
+}
+# the bounds a field has beyond its type
+FIELD_BOUNDS: dict[str, dict[str, Any]] = {"retries": {"minimum": 0, "maximum": MAX_RETRIES}}
+
+
+def or_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema``, or null: a plain type becomes a list of types, a choice gets one more."""
+    if isinstance(schema.get("type"), str) and "properties" not in schema:
+        return {**schema, "type": [schema["type"], "null"]}
+    if "anyOf" in schema:
+        return {**schema, "anyOf": [*schema["anyOf"], {"type": "null"}]}
+    return nullable(schema)
+
+
+def task_property(field: TaskField) -> dict[str, Any]:
+    """The schema of one top-level key of a task spec, from the model's field table."""
+    if field.enum:
+        schema = {"const": field.enum[0]} if len(field.enum) == 1 else {"enum": list(field.enum)}
+    else:
+        schema = {**TYPE_SCHEMAS[field.type], **FIELD_BOUNDS.get(field.name, {})}
+    note = schema.get("description")
+    if field.nullable:
+        schema = or_null(schema)
+    schema["description"] = field.description
+    if note and note != field.description:  # what the type says: a name's rule, a duration's
+        schema["description"] += f" ({note[0].lower()}{note[1:]})"
+    if not field.required:
+        schema["default"] = field.default
+    return schema
+
+
+TASK_SPEC_PROPERTIES = {field.name: task_property(field) for field in TASK_FIELDS}
 TASK_SPEC = {
     "type": "object",
     "description": "A task, as README.md 'A task' describes it. A task runs a command or an "
     "http call; every problem is reported at once, each with its path.",
-    "required": ["name", "schedule"],
+    "required": [field.name for field in TASK_FIELDS if field.required],
     "additionalProperties": False,
     "properties": TASK_SPEC_PROPERTIES,
     "examples": [

@@ -4,7 +4,8 @@ The form builds a task spec (the same JSON the API and ``cloudtask apply`` take)
 fields, or takes the whole spec as JSON, and hands it to :class:`~cloudtask.operations.
 Operations`, so it validates exactly like the model. Each problem's path (``schedule.cron``,
 ``timeout``, ``http.url``, ``env.X``) is mapped to the field that holds it; problems of no
-field are shown at the top. What the user typed is always shown again as typed.
+field are shown at the top. What the user typed is always shown again as typed. The
+translation between the fields and the spec is :mod:`web.taskform`; this module serves it.
 
 Two JSON endpoints serve the pages' scripts: ``preview`` (the next fire times of a schedule
 typed in the form) and ``trend`` (duration and status per run, for the chart).
@@ -13,7 +14,6 @@ typed in the form) and ``trend`` (duration and status per run, for the chart).
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -33,12 +33,11 @@ from werkzeug.routing import BuildError
 
 from cloudtask.clock import utcnow
 from cloudtask.exceptions import CloudTaskError, Conflict, NotFound, Problem, ValidationError
-from cloudtask.schedules import next_fires, parse_schedule, schedule_summary, timezone_problem
+from cloudtask.schedules import next_fires, parse_schedule, schedule_summary
 from cloudtask.store import nest_dotted
 from cloudtask.store.queries import RUN_LIST_FIELDS
 from cloudtask.task import (
     CONCURRENCY_POLICIES,
-    DEFAULT_NOTIFY_ON,
     HTTP_METHODS,
     MISFIRE_POLICIES,
     MODES,
@@ -56,6 +55,17 @@ from .queries import (
     parse_time,
     task_filters,
 )
+from .taskform import (
+    SCHEDULE_KINDS,
+    default_form,
+    duration_value,
+    form_spec,
+    group_problems,
+    instant_value,
+    read_form,
+    small_number,
+    spec_form,
+)
 
 bp = Blueprint("tasks", __name__, url_prefix="/tasks")
 
@@ -64,7 +74,6 @@ DETAIL_FIRES = 10
 PREVIEW_FIRES = 5
 TREND_DEFAULT = 500
 TREND_MAX = 5000
-SCHEDULE_KINDS = ("cron", "every", "at", "keepalive")
 
 
 # --- helpers shared by the views and templates -----------------------------------------------
@@ -324,13 +333,13 @@ def preview() -> Any:
     elif (args.get("cron") or "").strip():
         value = {"cron": args["cron"].strip(), "timezone": tz}
     elif (args.get("every") or "").strip():
-        value = {"every": _duration_value(args["every"]), "timezone": tz}
+        value = {"every": duration_value(args["every"]), "timezone": tz}
     else:  # nothing typed yet: nothing to show
         return jsonify(timezone=tz, keepalive=False, fires=[], message="no schedule given")
     if isinstance(value, dict) and "at" not in value and "keepalive" not in value:
         for key in ("start", "end"):
             if (args.get(key) or "").strip():
-                value[key] = _instant_value(args[key], tz)
+                value[key] = instant_value(args[key], tz)
         between = [(args.get(k) or "").strip() for k in ("between_start", "between_end")]
         if any(between):
             value["between"] = between
@@ -353,358 +362,7 @@ def preview() -> Any:
     )
 
 
-# --- the form: fields <-> spec ----------------------------------------------------------------
-
-TEXT_FIELDS = (
-    "name",
-    "group",
-    "description",
-    "owner",
-    "schedule_kind",
-    "cron",
-    "timezone",
-    "every",
-    "at",
-    "start",
-    "end",
-    "between_start",
-    "between_end",
-    "run_kind",
-    "command",
-    "file",
-    "file_version",
-    "cwd",
-    "url",
-    "method",
-    "headers",
-    "body",
-    "expect_status",
-    "http_timeout",
-    "timeout",
-    "retries",
-    "retry_delay",
-    "concurrency",
-    "misfire",
-    "misfire_grace",
-    "mode",
-    "env",
-    "notify_emails",
-    "spec_json",
-    "editor",
-    "revision",
-)
-CHECKBOXES = ("enabled", "shell", "callback")
-
-# problem path (indices dropped) -> form field; a path not listed is tried without its last part
-FIELD_OF_PATH = {
-    "name": "name",
-    "group": "group",
-    "description": "description",
-    "owner": "owner",
-    "enabled": "enabled",
-    "schedule": "schedule_kind",
-    "schedule.keepalive": "schedule_kind",
-    "schedule.cron": "cron",
-    "schedule.timezone": "timezone",
-    "schedule.every": "every",
-    "schedule.at": "at",
-    "schedule.start": "start",
-    "schedule.end": "end",
-    "schedule.between": "between",
-    "command": "command",
-    "shell": "shell",
-    "file": "file",
-    "file_version": "file_version",
-    "cwd": "cwd",
-    "http": "url",
-    "http.url": "url",
-    "http.urls": "url",
-    "http.method": "method",
-    "http.headers": "headers",
-    "http.body": "body",
-    "http.expect_status": "expect_status",
-    "http.timeout": "http_timeout",
-    "http.callback": "callback",
-    "timeout": "timeout",
-    "retries": "retries",
-    "retry_delay": "retry_delay",
-    "concurrency": "concurrency",
-    "misfire": "misfire",
-    "misfire_grace": "misfire_grace",
-    "mode": "mode",
-    "env": "env",
-    "notify": "notify_emails",
-    "notify.emails": "notify_emails",
-    "notify.on": "notify_on",
-}
-_INDEX = re.compile(r"\[\d+\]")
-_NUMBER = re.compile(r"\d+(\.\d+)?", re.ASCII)
-
-
-def field_of(path: str) -> str | None:
-    """The form field that shows a problem at ``path``, or None (shown at the top)."""
-    key = _INDEX.sub("", path)
-    while key:
-        if key in FIELD_OF_PATH:
-            return FIELD_OF_PATH[key]
-        key = key.rpartition(".")[0]
-    return None
-
-
-def group_problems(problems: list[Problem], editor: str) -> tuple[dict[str, list[str]], list[str]]:
-    """Problems by form field, and those of no field (with their path, for the top)."""
-    by_field: dict[str, list[str]] = {}
-    top: list[str] = []
-    for p in problems:
-        if editor == "json":
-            by_field.setdefault("spec_json", []).append(str(p))
-            continue
-        where = field_of(p.path)
-        if where is None:
-            top.append(str(p))
-        else:
-            by_field.setdefault(where, []).append(p.message)
-    return by_field, top
-
-
-def default_form() -> dict[str, Any]:
-    form: dict[str, Any] = {name: "" for name in TEXT_FIELDS}
-    form.update(
-        schedule_kind="cron",
-        cron="0 3 * * *",
-        timezone="UTC",
-        run_kind="command",
-        method="GET",
-        retries="0",
-        retry_delay="0s",
-        concurrency="forbid",
-        misfire="run_once",
-        misfire_grace="1h",
-        mode="one",
-        editor="fields",
-        enabled=True,
-        shell=False,
-        callback=False,
-        notify_on=list(DEFAULT_NOTIFY_ON),
-    )
-    form["spec_json"] = json.dumps(
-        {"name": "", "schedule": {"cron": "0 3 * * *", "timezone": "UTC"}, "command": ""},
-        indent=2,
-    )
-    return form
-
-
-def fits_fields(spec: dict[str, Any]) -> bool:
-    """Whether the fields can show this spec without losing anything (else: edit as JSON)."""
-    schedule = spec.get("schedule")
-    if not isinstance(schedule, dict):
-        return False
-    if spec.get("command") is not None and not isinstance(spec["command"], str):
-        return False
-    if any("\n" in str(v) or "\r" in str(v) for v in (spec.get("env") or {}).values()):
-        return False  # the env field holds one KEY=VALUE a line
-    http = spec.get("http")
-    if http is not None:
-        urls = http.get("urls") or ([http["url"]] if http.get("url") else [])
-        if len(urls) != 1 or not isinstance(http.get("body"), (str, type(None))):
-            return False
-    return True
-
-
-def spec_form(spec: dict[str, Any]) -> dict[str, Any]:
-    """The form's fields showing a stored (canonical) spec."""
-    form = default_form()
-    shown = {k: v for k, v in spec.items() if k != "version"}
-    form["spec_json"] = json.dumps(shown, indent=2, ensure_ascii=False)
-    if not fits_fields(spec):
-        form["editor"] = "json"
-    schedule = spec.get("schedule") if isinstance(spec.get("schedule"), dict) else {}
-    kind = next((k for k in SCHEDULE_KINDS if k in schedule), "cron")
-    between = schedule.get("between") or ["", ""]
-    http = spec.get("http") or {}
-    urls = http.get("urls") or ([http["url"]] if http.get("url") else [""])
-    expect = http.get("expect_status")
-    form.update(
-        name=spec.get("name", ""),
-        group=spec.get("group", "default"),
-        description=spec.get("description", ""),
-        owner=spec.get("owner", ""),
-        enabled=bool(spec.get("enabled", True)),
-        schedule_kind=kind,
-        cron=schedule.get("cron", "") if kind == "cron" else "",
-        timezone=schedule.get("timezone", "UTC"),
-        every=schedule.get("every", "") if kind == "every" else "",
-        at=schedule.get("at", "") if kind == "at" else "",
-        start=schedule.get("start", ""),
-        end=schedule.get("end", ""),
-        between_start=between[0],
-        between_end=between[1],
-        run_kind="http" if spec.get("http") else "command",
-        command=spec.get("command") if isinstance(spec.get("command"), str) else "",
-        shell=bool(spec.get("shell")),
-        file=spec.get("file") or "",
-        file_version=spec.get("file_version") or "",
-        cwd=spec.get("cwd") or "",
-        url=urls[0] if urls else "",
-        method=http.get("method", "GET"),
-        headers="\n".join(f"{k}: {v}" for k, v in (http.get("headers") or {}).items()),
-        body=http.get("body") or "",
-        expect_status=", ".join(str(s) for s in expect) if expect else "",
-        http_timeout=http.get("timeout") or "",
-        callback=bool(http.get("callback")),
-        timeout=spec.get("timeout") or "",
-        retries=str(spec.get("retries", 0)),
-        retry_delay=spec.get("retry_delay", "0s"),
-        concurrency=spec.get("concurrency", "forbid"),
-        misfire=spec.get("misfire", "run_once"),
-        misfire_grace=spec.get("misfire_grace", "1h"),
-        mode=spec.get("mode", "one"),
-        env="\n".join(f"{k}={v}" for k, v in (spec.get("env") or {}).items()),
-        notify_emails=", ".join((spec.get("notify") or {}).get("emails") or []),
-        notify_on=list((spec.get("notify") or {}).get("on") or []),
-    )
-    return form
-
-
-def read_form(data: Any) -> dict[str, Any]:
-    """The posted form, as typed."""
-    form = default_form()
-    for name in TEXT_FIELDS:
-        form[name] = str(data.get(name, ""))
-    for name in CHECKBOXES:
-        form[name] = data.get(name) in ("on", "true", "1", "yes")
-    form["notify_on"] = [e for e in data.getlist("notify_on") if isinstance(e, str)]
-    if form["editor"] not in ("fields", "json"):
-        form["editor"] = "fields"
-    return form
-
-
-def _small_number(text: str) -> bool:
-    """Digits 0-9 only (``"²".isdigit()`` is true, but int() refuses it), at most 15 of them:
-    anything else goes to the model as typed, which says what is wrong."""
-    return text.isascii() and text.isdecimal() and len(text) <= 15
-
-
-def _duration_value(text: str) -> Any:
-    """A duration field: a bare number means seconds; anything else goes to the model as typed."""
-    text = text.strip()
-    if len(text) <= 20 and _NUMBER.fullmatch(text):
-        return float(text) if "." in text else int(text)
-    return text
-
-
-def _instant_value(text: str, zone_name: str) -> str:
-    """A time field: ISO 8601; without an offset, read in the form's time zone."""
-    text = text.strip()
-    try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return text  # the model says why
-    if parsed.tzinfo is not None or timezone_problem(zone_name or "UTC"):
-        return text
-    return parsed.replace(tzinfo=ZoneInfo(zone_name or "UTC")).isoformat()
-
-
-def _lines(text: str) -> list[tuple[int, str]]:
-    return [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-
-
-def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
-    """The spec the form describes, and the problems only the form can see (bad lines).
-
-    In JSON mode, the spec is the JSON text (a syntax error is a problem of ``spec_json``)."""
-    problems: list[Problem] = []
-    if form["editor"] == "json":
-        try:
-            return json.loads(form["spec_json"]), []
-        except ValueError as e:
-            return None, [Problem("", f"the JSON is not valid: {e}")]
-    spec: dict[str, Any] = {}
-    for key in ("name", "group"):
-        if form[key].strip():
-            spec[key] = form[key].strip()
-    spec["description"] = form["description"]
-    spec["owner"] = form["owner"].strip()
-    spec["enabled"] = form["enabled"]
-
-    kind = form["schedule_kind"] if form["schedule_kind"] in SCHEDULE_KINDS else "cron"
-    tz = form["timezone"].strip()
-    schedule: dict[str, Any] = {}
-    if kind == "cron":
-        schedule["cron"] = form["cron"].strip()
-    elif kind == "every":
-        schedule["every"] = _duration_value(form["every"])
-    elif kind == "at":
-        schedule["at"] = _instant_value(form["at"], tz)
-    else:
-        schedule["keepalive"] = True
-    if kind in ("cron", "every") and tz:
-        schedule["timezone"] = tz
-    # the window fields a kind takes (the page hides the others, so they are ignored)
-    for key in ("start", "end") if kind != "keepalive" else ():
-        if form[key].strip():
-            schedule[key] = _instant_value(form[key], tz)
-    between = [form["between_start"].strip(), form["between_end"].strip()]
-    if any(between) and kind in ("cron", "every"):
-        schedule["between"] = between
-    spec["schedule"] = schedule
-
-    if form["run_kind"] == "http":
-        http: dict[str, Any] = {"url": form["url"].strip(), "method": form["method"] or "GET"}
-        headers: dict[str, str] = {}
-        for number, line in _lines(form["headers"]):
-            name, sep, value = line.partition(":")
-            if not sep or not name.strip():
-                problems.append(
-                    Problem("http.headers", f"line {number}: expected 'Name: value', got {line!r}")
-                )
-            else:
-                headers[name.strip()] = value.strip()
-        if headers:
-            http["headers"] = headers
-        if form["body"]:
-            http["body"] = form["body"]
-        statuses = [s for s in re.split(r"[,\s]+", form["expect_status"]) if s]
-        if statuses:
-            values = [int(s) if _small_number(s) else s for s in statuses]
-            http["expect_status"] = values[0] if len(values) == 1 else values
-        if form["http_timeout"].strip():
-            http["timeout"] = _duration_value(form["http_timeout"])
-        http["callback"] = form["callback"]
-        spec["http"] = http
-    else:
-        if form["command"].strip():
-            spec["command"] = form["command"]
-        spec["shell"] = form["shell"]
-        if form["file"].strip():
-            spec["file"] = form["file"].strip()
-        if form["file_version"].strip():
-            spec["file_version"] = form["file_version"].strip()
-        if form["cwd"].strip():
-            spec["cwd"] = form["cwd"].strip()
-
-    if form["timeout"].strip():
-        spec["timeout"] = _duration_value(form["timeout"])
-    retries = form["retries"].strip()
-    if retries:
-        spec["retries"] = int(retries) if _small_number(retries) else retries
-    for key in ("retry_delay", "misfire_grace"):
-        if form[key].strip():
-            spec[key] = _duration_value(form[key])
-    for key in ("concurrency", "misfire", "mode"):
-        if form[key]:
-            spec[key] = form[key]
-    env: dict[str, str] = {}
-    for number, line in _lines(form["env"]):
-        name, sep, value = line.partition("=")
-        if not sep or not name.strip():
-            problems.append(Problem("env", f"line {number}: expected KEY=VALUE, got {line!r}"))
-        else:
-            env[name.strip()] = value
-    spec["env"] = env
-    emails = [e for e in re.split(r"[,;\s]+", form["notify_emails"]) if e]
-    spec["notify"] = {"emails": emails, "on": form["notify_on"]}
-    return spec, problems
+# --- the form ---------------------------------------------------------------------------------
 
 
 def file_choices(current: str) -> list[str]:
@@ -768,7 +426,7 @@ def _save(form: dict[str, Any], task: dict[str, Any] | None) -> Any:
             doc = ops().create_task(actor(), spec)
             flash(f"Task {doc['name']} created.", "ok")
         else:
-            revision = int(form["revision"]) if _small_number(form["revision"]) else None
+            revision = int(form["revision"]) if small_number(form["revision"]) else None
             doc = ops().replace_task(actor(), task["_id"], spec, expected_revision=revision)
             flash(f"Task {doc['name']} saved (revision {doc['revision']}).", "ok")
     except ValidationError as e:
