@@ -12,7 +12,7 @@ import re
 import zipfile
 
 import pytest
-from helpers import make_web_app
+from helpers import make_task, make_web_app
 
 from cloudtask.config import Config
 
@@ -59,10 +59,8 @@ def zip_with(member: str) -> bytes:
 
 
 def task(store, name, file, version=None):
-    spec = {"name": name, "schedule": {"every": "1h"}, "command": f"./{file}", "file": file}
-    if version:
-        spec["file_version"] = version
-    return store.create_task(spec)
+    pinned = {"file_version": version} if version else {}
+    return make_task(store, name, command=f"./{file}", file=file, **pinned)
 
 
 # --- upload -----------------------------------------------------------------------------------

@@ -283,6 +283,7 @@ def test_zookeeper_down_changes_still_answer_and_are_audited(store, tmp_path):
         server.stop()
 
 
+@pytest.mark.external
 @pytest.mark.timeout(120)
 def test_mongodb_down_pages_say_so_instead_of_logging_out(tmp_path):
     server = MongoServer(tmp_path / "mongo")

@@ -12,7 +12,7 @@ import re
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from helpers import VIEWER, make_web_app, post_login, run_document
+from helpers import VIEWER, make_task, make_web_app, post_login, run_document
 
 from cloudtask.clock import to_bson_time
 from cloudtask.config import Config
@@ -50,10 +50,6 @@ def section(page: str, element_id: str) -> str:
     """The HTML of ``<section ... id=element_id>`` up to its end."""
     start = page.index(f'id="{element_id}"')
     return page[start : page.index("</section>", start)]
-
-
-def make_task(store, name, **spec):
-    return store.create_task({"name": name, "schedule": {"every": "1h"}, "command": "true", **spec})
 
 
 def mark_done(store, task):

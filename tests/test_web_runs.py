@@ -10,6 +10,7 @@ import html
 import re
 from datetime import datetime, timedelta, timezone
 
+import helpers
 import pytest
 from helpers import make_web_app, run_document, web_login
 
@@ -32,7 +33,7 @@ def csrf_page():
 
 
 def make_task(store, name="backup", **spec):
-    return store.create_task({"name": name, "schedule": {"every": "1h"}, "command": "true", **spec})
+    return helpers.make_task(store, name, **spec)
 
 
 def add_run(store, task, hours_ago=1.0, status="succeeded", agent="agent-1", **fields):

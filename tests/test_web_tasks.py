@@ -10,6 +10,7 @@ import json
 import re
 from datetime import datetime, timedelta, timezone
 
+import helpers
 import pytest
 from helpers import VIEWER, make_web_app, run_document, web_login
 
@@ -31,8 +32,7 @@ def csrf_page():
 
 
 def make_task(store, name="backup", **spec):
-    data = {"name": name, "schedule": {"every": "1h"}, "command": "true", **spec}
-    return store.create_task(data)
+    return helpers.make_task(store, name, **spec)
 
 
 def add_runs(store, task, count, start=None, status=lambda i: "succeeded"):
