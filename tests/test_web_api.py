@@ -1,7 +1,11 @@
 """The REST API (Flask test client on a real store; ZooKeeper where kills, owners and agents
 matter): task CRUD with a Bearer token, validation like the model, bad bodies, 409s, roles,
 runs (list, get, output, kill), run now, agents and the cluster, files, the callbacks of http
-tasks, JSON errors for unknown routes and methods, and the OpenAPI document."""
+tasks, JSON errors for unknown routes and methods, and the OpenAPI document.
+
+Longer than the other files on purpose: the last tests hold the OpenAPI document against what
+every route above answers, and the Bearer-token clients (``op``, ``viewer``, ``anonymous``)
+would clash by name with the site's logged-in clients of conftest.py if they moved there."""
 
 from __future__ import annotations
 

@@ -1,7 +1,11 @@
 """The task pages (Flask test client on a real store; ZooKeeper where the owner agent shows):
 list with filters and pages, detail with next fires and last runs, the form (create, errors
 next to their fields, edit, stale edit), clone, pause, resume, run now, delete, the schedule
-preview, the trend data, and roles, CSRF and unknown ids."""
+preview, the trend data, and roles, CSRF and unknown ids.
+
+Longer than the other files on purpose: one page family, whose form tests share the posted
+field helpers defined here; the form's translation itself is tested without Flask in
+test_taskform.py."""
 
 from __future__ import annotations
 
