@@ -232,30 +232,44 @@ def _when_reachable(what: str, open_it: Callable[[], T]) -> T:
     exit. A configuration error is raised at once. SIGTERM or Ctrl-C while waiting exits."""
     from pymongo.errors import PyMongoError
 
+    from .retry import Backoff, Stopped, retry
     from .zkpaths import ClusterUnavailable
 
+    class NotYet(Exception):
+        """The server did not answer (a configuration error is raised as it is)."""
+
+    def attempt() -> T:
+        try:
+            return open_it()
+        except (ClusterUnavailable, StoreError) as e:
+            if isinstance(e, StoreError) and not isinstance(e.__cause__, PyMongoError):
+                raise
+            raise NotYet(e) from e
+
+    backoff = Backoff(1.0, factor=2.0, most=10.0)
     stopping = threading.Event()
     handlers = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
         handlers[sig] = signal.signal(sig, lambda *_: stopping.set())
     try:
-        delay = 1.0
-        while True:
-            try:
-                opened = open_it()
-            except CloudTaskError as e:
-                if not isinstance(e, ClusterUnavailable | StoreError) or (
-                    isinstance(e, StoreError) and not isinstance(e.__cause__, PyMongoError)
-                ):
-                    raise
-                log.warning("%s is not reachable yet; trying again in %.0f s: %s", what, delay, e)
-            else:
-                if stopping.is_set():  # asked to stop while it connected: not lost
-                    raise SystemExit(0)
-                return opened
-            if stopping.wait(delay):
-                raise SystemExit(0)
-            delay = min(delay * 2, 10.0)
+        try:
+            opened = retry(
+                attempt,
+                backoff=backoff,
+                retry_on=(NotYet,),
+                stop=stopping,
+                on_retry=lambda tries, e: log.warning(
+                    "%s is not reachable yet; trying again in %.0f s: %s",
+                    what,
+                    backoff.wait(tries),
+                    e.args[0],
+                ),
+            )
+        except Stopped:
+            raise SystemExit(0) from None
+        if stopping.is_set():  # asked to stop while it connected: not lost
+            raise SystemExit(0)
+        return opened
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

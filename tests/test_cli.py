@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -487,3 +488,38 @@ def test_web_secret_key_is_generated_once_and_private(tmp_path):
     mode = (tmp_path / "web" / "secret-key").stat().st_mode
     assert stat.S_IMODE(mode) == 0o600
     assert _web_secret(cfg.with_section("web", secret_key="given")) == "given"
+
+
+def test_a_daemon_waits_for_its_servers_but_not_for_a_configuration_error(caplog):
+    from pymongo.errors import ServerSelectionTimeoutError
+
+    from cloudtask.cli import _when_reachable
+    from cloudtask.exceptions import StoreError
+    from cloudtask.zkpaths import ClusterUnavailable
+
+    tries = []
+
+    def flaky():
+        tries.append(time.monotonic())
+        if len(tries) == 1:
+            raise ClusterUnavailable("ZooKeeper does not answer")
+        if len(tries) == 2:
+            try:
+                raise ServerSelectionTimeoutError("no server")
+            except ServerSelectionTimeoutError as e:
+                raise StoreError("MongoDB failed to answer") from e
+        return "opened"
+
+    with caplog.at_level("WARNING"):
+        assert _when_reachable("the cluster", flaky) == "opened"
+    assert len(tries) == 3
+    assert tries[1] - tries[0] >= 0.9 and tries[2] - tries[1] >= 1.9  # 1 s, then 2 s
+    assert "not reachable yet; trying again in 1 s" in caplog.text
+
+    def misconfigured():
+        raise StoreError("no MongoDB URI configured: set mongodb.uri or CLOUDTASK_MONGO_URI")
+
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="no MongoDB URI"):
+        _when_reachable("MongoDB", misconfigured)
+    assert time.monotonic() - started < 0.5
