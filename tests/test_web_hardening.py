@@ -373,13 +373,14 @@ def test_the_login_throttle_is_shared_by_web_processes_and_stays_small(store):
     first.succeeded("alice", "10.0.0.1")
     assert not second.blocked("alice", "10.0.0.1")
     # the failures stop counting after the window, and expired pairs are deleted
-    short = LoginThrottle(lambda: store, limit=2, window=2.0)
+    now = [time.time()]
+    short = LoginThrottle(lambda: store, limit=2, window=2.0, clock=lambda: now[0])
     short.failed("carol", "10.0.0.4")
     short.failed("carol", "10.0.0.4")
     assert short.blocked("carol", "10.0.0.4")
-    time.sleep(2.3)
+    now[0] += 2.3
     assert not short.blocked("carol", "10.0.0.4")
-    short._swept = 0.0
+    now[0] += 60.0  # a minute after its last sweep
     short.failed("dave", "10.0.0.5")  # sweeps the expired ones (without a TTL monitor)
     keys = {d["_id"] for d in store.db["login_failures"].find({})}
     assert LoginThrottle._key("carol", "10.0.0.4") not in keys

@@ -62,7 +62,14 @@ class LoginThrottle:
     guards cannot be checked without MongoDB either.
     """
 
-    def __init__(self, store: Callable[[], Store], limit: int = 5, window: float = 300.0) -> None:
+    def __init__(
+        self,
+        store: Callable[[], Store],
+        limit: int = 5,
+        window: float = 300.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.clock = clock  # epoch seconds (injected by tests)
         self._store = store
         self.limit = limit
         self.window = window
@@ -74,12 +81,12 @@ class LoginThrottle:
 
     def blocked(self, username: str, address: str) -> bool:
         times = self._store().login_failure_times(self._key(username, address))
-        now = time.time()
+        now = self.clock()
         recent = [t for t in times if isinstance(t, (int, float)) and now - t < self.window]
         return len(recent) >= self.limit
 
     def failed(self, username: str, address: str) -> None:
-        now = time.time()
+        now = self.clock()
         store = self._store()
         until = now + self.window  # a number too: numbers compare alike on every server
         store.add_login_failure(
