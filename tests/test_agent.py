@@ -10,7 +10,7 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from helpers import QuietHandler, serve_http, wait_for
+from helpers import QuietHandler, make_task, serve_http, wait_for
 
 from cloudtask.agent.agent import Agent
 from cloudtask.agent.identity import resolve_agent_id
@@ -60,9 +60,7 @@ def agents(mongo_client, mongo_db_name, tmp_path):
 
 
 def make(store, **over) -> dict:
-    data = {"name": "t", "schedule": {"every": "1s"}, "command": "true"}
-    data.update(over)
-    return store.create_task(data)
+    return make_task(store, over.pop("name", "t"), **{"schedule": {"every": "1s"}, **over})
 
 
 def runs(store, task_id, **query):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+from helpers import task_spec
+
 from cloudtask.agent.scheduler import Scheduler
 from cloudtask.task import parse_task
 
@@ -11,9 +13,7 @@ T0 = datetime(2026, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
 
 
 def spec(**over):
-    data = {"name": "t", "schedule": {"every": "10s"}, "command": "true"}
-    data.update(over)
-    return parse_task(data)
+    return parse_task(task_spec(over.pop("name", "t"), **{"schedule": {"every": "10s"}, **over}))
 
 
 def s(n: float) -> timedelta:
