@@ -37,8 +37,6 @@ Example::
 
 from __future__ import annotations
 
-from pymongo import MongoClient
-
 from ..clock import to_bson_time, utcnow
 from ..config import Config
 from ..events import event_document
@@ -109,22 +107,7 @@ class Store(
 ):
     """All of CloudTask's persistent state, behind one object."""
 
-    def __init__(
-        self,
-        mongo: str | MongoClient,
-        database: str = "cloudtask",
-        *,
-        run_retention_days: int = 90,
-        server_selection_timeout_ms: int = 10000,
-        claim_write_concern: str = "auto",
-    ) -> None:
-        super().__init__(
-            mongo,
-            database,
-            run_retention_days=run_retention_days,
-            server_selection_timeout_ms=server_selection_timeout_ms,
-            claim_write_concern=claim_write_concern,
-        )
+    def _opened(self) -> None:
         self._guard(self.ensure_indexes, "create indexes")
 
     @classmethod

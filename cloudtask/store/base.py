@@ -135,6 +135,10 @@ class StoreBase:
         self.claim_write_concern = claim_write_concern
         # runs as claims are written and read: see _use_claim_concern (set with the indexes)
         self.claims = self.runs
+        self._opened()
+
+    def _opened(self) -> None:
+        """Called once the connection and collections are set (the store makes its indexes)."""
 
     def _guard(self, fn: Any, what: str, *args: Any, **kwargs: Any) -> Any:
         return guard(fn, what, *args, **kwargs)

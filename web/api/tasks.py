@@ -7,6 +7,7 @@ expect (``If-Match`` or ``?revision=``) and answer 409 when the task changed mea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timezone
 from typing import Any
 
@@ -129,6 +130,17 @@ def list_tasks() -> Any:
     return jsonify(page_json(page, items))
 
 
+def _changed(change: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The task ``change()`` stored: 422 naming each problem, 409 (at ``name`` for a name
+    taken) for a conflict."""
+    try:
+        return change()
+    except ValidationError as e:
+        raise spec_problems(e) from None
+    except Conflict as e:
+        raise name_conflict(e) from None
+
+
 @api.route(
     "POST",
     "/tasks",
@@ -140,12 +152,7 @@ def list_tasks() -> Any:
 @requires("operator")
 def create_task() -> Any:
     spec = json_body()
-    try:
-        doc = ops().create_task(actor(), spec)
-    except ValidationError as e:
-        raise spec_problems(e) from None
-    except Conflict as e:
-        raise name_conflict(e) from None
+    doc = _changed(lambda: ops().create_task(actor(), spec))
     return task_reply(doc, 201, Location=url_for("api.get_task", task=doc["_id"]))
 
 
@@ -177,13 +184,7 @@ def replace_task(task: str) -> Any:
     revision = expected_revision()
     current = find_or_404(task)
     spec = json_body()
-    try:
-        doc = ops().replace_task(actor(), current["_id"], spec, expected_revision=revision)
-    except ValidationError as e:
-        raise spec_problems(e) from None
-    except Conflict as e:
-        raise name_conflict(e) from None
-    return task_reply(doc)
+    return task_reply(_changed(lambda: ops().replace_task(actor(), current["_id"], spec, revision)))
 
 
 @api.route(
@@ -202,13 +203,9 @@ def patch_task(task: str) -> Any:
     revision = expected_revision()
     current = find_or_404(task)
     changes = json_body()
-    try:
-        doc = ops().patch_task(actor(), current["_id"], changes, expected_revision=revision)
-    except ValidationError as e:
-        raise spec_problems(e) from None
-    except Conflict as e:
-        raise name_conflict(e) from None
-    return task_reply(doc)
+    return task_reply(
+        _changed(lambda: ops().patch_task(actor(), current["_id"], changes, revision))
+    )
 
 
 @api.route(
