@@ -336,16 +336,18 @@ def _operations(config_path: str | None, cluster: str = "none") -> Iterator[Any]
     from .zkpaths import ZkPaths, connect
 
     cfg = _load(config_path)
-    zk = None
-    if cluster != "none" and (cfg.zookeeper.hosts or cluster == "required"):
-        try:
-            zk = connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout, start_timeout=10)
-        except (CloudTaskError, KazooException) as e:
-            if cluster == "required":
-                raise
-            click.echo(f"warning: {e}; the center picks the change up at its next resync", err=True)
     store = Store.from_config(cfg)
+    zk = None
     try:
+        if cluster != "none" and (cfg.zookeeper.hosts or cluster == "required"):
+            wait = 10 if cluster == "required" else 5
+            try:
+                zk = connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout, start_timeout=wait)
+            except (CloudTaskError, KazooException) as e:
+                if cluster == "required":
+                    raise
+                warning = f"warning: {e}; the center picks the change up at its next resync"
+                click.echo(warning, err=True)
         yield Operations(store, zk, ZkPaths(cfg.zookeeper.root))
     finally:
         store.close()

@@ -84,6 +84,7 @@ def run_local(
                     echo(f"task {doc['name']}: {outcome}")
                 except CloudTaskError as e:  # report it, apply the rest
                     echo(f"skipped: {path}: {e}", err=True)
+                    echo(f"  (fix it, then: cloudtask apply {path})", err=True)
         admins = Users(store).count_admins()
         store.close()
         web_cfg = cfg.with_section("web", port=port, data_dir=str(base / "web"))

@@ -358,3 +358,30 @@ def test_mark_runs_lost_frees_their_leases_only_when_asked(store):
     assert store.leases.count_documents({}) == 2  # its instance may still run: the lease runs out
     assert store.mark_runs_lost({"task_id": "t2"}, "gone", free_leases=True) == [other["_id"]]
     assert store.leases.count_documents({}) == 1
+
+
+def test_a_change_keeps_the_last_run_noted_after_the_task_was_read(store):
+    """A run that finishes between an edit's read and its write moves the task's last_run
+    without a new revision: the edit does not put back the copy it read."""
+    doc = store.create_task(task(), now=NOW)
+    stale = store.get_task(doc["_id"])  # read by the edit, before the run ends
+    run = run_doc(task_id=doc["_id"], status="running")
+    assert store.claim_runs([run]) == [True]
+    run.update(status="failed", finished_at=NOW + timedelta(seconds=3), duration=3.0)
+    store.save_runs([run])  # notes the failure on the task
+    assert store.get_task(doc["_id"])["last_run"]["id"] == run["_id"]
+    changed = Operations(store).replace_task(
+        "test", doc["_id"], task(command="echo 2"), current=stale
+    )
+    stored = store.get_task(doc["_id"])
+    assert changed["revision"] == stored["revision"] == 2
+    assert stored["spec"]["command"] == "echo 2"
+    assert stored["last_run"]["id"] == run["_id"] and stored["last_run"]["status"] == "failed"
+
+
+def test_a_clone_is_checked_like_a_new_task(store):
+    past = (datetime.now(timezone.utc) - timedelta(minutes=20)).isoformat()
+    once = store.create_task(task(name="once", schedule={"at": past}), now=NOW - timedelta(days=1))
+    with pytest.raises(ValidationError, match="past"):
+        Operations(store).clone_task("test", once["_id"], "once-again")
+    assert [t["name"] for t in store.list_tasks()] == ["once"]

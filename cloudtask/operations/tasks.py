@@ -49,8 +49,8 @@ class TaskOperations(RunOperations):
         """Store a new task; ValidationError, or Conflict (with the problem at ``name``)
         when the name is taken."""
         doc = self.store.create_task(self._checked(data, None))
+        self._signal("tasks")  # the change is stored: tell the leader first
         self._audit(actor, "task.create", task_target(doc), None, doc["spec"], doc["_id"])
-        self._signal("tasks")
         return doc
 
     def replace_task(
@@ -70,8 +70,8 @@ class TaskOperations(RunOperations):
         doc = self.store.replace_task(
             task_id, spec, expected_revision=expected_revision, current=before
         )
+        self._signal("tasks")  # the change is stored: tell the leader first
         self._audit(actor, action, task_target(doc), before["spec"], doc["spec"], doc["_id"])
-        self._signal("tasks")
         return doc
 
     def patch_task(
@@ -150,11 +150,11 @@ class TaskOperations(RunOperations):
         spec = copy.deepcopy(source["spec"])
         spec.pop("version", None)
         spec.update(name=new_name, enabled=False)
-        doc = self.store.create_task(parse_task(spec))
+        doc = self.store.create_task(self._checked(spec, None))  # a clone is a new task
+        self._signal("tasks")  # the change is stored: tell the leader first
         self._audit(
             actor, "task.clone", task_target(doc), {"from": source["name"]}, doc["spec"], doc["_id"]
         )
-        self._signal("tasks")
         return doc
 
     def delete_task(
@@ -167,8 +167,8 @@ class TaskOperations(RunOperations):
             task_id=task["_id"], status=list(RUNNING_STATUSES), limit=10_000
         )
         self.store.delete_task(task["_id"])
+        self._signal("tasks")  # the change is stored: tell the leader first
         self._audit(actor, "task.delete", task_target(task), task["spec"], None, task["_id"])
-        self._signal("tasks")
         killed = []
         if kill_running:
             for run in running:

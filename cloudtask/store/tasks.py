@@ -88,23 +88,33 @@ class TaskRecords(StoreBase):
                 f"task {current['name']!r} changed meanwhile (revision {current['revision']}, "
                 f"you edited {expected_revision}); reload it and apply your change again"
             )
-        doc = self._task_document(spec, task_id, current["revision"] + 1, now)
-        doc["created_at"] = current.get("created_at")
-        doc["done_at"] = None
-        if "last_run" in current:
-            doc["last_run"] = current["last_run"]
-        try:
-            result = self._guard(
-                self.tasks.replace_one,
-                "update the task",
-                {"_id": task_id, "revision": current["revision"]},
-                doc,
-            )
-        except DuplicateKeyError:
-            raise _name_taken(spec.name) from None
-        if result.matched_count == 0:
-            raise Conflict(f"task {current['name']!r} changed meanwhile; reload it and try again")
-        return doc
+        for _ in range(5):
+            doc = self._task_document(spec, task_id, current["revision"] + 1, now)
+            doc["created_at"] = current.get("created_at")
+            doc["done_at"] = None
+            if "last_run" in current:
+                doc["last_run"] = current["last_run"]
+            last_id = (current.get("last_run") or {}).get("id")
+            match = {
+                "_id": task_id,
+                "revision": current["revision"],
+                # a run that finished since the read moved last_run (without a new revision):
+                # its note is not overwritten by the copy read before it
+                "last_run.id": last_id if last_id is not None else {"$in": [None]},
+            }
+            try:
+                result = self._guard(self.tasks.replace_one, "update the task", match, doc)
+            except DuplicateKeyError:
+                raise _name_taken(spec.name) from None
+            if result.matched_count:
+                return doc
+            fresh = self.find_task(task_id)
+            if fresh is None:
+                raise NotFound(f"no task with id {task_id!r}")
+            if fresh["revision"] != current["revision"]:
+                break
+            current = fresh  # only its last run moved: write again over what is there now
+        raise Conflict(f"task {current['name']!r} changed meanwhile; reload it and try again")
 
     def get_task(self, task_id: str) -> dict[str, Any]:
         doc = self._guard(self.tasks.find_one, "read the task", {"_id": task_id})
