@@ -206,6 +206,7 @@ def test_an_expected_status_other_than_2xx_starts_the_wait(store, executor, serv
     assert run["status"] == "timed_out" and run["http_status"] == 503
 
 
+@pytest.mark.external  # a MongoDB server of its own, stopped and started
 def test_the_wait_survives_mongodb_being_unreachable(tmp_path, service):
     """MongoDB stops while the run waits: the run goes on (logged once) and ends by its result."""
     server = MongoServer(tmp_path / "mongo", port=free_port())
