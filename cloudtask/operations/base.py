@@ -47,14 +47,3 @@ class OperationsBase:
             bump(self.zk, self.paths)()
         except Exception as e:
             log.warning("cannot signal the %s change (picked up at the next resync): %s", which, e)
-
-    def _audit(
-        self,
-        actor: str,
-        action: str,
-        target: str,
-        before: Any = None,
-        after: Any = None,
-        task_id: str | None = None,
-    ) -> None:
-        self.store.add_audit(actor, action, target, before, after, task_id=task_id)

@@ -21,7 +21,7 @@ class FileOperations(OperationsBase):
             before = None
         meta = self.store.put_file(name, data, uploaded_by=actor, keep=keep, max_bytes=max_bytes)
         if meta["created"]:
-            self._audit(
+            self.store.add_audit(
                 actor,
                 "file.upload",
                 f"file:{name}",
@@ -34,7 +34,7 @@ class FileOperations(OperationsBase):
         """Make the stored version ``sha256`` of ``name`` the latest again (a new upload of
         its bytes). NotFound: no such version; Conflict: it is the latest already."""
         meta = self.store.rollback_file(name, sha256, actor, keep=keep)
-        self._audit(
+        self.store.add_audit(
             actor,
             "file.rollback",
             f"file:{name}",

@@ -21,7 +21,7 @@ class SettingsOperations(OperationsBase):
             audit_after = hidden_secrets(after)
             if secrets := changed_secrets(before, after):
                 audit_after["secrets_changed"] = secrets
-            self._audit(
+            self.store.add_audit(
                 actor, "settings.alerts", "settings:alerts", hidden_secrets(before), audit_after
             )
         return before, after

@@ -20,7 +20,7 @@ class UserOperations(OperationsBase):
         the name is taken."""
         doc = self.users.add(username, password, role)
         after = {"username": username, "role": role, "enabled": True}
-        self._audit(actor, "user.create", f"user:{username}", None, after)
+        self.store.add_audit(actor, "user.create", f"user:{username}", None, after)
         return doc
 
     def set_role(self, actor: str, username: str, role: str, by: str | None = None) -> str:
@@ -28,7 +28,9 @@ class UserOperations(OperationsBase):
         demote themselves)."""
         old = self.users.set_role(username, role, by=by)
         if old != role:
-            self._audit(actor, "user.role", f"user:{username}", {"role": old}, {"role": role})
+            self.store.add_audit(
+                actor, "user.role", f"user:{username}", {"role": old}, {"role": role}
+            )
         return old
 
     def set_user_enabled(
@@ -38,22 +40,26 @@ class UserOperations(OperationsBase):
         old = self.users.set_enabled(username, enabled, by=by)
         if old != enabled:
             action = "user.enable" if enabled else "user.disable"
-            self._audit(actor, action, f"user:{username}", {"enabled": old}, {"enabled": enabled})
+            self.store.add_audit(
+                actor, action, f"user:{username}", {"enabled": old}, {"enabled": enabled}
+            )
         return old
 
     def set_password(self, actor: str, username: str, password: str) -> None:
         self.users.set_password(username, password)
-        self._audit(actor, "user.password", f"user:{username}", None, {"password_changed": True})
+        self.store.add_audit(
+            actor, "user.password", f"user:{username}", None, {"password_changed": True}
+        )
 
     def add_token(self, actor: str, username: str, name: str) -> tuple[str, str]:
         """A new API token for the user: (its id, the token), shown once."""
         token_id, token = self.users.add_token(username, name)
         after = {"token_id": token_id, "name": name}
-        self._audit(actor, "token.create", f"user:{username}", None, after)
+        self.store.add_audit(actor, "token.create", f"user:{username}", None, after)
         return token_id, token
 
     def revoke_token(self, actor: str, username: str, token_id: str) -> dict[str, Any]:
         gone = self.users.revoke_token(username, token_id)
         before = {"token_id": token_id, "name": gone["name"]}
-        self._audit(actor, "token.revoke", f"user:{username}", before, None)
+        self.store.add_audit(actor, "token.revoke", f"user:{username}", before, None)
         return gone
