@@ -49,9 +49,25 @@ def from_epoch(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, timezone.utc)
 
 
-def parse_stored(value: datetime | str | None) -> datetime | None:
-    """A stored time as an aware UTC ``datetime``: the embedded wire server returns a date
-    nested inside a document as ISO text."""
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return as_utc(value) if isinstance(value, datetime) else None
+def stored_time(value: object) -> datetime | None:
+    """A stored time as an aware ``datetime``: a datetime (naive ones are UTC), ISO text (the
+    embedded wire server answers a date nested in a document as text) or epoch seconds; None
+    when there is none or it cannot be read.
+
+    >>> stored_time("2026-01-02T03:04:05Z").isoformat()
+    '2026-01-02T03:04:05+00:00'
+    >>> stored_time(0).year, stored_time("no"), stored_time(None)
+    (1970, None, None)
+    """
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        moment = from_epoch(value)
+    elif isinstance(value, str) and value:
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    else:
+        return None
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment

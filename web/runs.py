@@ -15,12 +15,12 @@ updates the page in place until the run has finished.
 from __future__ import annotations
 
 import zlib
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from flask import Blueprint, abort, flash, jsonify, redirect, render_template, request, url_for
 
-from cloudtask.clock import utcnow
+from cloudtask.clock import stored_time, utcnow
 from cloudtask.exceptions import CloudTaskError, Conflict, NotFound, Problem
 from cloudtask.runmodel import OUTPUT_TAIL_BYTES, RUNNING_STATUSES
 
@@ -40,9 +40,7 @@ MAX_AGENT_CHOICES = 500  # the agent filter's suggestions (a datalist), bounded
 
 
 def _aware(value: Any) -> datetime | None:
-    if not isinstance(value, datetime):
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return stored_time(value) if isinstance(value, datetime) else None
 
 
 def elapsed(run: dict[str, Any], now: datetime | None = None) -> float | None:

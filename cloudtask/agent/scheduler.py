@@ -28,6 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from ..clock import to_bson_time
 from ..schedules import KEEPALIVE_RESET_AFTER, keepalive_backoff
 from ..task import TaskSpec
 
@@ -74,9 +75,7 @@ class _Due:
     attempt: int = field(compare=False, default=0)
 
 
-def _ms(t: datetime) -> datetime:
-    """Fire times are kept to the millisecond, as MongoDB stores them."""
-    return t.replace(microsecond=t.microsecond // 1000 * 1000)
+_ms = to_bson_time  # fire times are kept to the millisecond, as MongoDB stores them
 
 
 class Scheduler:

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ..clock import from_epoch
+from ..clock import stored_time
 from ..durations import format_duration
 from ..schedules import schedule_summary
 
@@ -49,21 +49,7 @@ _WORDS = {
 }
 
 
-def as_datetime(value: Any) -> datetime | None:
-    """A stored time as an aware UTC datetime: a datetime, ISO text (nx-27017 answers some
-    dates as text) or epoch seconds; None when there is none or it cannot be read."""
-    if isinstance(value, datetime):
-        moment = value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        moment = from_epoch(value)
-    elif isinstance(value, str) and value:
-        try:
-            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-    else:
-        return None
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+as_datetime = stored_time  # the name the notifier's modules use
 
 
 def when(value: Any, seconds: bool = True) -> str:

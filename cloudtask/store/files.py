@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from datetime import datetime, timezone
 from typing import Any
 
 from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING
 
 from ..archives import TaskFileError, check_archive
+from ..clock import stored_time
 from ..exceptions import Conflict, NotFound, Problem, StoreError, ValidationError
 from ..runmodel import (
     SCHEMA_VERSION,
@@ -298,10 +298,8 @@ class FileRecords(StoreBase):
             if doc["_id"] == self._FILE_HEADS_BUILT:
                 continue
             head = {**doc["latest"], "versions": doc["versions"]}
-            when = head.get("uploaded_at")
-            if isinstance(when, str):  # nx-27017 returns a nested date as ISO text
-                when = datetime.fromisoformat(when)
-                head["uploaded_at"] = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+            if isinstance(head.get("uploaded_at"), str):  # nx-27017: a nested date as text
+                head["uploaded_at"] = stored_time(head["uploaded_at"])
             out.append(head)
         return out
 
