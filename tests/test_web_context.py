@@ -5,7 +5,6 @@ its caches (the cluster view, the dashboard's figures, the OpenAPI document)."""
 from __future__ import annotations
 
 import threading
-import time
 
 from helpers import make_web_app, web_login
 
@@ -68,7 +67,8 @@ def test_without_zookeeper_the_cluster_is_disconnected(store):
 
 
 def test_cached_values_last_their_time_unless_fresh_is_asked():
-    ext = CloudTaskExtension(Config())
+    now = [100.0]
+    ext = CloudTaskExtension(Config(), clock=lambda: now[0])
     reads: list[int] = []
 
     def read() -> int:
@@ -81,20 +81,23 @@ def test_cached_values_last_their_time_unless_fresh_is_asked():
     assert ext.cached("k", 0, read) == 3  # a time of 0: read every time
     assert ext.cached("other", 60, read) == 4  # one value per key
     assert ext.cached("short", 0.2, read) == 5
-    time.sleep(0.3)
+    now[0] += 0.19
+    assert ext.cached("short", 0.2, read) == 5
+    now[0] += 0.02
     assert ext.cached("short", 0.2, read) == 6
 
 
 def test_the_cluster_view_is_cached_briefly(monkeypatch):
-    ext = CloudTaskExtension(Config())
+    now = [100.0]
+    ext = CloudTaskExtension(Config(), clock=lambda: now[0])
     assert not ext.cluster().connected  # no ZooKeeper: a disconnected view, cached like any
     seen: list[int] = []
     monkeypatch.setattr(ext, "_read_cluster", lambda: seen.append(1) or ClusterView())
     assert not ext.cluster().connected and seen == []
     assert ext.cluster(fresh=True).connected and seen == [1]
-    monkeypatch.setattr(context, "CLUSTER_CACHE_SECONDS", 0.2)
+    now[0] += CLUSTER_CACHE_SECONDS - 0.01
     assert ext.cluster().connected and seen == [1]
-    time.sleep(0.3)
+    now[0] += 0.02
     assert ext.cluster().connected and seen == [1, 1]
     assert CLUSTER_CACHE_SECONDS == 2.0
 

@@ -40,8 +40,15 @@ class CloudTaskExtension:
     """The app's CloudTask state: the store, the ZooKeeper client (None without a cluster) and
     its paths, the login throttle, and the caches."""
 
-    def __init__(self, config: Config, store: Store | None = None, zk: Any = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store | None = None,
+        zk: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
+        self.clock = clock  # the caches' clock (injected by tests)
         self.zk = zk
         self.paths = ZkPaths(config.zookeeper.root)
         self._store = store
@@ -66,11 +73,11 @@ class CloudTaskExtension:
         Two requests may both read when the value is stale; the later one is kept."""
         with self._cache_lock:
             hit = self._cache.get(key)
-        if not fresh and hit and time.monotonic() - hit[0] < ttl:
+        if not fresh and hit and self.clock() - hit[0] < ttl:
             return hit[1]
         value = read()
         with self._cache_lock:
-            self._cache[key] = (time.monotonic(), value)
+            self._cache[key] = (self.clock(), value)
         return value
 
     def cluster(self, fresh: bool = False) -> ClusterView:
