@@ -172,6 +172,29 @@ def test_the_guard_notes_each_exit_in_the_agents_journal(guard, tmp_path):
     assert state["finished_at"] >= state["started_at"]
 
 
+def test_the_guard_notes_a_spawn_before_it_starts_the_process(guard, tmp_path):
+    journal = tmp_path / "runs-1.log"
+    journal.touch()
+    marker = tmp_path / "ran"
+    proc = guard.spawn(
+        "r1", "s1", ["sh", "-c", f"touch {marker}"], dict(os.environ), None, journal=str(journal)
+    )
+    assert proc.wait(timeout=10) == 0 and marker.exists()
+    assert journal.read_text().splitlines()[0] == '{"spawn":"r1"}'
+    # a start it cannot note is refused: nothing runs, and the agent is told why
+    missing = tmp_path / "gone" / "runs-2.log"
+    with pytest.raises(OSError, match="cannot note its start in the run journal"):
+        guard.spawn(
+            "r2",
+            "s1",
+            ["sh", "-c", f"touch {marker}2"],
+            dict(os.environ),
+            None,
+            journal=str(missing),
+        )
+    holds(lambda: not (tmp_path / "ran2").exists(), 0.5)
+
+
 def test_runs_of_an_agent_killed_with_sigkill_are_journaled_killed(host, tmp_path):
     """The agent dies before it can record anything: its next start reads in the journal that
     the guard ended the run, instead of calling it lost."""

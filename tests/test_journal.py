@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 from helpers import run_document, wait_for
 
 from cloudtask.agent.agent import Agent
-from cloudtask.agent.journal import Journal
+from cloudtask.agent.journal import Journal, entry_line
 from cloudtask.clock import utcnow
 from cloudtask.config import Config
 from cloudtask.store import Store
@@ -36,6 +36,29 @@ def test_verdicts_from_claims_starts_and_ends(tmp_path):
     assert seen.verdict("ran") == ("ended", {"status": "succeeded", "exit_code": 0})
     assert seen.verdict("cut") == ("unknown", None)  # started, never ended: lost
     assert seen.verdict("not-journaled") == ("unknown", None)
+
+
+def test_a_guarded_start_the_guard_never_noted_never_started(tmp_path):
+    """The agent wrote ``start`` for a process its guard was to start, then died before the
+    guard's ``spawn`` line: nothing ran. With the guard's line (and no end) it may have run."""
+    earlier = Journal(tmp_path)
+    earlier.open()
+    earlier.claimed(["asked", "spawned", "ended", "http"])
+    for run_id in ("asked", "spawned", "ended"):
+        earlier.started(run_id, noted=True)
+    earlier.started("http")  # not started through the guard: nothing notes it
+    segment = earlier.current_path()
+    with open(segment, "ab") as out:  # as the guard writes it
+        out.write(entry_line({"spawn": "spawned"}))
+        out.write(entry_line({"spawn": "ended"}))
+    earlier.ended("ended", {"status": "failed", "exit_code": 1})
+    earlier.close()
+    seen = Journal(tmp_path).read_earlier()
+    assert seen.verdict("asked") == ("never started", None)
+    assert seen.verdict("spawned") == ("unknown", None)  # it ran, its end is not known: lost
+    assert seen.verdict("ended") == ("ended", {"status": "failed", "exit_code": 1})
+    assert seen.verdict("http") == ("unknown", None)
+    assert seen.never_started() == {"asked"}
 
 
 def test_an_unreadable_segment_makes_every_run_unknown(tmp_path):
@@ -73,8 +96,9 @@ def test_a_restarted_agent_tells_the_truth_about_its_earlier_life(
 ):
     """An earlier life of agent a1 died (kill -9) leaving: a claim it never started, which the
     leader has meanwhile marked lost; a run that ended (succeeded) before its final write;
-    and a run that started and never ended. The next life releases the first, so the fire
-    runs (a catch-up, within the grace), records the second's real outcome, and marks only
+    a run that started and never ended; and a process run it wrote ``start`` for but died
+    before its guard noted a spawn. The next life releases the first and the last, so those
+    fires run (catch-ups, within the grace), records the second's real outcome, and marks only
     the third lost."""
     store = Store(mongo_client, mongo_db_name)
     records = tmp_path / "records"
@@ -84,13 +108,14 @@ def test_a_restarted_agent_tells_the_truth_about_its_earlier_life(
         "misfire_grace": "2h",
         "command": recording_command(records),
     }
-    tasks = {n: store.create_task({"name": n, **hourly}) for n in ("never", "ran", "cut")}
+    names = ("never", "ran", "cut", "asked")
+    tasks = {n: store.create_task({"name": n, **hourly}) for n in names}
     now = utcnow()
     due = now.replace(minute=0, second=0, microsecond=0)
     docs = {}
     for name, task in tasks.items():
         docs[name] = run_document(task, due, agent="a1")
-    assert store.claim_runs(list(docs.values())) == [True, True, True]
+    assert store.claim_runs(list(docs.values())) == [True] * 4
     # the leader's verdict on the never-started claim, made while a1 was dead
     store.finish_unheard_runs([store.get_run(docs["never"]["_id"])], "its agent left")
     assert store.get_run(docs["never"]["_id"])["status"] == "lost"
@@ -113,6 +138,7 @@ def test_a_restarted_agent_tells_the_truth_about_its_earlier_life(
         },
     )
     earlier.started(docs["cut"]["_id"])
+    earlier.started(docs["asked"]["_id"], noted=True)  # the guard never wrote its spawn
     earlier.close()
     (earlier_path,) = (data_dir / "journal").glob("runs-*.log")
 
@@ -146,8 +172,19 @@ def test_a_restarted_agent_tells_the_truth_about_its_earlier_life(
             timeout=20,
         )
         assert never["trigger"] == "catch-up" and never["released_by"] == "a1"
+        asked = wait_for(
+            lambda: (
+                store.get_run(docs["asked"]["_id"])
+                if store.get_run(docs["asked"]["_id"])["status"] == "succeeded"
+                else None
+            ),
+            timeout=20,
+        )
+        assert asked["trigger"] == "catch-up" and asked["released_by"] == "a1"
         starts = [r for r in read_records(records) if r.kind == "start"]
-        assert [(r.task, r.run_id) for r in starts] == [("never", docs["never"]["_id"])]
+        assert sorted((r.task, r.run_id) for r in starts) == sorted(
+            [("never", docs["never"]["_id"]), ("asked", docs["asked"]["_id"])]
+        )
     finally:
         agent.stop()
         thread.join(timeout=30)

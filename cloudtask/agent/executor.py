@@ -258,7 +258,9 @@ class Executor:
         ctx.started_at = utcnow()
         ctx.status = "running"
         if self.journal is not None:
-            self.journal.started(ctx.run_id)  # before anything can start
+            # before anything can start; a process the guard starts is noted by it too
+            guarded = self.guard is not None and ctx.spec.http is None and IS_POSIX
+            self.journal.started(ctx.run_id, noted=guarded)
         runlog.line(
             f"===== {iso(ctx.started_at)} run {ctx.run_id} task {ctx.spec.name} "
             f"scheduled {iso(ctx.scheduled_for)} attempt {ctx.attempt} trigger {ctx.trigger} "
@@ -418,7 +420,8 @@ class Executor:
         """Start the run's process: through the run guard when there is one (it starts it only
         under the fence the run was claimed in), else here."""
         if self.guard is not None and isinstance(argv, list):
-            return self.guard.spawn(ctx.run_id, ctx.session, argv, env, cwd)
+            journal = self.journal.current_path() if self.journal is not None else None
+            return self.guard.spawn(ctx.run_id, ctx.session, argv, env, cwd, journal=journal)
         return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,

@@ -196,10 +196,12 @@ class GuardClient:
         env: dict[str, str],
         cwd: str | None,
         timeout: float = 30.0,
+        journal: str | None = None,
     ) -> GuardedProcess:
         """Start a run through the guard. Raises SpawnRefused (its fence is gone), OSError
-        (the program could not be started: errno and message as Popen gives them) or
-        GuardGone."""
+        (the program could not be started: errno and message as Popen gives them; or the
+        guard could not note the start in ``journal``, the agent's journal segment, where it
+        writes ``spawn`` before it starts anything) or GuardGone."""
         read_end, write_end = os.pipe()
         done = threading.Event()
         box: list[dict[str, Any]] = []
@@ -216,6 +218,7 @@ class GuardClient:
                         "env": env,
                         "cwd": cwd,
                         "grace": self.kill_grace,
+                        "journal": journal,
                     },
                     fds=[write_end],
                 )
@@ -492,6 +495,8 @@ class Guard:
                 )
                 self._send({"op": "refused", "id": run_id, "why": why})
                 return
+            if msg.get("journal") and not self._note_spawn(str(msg["journal"]), run_id):
+                return
             try:
                 proc = subprocess.Popen(
                     msg["argv"],
@@ -532,6 +537,22 @@ class Guard:
             self.deadlines.pop(run.run_id, None)
             self._note_exit(run, code)
             self._send({"op": "exited", "id": run.run_id, "pid": pid, "code": code})
+
+    def _note_spawn(self, path: str, run_id: str) -> bool:
+        """``spawn`` in the agent's journal segment ``path``, before the process starts: a
+        restart that finds the agent's ``start`` without it knows nothing started. A start that
+        cannot be noted is refused (False; the agent records the run failed with why)."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, entry_line({"spawn": run_id}))
+            finally:
+                os.close(fd)
+        except OSError as e:
+            error = f"cannot note its start in the run journal: {e.strerror or e}"
+            self._send({"op": "failed", "id": run_id, "errno": e.errno, "error": error})
+            return False
+        return True
 
     def _open_journal(self, path: str) -> None:
         try:

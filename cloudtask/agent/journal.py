@@ -11,8 +11,15 @@ life left unfinished, or that the leader has marked ``lost`` meanwhile (see
 - ``claim`` without ``start``: it never started, so it is released, and the task's owner runs
   it as a catch-up within ``misfire_grace`` or records it missed;
 - an ``end``: the outcome it really had;
-- a ``start`` without an ``end``, or no ``claim`` at all: ``lost`` (its processes were ended
-  by the run guard or at the restart, at an unknown point; or the journal was lost).
+- a ``start`` the run guard was to note (``"noted": true``: a process started through the
+  guard), without the guard's ``spawn`` line and without an ``end``: it never started either
+  (the agent died between its ``start`` line and its request to the guard, or the guard
+  refused), so it is released too. The guard writes ``spawn`` *before* it starts the process,
+  into the segment the agent names in its request (never older than the run's claim, so it
+  is kept as long as the claim), and refuses to start a process it cannot note;
+- a ``start`` without an ``end`` otherwise, or no ``claim`` at all: ``lost`` (its processes
+  were ended by the run guard or at the restart, at an unknown point; or the journal was
+  lost).
 
 Each entry is one ``write`` to a file opened ``O_APPEND``: a kill -9 of the agent loses none
 of it (the kernel has it); a power cut may lose the last lines, and those runs stay ``lost``,
@@ -109,18 +116,23 @@ class Earlier:
 
     claimed: set[str] = field(default_factory=set)
     started: set[str] = field(default_factory=set)
+    noted: set[str] = field(default_factory=set)  # started through a guard that notes spawns
+    spawned: set[str] = field(default_factory=set)  # the guard's notes
     ended: dict[str, dict[str, Any]] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
 
     def never_started(self) -> set[str]:
         """Every run id :meth:`verdict` calls never started."""
-        return self.claimed - self.started - self.ended.keys()
+        unstarted = (self.claimed - self.started) | (self.noted - self.spawned)
+        return unstarted - self.ended.keys()
 
     def verdict(self, run_id: str) -> tuple[str, dict[str, Any] | None]:
         """``("ended", state)``, ``("never started", None)`` or ``("unknown", None)``."""
         if run_id in self.ended:
             return "ended", self.ended[run_id]
         if run_id in self.claimed and run_id not in self.started:
+            return "never started", None
+        if run_id in self.noted and run_id not in self.spawned:
             return "never started", None
         return "unknown", None
 
@@ -165,6 +177,10 @@ class Journal:
                     out.claimed.update(entry["claim"])
                 elif "start" in entry:
                     out.started.add(entry["start"])
+                    if entry.get("noted"):
+                        out.noted.add(entry["start"])
+                elif "spawn" in entry:
+                    out.spawned.add(entry["spawn"])
                 elif "end" in entry:
                     out.ended[entry["end"]] = entry.get("state") or {}
         return out
@@ -191,9 +207,15 @@ class Journal:
         with self._lock:
             return set().union(*(claims for _, claims in self._segments))
 
-    def started(self, run_id: str) -> None:
-        """Before the run's process starts (a run journaled so may have started)."""
-        self._append({"start": run_id})
+    def started(self, run_id: str, noted: bool = False) -> None:
+        """Before the run's process starts (a run journaled so may have started). ``noted``:
+        it is started through the run guard, which notes ``spawn`` before it starts it."""
+        self._append({"start": run_id, "noted": True} if noted else {"start": run_id})
+
+    def current_path(self) -> str | None:
+        """This life's current segment (None before :meth:`open`)."""
+        with self._lock:
+            return str(self._segments[-1][0]) if self._fd is not None else None
 
     def ended(self, run_id: str, state: dict[str, Any]) -> None:
         """After the run's end, with its final state (JSON-safe: times as epoch seconds)."""
