@@ -11,7 +11,6 @@ import helpers
 
 from cloudtask import events
 from cloudtask.config import Config, load_config
-from cloudtask.runmodel import new_run_document
 from cloudtask.store import Store
 
 T0 = datetime(2026, 12, 1, 3, 0, tzinfo=timezone.utc)
@@ -53,19 +52,7 @@ def finished_run(
     attempt: int = 0,
 ) -> dict[str, Any]:
     """A run of ``task`` scheduled at ``at`` that finished with ``status`` (stored)."""
-    run = new_run_document(
-        task_id=task["_id"],
-        task_name=task["name"],
-        group=task["group"],
-        revision=1,
-        scheduled_for=at,
-        slot="one",
-        attempt=attempt,
-        trigger="schedule",
-        agent="a1",
-        status="running",
-        now=at,
-    )
+    run = helpers.run_document(task, at, agent="a1", attempt=attempt)
     run.update(
         status=status,
         started_at=at,
