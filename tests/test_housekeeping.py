@@ -3,10 +3,12 @@ clock: verdicts on unheard runs, the unassigned tasks, the agents' records, the 
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from helpers import holds, wait_for
 from kazoo.exceptions import NoNodeError
 
 from cloudtask.center import housekeeping as hk
@@ -269,3 +271,80 @@ def test_old_runs_are_purged_hourly(clock) -> None:
     c.purge_runs()  # logged; the next try is an hour later
     c.purge_runs()
     assert len(c.store.named("purge_runs")) == 2
+
+
+# --- the upkeep thread --------------------------------------------------------------------
+
+
+class Chores:
+    """Rounds of upkeep as the thread calls them: each view seen, a round held until let go,
+    a grace that ends, a deposed leader."""
+
+    def __init__(self) -> None:
+        self.views: list[str] = []
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.go.set()
+        self.due: float | None = None
+        self.deposed = False
+
+    def upkeep(self, view: str) -> None:
+        self.views.append(view)
+        self.entered.set()
+        assert self.go.wait(10)
+        if self.deposed:
+            raise LeadershipLost("the election node is gone")
+
+    def due_in(self) -> float | None:
+        return self.due
+
+
+def test_upkeep_rounds_never_hold_up_the_pass_and_take_the_newest_view() -> None:
+    chores = Chores()
+    chores.go.clear()  # the first round waits (a MongoDB that stalls)
+    thread = hk.UpkeepThread(chores)
+    thread.start()
+    try:
+        thread.submit("v1")
+        assert chores.entered.wait(5)
+        for view in ("v2", "v3", "v4"):  # passes go on meanwhile: submit does not wait
+            thread.submit(view)
+        assert chores.views == ["v1"]
+        chores.go.set()
+        wait_for(lambda: thread.rounds == 2, timeout=5)
+        assert chores.views == ["v1", "v4"]  # one round more, on the newest view only
+    finally:
+        thread.stop()
+    assert not thread._thread.is_alive()
+
+
+def test_a_grace_that_ends_is_a_round_on_the_view_held() -> None:
+    chores = Chores()
+    thread = hk.UpkeepThread(chores)
+    thread.start()
+    try:
+        thread.submit("v1")
+        wait_for(lambda: thread.rounds == 1, timeout=5)
+        chores.due = 0.3  # e.g. a departed agent's run is lost in 0.3 s
+        thread.submit("v2")
+        wait_for(lambda: thread.rounds >= 3, timeout=5)
+        assert set(chores.views) == {"v1", "v2"}
+        chores.due = None
+        thread.submit("v3")
+        wait_for(lambda: chores.views[-1] == "v3" and thread.rounds == len(chores.views))
+        rounds = thread.rounds
+        holds(lambda: thread.rounds == rounds, seconds=0.6)  # no grace: no round
+    finally:
+        thread.stop()
+
+
+def test_an_upkeep_that_finds_the_fence_gone_deposes_the_leader() -> None:
+    chores = Chores()
+    chores.deposed = True
+    woken = threading.Event()
+    thread = hk.UpkeepThread(chores, on_deposed=woken.set)
+    thread.start()
+    thread.submit("v1")
+    assert woken.wait(5) and thread.deposed
+    thread._thread.join(5)
+    assert not thread._thread.is_alive()  # no round after that

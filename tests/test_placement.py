@@ -23,6 +23,7 @@ from cloudtask.center.placement import (
     Assignment,
     diff_placement,
     place_group,
+    plan_group,
     ring_epoch,
 )
 
@@ -364,6 +365,43 @@ def test_join_candidates_wait_when_the_newcomer_is_full() -> None:
     # Fed back with only the moved tasks rewritten: the 10 waiting ones still wait.
     stored = write_difference(as_current(before, agents), after, now)
     assert place_group(tasks, now, stored, load_factor=1.0) == after
+
+
+def test_join_candidates_kept_for_want_of_room_are_redated_and_then_stay() -> None:
+    # b joins a and c; more tasks prefer b than it has room for: those kept on a and c are
+    # re-dated. When c later leaves, only c's tasks move: a's do not follow the old pull to b.
+    ring = HashRing({name: {"weight": 1, "vnodes": 160} for name in ("a", "b", "c")})
+    pool = make_tasks(2_000)
+    tasks = [t for t in pool if ring.get_node(t) == "b"][:80]
+    tasks += [t for t in pool if ring.get_node(t) == "a"][:10]
+    tasks += [t for t in pool if ring.get_node(t) == "c"][:10]
+    two = [AgentInfo("a", 1, 1), AgentInfo("c", 1, 2)]
+    stored = as_current(place_group(tasks, two, {}), two)
+    three = [*two, AgentInfo("b", 1, 3)]
+    plan = plan_group(tasks, three, stored, load_factor=1.0)
+    assert Counter(plan.placement.values())["b"] == 34  # its cap: ceil(100 / 3)
+    waiting = {t for t in tasks if ring.get_node(t) == "b" and plan.placement[t] != "b"}
+    kept = {t for t in waiting if plan.placement[t] == stored[t].agent_id}
+    assert len(waiting) == 80 - 34 and len(kept) > 30  # (the caps moved a few of them on)
+    assert plan.redated == kept
+    # written like the center: moved tasks and re-dated ones get the new epoch
+    epoch = ring_epoch(three)
+    before = stored
+    stored = {
+        task: stored[task]
+        if stored[task].agent_id == agent and task not in plan.redated
+        else Assignment(agent, epoch)
+        for task, agent in plan.placement.items()
+    }
+    assert plan_group(tasks, three, stored, load_factor=1.0).redated == frozenset()
+    survivors = [a for a in three if a.agent_id != "c"]
+    after = place_group(tasks, survivors, stored, load_factor=1.0)
+    for task, (source, _) in diff_placement(plan.placement, after)[2].items():
+        assert source == "c", f"{task} moved off {source}, which did not leave"
+    # without the re-dating, the pull would have been carried out at c's departure
+    undated = {t: before[t] if t in plan.redated else where for t, where in stored.items()}
+    moved = diff_placement(plan.placement, place_group(tasks, survivors, undated, load_factor=1.0))
+    assert any(source == "a" for source, _ in moved[2].values())
 
 
 # --- weights, task churn --------------------------------------------------------------------

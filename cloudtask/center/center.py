@@ -14,14 +14,17 @@ up cannot write: its node went with its session, so its transactions fail, and i
 A transaction that fails because the view was stale makes the leader read every assignment
 again before it writes anything else.
 
-After the placement, each pass does the leader's upkeep (cloudtask/center/housekeeping.py):
-``/status`` and the ``task.unassigned`` events, the garbage of departed agents, the verdicts
-on the runs of agents that left (released or ``lost``), the agents' records in MongoDB and
-the purge of old runs. The leader also records ``center.leader`` when it starts leading.
+After the placement each pass deletes the garbage of departed agents and hands what it saw
+to the leader's upkeep (cloudtask/center/housekeeping.py), which runs on a thread of its own:
+``/status`` and the ``task.unassigned`` events, the verdicts on the runs of agents that left
+(released or ``lost``), the agents' records in MongoDB and the purge of old runs. The leader
+also records ``center.leader`` when it starts leading.
 
-Every MongoDB call of a pass has a deadline; placement goes on from the tasks it read last when
-MongoDB does not answer (a dead agent's tasks move all the same), and a failed pass is tried
-again within seconds, not at the next resync.
+The placement never waits for more than one MongoDB read: the tasks. It has a deadline, short
+when the leader already holds the tasks and the pass is urgent (its last pass succeeded, or
+agents came or went since); when MongoDB does not answer in time, placement goes on from the
+tasks read last (a dead agent's tasks move all the same), and a failed pass is tried again
+within seconds, not at the next resync.
 """
 
 from __future__ import annotations
@@ -48,8 +51,8 @@ from ..notify import NotifierThread
 from ..registry import LiveAgent, read_agents
 from ..store import Store
 from ..zkpaths import ZkPaths, encode, keep_trying
-from .housekeeping import CALL_BUDGET, Housekeeping
-from .placement import AgentInfo, Assignment, place_group, ring_epoch
+from .housekeeping import CALL_BUDGET, Housekeeping, PassView, UpkeepThread
+from .placement import AgentInfo, Assignment, plan_group, ring_epoch
 from .tasks import TaskRecord, refresh_tasks
 from .writer import GARBAGE_AFTER, FencedWriter, LeadershipLost, Op, StaleView, assignment_data
 
@@ -100,8 +103,10 @@ class Center:
             unassigned_grace=unassigned_grace,
             lost_grace=lost_grace,
         )
+        self.upkeep: UpkeepThread | None = None  # while leading: the chores' thread
         self._tasks: dict[str, TaskRecord] = {}
         self._tasks_read = False  # read from MongoDB at least once in this leadership
+        self._agents_seen: dict[str, tuple[int, bool]] | None = None  # at the last placement
         self._watched_groups: set[str] = set()
         self._seen_groups: set[str] = set()
         self._groups_lock = threading.Lock()
@@ -195,11 +200,13 @@ class Center:
         self.leading = True
         self._connection_lost.clear()
         log.info("center %s leads", self.center_id)
+        self.upkeep = UpkeepThread(self.chores, on_deposed=self._wake.set)
         try:
             published = self.chores.take_over()  # /status as the previous leader left it
             self._record_leadership(str(lock.node), published.get("leader"))
             self._rebuild()
             self._failed_passes = 0
+            self.upkeep.start()
             while not self._stop.is_set() and not self._connection_lost.is_set():
                 try:
                     self.reconcile()
@@ -219,16 +226,15 @@ class Center:
                 log.warning("connection to ZooKeeper suspended or lost: stepping down")
         finally:
             self.leading = False
+            self.upkeep.stop()  # a new leadership starts its chores from scratch
+            self.upkeep = None
 
     def _next_pass_in(self) -> float:
-        """Seconds until the next pass: the resync interval (sooner after a failed pass), or
-        sooner when a grace of the housekeeping ends earlier (a task's before its
-        ``task.unassigned`` event, a departed agent's run's before it is lost)."""
-        wait = self.resync_interval
+        """Seconds until the next pass: the resync interval, sooner after a failed pass. (The
+        graces of the housekeeping are kept by the upkeep thread.)"""
         if self._failed_passes:
-            wait = RETRY_AFTER[min(self._failed_passes, len(RETRY_AFTER)) - 1]
-        due = self.chores.due_in()
-        return wait if due is None else min(wait, due)
+            return RETRY_AFTER[min(self._failed_passes, len(RETRY_AFTER)) - 1]
+        return self.resync_interval
 
     def _record_leadership(self, node: str, previous: Any) -> None:
         """The ``center.leader`` event; its id names our election node, so it is recorded
@@ -266,6 +272,7 @@ class Center:
         leader starts from (and the one a stale view is replaced by)."""
         self._tasks = {}
         self._tasks_read = False
+        self._agents_seen = None
         self.chores.forget_written()
         self.writer.rebuild()
 
@@ -294,7 +301,9 @@ class Center:
             elif task.mode == "all":
                 epoch = ring_epoch(_infos(members))
                 for agent in members:
-                    out[agent.agent_id][task.task_id] = epoch
+                    where = self.writer.placed.get(agent.agent_id, {}).get(task.task_id)
+                    kept = where is not None and where.valid(agent.joined)
+                    out[agent.agent_id][task.task_id] = where.epoch if kept else epoch
             else:
                 one.setdefault(task.group, []).append(task.task_id)
         current = {
@@ -309,20 +318,30 @@ class Center:
         for group, task_ids in one.items():
             infos = _infos(by_group[group])
             epoch = ring_epoch(infos)
-            placement = place_group(task_ids, infos, current)
-            for task_id, agent_id in placement.items():
+            plan = plan_group(task_ids, infos, current)
+            for task_id, agent_id in plan.placement.items():
                 kept = current.get(task_id)
                 same = kept is not None and kept.agent_id == agent_id
-                out[agent_id][task_id] = kept.epoch if same else epoch
+                redate = not same or task_id in plan.redated
+                out[agent_id][task_id] = epoch if redate else kept.epoch
         return out
 
     def reconcile(self) -> int:
-        """One level-triggered pass. Returns how many assignments were written."""
+        """One level-triggered pass. Returns how many assignments were written.
+
+        The upkeep of the pass runs on the upkeep thread while leading (see :meth:`_lead`),
+        in this call otherwise."""
+        if self.upkeep is not None and self.upkeep.deposed:
+            raise LeadershipLost("the upkeep found the election node gone")
         self._watch_groups()
         stale_tasks = None
+        agents_read_at = utcnow()
+        agents = self.live_agents()
+        seen = {a: (agent.joined, agent.leaving) for a, agent in agents.items()}
         # with tasks in hand a pass waits briefly for MongoDB: a departed agent's tasks move at
-        # once even while it stalls (the pass after a failed one waits the whole budget)
-        quick = self._tasks_read and not self._failed_passes
+        # once even while it stalls. Only a pass after a failed one with the same agents waits
+        # the whole budget (so a slow MongoDB is read in the end).
+        quick = self._tasks_read and (not self._failed_passes or seen != self._agents_seen)
         try:
             with pymongo.timeout(QUICK_READ if quick else CALL_BUDGET):
                 self._refresh_tasks()
@@ -331,10 +350,7 @@ class Center:
                 raise
             stale_tasks = e  # place what we know: a dead agent's tasks move all the same
             log.warning("cannot read tasks; placing the ones read last: %s", e)
-        agents_read_at = utcnow()
-        agents = self.live_agents()
         desired = self.desired(agents)
-        self.chores.note_unassigned(self.unassigned, self._tasks)
         self.writer.sort_departed(agents)
         ops = self._changes(desired, agents)
         try:
@@ -342,11 +358,13 @@ class Center:
         except StaleView:
             self._rebuild()  # read it again; the next pass places on what is there
             raise
-        self.chores.publish_status(agents, self.unassigned)
+        self._agents_seen = seen
         self.writer.collect_garbage()
-        self.chores.judge_unheard_runs(agents, agents_read_at, self._tasks)
-        self.chores.record_agents(agents)
-        self.chores.purge_runs()
+        view = PassView(agents, agents_read_at, dict(self._tasks), self.unassigned)
+        if self.upkeep is not None:
+            self.upkeep.submit(view)
+        else:
+            self.chores.upkeep(view)
         self.reconciles += 1
         if ops:
             log.info("placement: %d changes written", len(ops))
@@ -358,8 +376,9 @@ class Center:
         self, desired: dict[str, dict[str, int]], agents: dict[str, LiveAgent]
     ) -> list[Op]:
         """What to write for ``desired``: a create for each assignment missing, a set for each
-        one written for another life of its agent or another revision of its task, a delete
-        for each one not desired (the assignments of departed agents are garbage already)."""
+        one written for another life of its agent, another revision of its task or another
+        epoch (re-dated), a delete for each one not desired (the assignments of departed
+        agents are garbage already)."""
         ops: list[Op] = []
         for agent_id, tasks in desired.items():
             placed = self.writer.placed.get(agent_id, {})
@@ -371,7 +390,11 @@ class Center:
                     ops.append(
                         ("create", agent_id, task_id, assignment_data(record, epoch, joined))
                     )
-                elif not where.valid(joined) or where.revision != record.revision:
+                elif (
+                    not where.valid(joined)
+                    or where.revision != record.revision
+                    or where.epoch != epoch
+                ):
                     ops.append(("set", agent_id, task_id, assignment_data(record, epoch, joined)))
         for agent_id, placed in self.writer.placed.items():
             keep = desired.get(agent_id, {})

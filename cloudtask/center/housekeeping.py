@@ -1,8 +1,13 @@
-"""The leader's periodic upkeep, done after the placement of every pass: what is not placement.
+"""The leader's periodic upkeep after each placement pass: what is not placement.
 
-:class:`Housekeeping` keeps what the chores remember between passes of one leadership. Each
-chore is best effort: a chore MongoDB does not answer is logged and done again on a later
-pass; none stops the placement. Every MongoDB call has a deadline (``CALL_BUDGET``).
+:class:`Housekeeping` keeps what the chores remember between passes of one leadership, and
+:meth:`Housekeeping.upkeep` does one round of them on what a pass saw (a :class:`PassView`).
+While a center leads, the rounds run on a thread of their own (:class:`UpkeepThread`): the
+placement loop hands each pass's view over and goes on, so a MongoDB that stalls in the
+middle of a chore never holds up the next placement (a departed agent's tasks move at once).
+A round that is still running when the next view arrives is followed by one round on the
+newest view only. Each chore is best effort: a chore MongoDB does not answer is logged and
+done again in a later round. Every MongoDB call has a deadline (``CALL_BUDGET``).
 
 * **Verdicts on unheard runs** (:meth:`Housekeeping.judge_unheard_runs`). Runs claimed
   before the agents were read, under sessions not among the registered ones, belong to an
@@ -33,7 +38,10 @@ pass; none stops the placement. Every MongoDB call has a deadline (``CALL_BUDGET
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import pymongo
@@ -48,7 +56,7 @@ from ..runmodel import BEAT_INTERVAL
 from ..store import Store
 from ..zkpaths import ZkPaths, decode, run_signal
 from .tasks import TaskRecord
-from .writer import FencedWriter
+from .writer import FencedWriter, LeadershipLost
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,19 @@ PURGE_INTERVAL = 3600.0  # seconds between deletions of runs past their retentio
 AGENT_RECORD_INTERVAL = 15.0  # seconds between refreshes of the agents collection
 CALL_BUDGET = 5.0  # seconds any one MongoDB call of a pass may take
 RELEASED_SLACK = 30.0  # seconds past misfire_grace before a released claim nobody took is missed
+PURGE_BUDGET = 60.0  # seconds the hourly deletion of old runs may take
+MIN_ROUND_GAP = 0.2  # seconds between rounds on the same view (a chore that keeps failing)
+
+
+@dataclass(frozen=True)
+class PassView:
+    """What one placement pass saw, for a round of upkeep: the live agents (read at
+    ``read_at``), the tasks that should run, and the tasks no live agent can run."""
+
+    agents: dict[str, LiveAgent]
+    read_at: datetime
+    tasks: dict[str, TaskRecord]
+    unassigned: dict[str, str]
 
 
 class Housekeeping:
@@ -114,6 +135,15 @@ class Housekeeping:
         self._recorded_agents = None
         self._agents_recorded_at = 0.0
 
+    def upkeep(self, view: PassView) -> None:
+        """One round of the chores on ``view``, in this order (``task.unassigned`` is recorded
+        before ``/status`` says it was). LeadershipLost if the fence is gone."""
+        self.note_unassigned(view.unassigned, view.tasks)
+        self.publish_status(view.agents, view.unassigned)
+        self.judge_unheard_runs(view.agents, view.read_at, view.tasks)
+        self.record_agents(view.agents)
+        self.purge_runs()
+
     def due_in(self) -> float | None:
         """Seconds until a grace ends (a task's before its ``task.unassigned`` event, a
         departed agent's run's before it is lost), or None."""
@@ -144,7 +174,8 @@ class Housekeeping:
                 name = record.spec.get("name") if record else None
                 events.append(ev.unassigned_event(task_id, name, current[task_id]))
             try:
-                self.store.record_events(events)
+                with pymongo.timeout(CALL_BUDGET):
+                    self.store.record_events(events)
             except Exception as e:
                 log.warning("cannot record %d unassigned tasks (will retry): %s", len(due), e)
             else:
@@ -277,8 +308,9 @@ class Housekeeping:
         if live.keys() == self._recorded_agents and not due:
             return
         try:
-            self.store.record_agents(live)
-        except CloudTaskError as e:
+            with pymongo.timeout(CALL_BUDGET):
+                self.store.record_agents(live)
+        except (CloudTaskError, pymongo.errors.PyMongoError) as e:
             log.warning("cannot record the agents in MongoDB: %s", e)
             return
         self._recorded_agents = set(live)
@@ -290,9 +322,75 @@ class Housekeeping:
             return
         self._purged_at = time.monotonic()
         try:
-            self.store.purge_runs()
-        except CloudTaskError as e:
+            with pymongo.timeout(PURGE_BUDGET):
+                self.store.purge_runs()
+        except (CloudTaskError, pymongo.errors.PyMongoError) as e:
             log.warning("cannot delete old runs: %s", e)
+
+
+class UpkeepThread:
+    """The rounds of upkeep of one leadership, on a thread of their own.
+
+    :meth:`submit` hands over the newest :class:`PassView` and returns at once; the thread
+    does one round on the newest view it holds, then waits for the next, or for a grace of
+    the chores to end (:meth:`Housekeeping.due_in`). ``deposed`` is set
+    (and ``on_deposed`` called) when a round finds the fence gone: the placement loop then
+    steps down. :meth:`stop` waits for the round in flight (each MongoDB call is bounded)."""
+
+    def __init__(self, chores: Housekeeping, on_deposed: Any = None) -> None:
+        self.chores = chores
+        self.on_deposed = on_deposed
+        self.deposed = False
+        self.rounds = 0
+        self._view: PassView | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="upkeep", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, view: PassView) -> None:
+        with self._lock:
+            self._view = view
+        self._wake.set()
+
+    def stop(self, timeout: float = 3 * CALL_BUDGET) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("a round of upkeep is still waiting for MongoDB; left to end alone")
+
+    def _run(self) -> None:
+        last: PassView | None = None
+        while not self._stop.is_set():
+            # a grace that ends (Housekeeping.due_in) is a round on the newest view held: any
+            # change of agents or tasks makes a pass, which hands over a newer one
+            due = self.chores.due_in() if last is not None else None
+            self._wake.wait(None if due is None else max(due, MIN_ROUND_GAP))
+            self._wake.clear()
+            with self._lock:
+                view, self._view = self._view, None
+            view = view or last
+            if view is None or self._stop.is_set():
+                continue
+            last = view
+            try:
+                self.chores.upkeep(view)
+            except LeadershipLost as e:
+                log.warning("upkeep stopped: %s", e)
+                self.deposed = True
+                if self.on_deposed is not None:
+                    self.on_deposed()
+                return
+            except (KazooException, CloudTaskError) as e:
+                log.warning("a round of upkeep failed; the next pass tries again: %s", e)
+            except Exception:
+                log.exception("a round of upkeep failed; the next pass tries again")
+            self.rounds += 1
 
 
 def agent_record(agent: LiveAgent) -> dict[str, Any]:

@@ -30,6 +30,9 @@ the key list on every call. A test checks that the preferred agent found here is
   re-registered, after the assignment was written) and ``p`` is below its cap: then it
   moves to ``p``. So when an agent joins only the tasks the ring gives it move (to it), and
   when an agent leaves only its tasks move; no memory is needed beyond ZooKeeper's czxids.
+  A task that stays because ``p`` is at its cap is *re-dated* (:attr:`GroupPlan.redated`):
+  its assignment is written again with the new epoch, so the pull is settled at the join
+  and not left pending for a later change (an agent leaving, a task added) to carry out.
 * **Unplaced** tasks (new, or whose agent is gone) go to the first agent with room walking
   the ring clockwise from the task's point.
 * **Over cap** agents (tasks deleted, weights changed, a join lowered the mean): exactly
@@ -71,8 +74,10 @@ __all__ = [
     "DEFAULT_VNODES",
     "AgentInfo",
     "Assignment",
+    "GroupPlan",
     "diff_placement",
     "place_group",
+    "plan_group",
     "ring_epoch",
 ]
 
@@ -106,6 +111,16 @@ class Assignment:
     agent_id: str
     epoch: int
     """``ring_epoch(agents)`` when this assignment was written."""
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """A group's placement (task id -> agent id, sorted by task id) and the tasks whose
+    assignment is to be re-dated: kept where they are although their preferred agent joined
+    after the assignment was written, because it had no room."""
+
+    placement: dict[str, str]
+    redated: frozenset[str]
 
 
 def ring_epoch(agents: Iterable[AgentInfo]) -> int:
@@ -190,7 +205,20 @@ def place_group(
     vnodes: int = DEFAULT_VNODES,
     load_factor: float = DEFAULT_LOAD_FACTOR,
 ) -> dict[str, str]:
-    """Task id -> agent id for every task of ``task_ids`` (empty if there are no agents).
+    """Task id -> agent id for every task of ``task_ids`` (empty if there are no agents):
+    ``plan_group(...).placement``."""
+    return plan_group(task_ids, agents, current, vnodes=vnodes, load_factor=load_factor).placement
+
+
+def plan_group(
+    task_ids: Iterable[str],
+    agents: Iterable[AgentInfo],
+    current: Mapping[str, Assignment],
+    *,
+    vnodes: int = DEFAULT_VNODES,
+    load_factor: float = DEFAULT_LOAD_FACTOR,
+) -> GroupPlan:
+    """Where every task of ``task_ids`` goes, and which kept assignments are re-dated.
 
     ``task_ids``: the group's mode-``one`` tasks that should run (duplicates are ignored).
     ``agents``: its live agents (if an id appears twice, the higher ``joined`` wins).
@@ -204,7 +232,7 @@ def place_group(
     tasks = sorted(set(task_ids))
     live = _live_agents(agents)
     if not tasks or not live:
-        return {}
+        return GroupPlan({}, frozenset())
 
     ring = _Ring(live, vnodes)
     caps = _caps(live, len(tasks), load_factor)
@@ -243,9 +271,12 @@ def place_group(
         placement[task] = assignment.agent_id
         load[assignment.agent_id] += 1
 
+    blocked: set[str] = set()
     for task in joiners:
         owner = preferred(task)
         target = owner if load[owner] < caps[owner] else current[task].agent_id
+        if target != owner:
+            blocked.add(task)
         placement[task] = target
         load[target] += 1
 
@@ -269,4 +300,5 @@ def place_group(
                 placement[task] = target
                 load[target] += 1
 
-    return {task: placement[task] for task in tasks}
+    kept = frozenset(t for t in blocked if placement[t] == current[t].agent_id)
+    return GroupPlan({task: placement[task] for task in tasks}, kept)
