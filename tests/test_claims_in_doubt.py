@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from helpers import wait_for
+from helpers import holds, wait_for
 from pymongo import MongoClient
 from pymongo.errors import BulkWriteError
 
@@ -149,14 +149,16 @@ def test_a_claim_that_lands_after_the_agent_gave_up_on_it_is_not_left_behind(
             timeout=30,
             message="the service never started",
         )
-        time.sleep(3)  # what the documents say once the agent has settled everything
-        started = {r.run_id for r in read_records(records) if r.kind == "start"}
-        live = list(
-            direct.runs.find({"task_id": task["_id"], "status": {"$in": ["queued", "running"]}})
-        )
-        assert len(live) == 1, live
-        assert live[0]["_id"] in started
-        assert len(started) == 1
+
+        def one_service() -> bool:
+            started = {r.run_id for r in read_records(records) if r.kind == "start"}
+            live = list(
+                direct.runs.find({"task_id": task["_id"], "status": {"$in": ["queued", "running"]}})
+            )
+            return len(started) == 1 and [d["_id"] for d in live] == list(started)
+
+        # while the agent settles everything: one instance started, and it is the one live run
+        holds(one_service, seconds=3, message="a second instance, or a second live run")
     finally:
         agent.stop()
         thread.join(timeout=30)

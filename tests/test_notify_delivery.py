@@ -17,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from aiosmtpd.smtp import AuthResult
-from helpers import Receiver, SmtpServer, wait_for
+from helpers import Receiver, SmtpServer, holds, wait_for
 from notifying import (
     BASE,
     SECRET,
@@ -278,7 +278,7 @@ def test_a_leader_change_in_the_middle_mails_every_event_once(store, smtp):
             store.record_event(events.agent_left(stored, datetime.now(timezone.utc)))
             time.sleep(0.01)  # events arrive while the notifiers run
         wait_for(lambda: len(smtp.inbox.messages()) >= 30, message="every event is mailed")
-        time.sleep(0.2)  # a duplicate would arrive meanwhile
+        holds(lambda: len(smtp.inbox.messages()) == 30, seconds=0.3)  # no duplicate comes
     finally:
         for t in threads:
             t.stop()

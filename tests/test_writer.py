@@ -4,7 +4,6 @@ forced, and the garbage of departed agents goes later."""
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -165,7 +164,6 @@ def test_garbage_goes_later_and_comes_back_stale_with_its_agent(zk, writer) -> N
     writer.sort_departed({"a1": SimpleNamespace(leaving=True), "a2": a2})
     zk.delete(PATHS.assignment("a1", "t1"))
     writer.garbage_after = 0.0
-    time.sleep(0.01)
     writer.collect_garbage()
     with pytest.raises(NoNodeError):
         zk.get_children(PATHS.assignment_dir("a1"))
