@@ -75,9 +75,6 @@ class _Due:
     attempt: int = field(compare=False, default=0)
 
 
-_ms = to_bson_time  # fire times are kept to the millisecond, as MongoDB stores them
-
-
 class Scheduler:
     """Which of the agent's tasks fire when. Thread-safe; every method takes ``now``."""
 
@@ -117,7 +114,7 @@ class Scheduler:
                     entry.keepalive_running = True  # the running process keeps its slot
                     entry.keepalive_restarts = current.keepalive_restarts
                 else:
-                    entry.next_fire = _ms(now)
+                    entry.next_fire = to_bson_time(now)
             elif (
                 current is not None
                 and current.next_fire is not None
@@ -181,7 +178,7 @@ class Scheduler:
                 entry.keepalive_restarts = 0
             entry.keepalive_restarts += 1
             delay = keepalive_backoff(entry.keepalive_restarts)
-            entry.next_fire = _ms(finished_at + timedelta(seconds=delay))
+            entry.next_fire = to_bson_time(finished_at + timedelta(seconds=delay))
             self._push(entry, task_id, "schedule")
             return entry.next_fire
 
@@ -197,7 +194,7 @@ class Scheduler:
             if entry is None or not entry.spec.schedule.keepalive:
                 return
             entry.keepalive_running = False
-            entry.next_fire = _ms(when)
+            entry.next_fire = to_bson_time(when)
             self._push(entry, task_id, "schedule")
 
     # --- the engine -------------------------------------------------------------------------
@@ -258,7 +255,10 @@ class Scheduler:
         if not due:
             return []
         *earlier, latest = due
-        out = [Fire(task_id, _ms(t), "schedule", entry.revision, status="missed") for t in earlier]
+        out = [
+            Fire(task_id, to_bson_time(t), "schedule", entry.revision, status="missed")
+            for t in earlier
+        ]
         if out and first is not None and due[0] != first:
             log.warning("task %s: fires from %s to %s were missed", task_id, first, due[0])
             out[0] = Fire(
@@ -272,11 +272,13 @@ class Scheduler:
             )
         verdict = self.late_verdict(entry.spec, latest, now)
         if verdict == "run":
-            out.append(Fire(task_id, _ms(latest), "schedule", entry.revision))
+            out.append(Fire(task_id, to_bson_time(latest), "schedule", entry.revision))
         elif verdict == "catch-up":
-            out.append(Fire(task_id, _ms(latest), "catch-up", entry.revision))
+            out.append(Fire(task_id, to_bson_time(latest), "catch-up", entry.revision))
         else:
-            out.append(Fire(task_id, _ms(latest), "schedule", entry.revision, status="missed"))
+            out.append(
+                Fire(task_id, to_bson_time(latest), "schedule", entry.revision, status="missed")
+            )
         return out
 
     def late_verdict(self, spec: TaskSpec, scheduled_for: datetime, now: datetime) -> str:

@@ -49,12 +49,9 @@ _WORDS = {
 }
 
 
-as_datetime = stored_time  # the name the notifier's modules use
-
-
 def when(value: Any, seconds: bool = True) -> str:
     """``2026-12-01 03:00:05 UTC`` (or without seconds), '–' when unknown."""
-    moment = as_datetime(value)
+    moment = stored_time(value)
     if moment is None:
         return "–"
     moment = moment.astimezone(timezone.utc)
@@ -155,7 +152,7 @@ def _local(details: dict[str, Any], spec: dict[str, Any]) -> str:
     schedule = spec.get("schedule")
     first = schedule[0] if isinstance(schedule, list) and schedule else schedule
     zone = first.get("timezone") if isinstance(first, dict) else None
-    moment = as_datetime(details.get("scheduled_for"))
+    moment = stored_time(details.get("scheduled_for"))
     if not zone or zone == "UTC" or moment is None:
         return ""
     try:
@@ -333,7 +330,7 @@ def test_body(base_url: str, sender: str) -> str:
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
-        moment = as_datetime(value)
+        moment = stored_time(value)
         return moment.isoformat().replace("+00:00", "Z") if moment else None
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -350,7 +347,7 @@ def webhook_body(event: dict[str, Any], delivery_id: str, base_url: str) -> str:
     payload = {k: v for k, v in event.items() if k not in ("_id", "delivery")}
     payload = {"id": event.get("_id"), **_jsonable(payload), "delivery_id": delivery_id}
     if isinstance(payload.get("at"), str) and "T" not in payload["at"]:
-        at = as_datetime(payload["at"])  # text from nx-27017: normalise it
+        at = stored_time(payload["at"])  # text from nx-27017: normalise it
         payload["at"] = at.isoformat().replace("+00:00", "Z") if at else payload["at"]
     links = {}
     if event.get("run_id"):

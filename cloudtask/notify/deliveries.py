@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..clock import stored_time
 from ..runmodel import SCHEMA_VERSION
 from ..store import Store
-from .content import as_datetime
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class Deliveries:
             "status": "sent",
             "attempts": doc["attempts"] + 1,
             "sent_ts": float(now),
-            "sent_at": as_datetime(now),
+            "sent_at": stored_time(now),
         }
         if not self._replace(doc, sent, "mark a delivery sent"):
             log.warning("delivery %s was sent, but its claim had run out meanwhile", doc["_id"])

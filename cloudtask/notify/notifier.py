@@ -31,10 +31,10 @@ from typing import Any
 
 from pymongo.errors import PyMongoError
 
+from ..clock import stored_time
 from ..config import Config
 from ..exceptions import StoreError
 from ..store import Store
-from .content import as_datetime
 from .deliveries import Deliveries
 from .mail import DeliveryError, SmtpConnection, build_message
 from .planner import Planner
@@ -56,7 +56,7 @@ def _epoch(now: float | datetime | None) -> float:
     if now is None:
         return time.time()
     if isinstance(now, datetime):
-        moment = as_datetime(now)
+        moment = stored_time(now)
         assert moment is not None
         return moment.timestamp()
     return float(now)
@@ -205,7 +205,7 @@ class Notifier:
                 body=doc.get("body") or "",
                 delivery_id=doc["_id"],
                 kind=doc.get("kind") or "event",
-                date=as_datetime(doc.get("created_ts")) or as_datetime(now),
+                date=stored_time(doc.get("created_ts")) or stored_time(now),
             )
             smtp.send(msg, doc["target"])
             return

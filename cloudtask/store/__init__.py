@@ -108,7 +108,7 @@ class Store(
     """All of CloudTask's persistent state, behind one object."""
 
     def _opened(self) -> None:
-        self._guard(self.ensure_indexes, "create indexes")
+        guard(self.ensure_indexes, "create indexes")
 
     @classmethod
     def from_config(cls, cfg: Config) -> Store:

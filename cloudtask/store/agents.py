@@ -15,7 +15,7 @@ from ..clock import to_bson_time, utcnow
 from ..runmodel import (
     SCHEMA_VERSION,
 )
-from .base import StoreBase
+from .base import StoreBase, guard, read_all
 
 log = logging.getLogger("cloudtask.store")
 
@@ -42,7 +42,7 @@ class AgentRecords(StoreBase):
         agent (``left_reason``): its return after a clean stop is no alert either.
         """
         now = to_bson_time(now or utcnow())
-        known = {d["_id"]: d for d in self._read(self.agents.find({}, {"info": 0}), "read agents")}
+        known = {d["_id"]: d for d in read_all(self.agents.find({}, {"info": 0}), "read agents")}
         ops = []
         events: list[dict[str, Any]] = []
         restarted: list[str] = []
@@ -71,7 +71,7 @@ class AgentRecords(StoreBase):
         gone = [a for a, d in known.items() if a not in live and d.get("status") == "online"]
         departures = []  # (stored agent, its agent.left)
         for agent_id in gone + restarted:
-            full = self._guard(self.agents.find_one, "read an agent", {"_id": agent_id})
+            full = guard(self.agents.find_one, "read an agent", {"_id": agent_id})
             if full is not None:
                 at = now if agent_id in gone else now - timedelta(milliseconds=1)
                 departures.append((full, ev.agent_left(full, at)))
@@ -79,7 +79,7 @@ class AgentRecords(StoreBase):
         if departures:
             ids = [left["_id"] for _, left in departures]
             cursor = self.events.find({"_id": {"$in": ids}}, {"details": 1})
-            recorded = {d["_id"]: d for d in self._read(cursor, "read events")}
+            recorded = {d["_id"]: d for d in read_all(cursor, "read events")}
         for full, left in departures:
             reason = (recorded.get(left["_id"], left).get("details") or {}).get("reason")
             events.append(left)
@@ -93,7 +93,7 @@ class AgentRecords(StoreBase):
         if events:
             self._record_events_quietly(events, "agent changes")
         if ops:
-            self._guard(self.agents.bulk_write, "record agents", ops, ordered=False)
+            guard(self.agents.bulk_write, "record agents", ops, ordered=False)
 
     def list_agents(self) -> list[dict[str, Any]]:
-        return self._read(self.agents.find({}), "list agents")
+        return read_all(self.agents.find({}), "list agents")

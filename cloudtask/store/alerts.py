@@ -17,7 +17,7 @@ from pymongo import ASCENDING
 from pymongo.errors import BulkWriteError
 
 from ..exceptions import StoreError
-from .base import DUPLICATE_KEY, StoreBase, indexed
+from .base import DUPLICATE_KEY, StoreBase, guard, indexed, read_all
 
 DELIVERIES = "deliveries"
 ALERT_STATE = "alert_state"
@@ -30,16 +30,16 @@ class AlertRecords(StoreBase):
 
     def ensure_alert_indexes(self) -> None:
         deliveries = self.db[DELIVERIES]
-        self._guard(
+        guard(
             deliveries.create_index,
             "index the deliveries",
             [("status", ASCENDING), ("next_at_ts", ASCENDING)],
             name="status_next",
         )
-        self._guard(
+        guard(
             deliveries.create_index, "index the deliveries", [("event_id", ASCENDING)], name="event"
         )
-        self._guard(
+        guard(
             self.db[ALERT_STATE].create_index,
             "index the alert state",
             [("digest_due_ts", ASCENDING)],
@@ -54,7 +54,7 @@ class AlertRecords(StoreBase):
         if not docs:
             return 0
         try:
-            result = self._guard(
+            result = guard(
                 self.db[DELIVERIES].insert_many, "record deliveries", docs, ordered=False
             )
             return len(result.inserted_ids)
@@ -68,28 +68,28 @@ class AlertRecords(StoreBase):
         """Pending deliveries whose time has come, oldest due first."""
         query = indexed({"status": "pending", "next_at_ts": {"$lte": float(now)}})
         cursor = self.db[DELIVERIES].find(query).sort("next_at_ts", ASCENDING).limit(limit)
-        return self._read(cursor, "read the deliveries due")
+        return read_all(cursor, "read the deliveries due")
 
     def replace_delivery(self, doc: dict[str, Any], new: dict[str, Any], what: str) -> bool:
         """Write ``new`` over ``doc`` if it is still unclaimed since read (its ``claims``)."""
         match = {"_id": doc["_id"], "claims": doc["claims"]}
-        result = self._guard(self.db[DELIVERIES].replace_one, what, match, new)
+        result = guard(self.db[DELIVERIES].replace_one, what, match, new)
         return result.matched_count == 1
 
     def get_delivery(self, delivery_id: str) -> dict[str, Any] | None:
-        return self._guard(self.db[DELIVERIES].find_one, "read a delivery", {"_id": delivery_id})
+        return guard(self.db[DELIVERIES].find_one, "read a delivery", {"_id": delivery_id})
 
     def deliveries_for_event(self, event_id: str) -> list[dict[str, Any]]:
         cursor = self.db[DELIVERIES].find(indexed({"event_id": event_id})).sort("_id", ASCENDING)
-        return self._read(cursor, "read deliveries")
+        return read_all(cursor, "read deliveries")
 
     # --- alert throttle state -----------------------------------------------------------------
 
     def get_alert_state(self, key: str) -> dict[str, Any] | None:
-        return self._guard(self.db[ALERT_STATE].find_one, "read the alert state", {"_id": key})
+        return guard(self.db[ALERT_STATE].find_one, "read the alert state", {"_id": key})
 
     def save_alert_state(self, state: dict[str, Any]) -> None:
-        self._guard(
+        guard(
             self.db[ALERT_STATE].replace_one,
             "store the alert state",
             {"_id": state["_id"]},
@@ -98,7 +98,7 @@ class AlertRecords(StoreBase):
         )
 
     def delete_alert_state(self, key: str) -> None:
-        self._guard(self.db[ALERT_STATE].delete_one, "reset the alert state", {"_id": key})
+        guard(self.db[ALERT_STATE].delete_one, "reset the alert state", {"_id": key})
 
     def alert_digests_due(self, now: float, limit: int) -> list[dict[str, Any]]:
         cursor = (
@@ -107,15 +107,15 @@ class AlertRecords(StoreBase):
             .sort("digest_due_ts", ASCENDING)
             .limit(limit)
         )
-        return self._read(cursor, "read the digests due")
+        return read_all(cursor, "read the digests due")
 
     # --- alert settings -----------------------------------------------------------------------
 
     def read_settings_doc(self, key: str) -> dict[str, Any] | None:
-        return self._guard(self.db[SETTINGS].find_one, "read the settings", {"_id": key})
+        return guard(self.db[SETTINGS].find_one, "read the settings", {"_id": key})
 
     def write_settings_doc(self, doc: dict[str, Any]) -> None:
-        self._guard(
+        guard(
             self.db[SETTINGS].replace_one,
             "store the settings",
             {"_id": doc["_id"]},
@@ -126,7 +126,7 @@ class AlertRecords(StoreBase):
     # --- failed logins (web.security.LoginThrottle) -------------------------------------------
 
     def login_failure_times(self, key: str) -> list[Any]:
-        doc = self._guard(self.db[LOGIN_FAILURES].find_one, "read failed logins", {"_id": key})
+        doc = guard(self.db[LOGIN_FAILURES].find_one, "read failed logins", {"_id": key})
         return (doc or {}).get("times") or []
 
     def add_login_failure(
@@ -135,7 +135,7 @@ class AlertRecords(StoreBase):
         """Note a failed login at ``at`` (epoch s), keeping the last ``keep`` times. MongoDB's
         TTL index drops the document at ``expires_at``; ``expires_ts`` is the same instant as
         a number (see :meth:`sweep_login_failures`)."""
-        self._guard(
+        guard(
             self.db[LOGIN_FAILURES].update_one,
             "note a failed login",
             {"_id": key},
@@ -148,11 +148,11 @@ class AlertRecords(StoreBase):
 
     def sweep_login_failures(self, now: float) -> None:
         """Delete expired failed logins (servers without a TTL monitor)."""
-        self._guard(
+        guard(
             self.db[LOGIN_FAILURES].delete_many,
             "forget old failed logins",
             {"expires_ts": {"$lt": now}},
         )
 
     def clear_login_failures(self, key: str) -> None:
-        self._guard(self.db[LOGIN_FAILURES].delete_one, "forget failed logins", {"_id": key})
+        guard(self.db[LOGIN_FAILURES].delete_one, "forget failed logins", {"_id": key})

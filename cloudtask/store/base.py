@@ -140,18 +140,12 @@ class StoreBase:
     def _opened(self) -> None:
         """Called once the connection and collections are set (the store makes its indexes)."""
 
-    def _guard(self, fn: Any, what: str, *args: Any, **kwargs: Any) -> Any:
-        return guard(fn, what, *args, **kwargs)
-
-    def _read(self, cursor: Any, what: str) -> list[dict[str, Any]]:
-        return read_all(cursor, what)
-
     def close(self) -> None:
         if self._owns_client:
             self.client.close()
 
     def ping(self) -> None:
-        self._guard(self.client.admin.command, "answer a ping", "ping")
+        guard(self.client.admin.command, "answer a ping", "ping")
 
     def _use_claim_concern(self) -> None:
         """Claims and every change of a run's owner or state that once-only rests on (start,

@@ -22,7 +22,7 @@ from ..runmodel import (
     SCHEMA_VERSION,
     new_id,
 )
-from .base import StoreBase, indexed
+from .base import StoreBase, guard, indexed, read_all
 
 log = logging.getLogger("cloudtask.store")
 
@@ -34,7 +34,7 @@ class EventRecords(StoreBase):
         """Insert one event. False if its ``_id`` is recorded already; StoreError if MongoDB
         refused it otherwise (a duplicate on another unique index is a refusal too)."""
         try:
-            self._guard(self.events.insert_one, "record an event", doc)
+            guard(self.events.insert_one, "record an event", doc)
         except DuplicateKeyError as e:
             if self._events_recorded([doc["_id"]]):
                 return False
@@ -49,8 +49,8 @@ class EventRecords(StoreBase):
             return 0
         docs = list(docs)
         try:
-            result = self._guard(self.events.insert_many, "record events", docs, ordered=False)
-        except BulkWriteError as e:  # duplicate keys only: _guard raised anything else
+            result = guard(self.events.insert_many, "record events", docs, ordered=False)
+        except BulkWriteError as e:  # duplicate keys only: guard raised anything else
             errors = e.details.get("writeErrors", [])
             failed = [docs[err["index"]]["_id"] for err in errors]
             refused = set(failed) - self._events_recorded(failed)
@@ -66,7 +66,7 @@ class EventRecords(StoreBase):
         """Which of these event ids are stored (a duplicate key on ``_id``, not on another
         index: servers word that error differently, so ask)."""
         cursor = self.events.find({"_id": {"$in": ids}}, {"_id": 1})
-        return {d["_id"] for d in self._read(cursor, "read events")}
+        return {d["_id"] for d in read_all(cursor, "read events")}
 
     def _record_events_quietly(self, docs: Sequence[dict[str, Any]], what: str) -> int:
         """:meth:`record_events`, for a path an event must not break: a failure is logged."""
@@ -79,15 +79,15 @@ class EventRecords(StoreBase):
     def new_events(self, limit: int = 100) -> list[dict[str, Any]]:
         """Events whose deliveries are not planned yet (``delivery`` "new"), oldest first."""
         cursor = self.events.find(indexed({"delivery": "new"})).sort("ts", ASCENDING).limit(limit)
-        return self._read(cursor, "read new events")
+        return read_all(cursor, "read new events")
 
     def set_event_delivery(self, event_id: str, state: str) -> bool:
         """Set an event's ``delivery`` (read, change, replace whole). False if it is gone."""
-        doc = self._guard(self.events.find_one, "read an event", {"_id": event_id})
+        doc = guard(self.events.find_one, "read an event", {"_id": event_id})
         if doc is None:
             return False
         doc["delivery"] = state
-        result = self._guard(self.events.replace_one, "mark an event", {"_id": event_id}, doc)
+        result = guard(self.events.replace_one, "mark an event", {"_id": event_id}, doc)
         return bool(result.matched_count)
 
     def add_event(self, kind: str, message: str, **fields: Any) -> str:
@@ -118,7 +118,7 @@ class EventRecords(StoreBase):
             "before": before,
             "after": after,
         }
-        self._guard(self.audit.insert_one, "record an audit entry", doc)
+        guard(self.audit.insert_one, "record an audit entry", doc)
         if action in ev.AUDIT_KINDS:
             self._record_audit_event(doc, task_id)
 

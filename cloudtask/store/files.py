@@ -29,7 +29,7 @@ from ..runmodel import (
     SCHEMA_VERSION,
 )
 from ..task import file_name_problem
-from .base import StoreBase, nest_dotted
+from .base import StoreBase, guard, nest_dotted, read_all
 
 log = logging.getLogger("cloudtask.store")
 
@@ -51,7 +51,7 @@ class FileRecords(StoreBase):
     def _file_docs(self) -> Any:
         """The GridFS files collection, with its indexes made once per store."""
         if not getattr(self, "_file_indexes_ready", False):
-            self._guard(self.ensure_file_indexes, "create the file indexes")
+            guard(self.ensure_file_indexes, "create the file indexes")
             self._file_indexes_ready = True
         return self.db["files.files"]
 
@@ -72,7 +72,7 @@ class FileRecords(StoreBase):
     def _versions_of(self, name: str) -> list[dict[str, Any]]:
         """The stored versions (GridFS file documents) of ``name``, newest first."""
         files = self._file_docs()
-        return self._guard(
+        return guard(
             lambda: list(
                 files.find({"filename": name}).sort(
                     [("uploadDate", DESCENDING), ("_id", DESCENDING)]
@@ -88,7 +88,7 @@ class FileRecords(StoreBase):
             {"name": 1, "spec.file_version": 1},
         )
         pins: dict[str, list[str]] = {}
-        for doc in self._read(cursor, "read the tasks pinning the file"):
+        for doc in read_all(cursor, "read the tasks pinning the file"):
             sha256 = (nest_dotted(doc).get("spec") or {}).get("file_version")
             if sha256:
                 pins.setdefault(sha256, []).append(doc["name"])
@@ -108,7 +108,7 @@ class FileRecords(StoreBase):
             .limit(limit)
         )
         out = []
-        for doc in self._read(cursor, "read the tasks using files"):
+        for doc in read_all(cursor, "read the tasks using files"):
             spec = nest_dotted(doc).get("spec") or {}
             out.append(
                 {
@@ -125,7 +125,7 @@ class FileRecords(StoreBase):
         aggregation over the ``spec.file`` index."""
         match = {"spec.file": name if name is not None else {"$gt": ""}}
         pipeline = [{"$match": match}, {"$group": {"_id": "$spec.file", "n": {"$sum": 1}}}]
-        rows = self._guard(  # aggregate talks to the server when called
+        rows = guard(  # aggregate talks to the server when called
             lambda: list(self.tasks.aggregate(pipeline)), "count the files' tasks"
         )
         return {row["_id"]: int(row["n"]) for row in rows if isinstance(row.get("_id"), str)}
@@ -190,10 +190,10 @@ class FileRecords(StoreBase):
         }
         if rolled_back_from:
             meta["rolled_back_from"] = rolled_back_from
-        file_id = self._guard(self.fs.put, "store the file", data, filename=name, metadata=meta)
+        file_id = guard(self.fs.put, "store the file", data, filename=name, metadata=meta)
         versions = self._prune_file_versions(name, keep)
         self._write_file_head(name, versions)
-        doc = next((d for d in versions if d["_id"] == file_id), None) or self._guard(
+        doc = next((d for d in versions if d["_id"] == file_id), None) or guard(
             self._file_docs().find_one, "read the stored file", {"_id": file_id}
         )
         return {**self._file_meta(doc), "created": True}
@@ -214,7 +214,7 @@ class FileRecords(StoreBase):
                 kept.add(sha256)
                 left.append(doc)
                 continue
-            self._guard(self.fs.delete, "delete an old file version", doc["_id"])
+            guard(self.fs.delete, "delete an old file version", doc["_id"])
         if len(left) < len(versions):
             log.info("pruned %d old version(s) of file %s", len(versions) - len(left), name)
         return left
@@ -222,7 +222,7 @@ class FileRecords(StoreBase):
     def _write_file_head(self, name: str, versions: list[dict[str, Any]]) -> None:
         heads = self.db["file_heads"]
         if not versions:
-            self._guard(heads.delete_one, "forget the file", {"_id": name})
+            guard(heads.delete_one, "forget the file", {"_id": name})
             return
         doc = {
             "_id": name,
@@ -230,7 +230,7 @@ class FileRecords(StoreBase):
             "latest": self._file_meta(versions[0]),
             "versions": len(versions),
         }
-        self._guard(
+        guard(
             heads.replace_one, "record the file's latest version", {"_id": name}, doc, upsert=True
         )
 
@@ -243,15 +243,15 @@ class FileRecords(StoreBase):
             .sort([("filename", ASCENDING), ("uploadDate", DESCENDING), ("_id", DESCENDING)])
         )
         by_name: dict[str, list[dict[str, Any]]] = {}
-        for doc in self._read(cursor, "list files"):
+        for doc in read_all(cursor, "list files"):
             by_name.setdefault(doc["filename"], []).append(doc)
         for name, versions in by_name.items():
             self._write_file_head(name, versions)
-        for head in self._read(self.db["file_heads"].find({}, {"_id": 1}), "list"):
+        for head in read_all(self.db["file_heads"].find({}, {"_id": 1}), "list"):
             if head["_id"] not in by_name and head["_id"] != self._FILE_HEADS_BUILT:
                 self._write_file_head(head["_id"], [])  # its versions were deleted
         marker = {"_id": self._FILE_HEADS_BUILT, "version": SCHEMA_VERSION}
-        self._guard(
+        guard(
             self.db["file_heads"].replace_one,
             "mark the file summaries built",
             {"_id": self._FILE_HEADS_BUILT},
@@ -261,14 +261,14 @@ class FileRecords(StoreBase):
         return len(by_name)
 
     def get_file_by_hash(self, sha256: str) -> bytes:
-        doc = self._guard(self._file_docs().find_one, "find the file", {"metadata.sha256": sha256})
+        doc = guard(self._file_docs().find_one, "find the file", {"metadata.sha256": sha256})
         if doc is None:
             raise NotFound(f"no stored file with sha256 {sha256}")
-        return self._guard(lambda: self.fs.get(doc["_id"]).read(), "read the file")
+        return guard(lambda: self.fs.get(doc["_id"]).read(), "read the file")
 
     def file_version(self, name: str, sha256: str) -> dict[str, Any]:
         """The metadata of the version ``sha256`` of the file ``name`` (its newest upload)."""
-        doc = self._guard(
+        doc = guard(
             lambda: self._file_docs().find_one(
                 {"filename": name, "metadata.sha256": sha256},
                 sort=[("uploadDate", DESCENDING), ("_id", DESCENDING)],
@@ -282,17 +282,17 @@ class FileRecords(StoreBase):
     def read_file_version(self, name: str, sha256: str) -> tuple[dict[str, Any], bytes]:
         """The metadata and the bytes of the version ``sha256`` of the file ``name``."""
         meta = self.file_version(name, sha256)
-        data = self._guard(lambda: self.fs.get(ObjectId(meta["id"])).read(), "read the file")
+        data = guard(lambda: self.fs.get(ObjectId(meta["id"])).read(), "read the file")
         return meta, data
 
     def list_files(self) -> list[dict[str, Any]]:
         """The latest version of every stored file, by name, with ``versions`` (how many
         versions of it are stored)."""
         heads = self.db["file_heads"]
-        docs = self._read(heads.find({}).sort("_id", ASCENDING), "list files")
+        docs = read_all(heads.find({}).sort("_id", ASCENDING), "list files")
         if not any(d["_id"] == self._FILE_HEADS_BUILT for d in docs):
             self.rebuild_file_heads()
-            docs = self._read(heads.find({}).sort("_id", ASCENDING), "list files")
+            docs = read_all(heads.find({}).sort("_id", ASCENDING), "list files")
         out = []
         for doc in docs:
             if doc["_id"] == self._FILE_HEADS_BUILT:
@@ -304,7 +304,7 @@ class FileRecords(StoreBase):
         return out
 
     def latest_file(self, name: str) -> dict[str, Any]:
-        doc = self._guard(
+        doc = guard(
             lambda: self._file_docs().find_one(
                 {"filename": name}, sort=[("uploadDate", DESCENDING), ("_id", DESCENDING)]
             ),
@@ -374,7 +374,7 @@ class FileRecords(StoreBase):
                 f"file {name!r} has no stored version {sha256}; "
                 "list them with `cloudtask file versions NAME`"
             )
-        data = self._guard(lambda: self.fs.get(target["_id"]).read(), "read the file")
+        data = guard(lambda: self.fs.get(target["_id"]).read(), "read the file")
         if hashlib.sha256(data).hexdigest() != sha256:
             raise StoreError(f"the stored bytes of {name!r} {sha256[:12]} do not match its sha256")
         return self._add_file_version(name, data, by, keep, rolled_back_from=current)

@@ -18,7 +18,7 @@ from ..runmodel import (
     finished_run_events,
     is_finished,
 )
-from .base import StoreBase, nest_dotted
+from .base import StoreBase, guard, nest_dotted, read_all
 
 log = logging.getLogger("cloudtask.store")
 
@@ -56,7 +56,7 @@ class RunHistory(StoreBase):
         if events:
             self._record_run_events(events)
         try:
-            self._guard(self.tasks.bulk_write, "note last runs", ops, ordered=False)
+            guard(self.tasks.bulk_write, "note last runs", ops, ordered=False)
         except (StoreError, BulkWriteError) as e:
             log.warning("cannot note the last runs on their tasks: %s", e)
 
@@ -67,7 +67,7 @@ class RunHistory(StoreBase):
             cursor = self.tasks.find(
                 {"_id": {"$in": task_ids}}, {"last_run": 1, "spec.notify.on": 1}
             )
-            found = self._read(cursor, "read the tasks' last runs")
+            found = read_all(cursor, "read the tasks' last runs")
         except (StoreError, BulkWriteError) as e:
             log.warning("cannot read the last runs of the tasks (no recovery events): %s", e)
             return None

@@ -14,7 +14,7 @@ from ..clock import to_bson_time, utcnow
 from ..runmodel import (
     SCHEMA_VERSION,
 )
-from .base import StoreBase
+from .base import StoreBase, guard
 
 log = logging.getLogger("cloudtask.store")
 
@@ -42,7 +42,7 @@ class Leases(StoreBase):
             "expires_at": to_bson_time(now + timedelta(seconds=ttl)),
         }
         try:
-            self._guard(self.leases.insert_one, "take a lease", doc)
+            guard(self.leases.insert_one, "take a lease", doc)
             return True
         except DuplicateKeyError:
             current = self.read_lease(name)
@@ -51,7 +51,7 @@ class Leases(StoreBase):
             return False
 
     def read_lease(self, name: str) -> dict[str, Any] | None:
-        return self._guard(self.leases.find_one, "read a lease", {"_id": name})
+        return guard(self.leases.find_one, "read a lease", {"_id": name})
 
     def take_over_lease(
         self,
@@ -65,7 +65,7 @@ class Leases(StoreBase):
         read it at least a whole lease life ago and again now. It is deleted only if it is
         still exactly that (holder and expiry), so a holder that renewed meanwhile keeps it
         and two takers cannot both win; then it is acquired as usual."""
-        self._guard(
+        guard(
             self.leases.delete_one,
             "clear an unrenewed lease",
             {"_id": name, "holder": seen["holder"], "expires_at": seen["expires_at"]},
@@ -75,14 +75,14 @@ class Leases(StoreBase):
     def renew_lease(self, name: str, holder: str, ttl: float, now: datetime | None = None) -> bool:
         """Extend our lease; False if it is no longer ours (it expired and someone took it)."""
         now = to_bson_time(now or utcnow())
-        current = self._guard(self.leases.find_one, "read a lease", {"_id": name, "holder": holder})
+        current = guard(self.leases.find_one, "read a lease", {"_id": name, "holder": holder})
         if current is None:
             return False
         current["expires_at"] = to_bson_time(now + timedelta(seconds=ttl))
-        result = self._guard(
+        result = guard(
             self.leases.replace_one, "renew a lease", {"_id": name, "holder": holder}, current
         )
         return result.matched_count == 1
 
     def release_lease(self, name: str, holder: str) -> None:
-        self._guard(self.leases.delete_one, "release a lease", {"_id": name, "holder": holder})
+        guard(self.leases.delete_one, "release a lease", {"_id": name, "holder": holder})

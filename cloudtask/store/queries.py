@@ -22,7 +22,7 @@ from pymongo import ASCENDING, DESCENDING
 from .. import events
 from ..clock import utcnow
 from ..runmodel import RUNNING_STATUSES
-from .base import StoreBase
+from .base import StoreBase, guard, read_all
 
 COUNT_CAP = 100_000  # counts above this show as "100000+"
 DAY_SECONDS = 86_400
@@ -99,7 +99,7 @@ class PageQueries(StoreBase):
         """How many documents of ``collection`` match, counted by the server in one
         aggregation. Queries given here compare numbers and strings only."""
         pipeline = [{"$match": query}, {"$count": "n"}]
-        result = self._guard(lambda: list(self.db[collection].aggregate(pipeline)), "count")
+        result = guard(lambda: list(self.db[collection].aggregate(pipeline)), "count")
         return int(result[0]["n"]) if result else 0
 
     def _capped_count(self, collection: str, query: dict[str, Any]) -> tuple[int, bool]:
@@ -108,7 +108,7 @@ class PageQueries(StoreBase):
 
     def _grouped(self, collection: str, pipeline: list[dict[str, Any]]) -> dict[Any, int]:
         """``{_id: n}`` of a ``$group`` pipeline whose accumulator is ``n``."""
-        rows = self._guard(lambda: list(self.db[collection].aggregate(pipeline)), "count")
+        rows = guard(lambda: list(self.db[collection].aggregate(pipeline)), "count")
         return {row["_id"]: int(row["n"]) for row in rows}
 
     # --- the lists --------------------------------------------------------------------------
@@ -146,7 +146,7 @@ class PageQueries(StoreBase):
             .skip((page - 1) * per_page)
             .limit(per_page)
         )
-        items = self._read(cursor, "list tasks")
+        items = read_all(cursor, "list tasks")
         total, capped = self._capped_count("tasks", query)
         for item in items:
             item["owner_agent"] = (owners or {}).get(item["_id"])
@@ -174,7 +174,7 @@ class PageQueries(StoreBase):
             .skip((page - 1) * per_page)
             .limit(per_page)
         )
-        items = self._read(cursor, "list runs")
+        items = read_all(cursor, "list runs")
         total, capped = self._capped_count("runs", query)
         return Page(items, page, per_page, total, capped, filters)
 
@@ -205,7 +205,7 @@ class PageQueries(StoreBase):
             .skip((page - 1) * per_page)
             .limit(per_page)
         )
-        items = self._read(cursor, "list events")
+        items = read_all(cursor, "list events")
         total, capped = self._capped_count("events", query)
         return Page(items, page, per_page, total, capped, filters)
 
@@ -242,7 +242,7 @@ class PageQueries(StoreBase):
             cursor = (
                 self.audit.find(query).sort("at", DESCENDING).skip(newer + offset).limit(wanted)
             )
-            items = self._read(cursor, "list the audit log")
+            items = read_all(cursor, "list the audit log")
         return Page(items, page, per_page, total, capped=False, filters=filters)
 
     # --- the overview -----------------------------------------------------------------------
@@ -285,7 +285,7 @@ class PageQueries(StoreBase):
         for status in statuses:  # equality reads use the index; an $in does not
             query = {"last_run.status": status}
             cursor = self.tasks.find(query, fields).sort("last_run.finished", DESCENDING)
-            rows = self._read(cursor.limit(limit), "list failing tasks")
+            rows = read_all(cursor.limit(limit), "list failing tasks")
             found += rows
             total += len(rows) if len(rows) < limit else self.count("tasks", query)
         found.sort(key=lambda t: -float((t.get("last_run") or {}).get("finished") or 0))
@@ -293,7 +293,7 @@ class PageQueries(StoreBase):
 
     def recent_runs(self, limit: int) -> list[dict[str, Any]]:
         cursor = self.runs.find({}, RUN_LIST_FIELDS).sort("scheduled_for", DESCENDING)
-        return self._read(cursor.limit(limit), "list recent runs")
+        return read_all(cursor.limit(limit), "list recent runs")
 
     def recent_events(self, severities: Iterable[str], limit: int) -> list[dict[str, Any]]:
         """The newest events of these severities, by their numeric ts (one equality query per
@@ -301,7 +301,7 @@ class PageQueries(StoreBase):
         found = [
             e
             for severity in severities
-            for e in self._read(
+            for e in read_all(
                 self.events.find({"severity": severity}).sort("ts", DESCENDING).limit(limit),
                 "list recent events",
             )
@@ -322,27 +322,27 @@ class PageQueries(StoreBase):
 
     def task_fields(self, task_id: Any, fields: dict[str, int]) -> dict[str, Any] | None:
         """These fields of the task with this id, or None."""
-        return self._guard(self.tasks.find_one, "read the task", {"_id": task_id}, fields)
+        return guard(self.tasks.find_one, "read the task", {"_id": task_id}, fields)
 
     def task_fields_by_name(self, name: str, fields: dict[str, int]) -> dict[str, Any] | None:
-        return self._guard(self.tasks.find_one, "read the task", {"name": name}, fields)
+        return guard(self.tasks.find_one, "read the task", {"name": name}, fields)
 
     def task_names(self, task_ids: Iterable[str]) -> dict[str, str]:
         """task id -> name, for those of ``task_ids`` that exist."""
         cursor = self.tasks.find({"_id": {"$in": sorted(set(task_ids))}}, {"name": 1})
-        return {d["_id"]: d.get("name") for d in self._read(cursor, "read task names")}
+        return {d["_id"]: d.get("name") for d in read_all(cursor, "read task names")}
 
     def task_ids_by_name(self, names: Iterable[str]) -> dict[str, str]:
         """name -> task id, for those of ``names`` that exist."""
         cursor = self.tasks.find({"name": {"$in": sorted(set(names))}}, {"name": 1})
-        return {d["name"]: d["_id"] for d in self._read(cursor, "read task ids")}
+        return {d["name"]: d["_id"] for d in read_all(cursor, "read task ids")}
 
     def run_fields(self, run_id: str, fields: dict[str, int]) -> dict[str, Any] | None:
         """These fields of the run with this id, or None."""
-        return self._guard(self.runs.find_one, "read the run", {"_id": run_id}, fields)
+        return guard(self.runs.find_one, "read the run", {"_id": run_id}, fields)
 
     def task_has_runs(self, task_id: str) -> bool:
-        found = self._guard(self.runs.find_one, "read runs", {"task_id": task_id}, {"_id": 1})
+        found = guard(self.runs.find_one, "read runs", {"task_id": task_id}, {"_id": 1})
         return found is not None
 
     def task_runs(
@@ -363,19 +363,19 @@ class PageQueries(StoreBase):
         if span:
             query["scheduled_for"] = span
         cursor = self.runs.find(query, fields).sort("scheduled_for", DESCENDING).limit(limit)
-        return self._read(cursor, "list the task's runs")
+        return read_all(cursor, "list the task's runs")
 
     def unfinished_run_count(self, task_id: str, cap: int = 1000) -> int:
         """How many of the task's runs are queued or running (counted up to ``cap``)."""
         query = {"task_id": task_id, "status": {"$in": list(RUNNING_STATUSES)}}
-        return self._guard(self.runs.count_documents, "count runs", query, limit=cap)
+        return guard(self.runs.count_documents, "count runs", query, limit=cap)
 
     def task_values(self, key: str) -> list[str]:
         """The distinct string values of a task field (an indexed read), sorted."""
-        values = self._guard(self.tasks.distinct, "read the tasks' values", key)
+        values = guard(self.tasks.distinct, "read the tasks' values", key)
         return sorted(v for v in values if isinstance(v, str))
 
     def agent_ids(self, limit: int) -> list[str]:
         """The ids of the recorded agents, sorted (at most ``limit``)."""
         cursor = self.agents.find({}, {"_id": 1}).limit(limit)
-        return sorted(a["_id"] for a in self._read(cursor, "list agents"))
+        return sorted(a["_id"] for a in read_all(cursor, "list agents"))

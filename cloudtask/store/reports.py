@@ -16,7 +16,7 @@ from ..exceptions import Conflict
 from ..runmodel import (
     SCHEMA_VERSION,
 )
-from .base import StoreBase
+from .base import StoreBase, guard
 
 log = logging.getLogger("cloudtask.store")
 
@@ -27,7 +27,7 @@ class RunReports(StoreBase):
     def get_report(self, run_id: str) -> dict[str, Any] | None:
         """What the service of an http run reported: ``percent``, ``message``, ``updated_at``
         and ``result`` (None, or ``{"status": "succeeded"|"failed", "message", "at"}``)."""
-        return self._guard(self.reports.find_one, "read the run's report", {"_id": run_id})
+        return guard(self.reports.find_one, "read the run's report", {"_id": run_id})
 
     def report_progress(
         self, run_id: str, percent: float | None, message: str, now: datetime | None = None
@@ -49,13 +49,13 @@ class RunReports(StoreBase):
         }
         if current is None:
             try:
-                self._guard(self.reports.insert_one, "record the progress", doc)
+                guard(self.reports.insert_one, "record the progress", doc)
                 return doc
             except DuplicateKeyError:
                 current = self.get_report(run_id) or {}
                 if current.get("result"):
                     raise Conflict(f"run {run_id} already reported its result") from None
-        self._guard(
+        guard(
             self.reports.replace_one,
             "record the progress",
             {"_id": run_id, "result": {"$in": [None]}},
@@ -83,11 +83,11 @@ class RunReports(StoreBase):
         }
         if current is None:
             try:
-                self._guard(self.reports.insert_one, "record the result", doc)
+                guard(self.reports.insert_one, "record the result", doc)
                 return doc
             except DuplicateKeyError:
                 pass
-        outcome = self._guard(
+        outcome = guard(
             self.reports.replace_one,
             "record the result",
             {"_id": run_id, "result": {"$in": [None]}},

@@ -27,7 +27,7 @@ from ..runmodel import (
     lost_fields,
     released_fields,
 )
-from .base import DUPLICATE_KEY, StoreBase, indexed
+from .base import DUPLICATE_KEY, StoreBase, guard, indexed, read_all
 
 log = logging.getLogger("cloudtask.store")
 
@@ -49,7 +49,7 @@ class RunRecords(StoreBase):
         if not docs:
             return []
         try:
-            self._guard(self.claims.insert_many, "claim runs", list(docs), ordered=False)
+            guard(self.claims.insert_many, "claim runs", list(docs), ordered=False)
             won = [True] * len(docs)
         except BulkWriteError as e:
             duplicates: set[int] = set()
@@ -60,7 +60,7 @@ class RunRecords(StoreBase):
             ids = [docs[i]["_id"] for i in duplicates]
             ours = {
                 d["_id"]
-                for d in self._read(
+                for d in read_all(
                     self.claims.find({"_id": {"$in": ids}}, {"_id": 1}), "check claims"
                 )
             }
@@ -94,7 +94,7 @@ class RunRecords(StoreBase):
             )
             for d in docs
         ]
-        self._guard(self.claims.bulk_write, "write runs", ops, ordered=False)
+        guard(self.claims.bulk_write, "write runs", ops, ordered=False)
         self.note_last_runs(docs)
 
     def beat_runs(self, agent: str, run_ids: Sequence[str], beat: float) -> int:
@@ -103,7 +103,7 @@ class RunRecords(StoreBase):
         has seen this value stay the same for a grace period. Returns how many were beaten."""
         if not run_ids:
             return 0
-        result = self._guard(
+        result = guard(
             self.claims.update_many,
             "beat runs",
             {
@@ -119,7 +119,7 @@ class RunRecords(StoreBase):
         """Move a claim that waited for a slot from ``queued`` to ``running``, before its
         process starts: one conditional write, so a claim released to (or taken over by)
         another agent meanwhile is never started here too. Only a string is ``$set``."""
-        result = self._guard(
+        result = guard(
             self.claims.update_one,
             "start a queued run",
             {"_id": run_id, "status": "queued", "agent": agent},
@@ -130,14 +130,14 @@ class RunRecords(StoreBase):
     def runs_by_id(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
         """The whole documents of these runs (the ones that exist)."""
         cursor = self.runs.find({"_id": {"$in": list(run_ids)}})
-        return self._read(cursor, "read runs")
+        return read_all(cursor, "read runs")
 
     def run_states(self, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """run id -> its ``status``, ``attempt`` and ``finished_at`` (runs that exist)."""
         cursor = self.runs.find(
             {"_id": {"$in": list(run_ids)}}, {"status": 1, "attempt": 1, "finished_at": 1}
         )
-        return {d["_id"]: d for d in self._read(cursor, "read runs")}
+        return {d["_id"]: d for d in read_all(cursor, "read runs")}
 
     def unfinished_runs(self, query: dict[str, Any]) -> list[dict[str, Any]]:
         """Runs matching ``query`` that are still ``queued`` or ``running``.
@@ -148,7 +148,7 @@ class RunRecords(StoreBase):
         found: list[dict[str, Any]] = []
         for status in RUNNING_STATUSES:
             cursor = self.runs.find(indexed({**query, "status": status}))
-            found += self._read(cursor, "find unfinished runs")
+            found += read_all(cursor, "find unfinished runs")
         return found
 
     def finish_unheard_runs(
@@ -183,7 +183,7 @@ class RunRecords(StoreBase):
                 )
             )
             written.append(new)
-        self._guard(self.claims.bulk_write, "mark runs lost", ops, ordered=False)
+        guard(self.claims.bulk_write, "mark runs lost", ops, ordered=False)
         self.note_last_runs([d for d in written if d["status"] == "lost"])
         return [d["_id"] for d in written]
 
@@ -233,7 +233,7 @@ class RunRecords(StoreBase):
             cursor = self.runs.find(
                 indexed({"agent": agent, "status": "lost", "ts": {"$gte": since, "$lte": 1e12}})
             )
-            lost = self._read(cursor, "find lost runs")
+            lost = read_all(cursor, "find lost runs")
             left += [d for d in lost if d["_id"] in known]
         return left
 
@@ -241,12 +241,12 @@ class RunRecords(StoreBase):
         """Free the keepalive leases these runs held (for a caller that knows their processes
         are gone)."""
         if holders:
-            self._guard(self.leases.delete_many, "free leases", {"holder": {"$in": list(holders)}})
+            guard(self.leases.delete_many, "free leases", {"holder": {"$in": list(holders)}})
 
     def last_fire(self, task_id: str, slot: str) -> dict[str, Any] | None:
         """The latest run recorded for a task's slot (its last attempt of its latest fire),
         with ``scheduled_for``, ``attempt``, ``status`` and ``finished_at``; or None."""
-        return self._guard(
+        return guard(
             self.claims.find_one,
             "read the run history",
             indexed({"task_id": task_id, "slot": slot}),
@@ -280,7 +280,7 @@ class RunRecords(StoreBase):
             .sort("ts", DESCENDING)
             .limit(limit * (retries + 1))
         )
-        docs = self._read(cursor, "read the run history")
+        docs = read_all(cursor, "read the run history")
         attempts = {(d["scheduled_for"], d["attempt"]) for d in docs}
         owed = [
             d
@@ -292,7 +292,7 @@ class RunRecords(StoreBase):
         return sorted(owed, key=lambda d: d["scheduled_for"])[-limit:]
 
     def get_run(self, run_id: str) -> dict[str, Any]:
-        doc = self._guard(self.runs.find_one, "read the run", {"_id": run_id})
+        doc = guard(self.runs.find_one, "read the run", {"_id": run_id})
         if doc is None:
             raise NotFound(f"no run with id {run_id!r}")
         return doc
@@ -314,14 +314,12 @@ class RunRecords(StoreBase):
         if agent is not None:
             query["agent"] = agent
         cursor = self.runs.find(query).sort("scheduled_for", pymongo.DESCENDING).limit(limit)
-        return self._read(cursor, "list runs")
+        return read_all(cursor, "list runs")
 
     def purge_runs(self, now: datetime | None = None) -> int:
         """Delete the runs that finished more than ``run_retention_days`` ago. Returns how many."""
         cutoff = to_bson_time((now or utcnow()) - timedelta(days=self.run_retention_days))
-        result = self._guard(
-            self.runs.delete_many, "delete old runs", {"finished_at": {"$lt": cutoff}}
-        )
+        result = guard(self.runs.delete_many, "delete old runs", {"finished_at": {"$lt": cutoff}})
         if result.deleted_count:
             log.info(
                 "deleted %d runs finished before %s (runs.retention_days = %s)",

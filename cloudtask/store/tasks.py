@@ -22,7 +22,7 @@ from ..runmodel import (
     new_id,
 )
 from ..task import TaskSpec, parse_task
-from .base import StoreBase
+from .base import StoreBase, guard, read_all
 
 log = logging.getLogger("cloudtask.store")
 
@@ -64,7 +64,7 @@ class TaskRecords(StoreBase):
         doc["created_at"] = doc["updated_at"]
         doc["done_at"] = None
         try:
-            self._guard(self.tasks.insert_one, "store the task", doc)
+            guard(self.tasks.insert_one, "store the task", doc)
         except DuplicateKeyError:
             raise _name_taken(spec.name) from None
         return doc
@@ -103,7 +103,7 @@ class TaskRecords(StoreBase):
                 "last_run.id": last_id if last_id is not None else {"$in": [None]},
             }
             try:
-                result = self._guard(self.tasks.replace_one, "update the task", match, doc)
+                result = guard(self.tasks.replace_one, "update the task", match, doc)
             except DuplicateKeyError:
                 raise _name_taken(spec.name) from None
             if result.matched_count:
@@ -117,17 +117,17 @@ class TaskRecords(StoreBase):
         raise Conflict(f"task {current['name']!r} changed meanwhile; reload it and try again")
 
     def get_task(self, task_id: str) -> dict[str, Any]:
-        doc = self._guard(self.tasks.find_one, "read the task", {"_id": task_id})
+        doc = guard(self.tasks.find_one, "read the task", {"_id": task_id})
         if doc is None:
             raise NotFound(f"no task with id {task_id!r}")
         return doc
 
     def find_task(self, task_id: str) -> dict[str, Any] | None:
         """The task with this id, or None."""
-        return self._guard(self.tasks.find_one, "read the task", {"_id": task_id})
+        return guard(self.tasks.find_one, "read the task", {"_id": task_id})
 
     def get_task_by_name(self, name: str) -> dict[str, Any]:
-        doc = self._guard(self.tasks.find_one, "read the task", {"name": name})
+        doc = guard(self.tasks.find_one, "read the task", {"name": name})
         if doc is None:
             raise NotFound(f"no task named {name!r}")
         return doc
@@ -140,19 +140,19 @@ class TaskRecords(StoreBase):
             query["group"] = {"$in": list(groups)}
         if enabled is not None:
             query["enabled"] = enabled
-        return self._read(self.tasks.find(query), "list tasks")
+        return read_all(self.tasks.find(query), "list tasks")
 
     def get_tasks(self, task_ids: Iterable[str]) -> list[dict[str, Any]]:
-        return self._read(self.tasks.find({"_id": {"$in": list(task_ids)}}), "read tasks")
+        return read_all(self.tasks.find({"_id": {"$in": list(task_ids)}}), "read tasks")
 
     def task_revisions(self, groups: Iterable[str] | None = None) -> dict[str, tuple[int, bool]]:
         """task id -> (revision, done), cheaply, so a poller can tell whether anything changed."""
         query: dict[str, Any] = {} if groups is None else {"group": {"$in": list(groups)}}
-        docs = self._read(self.tasks.find(query, {"revision": 1, "done_at": 1}), "list tasks")
+        docs = read_all(self.tasks.find(query, {"revision": 1, "done_at": 1}), "list tasks")
         return {d["_id"]: (d["revision"], bool(d.get("done_at"))) for d in docs}
 
     def delete_task(self, task_id: str) -> None:
-        result = self._guard(self.tasks.delete_one, "delete the task", {"_id": task_id})
+        result = guard(self.tasks.delete_one, "delete the task", {"_id": task_id})
         if result.deleted_count == 0:
             raise NotFound(f"no task with id {task_id!r}")
 
@@ -166,7 +166,7 @@ class TaskRecords(StoreBase):
             return 0
         when = to_bson_time(now or utcnow())
         ran = dict(done)
-        docs = self._read(self.tasks.find({"_id": {"$in": list(ran)}}), "read tasks")
+        docs = read_all(self.tasks.find({"_id": {"$in": list(ran)}}), "read tasks")
         ops = []
         for doc in docs:
             if doc["revision"] == ran[doc["_id"]] and not doc.get("done_at"):
@@ -174,5 +174,5 @@ class TaskRecords(StoreBase):
                 ops.append(ReplaceOne({"_id": doc["_id"], "revision": doc["revision"]}, doc))
         if not ops:
             return 0
-        result = self._guard(self.tasks.bulk_write, "mark tasks done", ops, ordered=False)
+        result = guard(self.tasks.bulk_write, "mark tasks done", ops, ordered=False)
         return result.modified_count

@@ -14,7 +14,7 @@ from typing import Any
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from ..exceptions import Conflict, Problem
-from .base import StoreBase
+from .base import StoreBase, guard, read_all
 
 
 class UserRecords(StoreBase):
@@ -23,33 +23,33 @@ class UserRecords(StoreBase):
     def insert_user(self, doc: dict[str, Any]) -> None:
         """Store a new user; Conflict when the name is taken."""
         try:
-            self._guard(self.users.insert_one, "store the user", doc)
+            guard(self.users.insert_one, "store the user", doc)
         except DuplicateKeyError:
             message = f"a user named {doc['_id']!r} already exists"
             problem = Problem("username", f"{message}: choose another name")
             raise Conflict(message, [problem]) from None
 
     def find_user(self, username: str) -> dict[str, Any] | None:
-        return self._guard(self.users.find_one, "read the user", {"_id": username})
+        return guard(self.users.find_one, "read the user", {"_id": username})
 
     def replace_user(self, doc: dict[str, Any], rev: int | None) -> bool:
         """Write ``doc`` whole if the stored user is still at ``rev``; False if it changed."""
         match = {"_id": doc["_id"], "rev": rev if rev is not None else {"$in": [None]}}
-        result = self._guard(self.users.replace_one, "update the user", match, doc)
+        result = guard(self.users.replace_one, "update the user", match, doc)
         return bool(result.matched_count)
 
     def enabled_admin_names(self) -> list[str]:
         """The names of the enabled admins, sorted (flags read by truthiness: see above)."""
         cursor = self.users.find({"role": "admin"}, {"enabled": 1})
-        return sorted(d["_id"] for d in self._read(cursor, "read the admins") if d.get("enabled"))
+        return sorted(d["_id"] for d in read_all(cursor, "read the admins") if d.get("enabled"))
 
     def list_user_docs(self, limit: int | None = None) -> list[dict[str, Any]]:
         """The stored users by name (at most ``limit``, if given)."""
         cursor = self.users.find({}).sort("_id", 1).limit(limit or 0)
-        return self._read(cursor, "list the users")
+        return read_all(cursor, "list the users")
 
     def user_by_token_hash(self, hashed: str) -> dict[str, Any] | None:
-        return self._guard(self.users.find_one, "find the token", {"tokens.hash": hashed})
+        return guard(self.users.find_one, "find the token", {"tokens.hash": hashed})
 
     def note_token_use(self, username: str, hashed: str, at: float) -> None:
         """Set one token's ``last_used_at``: one number in one array element, atomic, so it never

@@ -16,7 +16,7 @@ from ..clock import to_bson_time, utcnow
 from ..runmodel import (
     new_run_document,
 )
-from .base import StoreBase
+from .base import StoreBase, guard, read_all
 
 log = logging.getLogger("cloudtask.store")
 
@@ -45,7 +45,7 @@ class WaitingRuns(StoreBase):
         cursor = self.runs.find({"status": {"$eq": "queued"}}, projection)
         docs = [
             d
-            for d in self._read(cursor, "read the runs waiting for an agent")
+            for d in read_all(cursor, "read the runs waiting for an agent")
             if d.get("agent") is None
         ]
         return sorted(docs, key=lambda d: d["claimed_at"])
@@ -56,7 +56,7 @@ class WaitingRuns(StoreBase):
         now = to_bson_time(utcnow())
         finished = []
         for doc, status, reason in verdicts:
-            full = self._guard(
+            full = guard(
                 self.claims.find_one,
                 "read a released claim",
                 {"_id": doc["_id"], "status": "queued", "agent": {"$in": [None]}},
@@ -65,7 +65,7 @@ class WaitingRuns(StoreBase):
                 continue
             full.update(status=status, error=f"{full.get('error') or 'released'}; {reason}")
             full.update(finished_at=now, duration=0.0)
-            result = self._guard(
+            result = guard(
                 self.claims.replace_one,
                 "record a released claim",
                 {"_id": doc["_id"], "status": "queued", "agent": {"$in": [None]}},
@@ -99,7 +99,7 @@ class WaitingRuns(StoreBase):
             now=now,
         )
         doc["requested_by"] = requested_by
-        self._guard(self.runs.insert_one, "record the manual run", doc)
+        guard(self.runs.insert_one, "record the manual run", doc)
         return doc
 
     def pending_runs(self, group: str, limit: int = 100) -> list[dict[str, Any]]:
@@ -122,7 +122,7 @@ class WaitingRuns(StoreBase):
         fields = {"agent": agent, "session": session, "token_hash": token_hash}
         if trigger is not None:
             fields["trigger"] = trigger
-        return self._guard(
+        return guard(
             self.claims.find_one_and_update,
             "take a pending run",
             {"_id": run_id, "status": "queued", "agent": {"$in": [None]}},
@@ -142,11 +142,11 @@ class WaitingRuns(StoreBase):
             "status": "queued",
             "agent": agent if agent is not None else {"$in": [None]},
         }
-        doc = self._guard(self.claims.find_one, "read the run", query)
+        doc = guard(self.claims.find_one, "read the run", query)
         if doc is None:
             return False
         doc.update(status="killed", error=reason, finished_at=now, duration=0.0)
-        result = self._guard(self.claims.replace_one, "cancel the run", query, doc)
+        result = guard(self.claims.replace_one, "cancel the run", query, doc)
         if result.matched_count:
             self.note_last_runs([doc])
         return bool(result.matched_count)
