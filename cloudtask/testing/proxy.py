@@ -38,6 +38,9 @@ Example::
 
 A fault switch returns once the proxy's thread applies it: after ``proxy.cut()`` returns, not
 one more byte is relayed.
+
+Longer than most modules on purpose: :class:`TcpProxy` is one job, a one-thread selector loop
+whose fault switches, connection states and delayed buffers all act on the same sockets.
 """
 
 from __future__ import annotations
