@@ -479,7 +479,7 @@ def test_next_with_bad_json_is_a_usage_error():
 def test_web_secret_key_is_generated_once_and_private(tmp_path):
     import stat
 
-    from cloudtask.cli import _web_secret
+    from cloudtask.cli.servers import _web_secret
     from cloudtask.config import Config
 
     cfg = Config().with_section("web", data_dir=str(tmp_path / "web"))
@@ -493,7 +493,7 @@ def test_web_secret_key_is_generated_once_and_private(tmp_path):
 def test_a_daemon_waits_for_its_servers_but_not_for_a_configuration_error(caplog):
     from pymongo.errors import ServerSelectionTimeoutError
 
-    from cloudtask.cli import _when_reachable
+    from cloudtask.cli.servers import _when_reachable
     from cloudtask.exceptions import StoreError
     from cloudtask.zkpaths import ClusterUnavailable
 

@@ -1,0 +1,69 @@
+"""The ``cloudtask`` command.
+
+Errors CloudTask raises on purpose are printed as they are (what is wrong, where, what to do),
+never as a traceback. Logging is configured in this package, at the entry point
+(:mod:`~cloudtask.cli.common`), and nowhere else.
+
+This module holds the root group ``cli`` and ``main``, and adds to ``cli`` the commands of
+one module per family:
+
+* :mod:`~cloudtask.cli.servers`: the programs, ``agent``, ``web``, ``center`` and ``up``;
+* :mod:`~cloudtask.cli.authoring`: ``validate`` and ``apply`` (task files) and ``next``;
+* :mod:`~cloudtask.cli.admin`: the ``task``, ``run``, ``user``, ``token`` and ``file`` groups.
+
+What they share (the config, logging, the ``--config`` and ``--verbose`` options, who acts,
+the store and the operations a command works on) is in :mod:`~cloudtask.cli.common`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+from .. import __version__
+from ..exceptions import CloudTaskError, ValidationError
+from . import admin, authoring, servers
+
+
+class _Group(click.Group):
+    """Turns CloudTask's own errors into a clean message and exit code 2 (bad input) or 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ValidationError as e:
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(2)
+        except CloudTaskError as e:
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cloudtask")
+def cli() -> None:
+    """CloudTask: a distributed task scheduler that replaces per-machine crontabs."""
+
+
+for _command in (
+    servers.agent,
+    servers.web,
+    servers.center,
+    authoring.validate,
+    authoring.apply,
+    admin.task_group,
+    admin.run_group,
+    admin.user_group,
+    admin.token_group,
+    admin.file_group,
+    authoring.next_cmd,
+    servers.up,
+):
+    cli.add_command(_command)
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    cli(prog_name="cloudtask")
