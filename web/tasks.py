@@ -8,7 +8,8 @@ field are shown at the top. What the user typed is always shown again as typed. 
 translation between the fields and the spec is :mod:`web.taskform`; this module serves it.
 
 Two JSON endpoints serve the pages' scripts: ``preview`` (the next fire times of a schedule
-typed in the form) and ``trend`` (duration and status per run, for the chart).
+typed in the form) and ``trend`` (duration and status per run, for the chart). Their views
+are in :mod:`web.taskjson`; they are routes of this blueprint, declared here.
 """
 
 from __future__ import annotations
@@ -18,22 +19,12 @@ from datetime import datetime, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from flask import (
-    Blueprint,
-    abort,
-    current_app,
-    flash,
-    jsonify,
-    redirect,
-    render_template,
-    request,
-    url_for,
-)
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from werkzeug.routing import BuildError
 
 from cloudtask.clock import utcnow
 from cloudtask.exceptions import CloudTaskError, Conflict, NotFound, Problem, ValidationError
-from cloudtask.schedules import next_fires, parse_schedule, schedule_summary
+from cloudtask.schedules import next_fires, schedule_summary
 from cloudtask.store import nest_dotted
 from cloudtask.store.queries import RUN_LIST_FIELDS
 from cloudtask.task import (
@@ -46,34 +37,25 @@ from cloudtask.task import (
     validate_task,
 )
 
+from . import taskjson
 from .auth import requires, safe_path
 from .context import actor, cluster, ops, store
-from .queries import (
-    LAST_RESULTS,
-    TASK_STATES,
-    lenient,
-    parse_time,
-    task_filters,
-)
+from .queries import LAST_RESULTS, TASK_STATES, lenient, task_filters
 from .taskform import (
     SCHEDULE_KINDS,
     default_form,
-    duration_value,
     form_spec,
     group_problems,
-    instant_value,
     read_form,
     small_number,
     spec_form,
 )
+from .taskjson import fmt_local, schedule_zone
 
 bp = Blueprint("tasks", __name__, url_prefix="/tasks")
 
 DETAIL_RUNS = 20
 DETAIL_FIRES = 10
-PREVIEW_FIRES = 5
-TREND_DEFAULT = 500
-TREND_MAX = 5000
 
 
 # --- helpers shared by the views and templates -----------------------------------------------
@@ -91,23 +73,6 @@ def task_state(task: dict[str, Any]) -> str:
     if task.get("done_at"):
         return "done"
     return "enabled" if task.get("enabled", True) else "paused"
-
-
-def schedule_zone(schedule: Any) -> str:
-    """The time zone a task's fire times are shown in: its first cron/every schedule's."""
-    items = schedule if isinstance(schedule, list) else [schedule]
-    for item in items:
-        if isinstance(item, dict) and ("cron" in item or "every" in item):
-            return str(item.get("timezone") or "UTC")
-    return "UTC"
-
-
-def _fmt_local(moment: datetime, zone: ZoneInfo) -> str:
-    local = moment.astimezone(zone)
-    name = local.strftime("%Z")
-    offset = local.strftime("%z")
-    offset = f"UTC{offset[:3]}:{offset[3:]}"
-    return local.strftime("%Y-%m-%d %H:%M:%S ") + (name if name[:1].isalpha() else offset)
 
 
 def _fmt_utc(moment: datetime) -> str:
@@ -134,7 +99,7 @@ def fire_times(task: dict[str, Any], n: int = DETAIL_FIRES) -> dict[str, Any]:
         return out
     try:
         fires = next_fires(spec.schedule, utcnow(), n)
-        out["fires"] = [(_fmt_local(f, zone), _fmt_utc(f)) for f in fires]
+        out["fires"] = [(fmt_local(f, zone), _fmt_utc(f)) for f in fires]
     except (OverflowError, ValueError) as e:  # a time at the edge of the calendar
         out.update(kind="invalid", message=f"its fire times cannot be computed: {e}")
         return out
@@ -235,131 +200,11 @@ def detail(task_id: str) -> Any:
     )
 
 
-# --- trend (JSON for the chart) --------------------------------------------------------------
+# --- trend and preview: the JSON the pages' scripts fetch (views in web/taskjson.py) ----------
 
 
-def _json_error(message: str, problems: list[Problem], code: int) -> Any:
-    return jsonify(error=message, details=[p.to_dict() for p in problems]), code
-
-
-def _trend_args(args: Any) -> tuple[dict[str, Any], list[Problem]]:
-    problems: list[Problem] = []
-    out: dict[str, Any] = {}
-    for name in ("since", "until"):
-        raw = args.get(name)
-        if raw in (None, ""):
-            continue
-        try:
-            out[name] = parse_time(raw)
-        except ValueError as e:
-            problems.append(Problem(name, str(e)))
-    raw = args.get("limit")
-    out["limit"] = TREND_DEFAULT
-    if raw not in (None, ""):
-        try:
-            limit = int(raw)
-            if not 1 <= limit <= TREND_MAX:
-                raise ValueError
-            out["limit"] = limit
-        except ValueError:
-            problems.append(Problem("limit", f"expected a number from 1 to {TREND_MAX}"))
-    if not problems and out.get("since") and out.get("until") and out["since"] >= out["until"]:
-        problems.append(Problem("until", "must be after since"))
-    return out, problems
-
-
-def _epoch_ms(value: Any) -> int | None:
-    if not isinstance(value, datetime):
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return int(value.timestamp() * 1000)
-
-
-@bp.get("/<task_id>/trend.json")
-@requires("viewer")
-def trend(task_id: str) -> Any:
-    """{"points": [{"t": epoch ms of scheduled_for, "d": seconds or null, "s": status,
-    "id": run id}]}, oldest first: the newest ``limit`` (500) runs, within since/until."""
-    args, problems = _trend_args(request.args)
-    if problems:
-        return _json_error("the chart's arguments are invalid", problems, 422)
-    try:
-        task = store().get_task(task_id)
-    except NotFound as e:
-        return _json_error(str(e), [], 404)
-    fields = {"scheduled_for": 1, "duration": 1, "status": 1}
-    docs = store().task_runs(
-        task["_id"], fields, args["limit"], since=args.get("since"), until=args.get("until")
-    )
-    points = []
-    for doc in reversed(docs):
-        t = _epoch_ms(doc.get("scheduled_for"))
-        if t is None:
-            continue
-        duration = doc.get("duration")
-        duration = float(duration) if isinstance(duration, (int, float)) else None
-        if doc.get("status") in ("queued", "running"):
-            duration = None
-        points.append({"t": t, "d": duration, "s": doc.get("status"), "id": doc["_id"]})
-    return jsonify(points=points, task=task["name"])
-
-
-# --- preview (JSON for the form's schedule fields) --------------------------------------------
-
-
-@bp.get("/preview")
-@requires("viewer")
-def preview() -> Any:
-    """The next fire times of a schedule typed in the form: ``cron`` (+ ``timezone``) or
-    ``every`` (+ ``timezone``, ``start``), or ``schedule`` (a JSON schedule); ``n`` fires (5).
-    Answers 200 with ``fires`` or 422 with ``details`` naming the field; never 500."""
-    args = request.args
-    try:
-        n = int(args.get("n") or PREVIEW_FIRES)
-        if not 1 <= n <= 50:
-            raise ValueError
-    except ValueError:
-        return _json_error("n is invalid", [Problem("n", "expected a number from 1 to 50")], 422)
-    tz = (args.get("timezone") or "").strip() or "UTC"
-    value: Any
-    if args.get("schedule"):
-        try:
-            value = json.loads(args["schedule"])
-        except ValueError as e:
-            return _json_error(
-                "the schedule is invalid", [Problem("schedule", f"not valid JSON: {e}")], 422
-            )
-    elif (args.get("cron") or "").strip():
-        value = {"cron": args["cron"].strip(), "timezone": tz}
-    elif (args.get("every") or "").strip():
-        value = {"every": duration_value(args["every"]), "timezone": tz}
-    else:  # nothing typed yet: nothing to show
-        return jsonify(timezone=tz, keepalive=False, fires=[], message="no schedule given")
-    if isinstance(value, dict) and "at" not in value and "keepalive" not in value:
-        for key in ("start", "end"):
-            if (args.get(key) or "").strip():
-                value[key] = instant_value(args[key], tz)
-        between = [(args.get(k) or "").strip() for k in ("between_start", "between_end")]
-        if any(between):
-            value["between"] = between
-    try:
-        parsed, problems = parse_schedule(value, "schedule")
-        if problems or parsed is None:
-            return _json_error("the schedule is invalid", problems, 422)
-        zone_name = schedule_zone(value) if isinstance(value, (dict, list)) else "UTC"
-        zone = ZoneInfo(zone_name)
-        fires = next_fires(parsed, utcnow(), n)
-    except Exception as e:  # never a 500 for what a user types
-        current_app.logger.warning("schedule preview failed for %r: %s", value, e)
-        return _json_error(
-            "the schedule is invalid", [Problem("schedule", f"cannot compute it: {e}")], 422
-        )
-    return jsonify(
-        timezone=zone_name,
-        keepalive=parsed.keepalive,
-        fires=[{"utc": f.isoformat(), "local": _fmt_local(f, zone)} for f in fires],
-    )
+bp.add_url_rule("/<task_id>/trend.json", "trend", taskjson.trend, methods=["GET"])
+bp.add_url_rule("/preview", "preview", taskjson.preview, methods=["GET"])
 
 
 # --- the form ---------------------------------------------------------------------------------
