@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= .cloudtask
 ARGS ?=
 
-.PHONY: up test chaos lint format deps zookeeper browser clean
+.PHONY: up test chaos compare lint format deps zookeeper browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ test: deps browser lint
 CHAOS_ARGS ?= --cycles 1000
 chaos: deps
 	$(BIN)/python bench/chaos.py $(CHAOS_ARGS)
+
+# CloudTask against APScheduler 3 on the same workloads, side by side (bench/compare.py; about
+# 8 minutes)
+compare: deps
+	$(BIN)/pip install --quiet -e '.[bench,embedded]'
+	$(BIN)/python bench/compare.py $(COMPARE_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info $(DATA_DIR)
