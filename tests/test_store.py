@@ -187,6 +187,25 @@ def test_claim_is_exclusive_per_fire_slot_and_attempt(store):
     assert store.runs.count_documents({}) == 5
 
 
+def test_latest_fires_of_many_tasks_are_read_in_one_call(store):
+    later = NOW + timedelta(seconds=30)
+    store.claim_runs(
+        [
+            run_doc("t1", NOW),
+            run_doc("t1", later, status="missed"),  # any status counts
+            run_doc("t1", later, attempt=1),
+            run_doc("t2", NOW, slot="a1"),  # another slot: not a "one" fire
+            run_doc("t3", NOW - timedelta(days=3)),
+        ]
+    )
+    assert store.last_fires(["t1", "t2", "t3", "t4"], "one") == {
+        "t1": later,
+        "t3": NOW - timedelta(days=3),
+    }
+    assert store.last_fires(["t2"], "a1") == {"t2": NOW}
+    assert store.last_fires([], "one") == {}
+
+
 def test_update_runs_in_bulk_and_list(store):
     docs = [run_doc(scheduled_for=NOW + timedelta(seconds=i)) for i in range(3)]
     store.claim_runs(docs)

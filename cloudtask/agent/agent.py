@@ -54,7 +54,7 @@ from .claims import Claim, build_documents, collapse, run_tokens, too_late
 from .executor import Executor
 from .files import FileCache
 from .guard import GuardClient
-from .handover import ForeignRuns, read_history
+from .handover import HISTORY_BATCH, Arrival, ForeignRuns, read_histories
 from .identity import resolve_agent_id
 from .journal import Journal
 from .leases import LeaseKeeper, lease_name
@@ -254,34 +254,34 @@ class Agent:
         since their last recorded one are caught up or recorded missed, retries still owed are
         made, and runs another agent is finishing are watched. A task whose history cannot be
         read now (MongoDB unreachable) waits unscheduled, rather than lose its record of what
-        was missed: the fires could not be claimed meanwhile anyway. The first failure ends
-        the pass."""
-        for task_id, changed_at in list(self._awaiting.items()):
-            known = self._specs.get(task_id)
-            if known is None:
-                del self._awaiting[task_id]
-                continue
-            revision, spec = known
+        was missed: the fires could not be claimed meanwhile anyway. Histories are read
+        ``HISTORY_BATCH`` tasks at a time; the first failure ends the pass."""
+        for task_id in [t for t in self._awaiting if t not in self._specs]:
+            del self._awaiting[task_id]
+        waiting = list(self._awaiting.items())
+        for i in range(0, len(waiting), HISTORY_BATCH):
+            arrivals = []
+            for task_id, changed_at in waiting[i : i + HISTORY_BATCH]:
+                spec = self._specs[task_id][1]
+                arrivals.append(Arrival(task_id, spec, self._slot(spec), changed_at))
             try:
-                since, retries = read_history(
-                    self.store, task_id, spec, self._slot(spec), changed_at, now
-                )
-                if spec.mode == "one":
-                    self.foreign.note(task_id)
+                histories = read_histories(self.store, arrivals, now)
+                self.foreign.note([a.task_id for a in arrivals if a.spec.mode == "one"])
             except STORE_ERRORS as e:
                 log.warning(
-                    "cannot read the run history of %s yet (%d tasks wait for theirs): %s",
-                    spec.name,
-                    len(self._awaiting),
-                    e,
+                    "cannot read the run histories of %d tasks yet: %s", len(self._awaiting), e
                 )
                 return
-            del self._awaiting[task_id]
-            self.foreign.came(task_id)
-            self.scheduler.upsert(task_id, spec, revision, now, since=since)
-            for retry in retries:
-                self.scheduler.retry(task_id, *retry)
-            log.info("task %s (%s) revision %s scheduled", spec.name, task_id, revision)
+            for arrival in arrivals:
+                task_id, spec = arrival.task_id, arrival.spec
+                since, retries = histories[task_id]
+                revision = self._specs[task_id][0]
+                del self._awaiting[task_id]
+                self.foreign.came(task_id)
+                self.scheduler.upsert(task_id, spec, revision, now, since=since)
+                for retry in retries:
+                    self.scheduler.retry(task_id, *retry)
+                log.info("task %s (%s) revision %s scheduled", spec.name, task_id, revision)
 
     def _drop(self, task_id: str) -> None:
         self.foreign.forget(task_id)

@@ -2,7 +2,8 @@
 agent may still be finishing.
 
 Nothing about a task is in memory when it comes to an agent process (a new owner, or the
-agent restarted). Its history in MongoDB says (:func:`read_history`):
+agent restarted). Its history in MongoDB says (:func:`read_histories`, for many tasks at
+once: a start with 10,000 tasks reads them in a few calls):
 
 - up to when its fires were handled: its latest recorded fire (any agent, any status), or
   when it was created or last changed, whichever is later. Fires after that which are due now
@@ -24,8 +25,9 @@ older fire runs.
 
 Example::
 
-    since, retries = read_history(store, task_id, spec, slot, changed_at, now)
-    foreign.note(task_id)  # runs another agent is finishing
+    histories = read_histories(store, [Arrival(task_id, spec, slot, changed_at)], now)
+    since, retries = histories[task_id]
+    foreign.note([task_id])  # runs another agent is finishing
     foreign.came(task_id)
 """
 
@@ -33,7 +35,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pymongo
@@ -50,38 +53,66 @@ log = logging.getLogger(__name__)
 Retry = tuple[datetime, int, datetime]
 
 
-def read_history(
-    store: Store,
-    task_id: str,
-    spec: TaskSpec,
-    slot: str,
-    changed_at: datetime | str | None,
-    now: datetime,
-) -> tuple[datetime, list[Retry]]:
-    """What a task's history says when it comes to this agent process: since when its fires
-    were handled, and the retries still owed (see the module docstring). Raises StoreError or
-    PyMongoError when it cannot be read."""
-    if isinstance(changed_at, str):
-        try:
-            changed_at = datetime.fromisoformat(changed_at)
-        except ValueError:
-            changed_at = None
-    since = changed_at if isinstance(changed_at, datetime) else now
+HISTORY_BATCH = 500  # tasks whose latest fires are read in one call
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A task that comes to this agent process: its id, spec, slot (``one``, or the agent's id
+    for a mode ``all`` task) and when it was created or last changed."""
+
+    task_id: str
+    spec: TaskSpec
+    slot: str
+    changed_at: datetime | str | None
+
+
+def read_histories(
+    store: Store, arrivals: Sequence[Arrival], now: datetime
+) -> dict[str, tuple[datetime, list[Retry]]]:
+    """What their histories say of tasks that come to this agent process: task id -> (since
+    when its fires were handled, the retries still owed); see the module docstring. The
+    latest fires are read in one call per slot and ``HISTORY_BATCH`` tasks; owed retries
+    only for tasks that retry and have run. Raises StoreError or PyMongoError when they
+    cannot be read."""
+    last: dict[str, datetime] = {}
+    by_slot: dict[str, list[str]] = {}
+    for arrival in arrivals:
+        by_slot.setdefault(arrival.slot, []).append(arrival.task_id)
     with pymongo.timeout(CALL_BUDGET):
-        last = store.last_fire(task_id, slot)
-        owed = []
-        if spec.retries and last is not None:
+        for slot, task_ids in by_slot.items():
+            for i in range(0, len(task_ids), HISTORY_BATCH):
+                last.update(store.last_fires(task_ids[i : i + HISTORY_BATCH], slot))
+    out: dict[str, tuple[datetime, list[Retry]]] = {}
+    for arrival in arrivals:
+        spec, latest = arrival.spec, last.get(arrival.task_id)
+        since = _changed_at(arrival.changed_at) or now
+        if latest is None:
+            out[arrival.task_id] = (now if spec.mode == "all" else since), []
+            continue
+        retries = []
+        if spec.retries:
             horizon = now - timedelta(seconds=spec.misfire_grace)
-            owed = store.owed_retries(task_id, slot, spec.retries, horizon, RETRY_STATUSES)
-    if last is None:
-        return (now if spec.mode == "all" else since), []
-    retries = []
-    for run in owed:
-        finished = run.get("finished_at")
-        finished = finished if isinstance(finished, datetime) else now
-        due = max(now, finished + timedelta(seconds=spec.retry_delay))
-        retries.append((run["scheduled_for"], run["attempt"] + 1, due))
-    return max(since, last["scheduled_for"]), retries
+            with pymongo.timeout(CALL_BUDGET):
+                owed = store.owed_retries(
+                    arrival.task_id, arrival.slot, spec.retries, horizon, RETRY_STATUSES
+                )
+            for run in owed:
+                finished = run.get("finished_at")
+                finished = finished if isinstance(finished, datetime) else now
+                due = max(now, finished + timedelta(seconds=spec.retry_delay))
+                retries.append((run["scheduled_for"], run["attempt"] + 1, due))
+        out[arrival.task_id] = max(since, latest), retries
+    return out
+
+
+def _changed_at(value: datetime | str | None) -> datetime | None:
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    return value if isinstance(value, datetime) else None
 
 
 class ForeignRuns:
@@ -108,14 +139,20 @@ class ForeignRuns:
 
     # --- the task set -----------------------------------------------------------------------
 
-    def note(self, task_id: str) -> None:
-        """A task came here: the runs of it that another agent started and may be finishing
-        (raises StoreError or PyMongoError when they cannot be read)."""
-        elsewhere = {
-            d["_id"]: (d["scheduled_for"], d["attempt"]) for d in self.elsewhere([task_id])
-        }
-        if elsewhere:
-            self._runs[task_id] = elsewhere
+    def note(self, task_ids: Sequence[str]) -> None:
+        """Tasks came here: the runs of them that another agent started and may be finishing,
+        read ``HISTORY_BATCH`` tasks a call (raises StoreError or PyMongoError when they
+        cannot be read)."""
+        for i in range(0, len(task_ids), HISTORY_BATCH):
+            batch = list(task_ids[i : i + HISTORY_BATCH])
+            found = self.elsewhere(batch)
+            for task_id in batch:
+                self._runs.pop(task_id, None)
+            for d in found:
+                self._runs.setdefault(d["task_id"], {})[d["_id"]] = (
+                    d["scheduled_for"],
+                    d["attempt"],
+                )
 
     def came(self, task_id: str) -> None:
         """The task is scheduled here from now on."""

@@ -20,7 +20,7 @@ from pymongo import DESCENDING, ReplaceOne
 from pymongo.errors import BulkWriteError
 
 from .. import events as ev
-from ..clock import to_bson_time, utcnow
+from ..clock import from_epoch, to_bson_time, utcnow
 from ..exceptions import NotFound, StoreError
 from ..runmodel import (
     RUNNING_STATUSES,
@@ -243,16 +243,22 @@ class RunRecords(StoreBase):
         if holders:
             guard(self.leases.delete_many, "free leases", {"holder": {"$in": list(holders)}})
 
-    def last_fire(self, task_id: str, slot: str) -> dict[str, Any] | None:
-        """The latest run recorded for a task's slot (its last attempt of its latest fire),
-        with ``scheduled_for``, ``attempt``, ``status`` and ``finished_at``; or None."""
-        return guard(
-            self.claims.find_one,
-            "read the run history",
-            indexed({"task_id": task_id, "slot": slot}),
-            {"scheduled_for": 1, "attempt": 1, "status": 1, "finished_at": 1},
-            sort=[("scheduled_for", DESCENDING), ("attempt", DESCENDING)],
-        )
+    def last_fires(self, task_ids: Sequence[str], slot: str) -> dict[str, datetime]:
+        """The latest fire recorded (any status, any agent) in slot ``slot`` of each of these
+        tasks: task id -> its ``scheduled_for``; a task with no run is absent. One call for all
+        of them: an agent that starts with 10,000 tasks reads their histories in a few calls."""
+        pipeline = [
+            {"$match": indexed({"task_id": {"$in": list(task_ids)}, "slot": slot})},
+            # the epoch seconds beside it: the embedded server answers a date computed in a
+            # pipeline as text
+            {"$group": {"_id": "$task_id", "last": {"$max": "$ts"}}},
+        ]
+        found = guard(lambda: list(self.claims.aggregate(pipeline)), "read the run history")
+        return {
+            d["_id"]: from_epoch(round(d["last"], 3))
+            for d in found
+            if isinstance(d.get("last"), (int, float))
+        }
 
     def owed_retries(
         self,
