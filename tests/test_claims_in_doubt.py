@@ -6,6 +6,7 @@ whether the claim landed and settles it. Judged by the task's own execution reco
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -171,3 +172,61 @@ def test_a_claim_that_lands_after_the_agent_gave_up_on_it_is_not_left_behind(
         assert doc["status"] not in ("queued", "running", "lost"), doc
         if doc["status"] in ("succeeded", "failed", "killed"):
             assert doc["_id"] in started, doc
+
+
+@pytest.mark.timeout(120)
+def test_a_queued_claim_whose_start_answer_was_lost_still_starts_once(
+    mongo_proxy, mongo_client, mongo_db_name, tmp_path, caplog
+):
+    """One slot, two tasks every second: claims wait ``queued`` and are moved to ``running``
+    by a conditional write just before they start. The answer of one such write is lost (the
+    proxy swallows it after the server applied it): asked again with the same token, the run
+    is recognised as moved by this agent and starts, once; it is not left ``running`` with no
+    process, nor taken for another agent's."""
+    caplog.set_level(logging.INFO, logger="cloudtask.agent.executor")
+    records = tmp_path / "records"
+    direct = Store(mongo_client, mongo_db_name)
+    for name in ("a", "b"):
+        direct.create_task(
+            {
+                "name": name,
+                "schedule": {"every": "1s"},
+                "misfire": "run_once",
+                "misfire_grace": "1h",
+                "command": recording_command(records, work="sleep 0.3"),
+            }
+        )
+    client: MongoClient = MongoClient(
+        mongo_proxy.mongo_uri, tz_aware=True, heartbeatFrequencyMS=60_000
+    )
+    cfg = Config().with_section(
+        "agent", data_dir=str(tmp_path / "a1"), poll_interval=0.2, kill_grace=1.0, max_parallel=1
+    )
+    agent = Agent(cfg, Store(client, mongo_db_name), agent_id="a1")
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: direct.runs.count_documents({"status": "succeeded"}) >= 2, timeout=20)
+        mongo_proxy.drop_next_reply(match=b"start_token")  # a queued claim's start write
+        wait_for(lambda: mongo_proxy.dropped_replies == 1, timeout=20)
+        # the agent gave up on the answer and tries the start again a second later
+        later = wait_for(
+            lambda: re.search(r"run (\S+) of \S+ cannot start yet", caplog.text),
+            timeout=20,
+            message="the start whose answer was lost was not tried again",
+        )
+        run_id = later.group(1)
+        # it starts, once, and ends with the outcome of its own process
+        done = wait_for(
+            lambda: (doc := direct.get_run(run_id))["status"] == "succeeded" and doc,
+            timeout=30,
+            message="the run whose start answer was lost never finished",
+        )
+        assert done["started_at"] is not None
+    finally:
+        agent.stop()
+        thread.join(timeout=30)
+        client.close()
+    seen = read_records(records)
+    assert duplicate_starts(seen) == []
+    assert [r.run_id for r in seen if r.kind == "start"].count(run_id) == 1

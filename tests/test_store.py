@@ -255,11 +255,24 @@ def test_a_released_claim_is_no_longer_its_old_agents(store):
     assert stored["released_by"] == "a1"
     store.save_runs([{**doc, "status": "running"}])  # the old agent wakes up: refused
     assert store.get_run(doc["_id"])["agent"] is None
-    assert not store.start_queued_run(doc["_id"], "a1")
+    assert not store.start_queued_run(doc["_id"], "a1", "k1")
     taken = store.take_pending_run(doc["_id"], "a2", "s2", "h", trigger="catch-up")
     assert taken["agent"] == "a2" and taken["trigger"] == "catch-up"
-    assert store.start_queued_run(doc["_id"], "a2")
+    assert store.start_queued_run(doc["_id"], "a2", "k2")
     assert store.get_run(doc["_id"])["status"] == "running"
+
+
+def test_a_queued_claim_is_started_once_and_a_lost_answer_can_be_asked_again(store):
+    mine, other = run_doc("t1"), {**run_doc("t9"), "agent": "a2"}
+    store.claim_runs([mine, other])
+    assert not store.start_queued_run(other["_id"], "a1", "k-x")  # not a1's to start
+    assert store.start_queued_run(mine["_id"], "a1", "k1")
+    assert store.get_run(mine["_id"])["status"] == "running"
+    # the same write again (its answer was lost): the same token counts as started
+    assert store.start_queued_run(mine["_id"], "a1", "k1")
+    # another token does not: the run is running already
+    assert not store.start_queued_run(mine["_id"], "a1", "k2")
+    assert store.get_run(other["_id"])["status"] == "queued"
 
 
 def test_unheard_runs_are_judged_only_as_read(store):

@@ -542,9 +542,13 @@ class Agent:
         if ctx.session != self.session or not self.may_claim():
             return "release", "its agent lost its ZooKeeper session before starting it"
         if ctx.claimed_status == "queued":
+            # one token per run, kept when the start is tried again after a lost answer
+            ctx.start_token = ctx.start_token or new_id()
             try:
                 with pymongo.timeout(CALL_BUDGET):
-                    started = self.store.start_queued_run(ctx.run_id, self.agent_id)
+                    started = self.store.start_queued_run(
+                        ctx.run_id, self.agent_id, ctx.start_token
+                    )
             except STORE_ERRORS as e:
                 return "later", f"MongoDB did not confirm the start ({type(e).__name__})"
             if not started:

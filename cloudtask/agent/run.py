@@ -38,6 +38,7 @@ class RunContext:
     agent: str
     session: str | None = None  # the ZooKeeper session it was claimed under
     claimed_status: str = "running"  # "queued": its claim waited for a slot (started by a write)
+    start_token: str | None = None  # the token of that write (Store.start_queued_run)
     status: str = "queued"
     started_at: datetime | None = None
     finished_at: datetime | None = None

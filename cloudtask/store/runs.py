@@ -115,15 +115,22 @@ class RunRecords(StoreBase):
         )
         return result.modified_count
 
-    def start_queued_run(self, run_id: str, agent: str) -> bool:
+    def start_queued_run(self, run_id: str, agent: str, token: str) -> bool:
         """Move a claim that waited for a slot from ``queued`` to ``running``, before its
         process starts: one conditional write, so a claim released to (or taken over by)
-        another agent meanwhile is never started here too. Only a string is ``$set``."""
+        another agent meanwhile is never started here too. ``token`` is made by the caller
+        once per run: a write whose answer was lost, sent again with the same token, finds
+        the run moved by it and counts as done (not as taken by another agent, which would
+        leave the run ``running`` with no process). Only strings are ``$set``."""
         result = guard(
             self.claims.update_one,
             "start a queued run",
-            {"_id": run_id, "status": "queued", "agent": agent},
-            {"$set": {"status": "running"}},
+            {
+                "_id": run_id,
+                "agent": agent,
+                "$or": [{"status": "queued"}, {"status": "running", "start_token": token}],
+            },
+            {"$set": {"status": "running", "start_token": token}},
         )
         return result.matched_count == 1
 
