@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -10,7 +11,7 @@ from helpers import task_spec
 from cloudtask.exceptions import Conflict, NotFound, StoreError, ValidationError
 from cloudtask.operations import Operations
 from cloudtask.runmodel import new_run_document
-from cloudtask.store import Store, indexed
+from cloudtask.store import Store, all_revisions, indexed, task_pages
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -148,6 +149,27 @@ def test_a_name_clash_is_a_conflict_at_the_name(store):
         ops.replace_task("test", other["_id"], task(name="one"))
     assert [p.path for p in caught.value.problems] == ["name"]
     assert store.get_task(other["_id"])["name"] == "two"  # nothing lost
+
+
+def test_every_revision_and_task_is_read_in_pages_each_call_in_its_own_context(store):
+    """A reader with a deadline per call (the leader, a standalone agent) reads many tasks in
+    calls that each end in time: pages in id order, none missed or read twice."""
+    ids = [store.create_task(task(f"t{i}"))["_id"] for i in range(7)]
+    store.mark_tasks_done([(ids[3], 1)])
+    calls = []
+
+    def each():
+        calls.append(1)
+        return nullcontext()
+
+    revisions = all_revisions(store, each=each, page=3)
+    assert revisions == {i: (1, i == ids[3]) for i in ids}
+    assert len(calls) == 3  # 3 + 3 + 1
+    assert all_revisions(store, ["other"], page=3) == {}
+    calls.clear()
+    pages = list(task_pages(store, sorted(ids), each=each, page=3))
+    assert [len(p) for p in pages] == [3, 3, 1] and len(calls) == 3
+    assert sorted(d["_id"] for p in pages for d in p) == sorted(ids)
 
 
 def test_enable_disable_and_delete(store):

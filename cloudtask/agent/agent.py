@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pymongo
 
@@ -46,7 +47,7 @@ from ..clock import to_bson_time, utcnow
 from ..config import Config
 from ..exceptions import ValidationError
 from ..runmodel import RETRY_STATUSES, RUNNING_STATUSES, new_id
-from ..store import Store
+from ..store import Store, all_revisions, task_pages
 from ..task import TaskSpec, parse_task
 from .assigned import AssignedTask
 from .budget import CALL_BUDGET, STORE_ERRORS
@@ -184,15 +185,18 @@ class Agent:
     # --- task set ---------------------------------------------------------------------------
 
     def sync_tasks(self, now: datetime) -> None:
-        """Bring the scheduler in line with the enabled tasks of this agent's group."""
-        with pymongo.timeout(CALL_BUDGET):
-            revisions = self.store.task_revisions(groups=[self.group])
+        """Bring the scheduler in line with the enabled tasks of this agent's group: read in
+        pages, each call with its own deadline, and what a page brought is kept when a later
+        one fails (the next sync reads only what is still missing)."""
+
+        def each() -> Any:
+            return pymongo.timeout(CALL_BUDGET)
+
+        revisions = all_revisions(self.store, [self.group], each=each)
         wanted = {tid for tid, (_, done) in revisions.items() if not done}
-        changed = [tid for tid in wanted if self._known_revision(tid) != revisions[tid][0]]
-        if changed:
-            with pymongo.timeout(CALL_BUDGET):
-                docs = self.store.get_tasks(changed)
-            for doc in docs:
+        changed = sorted(t for t in wanted if self._known_revision(t) != revisions[t][0])
+        for page in task_pages(self.store, changed, each=each):
+            for doc in page:
                 self._take(AssignedTask.from_task(doc), now)
         for tid in set(self._specs) - wanted:
             self._drop(tid)  # deleted, or a one-shot task that is done

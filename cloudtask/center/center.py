@@ -35,6 +35,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 from typing import Any
 
 import pymongo
@@ -281,8 +282,9 @@ class Center:
         return read_agents(self.zk, self.paths)
 
     def _refresh_tasks(self) -> None:
-        """Bring the task cache in line with MongoDB (see :mod:`cloudtask.center.tasks`)."""
-        refresh_tasks(self.store, self._tasks)
+        """Bring the task cache in line with MongoDB (see :mod:`cloudtask.center.tasks`), in
+        pages of at most ``CALL_BUDGET`` each."""
+        refresh_tasks(self.store, self._tasks, each=lambda: pymongo.timeout(CALL_BUDGET))
         self._tasks_read = True
 
     def desired(self, agents: dict[str, LiveAgent]) -> dict[str, dict[str, int]]:
@@ -339,11 +341,11 @@ class Center:
         agents = self.live_agents()
         seen = {a: (agent.joined, agent.leaving) for a, agent in agents.items()}
         # with tasks in hand a pass waits briefly for MongoDB: a departed agent's tasks move at
-        # once even while it stalls. Only a pass after a failed one with the same agents waits
-        # the whole budget (so a slow MongoDB is read in the end).
+        # once even while it stalls. Only a pass after a failed one with the same agents gives
+        # each call its whole budget (so a slow MongoDB is read in the end).
         quick = self._tasks_read and (not self._failed_passes or seen != self._agents_seen)
         try:
-            with pymongo.timeout(QUICK_READ if quick else CALL_BUDGET):
+            with pymongo.timeout(QUICK_READ) if quick else nullcontext():
                 self._refresh_tasks()
         except (CloudTaskError, pymongo.errors.PyMongoError) as e:
             if not self._tasks_read:

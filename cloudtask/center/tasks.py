@@ -12,12 +12,14 @@ housekeeping needs (the task's name and ``misfire_grace``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from ..exceptions import ValidationError
-from ..store import Store
+from ..store import Store, all_revisions, task_pages
 from ..task import parse_task
 
 log = logging.getLogger(__name__)
@@ -34,15 +36,21 @@ class TaskRecord:
     misfire_grace: float = 0.0
 
 
-def refresh_tasks(store: Store, tasks: dict[str, TaskRecord]) -> None:
+def refresh_tasks(
+    store: Store,
+    tasks: dict[str, TaskRecord],
+    each: Callable[[], AbstractContextManager[Any]] = nullcontext,
+) -> None:
     """Bring ``tasks`` in line with MongoDB, in place, reading full specs only for changes.
-    Store errors are the caller's (what was brought in line before one stays)."""
-    revisions = store.task_revisions()
+    Read in pages, each call inside ``each()`` (its deadline): 100,000 tasks on a slow store
+    are read in calls that each end in time. Store errors are the caller's (what was brought
+    in line before one stays: the next pass reads only the specs still missing)."""
+    revisions = all_revisions(store, each=each)
     wanted = {tid for tid, (_, done) in revisions.items() if not done}
     for task_id in set(tasks) - wanted:
         del tasks[task_id]
-    changed = [t for t in wanted if t not in tasks or tasks[t].revision != revisions[t][0]]
-    for doc in store.get_tasks(changed) if changed else ():
+    changed = sorted(t for t in wanted if t not in tasks or tasks[t].revision != revisions[t][0])
+    for doc in (doc for page in task_pages(store, changed, each=each) for doc in page):
         if not doc.get("enabled") or doc.get("done_at"):
             tasks.pop(doc["_id"], None)
             continue

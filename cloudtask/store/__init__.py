@@ -62,7 +62,7 @@ from .queries import Page, PageQueries
 from .reports import RunReports
 from .runs import RunRecords
 from .schema import Schema
-from .tasks import TaskRecords
+from .tasks import TaskRecords, all_revisions, task_pages
 from .users import UserRecords
 from .waiting import WaitingRuns
 
@@ -75,6 +75,7 @@ __all__ = [
     "RUNNING_STATUSES",
     "SCHEMA_VERSION",
     "Store",
+    "all_revisions",
     "event_document",
     "guard",
     "indexed",
@@ -84,6 +85,7 @@ __all__ = [
     "new_run_document",
     "read_all",
     "released_fields",
+    "task_pages",
     "to_bson_time",
     "utcnow",
 ]

@@ -8,11 +8,12 @@ A task document carries its parsed spec (``spec``), a ``revision`` bumped by eve
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from typing import Any
 
-from pymongo import ReplaceOne
+from pymongo import ASCENDING, ReplaceOne
 from pymongo.errors import DuplicateKeyError
 
 from ..clock import to_bson_time, utcnow
@@ -145,10 +146,25 @@ class TaskRecords(StoreBase):
     def get_tasks(self, task_ids: Iterable[str]) -> list[dict[str, Any]]:
         return read_all(self.tasks.find({"_id": {"$in": list(task_ids)}}), "read tasks")
 
-    def task_revisions(self, groups: Iterable[str] | None = None) -> dict[str, tuple[int, bool]]:
-        """task id -> (revision, done), cheaply, so a poller can tell whether anything changed."""
+    def task_revisions(
+        self,
+        groups: Iterable[str] | None = None,
+        *,
+        after: str | None = None,
+        limit: int = 0,
+    ) -> dict[str, tuple[int, bool]]:
+        """task id -> (revision, done), cheaply, so a poller can tell whether anything changed.
+
+        With ``limit``, one page: at most ``limit`` tasks in id order, those after ``after``
+        (see :func:`revision_pages`: a reader that has a deadline per call reads 100,000
+        tasks page by page instead of in one call that never ends in time)."""
         query: dict[str, Any] = {} if groups is None else {"group": {"$in": list(groups)}}
-        docs = read_all(self.tasks.find(query, {"revision": 1, "done_at": 1}), "list tasks")
+        if after is not None:
+            query["_id"] = {"$gt": after}
+        cursor = self.tasks.find(query, {"revision": 1, "done_at": 1})
+        if limit:
+            cursor = cursor.sort("_id", ASCENDING).limit(limit)
+        docs = read_all(cursor, "list tasks")
         return {d["_id"]: (d["revision"], bool(d.get("done_at"))) for d in docs}
 
     def delete_task(self, task_id: str) -> None:
@@ -176,3 +192,43 @@ class TaskRecords(StoreBase):
             return 0
         result = guard(self.tasks.bulk_write, "mark tasks done", ops, ordered=False)
         return result.modified_count
+
+
+REVISION_PAGE = 10_000  # tasks per call when every revision is read
+SPEC_PAGE = 2_000  # whole task documents per call
+
+
+def all_revisions(
+    store: Any,
+    groups: Iterable[str] | None = None,
+    *,
+    each: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    page: int = REVISION_PAGE,
+) -> dict[str, tuple[int, bool]]:
+    """Every task's (revision, done), ``page`` tasks a call, each call inside ``each()``
+    (a deadline per call, ``lambda: pymongo.timeout(5)``): a slow store reads 100,000 tasks
+    in calls that each end in time rather than in one that never does."""
+    out: dict[str, tuple[int, bool]] = {}
+    after = None
+    while True:
+        with each():
+            found = store.task_revisions(groups, after=after, limit=page)
+        out.update(found)
+        if len(found) < page:
+            return out
+        after = max(found)
+
+
+def task_pages(
+    store: Any,
+    task_ids: Sequence[str],
+    *,
+    each: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    page: int = SPEC_PAGE,
+) -> Iterator[list[dict[str, Any]]]:
+    """The documents of these tasks, ``page`` a call, each call inside ``each()``; the caller
+    keeps what it took from a page even when a later one fails."""
+    for i in range(0, len(task_ids), page):
+        with each():
+            found = store.get_tasks(task_ids[i : i + page])
+        yield found
