@@ -9,14 +9,18 @@
 (c) a new leader reconciling 10,000 tasks over 10 agents from nothing (real ZooKeeper and
     MongoDB wire server), and the ZooKeeper writes it makes after one agent leaves (the
     assignments the departed agent leaves behind are deleted a minute later; not counted).
+(d) the same at scale, on paper: 100,000 tasks over 100 registered agents (registrations
+    only, no agent processes); the writes of the first placement and after one leaves.
 
-Usage: python bench/cluster.py
+Usage: python bench/cluster.py [--no-large]
 The last line is one JSON object: failover_s_t2, failover_s_t10, sigterm_failover_s,
-moved_leave_ratio, moved_join_ratio, max_mean_load, reconcile_10k_s, extra_writes_after_leave.
+moved_leave_ratio, moved_join_ratio, max_mean_load, reconcile_10k_s, extra_writes_after_leave,
+reconcile_100k_100_agents_s, writes_100k, extra_writes_after_leave_100k.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -169,25 +173,28 @@ def placement_figures() -> dict[str, float]:
     }
 
 
-def reconcile_figures(zk_server: ZooKeeperServer, mongo: MongoServer) -> dict[str, float]:
+def reconcile_figures(
+    zk_server: ZooKeeperServer, mongo: MongoServer, tasks: int = 10_000, agents: int = 10
+) -> dict[str, float]:
+    """A new leader placing ``tasks`` tasks on ``agents`` registered agents (registrations
+    only: one ZooKeeper client holds them all), then one agent leaving."""
     root = f"/bench-reconcile-{int(time.time() * 1000)}"
     paths = ZkPaths(root)
     store = Store(mongo.uri, f"reconcile_{int(time.time())}")
     now = datetime.now(timezone.utc)
     spec = parse_task({"name": "x", "schedule": {"every": "1m"}, "command": "true"})
     docs = []
-    for i in range(10_000):
-        s = spec.__class__(**{**spec.__dict__, "name": f"task-{i:05d}"})
+    for i in range(tasks):
+        s = spec.__class__(**{**spec.__dict__, "name": f"task-{i:06d}"})
         docs.append(Store._task_document(s, new_id(), 1, now))
     for i in range(0, len(docs), 1000):
         store.tasks.insert_many(docs[i : i + 1000])
-    agents = []
-    for i in range(10):
-        client = KazooClient(zk_server.hosts, timeout=10)
-        client.start()
-        client.ensure_path(paths.agent_group("default"))
-        client.create(paths.agent("default", f"agent-{i}"), encode({"weight": 1}), ephemeral=True)
-        agents.append(client)
+    registrations = KazooClient(zk_server.hosts, timeout=10)
+    registrations.start()
+    registrations.ensure_path(paths.agent_group("default"))
+    for i in range(agents):
+        node = paths.agent("default", f"agent-{i}")
+        registrations.create(node, encode({"weight": 1}), ephemeral=True)
     zk = KazooClient(zk_server.hosts, timeout=10)
     zk.start()
     cfg = Config().with_section("zookeeper", hosts=zk_server.hosts, root=root)
@@ -195,37 +202,41 @@ def reconcile_figures(zk_server: ZooKeeperServer, mongo: MongoServer) -> dict[st
     started = time.monotonic()
     thread = threading.Thread(target=center.run, daemon=True)
     thread.start()
-    wait(lambda: center.reconciles >= 1, timeout=120)
+    wait(lambda: center.reconciles >= 1, timeout=600)
     took = time.monotonic() - started
     total = sum(map(len, assignments(zk, paths).values()))
-    writes_before = center.writes
+    first_writes = center.writes
     before = assignments(zk, paths)
-    agents[3].stop()  # closes its session: its registration goes at once
-    agents[3].close()
+    registrations.delete(paths.agent("default", "agent-3"))  # it leaves
     wait(
         lambda: sum(len(t) for a, t in assignments(zk, paths).items() if a != "agent-3") == total,
-        timeout=60,
+        timeout=120,
     )
     time.sleep(0.5)
     moved = len(before["agent-3"])
-    writes = center.writes - writes_before
+    writes = center.writes - first_writes
     print(
-        f"(c) new leader placed {total} tasks on 10 agents in {took:.2f} s; after one agent left "
-        f"it wrote {writes} operations for {moved} moved tasks (the departed agent's {moved} "
-        f"assignments are deleted {center.garbage_after:g} s later, off the failover path)"
+        f"new leader placed {total} tasks on {agents} agents in {took:.2f} s with {first_writes} "
+        f"writes; after one agent left it wrote {writes} operations for {moved} moved tasks "
+        f"(the departed agent's {moved} assignments are deleted {center.garbage_after:g} s "
+        "later, off the failover path)"
     )
     center.stop()
     thread.join(timeout=30)
-    for client in agents:
-        client.stop()
-        client.close()
+    registrations.stop()
+    registrations.close()
     zk.stop()
     zk.close()
     store.close()
-    return {"reconcile_10k_s": round(took, 2), "extra_writes_after_leave": writes - moved}
+    return {"took_s": round(took, 2), "writes": first_writes, "extra": writes - moved}
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--no-large", dest="large", action="store_false", help="skip (d), 100,000 tasks"
+    )
+    args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -245,7 +256,16 @@ def main() -> None:
             print(f"(a) SIGTERM, session 10 s: first fire of a moved task after {took:.2f} s")
             figures["sigterm_failover_s"] = round(took, 2)
             figures.update(placement_figures())
-            figures.update(reconcile_figures(zk_server, mongo))
+            print("(c) ", end="")
+            small = reconcile_figures(zk_server, mongo)
+            figures["reconcile_10k_s"] = small["took_s"]
+            figures["extra_writes_after_leave"] = small["extra"]
+            if args.large:
+                print("(d) ", end="")
+                large = reconcile_figures(zk_server, mongo, tasks=100_000, agents=100)
+                figures["reconcile_100k_100_agents_s"] = large["took_s"]
+                figures["writes_100k"] = large["writes"]
+                figures["extra_writes_after_leave_100k"] = large["extra"]
         finally:
             mongo.stop()
             zk_server.stop()

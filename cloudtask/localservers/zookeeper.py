@@ -27,10 +27,12 @@ ZOOKEEPER_MISSING = (
     "or set ZOOKEEPER_HOME to an Apache ZooKeeper folder"
 )
 
-# Options for the ZooKeeper JVM: a small heap is plenty for one local server.
+# Options for the ZooKeeper JVM: it starts small and may grow to 1 GiB. Every assignment
+# carries its task's spec, so the heap grows with the tasks: 100,000 tasks ran a 256 MiB heap
+# out of memory while writing a snapshot.
 ZOOKEEPER_JVM_OPTIONS = [
     "-Xms32m",
-    "-Xmx256m",
+    "-Xmx1g",
     "-XX:+UseSerialGC",
     "-Dzookeeper.admin.enableServer=false",
     "-Dzookeeper.jmx.log4j.disable=true",
