@@ -232,13 +232,42 @@ def test_a_new_leader_starts_from_what_its_predecessor_published(clock) -> None:
     assert chores(None).take_over() == {}
 
 
+def test_a_new_leader_reports_the_tasks_its_predecessor_left_in_their_grace(clock) -> None:
+    # t1 was reported; t2 was still in its grace when the predecessor stopped: not lost
+    status = {"leader": "c0", "unassigned": {"t1": "night", "t2": "night"}, "reported": ["t1"]}
+    c = chores(status, unassigned_grace=10)
+    c.take_over()
+    c.note_unassigned({"t1": "night", "t2": "night"}, {})
+    assert c.store.named("record_events") == []  # t2's grace starts again here
+    clock.now += 10
+    c.note_unassigned({"t1": "night", "t2": "night"}, {})
+    assert c.store.named("record_events") == [["t2"]]
+
+
+def test_status_says_which_unassigned_tasks_are_reported(clock) -> None:
+    c = chores(None, unassigned_grace=10)
+    c.take_over()
+    c.note_unassigned({"t1": "night"}, {})
+    c.publish_status({}, {"t1": "night"})
+    assert c.writer.statuses[-1]["reported"] == []
+    clock.now += 10
+    c.note_unassigned({"t1": "night"}, {})
+    c.publish_status({}, {"t1": "night"})
+    assert c.writer.statuses[-1]["reported"] == ["t1"]
+
+
 def test_status_is_published_when_it_changes(clock) -> None:
     c = chores()
     live = {"a2": agent("a2", 2), "a1": agent("a1", 1), "a3": agent("a3", 3, leaving=True)}
     c.publish_status(live, {"t2": "g", "t1": "g"})
     c.publish_status(live, {"t1": "g", "t2": "g"})
     assert c.writer.statuses == [
-        {"leader": "c1", "unassigned": {"t1": "g", "t2": "g"}, "agents": ["a1", "a2"]}
+        {
+            "leader": "c1",
+            "unassigned": {"t1": "g", "t2": "g"},
+            "reported": [],
+            "agents": ["a1", "a2"],
+        }
     ]
     c.forget_written()  # the view was rebuilt: written again
     c.publish_status(live, {"t1": "g", "t2": "g"})
@@ -288,7 +317,7 @@ class Chores:
         self.due: float | None = None
         self.deposed = False
 
-    def upkeep(self, view: str) -> None:
+    def upkeep(self, view: str, halted: Any = None) -> None:
         self.views.append(view)
         self.entered.set()
         assert self.go.wait(10)
@@ -348,3 +377,32 @@ def test_an_upkeep_that_finds_the_fence_gone_deposes_the_leader() -> None:
     assert woken.wait(5) and thread.deposed
     thread._thread.join(5)
     assert not thread._thread.is_alive()  # no round after that
+
+
+def test_a_round_stops_between_chores_once_the_leadership_ends(clock) -> None:
+    c = chores(None, unassigned_grace=0)
+    halted = iter([False, True])  # the second chore finds the leadership ended
+    view = hk.PassView(agents={}, tasks={}, unassigned={"t1": "night"}, read_at=None)
+    c.upkeep(view, lambda: next(halted))
+    assert c.store.named("record_events") == [["t1"]]
+    assert c.writer.statuses == []  # nothing published for the ended leadership
+
+
+def test_leading_again_waits_for_the_previous_leaderships_round() -> None:
+    chores = Chores()
+    chores.go.clear()  # a round waits for MongoDB when the leadership ends
+    thread = hk.UpkeepThread(chores)
+    thread.start()
+    thread.submit("v1")
+    assert chores.entered.wait(5)
+    thread.stop(timeout=0.1)  # gives up waiting; the round goes on alone
+    ended = []
+    waiter = threading.Thread(target=lambda: ended.append(thread.ended(threading.Event())))
+    waiter.start()
+    holds(lambda: not ended, seconds=0.5)  # the new leadership does not start beside it
+    chores.go.set()
+    waiter.join(5)
+    assert ended == [True] and chores.views == ["v1"]
+    stopping = threading.Event()
+    stopping.set()
+    assert hk.UpkeepThread(chores).ended(stopping)  # never started: nothing to wait for

@@ -105,6 +105,7 @@ class Center:
             lost_grace=lost_grace,
         )
         self.upkeep: UpkeepThread | None = None  # while leading: the chores' thread
+        self._last_upkeep: UpkeepThread | None = None  # waited for before leading again
         self._tasks: dict[str, TaskRecord] = {}
         self._tasks_read = False  # read from MongoDB at least once in this leadership
         self._agents_seen: dict[str, tuple[int, bool]] | None = None  # at the last placement
@@ -196,12 +197,16 @@ class Center:
     # --- leading ----------------------------------------------------------------------------
 
     def _lead(self) -> None:
+        # a round of an earlier leadership of this center may still wait for a call; it ends
+        # before the fence is renewed (until then its writes meet the old, deleted fence)
+        if self._last_upkeep is not None and not self._last_upkeep.ended(self._stop):
+            return  # stopping meanwhile: lead no more
         lock = self._election.lock
         self.writer.fence = f"{lock.path}/{lock.node}"
         self.leading = True
         self._connection_lost.clear()
         log.info("center %s leads", self.center_id)
-        self.upkeep = UpkeepThread(self.chores, on_deposed=self._wake.set)
+        self.upkeep = self._last_upkeep = UpkeepThread(self.chores, on_deposed=self._wake.set)
         try:
             published = self.chores.take_over()  # /status as the previous leader left it
             self._record_leadership(str(lock.node), published.get("leader"))

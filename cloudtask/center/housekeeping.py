@@ -42,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 import pymongo
 from kazoo.exceptions import KazooException, NoNodeError
@@ -124,7 +124,12 @@ class Housekeeping:
             published: dict[str, Any] = {}
         else:
             published = decode(data) or {}
-        self._unassigned_reported = set(published.get("unassigned") or {})
+        # the tasks whose event the previous leader recorded; the others of its "unassigned"
+        # were still in their grace and start it again here (an older leader's /status has
+        # no "reported": every task it listed counts as reported, as it did then)
+        unassigned = published.get("unassigned") or {}
+        reported = published.get("reported", unassigned)
+        self._unassigned_reported = set(reported) & set(unassigned)
         self._unassigned_since = {}
         self._unheard = {}
         return published
@@ -135,14 +140,21 @@ class Housekeeping:
         self._recorded_agents = None
         self._agents_recorded_at = 0.0
 
-    def upkeep(self, view: PassView) -> None:
+    def upkeep(self, view: PassView, halted: Callable[[], bool] = lambda: False) -> None:
         """One round of the chores on ``view``, in this order (``task.unassigned`` is recorded
-        before ``/status`` says it was). LeadershipLost if the fence is gone."""
-        self.note_unassigned(view.unassigned, view.tasks)
-        self.publish_status(view.agents, view.unassigned)
-        self.judge_unheard_runs(view.agents, view.read_at, view.tasks)
-        self.record_agents(view.agents)
-        self.purge_runs()
+        before ``/status`` says it was), each skipped once ``halted()`` (the leadership is
+        ending). LeadershipLost if the fence is gone."""
+        chores = (
+            lambda: self.note_unassigned(view.unassigned, view.tasks),
+            lambda: self.publish_status(view.agents, view.unassigned),
+            lambda: self.judge_unheard_runs(view.agents, view.read_at, view.tasks),
+            lambda: self.record_agents(view.agents),
+            self.purge_runs,
+        )
+        for chore in chores:
+            if halted():
+                return
+            chore()
 
     def due_in(self) -> float | None:
         """Seconds until a grace ends (a task's before its ``task.unassigned`` event, a
@@ -190,6 +202,8 @@ class Housekeeping:
         status = {
             "leader": self.center_id,
             "unassigned": dict(sorted(unassigned.items())),
+            # of those, the ones whose task.unassigned is recorded (a next leader goes on)
+            "reported": sorted(self._unassigned_reported & unassigned.keys()),
             "agents": sorted(a for a, agent in agents.items() if not agent.leaving),
         }
         if status == self._published_status:
@@ -364,6 +378,18 @@ class UpkeepThread:
             if self._thread.is_alive():
                 log.warning("a round of upkeep is still waiting for MongoDB; left to end alone")
 
+    def ended(self, stop: threading.Event) -> bool:
+        """Wait until the thread has ended (after :meth:`stop`), or ``stop`` is set; whether it
+        ended. A center that leads again waits here first, so no round of the earlier
+        leadership runs beside the new one's (both hold the same :class:`Housekeeping`)."""
+        warn_at = time.monotonic() + CALL_BUDGET
+        while self._thread.is_alive() and not stop.is_set():
+            self._thread.join(0.2)
+            if self._thread.is_alive() and time.monotonic() >= warn_at:
+                log.warning("still waiting for the previous leadership's round of upkeep")
+                warn_at += 3 * CALL_BUDGET
+        return not self._thread.is_alive()
+
     def _run(self) -> None:
         last: PassView | None = None
         while not self._stop.is_set():
@@ -379,7 +405,7 @@ class UpkeepThread:
                 continue
             last = view
             try:
-                self.chores.upkeep(view)
+                self.chores.upkeep(view, self._stop.is_set)
             except LeadershipLost as e:
                 log.warning("upkeep stopped: %s", e)
                 self.deposed = True
