@@ -40,9 +40,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 
 import pymongo
 from kazoo.exceptions import KazooException, NoNodeError
