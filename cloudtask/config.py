@@ -62,6 +62,9 @@ class AgentConfig:
     log_retention_days: int = 14
     kill_grace: float = 5.0
     poll_interval: float = 2.0  # standalone mode: how often tasks are re-read from MongoDB
+    # schedule fires are claimed this long before they are due (0: at the due time); see
+    # agent/armed.py
+    claim_ahead: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -399,6 +402,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...
             "log_retention_days": _int_range(1, 3650),
             "kill_grace": _duration_range(0, 600),
             "poll_interval": _duration_range(0.1, 3600),
+            "claim_ahead": _duration_range(0, 30),
         },
         ("AGENT",),
     ),

@@ -36,8 +36,10 @@ BEAT_INTERVAL = 2.0
 OUTPUT_TAIL_BYTES = 64 * 1024
 
 # Statuses. ``queued``: a claimed fire waiting for a free slot (max_parallel), a manual run
-# or a released claim waiting for an agent; ``running``: its process or request started.
-RUNNING_STATUSES = ("queued", "running")
+# or a released claim waiting for an agent; ``claimed``: a fire claimed ahead of its due time
+# by the agent that starts it then, unless it cannot (agent/armed.py); ``running``: its process
+# or request started.
+RUNNING_STATUSES = ("queued", "claimed", "running")
 FINISHED_STATUSES = (
     "succeeded",
     "failed",

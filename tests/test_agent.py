@@ -82,7 +82,14 @@ def test_two_agents_fire_each_time_once(store, agents):
     docs = runs(store, task["_id"])
     per_fire = Counter((d["scheduled_for"], d["attempt"]) for d in docs)
     assert max(per_fire.values()) == 1, "a fire ran twice"
-    assert all(d["status"] in ("succeeded", "missed") for d in docs)
+    # the fires claimed ahead of their due time when the agents stopped are handed back for
+    # the task's next agent, never started
+    for d in docs:
+        released = d["status"] == "queued" and d["agent"] is None
+        assert d["status"] in ("succeeded", "missed") or released, d
+        if released:
+            assert "stopped before it was due" in d["error"] and d["started_at"] is None
+    assert any(d["status"] == "queued" for d in docs)
     # fires are one second apart on the grid, with none skipped in the window
     times = sorted(d["scheduled_for"] for d in docs)
     assert all((b - a) == timedelta(seconds=1) for a, b in zip(times, times[1:]))
@@ -101,7 +108,8 @@ def test_mode_all_runs_once_per_agent(store, agents):
     agents.stop_all()
     per_slot = Counter((d["scheduled_for"], d["slot"]) for d in runs(store, task["_id"]))
     assert max(per_slot.values()) == 1
-    assert all(d["slot"] == d["agent"] for d in runs(store, task["_id"]))
+    for d in runs(store, task["_id"]):  # (a claim made ahead is handed back at the stop)
+        assert d["slot"] == d["agent"] or (d["status"] == "queued" and d["agent"] is None)
 
 
 def test_forbid_skips_while_previous_runs(store, agents):
@@ -381,7 +389,8 @@ def test_restarted_agent_records_what_it_missed(store, agents):
     )
     first.stop()
     agents.agents[0][1].join(timeout=30)
-    last = runs(store, task["_id"])[-1]["scheduled_for"]
+    # the last fire it ran (the ones it had claimed ahead are handed back at the stop)
+    last = [d for d in runs(store, task["_id"]) if d["agent"]][-1]["scheduled_for"]
     time.sleep(3.5)  # three or four fires pass with no agent
     agents.start("a1")
     wait_for(

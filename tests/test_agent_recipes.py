@@ -100,7 +100,9 @@ def test_claims_in_doubt_that_landed_too_late_are_not_started():
     for c in landed:
         c.doc = {"status": "running"}
     landed[3].doc = {"status": "missed"}
-    waiting = [claim(10), claim(5, "c")]  # a newer fire of a waits; c's is a retry
+    # a newer fire of a waits, due; b's next fire is given ahead (not due: no reason to
+    # drop this one); c's is a retry
+    waiting = [claim(1), claim(10, "b"), claim(5, "c")]
     late, start = too_late(landed, waiting, T0 + s(1), verdict)
     assert [c.fire.task_id for c in late] == ["a"]
     assert [c.fire.task_id for c in start] == ["b", "c", "d"]

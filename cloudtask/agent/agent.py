@@ -22,6 +22,9 @@ The claim protocol (docs/architecture.md, "A fire runs once"):
   task's backlog like a late tick (claims.py): the newest fire runs (or is caught up, per
   ``misfire``), every older one is recorded ``missed``; ``forbid`` is checked again at claim
   time. No fire is dropped without a record. A step stops at the first chunk that fails.
+- A schedule's fires are claimed ahead of their due time (``agent.claim_ahead``), written
+  ``claimed``, and kept until then (armed.py): at the due time only local checks and the spawn
+  remain, with no MongoDB call. A claim that cannot start then is released or recorded.
 - A keepalive start takes its lease first (leases.py): one instance in the whole cluster.
 - Every MongoDB call of the loop has a deadline (``CALL_BUDGET``, budget.py); the loop never
   waits longer.
@@ -37,6 +40,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,7 @@ from ..exceptions import ValidationError
 from ..runmodel import RETRY_STATUSES, RUNNING_STATUSES, new_id
 from ..store import Store, all_revisions, task_pages
 from ..task import TaskSpec, parse_task
+from .armed import Armed, StartTimer
 from .assigned import AssignedTask
 from .budget import CALL_BUDGET, STORE_ERRORS
 from .claims import Claim, build_documents, collapse, run_tokens, too_late
@@ -65,7 +70,7 @@ from .proctree import IS_POSIX
 from .recovery import EarlierLife
 from .run import RunContext
 from .runwriter import RunWriter
-from .scheduler import Fire, Scheduler
+from .scheduler import Fire, Scheduler, has_fire
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +103,7 @@ class Agent:
         self.agent_id = agent_id or resolve_agent_id(acfg.id, self.data_dir)
         self.group = acfg.group
         self.log_dir = Path(acfg.log_dir) if acfg.log_dir else self.data_dir / "logs"
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(claim_ahead=acfg.claim_ahead)
         self.writer = RunWriter(store, owner=self.agent_id)
         # on POSIX the runs are started by a guard process that ends them if this agent dies
         # or freezes, and starts nothing under a fence that ran out (see guard.py)
@@ -163,9 +168,15 @@ class Agent:
             kill_task=self.executor.kill_task,
             late_verdict=self.scheduler.late_verdict,
             submit=self._submit,
+            arm=self._arm_taken,
         )
         # an earlier life's leftovers, dealt with at the start (see recover)
         self.earlier = EarlierLife(store, self.journal, self.agent_id, kill_grace=acfg.kill_grace)
+        # claims won ahead of their due time, started then by the timer (armed.py); the
+        # due-time checks and the loop's changes of the task set take turns (_start_lock)
+        self.armed = Armed()
+        self._start_lock = threading.RLock()
+        self._deferred: list[Claim] = []  # due claims the loop starts (forbid across agents)
         self._pending: list[Claim] = []  # fires not claimed yet (MongoDB did not answer)
         self._in_doubt: list[Claim] = []  # claims written without an answer: ours if stored
         self._claim_error = ""  # why the last claim failed (for the records of a backlog)
@@ -173,6 +184,7 @@ class Agent:
         self._done_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self.starter = StartTimer(self.armed, self.clock, self._start_due, self._stop)
         self._leaving_lock = threading.Lock()  # the leaving is announced once (see stop)
         self._left_announced = False
         self._last_sync: datetime | None = None
@@ -198,8 +210,8 @@ class Agent:
         for page in task_pages(self.store, changed, each=each):
             for doc in page:
                 self._take(AssignedTask.from_task(doc), now)
-        for tid in set(self._specs) - wanted:
-            self._drop(tid)  # deleted, or a one-shot task that is done
+        for tid in set(self._specs) - wanted:  # deleted, or a one-shot task that is done
+            self._drop(tid, ("skipped", "the task was deleted before it was due"))
         self._last_sync = now
 
     def _sync_due(self, now: datetime, poll: timedelta) -> bool:
@@ -229,11 +241,11 @@ class Agent:
                     "task %s revision %s is not valid, not scheduled: %s", task_id, revision, e
                 )
             self._bad_specs[task_id] = revision
-            self._drop(task_id)
+            self._drop(task_id, ("skipped", f"revision {revision} of the task is not valid"))
             return
         self._bad_specs.pop(task_id, None)
         if not task.enabled:
-            self._drop(task_id)
+            self._drop(task_id, ("skipped", "the task was paused before it was due"))
             self._specs[task_id] = (revision, spec)  # known, so it is not re-read every sync
             return
         previous = self._specs.get(task_id)
@@ -247,7 +259,9 @@ class Agent:
             self._awaiting[task_id] = task.changed_at
             log.info("task %s (%s) revision %s taken", spec.name, task_id, revision)
             return
-        self.scheduler.upsert(task_id, spec, revision, now)
+        # claims made ahead under the previous revision start if its schedule still has them
+        # (see _start_armed): the new one goes on after them
+        self.scheduler.upsert(task_id, spec, revision, now, given_until=self.armed.latest(task_id))
         log.info("task %s (%s) revision %s scheduled", spec.name, task_id, revision)
         if previous is not None and previous[1].schedule.keepalive:
             # the running instance makes way for the new definition; its exit starts the next
@@ -287,10 +301,17 @@ class Agent:
                     self.scheduler.retry(task_id, *retry)
                 log.info("task %s (%s) revision %s scheduled", spec.name, task_id, revision)
 
-    def _drop(self, task_id: str) -> None:
-        self.foreign.forget(task_id)
-        self._awaiting.pop(task_id, None)
-        known = self._specs.pop(task_id, None)
+    def _drop(self, task_id: str, unstarted: tuple[str, str] | None = None) -> None:
+        """Forget a task. Its claims made ahead of their due time are ``unstarted``: ``(status,
+        why)``, by default released for the task's next owner (it moved)."""
+        with self._start_lock:  # no claim of it starts from here on (see _start_due)
+            self.foreign.forget(task_id)
+            self._awaiting.pop(task_id, None)
+            known = self._specs.pop(task_id, None)
+            armed = self.armed.of_task(task_id)
+        status, why = unstarted or ("released", "the task left this agent before it was due")
+        for claim in armed:
+            self._not_armed(claim, status, why)
         if self.scheduler.remove(task_id):
             log.info("task %s unscheduled", task_id)
         if known is not None and known[1].schedule.keepalive:
@@ -315,6 +336,9 @@ class Agent:
             self.earlier.release_late_claims()
         fires, delay = self.scheduler.tick(now)
         self.dispatch(fires, now)
+        self._start_due(now)  # claims that fell due while written (the timer starts them too)
+        if self._deferred:
+            self._start_deferred(now)
         for then in (self.waiting.look, self.foreign.check, self._mark_done):
             if self._stop.is_set():
                 return 0.0  # stopping: no further call may hold the stop up
@@ -475,7 +499,9 @@ class Agent:
         frozen while its claim was in flight must not start it when it wakes up), and if no
         other agent runs the task meanwhile (``forbid``, see :meth:`ForeignRuns.busy`)."""
         fenced = not self.may_claim()
-        busy = {} if fenced else self._busy_elsewhere(claims, won)
+        # (a claim made ahead is checked at its due time)
+        now_won = [ok and c.doc["status"] != "claimed" for c, ok in zip(claims, won, strict=True)]
+        busy = {} if fenced else self._busy_elsewhere(claims, now_won)
         for claim, ok in zip(claims, won, strict=True):
             fire, spec, doc = claim.fire, claim.spec, claim.doc
             if not ok:
@@ -502,6 +528,10 @@ class Agent:
             if doc["_id"] in busy:
                 self._finish_unstarted(doc, "skipped", busy[doc["_id"]])
                 continue
+            if doc["status"] == "claimed":
+                self.writer.track(doc)
+                self.armed.add([claim])  # started at its due time (_start_due)
+                continue
             if spec.concurrency == "replace" and fire.trigger != "retry":
                 self.executor.kill_task(fire.task_id, f"replaced by run {doc['_id']}")
             self._submit(doc, spec, claim.revision, claim.token, fire.trigger, fire.attempt)
@@ -512,6 +542,114 @@ class Agent:
         assignments (handover.py). Returns run id -> why it does not start."""
         window = self.silent_after() + FORBID_CHECK_SLACK
         return self.foreign.busy(claims, won, window, self.view_may_be_stale())
+
+    # --- claims made ahead of their due time (armed.py) --------------------------------------
+
+    def _start_due(self, now: datetime) -> None:
+        """Start the claims made ahead that are due at ``now`` (called by the start timer and
+        by each step: whichever comes first takes a claim out, once)."""
+        with self._start_lock:
+            for claim in self.armed.due(now):
+                try:
+                    self._start_armed(claim, now)
+                except Exception:  # a bug must not leave a claim nobody starts or records
+                    log.exception("starting run %s failed", claim.doc["_id"])
+                    self._not_armed(claim, "released", "its agent could not start it")
+
+    def _start_armed(self, claim: Claim, now: datetime, checked: bool = False) -> None:
+        """The due-time checks of a claim made ahead, all local, then its start; or why it
+        does not start: released for the task's owner when this agent cannot start it (it
+        stops, lost its fence, the task left), recorded when the fire is not to run (the task
+        changed and its new schedule has no fire then, too late, ``forbid``). ``checked``: the
+        runs of other agents were looked at (see :meth:`_start_deferred`)."""
+        fire, doc = claim.fire, claim.doc
+        if self._stop.is_set():
+            return self._not_armed(claim, "released", "its agent stopped before it was due")
+        if doc.get("session") != self.session or not self.may_claim():
+            why = "its agent lost its ZooKeeper session before it was due"
+            return self._not_armed(claim, "released", why)
+        known = self._specs.get(fire.task_id)
+        if known is None or self.scheduler.revision(fire.task_id) is None:
+            why = "the task left this agent before it was due"
+            return self._not_armed(claim, "released", why)
+        revision, spec = known
+        if revision != claim.revision:
+            if not has_fire(spec, fire.scheduled_for):
+                why = f"the task changed before it was due: revision {revision} has no fire then"
+                return self._not_armed(claim, "skipped", why)
+            claim.spec, claim.revision = spec, revision
+            doc.update(revision=revision, task_name=spec.name)
+        verdict = self.scheduler.late_verdict(spec, fire.scheduled_for, now)
+        if verdict == "missed":
+            why = "not started in time: its agent was busy or paused"
+            return self._not_armed(claim, "missed", why)
+        if verdict == "catch-up":
+            claim.fire = fire = replace(fire, trigger="catch-up")
+            doc["trigger"] = "catch-up"
+        if spec.concurrency == "forbid":
+            if self._busy(fire.task_id):
+                why = "the previous run was still running (concurrency: forbid)"
+                return self._not_armed(claim, "skipped", why)
+            window = self.silent_after() + FORBID_CHECK_SLACK
+            stale = self.view_may_be_stale()
+            if not checked and self.foreign.checks(spec, fire.task_id, window, stale):
+                self._deferred.append(claim)  # the loop reads the other agents' runs
+                self._wake.set()
+                return None
+        if spec.concurrency == "replace":
+            self.executor.kill_task(fire.task_id, f"replaced by run {doc['_id']}")
+        self._submit(doc, spec, claim.revision, claim.token, fire.trigger, fire.attempt)
+        return None
+
+    def _start_deferred(self, now: datetime) -> None:
+        """Due claims of ``forbid`` tasks that may also be running on their former owner: its
+        runs are read (on the loop: a MongoDB call), then the claims start or are skipped."""
+        with self._start_lock:
+            claims, self._deferred = self._deferred, []
+        busy = self._busy_elsewhere(claims, [True] * len(claims))
+        with self._start_lock:
+            for claim in claims:
+                if claim.doc["_id"] in busy:
+                    self._not_armed(claim, "skipped", busy[claim.doc["_id"]])
+                else:
+                    self._start_armed(claim, now, checked=True)
+
+    def _arm_taken(self, doc: dict, spec: TaskSpec, revision: int, token: str) -> None:
+        """A released claim not due yet, taken here as ``claimed`` (manual.py): started at its
+        time like a claim made here (the revision it was claimed at is checked then)."""
+        claimed_at = doc.get("revision", revision)
+        fire = Fire(doc["task_id"], doc["scheduled_for"], "schedule", claimed_at, doc["attempt"])
+        self.writer.track(doc)
+        self.armed.add([Claim(fire, spec, claimed_at, token, doc=doc)])
+
+    def _not_armed(self, claim: Claim, status: str, why: str) -> None:
+        """A claim made ahead that does not start: ``released`` (the task's owner takes it over
+        as a claim that never started) or finished with ``status`` (skipped, missed, killed)."""
+        doc = claim.doc
+        log.info("run %s of %s not started: %s", doc["_id"], claim.spec.name, why)
+        if status == "released":
+            self.writer.track(doc)
+            self.writer.release(doc["_id"], why)
+        else:
+            self._finish_unstarted(doc, status, why)
+
+    def kill_armed(self, run_id: str, reason: str) -> bool:
+        """A kill request for a claim made ahead that has not started: recorded ``killed``.
+        False if no such claim waits here."""
+        with self._start_lock:
+            claim = self.armed.take(run_id)
+        if claim is None:
+            return False
+        self._not_armed(claim, "killed", f"{reason} before it started")
+        return True
+
+    def _release_armed(self, why: str) -> None:
+        """Every claim made ahead is released (the agent stops or lost its session)."""
+        with self._start_lock:
+            claims = self.armed.take_all() + self._deferred
+            self._deferred = []
+        for claim in claims:
+            self._not_armed(claim, "released", why)
 
     def _finish_unstarted(self, doc: dict, status: str, reason: str) -> None:
         """A claim won that does not start: finished at once, ``status`` with ``reason``."""
@@ -650,6 +788,7 @@ class Agent:
         self.writer.start()
         if self.guard is not None:
             self.guard.start()
+        self.starter.start()
         self.janitor.start()
         self.leases.start()
         log.info("agent %s (group %s) started; logs in %s", self.agent_id, self.group, self.log_dir)
@@ -680,6 +819,8 @@ class Agent:
                 self._wake.wait(delay)
                 self._wake.clear()
         finally:
+            self.starter.join(timeout=5)
+            self._release_armed("its agent stopped before it was due")
             self._announce_leaving()
             self.executor.shutdown(grace=self.config.agent.kill_grace)
             if self.guard is not None:
@@ -736,7 +877,10 @@ class Agent:
         """Forget every task (a lost session: the leader gives them to others). Claims not
         written yet are forgotten; claims in doubt are still settled (and released)."""
         for task_id in list(self._specs):
-            self._drop(task_id)
+            self._drop(
+                task_id, ("released", "its agent lost its ZooKeeper session before it was due")
+            )
+        self._release_armed("its agent lost its ZooKeeper session before it was due")
         self._bad_specs.clear()
         self._awaiting.clear()
         self._pending = []

@@ -7,12 +7,14 @@ written again (see the agent: claims in doubt are settled by writing them again)
 
 The run document that claims a fire (:func:`build_documents`) is final at once for a fire to
 be recorded (``missed``; ``skipped`` when ``forbid`` finds a run of its task going, checked
-now); of the fires to run, as many as there are free slots are claimed ``running``, the rest
-``queued`` (moved to ``running`` by a conditional write just before their process starts).
+now); a fire given ahead of its due time is claimed ``claimed`` (armed.py: checked and started
+at its time); of the fires to run now, as many as there are free slots are claimed
+``running``, the rest ``queued`` (moved to ``running`` by a conditional write just before
+their process starts).
 
 Fires that could not be claimed (MongoDB did not answer, or the agent's fence did not hold)
-wait for the next step, collapsed per task by :func:`collapse`, the rule of a late tick: the
-newest fire runs if it is on time, is caught up within ``misfire_grace`` (``run_once``), or
+wait for the next step, collapsed per task by :func:`collapse`, the rule of a late tick (for
+the fires already due; one given ahead waits as it is): the newest fire runs if it is on time, is caught up within ``misfire_grace`` (``run_once``), or
 else is recorded ``missed``; every older one is recorded ``missed``. Retries and keepalive
 starts are kept as they are. No fire is dropped without a record: beyond
 ``MAX_MISSED_RECORDS`` missed fires of one task, the oldest kept record also counts the ones
@@ -82,6 +84,16 @@ class Claim:
         self.reason = self.reason or reason
 
 
+def given_ahead(claim: Claim, now: datetime) -> bool:
+    """Whether the claim is of a schedule's fire not due yet at ``now`` (made ahead)."""
+    fire = claim.fire
+    return (
+        fire.trigger == "schedule"
+        and fire.scheduled_for > now
+        and not claim.spec.schedule.keepalive
+    )
+
+
 def build_documents(
     claims: list[Claim],
     now: datetime,
@@ -99,7 +111,9 @@ def build_documents(
     for claim in claims:
         fire, spec = claim.fire, claim.spec
         status, reason = fire.status or "run", claim.reason
-        if (
+        if status == "run" and given_ahead(claim, now):
+            status = "claimed"  # forbid and slots are looked at when it is due
+        elif (
             status == "run"
             and spec.concurrency == "forbid"
             and not spec.schedule.keepalive
@@ -144,7 +158,11 @@ def collapse(
     by_task: dict[str, list[Claim]] = {}
     out: list[Claim] = []
     for c in claims:
-        if c.fire.trigger in ("schedule", "catch-up") and not c.spec.schedule.keepalive:
+        if (
+            c.fire.trigger in ("schedule", "catch-up")
+            and not c.spec.schedule.keepalive
+            and c.fire.scheduled_for <= now  # a fire given ahead is not late
+        ):
             by_task.setdefault(c.fire.task_id, []).append(c)
         else:
             out.append(c)
@@ -183,7 +201,7 @@ def too_late(
     ``late_verdict`` calls it ``missed`` now."""
     newest: dict[str, datetime] = {}
     for c in waiting:
-        if c.fire.trigger != "retry":
+        if c.fire.trigger != "retry" and c.fire.scheduled_for <= now:
             t = newest.get(c.fire.task_id)
             newest[c.fire.task_id] = max(t, c.fire.scheduled_for) if t else c.fire.scheduled_for
     late, start = [], []

@@ -190,7 +190,7 @@ class ClusterAgent(Agent):
                     self._kill_requests.add(run_id)
                 continue
             reason = str((decode(data) or {}).get("reason") or "killed by request")
-            if self.executor.kill(run_id, reason):
+            if self.executor.kill(run_id, reason) or self.kill_armed(run_id, reason):
                 log.info("run %s killed on request: %s", run_id, reason)
             elif not self._kill_unstarted(run_id, reason):
                 with self._kills_lock:

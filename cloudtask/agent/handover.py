@@ -181,6 +181,16 @@ class ForeignRuns:
             if d.get("agent") not in (None, self.agent_id) and d.get("trigger") != "manual"
         ]
 
+    def checks(self, spec: TaskSpec, task_id: str, window: float, stale: bool) -> bool:
+        """Whether a run of ``task_id`` about to start is checked against the other agents'
+        runs (see :meth:`busy`)."""
+        return (
+            spec.concurrency == "forbid"
+            and spec.mode == "one"
+            and not spec.schedule.keepalive
+            and (stale or time.monotonic() - self._came.get(task_id, 0) < window)
+        )
+
     def busy(
         self, claims: list[Claim], won: list[bool], window: float, stale: bool
     ) -> dict[str, str]:
@@ -194,11 +204,8 @@ class ForeignRuns:
             if (
                 ok
                 and doc["status"] in RUNNING_STATUSES
-                and spec.concurrency == "forbid"
-                and spec.mode == "one"
-                and not spec.schedule.keepalive
                 and claim.fire.trigger != "retry"
-                and (stale or time.monotonic() - self._came.get(claim.fire.task_id, 0) < window)
+                and self.checks(spec, claim.fire.task_id, window, stale)
             ):
                 mine[doc["_id"]] = doc
         if not mine:

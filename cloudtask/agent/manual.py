@@ -13,11 +13,13 @@ can tell whether it started; then the agent starts it like a fire it claimed.
   manual run is one run: ``forbid`` records it ``skipped`` while a run of its task is going
   (here or on the task's former owner), ``replace`` ends that run first.
 - **A released claim** (its agent left before starting it) is taken only by the task's owner
-  (for mode ``all``, by the agent of its slot) and run like a late fire: on time, as a
-  ``catch-up`` within ``misfire_grace`` with ``run_once``, or else recorded ``missed``; a
-  keepalive start is recorded ``skipped`` (the service starts anew here), and ``forbid``
-  records it ``skipped`` while a run of its task is going. So a fire that never started is
-  not written off.
+  (for mode ``all``, by the agent of its slot). One not due yet (claimed ahead, armed.py) is
+  taken as ``claimed`` and started here at its time. One due is run like a late fire: on
+  time, as a ``catch-up`` within ``misfire_grace`` with ``run_once``, or else recorded
+  ``missed``, and one is recorded ``missed`` too when a newer fire of its task waits, due
+  (the rule of a late tick); a keepalive start is recorded ``skipped`` (the service starts
+  anew here), and ``forbid`` records it ``skipped`` while a run of its task is going. So a
+  fire that never started is not written off.
 
 A run taken that does not start is finished at once with its status and reason.
 
@@ -53,6 +55,8 @@ FORBID_SKIP = "the previous run was still running (concurrency: forbid)"
 
 # submit(run document, spec, revision, token, trigger, attempt): the agent starts the run
 Submit = Callable[[dict, TaskSpec, int, str, str, int], None]
+# arm(run document, spec, revision, token): the agent starts the run at its due time
+Arm = Callable[[dict, TaskSpec, int, str], None]
 
 
 class WaitingRuns:
@@ -73,6 +77,7 @@ class WaitingRuns:
         kill_task: Callable[[str, str], object],
         late_verdict: Callable[[TaskSpec, datetime, datetime], str],
         submit: Submit,
+        arm: Arm | None = None,
     ) -> None:
         self.store = store
         self.journal = journal
@@ -88,6 +93,7 @@ class WaitingRuns:
         self.kill_task = kill_task  # end the task's runs here (concurrency: replace)
         self.late_verdict = late_verdict  # the scheduler's rule for a late fire
         self.submit = submit
+        self.arm = arm
         self._checked: float | None = None  # monotonic time of the last look
         self._signal = threading.Event()
 
@@ -111,13 +117,19 @@ class WaitingRuns:
         except STORE_ERRORS as e:
             log.warning("cannot look for runs waiting for an agent: %s", e)
             return
+        newest: dict[tuple[str, str], datetime] = {}  # the newest due fire per task and slot
+        for doc in pending:
+            key, at = (doc["task_id"], doc.get("slot")), doc["scheduled_for"]
+            if doc.get("trigger") not in ("manual", "retry") and at <= now:
+                newest[key] = max(newest.get(key, at), at)
         for doc in pending:
             try:
                 with pymongo.timeout(CALL_BUDGET):
                     if doc.get("trigger") == "manual":
                         self._take_manual_run(doc)
                     else:
-                        self._take_released_claim(doc, now)
+                        newer = newest.get((doc["task_id"], doc.get("slot")))
+                        self._take_released_claim(doc, now, newer)
             except STORE_ERRORS as e:
                 log.warning("cannot take run %s: %s", doc["_id"], e)
 
@@ -137,13 +149,20 @@ class WaitingRuns:
         except ValidationError:
             return None
 
-    def _take(self, doc: dict, trigger: str | None = None) -> tuple[str, dict | None]:
+    def _take(
+        self, doc: dict, trigger: str | None = None, status: str | None = None
+    ) -> tuple[str, dict | None]:
         """Take the run (journaled as a claim first): its token, and its document once taken
         (None if another agent took it first, or it was cancelled)."""
         token = run_tokens(1)[0]
         self.journal.claimed([doc["_id"]])
         taken = self.store.take_pending_run(
-            doc["_id"], self.agent_id, self.session(), token_hash(token), trigger=trigger
+            doc["_id"],
+            self.agent_id,
+            self.session(),
+            token_hash(token),
+            trigger=trigger,
+            status=status,
         )
         return token, taken
 
@@ -174,23 +193,44 @@ class WaitingRuns:
         )
         self.submit(taken, spec, revision, token, "manual", 0)
 
-    def _take_released_claim(self, doc: dict, now: datetime) -> None:
-        """A claim its agent left before starting it: the task's owner runs it like a late
-        fire (see the module docstring)."""
+    def _take_released_claim(self, doc: dict, now: datetime, newest: datetime | None) -> None:
+        """A claim its agent left before starting it: the task's owner starts it at its time
+        when it is not due yet, else runs it like a late fire (see the module docstring).
+        ``newest``: the newest due fire of its task among the runs waiting."""
         known = self.known(doc["task_id"])
         if known is None or doc.get("slot") not in ("one", self.agent_id):
             return  # not ours: the task's owner takes it
         revision, spec = known
         trigger = doc.get("trigger") or "schedule"
+        if (
+            self.arm is not None
+            and trigger == "schedule"
+            and doc["scheduled_for"] > now
+            and not spec.schedule.keepalive
+        ):
+            token, taken = self._take(doc, status="claimed")
+            if taken is not None:
+                log.info(
+                    "took over fire %s of %s (released by %s before it was due)",
+                    doc["scheduled_for"],
+                    spec.name,
+                    doc.get("released_by"),
+                )
+                self.arm(taken, spec, revision, token)
+            return
         outcome = None
         if spec.schedule.keepalive:
             outcome = ("skipped", "a keepalive start its agent left; the service starts here anew")
         elif trigger != "retry":
             verdict = self.late_verdict(spec, doc["scheduled_for"], now)
-            if verdict == "catch-up":
+            released = f"released by {doc.get('released_by')}"
+            if verdict != "missed" and newest is not None and doc["scheduled_for"] < newest:
+                # the rule of a late tick: only the newest is caught up
+                outcome = ("missed", f"{released}; a newer fire of the task waited too")
+            elif verdict == "catch-up":
                 trigger = "catch-up"
             elif verdict == "missed":
-                outcome = ("missed", f"released by {doc.get('released_by')}; too late to run")
+                outcome = ("missed", f"{released}; too late to run")
         token, taken = self._take(doc, trigger=trigger)
         if taken is None:
             return

@@ -11,6 +11,13 @@ latest one runs with trigger ``schedule`` if it is at most ``on_time_tolerance``
 than that it follows the task's ``misfire`` policy within ``misfire_grace``: ``run_once`` runs
 it as a ``catch-up``, ``skip`` records it ``missed``. Beyond the grace it is ``missed`` too.
 
+Claims ahead of the due time: with ``claim_ahead`` (seconds, L) the fires of a task's
+schedule come out of a tick between L and 1.5 L before they are due (the agent claims them
+then and starts them at their time, agent.py), in batches: a tick that finds one fire within L
+also gives every fire due within 1.5 L. Fires already due, retries and keepalive starts come
+out at their due time as before, and the rule of a late tick is about due fires only: a fire
+given ahead is on time by definition.
+
 Example::
 
     sched = Scheduler()
@@ -66,8 +73,9 @@ class _Entry:
 
 @dataclass(order=True)
 class _Due:
-    at: datetime
+    wake: datetime  # when a tick should see it: ``at``, or ``at`` less the lead for a schedule
     seq: int
+    at: datetime = field(compare=False)
     task_id: str = field(compare=False)
     generation: int = field(compare=False)
     kind: str = field(compare=False)  # "schedule" | "retry"
@@ -75,12 +83,25 @@ class _Due:
     attempt: int = field(compare=False, default=0)
 
 
+def has_fire(spec: TaskSpec, at: datetime) -> bool:
+    """Whether the schedule of ``spec`` fires at ``at`` (a time as stored: to the
+    millisecond). A claim made ahead under an earlier revision starts only then."""
+    if spec.schedule.keepalive:
+        return False
+    nxt = spec.schedule.next_after(at - timedelta(milliseconds=1))
+    return nxt is not None and to_bson_time(nxt) == to_bson_time(at)
+
+
 class Scheduler:
     """Which of the agent's tasks fire when. Thread-safe; every method takes ``now``."""
 
-    def __init__(self, on_time_tolerance: float = 2.0, max_sleep: float = 1.0) -> None:
+    def __init__(
+        self, on_time_tolerance: float = 2.0, max_sleep: float = 1.0, claim_ahead: float = 0.0
+    ) -> None:
         self.on_time_tolerance = timedelta(seconds=on_time_tolerance)
         self.max_sleep = max_sleep
+        self.ahead = timedelta(seconds=claim_ahead)  # see the module docstring
+        self.batch = self.ahead / 2
         self._tasks: dict[str, _Entry] = {}
         self._heap: list[_Due] = []
         self._seq = itertools.count()
@@ -96,6 +117,7 @@ class Scheduler:
         revision: int,
         now: datetime,
         since: datetime | None = None,
+        given_until: datetime | None = None,
     ) -> bool:
         """Add a task or take a new revision of it. Returns True if anything changed.
 
@@ -103,6 +125,8 @@ class Scheduler:
         ``since``, for a task new to this scheduler, is when its fires were last looked after
         (its latest recorded run, or when it was created or changed): fires after it that are
         already due come out of the next tick as missed or caught up, per the task's policy.
+        ``given_until``: fires up to then were given ahead already (claimed, not yet due), so
+        a changed task's schedule goes on after them rather than give them again.
         """
         with self._lock:
             current = self._tasks.get(task_id)
@@ -127,7 +151,8 @@ class Scheduler:
                 # the older ones recorded missed (see _due_fires)
                 entry.next_fire = spec.schedule.next_after(since)
             else:
-                entry.next_fire = spec.schedule.next_after(now)
+                after = max(now, given_until) if given_until is not None else now
+                entry.next_fire = spec.schedule.next_after(after)
             self._tasks[task_id] = entry
             self._push(entry, task_id, "schedule")
             return True
@@ -161,7 +186,14 @@ class Scheduler:
             heapq.heappush(
                 self._heap,
                 _Due(
-                    due, next(self._seq), task_id, entry.generation, "retry", scheduled_for, attempt
+                    due,
+                    next(self._seq),
+                    due,
+                    task_id,
+                    entry.generation,
+                    "retry",
+                    scheduled_for,
+                    attempt,
                 ),
             )
 
@@ -200,11 +232,18 @@ class Scheduler:
     # --- the engine -------------------------------------------------------------------------
 
     def tick(self, now: datetime) -> tuple[list[Fire], float]:
-        """Return every fire due at ``now`` (in due order) and the seconds until the next one."""
+        """Return every fire due at ``now`` (in due order), and with ``claim_ahead`` the fires
+        of schedules due soon (see the module docstring), and the seconds until the next tick
+        has something to give."""
         fires: list[Fire] = []
+        until = now + self.ahead + self.batch  # schedule fires up to then are given now
+        early: list[_Due] = []  # seen with the batch, not due yet: a retry or keepalive start
         with self._lock:
-            while self._heap and self._heap[0].at <= now:
+            while self._heap and self._heap[0].wake <= now + self.batch:
                 due = heapq.heappop(self._heap)
+                if due.at > now and due.wake == due.at:
+                    early.append(due)  # given at its due time only
+                    continue
                 entry = self._tasks.get(due.task_id)
                 if entry is None:
                     continue  # removed since this was planned
@@ -228,14 +267,18 @@ class Scheduler:
                     entry.keepalive_running = True
                     entry.next_fire = None
                 else:
-                    fires.extend(self._due_fires(due.task_id, entry, now))
+                    fires.extend(self._due_fires(due.task_id, entry, now, until))
                     self._push(entry, due.task_id, "schedule")
+            for due in early:
+                heapq.heappush(self._heap, due)
             delay = self.max_sleep
             if self._heap:
-                delay = min(delay, max(0.0, (self._heap[0].at - now).total_seconds()))
+                delay = min(delay, max(0.0, (self._heap[0].wake - now).total_seconds()))
         return fires, delay
 
-    def _due_fires(self, task_id: str, entry: _Entry, now: datetime) -> list[Fire]:
+    def _due_fires(self, task_id: str, entry: _Entry, now: datetime, until: datetime) -> list[Fire]:
+        """The task's fires up to ``until``: the due ones (up to ``now``) by the rule of a late
+        tick, then the ones given ahead, each to run at its time."""
         schedule = entry.spec.schedule
         first = t = entry.next_fire
         # The newest MAX_MISSED_PER_TICK due fires are reported (a 1 s task paused for a day
@@ -251,9 +294,14 @@ class Scheduler:
                 t = schedule.next_after(now - span - _EPSILON)
                 due.clear()
                 steps = 0
+        ahead: list[datetime] = []
+        while t is not None and t <= until:  # not due yet: given ahead (see the docstring)
+            ahead.append(t)
+            t = schedule.next_after(t)
         entry.next_fire = t
+        given = [Fire(task_id, to_bson_time(a), "schedule", entry.revision) for a in ahead]
         if not due:
-            return []
+            return given
         *earlier, latest = due
         out = [
             Fire(task_id, to_bson_time(t), "schedule", entry.revision, status="missed")
@@ -279,7 +327,7 @@ class Scheduler:
             out.append(
                 Fire(task_id, to_bson_time(latest), "schedule", entry.revision, status="missed")
             )
-        return out
+        return out + given
 
     def late_verdict(self, spec: TaskSpec, scheduled_for: datetime, now: datetime) -> str:
         """The rule of a late tick for one fire: ``run`` (at most ``on_time_tolerance`` late),
@@ -294,6 +342,8 @@ class Scheduler:
 
     def _push(self, entry: _Entry, task_id: str, kind: str) -> None:
         if entry.next_fire is not None:
+            at = entry.next_fire
+            wake = at if entry.spec.schedule.keepalive else at - self.ahead
             heapq.heappush(
-                self._heap, _Due(entry.next_fire, next(self._seq), task_id, entry.generation, kind)
+                self._heap, _Due(wake, next(self._seq), at, task_id, entry.generation, kind)
             )

@@ -115,13 +115,17 @@ class WaitingRuns(StoreBase):
         session: str | None,
         token_hash: str,
         trigger: str | None = None,
+        status: str | None = None,
     ) -> dict[str, Any] | None:
         """Take a pending run for ``agent``: the whole run document, or None if another agent
         took it first (or it was cancelled). Only strings are written with ``$set``;
-        ``trigger`` (a released claim run late is a ``catch-up``) is set too when given."""
+        ``trigger`` (a released claim run late is a ``catch-up``) and ``status`` (a released
+        claim not due yet is ``claimed``, started at its time) are set too when given."""
         fields = {"agent": agent, "session": session, "token_hash": token_hash}
         if trigger is not None:
             fields["trigger"] = trigger
+        if status is not None:
+            fields["status"] = status
         return guard(
             self.claims.find_one_and_update,
             "take a pending run",
