@@ -30,7 +30,8 @@ for a while, and then the evidence is read:
   process of the earlier run is gone);
 - ``unexplained_misses``: fires due while the faults ran that neither started nor have a run
   document saying why (missed, skipped), and failed attempts whose retry never came;
-- ``stuck_runs``: runs claimed 20 s or more before the end and still ``queued`` or ``running``
+- ``stuck_runs``: runs claimed 20 s or more before the end and still ``queued``, ``claimed``
+  or ``running``
   (a keepalive service's one live instance excepted);
 - ``lost_but_ran``: runs recorded ``lost`` whose process did end (its end record);
 - ``mislabelled``: run documents that contradict the records (a ``succeeded`` run that never
@@ -518,7 +519,7 @@ class Chaos:
             ):
                 mislabelled += 1
                 problems.append(f"{status} but started: {fire}")
-            if status in ("queued", "running"):
+            if status in ("queued", "claimed", "running"):
                 claimed = d["claimed_at"]
                 kind = by_name.get(d["task_name"], Task("", {}, "")).kind
                 if claimed < end - timedelta(seconds=20) and kind != "keepalive":

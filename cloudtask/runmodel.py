@@ -40,6 +40,9 @@ OUTPUT_TAIL_BYTES = 64 * 1024
 # by the agent that starts it then, unless it cannot (agent/armed.py); ``running``: its process
 # or request started.
 RUNNING_STATUSES = ("queued", "claimed", "running")
+# of those, the runs going or waiting to go now (not a claim ahead, which its agent records
+# ``skipped`` when its task is deleted or paused before it is due)
+GOING_STATUSES = ("queued", "running")
 FINISHED_STATUSES = (
     "succeeded",
     "failed",

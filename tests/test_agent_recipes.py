@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+from cloudtask.agent.armed import Armed
 from cloudtask.agent.assigned import AssignedTask
 from cloudtask.agent.claims import (
     MAX_MISSED_RECORDS,
     Claim,
     build_documents,
     collapse,
+    given_ahead,
     run_tokens,
     token_hash,
     too_late,
@@ -36,6 +38,45 @@ def s(n: float) -> timedelta:
 def claim(at: float, task_id="a", trigger="schedule", status=None, **over) -> Claim:
     fire = Fire(task_id, T0 + s(at), trigger, 1, status=status)
     return Claim(fire, spec(**over), 1, "token")
+
+
+# --- claims made ahead, waiting for their time (armed.py) -----------------------------------
+
+
+def test_armed_claims_come_out_at_their_time_once_and_leave_with_their_task():
+    armed = Armed()
+    claims = [claim(3), claim(1, "b"), claim(2), claim(2, "c")]
+    for i, c in enumerate(claims):
+        c.doc = {"_id": f"r{i}"}
+    armed.add(claims)
+    assert len(armed) == 4 and armed.next_at() == T0 + s(1)
+    assert armed.latest("a") == T0 + s(3) and armed.latest("z") is None
+    assert [c.doc["_id"] for c in armed.due(T0 + s(1))] == ["r1"]
+    assert armed.due(T0 + s(1)) == []  # once
+    assert [c.doc["_id"] for c in armed.of_task("a")] == ["r0", "r2"]  # the task left
+    assert armed.take("r3").doc["_id"] == "r3"  # a kill request
+    assert armed.take("r3") is None
+    assert armed.next_at() is None and len(armed) == 0 and armed.due(T0 + s(9)) == []
+    armed.add([claim(5, "d")])
+    assert [c.fire.task_id for c in armed.take_all()] == ["d"] and armed.next_at() is None
+
+
+def test_a_fire_given_ahead_is_claimed_claimed_and_not_collapsed():
+    waiting = [claim(-1), claim(1), claim(2)]  # one due, two given ahead
+    out = collapse(waiting, T0, Scheduler().late_verdict, "why")
+    assert [c.fire.status for c in out] == [None, None, None]
+    out.sort(key=lambda c: c.fire.scheduled_for)
+    assert [given_ahead(c, T0) for c in out] == [False, True, True]
+    build_documents(
+        out,
+        T0,
+        free=0,
+        busy=lambda task_id: True,  # forbid: the due one is skipped; the others wait
+        slot_of=lambda spec: "one",
+        agent_id="a1",
+        session=lambda: "s1",
+    )
+    assert [c.doc["status"] for c in out] == ["skipped", "claimed", "claimed"]
 
 
 # --- the assigned task --------------------------------------------------------------------
@@ -203,12 +244,14 @@ class FakeWaiting:
     def pending_runs(self, group):
         return [d for d in self.pending if d.get("agent") is None]
 
-    def take_pending_run(self, run_id, agent, session, hashed, trigger=None):
+    def take_pending_run(self, run_id, agent, session, hashed, trigger=None, status=None):
         for d in self.pending:
             if d["_id"] == run_id and d.get("agent") is None:
                 d.update(agent=agent, session=session, token_hash=hashed)
                 if trigger is not None:
                     d["trigger"] = trigger
+                if status is not None:
+                    d["status"] = status
                 return dict(d)
         return None
 
@@ -224,7 +267,7 @@ class FakeWaiting:
         self.finished.append((doc["_id"], status, reason))
 
 
-def waiting_runs(fake, known, busy=lambda task_id: False, may_claim=True):
+def waiting_runs(fake, known, busy=lambda task_id: False, may_claim=True, armed=None):
     submitted, killed = [], []
     journal = type("J", (), {"claimed": lambda self, ids: fake.claimed_(ids)})()
     runs = WaitingRuns(
@@ -244,6 +287,7 @@ def waiting_runs(fake, known, busy=lambda task_id: False, may_claim=True):
         submit=lambda doc, spec, revision, token, trigger, attempt: submitted.append(
             (doc["_id"], trigger, attempt)
         ),
+        arm=None if armed is None else lambda doc, *_: armed.append((doc["_id"], doc["status"])),
     )
     return runs, submitted, killed
 
@@ -290,22 +334,35 @@ def test_forbid_skips_and_replace_ends_the_run_going():
 
 
 def test_a_released_claim_is_run_by_its_owner_like_a_late_fire():
-    def released(run_id, at, **over):
-        doc = {"_id": run_id, "task_id": "t1", "trigger": "schedule", "slot": "one"}
+    def released(run_id, at, task_id, **over):
+        doc = {"_id": run_id, "task_id": task_id, "trigger": "schedule", "slot": "one"}
         return {**doc, "scheduled_for": T0 + s(at), "released_by": "a9", **over}
 
     pending = [
-        released("on-time", 0),
-        released("late", -30),
-        released("too-late", -7200),
-        released("other-slot", 0, slot="a2"),
+        released("on-time", 0, "t1"),
+        released("late", -30, "t2"),
+        released("too-late", -7200, "t3"),
+        released("older", -2, "t4"),  # on time, but a newer fire of t4 waits too
+        released("newer", -1, "t4"),
+        released("not-due", 2, "t5"),  # claimed ahead: started here at its time
+        released("other-slot", 0, "t1", slot="a2"),
     ]
     fake = FakeWaiting(pending)
-    runs, submitted, _ = waiting_runs(fake, {"t1": (1, spec())})
+    armed = []
+    known = {t: (1, spec()) for t in ("t1", "t2", "t3", "t4", "t5")}
+    runs, submitted, _ = waiting_runs(fake, known, armed=armed)
     runs.look(T0)
-    assert submitted == [("on-time", "schedule", 0), ("late", "catch-up", 0)]
-    assert fake.finished == [("too-late", "missed", "released by a9; too late to run")]
-    assert pending[3].get("agent") is None  # another agent's slot
+    assert submitted == [
+        ("on-time", "schedule", 0),
+        ("late", "catch-up", 0),
+        ("newer", "schedule", 0),
+    ]
+    assert fake.finished == [
+        ("too-late", "missed", "released by a9; too late to run"),
+        ("older", "missed", "released by a9; a newer fire of the task waited too"),
+    ]
+    assert armed == [("not-due", "claimed")]
+    assert pending[-1].get("agent") is None  # another agent's slot
 
 
 def test_nothing_is_taken_while_the_fence_does_not_hold():

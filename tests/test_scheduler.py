@@ -214,3 +214,96 @@ def test_catch_up_accounts_for_every_fire_since_and_runs_only_the_newest():
     assert [f.scheduled_for for f in missed] == [T0 - s(3590) + s(10 * i) for i in range(363)]
     fires, _ = sched.tick(T0 + s(45.6))
     assert fires == []
+
+
+# --- fires given ahead of their due time (claim_ahead) -----------------------------------------
+
+
+def test_fires_are_given_ahead_in_batches_and_never_twice():
+    sched = Scheduler(claim_ahead=2.0, max_sleep=60.0)
+    sched.upsert("a", spec(schedule={"every": "1s"}), 1, T0)
+    sched.upsert("b", spec(schedule={"every": "10s"}), 1, T0)
+    fires, delay = sched.tick(T0)
+    # everything due within 1.5 x 2 s: a's next three fires; b's first is 10 s away
+    assert [(f.task_id, f.scheduled_for) for f in fires] == [("a", T0 + s(k)) for k in (1, 2, 3)]
+    assert all(f.trigger == "schedule" and f.status is None for f in fires)
+    assert delay == 2.0  # the next tick: when a's fire at 4 s is 2 s away
+    seen = [f for f in fires]
+    t = T0
+    while t < T0 + s(30):
+        t += s(0.1)
+        fires, delay = sched.tick(t)
+        for f in fires:  # given between 2 and 3 s before they are due
+            assert s(2) <= f.scheduled_for - t <= s(3), (f, t)
+        seen += fires
+    given = [(f.task_id, f.scheduled_for) for f in seen]
+    assert len(given) == len(set(given))  # never twice
+    assert sorted(x for x in given if x[0] == "b") == [("b", T0 + s(10 * k)) for k in (1, 2, 3)]
+    assert [x for x in given if x[0] == "a"] == [("a", T0 + s(k)) for k in range(1, 34)]
+
+
+def test_fires_of_many_tasks_are_given_in_batches():
+    sched = Scheduler(claim_ahead=2.0, max_sleep=60.0)
+    for i in range(100):  # phases spread over 10 s
+        sched.upsert(
+            f"t{i}", spec(schedule={"every": "10s", "start": (T0 + s(i / 10)).isoformat()}), 1, T0
+        )
+    ticks = given = 0
+    t = T0 + s(10)
+    while t < T0 + s(70):
+        fires, delay = sched.tick(t)
+        ticks += bool(fires)
+        given += len(fires)
+        t += s(max(delay, 0.001))
+    assert given >= 590
+    assert ticks <= given / 5  # a tick gives about a second's worth of fires
+
+
+def test_retries_and_keepalive_starts_are_given_at_their_due_time_only():
+    sched = Scheduler(claim_ahead=2.0, max_sleep=60.0)
+    sched.upsert("a", spec(schedule={"every": "10s"}), 1, T0)
+    sched.upsert("k", spec(schedule={"keepalive": True}), 1, T0 + s(1))
+    sched.retry("a", T0, 1, T0 + s(5))
+    fires, delay = sched.tick(T0)
+    assert fires == [] and delay == 1.0  # the keepalive start is due at 1 s
+    fires, delay = sched.tick(T0 + s(1))
+    assert [(f.task_id, f.trigger) for f in fires] == [("k", "schedule")]
+    assert delay == 4.0  # the retry at 5 s (a's fire at 10 s is given from 8 s)
+    fires, delay = sched.tick(T0 + s(4))
+    assert fires == [] and delay == 1.0  # not a busy loop while the retry waits
+    fires, delay = sched.tick(T0 + s(5))
+    assert [(f.task_id, f.trigger, f.attempt) for f in fires] == [("a", "retry", 1)]
+    assert delay == 3.0
+    fires, _ = sched.tick(T0 + s(8))
+    assert [(f.scheduled_for, f.trigger) for f in fires] == [(T0 + s(10), "schedule")]
+
+
+def test_late_fires_follow_the_late_rule_and_the_next_ones_are_given_ahead():
+    sched = Scheduler(claim_ahead=2.0)
+    sched.upsert("a", spec(schedule={"every": "10s"}), 1, T0)
+    fires, _ = sched.tick(T0 + s(28))  # paused: 10 and 20 are due, 30 is 2 s away
+    assert [(f.scheduled_for, f.status, f.trigger) for f in fires] == [
+        (T0 + s(10), "missed", "schedule"),
+        (T0 + s(20), None, "catch-up"),
+        (T0 + s(30), None, "schedule"),
+    ]
+
+
+def test_a_changed_task_goes_on_after_the_fires_given_ahead():
+    sched = Scheduler(claim_ahead=2.0)
+    sched.upsert("a", spec(schedule={"every": "1s"}), 1, T0)
+    fires, _ = sched.tick(T0)
+    assert [f.scheduled_for for f in fires] == [T0 + s(1), T0 + s(2), T0 + s(3)]
+    sched.upsert(
+        "a", spec(schedule={"every": "1s"}, command="echo 2"), 2, T0, given_until=T0 + s(3)
+    )
+    fires, _ = sched.tick(T0 + s(1.5))
+    assert [(f.scheduled_for, f.revision) for f in fires] == [(T0 + s(4), 2)]
+
+
+def test_has_fire_tells_whether_a_schedule_fires_at_a_time():
+    from cloudtask.agent.scheduler import has_fire
+
+    every = spec(schedule={"cron": "*/5 * * * * *"})
+    assert has_fire(every, T0 + s(5)) and not has_fire(every, T0 + s(6))
+    assert not has_fire(spec(schedule={"keepalive": True}), T0)

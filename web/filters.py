@@ -14,6 +14,7 @@ STATUS_CLASS = {
     "succeeded": "ok",
     "running": "run",
     "queued": "run",
+    "claimed": "run",
     "failed": "bad",
     "timed_out": "bad",
     "lost": "bad",

@@ -21,6 +21,7 @@ from flask import current_app, jsonify, request
 
 from cloudtask.clock import utcnow
 from cloudtask.exceptions import NotFound, Problem
+from cloudtask.runmodel import RUNNING_STATUSES
 from cloudtask.schedules import next_fires, parse_schedule
 
 from .auth import requires
@@ -116,7 +117,7 @@ def trend(task_id: str) -> Any:
             continue
         duration = doc.get("duration")
         duration = float(duration) if isinstance(duration, (int, float)) else None
-        if doc.get("status") in ("queued", "running"):
+        if doc.get("status") in RUNNING_STATUSES:
             duration = None
         points.append({"t": t, "d": duration, "s": doc.get("status"), "id": doc["_id"]})
     return jsonify(points=points, task=task["name"])

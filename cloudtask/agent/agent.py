@@ -65,7 +65,7 @@ from .identity import resolve_agent_id
 from .journal import Journal
 from .leases import LeaseKeeper, lease_name
 from .logfiles import LogJanitor
-from .manual import WaitingRuns
+from .manual import FORBID_SKIP, WaitingRuns
 from .proctree import IS_POSIX
 from .recovery import EarlierLife
 from .run import RunContext
@@ -643,19 +643,45 @@ class Agent:
         self._not_armed(claim, "killed", f"{reason} before it started")
         return True
 
-    def _release_armed(self, why: str) -> None:
-        """Every claim made ahead is released (the agent stops or lost its session)."""
+    def _release_armed(self, why: str) -> int:
+        """Every claim made ahead is released (the agent stops or lost its session). Returns
+        how many."""
         with self._start_lock:
             claims = self.armed.take_all() + self._deferred
             self._deferred = []
         for claim in claims:
             self._not_armed(claim, "released", why)
+        return len(claims)
+
+    def _tell_released(self) -> None:
+        if self.writer.flush():
+            self._signal_released()
+
+    def _signal_released(self) -> None:
+        """Claims were released: tell the agents to look for them (in a cluster)."""
 
     def _finish_unstarted(self, doc: dict, status: str, reason: str) -> None:
         """A claim won that does not start: finished at once, ``status`` with ``reason``."""
         self.writer.finish_unstarted(doc, status, reason, to_bson_time(self.clock()))
 
     def _submit(
+        self, doc: dict, spec: TaskSpec, revision: int, token: str, trigger: str, attempt: int
+    ) -> None:
+        """Hand a claimed run to the executor. Every start goes through here, from the loop
+        and from the start timer: under the lock they share, ``forbid`` is looked at once more
+        just before, so two paths cannot both find the task idle and both start it."""
+        with self._start_lock:
+            if (
+                spec.concurrency == "forbid"
+                and trigger != "retry"
+                and not spec.schedule.keepalive
+                and self._busy(doc["task_id"])
+            ):
+                self._finish_unstarted(doc, "skipped", FORBID_SKIP)
+                return
+            self._hand_over(doc, spec, revision, token, trigger, attempt)
+
+    def _hand_over(
         self, doc: dict, spec: TaskSpec, revision: int, token: str, trigger: str, attempt: int
     ) -> None:
         self.executor.submit(
@@ -820,7 +846,10 @@ class Agent:
                 self._wake.clear()
         finally:
             self.starter.join(timeout=5)
-            self._release_armed("its agent stopped before it was due")
+            if self._release_armed("its agent stopped before it was due"):
+                # the tasks' new owners take them at once, not at their next look (not waited
+                # for: the stop is bounded, and MongoDB may not answer)
+                threading.Thread(target=self._tell_released, name="released", daemon=True).start()
             self._announce_leaving()
             self.executor.shutdown(grace=self.config.agent.kill_grace)
             if self.guard is not None:

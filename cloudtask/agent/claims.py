@@ -197,11 +197,16 @@ def too_late(
     late_verdict: Callable[[TaskSpec, datetime, datetime], str],
 ) -> tuple[list[Claim], list[Claim]]:
     """Claims in doubt that landed: ``(too late, to start)``. One to run (not a retry, not a
-    keepalive start) is too late when a newer fire of its task is ``waiting`` too, or when
-    ``late_verdict`` calls it ``missed`` now."""
+    keepalive start) is too late when a newer fire of its task is due too (``waiting``, or
+    another of the ``landed``), or when ``late_verdict`` calls it ``missed`` now."""
     newest: dict[str, datetime] = {}
-    for c in waiting:
-        if c.fire.trigger != "retry" and c.fire.scheduled_for <= now:
+    for c in [*waiting, *landed]:
+        if (
+            c.fire.trigger != "retry"
+            and c.fire.status is None  # a fire to run, not one to record
+            and c.fire.scheduled_for <= now
+            and not c.spec.schedule.keepalive
+        ):
             t = newest.get(c.fire.task_id)
             newest[c.fire.task_id] = max(t, c.fire.scheduled_for) if t else c.fire.scheduled_for
     late, start = [], []

@@ -38,7 +38,7 @@ from ..clock import to_bson_time, utcnow
 from ..config import Config
 from ..exceptions import CloudTaskError
 from ..store import Store
-from ..zkpaths import ZkPaths, bounded, decode, keep_trying, task_signal
+from ..zkpaths import ZkPaths, bounded, decode, keep_trying, run_signal, task_signal
 from .agent import Agent
 from .assignments import AssignmentWatcher
 from .budget import CALL_BUDGET, STORE_ERRORS
@@ -253,6 +253,12 @@ class ClusterAgent(Agent):
         for task_id, (_, spec) in list(self._specs.items()):
             if spec.schedule.keepalive:
                 self.executor.kill_task(task_id, "the agent is stopping")
+
+    def _signal_released(self) -> None:
+        try:
+            run_signal(self.zk, self.paths, STOP_BUDGET)()
+        except (KazooException, CloudTaskError) as e:
+            log.info("cannot signal the released claims (agents look every few seconds): %s", e)
 
     def _left(self) -> None:
         # a clean stop is recorded before the registration goes, with the id the leader gives

@@ -119,9 +119,10 @@ class WaitingRuns:
             return
         newest: dict[tuple[str, str], datetime] = {}  # the newest due fire per task and slot
         for doc in pending:
+            if doc.get("trigger") in ("manual", "retry") or doc["scheduled_for"] > now:
+                continue
             key, at = (doc["task_id"], doc.get("slot")), doc["scheduled_for"]
-            if doc.get("trigger") not in ("manual", "retry") and at <= now:
-                newest[key] = max(newest.get(key, at), at)
+            newest[key] = max(newest.get(key, at), at)
         for doc in pending:
             try:
                 with pymongo.timeout(CALL_BUDGET):

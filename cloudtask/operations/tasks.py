@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from ..clock import utcnow
 from ..exceptions import Conflict, NotFound, Problem, ValidationError
-from ..runmodel import RUNNING_STATUSES
+from ..runmodel import GOING_STATUSES
 from ..schedules import parse_schedule
 from ..task import TaskSpec, parse_task
 from .base import task_target
@@ -166,7 +166,7 @@ class TaskOperations(RunOperations):
         Returns the deleted task and the ids of the runs asked to be killed."""
         task = self.store.get_task(task_id)
         running = self.store.list_runs(
-            task_id=task["_id"], status=list(RUNNING_STATUSES), limit=10_000
+            task_id=task["_id"], status=list(GOING_STATUSES), limit=10_000
         )
         self.store.delete_task(task["_id"])
         self._signal("tasks")  # the change is stored: tell the leader first

@@ -21,7 +21,7 @@ from pymongo import ASCENDING, DESCENDING
 
 from .. import events
 from ..clock import utcnow
-from ..runmodel import RUNNING_STATUSES
+from ..runmodel import GOING_STATUSES
 from .base import StoreBase, guard, read_all
 
 COUNT_CAP = 100_000  # counts above this show as "100000+"
@@ -367,7 +367,7 @@ class PageQueries(StoreBase):
 
     def unfinished_run_count(self, task_id: str, cap: int = 1000) -> int:
         """How many of the task's runs are queued or running (counted up to ``cap``)."""
-        query = {"task_id": task_id, "status": {"$in": list(RUNNING_STATUSES)}}
+        query = {"task_id": task_id, "status": {"$in": list(GOING_STATUSES)}}
         return guard(self.runs.count_documents, "count runs", query, limit=cap)
 
     def task_values(self, key: str) -> list[str]:

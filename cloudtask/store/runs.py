@@ -162,7 +162,9 @@ class RunRecords(StoreBase):
         self, docs: Sequence[dict[str, Any]], reason: str, now: datetime | None = None
     ) -> list[str]:
         """The leader's verdict on runs whose agent is gone and went silent: a run that was
-        ``running`` becomes ``lost``; a claim still ``queued`` (it never started) is released:
+        ``running`` or ``claimed`` (ahead of its due time: whether it started is not known
+        here; its agent's journal tells, if it comes back) becomes ``lost``; a claim still
+        ``queued`` (it never started) is released:
         ``agent`` None, so the task's owner takes it over like a manual run and runs it (see
         :meth:`take_pending_run`). Each write applies only if the run is exactly as read (same
         status, agent and heartbeat): a run its agent touched meanwhile is left alone.
@@ -175,6 +177,9 @@ class RunRecords(StoreBase):
             new = dict(doc)
             if doc["status"] == "queued":
                 new.update(released_fields(doc["agent"], reason))
+            elif doc["status"] == "claimed":  # its agent may have died before its due time
+                why = f"{reason}; it was claimed ahead of its due time and may never have started"
+                new.update(lost_fields(doc, why, now))
             else:
                 new.update(lost_fields(doc, reason, now))
             beat = doc.get("beat")
