@@ -50,7 +50,6 @@ def test_armed_claims_come_out_at_their_time_once_and_leave_with_their_task():
         c.doc = {"_id": f"r{i}"}
     armed.add(claims)
     assert len(armed) == 4 and armed.next_at() == T0 + s(1)
-    assert armed.latest("a") == T0 + s(3) and armed.latest("z") is None
     assert [c.doc["_id"] for c in armed.due(T0 + s(1))] == ["r1"]
     assert armed.due(T0 + s(1)) == []  # once
     assert [c.doc["_id"] for c in armed.of_task("a")] == ["r0", "r2"]  # the task left
@@ -370,3 +369,51 @@ def test_nothing_is_taken_while_the_fence_does_not_hold():
     runs, submitted, _ = waiting_runs(fake, {"t1": (1, spec())}, may_claim=False)
     runs.look(T0)
     assert submitted == [] and fake.claimed == []
+
+
+# --- runs of a task's previous owner (handover.py) -----------------------------------------
+
+
+class FakeRunStates:
+    """What the previous owner's runs look like now, by run id."""
+
+    def __init__(self, found, states):
+        self.found, self.states = found, states
+
+    def unfinished_runs(self, query):
+        return self.found
+
+    def run_states(self, run_ids):
+        return {r: self.states[r] for r in run_ids if r in self.states}
+
+
+def test_a_claim_its_previous_owner_released_holds_nothing_up():
+    from cloudtask.agent.handover import ForeignRuns
+
+    found = [
+        {"_id": r, "task_id": "t1", "agent": "a9", "trigger": "schedule", "slot": "one"}
+        | {"scheduled_for": T0, "attempt": 0}
+        for r in ("released", "taken", "going")
+    ]
+    store = FakeRunStates(found, {})
+    retried = []
+    foreign = ForeignRuns(
+        store, "a1", poll_interval=0.0, spec_of=lambda t: spec(), retry=lambda *a: retried.append(a)
+    )
+    foreign.note(["t1"])
+    assert foreign.running("t1")
+    store.states = {
+        "released": {"status": "queued", "agent": None},  # handed back, never started
+        "taken": {"status": "claimed", "agent": "a1"},  # taken here since
+        "going": {"status": "running", "agent": "a9"},
+    }
+    foreign.check(T0)
+    assert foreign.running("t1")  # "going" still runs on a9
+    store.states["going"] = {"status": "succeeded", "agent": "a9"}
+    foreign.check(T0)
+    assert not foreign.running("t1") and retried == []
+    foreign.note(["t1"])
+    foreign.forget_run("t1", "released")
+    foreign.forget_run("t1", "taken")
+    foreign.forget_run("t1", "going")
+    assert not foreign.running("t1")

@@ -8,7 +8,7 @@ import time
 import pytest
 from helpers import holds, wait_for
 from test_agent import Running
-from test_cluster import Cluster, assignments, make_tasks, spread_over
+from test_cluster import Cluster, agent_count, assignments, make_tasks, spread_over
 
 from cloudtask.exceptions import Conflict
 from cloudtask.operations import Operations
@@ -121,9 +121,12 @@ def test_in_a_cluster_the_owner_takes_the_run_at_once_and_waiting_runs_are_not_l
     (task_id,) = make_tasks(store, 1, schedule={"every": "1h"})
     # a long poll: only the signal can make the owner look for the waiting run in time
     cluster.env["CLOUDTASK_AGENT_POLL_INTERVAL"] = "60s"
-    cluster.center("c1")
     cluster.agent("a1")
     cluster.agent("a2")
+    # the center starts once both agents are there: the task is placed once, not first on
+    # whichever agent came first and then moved
+    wait_for(lambda: agent_count(zk) == 2, timeout=30)
+    cluster.center("c1")
     placed = wait_for(lambda: spread_over(zk, 1, 1), timeout=30, message="task not placed")
     (owner,) = placed
     ops = Operations(store, zk, ZkPaths("/cloudtask"))

@@ -163,7 +163,8 @@ class Agent:
             clock=self.clock,
             may_claim=self.may_claim,
             session=lambda: self.session,
-            known=lambda task_id: self._specs.get(task_id),
+            # (a paused task's released claims are not run: its manual runs are, from the store)
+            known=lambda task_id: None if task_id in self._paused else self._specs.get(task_id),
             busy=self._busy,
             kill_task=self.executor.kill_task,
             late_verdict=self.scheduler.late_verdict,
@@ -189,6 +190,7 @@ class Agent:
         self._left_announced = False
         self._last_sync: datetime | None = None
         self._bad_specs: dict[str, int] = {}
+        self._paused: set[str] = set()  # known tasks that are paused (in _specs, unscheduled)
         # tasks new to this process, scheduled once their history is read: id -> changed at
         self._awaiting: dict[str, datetime | str | None] = {}
         self._recovered = False  # an earlier life's leftovers dealt with (see recover)
@@ -246,9 +248,11 @@ class Agent:
         self._bad_specs.pop(task_id, None)
         if not task.enabled:
             self._drop(task_id, ("skipped", "the task was paused before it was due"))
-            self._specs[task_id] = (revision, spec)  # known, so it is not re-read every sync
+            self._specs[task_id] = (revision, spec)
+            self._paused.add(task_id)  # known, so it is not re-read every sync
             return
         previous = self._specs.get(task_id)
+        self._paused.discard(task_id)
         self._specs[task_id] = (revision, spec)
         if previous is None:
             # a run may already wait for this task (a manual run signalled before the task
@@ -259,9 +263,9 @@ class Agent:
             self._awaiting[task_id] = task.changed_at
             log.info("task %s (%s) revision %s taken", spec.name, task_id, revision)
             return
-        # claims made ahead under the previous revision start if its schedule still has them
-        # (see _start_armed): the new one goes on after them
-        self.scheduler.upsert(task_id, spec, revision, now, given_until=self.armed.latest(task_id))
+        # (claims made ahead under the previous revision start if its schedule still has them,
+        # see _start_armed; given again by the new one, they are found claimed already)
+        self.scheduler.upsert(task_id, spec, revision, now)
         log.info("task %s (%s) revision %s scheduled", spec.name, task_id, revision)
         if previous is not None and previous[1].schedule.keepalive:
             # the running instance makes way for the new definition; its exit starts the next
@@ -307,6 +311,7 @@ class Agent:
         with self._start_lock:  # no claim of it starts from here on (see _start_due)
             self.foreign.forget(task_id)
             self._awaiting.pop(task_id, None)
+            self._paused.discard(task_id)
             known = self._specs.pop(task_id, None)
             armed = self.armed.of_task(task_id)
         status, why = unstarted or ("released", "the task left this agent before it was due")
@@ -554,7 +559,14 @@ class Agent:
                     self._start_armed(claim, now)
                 except Exception:  # a bug must not leave a claim nobody starts or records
                     log.exception("starting run %s failed", claim.doc["_id"])
-                    self._not_armed(claim, "released", "its agent could not start it")
+                    self._give_back(claim)
+
+    def _give_back(self, claim: Claim) -> None:
+        """Release a claim after an unexpected error (its fate must not be lost with it)."""
+        try:
+            self._not_armed(claim, "released", "its agent could not start it")
+        except Exception:
+            log.exception("releasing run %s failed (its journal tells a restart)", claim.doc["_id"])
 
     def _start_armed(self, claim: Claim, now: datetime, checked: bool = False) -> None:
         """The due-time checks of a claim made ahead, all local, then its start; or why it
@@ -569,9 +581,11 @@ class Agent:
             why = "its agent lost its ZooKeeper session before it was due"
             return self._not_armed(claim, "released", why)
         known = self._specs.get(fire.task_id)
-        if known is None or self.scheduler.revision(fire.task_id) is None:
+        if known is None:
             why = "the task left this agent before it was due"
             return self._not_armed(claim, "released", why)
+        if fire.task_id in self._paused:
+            return self._not_armed(claim, "skipped", "the task was paused before it was due")
         revision, spec = known
         if revision != claim.revision:
             if not has_fire(spec, fire.scheduled_for):
@@ -606,19 +620,30 @@ class Agent:
         runs are read (on the loop: a MongoDB call), then the claims start or are skipped."""
         with self._start_lock:
             claims, self._deferred = self._deferred, []
-        busy = self._busy_elsewhere(claims, [True] * len(claims))
+        try:
+            busy = {} if self._stop.is_set() else self._busy_elsewhere(claims, [True] * len(claims))
+        except Exception:
+            log.exception("checking %d runs against other agents failed", len(claims))
+            busy = None
         with self._start_lock:
             for claim in claims:
-                if claim.doc["_id"] in busy:
-                    self._not_armed(claim, "skipped", busy[claim.doc["_id"]])
-                else:
-                    self._start_armed(claim, now, checked=True)
+                try:
+                    if busy is None:
+                        self._give_back(claim)
+                    elif claim.doc["_id"] in busy:
+                        self._not_armed(claim, "skipped", busy[claim.doc["_id"]])
+                    else:
+                        self._start_armed(claim, now, checked=True)  # (stopping: released)
+                except Exception:
+                    log.exception("starting run %s failed", claim.doc["_id"])
+                    self._give_back(claim)
 
     def _arm_taken(self, doc: dict, spec: TaskSpec, revision: int, token: str) -> None:
         """A released claim not due yet, taken here as ``claimed`` (manual.py): started at its
         time like a claim made here (the revision it was claimed at is checked then)."""
         claimed_at = doc.get("revision", revision)
         fire = Fire(doc["task_id"], doc["scheduled_for"], "schedule", claimed_at, doc["attempt"])
+        self.foreign.forget_run(doc["task_id"], doc["_id"])  # ours now: it holds nothing up
         self.writer.track(doc)
         self.armed.add([Claim(fire, spec, claimed_at, token, doc=doc)])
 
@@ -638,24 +663,36 @@ class Agent:
         False if no such claim waits here."""
         with self._start_lock:
             claim = self.armed.take(run_id)
+            for waiting in self._deferred:
+                if claim is None and waiting.doc["_id"] == run_id:
+                    claim = waiting
+            if claim in self._deferred:
+                self._deferred.remove(claim)
         if claim is None:
-            return False
+            # the timer may have started it meanwhile (under the lock taken above)
+            return self.executor.kill(run_id, reason)
         self._not_armed(claim, "killed", f"{reason} before it started")
         return True
 
-    def _release_armed(self, why: str) -> int:
+    def _release_armed(self, why: str) -> list[str]:
         """Every claim made ahead is released (the agent stops or lost its session). Returns
-        how many."""
+        their run ids."""
         with self._start_lock:
             claims = self.armed.take_all() + self._deferred
             self._deferred = []
         for claim in claims:
             self._not_armed(claim, "released", why)
-        return len(claims)
+        return [c.doc["_id"] for c in claims]
 
-    def _tell_released(self) -> None:
-        if self.writer.flush():
-            self._signal_released()
+    def _tell_released(self, run_ids: list[str]) -> None:
+        """Once the writer has stored these releases (it is woken for them), signal them; a
+        few seconds at most (MongoDB may not answer: the owners look every poll anyway)."""
+        deadline = time.monotonic() + CALL_BUDGET
+        while any(self.writer.keeps(r) for r in run_ids):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        self._signal_released()
 
     def _signal_released(self) -> None:
         """Claims were released: tell the agents to look for them (in a cluster)."""
@@ -671,6 +708,7 @@ class Agent:
         and from the start timer: under the lock they share, ``forbid`` is looked at once more
         just before, so two paths cannot both find the task idle and both start it."""
         with self._start_lock:
+            self.foreign.forget_run(doc["task_id"], doc["_id"])  # (a released claim taken here)
             if (
                 spec.concurrency == "forbid"
                 and trigger != "retry"
@@ -846,10 +884,13 @@ class Agent:
                 self._wake.clear()
         finally:
             self.starter.join(timeout=5)
-            if self._release_armed("its agent stopped before it was due"):
+            released = self._release_armed("its agent stopped before it was due")
+            if released:
                 # the tasks' new owners take them at once, not at their next look (not waited
                 # for: the stop is bounded, and MongoDB may not answer)
-                threading.Thread(target=self._tell_released, name="released", daemon=True).start()
+                threading.Thread(
+                    target=self._tell_released, args=(released,), name="released", daemon=True
+                ).start()
             self._announce_leaving()
             self.executor.shutdown(grace=self.config.agent.kill_grace)
             if self.guard is not None:

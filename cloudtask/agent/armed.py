@@ -87,12 +87,6 @@ class Armed:
             self._by_task.clear()
             return out
 
-    def latest(self, task_id: str) -> datetime | None:
-        """The latest fire of ``task_id`` claimed ahead and waiting here."""
-        with self.changed:
-            claims = self._by_task.get(task_id)
-            return max(c.fire.scheduled_for for c in claims.values()) if claims else None
-
     def next_at(self) -> datetime | None:
         with self.changed:
             while self._heap and self._heap[0][1] in self._gone:

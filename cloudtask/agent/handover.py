@@ -163,6 +163,13 @@ class ForeignRuns:
         self._came.pop(task_id, None)
         self._runs.pop(task_id, None)
 
+    def forget_run(self, task_id: str, run_id: str) -> None:
+        """A run noted as its previous owner's is this agent's now (a claim it released,
+        taken here): it holds nothing up."""
+        runs = self._runs.get(task_id)
+        if runs is not None and runs.pop(run_id, None) is not None and not runs:
+            self._runs.pop(task_id, None)
+
     # --- claims -----------------------------------------------------------------------------
 
     def running(self, task_id: str) -> bool:
@@ -256,9 +263,12 @@ class ForeignRuns:
         for task_id, runs in list(self._runs.items()):
             for run_id in list(runs):
                 state = states.get(run_id)
-                if state is not None and state["status"] in RUNNING_STATUSES:
-                    continue
+                going = state is not None and state["status"] in RUNNING_STATUSES
+                if going and state.get("agent") not in (None, self.agent_id):
+                    continue  # still its previous owner's
                 scheduled_for, attempt = runs.pop(run_id)
+                if going:
+                    continue  # released by it (never started), or taken here since
                 spec = self.spec_of(task_id)
                 if state is None or spec is None:
                     continue

@@ -117,7 +117,6 @@ class Scheduler:
         revision: int,
         now: datetime,
         since: datetime | None = None,
-        given_until: datetime | None = None,
     ) -> bool:
         """Add a task or take a new revision of it. Returns True if anything changed.
 
@@ -125,8 +124,6 @@ class Scheduler:
         ``since``, for a task new to this scheduler, is when its fires were last looked after
         (its latest recorded run, or when it was created or changed): fires after it that are
         already due come out of the next tick as missed or caught up, per the task's policy.
-        ``given_until``: fires up to then were given ahead already (claimed, not yet due), so
-        a changed task's schedule goes on after them rather than give them again.
         """
         with self._lock:
             current = self._tasks.get(task_id)
@@ -151,8 +148,7 @@ class Scheduler:
                 # the older ones recorded missed (see _due_fires)
                 entry.next_fire = spec.schedule.next_after(since)
             else:
-                after = max(now, given_until) if given_until is not None else now
-                entry.next_fire = spec.schedule.next_after(after)
+                entry.next_fire = spec.schedule.next_after(now)
             self._tasks[task_id] = entry
             self._push(entry, task_id, "schedule")
             return True

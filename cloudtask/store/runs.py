@@ -140,10 +140,10 @@ class RunRecords(StoreBase):
         return read_all(cursor, "read runs")
 
     def run_states(self, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """run id -> its ``status``, ``attempt`` and ``finished_at`` (runs that exist)."""
-        cursor = self.runs.find(
-            {"_id": {"$in": list(run_ids)}}, {"status": 1, "attempt": 1, "finished_at": 1}
-        )
+        """run id -> its ``status``, ``agent``, ``attempt`` and ``finished_at`` (runs that
+        exist)."""
+        fields = {"status": 1, "agent": 1, "attempt": 1, "finished_at": 1}
+        cursor = self.runs.find({"_id": {"$in": list(run_ids)}}, fields)
         return {d["_id"]: d for d in read_all(cursor, "read runs")}
 
     def unfinished_runs(self, query: dict[str, Any]) -> list[dict[str, Any]]:
