@@ -65,7 +65,8 @@ def test_a_fire_given_ahead_is_claimed_claimed_and_not_collapsed():
     out = collapse(waiting, T0, Scheduler().late_verdict, "why")
     assert [c.fire.status for c in out] == [None, None, None]
     out.sort(key=lambda c: c.fire.scheduled_for)
-    assert [given_ahead(c, T0) for c in out] == [False, True, True]
+    ahead = [given_ahead(c.fire.trigger, c.fire.scheduled_for, c.spec, T0) for c in out]
+    assert ahead == [False, True, True]
     build_documents(
         out,
         T0,

@@ -71,6 +71,22 @@ def owner_of(zk, task_id: str) -> str:
     return owner
 
 
+def two_agents_and_a_claim(ahead: Cluster, zk, store, task_id: str) -> tuple[str, str, dict]:
+    """Two agents, then a center (the task is placed once, not moved at the start): the
+    task's owner, the other agent, and a claim the owner made ahead, 3 s or more before due."""
+    ahead.agent("a1")
+    ahead.agent("a2")
+    wait_for(lambda: agent_count(zk) == 2, timeout=30)
+    ahead.center("c1")
+    owner = owner_of(zk, task_id)
+    doc = wait_for(
+        lambda: (d := claimed_ahead(store, task_id)) and d["agent"] == owner and d,
+        timeout=60,
+        message="no claim ahead",
+    )
+    return owner, "a2" if owner == "a1" else "a1", doc
+
+
 def starts_of(records, run_id: str) -> list:
     return [r for r in read_records(records) if r.kind == "start" and r.run_id == run_id]
 
@@ -119,17 +135,7 @@ def test_a_claim_of_an_agent_killed_for_good_is_never_started_and_never_unrecord
     nothing ran it."""
     records = ahead.records
     task_id = task(store, records)
-    ahead.agent("a1")
-    ahead.agent("a2")
-    wait_for(lambda: agent_count(zk) == 2, timeout=30)  # placed once, not moved at the start
-    ahead.center("c1")
-    owner = owner_of(zk, task_id)
-    other = "a2" if owner == "a1" else "a1"
-    doc = wait_for(
-        lambda: (d := claimed_ahead(store, task_id)) and d["agent"] == owner and d,
-        timeout=60,
-        message="no claim ahead",
-    )
+    owner, other, doc = two_agents_and_a_claim(ahead, zk, store, task_id)
     ahead.kill(owner)
     final = wait_for(
         lambda: (d := store.get_run(doc["_id"]))["status"] not in ("claimed", "queued") and d,
@@ -157,17 +163,7 @@ def test_an_agent_frozen_between_claim_and_due_time_never_starts_the_claim(ahead
     gone): it hands it back, and the fire is run once by the new owner or recorded."""
     records = ahead.records
     task_id = task(store, records)
-    ahead.agent("a1")
-    ahead.agent("a2")
-    wait_for(lambda: agent_count(zk) == 2, timeout=30)
-    ahead.center("c1")
-    owner = owner_of(zk, task_id)
-    other = "a2" if owner == "a1" else "a1"
-    doc = wait_for(
-        lambda: (d := claimed_ahead(store, task_id)) and d["agent"] == owner and d,
-        timeout=60,
-        message="no claim ahead",
-    )
+    owner, other, doc = two_agents_and_a_claim(ahead, zk, store, task_id)
     frozen = ahead.procs[owner]
     frozen.send_signal(signal.SIGSTOP)
     try:

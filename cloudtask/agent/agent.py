@@ -82,6 +82,7 @@ FORBID_CHECK_SLACK = 5.0  # seconds beyond a session length that a new owner dou
 # in the run journal, and recorded by the agent's next start)
 WRITER_STOP_BUDGET = 5.0
 JOURNAL_TIDY_INTERVAL = 10.0  # seconds between looks for run journal segments to delete
+LOST_SESSION = "its agent lost its ZooKeeper session before it was due"  # a claim made ahead
 
 
 class Agent:
@@ -578,8 +579,7 @@ class Agent:
         if self._stop.is_set():
             return self._not_armed(claim, "released", "its agent stopped before it was due")
         if doc.get("session") != self.session or not self.may_claim():
-            why = "its agent lost its ZooKeeper session before it was due"
-            return self._not_armed(claim, "released", why)
+            return self._not_armed(claim, "released", LOST_SESSION)
         known = self._specs.get(fire.task_id)
         if known is None:
             why = "the task left this agent before it was due"
@@ -602,8 +602,7 @@ class Agent:
             doc["trigger"] = "catch-up"
         if spec.concurrency == "forbid":
             if self._busy(fire.task_id):
-                why = "the previous run was still running (concurrency: forbid)"
-                return self._not_armed(claim, "skipped", why)
+                return self._not_armed(claim, "skipped", FORBID_SKIP)
             window = self.silent_after() + FORBID_CHECK_SLACK
             stale = self.view_may_be_stale()
             if not checked and self.foreign.checks(spec, fire.task_id, window, stale):
@@ -663,11 +662,10 @@ class Agent:
         False if no such claim waits here."""
         with self._start_lock:
             claim = self.armed.take(run_id)
-            for waiting in self._deferred:
-                if claim is None and waiting.doc["_id"] == run_id:
-                    claim = waiting
-            if claim in self._deferred:
-                self._deferred.remove(claim)
+            if claim is None:  # a due claim waiting for the loop's check
+                found = [c for c in self._deferred if c.doc["_id"] == run_id]
+                self._deferred = [c for c in self._deferred if c.doc["_id"] != run_id]
+                claim = found[0] if found else None
         if claim is None:
             # the timer may have started it meanwhile (under the lock taken above)
             return self.executor.kill(run_id, reason)
@@ -947,10 +945,8 @@ class Agent:
         """Forget every task (a lost session: the leader gives them to others). Claims not
         written yet are forgotten; claims in doubt are still settled (and released)."""
         for task_id in list(self._specs):
-            self._drop(
-                task_id, ("released", "its agent lost its ZooKeeper session before it was due")
-            )
-        self._release_armed("its agent lost its ZooKeeper session before it was due")
+            self._drop(task_id, ("released", LOST_SESSION))
+        self._release_armed(LOST_SESSION)  # (and the due claims waiting for the loop)
         self._bad_specs.clear()
         self._awaiting.clear()
         self._pending = []

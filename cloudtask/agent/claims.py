@@ -14,8 +14,9 @@ their process starts).
 
 Fires that could not be claimed (MongoDB did not answer, or the agent's fence did not hold)
 wait for the next step, collapsed per task by :func:`collapse`, the rule of a late tick (for
-the fires already due; one given ahead waits as it is): the newest fire runs if it is on time, is caught up within ``misfire_grace`` (``run_once``), or
-else is recorded ``missed``; every older one is recorded ``missed``. Retries and keepalive
+the fires already due; one given ahead waits as it is): the newest fire runs if it is on
+time, is caught up within ``misfire_grace`` (``run_once``), or else is recorded ``missed``;
+every older one is recorded ``missed``. Retries and keepalive
 starts are kept as they are. No fire is dropped without a record: beyond
 ``MAX_MISSED_RECORDS`` missed fires of one task, the oldest kept record also counts the ones
 not recorded one by one.
@@ -84,14 +85,10 @@ class Claim:
         self.reason = self.reason or reason
 
 
-def given_ahead(claim: Claim, now: datetime) -> bool:
-    """Whether the claim is of a schedule's fire not due yet at ``now`` (made ahead)."""
-    fire = claim.fire
-    return (
-        fire.trigger == "schedule"
-        and fire.scheduled_for > now
-        and not claim.spec.schedule.keepalive
-    )
+def given_ahead(trigger: str, scheduled_for: datetime, spec: TaskSpec, now: datetime) -> bool:
+    """Whether a fire is a schedule's fire not due yet at ``now``: claimed ahead, and started
+    at its time (armed.py)."""
+    return trigger == "schedule" and scheduled_for > now and not spec.schedule.keepalive
 
 
 def build_documents(
@@ -111,7 +108,7 @@ def build_documents(
     for claim in claims:
         fire, spec = claim.fire, claim.spec
         status, reason = fire.status or "run", claim.reason
-        if status == "run" and given_ahead(claim, now):
+        if status == "run" and given_ahead(fire.trigger, fire.scheduled_for, spec, now):
             status = "claimed"  # forbid and slots are looked at when it is due
         elif (
             status == "run"

@@ -45,7 +45,7 @@ from ..exceptions import CloudTaskError, ValidationError
 from ..store import Store
 from ..task import TaskSpec, parse_task
 from .budget import CALL_BUDGET, STORE_ERRORS
-from .claims import run_tokens, token_hash
+from .claims import given_ahead, run_tokens, token_hash
 from .journal import Journal
 from .runwriter import RunWriter
 
@@ -203,12 +203,7 @@ class WaitingRuns:
             return  # not ours: the task's owner takes it
         revision, spec = known
         trigger = doc.get("trigger") or "schedule"
-        if (
-            self.arm is not None
-            and trigger == "schedule"
-            and doc["scheduled_for"] > now
-            and not spec.schedule.keepalive
-        ):
+        if self.arm is not None and given_ahead(trigger, doc["scheduled_for"], spec, now):
             token, taken = self._take(doc, status="claimed")
             if taken is not None:
                 log.info(
