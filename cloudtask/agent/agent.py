@@ -178,7 +178,7 @@ class Agent:
         # due-time checks and the loop's changes of the task set take turns (_start_lock)
         self.armed = Armed()
         self._start_lock = threading.RLock()
-        self._deferred: list[Claim] = []  # due claims the loop starts (forbid across agents)
+        self._deferred: list[Claim] = []  # due claims waiting for a look at the runs elsewhere
         self._pending: list[Claim] = []  # fires not claimed yet (MongoDB did not answer)
         self._in_doubt: list[Claim] = []  # claims written without an answer: ours if stored
         self._claim_error = ""  # why the last claim failed (for the records of a backlog)
@@ -616,7 +616,8 @@ class Agent:
 
     def _start_deferred(self, now: datetime) -> None:
         """Due claims of ``forbid`` tasks that may also be running on their former owner: its
-        runs are read (on the loop: a MongoDB call), then the claims start or are skipped."""
+        runs are read (on the loop: a MongoDB call, which must not hold up the timer's other
+        starts), then the claims start or are skipped."""
         with self._start_lock:
             claims, self._deferred = self._deferred, []
         try:

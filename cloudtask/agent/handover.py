@@ -34,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -136,6 +137,8 @@ class ForeignRuns:
         self._runs: dict[str, dict[str, tuple[datetime, int]]] = {}
         self._came: dict[str, float] = {}  # task id -> monotonic time it was scheduled here
         self._checked = 0.0
+        # the loop, the start timer (a due claim's check) and the executor's threads use these
+        self._lock = threading.Lock()
 
     # --- the task set -----------------------------------------------------------------------
 
@@ -146,36 +149,41 @@ class ForeignRuns:
         for i in range(0, len(task_ids), HISTORY_BATCH):
             batch = list(task_ids[i : i + HISTORY_BATCH])
             found = self.elsewhere(batch)
-            for task_id in batch:
-                self._runs.pop(task_id, None)
-            for d in found:
-                self._runs.setdefault(d["task_id"], {})[d["_id"]] = (
-                    d["scheduled_for"],
-                    d["attempt"],
-                )
+            with self._lock:
+                for task_id in batch:
+                    self._runs.pop(task_id, None)
+                for d in found:
+                    self._runs.setdefault(d["task_id"], {})[d["_id"]] = (
+                        d["scheduled_for"],
+                        d["attempt"],
+                    )
 
     def came(self, task_id: str) -> None:
         """The task is scheduled here from now on."""
-        self._came[task_id] = time.monotonic()
+        with self._lock:
+            self._came[task_id] = time.monotonic()
 
     def forget(self, task_id: str) -> None:
         """The task left this agent."""
-        self._came.pop(task_id, None)
-        self._runs.pop(task_id, None)
+        with self._lock:
+            self._came.pop(task_id, None)
+            self._runs.pop(task_id, None)
 
     def forget_run(self, task_id: str, run_id: str) -> None:
         """A run noted as its previous owner's is this agent's now (a claim it released,
         taken here): it holds nothing up."""
-        runs = self._runs.get(task_id)
-        if runs is not None and runs.pop(run_id, None) is not None and not runs:
-            self._runs.pop(task_id, None)
+        with self._lock:
+            runs = self._runs.get(task_id)
+            if runs is not None and runs.pop(run_id, None) is not None and not runs:
+                self._runs.pop(task_id, None)
 
     # --- claims -----------------------------------------------------------------------------
 
     def running(self, task_id: str) -> bool:
         """Whether a run of this task that its previous owner started is still going (a task
         that moved while a run finished there): ``forbid`` holds across agents too."""
-        return bool(self._runs.get(task_id))
+        with self._lock:
+            return bool(self._runs.get(task_id))
 
     def elsewhere(self, task_ids: list[str]) -> list[dict]:
         """The unfinished scheduled runs of these tasks (slot ``one``) that other agents hold
@@ -195,7 +203,7 @@ class ForeignRuns:
             spec.concurrency == "forbid"
             and spec.mode == "one"
             and not spec.schedule.keepalive
-            and (stale or time.monotonic() - self._came.get(task_id, 0) < window)
+            and (stale or time.monotonic() - self._came.get(task_id, -window) < window)
         )
 
     def busy(
@@ -235,10 +243,11 @@ class ForeignRuns:
                         f"the previous run was still running on {other['agent']} "
                         "(concurrency: forbid)"
                     )
-                    self._runs.setdefault(doc["task_id"], {})[other["_id"]] = (
-                        other["scheduled_for"],
-                        other["attempt"],
-                    )
+                    with self._lock:
+                        self._runs.setdefault(doc["task_id"], {})[other["_id"]] = (
+                            other["scheduled_for"],
+                            other["attempt"],
+                        )
                     break
         return out
 
@@ -248,40 +257,42 @@ class ForeignRuns:
         """Every ``poll_interval``: which of these runs are over. One that failed (or was
         lost) with attempts left is retried here: retries owed by a run in flight survive a
         move or a stop of its agent."""
-        if not self._runs:
-            return
-        if time.monotonic() - self._checked < self.poll_interval:
-            return
-        self._checked = time.monotonic()
-        ids = [r for runs in self._runs.values() for r in runs]
+        with self._lock:
+            if not self._runs or time.monotonic() - self._checked < self.poll_interval:
+                return
+            self._checked = time.monotonic()
+            asked = {r for runs in self._runs.values() for r in runs}
         try:
             with pymongo.timeout(CALL_BUDGET):
-                states = self.store.run_states(ids)
+                states = self.store.run_states(sorted(asked))
         except STORE_ERRORS as e:
             log.debug("cannot check runs finishing elsewhere: %s", e)
             return
-        for task_id, runs in list(self._runs.items()):
-            for run_id in list(runs):
-                state = states.get(run_id)
-                going = state is not None and state["status"] in RUNNING_STATUSES
-                if going and state.get("agent") not in (None, self.agent_id):
-                    continue  # still its previous owner's
-                scheduled_for, attempt = runs.pop(run_id)
-                if going:
-                    continue  # released by it (never started), or taken here since
-                spec = self.spec_of(task_id)
-                if state is None or spec is None:
-                    continue
-                if state["status"] in RETRY_STATUSES and attempt < spec.retries:
-                    finished = state.get("finished_at")
-                    finished = finished if isinstance(finished, datetime) else now
-                    due = max(now, finished + timedelta(seconds=spec.retry_delay))
-                    log.info(
-                        "run %s of %s ended %s on another agent: retrying here",
-                        run_id,
-                        spec.name,
-                        state["status"],
-                    )
-                    self.retry(task_id, scheduled_for, attempt + 1, due)
-            if not runs:
-                del self._runs[task_id]
+        over: list[tuple[str, str, datetime, int]] = []
+        with self._lock:
+            for task_id, runs in list(self._runs.items()):
+                for run_id in [r for r in runs if r in asked]:  # (not one noted since)
+                    state = states.get(run_id)
+                    going = state is not None and state["status"] in RUNNING_STATUSES
+                    if going and state.get("agent") not in (None, self.agent_id):
+                        continue  # still its previous owner's
+                    scheduled_for, attempt = runs.pop(run_id)
+                    if not going and state is not None:  # (going: released, or taken here)
+                        over.append((task_id, run_id, scheduled_for, attempt))
+                if not runs:
+                    del self._runs[task_id]
+        for task_id, run_id, scheduled_for, attempt in over:
+            state, spec = states[run_id], self.spec_of(task_id)
+            if spec is None:
+                continue
+            if state["status"] in RETRY_STATUSES and attempt < spec.retries:
+                finished = state.get("finished_at")
+                finished = finished if isinstance(finished, datetime) else now
+                due = max(now, finished + timedelta(seconds=spec.retry_delay))
+                log.info(
+                    "run %s of %s ended %s on another agent: retrying here",
+                    run_id,
+                    spec.name,
+                    state["status"],
+                )
+                self.retry(task_id, scheduled_for, attempt + 1, due)
