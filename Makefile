@@ -47,7 +47,7 @@ chaos: deps
 	$(BIN)/python bench/chaos.py $(CHAOS_ARGS)
 
 # CloudTask against APScheduler 3 on the same workloads, side by side (bench/compare.py; about
-# 8 minutes)
+# 11 minutes)
 compare: deps
 	$(BIN)/pip install --quiet -e '.[bench,embedded]'
 	$(BIN)/python bench/compare.py $(COMPARE_ARGS)

@@ -30,9 +30,8 @@ for a while, and then the evidence is read:
   process of the earlier run is gone);
 - ``unexplained_misses``: fires due while the faults ran that neither started nor have a run
   document saying why (missed, skipped), and failed attempts whose retry never came;
-- ``stuck_runs``: runs claimed 20 s or more before the end and still ``queued``, ``claimed``
-  or ``running``
-  (a keepalive service's one live instance excepted);
+- ``stuck_runs``: runs claimed (or due, if later) 20 s or more before the end and still
+  ``queued``, ``claimed`` or ``running`` (a keepalive service's one live instance excepted);
 - ``lost_but_ran``: runs recorded ``lost`` whose process did end (its end record);
 - ``mislabelled``: run documents that contradict the records (a ``succeeded`` run that never
   ended with 0, a ``missed`` fire that started, a started run with no document ...);
@@ -520,7 +519,8 @@ class Chaos:
                 mislabelled += 1
                 problems.append(f"{status} but started: {fire}")
             if status in ("queued", "claimed", "running"):
-                claimed = d["claimed_at"]
+                # a claim made ahead waits for its due time by design: stuck counts from then
+                claimed = max(d["claimed_at"], d["scheduled_for"])
                 kind = by_name.get(d["task_name"], Task("", {}, "")).kind
                 if claimed < end - timedelta(seconds=20) and kind != "keepalive":
                     stuck += 1

@@ -238,3 +238,66 @@ def test_a_queued_claim_whose_start_answer_was_lost_still_starts_once(
     seen = read_records(records)
     assert duplicate_starts(seen) == []
     assert [r.run_id for r in seen if r.kind == "start"].count(run_id) == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_kill_request_for_a_claim_in_doubt_is_applied_once_it_is_known_to_have_landed(
+    mongo_proxy, mongo_client, mongo_db_name, tmp_path
+):
+    """The agent's link to MongoDB is cut while it claims a fire ahead of its due time, so the
+    claim is in doubt (it may have landed). A kill request for that run comes meanwhile: once
+    the link heals and the claim is found landed, the run is recorded ``killed``, never
+    started; the task goes on."""
+    records = tmp_path / "records"
+    direct = Store(mongo_client, mongo_db_name)
+    direct.create_task(
+        {
+            "name": "t",
+            "schedule": {"every": "1s"},
+            "misfire": "run_once",
+            "misfire_grace": "1h",
+            "command": recording_command(records),
+        }
+    )
+    client: MongoClient = MongoClient(
+        mongo_proxy.mongo_uri, tz_aware=True, heartbeatFrequencyMS=60_000
+    )
+    cfg = Config().with_section(
+        "agent", data_dir=str(tmp_path / "a1"), poll_interval=0.2, kill_grace=1.0
+    )
+    agent = Agent(cfg, Store(client, mongo_db_name), agent_id="a1")
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: direct.runs.count_documents({"status": "succeeded"}) >= 2, timeout=20)
+        mongo_proxy.cut()
+        doubt = wait_for(
+            lambda: list(agent._in_doubt), timeout=30, message="no claim went in doubt"
+        )
+        run_id = doubt[0].doc["_id"]
+        # (kill requests reach a cluster agent's loop through ZooKeeper; here it is called)
+        assert agent.kill_in_doubt(run_id, "killed by test")
+        assert not agent.kill_in_doubt("no-such-run", "killed by test")
+        healed = time.time()
+        mongo_proxy.forward()
+        killed = wait_for(
+            lambda: (
+                (doc := direct.runs.find_one({"_id": run_id}) or {}).get("status") == "killed"
+                and doc
+            ),
+            timeout=30,
+            message="the claim in doubt was not recorded killed",
+        )
+        assert killed["error"] == "killed by test before it started"
+        wait_for(
+            lambda: [r for r in read_records(records) if r.kind == "end" and r.time > healed],
+            timeout=20,
+            message="the task did not go on after the kill",
+        )
+    finally:
+        agent.stop()
+        thread.join(timeout=30)
+        client.close()
+    seen = read_records(records)
+    assert duplicate_starts(seen) == []
+    assert run_id not in {r.run_id for r in seen if r.kind == "start"}

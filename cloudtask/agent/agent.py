@@ -181,6 +181,7 @@ class Agent:
         self._deferred: list[Claim] = []  # due claims waiting for a look at the runs elsewhere
         self._pending: list[Claim] = []  # fires not claimed yet (MongoDB did not answer)
         self._in_doubt: list[Claim] = []  # claims written without an answer: ours if stored
+        self._kill_in_doubt: dict[str, str] = {}  # run id -> why: killed if it landed
         self._claim_error = ""  # why the last claim failed (for the records of a backlog)
         self._done: list[tuple[str, int]] = []  # one-shot tasks that ran, to be marked done
         self._done_lock = threading.Lock()
@@ -489,9 +490,13 @@ class Agent:
             log.debug("claims still in doubt: %s", e)
             return False
         doubt, self._in_doubt = self._in_doubt, []
+        kills, self._kill_in_doubt = self._kill_in_doubt, {}
         landed = [c for c, ok in zip(doubt, won, strict=True) if ok]
         others = [c for c, ok in zip(doubt, won, strict=True) if not ok]
         self._after_claim(others, [False] * len(others), now)
+        for c in [c for c in landed if c.doc["_id"] in kills]:  # a kill came meanwhile
+            landed.remove(c)
+            self._finish_unstarted(c.doc, "killed", f"{kills[c.doc['_id']]} before it started")
         if landed:
             log.info("%d claims written while MongoDB did not answer are settled", len(landed))
             late, start = too_late(landed, claims, now, self.scheduler.late_verdict)
@@ -671,6 +676,15 @@ class Agent:
             # the timer may have started it meanwhile (under the lock taken above)
             return self.executor.kill(run_id, reason)
         self._not_armed(claim, "killed", f"{reason} before it started")
+        return True
+
+    def kill_in_doubt(self, run_id: str, reason: str) -> bool:
+        """A kill request for a claim written without an answer (the loop's thread): recorded
+        ``killed`` if it landed, once that is known (see :meth:`_settle_in_doubt`). False if
+        no such claim is in doubt here."""
+        if not any(c.doc["_id"] == run_id for c in self._in_doubt):
+            return False
+        self._kill_in_doubt[run_id] = reason
         return True
 
     def _release_armed(self, why: str) -> list[str]:

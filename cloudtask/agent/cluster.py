@@ -192,6 +192,8 @@ class ClusterAgent(Agent):
             reason = str((decode(data) or {}).get("reason") or "killed by request")
             if self.executor.kill(run_id, reason) or self.kill_armed(run_id, reason):
                 log.info("run %s killed on request: %s", run_id, reason)
+            elif self.kill_in_doubt(run_id, reason):
+                log.info("run %s (its claim in doubt) is killed if it landed: %s", run_id, reason)
             elif not self._kill_unstarted(run_id, reason):
                 with self._kills_lock:
                     self._kill_requests.add(run_id)  # MongoDB did not answer: try again
