@@ -39,7 +39,7 @@ Usage: python bench/compare.py [--tasks 1000] [--idle-tasks 10000] [--workers 64
 Needs the ``bench`` extra (``pip install -e '.[bench,embedded]'``: APScheduler 3).
 The last line is one JSON object: spread_p99_ms, aps_spread_p99_ms, burst_last_start_s,
 aps_burst_last_start_s, idle_cpu_pct, idle_rss_mb, settle_10k_s, cpu_s, aps_cpu_s (and
-arrival_spread_p99_ms).
+arrival_spread_p99_ms, per_task_kb: the idle RSS over the same with one task, per task).
 """
 
 from __future__ import annotations
@@ -186,7 +186,6 @@ def child_cloudtask(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(args.window)
         out["idle_cpu_pct"] = 100 * (own_cpu(me, helpers) - cpu0) / (time.monotonic() - t0)
         out["rss_mb"] = rss_mb(me, helpers)
-        out["per_task_kb"] = None
     else:
         time.sleep(max(0.0, args.until - time.time()))
         expected = fires_expected(args.workload, jobs, args.until)
@@ -406,6 +405,13 @@ def main() -> None:
             for workload in workloads:
                 ours = run_child("cloudtask", workload, args, mongo.uri)
                 theirs = run_child("apscheduler", workload, args, mongo.uri)
+                if workload == "idle":  # memory per task: the same with one task
+                    ours["tasks"] = args.idle_tasks
+                    one = argparse.Namespace(**{**vars(args), "idle_tasks": 1, "window": 5.0})
+                    ours["rss_one_mb"] = run_child("cloudtask", workload, one, mongo.uri)["rss_mb"]
+                    theirs["rss_one_mb"] = run_child("apscheduler", workload, one, mongo.uri)[
+                        "rss_mb"
+                    ]
                 report(workload, ours, theirs, figures)
         finally:
             mongo.stop()
@@ -420,6 +426,7 @@ def main() -> None:
         "cpu_s",
         "aps_cpu_s",
         "arrival_spread_p99_ms",
+        "per_task_kb",
     ]
     print(json.dumps({k: figures.get(k) for k in keys}))
 
@@ -464,6 +471,16 @@ def report(workload: str, ours: dict, theirs: dict, figures: dict[str, Any]) -> 
             f"  CPU % of a core      {ours['idle_cpu_pct']:9.2f}   {theirs['idle_cpu_pct']:11.2f}"
         )
         print(f"  RSS MB               {ours['rss_mb']:9.1f}   {theirs['rss_mb']:11.1f}")
+        n = ours["tasks"] - 1
+        kb = [
+            1024 * (x["rss_mb"] - x["rss_one_mb"]) / n if n > 0 else math.nan
+            for x in (ours, theirs)
+        ]
+        print(
+            f"  KB per task          {kb[0]:9.2f}   {kb[1]:11.2f}   (RSS with 1 task: "
+            f"{ours['rss_one_mb']:.1f} / {theirs['rss_one_mb']:.1f} MB)"
+        )
+        figures["per_task_kb"] = r(kb[0], 2)
         figures["idle_cpu_pct"] = r(ours["idle_cpu_pct"], 2)
         figures["idle_rss_mb"] = r(ours["rss_mb"])
         figures["settle_10k_s"] = r(ours["settle_s"], 2)
