@@ -18,6 +18,7 @@ from test_cluster import SESSION, Cluster, agent_count, assignments, no_fire_twi
 from cloudtask.runmodel import FINISHED_STATUSES
 from cloudtask.testing import TcpProxy
 from cloudtask.testing.records import read_records, recording_command
+from cloudtask.zkpaths import ZkPaths, request_kill
 
 AHEAD = 6  # seconds: a wide window between the claim and the due time
 EVERY_10S = {"cron": "*/10 * * * * *"}  # fires 10 s apart: one claim at a time to aim at
@@ -231,4 +232,47 @@ def test_a_claim_starts_on_time_while_its_agent_is_cut_from_mongodb(ahead, zk, s
             message="the run's outcome was not written after the link came back",
         )
         ahead.stop_all()
+    no_fire_twice(records)
+
+
+@pytest.mark.timeout(180)
+def test_a_kill_request_stays_until_its_outcome_is_stored_even_across_a_kill_9(
+    ahead, zk, store, mongo_server
+):
+    """A kill request for a claim made ahead reaches its agent while the agent is cut from
+    MongoDB: the claim is taken out and recorded killed there, but that cannot be stored, so
+    the request stays in ZooKeeper. The agent is killed (-9) before the link heals; when it
+    comes back, its recovery releases the claim, and the request, still there, kills it: the
+    run ends killed, never started."""
+    records = ahead.records
+    task_id = task(store, records)
+    paths = ZkPaths("/cloudtask")
+    with TcpProxy(("127.0.0.1", mongo_server.port)) as proxy:
+        ahead.env["CLOUDTASK_MONGO_URI"] = proxy.mongo_uri
+        ahead.agent("a1")
+        ahead.env["CLOUDTASK_MONGO_URI"] = mongo_server.uri
+        ahead.center("c1")
+        doc = wait_for(
+            lambda: claimed_ahead(store, task_id, lead=4.0), timeout=60, message="no claim ahead"
+        )
+        proxy.cut()
+        request_kill(zk, paths, "a1", doc["_id"], "killed by test")
+        node = paths.kill("a1", doc["_id"])
+        time.sleep(max(0.0, doc["scheduled_for"].timestamp() - time.time()) + 2.0)
+        assert starts_of(records, doc["_id"]) == []  # taken out: not started at its time
+        assert zk.exists(node), "the request went before the run's outcome was stored"
+        assert store.get_run(doc["_id"])["status"] == "claimed"
+        ahead.kill("a1")
+    ahead.agent("a1")  # straight to MongoDB now
+    final = settled_run(store, doc["_id"])
+    assert final["status"] == "killed", final
+    assert "killed by test" in final["error"]
+    wait_for(lambda: not zk.exists(node), timeout=30, message="the kill request stayed")
+    wait_for(
+        lambda: store.runs.count_documents({"task_id": task_id, "status": "succeeded"}) >= 1,
+        timeout=40,
+        message="the task did not go on",
+    )
+    ahead.stop_all()
+    assert starts_of(records, doc["_id"]) == []
     no_fire_twice(records)

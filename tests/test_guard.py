@@ -138,6 +138,36 @@ def test_exit_codes_output_and_start_failures(guard):
     assert e.value.errno == errno.ENOENT
 
 
+def test_a_program_is_found_in_the_runs_own_path_as_a_shell_would(guard, tmp_path):
+    """The guard searches the run's PATH like Popen: a candidate that cannot be run (not a
+    program, not executable) is passed over for a later one; when none runs, the first
+    error other than "not found" is the one reported; a run without a working directory and
+    one with one find the same program."""
+    bad, good, empty = tmp_path / "bad", tmp_path / "good", tmp_path / "empty"
+    for folder in (bad, good, empty):
+        folder.mkdir()
+    (bad / "tool").write_text("not a program\n")
+    (bad / "tool").chmod(0o755)  # executable, but no shebang and not a binary: ENOEXEC
+    (bad / "quiet").write_text("#!/bin/sh\necho never\n")  # not executable: EACCES
+    (good / "tool").write_text('#!/bin/sh\necho "good $1"\n')
+    (good / "tool").chmod(0o755)
+    env = dict(os.environ, PATH=f"{empty}:{bad}:{good}")
+    for cwd in (None, str(tmp_path)):
+        proc = guard.spawn(f"t-{cwd}", "s1", ["tool", "x"], env, cwd)
+        assert proc.stdout.read() == b"good x\n"
+        assert proc.wait(timeout=10) == 0
+    for cwd in (None, str(tmp_path)):
+        with pytest.raises(OSError) as e:
+            guard.spawn(f"q-{cwd}", "s1", ["quiet"], env, cwd)
+        assert e.value.errno == errno.EACCES
+    with pytest.raises(OSError) as e:
+        guard.spawn("n", "s1", ["no-such-tool"], env, None)
+    assert e.value.errno == errno.ENOENT
+    # a program named with a folder is not searched for
+    proc = guard.spawn("p", "s1", [str(good / "tool"), "y"], dict(env, PATH=""), None)
+    assert proc.stdout.read() == b"good y\n"
+
+
 def test_a_guard_that_dies_is_replaced_and_its_runs_end(guard):
     env = dict(os.environ, CLOUDTASK_RUN_ID="r1")
     proc = guard.spawn("r1", "s1", ["sleep", "60"], env, None)

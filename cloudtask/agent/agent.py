@@ -497,6 +497,8 @@ class Agent:
         for c in [c for c in landed if c.doc["_id"] in kills]:  # a kill came meanwhile
             landed.remove(c)
             self._finish_unstarted(c.doc, "killed", f"{kills[c.doc['_id']]} before it started")
+            if c.spec.schedule.keepalive:  # its lease back, the service started again later
+                self._keepalive_not_started(c.doc["_id"], c.fire.task_id, now)
         if landed:
             log.info("%d claims written while MongoDB did not answer are settled", len(landed))
             late, start = too_late(landed, claims, now, self.scheduler.late_verdict)
@@ -682,10 +684,14 @@ class Agent:
         """A kill request for a claim written without an answer (the loop's thread): recorded
         ``killed`` if it landed, once that is known (see :meth:`_settle_in_doubt`). False if
         no such claim is in doubt here."""
-        if not any(c.doc["_id"] == run_id for c in self._in_doubt):
+        if not self.is_in_doubt(run_id):
             return False
         self._kill_in_doubt[run_id] = reason
         return True
+
+    def is_in_doubt(self, run_id: str) -> bool:
+        """Whether the claim of this run was written without an answer (the loop's thread)."""
+        return any(c.doc["_id"] == run_id for c in self._in_doubt)
 
     def _release_armed(self, why: str) -> list[str]:
         """Every claim made ahead is released (the agent stops or lost its session). Returns

@@ -64,6 +64,8 @@ class ClusterAgent(Agent):
         self._lost_registration = 0  # the czxid of the registration that was lost
         self._kill_requests: set[str] = set()
         self._kills_lock = threading.Lock()
+        # kills applied here whose outcome is not stored yet: their requests stay until it is
+        self._kills_applied: set[str] = set()
         acfg = config.agent
         info: dict[str, Any] = {
             "agent_id": self.agent_id,
@@ -174,9 +176,12 @@ class ClusterAgent(Agent):
         self._wake.set()
 
     def _handle_kills(self) -> None:
+        """Apply the kill requests. A request stays in ZooKeeper until the run's outcome is
+        stored (or there was nothing to kill): an agent that dies in between finds it again
+        when it comes back, and kills the claim its recovery released (``queued``, no agent)."""
         with self._kills_lock:
             requests, self._kill_requests = self._kill_requests, set()
-        for run_id in sorted(requests):
+        for run_id in sorted(requests - self._kills_applied):
             path = self.paths.kill(self.agent_id, run_id)
             try:
                 data, _ = bounded(
@@ -190,28 +195,48 @@ class ClusterAgent(Agent):
                     self._kill_requests.add(run_id)
                 continue
             reason = str((decode(data) or {}).get("reason") or "killed by request")
-            if self.executor.kill(run_id, reason) or self.kill_armed(run_id, reason):
+            if (
+                self.executor.kill(run_id, reason)
+                or self.kill_armed(run_id, reason)
+                or self.kill_in_doubt(run_id, reason)  # (killed if it landed)
+            ):
                 log.info("run %s killed on request: %s", run_id, reason)
-            elif self.kill_in_doubt(run_id, reason):
-                log.info("run %s (its claim in doubt) is killed if it landed: %s", run_id, reason)
-            elif not self._kill_unstarted(run_id, reason):
+                self._kills_applied.add(run_id)
+            elif self.writer.keeps(run_id):  # it ended here; its outcome is not stored yet
+                self._kills_applied.add(run_id)
+            elif self._kill_unstarted(run_id, reason):
+                self._delete_kill(run_id)
+            else:
                 with self._kills_lock:
                     self._kill_requests.add(run_id)  # MongoDB did not answer: try again
-                continue
-            try:
-                bounded(self.zk, "delete a kill request", lambda p=path: self.zk.delete_async(p))
-            except NoNodeError:
-                pass
-            except (KazooException, CloudTaskError) as e:
-                log.warning("cannot delete the kill request of run %s: %s", run_id, e)
+        for run_id in [r for r in self._kills_applied if not self._unsettled(r)]:
+            if self._delete_kill(run_id):
+                self._kills_applied.discard(run_id)
+
+    def _unsettled(self, run_id: str) -> bool:
+        return self.writer.keeps(run_id) or self.is_in_doubt(run_id)
+
+    def _delete_kill(self, run_id: str) -> bool:
+        path = self.paths.kill(self.agent_id, run_id)
+        try:
+            bounded(self.zk, "delete a kill request", lambda p=path: self.zk.delete_async(p))
+        except NoNodeError:
+            pass
+        except (KazooException, CloudTaskError) as e:
+            log.warning("cannot delete the kill request of run %s: %s", run_id, e)
+            return False
+        return True
 
     def _kill_unstarted(self, run_id: str, reason: str) -> bool:
-        """A kill request for a run this agent does not run: a claim of ours that never
-        started (its answer was lost, then it was dropped) is finished ``killed``. True when
-        settled (or nothing to do), False when MongoDB could not say."""
+        """A kill request for a run this agent does not hold: a claim of ours waiting for a
+        slot whose answer was lost, or one released (by an earlier life of this agent, say)
+        that no agent has taken yet, is finished ``killed``. True when settled (or nothing to
+        do), False when MongoDB could not say."""
         try:
             with pymongo.timeout(CALL_BUDGET):
-                if self.store.cancel_pending_run(run_id, reason, agent=self.agent_id):
+                if self.store.cancel_pending_run(
+                    run_id, reason, agent=self.agent_id
+                ) or self.store.cancel_pending_run(run_id, reason):
                     log.info("run %s (claimed, never started) killed on request", run_id)
         except STORE_ERRORS as e:
             log.warning("cannot kill run %s yet: %s", run_id, e)
@@ -219,7 +244,9 @@ class ClusterAgent(Agent):
         return True
 
     def step(self, now: datetime) -> float:
-        if self._kill_requests and self.zk.connected:
+        if not self._recovered:  # first: the kill requests see the claims it released
+            self._recover_quietly(now)
+        if (self._kill_requests or self._kills_applied) and self._recovered and self.zk.connected:
             self._handle_kills()
         return super().step(now)
 

@@ -383,19 +383,14 @@ class _Child:
 _DEFAULT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, n))
 
 
-def _program(name: str, env: dict[str, str] | None) -> str:
-    """The file ``execvpe`` would run for ``name``: searched in the run's own PATH."""
+def _candidates(name: str, env: dict[str, str] | None) -> list[str]:
+    """The files ``subprocess.Popen`` would try for ``name``, in order: each folder of the
+    run's own PATH (not the guard's), the ones that exist."""
     if os.sep in name:
-        return name
+        return [name]
     path = (env if env is not None else os.environ).get("PATH", os.defpath)
-    denied: OSError | None = None
-    for folder in path.split(os.pathsep):
-        candidate = os.path.join(folder or ".", name)
-        if os.path.isfile(candidate):
-            if os.access(candidate, os.X_OK):
-                return candidate
-            denied = denied or PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-    raise denied or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+    found = [os.path.join(folder or ".", name) for folder in path.split(os.pathsep)]
+    return [f for f in found if os.path.lexists(f)]
 
 
 def _start(argv: list[str], env: dict[str, str] | None, cwd: str | None, out: int | None) -> Any:
@@ -403,29 +398,36 @@ def _start(argv: list[str], env: dict[str, str] | None, cwd: str | None, out: in
 
     ``posix_spawn`` (a vfork and an exec, no Python in between) is several times cheaper than
     ``subprocess.Popen`` in this loop, which starts every run of the agent one after the
-    other; Popen is kept for what posix_spawn cannot do here (a working directory)."""
+    other; Popen is kept for what posix_spawn cannot do here (a working directory). Like
+    Popen, each candidate of the PATH search is tried in turn, and the first error other than
+    "not found" is the one reported. (glibc leaves its two internal signals ignored in the
+    process; Python cannot reset those, and programs do not use them.)"""
     if cwd is None and hasattr(os, "POSIX_SPAWN_DUP2"):
         actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
         if out is not None:
-            actions += [
-                (os.POSIX_SPAWN_DUP2, out, 1),
-                (os.POSIX_SPAWN_DUP2, out, 2),
-                (os.POSIX_SPAWN_CLOSE, out),
-            ]
-        program = _program(argv[0], env)
-        try:
-            pid = os.posix_spawn(
-                program,
-                argv,
-                env if env is not None else os.environ,
-                file_actions=actions,
-                setsid=True,
-                setsigdef=_DEFAULT_SIGNALS,
-            )
-        except NotImplementedError:  # no setsid for posix_spawn on this system
-            pass
-        else:
+            actions += [(os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, out, 2)]
+            if out > 2:  # (a descriptor 1 or 2 is the output itself)
+                actions.append((os.POSIX_SPAWN_CLOSE, out))
+        first: OSError | None = None
+        for program in _candidates(argv[0], env):
+            try:
+                pid = os.posix_spawn(
+                    program,
+                    argv,
+                    env if env is not None else os.environ,
+                    file_actions=actions,
+                    setsid=True,
+                    setsigdef=_DEFAULT_SIGNALS,
+                )
+            except NotImplementedError:  # no setsid for posix_spawn on this system
+                break
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ENOTDIR) and first is None:
+                    first = e
+                continue
             return _Child(pid)
+        else:
+            raise first or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
     return subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -491,6 +493,7 @@ class Guard:
                 more: bool | None = self._receive()
                 while more:
                     self._reap()  # exits are told between the starts
+                    self._enforce()
                     more = self._receive(socket.MSG_DONTWAIT)
                 if more is False:
                     self._agent_gone()
