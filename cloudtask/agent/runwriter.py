@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 CALL_BUDGET = 5.0  # seconds a write may take before it counts as failed (and is retried)
 WRITE_BACKOFF = Backoff(first=0.5, factor=2.0, most=10.0)  # after failed writes, at most 10 s
 STOP_RETRY = 0.5  # seconds between the tries of a stopping writer
+URGENT_GAP = 0.05  # seconds at least between two writes, urgent ones too
 
 
 class RunWriter:
@@ -207,10 +208,17 @@ class RunWriter:
             return len(self._dirty)
 
     def _loop(self) -> None:
+        flushed = 0.0
         while not self._stop.is_set():
             backoff = WRITE_BACKOFF.wait(self._failures) if self._failures else 0.0
             self._wake.wait(max(self.flush_interval, backoff))
+            # an urgent write waits for the ones right behind it (a final state a run, many
+            # runs a second): one batch of them, not a round trip each
+            gap = URGENT_GAP - (time.monotonic() - flushed)
+            if gap > 0 and not self._stop.is_set():
+                self._stop.wait(gap)
             self._wake.clear()
+            flushed = time.monotonic()
             try:
                 ok = self.flush()
             except Exception:  # never let the only writer die: runs would stay 'running'
