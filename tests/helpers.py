@@ -33,7 +33,7 @@ from aiosmtpd.controller import Controller
 
 from cloudtask.agent.executor import Executor
 from cloudtask.agent.run import RunContext
-from cloudtask.runmodel import new_run_document
+from cloudtask.runmodel import RUNNING_STATUSES, new_run_document
 from cloudtask.store import Store
 from cloudtask.task import parse_task
 from cloudtask.users import Users
@@ -136,9 +136,9 @@ def start(store: Store, executor: Executor, task: dict, attempt: int = 0) -> Run
 
 
 def finished(store: Store, run_id: str, timeout: float = 20.0) -> dict:
-    """The run's document once it is no longer queued or running."""
+    """The run's document once it is no longer queued, claimed or running."""
     return wait_for(
-        lambda: (d := store.get_run(run_id)) and d["status"] not in ("queued", "running") and d,
+        lambda: (d := store.get_run(run_id)) and d["status"] not in RUNNING_STATUSES and d,
         timeout=timeout,
         message=f"run {run_id} did not finish",
     )

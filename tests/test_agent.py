@@ -16,7 +16,7 @@ from cloudtask.agent.agent import Agent
 from cloudtask.agent.identity import resolve_agent_id
 from cloudtask.config import Config
 from cloudtask.operations import Operations
-from cloudtask.runmodel import new_run_document
+from cloudtask.runmodel import RUNNING_STATUSES, new_run_document
 from cloudtask.store import Store
 from cloudtask.testing.records import overlaps, read_records, recording_command
 
@@ -177,7 +177,7 @@ def test_one_shot_runs_once_and_is_marked_done(store, agents):
     wait_for(
         lambda: (
             store.get_task(task["_id"]).get("done_at")
-            and all(d["status"] not in ("queued", "running") for d in runs(store, task["_id"]))
+            and all(d["status"] not in RUNNING_STATUSES for d in runs(store, task["_id"]))
         ),
         timeout=10,
         message="not done",

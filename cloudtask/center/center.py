@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 
 QUICK_READ = 0.5  # seconds a pass waits for the task read when it has tasks read before
 RETRY_AFTER = (1.0, 2.0, 4.0)  # seconds before a failed pass is tried again, then every 4 s
+# seconds after a pass that took tasks away for good (deleted, paused, done) until the next:
+# their agents release the claims they made ahead, and that pass records them skipped
+RELEASES_SETTLE_AFTER = 3.0
 
 
 class Center:
@@ -84,6 +87,7 @@ class Center:
         self.center_id = center_id or f"{socket.gethostname()}-{os.getpid()}"
         self.resync_interval = resync_interval
         self._failed_passes = 0
+        self._settle_released_at: float | None = None  # a pass soon for released claims
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._connection_lost = threading.Event()
@@ -240,6 +244,10 @@ class Center:
         graces of the housekeeping are kept by the upkeep thread.)"""
         if self._failed_passes:
             return RETRY_AFTER[min(self._failed_passes, len(RETRY_AFTER)) - 1]
+        if self._settle_released_at is not None:
+            wait = self._settle_released_at - time.monotonic()
+            self._settle_released_at = None
+            return max(0.0, min(self.resync_interval, wait))
         return self.resync_interval
 
     def _record_leadership(self, node: str, previous: Any) -> None:
@@ -360,6 +368,8 @@ class Center:
         desired = self.desired(agents)
         self.writer.sort_departed(agents)
         ops = self._changes(desired, agents)
+        if any(kind == "delete" and task_id not in self._tasks for kind, _, task_id, _ in ops):
+            self._settle_released_at = time.monotonic() + RELEASES_SETTLE_AFTER
         try:
             self.writer.write(ops)  # deletions first
         except StaleView:
