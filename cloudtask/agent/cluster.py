@@ -234,9 +234,7 @@ class ClusterAgent(Agent):
         do), False when MongoDB could not say."""
         try:
             with pymongo.timeout(CALL_BUDGET):
-                if self.store.cancel_pending_run(
-                    run_id, reason, agent=self.agent_id
-                ) or self.store.cancel_pending_run(run_id, reason):
+                if self.store.cancel_pending_run(run_id, reason, agent=self.agent_id):
                     log.info("run %s (claimed, never started) killed on request", run_id)
         except STORE_ERRORS as e:
             log.warning("cannot kill run %s yet: %s", run_id, e)

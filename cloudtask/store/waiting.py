@@ -138,15 +138,11 @@ class WaitingRuns(StoreBase):
         self, run_id: str, reason: str, now: datetime | None = None, agent: str | None = None
     ) -> bool:
         """Finish a run that has not started as ``killed``: a manual run no agent has taken
-        yet or a released claim (``agent`` None), or a claim of ``agent`` still waiting for a
-        slot (its agent is asked to kill a run it does not run). False if it started or
-        someone else has it."""
+        yet or a released claim, or (with ``agent``) also a claim of ``agent`` still waiting
+        for a slot (its agent is asked to kill a run it does not run). False if it started
+        or someone else has it."""
         now = to_bson_time(now or utcnow())
-        query = {
-            "_id": run_id,
-            "status": "queued",
-            "agent": agent if agent is not None else {"$in": [None]},
-        }
+        query = {"_id": run_id, "status": "queued", "agent": {"$in": [None, agent]}}
         doc = guard(self.claims.find_one, "read the run", query)
         if doc is None:
             return False
