@@ -10,6 +10,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from helpers import holds, wait_for
@@ -31,6 +32,39 @@ def mongo_proxy(mongo_server: MongoServer) -> Iterator[TcpProxy]:
         yield proxy
 
 
+def every_second(store: Store, name: str, command: list[str]) -> dict:
+    return store.create_task(
+        {
+            "name": name,
+            "schedule": {"every": "1s"},
+            "misfire": "run_once",
+            "misfire_grace": "1h",
+            "command": command,
+        }
+    )
+
+
+@contextmanager
+def agent_through(
+    proxy: TcpProxy, db: str, tmp_path, **settings
+) -> Iterator[tuple[Agent, threading.Thread]]:
+    """Agent a1 running on a thread, talking to MongoDB through ``proxy`` (no monitor check
+    of its own is "the next request" the proxy drops), until the block ends."""
+    client: MongoClient = MongoClient(proxy.mongo_uri, tz_aware=True, heartbeatFrequencyMS=60_000)
+    cfg = Config().with_section(
+        "agent", data_dir=str(tmp_path / "a1"), poll_interval=0.2, kill_grace=1.0, **settings
+    )
+    agent = Agent(cfg, Store(client, db), agent_id="a1")
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        yield agent, thread
+    finally:
+        agent.stop()
+        thread.join(timeout=30)
+        client.close()
+
+
 @pytest.mark.timeout(120)
 def test_a_claim_whose_answer_was_lost_runs_at_most_once_and_is_settled(
     mongo_proxy, mongo_client, mongo_db_name, tmp_path, caplog
@@ -38,27 +72,8 @@ def test_a_claim_whose_answer_was_lost_runs_at_most_once_and_is_settled(
     caplog.set_level(logging.INFO, logger="cloudtask.agent.agent")
     records = tmp_path / "records"
     direct = Store(mongo_client, mongo_db_name)
-    task = direct.create_task(
-        {
-            "name": "t",
-            "schedule": {"every": "1s"},
-            "misfire": "run_once",
-            "misfire_grace": "1h",
-            "command": recording_command(records),
-        }
-    )
-    # the agent talks to MongoDB through the proxy (no monitor check of its own is "the next
-    # request" the proxy drops)
-    client: MongoClient = MongoClient(
-        mongo_proxy.mongo_uri, tz_aware=True, heartbeatFrequencyMS=60_000
-    )
-    cfg = Config().with_section(
-        "agent", data_dir=str(tmp_path / "a1"), poll_interval=0.2, kill_grace=1.0
-    )
-    agent = Agent(cfg, Store(client, mongo_db_name), agent_id="a1")
-    thread = threading.Thread(target=agent.run, daemon=True)
-    thread.start()
-    try:
+    task = every_second(direct, "t", recording_command(records))
+    with agent_through(mongo_proxy, mongo_db_name, tmp_path) as (_, thread):
         wait_for(
             lambda: direct.runs.count_documents({"status": "succeeded"}) >= 2,
             timeout=20,
@@ -77,10 +92,6 @@ def test_a_claim_whose_answer_was_lost_runs_at_most_once_and_is_settled(
             timeout=20,
             message="the task did not run again after the claim in doubt",
         )
-    finally:
-        agent.stop()
-        thread.join(timeout=30)
-        client.close()
     assert not thread.is_alive()
     seen = read_records(records)
     assert duplicate_starts(seen) == []
@@ -188,32 +199,10 @@ def test_a_queued_claim_whose_start_answer_was_lost_still_starts_once(
     records = tmp_path / "records"
     direct = Store(mongo_client, mongo_db_name)
     for name in ("a", "b"):
-        direct.create_task(
-            {
-                "name": name,
-                "schedule": {"every": "1s"},
-                "misfire": "run_once",
-                "misfire_grace": "1h",
-                "command": recording_command(records, work="sleep 0.3"),
-            }
-        )
-    client: MongoClient = MongoClient(
-        mongo_proxy.mongo_uri, tz_aware=True, heartbeatFrequencyMS=60_000
-    )
+        every_second(direct, name, recording_command(records, work="sleep 0.3"))
     # (claims made at the due time: a claim made ahead waits for its slot as it is, with no
     # write at its start)
-    cfg = Config().with_section(
-        "agent",
-        data_dir=str(tmp_path / "a1"),
-        poll_interval=0.2,
-        kill_grace=1.0,
-        max_parallel=1,
-        claim_ahead=0,
-    )
-    agent = Agent(cfg, Store(client, mongo_db_name), agent_id="a1")
-    thread = threading.Thread(target=agent.run, daemon=True)
-    thread.start()
-    try:
+    with agent_through(mongo_proxy, mongo_db_name, tmp_path, max_parallel=1, claim_ahead=0):
         wait_for(lambda: direct.runs.count_documents({"status": "succeeded"}) >= 2, timeout=20)
         mongo_proxy.drop_next_reply(match=b"start_token")  # a queued claim's start write
         wait_for(lambda: mongo_proxy.dropped_replies == 1, timeout=20)
@@ -231,10 +220,6 @@ def test_a_queued_claim_whose_start_answer_was_lost_still_starts_once(
             message="the run whose start answer was lost never finished",
         )
         assert done["started_at"] is not None
-    finally:
-        agent.stop()
-        thread.join(timeout=30)
-        client.close()
     seen = read_records(records)
     assert duplicate_starts(seen) == []
     assert [r.run_id for r in seen if r.kind == "start"].count(run_id) == 1
@@ -250,25 +235,8 @@ def test_a_kill_request_for_a_claim_in_doubt_is_applied_once_it_is_known_to_have
     started; the task goes on."""
     records = tmp_path / "records"
     direct = Store(mongo_client, mongo_db_name)
-    direct.create_task(
-        {
-            "name": "t",
-            "schedule": {"every": "1s"},
-            "misfire": "run_once",
-            "misfire_grace": "1h",
-            "command": recording_command(records),
-        }
-    )
-    client: MongoClient = MongoClient(
-        mongo_proxy.mongo_uri, tz_aware=True, heartbeatFrequencyMS=60_000
-    )
-    cfg = Config().with_section(
-        "agent", data_dir=str(tmp_path / "a1"), poll_interval=0.2, kill_grace=1.0
-    )
-    agent = Agent(cfg, Store(client, mongo_db_name), agent_id="a1")
-    thread = threading.Thread(target=agent.run, daemon=True)
-    thread.start()
-    try:
+    every_second(direct, "t", recording_command(records))
+    with agent_through(mongo_proxy, mongo_db_name, tmp_path) as (agent, _):
         wait_for(lambda: direct.runs.count_documents({"status": "succeeded"}) >= 2, timeout=20)
         mongo_proxy.cut()
         doubt = wait_for(
@@ -294,10 +262,6 @@ def test_a_kill_request_for_a_claim_in_doubt_is_applied_once_it_is_known_to_have
             timeout=20,
             message="the task did not go on after the kill",
         )
-    finally:
-        agent.stop()
-        thread.join(timeout=30)
-        client.close()
     seen = read_records(records)
     assert duplicate_starts(seen) == []
     assert run_id not in {r.run_id for r in seen if r.kind == "start"}
