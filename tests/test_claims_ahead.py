@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -86,6 +88,23 @@ def two_agents_and_a_claim(ahead: Cluster, zk, store, task_id: str) -> tuple[str
         message="no claim ahead",
     )
     return owner, "a2" if owner == "a1" else "a1", doc
+
+
+@contextmanager
+def claim_behind_proxy(
+    ahead: Cluster, store, task_id: str, mongo_server, lead: float
+) -> Iterator[tuple[TcpProxy, dict]]:
+    """Agent a1 talking to MongoDB through a proxy (the center straight), and a claim a1 made
+    ahead, due ``lead`` seconds or more from now."""
+    with TcpProxy(("127.0.0.1", mongo_server.port)) as proxy:
+        ahead.env["CLOUDTASK_MONGO_URI"] = proxy.mongo_uri
+        ahead.agent("a1")
+        ahead.env["CLOUDTASK_MONGO_URI"] = mongo_server.uri
+        ahead.center("c1")
+        doc = wait_for(
+            lambda: claimed_ahead(store, task_id, lead=lead), timeout=60, message="no claim ahead"
+        )
+        yield proxy, doc
 
 
 def starts_of(records, run_id: str) -> list:
@@ -206,14 +225,7 @@ def test_a_claim_starts_on_time_while_its_agent_is_cut_from_mongodb(ahead, zk, s
     back."""
     records = ahead.records
     task_id = task(store, records)
-    with TcpProxy(("127.0.0.1", mongo_server.port)) as proxy:
-        ahead.env["CLOUDTASK_MONGO_URI"] = proxy.mongo_uri
-        ahead.agent("a1")
-        ahead.env["CLOUDTASK_MONGO_URI"] = mongo_server.uri
-        ahead.center("c1")
-        doc = wait_for(
-            lambda: claimed_ahead(store, task_id, lead=2.0), timeout=60, message="no claim ahead"
-        )
+    with claim_behind_proxy(ahead, store, task_id, mongo_server, lead=2.0) as (proxy, doc):
         proxy.cut()
         try:
             due = doc["scheduled_for"].timestamp()
@@ -247,14 +259,7 @@ def test_a_kill_request_stays_until_its_outcome_is_stored_even_across_a_kill_9(
     records = ahead.records
     task_id = task(store, records)
     paths = ZkPaths("/cloudtask")
-    with TcpProxy(("127.0.0.1", mongo_server.port)) as proxy:
-        ahead.env["CLOUDTASK_MONGO_URI"] = proxy.mongo_uri
-        ahead.agent("a1")
-        ahead.env["CLOUDTASK_MONGO_URI"] = mongo_server.uri
-        ahead.center("c1")
-        doc = wait_for(
-            lambda: claimed_ahead(store, task_id, lead=4.0), timeout=60, message="no claim ahead"
-        )
+    with claim_behind_proxy(ahead, store, task_id, mongo_server, lead=4.0) as (proxy, doc):
         proxy.cut()
         request_kill(zk, paths, "a1", doc["_id"], "killed by test")
         node = paths.kill("a1", doc["_id"])
