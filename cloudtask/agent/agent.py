@@ -394,7 +394,10 @@ class Agent:
 
     def _keep_pending(self, claims: list[Claim], now: datetime) -> None:
         """Fires that could not be claimed wait for the next step, collapsed per task (their
-        documents are built again then). Fires of tasks no longer ours are forgotten."""
+        documents are built again then). Fires of tasks no longer ours are forgotten: claims
+        are written in each task's time order (claims.collapse), so none of this agent's
+        stored fires of the task is later than them, and the task's next owner finds them
+        due after its latest recorded fire (handover.py)."""
         keep = []
         for c in claims:
             if c.spec.schedule.keepalive and c.doc is not None:

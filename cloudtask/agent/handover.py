@@ -5,10 +5,12 @@ Nothing about a task is in memory when it comes to an agent process (a new owner
 agent restarted). Its history in MongoDB says (:func:`read_histories`, for many tasks at
 once: a start with 10,000 tasks reads them in a few calls):
 
-- up to when its fires were handled: its latest recorded fire (any agent, any status), or
-  when it was created or last changed, whichever is later. Fires after that which are due now
-  were missed (an agent died, or none ran the task) and are caught up or recorded per its
-  policy. A mode ``all`` task's history is this agent's own slot: an agent's history starts
+- up to when its fires were handled: its latest recorded fire (any agent, any status, a
+  claim made ahead too), or when it was created or last changed, whichever is later. Fires
+  after that which are due now were missed (an agent died, or none ran the task) and are
+  caught up or recorded per its policy. Every fire before the latest recorded one is
+  recorded because agents write a task's claims in time order (claims.collapse): a claim
+  made ahead is never stored before an earlier fire of its task. A mode ``all`` task's history is this agent's own slot: an agent's history starts
   when it first ran the task, so a new agent misses nothing;
 - the retries still owed: recent runs that failed (or were lost) with attempts left and no
   next attempt (their agent died or stopped before retrying), within ``misfire_grace``.
