@@ -10,8 +10,9 @@ once: a start with 10,000 tasks reads them in a few calls):
   after that which are due now were missed (an agent died, or none ran the task) and are
   caught up or recorded per its policy. Every fire before the latest recorded one is
   recorded because agents write a task's claims in time order (claims.collapse): a claim
-  made ahead is never stored before an earlier fire of its task. A mode ``all`` task's history is this agent's own slot: an agent's history starts
-  when it first ran the task, so a new agent misses nothing;
+  made ahead is never stored before an earlier fire of its task. A mode ``all`` task's
+  history is this agent's own slot: an agent's history starts when it first ran the task,
+  so a new agent misses nothing;
 - the retries still owed: recent runs that failed (or were lost) with attempts left and no
   next attempt (their agent died or stopped before retrying), within ``misfire_grace``.
 
