@@ -10,12 +10,14 @@
     MongoDB wire server), and the ZooKeeper writes it makes after one agent leaves (the
     assignments the departed agent leaves behind are deleted a minute later; not counted).
 (d) the same at scale, on paper: 100,000 tasks over 100 registered agents (registrations
-    only, no agent processes); the writes of the first placement and after one leaves.
+    only, no agent processes); the writes of the first placement and after one leaves; and,
+    in the same run, how long the store alone takes to read every task (one query, a plain
+    client): on nx-27017 that read is most of the leader's time.
 
 Usage: python bench/cluster.py [--no-large]
 The last line is one JSON object: failover_s_t2, failover_s_t10, sigterm_failover_s,
 moved_leave_ratio, moved_join_ratio, max_mean_load, reconcile_10k_s, extra_writes_after_leave,
-reconcile_100k_100_agents_s, writes_100k, extra_writes_after_leave_100k.
+reconcile_100k_100_agents_s, writes_100k, extra_writes_after_leave_100k, store_scan_100k_s.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from cloudtask.config import Config  # noqa: E402
 from cloudtask.localservers import MongoServer, ZooKeeperServer  # noqa: E402
 from cloudtask.runmodel import new_id
 from cloudtask.store import Store  # noqa: E402
+from cloudtask.store.tasks import SCAN_FIELDS  # noqa: E402
 from cloudtask.task import parse_task  # noqa: E402
 from cloudtask.zkpaths import ZkPaths, encode  # noqa: E402
 
@@ -215,11 +218,19 @@ def reconcile_figures(
     time.sleep(0.5)
     moved = len(before["agent-3"])
     writes = center.writes - first_writes
+    # the store's own share: the same read of every task, by a plain client, in the same run
+    scan_started = time.monotonic()
+    scanned = len(store.tasks.find({}, SCAN_FIELDS, batch_size=10_000).to_list())
+    scan = time.monotonic() - scan_started
     print(
         f"new leader placed {total} tasks on {agents} agents in {took:.2f} s with {first_writes} "
         f"writes; after one agent left it wrote {writes} operations for {moved} moved tasks "
         f"(the departed agent's {moved} assignments are deleted {center.garbage_after:g} s "
         "later, off the failover path)"
+    )
+    print(
+        f"the store alone reads the {scanned} tasks in {scan:.2f} s (one query, a plain client): "
+        f"the leader's own work is the other {max(0.0, took - scan):.2f} s"
     )
     center.stop()
     thread.join(timeout=30)
@@ -228,7 +239,12 @@ def reconcile_figures(
     zk.stop()
     zk.close()
     store.close()
-    return {"took_s": round(took, 2), "writes": first_writes, "extra": writes - moved}
+    return {
+        "took_s": round(took, 2),
+        "writes": first_writes,
+        "extra": writes - moved,
+        "store_scan_s": round(scan, 2),
+    }
 
 
 def main() -> None:
@@ -266,6 +282,7 @@ def main() -> None:
                 figures["reconcile_100k_100_agents_s"] = large["took_s"]
                 figures["writes_100k"] = large["writes"]
                 figures["extra_writes_after_leave_100k"] = large["extra"]
+                figures["store_scan_100k_s"] = large["store_scan_s"]
         finally:
             mongo.stop()
             zk_server.stop()

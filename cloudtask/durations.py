@@ -5,6 +5,7 @@ A bare number means seconds.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -25,6 +26,13 @@ def parse_duration(value: object) -> float:
         return float(value)
     if not isinstance(value, str):
         raise ValueError(f"expected a duration such as '30s', '10m' or '1h', got {value!r}")
+    return _parse_text(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_text(value: str) -> float:
+    """A written duration in seconds, remembered (every task spells a few; a ValueError is
+    not remembered)."""
     text = value.strip().lower().replace(" ", "")
     if not text or not _WHOLE.fullmatch(text):
         raise ValueError(

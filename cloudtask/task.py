@@ -11,6 +11,7 @@ document derive theirs from it; the reading itself is written out in :func:`_rea
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shlex
@@ -267,6 +268,13 @@ class TaskSpec:
 MAX_TASK_DURATION = 366 * 86400.0  # timeouts, delays and graces: a year is plenty, and safe to add
 
 
+@functools.lru_cache(maxsize=4096)
+def _split(command: str) -> tuple[str, ...]:
+    """``shlex.split``, remembered: a leader parses every task's spec when it takes over, and
+    commands repeat (ValueError, for bad quoting, is not remembered)."""
+    return tuple(shlex.split(command))
+
+
 def file_name_problem(name: str) -> str | None:
     """Why ``name`` cannot name a task file (it becomes a path on agents), or None if it can."""
     if not name or len(name) > 255 or any(c in name for c in "/\\\0") or ".." in name:
@@ -439,7 +447,7 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
         f.refuse("shell", "with shell true, command must be one string, not a list")
     elif not shell and isinstance(command, str):
         try:
-            shlex.split(command)
+            _split(command)
         except ValueError as exc:
             f.refuse("command", f"cannot be split into arguments ({exc}); fix the quoting")
     file = f.string("file", None, nullable=True)

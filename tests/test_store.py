@@ -11,7 +11,8 @@ from helpers import task_spec
 from cloudtask.exceptions import Conflict, NotFound, StoreError, ValidationError
 from cloudtask.operations import Operations
 from cloudtask.runmodel import new_run_document
-from cloudtask.store import Store, all_revisions, indexed, task_pages
+from cloudtask.store import Store, all_revisions, first_call_budget, indexed, scan_tasks, task_pages
+from cloudtask.store.tasks import FIRST_CALL_PER_TASK
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -153,23 +154,36 @@ def test_a_name_clash_is_a_conflict_at_the_name(store):
 
 def test_every_revision_and_task_is_read_in_pages_each_call_in_its_own_context(store):
     """A reader with a deadline per call (the leader, a standalone agent) reads many tasks in
-    calls that each end in time: pages in id order, none missed or read twice."""
+    calls that each end in time: one query read in batches, the first call in its own (longer)
+    context, none missed or read twice."""
     ids = [store.create_task(task(f"t{i}"))["_id"] for i in range(7)]
     store.mark_tasks_done([(ids[3], 1)])
     calls = []
 
     def each():
-        calls.append(1)
+        calls.append("each")
         return nullcontext()
 
-    revisions = all_revisions(store, each=each, page=3)
+    def first():
+        calls.append("first")
+        return nullcontext()
+
+    revisions = all_revisions(store, each=each, first=first, page=3)
     assert revisions == {i: (1, i == ids[3]) for i in ids}
-    assert len(calls) == 3  # 3 + 3 + 1
+    assert calls == ["first", "each", "each"]  # 3 + 3 + 1
     assert all_revisions(store, ["other"], page=3) == {}
+    calls.clear()
+    scanned = list(scan_tasks(store, each=each, page=3))
+    assert [len(p) for p in scanned] == [3, 3, 1] and calls == ["each"] * 3
+    assert sorted(d["_id"] for p in scanned for d in p) == sorted(ids)
+    assert scanned[0][0]["spec"]["name"].startswith("t")  # whole documents
+    assert list(scan_tasks(store, ["other"], page=3)) == []
     calls.clear()
     pages = list(task_pages(store, sorted(ids), each=each, page=3))
     assert [len(p) for p in pages] == [3, 3, 1] and len(calls) == 3
     assert sorted(d["_id"] for p in pages for d in p) == sorted(ids)
+    # the first call's budget grows with the collection (its count is metadata, not a scan)
+    assert first_call_budget(store, 5.0) == pytest.approx(5.0 + 7 * FIRST_CALL_PER_TASK)
 
 
 def test_enable_disable_and_delete(store):

@@ -53,6 +53,7 @@ class Recording:
             set_data=recorded("set_data"),
             delete=recorded("delete"),
             commit=real.commit,
+            commit_async=real.commit_async,
         )
 
 
@@ -138,6 +139,20 @@ def test_a_stale_view_is_not_forced(zk, writer) -> None:
     assert writer.writes == 1
     writer.rebuild()
     assert writer.placed == {"a1": {}}
+
+
+def test_transactions_in_flight_the_view_holds_exactly_what_committed(zk, writer) -> None:
+    """Several transactions are in flight at once; one fails (a node made behind the
+    leader's back): StaleView, and the view holds every node the others wrote, no other."""
+    behind = f"t{2 * TXN_MAX_OPS + 7:04d}"  # in the third of five transactions
+    zk.ensure_path(PATHS.assignment_dir("a1"))
+    zk.create(PATHS.assignment("a1", behind), b"{}")
+    with pytest.raises(StaleView):
+        writer.write([create("a1", f"t{i:04d}") for i in range(5 * TXN_MAX_OPS)])
+    there = set(zk.get_children(PATHS.assignment_dir("a1"))) - {behind}
+    assert len(there) == 4 * TXN_MAX_OPS  # the other four committed
+    assert set(writer.placed["a1"]) == there
+    assert writer.writes == len(there)
 
 
 def test_rebuild_reads_every_assignment_as_stale_until_its_agent_is_seen(zk, writer) -> None:

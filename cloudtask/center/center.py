@@ -50,7 +50,7 @@ from ..config import Config
 from ..exceptions import CloudTaskError
 from ..notify import NotifierThread
 from ..registry import LiveAgent, read_agents
-from ..store import Store
+from ..store import Store, first_call_budget
 from ..zkpaths import ZkPaths, encode, keep_trying
 from .housekeeping import CALL_BUDGET, Housekeeping, PassView, UpkeepThread
 from .placement import AgentInfo, Assignment, plan_group, ring_epoch
@@ -296,8 +296,14 @@ class Center:
 
     def _refresh_tasks(self) -> None:
         """Bring the task cache in line with MongoDB (see :mod:`cloudtask.center.tasks`), in
-        pages of at most ``CALL_BUDGET`` each."""
-        refresh_tasks(self.store, self._tasks, each=lambda: pymongo.timeout(CALL_BUDGET))
+        calls of at most ``CALL_BUDGET`` each (the first one longer, by the size of the
+        collection: see :func:`cloudtask.store.tasks.first_call_budget`)."""
+        refresh_tasks(
+            self.store,
+            self._tasks,
+            each=lambda: pymongo.timeout(CALL_BUDGET),
+            first=lambda: pymongo.timeout(first_call_budget(self.store, CALL_BUDGET)),
+        )
         self._tasks_read = True
 
     def desired(self, agents: dict[str, LiveAgent]) -> dict[str, dict[str, int]]:

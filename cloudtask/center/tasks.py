@@ -19,7 +19,8 @@ from datetime import datetime
 from typing import Any
 
 from ..exceptions import ValidationError
-from ..store import Store, all_revisions, task_pages
+from ..store import Store, all_revisions, scan_tasks, task_pages
+from ..store.tasks import SPEC_PAGE
 from ..task import parse_task
 
 log = logging.getLogger(__name__)
@@ -40,33 +41,57 @@ def refresh_tasks(
     store: Store,
     tasks: dict[str, TaskRecord],
     each: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    first: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> None:
     """Bring ``tasks`` in line with MongoDB, in place, reading full specs only for changes.
-    Read in pages, each call inside ``each()`` (its deadline): 100,000 tasks on a slow store
-    are read in calls that each end in time. Store errors are the caller's (what was brought
-    in line before one stays: the next pass reads only the specs still missing)."""
-    revisions = all_revisions(store, each=each)
+
+    Read in batches, each call inside ``each()`` (its deadline) and the first inside
+    ``first()``: 100,000 tasks on a slow store are read in calls that each end in time. With
+    nothing cached (a new leader) every document is read in one pass; otherwise every
+    revision, then the documents of the tasks new or changed, by id (or in one pass again
+    when they are more than a quarter of all). Store errors are the caller's: what was
+    brought in line before one stays, and the next pass reads only the specs still missing."""
+    if not tasks:
+        for page in scan_tasks(store, each=each, first=first):
+            for doc in page:
+                _take(tasks, doc)
+        return
+    revisions = all_revisions(store, each=each, first=first)
     wanted = {tid for tid, (_, done) in revisions.items() if not done}
     for task_id in set(tasks) - wanted:
         del tasks[task_id]
     changed = sorted(t for t in wanted if t not in tasks or tasks[t].revision != revisions[t][0])
-    for doc in (doc for page in task_pages(store, changed, each=each) for doc in page):
-        if not doc.get("enabled") or doc.get("done_at"):
-            tasks.pop(doc["_id"], None)
-            continue
-        try:
-            spec = parse_task(doc["spec"])
-        except ValidationError as e:
-            log.error("task %s is not valid and is not placed: %s", doc["_id"], e)
-            tasks.pop(doc["_id"], None)
-            continue
-        updated = doc.get("updated_at")
-        tasks[doc["_id"]] = TaskRecord(
-            doc["_id"],
-            spec.group,
-            spec.mode,
-            doc["revision"],
-            doc["spec"],
-            updated.isoformat() if isinstance(updated, datetime) else None,
-            spec.misfire_grace,
-        )
+    if len(changed) > max(SPEC_PAGE, len(wanted) // 4):
+        pages = scan_tasks(store, each=each, first=first)
+    else:
+        pages = task_pages(store, changed, each=each)
+    for page in pages:
+        for doc in page:
+            if doc["_id"] in wanted:  # one that came after the revisions were read: next pass
+                _take(tasks, doc)
+
+
+def _take(tasks: dict[str, TaskRecord], doc: dict[str, Any]) -> None:
+    """Cache the task of ``doc``, or forget it: disabled, done, or not valid (logged)."""
+    if not doc.get("enabled") or doc.get("done_at"):
+        tasks.pop(doc["_id"], None)
+        return
+    known = tasks.get(doc["_id"])
+    if known is not None and known.revision == doc["revision"]:
+        return
+    try:
+        spec = parse_task(doc["spec"])
+    except ValidationError as e:
+        log.error("task %s is not valid and is not placed: %s", doc["_id"], e)
+        tasks.pop(doc["_id"], None)
+        return
+    updated = doc.get("updated_at")
+    tasks[doc["_id"]] = TaskRecord(
+        doc["_id"],
+        spec.group,
+        spec.mode,
+        doc["revision"],
+        doc["spec"],
+        updated.isoformat() if isinstance(updated, datetime) else None,
+        spec.misfire_grace,
+    )

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 TXN_MAX_OPS = 200  # operations per ZooKeeper transaction
 TXN_MAX_BYTES = 512 * 1024  # well under ZooKeeper's 1 MB request limit
+TXN_IN_FLIGHT = 8  # transactions sent before the first one's answer is awaited
 GARBAGE_AFTER = 60.0  # seconds before the assignments left by a departed agent are deleted
 
 Op = tuple[str, str, str, bytes | None]  # (kind: create, set or delete; agent; task; data)
@@ -84,18 +85,38 @@ class Placed:
         return self.valid_for == joined
 
 
-def assignment_data(record: TaskRecord, epoch: int, joined: int) -> bytes:
+class AssignmentData(bytes):
+    """An assignment node's bytes, with what the leader's view keeps of it (so a committed
+    write is not decoded again)."""
+
+    revision: int
+    epoch: int
+    for_agent: int
+
+
+def assignment_data(record: TaskRecord, epoch: int, joined: int) -> AssignmentData:
     """The assignment node of ``record`` for the agent life registered as ``joined``."""
-    return encode(
-        {
-            "task_id": record.task_id,
-            "revision": record.revision,
-            "epoch": epoch,
-            "for_agent": joined,
-            "updated_at": record.updated_at,
-            "spec": record.spec,
-        }
+    data = AssignmentData(
+        encode(
+            {
+                "task_id": record.task_id,
+                "revision": record.revision,
+                "epoch": epoch,
+                "for_agent": joined,
+                "updated_at": record.updated_at,
+                "spec": record.spec,
+            }
+        )
     )
+    data.revision, data.epoch, data.for_agent = record.revision, epoch, joined
+    return data
+
+
+def _placed(data: bytes) -> Placed:
+    if isinstance(data, AssignmentData):
+        return Placed(data.revision, data.epoch, valid_for=data.for_agent)
+    doc = decode(data) or {}
+    return Placed(int(doc["revision"]), int(doc["epoch"]), valid_for=int(doc["for_agent"]))
 
 
 class FencedWriter:
@@ -187,27 +208,55 @@ class FencedWriter:
 
     def write(self, ops: list[Op]) -> None:
         """Write ``ops``, deletions first, in fenced transactions; the view follows each one
-        that commits. StaleView if one failed (the view is then to be rebuilt)."""
+        that commits. StaleView if one failed (the view is then to be rebuilt).
+
+        The deletions are all committed before any creation or update is sent. Within each of
+        the two phases up to ``TXN_IN_FLIGHT`` transactions are in flight at once: ZooKeeper
+        applies one session's requests in the order they were sent, and each transaction
+        stands alone (a failed one wrote nothing; the others are kept in the view)."""
         if not ops:
             return
-        # deletions first: a moved task leaves its old agent no later than it reaches the new one
-        ops.sort(key=lambda op: op[0] != "delete")
-        for agent_id in {op[1] for op in ops if op[0] == "create"}:
+        deletions = [op for op in ops if op[0] == "delete"]
+        writes = [op for op in ops if op[0] != "delete"]
+        for agent_id in {op[1] for op in writes if op[0] == "create"}:
             if agent_id not in self.placed:
                 self.zk.ensure_path(self.paths.assignment_dir(agent_id))
                 self.placed[agent_id] = {}
+        for phase in (deletions, writes):
+            self._commit_all(self._chunks(phase))
+
+    @staticmethod
+    def _chunks(ops: list[Op]) -> list[list[Op]]:
+        chunks: list[list[Op]] = []
         batch: list[Op] = []
         size = 0
         for op in ops:
             batch.append(op)
             size += len(op[3] or b"") + 200
             if len(batch) >= TXN_MAX_OPS or size >= TXN_MAX_BYTES:
-                self._commit(batch)
+                chunks.append(batch)
                 batch, size = [], 0
         if batch:
-            self._commit(batch)
+            chunks.append(batch)
+        return chunks
 
-    def _commit(self, batch: list[Op]) -> None:
+    def _commit_all(self, chunks: list[list[Op]]) -> None:
+        """Commit ``chunks``, several in flight; every answer is read before anything is
+        raised, so the view holds exactly what committed."""
+        in_flight: list[tuple[list[Op], Any]] = []
+        failure: Exception | None = None
+        for batch in chunks:
+            if failure is not None:
+                break
+            in_flight.append((batch, self._send(batch)))
+            if len(in_flight) >= TXN_IN_FLIGHT:
+                failure = self._settle(*in_flight.pop(0)) or failure
+        for batch, answer in in_flight:
+            failure = self._settle(batch, answer) or failure
+        if failure is not None:
+            raise failure
+
+    def _send(self, batch: list[Op]) -> Any:
         txn = self.fenced()
         for kind, agent_id, task_id, data in batch:
             path = self.paths.assignment(agent_id, task_id)
@@ -217,22 +266,30 @@ class FencedWriter:
                 txn.set_data(path, data)
             else:
                 txn.delete(path)
-        results = self.commit_fenced(txn)
+        return txn.commit_async()
+
+    def _settle(self, batch: list[Op], answer: Any) -> Exception | None:
+        """The outcome of one sent transaction: the view follows it if it committed, else the
+        error to raise (LeadershipLost, StaleView, or the connection's)."""
+        try:
+            results = answer.get()
+        except Exception as e:  # the connection's: raised as it is, as a call would raise it
+            return e
+        if isinstance(results[0], (NoNodeError, BadVersionError)):
+            return LeadershipLost("the election node is gone: another center may lead")
         failures = [r for r in results if isinstance(r, Exception)]
         if failures:
             failures = [r for r in failures if not isinstance(r, RolledBackError)] or failures
             # the view was stale (a node already there or gone): read it again and retry
-            raise StaleView(f"assignments changed under the leader: {failures[0]!r}")
+            return StaleView(f"assignments changed under the leader: {failures[0]!r}")
         self.writes += len(batch)
         for kind, agent_id, task_id, data in batch:
             placed = self.placed.setdefault(agent_id, {})
             if kind == "delete":
                 placed.pop(task_id, None)
             else:
-                doc = decode(data) or {}
-                placed[task_id] = Placed(
-                    int(doc["revision"]), int(doc["epoch"]), valid_for=int(doc["for_agent"])
-                )
+                placed[task_id] = _placed(data)
+        return None
 
     # --- garbage ------------------------------------------------------------------------------
 

@@ -62,7 +62,7 @@ from .queries import Page, PageQueries
 from .reports import RunReports
 from .runs import RunRecords
 from .schema import Schema
-from .tasks import TaskRecords, all_revisions, task_pages
+from .tasks import TaskRecords, all_revisions, first_call_budget, scan_tasks, task_pages
 from .users import UserRecords
 from .waiting import WaitingRuns
 
@@ -77,6 +77,7 @@ __all__ = [
     "Store",
     "all_revisions",
     "event_document",
+    "first_call_budget",
     "guard",
     "indexed",
     "lost_fields",
@@ -85,6 +86,7 @@ __all__ = [
     "new_run_document",
     "read_all",
     "released_fields",
+    "scan_tasks",
     "task_pages",
     "to_bson_time",
     "utcnow",
