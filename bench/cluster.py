@@ -198,6 +198,11 @@ def reconcile_figures(
     for i in range(agents):
         node = paths.agent("default", f"agent-{i}")
         registrations.create(node, encode({"weight": 1}), ephemeral=True)
+    # the store's own share: the same read of every task, by a plain client, in the same run
+    # (before the center starts, so that nothing else asks the store meanwhile)
+    scan_started = time.monotonic()
+    scanned = len(store.tasks.find({}, SCAN_FIELDS, batch_size=10_000).to_list())
+    scan = time.monotonic() - scan_started
     zk = KazooClient(zk_server.hosts, timeout=10)
     zk.start()
     cfg = Config().with_section("zookeeper", hosts=zk_server.hosts, root=root)
@@ -218,10 +223,6 @@ def reconcile_figures(
     time.sleep(0.5)
     moved = len(before["agent-3"])
     writes = center.writes - first_writes
-    # the store's own share: the same read of every task, by a plain client, in the same run
-    scan_started = time.monotonic()
-    scanned = len(store.tasks.find({}, SCAN_FIELDS, batch_size=10_000).to_list())
-    scan = time.monotonic() - scan_started
     print(
         f"new leader placed {total} tasks on {agents} agents in {took:.2f} s with {first_writes} "
         f"writes; after one agent left it wrote {writes} operations for {moved} moved tasks "

@@ -3,13 +3,16 @@ write counts, garbage collection of a departed agent's assignments, stale assign
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 
 import pytest
 from helpers import wait_for
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
 
+from cloudtask.center import tasks as center_tasks
 from cloudtask.center.center import Center
 from cloudtask.center.writer import LeadershipLost, StaleView
 from cloudtask.config import Config
@@ -124,7 +127,8 @@ def test_a_returning_agent_never_trusts_what_was_left_for_its_earlier_life(
 
 def test_a_stale_view_is_read_again_before_anything_else_is_written(zk, store, fake_agents):
     """A pass whose transaction finds an assignment it did not expect writes nothing, forgets
-    its caches and reads every assignment again; the next pass places on what is there."""
+    its view of the assignments and reads them all again; the next pass places on what is
+    there."""
     join, _ = fake_agents
     for path in PATHS.persistent_folders():
         zk.ensure_path(path)
@@ -141,7 +145,6 @@ def test_a_stale_view_is_read_again_before_anything_else_is_written(zk, store, f
     zk.create(PATHS.assignment("a1", second["_id"]), encode(behind))  # behind the leader's back
     with pytest.raises(StaleView):
         c.reconcile()
-    assert not c._tasks_read and not c._tasks  # forgotten: read again from MongoDB
     assert set(c.writer.placed["a1"]) == {first["_id"], second["_id"]}
     writes = c.writes
     # the node found there was written after the agent registered (the agent acts on it):
@@ -153,3 +156,58 @@ def test_a_stale_view_is_read_again_before_anything_else_is_written(zk, store, f
     with pytest.raises(LeadershipLost):
         c.reconcile()
     assert nodes(zk, "a1") == {first["_id"], second["_id"]}
+
+
+def test_a_standby_reads_ahead_but_a_new_leader_places_from_a_read_begun_after_it_was_elected(
+    zk, zk_hosts, store, fake_agents, monkeypatch
+):
+    """A standby center keeps the tasks read (its task feed), so taking over needs only the
+    changes; but a task edited while it stood by, with no signal, is placed at its new
+    revision: the first pass waits for a read begun after the election, never placing the
+    warm copy (older than what the previous leader may have written)."""
+    join, _ = fake_agents
+    join("a1")
+    task = store.create_task({"name": "t1", "schedule": {"every": "1m"}, "command": "true"})
+    other = KazooClient(hosts=zk_hosts, timeout=5)
+    other.start()
+    release = threading.Event()
+    elected = threading.Event()
+
+    def lead() -> None:
+        elected.set()
+        release.wait(30)
+
+    holder = threading.Thread(target=other.Election(PATHS.election, "c0").run, args=(lead,))
+    holder.start()
+    assert elected.wait(10)
+    cfg = Config().with_section("zookeeper", hosts=zk_hosts)
+    c = Center(cfg, store, zk, center_id="c1", resync_interval=3600.0, notify=False)
+    read = center_tasks.refresh_tasks
+
+    def slow_once_leading(*args, **kwargs):  # a slow store: the read after the election lags
+        if c.leading:
+            time.sleep(1.0)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(center_tasks, "refresh_tasks", slow_once_leading)
+    thread = threading.Thread(target=c.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: c.feed.reads >= 1, timeout=10, message="the standby read no tasks")
+        assert not c.leading and c.feed.snapshot()[task["_id"]].revision == 1
+        store.tasks.update_one(  # edited behind the standby's back: no signal, no read
+            {"_id": task["_id"]}, {"$set": {"spec.command": "false"}, "$inc": {"revision": 1}}
+        )
+        release.set()
+        holder.join(10)
+        wait_for(lambda: nodes(zk, "a1") == {task["_id"]}, timeout=15, message="not placed")
+        data, _ = zk.get(PATHS.assignment("a1", task["_id"]))
+        doc = json.loads(data)
+        assert (doc["revision"], doc["spec"]["command"]) == (2, "false")
+        assert c.writes == 1  # placed once, at the new revision
+    finally:
+        release.set()
+        c.stop()
+        thread.join(timeout=30)
+        other.stop()
+        other.close()

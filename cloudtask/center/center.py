@@ -5,8 +5,9 @@ The leader's loop is level-triggered. Woken by a change of agents (watches on
 computes the desired placement from the enabled tasks in MongoDB (cloudtask/center/tasks.py)
 and the live agents in ZooKeeper (cloudtask/registry.py), compares it with the assignments in
 ZooKeeper and writes only the difference (placement: cloudtask/center/placement.py). Followers
-only wait. A new leader rebuilds its view from ZooKeeper and MongoDB before it writes
-anything; nothing is carried in memory across leaderships.
+only wait (and keep the tasks read). A new leader rebuilds its view of the assignments from
+ZooKeeper and places from a read of the tasks begun after it was elected, before it writes
+anything; no view of the assignments is carried across leaderships.
 
 Every write transaction is fenced (cloudtask/center/writer.py): it also checks that the
 leader's own election node still exists. A leader that was paused past its session and wakes
@@ -20,11 +21,12 @@ to the leader's upkeep (cloudtask/center/housekeeping.py), which runs on a threa
 (released or ``lost``), the agents' records in MongoDB and the purge of old runs. The leader
 also records ``center.leader`` when it starts leading.
 
-The placement never waits for more than one MongoDB read: the tasks. It has a deadline, short
-when the leader already holds the tasks and the pass is urgent (its last pass succeeded, or
-agents came or went since); when MongoDB does not answer in time, placement goes on from the
-tasks read last (a dead agent's tasks move all the same), and a failed pass is tried again
-within seconds, not at the next resync.
+The placement never waits for MongoDB: the tasks are read by the center's task feed, a
+thread of its own for the center's whole life (cloudtask/center/tasks.py), and a pass takes
+its latest snapshot, so while MongoDB stalls a dead agent's tasks move all the same. A new
+leader places nothing until a read begun after its leadership began has ended (a standby's
+warm cache makes that read the cheap one: the changes). A failed pass is tried again within
+seconds, not at the next resync.
 """
 
 from __future__ import annotations
@@ -35,10 +37,8 @@ import socket
 import threading
 import time
 from collections.abc import Iterable
-from contextlib import nullcontext
 from typing import Any
 
-import pymongo
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
 from kazoo.recipe.watchers import ChildrenWatch, DataWatch
@@ -50,16 +50,16 @@ from ..config import Config
 from ..exceptions import CloudTaskError
 from ..notify import NotifierThread
 from ..registry import LiveAgent, read_agents
-from ..store import Store, first_call_budget
+from ..store import Store
 from ..zkpaths import ZkPaths, encode, keep_trying
 from .housekeeping import CALL_BUDGET, Housekeeping, PassView, UpkeepThread
 from .placement import AgentInfo, Assignment, plan_group, ring_epoch
-from .tasks import TaskRecord, refresh_tasks
+from .tasks import TaskFeed, TaskRecord
 from .writer import GARBAGE_AFTER, FencedWriter, LeadershipLost, Op, StaleView, assignment_data
 
 log = logging.getLogger(__name__)
 
-QUICK_READ = 0.5  # seconds a pass waits for the task read when it has tasks read before
+FIRST_READ_WAIT = 5.0  # seconds a new leader's pass waits for a read begun after it was elected
 RETRY_AFTER = (1.0, 2.0, 4.0)  # seconds before a failed pass is tried again, then every 4 s
 # seconds after a pass that took tasks away for good (deleted, paused, done) until the next:
 # their agents release the claims they made ahead, and that pass records them skipped
@@ -110,9 +110,12 @@ class Center:
         )
         self.upkeep: UpkeepThread | None = None  # while leading: the chores' thread
         self._last_upkeep: UpkeepThread | None = None  # waited for before leading again
-        self._tasks: dict[str, TaskRecord] = {}
-        self._tasks_read = False  # read from MongoDB at least once in this leadership
-        self._agents_seen: dict[str, tuple[int, bool]] | None = None  # at the last placement
+        # the tasks, read by a thread of their own; a pass places from its latest snapshot
+        self.feed = TaskFeed(
+            store, interval=resync_interval, on_change=self._wake.set, budget=CALL_BUDGET
+        )
+        self._tasks: dict[str, TaskRecord] = {}  # the snapshot the current pass places
+        self._led_since = 0.0  # monotonic time this leadership began
         self._watched_groups: set[str] = set()
         self._seen_groups: set[str] = set()
         self._groups_lock = threading.Lock()
@@ -143,6 +146,7 @@ class Center:
         if not keep_trying("create its folders and register", self._start_up, self._stop):
             return
         self.zk.add_listener(self._on_state)
+        self.feed.start()  # standing by too: a new leader starts from a warm cache
         self._watch()
         if self.notifier is not None:
             self.notifier.start()
@@ -156,6 +160,7 @@ class Center:
                 if not self._stop.is_set():
                     time.sleep(0.2)
         finally:
+            self.feed.stop()
             if self.notifier is not None:
                 self.notifier.stop()
             self.zk.remove_listener(self._on_state)
@@ -207,6 +212,8 @@ class Center:
             return  # stopping meanwhile: lead no more
         lock = self._election.lock
         self.writer.fence = f"{lock.path}/{lock.node}"
+        self._led_since = time.monotonic()
+        self.feed.ask()  # a read begun now: the first one this leadership may place from
         self.leading = True
         self._connection_lost.clear()
         log.info("center %s leads", self.center_id)
@@ -272,7 +279,14 @@ class Center:
             self._wake.set()
 
         ChildrenWatch(self.zk, self.paths.agents, groups_changed)
-        DataWatch(self.zk, self.paths.task_signal, lambda *_: self._wake.set())
+        DataWatch(self.zk, self.paths.task_signal, lambda *_: self._task_signal())
+
+    def _task_signal(self) -> None:
+        """A task changed, or an agent announced it is leaving (it bumps the same signal): a
+        pass now, on the tasks read last, and a read of the tasks (a pass again if they
+        changed)."""
+        self.feed.ask()
+        self._wake.set()
 
     def _watch_groups(self) -> None:
         with self._groups_lock:
@@ -282,11 +296,9 @@ class Center:
             ChildrenWatch(self.zk, self.paths.agent_group(group), lambda _c: self._wake.set())
 
     def _rebuild(self) -> None:
-        """Forget every cache and read every assignment from ZooKeeper: the only view a new
-        leader starts from (and the one a stale view is replaced by)."""
-        self._tasks = {}
-        self._tasks_read = False
-        self._agents_seen = None
+        """Forget every cache of the assignments and read them all from ZooKeeper: the only
+        view a new leader starts from (and the one a stale view is replaced by). The tasks are
+        the feed's: a new leader places from a read begun after it was elected."""
         self.chores.forget_written()
         self.writer.rebuild()
 
@@ -294,17 +306,20 @@ class Center:
         """The registered agents (see :mod:`cloudtask.registry`)."""
         return read_agents(self.zk, self.paths)
 
-    def _refresh_tasks(self) -> None:
-        """Bring the task cache in line with MongoDB (see :mod:`cloudtask.center.tasks`), in
-        calls of at most ``CALL_BUDGET`` each (the first one longer, by the size of the
-        collection: see :func:`cloudtask.store.tasks.first_call_budget`)."""
-        refresh_tasks(
-            self.store,
-            self._tasks,
-            each=lambda: pymongo.timeout(CALL_BUDGET),
-            first=lambda: pymongo.timeout(first_call_budget(self.store, CALL_BUDGET)),
+    def _take_tasks(self) -> None:
+        """The feed's latest tasks, read since this leadership began (waiting up to
+        ``FIRST_READ_WAIT`` for the first such read); CloudTaskError if there is none yet.
+        Without the feed's thread (a pass called on its own, as tests do) the pass reads them
+        itself."""
+        if not self.feed.running:
+            self.feed.read_once()
+        tasks = self.feed.snapshot(self._led_since) or self.feed.wait(
+            self._led_since, FIRST_READ_WAIT
         )
-        self._tasks_read = True
+        if tasks is None:
+            why = f": {self.feed.error}" if self.feed.error is not None else ""
+            raise CloudTaskError(f"the tasks are not read yet since this center leads{why}")
+        self._tasks = tasks
 
     def desired(self, agents: dict[str, LiveAgent]) -> dict[str, dict[str, int]]:
         """agent id -> task id -> epoch, for every live agent (pure, given the caches)."""
@@ -355,22 +370,9 @@ class Center:
         if self.upkeep is not None and self.upkeep.deposed:
             raise LeadershipLost("the upkeep found the election node gone")
         self._watch_groups()
-        stale_tasks = None
+        self._take_tasks()
         agents_read_at = utcnow()
         agents = self.live_agents()
-        seen = {a: (agent.joined, agent.leaving) for a, agent in agents.items()}
-        # with tasks in hand a pass waits briefly for MongoDB: a departed agent's tasks move at
-        # once even while it stalls. Only a pass after a failed one with the same agents gives
-        # each call its whole budget (so a slow MongoDB is read in the end).
-        quick = self._tasks_read and (not self._failed_passes or seen != self._agents_seen)
-        try:
-            with pymongo.timeout(QUICK_READ) if quick else nullcontext():
-                self._refresh_tasks()
-        except (CloudTaskError, pymongo.errors.PyMongoError) as e:
-            if not self._tasks_read:
-                raise
-            stale_tasks = e  # place what we know: a dead agent's tasks move all the same
-            log.warning("cannot read tasks; placing the ones read last: %s", e)
         desired = self.desired(agents)
         self.writer.sort_departed(agents)
         ops = self._changes(desired, agents)
@@ -381,9 +383,8 @@ class Center:
         except StaleView:
             self._rebuild()  # read it again; the next pass places on what is there
             raise
-        self._agents_seen = seen
         self.writer.collect_garbage()
-        view = PassView(agents, agents_read_at, dict(self._tasks), self.unassigned)
+        view = PassView(agents, agents_read_at, self._tasks, self.unassigned)
         if self.upkeep is not None:
             self.upkeep.submit(view)
         else:
@@ -391,8 +392,6 @@ class Center:
         self.reconciles += 1
         if ops:
             log.info("placement: %d changes written", len(ops))
-        if stale_tasks is not None:
-            raise CloudTaskError(f"placed from the tasks read last: {stale_tasks}")
         return len(ops)
 
     def _changes(

@@ -1,25 +1,37 @@
 """The tasks the leading center places: the enabled, not-done tasks of MongoDB, cached.
 
-The cache is a dict ``task id -> TaskRecord``, rebuilt from nothing by every new leader (and
-after a stale view) and brought in line with MongoDB on every pass by :func:`refresh_tasks`:
-one cheap read of every task's revision, and full specs only for the tasks that are new or
-changed. A disabled or done task leaves the cache; so does one whose spec no longer parses
-(it is not placed, and the error is logged). A record holds what an assignment carries to
-the agents (see :func:`cloudtask.center.writer.assignment_data`) and what the leader's
-housekeeping needs (the task's name and ``misfire_grace``).
+The cache is a dict ``task id -> TaskRecord`` kept by a :class:`TaskFeed`, a thread of the
+center's own for its whole life (standing by or leading). It is brought in line with MongoDB
+by :func:`refresh_tasks`: with nothing cached, every task document in one query; then every
+task's revision, and full documents only for the tasks that are new or changed. A disabled or
+done task leaves the cache; so does one whose spec no longer parses (it is not placed, and
+the error is logged). A record holds what an assignment carries to the agents (see
+:func:`cloudtask.center.writer.assignment_data`) and what the leader's housekeeping needs
+(the task's name and ``misfire_grace``).
+
+The placement never waits for MongoDB: a pass takes the feed's latest snapshot. A stalled
+store holds up only the feed, and a dead agent's tasks move all the same. A standby center
+keeps its cache warm, so a new leader needs only the cheap read of the changes; but it
+places nothing until a read that *began after its leadership began* has ended. A snapshot
+from before could be older than what the previous leader wrote (a task's revision would go
+back); one begun after cannot, since the previous leader could no longer write by then.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ..exceptions import ValidationError
-from ..store import Store, all_revisions, scan_tasks, task_pages
+import pymongo
+
+from ..exceptions import CloudTaskError, ValidationError
+from ..store import Store, all_revisions, first_call_budget, scan_tasks, task_pages
 from ..store.tasks import SPEC_PAGE
 from ..task import parse_task
 
@@ -50,17 +62,21 @@ def refresh_tasks(
     nothing cached (a new leader) every document is read in one pass; otherwise every
     revision, then the documents of the tasks new or changed, by id (or in one pass again
     when they are more than a quarter of all). Store errors are the caller's: what was
-    brought in line before one stays, and the next pass reads only the specs still missing."""
+    brought in line before one stays, and the next read takes only the specs still missing.
+    Returns whether anything changed."""
     if not tasks:
         for page in scan_tasks(store, each=each, first=first):
             for doc in page:
                 _take(tasks, doc)
-        return
+        return True
     revisions = all_revisions(store, each=each, first=first)
     wanted = {tid for tid, (_, done) in revisions.items() if not done}
-    for task_id in set(tasks) - wanted:
+    gone = set(tasks) - wanted
+    for task_id in gone:
         del tasks[task_id]
     changed = sorted(t for t in wanted if t not in tasks or tasks[t].revision != revisions[t][0])
+    if not changed:
+        return bool(gone)
     if len(changed) > max(SPEC_PAGE, len(wanted) // 4):
         pages = scan_tasks(store, each=each, first=first)
     else:
@@ -69,6 +85,7 @@ def refresh_tasks(
         for doc in page:
             if doc["_id"] in wanted:  # one that came after the revisions were read: next pass
                 _take(tasks, doc)
+    return True
 
 
 def _take(tasks: dict[str, TaskRecord], doc: dict[str, Any]) -> None:
@@ -95,3 +112,117 @@ def _take(tasks: dict[str, TaskRecord], doc: dict[str, Any]) -> None:
         updated.isoformat() if isinstance(updated, datetime) else None,
         spec.misfire_grace,
     )
+
+
+RETRY_AFTER = (1.0, 2.0, 4.0)  # seconds before a failed read is tried again, then every 4 s
+
+
+class TaskFeed:
+    """The center's task cache, read by a thread of its own (see the module's docstring).
+
+    ``ask()`` asks for a read soon (a task changed, a leadership began); otherwise the feed
+    reads every ``interval`` seconds, and sooner after a failed read. After each read that
+    changed something it calls ``on_change`` (the leader's wake-up). :meth:`snapshot` is the
+    latest read's tasks, a dict that is never changed afterwards."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        interval: float,
+        on_change: Callable[[], None],
+        budget: float,
+    ) -> None:
+        self.store = store
+        self.interval = interval
+        self.on_change = on_change
+        self.budget = budget  # seconds for each call of a read (the first one more: its size)
+        self.reads = 0  # reads that ended (for tests and benches)
+        self.error: Exception | None = None  # of the last read, if it failed
+        self._tasks: dict[str, TaskRecord] = {}  # the thread's own, brought in line in place
+        self._snapshot: dict[str, TaskRecord] | None = None
+        self._began = -1.0  # monotonic time the snapshot's read began
+        self._done = threading.Condition()
+        self._asked = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="task-feed", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._asked.set()
+        with self._done:
+            self._done.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=self.budget * 2 + 5)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def ask(self) -> None:
+        """A read soon (now, unless one is under way: then right after it)."""
+        self._asked.set()
+
+    def snapshot(self, since: float = -1.0) -> dict[str, TaskRecord] | None:
+        """The tasks of the latest read, if it began at or after ``since`` (monotonic)."""
+        with self._done:
+            return self._snapshot if self._snapshot is not None and self._began >= since else None
+
+    def wait(self, since: float, timeout: float) -> dict[str, TaskRecord] | None:
+        """:meth:`snapshot` of a read begun at or after ``since``, waiting up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._done:
+            while not self._stop.is_set():
+                if self._snapshot is not None and self._began >= since:
+                    return self._snapshot
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._done.wait(left)
+        return None
+
+    def read_once(self) -> bool:
+        """One read now, on the caller's thread; whether it changed anything (raises what
+        the store raised)."""
+        began = time.monotonic()
+        changed = refresh_tasks(
+            self.store,
+            self._tasks,
+            each=lambda: pymongo.timeout(self.budget),
+            first=lambda: pymongo.timeout(first_call_budget(self.store, self.budget)),
+        )
+        with self._done:
+            if changed or self._snapshot is None:
+                self._snapshot = dict(self._tasks)
+            self._began = began
+            self.reads += 1
+            self.error = None
+            self._done.notify_all()
+        return changed
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            self._asked.clear()
+            try:
+                changed = self.read_once()
+                failures = 0
+            except (CloudTaskError, pymongo.errors.PyMongoError) as e:
+                failures += 1
+                self.error = e
+                log.warning("cannot read the tasks (the leader places the ones read last): %s", e)
+                changed = False
+            except Exception as e:  # a bug must not end the feed: the leader would never place
+                failures += 1
+                self.error = e
+                log.exception("reading the tasks failed")
+                changed = False
+            if changed:
+                self.on_change()
+            wait = RETRY_AFTER[min(failures, len(RETRY_AFTER)) - 1] if failures else self.interval
+            self._asked.wait(wait)
