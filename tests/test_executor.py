@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -336,3 +337,81 @@ def test_setsid_leftover_after_normal_exit_is_ended(store, executor):
     assert run["status"] == "succeeded" and "main done" in run["output_tail"]
     assert (run["finished_at"] - run["started_at"]).total_seconds() < 5
     wait_for(lambda: _tagged(ctx.run_id) == [], timeout=5, message="setsid leftover survived")
+
+
+def test_many_runs_with_output_and_timeouts_share_one_reader_thread(store, writer, tmp_path):
+    """40 processes at once, each printing over a second (some past their timeout), are all
+    read, timed out and recorded by the run loop: the agent's threads do not grow with the
+    runs (a thread per run would add 40)."""
+    guard = GuardClient(fence=lambda: (None, 0.0), silent_after=60.0, kill_grace=1.0)
+    guard.start()
+    ex = Executor(
+        agent_id="a1",
+        log_dir=tmp_path / "logs",
+        writer=writer,
+        max_parallel=40,
+        kill_grace=1.0,
+        guard=guard,
+    )
+    script = (
+        "import sys, time\n"
+        "for i in range(int(sys.argv[1])):\n"
+        "    print(sys.argv[2], i, flush=True)\n"
+        "    time.sleep(0.1)\n"
+    )
+    try:
+        before = threading.active_count()
+        runs = []
+        for n in range(40):
+            slow = n % 4 == 0  # 30 lines over 3 s, timed out after 1 s
+            task = {"command": [PY, "-c", script, "30" if slow else "8", f"run{n}"]}
+            if slow:
+                task["timeout"] = "1s"
+            runs.append((start(store, ex, task), slow))
+        wait_for(lambda: all(ctx.proc is not None for ctx, _ in runs), message="not started")
+        assert threading.active_count() <= before + 6  # the loop, starters, enders: not 40
+        for ctx, slow in runs:
+            run = finished(store, ctx.run_id, timeout=30)
+            if slow:
+                assert run["status"] == "timed_out", run
+                assert f"{ctx.spec.command[4]} 0" in run["output_tail"]
+            else:
+                assert run["status"] == "succeeded", run
+                lines = run["output_tail"].splitlines()
+                assert lines == [f"{ctx.spec.command[4]} {i}" for i in range(8)]
+        text = log_path(tmp_path / "logs", "t", datetime.now().date()).read_text()
+        for ctx, slow in runs:
+            assert f"run {ctx.run_id} {'timed_out' if slow else 'succeeded'}" in text
+    finally:
+        ex.shutdown()
+        guard.stop()
+
+
+def test_a_burst_beyond_max_parallel_runs_every_fire_once(store, executor):
+    """More fires than slots, all at once: every one runs, once, never more than
+    ``max_parallel`` (4) at a time, and each slot goes to the next fire when its run ends."""
+    script = "import os, time; print(os.environ['CLOUDTASK_RUN_ID'], time.time()); time.sleep(0.05)"
+    runs = [start(store, executor, {"command": [PY, "-c", script]}) for _ in range(24)]
+    docs = [finished(store, ctx.run_id, timeout=60) for ctx in runs]
+    assert [d["status"] for d in docs] == ["succeeded"] * 24
+    spans = []
+    for ctx, d in zip(runs, docs):
+        run_id, _ = d["output_tail"].split()
+        assert run_id == ctx.run_id
+        spans.append((d["started_at"], d["finished_at"]))
+    for at, _ in spans:  # at any run's start, at most 4 runs have started and not finished
+        assert sum(1 for s, f in spans if s <= at < f) <= 4
+
+
+def test_output_without_a_newline_and_a_pause_reaches_the_log_file(store, executor, tmp_path):
+    """The loop writes a run's log buffer out when its output pauses (half a second)."""
+    script = "import sys, time; sys.stdout.write('partial'); sys.stdout.flush(); time.sleep(30)"
+    ctx = start(store, executor, {"command": [PY, "-c", script]})
+    logfile = log_path(tmp_path / "logs", "t", datetime.now().date())
+    wait_for(
+        lambda: logfile.exists() and "partial" in logfile.read_text(),
+        timeout=10,
+        message="the paused output stayed in the buffer",
+    )
+    executor.kill(ctx.run_id, "done")
+    assert finished(store, ctx.run_id)["status"] == "killed"

@@ -9,13 +9,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
 import pytest
 from helpers import holds, journal_ends, wait_for
 
-from cloudtask.agent.guard import PULSE_EVERY, GuardClient, SpawnRefused
+from cloudtask.agent.guard import PULSE_EVERY, GuardClient, GuardGone, SpawnRefused
+from cloudtask.agent.run import RunLoop
 
 # An "agent": a process with a guard, which starts `sleep 60` through it and then waits.
 HOST = """
@@ -236,3 +238,95 @@ def test_runs_of_an_agent_killed_with_sigkill_are_journaled_killed(host, tmp_pat
     wait_for(lambda: not alive(run_pid), timeout=10, message="the run outlived its agent")
     state = wait_for(lambda: journal_ends(journal).get("r1"), timeout=5)
     assert state["status"] == "killed" and "its agent ended" in state["error"]
+
+
+def _start_and_wait(guard, run_id, argv, **kw):
+    """start_run, and wait for its answer (given on the run loop's thread)."""
+    box, done = [], threading.Event()
+
+    def answer(result):
+        box.append((result, guard.loop.in_loop()))
+        done.set()
+
+    assert guard.start_run(run_id, "s1", argv, None, None, answer, **kw)
+    assert done.wait(10), "no answer"
+    result, on_loop = box[0]
+    assert on_loop
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def test_the_base_environment_is_sent_once_and_again_to_a_new_guard(guard):
+    """A start sends only what it adds to the base environment; a guard started after one
+    died has the base again."""
+    guard.set_base_env(dict(os.environ, BASE="base"))
+    show = ["sh", "-c", 'echo "$BASE $EXTRA"']
+    proc = _start_and_wait(guard, "r1", show, env_over={"EXTRA": "one"})
+    assert proc.stdout.read() == b"base one\n" and proc.wait(timeout=10) == 0
+    old = guard.pid
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: guard.pid != old and alive(guard.pid), timeout=10)
+    proc = wait_for(lambda: _retry_start(guard, "r2", show, env_over={"EXTRA": "two"}), timeout=10)
+    assert proc.stdout.read() == b"base two\n" and proc.wait(timeout=10) == 0
+
+
+def _retry_start(guard, run_id, argv, **kw):
+    try:
+        return _start_and_wait(guard, run_id, argv, **kw)
+    except GuardGone:
+        return None  # (the new guard was not listening yet)
+
+
+def test_the_run_loop_never_waits_to_send_a_start(guard):
+    """On the run loop's thread a start that would wait (another thread is sending) is not
+    sent: False, and nothing is left behind; the caller hands it to a thread that may wait."""
+    results = []
+    with guard._send_lock:  # another thread in the middle of a send
+        done = threading.Event()
+
+        def on_loop():
+            results.append(
+                guard.start_run("r1", "s1", ["true"], None, None, results.append, nowait=True)
+            )
+            done.set()
+
+        guard.loop.call_soon(on_loop)
+        assert done.wait(5)
+    assert results == [False]
+    assert guard._pending == {}
+    proc = _start_and_wait(guard, "r1", ["true"])  # the same start, sent from a thread
+    assert proc.wait(timeout=10) == 0
+
+
+def test_the_run_loop_calls_readers_timers_and_soon_calls_in_order():
+    loop = RunLoop("test-loop")
+    loop.start()
+    seen, done = [], threading.Event()
+    r, w = os.pipe()
+    try:
+        loop.call_soon(lambda: 1 / 0)  # a failing callback does not stop the loop
+        loop.call_soon(loop.add_reader, r, lambda events: seen.append(os.read(r, 100)))
+        now = time.monotonic()
+        loop.call_soon(loop.call_at, now + 0.3, seen.append, "late")
+        loop.call_soon(loop.call_at, now + 0.1, seen.append, "early")
+        cancelled = []
+        loop.call_soon(lambda: cancelled.append(loop.call_at(now + 0.2, seen.append, "no")))
+        loop.call_soon(lambda: cancelled[0].cancel())
+        threads = [
+            threading.Thread(target=loop.call_soon, args=(seen.append, i)) for i in range(50)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        os.write(w, b"data")
+        loop.call_soon(loop.call_at, now + 0.4, done.set)
+        assert done.wait(5)
+        assert sorted(x for x in seen if isinstance(x, int)) == list(range(50))
+        assert b"data" in seen and "no" not in seen
+        assert seen.index("early") < seen.index("late")
+    finally:
+        loop.stop()
+        os.close(r)
+        os.close(w)

@@ -1,18 +1,27 @@
 """Runs claimed fires: processes and HTTP calls, bounded by ``max_parallel``.
 
-Fires beyond ``max_parallel`` wait in a FIFO queue and keep their ``scheduled_for``. Each
-running process has two threads: one waits for it (with the task's timeout) and one pumps its
-output (stdout and stderr merged, so their order is kept) to the daily log file and to a
-64 KiB tail that the run writer sends to MongoDB at most once a second. An HTTP run is one
-call, or for a callback task the call and then the wait for its service's result (httprun.py).
+Fires beyond ``max_parallel`` wait in a FIFO queue and keep their ``scheduled_for``. On POSIX
+every running process is followed by one thread, the run loop (:class:`.run.RunLoop`, shared
+with the run guard's client, which reads the guard's answers there): it reads each run's
+output (stdout and stderr merged, so their order is kept) into the daily log file and a
+64 KiB tail that the run writer sends to MongoDB at most once a second, hears each exit, keeps
+the timeouts, and records each run's end. A run whose start needs nothing that may wait is
+started on the loop too (the guard's answer comes back there); one whose start may wait (a
+claim that waited for its slot is moved to ``running`` by a MongoDB write first, a task file
+is laid out) is started by one of a few starter threads. What may take a grace period
+(ending a process tree) runs in a thread of its own. Where pipes cannot be selected (Windows)
+each run has a thread that waits for it and one that pumps its output. An HTTP run is one
+call, or for a callback task the call and then the wait for its service's result
+(httprun.py), on a thread of its own.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
-import selectors
+import select
 import shlex
 import shutil
 import subprocess
@@ -27,7 +36,7 @@ import pymongo
 from ..clock import to_bson_time, utcnow
 from ..task import TaskSpec
 from .files import FileCache, TaskFileError
-from .guard import GuardClient, GuardGone, SpawnRefused
+from .guard import GuardClient, GuardedProcess, GuardGone, SpawnRefused
 from .httprun import run_http
 from .journal import Journal, end_state
 from .logfiles import RunLog
@@ -39,7 +48,7 @@ from .proctree import (
     process_identity,
     reap_leftovers,
 )
-from .run import RunContext, iso, kill_outcome
+from .run import RunContext, RunLoop, Timer, iso, kill_outcome
 from .runwriter import RunWriter
 
 log = logging.getLogger(__name__)
@@ -47,6 +56,11 @@ log = logging.getLogger(__name__)
 # a read of a callback report gives up after this long (MongoDB down), so that a run waiting
 # for its result still sees a kill or its timeout within a couple of seconds
 REPORT_READ_BUDGET = 2.0
+# threads that start the runs whose start may wait (a MongoDB write, a task file); the others
+# start on the run loop
+STARTERS = 4
+# the run loop writes out a log file's buffer when its run's output pauses this long
+OUTPUT_PAUSE = 0.5
 
 
 def _end_tree(ctx: RunContext, proc: Any, grace: float) -> None:
@@ -56,6 +70,20 @@ def _end_tree(ctx: RunContext, proc: Any, grace: float) -> None:
     if ending is not None and ctx.kill_reason is not None:
         ending(*kill_outcome(ctx))
     kill_tree(proc, ctx.run_id, grace)
+
+
+def _in_thread(fn: Callable[..., Any], *args: Any) -> None:
+    """What may wait (a grace period) goes on off the run loop."""
+    threading.Thread(target=fn, args=args, daemon=True).start()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether anything is left in the run's process group (one cheap system call)."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def build_argv(spec: TaskSpec) -> list[str] | str:
@@ -73,6 +101,39 @@ def build_argv(spec: TaskSpec) -> list[str] | str:
     if isinstance(command, str):
         return shlex.split(command) if IS_POSIX else command
     return list(command or ())
+
+
+class _Process:
+    """A process run the loop follows, from its start to its end."""
+
+    __slots__ = (
+        "ctx",
+        "runlog",
+        "proc",
+        "fd",
+        "pidfd",
+        "eof",
+        "exited",
+        "exited_at",
+        "timers",
+        "run_dir",
+        "wrote",
+        "done",
+    )
+
+    def __init__(self, ctx: RunContext, runlog: RunLog) -> None:
+        self.ctx = ctx
+        self.runlog = runlog
+        self.proc: Any = None
+        self.fd = -1  # the read end of its output pipe, while it is open
+        self.pidfd = -1  # (a process started here, not by the guard: readable at its exit)
+        self.eof = False
+        self.exited = False
+        self.exited_at = 0.0
+        self.timers: list[Timer] = []
+        self.run_dir: Path | None = None
+        self.wrote = 0.0  # when output last came (monotonic), while it is not written out
+        self.done = False
 
 
 class Executor:
@@ -105,15 +166,30 @@ class Executor:
         self.begin = begin
         self.guard = guard  # starts the processes (POSIX), see guard.py
         self.journal = journal  # what really ran, for a restart after a crash (journal.py)
-        self._queue: queue.Queue[RunContext | None] = queue.Queue()
-        self._workers: list[threading.Thread] = []
         self._active: dict[str, RunContext] = {}
         self._by_task: dict[str, set[str]] = {}
         self._lock = threading.Lock()
         self._closed = False
-        self._local = threading.local()
+        self._slots = 0  # runs holding a slot: starting, running or being recorded
+        self._waiting: collections.deque[RunContext] = collections.deque()  # for a slot
+        self._ready: queue.Queue[Callable[[], None] | None] = queue.Queue()  # for a starter
+        self._starters: list[threading.Thread] = []
+        self._idle_starters = 0
+        self._threads: set[threading.Thread] = set()  # runs with a thread of their own
         self._base_env = dict(os.environ)  # copied once: os.environ decodes every key on read
         self._base_env["CLOUDTASK_AGENT_PROCESS"] = process_identity()
+        if guard is not None:
+            guard.set_base_env(self._base_env)  # sent once; a start sends what it adds
+        self._loop: RunLoop | None = None
+        self._own_loop = False
+        if IS_POSIX:
+            if guard is not None:
+                self._loop = guard.loop
+            else:
+                self._loop, self._own_loop = RunLoop("run-loop"), True
+        self._procs: dict[str, _Process] = {}  # followed by the loop (its thread only)
+        self._unwritten: dict[str, _Process] = {}  # runs with log output not written out
+        self._pause_timer: Timer | None = None
 
     # --- bookkeeping ------------------------------------------------------------------------
 
@@ -125,16 +201,13 @@ class Executor:
                 raise RuntimeError("the executor is shut down")
             self._active[ctx.run_id] = ctx
             self._by_task.setdefault(ctx.task_id, set()).add(ctx.run_id)
-            # workers are started as they are needed, never more than max_parallel
-            worker = None
-            if len(self._workers) < min(self.max_parallel, len(self._active)):
-                worker = threading.Thread(
-                    target=self._work, name=f"run-{len(self._workers)}", daemon=True
-                )
-                self._workers.append(worker)
-        self._queue.put(ctx)
-        if worker is not None:
-            worker.start()
+            go = self._slots < self.max_parallel
+            if go:
+                self._slots += 1
+            else:
+                self._waiting.append(ctx)
+        if go:
+            self._dispatch(ctx)
 
     def active(self, task_id: str | None = None) -> list[RunContext]:
         with self._lock:
@@ -184,76 +257,149 @@ class Executor:
             proc = ctx.proc
         ctx.kill_requested.set()
         if proc is not None and proc.poll() is None:
-            killer = threading.Thread(
-                target=_end_tree, args=(ctx, proc, self.kill_grace), daemon=True
-            )
-            killer.start()
+            _in_thread(_end_tree, ctx, proc, self.kill_grace)
 
     def shutdown(self, grace: float = 0.0) -> None:
         """Stop taking work; wait ``grace`` seconds for running runs, then kill what is left."""
         with self._lock:
             self._closed = True
-            workers = list(self._workers)
+            starters = list(self._starters)
         deadline = time.monotonic() + grace
         while self.active() and time.monotonic() < deadline:
             time.sleep(0.05)
         for ctx in self.active():
             self._kill(ctx, "the agent stopped")  # each in its own thread, all at once
-        for _ in workers:
-            self._queue.put(None)
-        for t in workers:
-            t.join(timeout=self.kill_grace + 10)
+        # the runs end (killed, or released before they start) and are recorded
+        deadline = time.monotonic() + self.kill_grace + 10
+        while self.active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in starters:
+            self._ready.put(None)
+        for t in starters:
+            t.join(timeout=max(0.0, deadline - time.monotonic()) + 0.1)
+        if self._own_loop and self._loop is not None:
+            self._loop.stop()
 
-    # --- running ----------------------------------------------------------------------------
+    # --- starting ---------------------------------------------------------------------------
 
-    def _work(self) -> None:
-        while True:
-            ctx = self._queue.get()
-            if ctx is None:
-                return
-            done = True
-            try:
-                done = self._execute(ctx)
-            except Exception as e:  # a bug must not leave a run 'running' forever
-                log.exception("run %s of task %s crashed the executor", ctx.run_id, ctx.spec.name)
-                ctx.status, ctx.error = "failed", f"internal error: {e}"
-                ctx.finished_at = ctx.finished_at or utcnow()
-                self._journal_end(ctx)
-                self._report(ctx)
-            if done:  # else it is tried again later and stays active
-                self._forget(ctx)
+    def _dispatch(self, ctx: RunContext) -> None:
+        """Start a run that has its slot: on the loop when nothing in its start may wait, else
+        on a starter thread."""
+        loop = self._loop
+        if (
+            loop is not None
+            and IS_POSIX
+            and self.guard is not None
+            and ctx.spec.http is None
+            and not ctx.spec.file
+            and ctx.claimed_status != "queued"  # (its start is a MongoDB write)
+        ):
+            loop.start()
+            loop.call_soon(self._start, ctx, True)
+        else:
+            self._to_starter(lambda: self._start(ctx, False))
 
-    def _forget(self, ctx: RunContext) -> None:
+    def _to_starter(self, work: Callable[[], None]) -> None:
+        self._ready.put(work)
         with self._lock:
-            self._active.pop(ctx.run_id, None)
-            same_task = self._by_task.get(ctx.task_id)
-            if same_task is not None:
-                same_task.discard(ctx.run_id)
-                if not same_task:
-                    del self._by_task[ctx.task_id]
+            if self._idle_starters > 0 or len(self._starters) >= STARTERS:
+                return
+            starter = threading.Thread(
+                target=self._starter, name=f"starter-{len(self._starters)}", daemon=True
+            )
+            self._starters.append(starter)
+        starter.start()
 
-    def _execute(self, ctx: RunContext) -> bool:
-        """Run one claimed fire to its end. False if it could not start yet (it is queued again
-        a second later)."""
+    def _starter(self) -> None:
+        while True:
+            with self._lock:
+                self._idle_starters += 1
+            work = self._ready.get()
+            with self._lock:
+                self._idle_starters -= 1
+            if work is None:
+                return
+            try:
+                work()
+            except Exception:
+                log.exception("starting a run failed")
+
+    def _free_slot(self) -> None:
+        """A run gave its slot back: the next waiting run takes it."""
+        with self._lock:
+            if self._waiting:
+                nxt: RunContext | None = self._waiting.popleft()
+            else:
+                nxt = None
+                self._slots -= 1
+        if nxt is not None:
+            self._dispatch(nxt)
+
+    def _again_later(self, ctx: RunContext) -> None:
+        """A run whose start must wait a second: back in the queue (it stays active)."""
+        with self._lock:
+            go = self._slots < self.max_parallel
+            if go:
+                self._slots += 1
+            else:
+                self._waiting.append(ctx)
+        if go:
+            self._dispatch(ctx)
+
+    def _start(self, ctx: RunContext, on_loop: bool) -> None:
+        """Take a run with a slot as far as its process's start (or its end, if it does not
+        start); any thread, the loop included (``on_loop``: then nothing may wait)."""
+        try:
+            if self._begin(ctx, on_loop):
+                return
+        except Exception as e:  # a bug must not leave a run 'running' forever
+            log.exception("run %s of task %s crashed the executor", ctx.run_id, ctx.spec.name)
+            ctx.status, ctx.error = "failed", f"internal error: {e}"
+            ctx.finished_at = ctx.finished_at or utcnow()
+            self._journal_end(ctx)
+            self._report(ctx)
+        self._done(ctx)
+
+    def _begin(self, ctx: RunContext, on_loop: bool) -> bool:
+        """True when the run goes on elsewhere (the loop follows it, a thread runs it, or it
+        is queued again); False when it is over (recorded, released or dropped)."""
         if self._closed:  # the agent stops: not started, so the task's next owner runs it
             self._not_started(ctx, "released", "its agent stopped before starting it")
-            return True
+            return False
         if ctx.kill_reason is not None:  # killed while it waited for a slot
             ctx.status, ctx.error = "killed", f"{ctx.kill_reason} before it started"
             ctx.finished_at = utcnow()
             self._journal_end(ctx)
             self._report(ctx)
-            return True
+            return False
         action, why = self.begin(ctx) if self.begin is not None else ("start", "")
         if action == "later":
             log.warning("run %s of %s cannot start yet: %s", ctx.run_id, ctx.spec.name, why)
-            timer = threading.Timer(1.0, self._queue.put, args=(ctx,))
+            timer = threading.Timer(1.0, self._again_later, args=(ctx,))
             timer.daemon = True
             timer.start()
-            return False
+            self._free_slot()
+            return True
         if action != "start":
             self._not_started(ctx, "released" if action == "release" else "dropped", why)
+            return False
+        if ctx.spec.http is not None or not IS_POSIX or self._loop is None:
+            thread = threading.Thread(
+                target=self._run_in_thread, args=(ctx,), name=f"run-{ctx.run_id}", daemon=True
+            )
+            with self._lock:
+                self._threads.add(thread)
+            thread.start()
             return True
+        p = _Process(ctx, self._open_log(ctx))
+        try:
+            return self._spawn_followed(p, on_loop)
+        except BaseException:
+            p.runlog.close()
+            raise
+
+    def _open_log(self, ctx: RunContext) -> RunLog:
+        """The run's log, with its header; the run is ``running`` from here (journaled)."""
         runlog = RunLog(self.log_dir, ctx.spec.name)
         ctx.started_at = utcnow()
         ctx.status = "running"
@@ -266,6 +412,390 @@ class Executor:
             f"scheduled {iso(ctx.scheduled_for)} attempt {ctx.attempt} trigger {ctx.trigger} "
             f"agent {self.agent_id} ====="
         )
+        return runlog
+
+    def _spawn_followed(self, p: _Process, on_loop: bool) -> bool:
+        """Start the process of a run the loop is to follow (POSIX)."""
+        ctx, spec = p.ctx, p.ctx.spec
+        over = dict(spec.env)
+        over.update(ctx.environment())
+        cwd = spec.cwd or None
+        if spec.file:
+            p.run_dir = self.work_dir / ctx.run_id
+            try:
+                meta = self._lay_out_file(spec.file, p.run_dir, spec.file_version)
+            except TaskFileError as e:
+                self._fail_to_start(ctx, p.runlog, str(e))
+                self._finish(p)
+                return True
+            p.runlog.line(f"file {spec.file} sha256 {meta['sha256']} laid out in {p.run_dir}")
+            over["CLOUDTASK_WORKDIR"] = str(p.run_dir)
+            cwd = cwd or str(p.run_dir)
+        argv = build_argv(spec)
+        if self.guard is not None and isinstance(argv, list):
+            journal = self.journal.current_path() if self.journal is not None else None
+            try:
+                sent = self.guard.start_run(
+                    ctx.run_id,
+                    ctx.session,
+                    argv,
+                    None,
+                    cwd,
+                    lambda result: self._started(p, result, argv, cwd),
+                    journal=journal,
+                    env_over=over,
+                    nowait=on_loop,
+                )
+            except GuardGone as e:
+                self._started(p, e, argv, cwd)
+                return True
+            if not sent:  # the guard is busy: a starter thread waits for it instead
+                self._to_starter(lambda: self._send_blocking(p, argv, over, cwd, journal))
+            return True
+        env = dict(self._base_env)
+        env.update(over)
+        try:
+            proc: Any = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=env,
+                **popen_group_kwargs(),
+            )
+        except OSError as e:
+            self._started(p, e, argv, cwd)
+            return True
+        assert self._loop is not None
+        self._loop.start()
+        self._loop.call_soon(self._started, p, proc, argv, cwd)
+        return True
+
+    def _send_blocking(
+        self, p: _Process, argv: list[str], over: dict[str, str], cwd: str | None, journal: Any
+    ) -> None:
+        assert self.guard is not None
+        ctx = p.ctx
+        try:
+            self.guard.start_run(
+                ctx.run_id,
+                ctx.session,
+                argv,
+                None,
+                cwd,
+                lambda result: self._started(p, result, argv, cwd),
+                journal=journal,
+                env_over=over,
+            )
+        except GuardGone as e:
+            assert self._loop is not None
+            self._loop.call_soon(self._started, p, e, argv, cwd)
+
+    def _lay_out_file(self, name: str, run_dir: Path, version: str | None = None) -> dict[str, Any]:
+        if self.files is None:
+            raise TaskFileError(f"task file {name!r}: this agent has no file store")
+        return self.files.lay_out(name, run_dir, version=version)
+
+    @staticmethod
+    def _fail_to_start(ctx: RunContext, runlog: RunLog, error: str) -> None:
+        ctx.status, ctx.error = "failed", error
+        ctx.finished_at = utcnow()
+        ctx.append_output(f"{error}\n".encode())
+        runlog.line(error)
+
+    # --- following a process (the loop's thread) -------------------------------------------
+
+    def _started(self, p: _Process, result: Any, argv: list[str] | str, cwd: str | None) -> None:
+        """The answer to a start: the process (followed from now on), or why there is none."""
+        ctx = p.ctx
+        if isinstance(result, BaseException):
+            if isinstance(result, SpawnRefused):
+                ctx.status, ctx.error = "released", str(result)
+            elif isinstance(result, GuardGone):
+                self._fail_to_start(ctx, p.runlog, f"cannot start: {result}")
+            elif isinstance(result, OSError):
+                where = f" in {cwd}" if cwd else ""
+                program = argv[0] if isinstance(argv, list) else argv
+                error = result.strerror or result
+                self._fail_to_start(ctx, p.runlog, f"cannot start {program!r}{where}: {error}")
+            else:
+                self._fail_to_start(ctx, p.runlog, f"cannot start: {result}")
+            self._finish(p)
+            return
+        proc = p.proc = result
+        loop = self._loop
+        assert loop is not None
+        with ctx.lock:
+            ctx.proc = proc
+            killed_early = ctx.kill_reason is not None
+        self._procs[ctx.run_id] = p
+        self.writer.update(
+            ctx.run_id,
+            {"status": "running", "started_at": to_bson_time(ctx.started_at), "pid": proc.pid},
+            lazy=True,
+        )
+        self.writer.watch_tail(ctx.run_id, ctx.changed_tail)
+        if killed_early:
+            _in_thread(_end_tree, ctx, proc, self.kill_grace)
+        if isinstance(proc, GuardedProcess):
+            p.fd = proc.stdout_fd
+        else:
+            p.fd = proc.stdout.fileno()
+        os.set_blocking(p.fd, False)
+        loop.add_reader(p.fd, lambda events: self._readable(p, events))
+        if ctx.spec.timeout:
+            p.timers.append(loop.call_at(time.monotonic() + ctx.spec.timeout, self._timed_out, p))
+        if isinstance(proc, GuardedProcess):
+            proc.on_exit = lambda: self._exit_heard(p)
+            if proc.returncode is not None:
+                self._exited(p)
+        else:
+            self._watch_exit(p)
+
+    def _watch_exit(self, p: _Process) -> None:
+        """A process started here (no guard): its exit is a readable pidfd, else polled."""
+        loop = self._loop
+        assert loop is not None
+        try:
+            p.pidfd = os.pidfd_open(p.proc.pid)  # type: ignore[attr-defined]
+        except (AttributeError, OSError):
+            p.pidfd = -1
+        if p.pidfd >= 0:
+            loop.add_reader(p.pidfd, lambda _: self._poll_exit(p))
+        else:
+            p.timers.append(loop.call_at(time.monotonic() + 0.05, self._poll_exit, p))
+
+    def _poll_exit(self, p: _Process) -> None:
+        loop = self._loop
+        assert loop is not None
+        if p.proc.poll() is not None:
+            if p.pidfd >= 0:
+                loop.remove_reader(p.pidfd)
+                os.close(p.pidfd)
+                p.pidfd = -1
+            self._exited(p)
+            return
+        if p.pidfd >= 0:  # exited, but another thread is reaping it (a kill): look again soon
+            loop.remove_reader(p.pidfd)
+            os.close(p.pidfd)
+            p.pidfd = -1
+        if not p.done:
+            p.timers.append(loop.call_at(time.monotonic() + 0.05, self._poll_exit, p))
+
+    def _exit_heard(self, p: _Process) -> None:
+        """A guarded process's exit (on the loop; or on the thread of a guard that died)."""
+        loop = self._loop
+        assert loop is not None
+        if loop.in_loop():
+            self._exited(p)
+        else:
+            loop.call_soon(self._exited, p)
+
+    def _readable(self, p: _Process, events: int) -> None:
+        """Output, or its end (every process holding the pipe closed it). At most 1 MiB a
+        call: the loop has other runs to read."""
+        for _ in range(16):
+            try:
+                chunk = os.read(p.fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._output_ended(p)
+                return
+            p.ctx.record_output(chunk, p.runlog)
+            if not p.wrote:
+                self._unwritten[p.ctx.run_id] = p
+                self._pause_watch()
+            p.wrote = time.monotonic()
+            if len(chunk) < 65536 and not events & select.EPOLLHUP:
+                return  # (the pipe is still open: more comes with the next event)
+
+    def _pause_watch(self) -> None:
+        if self._pause_timer is None and self._loop is not None:
+            self._pause_timer = self._loop.call_at(
+                time.monotonic() + OUTPUT_PAUSE, self._write_paused
+            )
+
+    def _write_paused(self) -> None:
+        """The output paused: let the log file show it."""
+        self._pause_timer = None
+        now = time.monotonic()
+        for run_id, p in list(self._unwritten.items()):
+            if now - p.wrote >= OUTPUT_PAUSE:
+                del self._unwritten[run_id]
+                p.wrote = 0.0
+                p.runlog.flush()
+        if self._unwritten:
+            self._pause_watch()
+
+    def _output_ended(self, p: _Process) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(p.fd)
+        if isinstance(p.proc, GuardedProcess):
+            p.proc.close_stdout()
+        else:
+            p.proc.stdout.close()
+        p.fd = -1
+        p.eof = True
+        if p.exited:
+            self._complete(p)
+
+    def _exited(self, p: _Process) -> None:
+        """The main process ended. Output ends when every process holding the pipe has closed
+        it: if others still hold it half a second later, its group is ended, after a second
+        every process tagged with the run's id (one that left the group with setsid()), and
+        after five the output is no longer waited for."""
+        if p.exited or p.done:
+            return
+        p.exited, p.exited_at = True, time.monotonic()
+        if p.eof:
+            self._complete(p)
+            return
+        loop = self._loop
+        assert loop is not None
+        grace = min(self.kill_grace, 2.0)
+        p.timers += [
+            loop.call_at(p.exited_at + 0.5, self._leftovers, p, reap_leftovers, p.proc, grace),
+            loop.call_at(
+                p.exited_at + 1.0, self._leftovers, p, end_run_processes, p.ctx.run_id, grace
+            ),
+            loop.call_at(p.exited_at + 5.0, self._output_held, p),
+        ]
+
+    def _leftovers(self, p: _Process, end: Callable[..., Any], *args: Any) -> None:
+        if not p.eof:
+            _in_thread(end, *args)
+
+    def _output_held(self, p: _Process) -> None:
+        if p.eof:
+            return
+        log.warning("run %s: output still open after the process ended", p.ctx.run_id)
+        self._output_ended(p)
+
+    def _timed_out(self, p: _Process) -> None:
+        """The timeout holds until the main process ended (also after it closed its output)."""
+        ctx = p.ctx
+        if p.exited or p.done:
+            return
+        with ctx.lock:
+            if ctx.kill_reason is not None:
+                return  # (being ended already)
+            ctx.kill_reason = "timeout"
+        _in_thread(_end_tree, ctx, p.proc, self.kill_grace)
+
+    def _complete(self, p: _Process) -> None:
+        """Output ended and the main process too: end what it left in its group (in a thread,
+        when there is anything), then record the run."""
+        ctx = p.ctx
+        for timer in p.timers:
+            timer.cancel()
+        p.timers = []
+        ctx.finished_at = utcnow()
+        if p.run_dir is not None or _group_alive(p.proc.pid):
+            _in_thread(self._tidy_then_finish, p)
+            return
+        self._finish_process(p)
+
+    def _tidy_then_finish(self, p: _Process) -> None:
+        try:
+            reap_leftovers(p.proc, grace=min(self.kill_grace, 2.0))
+            if p.run_dir is not None:
+                shutil.rmtree(p.run_dir, ignore_errors=True)
+                p.run_dir = None
+        finally:
+            assert self._loop is not None
+            self._loop.call_soon(self._finish_process, p)
+
+    def _finish_process(self, p: _Process) -> None:
+        ctx, proc = p.ctx, p.proc
+        ended_by_guard = getattr(proc, "ended_by_guard", None)
+        if ended_by_guard and ctx.kill_reason is None:
+            ctx.kill_reason = ended_by_guard
+        ctx.exit_code = proc.returncode
+        if ctx.kill_reason is not None:
+            ctx.status, ctx.error = kill_outcome(ctx)
+        elif proc.returncode == 0:
+            ctx.status = "succeeded"
+        else:
+            ctx.status = "failed"
+            if proc.returncode < 0:
+                ctx.error = f"ended by signal {-proc.returncode}"
+        self._finish(p)
+
+    def _finish(self, p: _Process) -> None:
+        """Record a followed run's end (its log's footer, the journal, the store) and give its
+        slot to the next run (any thread)."""
+        if p.done:
+            return
+        p.done = True
+        ctx = p.ctx
+        self._procs.pop(ctx.run_id, None)
+        self._unwritten.pop(ctx.run_id, None)
+        try:
+            self.writer.unwatch_tail(ctx.run_id)
+            self._footer(ctx, p.runlog)
+            if p.run_dir is not None:
+                shutil.rmtree(p.run_dir, ignore_errors=True)
+            if ctx.status == "released":  # the guard refused to start it under a lost fence
+                self._not_started(ctx, "released", ctx.error or "its fence ran out")
+            else:
+                self._journal_end(ctx)
+                self._report(ctx)
+        except Exception as e:
+            log.exception("recording run %s of task %s failed", ctx.run_id, ctx.spec.name)
+            ctx.status, ctx.error = "failed", f"internal error: {e}"
+            self._journal_end(ctx)
+            self._report(ctx)
+        self._done(ctx)
+
+    def _footer(self, ctx: RunContext, runlog: RunLog) -> None:
+        ctx.finished_at = ctx.finished_at or utcnow()
+        assert ctx.started_at is not None
+        runlog.line(
+            f"===== {iso(ctx.finished_at)} run {ctx.run_id} {ctx.status}"
+            + (f" exit {ctx.exit_code}" if ctx.exit_code is not None else "")
+            + (f" http {ctx.http_status}" if ctx.http_status is not None else "")
+            + (f" ({ctx.error})" if ctx.error else "")
+            + f" in {(ctx.finished_at - ctx.started_at).total_seconds():.3f}s ====="
+        )
+        runlog.close()
+
+    def _done(self, ctx: RunContext) -> None:
+        """The run is over here: it leaves the active runs and its slot goes to the next."""
+        self._forget(ctx)
+        self._free_slot()
+
+    def _forget(self, ctx: RunContext) -> None:
+        with self._lock:
+            self._active.pop(ctx.run_id, None)
+            same_task = self._by_task.get(ctx.task_id)
+            if same_task is not None:
+                same_task.discard(ctx.run_id)
+                if not same_task:
+                    del self._by_task[ctx.task_id]
+
+    # --- a run on a thread of its own (HTTP; processes where pipes cannot be selected) -------
+
+    def _run_in_thread(self, ctx: RunContext) -> None:
+        try:
+            try:
+                self._execute_here(ctx)
+            except Exception as e:  # a bug must not leave a run 'running' forever
+                log.exception("run %s of task %s crashed the executor", ctx.run_id, ctx.spec.name)
+                ctx.status, ctx.error = "failed", f"internal error: {e}"
+                ctx.finished_at = ctx.finished_at or utcnow()
+                self._journal_end(ctx)
+                self._report(ctx)
+            self._done(ctx)
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _execute_here(self, ctx: RunContext) -> None:
+        runlog = self._open_log(ctx)
         try:
             if ctx.spec.http is not None:
                 self.writer.update(
@@ -279,21 +809,12 @@ class Executor:
                 self._run_process(ctx, runlog)
         finally:
             self.writer.unwatch_tail(ctx.run_id)
-            ctx.finished_at = ctx.finished_at or utcnow()
-            runlog.line(
-                f"===== {iso(ctx.finished_at)} run {ctx.run_id} {ctx.status}"
-                + (f" exit {ctx.exit_code}" if ctx.exit_code is not None else "")
-                + (f" http {ctx.http_status}" if ctx.http_status is not None else "")
-                + (f" ({ctx.error})" if ctx.error else "")
-                + f" in {(ctx.finished_at - ctx.started_at).total_seconds():.3f}s ====="
-            )
-            runlog.close()
+            self._footer(ctx, runlog)
         if ctx.status == "released":  # the guard refused to start it under a lost fence
             self._not_started(ctx, "released", ctx.error or "its fence ran out")
-            return True
+            return
         self._journal_end(ctx)
         self._report(ctx)
-        return True
 
     def _journal_end(self, ctx: RunContext) -> None:
         if self.journal is None:
@@ -334,6 +855,7 @@ class Executor:
         self.writer.update(ctx.run_id, {"progress": progress}, lazy=True)
 
     def _run_process(self, ctx: RunContext, runlog: RunLog) -> None:
+        """A process on this thread (where pipes cannot be selected)."""
         spec = ctx.spec
         env = dict(self._base_env)
         env.update(spec.env)
@@ -355,18 +877,6 @@ class Executor:
         finally:
             if run_dir is not None:
                 shutil.rmtree(run_dir, ignore_errors=True)
-
-    def _lay_out_file(self, name: str, run_dir: Path, version: str | None = None) -> dict[str, Any]:
-        if self.files is None:
-            raise TaskFileError(f"task file {name!r}: this agent has no file store")
-        return self.files.lay_out(name, run_dir, version=version)
-
-    @staticmethod
-    def _fail_to_start(ctx: RunContext, runlog: RunLog, error: str) -> None:
-        ctx.status, ctx.error = "failed", error
-        ctx.finished_at = utcnow()
-        ctx.append_output(f"{error}\n".encode())
-        runlog.line(error)
 
     def _start_and_collect(
         self, ctx: RunContext, runlog: RunLog, env: dict[str, str], cwd: str | None
@@ -397,10 +907,7 @@ class Executor:
         self.writer.watch_tail(ctx.run_id, ctx.changed_tail)
         if killed_early:
             _end_tree(ctx, proc, self.kill_grace)
-        if IS_POSIX:
-            self._collect_select(ctx, proc, runlog)
-        else:
-            self._collect_threaded(ctx, proc, runlog)
+        self._collect_threaded(ctx, proc, runlog)
         ended_by_guard = getattr(proc, "ended_by_guard", None)
         if ended_by_guard and ctx.kill_reason is None:
             ctx.kill_reason = ended_by_guard
@@ -432,83 +939,16 @@ class Executor:
             **popen_group_kwargs(),
         )
 
-    def _selector(self) -> selectors.BaseSelector:
-        """Each worker thread keeps one selector for all the runs it reads."""
-        sel = getattr(self._local, "selector", None)
-        if sel is None:
-            sel = self._local.selector = selectors.DefaultSelector()
-        return sel
-
-    def _timed_out(self, ctx: RunContext, proc: subprocess.Popen) -> None:
-        with ctx.lock:
-            ctx.kill_reason = ctx.kill_reason or "timeout"
-        _end_tree(ctx, proc, self.kill_grace)
-
-    def _collect_select(self, ctx: RunContext, proc: subprocess.Popen, runlog: RunLog) -> None:
-        """POSIX: one thread reads the output and watches the timeout and the main process.
-
-        Output ends when every process holding the pipe has closed it. If the main process has
-        ended but others still hold the pipe, its group is ended at once, and after a second
-        every process tagged with the run's id (one that left the group with setsid()).
-        After end-of-output the timeout still holds for a main process that closed its output.
-        """
-        stream = proc.stdout
-        assert stream is not None
-        fd = stream.fileno()
-        deadline = time.monotonic() + ctx.spec.timeout if ctx.spec.timeout else None
-        main_exited: float | None = None
-        tagged_ended = False
-        sel = self._selector()
-        sel.register(fd, selectors.EVENT_READ)
-        try:
-            while True:
-                now = time.monotonic()
-                if deadline is not None and now >= deadline and ctx.kill_reason is None:
-                    self._timed_out(ctx, proc)
-                    continue
-                wait = 0.5
-                if deadline is not None and ctx.kill_reason is None:
-                    wait = max(0.01, min(wait, deadline - now))
-                if sel.select(wait):
-                    chunk = os.read(fd, 65536)
-                    if not chunk:
-                        break
-                    ctx.record_output(chunk, runlog)
-                    continue
-                runlog.flush()  # the output paused: let the log file show it
-                if proc.poll() is not None:
-                    if main_exited is None:
-                        main_exited = now
-                        reap_leftovers(proc, grace=min(self.kill_grace, 2.0))
-                    elif not tagged_ended and now - main_exited >= 1.0:
-                        tagged_ended = True
-                        end_run_processes(ctx.run_id, min(self.kill_grace, 2.0))
-                    elif now - main_exited > 5.0:
-                        log.warning("run %s: output still open after the process ended", ctx.run_id)
-                        break
-        finally:
-            sel.unregister(fd)
-        stream.close()
-        while True:
-            remaining = None
-            if deadline is not None and ctx.kill_reason is None:
-                remaining = max(0.0, deadline - time.monotonic())
-            try:
-                proc.wait(timeout=remaining)
-                break
-            except subprocess.TimeoutExpired:
-                self._timed_out(ctx, proc)
-        ctx.finished_at = utcnow()
-        reap_leftovers(proc, grace=min(self.kill_grace, 2.0))
-
-    def _collect_threaded(self, ctx: RunContext, proc: subprocess.Popen, runlog: RunLog) -> None:
+    def _collect_threaded(self, ctx: RunContext, proc: Any, runlog: RunLog) -> None:
         """Windows (pipes cannot be selected): a pump thread reads while this one waits."""
         pump = threading.Thread(target=self._pump, args=(ctx, proc, runlog), daemon=True)
         pump.start()
         try:
             proc.wait(timeout=ctx.spec.timeout)
         except subprocess.TimeoutExpired:
-            self._timed_out(ctx, proc)
+            with ctx.lock:
+                ctx.kill_reason = ctx.kill_reason or "timeout"
+            _end_tree(ctx, proc, self.kill_grace)
         ctx.finished_at = utcnow()
         reap_leftovers(proc, grace=min(self.kill_grace, 2.0))
         pump.join(timeout=1.0)

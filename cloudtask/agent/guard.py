@@ -25,13 +25,18 @@ The guard reports each run's exit status (it reaps them) and the runs it ended, 
 exit in the agent's run journal (journal.py) before it reports it: if the agent dies before it
 records an exit, its next start still knows how the run ended. Messages are
 JSON over a ``SOCK_SEQPACKET`` socket pair; a run's output pipe is handed over with the start
-request (``SCM_RIGHTS``), so the agent reads the output as if it had started the process.
+request (``SCM_RIGHTS``), so the agent reads the output as if it had started the process. The
+environment every run starts from is sent once (and again to a new guard); a start request
+carries only what its run adds. On the agent's side the answers are read on the run loop
+(run.py), the thread that also reads the runs' output: a start request does not wait for its
+answer (:meth:`GuardClient.start_run`), so the executor keeps many in flight.
 
 Example (the agent's side)::
 
     guard = GuardClient(fence=registration.fence, silent_after=10.0, kill_grace=5.0)
     guard.start()
     proc = guard.spawn(run_id, session, argv, env, cwd)  # Popen-like: pid, stdout, poll, wait
+    guard.start_run(run_id, session, argv, None, cwd, answer, env_over={"X": "1"})  # no wait
 """
 
 from __future__ import annotations
@@ -49,9 +54,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .journal import end_state, entry_line
+
+if TYPE_CHECKING:  # (the guard process itself needs no run loop, nor what run.py imports)
+    from .run import RunLoop
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +81,42 @@ class GuardGone(Exception):
 
 
 class GuardedProcess:
-    """A run process the guard started: what the executor and proctree use of ``Popen``."""
+    """A run process the guard started: what the executor and proctree use of ``Popen``.
 
-    def __init__(self, client: GuardClient, run_id: str, pid: int, stdout: Any) -> None:
+    ``stdout_fd`` is the read end of its output pipe (``stdout``, a file object over it, is
+    made when asked for). ``on_exit``, when set, is called once its exit is known (on the run
+    loop's thread, or on the thread that ends the runs of a guard that died)."""
+
+    def __init__(self, client: GuardClient, run_id: str, pid: int, stdout_fd: int) -> None:
         self._client = client
         self.run_id = run_id
         self.pid = pid
-        self.stdout = stdout
+        self.stdout_fd = stdout_fd
+        self._stdout: Any = None
         self.returncode: int | None = None
         self.ended_by_guard: str | None = None
+        self.on_exit: Callable[[], None] | None = None
         self._exited = threading.Event()
+
+    @property
+    def stdout(self) -> Any:
+        if self._stdout is None:
+            self._stdout = os.fdopen(self.stdout_fd, "rb")
+        return self._stdout
+
+    def close_stdout(self) -> None:
+        """Close the read end of the output pipe (once)."""
+        if self._stdout is not None:
+            self._stdout.close()
+        elif self.stdout_fd >= 0:
+            os.close(self.stdout_fd)
+        self.stdout_fd = -1
 
     def _set_exit(self, code: int) -> None:
         self.returncode = code
         self._exited.set()
+        if self.on_exit is not None:
+            self.on_exit()
 
     def poll(self) -> int | None:
         return self.returncode
@@ -122,8 +152,16 @@ class GuardedProcess:
         self.send_signal(signal.SIGKILL)
 
 
+# what a start request's answer is given to: the process, or why there is none
+Started = Callable[["GuardedProcess | BaseException"], None]
+
+
 class GuardClient:
-    """The agent's end: starts the guard, pulses it, asks it to start runs, hears exits."""
+    """The agent's end: starts the guard, pulses it, asks it to start runs, hears exits.
+
+    The guard's answers are read on a :class:`RunLoop` (its own, or the one given), the same
+    thread that follows the runs' output in the executor: a burst of starts and exits costs
+    no thread switch per run."""
 
     def __init__(
         self,
@@ -131,18 +169,31 @@ class GuardClient:
         fence: Callable[[], tuple[str | None, float]],
         silent_after: Callable[[], float] | float,
         kill_grace: float,
+        loop: RunLoop | None = None,
     ) -> None:
         self.fence = fence  # (session, fence runs out at: monotonic) of claims started now
         self.silent_after = silent_after  # seconds without a pulse before the guard ends runs
         self.kill_grace = kill_grace
+        if loop is None:
+            from .run import RunLoop
+
+            loop = RunLoop("run-loop")
+            self._own_loop = True
+        else:
+            self._own_loop = False
+        self.loop = loop
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen | None = None
-        self._lock = threading.Lock()  # one message at a time, and the maps below
-        self._replies: dict[str, tuple[threading.Event, list[dict[str, Any]]]] = {}
+        self._lock = threading.Lock()  # the maps below (never held while sending)
+        self._send_lock = threading.Lock()  # one message at a time, and the socket
+        # run id -> (answer to, read end of its output pipe, program, working directory)
+        self._pending: dict[str, tuple[Started, int]] = {}
         self._procs: dict[str, GuardedProcess] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._journal: str | None = None
+        self._base_env: dict[str, str] | None = None
+        self._buf = bytearray(MAX_MESSAGE)  # one buffer: a fresh 1 MiB per message costs a mmap
         self.restarts = 0
 
     def start(self) -> None:
@@ -161,30 +212,47 @@ class GuardClient:
             env=env,
         )
         theirs.close()
-        self._sock = mine
-        self._send_pulse()
+        first = [self._pulse_message()]
         if self._journal is not None:
-            self._send({"op": "journal", "path": self._journal})
-        reader = threading.Thread(target=self._read, args=(mine,), name="guard-reader", daemon=True)
-        reader.start()
-        self._threads.append(reader)
+            first.append({"op": "journal", "path": self._journal})
+        if self._base_env is not None:
+            first.append({"op": "env", "env": self._base_env})
+        with self._send_lock:  # before any start request reaches the new guard
+            for msg in first:
+                mine.send(json.dumps(msg, separators=(",", ":")).encode())
+            self._sock = mine
+        self.loop.call_soon(self.loop.add_reader, mine.fileno(), lambda _: self._readable(mine))
+        self.loop.start()
         log.info("run guard started (pid %s)", self._proc.pid)
 
     def stop(self) -> None:
         """Close the socket: the guard ends what still runs and exits."""
         self._stop.set()
-        sock = self._sock
+        with self._send_lock:
+            sock = self._sock
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            sock.close()
         if self._proc is not None:
             try:
                 self._proc.wait(timeout=self.kill_grace + 5)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
+        if self._own_loop:
+            self.loop.stop()
+        if sock is not None:
+            with self._send_lock:
+                self._sock = None
+            if self.loop.in_loop() or not self._own_loop:
+                self.loop.call_soon(self._close, sock)
+            else:
+                self._close(sock)
+
+    def _close(self, sock: socket.socket) -> None:
+        self.loop.remove_reader(sock.fileno())
+        sock.close()
 
     @property
     def pid(self) -> int | None:
@@ -202,54 +270,96 @@ class GuardClient:
         timeout: float = 30.0,
         journal: str | None = None,
     ) -> GuardedProcess:
-        """Start a run through the guard. Raises SpawnRefused (its fence is gone), OSError
-        (the program could not be started: errno and message as Popen gives them; or the
-        guard could not note the start in ``journal``, the agent's journal segment, where it
-        writes ``spawn`` before it starts anything) or GuardGone."""
-        read_end, write_end = os.pipe()
+        """Start a run through the guard and wait for it. Raises SpawnRefused (its fence is
+        gone), OSError (the program could not be started: errno and message as Popen gives
+        them; or the guard could not note the start in ``journal``, the agent's journal
+        segment, where it writes ``spawn`` before it starts anything) or GuardGone. Not on the
+        run loop's thread (which reads the answer): see :meth:`start_run`."""
+        if self.loop.in_loop():
+            raise RuntimeError("spawn() would wait for itself on the run loop: use start_run()")
         done = threading.Event()
-        box: list[dict[str, Any]] = []
+        box: list[GuardedProcess | BaseException] = []
+
+        def answered(result: GuardedProcess | BaseException) -> None:
+            box.append(result)
+            done.set()
+
+        self.start_run(run_id, session, argv, env, cwd, answered, journal=journal)
+        if not done.wait(timeout):
+            self._take_pending(run_id)
+            raise GuardGone(f"the run guard did not answer within {timeout:g} s")
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def start_run(
+        self,
+        run_id: str,
+        session: str | None,
+        argv: list[str],
+        env: dict[str, str] | None,
+        cwd: str | None,
+        answer: Started,
+        *,
+        journal: str | None = None,
+        env_over: dict[str, str] | None = None,
+        nowait: bool = False,
+    ) -> bool:
+        """Ask the guard to start a run, and return: ``answer`` is called on the run loop's
+        thread with the :class:`GuardedProcess`, or with the exception :meth:`spawn` would
+        raise. The run's environment is ``env``, or the base environment given once with
+        :meth:`set_base_env` updated with ``env_over``. Raises GuardGone when the request
+        cannot be sent. ``nowait``: False, and nothing sent, when the request would have to
+        wait (for the socket, or for room in it): the run loop's thread never waits for the
+        guard, which may be waiting for it to read."""
+        read_end, write_end = os.pipe()
+        msg: dict[str, Any] = {
+            "op": "spawn",
+            "id": run_id,
+            "session": session,
+            "argv": argv,
+            "cwd": cwd,
+            "grace": self.kill_grace,
+            "journal": journal,
+        }
+        if env_over is not None and self._base_env is not None:
+            msg["env_over"] = env_over
+        else:
+            msg["env"] = env if env is not None else {**(self._base_env or {}), **(env_over or {})}
         with self._lock:
-            self._replies[run_id] = (done, box)
+            self._pending[run_id] = (answer, read_end)
         try:
-            try:
-                self._send(
-                    {
-                        "op": "spawn",
-                        "id": run_id,
-                        "session": session,
-                        "argv": argv,
-                        "env": env,
-                        "cwd": cwd,
-                        "grace": self.kill_grace,
-                        "journal": journal,
-                    },
-                    fds=[write_end],
-                )
-            finally:
-                os.close(write_end)
-            if not done.wait(timeout):
-                raise GuardGone(f"the run guard did not answer within {timeout:g} s")
-            reply = box[0]
-            if reply["op"] == "spawned":
-                proc = GuardedProcess(self, run_id, reply["pid"], os.fdopen(read_end, "rb"))
-                read_end = -1
-                with self._lock:
-                    self._procs[run_id] = proc
-                    early = self._replies.pop(f"exit:{run_id}", None)
-                if early is not None:  # it exited before we registered it
-                    proc._set_exit(early[1][0]["code"])
-                return proc
-            if reply["op"] == "refused":
-                raise SpawnRefused(reply["why"])
-            if reply["op"] == "gone":
-                raise GuardGone("the run guard died")
-            raise OSError(reply.get("errno") or 0, reply.get("error") or "cannot start")
+            sent = self._send(msg, fds=[write_end], nowait=nowait)
+        except BaseException:
+            if self._take_pending(run_id, read_end):
+                raise
+            return True  # (a guard that died meanwhile answered it: GuardGone)
         finally:
-            with self._lock:
-                self._replies.pop(run_id, None)
-            if read_end >= 0:
-                os.close(read_end)
+            os.close(write_end)
+        if not sent:
+            return not self._take_pending(run_id, read_end)
+        return True
+
+    def _take_pending(self, run_id: str, read_end: int | None = None) -> bool:
+        """Take back a start request nobody answered yet (True), closing its pipe's read end;
+        False if it was answered (or is being answered) meanwhile."""
+        with self._lock:
+            pending = self._pending.get(run_id)
+            if pending is None or (read_end is not None and pending[1] != read_end):
+                return False
+            del self._pending[run_id]
+        os.close(pending[1])
+        return True
+
+    def set_base_env(self, env: dict[str, str]) -> None:
+        """The environment every run gets, sent to the guard once (and to every new guard);
+        a start then sends only what it adds (``env_over`` of :meth:`start_run`)."""
+        self._base_env = dict(env)
+        if self._sock is not None:
+            try:
+                self._send({"op": "env", "env": self._base_env})
+            except GuardGone:
+                pass  # sent again when the guard is started anew
 
     def set_journal(self, path: str) -> None:
         """Where the guard notes the exits it sees (the journal's current segment)."""
@@ -267,101 +377,133 @@ class GuardClient:
         except GuardGone:
             pass
 
-    def _send(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+    def _send(
+        self, msg: dict[str, Any], fds: list[int] | None = None, nowait: bool = False
+    ) -> bool:
         data = json.dumps(msg, separators=(",", ":")).encode()
-        with self._lock:
+        if not self._send_lock.acquire(blocking=not nowait):
+            return False
+        try:
             sock = self._sock
             if sock is None:
                 raise GuardGone("the run guard is not running")
+            flags = socket.MSG_DONTWAIT if nowait else 0
             try:
                 if fds:
-                    socket.send_fds(sock, [data], fds)
+                    socket.send_fds(sock, [data], fds, flags)
                 else:
-                    sock.send(data)
+                    sock.send(data, flags)
+            except BlockingIOError:
+                return False
             except OSError as e:
                 raise GuardGone(f"the run guard is gone: {e}") from None
+            return True
+        finally:
+            self._send_lock.release()
 
-    def _send_pulse(self) -> None:
+    def _pulse_message(self) -> dict[str, Any]:
         session, until = self.fence()
         after = self.silent_after() if callable(self.silent_after) else self.silent_after
-        self._send(
-            {
-                "op": "pulse",
-                "session": session,
-                "fence_until": until,
-                "alive_until": time.monotonic() + after,
-            }
-        )
+        return {
+            "op": "pulse",
+            "session": session,
+            "fence_until": until,
+            "alive_until": time.monotonic() + after,
+        }
+
+    def _send_pulse(self) -> None:
+        self._send(self._pulse_message())
 
     def _pulse(self) -> None:
         while not self._stop.wait(PULSE_EVERY):
             try:
                 self._send_pulse()
             except GuardGone:
-                pass  # the reader restarts it
+                pass  # the loop restarts it
             except Exception:
                 log.exception("cannot pulse the run guard")
 
-    # --- answers ----------------------------------------------------------------------------
+    # --- answers (on the run loop) ----------------------------------------------------------
 
-    def _read(self, sock: socket.socket) -> None:
-        buf = bytearray(MAX_MESSAGE)  # one buffer: a fresh 1 MiB per message costs a mmap
-        while True:
+    def _readable(self, sock: socket.socket) -> None:
+        """Every answer waiting (up to a bound: the loop has other descriptors to serve)."""
+        buf = self._buf
+        for _ in range(256):
             try:
-                size = sock.recv_into(buf)
+                size = sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
             except OSError:
                 size = 0
             if not size:
-                break
+                self.loop.remove_reader(sock.fileno())
+                if self._stop.is_set():
+                    return
+                threading.Thread(
+                    target=self._guard_died, args=(sock,), name="guard-died", daemon=True
+                ).start()
+                return
             try:
                 msg = json.loads(buf[:size])
             except ValueError:
                 continue
             self._on_message(msg)
-        if self._stop.is_set():
-            return
-        self._guard_died()
 
     def _on_message(self, msg: dict[str, Any]) -> None:
         op, run_id = msg.get("op"), str(msg.get("id"))
-        with self._lock:
-            if op in ("spawned", "refused", "failed"):
-                waiting = self._replies.get(run_id)
-                if waiting is not None:
-                    waiting[1].append(msg)
-                    waiting[0].set()
+        if op in ("spawned", "refused", "failed"):
+            with self._lock:
+                pending = self._pending.pop(run_id, None)
+            if pending is None:  # (its caller gave up waiting)
                 return
+            answer, read_end = pending
+            result: GuardedProcess | BaseException
+            if op == "spawned":
+                result = GuardedProcess(self, run_id, msg["pid"], read_end)
+                with self._lock:
+                    self._procs[run_id] = result
+            else:
+                os.close(read_end)
+                if op == "refused":
+                    result = SpawnRefused(msg["why"])
+                else:
+                    result = OSError(msg.get("errno") or 0, msg.get("error") or "cannot start")
+            answer(result)
+            return
+        with self._lock:
             proc = self._procs.get(run_id)
-            if op == "exited":
-                if proc is None:  # before spawn() registered it
-                    self._replies[f"exit:{run_id}"] = (threading.Event(), [msg])
-                    return
+            if op == "exited" and proc is not None:
                 del self._procs[run_id]
+        if proc is None:
+            return
         if op == "exited":
             proc._set_exit(int(msg["code"]))
-        elif op == "ended" and proc is not None:
+        elif op == "ended":
             proc.ended_by_guard = str(msg.get("why"))
             log.warning("the run guard ended run %s: %s", run_id, msg.get("why"))
 
-    def _guard_died(self) -> None:
+    def _guard_died(self, sock: socket.socket) -> None:
         """The guard died under us: its runs were orphaned. They are ended here (found by
-        their run id), reported killed, and a new guard is started."""
+        their run id), reported killed, and a new guard is started (on a thread of its own:
+        the run loop goes on)."""
         from .proctree import end_run_processes
 
         code = self._proc.poll() if self._proc is not None else None
         log.error("the run guard died (exit %s); ending its runs and starting a new one", code)
+        with self._send_lock:
+            if self._sock is sock:
+                self._sock = None
         with self._lock:
-            self._sock = None
             procs, self._procs = self._procs, {}
-            waiting = list(self._replies.values())
-            self._replies.clear()
-        for done, box in waiting:
-            box.append({"op": "gone"})
-            done.set()
+            pending, self._pending = self._pending, {}
+        self.loop.call_soon(sock.close)
+        for answer, read_end in pending.values():
+            os.close(read_end)
+            self.loop.call_soon(answer, GuardGone("the run guard died"))
         for proc in procs.values():
             proc.ended_by_guard = "its agent's run guard died"
             end_run_processes(proc.run_id, self.kill_grace)
-            proc._set_exit(-signal.SIGKILL)
+            self.loop.call_soon(proc._set_exit, -signal.SIGKILL)
         if not self._stop.is_set():
             self.restarts += 1
             self._launch()
@@ -464,6 +606,7 @@ class Guard:
         self.silent = False
         self.journal: int | None = None  # the agent's current journal segment (O_APPEND)
         self.journal_path: str | None = None
+        self.base_env: dict[str, str] | None = None  # what every run's environment starts from
         self._send_lock = threading.Lock()
         self._buf = bytearray(MAX_MESSAGE)  # each request is read into this one buffer
         self._wake_r, self._wake_w = os.pipe()
@@ -556,6 +699,8 @@ class Guard:
                 self.deadlines[str(msg["id"])] = float(msg["until"])
         elif op == "journal":
             self._open_journal(str(msg["path"]))
+        elif op == "env":
+            self.base_env = dict(msg.get("env") or {})
         elif op == "ending":
             run = self.runs.get(str(msg["id"]))
             if run is not None and run.why is None:
@@ -590,8 +735,12 @@ class Guard:
                 return
             if msg.get("journal") and not self._note_spawn(str(msg["journal"]), run_id):
                 return
+            env = msg.get("env")
+            if env is None and "env_over" in msg:  # on the base the agent sent once
+                env = dict(self.base_env if self.base_env is not None else os.environ)
+                env.update(msg["env_over"])
             try:
-                proc = _start(msg["argv"], msg.get("env"), msg.get("cwd"), out)
+                proc = _start(msg["argv"], env, msg.get("cwd"), out)
             except OSError as e:
                 self._send(
                     {"op": "failed", "id": run_id, "errno": e.errno, "error": e.strerror or str(e)}

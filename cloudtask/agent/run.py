@@ -3,20 +3,35 @@
 :class:`RunContext` is what the executor runs (a process, see :mod:`.executor`) or sends (an
 http task, see :mod:`.httprun`), what the run writer writes to the store, and what a kill or
 a timeout ends. Both kinds of run import it from here.
+
+:class:`RunLoop` is the one thread (POSIX) that follows every running process of an agent:
+it reads the run guard's answers (guard.py) and every run's output pipe, and keeps the
+timeouts (executor.py), with one ``epoll``.
 """
 
 from __future__ import annotations
 
+import collections
+import heapq
+import itertools
+import logging
+import os
+import select
 import subprocess
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 
 from ..runmodel import OUTPUT_TAIL_BYTES
 from ..task import TaskSpec
 from .logfiles import RunLog
 
-__all__ = ["RunContext", "iso", "kill_outcome"]
+__all__ = ["RunContext", "RunLoop", "iso", "kill_outcome"]
+
+log = logging.getLogger(__name__)
 
 
 def iso(t: datetime) -> str:
@@ -93,3 +108,151 @@ def kill_outcome(ctx: RunContext) -> tuple[str, str]:
     if ctx.kill_reason == "timeout":
         return "timed_out", f"ran longer than its timeout of {ctx.spec.timeout:g}s"
     return "killed", str(ctx.kill_reason)
+
+
+class Timer:
+    """A call :meth:`RunLoop.call_at` will make, unless cancelled first."""
+
+    __slots__ = ("when", "fn", "args", "cancelled")
+
+    def __init__(self, when: float, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.when, self.fn, self.args, self.cancelled = when, fn, args, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class RunLoop:
+    """One thread waiting on many descriptors (``epoll``, level-triggered) and on timers.
+
+    Readers and timers are added and removed on the loop's own thread (from a callback, or
+    through :meth:`call_soon`, which any thread may use and which wakes the loop). A reader
+    is called with the ``epoll`` event mask of its descriptor. A callback must not block: what
+    may wait (ending a process tree, a grace period) goes to a thread of its own. An exception
+    in a callback is logged, and the loop goes on.
+
+    Example::
+
+        loop = RunLoop("runs")
+        loop.start()
+        loop.call_soon(loop.add_reader, fd, lambda events: print(os.read(fd, 4096)))
+        loop.call_soon(loop.call_at, time.monotonic() + 1.0, print, "a second later")
+    """
+
+    def __init__(self, name: str = "run-loop") -> None:
+        self.name = name
+        self._epoll = select.epoll()
+        self._readers: dict[int, Callable[[int], None]] = {}
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._soon: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = (
+            collections.deque()
+        )
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._woken = False  # a wake byte is on its way: later call_soon need not write one
+        self._thread: threading.Thread | None = None
+        self._ident: int | None = None
+        self._start_lock = threading.Lock()
+        self._stopping = False
+
+    def start(self) -> None:
+        """Start the loop's thread (once; later calls do nothing)."""
+        if self._thread is not None:
+            return
+        with self._start_lock:
+            if self._thread is not None or self._stopping:
+                return
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the loop's thread after the calls already asked for."""
+        with self._start_lock:
+            self._stopping = True
+            thread = self._thread
+        self._wake()
+        if thread is not None and thread.ident != threading.get_ident():
+            thread.join(timeout)
+
+    def in_loop(self) -> bool:
+        return self._ident == threading.get_ident()
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Call ``fn(*args)`` on the loop's thread, after what it is doing now (any thread)."""
+        self._soon.append((fn, args))
+        if not self._woken and not self.in_loop():
+            self._wake()
+
+    def call_at(self, when: float, fn: Callable[..., Any], *args: Any) -> Timer:
+        """Call ``fn(*args)`` at the monotonic time ``when`` (on the loop's thread only)."""
+        timer = Timer(when, fn, args)
+        heapq.heappush(self._timers, (when, next(self._seq), timer))
+        return timer
+
+    def add_reader(self, fd: int, callback: Callable[[int], None]) -> None:
+        """Call ``callback(events)`` whenever ``fd`` is readable, or closed at the other end."""
+        self._epoll.register(fd, select.EPOLLIN)
+        self._readers[fd] = callback
+
+    def remove_reader(self, fd: int) -> None:
+        if self._readers.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass
+
+    def _wake(self) -> None:
+        self._woken = True
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+
+    def _run(self) -> None:
+        self._ident = threading.get_ident()
+        poll, readers, timers, soon = self._epoll.poll, self._readers, self._timers, self._soon
+        while True:
+            if soon or self._stopping:
+                timeout = 0.0
+            elif timers:
+                timeout = max(0.0, timers[0][0] - time.monotonic())
+            else:
+                timeout = -1.0
+            try:
+                events = poll(timeout)
+            except InterruptedError:
+                events = []
+            for fd, mask in events:
+                callback = readers.get(fd)
+                if callback is not None:
+                    self._call(callback, (mask,))
+                elif fd == self._wake_r:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    # after the pipe is empty and before the calls are made: a call_soon from
+                    # now on writes a byte again (one before it is made below)
+                    self._woken = False
+            if timers:
+                now = time.monotonic()
+                while timers and timers[0][0] <= now:
+                    timer = heapq.heappop(timers)[2]
+                    if not timer.cancelled:
+                        self._call(timer.fn, timer.args)
+            for _ in range(len(soon)):
+                fn, args = soon.popleft()
+                self._call(fn, args)
+            if self._stopping and not soon:
+                return
+
+    @staticmethod
+    def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        except Exception:  # one run's trouble must not stop the loop that follows them all
+            log.exception("a run loop callback failed")
