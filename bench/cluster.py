@@ -12,12 +12,14 @@
 (d) the same at scale, on paper: 100,000 tasks over 100 registered agents (registrations
     only, no agent processes); the writes of the first placement and after one leaves; and,
     in the same run, how long the store alone takes to read every task (one query, a plain
-    client): on nx-27017 that read is most of the leader's time.
+    client): on nx-27017 that read is most of the leader's time; then a standby center, its
+    tasks read ahead, taking over when the leader stops.
 
 Usage: python bench/cluster.py [--no-large]
 The last line is one JSON object: failover_s_t2, failover_s_t10, sigterm_failover_s,
 moved_leave_ratio, moved_join_ratio, max_mean_load, reconcile_10k_s, extra_writes_after_leave,
-reconcile_100k_100_agents_s, writes_100k, extra_writes_after_leave_100k, store_scan_100k_s.
+reconcile_100k_100_agents_s, writes_100k, extra_writes_after_leave_100k, store_scan_100k_s,
+takeover_100k_s, takeover_writes_100k.
 """
 
 from __future__ import annotations
@@ -233,11 +235,31 @@ def reconcile_figures(
         f"the store alone reads the {scanned} tasks in {scan:.2f} s (one query, a plain client): "
         f"the leader's own work is the other {max(0.0, took - scan):.2f} s"
     )
+    # a standby (its task feed warm) takes over when the leader stops
+    zk2 = KazooClient(zk_server.hosts, timeout=10)
+    zk2.start()
+    standby = Center(cfg, store, zk2, center_id="bench-standby")
+    thread2 = threading.Thread(target=standby.run, daemon=True)
+    thread2.start()
+    wait(lambda: standby.feed.reads >= 1, timeout=600)
     center.stop()
     thread.join(timeout=30)
+    stopped = time.monotonic()
+    zk.stop()  # its election node goes with its session
+    wait(lambda: standby.reconciles >= 1, timeout=600)
+    takeover = time.monotonic() - stopped
+    print(
+        f"a standby with its tasks read took over in {takeover:.2f} s after the leader's session "
+        "closed "
+        f"(read every assignment, read the tasks' changes, placed) with "
+        f"{standby.writes} writes"
+    )
+    standby.stop()
+    thread2.join(timeout=30)
+    zk2.stop()
+    zk2.close()
     registrations.stop()
     registrations.close()
-    zk.stop()
     zk.close()
     store.close()
     return {
@@ -245,6 +267,8 @@ def reconcile_figures(
         "writes": first_writes,
         "extra": writes - moved,
         "store_scan_s": round(scan, 2),
+        "takeover_s": round(takeover, 2),
+        "takeover_writes": standby.writes,
     }
 
 
@@ -284,6 +308,8 @@ def main() -> None:
                 figures["writes_100k"] = large["writes"]
                 figures["extra_writes_after_leave_100k"] = large["extra"]
                 figures["store_scan_100k_s"] = large["store_scan_s"]
+                figures["takeover_100k_s"] = large["takeover_s"]
+                figures["takeover_writes_100k"] = large["takeover_writes"]
         finally:
             mongo.stop()
             zk_server.stop()

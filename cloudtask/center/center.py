@@ -59,7 +59,9 @@ from .writer import GARBAGE_AFTER, FencedWriter, LeadershipLost, Op, StaleView, 
 
 log = logging.getLogger(__name__)
 
-FIRST_READ_WAIT = 5.0  # seconds a new leader's pass waits for a read begun after it was elected
+# seconds a new leader's pass waits for a read begun after it was elected (one that fails
+# ends the wait: the pass is tried again within seconds)
+FIRST_READ_WAIT = 60.0
 RETRY_AFTER = (1.0, 2.0, 4.0)  # seconds before a failed pass is tried again, then every 4 s
 # seconds after a pass that took tasks away for good (deleted, paused, done) until the next:
 # their agents release the claims they made ahead, and that pass records them skipped
@@ -279,13 +281,15 @@ class Center:
             self._wake.set()
 
         ChildrenWatch(self.zk, self.paths.agents, groups_changed)
-        DataWatch(self.zk, self.paths.task_signal, lambda *_: self._task_signal())
+        DataWatch(self.zk, self.paths.task_signal, self._task_signal)
 
-    def _task_signal(self) -> None:
+    def _task_signal(self, _data: Any, _stat: Any, event: Any = None) -> None:
         """A task changed, or an agent announced it is leaving (it bumps the same signal): a
         pass now, on the tasks read last, and a read of the tasks (a pass again if they
-        changed)."""
-        self.feed.ask()
+        changed). Not the watch's first call (``event`` None): a read begun then, before
+        this center is elected, would not do for its first pass (see TaskFeed)."""
+        if event is not None:
+            self.feed.ask()
         self._wake.set()
 
     def _watch_groups(self) -> None:
@@ -309,10 +313,14 @@ class Center:
     def _take_tasks(self) -> None:
         """The feed's latest tasks, read since this leadership began (waiting up to
         ``FIRST_READ_WAIT`` for the first such read); CloudTaskError if there is none yet.
-        Without the feed's thread (a pass called on its own, as tests do) the pass reads them
+        The pass asks the feed for a read, which it does not wait for: tasks written straight
+        to the store (no task signal) are placed as soon as any pass runs, as when a pass read
+        them itself. Without the feed's thread (a pass called on its own, as tests do) the pass reads them
         itself."""
         if not self.feed.running:
             self.feed.read_once()
+        else:  # every pass asks for a read too (a pass again if it brings changes)
+            self.feed.ask()
         tasks = self.feed.snapshot(self._led_since) or self.feed.wait(
             self._led_since, FIRST_READ_WAIT
         )

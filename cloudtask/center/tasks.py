@@ -115,6 +115,7 @@ def _take(tasks: dict[str, TaskRecord], doc: dict[str, Any]) -> None:
 
 
 RETRY_AFTER = (1.0, 2.0, 4.0)  # seconds before a failed read is tried again, then every 4 s
+FIRST_READ_AFTER = 2.0  # seconds a standby waits before its first read, unless asked sooner
 
 
 class TaskFeed:
@@ -142,6 +143,7 @@ class TaskFeed:
         self._tasks: dict[str, TaskRecord] = {}  # the thread's own, brought in line in place
         self._snapshot: dict[str, TaskRecord] | None = None
         self._began = -1.0  # monotonic time the snapshot's read began
+        self._failed_began = -1.0  # monotonic time the last failed read began
         self._done = threading.Condition()
         self._asked = threading.Event()
         self._stop = threading.Event()
@@ -158,7 +160,7 @@ class TaskFeed:
         with self._done:
             self._done.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=self.budget * 2 + 5)
+            self._thread.join(timeout=1.0)  # a daemon that only reads: not waited for long
 
     @property
     def running(self) -> bool:
@@ -174,12 +176,15 @@ class TaskFeed:
             return self._snapshot if self._snapshot is not None and self._began >= since else None
 
     def wait(self, since: float, timeout: float) -> dict[str, TaskRecord] | None:
-        """:meth:`snapshot` of a read begun at or after ``since``, waiting up to ``timeout``."""
+        """:meth:`snapshot` of a read begun at or after ``since``, waiting up to ``timeout``;
+        None at once when such a read failed (``error`` says why)."""
         deadline = time.monotonic() + timeout
         with self._done:
             while not self._stop.is_set():
                 if self._snapshot is not None and self._began >= since:
                     return self._snapshot
+                if self._failed_began >= since:
+                    return None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
@@ -190,12 +195,19 @@ class TaskFeed:
         """One read now, on the caller's thread; whether it changed anything (raises what
         the store raised)."""
         began = time.monotonic()
-        changed = refresh_tasks(
-            self.store,
-            self._tasks,
-            each=lambda: pymongo.timeout(self.budget),
-            first=lambda: pymongo.timeout(first_call_budget(self.store, self.budget)),
-        )
+        try:
+            changed = refresh_tasks(
+                self.store,
+                self._tasks,
+                each=lambda: pymongo.timeout(self.budget),
+                first=lambda: pymongo.timeout(first_call_budget(self.store, self.budget)),
+            )
+        except Exception as e:
+            with self._done:
+                self.error = e
+                self._failed_began = began
+                self._done.notify_all()
+            raise
         with self._done:
             if changed or self._snapshot is None:
                 self._snapshot = dict(self._tasks)
@@ -206,6 +218,9 @@ class TaskFeed:
         return changed
 
     def _loop(self) -> None:
+        # the first read waits a moment unless asked: a center elected at once (the only one)
+        # asks as it is elected, and a read begun before that would not do for its first pass
+        self._asked.wait(FIRST_READ_AFTER)
         failures = 0
         while not self._stop.is_set():
             self._asked.clear()
@@ -214,12 +229,10 @@ class TaskFeed:
                 failures = 0
             except (CloudTaskError, pymongo.errors.PyMongoError) as e:
                 failures += 1
-                self.error = e
                 log.warning("cannot read the tasks (the leader places the ones read last): %s", e)
                 changed = False
-            except Exception as e:  # a bug must not end the feed: the leader would never place
+            except Exception:  # a bug must not end the feed: the leader would never place
                 failures += 1
-                self.error = e
                 log.exception("reading the tasks failed")
                 changed = False
             if changed:
