@@ -43,6 +43,7 @@ from kazoo.exceptions import BadVersionError, KazooException, NoNodeError, Rolle
 from ..exceptions import CloudTaskError
 from ..registry import LiveAgent
 from ..zkpaths import ZkPaths, decode, encode
+from .multiread import read_many
 from .tasks import TaskRecord
 
 log = logging.getLogger(__name__)
@@ -159,27 +160,27 @@ class FencedWriter:
     # --- the view -----------------------------------------------------------------------------
 
     def rebuild(self) -> None:
-        """Read every assignment from ZooKeeper: the only view a new leader starts from."""
+        """Read every assignment from ZooKeeper: the only view a new leader starts from.
+        The folders' children are listed in one go, and the nodes read 50 a request
+        (:mod:`cloudtask.center.multiread`)."""
         self.placed = {}
         self.garbage = {}
-        for agent_id in self.zk.get_children(self.paths.assignments):
-            folder = self.paths.assignment_dir(agent_id)
+        agents = self.zk.get_children(self.paths.assignments)
+        listings = [(a, self.zk.get_children_async(self.paths.assignment_dir(a))) for a in agents]
+        paths: list[str] = []
+        for agent_id, listing in listings:
             try:
-                children = self.zk.get_children(folder)
+                children = listing.get()
             except NoNodeError:
                 continue
-            reads = {t: self.zk.get_async(f"{folder}/{t}") for t in children}
-            placed: dict[str, Placed] = {}
-            for task_id, result in reads.items():
-                try:
-                    data, stat = result.get()
-                except NoNodeError:
-                    continue
-                doc = decode(data) or {}
-                placed[task_id] = Placed(
-                    int(doc.get("revision", 0)), int(doc.get("epoch", 0)), mzxid=stat.mzxid
-                )
-            self.placed[agent_id] = placed
+            self.placed[agent_id] = {}
+            paths += [self.paths.assignment(agent_id, t) for t in children]
+        for path, data, stat in read_many(self.zk, paths):
+            agent_id, task_id = path.rsplit("/", 2)[-2:]
+            doc = decode(data) or {}
+            self.placed[agent_id][task_id] = Placed(
+                int(doc.get("revision", 0)), int(doc.get("epoch", 0)), mzxid=stat.mzxid
+            )
         log.info(
             "rebuilt the placement of %d tasks on %d agents from ZooKeeper",
             sum(len(p) for p in self.placed.values()),
