@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from .durations import format_duration, parse_duration
 from .exceptions import Problem, ValidationError
+from .jsonlimits import MAX_JSON_DEPTH, depth_problem
 from .schedules import ScheduleSet, parse_schedule, show_value
 
 SPEC_VERSION = 1
@@ -45,6 +46,18 @@ HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
 NOTIFY_EVENTS = ("failure", "timeout", "missed", "lost", "recovered", "success")
 DEFAULT_NOTIFY_ON = ("failure", "timeout", "missed", "lost")
 MAX_RETRIES = 100
+
+# Limits, each refused with its path: a spec is stored, written into ZooKeeper (whose nodes
+# hold at most 1 MB) and read by every agent, and its command and environment must fit an
+# exec (Linux takes at most 128 KiB per argument or variable, 2 MiB in all).
+MAX_SCHEDULES = 100  # a list of schedules; each fire computes the earliest of them
+MAX_COMMAND_BYTES = 64 * 1024  # the command, its arguments joined by spaces, in UTF-8
+MAX_ENV_VALUE_BYTES = 64 * 1024  # one environment value
+MAX_ENV_BYTES = 256 * 1024  # every NAME=value of the env, together
+MAX_HTTP_BODY_BYTES = 64 * 1024
+MAX_HTTP_HEADERS_BYTES = 64 * 1024  # every "Name: value" of http.headers, together
+MAX_CWD_BYTES = 4096  # PATH_MAX
+MAX_SPEC_DEPTH = MAX_JSON_DEPTH  # objects and lists inside each other (an http.body's own)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 NAME_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -284,6 +297,49 @@ def file_name_problem(name: str) -> str | None:
     return None
 
 
+def _size(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 (a lone surrogate, refused on its own, counts 3)."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _kib(n: int) -> str:
+    return f"{n // 1024} KiB" if n % 1024 == 0 else f"{n} bytes"
+
+
+def too_large(what: str, size: int, limit: int) -> str:
+    return f"{what} is {size:,} bytes; at most {limit:,} bytes ({_kib(limit)}) are taken"
+
+
+def text_problem(value: str) -> str | None:
+    """Why a string of a spec cannot be used as text (a NUL byte, a lone surrogate), or None."""
+    if "\0" in value:
+        return "must not contain NUL characters (\\0)"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"is not valid text: it holds a lone surrogate ({value[e.start]!a})"
+    return None
+
+
+def _text_problems(data: dict[str, Any], problems: list[Problem]) -> None:
+    """A problem for every string of the spec, key or value, that is not usable text. No
+    recursion: the depth was checked first."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if problem := text_problem(value):
+                problems.append(Problem(path, problem))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and (problem := text_problem(key)):
+                    problems.append(Problem(where, f"the key {problem}"))
+                stack.append((where, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+
+
 def validate_task(data: object, now: datetime | None = None) -> list[Problem]:
     """Every problem in a task spec. With ``now``, instants already past are refused too."""
     return _read_task(data, now)[1]
@@ -394,8 +450,8 @@ class _Fields:
                 self.refuse(where, f"{name!r} is not allowed: {rule}")
             elif not isinstance(item, str):
                 self.refuse(where, f"expected a string, got {show_value(item)}")
-            elif one_line and any(c in item for c in "\r\n\0"):
-                self.refuse(where, "must not contain line breaks or NUL characters")
+            elif one_line and any(c in item for c in "\r\n"):
+                self.refuse(where, "must not contain line breaks")
             else:
                 out[name] = item
         return out
@@ -420,6 +476,10 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
     problems: list[Problem] = []
     if not isinstance(data, dict):
         return None, [Problem("", f"expected a task object, got {show_value(data)}")]
+    if (deep := depth_problem(data, MAX_SPEC_DEPTH)) is not None:  # nothing else is read
+        message = f"nested more than {MAX_SPEC_DEPTH} levels deep (objects and lists)"
+        return None, [Problem(deep, message)]
+    _text_problems(data, problems)
     f = _Fields(data, "", problems)
     f.unknown_keys(TASK_KEYS)
     version = data.get("version", SPEC_VERSION)
@@ -429,6 +489,10 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
     group = f.name("group", "default")
     if "schedule" not in data:
         f.refuse("schedule", 'required, such as {"cron": "0 3 * * *"} or {"every": "30s"}')
+        schedule = None
+    elif isinstance(data["schedule"], list) and len(data["schedule"]) > MAX_SCHEDULES:
+        count = len(data["schedule"])
+        f.refuse("schedule", f"{count:,} schedules; at most {MAX_SCHEDULES} are taken per task")
         schedule = None
     else:
         schedule, schedule_problems = parse_schedule(data["schedule"], "schedule", now=now)
@@ -445,8 +509,8 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
         f.refuse("shell", "shell only applies to a command, not to an http call")
     elif shell and isinstance(data.get("command"), list):
         f.refuse("shell", "with shell true, command must be one string, not a list")
-    elif not shell and isinstance(command, str):
-        try:
+    elif not shell and isinstance(command, str) and _size(command) <= MAX_COMMAND_BYTES:
+        try:  # (shlex takes seconds over a long string: one too long is refused unsplit)
             _split(command)
         except ValueError as exc:
             f.refuse("command", f"cannot be split into arguments ({exc}); fix the quoting")
@@ -468,6 +532,12 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
         f.refuse("retries", f"expected a whole number from 0 to 100, got {show_value(retries)}")
         retries = 0
     cwd = f.string("cwd", None, nullable=True)
+    if cwd is not None and (size := _size(cwd)) > MAX_CWD_BYTES:
+        f.refuse("cwd", too_large("the folder", size, MAX_CWD_BYTES))
+    env = f.string_map(
+        "env", ENV_NAME_PATTERN, "a variable name has letters, digits and '_', no leading digit"
+    )
+    _check_env(env, f)
     values: dict[str, Any] = dict(
         mode=f.choice("mode", MODES, "one"),
         timeout=f.duration("timeout", None, nullable=True),
@@ -477,9 +547,7 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
         misfire=f.choice("misfire", MISFIRE_POLICIES, "run_once"),
         misfire_grace=f.duration("misfire_grace", 3600.0),
         enabled=f.boolean("enabled", True),
-        env=f.string_map(
-            "env", ENV_NAME_PATTERN, "a variable name has letters, digits and '_', no leading digit"
-        ),
+        env=env,
         cwd=cwd or None,
         notify=_read_notify(data["notify"], problems) if "notify" in data else NotifySpec(),
         description=f.string("description"),
@@ -501,6 +569,17 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
     return spec, []
 
 
+def _check_env(env: dict[str, str], f: _Fields) -> None:
+    total = 0
+    for name, value in env.items():
+        size = _size(value)
+        total += _size(name) + size + 2  # NAME=value and its NUL, as exec passes it
+        if size > MAX_ENV_VALUE_BYTES:
+            f.refuse(f"env.{name}", too_large("the value", size, MAX_ENV_VALUE_BYTES))
+    if total > MAX_ENV_BYTES:
+        f.refuse("env", too_large("the environment (every NAME=value)", total, MAX_ENV_BYTES))
+
+
 def _read_command(f: _Fields) -> str | tuple[str, ...] | None:
     value = f.data.get("command")
     if value is None:
@@ -508,11 +587,18 @@ def _read_command(f: _Fields) -> str | tuple[str, ...] | None:
     if isinstance(value, str):
         if not value.strip():
             f.refuse("command", "must not be empty")
+        elif (size := _size(value)) > MAX_COMMAND_BYTES:
+            f.refuse("command", too_large("the command", size, MAX_COMMAND_BYTES))
         return value
     if isinstance(value, list):
         pairs = f.string_list("command")
         if pairs is not None and not pairs[0][1].strip():
             f.refuse("command[0]", "the program to run must not be empty")
+        elif pairs is not None:
+            size = sum(_size(arg) for _, arg in pairs) + len(pairs) - 1
+            if size > MAX_COMMAND_BYTES:
+                what = "the command (its arguments joined by spaces)"
+                f.refuse("command", too_large(what, size, MAX_COMMAND_BYTES))
         return tuple(value)
     f.refuse("command", f"expected a string or a list of strings, got {show_value(value)}")
     return None
@@ -548,6 +634,8 @@ def _read_http(value: object, problems: list[Problem]) -> HttpSpec | None:
         body = json.dumps(body)
     elif body is not None and not isinstance(body, str):
         f.refuse("body", f"expected a string or a JSON object or list, got {show_value(body)}")
+    if isinstance(body, str) and (size := _size(body)) > MAX_HTTP_BODY_BYTES:
+        f.refuse("body", too_large("the body", size, MAX_HTTP_BODY_BYTES))
     expect = value.get("expect_status")
     statuses = expect if isinstance(expect, list) else [expect]
     if expect is not None and (
@@ -555,13 +643,19 @@ def _read_http(value: object, problems: list[Problem]) -> HttpSpec | None:
     ):
         message = "expected an HTTP status from 100 to 599 or a list of them"
         f.refuse("expect_status", f"{message}, got {show_value(expect)}")
+    headers = f.string_map(
+        "headers", _HEADER_NAME, "a header name has letters, digits and '-'", one_line=True
+    )
+    size = sum(_size(name) + _size(item) + 4 for name, item in headers.items())  # "N: v\r\n"
+    if size > MAX_HTTP_HEADERS_BYTES:
+        f.refuse(
+            "headers", too_large("the headers (every Name: value)", size, MAX_HTTP_HEADERS_BYTES)
+        )
     spec = HttpSpec(
         urls=tuple(url for _, url in urls),
         strategy=f.choice("strategy", HTTP_STRATEGIES, "first"),
         method=method.upper() if isinstance(method, str) else "GET",
-        headers=f.string_map(
-            "headers", _HEADER_NAME, "a header name has letters, digits and '-'", one_line=True
-        ),
+        headers=headers,
         body=body if isinstance(body, str) else None,
         expect_status=tuple(statuses) if expect is not None else None,
         timeout=f.duration("timeout", None, nullable=True),

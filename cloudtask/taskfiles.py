@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .clock import utcnow
+from .jsonlimits import JSONDepthError, loads
 from .task import validate_task
 
 
@@ -27,7 +28,7 @@ def read_task_files(paths: tuple[str, ...]) -> tuple[list[tuple[Path, dict]], li
     now = utcnow()  # a one-shot time in the past is refused here, up front
     for path in task_file_paths(paths):
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = loads(path.read_text(encoding="utf-8"))
         except OSError as e:
             errors.append(f"{path}: cannot read: {e.strerror}")
             continue
@@ -36,6 +37,9 @@ def read_task_files(paths: tuple[str, ...]) -> tuple[list[tuple[Path, dict]], li
             continue
         except json.JSONDecodeError as e:
             errors.append(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}")
+            continue
+        except JSONDepthError as e:
+            errors.append(f"{path}: not usable JSON: {e}")
             continue
         items = data if isinstance(data, list) else [data]
         for i, item in enumerate(items):

@@ -44,13 +44,16 @@ def apply(config_path: str | None, paths: tuple[str, ...]) -> None:
 @click.option("-n", "--count", default=10, show_default=True, type=click.IntRange(1, 1000))
 def next_cmd(schedule: str, tz: str | None, count: int) -> None:
     """Print the next fire times of a schedule: a cron expression or a JSON schedule object."""
+    from ..jsonlimits import JSONDepthError, loads
     from ..schedules import next_fires, parse_schedule
 
     text = schedule.strip()
     try:
-        value: Any = json.loads(text) if text.startswith(("{", "[")) else {"cron": text}
+        value: Any = loads(text) if text.startswith(("{", "[")) else {"cron": text}
     except json.JSONDecodeError as e:
         raise click.BadParameter(f"not valid JSON at column {e.colno}: {e.msg}") from None
+    except JSONDepthError as e:
+        raise click.BadParameter(f"not usable JSON: {e}") from None
     if tz and isinstance(value, dict):
         value["timezone"] = tz
     parsed, problems = parse_schedule(value)
