@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from .durations import parse_duration
 from .events import KINDS as EVENT_KINDS
 from .exceptions import ConfigError
+from .zkauth import check_setting as check_zk_auth
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _EMAIL = re.compile(r"[^@\s,;<>\"]+@[^@\s,;<>\"]+")
@@ -39,6 +40,9 @@ class ZooKeeperConfig:
     hosts: str = ""  # empty: `cloudtask up` starts an embedded server
     root: str = "/cloudtask"
     session_timeout: float = 10.0
+    # digest credential of every client: "user:password", "env:VARIABLE" or "file:/path"
+    # (see cloudtask/zkauth.py); empty: nodes get open ACLs (the embedded single-machine mode)
+    auth: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -377,6 +381,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...
             "hosts": _string,
             "root": _zk_root,
             "session_timeout": _duration_range(1, 600),
+            "auth": check_zk_auth,
         },
         ("ZK", "ZOOKEEPER"),
     ),

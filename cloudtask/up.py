@@ -125,13 +125,22 @@ def _kill_server(server: Any) -> None:
         pass
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write a child's config (it may hold credentials: zookeeper.auth, the MongoDB URI's
+    password) readable by this user only (mode 0600, also when it was there before)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+
+
 def _start_cluster(supervisor: Any, cfg: Config, base: Path, agents: int) -> None:
     """One center, the web site and ``agents`` agents, each a supervised process of its own
     with its own config file (a restarted agent keeps its id and data dir: both are in it)."""
 
     def spawn(name: str, child_cfg: Config, *args: str) -> None:
         cfg_path = base / f"{name}.json"
-        cfg_path.write_text(json.dumps(config_to_dict(child_cfg), indent=2), encoding="utf-8")
+        _write_private(cfg_path, json.dumps(config_to_dict(child_cfg), indent=2))
         supervisor.spawn(
             name,
             [sys.executable, "-m", "cloudtask", *args, "--config", str(cfg_path)],

@@ -98,12 +98,26 @@ def decode(data: bytes | None) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def connect(hosts: str, session_timeout: float, *, start_timeout: float = 15.0) -> Any:
-    """A started KazooClient that keeps reconnecting; a clear error if ZooKeeper is unreachable."""
+def connect(
+    hosts: str,
+    session_timeout: float,
+    *,
+    start_timeout: float = 15.0,
+    credential: Any = None,
+    root: str | None = None,
+) -> Any:
+    """A started KazooClient that keeps reconnecting; a clear error if ZooKeeper is unreachable.
+
+    With a ``credential`` (:class:`cloudtask.zkauth.Credential`) the client authenticates with
+    it (digest) and every node it creates gets its ACL (no one else may read or change it);
+    without, nodes get the open ACL. With ``root``, the client checks that it may read it
+    (:class:`~cloudtask.zkauth.AccessDenied`, at once, when a credential is missing or wrong).
+    Every KazooClient of CloudTask's programs is made here (:func:`connect_config`)."""
     from kazoo.client import KazooClient
     from kazoo.handlers.threading import KazooTimeoutError
 
     from .exceptions import CloudTaskError
+    from .zkauth import acl_of, check_access
 
     if not hosts:
         raise CloudTaskError(
@@ -112,7 +126,13 @@ def connect(hosts: str, session_timeout: float, *, start_timeout: float = 15.0) 
         )
     retry = {"max_tries": -1, "delay": 0.1, "backoff": 2, "max_delay": 1.0}
     try:
-        zk = KazooClient(hosts=hosts, timeout=session_timeout, connection_retry=retry)
+        zk = KazooClient(
+            hosts=hosts,
+            timeout=session_timeout,
+            connection_retry=retry,
+            auth_data=credential.auth_data() if credential is not None else None,
+            default_acl=acl_of(credential),
+        )
     except ValueError as e:
         raise CloudTaskError(f"zookeeper.hosts {hosts!r} is not a list of host:port: {e}") from None
     try:
@@ -124,7 +144,30 @@ def connect(hosts: str, session_timeout: float, *, start_timeout: float = 15.0) 
             f"cannot reach ZooKeeper at {hosts} within {start_timeout:g} s: "
             "check that it runs and that zookeeper.hosts points at it"
         ) from None
+    if root is not None:
+        try:
+            check_access(zk, root, credential)
+        except BaseException:
+            zk.stop()
+            zk.close()
+            raise
     return zk
+
+
+def connect_config(cfg: Any, *, start_timeout: float = 15.0) -> Any:
+    """:func:`connect` to the ZooKeeper of ``cfg`` (a :class:`~cloudtask.config.Config`): its
+    hosts, session timeout, the credential ``zookeeper.auth`` names (read now, from the
+    environment or a file when it refers to one) and the access check of its root."""
+    from .zkauth import credential
+
+    zk_cfg = cfg.zookeeper
+    return connect(
+        zk_cfg.hosts,
+        zk_cfg.session_timeout,
+        start_timeout=start_timeout,
+        credential=credential(zk_cfg.auth),
+        root=zk_cfg.root,
+    )
 
 
 # how long a request made for a person (a signal, a kill request) may wait for ZooKeeper:

@@ -32,6 +32,7 @@ SUBCOMMANDS = [
     "user",
     "token",
     "web",
+    "zk-acl",
 ]
 
 
@@ -284,6 +285,8 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
         login_page = _get(f"http://127.0.0.1:{port}/")  # redirected to the login page
         assert "Log in" in login_page
         assert "skipped:" in text and "broken" in text  # a bad file is reported, the rest runs
+        for name in ("center", "web", "agent-1", "agent-2"):  # they may hold credentials
+            assert (tmp_path / "data" / f"{name}.json").stat().st_mode & 0o777 == 0o600
         uri = re.search(r"MongoDB:\s+(\S+)", text).group(1)
         logs = re.search(r"task logs:\s+(\S+)/<task>", text).group(1)
         store = Store(uri, "cloudtask")

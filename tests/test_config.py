@@ -119,3 +119,35 @@ def test_round_trip_through_dict(tmp_path):
     for section in config_keys():
         assert getattr(again, section) == getattr(cfg, section)
     assert again.agent.group == "g1" and again.agent.kill_grace == 2.0
+
+
+def test_zookeeper_auth_in_clear_from_the_environment_or_a_file(tmp_path):
+    for value in ("ct:pa55", "env:CT_ZK_CREDENTIAL", f"file:{tmp_path / 'zk-cred'}"):
+        cfg = load_config(write(tmp_path, {"zookeeper": {"auth": value}}), environ={})
+        assert cfg.zookeeper.auth == value
+        assert value not in repr(cfg)  # never in a log line that shows the config
+    cfg = load_config(None, environ={"CLOUDTASK_ZK_AUTH": "env:ZK_SECRET"})
+    assert cfg.zookeeper.auth == "env:ZK_SECRET"
+    assert config_to_dict(cfg)["zookeeper"]["auth"] == "env:ZK_SECRET"  # `up` hands it on
+    assert load_config(None, environ={}).zookeeper.auth == ""
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("justapassword", "expected user:password"),
+        (":pw", "expected user:password"),
+        ("user:", "expected user:password"),
+        ("us er:pw", "must not contain spaces"),
+        ("env:NOT A NAME", "env: must be followed by the name of an environment variable"),
+        ("file:", "file: must be followed by a path"),
+        (42, "expected a string"),
+    ],
+)
+def test_bad_zookeeper_auth_says_what_is_expected_and_never_shows_it(tmp_path, value, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, {"zookeeper": {"auth": value}}), environ={})
+    assert "zookeeper.auth" in str(e.value) and needle in str(e.value)
+    assert "'user:password', 'env:VARIABLE' or 'file:/path/to/file'" in str(e.value)
+    if isinstance(value, str) and len(value) > 5:
+        assert value not in str(e.value)

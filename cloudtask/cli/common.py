@@ -63,7 +63,7 @@ def _operations(config_path: str | None, cluster: str = "none") -> Iterator[Any]
 
     from ..operations import Operations
     from ..store import Store
-    from ..zkpaths import ZkPaths, connect
+    from ..zkpaths import ZkPaths, connect_config
 
     cfg = _load(config_path)
     store = Store.from_config(cfg)
@@ -72,7 +72,7 @@ def _operations(config_path: str | None, cluster: str = "none") -> Iterator[Any]
         if cluster != "none" and (cfg.zookeeper.hosts or cluster == "required"):
             wait = 10 if cluster == "required" else 5
             try:
-                zk = connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout, start_timeout=wait)
+                zk = connect_config(cfg, start_timeout=wait)
             except (CloudTaskError, KazooException) as e:
                 if cluster == "required":
                     raise

@@ -54,7 +54,7 @@ def agent(
     from ..clock import utcnow
     from ..store import Store
     from ..testing.clock import clock_from_environment
-    from ..zkpaths import connect
+    from ..zkpaths import connect_config
 
     _setup_logging(verbose)
     cfg = _load(config_path)
@@ -69,9 +69,7 @@ def agent(
         if standalone:
             engine: Agent = Agent(cfg, store, clock=clock)
         else:
-            zk = _when_reachable(
-                "ZooKeeper", lambda: connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout)
-            )
+            zk = _when_reachable("ZooKeeper", lambda: connect_config(cfg))
             engine = ClusterAgent(cfg, store, zk, clock=clock)
         _stop_on_signals(engine.stop)
         engine.run()
@@ -97,7 +95,7 @@ def web(config_path: str | None, host: str | None, port: int | None, verbose: bo
     from web import create_app
 
     from ..store import Store
-    from ..zkpaths import connect
+    from ..zkpaths import connect_config
 
     _setup_logging(verbose)
     cfg = _load(config_path)
@@ -111,7 +109,7 @@ def web(config_path: str | None, host: str | None, port: int | None, verbose: bo
     )
     zk = None
     if cfg.zookeeper.hosts:  # task changes made here reach the leading center at once
-        zk = connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout)
+        zk = connect_config(cfg)
     app = create_app(cfg, {"STORE": store, "ZK": zk})
     host = host or cfg.web.host
     port = cfg.web.port if port is None else port
@@ -153,14 +151,12 @@ def center(config_path: str | None, center_id: str | None, verbose: bool) -> Non
     """Run a center: one of them leads and places tasks on the live agents."""
     from ..center.center import Center
     from ..store import Store
-    from ..zkpaths import connect
+    from ..zkpaths import connect_config
 
     _setup_logging(verbose)
     cfg = _load(config_path)
     store = _when_reachable("MongoDB", lambda: Store.from_config(cfg))
-    zk = _when_reachable(
-        "ZooKeeper", lambda: connect(cfg.zookeeper.hosts, cfg.zookeeper.session_timeout)
-    )
+    zk = _when_reachable("ZooKeeper", lambda: connect_config(cfg))
     try:
         engine = Center(cfg, store, zk, center_id=center_id)
         _stop_on_signals(engine.stop)
