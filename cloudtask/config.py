@@ -1,6 +1,7 @@
 """Configuration: a JSON file, then environment variables, each key checked against a schema.
 
-The file has sections (``zookeeper``, ``mongodb``, ``agent``, ``runs``, ``web``, ``alerts``);
+The file has sections (``zookeeper``, ``mongodb``, ``agent``, ``runs``, ``web``, ``alerts``,
+``security``);
 every key is optional and has a default. An environment variable ``CLOUDTASK_<SECTION>_<KEY>``
 overrides a key (``CLOUDTASK_ZK_*`` and ``CLOUDTASK_MONGO_*`` are short forms of the first two
 sections); lists and objects are given to it as JSON (a list of addresses also as "a, b").
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 from .durations import parse_duration
 from .events import KINDS as EVENT_KINDS
 from .exceptions import ConfigError
+from .netpolicy import check_networks
 from .zkauth import check_setting as check_zk_auth
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -108,6 +110,21 @@ class AlertsConfig:
     webhook_timeout: float = 10.0
 
 
+DEFAULT_SMTP_ENV_PREFIX = "CLOUDTASK_SMTP_"
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """What admins of the web site cannot change (the file and the environment only)."""
+
+    # alerts.smtp_password_env may only name a variable starting with this ("": any)
+    smtp_password_env_prefix: str = DEFAULT_SMTP_ENV_PREFIX
+    # on: webhooks, SMTP and HTTP tasks may not connect to the cloud metadata addresses nor to
+    # egress_deny (cloudtask/netpolicy.py)
+    egress_filter: bool = False
+    egress_deny: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class Config:
     zookeeper: ZooKeeperConfig = field(default_factory=ZooKeeperConfig)
@@ -116,6 +133,7 @@ class Config:
     runs: RunsConfig = field(default_factory=RunsConfig)
     web: WebConfig = field(default_factory=WebConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     source: str = "defaults"
 
     def with_section(self, name: str, **changes: Any) -> Config:
@@ -227,6 +245,25 @@ def _env_name(v: Any) -> str:
         raise ValueError(
             f"expected the name of an environment variable (letters, digits, '_'), got {v!r}"
         )
+    return v
+
+
+def _on_off(v: Any) -> bool:
+    """true or false; from the environment also 1/0, yes/no, on/off."""
+    if isinstance(v, bool):
+        return v
+    text = v.strip().lower() if isinstance(v, str) else None
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {json.dumps(v)}")
+
+
+def _env_prefix(v: Any) -> str:
+    v = _string(v)
+    if v and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+        raise ValueError(f"expected the start of a variable name (letters, digits, '_'), got {v!r}")
     return v
 
 
@@ -426,6 +463,15 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...
         ("WEB",),
     ),
     "alerts": (AlertsConfig, ALERTS_CHECKS, ("ALERTS",)),
+    "security": (
+        SecurityConfig,
+        {
+            "smtp_password_env_prefix": _env_prefix,
+            "egress_filter": _on_off,
+            "egress_deny": check_networks,
+        },
+        ("SECURITY",),
+    ),
 }
 
 

@@ -125,24 +125,104 @@ def test_login_with_the_password_from_an_environment_variable(store):
         free_port(), authenticator=authenticator, auth_required=True, auth_require_tls=False
     ).start()
     try:
-        cfg = config(server.port, smtp_user="alerts", smtp_password_env="CT_SMTP_PASSWORD")
+        cfg = config(server.port, smtp_user="alerts", smtp_password_env="CLOUDTASK_SMTP_PASSWORD")
         event = run_event(store, make_task(store), T0)
 
         unset = Notifier(store, cfg, environ={})
         assert unset.run_once(ts(T0, 1))["retried"] == 1
         (doc,) = Deliveries(store).for_event(event["_id"])
-        assert "CT_SMTP_PASSWORD" in doc["last_error"] and "not set" in doc["last_error"]
+        assert "CLOUDTASK_SMTP_PASSWORD" in doc["last_error"] and "not set" in doc["last_error"]
 
-        wrong = Notifier(store, cfg, environ={"CT_SMTP_PASSWORD": "nope"})
+        wrong = Notifier(store, cfg, environ={"CLOUDTASK_SMTP_PASSWORD": "nope"})
         assert wrong.run_once(ts(T0, 10))["retried"] == 1
         (doc,) = Deliveries(store).for_event(event["_id"])
         assert "refused the login of 'alerts'" in doc["last_error"]
 
-        right = Notifier(store, cfg, environ={"CT_SMTP_PASSWORD": "pa55"})
+        right = Notifier(store, cfg, environ={"CLOUDTASK_SMTP_PASSWORD": "pa55"})
         assert right.run_once(ts(T0, 30))["sent"] == 1
         assert len(server.inbox.messages()) == 1
     finally:
         server.stop()
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_a_password_variable_without_the_prefix_is_never_read_nor_sent(store):
+    """An admin could name any variable of the center's environment (the database URI) and
+    have it sent as the password to an SMTP server of their choosing."""
+    tried: list[bytes] = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):  # noqa: ANN001, ANN202
+        tried.append(auth_data.password)
+        return AuthResult(success=True, handled=False)
+
+    server = SmtpServer(
+        free_port(), authenticator=authenticator, auth_required=True, auth_require_tls=False
+    ).start()
+    try:
+        cfg = config(server.port, smtp_user="alerts", smtp_password_env="CLOUDTASK_MONGO_URI")
+        event = run_event(store, make_task(store), T0)
+        environ = {"CLOUDTASK_MONGO_URI": "mongodb://admin:db-secret@db/"}
+        assert Notifier(store, cfg, environ=environ).run_once(ts(T0, 1))["retried"] == 1
+        (doc,) = Deliveries(store).for_event(event["_id"])
+        assert doc["last_error"] == (
+            "alerts.smtp_password_env may only name an environment variable starting with "
+            "CLOUDTASK_SMTP_ (security.smtp_password_env_prefix), got 'CLOUDTASK_MONGO_URI': "
+            "put the password in such a variable of the center's environment"
+        )
+        assert tried == [] and server.inbox.messages() == []
+        # another prefix, configured in the file (not on the settings page)
+        mine = cfg.with_section("security", smtp_password_env_prefix="MAIL_")
+        mine = mine.with_section("alerts", smtp_password_env="MAIL_PASSWORD")
+        counts = Notifier(store, mine, environ={"MAIL_PASSWORD": "pw"}).run_once(ts(T0, 10))
+        assert counts["sent"] == 1 and tried == [b"pw"]
+    finally:
+        server.stop()
+
+
+# --- the deny-list of networks -------------------------------------------------------------------
+
+
+def test_webhooks_to_a_denied_network_are_not_posted(store, receiver):
+    cfg = config(None, webhooks=({"url": receiver.url, "secret": SECRET, "kinds": None},))
+    event = run_event(store, make_task(store), T0)
+    denied = cfg.with_section("security", egress_filter=True, egress_deny=("127.0.0.0/8",))
+    assert Notifier(store, denied).run_once(ts(T0, 1))["retried"] == 1
+    (doc,) = Deliveries(store).for_event(event["_id"])
+    assert doc["last_error"] == (
+        f"not posted to {receiver.url}: connecting to 127.0.0.1 is refused: 127.0.0.0/8 is on "
+        "the deny-list of networks (security.egress_filter)"
+    )
+    assert receiver.requests == []
+    # on with only the metadata addresses (or off, the default): loopback is reached
+    on = cfg.with_section("security", egress_filter=True)
+    assert Notifier(store, on).run_once(ts(T0, 10))["sent"] == 1
+    assert len(receiver.requests) == 1
+
+
+def test_a_webhook_to_the_metadata_address_is_refused_at_once(store):
+    hook = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
+    cfg = config(None, webhooks=({"url": hook, "secret": SECRET, "kinds": None},))
+    cfg = cfg.with_section("security", egress_filter=True)
+    event = run_event(store, make_task(store), T0)
+    started = time.monotonic()
+    assert Notifier(store, cfg).run_once(ts(T0, 1))["retried"] == 1
+    assert time.monotonic() - started < 2  # refused, not a connection timing out
+    (doc,) = Deliveries(store).for_event(event["_id"])
+    assert "169.254.169.254/32 is on the deny-list of networks" in doc["last_error"]
+
+
+@pytest.mark.parametrize("security", ["none", "ssl"])
+def test_an_smtp_server_in_a_denied_network_is_not_used(store, smtp, security):
+    cfg = config(smtp.port, smtp_security=security)
+    cfg = cfg.with_section("security", egress_filter=True, egress_deny=("127.0.0.1",))
+    event = run_event(store, make_task(store), T0)
+    assert Notifier(store, cfg).run_once(ts(T0, 1))["retried"] == 1
+    (doc,) = Deliveries(store).for_event(event["_id"])
+    assert doc["last_error"] == (
+        f"the SMTP server 127.0.0.1:{smtp.port} is not used: connecting to 127.0.0.1 is "
+        "refused: 127.0.0.1/32 is on the deny-list of networks (security.egress_filter)"
+    )
+    assert smtp.inbox.messages() == []
 
 
 # --- webhooks ----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from cloudtask.notify import (
     send_test_mail,
 )
 from cloudtask.notify.content import event_subject
+from cloudtask.notify.settings import validate_settings
 
 # --- settings ----------------------------------------------------------------------------------
 
@@ -177,7 +178,7 @@ def test_config_file_and_environment_alerts(tmp_path):
     env = {
         "CLOUDTASK_ALERTS_OPERATORS": "a@example.com, b@example.com",
         "CLOUDTASK_ALERTS_OPERATORS_BY_GROUP": '{"batch": ["c@example.com"]}',
-        "CLOUDTASK_ALERTS_SMTP_PASSWORD_ENV": "SMTP_PASS",
+        "CLOUDTASK_ALERTS_SMTP_PASSWORD_ENV": "CLOUDTASK_SMTP_PASS",
     }
     cfg = load_config(str(path), environ=env)
     a = cfg.alerts
@@ -187,7 +188,7 @@ def test_config_file_and_environment_alerts(tmp_path):
     assert a.operators_by_group == {"batch": ("c@example.com",)}
     assert a.operators_by_kind == {"agent.left": ("infra@example.com",)}
     assert a.webhooks == ({"url": "https://h.example.com/x", "secret": "s", "kinds": None},)
-    s = load_settings(None, cfg, environ={"SMTP_PASS": "from-env"})
+    s = load_settings(None, cfg, environ={"CLOUDTASK_SMTP_PASS": "from-env"})
     assert s.smtp_password == "from-env"
     with pytest.raises(ConfigError, match="CLOUDTASK_ALERTS_WEBHOOKS at \\[0\\].url"):
         load_config(None, environ={"CLOUDTASK_ALERTS_WEBHOOKS": '[{"url": "x", "secret": "s"}]'})
@@ -224,3 +225,51 @@ def test_subjects_sort_by_kind_then_name_then_time():
     assert event_subject(leader) == "[CloudTask] LEADER c2 2026-12-01 03:00 UTC"
     newline = {"kind": "task.changed", "task_name": "x", "at": T0, "details": {"actor": "a\nb"}}
     assert "\n" not in event_subject(newline)
+
+
+# --- what the settings page cannot change -------------------------------------------------------
+
+
+def test_smtp_password_env_may_only_name_a_variable_with_the_configured_prefix(store, smtp):
+    environ = {"CLOUDTASK_MONGO_URI": "mongodb://admin:db-secret@db/", "CLOUDTASK_SMTP_PW": "pw"}
+    cfg = config(smtp.port, smtp_user="alerts")
+    save_settings(store, {"smtp_password_env": "CLOUDTASK_MONGO_URI"})  # saved as before ...
+    s = load_settings(store, cfg, environ=environ)
+    assert s.smtp_password == "" and "db-secret" not in repr(s)  # ... but never read
+    assert s.password_problem.startswith(
+        "alerts.smtp_password_env may only name an environment variable starting with "
+        "CLOUDTASK_SMTP_ (security.smtp_password_env_prefix), got 'CLOUDTASK_MONGO_URI'"
+    )
+    with pytest.raises(CloudTaskError, match="may only name an environment variable"):
+        send_test_mail(s, "admin@example.com")  # the page's "test mail"
+    assert smtp.inbox.messages() == []
+    save_settings(store, {"smtp_password_env": "CLOUDTASK_SMTP_PW"})
+    assert load_settings(store, cfg, environ=environ).smtp_password == "pw"
+    # the same refused at once where the prefix is known (the page, given the config)
+    prefix = cfg.security.smtp_password_env_prefix
+    _, problems = validate_settings({"smtp_password_env": "HOME"}, env_prefix=prefix)
+    assert [(p.path, p.message.split(",")[0]) for p in problems] == [
+        (
+            "smtp_password_env",
+            "may only name an environment variable starting with CLOUDTASK_SMTP_ "
+            "(security.smtp_password_env_prefix)",
+        )
+    ]
+    with pytest.raises(ValidationError, match="smtp_password_env: may only name"):
+        save_settings(store, {"smtp_password_env": "HOME"}, env_prefix=prefix)
+    assert validate_settings({"smtp_password_env": "CLOUDTASK_SMTP_X"}, env_prefix=prefix)[1] == []
+
+
+def test_the_prefix_comes_from_the_file_or_the_environment(tmp_path):
+    path = tmp_path / "cloudtask.json"
+    path.write_text(json.dumps({"security": {"smtp_password_env_prefix": "ALERT_MAIL_"}}))
+    cfg = load_config(str(path), environ={})
+    assert cfg.security.smtp_password_env_prefix == "ALERT_MAIL_"
+    cfg = cfg.with_section("alerts", smtp_password_env="ALERT_MAIL_PW")
+    assert load_settings(None, cfg, environ={"ALERT_MAIL_PW": "x"}).smtp_password == "x"
+    env = {"CLOUDTASK_SECURITY_SMTP_PASSWORD_ENV_PREFIX": "OPS_"}
+    assert load_config(None, environ=env).security.smtp_password_env_prefix == "OPS_"
+    assert load_config(None, environ={}).security.smtp_password_env_prefix == "CLOUDTASK_SMTP_"
+    path.write_text(json.dumps({"security": {"smtp_password_env_prefix": "A B"}}))
+    with pytest.raises(ConfigError, match="security.smtp_password_env_prefix"):
+        load_config(str(path), environ={})

@@ -23,6 +23,7 @@ from typing import Any
 from ..clock import utcnow
 from ..config import email_problem
 from ..exceptions import CloudTaskError
+from ..netpolicy import DeniedAddress, GuardedSMTP, GuardedSMTP_SSL
 from .content import one_line, test_body
 from .settings import AlertSettings
 
@@ -91,20 +92,23 @@ class SmtpConnection:
             raise DeliveryError("mail is off: alerts.smtp_host is empty")
         try:
             # the host is given to the constructor: TLS checks the certificate against it
+            # (connected under the network policy: a denied address is refused unsent)
             if s.smtp_security == "ssl":
-                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                smtp: smtplib.SMTP = GuardedSMTP_SSL(
                     s.smtp_host,
                     s.smtp_port,
                     timeout=s.smtp_timeout,
                     local_hostname=local_hostname(),
                     context=ssl.create_default_context(),
+                    policy=s.egress,
                 )
             else:
-                smtp = smtplib.SMTP(
+                smtp = GuardedSMTP(
                     s.smtp_host,
                     s.smtp_port,
                     timeout=s.smtp_timeout,
                     local_hostname=local_hostname(),
+                    policy=s.egress,
                 )
             self._smtp = smtp
             smtp.ehlo()
@@ -155,6 +159,8 @@ class SmtpConnection:
             return f"the SMTP server {where} answered {e.smtp_code} {_text(e.smtp_error)}"
         if isinstance(e, ConnectionRefusedError):
             return f"cannot connect to the SMTP server {where}: connection refused"
+        if isinstance(e, DeniedAddress):
+            return f"the SMTP server {where} is not used: {e}"
         if isinstance(e, smtplib.SMTPServerDisconnected):
             return f"the SMTP server {where} closed the connection ({e})"
         if isinstance(e, OSError):

@@ -223,6 +223,7 @@ class Notifier:
                 kind=doc.get("kind") or "event",
                 delivery_id=doc["_id"],
                 timeout=s.webhook_timeout,
+                policy=s.egress,
             )
             return
         raise DeliveryError(f"unknown channel {doc['channel']!r}", whole_target=False)

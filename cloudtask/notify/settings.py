@@ -5,6 +5,12 @@ Both are checked by the same functions (:data:`cloudtask.config.ALERTS_CHECKS`),
 page saves is one the file would accept. The stored document holds only the keys the page set;
 a key left out falls back to the file.
 
+What an admin may not change is in the file's ``security`` section: ``smtp_password_env`` is
+read only when it names a variable starting with ``security.smtp_password_env_prefix``
+(``CLOUDTASK_SMTP_``), so the page cannot mail another variable of the center's environment
+(the database URI, a key) to a server of the admin's choosing; the network policy
+(``security.egress_filter``) is the one every SMTP and webhook connection keeps to.
+
 Example::
 
     settings = load_settings(store, cfg)
@@ -20,8 +26,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..clock import to_bson_time, utcnow
-from ..config import ALERTS_CHECKS, AlertsConfig, Config
+from ..config import ALERTS_CHECKS, DEFAULT_SMTP_ENV_PREFIX, AlertsConfig, Config
 from ..exceptions import Problem, ValidationError
+from ..netpolicy import NetworkPolicy
 from ..runmodel import SCHEMA_VERSION
 from ..store import Store
 
@@ -63,6 +70,7 @@ class AlertSettings:
     base_url: str = "http://127.0.0.1:8080"
     from_database: tuple[str, ...] = ()  # the keys the stored settings override
     password_problem: str = ""
+    egress: NetworkPolicy = NetworkPolicy()  # where mail and webhooks may connect
 
     @property
     def mail_enabled(self) -> bool:
@@ -96,9 +104,24 @@ def base_url(cfg: Config) -> str:
     return f"http://{host}:{cfg.web.port}"
 
 
-def validate_settings(data: object) -> tuple[dict[str, Any], list[Problem]]:
+def password_env_problem(name: str, prefix: str = DEFAULT_SMTP_ENV_PREFIX) -> str | None:
+    """Why ``smtp_password_env`` may not name ``name`` (it lacks the prefix), or None."""
+    if not name or name.startswith(prefix):
+        return None
+    return (
+        f"may only name an environment variable starting with {prefix} "
+        f"(security.smtp_password_env_prefix), got {name!r}: put the password in such a "
+        "variable of the center's environment"
+    )
+
+
+def validate_settings(
+    data: object, *, env_prefix: str | None = None
+) -> tuple[dict[str, Any], list[Problem]]:
     """Check settings as the page sends them: the known keys, each as the config file checks
-    it. Returns the converted values and every problem (path such as ``webhooks[0].url``)."""
+    it. Returns the converted values and every problem (path such as ``webhooks[0].url``).
+    With ``env_prefix`` (the config's ``security.smtp_password_env_prefix``), a
+    ``smtp_password_env`` without it is a problem too (it is never read either way)."""
     if not isinstance(data, dict):
         return {}, [Problem("", "expected an object of alert settings")]
     values: dict[str, Any] = {}
@@ -114,6 +137,9 @@ def validate_settings(data: object) -> tuple[dict[str, Any], list[Problem]]:
             values[key] = check(value)
         except ValueError as e:
             problems.append(Problem(f"{key}{getattr(e, 'subpath', '')}", str(e)))
+    name = values.get("smtp_password_env")
+    if env_prefix is not None and name and (problem := password_env_problem(name, env_prefix)):
+        problems.append(Problem("smtp_password_env", problem))
     return values, problems
 
 
@@ -130,10 +156,13 @@ def stored_settings(store: Store) -> dict[str, Any]:
     return values
 
 
-def save_settings(store: Store, data: object, *, by: str = "") -> dict[str, Any]:
+def save_settings(
+    store: Store, data: object, *, by: str = "", env_prefix: str | None = None
+) -> dict[str, Any]:
     """Replace the stored settings with ``data`` (the keys it has; the others come from the
-    file again). Raises ValidationError listing every problem; returns the stored values."""
-    values, problems = validate_settings(data)
+    file again). Raises ValidationError listing every problem; returns the stored values.
+    ``env_prefix``: as :func:`validate_settings`."""
+    values, problems = validate_settings(data, env_prefix=env_prefix)
     if problems:
         raise ValidationError(problems, source="the alert settings")
     doc = {
@@ -156,9 +185,12 @@ def load_settings(
     values = {**file_values, **stored}
     environ = os.environ if environ is None else environ
     password, problem = values["smtp_password"], ""
+    prefix = cfg.security.smtp_password_env_prefix
     if values["smtp_password_env"]:
         name = values["smtp_password_env"]
-        if name in environ:
+        if denied := password_env_problem(name, prefix):  # never read, whatever it holds
+            problem = f"alerts.smtp_password_env {denied}"
+        elif name in environ:
             password = environ[name]
         elif not password:
             problem = (
@@ -173,6 +205,7 @@ def load_settings(
         base_url=base_url(cfg),
         from_database=tuple(sorted(stored)),
         password_problem=problem,
+        egress=NetworkPolicy.from_config(cfg),
     )
 
 

@@ -7,7 +7,9 @@ retry, so a receiver can drop a repeat). A receiver checks the signature like th
     expected = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
     hmac.compare_digest(expected, request.headers["X-CloudTask-Signature"])
 
-Any 2xx answer is success. Redirects are not followed (the signed body is for this URL).
+Any 2xx answer is success. Redirects are not followed (the signed body is for this URL). The
+connection keeps to the network policy (``security.egress_filter``): a URL whose host resolves
+to a denied address is not posted to.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 
+from ..netpolicy import DeniedAddress, NetworkPolicy, url_handlers
 from .content import one_line
 from .mail import DeliveryError
 
@@ -30,7 +33,8 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirects)
+def _opener(policy: NetworkPolicy | None) -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(_NoRedirects, *url_handlers(policy))
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -38,11 +42,19 @@ def signature(secret: str, body: bytes) -> str:
 
 
 def post_event(
-    url: str, body: bytes, *, secret: str, kind: str, delivery_id: str, timeout: float
+    url: str,
+    body: bytes,
+    *,
+    secret: str,
+    kind: str,
+    delivery_id: str,
+    timeout: float,
+    policy: NetworkPolicy | None = None,
 ) -> int:
     """POST ``body`` to ``url``; returns the HTTP status, or raises DeliveryError.
 
     ``timeout`` bounds the connection and each read, and the whole answer is read within it.
+    ``policy``: the network policy of the connection (None: the process's).
     """
     headers = {
         "Content-Type": "application/json; charset=utf-8",
@@ -54,7 +66,7 @@ def post_event(
     request = urllib.request.Request(url, data=body, method="POST", headers=headers)
     deadline = time.monotonic() + timeout
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
+        with _opener(policy).open(request, timeout=timeout) as response:
             status = response.status
             left = MAX_ANSWER_BYTES
             while left > 0 and time.monotonic() < deadline:
@@ -75,6 +87,8 @@ def post_event(
             raise DeliveryError(f"{url} did not answer within {timeout:g}s") from None
         if isinstance(reason, ConnectionRefusedError):
             raise DeliveryError(f"cannot connect to {url}: connection refused") from None
+        if isinstance(reason, DeniedAddress):
+            raise DeliveryError(f"not posted to {url}: {reason}") from None
         text = getattr(reason, "strerror", None) or reason
         raise DeliveryError(f"cannot reach {url}: {one_line(text, 200)}") from None
     except http.client.HTTPException as e:  # a broken answer
