@@ -5,15 +5,23 @@ lone surrogates, sizes of commands and environments, the number of schedules, JS
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from helpers import wait_for
 
 from cloudtask.cli import cli
+from cloudtask.cli.servers import request_body_limit
+from cloudtask.config import Config
 from cloudtask.exceptions import ValidationError
 from cloudtask.jsonlimits import MAX_JSON_DEPTH, JSONDepthError, depth_problem, loads
+from cloudtask.localservers import free_port
 from cloudtask.task import (
     MAX_COMMAND_BYTES,
     MAX_ENV_BYTES,
@@ -190,3 +198,90 @@ def test_next_with_deep_json_is_a_usage_error():
     result = invoke("next", "[" * 100_000)
     assert result.exit_code == 2 and "nested more than 32 levels deep" in result.output
     assert not isinstance(result.exception, RecursionError)
+
+
+# --- request bodies: waitress refuses what the site would, before it reads it --------------------
+
+
+def exchange(port: int, head: bytes, chunks: tuple[bytes, ...] = (), wait: float = 10) -> bytes:
+    """Send ``head`` (and ``chunks``) to the site; the answer's first bytes (b"" if none came
+    within ``wait``). A server that closes while it is sent to has answered already."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        sock.sendall(head)
+        for chunk in chunks:
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        try:
+            return sock.recv(4096)
+        except TimeoutError:
+            return b""
+
+
+def up(port: int) -> bool:
+    try:
+        return exchange(port, b"GET /healthz HTTP/1.0\r\n\r\n", wait=2).startswith(b"HTTP/")
+    except OSError:
+        return False
+
+
+def test_request_bodies_are_capped_in_waitress_at_the_upload_limit(
+    mongo_server, mongo_db_name, tmp_path
+):
+    limit = 1024 * 1024
+    cfg = Config().with_section("web", max_upload_bytes=limit)
+    assert request_body_limit(cfg) == limit + 64 * 1024 + 1  # what the site allows, and no more
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CLOUDTASK_")},
+        "CLOUDTASK_CONFIG": "",
+        "CLOUDTASK_MONGO_URI": mongo_server.uri,
+        "CLOUDTASK_MONGO_DATABASE": mongo_db_name,
+        "CLOUDTASK_WEB_MAX_UPLOAD_BYTES": str(limit),
+        "CLOUDTASK_WEB_DATA_DIR": str(tmp_path / "web"),
+    }
+    log = open(tmp_path / "web.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloudtask", "web", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(
+            lambda: up(port),
+            timeout=30,
+            message="the web site did not start",
+        )
+        # 1 GiB less a byte announced (waitress's own cap is 1 GiB): refused at once, nothing of
+        # it read; before, waitress waited for the whole body (to a temporary file)
+        started = time.monotonic()
+        answer = exchange(
+            port,
+            b"POST /api/v1/files?name=big HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/octet-stream\r\nContent-Length: 1073741823\r\n\r\n",
+        )
+        assert answer.startswith(b"HTTP/1.1 413 Request Entity Too Large"), answer
+        assert b"exceeds max_body of 1114113" in answer
+        assert time.monotonic() - started < 5
+        # a chunked body is cut off once it passes the limit
+        chunk = b"%x\r\n%s\r\n" % (64 * 1024, b"x" * 64 * 1024)
+        answer = exchange(
+            port,
+            b"POST /api/v1/files?name=big HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            (chunk,) * 40,  # 2.5 MiB
+        )
+        assert answer.startswith(b"HTTP/1.1 413"), answer
+        # within the limit the site itself answers (here: log in first)
+        answer = exchange(
+            port,
+            b"POST /api/v1/files?name=small HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Connection: close\r\n\r\nhello",
+        )
+        assert answer.startswith(b"HTTP/1.1 401"), answer
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()

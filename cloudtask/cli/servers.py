@@ -21,6 +21,26 @@ from .common import _load, _setup_logging, cli_actor, config_option, verbose_opt
 log = logging.getLogger("cloudtask")
 T = TypeVar("T")
 
+# what a request may carry besides an upload of web.max_upload_bytes (multipart framing, the
+# form's other fields); the site's own limit (web/__init__.py, MAX_CONTENT_LENGTH) is the same
+UPLOAD_OVERHEAD = 64 * 1024
+
+
+def request_body_limit(cfg: Config) -> int:
+    """waitress's ``max_request_body_size``: it refuses (413) a body of this size or more as
+    soon as the headers announce it, or as a chunked body reaches it, before the site sees the
+    request: waitress reads a whole body (to a temporary file) before it calls the site, so
+    its default, 1 GiB, let anyone fill the disk and the site's limit come too late."""
+    return cfg.web.max_upload_bytes + UPLOAD_OVERHEAD + 1
+
+
+def _apply_network_policy(cfg: Config) -> None:
+    """The process's deny-list of networks (``security.egress_filter``): the agent's HTTP
+    tasks keep to it (cloudtask/netpolicy.py); mail and webhooks take it from the config."""
+    from .. import netpolicy
+
+    netpolicy.configure(netpolicy.NetworkPolicy.from_config(cfg))
+
 
 # --- agent ----------------------------------------------------------------------------------
 
@@ -61,6 +81,7 @@ def agent(
     changes = {k: v for k, v in {"id": agent_id, "group": group, "data_dir": data_dir}.items() if v}
     if changes:
         cfg = cfg.with_section("agent", **changes)
+    _apply_network_policy(cfg)
     store = _when_reachable("MongoDB", lambda: Store.from_config(cfg))
     zk = None
     try:
@@ -100,6 +121,7 @@ def web(config_path: str | None, host: str | None, port: int | None, verbose: bo
     _setup_logging(verbose)
     cfg = _load(config_path)
     cfg = cfg.with_section("web", secret_key=_web_secret(cfg))
+    _apply_network_policy(cfg)
     # a page waits at most 2 s for MongoDB before it says it is unreachable (503)
     store = Store(
         cfg.mongodb.uri,
@@ -115,7 +137,14 @@ def web(config_path: str | None, host: str | None, port: int | None, verbose: bo
     port = cfg.web.port if port is None else port
     log.info("web site on http://%s:%d/", host, port)
     try:
-        waitress.serve(app, host=host, port=port, threads=8, ident="cloudtask")
+        waitress.serve(
+            app,
+            host=host,
+            port=port,
+            threads=8,
+            ident="cloudtask",
+            max_request_body_size=request_body_limit(cfg),
+        )
     finally:
         if zk is not None:
             zk.stop()
@@ -155,6 +184,7 @@ def center(config_path: str | None, center_id: str | None, verbose: bool) -> Non
 
     _setup_logging(verbose)
     cfg = _load(config_path)
+    _apply_network_policy(cfg)
     store = _when_reachable("MongoDB", lambda: Store.from_config(cfg))
     zk = _when_reachable("ZooKeeper", lambda: connect_config(cfg))
     try:
