@@ -87,6 +87,11 @@ class WebConfig:
     max_upload_bytes: int = 50 * 1024 * 1024  # task files (scripts, binaries, archives)
     file_versions_kept: int = 20  # per file name; older versions are deleted unless pinned
     base_url: str = ""  # how users reach the site, for links in mail (empty: http://host:port)
+    # sessions (kept in MongoDB): end after this long unused, and this long after the login
+    session_idle_timeout: float = 12 * 3600.0
+    session_max_age: float = 7 * 86400.0
+    secure_cookies: bool | None = None  # the cookie's Secure flag; None: when base_url is https
+    trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For is believed
 
 
 @dataclass(frozen=True)
@@ -237,6 +242,44 @@ def _write_concern(v: Any) -> str:
     if text in ("auto", "majority") or (text.isdigit() and 1 <= int(text) <= 50):
         return text
     raise ValueError(f'expected "auto", "majority" or a number of members (1-50), got {v!r}')
+
+
+def _bool_or_auto(v: Any) -> bool | None:
+    """true, false, or null / "auto" (decided from other keys); from the environment also
+    1/0, yes/no, on/off."""
+    if v is None or isinstance(v, bool):
+        return v
+    text = str(v).strip().lower() if isinstance(v, str) else None
+    if text in ("auto", ""):
+        return None
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f'expected true, false or "auto", got {json.dumps(v)}')
+
+
+def _networks(v: Any) -> tuple[str, ...]:
+    """IP addresses and networks (``10.0.0.1``, ``10.0.0.0/8``, ``::1``); from the
+    environment also "a, b"."""
+    import ipaddress
+
+    v = _from_json_text(v, "a list of addresses or networks")
+    if isinstance(v, str):
+        v = [p.strip() for p in v.split(",") if p.strip()]
+    if not isinstance(v, (list, tuple)):
+        raise ValueError(f"expected a list of IP addresses or networks, got {json.dumps(v)}")
+    out: list[str] = []
+    for i, item in enumerate(v):
+        if not isinstance(item, str):
+            raise SubkeyError(f"[{i}]", f"expected a string, got {json.dumps(item)}")
+        try:
+            out.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+        except ValueError:
+            raise SubkeyError(
+                f"[{i}]", f"expected an IP address or network such as 10.0.0.0/8, got {item!r}"
+            ) from None
+    return tuple(out)
 
 
 def _env_name(v: Any) -> str:
@@ -459,6 +502,10 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...
             "max_upload_bytes": _int_range(1, 16 * 1024**3),
             "file_versions_kept": _int_range(1, 1000),
             "base_url": _string,
+            "session_idle_timeout": _duration_range(60, 30 * 86400),
+            "session_max_age": _duration_range(300, 365 * 86400),
+            "secure_cookies": _bool_or_auto,
+            "trusted_proxies": _networks,
         },
         ("WEB",),
     ),

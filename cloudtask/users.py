@@ -7,8 +7,22 @@ list and revoke it), its name, when it was made and when it was last used (noted
 a minute per token, so an API request does not cost a write). There is no default password:
 the first admin is made with ``cloudtask user add NAME --role admin``.
 
-Guard rails: an admin cannot disable or demote their own account, and the last enabled admin
-can never be disabled or demoted (:class:`~cloudtask.exceptions.Conflict`).
+Guard rails: an admin cannot disable, demote or delete their own account, and the last enabled
+admin can never be disabled, demoted or deleted (:class:`~cloudtask.exceptions.Conflict`).
+
+Sessions: the web site's sessions are stored on the server (:mod:`cloudtask.store.sessions`).
+A new password (set by the user or reset by an admin), a role change, disabling or deleting
+the account end every session of the user at once (the web site then renews the one session
+that changed its own password); the user's ``session_epoch`` moves on as well, and a session
+naming an older epoch is refused, whatever is stored.
+
+API tokens may expire (``expires_at``, epoch seconds) and may be read-only (``scope``
+``"read"``: GET and HEAD only, whatever the user's role; ``"all"`` otherwise).
+:meth:`Users.token_user` tells an expired token from an unknown one, so the API can say so.
+
+Login timing: :meth:`Users.authenticate` always checks a password hash (a dummy one for an
+unknown name) before it looks at anything else, so an unknown user, a disabled one and a wrong
+password take the same time.
 
 The documents are read and written by :mod:`cloudtask.store.users` (always whole, but for a
 token's ``last_used_at``).
@@ -36,7 +50,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from werkzeug.security import check_password_hash, generate_password_hash
@@ -52,6 +66,8 @@ ROLES = ("admin", "operator", "viewer")
 ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
 MIN_PASSWORD = 10
 MAX_TOKEN_NAME = 64
+MAX_TOKEN_DAYS = 3650  # a token's expiry: at most ten years ahead
+TOKEN_SCOPES = ("all", "read")
 MAX_LISTED_USERS = 1000
 LAST_USED_EVERY = 60.0  # seconds: how stale a token's last_used_at may get before a write
 _USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -70,14 +86,55 @@ def new_token_id() -> str:
     return secrets.token_hex(4)
 
 
-def public_token(entry: dict[str, Any]) -> dict[str, Any]:
-    """A token as it may be shown: id, name, created_at, last_used_at (epoch s or None)."""
+def public_token(entry: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """A token as it may be shown: id, name, created_at, last_used_at and expires_at (epoch s
+    or None), scope (``all`` or ``read``) and whether it has expired."""
+    expires = entry.get("expires_at")
+    now = time.time() if now is None else now
     return {
         "id": entry.get("id", ""),
         "name": entry.get("name", ""),
         "created_at": entry.get("created_at"),
         "last_used_at": entry.get("last_used_at"),
+        "expires_at": expires,
+        "expired": isinstance(expires, (int, float)) and expires <= now,
+        "scope": token_scope(entry),
     }
+
+
+def token_scope(entry: dict[str, Any]) -> str:
+    """``read`` for a read-only token, else ``all`` (tokens made before scopes too)."""
+    return "read" if entry.get("scope") == "read" else "all"
+
+
+def token_expiry_problem(
+    expires_in_days: Any = None, expires_at: Any = None, now: float | None = None
+) -> tuple[float | None, str | None]:
+    """(the expiry as epoch seconds or None, a problem or None) from ``expires_in_days`` (a
+    whole number of days from now, 1 to MAX_TOKEN_DAYS) or ``expires_at`` (epoch seconds or a
+    datetime, in the future); give at most one."""
+    now = time.time() if now is None else now
+    if expires_in_days in (None, "") and expires_at in (None, ""):
+        return None, None
+    if expires_in_days not in (None, "") and expires_at not in (None, ""):
+        return None, "give expires_in (days) or expires_at, not both"
+    if expires_in_days not in (None, ""):
+        days = expires_in_days
+        if isinstance(days, str) and days.strip().isdigit():
+            days = int(days.strip())
+        if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_TOKEN_DAYS:
+            return None, f"expires_in: a whole number of days from 1 to {MAX_TOKEN_DAYS}"
+        return round(now + days * 86400.0, 3), None
+    when = expires_at
+    if isinstance(when, datetime):
+        when = when.timestamp() if when.tzinfo else when.replace(tzinfo=timezone.utc).timestamp()
+    if isinstance(when, bool) or not isinstance(when, (int, float)) or when != when:
+        return None, "expires_at: a time (epoch seconds)"
+    if when <= now:
+        return None, "expires_at: must be in the future"
+    if when > now + MAX_TOKEN_DAYS * 86400.0:
+        return None, f"expires_at: at most {MAX_TOKEN_DAYS} days ahead"
+    return round(float(when), 3), None
 
 
 def public(doc: dict[str, Any]) -> dict[str, Any]:
@@ -169,15 +226,27 @@ class Users:
         return len(self.enabled_admins())
 
     def authenticate(self, username: str, password: str) -> dict[str, Any] | None:
-        """The user, if the password is right and the account enabled; else None."""
+        """The user, if the password is right and the account enabled; else None. A hash is
+        checked in every case (a dummy one for an unknown name, the stored one for a disabled
+        account), so the answer takes the same time whatever was wrong."""
         try:
-            doc = self.get(username)
+            doc: dict[str, Any] | None = self.get(username) if isinstance(username, str) else None
         except NotFound:
-            check_password_hash(_DUMMY_HASH, password)  # same time whether or not it exists
-            return None
-        if not doc.get("enabled") or not check_password_hash(doc["password_hash"], password):
+            doc = None
+        stored = (doc or {}).get("password_hash")
+        if not isinstance(stored, str) or not stored:
+            stored = _DUMMY_HASH
+        try:
+            right = check_password_hash(stored, password if isinstance(password, str) else "")
+        except (ValueError, TypeError):  # a damaged stored hash: never a login
+            right = False
+        if doc is None or not right or not doc.get("enabled"):
             return None
         return doc
+
+    def end_sessions(self, username: str, keep: str | None = None) -> int:
+        """End the user's web sessions at once (all but the one keyed ``keep``)."""
+        return self.store.delete_user_sessions(username, keep)
 
     def _replace(self, doc: dict[str, Any]) -> None:
         """Write the user back only if nobody changed it since it was read (its ``rev``), so
@@ -196,18 +265,30 @@ class Users:
         password_hash = generate_password_hash(password)  # slow: outside the retried part
         return self._set_password_hash(username, password_hash)
 
-    @_retrying
     def _set_password_hash(self, username: str, password_hash: str) -> dict[str, Any]:
+        doc = self._write_password_hash(username, password_hash)
+        self.end_sessions(username)
+        return doc
+
+    @_retrying
+    def _write_password_hash(self, username: str, password_hash: str) -> dict[str, Any]:
         doc = self.get(username)
         doc["password_hash"] = password_hash
         doc["session_epoch"] = int(doc.get("session_epoch") or 0) + 1
         self._replace(doc)
         return doc
 
-    @_retrying
     def set_role(self, username: str, role: str, by: str | None = None) -> str:
         """Change the user's role; returns the previous one. ``by`` is the admin doing it:
-        nobody demotes their own admin account, and the last enabled admin stays admin."""
+        nobody demotes their own admin account, and the last enabled admin stays admin. A
+        change ends the user's sessions (they log in again under the new role)."""
+        old = self._set_role(username, role, by)
+        if old != role:
+            self.end_sessions(username)
+        return old
+
+    @_retrying
+    def _set_role(self, username: str, role: str, by: str | None) -> str:
         self._check(username, None, role)
         doc = self.get(username)
         old = doc.get("role", "viewer")
@@ -221,16 +302,24 @@ class Users:
                 )
         was_enabled_admin = old == "admin" and bool(doc.get("enabled"))
         doc["role"] = role
+        doc["session_epoch"] = int(doc.get("session_epoch") or 0) + 1
         self._replace(doc)
         if was_enabled_admin:
             self._verify_an_admin_left(doc, old_role=old)
         return old
 
-    @_retrying
     def set_enabled(self, username: str, enabled: bool, by: str | None = None) -> bool:
-        """Enable or disable the account (a disabled user cannot log in, their sessions and
-        API tokens stop working); returns the previous state. ``by`` is the admin doing it:
-        nobody disables their own account, and the last enabled admin stays enabled."""
+        """Enable or disable the account (a disabled user cannot log in, their sessions end
+        and their API tokens stop working); returns the previous state. ``by`` is the admin
+        doing it: nobody disables their own account, and the last enabled admin stays
+        enabled."""
+        old = self._set_enabled(username, enabled, by)
+        if not enabled:
+            self.end_sessions(username)
+        return old
+
+    @_retrying
+    def _set_enabled(self, username: str, enabled: bool, by: str | None) -> bool:
         doc = self.get(username)
         old = bool(doc.get("enabled"))
         if old == bool(enabled):
@@ -247,6 +336,31 @@ class Users:
         if not enabled and doc.get("role") == "admin":
             self._verify_an_admin_left(doc, old_enabled=old)
         return old
+
+    def delete(self, username: str, by: str | None = None) -> dict[str, Any]:
+        """Delete the account, its API tokens and its sessions; returns what it was. ``by`` is
+        the admin doing it: nobody deletes their own account, and the last enabled admin
+        stays."""
+        doc = self._delete(username, by)
+        self.end_sessions(username)
+        return doc
+
+    @_retrying
+    def _delete(self, username: str, by: str | None) -> dict[str, Any]:
+        doc = self.get(username)
+        if by == username:
+            raise Conflict("you cannot delete your own account: ask another admin")
+        if doc.get("role") == "admin":
+            self._keep_an_admin(doc, f"delete {username!r}")
+        if not self.store.delete_user_doc(username, doc.get("rev")):
+            raise _Stale(username)
+        if doc.get("role") == "admin" and doc.get("enabled") and not self.enabled_admins():
+            self.store.insert_user(doc)  # another admin went at the same moment: put it back
+            raise Conflict(
+                f"cannot delete {username!r}: no enabled admin would be left "
+                "(another admin was changed at the same moment); try again"
+            )
+        return doc
 
     def enabled_admins(self) -> builtins.list[str]:
         """The names of the enabled admins (flags read by truthiness, see the module doc)."""
@@ -281,12 +395,38 @@ class Users:
 
     # --- API tokens -------------------------------------------------------------------------
 
-    @_retrying
-    def add_token(self, username: str, name: str) -> tuple[str, str]:
+    def add_token(
+        self,
+        username: str,
+        name: str,
+        *,
+        expires_in_days: Any = None,
+        expires_at: Any = None,
+        scope: str = "all",
+    ) -> tuple[str, str]:
         """A new API token for the user: (its id, the token). The token is returned only
-        here; only its sha256 is stored."""
+        here; only its sha256 is stored. ``expires_in_days`` (days from now) or
+        ``expires_at`` (epoch seconds) make it expire; ``scope`` ``"read"`` makes it
+        read-only (GET and HEAD)."""
+        problems = []
         if problem := token_name_problem(name):
-            raise ValidationError([Problem("name", problem)], source="the token")
+            problems.append(Problem("name", problem))
+        expires, problem = token_expiry_problem(expires_in_days, expires_at)
+        if problem:
+            path, _, message = problem.partition(": ")
+            problems.append(Problem(path if message else "expires_in", message or problem))
+        if scope not in TOKEN_SCOPES:
+            problems.append(
+                Problem("scope", f"expected one of {', '.join(TOKEN_SCOPES)}, got {scope!r}")
+            )
+        if problems:
+            raise ValidationError(problems, source="the token")
+        return self._add_token(username, name, expires, scope)
+
+    @_retrying
+    def _add_token(
+        self, username: str, name: str, expires: float | None, scope: str
+    ) -> tuple[str, str]:
         doc = self.get(username)
         tokens = self._with_ids(doc)
         token = "ct_" + secrets.token_urlsafe(32)
@@ -300,14 +440,17 @@ class Users:
                 "hash": token_hash(token),
                 "created_at": to_bson_time(utcnow()),
                 "last_used_at": None,
+                "expires_at": expires,
+                "scope": scope,
             }
         )
         self._replace(doc)
         return token_id, token
 
-    def create_token(self, username: str, name: str) -> str:
-        """A new API token for the user: returned once, stored only as its hash."""
-        return self.add_token(username, name)[1]
+    def create_token(self, username: str, name: str, **options: Any) -> str:
+        """A new API token for the user: returned once, stored only as its hash (``options``:
+        see :meth:`add_token`)."""
+        return self.add_token(username, name, **options)[1]
 
     @_retrying
     def list_tokens(self, username: str) -> builtins.list[dict[str, Any]]:
@@ -341,17 +484,35 @@ class Users:
         return tokens
 
     def by_token(self, token: str) -> dict[str, Any] | None:
-        """The enabled user owning this API token, or None. Runs on every API request: it
-        notes the token's use only when the stored note is over a minute old."""
+        """The enabled user owning this API token, if it has not expired; else None."""
+        doc, _, _ = self.token_user(token)
+        return doc
+
+    def token_user(
+        self, token: str, now: float | None = None
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str | None]:
+        """(the enabled user owning this API token, the token's entry, None), or (None, None,
+        why it is refused). Runs on every API request: it notes the token's use only when the
+        stored note is over a minute old. An expired token says when it expired."""
+        refused = "the API token is not valid (unknown, revoked, or its user is disabled)"
+        if not isinstance(token, str) or not token or len(token) > 512:
+            return None, None, refused
         hashed = token_hash(token)
         doc = self.store.user_by_token_hash(hashed)
         if doc is None or not doc.get("enabled"):
-            return None
+            return None, None, refused
         entry = next((t for t in doc.get("tokens") or [] if t.get("hash") == hashed), None)
         if entry is None:
-            return None
+            return None, None, refused
+        expires = entry.get("expires_at")
+        now = time.time() if now is None else now
+        if isinstance(expires, (int, float)) and expires <= now:
+            when = datetime.fromtimestamp(expires, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+            name, token_id = entry.get("name", ""), entry.get("id", "")
+            expired = f"the API token {name!r} ({token_id}) expired at {when} UTC"
+            return None, None, f"{expired}: ask an admin for a new one"
         self._note_use(doc["_id"], entry)
-        return doc
+        return doc, entry, None
 
     def _note_use(self, username: str, entry: dict[str, Any]) -> None:
         now = time.time()

@@ -101,7 +101,8 @@ def test_tokens_have_ids_and_can_be_listed_and_revoked(store):
     assert first_id != second_id and first != second
     listed = users.list_tokens("dave")
     assert [(t["id"], t["name"]) for t in listed] == [(first_id, "ci"), (second_id, "backup")]
-    assert all(set(t) == {"id", "name", "created_at", "last_used_at"} for t in listed)
+    shown = {"id", "name", "created_at", "last_used_at", "expires_at", "expired", "scope"}
+    assert all(set(t) == shown for t in listed)
     assert users.revoke_token("dave", first_id)["name"] == "ci"
     assert users.by_token(first) is None
     assert users.by_token(second)["username"] == "dave"

@@ -126,8 +126,11 @@ def add_run(store, task, status="running", agent=None, token=None, output="", **
 
 
 def test_me_answers_the_tokens_user_and_refuses_no_or_a_wrong_token(app, op, viewer, anonymous):
-    assert op.get("/me").get_json() == {"username": "op1", "role": "operator"}
-    assert viewer.get("/me").get_json() == {"username": "viewer1", "role": "viewer"}
+    me = op.get("/me").get_json()
+    assert (me["username"], me["role"], me["token"]["scope"]) == ("op1", "operator", "all")
+    assert me["token"]["expires_at"] is None
+    me = viewer.get("/me").get_json()
+    assert (me["username"], me["role"]) == ("viewer1", "viewer")
     error_of(anonymous.get("/me"), 401)
     error_of(Api(app.test_client(), "ct_not-a-token").get("/me"), 401)
 
@@ -142,6 +145,12 @@ def test_a_browser_session_works_too_and_its_writes_need_the_csrf_token(app):
     assert answer.status_code == 302
     assert client.get("/api/v1/me").get_json()["username"] == "op1"
     assert client.post("/api/v1/tasks", json=SPEC).status_code == 400  # no CSRF token
+    # the login started a new session with a new token: the one of the login form is void
+    assert (
+        client.post("/api/v1/tasks", json=SPEC, headers={"X-CSRF-Token": csrf}).status_code == 400
+    )
+    page = client.get("/tasks").get_data(as_text=True)
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', page).group(1)
     answer = client.post("/api/v1/tasks", json=SPEC, headers={"X-CSRF-Token": csrf})
     assert answer.status_code == 201
 

@@ -365,13 +365,20 @@ def test_the_login_throttle_is_shared_by_web_processes_and_stays_small(store):
     assert not first.blocked("alice", "10.0.0.2") and not first.blocked("bob", "10.0.0.1")
     for _ in range(20):
         first.failed("alice", "10.0.0.1")
-    (doc,) = store.db["login_failures"].find({})
-    assert len(doc["times"]) == 5 and len(doc["_id"]) == 64  # the last 5 only, a fixed-size key
+    # one document per count (the pair, the address, the user), each keeping only as many
+    # times as its limit, under a fixed-size key
+    docs = {d["_id"]: d for d in store.db["login_failures"].find({})}
+    assert len(docs) == 3 and all(len(key) == 64 for key in docs)
+    assert len(docs[LoginThrottle._key("alice", "10.0.0.1")]["times"]) == 5
+    assert sorted(len(d["times"]) for d in docs.values()) == [5, 10, 20]
     first.failed("x" * 100_000, "10.0.0.3")  # a made-up name of any length: a fixed-size key
     assert all(len(d["_id"]) == 64 for d in store.db["login_failures"].find({}))
-    # a success forgets the pair's failures
-    first.succeeded("alice", "10.0.0.1")
-    assert not second.blocked("alice", "10.0.0.1")
+    # a success forgets the pair's failures (not the address's, nor the user's)
+    for _ in range(5):
+        first.failed("bob", "10.0.0.6")
+    assert second.blocked("bob", "10.0.0.6")
+    first.succeeded("bob", "10.0.0.6")
+    assert not second.blocked("bob", "10.0.0.6")
     # the failures stop counting after the window, and expired pairs are deleted
     now = [time.time()]
     short = LoginThrottle(lambda: store, limit=2, window=2.0, clock=lambda: now[0])

@@ -11,6 +11,12 @@ alert settings, admin only) and ``api`` (``/api/v1``, JSON).
 Shared helpers are in :mod:`web.context`. Every page and API route needs a logged-in user (a session, or an API
 token as ``Authorization: Bearer``), except the login page and ``/healthz``; roles are checked
 on the server for every route; every form carries a CSRF token.
+
+Sessions are kept on the server (:mod:`web.sessions`); what protects every request (the CSRF
+check, the client's address behind ``web.trusted_proxies``, the login throttle, the security
+headers of every answer) is :mod:`web.security`. Before a view runs: a valid API token is
+taken (:func:`web.auth.authenticate_token`), a session the store could not read fails the
+request (503, never a silent logout), and the CSRF check.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from flask import Flask, jsonify, render_template
+from flask import Flask, jsonify, render_template, request
 from pymongo.errors import PyMongoError
 from werkzeug.exceptions import HTTPException
 
@@ -26,10 +32,17 @@ from cloudtask import __version__
 from cloudtask.config import Config
 from cloudtask.exceptions import CloudTaskError
 
+from .auth import authenticate_token, login_manager
 from .auth import bp as auth_bp
-from .auth import login_manager
 from .context import CloudTaskExtension
-from .security import check_csrf, csrf_token
+from .security import (
+    check_csrf,
+    csrf_token,
+    parse_networks,
+    security_headers,
+    session_identifier,
+)
+from .sessions import COOKIE_NAME, ServerSessionInterface, failure
 
 # routes anyone may call: the login page, the health check, static files, and the callbacks
 # of http tasks (authenticated by the run's own token, not by a user)
@@ -45,24 +58,40 @@ OPEN_ENDPOINTS = {
 def create_app(config: Config | None = None, test_config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     cfg = config or Config()
+    secure = cfg.web.secure_cookies
+    if secure is None:  # auto: the site is reached over https
+        secure = cfg.web.base_url.strip().lower().startswith("https://")
     app.config.from_mapping(
         CLOUDTASK=cfg,
         ZK=None,
         MAX_CONTENT_LENGTH=cfg.web.max_upload_bytes + 64 * 1024,
         SECRET_KEY=cfg.web.secret_key or secrets.token_hex(32),
+        SESSION_COOKIE_NAME=COOKIE_NAME,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=secure,
         REMEMBER_COOKIE_HTTPONLY=True,
         REMEMBER_COOKIE_SAMESITE="Lax",
+        REMEMBER_COOKIE_SECURE=secure,
+        TRUSTED_PROXIES=parse_networks(cfg.web.trusted_proxies),
     )
     if test_config:
         app.config.update(test_config)
 
-    extension = CloudTaskExtension(
-        app.config["CLOUDTASK"], store=app.config.get("STORE"), zk=app.config.get("ZK")
-    )
+    cfg = app.config["CLOUDTASK"]
+    extension = CloudTaskExtension(cfg, store=app.config.get("STORE"), zk=app.config.get("ZK"))
     app.extensions["cloudtask"] = extension
+    app.session_interface = ServerSessionInterface(
+        extension.store, cfg.web.session_idle_timeout, cfg.web.session_max_age
+    )
     login_manager.init_app(app)
+    login_manager._session_identifier_generator = session_identifier
+    # before every view, in this order: a valid API token, a session that could not be read,
+    # the CSRF check
+    app.before_request(authenticate_token)
+    app.before_request(_session_unreadable)
+    app.before_request(check_csrf)
+    app.after_request(security_headers)
     app.register_blueprint(auth_bp)
     from . import admin, api, cluster, dashboard, events, files, runs, settings, tasks
     from .filters import register_filters
@@ -70,18 +99,27 @@ def create_app(config: Config | None = None, test_config: dict[str, Any] | None 
     for module in (dashboard, tasks, runs, events, cluster, files, admin, settings, api):
         app.register_blueprint(module.bp)
     register_filters(app)
-    app.before_request(check_csrf)
     app.jinja_env.globals["csrf_token"] = csrf_token
     app.jinja_env.globals["version"] = __version__
 
     @app.get("/healthz")
     def healthz() -> Any:
-        """Open to anyone (no login): says whether this web process reaches MongoDB."""
+        """Open to anyone (no login): whether this web process reaches MongoDB, as the status
+        code (200 or 503) and ``{"status": "ok"}`` or ``{"status": "unavailable"}``. A
+        logged-in user (a session or an API token) also gets the version and, when MongoDB
+        cannot be reached, the error (which names its host and port)."""
         try:
             extension.store().ping()
+            status, code, error = "ok", 200, None
         except CloudTaskError as e:
-            return jsonify(status="unavailable", version=__version__, error=str(e)), 503
-        return jsonify(status="ok", version=__version__)
+            status, code, error = "unavailable", 503, str(e)
+            app.logger.warning("health check: %s", e)
+        if not _logged_in():
+            return jsonify(status=status), code
+        details: dict[str, Any] = {"status": status, "version": __version__}
+        if error:
+            details["error"] = error
+        return jsonify(details), code
 
     @app.errorhandler(400)
     @app.errorhandler(403)
@@ -157,3 +195,22 @@ def create_app(config: Config | None = None, test_config: dict[str, Any] | None 
         return render_template("error.html", code=code, message=message), code
 
     return app
+
+
+def _session_unreadable() -> None:
+    """A session cookie the store could not read: the request fails with 503 (saying so)
+    rather than going on as if logged out. The health check and static files go on."""
+    error = failure()
+    if error is not None and request.endpoint not in ("healthz", "static"):
+        raise error
+
+
+def _logged_in() -> bool:
+    """Whether this request is a logged-in user's; False when that cannot be told (MongoDB
+    down)."""
+    from flask_login import current_user
+
+    try:
+        return bool(current_user.is_authenticated)
+    except CloudTaskError:
+        return False

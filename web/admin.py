@@ -1,16 +1,20 @@
 """Users (admin only) and the audit log (anyone logged in).
 
 Users: the list with an add form; one user's page to change the role, enable or disable the
-account, set a new password, and create or revoke API tokens. A new token is shown once, on
-the page that answers its creation, and never again (only its hash is stored). Every change
-is a POST carrying the CSRF token, needs the admin role, and writes an audit entry (target
-``user:<name>``) whose before/after never hold a password or a hash. The guard rails (nobody
-disables or demotes their own account, the last enabled admin stays) are in
+account, set a new password, delete it, and create or revoke API tokens (which may expire
+after a number of days, and may be read-only). A new token is shown once, on the page that
+answers its creation, and never again (only its hash is stored). Every change is a POST
+carrying the CSRF token, needs the admin role, and writes an audit entry (target
+``user:<name>``) whose before/after never hold a password or a hash. A role change, a new
+password, disabling or deleting end the user's sessions at once. The guard rails (nobody
+disables, demotes or deletes their own account, the last enabled admin stays) are in
 :class:`cloudtask.users.Users`; this module shows their refusal next to the field.
 
 Audit log: newest first, filtered by actor, action prefix (``task.``), target (``task:nightly``,
 or a task name typed plainly) and time (since/until, to the second), in bounded pages. Each
-entry shows its changes compactly: the keys whose values differ, old → new.
+entry shows its changes compactly: the keys whose values differ, old → new, with credentials
+and webhook URLs masked (:mod:`cloudtask.operations.audit`: entries are masked as they are
+written, and again as they are shown, for entries written before).
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from flask_login import current_user
 from werkzeug.routing import BuildError
 
 from cloudtask.exceptions import Conflict, NotFound, Problem, ValidationError
+from cloudtask.operations.audit import mask_pair
 from cloudtask.store import Page
-from cloudtask.users import ROLES, Users, public, token_name_problem
+from cloudtask.users import ROLES, TOKEN_SCOPES, Users, public, token_name_problem
 
 from .auth import requires
 from .context import actor, ops, store
@@ -50,6 +55,8 @@ KNOWN_ACTIONS = (
     "run.kill",
     "file.",
     "file.upload",
+    "file.upload.unchanged",
+    "file.upload.refused",
     "file.rollback",
     "user.",
     "user.create",
@@ -57,22 +64,19 @@ KNOWN_ACTIONS = (
     "user.enable",
     "user.disable",
     "user.password",
+    "user.delete",
     "token.",
     "token.create",
     "token.revoke",
+    "auth.",
+    "auth.login",
+    "auth.login_failed",
+    "auth.lockout",
+    "auth.logout",
     "settings.",
     "settings.alerts",
+    "settings.test_mail",
 )
-# keys whose values the audit list never shows, whatever wrote the entry
-SECRET_KEYS = {
-    "password",
-    "password_hash",
-    "hash",
-    "token_hash",
-    "secret",
-    "token",
-    "smtp_password",
-}
 
 
 def _users() -> Users:
@@ -143,6 +147,7 @@ def _render_user(
         last_admin=_is_last_admin(doc),
         errors=errors or {},
         roles=ROLES,
+        scopes=TOKEN_SCOPES,
         new_token=new_token,
         token_name=token_name,
     )
@@ -220,16 +225,41 @@ def user_password(username: str) -> Any:
     return redirect(url_for("admin.user_detail", username=username))
 
 
+@bp.post("/users/<username>/delete")
+@requires("admin")
+def user_delete(username: str) -> Any:
+    _get_user(username)
+    if request.form.get("confirm", "") != username:
+        message = f"type the user's name ({username}) to confirm"
+        return _render_user(username, {"delete": message}, 422)
+    try:
+        ops().delete_user(actor(), username, by=current_user.username)
+    except Conflict as e:
+        return _render_user(username, {"delete": str(e)}, 409)
+    flash(f"User {username} deleted: their sessions and API tokens stopped working.", "ok")
+    return redirect(url_for("admin.users"))
+
+
 @bp.post("/users/<username>/tokens")
 @requires("admin")
 def user_token_create(username: str) -> Any:
     _get_user(username)
     name = request.form.get("name", "").strip()
+    days = request.form.get("expires_in", "").strip()
+    scope = request.form.get("scope", "all")
     if problem := token_name_problem(name):
         return _render_user(username, {"token_name": problem}, 422, token_name=name)
-    token_id, token = ops().add_token(actor(), username, name)
+    try:
+        token_id, token = ops().add_token(
+            actor(), username, name, expires_in_days=days or None, scope=scope
+        )
+    except ValidationError as e:
+        fields = {"name": "token_name", "expires_in": "token_expires", "scope": "token_scope"}
+        errors = {fields.get(p.path, "token_name"): p.message for p in e.problems}
+        return _render_user(username, errors, 422, token_name=name)
     # answered here, not after a redirect: the token must not travel in the session cookie
-    return _render_user(username, new_token={"id": token_id, "name": name, "token": token})
+    new = {"id": token_id, "name": name, "token": token, "scope": scope}
+    return _render_user(username, new_token=new)
 
 
 @bp.post("/users/<username>/tokens/<token_id>/revoke")
@@ -283,14 +313,6 @@ def list_audit(filters: dict[str, Any]) -> Page:
 _MISSING = object()
 
 
-def _redacted(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: "(hidden)" if _is_secret(str(k)) else _redacted(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redacted(v) for v in value]
-    return value
-
-
 def _show(value: Any) -> str:
     """A value as the audit list shows it: text as it is, anything else as compact JSON."""
     if value is _MISSING:
@@ -300,12 +322,8 @@ def _show(value: Any) -> str:
     elif isinstance(value, datetime):
         text = value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     else:
-        text = json.dumps(_redacted(value), ensure_ascii=False, sort_keys=True, default=str)
+        text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
     return text if len(text) <= VALUE_CHARS else text[: VALUE_CHARS - 1] + "…"
-
-
-def _is_secret(key: str) -> bool:
-    return key.lower() in SECRET_KEYS or key.lower().endswith("_hash")
 
 
 def audit_changes(before: Any, after: Any) -> list[tuple[str, str, str]]:
@@ -313,6 +331,7 @@ def audit_changes(before: Any, after: Any) -> list[tuple[str, str, str]]:
     was nothing, as before a create): the keys of objects, dotted into nested objects
     (``schedule.cron``) down to DIFF_DEPTH levels, deeper values and lists as JSON. Values
     that are not objects are one change with the key ''."""
+    before, after = mask_pair(before, after)  # entries written before they were masked too
     objects = isinstance(before, (dict, type(None))) and isinstance(after, (dict, type(None)))
     if not objects or before is after is None:
         return [] if before == after else [("", _show(before), _show(after))]
@@ -329,9 +348,7 @@ def _diff_objects(
         a, b = old.get(key, _MISSING), new.get(key, _MISSING)
         if a == b:
             continue
-        if _is_secret(str(key)):
-            changes.append((path, "(hidden)", "(hidden)"))
-        elif isinstance(a, dict) and isinstance(b, dict) and depth < DIFF_DEPTH:
+        if isinstance(a, dict) and isinstance(b, dict) and depth < DIFF_DEPTH:
             _diff_objects(a, b, path, depth + 1, changes)
         else:
             changes.append((path, _show(a), _show(b)))

@@ -1,4 +1,17 @@
-"""Log in and out (flask-login sessions), API tokens, and role checks on every route."""
+"""Log in and out (flask-login over sessions kept on the server), API tokens, and role checks
+on every route.
+
+A browser logs in with the form: the throttle (:class:`web.security.LoginThrottle`) is asked
+first, the password is always checked against a hash (a dummy one for an unknown name, so an
+unknown user, a disabled one and a wrong password take the same time), and a success starts
+a new session under a new id with a new CSRF token (:func:`web.sessions.renew_session`).
+Logins, failed logins, lockouts and logouts are audited.
+
+A program sends ``Authorization: Bearer <token>``. :func:`authenticate_token` runs before
+anything else of a request: a valid token makes the request its user's (whatever cookie it
+carries) and exempts it from the CSRF check; an expired one is refused with 401 saying so; a
+read-only token (scope ``read``) may only GET and HEAD (403 otherwise).
+"""
 
 from __future__ import annotations
 
@@ -16,38 +29,49 @@ from flask import (
     redirect,
     render_template,
     request,
+    session,
     url_for,
 )
 from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user
 
 from cloudtask.exceptions import CloudTaskError, NotFound, ValidationError
-from cloudtask.users import Users, has_role
+from cloudtask.users import Users, has_role, token_scope
 
-from .context import store, throttle
+from .context import ops, store, throttle
+from .security import client_address
+from .sessions import end_session, renew_session
 
 bp = Blueprint("auth", __name__)
 login_manager = LoginManager()
 login_manager.login_view = "auth.login"
 login_manager.session_protection = "strong"
+READ_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 class User(UserMixin):
-    def __init__(self, doc: dict[str, Any]) -> None:
+    def __init__(self, doc: dict[str, Any], token: dict[str, Any] | None = None) -> None:
         self.doc = doc
         self.id = doc["_id"]
         self.username = doc["username"]
         self.role = doc["role"]
+        self.token = token  # the API token this request came with, None for a session
 
     @property
     def is_active(self) -> bool:
         return bool(self.doc.get("enabled"))
 
+    @property
+    def read_only(self) -> bool:
+        """A read-only API token: GET and HEAD only, whatever the role."""
+        return self.token is not None and token_scope(self.token) == "read"
+
     def can(self, role: str) -> bool:
         return has_role(self.role, role)
 
     def get_id(self) -> str:
-        # the session names the user and their session epoch: a password change or reset, or
-        # disabling the account, moves the epoch on, and every older session ends
+        # the session names the user and their session epoch: a password change or reset, a
+        # role change, or disabling the account, moves the epoch on, and every older session
+        # ends (they are also deleted from the store: see cloudtask.users)
         return f"{self.id}|{int(self.doc.get('session_epoch') or 0)}"
 
 
@@ -77,26 +101,48 @@ def load_user(session_id: str) -> User | None:
     return User(doc)
 
 
-@login_manager.request_loader
-def load_user_from_token(req: Any) -> User | None:
-    header = req.headers.get("Authorization", "")
-    if not header.startswith("Bearer ") or g.get("_user_load_failed"):
+def _bearer() -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() != "bearer ":
         return None
+    return header[7:].strip()
+
+
+def authenticate_token() -> None:
+    """Before every request: a valid API token makes the request its user's (``g.token_user``,
+    and flask-login's current user), whatever cookie it carries; an invalid or expired one
+    leaves a message for the 401 (``g.token_refused``) and authenticates nothing."""
+    token = _bearer()
+    if token is None or request.endpoint == "static":
+        return
     try:
-        doc = users().by_token(header[7:].strip())
+        doc, entry, refused = users().token_user(token)
     except CloudTaskError:
         g._user_load_failed = True
+        if request.endpoint == "healthz":
+            return  # it says "unavailable" to whoever asks; who it is cannot be told
         raise
-    return User(doc) if doc else None
+    if doc is None:
+        g.token_refused = refused
+        return
+    user = User(doc, token=entry)
+    g.token_user = user
+    login_manager._update_request_context_with_user(user)
+
+
+@login_manager.request_loader
+def load_user_from_token(req: Any) -> User | None:
+    """Only a token :func:`authenticate_token` accepted (it runs first, for every request)."""
+    return g.get("token_user")
 
 
 @login_manager.unauthorized_handler
 def unauthorized() -> Any:
-    if request.path.startswith("/api/"):
-        answer = jsonify(
-            error="authentication required: log in or send 'Authorization: Bearer <token>'",
-            details=[],
+    if request.path.startswith("/api/") or _bearer() is not None:
+        message = g.get("token_refused") or (
+            "authentication required: log in or send 'Authorization: Bearer <token>'"
         )
+        answer = jsonify(error=message, details=[])
         answer.headers["WWW-Authenticate"] = 'Bearer realm="cloudtask"'
         return answer, 401
     return redirect(
@@ -105,13 +151,20 @@ def unauthorized() -> Any:
 
 
 def requires(role: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Route decorator: logged in, and at least ``role`` (viewer < operator < admin)."""
+    """Route decorator: logged in, and at least ``role`` (viewer < operator < admin); a
+    read-only API token only for GET and HEAD."""
 
     def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
         @wraps(view)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             if not current_user.is_authenticated:
                 return login_manager.unauthorized()
+            if getattr(current_user, "read_only", False) and request.method not in READ_METHODS:
+                message = (
+                    "this API token is read-only (scope read): it may only GET and HEAD; "
+                    "ask an admin for a token with scope all"
+                )
+                return jsonify(error=message, details=[]), 403
             if not current_user.can(role):
                 if request.path.startswith("/api/"):
                     return jsonify(error=f"this needs the {role} role", details=[]), 403
@@ -140,23 +193,35 @@ def _safe_next(target: str | None) -> str:
     return safe_path(target) or url_for("dashboard.index")
 
 
+MAX_NAME = 256  # a longer name is no user's: it is refused like a wrong one
+
+
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> Any:
     if request.method == "POST":
-        username = request.form.get("username", "").strip()
+        username = request.form.get("username", "").strip()[:MAX_NAME]
         password = request.form.get("password", "")
-        address = request.remote_addr or "?"
+        address = client_address()
         guard = throttle()
-        if guard.blocked(username, address):
-            flash("Too many failed attempts. Wait a few minutes and try again.", "error")
-            return render_template("login.html", username=username), 429
+        refusal = guard.check(username, address)
+        if refusal is not None:
+            flash(refusal.message, "error")
+            page = render_template("login.html", username=username)
+            return page, 429, {"Retry-After": str(max(1, int(refusal.retry_after)))}
         doc = users().authenticate(username, password)
         if doc is None:
-            guard.failed(username, address)
+            lockout = guard.failed(username, address)
+            ops().note_login_failure(username, address)
+            if lockout is not None:
+                ops().note_lockout(username, address, lockout.reason, lockout.retry_after)
             flash("Wrong user name or password.", "error")
             return render_template("login.html", username=username), 401
         guard.succeeded(username, address)
+        # a new session: nothing the browser held before the login is kept (no fixation)
+        session.clear()
         login_user(User(doc))
+        renew_session()
+        ops().note_login(doc["username"], address)
         return redirect(_safe_next(request.args.get("next")))
     return render_template("login.html", username="")
 
@@ -164,7 +229,10 @@ def login() -> Any:
 @bp.post("/logout")
 @requires("viewer")
 def logout() -> Any:
+    name = current_user.username
     logout_user()
+    end_session()
+    ops().note_logout(name, client_address())
     return redirect(url_for("auth.login"))
 
 
@@ -173,25 +241,29 @@ def logout() -> Any:
 def change_password() -> Any:
     if request.method == "POST":
         name = current_user.username
-        address = request.remote_addr or "?"
+        address = client_address()
         guard = throttle()
         key = f"password-change:{name}"  # guesses of the current password are throttled too
-        if guard.blocked(key, address):
+        refusal = guard.check(key, address)
+        if refusal is not None:
             flash("Too many wrong passwords. Wait a few minutes and try again.", "error")
             return render_template("password.html"), 429
         if users().authenticate(name, request.form.get("current", "")) is None:
-            guard.failed(key, address)
+            lockout = guard.failed(key, address)
+            ops().note_login_failure(name, address, "password change", actor=name)
+            if lockout is not None:
+                ops().note_lockout(name, address, lockout.reason, lockout.retry_after, name)
             flash("The current password is wrong.", "error")
             return render_template("password.html"), 400
         guard.succeeded(key, address)
         try:
-            doc = users().set_password(name, request.form.get("new", ""))
+            doc = ops().set_password(name, name, request.form.get("new", ""))
         except ValidationError as e:  # say what is wrong
             flash("; ".join(p.message for p in e.problems) or str(e), "error")
             return render_template("password.html"), 400
-        # the change ended every session of this user; this one goes on with the new epoch
+        # the change ended every session of this user; this one goes on, under a new id
         login_user(User(doc))
-        store().add_audit(name, "user.password", f"user:{name}", None, {"password_changed": True})
+        renew_session(keep_created=True)
         flash("Password changed. Your other sessions have ended.", "ok")
         return redirect(url_for("dashboard.index"))
     return render_template("password.html")

@@ -422,7 +422,21 @@ SCHEMAS: dict[str, Any] = {
     "Me": {
         "type": "object",
         "required": ["username", "role"],
-        "properties": {"username": STRING, "role": {"enum": ["viewer", "operator", "admin"]}},
+        "properties": {
+            "username": STRING,
+            "role": {"enum": ["viewer", "operator", "admin"]},
+            "token": {
+                "type": "object",
+                "description": "The API token of the request (none for a browser session): "
+                "scope read may only GET and HEAD; expires_at in epoch seconds, or null",
+                "properties": {
+                    "id": STRING,
+                    "name": STRING,
+                    "scope": {"enum": ["all", "read"]},
+                    "expires_at": {"type": ["number", "null"]},
+                },
+            },
+        },
     },
     "TaskSpec": TASK_SPEC,
     "TaskPatch": TASK_PATCH,

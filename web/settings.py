@@ -19,8 +19,8 @@ line whose URL was edited, of the webhook whose URL is gone from the list). The 
 (``settings.alerts``) replaces both with ``(hidden)``.
 
 The test mail uses the saved settings (the web server's environment for
-``smtp_password_env``), waits at most :data:`TEST_MAIL_TIMEOUT` seconds, and flashes either
-success or the exact failure.
+``smtp_password_env``), waits at most :data:`TEST_MAIL_TIMEOUT` seconds, flashes either
+success or the exact failure, and is audited either way (``settings.test_mail``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from cloudtask.durations import format_duration
 from cloudtask.events import KINDS as EVENT_KINDS
 from cloudtask.events import OPERATOR_KINDS
 from cloudtask.exceptions import CloudTaskError, Problem, ValidationError
-from cloudtask.notify import load_settings, send_test_mail, stored_settings
+from cloudtask.notify import load_settings, stored_settings
 from cloudtask.notify.settings import ALERTS_CHECKS, validate_settings
 
 from .auth import requires
@@ -394,7 +394,7 @@ def test_mail() -> Any:
         settings = load_settings(store(), _config())
         if settings.smtp_timeout > TEST_MAIL_TIMEOUT:
             settings = replace(settings, smtp_timeout=TEST_MAIL_TIMEOUT)
-        send_test_mail(settings, to)
+        ops().send_test_mail(actor(), settings, to)  # audited, sent or not
     except CloudTaskError as e:
         flash(str(e), "error")
     except Exception as e:  # never a 500: whatever failed is the answer to the test

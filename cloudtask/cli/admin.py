@@ -93,10 +93,22 @@ def token_group() -> None:
 @config_option
 @click.argument("username")
 @click.option("--name", default="cli", show_default=True, help="What the token is for.")
-def token_create(config_path: str | None, username: str, name: str) -> None:
+@click.option(
+    "--expires-in", "expires_in", type=int, default=None, help="Expire after this many days."
+)
+@click.option("--read-only", is_flag=True, help="The token may only GET and HEAD.")
+def token_create(
+    config_path: str | None, username: str, name: str, expires_in: int | None, read_only: bool
+) -> None:
     """Create an API token for a user; it is shown once (only its hash is kept)."""
     with _operations(config_path) as ops:
-        _, token = ops.add_token(cli_actor(), username, name)
+        _, token = ops.add_token(
+            cli_actor(),
+            username,
+            name,
+            expires_in_days=expires_in,
+            scope="read" if read_only else "all",
+        )
     click.echo(token)
 
 

@@ -1,5 +1,7 @@
 """What every part of :class:`~cloudtask.operations.Operations` shares: the store, the cluster
-connection, the one way to tell the cluster that something changed, and the audit log."""
+connection, the one way to tell the cluster that something changed, and the audit log (every
+entry written by :meth:`OperationsBase.audit`, credentials and webhook URLs masked: see
+:mod:`cloudtask.operations.audit`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any
 from ..exceptions import NotFound
 from ..store import Store
 from ..zkpaths import ZkPaths, run_signal, task_signal
+from .audit import mask_pair
 
 log = logging.getLogger("cloudtask.operations")
 
@@ -35,6 +38,20 @@ class OperationsBase:
         self.store = store
         self.zk = zk
         self.paths = paths or ZkPaths()
+
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        target: str,
+        before: Any = None,
+        after: Any = None,
+        task_id: str | None = None,
+    ) -> None:
+        """Record who changed what, credentials and webhook URLs masked (the one writer of
+        audit entries: nothing else calls the store's ``add_audit``)."""
+        before, after = mask_pair(before, after)
+        self.store.add_audit(actor, action, target, before, after, task_id)
 
     def _signal(self, which: str) -> None:
         """Tell the cluster at once (``tasks``: the leading center reconciles; ``runs``: agents

@@ -23,7 +23,7 @@ class RunOperations(OperationsBase):
                 "pause and resume it to restart it"
             )
         run = self.store.request_manual_run(task, requested_by=actor)
-        self.store.add_audit(actor, "task.run", task_target(task), None, {"run_id": run["_id"]})
+        self.audit(actor, "task.run", task_target(task), None, {"run_id": run["_id"]})
         self._signal("runs")
         return run
 
@@ -31,7 +31,7 @@ class RunOperations(OperationsBase):
         """Kill a run (its whole process tree), or cancel a manual run no agent took yet."""
         run = self.store.get_run(run_id)
         self._kill(run, f"killed by {actor}")
-        self.store.add_audit(
+        self.audit(
             actor, "run.kill", f"run:{run_id}", {"status": run["status"]}, {"requested": True}
         )
         return run

@@ -50,7 +50,7 @@ class TaskOperations(RunOperations):
         when the name is taken."""
         doc = self.store.create_task(self._checked(data, None))
         self._signal("tasks")  # the change is stored: tell the leader first
-        self.store.add_audit(actor, "task.create", task_target(doc), None, doc["spec"], doc["_id"])
+        self.audit(actor, "task.create", task_target(doc), None, doc["spec"], doc["_id"])
         return doc
 
     def replace_task(
@@ -71,9 +71,7 @@ class TaskOperations(RunOperations):
             task_id, spec, expected_revision=expected_revision, current=before
         )
         self._signal("tasks")  # the change is stored: tell the leader first
-        self.store.add_audit(
-            actor, action, task_target(doc), before["spec"], doc["spec"], doc["_id"]
-        )
+        self.audit(actor, action, task_target(doc), before["spec"], doc["spec"], doc["_id"])
         return doc
 
     def patch_task(
@@ -154,7 +152,7 @@ class TaskOperations(RunOperations):
         spec.update(name=new_name, enabled=False)
         doc = self.store.create_task(self._checked(spec, None))  # a clone is a new task
         self._signal("tasks")  # the change is stored: tell the leader first
-        self.store.add_audit(
+        self.audit(
             actor, "task.clone", task_target(doc), {"from": source["name"]}, doc["spec"], doc["_id"]
         )
         return doc
@@ -170,9 +168,7 @@ class TaskOperations(RunOperations):
         )
         self.store.delete_task(task["_id"])
         self._signal("tasks")  # the change is stored: tell the leader first
-        self.store.add_audit(
-            actor, "task.delete", task_target(task), task["spec"], None, task["_id"]
-        )
+        self.audit(actor, "task.delete", task_target(task), task["spec"], None, task["_id"])
         killed = []
         if kill_running:
             for run in running:

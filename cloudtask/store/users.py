@@ -14,11 +14,13 @@ from typing import Any
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from ..exceptions import Conflict, Problem
-from .base import StoreBase, guard, read_all
+from .base import guard, read_all
+from .sessions import SessionRecords
 
 
-class UserRecords(StoreBase):
-    """User documents."""
+class UserRecords(SessionRecords):
+    """User documents (and, through :class:`~cloudtask.store.sessions.SessionRecords`, their
+    web sessions)."""
 
     def insert_user(self, doc: dict[str, Any]) -> None:
         """Store a new user; Conflict when the name is taken."""
@@ -37,6 +39,12 @@ class UserRecords(StoreBase):
         match = {"_id": doc["_id"], "rev": rev if rev is not None else {"$in": [None]}}
         result = guard(self.users.replace_one, "update the user", match, doc)
         return bool(result.matched_count)
+
+    def delete_user_doc(self, username: str, rev: int | None) -> bool:
+        """Delete the user if it is still at ``rev``; False if it changed meanwhile."""
+        match = {"_id": username, "rev": rev if rev is not None else {"$in": [None]}}
+        result = guard(self.users.delete_one, "delete the user", match)
+        return bool(result.deleted_count)
 
     def enabled_admin_names(self) -> list[str]:
         """The names of the enabled admins, sorted (flags read by truthiness: see above)."""
