@@ -479,7 +479,8 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
     if (deep := depth_problem(data, MAX_SPEC_DEPTH)) is not None:  # nothing else is read
         message = f"nested more than {MAX_SPEC_DEPTH} levels deep (objects and lists)"
         return None, [Problem(deep, message)]
-    _text_problems(data, problems)
+    unusable: list[Problem] = []  # NUL bytes, lone surrogates: added below where nothing else is
+    _text_problems(data, unusable)
     f = _Fields(data, "", problems)
     f.unknown_keys(TASK_KEYS)
     version = data.get("version", SPEC_VERSION)
@@ -553,6 +554,8 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
         description=f.string("description"),
         owner=f.string("owner"),
     )
+    seen = {p.path for p in problems}  # a field that said what is wrong with it already
+    problems.extend(p for p in unusable if p.path not in seen)
     if problems or schedule is None:
         return None, problems
     spec = TaskSpec(
