@@ -279,12 +279,16 @@ def test_bodies_that_are_not_a_json_object_are_400(op, raw):
             error_of(answer, 400)
 
 
-def test_unicode_and_nul_characters_are_kept_as_sent(op):
-    text = "caf\u00e9 \U0001f600 a\x00b \u202e"
-    answer = op.post("/tasks", json={**SPEC, "description": text, "env": {"X": "\x00"}})
+def test_unicode_is_kept_as_sent_and_nul_characters_are_refused_at_their_path(op):
+    text = "caf\u00e9 \U0001f600 ab \u202e"
+    answer = op.post("/tasks", json={**SPEC, "description": text, "env": {"X": "\u00e9"}})
     assert answer.status_code == 201, answer.get_json()
     task = op.get("/tasks/backup").get_json()
-    assert task["spec"]["description"] == text and task["spec"]["env"] == {"X": "\x00"}
+    assert task["spec"]["description"] == text and task["spec"]["env"] == {"X": "\u00e9"}
+    # a NUL used to be stored and then failed every run (issue 12): refused at its path now
+    nul = {**SPEC, "name": "other", "description": "a\x00b", "env": {"X": "\x00"}}
+    body = error_of(op.post("/tasks", json=nul), 422)
+    assert sorted(paths_of(body)) == ["description", "env.X"]
     body = error_of(op.post("/tasks", json={**SPEC, "name": "caf\u00e9\x00"}), 422)
     assert paths_of(body) == ["name"]
     error_of(op.get("/tasks/a%00b"), 404)

@@ -155,7 +155,9 @@ def _hidden(value: Any, other: Any) -> Any:
 
 
 def _mask(value: Any, other: Any, key: Any, webhooks: bool) -> Any:
-    if key is not None and is_secret_key(key) and not _is_reference(value):
+    if _is_reference(value):
+        return dict(value)
+    if key is not None and is_secret_key(key):
         return _hidden(value, other)
     if isinstance(value, dict):
         others = other if isinstance(other, dict) else {}
