@@ -1,8 +1,7 @@
 """Configuration: a JSON file, then environment variables, each key checked against a schema.
 
 The file has sections (``zookeeper``, ``mongodb``, ``agent``, ``runs``, ``web``, ``alerts``,
-``security``);
-every key is optional and has a default. An environment variable ``CLOUDTASK_<SECTION>_<KEY>``
+``security``, ``secrets``); every key is optional and has a default. An environment variable ``CLOUDTASK_<SECTION>_<KEY>``
 overrides a key (``CLOUDTASK_ZK_*`` and ``CLOUDTASK_MONGO_*`` are short forms of the first two
 sections); lists and objects are given to it as JSON (a list of addresses also as "a, b").
 
@@ -28,6 +27,7 @@ from .durations import parse_duration
 from .events import KINDS as EVENT_KINDS
 from .exceptions import ConfigError
 from .netpolicy import check_networks
+from .secretbox import check_setting as secretbox_setting
 from .zkauth import check_setting as check_zk_auth
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -131,6 +131,14 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class SecretsConfig:
+    """Where the key ring of the stored secrets is (cloudtask/secretbox.py): 'file:/path' or
+    'env:VARIABLE'; empty: this process opens no secret (tasks that use one fail to start)."""
+
+    keys: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     zookeeper: ZooKeeperConfig = field(default_factory=ZooKeeperConfig)
     mongodb: MongoConfig = field(default_factory=MongoConfig)
@@ -139,6 +147,7 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    secrets: SecretsConfig = field(default_factory=SecretsConfig)
     source: str = "defaults"
 
     def with_section(self, name: str, **changes: Any) -> Config:
@@ -519,6 +528,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...
         },
         ("SECURITY",),
     ),
+    "secrets": (SecretsConfig, {"keys": secretbox_setting}, ("SECRETS",)),
 }
 
 

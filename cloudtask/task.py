@@ -198,14 +198,18 @@ class HttpSpec:
     # the service answers at once and reports its result later (POST /api/v1/runs/<id>/result);
     # the run stays running until then, or until the task's timeout
     callback: bool = False
+    # headers whose value is a stored secret (header -> secret name), and a body that is one:
+    # opened by the agent just before the call (see cloudtask/secretbox.py)
+    secret_headers: dict[str, str] = field(default_factory=dict)
+    body_secret: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "urls": list(self.urls),
             "strategy": self.strategy,
             "method": self.method,
-            "headers": dict(self.headers),
-            "body": self.body,
+            "headers": {**self.headers, **_refs(self.secret_headers)},
+            "body": {"secret": self.body_secret} if self.body_secret else self.body,
             "expect_status": list(self.expect_status) if self.expect_status else None,
             "timeout": _format_optional(self.timeout),
             "callback": self.callback,
@@ -244,10 +248,21 @@ class TaskSpec:
     misfire_grace: float = 3600.0
     enabled: bool = True
     env: dict[str, str] = field(default_factory=dict)
+    # variables whose value is a stored secret (variable -> secret name), opened by the agent
+    # just before the run and never written anywhere else
+    secret_env: dict[str, str] = field(default_factory=dict, metadata={"within": "env"})
     cwd: str | None = None
     notify: NotifySpec = field(default_factory=NotifySpec)
     description: str = ""
     owner: str = ""
+
+    def secrets_used(self) -> set[str]:
+        """The names of the stored secrets this task refers to."""
+        used = set(self.secret_env.values())
+        if self.http is not None:
+            used |= set(self.http.secret_headers.values())
+            used |= {self.http.body_secret} if self.http.body_secret else set()
+        return used
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical JSON form: every field present, durations spelled like '10m'."""
@@ -270,12 +285,51 @@ class TaskSpec:
             "misfire": self.misfire,
             "misfire_grace": format_duration(self.misfire_grace),
             "enabled": self.enabled,
-            "env": dict(self.env),
+            "env": {**self.env, **_refs(self.secret_env)},
             "cwd": self.cwd,
             "notify": self.notify.to_dict(),
             "description": self.description,
             "owner": self.owner,
         }
+
+
+def _refs(named: dict[str, str]) -> dict[str, dict[str, str]]:
+    return {key: {"secret": name} for key, name in named.items()}
+
+
+SECRET_NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+SECRET_NAME_RULE = (
+    "a secret's name is 1 to 64 letters, digits, '_', '.' or '-', beginning with a letter"
+)
+# header names that carry credentials: given in clear, they get a warning (use a secret)
+_CREDENTIAL_HEADER = re.compile(r"authorization|.*(token|secret|password|api-?key).*", re.I)
+
+
+def secret_ref(value: Any) -> str | None | bool:
+    """The secret's name when ``value`` is ``{"secret": NAME}``, False when it is not a
+    reference at all, None when it is one that is malformed."""
+    if not isinstance(value, dict) or "secret" not in value:
+        return False
+    name = value.get("secret")
+    if len(value) != 1 or not isinstance(name, str) or not SECRET_NAME_PATTERN.fullmatch(name):
+        return None
+    return name
+
+
+def clear_credentials(spec: TaskSpec) -> list[Problem]:
+    """Warnings (not errors) for headers named like credentials whose value is given in clear:
+    every viewer of the task sees it; a stored secret (``{"secret": NAME}``) is shown to none."""
+    if spec.http is None:
+        return []
+    return [
+        Problem(
+            f"http.headers.{name}",
+            "looks like a credential given in clear: every viewer of the task sees it; "
+            'store it as a secret and give {"secret": "NAME"}',
+        )
+        for name in spec.http.headers
+        if _CREDENTIAL_HEADER.fullmatch(name)
+    ]
 
 
 MAX_TASK_DURATION = 366 * 86400.0  # timeouts, delays and graces: a year is plenty, and safe to add
@@ -435,8 +489,16 @@ class _Fields:
         return seconds
 
     def string_map(
-        self, key: str, key_pattern: re.Pattern[str], rule: str, *, one_line: bool = False
+        self,
+        key: str,
+        key_pattern: re.Pattern[str],
+        rule: str,
+        *,
+        one_line: bool = False,
+        secrets: dict[str, str] | None = None,
     ) -> dict[str, str]:
+        """An object of strings; with ``secrets``, a value may also be ``{"secret": NAME}``
+        (collected there, name -> secret name, instead of in the result)."""
         value = self.data.get(key, _MISSING)
         if value is _MISSING:
             return {}
@@ -446,8 +508,13 @@ class _Fields:
         out: dict[str, str] = {}
         for name, item in value.items():
             where = f"{key}.{name}"
+            ref = secret_ref(item) if secrets is not None else False
             if not isinstance(name, str) or not key_pattern.fullmatch(name):
                 self.refuse(where, f"{name!r} is not allowed: {rule}")
+            elif ref is None:
+                self.refuse(where, f'expected {{"secret": "NAME"}}: {SECRET_NAME_RULE}')
+            elif ref:
+                secrets[name] = ref  # type: ignore[index]
             elif not isinstance(item, str):
                 self.refuse(where, f"expected a string, got {show_value(item)}")
             elif one_line and any(c in item for c in "\r\n"):
@@ -535,8 +602,12 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
     cwd = f.string("cwd", None, nullable=True)
     if cwd is not None and (size := _size(cwd)) > MAX_CWD_BYTES:
         f.refuse("cwd", too_large("the folder", size, MAX_CWD_BYTES))
+    secret_env: dict[str, str] = {}
     env = f.string_map(
-        "env", ENV_NAME_PATTERN, "a variable name has letters, digits and '_', no leading digit"
+        "env",
+        ENV_NAME_PATTERN,
+        "a variable name has letters, digits and '_', no leading digit",
+        secrets=secret_env,
     )
     _check_env(env, f)
     values: dict[str, Any] = dict(
@@ -549,6 +620,7 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
         misfire_grace=f.duration("misfire_grace", 3600.0),
         enabled=f.boolean("enabled", True),
         env=env,
+        secret_env=secret_env,
         cwd=cwd or None,
         notify=_read_notify(data["notify"], problems) if "notify" in data else NotifySpec(),
         description=f.string("description"),
@@ -633,7 +705,13 @@ def _read_http(value: object, problems: list[Problem]) -> HttpSpec | None:
     if not isinstance(method, str) or method.upper() not in HTTP_METHODS:
         f.refuse("method", f"expected one of {', '.join(HTTP_METHODS)}, got {show_value(method)}")
     body = value.get("body")
-    if isinstance(body, (dict, list)):
+    body_secret = secret_ref(body)
+    if body_secret is None:
+        f.refuse("body", f'expected {{"secret": "NAME"}}: {SECRET_NAME_RULE}')
+        body = None
+    elif body_secret:
+        body = None
+    elif isinstance(body, (dict, list)):
         body = json.dumps(body)
     elif body is not None and not isinstance(body, str):
         f.refuse("body", f"expected a string or a JSON object or list, got {show_value(body)}")
@@ -646,8 +724,13 @@ def _read_http(value: object, problems: list[Problem]) -> HttpSpec | None:
     ):
         message = "expected an HTTP status from 100 to 599 or a list of them"
         f.refuse("expect_status", f"{message}, got {show_value(expect)}")
+    secret_headers: dict[str, str] = {}
     headers = f.string_map(
-        "headers", _HEADER_NAME, "a header name has letters, digits and '-'", one_line=True
+        "headers",
+        _HEADER_NAME,
+        "a header name has letters, digits and '-'",
+        one_line=True,
+        secrets=secret_headers,
     )
     size = sum(_size(name) + _size(item) + 4 for name, item in headers.items())  # "N: v\r\n"
     if size > MAX_HTTP_HEADERS_BYTES:
@@ -663,6 +746,8 @@ def _read_http(value: object, problems: list[Problem]) -> HttpSpec | None:
         expect_status=tuple(statuses) if expect is not None else None,
         timeout=f.duration("timeout", None, nullable=True),
         callback=f.boolean("callback", False),
+        secret_headers=secret_headers,
+        body_secret=body_secret or None,
     )
     return spec if len(problems) == before else None
 

@@ -24,6 +24,7 @@ from .config import Config, config_to_dict
 from .exceptions import CloudTaskError
 from .localservers import MongoServer, ZooKeeperServer
 from .operations import Operations
+from .secretbox import make_key_file
 from .store import Store
 from .supervisor import Supervisor
 from .taskfiles import read_task_files
@@ -72,6 +73,11 @@ def run_local(
             mongo.start()
             servers.append(mongo)
             cfg = cfg.with_section("mongodb", uri=mongo.uri)
+        if not cfg.secrets.keys:  # a key ring of its own, made once, mode 0600
+            ring = base / "secrets.keys"
+            if not ring.exists():
+                make_key_file(ring)
+            cfg = cfg.with_section("secrets", keys=f"file:{ring}")
         store = Store.from_config(cfg)
         if tasks_dir.is_dir():
             tasks, errors = read_task_files((str(tasks_dir),))

@@ -10,7 +10,8 @@ one module per family:
 * :mod:`~cloudtask.cli.servers`: the programs, ``agent``, ``web``, ``center`` and ``up``;
 * :mod:`~cloudtask.cli.authoring`: ``validate`` and ``apply`` (task files) and ``next``;
 * :mod:`~cloudtask.cli.admin`: the ``task``, ``run``, ``user``, ``token`` and ``file`` groups;
-* :mod:`~cloudtask.cli.zookeeper`: ``zk-acl`` (the ACL of ``zookeeper.auth`` on every node).
+* :mod:`~cloudtask.cli.zookeeper`: ``zk-acl`` (the ACL of ``zookeeper.auth`` on every node);
+* :mod:`~cloudtask.cli.secrets`: the ``secrets`` group (stored secrets and their keys).
 
 What they share (the config, logging, the ``--config`` and ``--verbose`` options, who acts,
 the store and the operations a command works on) is in :mod:`~cloudtask.cli.common`.
@@ -25,7 +26,7 @@ import click
 
 from .. import __version__
 from ..exceptions import CloudTaskError, ValidationError
-from . import admin, authoring, servers, zookeeper
+from . import admin, authoring, secrets, servers, zookeeper
 
 
 class _Group(click.Group):
@@ -62,6 +63,7 @@ for _command in (
     authoring.next_cmd,
     servers.up,
     zookeeper.zk_acl,
+    secrets.secrets_group,
 ):
     cli.add_command(_command)
 

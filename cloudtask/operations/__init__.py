@@ -17,6 +17,7 @@ command line (``cloudtask up`` too).
 ``files``      upload a version, roll back
 ``users``      accounts, roles, passwords, API tokens
 ``settings``   the alert settings of the settings page
+``secrets``    stored secrets: set or replace, delete, rotate (values never read back)
 =============  ============================================================================
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 from .base import OperationsBase, find_task, task_target
 from .files import FileOperations
 from .runs import RunOperations
+from .secrets import SecretOperations
 from .settings import SettingsOperations
 from .tasks import Applied, TaskOperations
 from .users import UserOperations
@@ -32,5 +34,12 @@ from .users import UserOperations
 __all__ = ["Applied", "Operations", "OperationsBase", "find_task", "task_target"]
 
 
-class Operations(TaskOperations, RunOperations, FileOperations, UserOperations, SettingsOperations):
+class Operations(
+    TaskOperations,
+    RunOperations,
+    FileOperations,
+    UserOperations,
+    SettingsOperations,
+    SecretOperations,
+):
     """Validated, signalled, audited changes (see the module's notes)."""

@@ -62,6 +62,7 @@ from .queries import Page, PageQueries
 from .reports import RunReports
 from .runs import RunRecords
 from .schema import Schema
+from .secrets import SecretRecords
 from .tasks import TaskRecords, all_revisions, first_call_budget, scan_tasks, task_pages
 from .users import UserRecords
 from .waiting import WaitingRuns
@@ -105,6 +106,7 @@ class Store(
     FileRecords,
     UserRecords,
     AlertRecords,
+    SecretRecords,
     PageQueries,
     Schema,
     StoreBase,

@@ -48,6 +48,7 @@ class Schema(StoreBase):
         self.tasks.create_index([("last_run.status", ASCENDING)], name="last_status")
         self.tasks.create_index([("spec.owner", ASCENDING)], name="owner")
         self.tasks.create_index([("name_lc", ASCENDING)], name="name_lc")
+        self.tasks.create_index([("secrets_used", ASCENDING)], name="secrets_used")
         # a single-field index: the wire server used on one machine sorts a task's runs by
         # time fast with it, and 100 times slower through the compound ones
         self.runs.create_index([("task_id", ASCENDING)], name="task")

@@ -53,6 +53,7 @@ class TaskRecords(StoreBase):
             "spec": spec.to_dict(),
             "revision": revision,
             "updated_at": to_bson_time(now),
+            "secrets_used": sorted(spec.secrets_used()),  # which tasks use a secret
         }
 
     def create_task(
