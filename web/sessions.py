@@ -88,6 +88,7 @@ class WebSession(CallbackDict, SessionMixin):
         self.ended = False  # ended by logout: the cookie goes
         self.drop_cookie = False  # the cookie named a session that is gone or forged
         self.failure: CloudTaskError | None = None  # the store could not be read
+        self.passive = False  # a static file: the session is neither read nor written
 
 
 class ServerSessionInterface(SessionInterface):
@@ -115,6 +116,10 @@ class ServerSessionInterface(SessionInterface):
         raw = request.cookies.get(self.get_cookie_name(app)) or ""
         if not raw:
             return WebSession()
+        if app.static_url_path and request.path.startswith(app.static_url_path + "/"):
+            passive = WebSession()  # a stylesheet or a script: no database read for it
+            passive.passive = True
+            return passive
         if raw.startswith(ID_PREFIX):
             return self._open_stored(raw)
         signer = self._cookies.get_signing_serializer(app)
@@ -213,7 +218,7 @@ class ServerSessionInterface(SessionInterface):
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         current = session if isinstance(session, WebSession) else None
-        if current is None or current.failure is not None:
+        if current is None or current.failure is not None or current.passive:
             return
         if current.accessed:
             response.vary.add("Cookie")
