@@ -86,11 +86,6 @@ class SessionRecords(StoreBase):
         result = guard(self._sessions().delete_many, "end the user's sessions", query)
         return int(result.deleted_count)
 
-    def user_session_keys(self, username: str) -> list[str]:
-        """The keys of the user's stored sessions (ended or not yet swept)."""
-        cursor = self._sessions().find({"user": {"$eq": username}}, {"_id": 1})
-        return [d["_id"] for d in guard(lambda: list(cursor), "read the user's sessions")]
-
     def sweep_sessions(self, now: float) -> None:
         """Delete sessions past their idle or absolute end."""
         guard(
