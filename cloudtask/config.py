@@ -1,7 +1,7 @@
 """Configuration: a JSON file, then environment variables, each key checked against a schema.
 
 The file has sections (``zookeeper``, ``mongodb``, ``agent``, ``runs``, ``web``, ``alerts``,
-``security``, ``secrets``); every key is optional and has a default. An environment variable ``CLOUDTASK_<SECTION>_<KEY>``
+``security``, ``secrets``, ``auth``); every key is optional and has a default. An environment variable ``CLOUDTASK_<SECTION>_<KEY>``
 overrides a key (``CLOUDTASK_ZK_*`` and ``CLOUDTASK_MONGO_*`` are short forms of the first two
 sections); lists and objects are given to it as JSON (a list of addresses also as "a, b").
 
@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .authconfig import AuthConfig, check_ldap, check_oidc
 from .durations import parse_duration
 from .events import KINDS as EVENT_KINDS
 from .exceptions import ConfigError
 from .netpolicy import check_networks
 from .secretbox import check_setting as secretbox_setting
+from .task import SECRET_NAME_PATTERN, SECRET_NAME_RULE
 from .zkauth import check_setting as check_zk_auth
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -105,13 +107,16 @@ class AlertsConfig:
     smtp_user: str = ""  # empty: no login
     smtp_password: str = ""
     smtp_password_env: str = ""  # the name of an environment variable holding the password
+    smtp_password_secret: str = ""  # the name of a stored secret holding it (cloudtask secrets)
     smtp_timeout: float = 20.0  # every SMTP network call
     mail_from: str = ""  # empty: cloudtask@<this host>
     operators: tuple[str, ...] = ()  # mailed what went wrong (events.OPERATOR_KINDS)
     operators_by_kind: dict[str, tuple[str, ...]] = field(default_factory=dict)
     operators_by_group: dict[str, tuple[str, ...]] = field(default_factory=dict)
     alert_interval: float = 15 * 60.0  # a failing task mails at most one digest this often
-    webhooks: tuple[dict[str, Any], ...] = ()  # {"url", "secret", "kinds": None | (...)}
+    # {"url" or "url_secret", "secret" or "secret_secret", "kinds": None | (...)}; a *_secret
+    # key names a stored secret holding that value (a Slack-style URL is itself a secret)
+    webhooks: tuple[dict[str, Any], ...] = ()
     webhook_timeout: float = 10.0
 
 
@@ -148,6 +153,7 @@ class Config:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)  # LDAP and OpenID Connect login
     source: str = "defaults"
 
     def with_section(self, name: str, **changes: Any) -> Config:
@@ -300,6 +306,14 @@ def _env_name(v: Any) -> str:
     return v
 
 
+def _secret_name(v: Any) -> str:
+    """The name of a stored secret (empty: none)."""
+    v = _string(v)
+    if v and not SECRET_NAME_PATTERN.fullmatch(v):
+        raise ValueError(f"expected the name of a stored secret ({SECRET_NAME_RULE}), got {v!r}")
+    return v
+
+
 def _on_off(v: Any) -> bool:
     """true or false; from the environment also 1/0, yes/no, on/off."""
     if isinstance(v, bool):
@@ -403,6 +417,9 @@ def _show(v: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+_HOOK_KEYS = ("url", "url_secret", "secret", "secret_secret")
+
+
 def _webhooks(v: Any) -> tuple[dict[str, Any], ...]:
     v = _from_json_text(v, "a list of webhooks")
     if not isinstance(v, list):
@@ -416,20 +433,34 @@ def _webhooks(v: Any) -> tuple[dict[str, Any], ...]:
         if not isinstance(hook, dict):
             raise SubkeyError(at, f'expected an object {{"url", "secret"}}, got {_show(hook)}')
         for key in hook:
-            if key not in ("url", "secret", "kinds", "$comment"):
-                raise SubkeyError(f"{at}.{key}", "unknown key; expected one of url, secret, kinds")
+            if key not in (*_HOOK_KEYS, "kinds", "$comment"):
+                raise SubkeyError(
+                    f"{at}.{key}", f"unknown key; expected one of {', '.join(_HOOK_KEYS)}, kinds"
+                )
+        named = {}  # url, secret -> the stored secret holding it (a *_secret key)
+        for key in ("url", "secret"):
+            if key in hook and f"{key}_secret" in hook:
+                raise SubkeyError(f"{at}.{key}_secret", f"give either {key} or {key}_secret")
+            if f"{key}_secret" in hook:
+                try:
+                    named[key] = _secret_name(hook[f"{key}_secret"]) or None
+                except ValueError as e:
+                    raise SubkeyError(f"{at}.{key}_secret", str(e)) from None
         url = hook.get("url")
-        try:
-            parts = urlsplit(url) if isinstance(url, str) else None
-            url_ok = parts is not None and parts.scheme in ("http", "https") and parts.hostname
-        except ValueError:
-            url_ok = False
-        if not url_ok or any(c.isspace() for c in url):
-            raise SubkeyError(f"{at}.url", f"expected an http:// or https:// URL, got {url!r}")
+        if "url" not in named:
+            try:
+                parts = urlsplit(url) if isinstance(url, str) else None
+                url_ok = parts is not None and parts.scheme in ("http", "https") and parts.hostname
+            except ValueError:
+                url_ok = False
+            if not url_ok or any(c.isspace() for c in url):
+                raise SubkeyError(f"{at}.url", f"expected an http:// or https:// URL, got {url!r}")
         secret = hook.get("secret")
-        if not isinstance(secret, str) or not secret:
+        if "secret" not in named and (not isinstance(secret, str) or not secret):
             raise SubkeyError(
-                f"{at}.secret", "required: the shared secret the receiver checks signatures with"
+                f"{at}.secret",
+                "required: the shared secret the receiver checks signatures with (or "
+                "secret_secret: the name of a stored secret holding it)",
             )
         kinds = hook.get("kinds")
         if kinds is not None:
@@ -441,7 +472,13 @@ def _webhooks(v: Any) -> tuple[dict[str, Any], ...]:
                 if problem := _kind_problem(kind):
                     raise SubkeyError(f"{at}.kinds[{j}]", problem)
             kinds = tuple(dict.fromkeys(kinds))
-        out.append({"url": url, "secret": secret, "kinds": kinds})
+        entry = {"url": url, "secret": secret, "kinds": kinds}
+        for key, name in named.items():
+            if name is None:
+                raise SubkeyError(f"{at}.{key}_secret", "expected the name of a stored secret")
+            del entry[key]
+            entry[f"{key}_secret"] = name
+        out.append(entry)
     return tuple(out)
 
 
@@ -453,6 +490,7 @@ ALERTS_CHECKS: dict[str, Callable[[Any], Any]] = {
     "smtp_user": _string,
     "smtp_password": _string,
     "smtp_password_env": _env_name,
+    "smtp_password_secret": _secret_name,
     "smtp_timeout": _duration_range(0.5, 300),
     "mail_from": _mail_from,
     "operators": _emails,
@@ -529,6 +567,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...
         ("SECURITY",),
     ),
     "secrets": (SecretsConfig, {"keys": secretbox_setting}, ("SECRETS",)),
+    "auth": (AuthConfig, {"ldap": check_ldap, "oidc": check_oidc}, ("AUTH",)),
 }
 
 

@@ -198,7 +198,7 @@ def test_saving_valid_settings_stores_them_and_the_notifier_sees_them(admin, sto
             "smtp_port": "2525",
             "smtp_security": "starttls",
             "smtp_user": "alerts",
-            "smtp_password_env": "CT_SMTP_PASSWORD",
+            "smtp_password_env": "CLOUDTASK_SMTP_PASSWORD",
             "mail_from": "Alerts <alerts@example.org>",
             "smtp_timeout": "30s",
             "operators": "ops@example.com, oncall@example.com\nlead@example.com",
@@ -219,7 +219,11 @@ def test_saving_valid_settings_stores_them_and_the_notifier_sees_them(admin, sto
 
     s = load_settings(store, cfg, environ={})
     assert (s.smtp_host, s.smtp_port, s.smtp_security) == ("mail.example.org", 2525, "starttls")
-    assert (s.smtp_user, s.smtp_password_env, s.smtp_timeout) == ("alerts", "CT_SMTP_PASSWORD", 30)
+    assert (s.smtp_user, s.smtp_password_env, s.smtp_timeout) == (
+        "alerts",
+        "CLOUDTASK_SMTP_PASSWORD",
+        30,
+    )
     assert s.sender == "Alerts <alerts@example.org>"
     assert s.operators == ("ops@example.com", "oncall@example.com", "lead@example.com")
     assert s.by_kind("run.failed") == ("dba@example.com", "b@example.com")

@@ -7,7 +7,8 @@ caches) is one :class:`~web.context.CloudTaskExtension`, in ``app.extensions["cl
 
 One blueprint per area: ``auth`` (login, logout, password), ``dashboard``, ``tasks``,
 ``runs``, ``events``, ``cluster``, ``files``, ``admin`` (users, audit log), ``settings`` (the
-alert settings, admin only) and ``api`` (``/api/v1``, JSON).
+alert settings, admin only), ``secrets`` (stored secrets, :mod:`web.secret_pages`) and ``api``
+(``/api/v1``, JSON).
 Shared helpers are in :mod:`web.context`. Every page and API route needs a logged-in user (a session, or an API
 token as ``Authorization: Bearer``), except the login page and ``/healthz``; roles are checked
 on the server for every route; every form carries a CSRF token.
@@ -98,6 +99,9 @@ def create_app(config: Config | None = None, test_config: dict[str, Any] | None 
 
     for module in (dashboard, tasks, runs, events, cluster, files, admin, settings, api):
         app.register_blueprint(module.bp)
+    from . import secret_pages  # the Secrets page (not "secrets": this module uses the stdlib's)
+
+    app.register_blueprint(secret_pages.bp)
     register_filters(app)
     app.jinja_env.globals["csrf_token"] = csrf_token
     app.jinja_env.globals["version"] = __version__

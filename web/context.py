@@ -25,8 +25,9 @@ from flask_login import current_user
 
 from cloudtask.clusterview import ClusterView, merge_agents, read_cluster
 from cloudtask.config import Config
-from cloudtask.exceptions import CloudTaskError
+from cloudtask.exceptions import CloudTaskError, ConfigError
 from cloudtask.operations import Operations
+from cloudtask.secretbox import SecretBox, load_box
 from cloudtask.store import Store
 from cloudtask.zkpaths import ZkPaths
 
@@ -56,6 +57,27 @@ class CloudTaskExtension:
         self.throttle = LoginThrottle(self.store)
         self._cache: dict[str, tuple[float, Any]] = {}
         self._cache_lock = threading.Lock()
+        self._box: tuple[SecretBox | None, str] | None = None
+
+    def box(self) -> tuple[SecretBox | None, str]:
+        """The key ring this process seals new secrets with (``secrets.keys``, read once), or
+        None and why: the web process seals values, it never opens one."""
+        if self._box is None:
+            try:
+                ring = load_box(self.config.secrets.keys)
+            except ConfigError as e:
+                self._box = None, f"its key ring cannot be read: {e}"
+            else:
+                why = (
+                    ""
+                    if ring is not None
+                    else "this web process has no key ring: secrets.keys is not set in its "
+                    "configuration (set it to 'file:/path' or 'env:VARIABLE', the same ring "
+                    "as the agents and centers, and restart it; or use 'cloudtask secrets set' "
+                    "where the ring is)"
+                )
+                self._box = ring, why
+        return self._box
 
     def store(self) -> Store:
         """The store given, or one on ``mongodb.uri`` made on first use."""
@@ -116,6 +138,11 @@ def ops() -> Operations:
 
 def throttle() -> LoginThrottle:
     return extension().throttle
+
+
+def secret_box() -> tuple[SecretBox | None, str]:
+    """The key ring new secrets are sealed with, or None and why secrets cannot be stored."""
+    return extension().box()
 
 
 def actor() -> str:

@@ -93,6 +93,11 @@ ERRORS = {
         "The input is invalid: `details` names each field (`schedule.cron`, `per_page`) and "
         "says what is wrong.",
     ),
+    503: (
+        "Unavailable",
+        "This web process cannot do it now: the store or the cluster failed, or (stored "
+        "secrets) it has no key ring (`secrets.keys`).",
+    ),
 }
 ROLE_TEXT = {
     "viewer": "Needs a logged-in user (any role).",

@@ -19,6 +19,8 @@ from cloudtask.task import (
     MAX_TASK_DURATION,
     NAME_PATTERN,
     NOTIFY_EVENTS,
+    SECRET_NAME_PATTERN,
+    SECRET_NAME_RULE,
     TASK_FIELDS,
     TaskField,
 )
@@ -63,6 +65,20 @@ WINDOW = {
     },
 }
 TIMEZONE = {"type": "string", "description": "An IANA time zone (UTC)", "examples": ["UTC"]}
+SECRET_NAME = {
+    "type": "string",
+    "pattern": f"^{SECRET_NAME_PATTERN.pattern}$",
+    "description": SECRET_NAME_RULE,
+}
+SECRET_REF = {
+    "type": "object",
+    "description": 'A stored secret, by name: {"secret": "NAME"} (opened by the agent just '
+    "before the run; the task shows only the name)",
+    "required": ["secret"],
+    "additionalProperties": False,
+    "properties": {"secret": SECRET_NAME},
+}
+STRING_OR_SECRET = {"anyOf": [{"type": "string"}, SECRET_REF]}
 
 
 def _schedule(kind: str, value: dict[str, Any], **more: Any) -> dict[str, Any]:
@@ -108,8 +124,15 @@ HTTP_SPEC = {
         "urls": {**STRINGS, "minItems": 1},
         "strategy": {"enum": list(HTTP_STRATEGIES)},
         "method": {"enum": list(HTTP_METHODS)},
-        "headers": {"type": "object", "additionalProperties": STRING},
-        "body": {"anyOf": [STRING, {"type": "object"}, {"type": "array"}, {"type": "null"}]},
+        "headers": {
+            "type": "object",
+            "additionalProperties": STRING_OR_SECRET,
+            "description": 'A value may be a stored secret: {"secret": "NAME"}',
+        },
+        "body": {
+            "description": 'Text, JSON (sent as JSON), or a stored secret: {"secret": "NAME"}',
+            "anyOf": [STRING, SECRET_REF, {"type": "object"}, {"type": "array"}, {"type": "null"}],
+        },
         "expect_status": {
             "anyOf": [
                 {"type": "integer", "minimum": 100, "maximum": 599},
@@ -134,7 +157,8 @@ COMMAND = {"anyOf": [{"type": "string", "minLength": 1}, {**STRINGS, "minItems":
 ENV = {
     "type": "object",
     "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
-    "additionalProperties": STRING,
+    "additionalProperties": STRING_OR_SECRET,
+    "description": 'A value may be a stored secret: {"secret": "NAME"}',
 }
 NOTIFY = {
     "type": "object",
@@ -238,11 +262,23 @@ _TASK_FIELDS = {
         "description": "The agent that owns the task now (null: none, or no cluster)",
     },
 }
+WARNINGS = {
+    "type": "array",
+    "description": "What was stored but looks wrong, such as a header named like a credential "
+    'given in clear (store it as a secret and give {"secret": "NAME"}); only in the answer '
+    "of a create, replace or patch",
+    "items": {
+        "type": "object",
+        "required": ["path", "message"],
+        "properties": {"path": STRING, "message": STRING},
+    },
+}
 TASK = {
     "type": "object",
     "required": [*_TASK_FIELDS, "spec", "next_fires"],
     "properties": {
         **_TASK_FIELDS,
+        "warnings": WARNINGS,
         "spec": {"type": "object", "description": "The canonical task spec (every key)"},
         "next_fires": {
             "type": "array",
@@ -363,6 +399,34 @@ FILE_INFO = {
         "created": {
             "type": "boolean",
             "description": "false: the bytes equal the latest version's; no version was added",
+        },
+    },
+}
+
+
+SECRET = {
+    "type": "object",
+    "description": "A stored secret: never its value. A viewer sees the name and the tasks "
+    "using it; an operator also the rest.",
+    "required": ["name", "used_by"],
+    "not": {"anyOf": [{"required": ["value"]}, {"required": ["ciphertext"]}]},
+    "properties": {
+        "name": STRING,
+        "description": STRING,
+        "key_id": {"type": ["string", "null"], "description": "The key it is sealed under"},
+        "revision": {"type": ["integer", "null"], "description": "How often its value was set"},
+        "created_at": nullable(TIME),
+        "created_by": {"type": ["string", "null"]},
+        "updated_at": nullable(TIME),
+        "updated_by": {"type": ["string", "null"]},
+        "used_by": {
+            "type": "array",
+            "description": "The tasks whose definition names it",
+            "items": {
+                "type": "object",
+                "required": ["id", "name"],
+                "properties": {"id": STRING, "name": STRING},
+            },
         },
     },
 }
@@ -536,4 +600,38 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "OpenApi": {"type": "object", "description": "This document"},
+    "Secret": SECRET,
+    "SecretList": {
+        "type": "object",
+        "required": ["items", "can_store", "store_problem"],
+        "properties": {
+            "items": {"type": "array", "items": ref("Secret")},
+            "can_store": {
+                "type": "boolean",
+                "description": "Whether this web process can store secrets (it has a key ring)",
+            },
+            "store_problem": {
+                "type": ["string", "null"],
+                "description": "Why it cannot (null when it can)",
+            },
+        },
+    },
+    "SecretPut": {
+        "type": "object",
+        "required": ["value"],
+        "additionalProperties": False,
+        "properties": {
+            "value": {
+                "type": "string",
+                "minLength": 1,
+                "description": "The value: at most 64 KiB of text, no NUL; never shown again",
+            },
+            "description": {"type": "string", "maxLength": 500},
+        },
+    },
+    "SecretDeleted": {
+        "type": "object",
+        "required": ["deleted"],
+        "properties": {"deleted": STRING},
+    },
 }

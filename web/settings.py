@@ -18,9 +18,18 @@ current one; a checkbox removes the stored one), and webhook secrets are shown a
 line whose URL was edited, of the webhook whose URL is gone from the list). The audit entry
 (``settings.alerts``) replaces both with ``(hidden)``.
 
+Stored secrets (the Secrets page, ``cloudtask secrets set``) are the better place: the SMTP
+password may be one (``smtp_password_secret``, a choice of the stored secrets' names; naming
+one drops a password stored here), and on a webhook line the URL, the secret or both may be
+``secret:NAME`` (``url_secret``, ``secret_secret``: a Slack-style URL is itself the secret).
+A name is shown as it is (it is no value); a name that is not stored is refused at its
+field. Only the leading center opens them.
+
 The test mail uses the saved settings (the web server's environment for
 ``smtp_password_env``), waits at most :data:`TEST_MAIL_TIMEOUT` seconds, flashes either
-success or the exact failure, and is audited either way (``settings.test_mail``).
+success or the exact failure, and is audited either way (``settings.test_mail``). When the
+SMTP password is a stored secret, the leading center sends it (the web process opens no
+secret): the page waits for its answer as long.
 """
 
 from __future__ import annotations
@@ -50,7 +59,8 @@ bp = Blueprint("settings", __name__, url_prefix="/settings")
 MASK = "********"  # a webhook secret as the page shows it; kept as it is, the secret is kept
 TEST_MAIL_TIMEOUT = 30.0  # the test mail holds a web request: never wait longer than this
 DURATION_KEYS = ("smtp_timeout", "alert_interval", "webhook_timeout")
-TEXT_KEYS = ("smtp_host", "smtp_user", "smtp_password_env", "mail_from")
+TEXT_KEYS = ("smtp_host", "smtp_user", "smtp_password_env", "smtp_password_secret", "mail_from")
+SECRET_PREFIX = "secret:"  # a webhook's URL or secret given as a stored secret's name
 BY_KEYS = {"operators_by_kind": "event kind", "operators_by_group": "agent group"}
 LINE_KEYS = ("operators", *BY_KEYS, "webhooks")  # textareas: problems name their line
 # the keys the form edits, in the order their problems are listed
@@ -80,9 +90,15 @@ def file_values(cfg: Config) -> dict[str, Any]:
 # --- values as the form shows them -----------------------------------------------------------
 
 
+def hook_key(hook: dict[str, Any]) -> str:
+    """A webhook's first word on its line: its URL, or ``secret:NAME``."""
+    return hook.get("url") or f"{SECRET_PREFIX}{hook.get('url_secret')}"
+
+
 def webhook_line(hook: dict[str, Any]) -> str:
     kinds = hook.get("kinds")
-    return f"{hook['url']} {MASK}" + (f" {','.join(kinds)}" if kinds else "")
+    secret = MASK if hook.get("secret") else f"{SECRET_PREFIX}{hook.get('secret_secret')}"
+    return f"{hook_key(hook)} {secret}" + (f" {','.join(kinds)}" if kinds else "")
 
 
 def form_text(key: str, value: Any) -> str:
@@ -187,15 +203,17 @@ def parse_recipients_by(
 def parse_webhooks(
     text: str, current: tuple[dict[str, Any], ...], lines: list[int], errors: list[str]
 ) -> list[dict[str, Any]]:
-    """Lines ``URL SECRET [kind,kind...]``. A secret left as MASK is that of the current
-    webhook with the same URL; on a line whose URL was edited, that of the first current
-    webhook whose URL is no longer in the list (the next line of that kind gets the next)."""
+    """Lines ``URL SECRET [kind,kind...]``, the URL or the secret possibly ``secret:NAME``
+    (a stored secret's name). A secret left as MASK is that of the current webhook with the
+    same URL; on a line whose URL was edited, that of the first current webhook whose URL is
+    no longer in the list (the next line of that kind gets the next)."""
     parsed: list[tuple[int, list[str]]] = [
         (n, line.split(None, 2)) for n, line in _text_lines(text)
     ]
     typed_urls = {parts[0] for _, parts in parsed}
-    by_url = {h["url"]: h["secret"] for h in current}
-    edited = [h["secret"] for h in current if h["url"] not in typed_urls]
+    plain = [h for h in current if h.get("secret")]  # the secrets MASK can keep
+    by_url = {hook_key(h): h["secret"] for h in plain}
+    edited = [h["secret"] for h in plain if hook_key(h) not in typed_urls]
     hooks: list[dict[str, Any]] = []
     for n, parts in parsed:
         if len(parts) < 2:
@@ -216,7 +234,15 @@ def parse_webhooks(
                     "secret of the webhook with the same URL): type its secret"
                 )
                 continue
-        hook: dict[str, Any] = {"url": url, "secret": secret}
+        hook: dict[str, Any] = {}
+        if url.startswith(SECRET_PREFIX):
+            hook["url_secret"] = url[len(SECRET_PREFIX) :]
+        else:
+            hook["url"] = url
+        if secret.startswith(SECRET_PREFIX):
+            hook["secret_secret"] = secret[len(SECRET_PREFIX) :]
+        else:
+            hook["secret"] = secret
         if len(parts) == 3:
             kinds = [k.strip() for k in parts[2].split(",") if k.strip()]
             if kinds:
@@ -268,11 +294,17 @@ def form_settings(
             errors[key] = field_errors
             typed.pop(key)
     remove = form["remove_password"] or "smtp_password" in form["reset"]
+    named = typed.get("smtp_password_secret")  # a stored secret: the password stored here goes
     if remove and password:
         errors["smtp_password"] = ["either type a new password or remove the stored one, not both"]
+    elif named and password:
+        errors["smtp_password"] = [
+            "either type a password or choose a stored secret, not both (the stored secret is "
+            "kept encrypted: prefer it)"
+        ]
     elif password:
         typed["smtp_password"] = password
-    elif "smtp_password" in stored and not remove:
+    elif "smtp_password" in stored and not remove and not named:
         typed["smtp_password"] = stored["smtp_password"]  # blank: the stored one is kept
     data: dict[str, Any] = {}
     for key, value in typed.items():
@@ -317,6 +349,14 @@ def render_page(
     file = file_values(cfg)
     stored = stored_settings(store())
     effective = load_settings(store(), cfg)
+    secret_names = [s["name"] for s in store().list_secrets()]
+    problem = effective.password_problem
+    if effective.smtp_password_secret:  # opened by the leading center only: say if it is stored
+        problem = ""
+        if effective.smtp_password_secret not in secret_names:
+            problem = (
+                f"alerts.smtp_password_secret: no secret named {effective.smtp_password_secret!r}"
+            )
     sources = {
         key: {"database": key in stored, "file": shown_value(key, file[key])}
         for key in ALERTS_CHECKS
@@ -330,8 +370,10 @@ def render_page(
         password={
             "stored": bool(stored.get("smtp_password")),
             "file": bool(file["smtp_password"]),
-            "problem": effective.password_problem,
+            "problem": problem,
+            "secret": effective.smtp_password_secret,
         },
+        secret_names=secret_names,
         effective=effective,
         config_source=cfg.source,
         securities=SMTP_SECURITY,
@@ -361,12 +403,13 @@ def save() -> Any:
         form, request.form.get("smtp_password", ""), file, before, {**file, **before}
     )
     top: list[str] = []
+    prefix = cfg.security.smtp_password_env_prefix
     if errors:  # a text field could not be read: check the others too, save nothing
-        _, problems = validate_settings(data)
+        _, problems = validate_settings(data, env_prefix=prefix)
         top = place_problems(problems, lines, errors)
         return render_page(form, errors, top, 422)
     try:
-        before, after = ops().save_alert_settings(actor(), data)
+        before, after = ops().save_alert_settings(actor(), data, env_prefix=prefix)
     except ValidationError as e:
         top = place_problems(e.problems, lines, errors)
         return render_page(form, errors, top, 422)
@@ -394,15 +437,17 @@ def test_mail() -> Any:
         settings = load_settings(store(), _config())
         if settings.smtp_timeout > TEST_MAIL_TIMEOUT:
             settings = replace(settings, smtp_timeout=TEST_MAIL_TIMEOUT)
-        ops().send_test_mail(actor(), settings, to)  # audited, sent or not
+        wait = current_app.config.get("TEST_MAIL_WAIT", TEST_MAIL_TIMEOUT)
+        ops().send_test_mail(actor(), settings, to, wait=wait)  # audited, sent or not
     except CloudTaskError as e:
         flash(str(e), "error")
     except Exception as e:  # never a 500: whatever failed is the answer to the test
         log.exception("the test mail to %s failed", to)
         flash(f"the test mail was not sent: {type(e).__name__}: {e}", "error")
     else:
+        by = " by the leading center" if settings.smtp_password_secret else ""
         flash(
-            f"Test mail sent to {to} through {settings.smtp_host}:{settings.smtp_port} "
+            f"Test mail sent to {to}{by} through {settings.smtp_host}:{settings.smtp_port} "
             f"from {settings.sender}: check that it arrived.",
             "ok",
         )

@@ -9,6 +9,12 @@ fields cannot show it whole (:func:`fits_fields`). :func:`field_of` maps a probl
 (``schedule.cron``, ``http.url``, ``env.X``) to the field that shows it; problems of no field
 are shown at the top. :func:`read_form` reads the posted form as typed.
 
+A stored secret is given in the fields as ``secret:NAME``: an env line ``PGPASSWORD=secret:db``,
+a header line ``Authorization: secret:api-token``, or a body that is only ``secret:NAME``;
+the spec holds ``{"secret": NAME}`` there, and the form shows it back the same way (never a
+value: the web process has none). A plain value that itself begins with ``secret:`` cannot
+be told from a reference in the fields, so a task holding one is edited as JSON.
+
 A form is a dict: the text fields (``TEXT_FIELDS``) as typed, the checkboxes
 (``CHECKBOXES``) as booleans, ``notify_on`` as a list of event names. Which field shows each
 top-level key of the spec, and the keys' defaults, come from the model's field table
@@ -23,9 +29,12 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from cloudtask import jsonlimits
 from cloudtask.exceptions import Problem
 from cloudtask.schedules import timezone_problem
-from cloudtask.task import TASK_FIELDS, TaskField
+from cloudtask.task import TASK_FIELDS, TaskField, secret_ref
+
+SECRET_PREFIX = "secret:"  # a value typed so is a stored secret's name: {"secret": NAME}
 
 SCHEDULE_KINDS = ("cron", "every", "at", "keepalive")
 
@@ -163,6 +172,23 @@ def default_form() -> dict[str, Any]:
     return form
 
 
+def shown_value(value: Any) -> str:
+    """An env, header or body value as its field shows it: ``secret:NAME`` for a reference."""
+    name = secret_ref(value)
+    return f"{SECRET_PREFIX}{name}" if name else str(value)
+
+
+def typed_value(text: str) -> Any:
+    """A value typed in the env, header or body field: ``secret:NAME`` is a reference."""
+    if text.startswith(SECRET_PREFIX):
+        return {"secret": text[len(SECRET_PREFIX) :].strip()}
+    return text
+
+
+def _looks_like_reference(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(SECRET_PREFIX)
+
+
 def fits_fields(spec: dict[str, Any]) -> bool:
     """Whether the fields can show this spec without losing anything (else: edit as JSON)."""
     schedule = spec.get("schedule")
@@ -170,12 +196,18 @@ def fits_fields(spec: dict[str, Any]) -> bool:
         return False
     if spec.get("command") is not None and not isinstance(spec["command"], str):
         return False
-    if any("\n" in str(v) or "\r" in str(v) for v in (spec.get("env") or {}).values()):
-        return False  # the env field holds one KEY=VALUE a line
+    env = (spec.get("env") or {}).values()
+    if any("\n" in str(v) or "\r" in str(v) or _looks_like_reference(v) for v in env):
+        return False  # the env field holds one KEY=VALUE a line; secret:... is a reference
     http = spec.get("http")
     if http is not None:
         urls = http.get("urls") or ([http["url"]] if http.get("url") else [])
-        if len(urls) != 1 or not isinstance(http.get("body"), (str, type(None))):
+        body = http.get("body")
+        if len(urls) != 1 or not (isinstance(body, (str, type(None))) or secret_ref(body)):
+            return False
+        if _looks_like_reference(body) or any(
+            _looks_like_reference(v) for v in (http.get("headers") or {}).values()
+        ):
             return False
     return True
 
@@ -216,8 +248,8 @@ def spec_form(spec: dict[str, Any]) -> dict[str, Any]:
         cwd=spec.get("cwd") or "",
         url=urls[0] if urls else "",
         method=http.get("method", "GET"),
-        headers="\n".join(f"{k}: {v}" for k, v in (http.get("headers") or {}).items()),
-        body=http.get("body") or "",
+        headers="\n".join(f"{k}: {shown_value(v)}" for k, v in (http.get("headers") or {}).items()),
+        body=shown_value(http["body"]) if http.get("body") else "",
         expect_status=", ".join(str(s) for s in expect) if expect else "",
         http_timeout=http.get("timeout") or "",
         callback=bool(http.get("callback")),
@@ -228,7 +260,7 @@ def spec_form(spec: dict[str, Any]) -> dict[str, Any]:
         misfire=spec.get("misfire", DEFAULTS["misfire"]),
         misfire_grace=spec.get("misfire_grace", DEFAULTS["misfire_grace"]),
         mode=spec.get("mode", DEFAULTS["mode"]),
-        env="\n".join(f"{k}={v}" for k, v in (spec.get("env") or {}).items()),
+        env="\n".join(f"{k}={shown_value(v)}" for k, v in (spec.get("env") or {}).items()),
         notify_emails=", ".join((spec.get("notify") or {}).get("emails") or []),
         notify_on=list((spec.get("notify") or {}).get("on") or []),
     )
@@ -284,11 +316,13 @@ def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
     In JSON mode, the spec is the JSON text (a syntax error is a problem of ``spec_json``)."""
     problems: list[Problem] = []
     if form["editor"] == "json":
-        try:
-            return json.loads(form["spec_json"]), []
+        try:  # never json.loads: 100,000 "[" would be a RecursionError (a 500)
+            return jsonlimits.loads(form["spec_json"]), []
         except ValueError as e:
             return None, [Problem("", f"the JSON is not valid: {e}")]
     spec: dict[str, Any] = {}
+    headers: dict[str, Any]
+    env: dict[str, Any]
     for key in ("name", "group"):
         if form[key].strip():
             spec[key] = form[key].strip()
@@ -320,7 +354,7 @@ def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
 
     if form["run_kind"] == "http":
         http: dict[str, Any] = {"url": form["url"].strip(), "method": form["method"] or "GET"}
-        headers: dict[str, str] = {}
+        headers = {}
         for number, line in _lines(form["headers"]):
             name, sep, value = line.partition(":")
             if not sep or not name.strip():
@@ -328,11 +362,13 @@ def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
                     Problem("http.headers", f"line {number}: expected 'Name: value', got {line!r}")
                 )
             else:
-                headers[name.strip()] = value.strip()
+                headers[name.strip()] = typed_value(value.strip())
         if headers:
             http["headers"] = headers
         if form["body"]:
-            http["body"] = form["body"]
+            body = form["body"].strip()
+            one_line = "\n" not in body and body.startswith(SECRET_PREFIX)
+            http["body"] = typed_value(body) if one_line else form["body"]
         statuses = [s for s in re.split(r"[,\s]+", form["expect_status"]) if s]
         if statuses:
             values = [int(s) if small_number(s) else s for s in statuses]
@@ -363,13 +399,13 @@ def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
     for key in ("concurrency", "misfire", "mode"):
         if form[key]:
             spec[key] = form[key]
-    env: dict[str, str] = {}
+    env = {}
     for number, line in _lines(form["env"]):
         name, sep, value = line.partition("=")
         if not sep or not name.strip():
             problems.append(Problem("env", f"line {number}: expected KEY=VALUE, got {line!r}"))
         else:
-            env[name.strip()] = value
+            env[name.strip()] = typed_value(value)
     spec["env"] = env
     emails = [e for e in re.split(r"[,;\s]+", form["notify_emails"]) if e]
     spec["notify"] = {"emails": emails, "on": form["notify_on"]}

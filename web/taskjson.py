@@ -12,17 +12,18 @@ task).
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from flask import current_app, jsonify, request
 
+from cloudtask import jsonlimits
 from cloudtask.clock import utcnow
 from cloudtask.exceptions import NotFound, Problem
 from cloudtask.runmodel import RUNNING_STATUSES
 from cloudtask.schedules import next_fires, parse_schedule
+from cloudtask.task import MAX_SCHEDULES
 
 from .auth import requires
 from .context import store
@@ -130,7 +131,10 @@ def trend(task_id: str) -> Any:
 def preview() -> Any:
     """The next fire times of a schedule typed in the form: ``cron`` (+ ``timezone``) or
     ``every`` (+ ``timezone``, ``start``), or ``schedule`` (a JSON schedule); ``n`` fires (5).
-    Answers 200 with ``fires`` or 422 with ``details`` naming the field; never 500."""
+    Answers 200 with ``fires`` or 422 with ``details`` naming the field; never 500. The JSON
+    is read with a bound on its nesting (:func:`cloudtask.jsonlimits.loads`), and a list of
+    more than ``MAX_SCHEDULES`` schedules is refused before any is parsed, as the model
+    refuses it."""
     args = request.args
     try:
         n = int(args.get("n") or PREVIEW_FIRES)
@@ -142,11 +146,14 @@ def preview() -> Any:
     value: Any
     if args.get("schedule"):
         try:
-            value = json.loads(args["schedule"])
-        except ValueError as e:
+            value = jsonlimits.loads(args["schedule"])
+        except ValueError as e:  # not JSON, or nested too deeply: never a RecursionError
             return _json_error(
                 "the schedule is invalid", [Problem("schedule", f"not valid JSON: {e}")], 422
             )
+        if isinstance(value, list) and len(value) > MAX_SCHEDULES:
+            problem = f"{len(value):,} schedules; at most {MAX_SCHEDULES} are taken per task"
+            return _json_error("the schedule is invalid", [Problem("schedule", problem)], 422)
     elif (args.get("cron") or "").strip():
         value = {"cron": args["cron"].strip(), "timezone": tz}
     elif (args.get("every") or "").strip():

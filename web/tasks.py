@@ -24,6 +24,7 @@ from werkzeug.routing import BuildError
 
 from cloudtask.clock import utcnow
 from cloudtask.exceptions import CloudTaskError, Conflict, NotFound, Problem, ValidationError
+from cloudtask.operations import task_warnings
 from cloudtask.schedules import next_fires, schedule_summary
 from cloudtask.store import nest_dotted
 from cloudtask.store.queries import RUN_LIST_FIELDS
@@ -230,6 +231,14 @@ def file_versions(name: str) -> list[dict[str, Any]]:
         return []
 
 
+def secret_names() -> list[str]:
+    """The stored secrets' names, for the form's hint (never a value)."""
+    try:
+        return [s["name"] for s in store().list_secrets()]
+    except CloudTaskError:
+        return []
+
+
 def render_form(
     form: dict[str, Any],
     *,
@@ -256,6 +265,7 @@ def render_form(
         misfire_policies=MISFIRE_POLICIES,
         modes=MODES,
         notify_events=NOTIFY_EVENTS,
+        secret_names=secret_names(),
     ), status
 
 
@@ -282,6 +292,8 @@ def _save(form: dict[str, Any], task: dict[str, Any] | None) -> Any:
         return render_form(form, task=task, message=str(e), status=409)
     except NotFound as e:
         return render_form(form, task=task, message=f"{e}: it was deleted meanwhile", status=404)
+    for warning in task_warnings(doc["spec"]):  # stored, but every viewer sees it
+        flash(f"Warning: {warning}", "warning")
     return redirect(url_for("tasks.detail", task_id=doc["_id"]))
 
 

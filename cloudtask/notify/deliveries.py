@@ -119,7 +119,10 @@ class Deliveries:
         failed MAX_ATTEMPTS times over at least GIVE_UP_AFTER. Returns the new status."""
         attempts = doc["attempts"] + 1
         first = doc.get("first_failure_ts") or float(now)
-        give_up = attempts >= MAX_ATTEMPTS and now - first >= GIVE_UP_AFTER
+        # a test mail (``once``) is never retried: its sender waits for this one answer
+        give_up = bool(doc.get("once")) or (
+            attempts >= MAX_ATTEMPTS and now - first >= GIVE_UP_AFTER
+        )
         new = {
             **doc,
             "attempts": attempts,

@@ -211,13 +211,16 @@ def _text(value: Any) -> str:
     return one_line(value, 300)
 
 
-def send_test_mail(settings: AlertSettings, to: str) -> None:
+def send_test_mail(settings: AlertSettings, to: str, *, check_only: bool = False) -> None:
     """Send a test mail to ``to`` now (the settings page). Raises CloudTaskError saying what
-    failed: mail off, a bad address, no connection, TLS, the login, a refused recipient."""
+    failed: mail off, a bad address, no connection, TLS, the login, a refused recipient.
+    ``check_only``: only the checks made before connecting (mail off, a bad address)."""
     if problem := email_problem(to):
         raise CloudTaskError(f"cannot send a test mail: {problem}")
     if not settings.mail_enabled:
         raise CloudTaskError("cannot send a test mail: mail is off (alerts.smtp_host is empty)")
+    if check_only:
+        return
     now = utcnow()
     msg = build_message(
         settings=settings,

@@ -3,7 +3,9 @@
 Only the leading center runs it (:class:`NotifierThread` asks ``is_leader`` before every pass
 and, while sending, before every message). A pass (:meth:`Notifier.run_once`):
 
-1. reads the settings (the file, then MongoDB; re-read every few seconds);
+1. reads the settings (the file, then MongoDB; re-read every few seconds) and opens the
+   stored secrets they name (the SMTP password, webhook URLs and secrets) with the key ring
+   of its config (``secrets.keys``);
 2. plans up to ``EVENT_BATCH`` events whose ``delivery`` is "new", oldest first: inserts their
    deliveries (pending), updates the task's alert state, marks the event "planned";
 3. plans the digests that are due;
@@ -33,12 +35,13 @@ from pymongo.errors import PyMongoError
 
 from ..clock import stored_time
 from ..config import Config
-from ..exceptions import StoreError
+from ..exceptions import ConfigError, StoreError
+from ..secretbox import SecretBox, load_box
 from ..store import Store
 from .deliveries import Deliveries
 from .mail import DeliveryError, SmtpConnection, build_message
 from .planner import Planner
-from .settings import AlertSettings, load_settings
+from .settings import AlertSettings, Webhook, load_settings, resolve_secrets
 from .throttle import AlertStates
 from .webhook import post_event
 
@@ -83,10 +86,27 @@ class Notifier:
         self._settings: AlertSettings | None = None
         self._settings_read = -SETTINGS_TTL
         self._indexed = False
+        self._box: SecretBox | None = None
+        self._box_problem = ""
+        self._box_read = False
+
+    def box(self) -> tuple[SecretBox | None, str]:
+        """The key ring of ``secrets.keys`` (None: none), and why it cannot be read."""
+        if not self._box_read:
+            try:
+                self._box = load_box(self.cfg.secrets.keys, self.environ)
+            except ConfigError as e:
+                self._box_problem = str(e)
+                log.error("the notifier cannot open stored secrets: %s", e)
+            self._box_read = True
+        return self._box, self._box_problem
 
     def settings(self, fresh: bool = False) -> AlertSettings:
+        """The settings, the stored secrets they name opened (read again every few seconds)."""
         if fresh or self._settings is None or time.monotonic() - self._settings_read > SETTINGS_TTL:
-            self._settings = load_settings(self.store, self.cfg, self.environ)
+            settings = load_settings(self.store, self.cfg, self.environ)
+            box, problem = self.box()
+            self._settings = resolve_secrets(settings, self.store, box, problem)
             self._settings_read = time.monotonic()
         return self._settings
 
@@ -216,14 +236,17 @@ class Notifier:
                     f"the webhook {doc['target']} is no longer in the alert settings",
                     whole_target=False,
                 )
+            if hook.problem:
+                raise DeliveryError(f"the webhook {hook.label} cannot be used: {hook.problem}")
             post_event(
-                doc["target"],
+                hook.url,
                 (doc.get("body") or "").encode("utf-8"),
                 secret=hook.secret,
                 kind=doc.get("kind") or "event",
                 delivery_id=doc["_id"],
                 timeout=s.webhook_timeout,
                 policy=s.egress,
+                name=hook.label,
             )
             return
         raise DeliveryError(f"unknown channel {doc['channel']!r}", whole_target=False)
@@ -256,11 +279,13 @@ def _target_key(doc: dict[str, Any]) -> str:
     return "mail" if doc.get("channel") == "mail" else f"webhook {doc.get('target')}"
 
 
-def _find_webhook(s: AlertSettings, doc: dict[str, Any]) -> Any:
+def _find_webhook(s: AlertSettings, doc: dict[str, Any]) -> Webhook | None:
+    """The webhook of a delivery: the one at its index, else the one of the same target
+    (its URL, or ``secret:NAME`` for a URL kept as a stored secret)."""
     n = doc.get("webhook")
-    if isinstance(n, int) and 0 <= n < len(s.webhooks) and s.webhooks[n].url == doc["target"]:
+    if isinstance(n, int) and 0 <= n < len(s.webhooks) and s.webhooks[n].label == doc["target"]:
         return s.webhooks[n]
-    return next((h for h in s.webhooks if h.url == doc["target"]), None)
+    return next((h for h in s.webhooks if h.label == doc["target"]), None)
 
 
 class NotifierThread:

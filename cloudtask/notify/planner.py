@@ -146,7 +146,7 @@ class Planner:
                     event_id=event["_id"],
                     kind=str(event.get("kind")),
                     channel="webhook",
-                    target=hook.url,
+                    target=hook.label,  # never the URL when it is a stored secret
                     now=now,
                     task_id=event.get("task_id"),
                     webhook=n,

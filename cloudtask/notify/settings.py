@@ -5,6 +5,15 @@ Both are checked by the same functions (:data:`cloudtask.config.ALERTS_CHECKS`),
 page saves is one the file would accept. The stored document holds only the keys the page set;
 a key left out falls back to the file.
 
+**Stored secrets.** The SMTP password and each webhook's URL and signing secret may be kept in
+the secret store (:mod:`cloudtask.store.secrets`, sealed under ``secrets.keys``) and named
+here: ``smtp_password_secret``, and a webhook's ``url_secret`` (a Slack-style URL is itself
+the secret) and ``secret_secret``. :func:`load_settings` only names them; the leading center
+opens them with its key ring (:func:`resolve_secrets`, the notifier) when it sends. A
+webhook whose URL is a stored secret is named ``secret:NAME`` in its deliveries, errors and
+logs, never by its URL. The web process opens none of them: a test mail whose password is a
+stored secret is sent by the leading center (:mod:`cloudtask.operations.settings`).
+
 What an admin may not change is in the file's ``security`` section: ``smtp_password_env`` is
 read only when it names a variable starting with ``security.smtp_password_env_prefix``
 (``CLOUDTASK_SMTP_``), so the page cannot mail another variable of the center's environment
@@ -22,7 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from ..clock import to_bson_time, utcnow
@@ -30,6 +39,7 @@ from ..config import ALERTS_CHECKS, DEFAULT_SMTP_ENV_PREFIX, AlertsConfig, Confi
 from ..exceptions import Problem, ValidationError
 from ..netpolicy import NetworkPolicy
 from ..runmodel import SCHEMA_VERSION
+from ..secretbox import SecretBox, SecretError
 from ..store import Store
 
 log = logging.getLogger(__name__)
@@ -40,12 +50,27 @@ SETTING_KEYS = tuple(ALERTS_CHECKS)
 
 @dataclass(frozen=True)
 class Webhook:
+    """A webhook. ``url`` and ``secret`` are empty until :func:`resolve_secrets` opens the
+    stored secrets ``url_secret`` and ``secret_secret`` name (``problem``: why it could not)."""
+
     url: str
     secret: str
     kinds: tuple[str, ...] | None = None  # None: every kind
+    url_secret: str = ""
+    secret_secret: str = ""
+    problem: str = ""
 
     def wants(self, kind: str) -> bool:
         return self.kinds is None or kind in self.kinds
+
+    @property
+    def label(self) -> str:
+        """How deliveries, errors and logs name it: its URL, or ``secret:NAME`` when the URL
+        is a stored secret (never written anywhere)."""
+        return f"secret:{self.url_secret}" if self.url_secret else self.url
+
+    def secret_names(self) -> list[str]:
+        return [n for n in (self.url_secret, self.secret_secret) if n]
 
 
 @dataclass(frozen=True)
@@ -59,6 +84,7 @@ class AlertSettings:
     smtp_user: str = ""
     smtp_password: str = ""
     smtp_password_env: str = ""
+    smtp_password_secret: str = ""
     smtp_timeout: float = 20.0
     mail_from: str = ""
     operators: tuple[str, ...] = ()
@@ -197,7 +223,22 @@ def load_settings(
                 f"alerts.smtp_password_env names the environment variable {name}, "
                 "which is not set in the center's environment"
             )
-    hooks = tuple(Webhook(h["url"], h["secret"], h.get("kinds")) for h in values["webhooks"])
+    hooks = tuple(
+        Webhook(
+            h.get("url") or "",
+            h.get("secret") or "",
+            h.get("kinds"),
+            url_secret=h.get("url_secret") or "",
+            secret_secret=h.get("secret_secret") or "",
+        )
+        for h in values["webhooks"]
+    )
+    if values["smtp_password_secret"]:  # a stored secret wins: opened when mail is sent
+        password = ""
+        problem = (
+            f"the SMTP password is the stored secret {values['smtp_password_secret']!r}, "
+            "which only the leading center opens"
+        )  # until resolve_secrets opens it
     return AlertSettings(
         **{k: v for k, v in values.items() if k not in ("webhooks", "smtp_password")},
         smtp_password=password,
@@ -207,6 +248,75 @@ def load_settings(
         password_problem=problem,
         egress=NetworkPolicy.from_config(cfg),
     )
+
+
+def secret_names(values: dict[str, Any] | AlertSettings) -> list[str]:
+    """The stored secrets that settings (stored values, or AlertSettings) name."""
+    if isinstance(values, AlertSettings):
+        names = [values.smtp_password_secret] if values.smtp_password_secret else []
+        for hook in values.webhooks:
+            names += hook.secret_names()
+    else:
+        names = [values.get("smtp_password_secret") or ""]
+        for h in values.get("webhooks") or ():
+            names += [h.get("url_secret") or "", h.get("secret_secret") or ""]
+    return sorted({n for n in names if n})
+
+
+def missing_secrets(store: Store, values: dict[str, Any]) -> list[Problem]:
+    """A problem at each setting naming a stored secret that does not exist (the settings
+    page refuses to save those)."""
+    names = secret_names(values)
+    if not names:
+        return []
+    known = {s["name"] for s in store.list_secrets()}
+    problems = []
+    name = values.get("smtp_password_secret")
+    if name and name not in known:
+        problems.append(Problem("smtp_password_secret", f"no secret named {name!r}"))
+    for i, hook in enumerate(values.get("webhooks") or ()):
+        for key in ("url_secret", "secret_secret"):
+            if (name := hook.get(key)) and name not in known:
+                problems.append(Problem(f"webhooks[{i}].{key}", f"no secret named {name!r}"))
+    return problems
+
+
+def resolve_secrets(
+    settings: AlertSettings, store: Store, box: SecretBox | None, box_problem: str = ""
+) -> AlertSettings:
+    """``settings`` with the stored secrets they name opened (by the leading center, just
+    before it sends): the SMTP password, or ``password_problem`` saying why it cannot be
+    opened; each webhook's URL and secret, or its ``problem``. ``box_problem``: why this
+    process has no key ring (its config's ``secrets.keys`` could not be read)."""
+    if not secret_names(settings):
+        return settings
+
+    def value(name: str) -> tuple[str, str]:
+        if box is None and box_problem:
+            return "", f"secret {name!r} cannot be opened: {box_problem}"
+        try:
+            return store.secret_values(box, [name])[name], ""
+        except SecretError as e:
+            return "", str(e)
+
+    changes: dict[str, Any] = {}
+    if settings.smtp_password_secret:
+        password, problem = value(settings.smtp_password_secret)
+        changes["smtp_password"] = password
+        changes["password_problem"] = f"alerts.smtp_password_secret: {problem}" if problem else ""
+    hooks = []
+    for hook in settings.webhooks:
+        opened: dict[str, Any] = {}
+        problems = []
+        for key in ("url", "secret"):
+            name = getattr(hook, f"{key}_secret")
+            if name:
+                opened[key], problem = value(name)
+                if problem:
+                    problems.append(problem)
+        hooks.append(replace(hook, **opened, problem="; ".join(problems)))
+    changes["webhooks"] = tuple(hooks)
+    return replace(settings, **changes)
 
 
 # --- the audit entry of a change -----------------------------------------------------------
@@ -228,7 +338,8 @@ def hidden_secrets(values: dict[str, Any]) -> dict[str, Any]:
     if out.get("smtp_password"):
         out["smtp_password"] = HIDDEN
     for hook in out.get("webhooks", []):
-        hook["secret"] = HIDDEN
+        if "secret" in hook:
+            hook["secret"] = HIDDEN
     return out
 
 
@@ -237,8 +348,13 @@ def changed_secrets(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     out = []
     if before.get("smtp_password", "") != after.get("smtp_password", ""):
         out.append("smtp_password")
-    old = {h["url"]: h["secret"] for h in before.get("webhooks", ())}
+    old = {_hook_key(h): h.get("secret") for h in before.get("webhooks", ())}
     for i, hook in enumerate(after.get("webhooks", ())):
-        if hook["url"] in old and old[hook["url"]] != hook["secret"]:
+        key = _hook_key(hook)
+        if "secret" in hook and key in old and old[key] != hook["secret"]:
             out.append(f"webhooks[{i}].secret")
     return out
+
+
+def _hook_key(hook: dict[str, Any]) -> str:
+    return hook.get("url") or f"secret:{hook.get('url_secret')}"

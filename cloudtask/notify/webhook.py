@@ -50,12 +50,15 @@ def post_event(
     delivery_id: str,
     timeout: float,
     policy: NetworkPolicy | None = None,
+    name: str | None = None,
 ) -> int:
     """POST ``body`` to ``url``; returns the HTTP status, or raises DeliveryError.
 
     ``timeout`` bounds the connection and each read, and the whole answer is read within it.
-    ``policy``: the network policy of the connection (None: the process's).
+    ``policy``: the network policy of the connection (None: the process's). ``name``: how
+    errors name the webhook (default: its URL; ``secret:NAME`` for a URL that is a secret).
     """
+    shown = name or url
     headers = {
         "Content-Type": "application/json; charset=utf-8",
         "User-Agent": "cloudtask-notifier",
@@ -80,21 +83,24 @@ def post_event(
             reason = one_line(e.reason, 100)
         # 4xx (but 408 and 429) is about this request; the rest is the receiver's trouble
         whole = status >= 500 or status in (408, 429) or status < 400
-        raise DeliveryError(f"{url} answered HTTP {status} {reason}", whole_target=whole) from None
+        raise DeliveryError(
+            f"{shown} answered HTTP {status} {reason}", whole_target=whole
+        ) from None
     except (TimeoutError, OSError) as e:
         reason = e.reason if isinstance(e, urllib.error.URLError) else e
         if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-            raise DeliveryError(f"{url} did not answer within {timeout:g}s") from None
+            raise DeliveryError(f"{shown} did not answer within {timeout:g}s") from None
         if isinstance(reason, ConnectionRefusedError):
-            raise DeliveryError(f"cannot connect to {url}: connection refused") from None
+            raise DeliveryError(f"cannot connect to {shown}: connection refused") from None
         if isinstance(reason, DeniedAddress):
-            raise DeliveryError(f"not posted to {url}: {reason}") from None
+            raise DeliveryError(f"not posted to {shown}: {reason}") from None
         text = getattr(reason, "strerror", None) or reason
-        raise DeliveryError(f"cannot reach {url}: {one_line(text, 200)}") from None
+        raise DeliveryError(f"cannot reach {shown}: {one_line(text, 200)}") from None
     except http.client.HTTPException as e:  # a broken answer
-        raise DeliveryError(f"{url} gave no proper HTTP answer ({type(e).__name__})") from None
+        raise DeliveryError(f"{shown} gave no proper HTTP answer ({type(e).__name__})") from None
     except ValueError as e:  # http.client refuses some URLs only when asked to open them
-        raise DeliveryError(f"cannot post to {url}: {e}", whole_target=False) from None
+        why = str(e) if shown == url else "the URL is not usable"  # e may quote the URL
+        raise DeliveryError(f"cannot post to {shown}: {why}", whole_target=False) from None
     if not 200 <= status < 300:
-        raise DeliveryError(f"{url} answered HTTP {status} (expected 2xx)")
+        raise DeliveryError(f"{shown} answered HTTP {status} (expected 2xx)")
     return status

@@ -28,10 +28,10 @@ from .files import FileOperations
 from .runs import RunOperations
 from .secrets import SecretOperations
 from .settings import SettingsOperations
-from .tasks import Applied, TaskOperations
+from .tasks import Applied, TaskOperations, task_warnings
 from .users import UserOperations
 
-__all__ = ["Applied", "Operations", "OperationsBase", "find_task", "task_target"]
+__all__ = ["Applied", "Operations", "OperationsBase", "find_task", "task_target", "task_warnings"]
 
 
 class Operations(

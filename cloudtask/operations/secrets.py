@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..exceptions import NotFound
+from ..exceptions import NotFound, ValidationError
 from ..secretbox import SecretBox, SecretError
+from ..store.secrets import secret_problems
 from .base import OperationsBase
 
 
@@ -18,7 +19,11 @@ def _target(name: Any) -> str:
 def _shown(info: dict[str, Any] | None) -> dict[str, Any] | None:
     if info is None:
         return None
-    return {"description": info.get("description", ""), "key_id": info.get("key_id")}
+    return {
+        "description": info.get("description", ""),
+        "key_id": info.get("key_id"),
+        "revision": info.get("revision"),  # a new value: the entry says so, never what
+    }
 
 
 class SecretOperations(OperationsBase):
@@ -30,7 +35,11 @@ class SecretOperations(OperationsBase):
         value: str,
         description: str | None = None,
     ) -> dict[str, Any]:
-        """Seal and store ``value`` as ``name`` (new, or replacing the old value)."""
+        """Seal and store ``value`` as ``name`` (new, or replacing the old value). The input
+        is checked first (ValidationError at ``name``, ``value``, ``description``), then
+        whether this process has a key ring (SecretError)."""
+        if problems := secret_problems(name, value, description):
+            raise ValidationError(problems, source="the secret")
         if box is None:
             raise SecretError(
                 "this process has no key ring (secrets.keys): it cannot store secrets"

@@ -3,7 +3,11 @@
 A task's definition is parsed once, here (:func:`~cloudtask.task.parse_task`), and the store
 is handed the parsed spec. A new or changed file reference is checked against the stored files,
 so no task is saved pointing at a file or a version that is not stored (a task whose file went
-away later can still be changed otherwise).
+away later can still be changed otherwise). A new or changed reference to a stored secret
+(``{"secret": NAME}`` in ``env``, ``http.headers``, ``http.body``) is checked the same way:
+a name that is not stored is refused at its path (``env.PGPASSWORD: no secret named 'x'``),
+from the site, the API and ``cloudtask apply`` alike. :func:`task_warnings` says what is
+stored but should not be (a credential-named header given in clear).
 """
 
 from __future__ import annotations
@@ -16,11 +20,45 @@ from ..clock import utcnow
 from ..exceptions import Conflict, NotFound, Problem, ValidationError
 from ..runmodel import GOING_STATUSES
 from ..schedules import parse_schedule
-from ..task import TaskSpec, parse_task
+from ..task import TaskSpec, clear_credentials, parse_task, secret_ref
 from .base import task_target
 from .runs import RunOperations
 
 Applied = Literal["created", "updated", "unchanged"]
+
+
+def secret_paths(spec: TaskSpec) -> dict[str, str]:
+    """Where a spec names stored secrets: path (``env.X``, ``http.headers.H``, ``http.body``)
+    -> the secret's name."""
+    out = {f"env.{var}": name for var, name in spec.secret_env.items()}
+    if spec.http is not None:
+        out.update({f"http.headers.{h}": name for h, name in spec.http.secret_headers.items()})
+        if spec.http.body_secret:
+            out["http.body"] = spec.http.body_secret
+    return out
+
+
+def stored_secret_paths(spec: dict[str, Any]) -> dict[str, str]:
+    """:func:`secret_paths` of a stored (canonical) spec, read without parsing it."""
+    out: dict[str, str] = {}
+    http = spec.get("http") if isinstance(spec.get("http"), dict) else {}
+    places = (("env", spec.get("env")), ("http.headers", http.get("headers")))
+    for where, values in places:
+        for key, value in (values or {}).items() if isinstance(values, dict) else ():
+            if name := secret_ref(value):
+                out[f"{where}.{key}"] = name
+    if name := secret_ref(http.get("body")):
+        out["http.body"] = name
+    return out
+
+
+def task_warnings(spec: dict[str, Any] | TaskSpec) -> list[Problem]:
+    """What a task holds that it should not (not errors: it is stored): headers named like
+    credentials given in clear, which every viewer of the task sees."""
+    try:
+        return clear_credentials(spec if isinstance(spec, TaskSpec) else parse_task(spec))
+    except ValidationError:
+        return []
 
 
 class TaskOperations(RunOperations):
@@ -41,9 +79,27 @@ class TaskOperations(RunOperations):
             old.get("file_version"),
         ):
             problems += self.store.file_reference_problems(spec.file, spec.file_version)
+        problems += self._secret_problems(spec, old)
         if problems:
             raise ValidationError(problems)
         return spec
+
+    def _secret_problems(self, spec: TaskSpec, old: dict[str, Any]) -> list[Problem]:
+        """A problem at each new or changed reference to a secret that is not stored."""
+        before = stored_secret_paths(old)
+        new = {p: n for p, n in secret_paths(spec).items() if before.get(p) != n}
+        if not new:
+            return []
+        stored = self.store.stored_secret_names(new.values())
+        return [
+            Problem(
+                path,
+                f"no secret named {name!r} (store it first: the Secrets page, "
+                "PUT /api/v1/secrets/NAME or cloudtask secrets set)",
+            )
+            for path, name in sorted(new.items())
+            if name not in stored
+        ]
 
     def create_task(self, actor: str, data: dict[str, Any] | TaskSpec) -> dict[str, Any]:
         """Store a new task; ValidationError, or Conflict (with the problem at ``name``)

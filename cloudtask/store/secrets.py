@@ -19,10 +19,11 @@ from pymongo import ASCENDING
 from ..clock import to_bson_time, utcnow
 from ..exceptions import Conflict, NotFound, Problem, ValidationError
 from ..secretbox import SecretBox, SecretError
-from ..task import SECRET_NAME_PATTERN, SECRET_NAME_RULE
+from ..task import SECRET_NAME_PATTERN, SECRET_NAME_RULE, text_problem
 from .base import StoreBase, guard, read_all
 
 MAX_SECRET_BYTES = 64 * 1024
+MAX_DESCRIPTION = 500
 
 
 def secret_name_problem(name: Any) -> str | None:
@@ -37,9 +38,32 @@ def secret_value_problem(value: Any) -> str | None:
         return "expected the secret's value: a non-empty string"
     if "\0" in value:
         return "a secret's value may not contain NUL bytes"
+    if text_problem(value):  # a lone surrogate: it cannot be stored
+        return "a secret's value must be text (no lone surrogates)"
     if len(value.encode("utf-8", "surrogatepass")) > MAX_SECRET_BYTES:
         return f"a secret's value is at most {MAX_SECRET_BYTES // 1024} KiB"
     return None
+
+
+def secret_problems(name: Any, value: Any, description: Any = None) -> list[Problem]:
+    """What is wrong with a secret to store (each at its path: name, value, description)."""
+    problems = [
+        Problem(path, why)
+        for path, why in (
+            ("name", secret_name_problem(name)),
+            ("value", secret_value_problem(value)),
+        )
+        if why
+    ]
+    if description is not None and (
+        not isinstance(description, str) or len(description) > MAX_DESCRIPTION
+    ):
+        problems.append(
+            Problem("description", f"expected text of at most {MAX_DESCRIPTION} characters")
+        )
+    elif isinstance(description, str) and (problem := text_problem(description)):
+        problems.append(Problem("description", problem))
+    return problems
 
 
 class SecretRecords(StoreBase):
@@ -61,16 +85,7 @@ class SecretRecords(StoreBase):
     ) -> dict[str, Any]:
         """Set or replace ``name``'s value (sealed under the ring's primary key). Returns
         what the listing shows of it."""
-        problems = [
-            Problem(path, why)
-            for path, why in (
-                ("name", secret_name_problem(name)),
-                ("value", secret_value_problem(value)),
-            )
-            if why
-        ]
-        if description is not None and (not isinstance(description, str) or len(description) > 500):
-            problems.append(Problem("description", "expected text of at most 500 characters"))
+        problems = secret_problems(name, value, description)
         if problems:
             raise ValidationError(problems)
         when = to_bson_time(now or utcnow())
@@ -97,6 +112,14 @@ class SecretRecords(StoreBase):
         if doc is None:
             raise NotFound(f"no secret named {name!r}")
         return self._with_users(doc)
+
+    def stored_secret_names(self, names: Iterable[str]) -> set[str]:
+        """Which of ``names`` are stored secrets."""
+        names = sorted(set(names))
+        if not names:
+            return set()
+        docs = read_all(self.secrets.find({"_id": {"$in": names}}, {"_id": 1}), "read secrets")
+        return {d["_id"] for d in docs}
 
     def list_secrets(self) -> list[dict[str, Any]]:
         docs = read_all(self.secrets.find({}, _no_values()).sort("_id", ASCENDING), "list secrets")

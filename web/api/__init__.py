@@ -20,7 +20,8 @@ The package:
   :class:`~web.api.hardening.ApiError`;
 * one module per resource: :mod:`~web.api.tasks`, :mod:`~web.api.runs` (with the callbacks
   of http tasks), :mod:`~web.api.files`, :mod:`~web.api.cluster` (agents and the cluster),
-  :mod:`~web.api.events`, and :mod:`~web.api.meta` (the user and the document).
+  :mod:`~web.api.events`, :mod:`~web.api.secrets` (stored secrets, never a value), and
+  :mod:`~web.api.meta` (the user and the document).
 
 Importing the package declares every route; ``bp`` is the blueprint to register and ``api``
 the table of its routes.
@@ -28,7 +29,15 @@ the table of its routes.
 
 from __future__ import annotations
 
-from . import cluster, events, files, meta, runs, tasks  # noqa: F401  (each declares its routes)
+from . import (  # noqa: F401  (each declares its routes)
+    cluster,
+    events,
+    files,
+    meta,
+    runs,
+    secrets,
+    tasks,
+)
 from .table import api, bp
 
 __all__ = ["api", "bp"]

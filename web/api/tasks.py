@@ -2,7 +2,11 @@
 
 A task is answered with its definition, its state, the agent that owns it and (one task)
 its next fire times, with its revision as the ETag; PUT and PATCH take the revision they
-expect (``If-Match`` or ``?revision=``) and answer 409 when the task changed meanwhile.
+expect (``If-Match`` or ``?revision=``) and answer 409 when the task changed meanwhile. The
+answer of a create, replace or patch also carries ``warnings``: what was stored but should
+not be, such as a header named like a credential given in clear (``http.headers.
+Authorization``: store it as a secret and give ``{"secret": "NAME"}``). A reference to a
+secret that is not stored is refused (422 at its path).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from flask import jsonify, url_for
 
 from cloudtask.clock import utcnow
 from cloudtask.exceptions import Conflict, NotFound, ValidationError
-from cloudtask.operations import find_task
+from cloudtask.operations import find_task, task_warnings
 from cloudtask.schedules import next_fires
 from cloudtask.store import nest_dotted
 from cloudtask.task import parse_task
@@ -78,8 +82,15 @@ def task_out(doc: dict[str, Any], detail: bool = True) -> dict[str, Any]:
     return out
 
 
-def task_reply(doc: dict[str, Any], status: int = 200, **headers: str) -> Any:
-    answer = jsonify(task_out(doc))
+def task_reply(
+    doc: dict[str, Any], status: int = 200, *, warnings: bool = False, **headers: str
+) -> Any:
+    """The task as JSON, its revision as the ETag; ``warnings``: with the task's warnings
+    (the answer of a change)."""
+    out = task_out(doc)
+    if warnings:
+        out["warnings"] = [p.to_dict() for p in task_warnings(doc["spec"])]
+    answer = jsonify(out)
     answer.headers["ETag"] = f'"{doc["revision"]}"'
     for name, value in headers.items():
         answer.headers[name] = value
@@ -153,7 +164,7 @@ def _changed(change: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def create_task() -> Any:
     spec = json_body()
     doc = _changed(lambda: ops().create_task(actor(), spec))
-    return task_reply(doc, 201, Location=url_for("api.get_task", task=doc["_id"]))
+    return task_reply(doc, 201, warnings=True, Location=url_for("api.get_task", task=doc["_id"]))
 
 
 @api.route(
@@ -184,7 +195,10 @@ def replace_task(task: str) -> Any:
     revision = expected_revision()
     current = find_or_404(task)
     spec = json_body()
-    return task_reply(_changed(lambda: ops().replace_task(actor(), current["_id"], spec, revision)))
+    return task_reply(
+        _changed(lambda: ops().replace_task(actor(), current["_id"], spec, revision)),
+        warnings=True,
+    )
 
 
 @api.route(
@@ -204,7 +218,8 @@ def patch_task(task: str) -> Any:
     current = find_or_404(task)
     changes = json_body()
     return task_reply(
-        _changed(lambda: ops().patch_task(actor(), current["_id"], changes, revision))
+        _changed(lambda: ops().patch_task(actor(), current["_id"], changes, revision)),
+        warnings=True,
     )
 
 
