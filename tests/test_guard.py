@@ -248,7 +248,7 @@ def _start_and_wait(guard, run_id, argv, **kw):
         box.append((result, guard.loop.in_loop()))
         done.set()
 
-    assert guard.start_run(run_id, "s1", argv, None, None, answer, **kw)
+    guard.start_run(run_id, "s1", argv, None, None, answer, **kw)
     assert done.wait(10), "no answer"
     result, on_loop = box[0]
     assert on_loop
@@ -279,24 +279,39 @@ def _retry_start(guard, run_id, argv, **kw):
 
 
 def test_the_run_loop_never_waits_to_send_a_start(guard):
-    """On the run loop's thread a start that would wait (another thread is sending) is not
-    sent: False, and nothing is left behind; the caller hands it to a thread that may wait."""
-    results = []
-    with guard._send_lock:  # another thread in the middle of a send
-        done = threading.Event()
+    """On the run loop's thread a start that cannot go at once (the guard is frozen and its
+    queue is full, or another thread is sending) waits in an outbox, and the loop goes on;
+    the starts go out in order once the guard reads again, and every one is answered."""
+    answers, all_answered = {}, threading.Event()
+    n = 40  # (a Unix socket queues max_dgram_qlen messages, often 10)
 
-        def on_loop():
-            results.append(
-                guard.start_run("r1", "s1", ["true"], None, None, results.append, nowait=True)
-            )
-            done.set()
+    def answer(run_id):
+        def got(result):
+            answers[run_id] = result
+            if len(answers) == n:
+                all_answered.set()
 
-        guard.loop.call_soon(on_loop)
-        assert done.wait(5)
-    assert results == [False]
-    assert guard._pending == {}
-    proc = _start_and_wait(guard, "r1", ["true"])  # the same start, sent from a thread
-    assert proc.wait(timeout=10) == 0
+        return got
+
+    def start_all():
+        for i in range(n):
+            guard.start_run(f"r{i}", "s1", ["true"], None, None, answer(f"r{i}"), on_loop=True)
+
+    os.kill(guard.pid, signal.SIGSTOP)
+    try:
+        with guard._send_lock:  # and another thread is in the middle of a send
+            started = threading.Event()
+            guard.loop.call_soon(lambda: (start_all(), started.set()))
+            assert started.wait(5), "the loop waited for the guard"
+        alive_loop = threading.Event()
+        guard.loop.call_soon(alive_loop.set)
+        assert alive_loop.wait(5), "the loop is stuck"
+        assert not answers
+    finally:
+        os.kill(guard.pid, signal.SIGCONT)
+    assert all_answered.wait(20), f"{len(answers)} of {n} answered"
+    for i in range(n):
+        assert answers[f"r{i}"].wait(timeout=10) == 0
 
 
 def test_the_run_loop_calls_readers_timers_and_soon_calls_in_order():

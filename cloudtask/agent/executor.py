@@ -6,13 +6,18 @@ with the run guard's client, which reads the guard's answers there): it reads ea
 output (stdout and stderr merged, so their order is kept) into the daily log file and a
 64 KiB tail that the run writer sends to MongoDB at most once a second, hears each exit, keeps
 the timeouts, and records each run's end. A run whose start needs nothing that may wait is
-started on the loop too (the guard's answer comes back there); one whose start may wait (a
-claim that waited for its slot is moved to ``running`` by a MongoDB write first, a task file
-is laid out) is started by one of a few starter threads. What may take a grace period
-(ending a process tree) runs in a thread of its own. Where pipes cannot be selected (Windows)
-each run has a thread that waits for it and one that pumps its output. An HTTP run is one
-call, or for a callback task the call and then the wait for its service's result
-(httprun.py), on a thread of its own.
+started on the loop too (its request to the guard does not wait for the answer, which comes
+back on the loop); one whose start may wait (a claim that waited for its slot is moved to
+``running`` by a MongoDB write first, a task file is laid out) is started by one of a few
+starter threads. What may take a grace period (ending a process tree) runs in a thread of its
+own. Where pipes cannot be selected (Windows) each run has a thread that waits for it and one
+that pumps its output. An HTTP run is one call, or for a callback task the call and then the
+wait for its service's result (httprun.py), on a thread of its own.
+
+A burst's starts come first: a run that ends gives its slot to the next at once, and while
+fires wait to start, the records of the ends (log footer, journal ``end``, final state,
+``on_finished``) wait, at most ENDS_MOST seconds; the run writer holds its writes meanwhile
+too (runwriter.py).
 """
 
 from __future__ import annotations
@@ -61,6 +66,14 @@ REPORT_READ_BUDGET = 2.0
 STARTERS = 4
 # the run loop writes out a log file's buffer when its run's output pauses this long
 OUTPUT_PAUSE = 0.5
+# a burst is starting while fires wait to start and one started less than this ago (seconds)
+STARTING_GAP = 0.05
+# runs that end on the loop within this many seconds are told to on_finished together
+FINISHED_GAP = 0.02
+# while a burst starts, the ends of its runs (log footer, journal, store, on_finished) wait,
+# at most ENDS_MOST seconds; looked at every ENDS_LOOK
+ENDS_MOST = 2.0
+ENDS_LOOK = 0.05
 
 
 def _end_tree(ctx: RunContext, proc: Any, grace: float) -> None:
@@ -187,8 +200,16 @@ class Executor:
                 self._loop = guard.loop
             else:
                 self._loop, self._own_loop = RunLoop("run-loop"), True
+        # runs holding a slot whose process has not started (or failed to) yet
+        self._unstarted: set[str] = set()
+        self._last_start = 0.0  # when a process last started (monotonic)
+        if hasattr(writer, "hold_while"):  # its writes wait while a burst starts
+            writer.hold_while = self.starting
         self._procs: dict[str, _Process] = {}  # followed by the loop (its thread only)
         self._unwritten: dict[str, _Process] = {}  # runs with log output not written out
+        self._finished: list[RunContext] = []  # ended on the loop, on_finished not told yet
+        self._ends: collections.deque[_Process] = collections.deque()  # ends to record
+        self._ends_timer: Timer | None = None
         self._pause_timer: Timer | None = None
 
     # --- bookkeeping ------------------------------------------------------------------------
@@ -204,10 +225,19 @@ class Executor:
             go = self._slots < self.max_parallel
             if go:
                 self._slots += 1
+                self._unstarted.add(ctx.run_id)
             else:
                 self._waiting.append(ctx)
         if go:
             self._dispatch(ctx)
+
+    def starting(self) -> bool:
+        """Whether a burst is starting: runs wait for a slot or for their process, and a
+        process started in the last STARTING_GAP (a queue that does not move, behind long
+        runs, is no burst)."""
+        return bool(self._waiting or self._unstarted) and (
+            time.monotonic() - self._last_start < STARTING_GAP
+        )
 
     def active(self, task_id: str | None = None) -> list[RunContext]:
         with self._lock:
@@ -277,8 +307,15 @@ class Executor:
             self._ready.put(None)
         for t in starters:
             t.join(timeout=max(0.0, deadline - time.monotonic()) + 0.1)
-        if self._own_loop and self._loop is not None:
-            self._loop.stop()
+        if self._loop is not None:  # the ends not told yet, before this returns
+            if self._loop.running():
+                told = threading.Event()
+                self._loop.call_soon(
+                    lambda: (self._record_ends(now=True), self._tell_finished(), told.set())
+                )
+                told.wait(5.0)
+            if self._own_loop:
+                self._loop.stop()
 
     # --- starting ---------------------------------------------------------------------------
 
@@ -329,6 +366,7 @@ class Executor:
         with self._lock:
             if self._waiting:
                 nxt: RunContext | None = self._waiting.popleft()
+                self._unstarted.add(nxt.run_id)
             else:
                 nxt = None
                 self._slots -= 1
@@ -341,6 +379,7 @@ class Executor:
             go = self._slots < self.max_parallel
             if go:
                 self._slots += 1
+                self._unstarted.add(ctx.run_id)
             else:
                 self._waiting.append(ctx)
         if go:
@@ -378,6 +417,8 @@ class Executor:
             timer = threading.Timer(1.0, self._again_later, args=(ctx,))
             timer.daemon = True
             timer.start()
+            with self._lock:
+                self._unstarted.discard(ctx.run_id)
             self._free_slot()
             return True
         if action != "start":
@@ -389,6 +430,7 @@ class Executor:
             )
             with self._lock:
                 self._threads.add(thread)
+                self._unstarted.discard(ctx.run_id)
             thread.start()
             return True
         p = _Process(ctx, self._open_log(ctx))
@@ -435,7 +477,7 @@ class Executor:
         if self.guard is not None and isinstance(argv, list):
             journal = self.journal.current_path() if self.journal is not None else None
             try:
-                sent = self.guard.start_run(
+                self.guard.start_run(
                     ctx.run_id,
                     ctx.session,
                     argv,
@@ -444,13 +486,14 @@ class Executor:
                     lambda result: self._started(p, result, argv, cwd),
                     journal=journal,
                     env_over=over,
-                    nowait=on_loop,
+                    on_loop=on_loop,
                 )
             except GuardGone as e:
-                self._started(p, e, argv, cwd)
-                return True
-            if not sent:  # the guard is busy: a starter thread waits for it instead
-                self._to_starter(lambda: self._send_blocking(p, argv, over, cwd, journal))
+                if on_loop:
+                    self._started(p, e, argv, cwd)
+                else:
+                    assert self._loop is not None
+                    self._loop.call_soon(self._started, p, e, argv, cwd)
             return True
         env = dict(self._base_env)
         env.update(over)
@@ -472,26 +515,6 @@ class Executor:
         self._loop.call_soon(self._started, p, proc, argv, cwd)
         return True
 
-    def _send_blocking(
-        self, p: _Process, argv: list[str], over: dict[str, str], cwd: str | None, journal: Any
-    ) -> None:
-        assert self.guard is not None
-        ctx = p.ctx
-        try:
-            self.guard.start_run(
-                ctx.run_id,
-                ctx.session,
-                argv,
-                None,
-                cwd,
-                lambda result: self._started(p, result, argv, cwd),
-                journal=journal,
-                env_over=over,
-            )
-        except GuardGone as e:
-            assert self._loop is not None
-            self._loop.call_soon(self._started, p, e, argv, cwd)
-
     def _lay_out_file(self, name: str, run_dir: Path, version: str | None = None) -> dict[str, Any]:
         if self.files is None:
             raise TaskFileError(f"task file {name!r}: this agent has no file store")
@@ -509,6 +532,8 @@ class Executor:
     def _started(self, p: _Process, result: Any, argv: list[str] | str, cwd: str | None) -> None:
         """The answer to a start: the process (followed from now on), or why there is none."""
         ctx = p.ctx
+        with self._lock:
+            self._unstarted.discard(ctx.run_id)
         if isinstance(result, BaseException):
             if isinstance(result, SpawnRefused):
                 ctx.status, ctx.error = "released", str(result)
@@ -524,6 +549,7 @@ class Executor:
             self._finish(p)
             return
         proc = p.proc = result
+        self._last_start = time.monotonic()
         loop = self._loop
         assert loop is not None
         with ctx.lock:
@@ -723,17 +749,45 @@ class Executor:
             ctx.status = "failed"
             if proc.returncode < 0:
                 ctx.error = f"ended by signal {-proc.returncode}"
-        self._finish(p)
+        # its slot goes to the next run now; its end is recorded once a burst has started
+        p.done = True
+        self._procs.pop(ctx.run_id, None)
+        self._unwritten.pop(ctx.run_id, None)
+        self._done(ctx)
+        p.exited_at = time.monotonic()
+        self._ends.append(p)
+        if self._ends_timer is None:
+            assert self._loop is not None
+            self._ends_timer = self._loop.call_at(p.exited_at + ENDS_LOOK, self._record_ends)
+
+    def _record_ends(self, now: bool = False) -> None:
+        """Record the ends waiting (the loop): when no burst is starting, or the oldest has
+        waited ENDS_MOST (or ``now``)."""
+        self._ends_timer = None
+        if not self._ends:
+            return
+        if not now and self.starting() and time.monotonic() - self._ends[0].exited_at < ENDS_MOST:
+            assert self._loop is not None
+            self._ends_timer = self._loop.call_at(time.monotonic() + ENDS_LOOK, self._record_ends)
+            return
+        ends, self._ends = self._ends, collections.deque()
+        for p in ends:
+            self._record(p)
 
     def _finish(self, p: _Process) -> None:
-        """Record a followed run's end (its log's footer, the journal, the store) and give its
-        slot to the next run (any thread)."""
+        """Record the end of a run whose process did not start, and give its slot to the next
+        run (any thread)."""
         if p.done:
             return
         p.done = True
+        self._procs.pop(p.ctx.run_id, None)
+        self._unwritten.pop(p.ctx.run_id, None)
+        self._record(p)
+        self._done(p.ctx)
+
+    def _record(self, p: _Process) -> None:
+        """A followed run's end: its log's footer, the journal, the store, on_finished."""
         ctx = p.ctx
-        self._procs.pop(ctx.run_id, None)
-        self._unwritten.pop(ctx.run_id, None)
         try:
             self.writer.unwatch_tail(ctx.run_id)
             self._footer(ctx, p.runlog)
@@ -749,7 +803,6 @@ class Executor:
             ctx.status, ctx.error = "failed", f"internal error: {e}"
             self._journal_end(ctx)
             self._report(ctx)
-        self._done(ctx)
 
     def _footer(self, ctx: RunContext, runlog: RunLog) -> None:
         ctx.finished_at = ctx.finished_at or utcnow()
@@ -770,6 +823,7 @@ class Executor:
 
     def _forget(self, ctx: RunContext) -> None:
         with self._lock:
+            self._unstarted.discard(ctx.run_id)
             self._active.pop(ctx.run_id, None)
             same_task = self._by_task.get(ctx.task_id)
             if same_task is not None:
@@ -839,11 +893,7 @@ class Executor:
             self.writer.forget(ctx.run_id)
         ctx.status, ctx.error = outcome, why
         ctx.finished_at = utcnow()
-        if self.on_finished is not None:
-            try:
-                self.on_finished(ctx)
-            except Exception:
-                log.exception("after-run handling of run %s failed", ctx.run_id)
+        self._after(ctx)
 
     def _read_report(self, run_id: str) -> dict[str, Any] | None:
         """What the service of a callback run reported (StoreError when MongoDB cannot tell)."""
@@ -993,8 +1043,29 @@ class Executor:
         if ctx.http_status is not None:
             fields["http_status"] = ctx.http_status
         self.writer.update(ctx.run_id, fields, urgent=True)
-        if self.on_finished is not None:
-            try:
-                self.on_finished(ctx)
-            except Exception:
-                log.exception("after-run handling of run %s failed", ctx.run_id)
+        self._after(ctx)
+
+    def _after(self, ctx: RunContext) -> None:
+        """Tell ``on_finished``. From the run loop, the runs that end within FINISHED_GAP are
+        told together: the agent's loop, which each call wakes, wakes once for them."""
+        if self.on_finished is None:
+            return
+        loop = self._loop
+        if loop is None or not loop.in_loop():
+            self._tell(ctx)
+            return
+        self._finished.append(ctx)
+        if len(self._finished) == 1:
+            loop.call_at(time.monotonic() + FINISHED_GAP, self._tell_finished)
+
+    def _tell_finished(self) -> None:
+        finished, self._finished = self._finished, []
+        for ctx in finished:
+            self._tell(ctx)
+
+    def _tell(self, ctx: RunContext) -> None:
+        assert self.on_finished is not None
+        try:
+            self.on_finished(ctx)
+        except Exception:
+            log.exception("after-run handling of run %s failed", ctx.run_id)

@@ -42,6 +42,7 @@ Example (the agent's side)::
 from __future__ import annotations
 
 import array
+import collections
 import errno
 import json
 import logging
@@ -67,6 +68,20 @@ PULSE_EVERY = 0.25  # seconds between the agent's pulses
 MAX_MESSAGE = 1024 * 1024  # a start request carries argv and environment
 FDS_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)  # up to 4 descriptors a message
 CLOEXEC_FDS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)  # descriptors received are not inherited
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # (one: json.dumps makes one a call)
+_DECODER = json.JSONDecoder()
+
+
+def _encode(msg: dict[str, Any]) -> bytes:
+    return _ENCODER.encode(msg).encode()
+
+
+def _decode(data: bytes | bytearray) -> Any:
+    """A message (``ValueError`` if it is not one): ASCII JSON, as :func:`_encode` makes."""
+    try:
+        return _DECODER.raw_decode(data.decode())[0]
+    except UnicodeDecodeError as e:
+        raise ValueError(str(e)) from None
 
 
 class SpawnRefused(Exception):
@@ -96,7 +111,7 @@ class GuardedProcess:
         self.returncode: int | None = None
         self.ended_by_guard: str | None = None
         self.on_exit: Callable[[], None] | None = None
-        self._exited = threading.Event()
+        self._exited: threading.Event | None = None  # made for a wait (most runs have none)
 
     @property
     def stdout(self) -> Any:
@@ -113,8 +128,11 @@ class GuardedProcess:
         self.stdout_fd = -1
 
     def _set_exit(self, code: int) -> None:
-        self.returncode = code
-        self._exited.set()
+        with self._client._lock:
+            self.returncode = code
+            exited = self._exited
+        if exited is not None:
+            exited.set()
         if self.on_exit is not None:
             self.on_exit()
 
@@ -122,7 +140,13 @@ class GuardedProcess:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        if not self._exited.wait(timeout):
+        with self._client._lock:
+            if self.returncode is not None:
+                return self.returncode
+            if self._exited is None:
+                self._exited = threading.Event()
+            exited = self._exited
+        if not exited.wait(timeout):
             raise subprocess.TimeoutExpired(f"run {self.run_id}", timeout or 0.0)
         assert self.returncode is not None
         return self.returncode
@@ -188,6 +212,8 @@ class GuardClient:
         self._send_lock = threading.Lock()  # one message at a time, and the socket
         # run id -> (answer to, read end of its output pipe, program, working directory)
         self._pending: dict[str, tuple[Started, int]] = {}
+        # start requests the run loop could not send at once: (message, pipe's write end)
+        self._outbox: collections.deque[tuple[bytes, int]] = collections.deque()
         self._procs: dict[str, GuardedProcess] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -219,7 +245,7 @@ class GuardClient:
             first.append({"op": "env", "env": self._base_env})
         with self._send_lock:  # before any start request reaches the new guard
             for msg in first:
-                mine.send(json.dumps(msg, separators=(",", ":")).encode())
+                mine.send(_encode(msg))
             self._sock = mine
         self.loop.call_soon(self.loop.add_reader, mine.fileno(), lambda _: self._readable(mine))
         self.loop.start()
@@ -252,7 +278,7 @@ class GuardClient:
 
     def _close(self, sock: socket.socket) -> None:
         self.loop.remove_reader(sock.fileno())
-        sock.close()
+        self._drop_outbox(sock)
 
     @property
     def pid(self) -> int | None:
@@ -303,15 +329,16 @@ class GuardClient:
         *,
         journal: str | None = None,
         env_over: dict[str, str] | None = None,
-        nowait: bool = False,
-    ) -> bool:
+        on_loop: bool = False,
+    ) -> None:
         """Ask the guard to start a run, and return: ``answer`` is called on the run loop's
         thread with the :class:`GuardedProcess`, or with the exception :meth:`spawn` would
         raise. The run's environment is ``env``, or the base environment given once with
         :meth:`set_base_env` updated with ``env_over``. Raises GuardGone when the request
-        cannot be sent. ``nowait``: False, and nothing sent, when the request would have to
-        wait (for the socket, or for room in it): the run loop's thread never waits for the
-        guard, which may be waiting for it to read."""
+        cannot be sent. ``on_loop``: called on the run loop's thread, which never waits for
+        the guard (the guard may be waiting for it to read): a request that cannot go at once
+        (the guard's queue is full, another thread is sending) waits in an outbox, sent in
+        order as the socket takes it."""
         read_end, write_end = os.pipe()
         msg: dict[str, Any] = {
             "op": "spawn",
@@ -326,19 +353,43 @@ class GuardClient:
             msg["env_over"] = env_over
         else:
             msg["env"] = env if env is not None else {**(self._base_env or {}), **(env_over or {})}
+        data = _encode(msg)
         with self._lock:
             self._pending[run_id] = (answer, read_end)
+        queued = False
         try:
-            sent = self._send(msg, fds=[write_end], nowait=nowait)
+            if on_loop:
+                if not self._outbox and self._send_data(data, [write_end], nowait=True):
+                    return
+                sock = self._sock
+                if sock is None:
+                    raise GuardGone("the run guard is not running")
+                self._outbox.append((data, write_end))
+                queued = True
+                if len(self._outbox) == 1:
+                    self.loop.add_writer(sock.fileno(), lambda: self._writable(sock))
+                return
+            self._send_data(data, [write_end])
         except BaseException:
             if self._take_pending(run_id, read_end):
                 raise
-            return True  # (a guard that died meanwhile answered it: GuardGone)
+            # (a guard that died meanwhile answered it: GuardGone)
         finally:
+            if not queued:
+                os.close(write_end)
+
+    def _writable(self, sock: socket.socket) -> None:
+        """The run loop: send what waits in the outbox, in order, while the socket takes it."""
+        while self._outbox:
+            data, write_end = self._outbox[0]
+            try:
+                if not self._send_data(data, [write_end], nowait=True):
+                    return
+            except GuardGone:
+                break  # (their answers come from _guard_died)
+            self._outbox.popleft()
             os.close(write_end)
-        if not sent:
-            return not self._take_pending(run_id, read_end)
-        return True
+        self.loop.remove_writer(sock.fileno())
 
     def _take_pending(self, run_id: str, read_end: int | None = None) -> bool:
         """Take back a start request nobody answered yet (True), closing its pipe's read end;
@@ -377,10 +428,12 @@ class GuardClient:
         except GuardGone:
             pass
 
-    def _send(
-        self, msg: dict[str, Any], fds: list[int] | None = None, nowait: bool = False
-    ) -> bool:
-        data = json.dumps(msg, separators=(",", ":")).encode()
+    def _send(self, msg: dict[str, Any]) -> None:
+        self._send_data(_encode(msg))
+
+    def _send_data(self, data: bytes, fds: list[int] | None = None, nowait: bool = False) -> bool:
+        """Send one message (GuardGone if the guard is not there). ``nowait``: False, and
+        nothing sent, when it would have to wait (for the socket, or for room in it)."""
         if not self._send_lock.acquire(blocking=not nowait):
             return False
         try:
@@ -444,7 +497,7 @@ class GuardClient:
                 ).start()
                 return
             try:
-                msg = json.loads(buf[:size])
+                msg = _decode(buf[:size])
             except ValueError:
                 continue
             self._on_message(msg)
@@ -482,6 +535,13 @@ class GuardClient:
             proc.ended_by_guard = str(msg.get("why"))
             log.warning("the run guard ended run %s: %s", run_id, msg.get("why"))
 
+    def _drop_outbox(self, sock: socket.socket) -> None:
+        """(On the loop.) The requests a dead guard never got: their answers are GuardGone."""
+        self.loop.remove_writer(sock.fileno())
+        sock.close()
+        while self._outbox:
+            os.close(self._outbox.popleft()[1])
+
     def _guard_died(self, sock: socket.socket) -> None:
         """The guard died under us: its runs were orphaned. They are ended here (found by
         their run id), reported killed, and a new guard is started (on a thread of its own:
@@ -496,7 +556,7 @@ class GuardClient:
         with self._lock:
             procs, self._procs = self._procs, {}
             pending, self._pending = self._pending, {}
-        self.loop.call_soon(sock.close)
+        self.loop.call_soon(self._drop_outbox, sock)
         for answer, read_end in pending.values():
             os.close(read_end)
             self.loop.call_soon(answer, GuardGone("the run guard died"))
@@ -656,7 +716,7 @@ class Guard:
     def _send(self, msg: dict[str, Any]) -> None:
         try:
             with self._send_lock:
-                self.sock.send(json.dumps(msg, separators=(",", ":")).encode())
+                self.sock.send(_encode(msg))
         except OSError:
             pass  # the agent is gone: its end is noticed by the loop
 
@@ -680,7 +740,7 @@ class Guard:
                 os.close(fd)
             return False
         try:
-            msg = json.loads(self._buf[:size])
+            msg = _decode(self._buf[:size])
         except ValueError:
             msg = {}
         op = msg.get("op")

@@ -93,9 +93,12 @@ def end_fields(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # (json.dumps makes one a call)
+
+
 def entry_line(entry: dict[str, Any]) -> bytes:
     """One journal entry as the line appended for it."""
-    return (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+    return (_ENCODE(entry) + "\n").encode()
 
 
 def _unlink(path: Path) -> bool:

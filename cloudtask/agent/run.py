@@ -110,6 +110,10 @@ def kill_outcome(ctx: RunContext) -> tuple[str, str]:
     return "killed", str(ctx.kill_reason)
 
 
+_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_WRITABLE = select.EPOLLOUT | select.EPOLLERR
+
+
 class Timer:
     """A call :meth:`RunLoop.call_at` will make, unless cancelled first."""
 
@@ -143,6 +147,8 @@ class RunLoop:
         self.name = name
         self._epoll = select.epoll()
         self._readers: dict[int, Callable[[int], None]] = {}
+        self._writers: dict[int, Callable[[], None]] = {}
+        self._masks: dict[int, int] = {}  # what epoll watches for each descriptor
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self._soon: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = (
@@ -177,6 +183,11 @@ class RunLoop:
         if thread is not None and thread.ident != threading.get_ident():
             thread.join(timeout)
 
+    def running(self) -> bool:
+        """Whether the loop's thread is there (started and not stopped)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
     def in_loop(self) -> bool:
         return self._ident == threading.get_ident()
 
@@ -194,15 +205,42 @@ class RunLoop:
 
     def add_reader(self, fd: int, callback: Callable[[int], None]) -> None:
         """Call ``callback(events)`` whenever ``fd`` is readable, or closed at the other end."""
-        self._epoll.register(fd, select.EPOLLIN)
         self._readers[fd] = callback
+        self._watch(fd)
 
     def remove_reader(self, fd: int) -> None:
         if self._readers.pop(fd, None) is not None:
-            try:
-                self._epoll.unregister(fd)
-            except OSError:
-                pass
+            self._watch(fd)
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` whenever ``fd`` can be written to (until removed)."""
+        self._writers[fd] = callback
+        self._watch(fd)
+
+    def remove_writer(self, fd: int) -> None:
+        if self._writers.pop(fd, None) is not None:
+            self._watch(fd)
+
+    def _watch(self, fd: int) -> None:
+        mask = (select.EPOLLIN if fd in self._readers else 0) | (
+            select.EPOLLOUT if fd in self._writers else 0
+        )
+        old = self._masks.get(fd)
+        try:
+            if not mask:
+                if old is not None:
+                    del self._masks[fd]
+                    self._epoll.unregister(fd)
+            elif old is None:
+                self._epoll.register(fd, mask)
+                self._masks[fd] = mask
+            elif old != mask:
+                self._epoll.modify(fd, mask)
+                self._masks[fd] = mask
+        except OSError:  # (a descriptor closed meanwhile: epoll has dropped it)
+            if not mask:
+                return
+            raise
 
     def _wake(self) -> None:
         self._woken = True
@@ -227,9 +265,13 @@ class RunLoop:
                 events = []
             for fd, mask in events:
                 callback = readers.get(fd)
-                if callback is not None:
+                if callback is not None and mask & _READABLE:
                     self._call(callback, (mask,))
-                elif fd == self._wake_r:
+                if mask & _WRITABLE:
+                    write = self._writers.get(fd)
+                    if write is not None:
+                        self._call(write, ())
+                if fd == self._wake_r:
                     try:
                         while os.read(self._wake_r, 4096):
                             pass
