@@ -30,6 +30,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from cloudtask.clock import to_bson_time, utcnow
+from cloudtask.config import load_config
+from cloudtask.operations import Operations
+from cloudtask.secretbox import SecretBox, make_key_file, parse_ring
 from cloudtask.users import Users, token_hash
 from web.api import api
 from web.openapi import document
@@ -38,6 +41,7 @@ MAX_EXAMPLES = int(os.environ.get("CLOUDTASK_FUZZ_EXAMPLES", "30"))
 RUN_TOKEN = "fuzz-run-token"
 RUN_ID = "fuzz-run-1"
 TASK_NAME = "nightly-cleanup"  # the example of the document's task spec
+SECRET_NAME = "fuzz.secret"  # a stored secret, so some cases reach one
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -51,8 +55,10 @@ CHECKS = [
 
 
 @pytest.fixture
-def fuzz_app(store, zk):
-    app = make_web_app(store, zk, users=[("fuzzer", "fuzzer passphrase", "operator")])
+def fuzz_app(store, zk, tmp_path):
+    make_key_file(tmp_path / "keys")  # a key ring: PUT /secrets/{name} can store values
+    cfg = load_config(None, environ={}).with_section("secrets", keys=f"file:{tmp_path / 'keys'}")
+    app = make_web_app(store, zk, cfg, users=[("fuzzer", "fuzzer passphrase", "operator")])
     users = Users(store)
     # the token the schema's config sends, stored as Users.create_token stores one
     doc = users.get("fuzzer")
@@ -67,6 +73,12 @@ def fuzz_app(store, zk):
     run = run_document(task, utcnow(), token_hash=hashlib.sha256(RUN_TOKEN.encode()).hexdigest())
     run["_id"] = RUN_ID
     store.runs.insert_one(run)
+    Operations(store).set_secret(
+        "fuzzer",
+        SecretBox(tuple(parse_ring((tmp_path / "keys").read_text(), "keys"))),
+        SECRET_NAME,
+        "fuzz-secret-value",
+    )
     app.statuses = []  # type: ignore[attr-defined]
     yield app
     # the credentials worked: some cases of every operation got past the login
@@ -85,10 +97,15 @@ CONFIG = schemathesis.Config.from_dict(
             "openapi": {"bearer": {"bearer": OPERATOR_TOKEN}, "runToken": {"api_key": RUN_TOKEN}}
         },
         # half the cases name the seeded task and run, so they get past the 404s and 401s
-        "dictionaries": {"tasks": {"values": [TASK_NAME]}, "runs": {"values": [RUN_ID]}},
+        "dictionaries": {
+            "tasks": {"values": [TASK_NAME]},
+            "runs": {"values": [RUN_ID]},
+            "secrets": {"values": [SECRET_NAME]},
+        },
         "parameters": {
             "path.task": {"dictionary": "tasks", "probability": 0.5},
             "path.run_id": {"dictionary": "runs", "probability": 0.5},
+            "path.name": {"dictionary": "secrets", "probability": 0.5},
         },
     }
 )

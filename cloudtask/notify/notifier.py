@@ -185,6 +185,8 @@ class Notifier:
         picked = self._pick(now)
         if not picked:
             return
+        if any(doc.get("once") for doc in picked):  # a test mail tests the settings just saved
+            s = self.settings(fresh=True)
         smtp = SmtpConnection(s)
         broken: dict[str, str] = {}  # target -> the error that broke it in this pass
         started = time.monotonic()

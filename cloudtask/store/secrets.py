@@ -16,7 +16,7 @@ from typing import Any
 
 from pymongo import ASCENDING
 
-from ..clock import to_bson_time, utcnow
+from ..clock import stored_time, to_bson_time, utcnow
 from ..exceptions import Conflict, NotFound, Problem, ValidationError
 from ..secretbox import SecretBox, SecretError
 from ..task import SECRET_NAME_PATTERN, SECRET_NAME_RULE, text_problem
@@ -92,7 +92,7 @@ class SecretRecords(StoreBase):
         changes: dict[str, Any] = {**box.seal(name, value), "updated_at": when, "updated_by": by}
         if description is not None:
             changes["description"] = description
-        guard(
+        guard(  # $set, not a whole replace: the embedded wire server cannot replace bytes
             self.secrets.update_one,
             "store the secret",
             {"_id": name},
@@ -124,11 +124,11 @@ class SecretRecords(StoreBase):
     def list_secrets(self) -> list[dict[str, Any]]:
         docs = read_all(self.secrets.find({}, _no_values()).sort("_id", ASCENDING), "list secrets")
         users = self.tasks_using_secrets([d["_id"] for d in docs])
-        return [{**d, "name": d["_id"], "used_by": users.get(d["_id"], [])} for d in docs]
+        return [{**_times(d), "name": d["_id"], "used_by": users.get(d["_id"], [])} for d in docs]
 
     def _with_users(self, doc: dict[str, Any]) -> dict[str, Any]:
         users = self.tasks_using_secrets([doc["_id"]])
-        return {**doc, "name": doc["_id"], "used_by": users.get(doc["_id"], [])}
+        return {**_times(doc), "name": doc["_id"], "used_by": users.get(doc["_id"], [])}
 
     def tasks_using_secrets(self, names: Iterable[str]) -> dict[str, list[dict[str, str]]]:
         """secret name -> the tasks whose spec refers to it (id and name)."""
@@ -198,3 +198,9 @@ class SecretRecords(StoreBase):
 
 def _no_values() -> dict[str, int]:
     return {"nonce": 0, "ciphertext": 0}  # the key's id is no secret: rotation shows it
+
+
+def _times(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with its times as datetimes (a time written with $set may read back as text
+    from the embedded wire server)."""
+    return {**doc, **{k: stored_time(doc[k]) for k in ("created_at", "updated_at") if k in doc}}
