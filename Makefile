@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= .cloudtask
 ARGS ?=
 
-.PHONY: up test chaos compare lint format deps zookeeper browser clean
+.PHONY: up test chaos compare lint format deps zookeeper browser ldap oidc-provider clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ zookeeper:
 browser:
 	@sh scripts/ensure-chromium.sh
 
+# Debian's slapd and ldap-utils for the LDAP login tests (they start their own slapd)
+ldap:
+	@sh scripts/ensure-ldap.sh
+
+# the OpenID Connect provider of the login tests: Node.js, and oidc-provider from the npm
+# registry installed into tests/oidc/node_modules (npm ci, pinned by its package-lock.json)
+oidc-provider:
+	@sh scripts/ensure-oidc-provider.sh
+
 up: deps
 	$(BIN)/cloudtask up --data-dir $(DATA_DIR) $(ARGS)
 
@@ -37,7 +46,7 @@ format: $(VENV)/.installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: deps browser lint
+test: deps browser ldap oidc-provider lint
 	$(BIN)/python -m pytest $(ARGS)
 
 # The long chaos run: a whole cluster under 1,000 random faults, judged by the tasks' own

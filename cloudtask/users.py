@@ -24,6 +24,19 @@ Login timing: :meth:`Users.authenticate` always checks a password hash (a dummy 
 unknown name) before it looks at anything else, so an unknown user, a disabled one and a wrong
 password take the same time.
 
+Directory and OpenID Connect users (``source`` ``"ldap"`` or ``"oidc"``; local accounts have
+none, or ``"local"``): the directory or the provider checks who they are, and
+:meth:`Users.sign_in_external` creates or updates their record at each login: the role the
+groups (or claims) map to, the groups, when they were checked, and for OpenID Connect the
+provider's subject (``issuer#sub``), which must not change for a name. Such a record has no
+password: :meth:`Users.authenticate` never accepts one for it and :meth:`Users.set_password`
+refuses to set one. A local account's name is never taken over: a directory or provider user
+of that name is refused. When the directory or the provider no longer vouches for a user (gone,
+or in no mapped group), :meth:`Users.refuse_external` marks the record ``refused``: every
+session ends at once and its API tokens stop working, until a login is accepted again. An
+admin may still disable such a user (which the next login does not undo). Roles given by the
+directory are not held to the last-admin guard rail: the directory decides.
+
 The documents are read and written by :mod:`cloudtask.store.users` (always whole, but for a
 token's ``last_used_at``).
 
@@ -56,13 +69,19 @@ from typing import Any, TypeVar
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from .clock import to_bson_time, utcnow
-from .exceptions import Conflict, NotFound, Problem, ValidationError
+from .exceptions import CloudTaskError, Conflict, NotFound, Problem, ValidationError
 from .runmodel import SCHEMA_VERSION
 from .store import Store
 
 T = TypeVar("T")
 
 ROLES = ("admin", "operator", "viewer")
+SOURCES = ("local", "ldap", "oidc")  # who checks a user's password: CloudTask or another
+SOURCE_NAMES = {
+    "local": "a local account",
+    "ldap": "a directory (LDAP) account",
+    "oidc": "an OpenID Connect account",
+}
 ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
 MIN_PASSWORD = 10
 MAX_TOKEN_NAME = 64
@@ -137,6 +156,12 @@ def token_expiry_problem(
     return round(float(when), 3), None
 
 
+def source_of(doc: dict[str, Any]) -> str:
+    """Who checks the user's password: ``local`` (CloudTask), ``ldap`` or ``oidc``."""
+    source = doc.get("source")
+    return source if source in SOURCES else "local"
+
+
 def public(doc: dict[str, Any]) -> dict[str, Any]:
     """A user as pages and the API may show it: no password hash, no token hashes."""
     return {
@@ -145,7 +170,19 @@ def public(doc: dict[str, Any]) -> dict[str, Any]:
         "enabled": bool(doc.get("enabled")),
         "created_at": doc.get("created_at"),
         "tokens": [public_token(t) for t in doc.get("tokens") or []],
+        "source": source_of(doc),
+        "refused": bool(doc.get("refused")),
     }
+
+
+class ExternalRefusal(CloudTaskError):
+    """A directory or provider user who may not log in here; ``reason`` is a short code for
+    the audit log (``local_account``, ``other_source``, ``other_subject``, ``disabled``,
+    ``bad_name``), the message says it to the user."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def token_name_problem(name: Any) -> str | None:
@@ -240,9 +277,157 @@ class Users:
             right = check_password_hash(stored, password if isinstance(password, str) else "")
         except (ValueError, TypeError):  # a damaged stored hash: never a login
             right = False
-        if doc is None or not right or not doc.get("enabled"):
+        if doc is None or not right or not doc.get("enabled") or stored is _DUMMY_HASH:
+            return None
+        if source_of(doc) != "local":  # the directory or the provider checks this one
             return None
         return doc
+
+    @staticmethod
+    def _local_only(doc: dict[str, Any], what: str) -> None:
+        source = source_of(doc)
+        if source != "local":
+            where = "the directory (LDAP)" if source == "ldap" else "the OpenID Connect provider"
+            raise ValidationError(
+                [
+                    Problem(
+                        "password",
+                        f"cannot {what} for {doc['_id']!r}: {SOURCE_NAMES[source]}, whose "
+                        f"password is kept by {where}; change it there",
+                    )
+                ],
+                source="the user",
+            )
+
+    # --- directory and OpenID Connect users ---------------------------------------------------
+
+    def sign_in_external(
+        self,
+        username: str,
+        source: str,
+        role: str,
+        *,
+        subject: str = "",
+        groups: builtins.list[str] | tuple[str, ...] = (),
+        create: bool = True,
+        now: float | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Create or update the record of a user the directory or provider (``source``)
+        vouched for, with the ``role`` their groups map to: (the user, what changed:
+        ``created`` and ``role``, the old and new role when it changed). A role change ends
+        the user's other sessions. ``create=False``: only update (a re-check). Raises
+        :class:`ExternalRefusal` for a name that is a local account's (or another source's),
+        an OpenID Connect subject other than the one the name was first seen with, a
+        disabled account, or a name that cannot be a user's."""
+        if source not in ("ldap", "oidc"):
+            raise ValueError(f"not a source of external users: {source!r}")
+        if role not in ROLES:
+            raise ValueError(f"not a role: {role!r}")
+        if not isinstance(username, str) or not _USERNAME.fullmatch(username):
+            raise ExternalRefusal(
+                f"the name {username!r} cannot be a CloudTask user name (1 to 64 letters, "
+                "digits, '.', '_', '@' or '-'); ask an admin",
+                "bad_name",
+            )
+        now = time.time() if now is None else now
+        doc, changes = self._sign_in_external(
+            username, source, role, subject, builtins.list(groups), create, now
+        )
+        if changes.get("role"):
+            self.end_sessions(username)
+        return doc, changes
+
+    @_retrying
+    def _sign_in_external(
+        self,
+        username: str,
+        source: str,
+        role: str,
+        subject: str,
+        groups: builtins.list[str],
+        create: bool,
+        now: float,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        doc = self.store.find_user(username)
+        if doc is None:
+            if not create:
+                raise NotFound(f"no user named {username!r}")
+            doc = {
+                "_id": username,
+                "version": SCHEMA_VERSION,
+                "username": username,
+                "source": source,
+                "subject": subject,
+                "role": role,
+                "enabled": True,
+                "created_at": to_bson_time(utcnow()),
+                "tokens": [],
+                "groups": groups,
+                "checked_at": round(now, 3),
+            }
+            try:
+                self.store.insert_user(doc)
+            except Conflict:
+                raise _Stale(username) from None  # made at the same moment: update it
+            return doc, {"created": True, "role": None}
+        have = source_of(doc)
+        if have != source:
+            if have == "local":
+                message = (
+                    f"{username!r} is a local CloudTask account: it logs in with its own "
+                    "password, not through "
+                    + ("the directory" if source == "ldap" else "single sign-on")
+                )
+                raise ExternalRefusal(message, "local_account")
+            raise ExternalRefusal(
+                f"{username!r} is {SOURCE_NAMES[have]}: log in the way it was made", "other_source"
+            )
+        if subject and doc.get("subject") and doc.get("subject") != subject:
+            raise ExternalRefusal(
+                f"the name {username!r} belongs to another account of the provider; ask an admin",
+                "other_subject",
+            )
+        if not doc.get("enabled"):
+            raise ExternalRefusal(
+                f"the account {username!r} is disabled in CloudTask; ask an admin", "disabled"
+            )
+        old = doc.get("role")
+        doc["role"] = role
+        doc["groups"] = groups
+        doc["checked_at"] = round(now, 3)
+        if subject:
+            doc["subject"] = subject
+        was_refused = bool(doc.pop("refused", None))
+        if old != role:
+            doc["session_epoch"] = int(doc.get("session_epoch") or 0) + 1
+        self._replace(doc)
+        changes: dict[str, Any] = {"created": False, "role": (old, role) if old != role else None}
+        changes["restored"] = was_refused
+        return doc, changes
+
+    def refuse_external(self, username: str, source: str, reason: str) -> bool:
+        """The directory or provider (``source``) no longer vouches for the user (``reason``,
+        in words): the record is marked ``refused``, every session of the user ends and their
+        API tokens stop working, until a login is accepted again. Returns True when the user
+        had not been refused already (so the caller audits it once); False also when there
+        is no such user of that source."""
+        try:
+            changed = self._refuse_external(username, source, reason)
+        except NotFound:
+            return False
+        self.end_sessions(username)
+        return changed
+
+    @_retrying
+    def _refuse_external(self, username: str, source: str, reason: str) -> bool:
+        doc = self.get(username)
+        if source_of(doc) != source:
+            return False
+        changed = not doc.get("refused")
+        doc["refused"] = {"at": round(time.time(), 3), "reason": reason}
+        doc["session_epoch"] = int(doc.get("session_epoch") or 0) + 1
+        self._replace(doc)
+        return changed
 
     def end_sessions(self, username: str, keep: str | None = None) -> int:
         """End the user's web sessions at once (all but the one keyed ``keep``)."""
@@ -262,6 +447,7 @@ class Users:
         """Set a new password; the user's open sessions end (their ``session_epoch`` moves
         on). Returns the updated user."""
         self._check(username, password, None)
+        self._local_only(self.get(username), "set a password")
         password_hash = generate_password_hash(password)  # slow: outside the retried part
         return self._set_password_hash(username, password_hash)
 
@@ -499,7 +685,7 @@ class Users:
             return None, None, refused
         hashed = token_hash(token)
         doc = self.store.user_by_token_hash(hashed)
-        if doc is None or not doc.get("enabled"):
+        if doc is None or not doc.get("enabled") or doc.get("refused"):
             return None, None, refused
         entry = next((t for t in doc.get("tokens") or [] if t.get("hash") == hashed), None)
         if entry is None:

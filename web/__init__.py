@@ -49,6 +49,8 @@ from .sessions import COOKIE_NAME, ServerSessionInterface, failure
 # of http tasks (authenticated by the run's own token, not by a user)
 OPEN_ENDPOINTS = {
     "auth.login",
+    "auth.oidc_start",  # "Log in with <provider>", and the provider's way back
+    "auth.oidc_callback",
     "healthz",
     "static",
     "api.run_progress",
@@ -94,6 +96,9 @@ def create_app(config: Config | None = None, test_config: dict[str, Any] | None 
     app.before_request(check_csrf)
     app.after_request(security_headers)
     app.register_blueprint(auth_bp)
+    from . import sso
+
+    sso.init_app(app)  # LDAP and OpenID Connect login (auth.ldap, auth.oidc)
     from . import admin, api, cluster, dashboard, events, files, runs, settings, tasks
     from .filters import register_filters
 

@@ -7,6 +7,13 @@ unknown user, a disabled one and a wrong password take the same time), and a suc
 a new session under a new id with a new CSRF token (:func:`web.sessions.renew_session`).
 Logins, failed logins, lockouts and logouts are audited.
 
+Directory (LDAP) and OpenID Connect users (:mod:`web.sso`): a name that is no local account
+(or a directory user's) is checked against the directory after the local check fails; a
+directory user in no mapped group is refused with a message saying so, and a directory that
+cannot be reached is a clear error. Every request of a directory user (a session or an API
+token) goes through :func:`web.sso.recheck`, which asks the directory again at most every
+``auth.ldap.recheck_interval``.
+
 A program sends ``Authorization: Bearer <token>``. :func:`authenticate_token` runs before
 anything else of a request: a valid token makes the request its user's (whatever cookie it
 carries) and exempts it from the CSRF check; an expired one is refused with 401 saying so; a
@@ -35,8 +42,9 @@ from flask import (
 from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user
 
 from cloudtask.exceptions import CloudTaskError, NotFound, ValidationError
-from cloudtask.users import Users, has_role, token_scope
+from cloudtask.users import Users, has_role, source_of, token_scope
 
+from . import sso
 from .context import ops, store, throttle
 from .security import client_address
 from .sessions import end_session, renew_session
@@ -98,7 +106,10 @@ def load_user(session_id: str) -> User | None:
         raise
     if not doc.get("enabled") or str(int(doc.get("session_epoch") or 0)) != epoch:
         return None
-    return User(doc)
+    checked = sso.recheck(doc)  # a directory user: still vouched for?
+    if checked is None or str(int(checked.get("session_epoch") or 0)) != epoch:
+        return None
+    return User(checked)
 
 
 def _bearer() -> str | None:
@@ -122,6 +133,10 @@ def authenticate_token() -> None:
         if request.endpoint == "healthz":
             return  # it says "unavailable" to whoever asks; who it is cannot be told
         raise
+    if doc is not None:
+        doc = sso.recheck(doc)  # a directory user: still vouched for?
+        if doc is None:
+            refused = "the API token's user no longer has access (the directory refused them)"
     if doc is None:
         g.token_refused = refused
         return
@@ -209,6 +224,14 @@ def login() -> Any:
             page = render_template("login.html", username=username)
             return page, 429, {"Retry-After": str(max(1, int(refusal.retry_after)))}
         doc = users().authenticate(username, password)
+        via = None
+        if doc is None:  # not a local account's password: the directory's user?
+            answer = sso.directory_login(username, password)
+            if isinstance(answer, sso.Refused) and answer.status != 401:
+                flash(answer.message, "error")
+                return render_template("login.html", username=username), answer.status
+            if isinstance(answer, dict):
+                doc, via = answer, "ldap"
         if doc is None:
             lockout = guard.failed(username, address)
             ops().note_login_failure(username, address)
@@ -221,9 +244,35 @@ def login() -> Any:
         session.clear()
         login_user(User(doc))
         renew_session()
-        ops().note_login(doc["username"], address)
+        if via is None:
+            ops().note_login(doc["username"], address)
+        else:
+            after = {"address": address, "via": via}
+            ops().audit(doc["username"], "auth.login", f"user:{doc['username']}", None, after)
         return redirect(_safe_next(request.args.get("next")))
     return render_template("login.html", username="")
+
+
+@bp.get("/login/oidc")
+def oidc_start() -> Any:
+    """The "Log in with <provider>" button: off to the provider (see :mod:`web.sso`)."""
+    return sso.oidc_begin(safe_path(request.args.get("next")) or "")
+
+
+@bp.get(sso.CALLBACK_PATH)
+def oidc_callback() -> Any:
+    """The provider's way back: the user is logged in if :func:`web.sso.oidc_complete` says
+    the provider vouched for them with a role; else its page (400, 401, 403, 503)."""
+    outcome = sso.oidc_complete()
+    if not isinstance(outcome, sso.SignedIn):
+        return outcome
+    doc = outcome.doc
+    session.clear()  # a new session: nothing the browser held before the login is kept
+    login_user(User(doc))
+    renew_session()
+    after = {"address": client_address(), "via": "oidc"}
+    ops().audit(doc["username"], "auth.login", f"user:{doc['username']}", None, after)
+    return redirect(_safe_next(outcome.next))
 
 
 @bp.post("/logout")
@@ -239,6 +288,12 @@ def logout() -> Any:
 @bp.route("/account/password", methods=["GET", "POST"])
 @requires("viewer")
 def change_password() -> Any:
+    if source_of(current_user.doc) != "local":
+        where = (
+            "the directory (LDAP)" if source_of(current_user.doc) == "ldap" else "single sign-on"
+        )
+        page = render_template("sso_password.html", where=where)
+        return page, 400 if request.method == "POST" else 200
     if request.method == "POST":
         name = current_user.username
         address = client_address()
