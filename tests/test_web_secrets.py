@@ -594,3 +594,53 @@ def test_a_secret_set_used_and_replaced_is_in_no_answer_page_entry_event_or_mail
         ):
             found = [t for t in texts if value in t]
             assert not found, f"{value} in a {where}: {found[0][:300]}"
+
+
+def test_names_no_secret_can_have_are_answered_without_asking_the_store(app):
+    call = api(app, "operator")
+    for raw in ("a%00b", "%F0%9F%94%91", "x" * 300, ".hidden"):
+        assert call("GET", f"/secrets/{raw}").status_code == 404, raw
+        assert call("DELETE", f"/secrets/{raw}").status_code == 404, raw
+        answer = call("PUT", f"/secrets/{raw}", json={"value": "v"})
+        assert answer.status_code == 422, raw
+        assert [d["path"] for d in answer.get_json()["details"]] == ["name"]
+    op = logged_in(app, OPERATOR)
+    assert op.get("/secrets/a%00b/delete").status_code == 404
+    assert op.post("/secrets/a%00b/delete", data={"csrf_token": op.csrf}).status_code == 404
+
+
+def test_a_test_mail_no_center_sends_is_withdrawn_and_said_so(store, keys):
+    """The SMTP password is a stored secret and no center leads: the page says so after its
+    wait, and the delivery is withdrawn (a center starting later does not mail it)."""
+    cfg = web_config(
+        keys,
+        smtp_host="127.0.0.1",
+        smtp_port=free_port(),
+        smtp_security="none",
+        smtp_user="alerts",
+        smtp_password_secret="mail.password",
+    )
+    app = make_web_app(store, config=cfg, users=[ADMIN, OPERATOR], TEST_MAIL_WAIT=0.5)
+    assert set_secret(logged_in(app, OPERATOR), "mail.password", MAIL_PASSWORD).status_code == 302
+    admin = logged_in(app, ADMIN)
+    page = admin.get("/settings").get_data(as_text=True)
+    assert 'id="password-problem"' not in page  # the named secret is stored: nothing to say
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    answer = admin.post(
+        "/settings/test-mail",
+        data={"csrf_token": token, "to": "me@example.com"},
+        follow_redirects=True,
+    )
+    (message,) = [m for m in flashes(answer.get_data(as_text=True)) if "test mail" in m]
+    assert message.startswith(
+        "the test mail was not sent: no leading center sent it within 0.5s (the SMTP password "
+        "is a stored secret, which only the leading center opens: is a center running?)"
+    )
+    (delivery,) = store.db["deliveries"].find({"kind": "test"})
+    assert delivery["status"] == "failed" and delivery["last_error"].startswith("withdrawn")
+    (entry,) = store.audit.find({"action": "settings.test_mail"})
+    assert entry["after"]["via"] == "leading center" and entry["after"]["sent"] is False
+    # the secret named is gone from the store: the page says so
+    store.db["secrets"].delete_many({})
+    page = html.unescape(admin.get("/settings").get_data(as_text=True))
+    assert "alerts.smtp_password_secret: no secret named 'mail.password'" in page

@@ -22,6 +22,7 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 
 from cloudtask.exceptions import Conflict, NotFound, ValidationError
 from cloudtask.secretbox import SecretError
+from cloudtask.store.secrets import secret_name_problem
 
 from .auth import requires
 from .context import actor, ops, secret_box, store
@@ -77,7 +78,7 @@ def save() -> Any:
     form = {"name": name, "description": description}
     box, problem = secret_box()
     try:
-        replaced = any(r["name"] == name for r in store().list_secrets())
+        replaced = not secret_name_problem(name) and name in store().stored_secret_names([name])
         info = ops().set_secret(actor(), box, name, value, description)
     except ValidationError as e:
         errors: dict[str, list[str]] = {}
@@ -98,6 +99,8 @@ def save() -> Any:
 @requires("operator")
 def delete(name: str) -> Any:
     """GET: the confirmation page (a value deleted is gone for good); POST: delete."""
+    if secret_name_problem(name):
+        return render_page(None, None, f"No secret named {name[:100]!r}.", 404)
     if request.method == "GET":
         try:
             info = store().get_secret_info(name)

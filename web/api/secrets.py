@@ -17,6 +17,7 @@ from flask_login import current_user
 
 from cloudtask.exceptions import Conflict, NotFound, Problem, ValidationError
 from cloudtask.secretbox import SecretError
+from cloudtask.store.secrets import secret_name_problem
 
 from ..auth import requires
 from ..context import actor, jsonable, ops, secret_box, store
@@ -50,6 +51,8 @@ def secret_out(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def _info(name: str) -> dict[str, Any]:
+    if secret_name_problem(name):  # no such name can be stored: not even asked for
+        raise ApiError(404, f"no secret named {name[:100]!r}")
     try:
         return store().get_secret_info(name)
     except NotFound:
@@ -110,7 +113,7 @@ def put_secret(name: str) -> Any:
         raise ApiError(422, "the secret is invalid", problems)
     box, problem = secret_box()
     try:
-        existed = any(s["name"] == name for s in store().list_secrets())
+        existed = not secret_name_problem(name) and name in store().stored_secret_names([name])
         info = ops().set_secret(actor(), box, name, body.get("value"), body.get("description"))
     except ValidationError as e:
         raise ApiError(422, "the secret is invalid", e.problems) from None
@@ -130,6 +133,8 @@ def put_secret(name: str) -> Any:
 )
 @requires("operator")
 def delete_secret(name: str) -> Any:
+    if secret_name_problem(name):
+        raise ApiError(404, f"no secret named {name[:100]!r}")
     try:
         ops().delete_secret(actor(), name)
     except NotFound:
