@@ -186,7 +186,9 @@ class Slapd:
         self.process: subprocess.Popen[bytes] | None = None
         self.ca_file = ""
 
-    def start(self, ldif: str = "") -> Slapd:
+    def start(self, ldif: str = "", memberof: bool = False) -> Slapd:
+        """Start it with the base entries and ``ldif``; ``memberof``: the memberof overlay
+        keeps ``memberOf`` on each member's entry (as directories often do)."""
         assert SLAPD is not None, MISSING
         data = self.folder / "data"
         data.mkdir(parents=True, exist_ok=True)
@@ -198,6 +200,7 @@ class Slapd:
             f"""{includes}
 modulepath /usr/lib/ldap
 moduleload back_mdb
+{"moduleload memberof" if memberof else ""}
 pidfile {self.folder}/slapd.pid
 TLSCACertificateFile {ca}
 TLSCertificateFile {cert}
@@ -208,6 +211,7 @@ suffix "{SUFFIX}"
 rootdn "{ROOT_DN}"
 rootpw "{ROOT_PASSWORD}"
 directory {data}
+{"overlay memberof" if memberof else ""}
 access to attrs=userPassword by self =xw by anonymous auth by * none
 access to * by dn.exact="{SERVICE_DN}" read by users read by * none
 """

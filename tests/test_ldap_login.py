@@ -328,6 +328,24 @@ def test_tls_with_the_directorys_ca_and_an_untrusted_certificate(store, slapd, m
     assert failure["after"]["reason"] == "directory unavailable"
 
 
+def test_groups_listed_on_the_users_entry(store, tmp_path, monkeypatch):
+    """group_attribute (memberOf, kept by slapd's memberof overlay) instead of a group
+    search; a group counts by its DN or its name."""
+    server = Slapd(tmp_path / "memberof").start(directory_ldif(), memberof=True)
+    try:
+        monkeypatch.setenv(SECRET_ENV, SERVICE_PASSWORD)
+        config = ldap_config(server, group_base_dn="", group_attribute="memberOf")
+        app = make_web_app(store, config=config, users=[])
+        for name, role in (("carol", "admin"), ("alice", "operator"), ("bob", "viewer")):
+            client, answer = login(app, name)
+            assert answer.status_code == 302, name
+            assert client.get("/api/v1/me").get_json() == {"username": name, "role": role}
+        _, answer = login(app, "dave")
+        assert answer.status_code == 403
+    finally:
+        server.stop()
+
+
 def test_bind_with_a_dn_template_and_no_service_account(store, slapd):
     config = Config().with_section(
         "auth",
