@@ -58,6 +58,7 @@ class CloudTaskExtension:
         self._cache: dict[str, tuple[float, Any]] = {}
         self._cache_lock = threading.Lock()
         self._box: tuple[SecretBox | None, str] | None = None
+        self.sso: Any = None  # directory and OpenID Connect login (web/sso.py), if configured
 
     def box(self) -> tuple[SecretBox | None, str]:
         """The key ring this process seals new secrets with (``secrets.keys``, read once), or

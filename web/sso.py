@@ -60,7 +60,6 @@ from .security import client_address
 
 log = logging.getLogger(__name__)
 
-EXTENSION = "cloudtask_sso"
 RECHECK_PAUSE = 60.0  # seconds without re-checks after the directory could not be reached
 PENDING_KEY = "oidc_pending"
 PENDING_MAX = 5  # logins through the provider started at once in one browser
@@ -107,7 +106,7 @@ class SingleSignOn:
 def init_app(app: Flask) -> None:
     """Make the app's :class:`SingleSignOn` (the routes are :mod:`web.auth`'s)."""
     sso = SingleSignOn(app.config["CLOUDTASK"])
-    app.extensions[EXTENSION] = sso
+    app.extensions["cloudtask"].sso = sso  # the app's one extension holds it
     app.jinja_env.globals["oidc_login_name"] = (
         sso.provider.settings.name if sso.provider is not None else None
     )
@@ -115,7 +114,7 @@ def init_app(app: Flask) -> None:
 
 
 def current() -> SingleSignOn | None:
-    return current_app.extensions.get(EXTENSION)
+    return current_app.extensions["cloudtask"].sso
 
 
 def _users() -> Users:
