@@ -204,8 +204,9 @@ def test_next_with_deep_json_is_a_usage_error():
 
 
 def exchange(port: int, head: bytes, chunks: tuple[bytes, ...] = (), wait: float = 10) -> bytes:
-    """Send ``head`` (and ``chunks``) to the site; the answer's first bytes (b"" if none came
-    within ``wait``). A server that closes while it is sent to has answered already."""
+    """Send ``head`` (and ``chunks``) to the site; its answer, read until it closes the
+    connection (b"" if nothing came within ``wait``). A server that closes while it is sent
+    to has answered already."""
     with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
         sock.sendall(head)
         for chunk in chunks:
@@ -213,10 +214,16 @@ def exchange(port: int, head: bytes, chunks: tuple[bytes, ...] = (), wait: float
                 sock.sendall(chunk)
             except (BrokenPipeError, ConnectionResetError):
                 break
-        try:
-            return sock.recv(4096)
-        except TimeoutError:
-            return b""
+        answer = b""
+        while len(answer) < 65536:  # to the close: the head and the body may come apart
+            try:
+                data = sock.recv(4096)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not data:
+                break
+            answer += data
+        return answer
 
 
 def up(port: int) -> bool:
