@@ -345,3 +345,27 @@ def test_the_run_loop_calls_readers_timers_and_soon_calls_in_order():
         loop.stop()
         os.close(r)
         os.close(w)
+
+
+def test_a_path_search_is_used_again_for_a_second_at_most(guard, tmp_path):
+    """A burst of one program's runs searches the PATH once: a program installed since in an
+    earlier folder is found FOUND_FOR seconds later at most, one removed since is looked for
+    again at once."""
+    from cloudtask.agent.guard import FOUND_FOR
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second):
+        folder.mkdir()
+    (second / "tool").write_text("#!/bin/sh\necho second\n")
+    (second / "tool").chmod(0o755)
+    env = dict(os.environ, PATH=f"{first}:{second}")
+    proc = guard.spawn("r1", "s1", ["tool"], env, None)
+    assert proc.stdout.read() == b"second\n"
+    (first / "tool").write_text("#!/bin/sh\necho first\n")
+    (first / "tool").chmod(0o755)
+    time.sleep(FOUND_FOR + 0.1)
+    proc = guard.spawn("r2", "s1", ["tool"], env, None)
+    assert proc.stdout.read() == b"first\n"
+    (first / "tool").unlink()  # removed: the search of a moment ago is not trusted
+    proc = guard.spawn("r3", "s1", ["tool"], env, None)
+    assert proc.stdout.read() == b"second\n"

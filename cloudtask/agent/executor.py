@@ -183,7 +183,7 @@ class Executor:
         self._by_task: dict[str, set[str]] = {}
         self._lock = threading.Lock()
         self._closed = False
-        self._slots = 0  # runs holding a slot: starting, running or being recorded
+        self._slots = 0  # runs holding a slot: starting or running
         self._waiting: collections.deque[RunContext] = collections.deque()  # for a slot
         self._ready: queue.Queue[Callable[[], None] | None] = queue.Queue()  # for a starter
         self._starters: list[threading.Thread] = []
@@ -204,7 +204,7 @@ class Executor:
         self._unstarted: set[str] = set()
         self._last_start = 0.0  # when a process last started (monotonic)
         if hasattr(writer, "hold_while"):  # its writes wait while a burst starts
-            writer.hold_while = self.starting
+            writer.hold_while = self.holding
         self._procs: dict[str, _Process] = {}  # followed by the loop (its thread only)
         self._unwritten: dict[str, _Process] = {}  # runs with log output not written out
         self._finished: list[RunContext] = []  # ended on the loop, on_finished not told yet
@@ -238,6 +238,12 @@ class Executor:
         return bool(self._waiting or self._unstarted) and (
             time.monotonic() - self._last_start < STARTING_GAP
         )
+
+    def holding(self) -> bool:
+        """Whether the run writer should wait: a burst is starting, or the ends of its runs
+        wait to be recorded (then each run is written once, with its final state, not once
+        as running and again as ended)."""
+        return bool(self._ends) or self.starting()
 
     def active(self, task_id: str | None = None) -> list[RunContext]:
         with self._lock:
@@ -754,6 +760,9 @@ class Executor:
         self._procs.pop(ctx.run_id, None)
         self._unwritten.pop(ctx.run_id, None)
         self._done(ctx)
+        if not self._ends and not self.starting():
+            self._record(p)  # (no burst: at once)
+            return
         p.exited_at = time.monotonic()
         self._ends.append(p)
         if self._ends_timer is None:

@@ -66,7 +66,11 @@ log = logging.getLogger(__name__)
 
 PULSE_EVERY = 0.25  # seconds between the agent's pulses
 MAX_MESSAGE = 1024 * 1024  # a start request carries argv and environment
-FDS_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)  # up to 4 descriptors a message
+BATCH_MOST = 256  # answers the guard sends in one message at most
+SPAWNS_MOST = 32  # start requests in one message at most (when the guard's queue was full)
+SPAWNS_BYTES = 65536  # and at most this many bytes of them
+# up to SPAWNS_MOST descriptors a message (a start request's output pipe each)
+FDS_SPACE = socket.CMSG_SPACE(SPAWNS_MOST * array.array("i").itemsize)
 CLOEXEC_FDS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)  # descriptors received are not inherited
 _ENCODER = json.JSONEncoder(separators=(",", ":"))  # (one: json.dumps makes one a call)
 _DECODER = json.JSONDecoder()
@@ -379,16 +383,26 @@ class GuardClient:
                 os.close(write_end)
 
     def _writable(self, sock: socket.socket) -> None:
-        """The run loop: send what waits in the outbox, in order, while the socket takes it."""
+        """The run loop: send what waits in the outbox, in order, while the socket takes it;
+        several requests (and their pipes) in one message."""
         while self._outbox:
-            data, write_end = self._outbox[0]
+            n, size = 0, 0
+            for data, _ in self._outbox:
+                if n == SPAWNS_MOST or (n and size + len(data) > SPAWNS_BYTES):
+                    break
+                n, size = n + 1, size + len(data) + 1
+            batch = [self._outbox[i] for i in range(n)]
+            if n == 1:
+                data = batch[0][0]
+            else:
+                data = b'{"op":"spawns","reqs":[' + b",".join(d for d, _ in batch) + b"]}"
             try:
-                if not self._send_data(data, [write_end], nowait=True):
+                if not self._send_data(data, [w for _, w in batch], nowait=True):
                     return
             except GuardGone:
                 break  # (their answers come from _guard_died)
-            self._outbox.popleft()
-            os.close(write_end)
+            for _ in range(n):
+                os.close(self._outbox.popleft()[1])
         self.loop.remove_writer(sock.fileno())
 
     def _take_pending(self, run_id: str, read_end: int | None = None) -> bool:
@@ -504,6 +518,10 @@ class GuardClient:
 
     def _on_message(self, msg: dict[str, Any]) -> None:
         op, run_id = msg.get("op"), str(msg.get("id"))
+        if op == "batch":  # the answers of one pass of the guard, in order
+            for one in msg.get("msgs") or ():
+                self._on_message(one)
+            return
         if op in ("spawned", "refused", "failed"):
             with self._lock:
                 pending = self._pending.pop(run_id, None)
@@ -585,14 +603,28 @@ class _Child:
 _DEFAULT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, n))
 
 
+FOUND_FOR = 1.0  # seconds a PATH search is used again (a program installed since: seen then)
+_found: dict[tuple[str, str], tuple[float, list[str]]] = {}
+
+
 def _candidates(name: str, env: dict[str, str] | None) -> list[str]:
     """The files ``subprocess.Popen`` would try for ``name``, in order: each folder of the
-    run's own PATH (not the guard's), the ones that exist."""
+    run's own PATH (not the guard's), the ones that exist. A search that found something is
+    used again for FOUND_FOR seconds (a burst of a task's runs looks once, not once a run)."""
     if os.sep in name:
         return [name]
     path = (env if env is not None else os.environ).get("PATH", os.defpath)
+    now = time.monotonic()
+    known = _found.get((name, path))
+    if known is not None and now < known[0]:
+        return known[1]
     found = [os.path.join(folder or ".", name) for folder in path.split(os.pathsep)]
-    return [f for f in found if os.path.lexists(f)]
+    found = [f for f in found if os.path.lexists(f)]
+    if found:
+        if len(_found) >= 1024:
+            _found.clear()
+        _found[(name, path)] = (now + FOUND_FOR, found)
+    return found
 
 
 def _start(argv: list[str], env: dict[str, str] | None, cwd: str | None, out: int | None) -> Any:
@@ -624,7 +656,9 @@ def _start(argv: list[str], env: dict[str, str] | None, cwd: str | None, out: in
             except NotImplementedError:  # no setsid for posix_spawn on this system
                 break
             except OSError as e:
-                if e.errno not in (errno.ENOENT, errno.ENOTDIR) and first is None:
+                if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                    _found.clear()  # (a program gone since the search: look again next time)
+                elif first is None:
                     first = e
                 continue
             return _Child(pid)
@@ -668,6 +702,9 @@ class Guard:
         self.journal_path: str | None = None
         self.base_env: dict[str, str] | None = None  # what every run's environment starts from
         self._send_lock = threading.Lock()
+        self._out: list[dict[str, Any]] = []  # answers of this pass, not sent yet (_flush)
+        # start requests received, not served yet: (request, its pipe's write end)
+        self._todo: collections.deque[tuple[dict[str, Any], list[int]]] = collections.deque()
         self._buf = bytearray(MAX_MESSAGE)  # each request is read into this one buffer
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -695,14 +732,21 @@ class Guard:
                 # every request waiting is served before the next reap (a burst of starts)
                 more: bool | None = self._receive()
                 while more:
-                    self._reap()  # exits are told between the starts
+                    while self._todo:
+                        self._spawn(*self._todo.popleft())
+                        self._reap()  # exits are told between the starts
+                        self._enforce()
+                        self._flush()  # what this start and these exits say, in one message
+                    self._reap()
                     self._enforce()
+                    self._flush()
                     more = self._receive(socket.MSG_DONTWAIT)
                 if more is False:
                     self._agent_gone()
                     return
             self._reap()
             self._enforce()
+            self._flush()
 
     def _timeout(self) -> float:
         now = time.monotonic()
@@ -714,9 +758,19 @@ class Guard:
         return wait
 
     def _send(self, msg: dict[str, Any]) -> None:
+        """An answer, sent with the others of this pass by :meth:`_flush` (one message)."""
+        self._out.append(msg)
+        if len(self._out) >= BATCH_MOST:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._out:
+            return
+        out, self._out = self._out, []
+        data = _encode(out[0] if len(out) == 1 else {"op": "batch", "msgs": out})
         try:
             with self._send_lock:
-                self.sock.send(_encode(msg))
+                self.sock.send(data)
         except OSError:
             pass  # the agent is gone: its end is noticed by the loop
 
@@ -749,9 +803,14 @@ class Guard:
             self.fence_until = float(msg.get("fence_until") or 0.0)
             self.alive_until = float(msg["alive_until"])
             self.silent = False
-        elif op == "spawn":
-            self._spawn(msg, fds)
-            fds = []
+        elif op == "spawn":  # started by the loop, between reaps (serve)
+            self._todo.append((msg, list(fds)))
+            fds = array.array("i")
+        elif op == "spawns":  # several, each with its pipe, in order
+            reqs = msg.get("reqs") or []
+            for i, req in enumerate(reqs):
+                self._todo.append((req, [fds[i]] if i < len(fds) else []))
+            fds = fds[len(reqs) :]
         elif op == "deadline":
             if msg.get("until") is None:
                 self.deadlines.pop(str(msg["id"]), None)
@@ -899,6 +958,9 @@ class Guard:
 
     def _agent_gone(self) -> None:
         """The agent's end closed: end every run, wait for them, and exit."""
+        while self._todo:  # (nothing more starts)
+            for fd in self._todo.popleft()[1]:
+                os.close(fd)
         enders = []
         for run in list(self.runs.values()):
             run.ending = True
