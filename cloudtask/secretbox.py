@@ -33,6 +33,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from .authconfig import read_secret
 from .exceptions import CloudTaskError, ConfigError
 
 FORMS = "'file:/path/to/keys' or 'env:VARIABLE'"
@@ -135,22 +136,10 @@ def load_box(setting: str, environ: Mapping[str, str] | None = None) -> SecretBo
     """The key ring ``secrets.keys`` names, or None when it is empty (no secrets here)."""
     if not setting:
         return None
-    environ = os.environ if environ is None else environ
+    text = read_secret(setting, "secrets.keys", environ)
     kind, _, rest = setting.partition(":")
-    if kind == "env":
-        if rest not in environ:
-            raise ConfigError(
-                f"secrets.keys names the environment variable {rest}, which is not set"
-            )
-        return SecretBox(tuple(parse_ring(environ[rest], f"the environment variable {rest}")))
-    path = Path(rest)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"secrets.keys: cannot read {rest}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"secrets.keys: {rest} is not UTF-8 text") from None
-    return SecretBox(tuple(parse_ring(text, rest)))
+    where = f"the environment variable {rest}" if kind == "env" else rest
+    return SecretBox(tuple(parse_ring(text, where)))
 
 
 def make_key_file(path: Path) -> None:

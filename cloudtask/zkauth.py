@@ -21,12 +21,11 @@ their open ACL until ``cloudtask zk-acl`` sets it on the whole tree (:func:`set_
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, NamedTuple
 
+from .authconfig import read_secret
 from .exceptions import CloudTaskError, ConfigError
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -83,22 +82,10 @@ def credential(setting: str, environ: Mapping[str, str] | None = None) -> Creden
     hold is not ``user:password``."""
     if not setting:
         return None
-    environ = os.environ if environ is None else environ
     kind, _, rest = setting.partition(":")
-    if kind == "env":
-        if rest not in environ:
-            raise ConfigError(
-                f"zookeeper.auth names the environment variable {rest}, which is not set"
-            )
-        text, where = environ[rest].strip(), f"the environment variable {rest}"
-    elif kind == "file":
-        try:
-            text = Path(rest).read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise ConfigError(f"zookeeper.auth: cannot read {rest}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"zookeeper.auth: {rest} is not UTF-8 text") from None
-        where = rest
+    if kind in ("env", "file"):
+        text = read_secret(setting, "zookeeper.auth", environ)
+        where = f"the environment variable {rest}" if kind == "env" else rest
     else:
         text, where = setting, ""
     if problem := _pair_problem(text):
