@@ -73,6 +73,10 @@ from .runwriter import RunWriter
 from .scheduler import Fire, Scheduler, has_fire
 
 log = logging.getLogger(__name__)
+# agents do not open stored secrets for runs yet: a run of a task that uses one fails, saying so
+SECRETS_NOT_OPENED = (
+    "not started: the task uses stored secrets, which this agent cannot open for a run yet"
+)
 
 CLAIM_CHUNK = 250  # fires claimed per round trip; a burst starts running after the first chunk
 PURGE_INTERVAL = 3600.0  # seconds between deletions of runs past their retention
@@ -744,6 +748,9 @@ class Agent:
     def _hand_over(
         self, doc: dict, spec: TaskSpec, revision: int, token: str, trigger: str, attempt: int
     ) -> None:
+        if spec.secrets_used():  # never run without them: the run would not be what was asked
+            self._finish_unstarted(doc, "failed", SECRETS_NOT_OPENED)
+            return
         self.executor.submit(
             RunContext(
                 run_id=doc["_id"],
