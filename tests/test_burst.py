@@ -180,3 +180,38 @@ def test_no_descriptor_is_left_open_per_run(store, writer, guarded):
         finished(store, ctx.run_id)
     wait_for(lambda: not ex.active(), timeout=10)
     assert len(os.listdir("/proc/self/fd")) <= before + 2
+
+
+def test_a_cancelled_timer_lets_go_of_its_run_at_once():
+    """A run's timeout is a timer of the run loop, cancelled when the run ends: the run is not
+    kept until the timeout would have come, and the heap does not fill with dead timers."""
+    import gc
+    import weakref
+
+    from cloudtask.agent.run import RunLoop
+
+    class Run:
+        pass
+
+    loop = RunLoop("test-timers")
+    loop.start()
+    try:
+        refs, done = [], threading.Event()
+
+        def arm_and_cancel():
+            for _ in range(1000):
+                run = Run()
+                refs.append(weakref.ref(run))
+                loop.call_at(time.monotonic() + 3600, print, run).cancel()
+            done.set()
+
+        loop.call_soon(arm_and_cancel)
+        assert done.wait(5)
+        gc.collect()
+        assert sum(1 for r in refs if r() is not None) == 0
+        sized = threading.Event()
+        sizes = []
+        loop.call_soon(lambda: (sizes.append(len(loop._timers)), sized.set()))
+        assert sized.wait(5) and sizes[0] < 600  # (compacted as they are added)
+    finally:
+        loop.stop()

@@ -725,6 +725,8 @@ class Executor:
         for timer in p.timers:
             timer.cancel()
         p.timers = []
+        if isinstance(p.proc, GuardedProcess):
+            p.proc.on_exit = None  # (no cycle: the run is freed as soon as it is recorded)
         ctx.finished_at = utcnow()
         if p.run_dir is not None or _group_alive(p.proc.pid):
             _in_thread(self._tidy_then_finish, p)

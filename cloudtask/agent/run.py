@@ -117,13 +117,24 @@ _WRITABLE = select.EPOLLOUT | select.EPOLLERR
 class Timer:
     """A call :meth:`RunLoop.call_at` will make, unless cancelled first."""
 
-    __slots__ = ("when", "fn", "args", "cancelled")
+    __slots__ = ("when", "fn", "args", "cancelled", "loop")
 
-    def __init__(self, when: float, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        self.when, self.fn, self.args, self.cancelled = when, fn, args, False
+    def __init__(
+        self, when: float, fn: Callable[..., Any], args: tuple[Any, ...], loop: RunLoop
+    ) -> None:
+        self.when, self.fn, self.args, self.cancelled, self.loop = when, fn, args, False, loop
 
     def cancel(self) -> None:
-        self.cancelled = True
+        """(On the loop's thread.) What it would have called is let go at once: a run's long
+        timeout, cancelled when it ends, does not keep the run in the heap until then."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.fn, self.args = _nothing, ()
+            self.loop._cancelled += 1
+
+
+def _nothing() -> None:
+    pass
 
 
 class RunLoop:
@@ -150,6 +161,7 @@ class RunLoop:
         self._writers: dict[int, Callable[[], None]] = {}
         self._masks: dict[int, int] = {}  # what epoll watches for each descriptor
         self._timers: list[tuple[float, int, Timer]] = []
+        self._cancelled = 0  # cancelled timers still in the heap
         self._seq = itertools.count()
         self._soon: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = (
             collections.deque()
@@ -199,8 +211,12 @@ class RunLoop:
 
     def call_at(self, when: float, fn: Callable[..., Any], *args: Any) -> Timer:
         """Call ``fn(*args)`` at the monotonic time ``when`` (on the loop's thread only)."""
-        timer = Timer(when, fn, args)
+        timer = Timer(when, fn, args, self)
         heapq.heappush(self._timers, (when, next(self._seq), timer))
+        if self._cancelled > 256 and self._cancelled > len(self._timers) // 2:
+            self._timers = [t for t in self._timers if not t[2].cancelled]  # (mostly dead)
+            heapq.heapify(self._timers)
+            self._cancelled = 0
         return timer
 
     def add_reader(self, fd: int, callback: Callable[[int], None]) -> None:
@@ -251,8 +267,9 @@ class RunLoop:
 
     def _run(self) -> None:
         self._ident = threading.get_ident()
-        poll, readers, timers, soon = self._epoll.poll, self._readers, self._timers, self._soon
+        poll, readers, soon = self._epoll.poll, self._readers, self._soon
         while True:
+            timers = self._timers  # (a new list after a compaction)
             if soon or self._stopping:
                 timeout = 0.0
             elif timers:
@@ -280,11 +297,15 @@ class RunLoop:
                     # after the pipe is empty and before the calls are made: a call_soon from
                     # now on writes a byte again (one before it is made below)
                     self._woken = False
+            timers = self._timers
             if timers:
                 now = time.monotonic()
                 while timers and timers[0][0] <= now:
                     timer = heapq.heappop(timers)[2]
-                    if not timer.cancelled:
+                    if timer.cancelled:
+                        self._cancelled -= 1
+                    else:
+                        timer.cancelled = True  # (made: a later cancel() counts nothing)
                         self._call(timer.fn, timer.args)
             for _ in range(len(soon)):
                 fn, args = soon.popleft()
