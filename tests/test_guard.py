@@ -369,3 +369,36 @@ def test_a_path_search_is_used_again_for_a_second_at_most(guard, tmp_path):
     (first / "tool").unlink()  # removed: the search of a moment ago is not trusted
     proc = guard.spawn("r3", "s1", ["tool"], env, None)
     assert proc.stdout.read() == b"second\n"
+
+
+def test_the_guard_answers_a_burst_in_few_messages(guard, monkeypatch):
+    """The answers of a burst (each start, each exit) come several to a message: every
+    message the guard sends may wake the agent's loop."""
+    from cloudtask.agent import guard as guard_module
+
+    received = []
+    decode = guard_module._decode
+
+    def counting(data):
+        msg = decode(data)
+        received.append(msg.get("op"))
+        return msg
+
+    monkeypatch.setattr(guard_module, "_decode", counting)
+    n, answered, done = 40, [], threading.Event()
+
+    def got(result):
+        answered.append(result)
+        if len(answered) == n:
+            done.set()
+
+    def start_all():
+        for i in range(n):
+            guard.start_run(f"b{i}", "s1", ["true"], None, None, got, on_loop=True)
+
+    guard.loop.call_soon(start_all)
+    assert done.wait(20)
+    for proc in answered:
+        assert proc.wait(timeout=10) == 0
+    # 40 starts and 40 exits: 80 answers, in far fewer messages
+    assert "batch" in received and len(received) < 30, received  # (about 10)
