@@ -30,14 +30,14 @@ class Running:
         self.mongo_client, self.db_name, self.tmp_path = mongo_client, db_name, tmp_path
         self.agents: list[tuple[Agent, threading.Thread]] = []
 
-    def start(self, agent_id: str, **agent_cfg) -> Agent:
+    def start(self, agent_id: str, config: Config | None = None, **agent_cfg) -> Agent:
         settings = {
             "data_dir": str(self.tmp_path / agent_id),
             "poll_interval": 0.2,
             "kill_grace": 1.0,
         }
         settings.update(agent_cfg)
-        cfg = Config().with_section("agent", **settings)
+        cfg = (config or Config()).with_section("agent", **settings)
         agent = Agent(cfg, Store(self.mongo_client, self.db_name), agent_id=agent_id)
         thread = threading.Thread(target=agent.run, daemon=True)
         thread.start()
@@ -491,27 +491,3 @@ def test_forbid_holds_against_a_former_owner_that_has_not_seen_the_move(store, a
         message="a1 did not run the task again",
     )
     assert overlaps(read_records(records)) == []
-
-
-def test_a_task_using_stored_secrets_fails_saying_so_and_never_runs_without_them(
-    store, agents, tmp_path
-):
-    """Agents cannot open stored secrets for runs yet: a run of a task that uses one is
-    recorded failed with the reason, and its command never starts (it would run without the
-    variables it was given)."""
-    from cloudtask.secretbox import SecretBox, new_key, parse_ring
-
-    box = SecretBox(tuple(parse_ring(new_key("k1"), "test")))
-    Operations(store).set_secret("alice", box, "db.password", "hunter2-secret")
-    marker = tmp_path / "ran"
-    task = make(
-        store,
-        command=[PY, "-c", f"open({str(marker)!r}, 'w').write('ran')"],
-        env={"PGPASSWORD": {"secret": "db.password"}},
-    )
-    agents.start("a1")
-    docs = wait_for(
-        lambda: (d := runs(store, task["_id"], status="failed")) and d, timeout=15, message="no run"
-    )
-    assert "stored secrets" in docs[0]["error"] and docs[0].get("started_at") is None
-    assert not marker.exists()

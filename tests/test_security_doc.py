@@ -687,10 +687,10 @@ def test_the_table_claims_nothing_the_code_does_not_do(model: StoreModel) -> Non
 
 
 def test_a_new_agent_call_fails_the_check(model: StoreModel) -> None:
-    """An agent that starts to open stored secrets, or to read the audit log, is caught."""
+    """An agent that starts to read the alert settings, or the audit log, is caught."""
     documented = doc_table()["agent"]
     for call, collection in (
-        ("self.store.secret_values(box, names)", "secrets"),
+        ("self.store.read_settings_doc('alerts')", "settings"),
         ("store().audit_page({}, 50)", "audit"),
     ):
         added = ast.parse(f"def run(self):\n    {call}\n")

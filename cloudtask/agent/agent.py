@@ -49,8 +49,9 @@ import pymongo
 
 from ..clock import to_bson_time, utcnow
 from ..config import Config
-from ..exceptions import ValidationError
+from ..exceptions import ConfigError, ValidationError
 from ..runmodel import RETRY_STATUSES, RUNNING_STATUSES, new_id
+from ..secretbox import SecretBox, SecretError, load_box
 from ..store import Store, all_revisions, task_pages
 from ..task import TaskSpec, parse_task
 from .armed import Armed, StartTimer
@@ -73,10 +74,8 @@ from .runwriter import RunWriter
 from .scheduler import Fire, Scheduler, has_fire
 
 log = logging.getLogger(__name__)
-# agents do not open stored secrets for runs yet: a run of a task that uses one fails, saying so
-SECRETS_NOT_OPENED = (
-    "not started: the task uses stored secrets, which this agent cannot open for a run yet"
-)
+# reads of a run's secrets MongoDB may leave unanswered (a second apart) before the run fails
+SECRET_READ_TRIES = 30
 
 CLAIM_CHUNK = 250  # fires claimed per round trip; a burst starts running after the first chunk
 PURGE_INTERVAL = 3600.0  # seconds between deletions of runs past their retention
@@ -748,9 +747,6 @@ class Agent:
     def _hand_over(
         self, doc: dict, spec: TaskSpec, revision: int, token: str, trigger: str, attempt: int
     ) -> None:
-        if spec.secrets_used():  # never run without them: the run would not be what was asked
-            self._finish_unstarted(doc, "failed", SECRETS_NOT_OPENED)
-            return
         self.executor.submit(
             RunContext(
                 run_id=doc["_id"],
@@ -791,7 +787,40 @@ class Agent:
             ctx.claimed_status = "running"
             if ctx.session != self.session or not self.may_claim():
                 return "release", "its agent lost its ZooKeeper session before starting it"
+        if ctx.secrets is None and ctx.spec.secrets_used():
+            return self._open_secrets(ctx)
         return "start", ""
+
+    def _open_secrets(self, ctx: RunContext) -> tuple[str, str]:
+        """The values of the secrets the run's task uses, read and opened just before it
+        starts (never kept between runs: a value replaced is used by the next run). A secret
+        that is gone or cannot be opened fails the run, saying which; it never starts without
+        them. While MongoDB does not answer, the start waits (SECRET_READ_TRIES seconds)."""
+        names = ctx.spec.secrets_used()
+        try:
+            box = self._secret_box()
+            with pymongo.timeout(CALL_BUDGET):
+                values = self.store.secret_values(box, names)
+        except SecretError as e:
+            return "fail", f"cannot open the task's secrets: {e}"
+        except STORE_ERRORS as e:
+            ctx.secret_tries += 1
+            if ctx.secret_tries >= SECRET_READ_TRIES:
+                return "fail", (
+                    f"MongoDB did not give the task's secrets in {ctx.secret_tries} tries "
+                    f"({type(e).__name__})"
+                )
+            return "later", f"MongoDB did not give the task's secrets ({type(e).__name__})"
+        ctx.open_secrets(values)
+        return "start", ""
+
+    def _secret_box(self) -> SecretBox | None:
+        """The key ring of this agent's ``secrets.keys`` (None: none given); read again
+        for every run that needs it, so a ring rotated on disk is used at once."""
+        try:
+            return load_box(self.config.secrets.keys)
+        except ConfigError as e:
+            raise SecretError(f"this agent's key ring (secrets.keys) cannot be read: {e}") from e
 
     # --- what the cluster agent changes -----------------------------------------------------
 

@@ -336,6 +336,7 @@ class Executor:
             and ctx.spec.http is None
             and not ctx.spec.file
             and ctx.claimed_status != "queued"  # (its start is a MongoDB write)
+            and not ctx.spec.secrets_used()  # (they are read from MongoDB just before)
         ):
             loop.start()
             loop.call_soon(self._start, ctx, True)
@@ -427,6 +428,14 @@ class Executor:
                 self._unstarted.discard(ctx.run_id)
             self._free_slot()
             return True
+        if action == "fail":  # it cannot run as asked (its secrets cannot be opened)
+            log.warning("run %s of %s not started: %s", ctx.run_id, ctx.spec.name, why)
+            ctx.status, ctx.error = "failed", why
+            ctx.finished_at = utcnow()
+            ctx.append_output(f"not started: {why}\n".encode())
+            self._journal_end(ctx)
+            self._report(ctx)
+            return False
         if action != "start":
             self._not_started(ctx, "released" if action == "release" else "dropped", why)
             return False
@@ -466,6 +475,7 @@ class Executor:
         """Start the process of a run the loop is to follow (POSIX)."""
         ctx, spec = p.ctx, p.ctx.spec
         over = dict(spec.env)
+        over.update(ctx.secret_env())
         over.update(ctx.environment())
         cwd = spec.cwd or None
         if spec.file:
@@ -728,6 +738,7 @@ class Executor:
         if isinstance(p.proc, GuardedProcess):
             p.proc.on_exit = None  # (no cycle: the run is freed as soon as it is recorded)
         ctx.finished_at = utcnow()
+        ctx.end_output(p.runlog)
         if p.run_dir is not None or _group_alive(p.proc.pid):
             _in_thread(self._tidy_then_finish, p)
             return
@@ -822,7 +833,7 @@ class Executor:
             f"===== {iso(ctx.finished_at)} run {ctx.run_id} {ctx.status}"
             + (f" exit {ctx.exit_code}" if ctx.exit_code is not None else "")
             + (f" http {ctx.http_status}" if ctx.http_status is not None else "")
-            + (f" ({ctx.error})" if ctx.error else "")
+            + (f" ({ctx.redact(ctx.error)})" if ctx.error else "")
             + f" in {(ctx.finished_at - ctx.started_at).total_seconds():.3f}s ====="
         )
         runlog.close()
@@ -886,7 +897,7 @@ class Executor:
             return
         state = end_state(
             ctx.status,
-            ctx.error,
+            ctx.redact(ctx.error),
             started=ctx.started_at.timestamp() if ctx.started_at else None,
             finished=ctx.finished_at.timestamp() if ctx.finished_at else None,
             exit_code=ctx.exit_code,
@@ -920,6 +931,7 @@ class Executor:
         spec = ctx.spec
         env = dict(self._base_env)
         env.update(spec.env)
+        env.update(ctx.secret_env())
         env.update(ctx.environment())
         cwd = spec.cwd or None
         run_dir: Path | None = None
@@ -1032,6 +1044,7 @@ class Executor:
         except (OSError, ValueError):
             pass
         finally:
+            ctx.end_output(runlog)
             try:
                 stream.close()
             except OSError:
@@ -1047,7 +1060,7 @@ class Executor:
             else 0.0,
             "exit_code": ctx.exit_code,
             "output_tail": ctx.output_tail(),
-            "error": ctx.error,
+            "error": ctx.redact(ctx.error),
         }
         if ctx.started_at is not None:
             fields["started_at"] = to_bson_time(ctx.started_at)

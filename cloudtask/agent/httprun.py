@@ -38,6 +38,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+from .. import netpolicy
 from ..exceptions import StoreError
 from .logfiles import RunLog
 from .run import RunContext
@@ -62,7 +63,8 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirects)
+# its connections keep to the process's deny-list of networks (security.egress_filter)
+_OPENER = urllib.request.build_opener(_NoRedirects, *netpolicy.url_handlers())
 
 
 def endpoint_order(urls: tuple[str, ...], strategy: str) -> list[str]:
@@ -75,7 +77,12 @@ def endpoint_order(urls: tuple[str, ...], strategy: str) -> list[str]:
 
 def request_headers(ctx: RunContext) -> dict[str, str]:
     headers = {"User-Agent": "cloudtask-agent"}
-    headers.update(ctx.spec.http.headers if ctx.spec.http else {})
+    if ctx.spec.http:
+        headers.update(ctx.spec.http.headers)
+        opened = ctx.secrets or {}
+        headers.update(
+            {h: opened[name] for h, name in ctx.spec.http.secret_headers.items() if name in opened}
+        )
     for name, value in ctx.environment().items():
         # CLOUDTASK_RUN_ID -> X-CloudTask-Run-Id
         suffix = "-".join(part.capitalize() for part in name.split("_")[1:])
@@ -105,7 +112,8 @@ def run_http(
     assert http is not None
     started = time.monotonic()
     deadline = started + ctx.spec.timeout if ctx.spec.timeout else None
-    body = http.body.encode("utf-8") if http.body is not None else None
+    body_text = (ctx.secrets or {}).get(http.body_secret) if http.body_secret else http.body
+    body = body_text.encode("utf-8") if body_text is not None else None
     headers = request_headers(ctx)
     if body is not None and not any(h.lower() == "content-type" for h in headers):
         headers["Content-Type"] = "application/json"
@@ -130,6 +138,7 @@ def run_http(
                     ctx.record_output(chunk, runlog)
                     if deadline is not None and time.monotonic() > deadline:
                         raise TimeoutError
+                ctx.end_output(runlog)
         except TimeoutError:
             ctx.kill_reason = ctx.kill_reason or "timeout"
             ctx.status = "timed_out"

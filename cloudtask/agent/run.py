@@ -28,6 +28,7 @@ from typing import Any
 from ..runmodel import OUTPUT_TAIL_BYTES
 from ..task import TaskSpec
 from .logfiles import RunLog
+from .redact import Redactor
 
 __all__ = ["RunContext", "RunLoop", "iso", "kill_outcome"]
 
@@ -66,6 +67,27 @@ class RunContext:
     tail: bytearray = field(default_factory=bytearray)
     tail_dirty: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # the values of the stored secrets the task uses (name -> value), opened just before the
+    # run starts; every byte of output and the error pass the redactor (``***`` for a value)
+    secrets: dict[str, str] | None = field(default=None, repr=False)
+    redactor: Redactor | None = field(default=None, repr=False)
+    secret_tries: int = 0  # reads of the secrets MongoDB did not answer
+
+    def open_secrets(self, values: dict[str, str]) -> None:
+        self.secrets = dict(values)
+        redactor = Redactor(values.values())
+        self.redactor = redactor if redactor.active else None
+
+    def secret_env(self) -> dict[str, str]:
+        """The task's variables whose values are stored secrets, with their values."""
+        opened = self.secrets or {}
+        return {var: opened[name] for var, name in self.spec.secret_env.items() if name in opened}
+
+    def redact(self, text: str | None) -> str | None:
+        """``text`` with every secret value of the run replaced by ``***``."""
+        if text is None or self.redactor is None:
+            return text
+        return self.redactor.string(text)
 
     def append_output(self, data: bytes) -> None:
         with self.lock:
@@ -76,9 +98,22 @@ class RunContext:
 
     def record_output(self, chunk: bytes, runlog: RunLog) -> None:
         """A chunk of output: into the tail, and into the log file (flushed at least once a second)."""
+        if self.redactor is not None:  # (one thread reads a run's output)
+            chunk = self.redactor.feed(chunk)
+            if not chunk:
+                return
         self.append_output(chunk)
         runlog.write(chunk)
         runlog.flush(older_than=1.0)
+
+    def end_output(self, runlog: RunLog) -> None:
+        """The output ended: what the redactor held back (the start of a value, perhaps) goes
+        out now."""
+        if self.redactor is not None:
+            rest = self.redactor.flush()
+            if rest:
+                self.append_output(rest)
+                runlog.write(rest)
 
     def output_tail(self) -> str:
         with self.lock:
