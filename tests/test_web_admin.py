@@ -94,6 +94,34 @@ def test_admin_adds_a_user_who_can_then_log_in(app, admin, store):
     assert entry["after"] == {"username": "erin", "role": "operator", "enabled": True}
 
 
+def test_the_users_page_shows_where_each_user_comes_from(admin, store):
+    """A local account, a directory (LDAP) user and an OpenID Connect user: the Source column
+    of the list, and the user's own page, say which (the record's ``source``, none: local)."""
+    users = Users(store)
+    users.sign_in_external("dana", "ldap", "viewer", subject="uid=dana,ou=people,dc=example")
+    users.sign_in_external("oscar", "oidc", "operator", subject="sub-oscar")
+    listing = admin.get("/users").get_data(as_text=True)
+    assert "<th>Source</th>" in listing
+    rows = {
+        name: source
+        for name, source in re.findall(
+            r'<a href="/users/([^"]+)">.*?<td data-source="([a-z]+)">', listing, re.S
+        )
+    }
+    assert rows == {
+        "root": "local",
+        "op1": "local",
+        "viewer1": "local",
+        "dana": "ldap",
+        "oscar": "oidc",
+    }
+    assert '<td data-source="ldap">LDAP</td>' in listing
+    assert '<td data-source="oidc">OpenID Connect</td>' in listing
+    for name, label in (("root", "local"), ("dana", "LDAP"), ("oscar", "OpenID Connect")):
+        page = admin.get(f"/users/{name}").get_data(as_text=True)
+        assert re.search(rf"<dt>Source</dt><dd data-source=\"[a-z]+\">{label}</dd>", page)
+
+
 @pytest.mark.parametrize(
     "name, password, password2, field, status",
     [

@@ -39,6 +39,8 @@ from .queries import int_arg, text_arg, time_arg
 bp = Blueprint("admin", __name__)
 
 AUDIT_PER_PAGE = 50
+# where a user comes from (cloudtask.users.source_of), as the users pages name it
+SOURCE_LABELS = {"local": "local", "ldap": "LDAP", "oidc": "OpenID Connect"}
 AUDIT_MAX_PER_PAGE = 200
 VALUE_CHARS = 240  # a changed value longer than this is cut in the audit list
 DIFF_DEPTH = 2  # nested objects are compared key by key this deep (schedule.cron)
@@ -95,7 +97,12 @@ def _get_user(username: str) -> dict[str, Any]:
 
 def _render_users(form: dict[str, str], errors: dict[str, str], status: int = 200) -> Any:
     return render_template(
-        "admin/users.html", users=_users().list(), form=form, errors=errors, roles=ROLES
+        "admin/users.html",
+        users=_users().list(),
+        form=form,
+        errors=errors,
+        roles=ROLES,
+        source_labels=SOURCE_LABELS,
     ), status
 
 
@@ -147,6 +154,7 @@ def _render_user(
         last_admin=_is_last_admin(doc),
         errors=errors or {},
         roles=ROLES,
+        source_labels=SOURCE_LABELS,
         scopes=TOKEN_SCOPES,
         new_token=new_token,
         token_name=token_name,
