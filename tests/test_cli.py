@@ -126,6 +126,38 @@ def test_apply_refuses_a_task_naming_a_file_not_stored_before_storing_any(
     assert mongo_client[mongo_db_name].tasks.count_documents({}) == 2
 
 
+def test_apply_warns_of_credentials_given_in_clear_on_stderr_and_still_applies(
+    tmp_path, mongo_server, mongo_db_name, mongo_client
+):
+    env = {"CLOUDTASK_MONGO_URI": mongo_server.uri, "CLOUDTASK_MONGO_DATABASE": mongo_db_name}
+    http = {
+        "url": "https://hooks.example/deploy",
+        "headers": {"Authorization": "Bearer abc", "X-Api-Token": "t0k", "Accept": "text/plain"},
+    }
+    clear = write_tasks(
+        tmp_path, {"name": "hook", "schedule": {"every": "1h"}, "http": http}, "hook.json"
+    )
+    plain = write_tasks(
+        tmp_path, {"name": "a", "schedule": {"every": "1m"}, "command": "true"}, "a.json"
+    )
+    runner = CliRunner()
+    result = runner.invoke(cli, ["apply", str(clear), str(plain)], env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split("\n")[:2] == ["created   hook", "created   a"]
+    assert "warning" not in result.stdout
+    lines = result.stderr.splitlines()
+    assert [line.split(": ")[:3] for line in lines] == [
+        ["warning", "hook", "http.headers.Authorization"],
+        ["warning", "hook", "http.headers.X-Api-Token"],
+    ]
+    assert all("looks like a credential given in clear" in line for line in lines)
+    assert mongo_client[mongo_db_name].tasks.count_documents({}) == 2
+    # applied again, unchanged: still stored in clear, still warned of
+    again = runner.invoke(cli, ["apply", str(clear)], env=env, catch_exceptions=False)
+    assert again.exit_code == 0 and again.stdout.startswith("unchanged hook")
+    assert again.stderr.splitlines() == lines
+
+
 def test_bad_config_is_a_message_not_a_traceback(tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"agent": {"max_parallel": "lots"}}))

@@ -28,7 +28,12 @@ def validate(paths: tuple[str, ...]) -> None:
 @config_option
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 def apply(config_path: str | None, paths: tuple[str, ...]) -> None:
-    """Create or update the tasks in these JSON files (all checked first; nothing stored if any is bad)."""
+    """Create or update the tasks in these JSON files (all checked first; nothing stored if any is bad).
+
+    What is stored but should not be (a header named like a credential given in clear) is
+    printed to standard error as ``warning: TASK: PATH: MESSAGE``; it does not fail the apply."""
+    from ..operations import task_warnings
+
     tasks, errors = read_task_files(paths)
     if errors:
         raise click.ClickException("nothing applied; invalid task files:\n  " + "\n  ".join(errors))
@@ -36,6 +41,9 @@ def apply(config_path: str | None, paths: tuple[str, ...]) -> None:
         results = ops.apply_tasks(cli_actor(), [(str(path), data) for path, data in tasks])
     for outcome, name in results:
         click.echo(f"{outcome:9} {name}")
+    for _, data in tasks:  # every task applied (unchanged ones too: still stored in clear)
+        for problem in task_warnings(data):
+            click.echo(f"warning: {data['name']}: {problem}", err=True)
 
 
 @click.command("next")
