@@ -30,6 +30,7 @@ from .exceptions import ConfigError
 from .netpolicy import check_networks
 from .secretbox import check_setting as secretbox_setting
 from .task import SECRET_NAME_PATTERN, SECRET_NAME_RULE
+from .taskenv import check_env_allow, check_run_as, check_run_as_allowed
 from .zkauth import check_setting as check_zk_auth
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -73,6 +74,11 @@ class AgentConfig:
     # schedule fires are claimed this long before they are due (0: at the due time); see
     # agent/armed.py
     claim_ahead: float = 2.0
+    # what tasks get of the agent's environment beyond PATH, HOME, LANG, LC_*, TZ, TMPDIR,
+    # USER, LOGNAME, SHELL: names or '*' patterns, never CLOUDTASK_* (cloudtask/taskenv.py)
+    env_allow: tuple[str, ...] = ()
+    run_as: str = ""  # the user[:group] tasks run as when the agent is root; '': its own
+    run_as_allowed: tuple[str, ...] = ()  # users a task may name in run_as ('*': any but root)
 
 
 @dataclass(frozen=True)
@@ -535,6 +541,9 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...
             "kill_grace": _duration_range(0, 600),
             "poll_interval": _duration_range(0.1, 3600),
             "claim_ahead": _duration_range(0, 30),
+            "env_allow": check_env_allow,
+            "run_as": check_run_as,
+            "run_as_allowed": check_run_as_allowed,
         },
         ("AGENT",),
     ),

@@ -24,6 +24,7 @@ from .durations import format_duration, parse_duration
 from .exceptions import Problem, ValidationError
 from .jsonlimits import MAX_JSON_DEPTH, depth_problem
 from .schedules import ScheduleSet, parse_schedule, show_value
+from .taskenv import RUN_AS_PATTERN, RUN_AS_RULE
 
 SPEC_VERSION = 1
 HTTP_KEYS = (
@@ -172,6 +173,12 @@ TASK_FIELDS: tuple[TaskField, ...] = (
     TaskField("env", "env", "Environment variables of the command", default={}),
     TaskField("cwd", "string", "The command's working folder", nullable=True),
     TaskField(
+        "run_as",
+        "string",
+        "The user (or user:group) the command runs as, if its agent allows it",
+        nullable=True,
+    ),
+    TaskField(
         "notify",
         "notify",
         "Who is emailed, and on which run outcomes",
@@ -252,6 +259,7 @@ class TaskSpec:
     # just before the run and never written anywhere else
     secret_env: dict[str, str] = field(default_factory=dict, metadata={"within": "env"})
     cwd: str | None = None
+    run_as: str | None = None  # user[:group]; the agent checks it against agent.run_as_allowed
     notify: NotifySpec = field(default_factory=NotifySpec)
     description: str = ""
     owner: str = ""
@@ -287,6 +295,7 @@ class TaskSpec:
             "enabled": self.enabled,
             "env": {**self.env, **_refs(self.secret_env)},
             "cwd": self.cwd,
+            "run_as": self.run_as,
             "notify": self.notify.to_dict(),
             "description": self.description,
             "owner": self.owner,
@@ -602,6 +611,9 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
     cwd = f.string("cwd", None, nullable=True)
     if cwd is not None and (size := _size(cwd)) > MAX_CWD_BYTES:
         f.refuse("cwd", too_large("the folder", size, MAX_CWD_BYTES))
+    run_as = f.string("run_as", None, nullable=True)
+    if run_as is not None and run_as and not RUN_AS_PATTERN.fullmatch(run_as):
+        f.refuse("run_as", f"{RUN_AS_RULE}, got {show_value(run_as)}")
     secret_env: dict[str, str] = {}
     env = f.string_map(
         "env",
@@ -622,6 +634,7 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
         env=env,
         secret_env=secret_env,
         cwd=cwd or None,
+        run_as=run_as or None,
         notify=_read_notify(data["notify"], problems) if "notify" in data else NotifySpec(),
         description=f.string("description"),
         owner=f.string("owner"),

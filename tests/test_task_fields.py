@@ -59,6 +59,7 @@ ACCEPTED: dict[str, list[Any]] = {
     "enabled": [False],
     "env": [{"A": "1"}],
     "cwd": ["/tmp", None],
+    "run_as": ["batch:staff", "nobody", None],
     "notify": [{"emails": ["a@example.com"], "on": ["failure"]}],
     "description": ["what it does"],
     "owner": ["ops"],

@@ -43,6 +43,7 @@ DESIGN_EXAMPLE: dict[str, Any] = {
     "enabled": True,
     "env": {"LEVEL": "info"},
     "cwd": None,
+    "run_as": None,
     "notify": {"emails": ["ops@example.com"], "on": ["failure", "timeout", "missed", "lost"]},
     "description": "",
     "owner": "",

@@ -55,6 +55,7 @@ SPECS = {
         "command": "./poll.sh | tee -a log",
         "shell": True,
         "cwd": "/srv/poll",
+        "run_as": "poller:staff",
         "enabled": False,
     },
     "at, once": {"name": "once", "schedule": {"at": LATER.isoformat()}, "command": "true"},

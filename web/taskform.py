@@ -57,6 +57,7 @@ TEXT_FIELDS = (
     "file",
     "file_version",
     "cwd",
+    "run_as",
     "url",
     "method",
     "headers",
@@ -246,6 +247,7 @@ def spec_form(spec: dict[str, Any]) -> dict[str, Any]:
         file=spec.get("file") or "",
         file_version=spec.get("file_version") or "",
         cwd=spec.get("cwd") or "",
+        run_as=spec.get("run_as") or "",
         url=urls[0] if urls else "",
         method=http.get("method", "GET"),
         headers="\n".join(f"{k}: {shown_value(v)}" for k, v in (http.get("headers") or {}).items()),
@@ -387,6 +389,8 @@ def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
             spec["file_version"] = form["file_version"].strip()
         if form["cwd"].strip():
             spec["cwd"] = form["cwd"].strip()
+        if form["run_as"].strip():
+            spec["run_as"] = form["run_as"].strip()
 
     if form["timeout"].strip():
         spec["timeout"] = duration_value(form["timeout"])

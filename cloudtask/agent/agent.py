@@ -37,6 +37,7 @@ is finishing (handover.py), runs waiting for an agent (manual.py), keepalive lea
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -135,6 +136,9 @@ class Agent:
             guard=self.guard,
             files=FileCache(store, self.data_dir / "files"),
             work_dir=self.data_dir / "work",
+            env_allow=acfg.env_allow,
+            run_as=acfg.run_as,
+            run_as_allowed=acfg.run_as_allowed,
         )
         self.leases = LeaseKeeper(
             store,
@@ -894,6 +898,27 @@ class Agent:
         Raises StoreError or PyMongoError when MongoDB does not answer."""
         self.earlier.recover(now)
 
+    def _close_data_dir(self) -> None:
+        """The agent's folders are its own (POSIX): a task run as another user (run_as) may
+        pass through the data folder to its run's folder under ``work`` (which it owns),
+        and cannot list it, nor read the run journal, the task-file cache or the logs."""
+        if not IS_POSIX:
+            return
+        modes = {
+            self.data_dir: 0o711,
+            self.data_dir / "work": 0o711,
+            self.data_dir / "journal": 0o700,
+            self.data_dir / "files": 0o700,
+            self.log_dir: 0o750,  # (a group of operators may read them)
+        }
+        for folder, mode in modes.items():
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                if folder.stat().st_uid == os.geteuid():
+                    folder.chmod(mode)
+            except OSError as e:
+                log.warning("cannot close %s to other users: %s", folder, e)
+
     def _recover_quietly(self, now: datetime) -> None:
         """:meth:`recover`, tried again on later steps while MongoDB does not answer."""
         try:
@@ -904,6 +929,7 @@ class Agent:
 
     def run(self) -> None:
         """Schedule until :meth:`stop`; then stop runs gracefully and flush every write."""
+        self._close_data_dir()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.journal.open()
         self._recover_quietly(self.clock())

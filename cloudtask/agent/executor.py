@@ -40,8 +40,9 @@ import pymongo
 
 from ..clock import to_bson_time, utcnow
 from ..task import TaskSpec
+from ..taskenv import RunAsError, RunUser, run_user, task_environment
 from .files import FileCache, TaskFileError
-from .guard import GuardClient, GuardedProcess, GuardGone, SpawnRefused
+from .guard import GuardClient, GuardedProcess, GuardGone, SpawnRefused, user_kwargs
 from .httprun import run_http
 from .journal import Journal, end_state
 from .logfiles import RunLog
@@ -149,6 +150,15 @@ class _Process:
         self.done = False
 
 
+def give_tree(root: Path, user: RunUser) -> None:
+    """Hand a run's folder to the user it runs as: owned by them, closed to others."""
+    os.chown(root, user.uid, user.gid)
+    os.chmod(root, 0o700)
+    for folder, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            os.chown(os.path.join(folder, name), user.uid, user.gid, follow_symlinks=False)
+
+
 class Executor:
     """A bounded pool that runs :class:`RunContext` objects and reports each one finished."""
 
@@ -166,6 +176,9 @@ class Executor:
         journal: Journal | None = None,
         files: FileCache | None = None,
         work_dir: Path | None = None,
+        env_allow: tuple[str, ...] = (),
+        run_as: str = "",
+        run_as_allowed: tuple[str, ...] = (),
     ) -> None:
         self.agent_id = agent_id
         self.files = files
@@ -189,8 +202,11 @@ class Executor:
         self._starters: list[threading.Thread] = []
         self._idle_starters = 0
         self._threads: set[threading.Thread] = set()  # runs with a thread of their own
-        self._base_env = dict(os.environ)  # copied once: os.environ decodes every key on read
+        # what a task gets of the agent's environment: the allow-list only (taskenv.py); taken
+        # once (os.environ decodes every key on read)
+        self._base_env = task_environment(os.environ, env_allow)
         self._base_env["CLOUDTASK_AGENT_PROCESS"] = process_identity()
+        self.run_as, self.run_as_allowed = run_as, run_as_allowed
         if guard is not None:
             guard.set_base_env(self._base_env)  # sent once; a start sends what it adds
         self._loop: RunLoop | None = None
@@ -474,14 +490,18 @@ class Executor:
     def _spawn_followed(self, p: _Process, on_loop: bool) -> bool:
         """Start the process of a run the loop is to follow (POSIX)."""
         ctx, spec = p.ctx, p.ctx.spec
-        over = dict(spec.env)
-        over.update(ctx.secret_env())
-        over.update(ctx.environment())
+        try:
+            user = run_user(spec.run_as, self.run_as, self.run_as_allowed)
+        except RunAsError as e:
+            self._fail_to_start(ctx, p.runlog, f"cannot start: {e}")
+            self._finish(p)
+            return True
+        over = self._run_env(ctx, user)
         cwd = spec.cwd or None
         if spec.file:
             p.run_dir = self.work_dir / ctx.run_id
             try:
-                meta = self._lay_out_file(spec.file, p.run_dir, spec.file_version)
+                meta = self._lay_out_file(spec.file, p.run_dir, spec.file_version, user)
             except TaskFileError as e:
                 self._fail_to_start(ctx, p.runlog, str(e))
                 self._finish(p)
@@ -503,6 +523,7 @@ class Executor:
                     journal=journal,
                     env_over=over,
                     on_loop=on_loop,
+                    user=user.wire() if user is not None else None,
                 )
             except GuardGone as e:
                 if on_loop:
@@ -522,6 +543,7 @@ class Executor:
                 cwd=cwd,
                 env=env,
                 **popen_group_kwargs(),
+                **user_kwargs(user.wire() if user is not None else None),
             )
         except OSError as e:
             self._started(p, e, argv, cwd)
@@ -531,10 +553,29 @@ class Executor:
         self._loop.call_soon(self._started, p, proc, argv, cwd)
         return True
 
-    def _lay_out_file(self, name: str, run_dir: Path, version: str | None = None) -> dict[str, Any]:
+    def _lay_out_file(
+        self, name: str, run_dir: Path, version: str | None = None, user: RunUser | None = None
+    ) -> dict[str, Any]:
         if self.files is None:
             raise TaskFileError(f"task file {name!r}: this agent has no file store")
-        return self.files.lay_out(name, run_dir, version=version)
+        meta = self.files.lay_out(name, run_dir, version=version)
+        if user is not None:  # the run's own folder: its user's, and no one else's
+            try:
+                give_tree(run_dir, user)
+            except OSError as e:
+                raise TaskFileError(
+                    f"task file {name!r}: cannot give {run_dir} to {user.name}: {e.strerror or e}"
+                ) from e
+        return meta
+
+    def _run_env(self, ctx: RunContext, user: RunUser | None) -> dict[str, str]:
+        """What a run's process gets on top of the base environment: its user's HOME, USER,
+        LOGNAME and SHELL, the task's env, its secrets, and the run's CLOUDTASK_* facts."""
+        over = user.environment() if user is not None else {}
+        over.update(ctx.spec.env)
+        over.update(ctx.secret_env())
+        over.update(ctx.environment())
+        return over
 
     @staticmethod
     def _fail_to_start(ctx: RunContext, runlog: RunLog, error: str) -> None:
@@ -929,35 +970,43 @@ class Executor:
     def _run_process(self, ctx: RunContext, runlog: RunLog) -> None:
         """A process on this thread (where pipes cannot be selected)."""
         spec = ctx.spec
+        try:
+            user = run_user(spec.run_as, self.run_as, self.run_as_allowed)
+        except RunAsError as e:
+            self._fail_to_start(ctx, runlog, f"cannot start: {e}")
+            return
         env = dict(self._base_env)
-        env.update(spec.env)
-        env.update(ctx.secret_env())
-        env.update(ctx.environment())
+        env.update(self._run_env(ctx, user))
         cwd = spec.cwd or None
         run_dir: Path | None = None
         try:
             if spec.file:
                 run_dir = self.work_dir / ctx.run_id
                 try:
-                    meta = self._lay_out_file(spec.file, run_dir, spec.file_version)
+                    meta = self._lay_out_file(spec.file, run_dir, spec.file_version, user)
                 except TaskFileError as e:
                     self._fail_to_start(ctx, runlog, str(e))
                     return
                 runlog.line(f"file {spec.file} sha256 {meta['sha256']} laid out in {run_dir}")
                 env["CLOUDTASK_WORKDIR"] = str(run_dir)
                 cwd = cwd or str(run_dir)
-            self._start_and_collect(ctx, runlog, env, cwd)
+            self._start_and_collect(ctx, runlog, env, cwd, user)
         finally:
             if run_dir is not None:
                 shutil.rmtree(run_dir, ignore_errors=True)
 
     def _start_and_collect(
-        self, ctx: RunContext, runlog: RunLog, env: dict[str, str], cwd: str | None
+        self,
+        ctx: RunContext,
+        runlog: RunLog,
+        env: dict[str, str],
+        cwd: str | None,
+        user: RunUser | None = None,
     ) -> None:
         spec = ctx.spec
         argv = build_argv(spec)
         try:
-            proc = self._spawn(ctx, argv, env, cwd)
+            proc = self._spawn(ctx, argv, env, cwd, user)
         except SpawnRefused as e:
             ctx.status, ctx.error = "released", str(e)
             return
@@ -995,13 +1044,21 @@ class Executor:
                 ctx.error = f"ended by signal {-proc.returncode}"
 
     def _spawn(
-        self, ctx: RunContext, argv: list[str] | str, env: dict[str, str], cwd: str | None
+        self,
+        ctx: RunContext,
+        argv: list[str] | str,
+        env: dict[str, str],
+        cwd: str | None,
+        user: RunUser | None = None,
     ) -> Any:
         """Start the run's process: through the run guard when there is one (it starts it only
         under the fence the run was claimed in), else here."""
+        wire = user.wire() if user is not None else None
         if self.guard is not None and isinstance(argv, list):
             journal = self.journal.current_path() if self.journal is not None else None
-            return self.guard.spawn(ctx.run_id, ctx.session, argv, env, cwd, journal=journal)
+            return self.guard.spawn(
+                ctx.run_id, ctx.session, argv, env, cwd, journal=journal, user=wire
+            )
         return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,

@@ -302,6 +302,7 @@ class GuardClient:
         cwd: str | None,
         timeout: float = 30.0,
         journal: str | None = None,
+        user: list[Any] | None = None,
     ) -> GuardedProcess:
         """Start a run through the guard and wait for it. Raises SpawnRefused (its fence is
         gone), OSError (the program could not be started: errno and message as Popen gives
@@ -317,7 +318,7 @@ class GuardClient:
             box.append(result)
             done.set()
 
-        self.start_run(run_id, session, argv, env, cwd, answered, journal=journal)
+        self.start_run(run_id, session, argv, env, cwd, answered, journal=journal, user=user)
         if not done.wait(timeout):
             self._take_pending(run_id)
             raise GuardGone(f"the run guard did not answer within {timeout:g} s")
@@ -337,6 +338,7 @@ class GuardClient:
         journal: str | None = None,
         env_over: dict[str, str] | None = None,
         on_loop: bool = False,
+        user: list[Any] | None = None,
     ) -> None:
         """Ask the guard to start a run, and return: ``answer`` is called on the run loop's
         thread with the :class:`GuardedProcess`, or with the exception :meth:`spawn` would
@@ -345,7 +347,8 @@ class GuardClient:
         cannot be sent. ``on_loop``: called on the run loop's thread, which never waits for
         the guard (the guard may be waiting for it to read): a request that cannot go at once
         (the guard's queue is full, another thread is sending) waits in an outbox, sent in
-        order as the socket takes it."""
+        order as the socket takes it. ``user``: ``[uid, gid, [groups]]`` to start it as
+        (the guard runs as root), None for the guard's own user."""
         read_end, write_end = os.pipe()
         msg: dict[str, Any] = {
             "op": "spawn",
@@ -356,6 +359,8 @@ class GuardClient:
             "grace": self.kill_grace,
             "journal": journal,
         }
+        if user is not None:
+            msg["user"] = user
         if env_over is not None and self._base_env is not None:
             msg["env_over"] = env_over
         else:
@@ -630,7 +635,13 @@ def _candidates(name: str, env: dict[str, str] | None) -> list[str]:
     return found
 
 
-def _start(argv: list[str], env: dict[str, str] | None, cwd: str | None, out: int | None) -> Any:
+def _start(
+    argv: list[str],
+    env: dict[str, str] | None,
+    cwd: str | None,
+    out: int | None,
+    user: list[Any] | None = None,
+) -> Any:
     """Start a run process in a session of its own, output to ``out``, input from /dev/null.
 
     ``posix_spawn`` (a vfork and an exec, no Python in between) is several times cheaper than
@@ -638,8 +649,10 @@ def _start(argv: list[str], env: dict[str, str] | None, cwd: str | None, out: in
     other; Popen is kept for what posix_spawn cannot do here (a working directory). Like
     Popen, each candidate of the PATH search is tried in turn, and the first error other than
     "not found" is the one reported. (glibc leaves its two internal signals ignored in the
-    process; Python cannot reset those, and programs do not use them.)"""
-    if cwd is None and hasattr(os, "POSIX_SPAWN_DUP2"):
+    process; Python cannot reset those, and programs do not use them.) A run started as
+    another ``user`` ([uid, gid, [groups]]) goes through Popen too: posix_spawn cannot
+    change the user."""
+    if cwd is None and user is None and hasattr(os, "POSIX_SPAWN_DUP2"):
         actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
         if out is not None:
             actions += [(os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, out, 2)]
@@ -675,7 +688,17 @@ def _start(argv: list[str], env: dict[str, str] | None, cwd: str | None, out: in
         cwd=cwd,
         env=env,
         start_new_session=True,
+        **user_kwargs(user),
     )
+
+
+def user_kwargs(user: list[Any] | None) -> dict[str, Any]:
+    """Popen's arguments that start a process as ``user`` ([uid, gid, [groups]]): the
+    groups first, then the group, then the user (as Popen applies them)."""
+    if user is None:
+        return {}
+    uid, gid, groups = user
+    return {"user": int(uid), "group": int(gid), "extra_groups": [int(g) for g in groups]}
 
 
 class _Run:
@@ -865,7 +888,7 @@ class Guard:
                 env = dict(self.base_env if self.base_env is not None else os.environ)
                 env.update(msg["env_over"])
             try:
-                proc = _start(msg["argv"], env, msg.get("cwd"), out)
+                proc = _start(msg["argv"], env, msg.get("cwd"), out, msg.get("user"))
             except OSError as e:
                 self._send(
                     {"op": "failed", "id": run_id, "errno": e.errno, "error": e.strerror or str(e)}
