@@ -460,6 +460,136 @@ EVENT = {
     },
 }
 
+
+# --- plans (web/api/plans.py, cloudtask/plans.py) ---------------------------------------------
+
+PLAN_ITEM_IN = {
+    "type": "object",
+    "required": ["type"],
+    "description": "A task to run once: the task fields of a task spec (command, file or "
+    "http; timeout, retries, retry_delay, env, cwd, run_as, description), without a schedule",
+    "properties": {
+        "type": {"type": "string", "description": "The agent group that runs it"},
+        "name": STRING,
+        "priority": {"type": "integer", "minimum": 0, "maximum": 1000},
+        "not_before": INSTANT,
+        "external_id": {"type": "string", "minLength": 1, "maxLength": 200},
+    },
+}
+PLAN_ITEM = {
+    "type": "object",
+    "required": ["item_id", "index", "state", "attempt", "run_id"],
+    "properties": {
+        "item_id": STRING,
+        "index": {"type": "integer"},
+        "name": nullable(STRING),
+        "type": nullable(STRING),
+        "external_id": nullable(STRING),
+        "state": {"type": "string", "enum": [*STATUSES, "retrying"]},
+        "final": {"type": "boolean"},
+        "attempt": {"type": "integer"},
+        "run_id": STRING,
+        "agent": nullable(STRING),
+        "started_at": nullable(TIME),
+        "finished_at": nullable(TIME),
+        "exit_code": nullable({"type": "integer"}),
+        "error": nullable(STRING),
+    },
+}
+PLAN_SUMMARY = {
+    "type": "object",
+    "required": ["plan_id", "name", "total", "counts", "done"],
+    "properties": {
+        "plan_id": STRING,
+        "name": STRING,
+        "submitter": nullable(STRING),
+        "callback_url": nullable(STRING),
+        "created_at": nullable(TIME),
+        "cancelled_at": nullable(TIME),
+        "cancelled_by": nullable(STRING),
+        "total": {"type": "integer"},
+        "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "done": {"type": "boolean"},
+    },
+}
+PLAN_SCHEMAS: dict[str, Any] = {
+    "PlanSubmit": {
+        "type": "object",
+        "required": ["items"],
+        "properties": {
+            "name": {"type": "string", "maxLength": 200},
+            "callback_url": nullable(STRING),
+            "items": {"type": "array", "minItems": 1, "items": PLAN_ITEM_IN},
+        },
+    },
+    "PlanReceipt": {
+        "type": "object",
+        "required": ["plan_id", "accepted", "existing", "items"],
+        "properties": {
+            "plan_id": STRING,
+            "accepted": {"type": "integer"},
+            "existing": {"type": "integer"},
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "item_id", "plan_id", "existing"],
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "item_id": STRING,
+                        "plan_id": STRING,
+                        "name": STRING,
+                        "type": STRING,
+                        "external_id": nullable(STRING),
+                        "existing": {"type": "boolean"},
+                    },
+                },
+            },
+        },
+    },
+    "PlanSummary": PLAN_SUMMARY,
+    "PlanList": {
+        "type": "object",
+        "required": ["items"],
+        "properties": {"items": {"type": "array", "items": ref("PlanSummary")}},
+    },
+    "PlanItem": PLAN_ITEM,
+    "Plan": {
+        "allOf": [
+            ref("PlanSummary"),
+            {
+                "type": "object",
+                "required": ["items"],
+                "properties": {"items": {"type": "array", "items": ref("PlanItem")}},
+            },
+        ]
+    },
+    "PlanItemList": {
+        "type": "object",
+        "required": ["items"],
+        "properties": {"items": {"type": "array", "items": ref("PlanItem")}},
+    },
+    "PlanCancelled": {
+        "type": "object",
+        "required": ["plan_id", "dropped", "killing"],
+        "properties": {
+            "plan_id": STRING,
+            "dropped": {"type": "integer"},
+            "killing": {"type": "integer"},
+        },
+    },
+    "PlanItemCancelled": {
+        "type": "object",
+        "required": ["item_id", "dropped", "killing"],
+        "properties": {
+            "item_id": STRING,
+            "dropped": {"type": "boolean"},
+            "killing": {"type": "integer"},
+        },
+    },
+}
+
+
 SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -634,4 +764,5 @@ SCHEMAS: dict[str, Any] = {
         "required": ["deleted"],
         "properties": {"deleted": STRING},
     },
+    **PLAN_SCHEMAS,
 }

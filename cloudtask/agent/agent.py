@@ -68,6 +68,7 @@ from .journal import Journal
 from .leases import LeaseKeeper, lease_name
 from .logfiles import LogJanitor
 from .manual import FORBID_SKIP, WaitingRuns
+from .planitems import PlanQueue
 from .proctree import IS_POSIX
 from .recovery import EarlierLife
 from .run import RunContext
@@ -178,6 +179,20 @@ class Agent:
             late_verdict=self.scheduler.late_verdict,
             submit=self._submit,
             arm=self._arm_taken,
+        )
+        # plan items of our group, taken while there are free slots (planitems.py)
+        self.items = PlanQueue(
+            store,
+            self.journal,
+            self.writer,
+            agent_id=self.agent_id,
+            group=self.group,
+            poll_interval=acfg.poll_interval,
+            clock=self.clock,
+            may_claim=self.may_claim,
+            session=lambda: self.session,
+            free_slots=self.executor.free_slots,
+            submit=self._submit,
         )
         # an earlier life's leftovers, dealt with at the start (see recover)
         self.earlier = EarlierLife(store, self.journal, self.agent_id, kill_grace=acfg.kill_grace)
@@ -353,7 +368,7 @@ class Agent:
         self._start_due(now)  # claims that fell due while written (the timer starts them too)
         if self._deferred:
             self._start_deferred(now)
-        for then in (self.waiting.look, self.foreign.check, self._mark_done):
+        for then in (self.waiting.look, self.items.look, self.foreign.check, self._mark_done):
             if self._stop.is_set():
                 return 0.0  # stopping: no further call may hold the stop up
             then(now)
@@ -764,6 +779,7 @@ class Agent:
                 agent=self.agent_id,
                 session=doc.get("session"),
                 claimed_status=doc["status"],
+                plan_id=doc.get("plan_id"),
             ),
             doc,
         )
@@ -865,6 +881,8 @@ class Agent:
                 self.scheduler.keepalive_not_started(ctx.task_id, finished)
         elif ctx.trigger == "manual":
             pass  # a manual run is one run: no retry, no restart, a one-shot task stays due
+        elif ctx.trigger == "plan":
+            pass  # its next attempt (if any) is queued for any agent: below
         elif spec.schedule.keepalive:
             if not self._stop.is_set():  # restarted unless the task was dropped meanwhile
                 self.scheduler.keepalive_exited(ctx.task_id, ctx.started_at or finished, finished)
@@ -875,6 +893,10 @@ class Agent:
         elif spec.schedule.is_once:
             with self._done_lock:  # marked by the loop, in batches, off the run threads
                 self._done.append((ctx.task_id, ctx.revision))
+        if ctx.trigger == "plan":
+            self.items.ended(ctx.run_id, ctx.status)
+        else:
+            self.items.slot_freed()
         self._wake.set()
 
     def _mark_done(self, now: datetime) -> None:

@@ -173,6 +173,7 @@ class ClusterAgent(Agent):
     def _on_run_signal(self, *_: Any) -> None:
         """kazoo's event thread: a run waits for an agent; look for it at once."""
         self.waiting.signal()
+        self.items.signal()
         self._wake.set()
 
     def _handle_kills(self) -> None:

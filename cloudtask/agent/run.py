@@ -53,6 +53,7 @@ class RunContext:
     token: str
     agent: str
     session: str | None = None  # the ZooKeeper session it was claimed under
+    plan_id: str | None = None  # a plan item's plan (its task_id is the item's id)
     claimed_status: str = "running"  # "queued": its claim waited for a slot (started by a write)
     start_token: str | None = None  # the token of that write (Store.start_queued_run)
     status: str = "queued"
@@ -135,6 +136,11 @@ class RunContext:
             "CLOUDTASK_ATTEMPT": str(self.attempt),
             "CLOUDTASK_TRIGGER": self.trigger,
             "CLOUDTASK_AGENT": self.agent,
+            **(
+                {"CLOUDTASK_PLAN_ID": self.plan_id, "CLOUDTASK_ITEM_ID": self.task_id}
+                if self.plan_id
+                else {}
+            ),
         }
 
 

@@ -31,6 +31,10 @@ done again in a later round. Every MongoDB call has a deadline (``CALL_BUDGET``)
   (the leader, the unassigned tasks, the live agents) is written, fenced, when it changes. A
   new leader starts from the unassigned tasks its predecessor published there
   (:meth:`Housekeeping.take_over`), so a task is not reported again by each leader.
+* **Plan items** (:meth:`Housekeeping.follow_plan_items`): an attempt that ended
+  ``failed``, ``timed_out`` or ``lost`` with attempts left and no next attempt yet gets it,
+  queued for any agent of its type (the agent that saw it end writes it too; a lost one has
+  no agent to).
 * **The purge** (:meth:`Housekeeping.purge_runs`): runs past ``runs.retention_days`` are
   deleted hourly.
 """
@@ -149,6 +153,7 @@ class Housekeeping:
             lambda: self.note_unassigned(view.unassigned, view.tasks),
             lambda: self.publish_status(view.agents, view.unassigned),
             lambda: self.judge_unheard_runs(view.agents, view.read_at, view.tasks),
+            self.follow_plan_items,
             lambda: self.record_agents(view.agents),
             self.purge_runs,
         )
@@ -279,6 +284,23 @@ class Housekeeping:
             if len(verdict) > released:
                 log.warning("marked %d runs of departed agents lost", len(verdict) - released)
         self._settle_released_claims(tasks)
+
+    def follow_plan_items(self) -> None:
+        """Plan items whose attempt ended ``failed``, ``timed_out`` or ``lost`` with
+        attempts left and no next attempt written yet (a lost one always: its agent is gone;
+        a failed one when its agent died before writing it): the next attempt is queued
+        (the same document whoever writes it, see cloudtask/store/plans.py)."""
+        self.writer.check_fence()
+        try:
+            with pymongo.timeout(CALL_BUDGET):
+                ended = self.store.unfollowed_ends()
+                queued = sum(1 for doc in ended if self.store.follow_item(doc))
+        except (CloudTaskError, pymongo.errors.PyMongoError) as e:
+            log.warning("cannot queue the next attempts of plan items: %s", e)
+            return
+        if queued:
+            log.info("queued the next attempt of %d plan items", queued)
+            self._signal_waiting_runs()
 
     def _signal_waiting_runs(self) -> None:
         try:

@@ -12,6 +12,7 @@ one module per family:
 * :mod:`~cloudtask.cli.admin`: the ``task``, ``run``, ``user``, ``token`` and ``file`` groups;
 * :mod:`~cloudtask.cli.zookeeper`: ``zk-acl`` (the ACL of ``zookeeper.auth`` on every node);
 * :mod:`~cloudtask.cli.secrets`: the ``secrets`` group (stored secrets and their keys).
+* :mod:`~cloudtask.cli.plans`: the ``plan`` group (submit a plan, its state, cancel it).
 
 What they share (the config, logging, the ``--config`` and ``--verbose`` options, who acts,
 the store and the operations a command works on) is in :mod:`~cloudtask.cli.common`.
@@ -26,7 +27,7 @@ import click
 
 from .. import __version__
 from ..exceptions import CloudTaskError, ValidationError
-from . import admin, authoring, secrets, servers, zookeeper
+from . import admin, authoring, plans, secrets, servers, zookeeper
 
 
 class _Group(click.Group):
@@ -64,6 +65,7 @@ for _command in (
     servers.up,
     zookeeper.zk_acl,
     secrets.secrets_group,
+    plans.plan_group,
 ):
     cli.add_command(_command)
 

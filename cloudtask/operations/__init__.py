@@ -18,6 +18,7 @@ command line (``cloudtask up`` too).
 ``users``      accounts, roles, passwords, API tokens
 ``settings``   the alert settings of the settings page
 ``secrets``    stored secrets: set or replace, delete, rotate (values never read back)
+``plans``      plans from other systems: submit (all or nothing), cancel a plan or an item
 =============  ============================================================================
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 from .base import OperationsBase, find_task, task_target
 from .files import FileOperations
+from .plans import PlanOperations
 from .runs import RunOperations
 from .secrets import SecretOperations
 from .settings import SettingsOperations
@@ -41,5 +43,6 @@ class Operations(
     UserOperations,
     SettingsOperations,
     SecretOperations,
+    PlanOperations,
 ):
     """Validated, signalled, audited changes (see the module's notes)."""

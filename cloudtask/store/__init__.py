@@ -17,6 +17,7 @@
 ``users``       user accounts and API tokens (the rules are :mod:`cloudtask.users`')
 ``queries``     the list and count queries of the pages and the API
 ``alerts``      the notifier's state: deliveries, alert throttles, notification settings
+``plans``       plans from other systems: their items, queued per type, and idempotency keys
 ==============  ==========================================================================
 
 Nothing outside this package touches a collection (``tests/test_layout.py`` checks it). The
@@ -58,6 +59,7 @@ from .events import EventRecords
 from .files import FileRecords
 from .history import RunHistory
 from .leases import Leases
+from .plans import PlanRecords
 from .queries import Page, PageQueries
 from .reports import RunReports
 from .runs import RunRecords
@@ -107,6 +109,7 @@ class Store(
     UserRecords,
     AlertRecords,
     SecretRecords,
+    PlanRecords,
     PageQueries,
     Schema,
     StoreBase,

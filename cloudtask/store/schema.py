@@ -64,6 +64,7 @@ class Schema(StoreBase):
         self.audit.create_index([("target", ASCENDING), ("at", DESCENDING)], name="target_at")
         self.audit.create_index([("action", ASCENDING), ("at", DESCENDING)], name="action_at")
         self._ensure_event_indexes()
+        self.ensure_plan_indexes()  # type: ignore[attr-defined]  (store/plans.py)
         self.users.create_index([("username", ASCENDING)], unique=True, name="username_unique")
         # the web's login throttle (web.security.LoginThrottle): MongoDB drops a pair's failures
         # once they are too old to count

@@ -42,11 +42,15 @@ class WaitingRuns(StoreBase):
         """Runs ``queued`` with no agent (manual runs, released claims), oldest claim first.
         Read by status alone (there are few) and picked here: a plain match on ``agent`` None
         misses stored nulls on nx-27017, and ``$in: [None]`` is a scan there."""
-        cursor = self.runs.find({"status": {"$eq": "queued"}}, projection)
+        # (plan items wait in their own queue: cloudtask/store/plans.py)
+        cursor = self.runs.find(
+            {"status": {"$eq": "queued"}, "trigger": {"$ne": "plan"}},
+            None if projection is None else {**projection, "trigger": 1},
+        )
         docs = [
             d
             for d in read_all(cursor, "read the runs waiting for an agent")
-            if d.get("agent") is None
+            if d.get("agent") is None and d.get("trigger") != "plan"
         ]
         return sorted(docs, key=lambda d: d["claimed_at"])
 
