@@ -89,7 +89,16 @@ from defusedxml.ElementTree import DefusedXMLParser, ParseError
 from .exceptions import Problem, ValidationError
 from .jsonlimits import MAX_JSON_DEPTH, depth_problem
 from .schedules import format_instant, parse_instant, show_value
-from .task import NAME_PATTERN, NAME_RULE, TaskSpec, _is_web_url, parse_task, text_problem
+from .task import (
+    NAME_PATTERN,
+    NAME_RULE,
+    SECRET_NAME_PATTERN,
+    SECRET_NAME_RULE,
+    TaskSpec,
+    _is_web_url,
+    parse_task,
+    text_problem,
+)
 
 MAX_ITEMS = 10_000  # items per plan
 MAX_PRIORITY = 1000
@@ -103,7 +112,7 @@ MAX_XML_PROBLEMS = 100  # an XML document stops being read after this many probl
 # once). item_task_spec gives the same, so a spec rebuilt from PlanItem.stored is equal.
 PLACEHOLDER_SCHEDULE: dict[str, Any] = {"every": "24h"}
 
-PLAN_KEYS = ("name", "callback_url", "items")
+PLAN_KEYS = ("name", "callback_url", "callback_secret", "items")
 # the keys of a task spec an item takes, read by parse_task
 ITEM_TASK_KEYS = (
     "command",
@@ -152,6 +161,8 @@ class Plan:
     name: str  # a label, "" when not given
     callback_url: str | None  # where state changes are POSTed
     items: tuple[PlanItem, ...]
+    # the stored secret the callbacks are signed with (HMAC-SHA256, like the alert webhooks)
+    callback_secret: str | None = None
 
 
 # --- the JSON form ------------------------------------------------------------------------------
@@ -176,6 +187,7 @@ def parse_plan(data: Any, now: datetime | None = None) -> Plan:
             problems.append(Problem(str(key), f"unknown key; a plan takes {', '.join(PLAN_KEYS)}"))
     name = _read_label(data.get("name"), problems)
     callback_url = _read_callback_url(data.get("callback_url"), problems)
+    callback_secret = _read_callback_secret(data.get("callback_secret"), callback_url, problems)
     items: list[PlanItem] = []
     raw_items = data.get("items")
     if raw_items is None:
@@ -205,7 +217,9 @@ def parse_plan(data: Any, now: datetime | None = None) -> Plan:
                     seen_ids[external_id] = index
     if problems:
         raise ValidationError(problems, source="plan")
-    return Plan(name=name, callback_url=callback_url, items=tuple(items))
+    return Plan(
+        name=name, callback_url=callback_url, items=tuple(items), callback_secret=callback_secret
+    )
 
 
 def item_task_spec(stored: dict[str, Any]) -> TaskSpec:
@@ -373,9 +387,33 @@ def _read_callback_url(value: Any, problems: list[Problem]) -> str | None:
     return None
 
 
+def _read_callback_secret(
+    value: Any, callback_url: str | None, problems: list[Problem]
+) -> str | None:
+    """The name of the stored secret that signs the callbacks: required with a callback_url
+    (an unsigned callback could be forged by anyone who can reach the upstream system)."""
+    if value is None:
+        if callback_url is not None:
+            problems.append(
+                Problem(
+                    "callback_secret",
+                    "required with callback_url: the name of a stored secret the callbacks "
+                    "are signed with (cloudtask secrets set NAME)",
+                )
+            )
+        return None
+    if not isinstance(value, str) or not SECRET_NAME_PATTERN.fullmatch(value):
+        problems.append(Problem("callback_secret", f"{SECRET_NAME_RULE}, got {show_value(value)}"))
+        return None
+    if callback_url is None:
+        problems.append(Problem("callback_secret", "signs the callbacks: give callback_url too"))
+        return None
+    return value
+
+
 # --- the XML form -------------------------------------------------------------------------------
 
-_PLAN_ATTRS = ("name", "callback_url")
+_PLAN_ATTRS = ("name", "callback_url", "callback_secret")
 _ITEM_ATTRS = (
     "type",
     "name",

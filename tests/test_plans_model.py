@@ -29,6 +29,7 @@ SHA = "ab" * 32
 PLAN: dict[str, Any] = {
     "name": "nightly",
     "callback_url": "https://up.example/cb",
+    "callback_secret": "up.hook",
     "items": [
         {
             "type": "etl",
@@ -68,7 +69,7 @@ PLAN: dict[str, Any] = {
 }
 
 XML = f"""<?xml version="1.0" encoding="UTF-8"?>
-<plan name="nightly" callback_url="https://up.example/cb">
+<plan name="nightly" callback_url="https://up.example/cb" callback_secret="up.hook">
   <!-- a comment is fine -->
   <item type="etl" name="load-eu" external_id="42" priority="5"
         not_before="2026-12-05T03:00:00+01:00" timeout="10m" retries="2" retry_delay="30s"
@@ -263,7 +264,7 @@ def test_unknown_keys_of_a_plan_and_of_an_item_are_refused_at_their_paths():
     data = {"items": [ok_item(colour="red")], "schedule": {"every": "1m"}}
     problems = dict(problems_of(data))
     assert set(problems) == {"schedule", "items[0].colour"}
-    assert "name, callback_url, items" in problems["schedule"]
+    assert "name, callback_url, callback_secret, items" in problems["schedule"]
 
 
 def test_a_plan_has_at_least_one_item_and_at_most_max_items():
@@ -360,9 +361,20 @@ def test_a_plan_label_and_callback_url_are_checked():
         "callback_url"
     ]
     plan = parse_plan(
-        {"name": "x" * 200, "callback_url": "http://up:8080/cb?p=1", "items": [ok_item()]}
+        {
+            "name": "x" * 200,
+            "callback_url": "http://up:8080/cb?p=1",
+            "callback_secret": "up.hook",
+            "items": [ok_item()],
+        }
     )
-    assert plan.callback_url == "http://up:8080/cb?p=1"
+    assert plan.callback_url == "http://up:8080/cb?p=1" and plan.callback_secret == "up.hook"
+    # a callback is signed: a URL needs the secret, and the secret a URL
+    assert paths_of({"callback_url": "https://up/cb", "items": [ok_item()]}) == ["callback_secret"]
+    assert paths_of({"callback_secret": "up.hook", "items": [ok_item()]}) == ["callback_secret"]
+    assert paths_of(
+        {"callback_url": "https://up/cb", "callback_secret": "no spaces", "items": [ok_item()]}
+    ) == ["callback_secret"]
 
 
 def test_item_task_spec_refuses_a_stored_form_that_does_not_parse():

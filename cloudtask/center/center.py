@@ -15,6 +15,12 @@ up cannot write: its node went with its session, so its transactions fail, and i
 A transaction that fails because the view was stale makes the leader read every assignment
 again before it writes anything else.
 
+A task whose assignment would be larger than a ZooKeeper request may be
+(``ASSIGNMENT_MAX_BYTES``, see cloudtask/center/writer.py) is not placed: its assignments are
+deleted, the error is logged and recorded as a ``task.unassigned`` event (reason
+``too_large``) naming the task and the size, and the other tasks are placed as ever. It is
+tried again when its spec changes.
+
 After the placement each pass deletes the garbage of departed agents and hands what it saw
 to the leader's upkeep (cloudtask/center/housekeeping.py), which runs on a thread of its own:
 ``/status`` and the ``task.unassigned`` events, the verdicts on the runs of agents that left
@@ -55,7 +61,15 @@ from ..zkpaths import ZkPaths, encode, keep_trying
 from .housekeeping import CALL_BUDGET, Housekeeping, PassView, UpkeepThread
 from .placement import AgentInfo, Assignment, plan_group, ring_epoch
 from .tasks import TaskFeed, TaskRecord
-from .writer import GARBAGE_AFTER, FencedWriter, LeadershipLost, Op, StaleView, assignment_data
+from .writer import (
+    ASSIGNMENT_MAX_BYTES,
+    GARBAGE_AFTER,
+    FencedWriter,
+    LeadershipLost,
+    Op,
+    StaleView,
+    assignment_data,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +136,9 @@ class Center:
         self._seen_groups: set[str] = set()
         self._groups_lock = threading.Lock()
         self.unassigned: dict[str, str] = {}  # task id -> group, for tasks with no live agent
+        # task id -> (revision, bytes): tasks not placed, their assignment too large to write
+        # (tried again once their revision changes)
+        self.too_large: dict[str, tuple[int, int]] = {}
 
     @property
     def writes(self) -> int:
@@ -339,6 +356,8 @@ class Center:
         self.unassigned = {}
         one: dict[str, list[str]] = {}
         for task in self._tasks.values():
+            if task.task_id in self.too_large:  # its assignment cannot be written: nowhere
+                continue
             members = by_group.get(task.group, [])
             if not members:
                 self.unassigned[task.task_id] = task.group
@@ -379,6 +398,11 @@ class Center:
             raise LeadershipLost("the upkeep found the election node gone")
         self._watch_groups()
         self._take_tasks()
+        self.too_large = {  # a task changed since is tried again
+            task_id: (revision, size)
+            for task_id, (revision, size) in self.too_large.items()
+            if task_id in self._tasks and self._tasks[task_id].revision == revision
+        }
         agents_read_at = utcnow()
         agents = self.live_agents()
         desired = self.desired(agents)
@@ -392,7 +416,7 @@ class Center:
             self._rebuild()  # read it again; the next pass places on what is there
             raise
         self.writer.collect_garbage()
-        view = PassView(agents, agents_read_at, self._tasks, self.unassigned)
+        view = PassView(agents, agents_read_at, self._tasks, self.unassigned, self.too_large)
         if self.upkeep is not None:
             self.upkeep.submit(view)
         else:
@@ -408,8 +432,11 @@ class Center:
         """What to write for ``desired``: a create for each assignment missing, a set for each
         one written for another life of its agent, another revision of its task or another
         epoch (re-dated), a delete for each one not desired (the assignments of departed
-        agents are garbage already)."""
+        agents are garbage already). A task whose assignment is larger than
+        ``ASSIGNMENT_MAX_BYTES`` gets no create or set, and its assignments are deleted (see
+        :meth:`_refuse`)."""
         ops: list[Op] = []
+        refused: dict[str, tuple[int, int]] = {}
         for agent_id, tasks in desired.items():
             placed = self.writer.placed.get(agent_id, {})
             joined = agents[agent_id].joined
@@ -417,21 +444,47 @@ class Center:
                 record = self._tasks[task_id]
                 where = placed.get(task_id)
                 if where is None:
-                    ops.append(
-                        ("create", agent_id, task_id, assignment_data(record, epoch, joined))
-                    )
+                    kind = "create"
                 elif (
                     not where.valid(joined)
                     or where.revision != record.revision
                     or where.epoch != epoch
                 ):
-                    ops.append(("set", agent_id, task_id, assignment_data(record, epoch, joined)))
+                    kind = "set"
+                else:
+                    continue
+                data = assignment_data(record, epoch, joined)
+                if len(data) > ASSIGNMENT_MAX_BYTES:
+                    refused[task_id] = (record.revision, len(data))
+                    continue
+                ops.append((kind, agent_id, task_id, data))
+        if refused:
+            self._refuse(refused)
+            ops = [op for op in ops if op[2] not in refused]  # on every agent (mode all)
         for agent_id, placed in self.writer.placed.items():
             keep = desired.get(agent_id, {})
             for task_id in placed:
-                if task_id not in keep:
+                if task_id not in keep or task_id in self.too_large:
                     ops.append(("delete", agent_id, task_id, None))
         return ops
+
+    def _refuse(self, refused: dict[str, tuple[int, int]]) -> None:
+        """Place no more the tasks of ``refused`` (task id -> (revision, bytes of its
+        assignment)) until their revision changes: written, such an assignment would make
+        ZooKeeper drop the leader's connection, and the pass would fail again and again. The
+        upkeep records each as a ``task.unassigned`` event."""
+        for task_id, (revision, size) in sorted(refused.items()):
+            record = self._tasks[task_id]
+            log.error(
+                "task %s (%s, revision %d) is not placed: its assignment is %d bytes, more "
+                "than the %d bytes a ZooKeeper request may carry; make its spec smaller",
+                record.spec.get("name") or task_id,
+                task_id,
+                revision,
+                size,
+                ASSIGNMENT_MAX_BYTES,
+            )
+        self.too_large.update(refused)
 
 
 def _infos(agents: Iterable[LiveAgent]) -> list[AgentInfo]:

@@ -35,6 +35,11 @@ done again in a later round. Every MongoDB call has a deadline (``CALL_BUDGET``)
   ``failed``, ``timed_out`` or ``lost`` with attempts left and no next attempt yet gets it,
   queued for any agent of its type (the agent that saw it end writes it too; a lost one has
   no agent to).
+* **The tasks too large to place** (:meth:`Housekeeping.note_too_large`): a
+  ``task.unassigned`` event (details: reason ``too_large``, the assignment's bytes and the
+  limit) once per revision of a task whose assignment the leader could not write (see
+  cloudtask/center/writer.py, ``ASSIGNMENT_MAX_BYTES``); its id names the revision, so the
+  next leader does not record it again.
 * **The purge** (:meth:`Housekeeping.purge_runs`): runs past ``runs.retention_days`` are
   deleted hourly.
 """
@@ -45,7 +50,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -61,7 +66,7 @@ from ..runmodel import BEAT_INTERVAL
 from ..store import Store
 from ..zkpaths import ZkPaths, decode, run_signal
 from .tasks import TaskRecord
-from .writer import FencedWriter, LeadershipLost
+from .writer import ASSIGNMENT_MAX_BYTES, FencedWriter, LeadershipLost
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +81,14 @@ MIN_ROUND_GAP = 0.2  # seconds between rounds on the same view (a chore that kee
 @dataclass(frozen=True)
 class PassView:
     """What one placement pass saw, for a round of upkeep: the live agents (read at
-    ``read_at``), the tasks that should run, and the tasks no live agent can run."""
+    ``read_at``), the tasks that should run, the tasks no live agent can run, and the tasks
+    not placed because their assignment is too large (task id -> (revision, bytes))."""
 
     agents: dict[str, LiveAgent]
     read_at: datetime
     tasks: dict[str, TaskRecord]
     unassigned: dict[str, str]
+    too_large: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class Housekeeping:
@@ -115,6 +122,7 @@ class Housekeeping:
         self._unheard: dict[str, tuple[Any, float]] = {}  # run id -> (beat, since: monotonic)
         self._unassigned_reported: set[str] = set()  # recorded as events (or by the last leader)
         self._unassigned_since: dict[str, float] = {}  # not reported yet: since (monotonic)
+        self._too_large_reported: set[tuple[str, int]] = set()  # (task id, revision)
         self._published_status: dict[str, Any] | None = None
         self._recorded_agents: set[str] | None = None
         self._agents_recorded_at = 0.0
@@ -151,6 +159,7 @@ class Housekeeping:
         ending). LeadershipLost if the fence is gone."""
         chores = (
             lambda: self.note_unassigned(view.unassigned, view.tasks),
+            lambda: self.note_too_large(view.too_large, view.tasks),
             lambda: self.publish_status(view.agents, view.unassigned),
             lambda: self.judge_unheard_runs(view.agents, view.read_at, view.tasks),
             self.follow_plan_items,
@@ -201,6 +210,51 @@ class Housekeeping:
                 for task_id in due:
                     del since[task_id]
         self._unassigned_reported, self._unassigned_since = reported, since
+
+    def note_too_large(
+        self, too_large: dict[str, tuple[int, int]], tasks: dict[str, TaskRecord]
+    ) -> None:
+        """Record a ``task.unassigned`` event (reason ``too_large``) once per revision of a
+        task the leader did not place because its assignment is larger than ZooKeeper takes;
+        if recording fails, the next round tries again."""
+        current = {(task_id, revision) for task_id, (revision, _) in too_large.items()}
+        self._too_large_reported &= current
+        due = sorted(current - self._too_large_reported)
+        if not due:
+            return
+        events = []
+        for task_id, revision in due:
+            size = too_large[task_id][1]
+            record = tasks.get(task_id)
+            name = record.spec.get("name") if record else None
+            group = record.group if record else None
+            events.append(
+                ev.event_document(
+                    "task.unassigned",
+                    f"task {name or task_id} does not run: its assignment is {size:,} bytes, "
+                    f"more than the {ASSIGNMENT_MAX_BYTES:,} bytes a ZooKeeper node may hold "
+                    "here; make its spec smaller (env, command, http body and headers, "
+                    "description)",
+                    event_id=f"task.unassigned:{task_id}:{revision}:too_large",
+                    task_id=task_id,
+                    task_name=name,
+                    group=group,
+                    details={
+                        "reason": "too_large",
+                        "bytes": size,
+                        "limit": ASSIGNMENT_MAX_BYTES,
+                        "revision": revision,
+                        "group": group,
+                    },
+                )
+            )
+        try:
+            with pymongo.timeout(CALL_BUDGET):
+                self.store.record_events(events)
+        except Exception as e:
+            log.warning("cannot record %d tasks too large to place (will retry): %s", len(due), e)
+        else:
+            self._too_large_reported.update(due)
 
     def publish_status(self, agents: dict[str, LiveAgent], unassigned: dict[str, str]) -> None:
         """``/status``: the leader and the tasks no live agent can run (their group is empty),

@@ -9,8 +9,15 @@ them. The cluster's once-only guarantee rests on the rules it keeps:
   session lost that node with its session: its transactions fail as a whole, and
   :class:`LeadershipLost` makes it step down. A MongoDB write made in the leader's name is
   preceded by :meth:`FencedWriter.check_fence`, the same check outside a transaction.
-* **Chunks.** At most ``TXN_MAX_OPS`` operations and about ``TXN_MAX_BYTES`` per
-  transaction, well under ZooKeeper's 1 MB request limit.
+* **Chunks.** At most ``TXN_MAX_OPS`` operations and ``TXN_MAX_BYTES`` (counted with
+  some room per operation) per transaction, well under ZooKeeper's 1 MB request limit; an
+  assignment larger than that is written in a transaction of its own.
+* **No assignment larger than a request.** ZooKeeper drops the connection of a client that
+  sends a request over ``jute.maxbuffer`` (``ZK_MAX_REQUEST`` by default): a session
+  suspended, the leader stepping down, and the same write again at its next leadership. An
+  assignment over ``ASSIGNMENT_MAX_BYTES`` (the limit, less room for the path, the ACL, the
+  fence check and the framing) is never sent: the center does not place its task
+  (:class:`AssignmentTooLarge` if one reaches :meth:`FencedWriter.write`).
 * **Deletions first.** The deletions of a pass are written before its creations and
   updates, so a moved task leaves its old agent no later than it reaches the new one.
 * **Stale views are not forced.** A transaction that fails for another reason (a node
@@ -50,6 +57,13 @@ log = logging.getLogger(__name__)
 
 TXN_MAX_OPS = 200  # operations per ZooKeeper transaction
 TXN_MAX_BYTES = 512 * 1024  # well under ZooKeeper's 1 MB request limit
+OP_ROOM = 200  # bytes counted per operation besides its data (path, ACL, headers)
+# the largest request a ZooKeeper server reads (jute.maxbuffer, 0xfffff by default): a larger
+# one makes the server drop the connection, every request in flight on it failing
+ZK_MAX_REQUEST = 0xFFFFF
+# the largest assignment node written: alone in its transaction, with 4 KiB left for the
+# fence check, the node's path and ACL and the request's framing
+ASSIGNMENT_MAX_BYTES = ZK_MAX_REQUEST - 4096
 TXN_IN_FLIGHT = 8  # transactions sent before the first one's answer is awaited
 GARBAGE_AFTER = 60.0  # seconds before the assignments left by a departed agent are deleted
 
@@ -62,6 +76,10 @@ class LeadershipLost(CloudTaskError):
 
 class StaleView(CloudTaskError):
     """A transaction failed because the assignments were not as the leader believed."""
+
+
+class AssignmentTooLarge(CloudTaskError):
+    """An assignment larger than ``ASSIGNMENT_MAX_BYTES`` was to be written (nothing was)."""
 
 
 @dataclass
@@ -217,6 +235,13 @@ class FencedWriter:
         stands alone (a failed one wrote nothing; the others are kept in the view)."""
         if not ops:
             return
+        too_large = [op for op in ops if len(op[3] or b"") > ASSIGNMENT_MAX_BYTES]
+        if too_large:  # sent, it would drop the connection (and every request in flight)
+            _, agent_id, task_id, data = too_large[0]
+            raise AssignmentTooLarge(
+                f"the assignment of task {task_id} on {agent_id} is {len(data or b''):,} bytes; "
+                f"at most {ASSIGNMENT_MAX_BYTES:,} are written ({len(too_large)} too large)"
+            )
         deletions = [op for op in ops if op[0] == "delete"]
         writes = [op for op in ops if op[0] != "delete"]
         for agent_id in {op[1] for op in writes if op[0] == "create"}:
@@ -228,15 +253,19 @@ class FencedWriter:
 
     @staticmethod
     def _chunks(ops: list[Op]) -> list[list[Op]]:
+        """``ops`` in transactions of at most ``TXN_MAX_OPS`` operations and ``TXN_MAX_BYTES``
+        (an operation larger than that alone): a transaction never exceeds the largest
+        request ZooKeeper reads, since no operation is larger than ``ASSIGNMENT_MAX_BYTES``."""
         chunks: list[list[Op]] = []
         batch: list[Op] = []
         size = 0
         for op in ops:
-            batch.append(op)
-            size += len(op[3] or b"") + 200
-            if len(batch) >= TXN_MAX_OPS or size >= TXN_MAX_BYTES:
+            cost = len(op[3] or b"") + OP_ROOM
+            if batch and (len(batch) >= TXN_MAX_OPS or size + cost > TXN_MAX_BYTES):
                 chunks.append(batch)
                 batch, size = [], 0
+            batch.append(op)
+            size += cost
         if batch:
             chunks.append(batch)
         return chunks

@@ -40,6 +40,7 @@ from ..secretbox import SecretBox, load_box
 from ..store import Store
 from .deliveries import Deliveries
 from .mail import DeliveryError, SmtpConnection, build_message
+from .plancallbacks import PlanCallbacks
 from .planner import Planner
 from .settings import AlertSettings, Webhook, load_settings, resolve_secrets
 from .throttle import AlertStates
@@ -86,6 +87,7 @@ class Notifier:
         self._settings: AlertSettings | None = None
         self._settings_read = -SETTINGS_TTL
         self._indexed = False
+        self.plan_callbacks = PlanCallbacks(store, self.box)  # (plancallbacks.py)
         self._box: SecretBox | None = None
         self._box_problem = ""
         self._box_read = False
@@ -133,7 +135,24 @@ class Notifier:
         self._plan_events(s, t, counts)
         self._plan_digests(s, t, counts)
         self._send(s, t, counts, keep_going or (lambda: True))
+        self._call_back_plans(s, t, keep_going or (lambda: True), counts)
         return counts
+
+    def _call_back_plans(
+        self, s: AlertSettings, now: float, keep_going: Callable[[], bool], counts: dict[str, int]
+    ) -> None:
+        """The plans' state changes, to their callback URLs (after the alerts: a slow
+        receiver of one plan holds up no alert)."""
+        try:
+            done = self.plan_callbacks.run_once(now, policy=s.egress, keep_going=keep_going)
+        except (StoreError, PyMongoError) as e:
+            log.warning("cannot call back plans this pass: %s", e)
+            return
+        except Exception:
+            log.exception("calling back plans failed")
+            counts["errors"] += 1
+            return
+        counts["callbacks"] = done["posts"]
 
     # --- planning ---------------------------------------------------------------------------
 

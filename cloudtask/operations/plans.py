@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..exceptions import Conflict, NotFound
+from ..exceptions import Conflict, NotFound, Problem, ValidationError
 from ..plans import parse_plan, plan_from_xml
 from ..runmodel import FINISHED_STATUSES
 from ..zkpaths import request_kill
@@ -18,6 +18,12 @@ class PlanOperations(OperationsBase):
         wait ``queued`` for a free agent of their type. ValidationError lists every problem
         and nothing is stored. Returns the receipt (see ``Store.submit_plan``)."""
         plan = parse_plan(plan_from_xml(data) if xml else data)
+        name = plan.callback_secret
+        if name is not None and name not in self.store.stored_secret_names([name]):
+            raise ValidationError(
+                [Problem("callback_secret", f"no secret named {name!r}: store it first")],
+                source="plan",
+            )
         receipt = self.store.submit_plan(plan, submitter=actor)
         self.audit(
             actor,

@@ -91,6 +91,8 @@ class PlanRecords(StoreBase):
         )
         self.runs.create_index([("plan_id", ASCENDING)], name="plan", sparse=True)
         self.plans.create_index([("created_at", DESCENDING)], name="created")
+        self.plans.create_index([("callbacks_done", ASCENDING)], name="callbacks_done")
+        self.db["plan_callbacks"].create_index([("plan_id", ASCENDING)], name="plan")
 
     # --- submitting -----------------------------------------------------------------------------
 
@@ -139,6 +141,12 @@ class PlanRecords(StoreBase):
                 "name": plan.name,
                 "submitter": submitter,
                 "callback_url": plan.callback_url,
+                "callback_secret": plan.callback_secret,
+                # every state change POSTed to callback_url (cloudtask/notify/plancallbacks.py)
+                "callbacks_done": plan.callback_url is None,
+                "callback_failures": 0,
+                "callback_next_ts": 0.0,
+                "callback_error": None,
                 "created_at": to_bson_time(now),
                 "items": len(plan.items) - len(existing),
                 "cancelled_at": None,
@@ -250,7 +258,8 @@ class PlanRecords(StoreBase):
                     "trigger": {"$eq": PLAN_TRIGGER},
                     "status": {"$eq": "queued"},
                     "group": {"$eq": group},
-                    "not_before_ts": {"$lte": now.timestamp()},
+                    # (both bounds: the embedded server uses the index only so)
+                    "not_before_ts": {"$gte": 0, "$lte": now.timestamp()},
                 }
             )
             .sort([("priority", DESCENDING), ("queued_ts", ASCENDING)])
@@ -395,6 +404,96 @@ class PlanRecords(StoreBase):
             if doc["status"] not in FINISHED_STATUSES:
                 running.append(doc)
         return {"cancelled": cancelled, "running": running}
+
+    # --- callbacks (the leader's notifier, cloudtask/notify/plancallbacks.py) ----------------
+
+    @property
+    def plan_callbacks(self) -> Any:
+        return self.db["plan_callbacks"]
+
+    def plans_to_call_back(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Plans with a callback_url whose state changes are not all delivered yet."""
+        return read_all(
+            self.plans.find({"callbacks_done": {"$eq": False}}).limit(limit),
+            "read the plans to call back",
+        )
+
+    def callback_state(self, plan_id: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """The plan's attempts (what their callbacks are made of) and, per item, the sequence
+        number of the last state change delivered."""
+        attempts = read_all(
+            self.runs.find(
+                indexed({"plan_id": plan_id}),
+                {
+                    **ITEM_FIELDS,
+                    "claimed_at": 1,
+                    "finished_at": 1,
+                    "started_at": 1,
+                    "followed": 1,
+                },
+            ),
+            "read the plan's items",
+        )
+        sent = {
+            d["_id"]: int(d.get("seq", -1))
+            for d in read_all(
+                self.plan_callbacks.find(indexed({"plan_id": plan_id})),
+                "read the plan's delivered callbacks",
+            )
+        }
+        return attempts, sent
+
+    def callbacks_delivered(
+        self, plan_id: str, sent: dict[str, int], done: bool, now: datetime | None = None
+    ) -> None:
+        """Record what a callback delivered: per item, the last sequence number; ``done``:
+        every change of the plan, and its completion, was delivered."""
+        from pymongo import UpdateOne
+
+        if sent:
+            guard(
+                self.plan_callbacks.bulk_write,
+                "record the delivered callbacks",
+                [
+                    UpdateOne(
+                        {"_id": item_id},
+                        {"$set": {"plan_id": plan_id, "seq": seq}},
+                        upsert=True,
+                    )
+                    for item_id, seq in sent.items()
+                ],
+                ordered=False,
+            )
+        guard(
+            self.plans.update_one,
+            "record the delivered callbacks",
+            {"_id": plan_id},
+            {
+                "$set": {
+                    # (only ever set to true: the embedded server reads a boolean written with
+                    # $set back as 0 or 1, and the query looks for the false it was stored with)
+                    **({"callbacks_done": True} if done else {}),
+                    "callback_failures": 0,
+                    "callback_next_ts": 0.0,
+                    "callback_error": None,
+                    "callback_last_ts": (now or utcnow()).timestamp(),
+                }
+            },
+        )
+
+    def callback_failed(self, plan_id: str, failures: int, next_ts: float, error: str) -> None:
+        guard(
+            self.plans.update_one,
+            "record a failed callback",
+            {"_id": plan_id},
+            {
+                "$set": {
+                    "callback_failures": failures,
+                    "callback_next_ts": next_ts,
+                    "callback_error": error[:500],
+                }
+            },
+        )
 
     def item_attempts(self, item_id: str) -> list[dict[str, Any]]:
         return read_all(
