@@ -42,6 +42,8 @@ NOTIFY_KEYS = ("emails", "on")
 MODES = ("one", "all")
 CONCURRENCY_POLICIES = ("forbid", "allow", "replace")
 MISFIRE_POLICIES = ("run_once", "skip")
+# a run lost with its agent (killed or cut off mid-run): recorded lost, or run again
+LOST_POLICIES = ("record", "rerun")
 HTTP_STRATEGIES = ("first", "random", "failover")
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
 NOTIFY_EVENTS = ("failure", "timeout", "missed", "lost", "recovered", "success")
@@ -169,6 +171,14 @@ TASK_FIELDS: tuple[TaskField, ...] = (
         enum=MISFIRE_POLICIES,
     ),
     TaskField("misfire_grace", "duration", "How late a fire may still be caught up", default="1h"),
+    TaskField(
+        "on_lost",
+        "string",
+        "A run lost with its agent: record (lost, alerted) or rerun (its fire runs again as "
+        "the next attempt, up to retries, at least once)",
+        default="record",
+        enum=LOST_POLICIES,
+    ),
     TaskField("enabled", "boolean", "False: paused", default=True),
     TaskField("env", "env", "Environment variables of the command", default={}),
     TaskField("cwd", "string", "The command's working folder", nullable=True),
@@ -253,6 +263,7 @@ class TaskSpec:
     concurrency: str = "forbid"
     misfire: str = "run_once"
     misfire_grace: float = 3600.0
+    on_lost: str = "record"
     enabled: bool = True
     env: dict[str, str] = field(default_factory=dict)
     # variables whose value is a stored secret (variable -> secret name), opened by the agent
@@ -292,6 +303,7 @@ class TaskSpec:
             "concurrency": self.concurrency,
             "misfire": self.misfire,
             "misfire_grace": format_duration(self.misfire_grace),
+            "on_lost": self.on_lost,
             "enabled": self.enabled,
             "env": {**self.env, **_refs(self.secret_env)},
             "cwd": self.cwd,
@@ -630,6 +642,7 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
         concurrency=f.choice("concurrency", CONCURRENCY_POLICIES, "forbid"),
         misfire=f.choice("misfire", MISFIRE_POLICIES, "run_once"),
         misfire_grace=f.duration("misfire_grace", 3600.0),
+        on_lost=f.choice("on_lost", LOST_POLICIES, "record"),
         enabled=f.boolean("enabled", True),
         env=env,
         secret_env=secret_env,

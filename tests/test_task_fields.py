@@ -56,6 +56,7 @@ ACCEPTED: dict[str, list[Any]] = {
     "concurrency": ["replace"],
     "misfire": ["skip"],
     "misfire_grace": ["5m", 60],
+    "on_lost": ["rerun"],
     "enabled": [False],
     "env": [{"A": "1"}],
     "cwd": ["/tmp", None],

@@ -40,6 +40,7 @@ DESIGN_EXAMPLE: dict[str, Any] = {
     "concurrency": "forbid",
     "misfire": "run_once",
     "misfire_grace": "1h",
+    "on_lost": "record",
     "enabled": True,
     "env": {"LEVEL": "info"},
     "cwd": None,

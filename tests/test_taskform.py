@@ -44,6 +44,7 @@ SPECS = {
         "concurrency": "allow",
         "misfire": "skip",
         "misfire_grace": "5m",
+        "on_lost": "rerun",
         "mode": "all",
         "owner": "ops",
         "description": "the nightly one",

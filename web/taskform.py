@@ -70,6 +70,7 @@ TEXT_FIELDS = (
     "concurrency",
     "misfire",
     "misfire_grace",
+    "on_lost",
     "mode",
     "env",
     "notify_emails",
@@ -159,6 +160,7 @@ def default_form() -> dict[str, Any]:
         concurrency=DEFAULTS["concurrency"],
         misfire=DEFAULTS["misfire"],
         misfire_grace=DEFAULTS["misfire_grace"],
+        on_lost=DEFAULTS["on_lost"],
         mode=DEFAULTS["mode"],
         editor="fields",
         enabled=DEFAULTS["enabled"],
@@ -261,6 +263,7 @@ def spec_form(spec: dict[str, Any]) -> dict[str, Any]:
         concurrency=spec.get("concurrency", DEFAULTS["concurrency"]),
         misfire=spec.get("misfire", DEFAULTS["misfire"]),
         misfire_grace=spec.get("misfire_grace", DEFAULTS["misfire_grace"]),
+        on_lost=spec.get("on_lost", DEFAULTS["on_lost"]),
         mode=spec.get("mode", DEFAULTS["mode"]),
         env="\n".join(f"{k}={shown_value(v)}" for k, v in (spec.get("env") or {}).items()),
         notify_emails=", ".join((spec.get("notify") or {}).get("emails") or []),
@@ -400,7 +403,7 @@ def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
     for key in ("retry_delay", "misfire_grace"):
         if form[key].strip():
             spec[key] = duration_value(form[key])
-    for key in ("concurrency", "misfire", "mode"):
+    for key in ("concurrency", "misfire", "on_lost", "mode"):
         if form[key]:
             spec[key] = form[key]
     env = {}

@@ -31,6 +31,7 @@ from cloudtask.store.queries import RUN_LIST_FIELDS
 from cloudtask.task import (
     CONCURRENCY_POLICIES,
     HTTP_METHODS,
+    LOST_POLICIES,
     MISFIRE_POLICIES,
     MODES,
     NOTIFY_EVENTS,
@@ -263,6 +264,7 @@ def render_form(
         methods=HTTP_METHODS,
         concurrency_policies=CONCURRENCY_POLICIES,
         misfire_policies=MISFIRE_POLICIES,
+        lost_policies=LOST_POLICIES,
         modes=MODES,
         notify_events=NOTIFY_EVENTS,
         secret_names=secret_names(),

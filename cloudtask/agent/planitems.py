@@ -1,9 +1,11 @@
 """Plan items, taken by an agent with free slots (see cloudtask/store/plans.py).
 
 Items wait ``queued`` in MongoDB, per type (the agent group). An agent takes them only while
-it has free slots (``max_parallel`` less the runs it has), as many as it has free, the first
-by priority then age, each by the one conditional write only one agent can win
-(``Store.take_pending_run``), journaled as a claim first like every claim. So an agent never
+it has free slots (``max_parallel`` less the runs it has), as many as it has free, by
+priority, then by age (within the 32 or so items one query reads, in a random order, so
+that agents reading at once mostly try different ones; a slot freed within a second takes
+the next of them without another query), each by the one conditional write only one agent
+can win (``Store.take_pending_run``), journaled as a claim first like every claim. So an agent never
 takes more than it can start at once, a busy agent leaves items to idle ones, and an item
 runs once per attempt. This is pull, not push: the leader does not hand items out, every
 free agent asks; an agent looks when a slot frees (a run of it ended), when the cluster
@@ -23,7 +25,9 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +50,20 @@ log = logging.getLogger(__name__)
 # submit(run document, spec, revision, token, trigger, attempt): the agent starts the run
 Submit = Callable[[dict, TaskSpec, int, str, str, int], None]
 SPEC_CACHE = 4096  # item specs kept (an item's attempts share one)
+CANDIDATES = 32  # items read per query at least
+CANDIDATES_FOR = 1.0  # seconds the items a query found are taken from without a new query
+
+
+def _spread(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The items found, in their order of priority, each priority's items shuffled: the
+    agents that read the same first items at once then mostly try different ones (a lost
+    race costs a write), and an item still goes before every lower priority."""
+    out: list[dict[str, Any]] = []
+    for _, same in itertools.groupby(found, key=lambda d: d.get("priority", 0)):
+        group = list(same)
+        random.shuffle(group)
+        out.extend(group)
+    return out
 
 
 class PlanQueue:
@@ -78,6 +96,10 @@ class PlanQueue:
         self._checked: float | None = None
         self._signal = threading.Event()
         self._items_seen = False  # whether the last look found items waiting
+        # the items the last query found and this agent has not tried yet: a slot that
+        # frees within CANDIDATES_FOR seconds takes the next of them without a query
+        self._candidates: list[dict[str, Any]] = []
+        self._candidates_at = 0.0
         self._specs: dict[str, TaskSpec] = {}
         self._ended: list[str] = []  # attempts that ended here and may need a follow-up
         self._ended_lock = threading.Lock()
@@ -116,26 +138,41 @@ class PlanQueue:
         free = self.free_slots()
         if free <= 0:
             return
-        try:
-            with pymongo.timeout(CALL_BUDGET):
-                waiting = self.store.queued_items(self.group, now, limit=2 * free + 8)
-        except STORE_ERRORS as e:
-            log.warning("cannot look for plan items: %s", e)
-            return
-        self._items_seen = bool(waiting)
+        taken = self._take_from(self._candidates, free) if self._fresh() else 0
+        if taken < free:
+            try:
+                with pymongo.timeout(CALL_BUDGET):
+                    found = self.store.queued_items(
+                        self.group, now, limit=max(2 * free + 8, CANDIDATES)
+                    )
+            except STORE_ERRORS as e:
+                log.warning("cannot look for plan items: %s", e)
+                return
+            self._items_seen = bool(found)
+            self._candidates = _spread(found)
+            self._candidates_at = time.monotonic()
+            taken += self._take_from(self._candidates, free - taken)
+        if taken and self._candidates:
+            self._signal.set()  # more may wait (and other agents took some of these)
+
+    def _fresh(self) -> bool:
+        return bool(self._candidates) and (time.monotonic() - self._candidates_at < CANDIDATES_FOR)
+
+    def _take_from(self, candidates: list[dict[str, Any]], want: int) -> int:
+        """Take up to ``want`` of ``candidates`` (each tried once: taken here, by another
+        agent, or cancelled, it leaves the list)."""
         taken = 0
-        for doc in waiting:
-            if taken >= free or not self.may_claim():
-                break
+        while candidates and taken < want and self.may_claim():
+            doc = candidates.pop(0)
             try:
                 with pymongo.timeout(CALL_BUDGET):
                     if self._take(doc):
                         taken += 1
             except STORE_ERRORS as e:
                 log.warning("cannot take plan item %s: %s", doc["_id"], e)
+                candidates.clear()
                 break
-        if taken and len(waiting) > taken:
-            self._signal.set()  # more may wait (and other agents took some of these)
+        return taken
 
     def _spec(self, doc: dict[str, Any]) -> TaskSpec:
         spec = self._specs.get(doc["task_id"])

@@ -337,7 +337,35 @@ class Housekeeping:
                 self._signal_waiting_runs()
             if len(verdict) > released:
                 log.warning("marked %d runs of departed agents lost", len(verdict) - released)
+                self._rerun_lost([d for d in verdict if d["status"] != "queued"], tasks)
         self._settle_released_claims(tasks)
+
+    def _rerun_lost(self, lost: list[dict[str, Any]], tasks: dict[str, TaskRecord]) -> None:
+        """Runs just marked lost of tasks with ``on_lost: rerun``: their fire is queued again
+        as the next attempt (trigger ``retry``) for the task's owner to take, while the
+        attempts stay within the task's retries (one rerun at least). A mode ``all`` run is
+        its agent's slot, gone with it: not run again. Plan items have their own follow-up."""
+        reruns = []
+        for doc in lost:
+            record = tasks.get(doc.get("task_id", ""))
+            if record is None or doc.get("trigger") == "plan" or doc.get("slot") != "one":
+                continue
+            if record.spec.get("on_lost", "record") != "rerun":
+                continue
+            if doc.get("attempt", 0) + 1 > max(1, int(record.spec.get("retries") or 0)):
+                continue
+            reruns.append(doc)
+        if not reruns:
+            return
+        try:
+            with pymongo.timeout(CALL_BUDGET):
+                queued = self.store.rerun_lost_runs(reruns)
+        except (CloudTaskError, pymongo.errors.PyMongoError) as e:
+            log.warning("cannot queue the lost runs to run again: %s", e)
+            return
+        if queued:
+            log.warning("queued %d lost runs to run again (on_lost: rerun)", queued)
+            self._signal_waiting_runs()
 
     def follow_plan_items(self) -> None:
         """Plan items whose attempt ended ``failed``, ``timed_out`` or ``lost`` with
@@ -378,7 +406,9 @@ class Housekeeping:
             if record is None:
                 verdicts.append((doc, "skipped", "its task was paused, finished or deleted"))
                 continue
-            late = (now - doc["scheduled_for"]).total_seconds()
+            # a retry (a rerun of a lost run among them) is late from when it was queued
+            since = doc["claimed_at"] if doc.get("trigger") == "retry" else doc["scheduled_for"]
+            late = (now - since).total_seconds()
             if late > record.misfire_grace + RELEASED_SLACK:
                 verdicts.append((doc, "missed", "no agent took it over within its misfire grace"))
         if not verdicts:

@@ -20,11 +20,12 @@ from pymongo import DESCENDING, ReplaceOne
 from pymongo.errors import BulkWriteError
 
 from .. import events as ev
-from ..clock import from_epoch, to_bson_time, utcnow
+from ..clock import from_epoch, stored_time, to_bson_time, utcnow
 from ..exceptions import NotFound, StoreError
 from ..runmodel import (
     RUNNING_STATUSES,
     lost_fields,
+    new_run_document,
     released_fields,
 )
 from .base import DUPLICATE_KEY, StoreBase, guard, indexed, read_all
@@ -198,6 +199,37 @@ class RunRecords(StoreBase):
         guard(self.claims.bulk_write, "mark runs lost", ops, ordered=False)
         self.note_last_runs([d for d in written if d["status"] == "lost"])
         return [d["_id"] for d in written]
+
+    def rerun_lost_runs(self, docs: Sequence[dict[str, Any]], now: datetime | None = None) -> int:
+        """Queue the fires of these lost runs again, each as its next attempt (trigger
+        ``retry``, no agent: the task's owner takes it like a released claim). An attempt
+        queued already (the claim index) is not queued twice. Returns how many were new."""
+        now = now or utcnow()
+        fresh = []
+        for doc in docs:
+            new = new_run_document(
+                task_id=doc["task_id"],
+                task_name=doc.get("task_name", ""),
+                group=doc.get("group", "default"),
+                revision=doc.get("revision", 0),
+                scheduled_for=stored_time(doc["scheduled_for"]),
+                slot=doc.get("slot", "one"),
+                attempt=doc.get("attempt", 0) + 1,
+                trigger="retry",
+                agent=None,
+                status="queued",
+                now=now,
+            )
+            new["released_by"] = doc.get("agent")
+            new["rerun_of"] = doc["_id"]
+            fresh.append(new)
+        if not fresh:
+            return 0
+        try:
+            guard(self.claims.insert_many, "queue lost runs again", fresh, ordered=False)
+        except BulkWriteError as e:
+            return len(fresh) - len(e.details.get("writeErrors", []))
+        return len(fresh)
 
     def mark_runs_lost(
         self,
