@@ -402,3 +402,19 @@ def test_the_guard_answers_a_burst_in_few_messages(guard, monkeypatch):
         assert proc.wait(timeout=10) == 0
     # 40 starts and 40 exits: 80 answers, in far fewer messages
     assert "batch" in received and len(received) < 30, received  # (about 10)
+
+
+def test_a_start_request_larger_than_the_socket_buffer_starts_its_run(guard, tmp_path):
+    """A command and environment of several hundred KiB (within the task model's limits)
+    exceed what one datagram of the socket pair may carry: the request goes as a file."""
+    from cloudtask.agent.guard import LARGE_MESSAGE
+
+    out = tmp_path / "out"
+    big = "x" * 60_000
+    env = {**os.environ, **{f"V{i}": big for i in range(5)}}  # 300 KB of environment
+    code = f"import os; open({str(out)!r}, 'w').write(str(len(os.environ['V4'])))"
+    argv = [sys.executable, "-c", code, "y" * 60_000]
+    assert len(big) * 6 > 4 * LARGE_MESSAGE
+    proc = guard.spawn("big-run", "s1", argv, env, None)
+    assert proc.wait(timeout=30) == 0
+    assert out.read_text() == "60000"

@@ -73,7 +73,13 @@ FLUSH_EVERY = 4
 SPAWNS_MOST = 32  # start requests in one message at most (when the guard's queue was full)
 SPAWNS_BYTES = 65536  # and at most this many bytes of them
 # up to SPAWNS_MOST descriptors a message (a start request's output pipe each)
-FDS_SPACE = socket.CMSG_SPACE(SPAWNS_MOST * array.array("i").itemsize)
+# (and one more: the payload of a large message, see LARGE_MESSAGE)
+FDS_SPACE = socket.CMSG_SPACE((SPAWNS_MOST + 1) * array.array("i").itemsize)
+# a message longer than this (a start request with a big command or environment) goes as a
+# file whose descriptor is passed: a datagram of a SOCK_SEQPACKET pair may be no longer than
+# the socket's send buffer (about 208 KiB by default), and a task's command and environment
+# may together be several hundred KiB
+LARGE_MESSAGE = 64 * 1024
 CLOEXEC_FDS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)  # descriptors received are not inherited
 _ENCODER = json.JSONEncoder(separators=(",", ":"))  # (one: json.dumps makes one a call)
 _DECODER = json.JSONDecoder()
@@ -89,6 +95,37 @@ def _decode(data: bytes | bytearray) -> Any:
         return _DECODER.raw_decode(data.decode())[0]
     except UnicodeDecodeError as e:
         raise ValueError(str(e)) from None
+
+
+def _payload_file(data: bytes) -> int:
+    """An anonymous file holding ``data``, read from its start: its descriptor."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("cloudtask-guard-message", os.MFD_CLOEXEC)
+    else:  # (not Linux)
+        import tempfile
+
+        with tempfile.TemporaryFile() as f:
+            fd = os.dup(f.fileno())
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_payload(fd: int) -> bytes:
+    """What a large message's file holds (the guard's side); the descriptor is closed."""
+    try:
+        parts = []
+        while chunk := os.read(fd, 1 << 20):
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 class SpawnRefused(Exception):
@@ -463,8 +500,14 @@ class GuardClient:
             if sock is None:
                 raise GuardGone("the run guard is not running")
             flags = socket.MSG_DONTWAIT if nowait else 0
+            payload = -1
             try:
-                if fds:
+                if len(data) > LARGE_MESSAGE:
+                    payload = _payload_file(data)
+                    socket.send_fds(
+                        sock, [_encode({"op": "large"})], [payload, *(fds or [])], flags
+                    )
+                elif fds:
                     socket.send_fds(sock, [data], fds, flags)
                 else:
                     sock.send(data, flags)
@@ -472,6 +515,9 @@ class GuardClient:
                 return False
             except OSError as e:
                 raise GuardGone(f"the run guard is gone: {e}") from None
+            finally:
+                if payload >= 0:
+                    os.close(payload)
             return True
         finally:
             self._send_lock.release()
@@ -824,7 +870,10 @@ class Guard:
             return False
         try:
             msg = _decode(self._buf[:size])
-        except ValueError:
+            if msg.get("op") == "large" and fds:  # the message is in the file passed first
+                payload, fds = fds[0], fds[1:]
+                msg = _decode(_read_payload(payload))
+        except (ValueError, OSError):
             msg = {}
         op = msg.get("op")
         if op == "pulse":
