@@ -107,6 +107,9 @@ def create_app(config: Config | None = None, test_config: dict[str, Any] | None 
     from . import secret_pages  # the Secrets page (not "secrets": this module uses the stdlib's)
 
     app.register_blueprint(secret_pages.bp)
+    from . import plan_pages  # the Plans pages (the API's plans are web/api/plans.py)
+
+    app.register_blueprint(plan_pages.bp)
     register_filters(app)
     app.jinja_env.globals["csrf_token"] = csrf_token
     app.jinja_env.globals["version"] = __version__
