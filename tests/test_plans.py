@@ -267,3 +267,23 @@ def test_items_of_an_agent_killed_mid_way_run_again_elsewhere_as_attempts(
     fires = Counter((r.task, r.attempt) for r in seen if r.kind == "start")
     assert set(fires.values()) == {1}, "an attempt started twice"
     assert max(concurrency(seen).values()) <= 3
+
+
+def test_a_plan_cancelled_without_the_cluster_drops_what_waits_and_is_audited(store):
+    """Killing running items needs ZooKeeper: without it the plan is still cancelled (its
+    waiting items dropped, no further attempt) and the refusal to kill is said, and audited."""
+    from cloudtask.exceptions import Conflict
+
+    ops = Operations(store)  # no ZooKeeper
+    receipt = ops.submit_plan("upstream", {"items": items(3, "true")})
+    running = receipt["items"][0]["item_id"]
+    store.runs.update_one(
+        {"task_id": running}, {"$set": {"status": "running", "agent": "a1", "session": "s"}}
+    )
+    with pytest.raises(Conflict, match="ZooKeeper"):
+        ops.cancel_plan("alice", receipt["plan_id"])
+    states = Counter(i["state"] for i in store.plan_items(receipt["plan_id"]))
+    assert states == {"killed": 2, "running": 1}
+    entry = store.audit.find_one({"action": "plan.cancel"})
+    assert entry is not None and entry["actor"] == "alice"
+    assert entry["after"] == {"dropped": 2, "killing": 0, "not_killed": 1}

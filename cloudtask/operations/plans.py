@@ -45,7 +45,21 @@ class PlanOperations(OperationsBase):
         """Cancel a plan: its waiting items are dropped (``killed``), its running ones
         killed through their agents, and no further attempt is queued."""
         result = self.store.cancel_plan(plan_id, by=actor)
-        killing = self._kill_all(result["running"], f"plan cancelled by {actor}")
+        try:
+            killing = self._kill_all(result["running"], f"plan cancelled by {actor}")
+        except Conflict:  # cancelled and its waiting items dropped all the same: audited
+            self.audit(
+                actor,
+                "plan.cancel",
+                f"plan:{plan_id}",
+                None,
+                {
+                    "dropped": result["cancelled"],
+                    "killing": 0,
+                    "not_killed": len(result["running"]),
+                },
+            )
+            raise
         self.audit(
             actor,
             "plan.cancel",

@@ -40,7 +40,7 @@ TASK_LIST_FIELDS = {
     "spec.owner": 1,
     "spec.description": 1,
 }
-RUN_LIST_FIELDS = {"output_tail": 0, "token_hash": 0}
+RUN_LIST_FIELDS = {"output_tail": 0, "token_hash": 0, "item": 0}  # (a plan item's spec)
 
 
 @dataclass
