@@ -38,8 +38,12 @@ from .exceptions import Problem
 
 UTC = timezone.utc
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-SCHEDULE_KINDS = ("cron", "every", "at", "keepalive")
-SCHEDULE_KEYS = (*SCHEDULE_KINDS, "timezone", "start", "end", "between")
+SCHEDULE_KINDS = ("cron", "every", "at", "keepalive", "after")
+SCHEDULE_KEYS = (*SCHEDULE_KINDS, "timezone", "start", "end", "between", "within")
+MAX_PARENTS = 20  # tasks an after schedule waits for
+# a task's name (the task model's rule, cloudtask/task.py, which builds on this module)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+NAME_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 EVERY_MIN = 1.0
 EVERY_MAX = 30 * 86400.0
 KEEPALIVE_MAX_BACKOFF = 60.0
@@ -386,6 +390,42 @@ class KeepaliveSchedule(Schedule):
         return {"keepalive": True}
 
 
+@dataclass(frozen=True)
+class AfterSchedule(Schedule):
+    """Fires for a logical date once every parent task succeeded for it (fan-in): the date of
+    a parent's run is the date of its fire time (``scheduled_for``) in ``timezone``, and the
+    child's fire for it is at that date's midnight there, so each date fires once (the claim
+    key). With ``within``, the parents must all succeed within that long of the first one,
+    or the date is recorded ``missed``. No fire times of its own: the leading center queues
+    its fires (cloudtask/center/fanin.py)."""
+
+    parents: tuple[str, ...]
+    timezone: str = "UTC"
+    within: float | None = None
+    window: Window = field(default_factory=Window, init=False)
+    kind = "after"
+
+    def next_after(self, t: datetime) -> datetime | None:
+        return None
+
+    def logical_date(self, fire: datetime) -> Any:
+        """The date a parent's fire at ``fire`` is for."""
+        return _utc(fire).astimezone(ZoneInfo(self.timezone)).date()
+
+    def date_start(self, day: Any) -> datetime:
+        """The instant the child's fire for ``day`` is recorded at (its midnight there)."""
+        wall = datetime(day.year, day.month, day.day)
+        return _opening_instant(wall, ZoneInfo(self.timezone))
+
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"after": list(self.parents)}
+        if self.within is not None:
+            out["within"] = format_duration(self.within)
+        if self.timezone != "UTC":
+            out["timezone"] = self.timezone
+        return out
+
+
 def keepalive_backoff(restarts: int) -> float:
     """Seconds to wait before restart number ``restarts``: 0, then 1, 2, 4, ... up to 60."""
     if restarts <= 0:
@@ -406,6 +446,11 @@ class ScheduleSet:
     @property
     def keepalive(self) -> bool:
         return any(isinstance(item, KeepaliveSchedule) for item in self.items)
+
+    @property
+    def after(self) -> AfterSchedule | None:
+        """The fan-in schedule, when the task runs after its parents."""
+        return next((i for i in self.items if isinstance(i, AfterSchedule)), None)
 
     @property
     def is_once(self) -> bool:
@@ -447,9 +492,10 @@ def parse_schedule(
     items = [_parse_one(item, where, problems, now) for where, item in entries]
     if len(entries) > 1:
         for where, item in entries:
-            if isinstance(item, dict) and "keepalive" in item:
-                message = "keepalive cannot be combined with other schedules"
-                problems.append(Problem(f"{where}.keepalive", message))
+            for kind in ("keepalive", "after"):
+                if isinstance(item, dict) and kind in item:
+                    message = f"{kind} cannot be combined with other schedules"
+                    problems.append(Problem(f"{where}.{kind}", message))
     if problems:
         return None, problems
     return ScheduleSet(tuple(item for item in items if item is not None)), []
@@ -481,16 +527,24 @@ def _parse_one(
     kind = kinds[0] if len(kinds) == 1 else None
     if len(kinds) != 1:
         got = f", got {' and '.join(kinds)}" if kinds else ""
-        refuse("", f"expected exactly one of the keys cron, every, at or keepalive{got}")
+        refuse("", f"expected exactly one of the keys cron, every, at, keepalive or after{got}")
+    if "within" in item and kind != "after":
+        refuse("within", "only an after schedule takes within")
+    for key in ("start", "end", "between"):
+        if key in item and kind == "after":
+            refuse(key, f"an after schedule fires when its parents succeeded; it takes no {key}")
     for key in ("timezone", "start", "end", "between"):
         if key in item and kind == "keepalive":
             refuse(key, f"a keepalive task runs all the time; it takes no {key}")
         elif key in item and kind == "at" and key in ("timezone", "between"):
             refuse(key, f"only cron and every take a {key}, not at")
     timezone_name = item.get("timezone", "UTC")
-    if kind in ("cron", "every", None) and (message := timezone_problem(timezone_name)):
+    if kind in ("cron", "every", "after", None) and (message := timezone_problem(timezone_name)):
         refuse("timezone", message)
-    start, end = (read(k, parse_instant) if kind != "keepalive" else None for k in ("start", "end"))
+    start, end = (
+        read(k, parse_instant) if kind not in ("keepalive", "after") else None
+        for k in ("start", "end")
+    )
     if start is not None and end is not None and start >= end:
         refuse("end", f"must be after start ({format_instant(start)})")
     elif end is not None and now is not None and end <= _utc(now):
@@ -508,8 +562,15 @@ def _parse_one(
         refuse("at", f"{format_instant(at)} is in the past")
     if kind == "keepalive" and raw is not True:
         refuse("keepalive", f"must be true, got {show_value(raw)}")
+    parents: tuple[str, ...] = ()
+    within = None
+    if kind == "after":
+        parents = _parse_parents(raw, f"{path}.after", problems)
+        within = read("within", lambda v: _check_within(parse_duration(v)))
     if kind is None or len(problems) > before:
         return None
+    if kind == "after":
+        return AfterSchedule(parents, timezone_name, within)
 
     window = Window(start, end, between)
     schedule: Schedule
@@ -523,6 +584,31 @@ def _parse_one(
         refuse("between", "the schedule never fires inside this between window")
         return None
     return schedule
+
+
+def _parse_parents(value: object, path: str, problems: list[Problem]) -> tuple[str, ...]:
+    """The parent task names of an after schedule: 1 to MAX_PARENTS distinct names."""
+    rule = f"expected a list of 1 to {MAX_PARENTS} task names"
+    if not isinstance(value, list) or not value or len(value) > MAX_PARENTS:
+        problems.append(Problem(path, f"{rule}, got {show_value(value)}"))
+        return ()
+    names: list[str] = []
+    for i, name in enumerate(value):
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            problems.append(
+                Problem(f"{path}[{i}]", f"expected a task name, got {show_value(name)}")
+            )
+        elif name in names:
+            problems.append(Problem(f"{path}[{i}]", f"{name!r} is named twice"))
+        else:
+            names.append(name)
+    return tuple(names)
+
+
+def _check_within(seconds: float) -> float:
+    if not 60 <= seconds <= 7 * 86400:
+        raise ValueError("expected a duration from 1m to 7d")
+    return seconds
 
 
 def _parse_between(value: object, path: str, problems: list[Problem]) -> tuple[time, time] | None:
@@ -559,6 +645,10 @@ def schedule_summary(schedule: Any) -> str:
             text = f"at {item['at']}"
         elif "keepalive" in item:
             text = "keepalive"
+        elif "after" in item and isinstance(item["after"], list):
+            text = "after " + " and ".join(map(str, item["after"]))
+            if item.get("within"):
+                text += f" within {item['within']}"
         else:
             continue
         if item.get("between"):

@@ -62,8 +62,8 @@ MAX_HTTP_HEADERS_BYTES = 64 * 1024  # every "Name: value" of http.headers, toget
 MAX_CWD_BYTES = 4096  # PATH_MAX
 MAX_SPEC_DEPTH = MAX_JSON_DEPTH  # objects and lists inside each other (an http.body's own)
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-NAME_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+from .schedules import NAME_PATTERN, NAME_RULE  # noqa: E402  (one rule for names)
+
 ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+")

@@ -60,6 +60,11 @@ SPECS = {
         "enabled": False,
     },
     "at, once": {"name": "once", "schedule": {"at": LATER.isoformat()}, "command": "true"},
+    "after two parents": {
+        "name": "report",
+        "schedule": {"after": ["extract", "load"], "within": "6h", "timezone": "Europe/Berlin"},
+        "command": "make report",
+    },
     "keepalive with a pinned file": {
         "name": "service",
         "schedule": {"keepalive": True},

@@ -286,6 +286,27 @@ TASK = {
             "maxItems": 10,
             "description": "The next 10 fire times in UTC (none for keepalive or done tasks)",
         },
+        "dependencies": {
+            "type": "object",
+            "description": "For a task that runs after others: what it waits for",
+            "properties": {
+                "summary": STRING,
+                "date": nullable(STRING),
+                "within": nullable({"type": "number"}),
+                "parents": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "name": STRING,
+                            "task_id": nullable(STRING),
+                            "state": STRING,
+                            "run_id": nullable(STRING),
+                        },
+                    },
+                },
+            },
+        },
     },
 }
 TASK_SUMMARY = {

@@ -36,7 +36,7 @@ from cloudtask.task import TASK_FIELDS, TaskField, secret_ref
 
 SECRET_PREFIX = "secret:"  # a value typed so is a stored secret's name: {"secret": NAME}
 
-SCHEDULE_KINDS = ("cron", "every", "at", "keepalive")
+SCHEDULE_KINDS = ("cron", "every", "at", "keepalive", "after")
 
 TEXT_FIELDS = (
     "name",
@@ -48,6 +48,8 @@ TEXT_FIELDS = (
     "timezone",
     "every",
     "at",
+    "after_parents",
+    "within",
     "start",
     "end",
     "between_start",
@@ -239,6 +241,8 @@ def spec_form(spec: dict[str, Any]) -> dict[str, Any]:
         timezone=schedule.get("timezone", "UTC"),
         every=schedule.get("every", "") if kind == "every" else "",
         at=schedule.get("at", "") if kind == "at" else "",
+        after_parents=", ".join(schedule.get("after") or []) if kind == "after" else "",
+        within=schedule.get("within", "") if kind == "after" else "",
         start=schedule.get("start", ""),
         end=schedule.get("end", ""),
         between_start=between[0],
@@ -344,12 +348,16 @@ def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
         schedule["every"] = duration_value(form["every"])
     elif kind == "at":
         schedule["at"] = instant_value(form["at"], tz)
+    elif kind == "after":
+        schedule["after"] = [p for p in re.split(r"[\s,]+", form["after_parents"]) if p]
+        if form["within"].strip():
+            schedule["within"] = duration_value(form["within"])
     else:
         schedule["keepalive"] = True
-    if kind in ("cron", "every") and tz:
+    if kind in ("cron", "every", "after") and tz:
         schedule["timezone"] = tz
     # the window fields a kind takes (the page hides the others, so they are ignored)
-    for key in ("start", "end") if kind != "keepalive" else ():
+    for key in ("start", "end") if kind not in ("keepalive", "after") else ():
         if form[key].strip():
             schedule[key] = instant_value(form[key], tz)
     between = [form["between_start"].strip(), form["between_end"].strip()]

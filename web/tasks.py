@@ -23,6 +23,7 @@ from flask import Blueprint, abort, flash, redirect, render_template, request, u
 from werkzeug.routing import BuildError
 
 from cloudtask.clock import utcnow
+from cloudtask.dependencies import dependency_status
 from cloudtask.exceptions import CloudTaskError, Conflict, NotFound, Problem, ValidationError
 from cloudtask.operations import task_warnings
 from cloudtask.schedules import next_fires, schedule_summary
@@ -98,6 +99,9 @@ def fire_times(task: dict[str, Any], n: int = DETAIL_FIRES) -> dict[str, Any]:
         return out
     if spec.schedule.keepalive:
         out["kind"] = "keepalive"
+        return out
+    if spec.schedule.after is not None:
+        out["kind"] = "after"
         return out
     try:
         fires = next_fires(spec.schedule, utcnow(), n)
@@ -199,6 +203,8 @@ def detail(task_id: str) -> Any:
         runs=runs,
         keepalive=keepalive,
         definition=json.dumps(task["spec"], indent=2, ensure_ascii=False),
+        dependencies=dependency_status(store(), task["spec"]),
+        children=store().children_of(task["name"]),
     )
 
 

@@ -119,7 +119,7 @@ class WaitingRuns:
             return
         newest: dict[tuple[str, str], datetime] = {}  # the newest due fire per task and slot
         for doc in pending:
-            if doc.get("trigger") in ("manual", "retry") or doc["scheduled_for"] > now:
+            if doc.get("trigger") in ("manual", "retry", "after") or doc["scheduled_for"] > now:
                 continue
             key, at = (doc["task_id"], doc.get("slot")), doc["scheduled_for"]
             newest[key] = max(newest.get(key, at), at)
@@ -217,7 +217,7 @@ class WaitingRuns:
         outcome = None
         if spec.schedule.keepalive:
             outcome = ("skipped", "a keepalive start its agent left; the service starts here anew")
-        elif trigger != "retry":
+        elif trigger not in ("retry", "after"):  # (both are due when queued)
             verdict = self.late_verdict(spec, doc["scheduled_for"], now)
             released = f"released by {doc.get('released_by')}"
             if verdict != "missed" and newest is not None and doc["scheduled_for"] < newest:

@@ -65,6 +65,7 @@ from ..registry import LiveAgent
 from ..runmodel import BEAT_INTERVAL
 from ..store import Store
 from ..zkpaths import ZkPaths, decode, run_signal
+from .fanin import FanIn
 from .tasks import TaskRecord
 from .writer import ASSIGNMENT_MAX_BYTES, FencedWriter, LeadershipLost
 
@@ -120,6 +121,7 @@ class Housekeeping:
             2 * BEAT_INTERVAL + config.agent.kill_grace + 1.0 if lost_grace is None else lost_grace
         )
         self._unheard: dict[str, tuple[Any, float]] = {}  # run id -> (beat, since: monotonic)
+        self.fanin = FanIn(store)  # the fires of tasks that run after others (fanin.py)
         self._unassigned_reported: set[str] = set()  # recorded as events (or by the last leader)
         self._unassigned_since: dict[str, float] = {}  # not reported yet: since (monotonic)
         self._too_large_reported: set[tuple[str, int]] = set()  # (task id, revision)
@@ -163,6 +165,7 @@ class Housekeeping:
             lambda: self.publish_status(view.agents, view.unassigned),
             lambda: self.judge_unheard_runs(view.agents, view.read_at, view.tasks),
             self.follow_plan_items,
+            lambda: self.fire_after_tasks(view.tasks),
             lambda: self.record_agents(view.agents),
             self.purge_runs,
         )
@@ -367,6 +370,21 @@ class Housekeeping:
             log.warning("queued %d lost runs to run again (on_lost: rerun)", queued)
             self._signal_waiting_runs()
 
+    def fire_after_tasks(self, tasks: dict[str, TaskRecord]) -> None:
+        """Tasks that run after their parents: the dates all their parents succeeded for
+        get their fire (cloudtask/center/fanin.py), every FANIN_INTERVAL seconds."""
+        if not self.fanin.due():
+            return
+        self.writer.check_fence()
+        try:
+            with pymongo.timeout(CALL_BUDGET):
+                queued = self.fanin.fire(tasks)
+        except (CloudTaskError, pymongo.errors.PyMongoError) as e:
+            log.warning("cannot fire the tasks that run after others: %s", e)
+            return
+        if queued:
+            self._signal_waiting_runs()
+
     def follow_plan_items(self) -> None:
         """Plan items whose attempt ended ``failed``, ``timed_out`` or ``lost`` with
         attempts left and no next attempt written yet (a lost one always: its agent is gone;
@@ -406,8 +424,10 @@ class Housekeeping:
             if record is None:
                 verdicts.append((doc, "skipped", "its task was paused, finished or deleted"))
                 continue
-            # a retry (a rerun of a lost run among them) is late from when it was queued
-            since = doc["claimed_at"] if doc.get("trigger") == "retry" else doc["scheduled_for"]
+            # a retry (a rerun of a lost run among them) and the fire of an after task are
+            # late from when they were queued
+            queued = doc.get("trigger") in ("retry", "after")
+            since = doc["claimed_at"] if queued else doc["scheduled_for"]
             late = (now - since).total_seconds()
             if late > record.misfire_grace + RELEASED_SLACK:
                 verdicts.append((doc, "missed", "no agent took it over within its misfire grace"))

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from ..clock import utcnow
+from ..dependencies import cycle_problems
 from ..exceptions import Conflict, NotFound, Problem, ValidationError
 from ..runmodel import GOING_STATUSES
 from ..schedules import parse_schedule
@@ -80,9 +81,21 @@ class TaskOperations(RunOperations):
         ):
             problems += self.store.file_reference_problems(spec.file, spec.file_version)
         problems += self._secret_problems(spec, old)
+        problems += self._after_problems(spec, old)
         if problems:
             raise ValidationError(problems)
         return spec
+
+    def _after_problems(self, spec: TaskSpec, old: dict[str, Any]) -> list[Problem]:
+        """An after schedule (fan-in) new or changed: each parent must be a task, and no
+        parent may wait (through others) for this task."""
+        after = spec.schedule.after
+        if after is None or spec.to_dict().get("schedule") == old.get("schedule"):
+            return []
+        graph = self.store.after_graph()
+        graph.pop(old.get("name", spec.name), None)
+        known = set(self.store.tasks_by_names(list(after.parents)))
+        return cycle_problems(spec.name, after.parents, graph, known)
 
     def _secret_problems(self, spec: TaskSpec, old: dict[str, Any]) -> list[Problem]:
         """A problem at each new or changed reference to a secret that is not stored."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import pymongo
 from pymongo import DESCENDING, ReplaceOne
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from .. import events as ev
 from ..clock import from_epoch, stored_time, to_bson_time, utcnow
@@ -230,6 +230,70 @@ class RunRecords(StoreBase):
         except BulkWriteError as e:
             return len(fresh) - len(e.details.get("writeErrors", []))
         return len(fresh)
+
+    def parent_runs(
+        self, task_ids: list[str], since: datetime, until: datetime
+    ) -> list[dict[str, Any]]:
+        """The runs of ``task_ids`` fired from ``since`` to ``until`` (fan-in: what the
+        parents of an after task did)."""
+        if not task_ids:
+            return []
+        cursor = self.runs.find(
+            {
+                "task_id": {"$in": sorted(set(task_ids))},
+                "ts": {"$gte": since.timestamp(), "$lte": until.timestamp()},
+            },
+            {
+                "task_id": 1,
+                "scheduled_for": 1,
+                "status": 1,
+                "attempt": 1,
+                "finished_at": 1,
+            },
+        )
+        return read_all(cursor, "read the parents' runs")
+
+    def record_after_fire(
+        self,
+        task_id: str,
+        task_name: str,
+        group: str,
+        revision: int,
+        at: datetime,
+        day: str,
+        parents: dict[str, str],
+        *,
+        missed: str | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        """The fire of an after task for the logical date ``day`` (recorded at ``at``): a
+        run ``queued`` with no agent for the task's owner, or, with ``missed``, recorded
+        ``missed`` with that reason. False when it was recorded before (the claim index)."""
+        now = now or utcnow()
+        doc = new_run_document(
+            task_id=task_id,
+            task_name=task_name,
+            group=group,
+            revision=revision,
+            scheduled_for=at,
+            slot="one",
+            attempt=0,
+            trigger="after",
+            agent=None,
+            status="missed" if missed else "queued",
+            now=now,
+        )
+        doc["after_date"] = day
+        doc["parents"] = parents  # name -> the run that counted
+        if missed:
+            doc["error"] = missed
+        try:
+            guard(self.claims.insert_one, "record the fire of an after task", doc)
+        except DuplicateKeyError:
+            return False
+        if missed:
+            self.note_last_runs([doc])
+        return True
 
     def mark_runs_lost(
         self,

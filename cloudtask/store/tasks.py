@@ -129,6 +129,40 @@ class TaskRecords(StoreBase):
         """The task with this id, or None."""
         return guard(self.tasks.find_one, "read the task", {"_id": task_id})
 
+    def tasks_by_names(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        """name -> ``{_id, name, enabled, group}`` of the tasks among ``names``."""
+        if not names:
+            return {}
+        docs = read_all(
+            self.tasks.find(
+                {"name": {"$in": sorted(set(names))}}, {"name": 1, "enabled": 1, "group": 1}
+            ),
+            "read tasks by name",
+        )
+        return {d["name"]: d for d in docs}
+
+    def after_graph(self) -> dict[str, tuple[str, ...]]:
+        """name -> parent names, of every task whose schedule is ``after`` (fan-in)."""
+        docs = read_all(
+            self.tasks.find({"spec.schedule.after": {"$exists": True}}, {"name": 1, "spec": 1}),
+            "read the tasks that run after others",
+        )
+        out = {}
+        for doc in docs:
+            schedule = (doc.get("spec") or {}).get("schedule")
+            if isinstance(schedule, dict) and isinstance(schedule.get("after"), list):
+                out[doc["name"]] = tuple(str(p) for p in schedule["after"])
+        return out
+
+    def children_of(self, name: str) -> list[dict[str, Any]]:
+        """The tasks that run after ``name`` (id and name)."""
+        return [
+            {"id": doc_id, "name": child}
+            for child, parents in self.after_graph().items()
+            if name in parents
+            for doc_id in [self.get_task_by_name(child)["_id"]]
+        ]
+
     def get_task_by_name(self, name: str) -> dict[str, Any]:
         doc = guard(self.tasks.find_one, "read the task", {"name": name})
         if doc is None:

@@ -18,6 +18,7 @@ from typing import Any
 from flask import jsonify, url_for
 
 from cloudtask.clock import utcnow
+from cloudtask.dependencies import dependency_status
 from cloudtask.exceptions import Conflict, NotFound, ValidationError
 from cloudtask.operations import find_task, task_warnings
 from cloudtask.schedules import next_fires
@@ -79,6 +80,9 @@ def task_out(doc: dict[str, Any], detail: bool = True) -> dict[str, Any]:
     out["state"] = task_state(doc)
     if detail:
         out["next_fires"] = fire_times(doc)
+        status = dependency_status(store(), doc["spec"])
+        if status:  # a task that runs after others: what it waits for
+            out["dependencies"] = status
     return out
 
 
