@@ -131,3 +131,25 @@ def _children(zk: Any, path: str) -> list[str]:
 
 def iso(t: datetime | None) -> str | None:
     return t.isoformat() if t else None
+
+
+def pool_usage(zk: Any, paths: Any, pools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``pools`` (name, size) with ``running`` and ``waiting``: the runs holding a place
+    and the runs waiting for one, as ZooKeeper shows them (None each without a cluster or
+    when ZooKeeper does not answer)."""
+    from kazoo.exceptions import KazooException, NoNodeError
+
+    out = []
+    for pool in pools:
+        running = waiting = None
+        if zk is not None:
+            try:
+                places = len(zk.get_children(f"{paths.pools}/{pool['name']}"))
+            except NoNodeError:
+                places = 0
+            except KazooException:
+                places = None
+            if places is not None:
+                running, waiting = min(pool["size"], places), max(0, places - pool["size"])
+        out.append({**pool, "running": running, "waiting": waiting})
+    return out

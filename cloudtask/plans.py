@@ -126,6 +126,8 @@ ITEM_TASK_KEYS = (
     "env",
     "cwd",
     "run_as",
+    "pool",
+    "pool_wait",
     "description",
 )
 ITEM_KEYS = ("type", "name", "priority", "not_before", "external_id", *ITEM_TASK_KEYS)

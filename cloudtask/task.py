@@ -183,6 +183,18 @@ TASK_FIELDS: tuple[TaskField, ...] = (
     TaskField("env", "env", "Environment variables of the command", default={}),
     TaskField("cwd", "string", "The command's working folder", nullable=True),
     TaskField(
+        "pool",
+        "string",
+        "A concurrency pool: at most its size of runs at once in the cluster, the rest wait",
+        nullable=True,
+    ),
+    TaskField(
+        "pool_wait",
+        "duration",
+        "How long a run waits for a place in its pool before it is skipped (10m if not given)",
+        nullable=True,
+    ),
+    TaskField(
         "run_as",
         "string",
         "The user (or user:group) the command runs as, if its agent allows it",
@@ -271,6 +283,8 @@ class TaskSpec:
     secret_env: dict[str, str] = field(default_factory=dict, metadata={"within": "env"})
     cwd: str | None = None
     run_as: str | None = None  # user[:group]; the agent checks it against agent.run_as_allowed
+    pool: str | None = None  # a concurrency pool's name (cloudtask/agent/pools.py)
+    pool_wait: float | None = None  # seconds a run waits for its pool (None: 10 minutes)
     notify: NotifySpec = field(default_factory=NotifySpec)
     description: str = ""
     owner: str = ""
@@ -308,6 +322,8 @@ class TaskSpec:
             "env": {**self.env, **_refs(self.secret_env)},
             "cwd": self.cwd,
             "run_as": self.run_as,
+            "pool": self.pool,
+            "pool_wait": _format_optional(self.pool_wait),
             "notify": self.notify.to_dict(),
             "description": self.description,
             "owner": self.owner,
@@ -623,6 +639,9 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
     cwd = f.string("cwd", None, nullable=True)
     if cwd is not None and (size := _size(cwd)) > MAX_CWD_BYTES:
         f.refuse("cwd", too_large("the folder", size, MAX_CWD_BYTES))
+    pool = f.string("pool", None, nullable=True)
+    if pool is not None and pool and not NAME_PATTERN.fullmatch(pool):
+        f.refuse("pool", f"a pool's name: {NAME_RULE}")
     run_as = f.string("run_as", None, nullable=True)
     if run_as is not None and run_as and not RUN_AS_PATTERN.fullmatch(run_as):
         f.refuse("run_as", f"{RUN_AS_RULE}, got {show_value(run_as)}")
@@ -648,6 +667,8 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
         secret_env=secret_env,
         cwd=cwd or None,
         run_as=run_as or None,
+        pool=pool or None,
+        pool_wait=f.duration("pool_wait", None, nullable=True),
         notify=_read_notify(data["notify"], problems) if "notify" in data else NotifySpec(),
         description=f.string("description"),
         owner=f.string("owner"),

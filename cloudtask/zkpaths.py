@@ -50,6 +50,7 @@ class ZkPaths:
         self.run_signal = f"{base}/signals/runs"
         self.status = f"{base}/status"
         self.kills = f"{base}/kills"
+        self.pools = f"{base}/pools"  # concurrency pools' places (cloudtask/agent/pools.py)
 
     def agent_group(self, group: str) -> str:
         return f"{self.agents}/{group}"

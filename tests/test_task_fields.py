@@ -61,6 +61,8 @@ ACCEPTED: dict[str, list[Any]] = {
     "env": [{"A": "1"}],
     "cwd": ["/tmp", None],
     "run_as": ["batch:staff", "nobody", None],
+    "pool": ["db-heavy", None],
+    "pool_wait": ["5m", 30, None],
     "notify": [{"emails": ["a@example.com"], "on": ["failure"]}],
     "description": ["what it does"],
     "owner": ["ops"],

@@ -45,6 +45,8 @@ DESIGN_EXAMPLE: dict[str, Any] = {
     "env": {"LEVEL": "info"},
     "cwd": None,
     "run_as": None,
+    "pool": None,
+    "pool_wait": None,
     "notify": {"emails": ["ops@example.com"], "on": ["failure", "timeout", "missed", "lost"]},
     "description": "",
     "owner": "",

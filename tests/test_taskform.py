@@ -45,6 +45,8 @@ SPECS = {
         "misfire": "skip",
         "misfire_grace": "5m",
         "on_lost": "rerun",
+        "pool": "db-heavy",
+        "pool_wait": "5m",
         "mode": "all",
         "owner": "ops",
         "description": "the nightly one",

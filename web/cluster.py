@@ -18,11 +18,11 @@ from typing import Any
 
 from flask import Blueprint, render_template, request
 
-from cloudtask.clusterview import merge_agents
+from cloudtask.clusterview import merge_agents, pool_usage
 from cloudtask.exceptions import CloudTaskError
 
 from .auth import requires
-from .context import agents, cluster, store
+from .context import agents, cluster, paths, store, zk
 
 bp = Blueprint("cluster", __name__, url_prefix="/cluster")
 
@@ -108,6 +108,15 @@ def build_groups(
     return sorted(groups.values(), key=lambda g: (g.problem is None, g.name))
 
 
+def _pools() -> list[dict[str, Any]]:
+    """The concurrency pools and how full each is."""
+    try:
+        pools = store().list_pools()
+    except CloudTaskError:
+        return []
+    return pool_usage(zk(), paths(), pools)
+
+
 @bp.get("")
 @requires("viewer")
 def index() -> Any:
@@ -132,6 +141,7 @@ def index() -> Any:
         leader=view.leader,
         leader_known=leader_known,
         unassigned_total=len(view.unassigned),
+        pools=_pools(),
         totals={
             "online": sum(1 for r in rows if r["status"] == "online"),
             "leaving": sum(1 for r in rows if r["status"] == "leaving"),

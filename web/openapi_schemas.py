@@ -786,4 +786,32 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"deleted": STRING},
     },
     **PLAN_SCHEMAS,
+    "Pool": {
+        "type": "object",
+        "required": ["name", "size"],
+        "properties": {
+            "name": STRING,
+            "size": {"type": "integer"},
+            "updated_at": nullable(TIME),
+            "updated_by": nullable(STRING),
+            "running": nullable({"type": "integer"}),
+            "waiting": nullable({"type": "integer"}),
+        },
+    },
+    "PoolList": {
+        "type": "object",
+        "required": ["items"],
+        "properties": {"items": {"type": "array", "items": ref("Pool")}},
+    },
+    "PoolPut": {
+        "type": "object",
+        "required": ["size"],
+        "additionalProperties": False,
+        "properties": {"size": {"type": "integer", "minimum": 1, "maximum": 10000}},
+    },
+    "PoolDeleted": {
+        "type": "object",
+        "required": ["deleted"],
+        "properties": {"deleted": STRING},
+    },
 }

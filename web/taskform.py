@@ -60,6 +60,8 @@ TEXT_FIELDS = (
     "file_version",
     "cwd",
     "run_as",
+    "pool",
+    "pool_wait",
     "url",
     "method",
     "headers",
@@ -254,6 +256,8 @@ def spec_form(spec: dict[str, Any]) -> dict[str, Any]:
         file_version=spec.get("file_version") or "",
         cwd=spec.get("cwd") or "",
         run_as=spec.get("run_as") or "",
+        pool=spec.get("pool") or "",
+        pool_wait=spec.get("pool_wait") or "",
         url=urls[0] if urls else "",
         method=http.get("method", "GET"),
         headers="\n".join(f"{k}: {shown_value(v)}" for k, v in (http.get("headers") or {}).items()),
@@ -405,6 +409,10 @@ def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
 
     if form["timeout"].strip():
         spec["timeout"] = duration_value(form["timeout"])
+    if form["pool"].strip():
+        spec["pool"] = form["pool"].strip()
+    if form["pool_wait"].strip():
+        spec["pool_wait"] = duration_value(form["pool_wait"])
     retries = form["retries"].strip()
     if retries:
         spec["retries"] = int(retries) if small_number(retries) else retries

@@ -69,6 +69,7 @@ from .leases import LeaseKeeper, lease_name
 from .logfiles import LogJanitor
 from .manual import FORBID_SKIP, WaitingRuns
 from .planitems import PlanQueue
+from .pools import DEFAULT_POOL_WAIT, LocalPools, PoolError, PoolTimeout, Sizes
 from .proctree import IS_POSIX
 from .recovery import EarlierLife
 from .run import RunContext
@@ -180,6 +181,8 @@ class Agent:
             submit=self._submit,
             arm=self._arm_taken,
         )
+        # concurrency pools: one agent alone keeps them here (a cluster agent in ZooKeeper)
+        self.pools: Any = LocalPools(Sizes(self._pool_size))
         # plan items of our group, taken while there are free slots (planitems.py)
         self.items = PlanQueue(
             store,
@@ -808,8 +811,44 @@ class Agent:
             if ctx.session != self.session or not self.may_claim():
                 return "release", "its agent lost its ZooKeeper session before starting it"
         if ctx.secrets is None and ctx.spec.secrets_used():
-            return self._open_secrets(ctx)
+            action, why = self._open_secrets(ctx)
+            if action != "start":
+                return action, why
+        if ctx.spec.pool and ctx.pool_token is None:
+            return self._enter_pool(ctx)
         return "start", ""
+
+    def _enter_pool(self, ctx: RunContext) -> tuple[str, str]:
+        """A place in the run's concurrency pool, waited for in order (pools.py): the run is
+        ``skipped`` when it waits longer than its task's ``pool_wait``, fails when the pool
+        does not exist, and is handed back when its agent stops or loses its fence meanwhile.
+        The place is given back when the run ends (:meth:`_finished`)."""
+        pool = ctx.spec.pool
+        assert pool is not None
+        wait = ctx.spec.pool_wait if ctx.spec.pool_wait is not None else DEFAULT_POOL_WAIT
+        try:
+            ctx.pool_token = self.pools.acquire(
+                pool,
+                ctx.run_id,
+                wait,
+                cancelled=lambda: ctx.kill_requested.is_set() or self._stop.is_set(),
+            )
+        except PoolTimeout as e:
+            if self._stop.is_set():
+                return "release", f"its agent stopped while it waited for pool {pool!r}"
+            return "skip", f"{e}: not run (pool_wait)"
+        except PoolError as e:
+            return "fail", str(e)
+        if ctx.session != self.session or not self.may_claim():
+            return "release", "its agent lost its ZooKeeper session while it waited for its pool"
+        return "start", ""
+
+    def _pool_size(self, name: str) -> int | None:
+        try:
+            with pymongo.timeout(CALL_BUDGET):
+                return self.store.pool_size(name)
+        except STORE_ERRORS as e:
+            raise PoolError(f"cannot read the size of pool {name!r}: {e}") from e
 
     def _open_secrets(self, ctx: RunContext) -> tuple[str, str]:
         """The values of the secrets the run's task uses, read and opened just before it
@@ -870,7 +909,11 @@ class Agent:
     # --- after a run --------------------------------------------------------------------------
 
     def _finished(self, ctx: RunContext) -> None:
-        """After a run: retries, keepalive restarts, one-shot tasks marked done."""
+        """After a run: its pool place given back; retries, keepalive restarts, one-shot tasks
+        marked done."""
+        if ctx.pool_token is not None:
+            token, ctx.pool_token = ctx.pool_token, None
+            self.pools.release(token)
         spec = ctx.spec
         finished = ctx.finished_at or self.clock()
         if spec.schedule.keepalive:

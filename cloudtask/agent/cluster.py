@@ -42,6 +42,7 @@ from ..zkpaths import ZkPaths, bounded, decode, keep_trying, run_signal, task_si
 from .agent import Agent
 from .assignments import AssignmentWatcher
 from .budget import CALL_BUDGET, STORE_ERRORS
+from .pools import Sizes, ZkPools
 from .registration import REGISTERED, STOP_BUDGET, Registration
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class ClusterAgent(Agent):
         super().__init__(config, store, agent_id=agent_id, clock=clock)
         self.zk = zk
         self.paths = ZkPaths(config.zookeeper.root)
+        self.pools = ZkPools(zk, self.paths.pools, Sizes(self._pool_size))  # (pools.py)
         self._lost = threading.Event()
         self._lost_registration = 0  # the czxid of the registration that was lost
         self._kill_requests: set[str] = set()

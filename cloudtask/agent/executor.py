@@ -353,9 +353,15 @@ class Executor:
             and not ctx.spec.file
             and ctx.claimed_status != "queued"  # (its start is a MongoDB write)
             and not ctx.spec.secrets_used()  # (they are read from MongoDB just before)
+            and not ctx.spec.pool  # (a place in its pool may have to be waited for)
         ):
             loop.start()
             loop.call_soon(self._start, ctx, True)
+        elif ctx.spec.pool:  # it may wait long for its pool: a thread of its own, not a starter
+            thread = threading.Thread(
+                target=self._start, args=(ctx, False), name=f"pool-{ctx.run_id}", daemon=True
+            )
+            thread.start()
         else:
             self._to_starter(lambda: self._start(ctx, False))
 
@@ -444,9 +450,10 @@ class Executor:
                 self._unstarted.discard(ctx.run_id)
             self._free_slot()
             return True
-        if action == "fail":  # it cannot run as asked (its secrets cannot be opened)
+        if action in ("fail", "skip"):  # it cannot run as asked, or waited too long
             log.warning("run %s of %s not started: %s", ctx.run_id, ctx.spec.name, why)
-            ctx.status, ctx.error = "failed", why
+            status = "failed" if action == "fail" else "skipped"
+            ctx.status, ctx.error = ("killed" if ctx.kill_reason else status), why
             ctx.finished_at = utcnow()
             ctx.append_output(f"not started: {why}\n".encode())
             self._journal_end(ctx)

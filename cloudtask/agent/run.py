@@ -73,6 +73,7 @@ class RunContext:
     secrets: dict[str, str] | None = field(default=None, repr=False)
     redactor: Redactor | None = field(default=None, repr=False)
     secret_tries: int = 0  # reads of the secrets MongoDB did not answer
+    pool_token: Any = None  # its place in its task's concurrency pool, once it has one
 
     def open_secrets(self, values: dict[str, str]) -> None:
         self.secrets = dict(values)

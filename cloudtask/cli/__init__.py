@@ -13,6 +13,7 @@ one module per family:
 * :mod:`~cloudtask.cli.zookeeper`: ``zk-acl`` (the ACL of ``zookeeper.auth`` on every node);
 * :mod:`~cloudtask.cli.secrets`: the ``secrets`` group (stored secrets and their keys).
 * :mod:`~cloudtask.cli.plans`: the ``plan`` group (submit a plan, its state, cancel it).
+* :mod:`~cloudtask.cli.pools`: the ``pool`` group (concurrency pools).
 
 What they share (the config, logging, the ``--config`` and ``--verbose`` options, who acts,
 the store and the operations a command works on) is in :mod:`~cloudtask.cli.common`.
@@ -27,7 +28,7 @@ import click
 
 from .. import __version__
 from ..exceptions import CloudTaskError, ValidationError
-from . import admin, authoring, plans, secrets, servers, zookeeper
+from . import admin, authoring, plans, pools, secrets, servers, zookeeper
 
 
 class _Group(click.Group):
@@ -66,6 +67,7 @@ for _command in (
     zookeeper.zk_acl,
     secrets.secrets_group,
     plans.plan_group,
+    pools.pool_group,
 ):
     cli.add_command(_command)
 

@@ -19,6 +19,7 @@ command line (``cloudtask up`` too).
 ``settings``   the alert settings of the settings page
 ``secrets``    stored secrets: set or replace, delete, rotate (values never read back)
 ``plans``      plans from other systems: submit (all or nothing), cancel a plan or an item
+``pools``      concurrency pools: set a size, delete
 =============  ============================================================================
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 from .base import OperationsBase, find_task, task_target
 from .files import FileOperations
 from .plans import PlanOperations
+from .pools import PoolOperations
 from .runs import RunOperations
 from .secrets import SecretOperations
 from .settings import SettingsOperations
@@ -44,5 +46,6 @@ class Operations(
     SettingsOperations,
     SecretOperations,
     PlanOperations,
+    PoolOperations,
 ):
     """Validated, signalled, audited changes (see the module's notes)."""

@@ -82,6 +82,10 @@ class TaskOperations(RunOperations):
             problems += self.store.file_reference_problems(spec.file, spec.file_version)
         problems += self._secret_problems(spec, old)
         problems += self._after_problems(spec, old)
+        if spec.pool and spec.pool != old.get("pool") and not self.store.pool_names([spec.pool]):
+            problems.append(
+                Problem("pool", f"no pool named {spec.pool!r} (cloudtask pool set NAME SIZE)")
+            )
         if problems:
             raise ValidationError(problems)
         return spec

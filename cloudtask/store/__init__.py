@@ -18,6 +18,7 @@
 ``queries``     the list and count queries of the pages and the API
 ``alerts``      the notifier's state: deliveries, alert throttles, notification settings
 ``plans``       plans from other systems: their items, queued per type, and idempotency keys
+``pools``       concurrency pools: their sizes (the places are in ZooKeeper)
 ==============  ==========================================================================
 
 Nothing outside this package touches a collection (``tests/test_layout.py`` checks it). The
@@ -60,6 +61,7 @@ from .files import FileRecords
 from .history import RunHistory
 from .leases import Leases
 from .plans import PlanRecords
+from .pools import PoolRecords
 from .queries import Page, PageQueries
 from .reports import RunReports
 from .runs import RunRecords
@@ -110,6 +112,7 @@ class Store(
     AlertRecords,
     SecretRecords,
     PlanRecords,
+    PoolRecords,
     PageQueries,
     Schema,
     StoreBase,

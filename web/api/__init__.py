@@ -36,6 +36,7 @@ from . import (  # noqa: F401  (each declares its routes)
     files,
     meta,
     plans,
+    pools,
     runs,
     secrets,
     tasks,
