@@ -786,6 +786,29 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"deleted": STRING},
     },
     **PLAN_SCHEMAS,
+    "RunParams": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "env": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+    "Backfill": {
+        "type": "object",
+        "required": ["start", "end"],
+        "additionalProperties": False,
+        "properties": {"start": INSTANT, "end": INSTANT},
+    },
+    "BackfillQueued": {
+        "type": "object",
+        "required": ["queued", "existing"],
+        "properties": {
+            "queued": {"type": "integer"},
+            "existing": {"type": "integer"},
+            "first": nullable(TIME),
+            "last": nullable(TIME),
+        },
+    },
     "Pool": {
         "type": "object",
         "required": ["name", "size"],

@@ -783,6 +783,7 @@ class Agent:
                 session=doc.get("session"),
                 claimed_status=doc["status"],
                 plan_id=doc.get("plan_id"),
+                params=doc.get("env") if trigger == "manual" else None,
             ),
             doc,
         )

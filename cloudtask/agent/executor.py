@@ -581,6 +581,7 @@ class Executor:
         over = user.environment() if user is not None else {}
         over.update(ctx.spec.env)
         over.update(ctx.secret_env())
+        over.update(ctx.params or {})  # (a manual run's parameters win over the task's env)
         over.update(ctx.environment())
         return over
 

@@ -119,7 +119,8 @@ class WaitingRuns:
             return
         newest: dict[tuple[str, str], datetime] = {}  # the newest due fire per task and slot
         for doc in pending:
-            if doc.get("trigger") in ("manual", "retry", "after") or doc["scheduled_for"] > now:
+            late_rule = doc.get("trigger") not in ("manual", "retry", "after", "backfill")
+            if not late_rule or doc["scheduled_for"] > now:
                 continue
             key, at = (doc["task_id"], doc.get("slot")), doc["scheduled_for"]
             newest[key] = max(newest.get(key, at), at)
@@ -203,6 +204,8 @@ class WaitingRuns:
             return  # not ours: the task's owner takes it
         revision, spec = known
         trigger = doc.get("trigger") or "schedule"
+        if trigger == "backfill" and spec.concurrency == "forbid" and self.busy(doc["task_id"]):
+            return  # a backfill runs its fires one after the other: this one waits its turn
         if self.arm is not None and given_ahead(trigger, doc["scheduled_for"], spec, now):
             token, taken = self._take(doc, status="claimed")
             if taken is not None:
@@ -217,7 +220,7 @@ class WaitingRuns:
         outcome = None
         if spec.schedule.keepalive:
             outcome = ("skipped", "a keepalive start its agent left; the service starts here anew")
-        elif trigger not in ("retry", "after"):  # (both are due when queued)
+        elif trigger not in ("retry", "after", "backfill"):  # (these are due when queued)
             verdict = self.late_verdict(spec, doc["scheduled_for"], now)
             released = f"released by {doc.get('released_by')}"
             if verdict != "missed" and newest is not None and doc["scheduled_for"] < newest:

@@ -54,6 +54,7 @@ class RunContext:
     agent: str
     session: str | None = None  # the ZooKeeper session it was claimed under
     plan_id: str | None = None  # a plan item's plan (its task_id is the item's id)
+    params: dict[str, str] | None = None  # a manual run's parameters (environment values)
     claimed_status: str = "running"  # "queued": its claim waited for a slot (started by a write)
     start_token: str | None = None  # the token of that write (Store.start_queued_run)
     status: str = "queued"

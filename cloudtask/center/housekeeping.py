@@ -429,6 +429,8 @@ class Housekeeping:
             queued = doc.get("trigger") in ("retry", "after")
             since = doc["claimed_at"] if queued else doc["scheduled_for"]
             late = (now - since).total_seconds()
+            if doc.get("trigger") == "backfill":
+                continue  # asked for, in order: it waits for its turn however long
             if late > record.misfire_grace + RELEASED_SLACK:
                 verdicts.append((doc, "missed", "no agent took it over within its misfire grace"))
         if not verdicts:

@@ -33,6 +33,44 @@ def task_delete(config_path: str | None, name_or_id: str, kill_running: bool) ->
     click.echo(f"deleted {task['name']}" + (f"; killing {len(killed)} runs" if killed else ""))
 
 
+@task_group.command("run")
+@config_option
+@click.argument("name_or_id")
+@click.option("--env", "env", multiple=True, metavar="NAME=VALUE", help="A run parameter.")
+def task_run(config_path: str | None, name_or_id: str, env: tuple[str, ...]) -> None:
+    """Run a task now, with parameters (environment values on top of its own)."""
+    params = {}
+    for item in env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--env")
+        params[name] = value
+    from ..operations import find_task
+
+    with _operations(config_path, cluster="optional") as ops:
+        task = find_task(ops.store, name_or_id)
+        run = ops.run_now(cli_actor(), task["_id"], env=params or None)
+    click.echo(f"run {run['_id']} of {task['name']} queued")
+
+
+@task_group.command("backfill")
+@config_option
+@click.argument("name_or_id")
+@click.option("--from", "start", required=True, help="The first fire time (ISO 8601).")
+@click.option("--to", "end", required=True, help="The last fire time (ISO 8601, not future).")
+def task_backfill(config_path: str | None, name_or_id: str, start: str, end: str) -> None:
+    """Run a task for each of its fire times in a past range that has no run yet."""
+    from ..operations import find_task
+
+    with _operations(config_path, cluster="optional") as ops:
+        task = find_task(ops.store, name_or_id)
+        result = ops.backfill(cli_actor(), task["_id"], start, end)
+    click.echo(
+        f"backfill of {task['name']}: {result['queued']} runs queued"
+        + (f", {result['existing']} fires had run already" if result["existing"] else "")
+    )
+
+
 @click.group("run")
 def run_group() -> None:
     """Act on runs."""

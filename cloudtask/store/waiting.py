@@ -52,7 +52,7 @@ class WaitingRuns(StoreBase):
             for d in read_all(cursor, "read the runs waiting for an agent")
             if d.get("agent") is None and d.get("trigger") != "plan"
         ]
-        return sorted(docs, key=lambda d: d["claimed_at"])
+        return sorted(docs, key=lambda d: (d["claimed_at"], d["scheduled_for"]))
 
     def finish_released_claims(self, verdicts: Sequence[tuple[dict[str, Any], str, str]]) -> None:
         """Record released claims no agent took: ``(doc, status, reason)`` each, written only
@@ -80,7 +80,11 @@ class WaitingRuns(StoreBase):
         self.note_last_runs(finished)
 
     def request_manual_run(
-        self, task: dict[str, Any], requested_by: str, now: datetime | None = None
+        self,
+        task: dict[str, Any],
+        requested_by: str,
+        now: datetime | None = None,
+        env: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Record a manual run of ``task``, waiting for an agent of its group to take it.
 
@@ -103,8 +107,49 @@ class WaitingRuns(StoreBase):
             now=now,
         )
         doc["requested_by"] = requested_by
+        if env:
+            doc["env"] = env  # the run's parameters: its environment on top of the task's
         guard(self.runs.insert_one, "record the manual run", doc)
         return doc
+
+    def backfill_runs(
+        self,
+        task: dict[str, Any],
+        fires: list[datetime],
+        requested_by: str,
+        now: datetime | None = None,
+    ) -> tuple[int, int]:
+        """Queue a run of ``task`` for each of ``fires`` (trigger ``backfill``, no agent: the
+        task's owner takes them, one at a time for a ``forbid`` task). A fire that has a run
+        already (the claim index) is not queued again. Returns (queued, existing)."""
+        from pymongo.errors import BulkWriteError
+
+        now = now or utcnow()
+        docs = []
+        for fire in fires:
+            doc = new_run_document(
+                task_id=task["_id"],
+                task_name=task["name"],
+                group=task["group"],
+                revision=task["revision"],
+                scheduled_for=fire,
+                slot="one",
+                attempt=0,
+                trigger="backfill",
+                agent=None,
+                status="queued",
+                now=now,
+            )
+            doc["requested_by"] = requested_by
+            docs.append(doc)
+        if not docs:
+            return 0, 0
+        try:
+            guard(self.runs.insert_many, "queue the backfill", docs, ordered=False)
+        except BulkWriteError as e:
+            existing = len(e.details.get("writeErrors", []))
+            return len(docs) - existing, existing
+        return len(docs), 0
 
     def pending_runs(self, group: str, limit: int = 100) -> list[dict[str, Any]]:
         """Runs of ``group`` waiting for an agent to take them, oldest first: manual runs

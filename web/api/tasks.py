@@ -15,11 +15,11 @@ from collections.abc import Callable
 from datetime import timezone
 from typing import Any
 
-from flask import jsonify, url_for
+from flask import jsonify, request, url_for
 
 from cloudtask.clock import utcnow
 from cloudtask.dependencies import dependency_status
-from cloudtask.exceptions import Conflict, NotFound, ValidationError
+from cloudtask.exceptions import Conflict, NotFound, Problem, ValidationError
 from cloudtask.operations import find_task, task_warnings
 from cloudtask.schedules import next_fires
 from cloudtask.store import nest_dotted
@@ -27,7 +27,7 @@ from cloudtask.task import parse_task
 
 from .. import queries
 from ..auth import requires
-from ..context import actor, cluster, ops, run_json, store, task_json
+from ..context import actor, cluster, jsonable, ops, run_json, store, task_json
 from ..openapi import JSON, Reply, header, path_param, query, ref
 from ..queries import LAST_RESULTS, TASK_STATES
 from ..tasks import task_state
@@ -255,18 +255,66 @@ def delete_task(task: str) -> Any:
     "POST",
     "/tasks/<task>/run",
     summary="Run a task now",
-    description="The run is stored at once (queued); an agent of the task's group takes it.",
+    description="The run is stored at once (queued); an agent of the task's group takes it. "
+    'An optional body `{"env": {"NAME": "value"}}` gives the run parameters: environment '
+    "values on top of the task's own (checked like its env; 422 at `env.NAME`).",
     params=(TASK_PARAM,),
+    body={JSON: ref("RunParams")},
     replies={202: Reply("The queued run", "Run", {"Location": "The run's URL"})},
-    errors=(404, 409),
+    errors=(404, 409, 422),
 )
 @requires("operator")
 def run_task(task: str) -> Any:
     current = find_or_404(task)
-    run = ops().run_now(actor(), current["_id"])  # Conflict (a keepalive task): 409
+    env = None
+    if request.get_data(cache=True).strip():
+        body = json_body()
+        unknown = [k for k in body if k != "env"]
+        if unknown:
+            raise ApiError(
+                422,
+                "the run is invalid",
+                [Problem(k, "unknown key; expected env") for k in unknown],
+            )
+        env = body.get("env")
+    try:
+        run = ops().run_now(actor(), current["_id"], env=env)  # Conflict (keepalive): 409
+    except ValidationError as e:
+        raise ApiError(422, "the run's parameters are invalid", e.problems) from None
     answer = jsonify(run_json(run))
     answer.headers["Location"] = url_for("api.get_run", run_id=run["_id"])
     return answer, 202
+
+
+@api.route(
+    "POST",
+    "/tasks/<task>/backfill",
+    summary="Backfill a range of a task's fire times",
+    description='`{"start": "...", "end": "..."}` (ISO 8601, both included, `end` not in the '
+    "future, at most 1,000 fires): a run is queued for each fire time of the task in the "
+    "range, under that time, so a fire that has a run already is not run again; a `forbid` "
+    "task runs them one after the other.",
+    params=(TASK_PARAM,),
+    body={JSON: ref("Backfill")},
+    replies={202: Reply("How many were queued", "BackfillQueued")},
+    errors=(404, 422),
+)
+@requires("operator")
+def backfill_task(task: str) -> Any:
+    current = find_or_404(task)
+    body = json_body()
+    unknown = [k for k in body if k not in ("start", "end")]
+    if unknown:
+        raise ApiError(
+            422,
+            "the backfill is invalid",
+            [Problem(k, "unknown key; expected start, end") for k in unknown],
+        )
+    try:
+        result = ops().backfill(actor(), current["_id"], body.get("start"), body.get("end"))
+    except ValidationError as e:
+        raise ApiError(422, "the backfill is invalid", e.problems) from None
+    return jsonify(jsonable(result)), 202
 
 
 def _set_enabled(task: str, enabled: bool) -> Any:
