@@ -1,4 +1,4 @@
-"""Task pages: list, detail, create, edit, clone, pause, resume, run now, delete.
+"""Task pages: list, detail, create, edit, clone, pause, resume, run now, backfill, delete.
 
 The form builds a task spec (the same JSON the API and ``cloudtask apply`` take) from its
 fields, or takes the whole spec as JSON, and hands it to :class:`~cloudtask.operations.
@@ -6,6 +6,12 @@ Operations`, so it validates exactly like the model. Each problem's path (``sche
 ``timeout``, ``http.url``, ``env.X``) is mapped to the field that holds it; problems of no
 field are shown at the top. What the user typed is always shown again as typed. The
 translation between the fields and the spec is :mod:`web.taskform`; this module serves it.
+
+The detail page's "Run now" also takes a run's parameters (``NAME=value`` lines: environment
+values on top of the task's own, for a command task), and "Backfill…" queues a run for each
+fire time of a past range (times without an offset read in the task's time zone); both are
+checked by :class:`~cloudtask.operations.Operations`, whose problems are flashed with their
+paths, the input kept.
 
 Two JSON endpoints serve the pages' scripts: ``preview`` (the next fire times of a schedule
 typed in the form) and ``trend`` (duration and status per run, for the chart). Their views
@@ -49,6 +55,7 @@ from .taskform import (
     default_form,
     form_spec,
     group_problems,
+    instant_value,
     read_form,
     small_number,
     spec_form,
@@ -185,10 +192,32 @@ def index() -> Any:
 # --- detail -----------------------------------------------------------------------------------
 
 
-@bp.get("/<task_id>")
-@requires("viewer")
-def detail(task_id: str) -> Any:
-    task = _get_task(task_id)
+def run_forms(task: dict[str, Any]) -> dict[str, Any]:
+    """Which run forms the detail page offers an operator: ``params`` (a manual run with
+    parameters: a command task that is not a keepalive service), ``backfill`` (a task with
+    fire times: not keepalive, not ``after``, not mode ``all``); ``zone`` is the time zone the
+    backfill's times without an offset are read in."""
+    zone = schedule_zone(task["spec"].get("schedule"))
+    out = {"params": False, "backfill": False, "zone": zone}
+    try:
+        spec = parse_task(task["spec"])
+    except (ValidationError, ValueError, LookupError):  # a stored spec that no longer reads
+        return out
+    keepalive = spec.schedule.keepalive
+    out["params"] = not keepalive and spec.http is None
+    out["backfill"] = not keepalive and spec.schedule.after is None and spec.mode != "all"
+    return out
+
+
+def render_detail(
+    task: dict[str, Any],
+    *,
+    status: int = 200,
+    params: str | None = None,
+    backfill: dict[str, str] | None = None,
+) -> Any:
+    """The task page; ``params`` / ``backfill``: a run form's input to show again (its
+    disclosure open) after a refusal."""
     runs = store().task_runs(task["_id"], RUN_LIST_FIELDS, DETAIL_RUNS)
     owner, owner_agent = owner_text(task)
     schedule = task["spec"].get("schedule")
@@ -202,10 +231,19 @@ def detail(task_id: str) -> Any:
         owner_agent=owner_agent,
         runs=runs,
         keepalive=keepalive,
+        forms=run_forms(task),
+        params_text=params,
+        backfill_form=backfill,
         definition=json.dumps(task["spec"], indent=2, ensure_ascii=False),
         dependencies=dependency_status(store(), task["spec"]),
         children=store().children_of(task["name"]),
-    )
+    ), status
+
+
+@bp.get("/<task_id>")
+@requires("viewer")
+def detail(task_id: str) -> Any:
+    return render_detail(_get_task(task_id))
 
 
 # --- trend and preview: the JSON the pages' scripts fetch (views in web/taskjson.py) ----------
@@ -400,17 +438,116 @@ def resume(task_id: str) -> Any:
     return _set_enabled(task_id, True)
 
 
+def parse_params(text: str) -> tuple[dict[str, str], list[str]]:
+    """A run's parameters from ``NAME=value`` lines (blank lines ignored; the value is what
+    follows the first ``=``, as typed): (the parameters, the bad lines' messages)."""
+    params: dict[str, str] = {}
+    errors: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        name, sep, value = line.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            errors.append(f"line {number}: expected NAME=value, got {line!r}")
+        elif name in params:
+            errors.append(f"line {number}: {name} is given twice")
+        else:
+            params[name] = value
+    return params, errors
+
+
+def problems_text(problems: list[Problem], labels: dict[str, str] | None = None) -> str:
+    """``path: message; ...``; a path of a form field is followed by the field's label."""
+    labels = labels or {}
+    return "; ".join(
+        f"{p.path} ({labels[p.path]}): {p.message}" if p.path in labels else str(p)
+        for p in problems
+    )
+
+
 @bp.post("/<task_id>/run")
 @requires("operator")
 def run(task_id: str) -> Any:
+    """Run now; with ``params`` (the parameters box), a run with those parameters."""
     task = _get_task(task_id)
+    text = request.form.get("params")
+    env = None
+    if text is not None:
+        env, errors = parse_params(text)
+        if errors:
+            flash(f"Cannot run {task['name']}: {'; '.join(errors)}", "error")
+            return render_detail(task, status=422, params=text)
     try:
-        doc = ops().run_now(actor(), task["_id"])
-    except (Conflict, ValidationError) as e:
+        doc = ops().run_now(actor(), task["_id"], env=env or None)
+    except ValidationError as e:
+        if env:
+            flash(
+                f"Cannot run {task['name']} with these parameters: {problems_text(e.problems)}",
+                "error",
+            )
+            return render_detail(task, status=422, params=text)
+        flash(f"Cannot run {task['name']} now: {problems_text(e.problems)}", "error")
+        return redirect(url_for("tasks.detail", task_id=task["_id"]))
+    except Conflict as e:
         flash(f"Cannot run {task['name']} now: {e}", "error")
         return redirect(url_for("tasks.detail", task_id=task["_id"]))
-    flash(f"Run {doc['_id']} of {task['name']} queued: an agent of {task['group']} takes it.", "ok")
+    with_params = f" with {len(env)} parameter{'s' if len(env) != 1 else ''}" if env else ""
+    flash(
+        f"Run {doc['_id']} of {task['name']}{with_params} queued: "
+        f"an agent of {task['group']} takes it.",
+        "ok",
+    )
     return redirect(run_link(doc["_id"]))
+
+
+BACKFILL_FIELDS = {"start": "From", "end": "To"}
+
+
+def _local(moment: datetime | None, zone_name: str) -> str:
+    if moment is None:
+        return "–"
+    try:
+        return fmt_local(moment, ZoneInfo(zone_name))
+    except (ValueError, LookupError):
+        return f"{_fmt_utc(moment)} UTC"
+
+
+@bp.post("/<task_id>/backfill")
+@requires("operator")
+def backfill(task_id: str) -> Any:
+    """Queue a run for each fire time from ``start`` to ``end`` (both included); a time
+    without an offset is read in the task's time zone."""
+    task = _get_task(task_id)
+    zone = schedule_zone(task["spec"].get("schedule"))
+    typed = {key: request.form.get(key, "") for key in BACKFILL_FIELDS}
+    missing = [Problem(key, "is required") for key, value in typed.items() if not value.strip()]
+    try:
+        if missing:
+            raise ValidationError(missing)
+        start, end = (instant_value(typed[key], zone) for key in BACKFILL_FIELDS)
+        result = ops().backfill(actor(), task["_id"], start, end)
+    except ValidationError as e:
+        flash(
+            f"Cannot backfill {task['name']}: {problems_text(e.problems, BACKFILL_FIELDS)}", "error"
+        )
+        return render_detail(task, status=422, backfill=typed)
+    queued, existing = result["queued"], result["existing"]
+    if result["first"] is None:
+        flash(
+            f"Backfill of {task['name']}: no fire time from {typed['start'].strip()} to "
+            f"{typed['end'].strip()} ({zone}): nothing queued.",
+            "warning",
+        )
+    else:
+        flash(
+            f"Backfill of {task['name']}: {queued} run{'s' if queued != 1 else ''} queued "
+            f"({existing} had run already), first {_local(result['first'], zone)}, "
+            f"last {_local(result['last'], zone)}.",
+            "ok",
+        )
+    return redirect(url_for("tasks.detail", task_id=task["_id"]))
 
 
 def _running(task: dict[str, Any]) -> int:
