@@ -287,3 +287,53 @@ def test_a_plan_cancelled_without_the_cluster_drops_what_waits_and_is_audited(st
     entry = store.audit.find_one({"action": "plan.cancel"})
     assert entry is not None and entry["actor"] == "alice"
     assert entry["after"] == {"dropped": 2, "killing": 0, "not_killed": 1}
+
+
+def test_a_plan_completes_when_every_process_is_killed_and_started_again_mid_way(
+    zk_hosts, mongo_server, mongo_db_name, tmp_path, store
+):
+    """kill -9 of the center and every agent while items run, then all started again: the
+    plan completes, every item succeeds once, and no item that had finished runs again."""
+    records = tmp_path / "records"
+    cluster = Cluster(zk_hosts, mongo_server.uri, mongo_db_name, tmp_path)
+    cluster.env["CLOUDTASK_AGENT_GROUP"] = "etl"
+    cluster.env["CLOUDTASK_AGENT_MAX_PARALLEL"] = "3"
+    command = recording_command(records, work="sleep 1.5")
+    names = ("c1", "a1", "a2", "a3")
+    try:
+        cluster.center("c1")
+        for agent_id in names[1:]:
+            cluster.agent(agent_id)
+        receipt = Operations(store).submit_plan(
+            "upstream", {"items": items(24, command, retries=3)}
+        )
+        wait_for(
+            lambda: sum(1 for r in read_records(records) if r.kind == "end") >= 6,
+            timeout=60,
+            message="no items finished before the restart",
+        )
+        for name in names:
+            cluster.kill(name, signal.SIGKILL)
+        killed_at = time.time()
+        finished_before = {
+            r.task for r in read_records(records) if r.kind == "end" and r.time < killed_at
+        }
+        cluster.center("c1")
+        for agent_id in names[1:]:
+            cluster.agent(agent_id)
+        wait_for(
+            lambda: store.get_plan(receipt["plan_id"])["done"],
+            timeout=150,
+            interval=0.5,
+            message="the plan did not complete after every process was restarted",
+        )
+    finally:
+        cluster.stop_all()
+    assert store.get_plan(receipt["plan_id"])["counts"] == {"succeeded": 24}
+    seen = read_records(records)
+    succeeded = Counter(r.task for r in seen if r.kind == "end" and r.exit_code == 0)
+    assert set(succeeded) == {f"item-{i:03d}" for i in range(24)}
+    assert set(succeeded.values()) == {1}, "an item succeeded twice"
+    for task in finished_before:  # a finished item never started again after the restart
+        assert not [r for r in seen if r.task == task and r.kind == "start" and r.time > killed_at]
+    assert Counter((r.task, r.attempt) for r in seen if r.kind == "start").most_common(1)[0][1] == 1

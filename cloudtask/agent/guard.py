@@ -755,6 +755,7 @@ class _Run:
         self.ending = False
         self.why: str | None = None  # why the guard (or the agent, before it did) ended it
         self.status = "killed"  # or "timed_out": the status ``why`` goes with
+        self.cause: str | None = None  # "agent": ended because its agent died or went silent
         self.started = time.time()
 
 
@@ -1002,13 +1003,13 @@ class Guard:
         it lives to write it, comes later and says more: a timeout, an HTTP status)."""
         if self.journal is None:
             return
-        if run.why is not None:
+        if run.why is not None and not (code == 0 and run.cause == "agent"):
             status, error = run.status, run.why
-        elif code == 0:
+        elif code == 0:  # (one that ended cleanly as its agent died is a success)
             status, error = "succeeded", None
         else:
             status, error = "failed", f"ended by signal {-code}" if code < 0 else None
-        state = end_state(status, error, run.started, time.time(), exit_code=code)
+        state = end_state(status, error, run.started, time.time(), exit_code=code, cause=run.cause)
         try:
             os.write(self.journal, entry_line({"end": run.run_id, "state": state}))
         except OSError:
@@ -1019,6 +1020,7 @@ class Guard:
         if self.runs and not self.silent and now >= self.alive_until:
             self.silent = True
             for run in list(self.runs.values()):
+                run.cause = "agent"
                 self._end(run, "its agent stopped answering for its session timeout")
         for run_id, until in list(self.deadlines.items()):
             run = self.runs.get(run_id)
@@ -1039,10 +1041,12 @@ class Guard:
         while self._todo:  # (nothing more starts)
             for fd in self._todo.popleft()[1]:
                 os.close(fd)
+        self._reap()  # (a run that has just ended on its own is recorded as it ended)
         enders = []
         for run in list(self.runs.values()):
             run.ending = True
-            run.why = run.why or "its agent ended while it ran"
+            if run.why is None:
+                run.why, run.cause = "its agent ended while it ran", "agent"
             t = threading.Thread(target=_end_tree, args=(run,), daemon=True)
             t.start()
             enders.append(t)

@@ -65,10 +65,15 @@ def end_state(
     finished: float | None,
     exit_code: int | None = None,
     http_status: int | None = None,
+    cause: str | None = None,
 ) -> dict[str, Any]:
     """A run's final state as an ``end`` entry keeps it (times as epoch seconds): written by
-    the executor, and by the run guard for the exits it sees."""
+    the executor, and by the run guard for the exits it sees. ``cause``: ``agent`` for a run
+    the guard ended because its agent died or stopped answering (a plan item is then tried
+    again, like a lost one)."""
     state: dict[str, Any] = {"status": status, "error": error}
+    if cause is not None:
+        state["cause"] = cause
     if exit_code is not None:
         state["exit_code"] = exit_code
     if http_status is not None:
@@ -90,6 +95,8 @@ def end_fields(state: dict[str, Any]) -> dict[str, Any]:
             out[key] = to_bson_time(from_epoch(state[key]))
     if state.get("duration") is not None:
         out["duration"] = state["duration"]
+    if state.get("cause"):
+        out["ended_by"] = state["cause"]
     return out
 
 

@@ -113,7 +113,7 @@ class PlanQueue:
         its slot is free."""
         from ..store.plans import RETRIED_STATUSES
 
-        if status in RETRIED_STATUSES:
+        if status in (*RETRIED_STATUSES, "killed"):  # (killed: maybe with its agent's end)
             with self._ended_lock:
                 self._ended.append(run_id)
         self._signal.set()

@@ -47,6 +47,7 @@ from ..netpolicy import NetworkPolicy
 from ..runmodel import FINISHED_STATUSES
 from ..secretbox import SecretBox, SecretError
 from ..store import Store
+from ..store.plans import retried
 from .mail import DeliveryError
 from .webhook import post_event
 
@@ -86,9 +87,7 @@ def item_changes(attempts: list[dict[str, Any]]) -> list[tuple[int, dict[str, An
                 )
             )
         if a["status"] in FINISHED_STATUSES:
-            retried = k < last or (
-                a["status"] in ("failed", "timed_out", "lost") and k + 1 < a.get("max_attempts", 1)
-            )
+            again = k < last or (retried(a) and k + 1 < a.get("max_attempts", 1))
             out.append(
                 (
                     10 * k + 2,
@@ -99,7 +98,7 @@ def item_changes(attempts: list[dict[str, Any]]) -> list[tuple[int, dict[str, An
                         "agent": a.get("agent"),
                         "exit_code": a.get("exit_code"),
                         "error": a.get("error"),
-                        "final": not retried,
+                        "final": not again,
                     },
                 )
             )

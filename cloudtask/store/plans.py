@@ -42,8 +42,17 @@ from .base import DUPLICATE_KEY, StoreBase, guard, indexed, read_all
 
 PLAN_SLOT = "plan"
 PLAN_TRIGGER = "plan"
-# an attempt that ends so, with attempts left, is followed by the next one
+# an attempt that ends so, with attempts left, is followed by the next one (and one ``killed``
+# because its agent died or went silent: ``ended_by: "agent"``, see agent/journal.py)
 RETRIED_STATUSES = ("failed", "timed_out", "lost")
+
+
+def retried(doc: dict[str, Any]) -> bool:
+    """Whether an attempt that ended so is tried again (when it has attempts left)."""
+    status = doc.get("status")
+    return status in RETRIED_STATUSES or (status == "killed" and doc.get("ended_by") == "agent")
+
+
 ITEM_FIELDS = {
     "task_id": 1,
     "task_name": 1,
@@ -60,6 +69,7 @@ ITEM_FIELDS = {
     "exit_code": 1,
     "error": 1,
     "claimed_at": 1,
+    "ended_by": 1,
 }
 
 
@@ -275,11 +285,7 @@ class PlanRecords(StoreBase):
         now = now or utcnow()
         wrote = False
         attempts_left = doc["attempt"] + 1 < doc.get("max_attempts", 1)
-        if (
-            doc["status"] in RETRIED_STATUSES
-            and attempts_left
-            and not self._plan_cancelled(doc.get("plan_id"))
-        ):
+        if retried(doc) and attempts_left and not self._plan_cancelled(doc.get("plan_id")):
             nxt = {k: v for k, v in doc.items() if k in _CARRIED}
             delay = float(doc.get("retry_delay_s") or 0.0)
             fresh = new_run_document(
@@ -320,11 +326,11 @@ class PlanRecords(StoreBase):
         cursor = self.runs.find(
             {
                 "trigger": {"$eq": PLAN_TRIGGER},
-                "status": {"$in": list(RETRIED_STATUSES)},
+                "status": {"$in": [*RETRIED_STATUSES, "killed"]},
                 "followed": {"$eq": False},
             }
         ).limit(limit)
-        return read_all(cursor, "read the ended plan items")
+        return [d for d in read_all(cursor, "read the ended plan items") if retried(d)]
 
     def _plan_cancelled(self, plan_id: str | None) -> bool:
         if plan_id is None:
@@ -525,7 +531,7 @@ def _item_view(doc: dict[str, Any]) -> dict[str, Any]:
     while a failed attempt waits for its follow-up."""
     status = doc["status"]
     attempts_left = doc["attempt"] + 1 < doc.get("max_attempts", 1)
-    final = status in FINISHED_STATUSES and not (status in RETRIED_STATUSES and attempts_left)
+    final = status in FINISHED_STATUSES and not (retried(doc) and attempts_left)
     state = status
     if status in FINISHED_STATUSES and not final:
         state = "retrying"
