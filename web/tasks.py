@@ -21,6 +21,7 @@ are in :mod:`web.taskjson`; they are routes of this blueprint, declared here.
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -119,6 +120,26 @@ def fire_times(task: dict[str, Any], n: int = DETAIL_FIRES) -> dict[str, Any]:
     if not fires:
         out["kind"] = "none"
     return out
+
+
+_AFTER_GRAPH: dict[str, Any] = {"at": -1e9, "graph": {}}
+AFTER_GRAPH_TTL = 5.0  # seconds the tasks' after schedules are read again at most
+
+
+def _children(name: str) -> list[dict[str, Any]]:
+    """The tasks that run after ``name`` (the graph read at most every few seconds: it is
+    a scan of the tasks on the embedded store, and most pages have no children to show)."""
+    now = time.monotonic()
+    if now - _AFTER_GRAPH["at"] > AFTER_GRAPH_TTL:
+        try:
+            _AFTER_GRAPH.update(at=now, graph=store().after_graph())
+        except CloudTaskError:
+            return []
+    names = sorted(c for c, parents in _AFTER_GRAPH["graph"].items() if name in parents)
+    if not names:
+        return []
+    found = store().tasks_by_names(names)
+    return [{"id": found[n]["_id"], "name": n} for n in names if n in found]
 
 
 def owner_text(task: dict[str, Any]) -> tuple[str, str | None]:
@@ -236,7 +257,7 @@ def render_detail(
         backfill_form=backfill,
         definition=json.dumps(task["spec"], indent=2, ensure_ascii=False),
         dependencies=dependency_status(store(), task["spec"]),
-        children=store().children_of(task["name"]),
+        children=_children(task["name"]),
     ), status
 
 

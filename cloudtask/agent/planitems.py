@@ -9,7 +9,8 @@ can win (``Store.take_pending_run``), journaled as a claim first like every clai
 takes more than it can start at once, a busy agent leaves items to idle ones, and an item
 runs once per attempt. This is pull, not push: the leader does not hand items out, every
 free agent asks; an agent looks when a slot frees (a run of it ended), when the cluster
-bumps ``/signals/runs`` (a plan was submitted), and every ``poll_interval`` otherwise.
+bumps ``/signals/runs`` (a plan was submitted), and every ``poll_interval`` otherwise (every
+ten while no item waited at its last look).
 
 An attempt that ends ``failed``, ``timed_out`` (or, judged by the leader, ``lost``) with
 attempts left is followed by the next attempt, queued for any agent of the type
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 Submit = Callable[[dict, TaskSpec, int, str, str, int], None]
 SPEC_CACHE = 4096  # item specs kept (an item's attempts share one)
 CANDIDATES = 32  # items read per query at least
+IDLE_POLLS = 10  # poll intervals between two looks while no item waited
 CANDIDATES_FOR = 1.0  # seconds the items a query found are taken from without a new query
 
 
@@ -127,7 +129,12 @@ class PlanQueue:
     def look(self, now: datetime) -> None:
         """Follow up ended attempts, then take as many due items as there are free slots."""
         checked = self._checked
-        due = checked is None or time.monotonic() - checked >= self.poll_interval
+        # while no item waited at the last look, the poll is IDLE_POLLS times slower: a
+        # submitted plan signals the agents at once (/signals/runs), and an agent of a type
+        # without plans should not query the store every poll (nor hold it up: the embedded
+        # server answers one query at a time)
+        every = self.poll_interval * (1 if self._items_seen else IDLE_POLLS)
+        due = checked is None or time.monotonic() - checked >= every
         if not (due or self._signal.is_set()):
             return
         self._signal.clear()
