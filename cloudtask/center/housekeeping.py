@@ -69,6 +69,8 @@ from .fanin import FanIn
 from .tasks import TaskRecord
 from .writer import ASSIGNMENT_MAX_BYTES, FencedWriter, LeadershipLost
 
+FOLLOW_INTERVAL = 2.0  # seconds between two looks for plan attempts to follow up
+
 log = logging.getLogger(__name__)
 
 PURGE_INTERVAL = 3600.0  # seconds between deletions of runs past their retention
@@ -122,6 +124,7 @@ class Housekeeping:
         )
         self._unheard: dict[str, tuple[Any, float]] = {}  # run id -> (beat, since: monotonic)
         self.fanin = FanIn(store)  # the fires of tasks that run after others (fanin.py)
+        self._followed_at = -FOLLOW_INTERVAL  # when plan items' ends were last looked at
         self._unassigned_reported: set[str] = set()  # recorded as events (or by the last leader)
         self._unassigned_since: dict[str, float] = {}  # not reported yet: since (monotonic)
         self._too_large_reported: set[tuple[str, int]] = set()  # (task id, revision)
@@ -389,7 +392,12 @@ class Housekeeping:
         """Plan items whose attempt ended ``failed``, ``timed_out`` or ``lost`` with
         attempts left and no next attempt written yet (a lost one always: its agent is gone;
         a failed one when its agent died before writing it): the next attempt is queued
-        (the same document whoever writes it, see cloudtask/store/plans.py)."""
+        (the same document whoever writes it, see cloudtask/store/plans.py). At most every
+        FOLLOW_INTERVAL seconds: the agents follow their own attempts at once; this is the
+        net for the ones whose agent died."""
+        if time.monotonic() - self._followed_at < FOLLOW_INTERVAL:
+            return
+        self._followed_at = time.monotonic()
         self.writer.check_fence()
         try:
             with pymongo.timeout(CALL_BUDGET):
