@@ -77,6 +77,25 @@ def page(tmp_path):
         browser.close()
 
 
+def csp_violations(page) -> list[str]:
+    """A list that fills with every Content-Security-Policy violation the page reports."""
+    found: list[str] = []
+    page.on(
+        "console",
+        lambda m: found.append(m.text) if "Content Security Policy" in m.text else None,
+    )
+    return found
+
+
+def log_in(page, site: str, username: str, password: str) -> None:
+    """Log in through the login form; lands on the dashboard."""
+    page.goto(site + "/login")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", password)
+    page.click("form#login button[type=submit]")
+    page.wait_for_url(site + "/")
+
+
 class Steps:
     """Runs named steps; the first that fails leaves a screenshot and says where it is."""
 

@@ -34,19 +34,11 @@ def test_an_operator_cancels_a_plan_in_the_browser(site, store, page, tmp_path):
         {"task_id": done},
         {"$set": {"status": "succeeded", "exit_code": 0, "finished_at": to_bson_time(utcnow())}},
     )
-    violations: list[str] = []
-    page.on(
-        "console",
-        lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None,
-    )
+    violations = test_browser.csp_violations(page)
     step = Steps(page, tmp_path)
 
     def log_in():
-        page.goto(site + "/login")
-        page.fill("input[name=username]", "ops")
-        page.fill("input[name=password]", "operator passphrase")
-        page.click("form#login button[type=submit]")
-        page.wait_for_url(site + "/")
+        test_browser.log_in(page, site, "ops", "operator passphrase")
 
     def open_the_list():
         page.click("nav.main a:has-text('Plans')")

@@ -24,19 +24,11 @@ def test_run_with_parameters_and_backfill_in_the_browser(site, store, page, tmp_
     from playwright.sync_api import expect
 
     task = store.create_task({"name": "params", "schedule": {"every": "1h"}, "command": "true"})
-    violations: list[str] = []
-    page.on(
-        "console",
-        lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None,
-    )
+    violations = test_browser.csp_violations(page)
     step = Steps(page, tmp_path)
 
     def log_in():
-        page.goto(site + "/login")
-        page.fill("input[name=username]", "ops")
-        page.fill("input[name=password]", "operator passphrase")
-        page.click("form#login button[type=submit]")
-        page.wait_for_url(site + "/")
+        test_browser.log_in(page, site, "ops", "operator passphrase")
 
     def run_with_parameters():
         page.goto(f"{site}/tasks/{task['_id']}")

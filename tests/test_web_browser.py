@@ -38,19 +38,11 @@ def test_every_page_works_under_the_content_security_policy_and_logout_ends_copi
 
     Users(store).add("root", "admin passphrase", role="admin")
     task = store.create_task({"name": "csp-task", "schedule": {"every": "1h"}, "command": "true"})
-    violations: list[str] = []
-    page.on(
-        "console",
-        lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None,
-    )
+    violations = test_browser.csp_violations(page)
     step = Steps(page, tmp_path)
 
     def log_in():
-        page.goto(site + "/login")
-        page.fill("input[name=username]", "root")
-        page.fill("input[name=password]", "admin passphrase")
-        page.click("form#login button[type=submit]")
-        page.wait_for_url(site + "/")
+        test_browser.log_in(page, site, "root", "admin passphrase")
 
     def visit_every_page():
         for path in (
@@ -126,11 +118,7 @@ def test_the_secrets_page_works_under_the_content_security_policy(
 
     site = keyed_site
     value, replaced = "browser-Secret-4a1f", "browser-Secret-9c2e"
-    violations: list[str] = []
-    page.on(
-        "console",
-        lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None,
-    )
+    violations = test_browser.csp_violations(page)
     step = Steps(page, tmp_path)
     seen: list[str] = []
 
