@@ -26,7 +26,7 @@ from typing import Any, TypedDict
 from bson import ObjectId
 
 from . import events as ev
-from .clock import to_bson_time
+from .clock import stored_time, to_bson_time
 
 SCHEMA_VERSION = 1
 
@@ -150,6 +150,24 @@ def new_run_document(
         "error": None,
         "token_hash": token_hash,
     }
+
+
+def next_attempt_document(doc: dict[str, Any], trigger: str, now: datetime) -> dict[str, Any]:
+    """The next attempt of the fire of run ``doc``: ``queued`` with no agent, its own claim
+    (same task, fire time and slot, ``attempt`` + 1), for any agent that may take it."""
+    return new_run_document(
+        task_id=doc["task_id"],
+        task_name=doc.get("task_name", ""),
+        group=doc.get("group", "default"),
+        revision=doc.get("revision", 0),
+        scheduled_for=stored_time(doc["scheduled_for"]),
+        slot=doc.get("slot", "one"),
+        attempt=doc.get("attempt", 0) + 1,
+        trigger=trigger,
+        agent=None,
+        status="queued",
+        now=now,
+    )
 
 
 def released_fields(by: str | None, reason: str) -> dict[str, Any]:

@@ -37,7 +37,13 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from ..clock import stored_time, to_bson_time, utcnow
 from ..exceptions import NotFound
-from ..runmodel import FINISHED_STATUSES, SCHEMA_VERSION, new_id, new_run_document
+from ..runmodel import (
+    FINISHED_STATUSES,
+    SCHEMA_VERSION,
+    new_id,
+    new_run_document,
+    next_attempt_document,
+)
 from .base import DUPLICATE_KEY, StoreBase, guard, indexed, read_all
 
 PLAN_SLOT = "plan"
@@ -288,19 +294,7 @@ class PlanRecords(StoreBase):
         if retried(doc) and attempts_left and not self._plan_cancelled(doc.get("plan_id")):
             nxt = {k: v for k, v in doc.items() if k in _CARRIED}
             delay = float(doc.get("retry_delay_s") or 0.0)
-            fresh = new_run_document(
-                task_id=doc["task_id"],
-                task_name=doc["task_name"],
-                group=doc["group"],
-                revision=0,
-                scheduled_for=stored_time(doc["scheduled_for"]),
-                slot=PLAN_SLOT,
-                attempt=doc["attempt"] + 1,
-                trigger=PLAN_TRIGGER,
-                agent=None,
-                status="queued",
-                now=now,
-            )
+            fresh = next_attempt_document(doc, PLAN_TRIGGER, now)
             fresh.update(nxt)
             fresh.update(
                 not_before_ts=(now + timedelta(seconds=delay)).timestamp(),

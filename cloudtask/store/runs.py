@@ -20,12 +20,13 @@ from pymongo import DESCENDING, ReplaceOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from .. import events as ev
-from ..clock import from_epoch, stored_time, to_bson_time, utcnow
+from ..clock import from_epoch, to_bson_time, utcnow
 from ..exceptions import NotFound, StoreError
 from ..runmodel import (
     RUNNING_STATUSES,
     lost_fields,
     new_run_document,
+    next_attempt_document,
     released_fields,
 )
 from .base import DUPLICATE_KEY, StoreBase, guard, indexed, read_all
@@ -207,19 +208,7 @@ class RunRecords(StoreBase):
         now = now or utcnow()
         fresh = []
         for doc in docs:
-            new = new_run_document(
-                task_id=doc["task_id"],
-                task_name=doc.get("task_name", ""),
-                group=doc.get("group", "default"),
-                revision=doc.get("revision", 0),
-                scheduled_for=stored_time(doc["scheduled_for"]),
-                slot=doc.get("slot", "one"),
-                attempt=doc.get("attempt", 0) + 1,
-                trigger="retry",
-                agent=None,
-                status="queued",
-                now=now,
-            )
+            new = next_attempt_document(doc, "retry", now)
             new["released_by"] = doc.get("agent")
             new["rerun_of"] = doc["_id"]
             fresh.append(new)

@@ -15,6 +15,7 @@ from typing import Any
 from flask import jsonify, request
 
 from cloudtask.exceptions import Conflict, NotFound, ValidationError
+from cloudtask.runmodel import FINISHED_STATUSES, RUNNING_STATUSES
 
 from ..auth import requires
 from ..context import actor, jsonable, ops, store
@@ -24,19 +25,7 @@ from .table import api
 
 PLAN_BODY_LIMIT = 32 * 1024 * 1024  # 10,000 items of a few KiB
 XML_TYPES = ("application/xml", "text/xml")
-ITEM_STATES = (
-    "queued",
-    "claimed",
-    "running",
-    "retrying",
-    "succeeded",
-    "failed",
-    "timed_out",
-    "killed",
-    "skipped",
-    "missed",
-    "lost",
-)
+ITEM_STATES = (*RUNNING_STATUSES, "retrying", *FINISHED_STATUSES)
 PLAN_PARAM = path_param("plan_id", "The plan's id (from its receipt)")
 ITEM_PARAM = path_param("item_id", "The item's id (from its plan's receipt)")
 STATE_QUERY = query(
