@@ -148,12 +148,3 @@ class ZkPools:
             pass
         except KazooException as e:  # the session ends with the agent: the node goes then
             log.warning("cannot give back pool place %s yet: %r", token, e)
-
-    def usage(self, name: str) -> tuple[int, int]:
-        """(runs holding a place, runs waiting) in ``name``."""
-        try:
-            waiters = self.zk.get_children(f"{self.root}/{name}")
-        except NoNodeError:
-            return 0, 0
-        size = self.sizes.size(name)
-        return min(size, len(waiters)), max(0, len(waiters) - size)
