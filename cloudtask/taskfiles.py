@@ -21,11 +21,16 @@ def task_file_paths(paths: tuple[str, ...]) -> Iterator[Path]:
             yield path
 
 
-def read_task_files(paths: tuple[str, ...]) -> tuple[list[tuple[Path, dict]], list[str]]:
-    """Read task files: each holds one task object or a list of them. Returns (tasks, errors)."""
+def read_task_files(
+    paths: tuple[str, ...], *, past_ok: bool = False
+) -> tuple[list[tuple[Path, dict]], list[str]]:
+    """Read task files: each holds one task object or a list of them. Returns (tasks, errors).
+    A one-shot time in the past is refused here, up front, unless ``past_ok`` (``apply``:
+    the operations refuse it only in a new or changed schedule, so a one-shot that ran and
+    was exported applies back unchanged)."""
     tasks: list[tuple[Path, dict]] = []
     errors: list[str] = []
-    now = utcnow()  # a one-shot time in the past is refused here, up front
+    now = None if past_ok else utcnow()
     for path in task_file_paths(paths):
         try:
             data = loads(path.read_text(encoding="utf-8"))

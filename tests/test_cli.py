@@ -98,7 +98,7 @@ def test_apply_is_all_or_nothing(tmp_path, mongo_server, mongo_db_name, mongo_cl
     result = invoke("apply", str(good), str(bad), env=env)
     assert result.exit_code != 0 and "nothing applied" in result.output
     assert mongo_client[mongo_db_name].tasks.count_documents({}) == 0
-    result = invoke("apply", str(good), env=env)
+    result = invoke("apply", "--yes", str(good), env=env)
     assert result.exit_code == 0 and "created" in result.output
     result = invoke("apply", str(tmp_path / "a.json"), env=env)
     assert "unchanged" in result.output
@@ -121,7 +121,7 @@ def test_apply_refuses_a_task_naming_a_file_not_stored_before_storing_any(
     script.write_text("echo b\n")
     put = invoke("file", "put", str(script), env=env)
     assert put.exit_code == 0, put.output
-    result = invoke("apply", str(good), str(needs_file), env=env)
+    result = invoke("apply", "--yes", str(good), str(needs_file), env=env)
     assert result.exit_code == 0, result.output
     assert mongo_client[mongo_db_name].tasks.count_documents({}) == 2
 
@@ -141,9 +141,12 @@ def test_apply_warns_of_credentials_given_in_clear_on_stderr_and_still_applies(
         tmp_path, {"name": "a", "schedule": {"every": "1m"}, "command": "true"}, "a.json"
     )
     runner = CliRunner()
-    result = runner.invoke(cli, ["apply", str(clear), str(plain)], env=env, catch_exceptions=False)
+    result = runner.invoke(
+        cli, ["apply", "--yes", str(clear), str(plain)], env=env, catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
-    assert result.stdout.split("\n")[:2] == ["created   hook", "created   a"]
+    applied = result.stdout.split("\n")
+    assert applied[applied.index("created   hook") + 1] == "created   a"
     assert "warning" not in result.stdout
     lines = result.stderr.splitlines()
     assert [line.split(": ")[:3] for line in lines] == [
@@ -154,7 +157,7 @@ def test_apply_warns_of_credentials_given_in_clear_on_stderr_and_still_applies(
     assert mongo_client[mongo_db_name].tasks.count_documents({}) == 2
     # applied again, unchanged: still stored in clear, still warned of
     again = runner.invoke(cli, ["apply", str(clear)], env=env, catch_exceptions=False)
-    assert again.exit_code == 0 and again.stdout.startswith("unchanged hook")
+    assert again.exit_code == 0 and again.stdout.startswith("= unchanged hook")
     assert again.stderr.splitlines() == lines
 
 

@@ -315,7 +315,7 @@ def test_cloudtask_apply_refuses_a_task_naming_a_missing_secret(
         api(app, "operator")("PUT", "/secrets/db.password", json={"value": VALUE}).status_code
         == 201
     )
-    result = CliRunner().invoke(cli, ["apply", str(tmp_path / "tasks")], env=env)
+    result = CliRunner().invoke(cli, ["apply", "--yes", str(tmp_path / "tasks")], env=env)
     assert result.exit_code == 0, result.output
     assert store.get_task_by_name("report")["secrets_used"] == ["db.password"]
 

@@ -8,12 +8,17 @@ This module holds the root group ``cli`` and ``main``, and adds to ``cli`` the c
 one module per family:
 
 * :mod:`~cloudtask.cli.servers`: the programs, ``agent``, ``web``, ``center`` and ``up``;
-* :mod:`~cloudtask.cli.authoring`: ``validate`` and ``apply`` (task files) and ``next``;
+* :mod:`~cloudtask.cli.authoring`: ``validate``, ``apply`` and ``export`` (task files) and
+  ``next``;
 * :mod:`~cloudtask.cli.admin`: the ``task``, ``run``, ``user``, ``token`` and ``file`` groups;
 * :mod:`~cloudtask.cli.zookeeper`: ``zk-acl`` (the ACL of ``zookeeper.auth`` on every node);
 * :mod:`~cloudtask.cli.secrets`: the ``secrets`` group (stored secrets and their keys).
 * :mod:`~cloudtask.cli.plans`: the ``plan`` group (submit a plan, its state, cancel it).
 * :mod:`~cloudtask.cli.pools`: the ``pool`` group (concurrency pools).
+* :mod:`~cloudtask.cli.api_commands`: the ``tasks``, ``runs``, ``agents``, ``events`` and
+  ``plans`` groups, which talk to the web site's REST API (:mod:`~cloudtask.cli.remote`: the
+  client, the site's address and token), and :mod:`~cloudtask.cli.login`: ``login``,
+  ``logout`` and ``whoami``.
 
 What they share (the config, logging, the ``--config`` and ``--verbose`` options, who acts,
 the store and the operations a command works on) is in :mod:`~cloudtask.cli.common`.
@@ -29,6 +34,8 @@ import click
 from .. import __version__
 from ..exceptions import CloudTaskError, ValidationError
 from . import admin, authoring, plans, pools, secrets, servers, zookeeper
+from .api_commands import GROUPS as API_GROUPS
+from .login import COMMANDS as LOGIN_COMMANDS
 
 
 class _Group(click.Group):
@@ -57,6 +64,7 @@ for _command in (
     servers.center,
     authoring.validate,
     authoring.apply,
+    authoring.export,
     admin.task_group,
     admin.run_group,
     admin.user_group,
@@ -69,6 +77,8 @@ for _command in (
     plans.plan_group,
     pools.pool_group,
 ):
+    cli.add_command(_command)
+for _command in (*API_GROUPS, *LOGIN_COMMANDS):  # through the web site's API
     cli.add_command(_command)
 
 

@@ -1,17 +1,25 @@
-"""The commands for writing tasks: ``validate`` checks task files, ``apply`` stores them, and
-``next`` prints the next fire times of a schedule."""
+"""The commands for writing tasks: ``validate`` checks task files, ``apply`` shows what it
+would change and stores them, ``export`` writes stored tasks as task files, and ``next``
+prints the next fire times of a schedule. The plan and the diffs are
+:mod:`cloudtask.taskdiff`'s; the files ``export`` writes, :mod:`cloudtask.taskexport`'s."""
 
 from __future__ import annotations
 
 import json
+import sys
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import click
 
 from ..clock import utcnow
-from ..exceptions import ValidationError
+from ..exceptions import CloudTaskError, ValidationError
 from ..taskfiles import read_task_files
-from .common import _operations, cli_actor, config_option
+from .common import _operations, _store, cli_actor, config_option
+
+PROGRESS_OVER = 50  # a progress bar instead of a line per task past this many changes
+EXIT_PENDING = 3  # --dry-run --detailed-exitcode: the plan has changes
 
 
 @click.command()
@@ -24,26 +32,236 @@ def validate(paths: tuple[str, ...]) -> None:
     click.echo(f"{len(tasks)} task(s) valid")
 
 
+def _stdin_is_tty() -> bool:
+    try:
+        return sys.stdin.isatty()
+    except (AttributeError, ValueError):  # closed or replaced
+        return False
+
+
 @click.command()
 @config_option
+@click.option("-y", "--yes", is_flag=True, help="Apply without asking.")
+@click.option("--dry-run", is_flag=True, help="Print the plan only; change nothing.")
+@click.option(
+    "--detailed-exitcode",
+    is_flag=True,
+    help=f"With --dry-run: exit {EXIT_PENDING} when the plan has changes, 0 when none.",
+)
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="Also delete the tasks apply created or changed before that no file names any "
+    "more, in the groups the files use (and --prune-group).",
+)
+@click.option(
+    "--prune-group",
+    "prune_groups",
+    multiple=True,
+    metavar="GROUP",
+    help="A group to prune too, though no file uses it (its last file removed); implies "
+    "--prune. Repeatable.",
+)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
-def apply(config_path: str | None, paths: tuple[str, ...]) -> None:
-    """Create or update the tasks in these JSON files (all checked first; nothing stored if any is bad).
+def apply(
+    config_path: str | None,
+    yes: bool,
+    dry_run: bool,
+    detailed_exitcode: bool,
+    prune: bool,
+    prune_groups: tuple[str, ...],
+    paths: tuple[str, ...],
+) -> None:
+    """Make the stored tasks match these JSON files (or folders of *.json).
+
+    Every file is checked first (nothing is stored if any is bad). Then the plan is printed:
+    each task ``create``, ``change`` (with the fields that differ, ``path: old → new``) or
+    ``unchanged``, and with --prune ``delete``. It is applied with --yes, or when confirmed
+    at a terminal; without a terminal and without --yes nothing is applied (exit 2).
+    An unchanged task is not written at all.
+
+    --prune deletes only tasks that apply (or ``cloudtask up``) created or changed, in the
+    groups the files use or --prune-group names: never a task made on the site, through the
+    API or with ``cloudtask task``, never one of another group.
 
     What is stored but should not be (a header named like a credential given in clear) is
     printed to standard error as ``warning: TASK: PATH: MESSAGE``; it does not fail the apply."""
     from ..operations import task_warnings
+    from ..taskdiff import make_plan
 
-    tasks, errors = read_task_files(paths)
+    prune = prune or bool(prune_groups)
+    if detailed_exitcode and not dry_run:
+        raise click.UsageError("--detailed-exitcode goes with --dry-run")
+    tasks, errors = read_task_files(paths, past_ok=True)
     if errors:
         raise click.ClickException("nothing applied; invalid task files:\n  " + "\n  ".join(errors))
-    with _operations(config_path, cluster="optional") as ops:
-        results = ops.apply_tasks(cli_actor(), [(str(path), data) for path, data in tasks])
-    for outcome, name in results:
-        click.echo(f"{outcome:9} {name}")
-    for _, data in tasks:  # every task applied (unchanged ones too: still stored in clear)
-        for problem in task_warnings(data):
-            click.echo(f"warning: {data['name']}: {problem}", err=True)
+    named = [(str(path), data) for path, data in tasks]
+    with _operations(config_path, cluster="none" if dry_run else "optional") as ops:
+        for source, data in named:  # every file checked against what is stored, first
+            try:
+                ops.check_apply(data)
+            except ValidationError as e:
+                raise ValidationError(e.problems, source=source) from None
+        plan = make_plan(ops.store, named, prune=prune, prune_groups=prune_groups)
+        for line in plan.lines():
+            click.echo(line)
+        for _, data in tasks:  # every task of the files (unchanged ones are stored so too)
+            for problem in task_warnings(data):
+                click.echo(f"warning: {data['name']}: {problem}", err=True)
+        pending = plan.pending
+        if not pending:
+            click.echo("No changes.")
+            return
+        if dry_run:
+            if detailed_exitcode:
+                click.get_current_context().exit(EXIT_PENDING)
+            return
+        if not yes:
+            if not _stdin_is_tty():
+                click.echo(
+                    f"Error: nothing applied: {len(pending)} change(s) need a confirmation; "
+                    "give --yes to apply them (or run at a terminal to be asked, or give "
+                    "--dry-run to see the plan only)",
+                    err=True,
+                )
+                click.get_current_context().exit(2)
+            if not click.confirm(f"Apply these {len(pending)} change(s)?", default=False):
+                click.echo("Nothing applied.")
+                click.get_current_context().exit(1)
+        _run_plan(ops, pending)
+
+
+def _run_plan(ops: Any, pending: list[Any]) -> None:
+    """Apply the plan's changes in order (creates and changes in the files' order, then
+    deletes); a failure stops it, saying what was applied before and what was not."""
+    actor = cli_actor()
+    done: list[tuple[str, str]] = []
+    bar = len(pending) > PROGRESS_OVER
+    progress: Any = (
+        click.progressbar(pending, label=f"Applying {len(pending)} changes", file=sys.stderr)
+        if bar
+        else nullcontext(pending)
+    )
+    item = None
+    try:
+        with progress as items:
+            for item in items:
+                outcome = _apply_item(ops, actor, item)
+                done.append((outcome, item.name))
+                if not bar:
+                    click.echo(f"{outcome:9} {item.name}")
+    except CloudTaskError as e:
+        assert item is not None
+        applied = [name for outcome, name in done if outcome not in ("skipped", "unchanged")]
+        rest = [i.name for i in pending[len(done) + 1 :]]
+        where = f" ({item.source})" if item.source else ""
+        click.echo(f"Error: stopped at {item.name}{where}: {e}", err=True)
+        click.echo(f"applied before it ({len(applied)}): {', '.join(applied) or 'none'}", err=True)
+        click.echo(f"not applied ({len(rest) + 1}): {', '.join([item.name, *rest])}", err=True)
+        click.get_current_context().exit(2 if isinstance(e, ValidationError) else 1)
+    counts = {k: sum(1 for o, _ in done if o == k) for k in ("created", "updated", "deleted")}
+    others = len(done) - sum(counts.values())
+    tail = f", {others} skipped" if others else ""
+    click.echo(
+        f"Applied: {counts['created']} created, {counts['updated']} changed, "
+        f"{counts['deleted']} deleted{tail}."
+    )
+
+
+def _apply_item(ops: Any, actor: str, item: Any) -> str:
+    if item.action != "delete":
+        try:
+            return ops.apply_task(actor, item.data)[0]
+        except ValidationError as e:
+            raise ValidationError(e.problems, source=item.source) from None
+    planned = item.stored
+    now = ops.store.find_task(planned["_id"])
+    if now is None:
+        click.echo(f"skipped   {item.name} (deleted meanwhile)", err=True)
+        return "skipped"
+    if now["revision"] != planned["revision"]:
+        click.echo(f"skipped   {item.name} (changed since the plan; not deleted)", err=True)
+        return "skipped"
+    ops.delete_task(actor, planned["_id"])
+    return "deleted"
+
+
+@click.command("export")
+@config_option
+@click.option(
+    "--group", "groups", multiple=True, metavar="GROUP", help="Only this group (repeatable)."
+)
+@click.option("--task", "names", multiple=True, metavar="NAME", help="Only this task (repeatable).")
+@click.option(
+    "--out",
+    default="-",
+    show_default=True,
+    metavar="DIR",
+    help="The folder to write one NAME.json per task into (made if missing); - writes one "
+    "JSON list to standard output.",
+)
+def export(
+    config_path: str | None, groups: tuple[str, ...], names: tuple[str, ...], out: str
+) -> None:
+    """Write stored tasks as task files that ``cloudtask apply`` reads back unchanged.
+
+    Keys at their defaults are left out; secrets stay references (``{"secret": NAME}``).
+    File names are the task names made safe (letters, digits, '.', '_', '-'; names that
+    differ only in case get -2, -3...). Files already in the folder are replaced; others
+    are left, and named on standard error (apply would read them too)."""
+    from ..taskexport import dump, file_names, short_form, write_file
+
+    with _store(config_path) as store:
+        docs = store.list_tasks(groups=list(groups) or None)
+    docs.sort(key=lambda d: d["name"])
+    if names:
+        found = {d["name"] for d in docs}
+        missing = [n for n in names if n not in found]
+        if missing:
+            where = f" in group {', '.join(groups)}" if groups else ""
+            raise click.BadParameter(
+                f"no task named {', '.join(map(repr, missing))}{where}; nothing written",
+                param_hint="--task",
+            )
+        docs = [d for d in docs if d["name"] in set(names)]
+    specs: list[tuple[str, dict[str, Any]]] = []
+    failed = 0
+    for doc in docs:
+        try:
+            specs.append((doc["name"], short_form(doc["spec"])))
+        except ValidationError as e:
+            failed += 1
+            click.echo(
+                f"warning: {doc['name']!r} not exported: its stored spec is invalid: "
+                f"{'; '.join(map(str, e.problems))}",
+                err=True,
+            )
+    if out == "-":
+        click.echo(json.dumps([spec for _, spec in specs], indent=2, ensure_ascii=False))
+    else:
+        folder = Path(out)
+        if folder.exists() and not folder.is_dir():
+            raise click.BadParameter(f"{out} is not a folder", param_hint="--out")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            chosen = file_names(name for name, _ in specs)
+            written = set()
+            for name, spec in specs:
+                path = write_file(folder, chosen[name], dump(spec))
+                written.add(path.name)
+                click.echo(str(path))
+        except OSError as e:
+            raise click.ClickException(f"cannot write into {out}: {e.strerror or e}") from None
+        others = sorted(p.name for p in folder.glob("*.json") if p.name not in written)
+        if others:
+            click.echo(
+                f"note: {len(others)} other file(s) in {out} were not written by this export "
+                f"(apply reads them too): {', '.join(others)}",
+                err=True,
+            )
+        click.echo(f"{len(specs)} task(s) exported to {out}", err=True)
+    if failed:
+        click.get_current_context().exit(1)
 
 
 @click.command("next")

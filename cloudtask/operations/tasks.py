@@ -21,7 +21,9 @@ from ..dependencies import cycle_problems
 from ..exceptions import Conflict, NotFound, Problem, ValidationError
 from ..runmodel import GOING_STATUSES
 from ..schedules import parse_schedule
+from ..store.base import guard
 from ..task import TaskSpec, clear_credentials, parse_task, secret_ref
+from ..taskdiff import APPLY_SOURCE, stored_canonical
 from .base import task_target
 from .runs import RunOperations
 
@@ -143,9 +145,19 @@ class TaskOperations(RunOperations):
         doc = self.store.replace_task(
             task_id, spec, expected_revision=expected_revision, current=before
         )
+        if before.get("source") and not doc.get("source"):  # apply's mark outlives an edit
+            self._mark_source(doc, before["source"])
         self._signal("tasks")  # the change is stored: tell the leader first
         self.audit(actor, action, task_target(doc), before["spec"], doc["spec"], doc["_id"])
         return doc
+
+    def _mark_source(self, doc: dict[str, Any], source: str) -> None:
+        """Record what wrote a task (``apply``: ``cloudtask apply --prune`` may delete it).
+        A second write: a process that dies before it leaves the task unmarked, so never
+        pruned, the safe side."""
+        match = {"_id": doc["_id"], "revision": doc["revision"]}
+        guard(self.store.tasks.update_one, "mark the task", match, {"$set": {"source": source}})
+        doc["source"] = source
 
     def patch_task(
         self,
@@ -180,14 +192,21 @@ class TaskOperations(RunOperations):
 
     def apply_task(self, actor: str, data: dict[str, Any]) -> tuple[Applied, dict[str, Any]]:
         """Create or update the task named in ``data`` (a task file): ``created``, ``updated``
-        or ``unchanged`` (the same definition, compared in canonical form), and the task."""
+        or ``unchanged`` (the same definition, both sides in canonical form: nothing is
+        written), and the task. A task it creates or changes is marked ``source: "apply"``
+        (:mod:`cloudtask.taskdiff`: ``cloudtask apply --prune`` deletes only such tasks)."""
         before = self._named(data)
         spec = self._checked(data, before)
         if before is None:
-            return "created", self.create_task(actor, spec)
-        if spec.to_dict() == before["spec"]:
+            doc = self.create_task(actor, spec)
+            self._mark_source(doc, APPLY_SOURCE)
+            return "created", doc
+        if spec.to_dict() == stored_canonical(before["spec"]):
             return "unchanged", before
-        return "updated", self.replace_task(actor, before["_id"], spec, current=before)
+        doc = self.replace_task(actor, before["_id"], spec, current=before)
+        if doc.get("source") != APPLY_SOURCE:
+            self._mark_source(doc, APPLY_SOURCE)
+        return "updated", doc
 
     def apply_tasks(
         self, actor: str, tasks: Sequence[tuple[str, dict[str, Any]]]
@@ -217,12 +236,22 @@ class TaskOperations(RunOperations):
         action = "task.resume" if enabled else "task.pause"
         return self.replace_task(actor, task_id, spec, current=before, action=action)
 
-    def clone_task(self, actor: str, task_id: str, new_name: str) -> dict[str, Any]:
-        """A copy of a task under a new name, created paused so it does not fire twice."""
+    def clone_task(
+        self, actor: str, task_id: str, new_name: str, changes: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A copy of a task under a new name, created paused so it does not fire twice
+        (unless ``changes``, top-level keys of the spec to change as a patch does, says
+        ``enabled``)."""
+        if changes is not None and not isinstance(changes, dict):
+            raise ValidationError(
+                [Problem("changes", "a JSON object of the keys to change")], source="the clone"
+            )
         source = self.store.get_task(task_id)
         spec = copy.deepcopy(source["spec"])
         spec.pop("version", None)
-        spec.update(name=new_name, enabled=False)
+        spec["enabled"] = False
+        spec.update(changes or {})
+        spec["name"] = new_name
         doc = self.store.create_task(self._checked(spec, None))  # a clone is a new task
         self._signal("tasks")  # the change is stored: tell the leader first
         self.audit(
