@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from ..config import Config, load_config
-from ..exceptions import CloudTaskError
+from ..exceptions import CloudTaskError, ConfigError
 
 DEFAULT_CONFIG = Path("conf/cloudtask.json")
 
@@ -27,10 +27,31 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("pymongo").setLevel(logging.WARNING)
 
 
-def _load(config_path: str | None) -> Config:
+def _load(config_path: str | None, *, local: bool = True) -> Config:
+    """The config file (``--config``, ``CLOUDTASK_CONFIG``, else ``conf/cloudtask.json`` when
+    present) with the environment's overrides; with ``local``, the addresses of the
+    ``cloudtask up`` running for this folder (``.cloudtask/running.json``, see
+    :mod:`cloudtask.localstate`) fill in the ZooKeeper hosts and MongoDB URI it names none of."""
+    from ..localstate import apply_to_config, running_cluster
+
     if config_path is None and DEFAULT_CONFIG.is_file():
         config_path = str(DEFAULT_CONFIG)
-    return load_config(config_path)
+    cfg = load_config(config_path)
+    if local and not (cfg.zookeeper.hosts and cfg.mongodb.uri):
+        cfg = apply_to_config(cfg, running_cluster())
+    return cfg
+
+
+def _need_mongodb(cfg: Config) -> None:
+    """A command that needs MongoDB says where its address comes from when none is known."""
+    from ..localstate import data_dir_for, record_path
+
+    if not cfg.mongodb.uri:
+        raise ConfigError(
+            "no MongoDB URI configured: set mongodb.uri or CLOUDTASK_MONGO_URI, or start "
+            f"`cloudtask up` (make up) in this folder (it writes {record_path(data_dir_for())}; "
+            "CLOUDTASK_DATA_DIR names another data dir)"
+        )
 
 
 config_option = click.option(
@@ -66,6 +87,7 @@ def _operations(config_path: str | None, cluster: str = "none") -> Iterator[Any]
     from ..zkpaths import ZkPaths, connect_config
 
     cfg = _load(config_path)
+    _need_mongodb(cfg)
     store = Store.from_config(cfg)
     zk = None
     try:
@@ -91,7 +113,9 @@ def _store(config_path: str | None) -> Iterator[Any]:
     """The store of the configured MongoDB, closed after the command."""
     from ..store import Store
 
-    store = Store.from_config(_load(config_path))
+    cfg = _load(config_path)
+    _need_mongodb(cfg)
+    store = Store.from_config(cfg)
     try:
         yield store
     finally:

@@ -266,8 +266,11 @@ def _stop_on_signals(stop: Any) -> None:
     "--data-dir",
     default=".cloudtask",
     show_default=True,
+    envvar="CLOUDTASK_DATA_DIR",
     type=click.Path(file_okay=False),
-    help="Where the embedded servers and the agent keep their data and logs.",
+    help="Where the embedded servers and the agents keep their data and logs, and where "
+    "running.json tells the commands of this folder the cluster's addresses "
+    "(env CLOUDTASK_DATA_DIR).",
 )
 @click.option(
     "--tasks",
@@ -288,8 +291,10 @@ def up(
     config_path: str | None, data_dir: str, tasks_dir: str, agents: int, port: int, verbose: bool
 ) -> None:
     """Run CloudTask on this machine: embedded servers where none are configured, a center
-    and agents, each in its own process (one that dies is started again)."""
+    and agents, each in its own process (one that dies is started again). While it runs,
+    DATA_DIR/running.json holds their addresses for the commands run from this folder."""
     from ..up import run_local
 
     _setup_logging(verbose)
-    run_local(_load(config_path), Path(data_dir), Path(tasks_dir), agents, port, actor=cli_actor())
+    cfg = _load(config_path, local=False)  # never the addresses of another running `up`
+    run_local(cfg, Path(data_dir), Path(tasks_dir), agents, port, actor=cli_actor())
