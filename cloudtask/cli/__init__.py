@@ -15,10 +15,6 @@ one module per family:
 * :mod:`~cloudtask.cli.secrets`: the ``secrets`` group (stored secrets and their keys).
 * :mod:`~cloudtask.cli.plans`: the ``plan`` group (submit a plan, its state, cancel it).
 * :mod:`~cloudtask.cli.pools`: the ``pool`` group (concurrency pools).
-* :mod:`~cloudtask.cli.api_commands`: the ``tasks``, ``runs``, ``agents``, ``events`` and
-  ``plans`` groups, which talk to the web site's REST API (:mod:`~cloudtask.cli.remote`: the
-  client, the site's address and token), and :mod:`~cloudtask.cli.login`: ``login``,
-  ``logout`` and ``whoami``.
 
 What they share (the config, logging, the ``--config`` and ``--verbose`` options, who acts,
 the store and the operations a command works on) is in :mod:`~cloudtask.cli.common`.
@@ -34,8 +30,6 @@ import click
 from .. import __version__
 from ..exceptions import CloudTaskError, ValidationError
 from . import admin, authoring, plans, pools, secrets, servers, zookeeper
-from .api_commands import GROUPS as API_GROUPS
-from .login import COMMANDS as LOGIN_COMMANDS
 
 
 class _Group(click.Group):
@@ -77,8 +71,6 @@ for _command in (
     plans.plan_group,
     pools.pool_group,
 ):
-    cli.add_command(_command)
-for _command in (*API_GROUPS, *LOGIN_COMMANDS):  # through the web site's API
     cli.add_command(_command)
 
 
