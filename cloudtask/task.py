@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from .deadlines import DeadlineSpec, deadline_problems
 from .durations import format_duration, parse_duration
 from .exceptions import Problem, ValidationError
 from .jsonlimits import MAX_JSON_DEPTH, depth_problem
@@ -85,6 +86,7 @@ FIELD_TYPES: dict[str, tuple[str, ...]] = {
     "http": ("object",),
     "env": ("object",),
     "notify": ("object",),
+    "deadline": ("string", "object"),
 }
 
 
@@ -206,6 +208,25 @@ TASK_FIELDS: tuple[TaskField, ...] = (
         "Who is emailed, and on which run outcomes",
         default={"emails": [], "on": list(DEFAULT_NOTIFY_ON)},
     ),
+    TaskField(
+        "warn_after",
+        "duration",
+        "Alert (run.slow) when a run is still going after this long; it is not killed",
+        nullable=True,
+    ),
+    TaskField(
+        "deadline",
+        "deadline",
+        "Alert (task.deadline_missed) when no run fired in the 24 h before this local time "
+        'has succeeded by it: "06:00", "06:00 mon-fri" or {"at", "days", "timezone"}',
+        nullable=True,
+    ),
+    TaskField(
+        "expect_every",
+        "duration",
+        "Alert (task.overdue) when the task has not succeeded for this long",
+        nullable=True,
+    ),
     TaskField("description", "string", "What the task is for", default=""),
     TaskField("owner", "string", "A person or team", default=""),
 )
@@ -286,6 +307,9 @@ class TaskSpec:
     pool: str | None = None  # a concurrency pool's name (cloudtask/agent/pools.py)
     pool_wait: float | None = None  # seconds a run waits for its pool (None: 10 minutes)
     notify: NotifySpec = field(default_factory=NotifySpec)
+    warn_after: float | None = None  # seconds a run may run before run.slow
+    deadline: DeadlineSpec | None = None  # cloudtask/deadlines.py
+    expect_every: float | None = None  # seconds without a success before task.overdue
     description: str = ""
     owner: str = ""
 
@@ -325,6 +349,9 @@ class TaskSpec:
             "pool": self.pool,
             "pool_wait": _format_optional(self.pool_wait),
             "notify": self.notify.to_dict(),
+            "warn_after": _format_optional(self.warn_after),
+            "deadline": self.deadline.to_value() if self.deadline is not None else None,
+            "expect_every": _format_optional(self.expect_every),
             "description": self.description,
             "owner": self.owner,
         }
@@ -670,6 +697,7 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
         pool=pool or None,
         pool_wait=f.duration("pool_wait", None, nullable=True),
         notify=_read_notify(data["notify"], problems) if "notify" in data else NotifySpec(),
+        **_read_lateness(f),
         description=f.string("description"),
         owner=f.string("owner"),
     )
@@ -689,6 +717,32 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
         **values,
     )
     return spec, []
+
+
+def _read_lateness(f: _Fields) -> dict[str, Any]:
+    """``warn_after``, ``deadline`` and ``expect_every`` (the leader's lateness alerts,
+    cloudtask/center/lateness.py)."""
+    warn_after = f.duration("warn_after", None, nullable=True)
+    timeout = f.data.get("timeout")
+    try:
+        limit = parse_duration(timeout) if timeout is not None else None
+    except ValueError:
+        limit = None  # refused as the timeout's own problem
+    if warn_after is not None and limit and warn_after >= limit:
+        f.refuse(
+            "warn_after",
+            f"must be shorter than the timeout ({format_duration(limit)}): the run is killed "
+            "before it would alert",
+        )
+    deadline = None
+    if f.given("deadline"):
+        deadline, found = deadline_problems(f.data["deadline"])
+        for sub, message in found:
+            f.refuse(f"deadline.{sub}" if sub else "deadline", message)
+    expect_every = f.duration("expect_every", None, nullable=True)
+    if expect_every is not None and expect_every < 1:
+        f.refuse("expect_every", "must be at least 1s")
+    return {"warn_after": warn_after, "deadline": deadline, "expect_every": expect_every}
 
 
 def _check_env(env: dict[str, str], f: _Fields) -> None:

@@ -64,6 +64,9 @@ ACCEPTED: dict[str, list[Any]] = {
     "pool": ["db-heavy", None],
     "pool_wait": ["5m", 30, None],
     "notify": [{"emails": ["a@example.com"], "on": ["failure"]}],
+    "warn_after": ["10m", 30, None],
+    "deadline": ["06:00", {"at": "06:00", "days": "mon-fri", "timezone": "Europe/Berlin"}, None],
+    "expect_every": ["6h", 3600, None],
     "description": ["what it does"],
     "owner": ["ops"],
 }

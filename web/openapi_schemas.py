@@ -168,6 +168,22 @@ NOTIFY = {
         "on": {"type": "array", "items": {"enum": list(NOTIFY_EVENTS)}},
     },
 }
+# a task's deadline (cloudtask/deadlines.py): "06:00", "06:00 mon-fri", or an object
+DEADLINE = {
+    "anyOf": [
+        {"type": "string", "pattern": r"^([01]?\d|2[0-3]):[0-5]\d(\s.*)?$", "example": "06:00"},
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["at"],
+            "properties": {
+                "at": {"type": "string", "pattern": r"^([01]?\d|2[0-3]):[0-5]\d$"},
+                "days": {"type": "string", "example": "mon-fri"},
+                "timezone": {"type": "string", "example": "Europe/Berlin"},
+            },
+        },
+    ]
+}
 # each type of the model's field table (cloudtask.task.FIELD_TYPES) in JSON Schema
 TYPE_SCHEMAS: dict[str, dict[str, Any]] = {
     "string": STRING,
@@ -181,6 +197,7 @@ TYPE_SCHEMAS: dict[str, dict[str, Any]] = {
     "http": HTTP_SPEC,
     "env": ENV,
     "notify": NOTIFY,
+    "deadline": DEADLINE,
 }
 # the bounds a field has beyond its type
 FIELD_BOUNDS: dict[str, dict[str, Any]] = {"retries": {"minimum": 0, "maximum": MAX_RETRIES}}

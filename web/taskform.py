@@ -76,6 +76,9 @@ TEXT_FIELDS = (
     "misfire_grace",
     "on_lost",
     "mode",
+    "warn_after",
+    "deadline",
+    "expect_every",
     "env",
     "notify_emails",
     "spec_json",
@@ -206,6 +209,8 @@ def fits_fields(spec: dict[str, Any]) -> bool:
     env = (spec.get("env") or {}).values()
     if any("\n" in str(v) or "\r" in str(v) or _looks_like_reference(v) for v in env):
         return False  # the env field holds one KEY=VALUE a line; secret:... is a reference
+    if spec.get("deadline") is not None and not isinstance(spec["deadline"], str):
+        return False  # a deadline in a time zone of its own: {"at", "days", "timezone"}
     http = spec.get("http")
     if http is not None:
         urls = http.get("urls") or ([http["url"]] if http.get("url") else [])
@@ -273,6 +278,9 @@ def spec_form(spec: dict[str, Any]) -> dict[str, Any]:
         misfire_grace=spec.get("misfire_grace", DEFAULTS["misfire_grace"]),
         on_lost=spec.get("on_lost", DEFAULTS["on_lost"]),
         mode=spec.get("mode", DEFAULTS["mode"]),
+        warn_after=spec.get("warn_after") or "",
+        deadline=spec["deadline"] if isinstance(spec.get("deadline"), str) else "",
+        expect_every=spec.get("expect_every") or "",
         env="\n".join(f"{k}={shown_value(v)}" for k, v in (spec.get("env") or {}).items()),
         notify_emails=", ".join((spec.get("notify") or {}).get("emails") or []),
         notify_on=list((spec.get("notify") or {}).get("on") or []),
@@ -422,6 +430,11 @@ def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
     for key in ("concurrency", "misfire", "on_lost", "mode"):
         if form[key]:
             spec[key] = form[key]
+    for key in ("warn_after", "expect_every"):
+        if form[key].strip():
+            spec[key] = duration_value(form[key])
+    if form["deadline"].strip():
+        spec["deadline"] = form["deadline"].strip()
     env = {}
     for number, line in _lines(form["env"]):
         name, sep, value = line.partition("=")
