@@ -311,7 +311,7 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
             lines.append(line)
         text = "".join(lines)
         assert "task hello: created" in text
-        assert "No admin user yet" in text and "user add NAME --role admin" in text
+        assert "No admin user yet" in text and "user add admin --role admin" in text
         assert f"web site:    http://127.0.0.1:{port}/" in text
         health = wait_for(
             lambda: _get(f"http://127.0.0.1:{port}/healthz"), timeout=30, message="web not up"
