@@ -30,7 +30,7 @@ _RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10))}
 _RESERVED |= {f"lpt{i}" for i in range(10)}
 MAX_STEM = 100
 _EMPTY = (None, False, "", [], {}, "UTC", "0s")  # values that may be defaults, tried last
-_KEEP = {"name", "schedule", "urls"}
+_KEEP = {"name", "schedule", "urls", "image"}
 
 
 def _reference(**extra: Any) -> dict[str, Any]:
@@ -49,6 +49,8 @@ def _containers(spec: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, An
         out.append((spec["http"], _HTTP_DEFAULTS))
     if isinstance(spec.get("notify"), dict):
         out.append((spec["notify"], _DEFAULTS["notify"]))
+    if isinstance(spec.get("container"), dict):  # (a field of a newer version is kept)
+        out.append((spec["container"], {}))
     schedule = spec.get("schedule")
     for item in schedule if isinstance(schedule, list) else [schedule]:
         if isinstance(item, dict):
