@@ -39,7 +39,7 @@ from .exceptions import Problem
 UTC = timezone.utc
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 SCHEDULE_KINDS = ("cron", "every", "at", "keepalive", "after")
-SCHEDULE_KEYS = (*SCHEDULE_KINDS, "timezone", "start", "end", "between", "within")
+SCHEDULE_KEYS = (*SCHEDULE_KINDS, "timezone", "start", "end", "between", "within", "calendar")
 MAX_PARENTS = 20  # tasks an after schedule waits for
 # a task's name (the task model's rule, cloudtask/task.py, which builds on this module)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -187,13 +187,35 @@ def _fold_walls(wall: datetime, zone: ZoneInfo) -> tuple[datetime, datetime]:
     return _naive_wall(switch, zone), _naive_wall(switch - _SECOND, zone) + _SECOND
 
 
+MAX_RULE_CALENDARS = 10  # calendars named by one side of a schedule's calendar rule
+
+
+@dataclass(frozen=True)
+class CalendarRule:
+    """A schedule's ``calendar``: it fires only on the local dates of the ``only`` calendars
+    (any of them) and never on those of the ``skip`` ones. The dates are not known here: a
+    :class:`cloudtask.calendars.CalendarBook` judges them (cloudtask.calendars.next_fire)."""
+
+    only: tuple[str, ...] = ()
+    skip: tuple[str, ...] = ()
+
+    def names(self) -> tuple[str, ...]:
+        return (*self.only, *self.skip)
+
+    def to_dict(self) -> dict[str, object]:
+        sides = (("only", self.only), ("skip", self.skip))
+        return {k: (v[0] if len(v) == 1 else list(v)) for k, v in sides if v}
+
+
 @dataclass(frozen=True)
 class Window:
-    """Limits on when a schedule fires: instants [start, end], and a daily local `between`."""
+    """Limits on when a schedule fires: instants [start, end], a daily local `between`, and
+    the local dates a calendar rule lets through (judged outside: see CalendarRule)."""
 
     start: datetime | None = None
     end: datetime | None = None
     between: tuple[time, time] | None = None  # start inclusive, end exclusive; may wrap midnight
+    calendar: CalendarRule | None = None
 
     def __post_init__(self) -> None:
         for name in ("start", "end"):
@@ -223,6 +245,8 @@ class Window:
         out: dict[str, object] = {k: format_instant(v) for k, v in bounds if v is not None}
         if self.between is not None:
             out["between"] = [clock.strftime("%H:%M") for clock in self.between]
+        if self.calendar is not None:
+            out["calendar"] = self.calendar.to_dict()
         return out
 
 
@@ -552,6 +576,11 @@ def _parse_one(
     between = None
     if "between" in item and kind in ("cron", "every", None):
         between = _parse_between(item["between"], f"{path}.between", problems)
+    calendar = None
+    if "calendar" in item and kind in ("at", "keepalive", "after"):
+        refuse("calendar", f"only cron and every take a calendar, not {kind}")
+    elif "calendar" in item:
+        calendar = _parse_calendar_rule(item["calendar"], f"{path}.calendar", problems)
 
     raw = item.get(kind) if kind else None
     if kind == "cron" and (message := cron_problem(raw)):
@@ -572,7 +601,7 @@ def _parse_one(
     if kind == "after":
         return AfterSchedule(parents, timezone_name, within)
 
-    window = Window(start, end, between)
+    window = Window(start, end, between, calendar)
     schedule: Schedule
     if kind == "cron":
         schedule = CronSchedule(raw, timezone_name, window)
@@ -603,6 +632,37 @@ def _parse_parents(value: object, path: str, problems: list[Problem]) -> tuple[s
         else:
             names.append(name)
     return tuple(names)
+
+
+def _parse_calendar_rule(value: object, path: str, problems: list[Problem]) -> CalendarRule | None:
+    """``{"only": NAME or [NAMES], "skip": NAME or [NAMES]}``, one side at least."""
+    example = '{"only": "workdays", "skip": "holidays"}'
+    if not isinstance(value, dict) or not value:
+        problems.append(Problem(path, f"expected an object such as {example}"))
+        return None
+    before = len(problems)
+    sides: dict[str, tuple[str, ...]] = {}
+    for key, names in value.items():
+        if key not in ("only", "skip"):
+            problems.append(Problem(f"{path}.{key}", "unknown key; expected only or skip"))
+            continue
+        listed = [names] if isinstance(names, str) else names
+        if not isinstance(listed, list) or not 1 <= len(listed) <= MAX_RULE_CALENDARS:
+            rule = f"expected a calendar's name or a list of 1 to {MAX_RULE_CALENDARS} names"
+            problems.append(Problem(f"{path}.{key}", f"{rule}, got {show_value(names)}"))
+            continue
+        for i, name in enumerate(listed):
+            where = f"{path}.{key}" if isinstance(names, str) else f"{path}.{key}[{i}]"
+            if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+                problems.append(Problem(where, f"a calendar's name: {NAME_RULE}"))
+            elif name in listed[:i]:
+                problems.append(Problem(where, f"{name!r} is named twice"))
+        sides[key] = tuple(listed)
+    for name in set(sides.get("only", ())) & set(sides.get("skip", ())):
+        problems.append(Problem(path, f"{name!r} is both in only and in skip"))
+    if len(problems) > before:
+        return None
+    return CalendarRule(sides.get("only", ()), sides.get("skip", ()))
 
 
 def _check_within(seconds: float) -> float:
@@ -653,5 +713,10 @@ def schedule_summary(schedule: Any) -> str:
             continue
         if item.get("between"):
             text += f" between {'-'.join(item['between'])}" + (f" {zone}" if zone != "UTC" else "")
+        if isinstance(item.get("calendar"), dict):
+            for side in ("only", "skip"):
+                names = item["calendar"].get(side)
+                if names:
+                    text += f" {side} " + ",".join(names if isinstance(names, list) else [names])
         parts.append(text)
     return " + ".join(parts) or "–"

@@ -63,6 +63,19 @@ WINDOW = {
         "maxItems": 2,
         "description": 'Local times ["08:00", "18:00"]: fires only inside (end exclusive)',
     },
+    "calendar": {
+        "type": "object",
+        "additionalProperties": False,
+        "minProperties": 1,
+        "description": "Stored calendars (cloudtask calendar set): fires only on the local dates "
+        "of an `only` calendar and never on those of a `skip` one; a fire on another date does "
+        "not exist",
+        "properties": {
+            side: {"anyOf": [NAME, {"type": "array", "items": NAME, "minItems": 1, "maxItems": 10}]}
+            for side in ("only", "skip")
+        },
+        "examples": [{"only": "workdays", "skip": "de-holidays"}],
+    },
 }
 TIMEZONE = {"type": "string", "description": "An IANA time zone (UTC)", "examples": ["UTC"]}
 SECRET_NAME = {
@@ -855,3 +868,97 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"deleted": STRING},
     },
 }
+
+# --- calendars and blackout windows (web/api/calendars.py) ---------------------------------
+_DAY_OR_RANGE = {
+    "type": "string",
+    "description": "A date YYYY-MM-DD, or a range YYYY-MM-DD..YYYY-MM-DD (both included)",
+    "examples": ["2026-12-24", "2026-12-27..2026-12-31"],
+}
+_WEEKDAY = {"type": "string", "description": "mon..sun (or the full name)", "examples": ["sat"]}
+_LOCAL_CLOCK = {"type": "string", "pattern": "^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$"}
+_BLACKOUT_FIELDS = {
+    "group": {"type": "string", "description": "An agent group, or * for every group"},
+    "timezone": TIMEZONE,
+    "days": {"type": "array", "items": _WEEKDAY},
+    "dates": {"type": "array", "items": _DAY_OR_RANGE},
+    "from": {**_LOCAL_CLOCK, "description": "Local time the window opens (00:00)"},
+    "to": {
+        **_LOCAL_CLOCK,
+        "description": "Local time it closes (24:00); at or before from: the next day",
+    },
+    "start": {"type": "string", "description": "Once: local time YYYY-MM-DDTHH:MM it opens"},
+    "end": {"type": "string", "description": "Once: local time it closes (31 days at most)"},
+    "description": {"type": "string", "maxLength": 1000},
+}
+CALENDAR_SCHEMAS: dict[str, Any] = {
+    "Calendar": {
+        "type": "object",
+        "required": ["name", "dates", "weekdays"],
+        "properties": {
+            "name": STRING,
+            "dates": {"type": "array", "items": {"type": "string", "format": "date"}},
+            "weekdays": {"type": "array", "items": STRING},
+            "description": nullable(STRING),
+            "source": nullable({**STRING, "description": "ics:FILE when imported"}),
+            "tasks": {**STRINGS, "description": "The tasks naming it"},
+            "updated_at": nullable(TIME),
+            "updated_by": nullable(STRING),
+        },
+    },
+    "CalendarSummary": {
+        "type": "object",
+        "required": ["name", "weekdays", "date_count"],
+        "properties": {
+            "name": STRING,
+            "weekdays": {"type": "array", "items": STRING},
+            "date_count": {"type": "integer"},
+            "description": nullable(STRING),
+            "source": nullable(STRING),
+            "updated_at": nullable(TIME),
+            "updated_by": nullable(STRING),
+        },
+    },
+    "CalendarList": {
+        "type": "object",
+        "required": ["items"],
+        "properties": {"items": {"type": "array", "items": ref("CalendarSummary")}},
+    },
+    "CalendarPut": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "dates": {"type": "array", "items": _DAY_OR_RANGE, "maxItems": 5000},
+            "weekdays": {"type": "array", "items": _WEEKDAY, "maxItems": 7},
+            "description": {"type": "string", "maxLength": 1000},
+        },
+    },
+    "CalendarDeleted": {
+        "type": "object",
+        "required": ["deleted"],
+        "properties": {"deleted": STRING},
+    },
+    "Blackout": {
+        "type": "object",
+        "required": ["name", "group", "timezone", "summary"],
+        "properties": {
+            "name": STRING,
+            "summary": {**STRING, "description": "The window in one line"},
+            **{k: nullable(v) for k, v in _BLACKOUT_FIELDS.items()},
+            "updated_at": nullable(TIME),
+            "updated_by": nullable(STRING),
+        },
+    },
+    "BlackoutList": {
+        "type": "object",
+        "required": ["items"],
+        "properties": {"items": {"type": "array", "items": ref("Blackout")}},
+    },
+    "BlackoutPut": {
+        "type": "object",
+        "required": ["group"],
+        "additionalProperties": False,
+        "properties": _BLACKOUT_FIELDS,
+    },
+}
+SCHEMAS.update(CALENDAR_SCHEMAS)

@@ -15,6 +15,7 @@ one module per family:
 * :mod:`~cloudtask.cli.secrets`: the ``secrets`` group (stored secrets and their keys).
 * :mod:`~cloudtask.cli.plans`: the ``plan`` group (submit a plan, its state, cancel it).
 * :mod:`~cloudtask.cli.pools`: the ``pool`` group (concurrency pools).
+* :mod:`~cloudtask.cli.calendars`: the ``calendar`` and ``blackout`` groups.
 
 What they share (the config, logging, the ``--config`` and ``--verbose`` options, who acts,
 the store and the operations a command works on) is in :mod:`~cloudtask.cli.common`.
@@ -29,7 +30,7 @@ import click
 
 from .. import __version__
 from ..exceptions import CloudTaskError, ValidationError
-from . import admin, authoring, plans, pools, secrets, servers, zookeeper
+from . import admin, authoring, calendars, plans, pools, secrets, servers, zookeeper
 
 
 class _Group(click.Group):
@@ -70,6 +71,8 @@ for _command in (
     secrets.secrets_group,
     plans.plan_group,
     pools.pool_group,
+    calendars.calendar_group,
+    calendars.blackout_group,
 ):
     cli.add_command(_command)
 

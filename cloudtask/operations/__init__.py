@@ -20,12 +20,14 @@ command line (``cloudtask up`` too).
 ``secrets``    stored secrets: set or replace, delete, rotate (values never read back)
 ``plans``      plans from other systems: submit (all or nothing), cancel a plan or an item
 ``pools``      concurrency pools: set a size, delete
+``calendars``  calendars (set, import an iCalendar file, delete) and blackout windows
 =============  ============================================================================
 """
 
 from __future__ import annotations
 
 from .base import OperationsBase, find_task, task_target
+from .calendars import CalendarOperations
 from .files import FileOperations
 from .plans import PlanOperations
 from .pools import PoolOperations
@@ -47,5 +49,6 @@ class Operations(
     SecretOperations,
     PlanOperations,
     PoolOperations,
+    CalendarOperations,
 ):
     """Validated, signalled, audited changes (see the module's notes)."""

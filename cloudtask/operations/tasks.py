@@ -25,6 +25,7 @@ from ..store.base import guard
 from ..task import TaskSpec, clear_credentials, parse_task, secret_ref
 from ..taskdiff import APPLY_SOURCE, stored_canonical
 from .base import task_target
+from .calendars import calendar_problems
 from .runs import RunOperations
 
 Applied = Literal["created", "updated", "unchanged"]
@@ -84,6 +85,7 @@ class TaskOperations(RunOperations):
             problems += self.store.file_reference_problems(spec.file, spec.file_version)
         problems += self._secret_problems(spec, old)
         problems += self._after_problems(spec, old)
+        problems += calendar_problems(self.store, spec, old)
         if spec.pool and spec.pool != old.get("pool") and not self.store.pool_names([spec.pool]):
             problems.append(
                 Problem("pool", f"no pool named {spec.pool!r} (cloudtask pool set NAME SIZE)")

@@ -19,6 +19,7 @@
 ``alerts``      the notifier's state: deliveries, alert throttles, notification settings
 ``plans``       plans from other systems: their items, queued per type, and idempotency keys
 ``pools``       concurrency pools: their sizes (the places are in ZooKeeper)
+``calendars``   calendars (dates, weekdays) and blackout windows, and their change counter
 ==============  ==========================================================================
 
 Nothing outside this package touches a collection (``tests/test_layout.py`` checks it). The
@@ -56,6 +57,7 @@ from ..runmodel import (
 from .agents import AgentRecords
 from .alerts import AlertRecords
 from .base import DUPLICATE_KEY, StoreBase, guard, indexed, nest_dotted, read_all
+from .calendars import CalendarRecords
 from .events import EventRecords
 from .files import FileRecords
 from .history import RunHistory
@@ -113,6 +115,7 @@ class Store(
     SecretRecords,
     PlanRecords,
     PoolRecords,
+    CalendarRecords,
     PageQueries,
     Schema,
     StoreBase,

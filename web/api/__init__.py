@@ -20,7 +20,8 @@ The package:
   :class:`~web.api.hardening.ApiError`;
 * one module per resource: :mod:`~web.api.tasks`, :mod:`~web.api.runs` (with the callbacks
   of http tasks), :mod:`~web.api.files`, :mod:`~web.api.cluster` (agents and the cluster),
-  :mod:`~web.api.events`, :mod:`~web.api.secrets` (stored secrets, never a value),
+  :mod:`~web.api.events`, :mod:`~web.api.calendars` (calendars and blackout windows),
+  :mod:`~web.api.secrets` (stored secrets, never a value),
   :mod:`~web.api.plans` (plans from other systems), and
   :mod:`~web.api.meta` (the user and the document).
 
@@ -31,6 +32,7 @@ the table of its routes.
 from __future__ import annotations
 
 from . import (  # noqa: F401  (each declares its routes)
+    calendars,
     cluster,
     events,
     files,

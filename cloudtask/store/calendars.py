@@ -1,0 +1,312 @@
+"""Calendars and blackout windows (the rules are :mod:`cloudtask.calendars`').
+
+``calendars`` holds ``{_id: name, dates, weekdays, description, source, updated_at,
+updated_by}``, ``blackouts`` ``{_id: name, group, timezone, days, dates, from, to, start, end,
+description, updated_at, updated_by}``, and ``calendar_state`` one document ``{_id:
+"version", n}`` whose ``n`` goes up after every change of either: an agent reads it every
+poll interval and both collections only when it moved (:class:`CalendarFeed`).
+
+:class:`CalendarFeed` is what an agent keeps of them: read from the store, and written to a
+file in its data folder after every read that changed something, so an agent that starts
+while MongoDB does not answer (or answers slowly) still honours the blackouts and calendars
+it knew. A failed read keeps what is known; nothing is ever forgotten for want of an answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pymongo import ASCENDING, ReturnDocument
+
+from ..calendars import CalendarBook
+from ..clock import stored_time, to_bson_time, utcnow
+from ..exceptions import Conflict, NotFound
+from .base import StoreBase, guard, read_all
+
+log = logging.getLogger("cloudtask.store")
+
+MAX_CALENDARS = 500
+MAX_BLACKOUTS = 500
+FEED_FULL_READ = 60.0  # seconds: a full read now and then, whatever the version says
+_FIELDS = ("updated_at", "updated_by")
+
+
+def _out(doc: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in doc.items() if k not in ("_id", "version", *_FIELDS)}
+    out["name"] = doc["_id"]
+    out["updated_by"] = doc.get("updated_by")
+    out["updated_at"] = stored_time(doc["updated_at"]) if doc.get("updated_at") else None
+    return out
+
+
+def schedule_calendar_names(schedule: Any) -> set[str]:
+    """The calendars a stored schedule names (none when it cannot be read)."""
+    items = schedule if isinstance(schedule, list) else [schedule]
+    names: set[str] = set()
+    for item in items:
+        rule = item.get("calendar") if isinstance(item, dict) else None
+        if not isinstance(rule, dict):
+            continue
+        for side in ("only", "skip"):
+            value = rule.get(side)
+            listed = [value] if isinstance(value, str) else value
+            if isinstance(listed, list):
+                names.update(n for n in listed if isinstance(n, str))
+    return names
+
+
+class CalendarRecords(StoreBase):
+    """Calendars and blackouts."""
+
+    @property
+    def calendars(self) -> Any:
+        return self.db["calendars"]
+
+    @property
+    def blackouts(self) -> Any:
+        return self.db["blackouts"]
+
+    def _bump_calendar_version(self) -> None:
+        guard(
+            self.db["calendar_state"].find_one_and_update,
+            "note the calendar change",
+            {"_id": "version"},
+            {"$inc": {"n": 1}},
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
+        )
+
+    def calendar_version(self) -> int:
+        doc = guard(
+            self.db["calendar_state"].find_one, "read the calendar version", {"_id": "version"}
+        )
+        return int(doc["n"]) if doc else 0
+
+    # --- calendars -----------------------------------------------------------------------
+
+    def put_calendar(self, doc: dict[str, Any], by: str, now: datetime | None = None) -> bool:
+        """Store a canonical calendar (:func:`cloudtask.calendars.parse_calendar`); True when
+        it is new."""
+        name = doc["name"]
+        exists = guard(self.calendars.find_one, "read the calendar", {"_id": name}, {"_id": 1})
+        if (
+            exists is None
+            and guard(self.calendars.count_documents, "count calendars", {}) >= MAX_CALENDARS
+        ):
+            raise Conflict(f"at most {MAX_CALENDARS} calendars: delete one first")
+        fields = {k: v for k, v in doc.items() if k != "name"}
+        fields.update(updated_at=to_bson_time(now or utcnow()), updated_by=by)
+        guard(
+            self.calendars.replace_one,
+            "store the calendar",
+            {"_id": name},
+            {"_id": name, **fields},
+            upsert=True,
+        )
+        self._bump_calendar_version()
+        return exists is None
+
+    def get_calendar(self, name: str) -> dict[str, Any]:
+        doc = guard(self.calendars.find_one, "read the calendar", {"_id": name})
+        if doc is None:
+            raise NotFound(f"no calendar named {name!r}")
+        return _out(doc)
+
+    def list_calendars(self) -> list[dict[str, Any]]:
+        """Every calendar, by name, with its number of dates rather than the dates."""
+        docs = read_all(self.calendars.find({}).sort("_id", ASCENDING), "list calendars")
+        out = []
+        for doc in docs:
+            item = _out(doc)
+            item["date_count"] = len(item.pop("dates", None) or [])
+            out.append(item)
+        return out
+
+    def calendar_names(self, names: Iterable[str]) -> set[str]:
+        """Which of ``names`` are stored calendars."""
+        wanted = sorted(set(names))
+        if not wanted:
+            return set()
+        docs = read_all(self.calendars.find({"_id": {"$in": wanted}}, {"_id": 1}), "read calendars")
+        return {d["_id"] for d in docs}
+
+    def delete_calendar(self, name: str) -> None:
+        result = guard(self.calendars.delete_one, "delete the calendar", {"_id": name})
+        if result.deleted_count == 0:
+            raise NotFound(f"no calendar named {name!r}")
+        self._bump_calendar_version()
+
+    def tasks_using_calendar(self, name: str) -> list[dict[str, str]]:
+        """The tasks whose schedule names calendar ``name`` (read in full: the schedules'
+        forms vary, and a delete is rare)."""
+        docs = read_all(
+            self.tasks.find({}, {"name": 1, "spec.schedule": 1}), "find the calendar's tasks"
+        )
+        out = []
+        for doc in docs:
+            spec = doc.get("spec") or {}
+            schedule = spec.get("schedule") if isinstance(spec, dict) else None
+            if schedule is None:
+                schedule = doc.get("spec.schedule")  # (a dotted projection, flat)
+            if name in schedule_calendar_names(schedule):
+                out.append({"id": doc["_id"], "name": doc.get("name", "")})
+        return out
+
+    # --- blackouts -----------------------------------------------------------------------
+
+    def put_blackout(self, doc: dict[str, Any], by: str, now: datetime | None = None) -> bool:
+        """Store a canonical blackout (:func:`cloudtask.calendars.parse_blackout`); True when
+        it is new."""
+        name = doc["name"]
+        exists = guard(self.blackouts.find_one, "read the blackout", {"_id": name}, {"_id": 1})
+        if (
+            exists is None
+            and guard(self.blackouts.count_documents, "count blackouts", {}) >= MAX_BLACKOUTS
+        ):
+            raise Conflict(f"at most {MAX_BLACKOUTS} blackouts: delete one first")
+        fields = {k: v for k, v in doc.items() if k != "name" and v is not None}
+        fields.update(updated_at=to_bson_time(now or utcnow()), updated_by=by)
+        guard(
+            self.blackouts.replace_one,
+            "store the blackout",
+            {"_id": name},
+            {"_id": name, **fields},
+            upsert=True,
+        )
+        self._bump_calendar_version()
+        return exists is None
+
+    def get_blackout(self, name: str) -> dict[str, Any]:
+        doc = guard(self.blackouts.find_one, "read the blackout", {"_id": name})
+        if doc is None:
+            raise NotFound(f"no blackout named {name!r}")
+        return _out(doc)
+
+    def list_blackouts(self, group: str | None = None) -> list[dict[str, Any]]:
+        """Every blackout by name (``group``: those of the group and of every group)."""
+        query = {"group": {"$in": [group, "*"]}} if group is not None else {}
+        docs = read_all(self.blackouts.find(query).sort("_id", ASCENDING), "list blackouts")
+        return [_out(d) for d in docs]
+
+    def delete_blackout(self, name: str) -> None:
+        result = guard(self.blackouts.delete_one, "delete the blackout", {"_id": name})
+        if result.deleted_count == 0:
+            raise NotFound(f"no blackout named {name!r}")
+        self._bump_calendar_version()
+
+    # --- reads for the scheduler and the preview -----------------------------------------
+
+    def calendar_feed_docs(self, group: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """What an agent of ``group`` keeps (JSON-ready): every calendar's dates and weekdays,
+        and the blackouts of its group and of every group."""
+        docs = read_all(
+            self.calendars.find({}, {"dates": 1, "weekdays": 1}).sort("_id", ASCENDING),
+            "read calendars",
+        )
+        calendars = [
+            {"name": d["_id"], "dates": d.get("dates") or [], "weekdays": d.get("weekdays") or []}
+            for d in docs
+        ]
+        blackouts = [
+            {k: v for k, v in d.items() if k not in ("updated_at", "updated_by", "description")}
+            for d in self.list_blackouts(group)
+        ]
+        return calendars, blackouts
+
+    def calendar_book(
+        self, names: Iterable[str] | None = None, group: str | None = None
+    ) -> CalendarBook:
+        """The calendars named (all with None) and the blackouts of ``group`` (all with None)."""
+        wanted = None if names is None else sorted(set(names))
+        if wanted == []:
+            calendars: list[dict[str, Any]] = []
+        else:
+            query = {} if wanted is None else {"_id": {"$in": wanted}}
+            calendars = read_all(self.calendars.find(query), "read calendars")
+        blackouts = self.list_blackouts(group)
+        return CalendarBook.from_docs([_out(d) for d in calendars], blackouts)
+
+
+class CalendarFeed:
+    """An agent's copy of the calendars and of its group's blackouts (see the module
+    docstring). ``book`` is always usable; :meth:`look` reads the store when the version
+    moved (or every ``FEED_FULL_READ`` seconds) and returns True when the book changed."""
+
+    def __init__(
+        self, store: Any, group: str, cache_file: Path | None, poll_interval: float = 2.0
+    ) -> None:
+        self.store = store
+        self.group = group
+        self.cache_file = cache_file
+        self.poll_interval = poll_interval
+        self.book = CalendarBook()
+        self._docs: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+        self._version: int | None = None
+        self._looked = -1e9
+        self._full_read = -1e9
+        self._load_cache()
+
+    def _load_cache(self) -> None:
+        if self.cache_file is None or not self.cache_file.exists():
+            return
+        try:
+            data = json.loads(self.cache_file.read_text())
+            calendars, blackouts = data["calendars"], data["blackouts"]
+            self.book = CalendarBook.from_docs(calendars, blackouts)
+            self._docs = (calendars, blackouts)
+            log.info(
+                "calendars from %s: %d calendars, %d blackouts",
+                self.cache_file,
+                len(calendars),
+                len(blackouts),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning(
+                "cannot read the calendar cache %s (read from MongoDB): %s", self.cache_file, e
+            )
+
+    def _save_cache(self) -> None:
+        if self.cache_file is None:
+            return
+        calendars, blackouts = self._docs
+        try:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.cache_file.with_name(self.cache_file.name + ".tmp")
+            tmp.write_text(
+                json.dumps({"calendars": calendars, "blackouts": blackouts}, default=str)
+            )
+            os.replace(tmp, self.cache_file)  # whole or not at all
+        except OSError as e:
+            log.warning("cannot write the calendar cache %s: %s", self.cache_file, e)
+
+    def look(self, force: bool = False) -> bool:
+        """Read the store if a look is due (the caller's MongoDB errors are left to it: the
+        book stays as it was). True when the book changed."""
+        now = time.monotonic()
+        if not force and now - self._looked < self.poll_interval:
+            return False
+        self._looked = now
+        version = self.store.calendar_version()
+        if not force and version == self._version and now - self._full_read < FEED_FULL_READ:
+            return False
+        calendars, blackouts = self.store.calendar_feed_docs(self.group)
+        self._version, self._full_read = version, now
+        if (calendars, blackouts) == self._docs:
+            return False
+        self.book = CalendarBook.from_docs(calendars, blackouts)
+        self._docs = (calendars, blackouts)
+        self._save_cache()
+        log.info(
+            "calendars read: %d calendars, %d blackouts of group %s",
+            len(calendars),
+            len(blackouts),
+            self.group,
+        )
+        return True
