@@ -396,14 +396,29 @@ def leader_event(
     )
 
 
-def unassigned_event(task_id: str, task_name: str | None, group: str) -> dict[str, Any]:
+def unassigned_event(
+    task_id: str, task_name: str | None, group: str, requires: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A task no live agent runs: its group has none (reason ``no_live_agent``), or, given
+    ``requires``, none with the labels the task requires (reason ``no_agent_matches``)."""
+    if requires is not None:
+        wanted = ", ".join(f"{k}={v}" for k, v in sorted(requires.items()))
+        return event_document(
+            "task.unassigned",
+            f"task {task_name or task_id} does not run: no live agent of group {group} has "
+            f"the labels it requires ({wanted})",
+            task_id=task_id,
+            task_name=task_name,
+            group=group,
+            details={"group": group, "reason": "no_agent_matches", "requires": dict(requires)},
+        )
     return event_document(
         "task.unassigned",
         f"task {task_name or task_id} does not run: group {group} has no live agent",
         task_id=task_id,
         task_name=task_name,
         group=group,
-        details={"group": group},
+        details={"group": group, "reason": "no_live_agent"},
     )
 
 

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from .containerspec import ContainerSpec, read_container
 from .deadlines import DeadlineSpec, deadline_problems
 from .durations import format_duration, parse_duration
 from .exceptions import Problem, ValidationError
@@ -62,6 +63,11 @@ MAX_HTTP_BODY_BYTES = 64 * 1024
 MAX_HTTP_HEADERS_BYTES = 64 * 1024  # every "Name: value" of http.headers, together
 MAX_CWD_BYTES = 4096  # PATH_MAX
 MAX_SPEC_DEPTH = MAX_JSON_DEPTH  # objects and lists inside each other (an http.body's own)
+MAX_REQUIRES = 16  # labels an agent must have to run the task
+MAX_LABEL_VALUE = 255
+# a label's name in a task's requires (an agent's labels: agent.labels)
+LABEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]{0,62}")
+LABEL_NAME_RULE = "1 to 63 letters, digits, '_', '.', '/' or '-', beginning with a letter or digit"
 
 from .schedules import NAME_PATTERN, NAME_RULE  # noqa: E402  (one rule for names)
 
@@ -87,6 +93,8 @@ FIELD_TYPES: dict[str, tuple[str, ...]] = {
     "env": ("object",),
     "notify": ("object",),
     "deadline": ("string", "object"),
+    "requires": ("object",),
+    "container": ("object",),
 }
 
 
@@ -142,11 +150,24 @@ TASK_FIELDS: tuple[TaskField, ...] = (
     ),
     TaskField("http", "http", "A web service call made instead of a command", nullable=True),
     TaskField(
+        "container",
+        "container",
+        "An image run through the Docker engine instead of a command: image, args, env, "
+        "volumes, cpus, memory",
+        nullable=True,
+    ),
+    TaskField(
         "mode",
         "string",
         "one: one agent runs each fire; all: every agent of the group does",
         default="one",
         enum=MODES,
+    ),
+    TaskField(
+        "requires",
+        "requires",
+        "Labels an agent of the group must have to run it (agent.labels), all of them",
+        default={},
     ),
     TaskField(
         "timeout",
@@ -289,7 +310,9 @@ class TaskSpec:
     file: str | None = None
     file_version: str | None = None  # a pinned version (sha256); None follows the latest
     http: HttpSpec | None = None
+    container: ContainerSpec | None = None
     mode: str = "one"
+    requires: dict[str, str] = field(default_factory=dict)  # label -> value, sorted by label
     timeout: float | None = None
     retries: int = 0
     retry_delay: float = 0.0
@@ -334,7 +357,9 @@ class TaskSpec:
             "file": self.file,
             "file_version": self.file_version,
             "http": self.http.to_dict() if self.http is not None else None,
+            "container": self.container.to_dict() if self.container is not None else None,
             "mode": self.mode,
+            "requires": dict(self.requires),
             "timeout": _format_optional(self.timeout),
             "retries": self.retries,
             "retry_delay": format_duration(self.retry_delay),
@@ -632,10 +657,20 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
 
     command = _read_command(f)
     http = _read_http(data["http"], problems) if f.given("http") else None
-    if f.given("command") and f.given("http"):
-        f.refuse("http", "a task runs either a command or an http call, not both")
-    elif not f.given("command") and not f.given("http"):
-        f.refuse("command", "required: give a command to run (or an http call)")
+    container = read_container(data["container"], problems) if f.given("container") else None
+    kinds = [k for k in ("command", "http", "container") if f.given(k)]
+    if len(kinds) > 1:
+        f.refuse(
+            kinds[1],
+            f"a task runs one of a command, an http call or a container: {kinds[0]} or "
+            f"{kinds[1]}, not both",
+        )
+    elif not kinds:
+        f.refuse("command", "required: give a command to run (or an http call, or a container)")
+    if f.given("container"):
+        for key in ("shell", "file", "cwd", "run_as"):
+            if data.get(key) not in (None, False, ""):
+                f.refuse(key, f"{key} only applies to a command, not to a container")
     shell = f.boolean("shell", False)
     if shell and f.given("http"):
         f.refuse("shell", "shell only applies to a command, not to an http call")
@@ -682,6 +717,7 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
     _check_env(env, f)
     values: dict[str, Any] = dict(
         mode=f.choice("mode", MODES, "one"),
+        requires=_read_requires(f),
         timeout=f.duration("timeout", None, nullable=True),
         retries=retries,
         retry_delay=f.duration("retry_delay", 0.0),
@@ -714,9 +750,40 @@ def _read_task(data: object, now: datetime | None) -> tuple[TaskSpec | None, lis
         file=file,
         file_version=file_version,
         http=http,
+        container=container,
         **values,
     )
     return spec, []
+
+
+def _read_requires(f: _Fields) -> dict[str, str]:
+    """``requires``: label -> value, every one an agent must have (sorted by label)."""
+    value = f.data.get("requires", _MISSING)
+    if value is _MISSING or value is None:
+        if value is None:
+            f.refuse("requires", 'expected an object such as {"os": "windows"}, got null')
+        return {}
+    if not isinstance(value, dict):
+        f.refuse(
+            "requires", f'expected an object such as {{"os": "windows"}}, got {show_value(value)}'
+        )
+        return {}
+    if len(value) > MAX_REQUIRES:
+        f.refuse("requires", f"{len(value)} labels; at most {MAX_REQUIRES} are taken")
+        return {}
+    out: dict[str, str] = {}
+    for name, item in value.items():
+        where = f"requires.{name}"
+        if not isinstance(name, str) or not LABEL_NAME_PATTERN.fullmatch(name):
+            f.problems.append(Problem(where, f"{name!r} is not a label name: {LABEL_NAME_RULE}"))
+        elif not isinstance(item, str):
+            f.problems.append(Problem(where, f"expected a string, got {show_value(item)}"))
+        elif len(item) > MAX_LABEL_VALUE or any(ord(c) < 32 or ord(c) == 127 for c in item):
+            message = f"at most {MAX_LABEL_VALUE} characters, no control characters"
+            f.problems.append(Problem(where, message))
+        else:
+            out[name] = item
+    return dict(sorted(out.items()))
 
 
 def _read_lateness(f: _Fields) -> dict[str, Any]:

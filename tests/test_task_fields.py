@@ -49,7 +49,9 @@ ACCEPTED: dict[str, list[Any]] = {
     "file": ["run.sh", None],
     "file_version": ["a" * 64, None],
     "http": [HTTP, None],
+    "container": [{"image": "alpine:3.20", "args": ["true"]}, None],
     "mode": ["all"],
+    "requires": [{"os": "windows"}],
     "timeout": ["10m", 30, None],
     "retries": [3],
     "retry_delay": ["30s", 1.5],
@@ -97,7 +99,7 @@ def takes(types: set[str], kind: str) -> bool:
 def spec_with(key: str, value: Any) -> dict[str, Any]:
     """A valid base spec with ``key`` set to ``value`` (and what that key needs beside it)."""
     spec = dict(BASE)
-    if key == "http" and value is not None:
+    if key in ("http", "container") and value is not None:
         del spec["command"]
     if key == "command" and value is None:
         spec["http"] = HTTP

@@ -94,6 +94,8 @@ def test_design_example_parses() -> None:
         "shell": False,
         "http": None,
         "file_version": None,
+        "container": None,
+        "requires": {},
         "warn_after": None,
         "deadline": None,
         "expect_every": None,

@@ -15,6 +15,9 @@ from cloudtask.schedules import EVERY_MAX, EVERY_MIN
 from cloudtask.task import (
     HTTP_METHODS,
     HTTP_STRATEGIES,
+    LABEL_NAME_PATTERN,
+    MAX_LABEL_VALUE,
+    MAX_REQUIRES,
     MAX_RETRIES,
     MAX_TASK_DURATION,
     NAME_PATTERN,
@@ -181,6 +184,37 @@ NOTIFY = {
         "on": {"type": "array", "items": {"enum": list(NOTIFY_EVENTS)}},
     },
 }
+REQUIRES = {
+    "type": "object",
+    "maxProperties": MAX_REQUIRES,
+    "propertyNames": {"pattern": f"^{LABEL_NAME_PATTERN.pattern}$"},
+    "additionalProperties": {"type": "string", "maxLength": MAX_LABEL_VALUE},
+    "examples": [{"os": "windows", "zone": "eu-1"}],
+}
+CONTAINER = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["image"],
+    "properties": {
+        "image": {"type": "string", "examples": ["alpine:3.20"]},
+        "args": STRINGS,
+        "env": {"type": "object", "additionalProperties": STRING},
+        "volumes": {
+            "type": "array",
+            "items": {"type": "string", "examples": ["/srv/data:/data:ro"]},
+            "description": "host:container or host:container:ro, absolute paths",
+        },
+        "cpus": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1024},
+        "memory": {
+            "anyOf": [
+                {"type": "string", "examples": ["512m", "2g"]},
+                {"type": "integer"},
+                {"type": "null"},
+            ],
+            "description": "512m, 2g, 65536k or bytes; at least 6m",
+        },
+    },
+}
 # a task's deadline (cloudtask/deadlines.py): "06:00", "06:00 mon-fri", or an object
 DEADLINE = {
     "anyOf": [
@@ -211,6 +245,8 @@ TYPE_SCHEMAS: dict[str, dict[str, Any]] = {
     "env": ENV,
     "notify": NOTIFY,
     "deadline": DEADLINE,
+    "requires": REQUIRES,
+    "container": CONTAINER,
 }
 # the bounds a field has beyond its type
 FIELD_BOUNDS: dict[str, dict[str, Any]] = {"retries": {"minimum": 0, "maximum": MAX_RETRIES}}

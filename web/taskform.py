@@ -91,9 +91,10 @@ CHECKBOXES = ("enabled", "shell", "callback")
 # "between", the pair of fields of a time window
 ERROR_FIELDS = (*TEXT_FIELDS, *CHECKBOXES, "notify_on", "between")
 # A top-level key of the spec (the model's field table) is shown by the field of its name,
-# but for these; and no field shows the version (the JSON editor does)
+# but for these; and no field shows the version, the agent labels a task requires or its
+# container (the JSON editor does: a spec with either opens in it, see fits_fields)
 FIELD_OF_KEY = {"schedule": "schedule_kind", "http": "url", "notify": "notify_emails"}
-NOT_IN_FIELDS = ("version",)
+NOT_IN_FIELDS = ("version", "requires", "container")
 DEFAULTS = {f.name: f.default for f in TASK_FIELDS}
 
 
@@ -206,6 +207,8 @@ def fits_fields(spec: dict[str, Any]) -> bool:
         return False
     if spec.get("command") is not None and not isinstance(spec["command"], str):
         return False
+    if spec.get("requires") or spec.get("container") is not None:
+        return False  # no field shows them
     env = (spec.get("env") or {}).values()
     if any("\n" in str(v) or "\r" in str(v) or _looks_like_reference(v) for v in env):
         return False  # the env field holds one KEY=VALUE a line; secret:... is a reference

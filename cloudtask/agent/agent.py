@@ -153,6 +153,8 @@ class Agent:
         )
         self.janitor = LogJanitor(self.log_dir, acfg.log_retention_days)
         self._specs: dict[str, tuple[int, TaskSpec]] = {}
+        # mode-all tasks' (index, total) on this agent, as last assigned (any revision)
+        self._shards: dict[str, tuple[int, int]] = {}
         # runs of our tasks that another agent started and may still be finishing (forbid
         # holds across agents; their retries are ours)
         self.foreign = ForeignRuns(
@@ -260,6 +262,10 @@ class Agent:
 
     def _take(self, task: AssignedTask, now: datetime) -> None:
         task_id, revision = task.task_id, task.revision
+        if task.shard is not None:  # rewritten when the task's agents change, not its revision
+            self._shards[task_id] = task.shard
+        else:
+            self._shards.pop(task_id, None)
         if self._known_revision(task_id) == revision:
             return  # nothing changed
         try:
@@ -339,6 +345,7 @@ class Agent:
             self.foreign.forget(task_id)
             self._awaiting.pop(task_id, None)
             self._paused.discard(task_id)
+            self._shards.pop(task_id, None)
             known = self._specs.pop(task_id, None)
             armed = self.armed.of_task(task_id)
         status, why = unstarted or ("released", "the task left this agent before it was due")
@@ -784,6 +791,7 @@ class Agent:
                 claimed_status=doc["status"],
                 plan_id=doc.get("plan_id"),
                 params=doc.get("env") if trigger == "manual" else None,
+                shard=self._shards.get(doc["task_id"]) if spec.mode == "all" else None,
             ),
             doc,
         )

@@ -35,6 +35,9 @@ class AssignedTask:
     # when the task was created or last changed: its fires before this were not due here
     # (an assignment carries it as ISO text)
     changed_at: datetime | str | None = None
+    # a mode-all task's (index, total) on this agent, as the leader wrote it: its runs get
+    # CLOUDTASK_SHARD_INDEX and CLOUDTASK_SHARD_TOTAL
+    shard: tuple[int, int] | None = None
 
     @classmethod
     def from_task(cls, doc: Mapping[str, Any]) -> AssignedTask:
@@ -59,4 +62,15 @@ class AssignedTask:
             spec=doc["spec"],
             enabled=True,
             changed_at=doc.get("updated_at"),
+            shard=_shard(doc.get("shard")),
         )
+
+
+def _shard(value: Any) -> tuple[int, int] | None:
+    """``{"index": i, "total": n}`` with ``0 <= i < n``, as a pair; None for anything else."""
+    if not isinstance(value, dict):
+        return None
+    index, total = value.get("index"), value.get("total")
+    if type(index) is not int or type(total) is not int or not 0 <= index < total:
+        return None
+    return index, total

@@ -233,6 +233,9 @@ class Executor:
     def submit(self, ctx: RunContext, claim: dict[str, Any]) -> None:
         """Queue a run; ``claim`` is the run document its claim stored."""
         self.writer.track(claim)
+        if ctx.shard is not None:  # a mode-all run's place among its task's agents
+            index, total = ctx.shard
+            self.writer.update(ctx.run_id, {"shard": {"index": index, "total": total}}, lazy=True)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the executor is shut down")

@@ -75,6 +75,7 @@ class RunContext:
     redactor: Redactor | None = field(default=None, repr=False)
     secret_tries: int = 0  # reads of the secrets MongoDB did not answer
     pool_token: Any = None  # its place in its task's concurrency pool, once it has one
+    shard: tuple[int, int] | None = None  # a mode-all run's (index, total) among its agents
 
     def open_secrets(self, values: dict[str, str]) -> None:
         self.secrets = dict(values)
@@ -141,6 +142,14 @@ class RunContext:
             **(
                 {"CLOUDTASK_PLAN_ID": self.plan_id, "CLOUDTASK_ITEM_ID": self.task_id}
                 if self.plan_id
+                else {}
+            ),
+            **(
+                {
+                    "CLOUDTASK_SHARD_INDEX": str(self.shard[0]),
+                    "CLOUDTASK_SHARD_TOTAL": str(self.shard[1]),
+                }
+                if self.shard is not None
                 else {}
             ),
         }

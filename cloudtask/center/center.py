@@ -59,7 +59,7 @@ from ..registry import LiveAgent, read_agents
 from ..store import Store
 from ..zkpaths import ZkPaths, encode, keep_trying
 from .housekeeping import CALL_BUDGET, Housekeeping, PassView, UpkeepThread
-from .placement import AgentInfo, Assignment, plan_group, ring_epoch
+from .placement import AgentInfo, Assignment, agent_info, plan_group, ring_epoch, shards
 from .tasks import TaskFeed, TaskRecord
 from .writer import (
     ASSIGNMENT_MAX_BYTES,
@@ -136,6 +136,11 @@ class Center:
         self._seen_groups: set[str] = set()
         self._groups_lock = threading.Lock()
         self.unassigned: dict[str, str] = {}  # task id -> group, for tasks with no live agent
+        # of those, the tasks whose group has live agents but none with the labels they
+        # require: task id -> its requirements (the event's reason: no_agent_matches)
+        self.unmatched: dict[str, dict[str, str]] = {}
+        # agent id -> task id -> (index, total): the shard of each agent of a mode-all task
+        self.shards: dict[str, dict[str, tuple[int, int]]] = {}
         # task id -> (revision, bytes): tasks not placed, their assignment too large to write
         # (tried again once their revision changes)
         self.too_large: dict[str, tuple[int, int]] = {}
@@ -353,8 +358,10 @@ class Center:
             if not agent.leaving:
                 by_group.setdefault(agent.group, []).append(agent)
         out: dict[str, dict[str, int]] = {a: {} for a, agent in agents.items() if not agent.leaving}
-        self.unassigned = {}
+        self.unassigned, self.unmatched, self.shards = {}, {}, {}
         one: dict[str, list[str]] = {}
+        needs: dict[str, dict[str, str]] = {}
+        infos_of = {g: {i.agent_id: i for i in _infos(m)} for g, m in by_group.items()}
         for task in self._tasks.values():
             if task.task_id in self.too_large:  # its assignment cannot be written: nowhere
                 continue
@@ -362,13 +369,23 @@ class Center:
             if not members:
                 self.unassigned[task.task_id] = task.group
             elif task.mode == "all":
-                epoch = ring_epoch(_infos(members))
-                for agent in members:
+                infos = infos_of[task.group]
+                matching = [a for a in members if infos[a.agent_id].matches(task.requires)]
+                if not matching:
+                    self.unassigned[task.task_id] = task.group
+                    self.unmatched[task.task_id] = dict(task.requires)
+                    continue
+                epoch = ring_epoch(infos.values())
+                shard = shards(a.agent_id for a in matching)  # by sorted id, at this pass
+                for agent in matching:
                     where = self.writer.placed.get(agent.agent_id, {}).get(task.task_id)
                     kept = where is not None and where.valid(agent.joined)
                     out[agent.agent_id][task.task_id] = where.epoch if kept else epoch
+                    self.shards.setdefault(agent.agent_id, {})[task.task_id] = shard[agent.agent_id]
             else:
                 one.setdefault(task.group, []).append(task.task_id)
+                if task.requires:
+                    needs[task.task_id] = task.requires
         current = {
             task_id: Assignment(agent_id, where.epoch)
             for agent_id, placed in self.writer.placed.items()
@@ -379,9 +396,12 @@ class Center:
             and where.valid(agents[agent_id].joined)
         }
         for group, task_ids in one.items():
-            infos = _infos(by_group[group])
+            infos = list(infos_of[group].values())
             epoch = ring_epoch(infos)
-            plan = plan_group(task_ids, infos, current)
+            plan = plan_group(task_ids, infos, current, requires=needs)
+            for task_id, wanted in plan.unmatched.items():
+                self.unassigned[task_id] = group
+                self.unmatched[task_id] = wanted
             for task_id, agent_id in plan.placement.items():
                 kept = current.get(task_id)
                 same = kept is not None and kept.agent_id == agent_id
@@ -416,7 +436,9 @@ class Center:
             self._rebuild()  # read it again; the next pass places on what is there
             raise
         self.writer.collect_garbage()
-        view = PassView(agents, agents_read_at, self._tasks, self.unassigned, self.too_large)
+        view = PassView(
+            agents, agents_read_at, self._tasks, self.unassigned, self.too_large, self.unmatched
+        )
         if self.upkeep is not None:
             self.upkeep.submit(view)
         else:
@@ -440,20 +462,23 @@ class Center:
         for agent_id, tasks in desired.items():
             placed = self.writer.placed.get(agent_id, {})
             joined = agents[agent_id].joined
+            shards_here = self.shards.get(agent_id, {})
             for task_id, epoch in tasks.items():
                 record = self._tasks[task_id]
                 where = placed.get(task_id)
+                shard = shards_here.get(task_id)
                 if where is None:
                     kind = "create"
                 elif (
                     not where.valid(joined)
                     or where.revision != record.revision
                     or where.epoch != epoch
+                    or where.shard != shard
                 ):
                     kind = "set"
                 else:
                     continue
-                data = assignment_data(record, epoch, joined)
+                data = assignment_data(record, epoch, joined, shard)
                 if len(data) > ASSIGNMENT_MAX_BYTES:
                     refused[task_id] = (record.revision, len(data))
                     continue
@@ -488,4 +513,6 @@ class Center:
 
 
 def _infos(agents: Iterable[LiveAgent]) -> list[AgentInfo]:
-    return [AgentInfo(a.agent_id, a.weight, a.joined) for a in agents]
+    """What placement takes of each registration: its id, weight, registration, labels and
+    running runs (see :func:`cloudtask.center.placement.agent_info`)."""
+    return [agent_info(a.agent_id, a.weight, a.joined, a.info) for a in agents]

@@ -92,6 +92,8 @@ class PassView:
     tasks: dict[str, TaskRecord]
     unassigned: dict[str, str]
     too_large: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # of the unassigned, those no live agent of the group has the labels for: their needs
+    unmatched: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 class Housekeeping:
@@ -163,7 +165,7 @@ class Housekeeping:
         before ``/status`` says it was), each skipped once ``halted()`` (the leadership is
         ending). LeadershipLost if the fence is gone."""
         chores = (
-            lambda: self.note_unassigned(view.unassigned, view.tasks),
+            lambda: self.note_unassigned(view.unassigned, view.tasks, view.unmatched),
             lambda: self.note_too_large(view.too_large, view.tasks),
             lambda: self.publish_status(view.agents, view.unassigned),
             lambda: self.judge_unheard_runs(view.agents, view.read_at, view.tasks),
@@ -190,11 +192,18 @@ class Housekeeping:
 
     # --- the unassigned tasks -----------------------------------------------------------------
 
-    def note_unassigned(self, unassigned: dict[str, str], tasks: dict[str, TaskRecord]) -> None:
+    def note_unassigned(
+        self,
+        unassigned: dict[str, str],
+        tasks: dict[str, TaskRecord],
+        unmatched: dict[str, dict[str, str]] | None = None,
+    ) -> None:
         """Record ``task.unassigned`` for each task unassigned for ``unassigned_grace``
         seconds and not reported yet: once per transition into unassigned (a task assigned
         again is forgotten, and reported again if it loses its agents again). Recorded before
-        ``/status`` is published; if recording fails, the tasks stay due for the next pass."""
+        ``/status`` is published; if recording fails, the tasks stay due for the next pass.
+        A task of ``unmatched`` (its group has live agents, none with the labels it requires)
+        is recorded with reason ``no_agent_matches`` and its requirements."""
         now = time.monotonic()
         current = unassigned
         reported = self._unassigned_reported & current.keys()
@@ -205,7 +214,8 @@ class Housekeeping:
             for task_id in due:
                 record = tasks.get(task_id)
                 name = record.spec.get("name") if record else None
-                events.append(ev.unassigned_event(task_id, name, current[task_id]))
+                needs = (unmatched or {}).get(task_id)
+                events.append(ev.unassigned_event(task_id, name, current[task_id], needs))
             try:
                 with pymongo.timeout(CALL_BUDGET):
                     self.store.record_events(events)

@@ -43,6 +43,37 @@ Tasks are handled in ring order (task point, then id) and agents in id order, so
 result never depends on the input order. A weight change alone does not pull a task onto
 its newly preferred agent (that agent did not join); it moves only what the new caps force.
 
+Requirements: agent labels
+==========================
+
+A task may require agent labels (its spec's ``requires``, such as ``{"os": "windows"}``):
+only an agent whose labels (``agent.labels``, published in its registration) include every
+one of them may run it. The tasks of a group are placed in *classes*, one per distinct
+requirement (the tasks that require nothing are one class, placed on every agent). Each
+class is placed by the rules above, on its own: on the group's ring with the points of the
+agents that do not match left out (the same ring positions, so the same owners among the
+matching agents), with caps computed over the class's tasks and the matching agents'
+weights. A class is thus balanced over the agents that can run it, and every property above
+holds for each class, so for the whole group: when an agent leaves only its tasks move, when
+one joins only tasks it matches and the ring gives it move to it. A class no live agent
+matches is not placed: its tasks are in :attr:`GroupPlan.unmatched` (the center records
+them ``task.unassigned``, reason ``no_agent_matches``) and are placed as soon as a matching
+agent registers. The classes share no caps: an agent's load is the sum of its share of each
+class it matches, so tasks that require nothing are spread over every agent, also over those
+that run the tasks only they match.
+
+Load at first placement
+=======================
+
+Agents publish how many runs they are running (``AgentInfo.running``). A task with no
+current placement (new, or whose agent is gone) is not simply given the first agent with
+room clockwise: of the first ``LOAD_CHOICES`` (two) agents with room clockwise, it goes to
+the one with fewer running runs per unit of weight, the first clockwise on a tie. So with
+equal (or no) load figures the rule is the plain ring's. Running counts are arguments like
+the rest, so the result stays a function of the arguments; and they are looked at only for a
+task being placed: a placed task never moves because loads changed (its assignment's epoch
+is at least its agents' registrations, so the join rule does not pull it back either).
+
 Example::
 
     >>> agents = [AgentInfo("agent-a", weight=1, joined=101), AgentInfo("agent-b", 1, 102)]
@@ -64,25 +95,31 @@ from __future__ import annotations
 import math
 from bisect import bisect
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Any
 
 from uhashring import HashRing
 
 __all__ = [
     "DEFAULT_LOAD_FACTOR",
     "DEFAULT_VNODES",
+    "LOAD_CHOICES",
     "AgentInfo",
     "Assignment",
     "GroupPlan",
+    "agent_info",
     "diff_placement",
+    "matches",
     "place_group",
     "plan_group",
     "ring_epoch",
+    "shards",
 ]
 
 DEFAULT_VNODES = 160
 DEFAULT_LOAD_FACTOR = 1.25
+LOAD_CHOICES = 2  # agents with room a task being placed chooses from by their running runs
 
 
 @dataclass(frozen=True)
@@ -94,6 +131,10 @@ class AgentInfo:
     """Capacity share, >= 1: the agent gets ``vnodes * weight`` points on the ring."""
     joined: int
     """When this incarnation registered: the czxid of its ephemeral node (monotonic)."""
+    labels: Mapping[str, str] | tuple[tuple[str, str], ...] = ()
+    """Its labels (``agent.labels``); kept as sorted ``(name, value)`` pairs."""
+    running: int = 0
+    """How many runs it is running, as it last published (>= 0)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.agent_id, str) or not self.agent_id:
@@ -102,6 +143,52 @@ class AgentInfo:
             raise ValueError(f"weight of agent {self.agent_id!r} must be an int >= 1")
         if isinstance(self.joined, bool) or not isinstance(self.joined, int):
             raise ValueError(f"joined of agent {self.agent_id!r} must be an int")
+        if isinstance(self.running, bool) or not isinstance(self.running, int) or self.running < 0:
+            raise ValueError(f"running of agent {self.agent_id!r} must be an int >= 0")
+        pairs = self.labels.items() if isinstance(self.labels, Mapping) else self.labels
+        labels = tuple(sorted((name, value) for name, value in pairs))
+        if not all(isinstance(n, str) and isinstance(v, str) for n, v in labels):
+            raise ValueError(f"labels of agent {self.agent_id!r} must be strings")
+        if len({name for name, _ in labels}) != len(labels):
+            raise ValueError(f"labels of agent {self.agent_id!r} name a label twice")
+        object.__setattr__(self, "labels", labels)  # hashable, and one order for equal labels
+
+    def matches(self, requires: Mapping[str, str]) -> bool:
+        """Whether this agent has every label of ``requires`` with its value."""
+        return matches(dict(self.labels), requires)
+
+
+def matches(labels: Mapping[str, str], requires: Mapping[str, str]) -> bool:
+    """Whether ``labels`` include every ``name: value`` of ``requires``."""
+    return all(labels.get(name) == value for name, value in requires.items())
+
+
+def agent_info(agent_id: str, weight: int, joined: int, info: Mapping[str, Any]) -> AgentInfo:
+    """The :class:`AgentInfo` of a registration whose published ``info`` may be anything: its
+    ``labels`` (string values only; anything else is no label) and ``load.running`` (a
+    whole number >= 0, else 0)."""
+    raw = info.get("labels") if isinstance(info, Mapping) else None
+    labels = (
+        {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)}
+        if isinstance(raw, Mapping)
+        else {}
+    )
+    load = info.get("load") if isinstance(info, Mapping) else None
+    running = load.get("running") if isinstance(load, Mapping) else None
+    if isinstance(running, bool) or not isinstance(running, int) or running < 0:
+        running = 0
+    return AgentInfo(agent_id, weight, joined, labels, running)
+
+
+def shards(agent_ids: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """``agent id -> (index, total)`` for a ``mode: all`` task's agents: the index is the
+    position in sorted agent ids (0-based), the total how many there are.
+
+    >>> shards(["b", "a", "c"])
+    {'a': (0, 3), 'b': (1, 3), 'c': (2, 3)}
+    """
+    ordered = sorted(set(agent_ids))
+    return {aid: (index, len(ordered)) for index, aid in enumerate(ordered)}
 
 
 @dataclass(frozen=True)
@@ -121,6 +208,9 @@ class GroupPlan:
 
     placement: dict[str, str]
     redated: frozenset[str]
+    unmatched: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Tasks not placed because no live agent has the labels they require (task id ->
+    its requirements), sorted by task id."""
 
 
 def ring_epoch(agents: Iterable[AgentInfo]) -> int:
@@ -160,6 +250,18 @@ class _Ring:
         self.owners = [owner for _, owner in points]
         self.distinct = len(set(self.owners))
 
+    def only(self, agent_ids: Iterable[str]) -> _Ring:
+        """This ring with only the points of ``agent_ids``: the ring of those agents alone
+        (a point depends on nothing but its agent's id, weight and ``vnodes``)."""
+        keep = set(agent_ids)
+        sub = object.__new__(_Ring)
+        sub.hashi = self.hashi
+        pairs = [(p, o) for p, o in zip(self.points, self.owners) if o in keep]
+        sub.points = [p for p, _ in pairs]
+        sub.owners = [o for _, o in pairs]
+        sub.distinct = len(set(sub.owners))
+        return sub
+
     def start(self, key: str) -> tuple[int, int]:
         """``(point of key, index of the first ring point clockwise)``, as uhashring does."""
         point = self.hashi(key)
@@ -185,9 +287,20 @@ def _live_agents(agents: Iterable[AgentInfo]) -> dict[str, AgentInfo]:
     by_id: dict[str, AgentInfo] = {}
     for agent in agents:
         seen = by_id.get(agent.agent_id)
-        if seen is None or (agent.joined, agent.weight) > (seen.joined, seen.weight):
+        if seen is None or _newer(agent, seen):
             by_id[agent.agent_id] = agent
     return {aid: by_id[aid] for aid in sorted(by_id)}
+
+
+def _newer(agent: AgentInfo, seen: AgentInfo) -> bool:
+    """Which of two entries with one id wins: the later registration (then any other field,
+    so that the choice never depends on the order they came in)."""
+    return (agent.joined, agent.weight, agent.labels, agent.running) > (
+        seen.joined,
+        seen.weight,
+        seen.labels,
+        seen.running,
+    )
 
 
 def _caps(agents: Mapping[str, AgentInfo], tasks: int, load_factor: float) -> dict[str, int]:
@@ -202,12 +315,15 @@ def place_group(
     agents: Iterable[AgentInfo],
     current: Mapping[str, Assignment],
     *,
+    requires: Mapping[str, Mapping[str, str]] | None = None,
     vnodes: int = DEFAULT_VNODES,
     load_factor: float = DEFAULT_LOAD_FACTOR,
 ) -> dict[str, str]:
-    """Task id -> agent id for every task of ``task_ids`` (empty if there are no agents):
-    ``plan_group(...).placement``."""
-    return plan_group(task_ids, agents, current, vnodes=vnodes, load_factor=load_factor).placement
+    """Task id -> agent id for every task of ``task_ids`` that can be placed (none if there
+    are no agents): ``plan_group(...).placement``."""
+    return plan_group(
+        task_ids, agents, current, requires=requires, vnodes=vnodes, load_factor=load_factor
+    ).placement
 
 
 def plan_group(
@@ -215,6 +331,7 @@ def plan_group(
     agents: Iterable[AgentInfo],
     current: Mapping[str, Assignment],
     *,
+    requires: Mapping[str, Mapping[str, str]] | None = None,
     vnodes: int = DEFAULT_VNODES,
     load_factor: float = DEFAULT_LOAD_FACTOR,
 ) -> GroupPlan:
@@ -223,6 +340,7 @@ def plan_group(
     ``task_ids``: the group's mode-``one`` tasks that should run (duplicates are ignored).
     ``agents``: its live agents (if an id appears twice, the higher ``joined`` wins).
     ``current``: where tasks are now; entries for other tasks or dead agents are fine.
+    ``requires``: task id -> the labels it requires (a task not in it requires none).
     The result is sorted by task id. See the module docstring for the rules.
     """
     if isinstance(vnodes, bool) or not isinstance(vnodes, int) or vnodes < 1:
@@ -233,8 +351,41 @@ def plan_group(
     live = _live_agents(agents)
     if not tasks or not live:
         return GroupPlan({}, frozenset())
+    needs = requires or {}
+    classes: dict[tuple[tuple[str, str], ...], list[str]] = {}
+    for task in tasks:
+        classes.setdefault(tuple(sorted(needs.get(task, {}).items())), []).append(task)
 
     ring = _Ring(live, vnodes)
+    placement: dict[str, str] = {}
+    redated: set[str] = set()
+    unmatched: dict[str, dict[str, str]] = {}
+    for key in sorted(classes):
+        wanted = dict(key)
+        eligible = {aid: agent for aid, agent in live.items() if agent.matches(wanted)}
+        if not eligible:
+            unmatched.update((task, dict(wanted)) for task in classes[key])
+            continue
+        sub = ring if len(eligible) == len(live) else ring.only(eligible)
+        part, kept = _place_class(classes[key], eligible, sub, current, load_factor)
+        placement.update(part)
+        redated |= kept
+    return GroupPlan(
+        {task: placement[task] for task in tasks if task in placement},
+        frozenset(redated),
+        {task: unmatched[task] for task in sorted(unmatched)},
+    )
+
+
+def _place_class(
+    tasks: list[str],
+    live: Mapping[str, AgentInfo],
+    ring: _Ring,
+    current: Mapping[str, Assignment],
+    load_factor: float,
+) -> tuple[dict[str, str], frozenset[str]]:
+    """One class of tasks (sorted ids, one requirement) on the agents that match it (by id,
+    sorted) and their ring: the rules of the module's docstring."""
     caps = _caps(live, len(tasks), load_factor)
     load = dict.fromkeys(live, 0)
     start: dict[str, int] = {}  # task -> ring index of its preferred agent
@@ -249,10 +400,20 @@ def plan_group(
     def preferred(task: str) -> str:
         return ring.owners[start[task]]
 
-    def first_with_room(task: str) -> str:
+    def first_with_room(task: str, choices: int = 1) -> str:
+        """The first agent with room clockwise; of the first ``choices`` such agents, the
+        one running the fewest runs per unit of weight (the first of them on a tie)."""
+        found: list[str] = []
         for aid in ring.walk(start[task]):
             if load[aid] < caps[aid]:
-                return aid
+                found.append(aid)
+                if len(found) == choices:
+                    break
+        if found:
+            return min(
+                enumerate(found),
+                key=lambda item: (Fraction(live[item[1]].running, live[item[1]].weight), item[0]),
+            )[1]
         # Only reachable if an agent lost every ring point to md5 collisions.
         return min(live, key=lambda aid: (load[aid] - caps[aid], aid))
 
@@ -280,8 +441,8 @@ def plan_group(
         placement[task] = target
         load[target] += 1
 
-    for task in unplaced:
-        target = first_with_room(task)
+    for task in unplaced:  # (placed for the first time, or again: the load figures count)
+        target = first_with_room(task, LOAD_CHOICES)
         placement[task] = target
         load[target] += 1
 
@@ -301,4 +462,4 @@ def plan_group(
                 load[target] += 1
 
     kept = frozenset(t for t in blocked if placement[t] == current[t].agent_id)
-    return GroupPlan({task: placement[task] for task in tasks}, kept)
+    return placement, kept

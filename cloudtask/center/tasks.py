@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -47,6 +47,7 @@ class TaskRecord:
     spec: dict[str, Any]
     updated_at: str | None = None
     misfire_grace: float = 0.0
+    requires: dict[str, str] = field(default_factory=dict)  # agent labels it needs
 
 
 def refresh_tasks(
@@ -111,6 +112,7 @@ def _take(tasks: dict[str, TaskRecord], doc: dict[str, Any]) -> None:
         doc["spec"],
         updated.isoformat() if isinstance(updated, datetime) else None,
         spec.misfire_grace,
+        dict(spec.requires),
     )
 
 

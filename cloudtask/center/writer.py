@@ -97,6 +97,7 @@ class Placed:
     epoch: int
     valid_for: int | None = None
     mzxid: int = 0
+    shard: tuple[int, int] | None = None  # a mode-all task's (index, total) on this agent
 
     def valid(self, joined: int) -> bool:
         if self.valid_for is None:
@@ -111,31 +112,51 @@ class AssignmentData(bytes):
     revision: int
     epoch: int
     for_agent: int
+    shard: tuple[int, int] | None
 
 
-def assignment_data(record: TaskRecord, epoch: int, joined: int) -> AssignmentData:
-    """The assignment node of ``record`` for the agent life registered as ``joined``."""
-    data = AssignmentData(
-        encode(
-            {
-                "task_id": record.task_id,
-                "revision": record.revision,
-                "epoch": epoch,
-                "for_agent": joined,
-                "updated_at": record.updated_at,
-                "spec": record.spec,
-            }
-        )
-    )
+def assignment_data(
+    record: TaskRecord, epoch: int, joined: int, shard: tuple[int, int] | None = None
+) -> AssignmentData:
+    """The assignment node of ``record`` for the agent life registered as ``joined``; a
+    mode-all task's carries the agent's ``shard``: ``{"index": i, "total": n}``."""
+    doc: dict[str, Any] = {
+        "task_id": record.task_id,
+        "revision": record.revision,
+        "epoch": epoch,
+        "for_agent": joined,
+        "updated_at": record.updated_at,
+        "spec": record.spec,
+    }
+    if shard is not None:
+        doc["shard"] = {"index": shard[0], "total": shard[1]}
+    data = AssignmentData(encode(doc))
     data.revision, data.epoch, data.for_agent = record.revision, epoch, joined
+    data.shard = shard
     return data
+
+
+def shard_of(doc: Any) -> tuple[int, int] | None:
+    """The ``(index, total)`` an assignment document carries, or None (none, or not valid)."""
+    shard = doc.get("shard") if isinstance(doc, dict) else None
+    if not isinstance(shard, dict):
+        return None
+    index, total = shard.get("index"), shard.get("total")
+    if type(index) is not int or type(total) is not int or not 0 <= index < total:
+        return None
+    return index, total
 
 
 def _placed(data: bytes) -> Placed:
     if isinstance(data, AssignmentData):
-        return Placed(data.revision, data.epoch, valid_for=data.for_agent)
+        return Placed(data.revision, data.epoch, valid_for=data.for_agent, shard=data.shard)
     doc = decode(data) or {}
-    return Placed(int(doc["revision"]), int(doc["epoch"]), valid_for=int(doc["for_agent"]))
+    return Placed(
+        int(doc["revision"]),
+        int(doc["epoch"]),
+        valid_for=int(doc["for_agent"]),
+        shard=shard_of(doc),
+    )
 
 
 class FencedWriter:
@@ -197,7 +218,10 @@ class FencedWriter:
             agent_id, task_id = path.rsplit("/", 2)[-2:]
             doc = decode(data) or {}
             self.placed[agent_id][task_id] = Placed(
-                int(doc.get("revision", 0)), int(doc.get("epoch", 0)), mzxid=stat.mzxid
+                int(doc.get("revision", 0)),
+                int(doc.get("epoch", 0)),
+                mzxid=stat.mzxid,
+                shard=shard_of(doc),
             )
         log.info(
             "rebuilt the placement of %d tasks on %d agents from ZooKeeper",
