@@ -116,6 +116,8 @@ def _agent_row(agent_id: str, group: str, info: dict[str, Any], status: str) -> 
         "status": status,
         "cpu_percent": load.get("cpu_percent"),
         "memory_percent": load.get("memory_percent"),
+        "agent_cpu_percent": load.get("agent_cpu_percent"),
+        "agent_rss_mb": load.get("agent_rss_mb"),
         "running": load.get("running", 0) if status != "offline" else 0,
         "tasks": 0,
         "last_seen": None,

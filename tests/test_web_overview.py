@@ -82,7 +82,14 @@ def register_agent(zk, paths, group, agent_id, *, leaving=False, **info):
         "version": "9.9.1",
         "max_parallel": 8,
         "started_at": "2026-11-24T08:00:00+00:00",
-        "load": {"cpu_percent": 30, "memory_percent": 60, "running": 2},
+        "cores": 4,
+        "load": {
+            "cpu_percent": 30,
+            "memory_percent": 60,
+            "agent_cpu_percent": 3,
+            "agent_rss_mb": 110,
+            "running": 2,
+        },
         **info,
     }
     if leaving:
@@ -308,13 +315,15 @@ def test_the_cluster_page_lists_agents_by_group_and_the_centers(store, zk, clust
     assert answer.status_code == 200
     page = answer.get_data(as_text=True)
     g1 = section(page, "group-g1")
-    # Agent, Status, Host, PID, Load, Running / max_parallel, Tasks, Version, Started, Last seen
+    # Agent, Status, Host, PID, Host load, Agent process, Running / max_parallel, Tasks, Version,
+    # Started, Last seen
     assert cells(agent_row(g1, "agent-1")) == [
         "agent-1",
         "online",
         "host-agent-1",
         "4001",
-        "cpu 30 % · mem 60 %",
+        "cpu 30 % of 4 cores · mem 60 %",
+        "cpu 3 % · 110 MB",
         "2 / 8",
         "3",
         "9.9.1",
@@ -325,11 +334,12 @@ def test_the_cluster_page_lists_agents_by_group_and_the_centers(store, zk, clust
     offline = cells(agent_row(g1, "agent-9"))
     assert offline[:4] == ["agent-9", "offline", "old-host", "77"]
     assert offline[-1] == cluster_data["offline_seen"].strftime("%Y-%m-%d %H:%M:%S")
-    assert offline[4:7] == ["–", "– / –", "–"]  # an offline agent runs nothing
+    assert offline[4:8] == ["–", "–", "– / –", "–"]  # an offline agent runs nothing
     # agent-2 is leaving; the done one-shot task does not count, as in the list's state=enabled
     assert "1 live agent" in g1 and "5 enabled tasks" in g1
     g3 = section(page, "group-g3")
-    assert cells(agent_row(g3, "agent-3"))[2:6] == ["box-3", "3333", "cpu 80 % · mem –", "1 / 8"]
+    row3 = cells(agent_row(g3, "agent-3"))  # an agent of a version that published less
+    assert row3[2:7] == ["box-3", "3333", "cpu 80 % of 4 cores · mem –", "–", "1 / 8"]
     assert "agent-1" not in g3
     # groups that need an agent
     assert "1 task unassigned: no live agent in this group" in section(page, "group-nobody-here")

@@ -165,6 +165,14 @@ def unauthorized() -> Any:
     )
 
 
+def role_needed(role: str) -> str:
+    """What a 403 says: the role this needs, the one the user has, and who can change it."""
+    return (
+        f"this needs the {role} role; {current_user.username} has the {current_user.role} "
+        "role. An admin can change it on the Users page."
+    )
+
+
 def requires(role: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Route decorator: logged in, and at least ``role`` (viewer < operator < admin); a
     read-only API token only for GET and HEAD."""
@@ -181,9 +189,10 @@ def requires(role: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                 )
                 return jsonify(error=message, details=[]), 403
             if not current_user.can(role):
+                needed = role_needed(role)
                 if request.path.startswith("/api/"):
-                    return jsonify(error=f"this needs the {role} role", details=[]), 403
-                abort(403)
+                    return jsonify(error=needed, details=[]), 403
+                abort(403, description=needed)
             return view(*args, **kwargs)
 
         wrapped.required_role = role  # type: ignore[attr-defined]

@@ -15,6 +15,7 @@ import hashlib
 import smtplib
 import socket
 import ssl
+from email import policy
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
 from functools import lru_cache
@@ -26,6 +27,11 @@ from ..exceptions import CloudTaskError
 from ..netpolicy import DeniedAddress, GuardedSMTP, GuardedSMTP_SSL
 from .content import one_line, test_body
 from .settings import AlertSettings
+
+# Header lines up to RFC 5322's hard limit (998), not its 78-character advice: an ASCII
+# subject of up to 250 characters stays on one line. Folded, it came out of readers that do
+# not unfold (and of Python's own compat32 parsing) with a line break and a leading space.
+UNFOLDED = policy.default.clone(max_line_length=998)
 
 
 class DeliveryError(CloudTaskError):
@@ -63,10 +69,13 @@ def build_message(
     kind: str,
     date: Any,
 ) -> EmailMessage:
-    msg = EmailMessage()
+    subject = one_line(subject, 250)
+    # an ASCII subject on one line; one with other characters is made of RFC 2047 encoded
+    # words, at most 75 characters each, folded between them (decoders join those right)
+    msg = EmailMessage(policy=UNFOLDED if subject.isascii() else policy.default)
     msg["From"] = settings.sender
     msg["To"] = to
-    msg["Subject"] = one_line(subject, 250)
+    msg["Subject"] = subject
     msg["Date"] = format_datetime(date)
     msg["Message-ID"] = message_id(delivery_id, envelope_sender(settings))
     msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies to alerts

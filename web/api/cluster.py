@@ -20,6 +20,8 @@ def agent_json(row: dict[str, Any]) -> dict[str, Any]:
     out["load"] = {
         "cpu_percent": out.pop("cpu_percent", None),
         "memory_percent": out.pop("memory_percent", None),
+        "agent_cpu_percent": out.pop("agent_cpu_percent", None),
+        "agent_rss_mb": out.pop("agent_rss_mb", None),
     }
     return out
 

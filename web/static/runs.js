@@ -70,7 +70,7 @@
   function finish(message) {
     if (timer) clearTimeout(timer);
     timer = null;
-    var kill = document.getElementById("kill-form");
+    var kill = document.getElementById("kill-confirm");
     if (kill) kill.hidden = true;
     if (note) {
       note.textContent = message;

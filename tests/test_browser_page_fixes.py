@@ -1,0 +1,260 @@
+"""Page fixes, each checked in a real headless Chromium (the set-up of tests/test_browser.py):
+the test mail's result shows where the page lands; a kill asks first; a fire time in UTC is
+printed once; dates and agent ids in the lists do not break across lines; the cluster page
+shows the machine's load and the agent process's own, from a real agent's registration;
+an audit entry of a create folds its fields away; a 403 says which role is needed; the
+settings page names the config file to edit."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timezone
+
+import pytest
+import test_browser
+from helpers import SmtpServer, wait_for
+from test_browser import CHROMIUM, Steps
+
+from cloudtask.config import CONFIG_ORIGIN_VAR, Config, load_config
+from cloudtask.localservers import free_port
+from cloudtask.operations import Operations
+from cloudtask.users import Users
+from web import create_app
+
+page = test_browser.page
+
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (make browser)"),
+    pytest.mark.timeout(300),
+]
+
+LONG_AGENT = "agent-eu-west-1-build-host-17"
+
+
+@pytest.fixture
+def mail() -> Iterator[SmtpServer]:
+    server = SmtpServer(free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def site_config(tmp_path, mail) -> Config:
+    """A config read from a file (the one to edit) with the SMTP server above."""
+    path = tmp_path / "cloudtask.json"
+    alerts = {
+        "smtp_host": "127.0.0.1",
+        "smtp_port": mail.port,
+        "smtp_security": "none",
+        "mail_from": "CloudTask <alerts@example.com>",
+    }
+    path.write_text(json.dumps({"alerts": alerts}))
+    return load_config(str(path), environ={})
+
+
+@pytest.fixture
+def site(store, zk, site_config, monkeypatch) -> Iterator[str]:
+    """The site on a free port (waitress in a thread) with ZooKeeper, an admin, an operator and
+    a viewer; run as ``cloudtask up`` runs it: on a copy of the config, naming the original."""
+    from waitress.server import create_server
+
+    monkeypatch.setenv(CONFIG_ORIGIN_VAR, "/srv/cloudtask/conf/cloudtask.json")
+    app = create_app(site_config, test_config={"STORE": store, "ZK": zk})
+    users = Users(store)
+    users.add("root", "admin passphrase", role="admin")
+    users.add("ops", "operator passphrase", role="operator")
+    users.add("eve", "viewer passphrase", role="viewer")
+    server = create_server(app, host="127.0.0.1", port=free_port(), threads=4)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.effective_port}"
+    server.close()
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def cluster_agent(zk, zk_hosts, mongo_client, mongo_db_name, tmp_path) -> Iterator[str]:
+    """A real center and a real agent of the cluster, in this process: the agent registers and
+    publishes its load, the center places the tasks of its group on it."""
+    from kazoo.client import KazooClient
+
+    from cloudtask.agent.cluster import ClusterAgent
+    from cloudtask.center.center import Center
+    from cloudtask.store import Store
+
+    cfg = (
+        Config()
+        .with_section("zookeeper", hosts=zk_hosts)
+        .with_section("agent", data_dir=str(tmp_path / "agent"), group="pagefix")
+    )
+    center = Center(cfg, Store(mongo_client, mongo_db_name), zk, center_id="c1", notify=False)
+    client = KazooClient(hosts=zk_hosts)
+    client.start()
+    agent = ClusterAgent(cfg, Store(mongo_client, mongo_db_name), client, agent_id=LONG_AGENT)
+    threads = [threading.Thread(target=x.run, daemon=True) for x in (center, agent)]
+    for thread in threads:
+        thread.start()
+    yield LONG_AGENT
+    agent.stop()
+    center.stop()
+    for thread in threads:
+        thread.join(timeout=30)
+    client.stop()
+    client.close()
+
+
+def one_line(locator) -> bool:
+    """The element's text takes a single line box (it did not wrap)."""
+    return locator.evaluate(
+        "e => { const r = e.getClientRects(); return r.length === 1 &&"
+        " r[0].height < 2 * parseFloat(getComputedStyle(e).lineHeight || 20); }"
+    )
+
+
+def test_page_fixes_in_the_browser(site, store, zk, page, tmp_path, mail, cluster_agent):
+    from playwright.sync_api import expect
+
+    ops = Operations(store)
+    step = Steps(page, tmp_path)
+    violations = test_browser.csp_violations(page)
+    utc_task = ops.create_task(
+        "web:root",
+        {
+            "name": "utc-job",
+            "schedule": {"cron": "0 4 * * *", "timezone": "UTC"},
+            "command": "true",
+        },
+    )
+    berlin_task = ops.create_task(
+        "web:root",
+        {
+            "name": "berlin-job",
+            "schedule": {"cron": "0 4 * * *", "timezone": "Europe/Berlin"},
+            "command": "true",
+            "group": "nobody-here",  # no agent: its manual run stays queued
+            "description": "d",
+            "env": {"A": "1", "B": "2", "C": "3"},
+            "retries": 2,
+            "timeout": "5m",
+        },
+    )
+    finished = datetime(2026, 12, 1, 3, 4, 5, tzinfo=timezone.utc)
+    store.tasks.update_one(
+        {"_id": utc_task["_id"]},
+        {
+            "$set": {
+                "last_run": {
+                    "id": "r1",
+                    "status": "succeeded",
+                    "finished": finished,
+                    "duration": 1.5,
+                },
+            }
+        },
+    )
+
+    def as_viewer_a_403_names_the_role():
+        test_browser.log_in(page, site, "eve", "viewer passphrase")
+        answer = page.goto(site + "/settings")
+        assert answer.status == 403
+        expect(page.locator("h1")).to_contain_text("403 · Not allowed")
+        expect(page.locator("#error-message")).to_contain_text(
+            "this needs the admin role; eve has the viewer role"
+        )
+        page.context.clear_cookies()  # logged out
+
+    def fire_times_once_in_utc():
+        test_browser.log_in(page, site, "root", "admin passphrase")
+        page.goto(f"{site}/tasks/{utc_task['_id']}")
+        first = page.locator("#next-fires .fire-list li").first
+        text = first.inner_text()
+        assert text.count("04:00:00") == 1 and text.count("UTC") == 1, text
+        page.goto(f"{site}/tasks/{berlin_task['_id']}")
+        text = page.locator("#next-fires .fire-list li").first.inner_text()
+        # 04:00 in Berlin, 03:00 UTC in winter (the issue's date is in December)
+        assert "04:00:00" in text and "UTC" in text and text.count(":00:00") == 2, text
+
+    def task_list_keeps_values_on_one_line():
+        page.set_viewport_size({"width": 760, "height": 900})
+
+        def placed() -> bool:
+            page.goto(f"{site}/tasks")
+            row = page.locator("#task-table tr", has_text="utc-job")
+            return row.locator("td").nth(5).inner_text().strip() == cluster_agent
+
+        wait_for(placed, timeout=30, message="utc-job was not placed on the agent")
+        row = page.locator("#task-table tr", has_text="utc-job")
+        agent_cell = row.locator("td").nth(5)
+        assert one_line(agent_cell), "the agent id wrapped"
+        when = row.locator("td").nth(4).locator(".nowrap")
+        expect(when).to_have_text("2026-12-01 03:04:05")
+        assert one_line(when), "the date wrapped"
+        page.set_viewport_size({"width": 1280, "height": 900})
+
+    def kill_asks_first():
+        run = ops.run_now("web:root", berlin_task["_id"])
+        page.goto(f"{site}/runs/{run['_id']}")
+        expect(page.locator("#kill-form")).to_be_hidden()  # behind "Kill…"
+        page.click("#kill-confirm summary")
+        expect(page.locator("#kill-confirm .confirm-box")).to_contain_text("berlin-job")
+        assert store.runs.find_one({"_id": run["_id"]})["status"] == "queued"  # not yet
+        page.click("#kill-form button[type=submit]")
+        expect(page.locator(".flash.ok")).to_contain_text("asked to stop")
+        assert store.runs.find_one({"_id": run["_id"]})["status"] == "killed"
+
+    def audit_entries_fold_a_create():
+        page.goto(f"{site}/audit?action=task.create")
+        row = page.locator("#audit-table tbody tr", has_text="berlin-job")
+        expect(row).to_contain_text("created with")
+        visible = row.locator("td > ul.changes > li")
+        assert 1 <= visible.count() <= 4
+        more = row.locator("details.more-changes")
+        expect(more.locator("summary")).to_contain_text("more field")
+        expect(more.locator("ul.changes")).to_be_hidden()  # folded until asked
+        assert row.evaluate("e => e.getBoundingClientRect().height") < 250
+        more.locator("summary").click()
+        expect(more.locator("ul.changes")).to_be_visible()
+        expect(row).not_to_contain_text("→")  # a create has no old values
+
+    def cluster_page_shows_real_load():
+        def shown() -> bool:
+            page.goto(f"{site}/cluster")
+            cell = page.locator(f'tr[data-agent="{cluster_agent}"] td[data-col="agent-load"]')
+            return cell.count() == 1 and "MB" in cell.inner_text()
+
+        wait_for(shown, timeout=30, message="the agent's load never showed")
+        row = page.locator(f'tr[data-agent="{cluster_agent}"]')
+        host = row.locator('td[data-col="host-load"]').inner_text()
+        own = row.locator('td[data-col="agent-load"]').inner_text()
+        assert "cores" in host and "mem 0 %" not in host, host
+        megabytes = int(own.split("·")[1].split()[0])
+        assert megabytes >= 10, own  # this test process holds far more than 10 MB
+
+    def test_mail_result_in_sight():
+        page.goto(f"{site}/settings")
+        expect(page.locator("#config-file")).to_have_text("/srv/cloudtask/conf/cloudtask.json")
+        expect(page.locator("#config-source")).to_contain_text("a copy it writes again")
+        page.fill("#f-to", "me@example.com")
+        page.click(".test-mail-form button[type=submit]")
+        page.wait_for_url("**/settings?to=me*#test-mail")
+        result = page.locator("#test-mail-result")
+        expect(result).to_contain_text("Test mail sent to me@example.com")
+        in_view = result.evaluate(
+            "e => { const r = e.getBoundingClientRect();"
+            " return r.top >= 0 && r.bottom <= window.innerHeight; }"
+        )
+        assert in_view, "the test mail's result is out of sight"
+        assert page.locator("main > p.flash").count() == 0  # not repeated at the top
+        wait_for(lambda: mail.inbox.messages(), timeout=10, message="no test mail arrived")
+
+    step("a viewer's 403", as_viewer_a_403_names_the_role)
+    step("fire times", fire_times_once_in_utc)
+    step("task list", task_list_keeps_values_on_one_line)
+    step("kill asks first", kill_asks_first)
+    step("audit folds a create", audit_entries_fold_a_create)
+    step("cluster load", cluster_page_shows_real_load)
+    step("test mail", test_mail_result_in_sight)
+    assert violations == [], violations
+    assert page.js_errors == [], page.js_errors  # type: ignore[attr-defined]
