@@ -67,7 +67,7 @@ MAX_BLACKOUT_SPAN = timedelta(days=31)  # a one-off window
 DAY_HORIZON = 3660
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _CLOCK = re.compile(r"([01]\d|2[0-3]):([0-5]\d)|24:00")
-_LOCAL = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}")
+_LOCAL = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2})?")
 _EPSILON = timedelta(microseconds=1)
 
 
@@ -500,8 +500,8 @@ def parse_blackout(name: object, body: object) -> tuple[dict[str, Any] | None, l
             elif end - start > MAX_BLACKOUT_SPAN:
                 problems.append(Problem("end", "a window is at most 31 days long"))
         out.update(
-            start=start.isoformat(timespec="minutes") if start else None,
-            end=end.isoformat(timespec="minutes") if end else None,
+            start=start.isoformat() if start else None,
+            end=end.isoformat() if end else None,
         )
     elif recurring:
         days = _parse_weekdays(body.get("days", []), "days", problems)

@@ -54,6 +54,7 @@ from ..exceptions import ConfigError, ValidationError
 from ..runmodel import RETRY_STATUSES, RUNNING_STATUSES, new_id
 from ..secretbox import SecretBox, SecretError, load_box
 from ..store import Store, all_revisions, task_pages
+from ..store.calendars import CalendarFeed
 from ..task import TaskSpec, parse_task
 from .armed import Armed, StartTimer
 from .assigned import AssignedTask
@@ -110,7 +111,11 @@ class Agent:
         self.agent_id = agent_id or resolve_agent_id(acfg.id, self.data_dir)
         self.group = acfg.group
         self.log_dir = Path(acfg.log_dir) if acfg.log_dir else self.data_dir / "logs"
-        self.scheduler = Scheduler(claim_ahead=acfg.claim_ahead)
+        # calendars and its group's blackouts: read from MongoDB, kept on disk (calendars.py)
+        self.calendars = CalendarFeed(
+            store, self.group, self.data_dir / "calendars.json", acfg.poll_interval
+        )
+        self.scheduler = Scheduler(claim_ahead=acfg.claim_ahead, calendars=self.calendars)
         self.writer = RunWriter(store, owner=self.agent_id)
         # on POSIX the runs are started by a guard process that ends them if this agent dies
         # or freezes, and starts nothing under a fence that ran out (see guard.py)
@@ -367,6 +372,7 @@ class Agent:
 
     def step(self, now: datetime) -> float:
         """One pass: claim and start what is due at ``now``. Returns seconds until the next fire."""
+        self._look_calendars(now)
         if self._awaiting:
             self._read_histories(now)
         if not self._recovered:
@@ -384,6 +390,18 @@ class Agent:
             then(now)
         self._tidy_journal()
         return delay
+
+    def _look_calendars(self, now: datetime) -> None:
+        """Read the calendars and blackouts when they changed; the tasks naming a calendar
+        plan their next fire again. A failed read keeps what is known (and on disk)."""
+        try:
+            with pymongo.timeout(CALL_BUDGET):
+                changed = self.calendars.look()
+        except STORE_ERRORS as e:
+            log.warning("cannot read the calendars now (the known ones hold): %s", e)
+            return
+        if changed:
+            self.scheduler.refresh(now)
 
     def _tidy_journal(self) -> None:
         if time.monotonic() - self._journal_tidied < JOURNAL_TIDY_INTERVAL:
@@ -819,6 +837,10 @@ class Agent:
             ctx.claimed_status = "running"
             if ctx.session != self.session or not self.may_claim():
                 return "release", "its agent lost its ZooKeeper session before starting it"
+        if ctx.trigger != "manual" and ctx.plan_id is None:  # an operator's run is not held
+            blackout = self.calendars.book.blackout_at(ctx.spec.group, self.clock())
+            if blackout is not None:
+                return "skip", f"blackout {blackout.name}"
         if ctx.secrets is None and ctx.spec.secrets_used():
             action, why = self._open_secrets(ctx)
             if action != "start":

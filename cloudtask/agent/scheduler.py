@@ -18,6 +18,14 @@ also gives every fire due within 1.5 L. Fires already due, retries and keepalive
 out at their due time as before, and the rule of a late tick is about due fires only: a fire
 given ahead is on time by definition.
 
+Calendars and blackouts (cloudtask/calendars.py), from the book of ``calendars`` (an object
+whose ``book`` is the latest :class:`~cloudtask.calendars.CalendarBook`, or None): a fire on
+a local date its schedule's calendar rule does not let through does not exist (the fires are
+computed past it); a fire that falls in a blackout of its task's group comes out
+``skipped`` with the note ``blackout NAME``, as does a retry due in one; a keepalive start
+due in one waits for its end. :meth:`Scheduler.refresh` plans the next fires again after the
+book changed.
+
 Example::
 
     sched = Scheduler()
@@ -34,7 +42,9 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
+from ..calendars import next_fire
 from ..clock import to_bson_time
 from ..schedules import KEEPALIVE_RESET_AFTER, keepalive_backoff
 from ..task import TaskSpec
@@ -69,6 +79,7 @@ class _Entry:
     next_fire: datetime | None = None
     keepalive_restarts: int = 0
     keepalive_running: bool = False
+    given: datetime | None = None  # the latest fire given out (refresh plans from after it)
 
 
 @dataclass(order=True)
@@ -96,7 +107,11 @@ class Scheduler:
     """Which of the agent's tasks fire when. Thread-safe; every method takes ``now``."""
 
     def __init__(
-        self, on_time_tolerance: float = 2.0, max_sleep: float = 1.0, claim_ahead: float = 0.0
+        self,
+        on_time_tolerance: float = 2.0,
+        max_sleep: float = 1.0,
+        claim_ahead: float = 0.0,
+        calendars: Any = None,
     ) -> None:
         self.on_time_tolerance = timedelta(seconds=on_time_tolerance)
         self.max_sleep = max_sleep
@@ -107,6 +122,34 @@ class Scheduler:
         self._seq = itertools.count()
         self._generations = itertools.count(1)
         self._lock = threading.Lock()
+        self.calendars = calendars  # see the module docstring
+
+    def _next(self, spec: TaskSpec, t: datetime) -> datetime | None:
+        """The next fire of ``spec`` after ``t``, its calendar rule judged."""
+        book = self.calendars.book if self.calendars is not None else None
+        return next_fire(spec.schedule, t, book)
+
+    def _blackout(self, spec: TaskSpec, at: datetime) -> Any:
+        """The blackout of the task's group holding ``at``, or None."""
+        book = self.calendars.book if self.calendars is not None else None
+        return book.blackout_at(spec.group, at) if book is not None else None
+
+    def refresh(self, now: datetime) -> None:
+        """The calendars changed: the tasks whose schedule names one plan their next fire
+        again, from after the latest fire they gave out (or ``now``)."""
+        with self._lock:
+            for task_id, entry in self._tasks.items():
+                spec = entry.spec
+                if spec.schedule.keepalive or not any(
+                    item.window.calendar is not None for item in spec.schedule.items
+                ):
+                    continue
+                if entry.next_fire is not None and entry.next_fire <= now:
+                    continue  # due: the next tick gives it
+                after = max(now, entry.given) if entry.given is not None else now
+                entry.generation = next(self._generations)
+                entry.next_fire = self._next(spec, after)
+                self._push(entry, task_id, "schedule")
 
     # --- task set ---------------------------------------------------------------------------
 
@@ -146,9 +189,9 @@ class Scheduler:
             elif current is None and since is not None and since < now:
                 # every fire since then is accounted for: the newest per the misfire policy,
                 # the older ones recorded missed (see _due_fires)
-                entry.next_fire = spec.schedule.next_after(since)
+                entry.next_fire = self._next(spec, since)
             else:
-                entry.next_fire = spec.schedule.next_after(now)
+                entry.next_fire = self._next(spec, now)
             self._tasks[task_id] = entry
             self._push(entry, task_id, "schedule")
             return True
@@ -246,6 +289,7 @@ class Scheduler:
                 if due.kind != "retry" and entry.generation != due.generation:
                     continue  # changed since: the new revision planned its own next fire
                 if due.kind == "retry":
+                    blackout = self._blackout(entry.spec, now)
                     fires.append(
                         Fire(
                             due.task_id,
@@ -253,10 +297,18 @@ class Scheduler:
                             "retry",
                             entry.revision,
                             due.attempt,
+                            status="skipped" if blackout is not None else None,
+                            note=f"blackout {blackout.name}" if blackout is not None else None,
                         )
                     )
                 elif entry.spec.schedule.keepalive:
                     if entry.next_fire is None or entry.keepalive_running:
+                        continue
+                    book = self.calendars.book if self.calendars is not None else None
+                    end = book.blackout_end(entry.spec.group, now) if book is not None else None
+                    if end is not None:  # started when the blackout is over
+                        entry.next_fire = to_bson_time(max(end, now))
+                        self._push(entry, due.task_id, "schedule")
                         continue
                     trigger = "schedule" if entry.keepalive_restarts == 0 else "restart"
                     fires.append(Fire(due.task_id, entry.next_fire, trigger, entry.revision))
@@ -275,7 +327,7 @@ class Scheduler:
     def _due_fires(self, task_id: str, entry: _Entry, now: datetime, until: datetime) -> list[Fire]:
         """The task's fires up to ``until``: the due ones (up to ``now``) by the rule of a late
         tick, then the ones given ahead, each to run at its time."""
-        schedule = entry.spec.schedule
+        spec = entry.spec
         first = t = entry.next_fire
         # The newest MAX_MISSED_PER_TICK due fires are reported (a 1 s task paused for a day
         # would otherwise write 86,400 documents); older ones are only logged.
@@ -283,21 +335,23 @@ class Scheduler:
         steps = 0
         while t is not None and t <= now:
             due.append(t)
-            t = schedule.next_after(t)
+            t = self._next(spec, t)
             steps += 1
             if steps > 20 * MAX_MISSED_PER_TICK:  # far too many: start again closer to now
                 span = (now - due[0]) / 2
-                t = schedule.next_after(now - span - _EPSILON)
+                t = self._next(spec, now - span - _EPSILON)
                 due.clear()
                 steps = 0
         ahead: list[datetime] = []
         while t is not None and t <= until:  # not due yet: given ahead (see the docstring)
             ahead.append(t)
-            t = schedule.next_after(t)
+            t = self._next(spec, t)
         entry.next_fire = t
+        if ahead or due:
+            entry.given = ahead[-1] if ahead else due[-1]
         given = [Fire(task_id, to_bson_time(a), "schedule", entry.revision) for a in ahead]
         if not due:
-            return given
+            return self._blacked_out(spec, given)
         *earlier, latest = due
         out = [
             Fire(task_id, to_bson_time(t), "schedule", entry.revision, status="missed")
@@ -323,7 +377,28 @@ class Scheduler:
             out.append(
                 Fire(task_id, to_bson_time(latest), "schedule", entry.revision, status="missed")
             )
-        return out + given
+        return self._blacked_out(spec, out + given)
+
+    def _blacked_out(self, spec: TaskSpec, fires: list[Fire]) -> list[Fire]:
+        """``fires`` with each one that falls in a blackout of the task's group recorded
+        ``skipped`` with the note ``blackout NAME`` (the fire exists, and is not run)."""
+        if self.calendars is None or not fires:
+            return fires
+        out = []
+        for fire in fires:
+            blackout = self._blackout(spec, fire.scheduled_for)
+            if blackout is not None:
+                fire = Fire(
+                    fire.task_id,
+                    fire.scheduled_for,
+                    fire.trigger,
+                    fire.revision,
+                    fire.attempt,
+                    status="skipped",
+                    note=f"blackout {blackout.name}",
+                )
+            out.append(fire)
+        return out
 
     def late_verdict(self, spec: TaskSpec, scheduled_for: datetime, now: datetime) -> str:
         """The rule of a late tick for one fire: ``run`` (at most ``on_time_tolerance`` late),
