@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= .cloudtask
 ARGS ?=
 
-.PHONY: up test chaos compare lint format deps zookeeper browser ldap oidc-provider clean
+.PHONY: up admin test chaos compare lint format deps zookeeper browser ldap oidc-provider clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ oidc-provider:
 
 up: deps
 	$(BIN)/cloudtask up --data-dir $(DATA_DIR) $(ARGS)
+
+# The first admin of the cluster `make up` runs (in another shell, while it runs): asks for the
+# name (or NAME=...) and the password. The address comes from $(DATA_DIR)/running.json.
+NAME ?=
+admin: $(VENV)/.installed
+	@name='$(NAME)'; \
+	if [ -z "$$name" ]; then printf 'name of the admin [admin]: '; read -r name || exit 1; fi; \
+	CLOUDTASK_DATA_DIR='$(DATA_DIR)' $(BIN)/cloudtask user add "$${name:-admin}" --role admin
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

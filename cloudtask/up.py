@@ -180,13 +180,22 @@ def run_local(
     finally:
         if written:  # commands stop finding a cluster that is going away
             remove_record(base, os.getpid())
-        echo("stopping ...")
+        _say(echo, "stopping ...")
         # agents let their runs finish within kill_grace; a second Ctrl-C kills at once
         supervisor.stop(grace=max(30.0, cfg.agent.kill_grace + 15.0))
         for server in reversed(servers):
             server.stop(timeout=1 if signals["count"] > 1 else 10)
         if written:
-            echo(f"removed {_shown(written[0])}")
+            _say(echo, f"removed {_shown(written[0])}")
+
+
+def _say(echo: Callable[..., None], text: str) -> None:
+    """Print while stopping: a terminal or pipe gone already (``up | tee`` ended by the same
+    Ctrl-C) must not keep the children from being stopped."""
+    try:
+        echo(text)
+    except (OSError, ValueError):
+        pass
 
 
 def cli_command() -> str:
