@@ -27,6 +27,7 @@ from typing import Any
 from bson import ObjectId
 
 from .clock import bson_time
+from .durations import format_duration
 
 EVENT_VERSION = 1
 
@@ -46,6 +47,13 @@ SEVERITIES: dict[str, str] = {
     "task.created": "info",
     "task.changed": "info",
     "task.deleted": "info",
+    # lateness (cloudtask/center/lateness.py): each once, then its end
+    "run.slow": "warning",
+    "run.slow_ended": "info",
+    "task.deadline_missed": "warning",
+    "task.deadline_recovered": "info",
+    "task.overdue": "warning",
+    "task.overdue_recovered": "info",
 }
 KINDS = tuple(SEVERITIES)
 # what the global operators (alerts.operators) are mailed: what went wrong, and its end;
@@ -54,6 +62,7 @@ KINDS = tuple(SEVERITIES)
 OPERATOR_KINDS = frozenset(
     {k for k, severity in SEVERITIES.items() if severity != "info"}
     | {"run.recovered", "agent.returned"}
+    | {"run.slow_ended", "task.deadline_recovered", "task.overdue_recovered"}
 )
 
 # final run statuses that are alerts (killed and skipped runs were wanted: no event)
@@ -234,6 +243,159 @@ def recovered_event(run: dict[str, Any], failures: int, previous_status: str | N
         event_id=f"run.recovered:{run['_id']}",
         details=details,
         **_run_fields(run),
+    )
+
+
+# --- lateness (cloudtask/center/lateness.py) ---------------------------------------------------
+# Each alert's id names what it is about (the run; the task and the deadline's local date; the
+# task and the moment its silence is counted from), so a leader that recorded it and died
+# before noting so, and the next leader that records it again, record it once.
+
+
+def _span(seconds: Any) -> str:
+    """``1h30m``: a figure of seconds as people write it (``?`` when unknown)."""
+    if not isinstance(seconds, (int, float)) or seconds < 0:
+        return "?"
+    return format_duration(round(seconds, 1))
+
+
+def _moment(t: datetime) -> str:
+    return bson_time(t).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def slow_event(run: dict[str, Any], warn_after: float, now: datetime) -> dict[str, Any]:
+    """A run still going ``warn_after`` seconds after it started (it is not killed)."""
+    name = run.get("task_name") or run.get("task_id")
+    where = f" on agent {run['agent']}" if run.get("agent") else ""
+    started = run.get("started_at")
+    running = (now - started).total_seconds() if isinstance(started, datetime) else warn_after
+    details = run_details(run)
+    details.update(warn_after=warn_after, running_for=round(running, 1))
+    return event_document(
+        "run.slow",
+        f"task {name} is still running{where} after {_span(round(running))} "
+        f"(warn_after {_span(warn_after)}); it is not killed",
+        at=now,
+        event_id=f"run.slow:{run['_id']}",
+        details=details,
+        **_run_fields(run),
+    )
+
+
+def slow_ended_event(run: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """A run alerted as slow has ended (in whatever status: ``details.status``)."""
+    name = run.get("task_name") or run.get("task_id")
+    status = run.get("status") or "ended"
+    took = f" after {_span(run['duration'])}" if run.get("duration") is not None else ""
+    return event_document(
+        "run.slow_ended",
+        f"the slow run of task {name} ended {status}{took}",
+        at=_when(run) or now,
+        event_id=f"run.slow_ended:{run['_id']}",
+        details=run_details(run),
+        **_run_fields(run),
+    )
+
+
+def deadline_missed_event(
+    task: dict[str, Any], day: str, deadline: str, window: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    """``task`` (its id, name and group) has no success by its deadline of local date
+    ``day`` (``deadline``: ``06:00 Europe/Berlin``; ``window``: the day's opening and the
+    deadline, ISO 8601)."""
+    return event_document(
+        "task.deadline_missed",
+        f"task {task['name']} missed its {deadline} deadline of {day}: no run fired in the "
+        "24 h before it has succeeded",
+        at=now,
+        event_id=f"task.deadline_missed:{task['task_id']}:{day}",
+        task_id=task["task_id"],
+        task_name=task["name"],
+        group=task.get("group"),
+        details={"day": day, "deadline": deadline, **window},
+    )
+
+
+def deadline_recovered_event(
+    task: dict[str, Any],
+    day: str,
+    deadline: str,
+    window: dict[str, Any],
+    success: dict[str, Any],
+    now: datetime,
+) -> dict[str, Any]:
+    """The success that came after a missed deadline (``success``: its run id, fire and end)."""
+    late = ""
+    end = success.get("finished_at")
+    if isinstance(end, datetime):
+        closes = datetime.fromisoformat(window["closes"])
+        late = f", {_span(round((end - closes).total_seconds()))} after the deadline"
+    return event_document(
+        "task.deadline_recovered",
+        f"task {task['name']} succeeded{late} (its {deadline} deadline of {day})",
+        at=now,
+        event_id=f"task.deadline_recovered:{task['task_id']}:{day}",
+        task_id=task["task_id"],
+        task_name=task["name"],
+        group=task.get("group"),
+        run_id=success.get("_id"),
+        details={
+            "day": day,
+            "deadline": deadline,
+            **window,
+            "succeeded_at": _iso(end),
+            "scheduled_for": _iso(success.get("scheduled_for")),
+        },
+    )
+
+
+def overdue_event(
+    task: dict[str, Any], expect_every: float, since: datetime, succeeded: bool, now: datetime
+) -> dict[str, Any]:
+    """``task`` has not succeeded for ``expect_every`` seconds, counted from ``since``: its
+    last success (``succeeded``), or when it was created or resumed."""
+    what = "its last success" if succeeded else "it was created or resumed"
+    quiet = round((now - since).total_seconds())
+    return event_document(
+        "task.overdue",
+        f"task {task['name']} has not succeeded for {_span(quiet)} (since {what}, "
+        f"{_moment(since)}; expect_every {_span(expect_every)})",
+        at=now,
+        event_id=f"task.overdue:{task['task_id']}:{_ms(since)}",
+        task_id=task["task_id"],
+        task_name=task["name"],
+        group=task.get("group"),
+        details={
+            "expect_every": expect_every,
+            "since": _iso(since),
+            "since_success": succeeded,
+        },
+    )
+
+
+def overdue_recovered_event(
+    task: dict[str, Any], since: datetime, success: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    """The first success of an overdue task (``since``: what its overdue alert counted from;
+    ``success``: the run's id, fire and end)."""
+    end = success.get("finished_at")
+    gap = ""
+    if isinstance(end, datetime):
+        gap = f", {_span(round((end - since).total_seconds()))} after {_moment(since)}"
+    return event_document(
+        "task.overdue_recovered",
+        f"task {task['name']} succeeded again{gap}",
+        at=now,
+        event_id=f"task.overdue_recovered:{task['task_id']}:{_ms(since)}",
+        task_id=task["task_id"],
+        task_name=task["name"],
+        group=task.get("group"),
+        run_id=success.get("_id"),
+        details={
+            "since": _iso(since),
+            "succeeded_at": _iso(end),
+            "scheduled_for": _iso(success.get("scheduled_for")),
+        },
     )
 
 

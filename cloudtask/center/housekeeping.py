@@ -40,6 +40,9 @@ done again in a later round. Every MongoDB call has a deadline (``CALL_BUDGET``)
   limit) once per revision of a task whose assignment the leader could not write (see
   cloudtask/center/writer.py, ``ASSIGNMENT_MAX_BYTES``); its id names the revision, so the
   next leader does not record it again.
+* **Lateness** (cloudtask/center/lateness.py): the alerts of tasks that set ``warn_after``,
+  ``deadline`` or ``expect_every`` (``run.slow``, ``task.deadline_missed``, ``task.overdue``
+  and their ends), each once across leaders, every few seconds.
 * **The purge** (:meth:`Housekeeping.purge_runs`): runs past ``runs.retention_days`` are
   deleted hourly.
 """
@@ -66,6 +69,7 @@ from ..runmodel import BEAT_INTERVAL
 from ..store import Store
 from ..zkpaths import ZkPaths, decode, run_signal
 from .fanin import FanIn
+from .lateness import Lateness
 from .tasks import TaskRecord
 from .writer import ASSIGNMENT_MAX_BYTES, FencedWriter, LeadershipLost
 
@@ -134,6 +138,7 @@ class Housekeeping:
         self._recorded_agents: set[str] | None = None
         self._agents_recorded_at = 0.0
         self._purged_at = -PURGE_INTERVAL
+        self.lateness = Lateness(store)  # slow runs, deadlines, overdue tasks (lateness.py)
 
     def take_over(self) -> dict[str, Any]:
         """A new leadership: start from the ``/status`` the previous leader left (returned),
@@ -152,6 +157,7 @@ class Housekeeping:
         self._unassigned_reported = set(reported) & set(unassigned)
         self._unassigned_since = {}
         self._unheard = {}
+        self.lateness.take_over()
         return published
 
     def forget_written(self) -> None:
@@ -171,6 +177,7 @@ class Housekeeping:
             lambda: self.judge_unheard_runs(view.agents, view.read_at, view.tasks),
             self.follow_plan_items,
             lambda: self.fire_after_tasks(view.tasks),
+            lambda: self.lateness.check(view.tasks, self.writer.check_fence),
             lambda: self.record_agents(view.agents),
             self.purge_runs,
         )
@@ -188,6 +195,8 @@ class Housekeeping:
             ends.append(min(self._unassigned_since.values()) + self.unassigned_grace)
         if self._unheard:
             ends.append(min(since for _, since in self._unheard.values()) + self.lost_grace)
+        if (lateness := self.lateness.due_in()) is not None:
+            ends.append(now + lateness)
         return min((max(0.05, end - now) for end in ends), default=None)
 
     # --- the unassigned tasks -----------------------------------------------------------------

@@ -46,6 +46,12 @@ _WORDS = {
     "task.created": "TASK CREATED",
     "task.changed": "TASK CHANGED",
     "task.deleted": "TASK DELETED",
+    "run.slow": "SLOW",
+    "run.slow_ended": "SLOW RUN ENDED",
+    "task.deadline_missed": "LATE",
+    "task.deadline_recovered": "DONE LATE",
+    "task.overdue": "OVERDUE",
+    "task.overdue_recovered": "RECOVERED",
 }
 
 
@@ -94,6 +100,8 @@ def event_subject(event: dict[str, Any]) -> str:
     word = _WORDS.get(kind, kind.upper())
     d = _details(event)
     at = when(d.get("scheduled_for") or event.get("at") or event.get("ts"), seconds=False)
+    if kind in LATENESS_KINDS:
+        return f"{SUBJECT_PREFIX} {word} {lateness_subject(event)}".replace("  ", " ")
     if kind == "run.recovered":
         what = _name(event)
     elif kind.startswith("run."):
@@ -111,6 +119,81 @@ def event_subject(event: dict[str, Any]) -> str:
     else:
         what = one_line(event.get("message"), 120)
     return f"{SUBJECT_PREFIX} {word} {what} {at}".replace("  ", " ")
+
+
+LATENESS_KINDS = (
+    "run.slow",
+    "run.slow_ended",
+    "task.deadline_missed",
+    "task.deadline_recovered",
+    "task.overdue",
+    "task.overdue_recovered",
+)
+
+
+def _span(value: Any) -> str:
+    return format_duration(round(value)) if isinstance(value, (int, float)) else "?"
+
+
+def _deadline_words(d: dict[str, Any]) -> str:
+    """``06:00 deadline (Europe/Berlin) of 2026-12-05``."""
+    clock, _, zone = str(d.get("deadline") or "?").partition(" ")
+    zone = f" ({one_line(zone, 64)})" if zone and zone != "UTC" else " (UTC)"
+    return f"{one_line(clock, 16)} deadline{zone} of {one_line(d.get('day'), 16)}"
+
+
+def lateness_subject(event: dict[str, Any]) -> str:
+    """What follows the word of a lateness alert's subject: the task, then what is late."""
+    kind = str(event.get("kind"))
+    d = _details(event)
+    name = _name(event)
+    if kind == "run.slow":
+        at = when(d.get("scheduled_for") or event.get("at"), seconds=False)
+        return (
+            f"{name} still running after {_span(d.get('running_for'))} "
+            f"(warn after {_span(d.get('warn_after'))}) {at}"
+        )
+    if kind == "run.slow_ended":
+        took = f" after {_span(d['duration'])}" if d.get("duration") is not None else ""
+        at = when(d.get("scheduled_for") or event.get("at"), seconds=False)
+        return f"{name} {one_line(d.get('status') or 'ended', 16)}{took} {at}"
+    if kind == "task.deadline_missed":
+        return f"{name} missed its {_deadline_words(d)}"
+    if kind == "task.deadline_recovered":
+        return f"{name} succeeded after its {_deadline_words(d)}"
+    since = stored_time(d.get("since"))
+    now = stored_time(event.get("at"))
+    if kind == "task.overdue":
+        quiet = (now - since).total_seconds() if since and now else None
+        return (
+            f"{name} has not succeeded for {_span(quiet)} "
+            f"(expected every {_span(d.get('expect_every'))})"
+        )
+    end = stored_time(d.get("succeeded_at"))
+    gap = f" after {_span((end - since).total_seconds())}" if since and end else ""
+    return f"{name} succeeded again{gap}"
+
+
+def _lateness_lines(event: dict[str, Any]) -> list[str]:
+    """The lines a lateness alert adds to its mail."""
+    kind = str(event.get("kind"))
+    d = _details(event)
+    lines = []
+    if kind == "run.slow":
+        lines.append(_line("Warn after", _span(d.get("warn_after"))))
+        lines.append(_line("Running for", _span(d.get("running_for"))))
+    if kind.startswith("task.deadline"):
+        lines.append(_line("Deadline", f"{one_line(d.get('deadline'), 80)} on {d.get('day')}"))
+        lines.append(_line("Window", f"runs fired from {when(d.get('opens'))}"))
+        lines.append(_line("Deadline at", when(d.get("closes"))))
+    if kind == "task.overdue":
+        lines.append(_line("Expected", "every " + _span(d.get("expect_every"))))
+        why = "last success" if d.get("since_success") else "created or resumed"
+        lines.append(_line("Quiet since", f"{when(d.get('since'))} ({why})"))
+    if kind.endswith("_recovered"):
+        lines.append(_line("Succeeded", when(d.get("succeeded_at"))))
+        lines.append(_line("Its fire", when(d.get("scheduled_for"))))
+    return lines
 
 
 def digest_subject(task_name: str, count: int, missed: bool = False) -> str:
@@ -210,6 +293,7 @@ def event_body(event: dict[str, Any], task: dict[str, Any] | None, base_url: str
     lines = [one_line(event.get("message"), 2000), ""]
     if kind.startswith("run."):
         lines += _run_lines(event, task)
+        lines += _lateness_lines(event)
         if kind not in ("run.recovered", "run.succeeded") or d.get("output_tail_lines"):
             lines += output_block(d.get("output_tail_lines"))
     else:
@@ -221,6 +305,7 @@ def event_body(event: dict[str, Any], task: dict[str, Any] | None, base_url: str
             lines.append(_line("Agent", event["agent"]))
         if event.get("group"):
             lines.append(_line("Group", event["group"]))
+        lines += _lateness_lines(event)
         for key in ("host", "pid", "center_id", "previous", "actor"):
             if d.get(key) not in (None, ""):
                 label = {"center_id": "Center", "previous": "Previous", "pid": "PID"}.get(

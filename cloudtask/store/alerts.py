@@ -1,6 +1,7 @@
 """The notifier's state and the login throttle: ``deliveries`` (one document per message to
 send), ``alert_state`` (per-task throttling of failure mail), ``settings`` (the alert settings
-saved on the settings page) and ``login_failures`` (the web's failed logins).
+saved on the settings page), ``lateness`` (the leader's slow, deadline and overdue alerts per
+task) and ``login_failures`` (the web's failed logins).
 
 The rules (when to retry a delivery, what a digest holds, which settings are valid, how many
 failed logins block) are :mod:`cloudtask.notify`'s and :mod:`web.security`'s; this module
@@ -13,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pymongo import ASCENDING
+from pymongo import ASCENDING, ReplaceOne
 from pymongo.errors import BulkWriteError
 
 from ..exceptions import StoreError
@@ -23,6 +24,24 @@ DELIVERIES = "deliveries"
 ALERT_STATE = "alert_state"
 SETTINGS = "settings"
 LOGIN_FAILURES = "login_failures"
+LATENESS = "lateness"  # the leader's lateness alerts per task (cloudtask/center/lateness.py)
+# what the lateness checks read of a run
+_LATENESS_RUN_FIELDS = {
+    "task_id": 1,
+    "task_name": 1,
+    "group": 1,
+    "agent": 1,
+    "status": 1,
+    "trigger": 1,
+    "attempt": 1,
+    "scheduled_for": 1,
+    "started_at": 1,
+    "finished_at": 1,
+    "duration": 1,
+    "exit_code": 1,
+    "http_status": 1,
+    "error": 1,
+}
 
 
 class AlertRecords(StoreBase):
@@ -108,6 +127,55 @@ class AlertRecords(StoreBase):
             .limit(limit)
         )
         return read_all(cursor, "read the digests due")
+
+    # --- lateness alerts (cloudtask/center/lateness.py) ---------------------------------------
+
+    def lateness_states(self) -> list[dict[str, Any]]:
+        """Every task's lateness state (one small document per task that sets warn_after,
+        deadline or expect_every), read once by each new leader."""
+        return read_all(self.db[LATENESS].find({}), "read the lateness states")
+
+    def save_lateness_states(self, docs: list[dict[str, Any]]) -> None:
+        """Write lateness states whole, in one unordered bulk write."""
+        if docs:
+            ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs]
+            guard(self.db[LATENESS].bulk_write, "store the lateness states", ops, ordered=False)
+
+    def delete_lateness_states(self, task_ids: list[str]) -> None:
+        if task_ids:
+            guard(
+                self.db[LATENESS].delete_many,
+                "forget lateness states",
+                {"_id": {"$in": list(task_ids)}},
+            )
+
+    def running_runs_brief(self) -> list[dict[str, Any]]:
+        """The runs running now, cluster-wide (the ``status_agent`` index): a few per agent."""
+        cursor = self.runs.find(indexed({"status": "running"}), _LATENESS_RUN_FIELDS)
+        return read_all(cursor, "read the running runs")
+
+    def runs_brief(self, run_ids: list[str]) -> list[dict[str, Any]]:
+        cursor = self.runs.find({"_id": {"$in": list(run_ids)}}, _LATENESS_RUN_FIELDS)
+        return read_all(cursor, "read runs")
+
+    def successes_fired_since(self, clauses: list[tuple[list[str], datetime]]) -> list[dict]:
+        """The succeeded runs of some tasks fired at or after a time per group of them:
+        ``clauses`` is [(task ids, since)], one query (the ``task_time`` index serves each
+        clause)."""
+        ors = [
+            {"task_id": {"$in": list(ids)}, "scheduled_for": {"$gte": since}}
+            for ids, since in clauses
+            if ids
+        ]
+        if not ors:
+            return []
+        query = {"status": {"$eq": "succeeded"}, **(ors[0] if len(ors) == 1 else {"$or": ors})}
+        cursor = self.runs.find(query, _LATENESS_RUN_FIELDS)
+        return read_all(cursor, "read the tasks' successes")
+
+    def existing_task_ids(self, task_ids: list[str]) -> set[str]:
+        cursor = self.tasks.find({"_id": {"$in": list(task_ids)}}, {"_id": 1})
+        return {d["_id"] for d in read_all(cursor, "read task ids")}
 
     # --- alert settings -----------------------------------------------------------------------
 
