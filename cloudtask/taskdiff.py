@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .exceptions import ValidationError
 from .task import parse_task
@@ -30,6 +30,7 @@ from .task import parse_task
 APPLY_SOURCE = "apply"  # a task document's ``source`` when apply created or changed it
 ACTIONS = ("create", "change", "unchanged", "delete")
 _ABSENT: Any = object()
+T = TypeVar("T")
 
 
 def canonical(spec: Any) -> dict[str, Any]:
@@ -46,6 +47,39 @@ def stored_canonical(spec: dict[str, Any]) -> dict[str, Any]:
         return canonical(spec)
     except ValidationError:
         return dict(spec)
+
+
+def after_parents(tasks: Iterable[Any]) -> dict[str, tuple[str, ...]]:
+    """name -> the parents it runs after (``()`` for a task without an after schedule), of
+    valid task specs applied together."""
+    out = {}
+    for data in tasks:
+        spec = parse_task(data)
+        out[spec.name] = spec.schedule.after.parents if spec.schedule.after else ()
+    return out
+
+
+def parents_first(items: Sequence[T], graph: dict[str, tuple[str, ...]], name: Any) -> list[T]:
+    """``items`` in their order, except that one comes after those of its after parents
+    that are among them (``name(item)``: its task name); a cycle keeps the given order."""
+    by_name = {name(item): item for item in items}
+    out: list[T] = []
+    placed: set[str] = set()
+
+    def place(item: T, path: frozenset[str]) -> None:
+        key = name(item)
+        if key in placed or key in path:
+            return
+        for parent in graph.get(key, ()):
+            if parent in by_name:
+                place(by_name[parent], path | {key})
+        if key not in placed:
+            placed.add(key)
+            out.append(item)
+
+    for item in items:
+        place(item, frozenset())
+    return out
 
 
 @dataclass(frozen=True)
@@ -118,6 +152,7 @@ class PlanItem:
     data: dict[str, Any] | None = None  # the file's task, as written
     stored: dict[str, Any] | None = None  # the stored task document, if any
     changes: list[FieldChange] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what else it affects
 
 
 @dataclass
@@ -133,8 +168,12 @@ class Plan:
 
     @property
     def pending(self) -> list[PlanItem]:
-        """The items that write: create, change and delete."""
-        return [i for i in self.items if i.action != "unchanged"]
+        """The items that write, in the order they are applied: creates and changes in the
+        files' order (a task after the parents it runs after), then deletes."""
+        writes = [i for i in self.items if i.action in ("create", "change")]
+        graph = after_parents(i.data for i in writes)
+        ordered = parents_first(writes, graph, lambda i: i.name)
+        return ordered + [i for i in self.items if i.action == "delete"]
 
     def summary(self) -> str:
         counts = {a: len(self.of(a)) for a in ACTIONS}
@@ -155,6 +194,7 @@ class Plan:
             where = f"  ({item.source})" if item.source and item.action == "create" else ""
             out.append(f"{marks[item.action]} {item.action:9} {item.name}{where}")
             out += [f"      {c.show(width)}" for c in item.changes]
+            out += [f"      ! {note}" for note in item.notes]
         if self.kept:
             groups = ", ".join(self.prune_groups)
             out.append(
@@ -202,4 +242,21 @@ def make_plan(
                 plan.items.append(PlanItem("delete", doc["name"], doc["group"], stored=doc))
             else:
                 plan.kept.append(doc["name"])
+        _note_orphans(store, plan, tasks)
     return plan
+
+
+def _note_orphans(store: Any, plan: Plan, tasks: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """A task to delete that others still run after (fan-in) says so."""
+    deletes = plan.of("delete")
+    if not deletes:
+        return
+    graph = store.after_graph()
+    graph.update(after_parents(data for _, data in tasks))
+    gone = {i.name for i in deletes}
+    for item in deletes:
+        children = sorted(c for c, ps in graph.items() if item.name in ps and c not in gone)
+        if children:
+            item.notes.append(
+                f"{', '.join(children)} run(s) after it: it would wait for a task that is gone"
+            )

@@ -440,3 +440,38 @@ def test_export_file_names_are_safe(env, store, tmp_path):
     again = run(env, "export", "--out", str(out))
     assert "1 other file(s)" in again.stderr and "old.json" in again.stderr
     assert (out / "old.json").exists()
+
+
+def test_a_task_and_the_parents_it_runs_after_apply_together(env, store, tmp_path):
+    files = write(
+        tmp_path / "tasks",
+        task("a-report", schedule={"after": ["z-extract", "m-load"]}),
+        task("m-load", schedule={"after": ["z-extract"]}),
+        task("z-extract"),
+    )
+    result = run(env, "apply", "--yes", str(files))
+    assert result.exit_code == 0, result.output
+    applied = [line for line in result.stdout.splitlines() if line.startswith("created")]
+    assert applied == ["created   z-extract", "created   m-load", "created   a-report"]
+    # a cycle among new tasks is refused before anything is stored
+    cycle = write(
+        tmp_path / "cycle",
+        task("p", schedule={"after": ["q"]}),
+        task("q", schedule={"after": ["p"]}),
+    )
+    refused = run(env, "apply", "--yes", str(cycle))
+    assert refused.exit_code == 2 and "schedule.after[0]: a cycle: p -> q -> p" in refused.output
+    assert names(store) == ["a-report", "m-load", "z-extract"]
+    # pruning a parent that a task still runs after says so
+    write(files, task("a-report", schedule={"after": ["m-load"]}), task("m-load"))
+    plan = run(env, "apply", "--prune", "--dry-run", str(files))
+    lines = plan.stdout.splitlines()
+    at = lines.index("- delete    z-extract")
+    assert lines[at + 1] == "Plan: 0 to create, 2 to change, 0 unchanged, 1 to delete"
+    write(files, task("m-load", schedule={"after": ["z-extract"]}))
+    plan = run(env, "apply", "--prune", "--dry-run", str(files))
+    lines = plan.stdout.splitlines()
+    assert lines[lines.index("- delete    z-extract") + 1] == (
+        "      ! m-load run(s) after it: it would wait for a task that is gone"
+    )
+    assert lines[lines.index("- delete    a-report") + 1].startswith("- delete    z-extract")

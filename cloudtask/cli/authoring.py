@@ -87,7 +87,7 @@ def apply(
     What is stored but should not be (a header named like a credential given in clear) is
     printed to standard error as ``warning: TASK: PATH: MESSAGE``; it does not fail the apply."""
     from ..operations import task_warnings
-    from ..taskdiff import make_plan
+    from ..taskdiff import after_parents, make_plan
 
     prune = prune or bool(prune_groups)
     if detailed_exitcode and not dry_run:
@@ -97,9 +97,10 @@ def apply(
         raise click.ClickException("nothing applied; invalid task files:\n  " + "\n  ".join(errors))
     named = [(str(path), data) for path, data in tasks]
     with _operations(config_path, cluster="none" if dry_run else "optional") as ops:
+        batch = after_parents(data for _, data in named)  # parents applied with children
         for source, data in named:  # every file checked against what is stored, first
             try:
-                ops.check_apply(data)
+                ops.check_apply(data, batch)
             except ValidationError as e:
                 raise ValidationError(e.problems, source=source) from None
         plan = make_plan(ops.store, named, prune=prune, prune_groups=prune_groups)
@@ -268,10 +269,14 @@ def export(
 @click.argument("schedule")
 @click.option("--timezone", "tz", default=None, help="IANA time zone for a cron expression.")
 @click.option("-n", "--count", default=10, show_default=True, type=click.IntRange(1, 1000))
-def next_cmd(schedule: str, tz: str | None, count: int) -> None:
-    """Print the next fire times of a schedule: a cron expression or a JSON schedule object."""
+@click.option("--group", default=None, help="Mark the fires a blackout of this group skips.")
+def next_cmd(schedule: str, tz: str | None, count: int, group: str | None) -> None:
+    """Print the next fire times of a schedule: a cron expression or a JSON schedule object.
+    The calendars it names and the blackouts (of --group, and of every group) are read from
+    the configured MongoDB when it names a calendar or --group is given."""
+    from ..calendars import preview, rule_names
     from ..jsonlimits import JSONDepthError, loads
-    from ..schedules import next_fires, parse_schedule
+    from ..schedules import parse_schedule
 
     text = schedule.strip()
     try:
@@ -288,5 +293,10 @@ def next_cmd(schedule: str, tz: str | None, count: int) -> None:
     zone = value.get("timezone", "UTC") if isinstance(value, dict) else "UTC"
     from zoneinfo import ZoneInfo
 
-    for t in next_fires(parsed, utcnow(), count):
-        click.echo(f"{t.isoformat()}  {t.astimezone(ZoneInfo(zone)).isoformat()} {zone}")
+    book = None
+    if rule_names(parsed) or group:
+        with _store(None) as store:
+            book = store.calendar_book(rule_names(parsed), group)
+    for t, blackout in preview(parsed, group or "", utcnow(), count, book):
+        skipped = f"  skipped: blackout {blackout}" if blackout else ""
+        click.echo(f"{t.isoformat()}  {t.astimezone(ZoneInfo(zone)).isoformat()} {zone}{skipped}")

@@ -23,7 +23,7 @@ from ..runmodel import GOING_STATUSES
 from ..schedules import parse_schedule
 from ..store.base import guard
 from ..task import TaskSpec, clear_credentials, parse_task, secret_ref
-from ..taskdiff import APPLY_SOURCE, stored_canonical
+from ..taskdiff import APPLY_SOURCE, after_parents, parents_first, stored_canonical
 from .base import task_target
 from .calendars import calendar_problems
 from .runs import RunOperations
@@ -68,12 +68,18 @@ def task_warnings(spec: dict[str, Any] | TaskSpec) -> list[Problem]:
 class TaskOperations(RunOperations):
     """Task changes (deleting one may kill its runs: a run operation)."""
 
-    def _checked(self, data: dict[str, Any] | TaskSpec, before: dict[str, Any] | None) -> TaskSpec:
+    def _checked(
+        self,
+        data: dict[str, Any] | TaskSpec,
+        before: dict[str, Any] | None,
+        batch: dict[str, tuple[str, ...]] | None = None,
+    ) -> TaskSpec:
         """``data`` parsed, once. When its schedule is new or changed (``before``: the stored
         task), an instant already past is refused; when its file reference is, the file (and
-        the pinned version) must be stored."""
+        the pinned version) must be stored. ``batch``: the tasks applied with it (name -> the
+        parents it runs after), taken as stored for its after schedule."""
         spec = data if isinstance(data, TaskSpec) else parse_task(data)
-        old = (before or {}).get("spec") or {}
+        old = stored_canonical(before["spec"]) if before and before.get("spec") else {}
         schedule = spec.to_dict().get("schedule")
         problems = []
         if schedule != old.get("schedule"):
@@ -84,7 +90,7 @@ class TaskOperations(RunOperations):
         ):
             problems += self.store.file_reference_problems(spec.file, spec.file_version)
         problems += self._secret_problems(spec, old)
-        problems += self._after_problems(spec, old)
+        problems += self._after_problems(spec, old, batch)
         problems += calendar_problems(self.store, spec, old)
         if spec.pool and spec.pool != old.get("pool") and not self.store.pool_names([spec.pool]):
             problems.append(
@@ -94,15 +100,19 @@ class TaskOperations(RunOperations):
             raise ValidationError(problems)
         return spec
 
-    def _after_problems(self, spec: TaskSpec, old: dict[str, Any]) -> list[Problem]:
-        """An after schedule (fan-in) new or changed: each parent must be a task, and no
-        parent may wait (through others) for this task."""
+    def _after_problems(
+        self, spec: TaskSpec, old: dict[str, Any], batch: dict[str, tuple[str, ...]] | None = None
+    ) -> list[Problem]:
+        """An after schedule (fan-in) new or changed: each parent must be a task (or one of
+        ``batch``), and no parent may wait (through others) for this task."""
         after = spec.schedule.after
         if after is None or spec.to_dict().get("schedule") == old.get("schedule"):
             return []
         graph = self.store.after_graph()
+        for name, parents in (batch or {}).items():  # the batch's schedules replace the stored
+            graph[name] = parents
         graph.pop(old.get("name", spec.name), None)
-        known = set(self.store.tasks_by_names(list(after.parents)))
+        known = set(self.store.tasks_by_names(list(after.parents))) | set(batch or ())
         return cycle_problems(spec.name, after.parents, graph, known)
 
     def _secret_problems(self, spec: TaskSpec, old: dict[str, Any]) -> list[Problem]:
@@ -188,9 +198,12 @@ class TaskOperations(RunOperations):
                 pass
         return None
 
-    def check_apply(self, data: dict[str, Any]) -> None:
-        """Raise ValidationError if :meth:`apply_task` would refuse ``data``."""
-        self._checked(data, self._named(data))
+    def check_apply(
+        self, data: dict[str, Any], batch: dict[str, tuple[str, ...]] | None = None
+    ) -> None:
+        """Raise ValidationError if :meth:`apply_task` would refuse ``data`` once the tasks
+        of ``batch`` (:func:`~cloudtask.taskdiff.after_parents`) are applied before it."""
+        self._checked(data, self._named(data), batch)
 
     def apply_task(self, actor: str, data: dict[str, Any]) -> tuple[Applied, dict[str, Any]]:
         """Create or update the task named in ``data`` (a task file): ``created``, ``updated``
@@ -214,14 +227,16 @@ class TaskOperations(RunOperations):
         self, actor: str, tasks: Sequence[tuple[str, dict[str, Any]]]
     ) -> list[tuple[Applied, str]]:
         """Apply task files (``(source, data)`` each): all are checked first, so one bad
-        file stores none (its problems name the file). Returns (outcome, task name) each."""
+        file stores none (its problems name the file); a task runs after parents of the
+        batch is applied after them. Returns (outcome, task name) each."""
+        batch = after_parents(data for _, data in tasks)
         for source, data in tasks:
             try:
-                self.check_apply(data)
+                self.check_apply(data, batch)
             except ValidationError as e:
                 raise ValidationError(e.problems, source=source) from None
         results = []
-        for source, data in tasks:
+        for source, data in parents_first(tasks, batch, lambda t: t[1]["name"]):
             try:
                 outcome, doc = self.apply_task(actor, data)
             except ValidationError as e:
