@@ -1,6 +1,6 @@
 """Configuration: a JSON file, then environment variables, each key checked against a schema.
 
-The file has sections (``zookeeper``, ``mongodb``, ``agent``, ``runs``, ``web``, ``alerts``,
+The file has sections (``zookeeper``, ``mongodb``, ``agent``, ``center``, ``runs``, ``web``, ``alerts``,
 ``security``, ``secrets``, ``auth``); every key is optional and has a default. An environment variable ``CLOUDTASK_<SECTION>_<KEY>``
 overrides a key (``CLOUDTASK_ZK_*`` and ``CLOUDTASK_MONGO_*`` are short forms of the first two
 sections); lists and objects are given to it as JSON (a list of addresses also as "a, b").
@@ -79,6 +79,16 @@ class AgentConfig:
     env_allow: tuple[str, ...] = ()
     run_as: str = ""  # the user[:group] tasks run as when the agent is root; '': its own
     run_as_allowed: tuple[str, ...] = ()  # users a task may name in run_as ('*': any but root)
+    # the agent's Prometheus metrics at http://metrics_host:metrics_port/metrics (0: none)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+
+
+@dataclass(frozen=True)
+class CenterConfig:
+    # the center's Prometheus metrics at http://metrics_host:metrics_port/metrics (0: none)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -154,6 +164,7 @@ class Config:
     zookeeper: ZooKeeperConfig = field(default_factory=ZooKeeperConfig)
     mongodb: MongoConfig = field(default_factory=MongoConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    center: CenterConfig = field(default_factory=CenterConfig)
     runs: RunsConfig = field(default_factory=RunsConfig)
     web: WebConfig = field(default_factory=WebConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
@@ -247,6 +258,27 @@ def _labels(v: Any) -> dict[str, str]:
     ):
         raise ValueError(f"expected an object of string values, got {json.dumps(v)}")
     return dict(v)
+
+
+_HOSTNAME = re.compile(
+    r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+
+def _listen_host(v: Any) -> str:
+    """An address to listen on: an IP address (``0.0.0.0``: every interface) or a host name."""
+    import ipaddress
+
+    v = _string(v).strip()
+    try:
+        return str(ipaddress.ip_address(v.strip("[]")))
+    except ValueError:
+        pass
+    if not _HOSTNAME.fullmatch(v) or len(v) > 253:
+        raise ValueError(
+            f"expected an address to listen on such as 127.0.0.1, 0.0.0.0 or a host name, got {v!r}"
+        )
+    return v
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
@@ -544,8 +576,15 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...
             "env_allow": check_env_allow,
             "run_as": check_run_as,
             "run_as_allowed": check_run_as_allowed,
+            "metrics_host": _listen_host,
+            "metrics_port": _int_range(0, 65535),
         },
         ("AGENT",),
+    ),
+    "center": (
+        CenterConfig,
+        {"metrics_host": _listen_host, "metrics_port": _int_range(0, 65535)},
+        ("CENTER",),
     ),
     "runs": (RunsConfig, {"retention_days": _int_range(1, 36500)}, ("RUNS", "RUN")),
     "web": (

@@ -7,10 +7,10 @@ caches) is one :class:`~web.context.CloudTaskExtension`, in ``app.extensions["cl
 
 One blueprint per area: ``auth`` (login, logout, password), ``dashboard``, ``tasks``,
 ``runs``, ``events``, ``cluster``, ``files``, ``admin`` (users, audit log), ``settings`` (the
-alert settings, admin only), ``secrets`` (stored secrets, :mod:`web.secret_pages`) and ``api``
-(``/api/v1``, JSON).
+alert settings, admin only), ``secrets`` (stored secrets, :mod:`web.secret_pages`), ``metrics``
+(``/metrics`` for Prometheus and ``/readyz``, :mod:`web.metrics`) and ``api`` (``/api/v1``, JSON).
 Shared helpers are in :mod:`web.context`. Every page and API route needs a logged-in user (a session, or an API
-token as ``Authorization: Bearer``), except the login page and ``/healthz``; roles are checked
+token as ``Authorization: Bearer``), except the login page, ``/healthz`` and ``/readyz``; roles are checked
 on the server for every route; every form carries a CSRF token.
 
 Sessions are kept on the server (:mod:`web.sessions`); what protects every request (the CSRF
@@ -52,6 +52,7 @@ OPEN_ENDPOINTS = {
     "auth.oidc_start",  # "Log in with <provider>", and the provider's way back
     "auth.oidc_callback",
     "healthz",
+    "metrics.readyz",  # (web/metrics.py)
     "static",
     "api.run_progress",
     "api.run_result",
@@ -91,7 +92,7 @@ def create_app(config: Config | None = None, test_config: dict[str, Any] | None 
     login_manager._session_identifier_generator = session_identifier
     # before every view, in this order: a valid API token, a session that could not be read,
     # the CSRF check
-    app.before_request(authenticate_token)
+    app.before_request(_authenticate)
     app.before_request(_session_unreadable)
     app.before_request(check_csrf)
     app.after_request(security_headers)
@@ -110,6 +111,9 @@ def create_app(config: Config | None = None, test_config: dict[str, Any] | None 
     from . import plan_pages  # the Plans pages (the API's plans are web/api/plans.py)
 
     app.register_blueprint(plan_pages.bp)
+    from . import metrics  # /metrics (Prometheus) and /readyz
+
+    app.register_blueprint(metrics.bp)
     register_filters(app)
     app.jinja_env.globals["csrf_token"] = csrf_token
     app.jinja_env.globals["version"] = __version__
@@ -209,11 +213,26 @@ def create_app(config: Config | None = None, test_config: dict[str, Any] | None 
     return app
 
 
+# the health checks: they tell anyone whether this site is up, even when MongoDB cannot say
+# who asks
+HEALTH_ENDPOINTS = ("healthz", "metrics.readyz")
+
+
+def _authenticate() -> None:
+    """:func:`web.auth.authenticate_token`; a health check goes on when the store cannot tell
+    whose the token is (it answers whoever asks, as for an anonymous caller)."""
+    try:
+        authenticate_token()
+    except CloudTaskError:
+        if request.endpoint not in HEALTH_ENDPOINTS:
+            raise
+
+
 def _session_unreadable() -> None:
     """A session cookie the store could not read: the request fails with 503 (saying so)
-    rather than going on as if logged out. The health check and static files go on."""
+    rather than going on as if logged out. The health checks and static files go on."""
     error = failure()
-    if error is not None and request.endpoint not in ("healthz", "static"):
+    if error is not None and request.endpoint not in (*HEALTH_ENDPOINTS, "static"):
         raise error
 
 

@@ -51,6 +51,7 @@ import pymongo
 from ..clock import to_bson_time, utcnow
 from ..config import Config
 from ..exceptions import ConfigError, ValidationError
+from ..metrics import AgentMetrics, serve
 from ..runmodel import RETRY_STATUSES, RUNNING_STATUSES, new_id
 from ..secretbox import SecretBox, SecretError, load_box
 from ..store import Store, all_revisions, task_pages
@@ -147,6 +148,9 @@ class Agent:
             run_as=acfg.run_as,
             run_as_allowed=acfg.run_as_allowed,
         )
+        # its Prometheus metrics (cloudtask/metrics), served on agent.metrics_port if set
+        self.metrics = self.executor.metrics = AgentMetrics(self.agent_id, self.group)
+        self.metrics.watch_agent(self.executor, lambda: len(self._specs), lambda: len(self.armed))
         self.leases = LeaseKeeper(
             store,
             kill=self.executor.kill,
@@ -571,6 +575,7 @@ class Agent:
         for claim, ok in zip(claims, won, strict=True):
             fire, spec, doc = claim.fire, claim.spec, claim.doc
             if not ok:
+                self.metrics.claim_lost()
                 log.debug("fire %s of %s claimed elsewhere", doc["scheduled_for"], spec.name)
                 if spec.schedule.keepalive:
                     self._keepalive_not_started(doc["_id"], fire.task_id, now)
@@ -833,6 +838,7 @@ class Agent:
             except STORE_ERRORS as e:
                 return "later", f"MongoDB did not confirm the start ({type(e).__name__})"
             if not started:
+                self.metrics.start_lost()
                 return "drop", "it was taken over by another agent"
             ctx.claimed_status = "running"
             if ctx.session != self.session or not self.may_claim():
@@ -942,6 +948,7 @@ class Agent:
     def _finished(self, ctx: RunContext) -> None:
         """After a run: its pool place given back; retries, keepalive restarts, one-shot tasks
         marked done."""
+        self.metrics.run_ended(ctx.status)
         if ctx.pool_token is not None:
             token, ctx.pool_token = ctx.pool_token, None
             self.pools.release(token)
@@ -1035,6 +1042,8 @@ class Agent:
         self.starter.start()
         self.janitor.start()
         self.leases.start()
+        acfg = self.config.agent
+        metrics = serve(self.metrics.registry, acfg.metrics_host, acfg.metrics_port, "agent")
         log.info("agent %s (group %s) started; logs in %s", self.agent_id, self.group, self.log_dir)
         poll = timedelta(seconds=self.config.agent.poll_interval)
         try:
@@ -1081,6 +1090,8 @@ class Agent:
             self.writer.stop(timeout=WRITER_STOP_BUDGET)
             self.journal.close()
             self._left()
+            if metrics is not None:
+                metrics.close()
             log.info("agent %s stopped", self.agent_id)
 
     def _purge_runs(self) -> None:

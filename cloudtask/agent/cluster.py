@@ -92,6 +92,7 @@ class ClusterAgent(Agent):
             load=self._load,
             on_lost=self._on_lost,
         )
+        self.metrics.watch_cluster(zk, self.may_claim)
         self.watcher = AssignmentWatcher(
             zk,
             self.paths,

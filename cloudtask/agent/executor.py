@@ -39,6 +39,7 @@ from typing import Any
 import pymongo
 
 from ..clock import to_bson_time, utcnow
+from ..metrics import NO_AGENT_METRICS
 from ..task import TaskSpec
 from ..taskenv import RunAsError, RunUser, run_user, task_environment
 from .files import FileCache, TaskFileError
@@ -192,6 +193,7 @@ class Executor:
         self.begin = begin
         self.guard = guard  # starts the processes (POSIX), see guard.py
         self.journal = journal  # what really ran, for a restart after a crash (journal.py)
+        self.metrics = NO_AGENT_METRICS  # the agent's counters (cloudtask/metrics), its to set
         self._active: dict[str, RunContext] = {}
         self._by_task: dict[str, set[str]] = {}
         self._lock = threading.Lock()
@@ -486,6 +488,7 @@ class Executor:
         runlog = RunLog(self.log_dir, ctx.spec.name)
         ctx.started_at = utcnow()
         ctx.status = "running"
+        self.metrics.run_started(ctx.trigger, ctx.scheduled_for, ctx.started_at)
         if self.journal is not None:
             # before anything can start; a process the guard starts is noted by it too
             guarded = self.guard is not None and ctx.spec.http is None and IS_POSIX
@@ -588,8 +591,8 @@ class Executor:
         over.update(ctx.environment())
         return over
 
-    @staticmethod
-    def _fail_to_start(ctx: RunContext, runlog: RunLog, error: str) -> None:
+    def _fail_to_start(self, ctx: RunContext, runlog: RunLog, error: str) -> None:
+        self.metrics.spawn_failed()
         ctx.status, ctx.error = "failed", error
         ctx.finished_at = utcnow()
         ctx.append_output(f"{error}\n".encode())

@@ -54,6 +54,7 @@ from .. import events as ev
 from ..clock import to_bson_time, utcnow
 from ..config import Config
 from ..exceptions import CloudTaskError
+from ..metrics import CenterMetrics, serve
 from ..notify import NotifierThread
 from ..registry import LiveAgent, read_agents
 from ..store import Store
@@ -144,6 +145,8 @@ class Center:
         # task id -> (revision, bytes): tasks not placed, their assignment too large to write
         # (tried again once their revision changes)
         self.too_large: dict[str, tuple[int, int]] = {}
+        # its Prometheus metrics (cloudtask/metrics), served on center.metrics_port if set
+        self.metrics = CenterMetrics(self)
 
     @property
     def writes(self) -> int:
@@ -170,6 +173,8 @@ class Center:
         if not keep_trying("create its folders and register", self._start_up, self._stop):
             return
         self.zk.add_listener(self._on_state)
+        ccfg = self.config.center
+        metrics = serve(self.metrics.registry, ccfg.metrics_host, ccfg.metrics_port, "center")
         self.feed.start()  # standing by too: a new leader starts from a warm cache
         self._watch()
         if self.notifier is not None:
@@ -192,6 +197,8 @@ class Center:
                 self.zk.delete(self.paths.center(self.center_id))
             except (KazooException, NoNodeError):
                 pass
+            if metrics is not None:
+                metrics.close()
 
     def notifies(self) -> bool:
         """Whether this center sends alerts now: it leads and its session holds."""
@@ -250,7 +257,8 @@ class Center:
             self.upkeep.start()
             while not self._stop.is_set() and not self._connection_lost.is_set():
                 try:
-                    self.reconcile()
+                    with self.metrics.placement_pass():  # counted and timed
+                        self.reconcile()
                     self._failed_passes = 0
                 except LeadershipLost as e:
                     log.warning("stepping down: %s", e)

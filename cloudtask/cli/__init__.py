@@ -15,6 +15,7 @@ one module per family:
 * :mod:`~cloudtask.cli.secrets`: the ``secrets`` group (stored secrets and their keys).
 * :mod:`~cloudtask.cli.plans`: the ``plan`` group (submit a plan, its state, cancel it).
 * :mod:`~cloudtask.cli.pools`: the ``pool`` group (concurrency pools).
+* :mod:`~cloudtask.cli.status`: ``status`` (is the cluster well? exit 1 when not).
 * :mod:`~cloudtask.cli.calendars`: the ``calendar`` and ``blackout`` groups.
 
 What they share (the config, logging, the ``--config`` and ``--verbose`` options, who acts,
@@ -31,6 +32,7 @@ import click
 from .. import __version__
 from ..exceptions import CloudTaskError, ValidationError
 from . import admin, authoring, calendars, plans, pools, secrets, servers, zookeeper
+from .status import status
 
 
 class _Group(click.Group):
@@ -71,6 +73,7 @@ for _command in (
     secrets.secrets_group,
     plans.plan_group,
     pools.pool_group,
+    status,
     calendars.calendar_group,
     calendars.blackout_group,
 ):
