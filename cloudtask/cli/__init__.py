@@ -15,6 +15,10 @@ one module per family:
 * :mod:`~cloudtask.cli.secrets`: the ``secrets`` group (stored secrets and their keys).
 * :mod:`~cloudtask.cli.plans`: the ``plan`` group (submit a plan, its state, cancel it).
 * :mod:`~cloudtask.cli.pools`: the ``pool`` group (concurrency pools).
+* :mod:`~cloudtask.cli.api_commands`: the ``tasks``, ``runs``, ``agents``, ``events`` and
+  ``plans`` groups, which talk to the web site's REST API (:mod:`~cloudtask.cli.remote`: the
+  client, the site's address and token), and :mod:`~cloudtask.cli.login`: ``login``,
+  ``logout`` and ``whoami``.
 * :mod:`~cloudtask.cli.status`: ``status`` (is the cluster well? exit 1 when not).
 * :mod:`~cloudtask.cli.calendars`: the ``calendar`` and ``blackout`` groups.
 
@@ -32,6 +36,8 @@ import click
 from .. import __version__
 from ..exceptions import CloudTaskError, ValidationError
 from . import admin, authoring, calendars, plans, pools, secrets, servers, zookeeper
+from .api_commands import GROUPS as API_GROUPS
+from .login import COMMANDS as LOGIN_COMMANDS
 from .status import status
 
 
@@ -77,6 +83,8 @@ for _command in (
     calendars.calendar_group,
     calendars.blackout_group,
 ):
+    cli.add_command(_command)
+for _command in (*API_GROUPS, *LOGIN_COMMANDS):  # through the web site's API
     cli.add_command(_command)
 
 
