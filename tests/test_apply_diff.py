@@ -271,6 +271,7 @@ def _varied_tasks(store, tmp_path) -> None:
     ops.set_secret("alice", box, "hook.token", "Bearer t0ken-value")
     sha = ops.put_file("alice", "job.sh", b"echo job\n", keep=5)["sha256"]
     ops.set_pool("alice", "pg", 2)
+    ops.set_calendar("alice", "holidays", {"dates": ["2026-12-25"], "weekdays": ["sat"]})
     soon = (datetime.now(timezone.utc) + timedelta(days=30)).replace(microsecond=0)
     specs = [
         task(
@@ -281,10 +282,18 @@ def _varied_tasks(store, tmp_path) -> None:
             retries=3,
             retry_delay="30s",
             timeout="5m",
+            warn_after="1m",
+            deadline="06:00 mon,tue",
         ),
         task(
             "interval",
-            schedule={"every": "90s"},
+            schedule={
+                "every": "90s",
+                "between": ["08:00", "18:00"],
+                "calendar": {"skip": "holidays"},
+                "start": "2026-01-01T00:00:00Z",
+            },
+            expect_every="2h",
             command="echo $HOME | wc -c",
             shell=True,
             concurrency="allow",
@@ -317,7 +326,11 @@ def _varied_tasks(store, tmp_path) -> None:
             env={"PGPASSWORD": {"secret": "db.pw"}},
             cwd="/tmp",
         ),
-        task("fan-in", schedule={"after": ["cron-seconds", "interval"]}),
+        task(
+            "fan-in",
+            schedule={"after": ["cron-seconds", "interval"], "within": "6h"},
+            deadline={"at": "07:30", "timezone": "America/New_York"},
+        ),
         task(
             "pooled",
             pool="pg",
