@@ -151,15 +151,23 @@ def _run_plan(ops: Any, pending: list[Any]) -> None:
                 done.append((outcome, item.name))
                 if not bar:
                     click.echo(f"{outcome:9} {item.name}")
-    except CloudTaskError as e:
+    except (CloudTaskError, KeyboardInterrupt) as e:
         assert item is not None
         applied = [name for outcome, name in done if outcome not in ("skipped", "unchanged")]
         rest = [i.name for i in pending[len(done) + 1 :]]
         where = f" ({item.source})" if item.source else ""
-        click.echo(f"Error: stopped at {item.name}{where}: {e}", err=True)
+        if isinstance(e, KeyboardInterrupt):  # the task at work is written whole or not at all
+            click.echo(
+                f"\nInterrupted at {item.name}{where}: applied or not (apply --dry-run tells)",
+                err=True,
+            )
+        else:
+            click.echo(f"Error: stopped at {item.name}{where}: {e}", err=True)
+            rest.insert(0, item.name)
         click.echo(f"applied before it ({len(applied)}): {', '.join(applied) or 'none'}", err=True)
-        click.echo(f"not applied ({len(rest) + 1}): {', '.join([item.name, *rest])}", err=True)
-        click.get_current_context().exit(2 if isinstance(e, ValidationError) else 1)
+        click.echo(f"not applied ({len(rest)}): {', '.join(rest) or 'none'}", err=True)
+        code = 130 if isinstance(e, KeyboardInterrupt) else 1
+        click.get_current_context().exit(2 if isinstance(e, ValidationError) else code)
     counts = {k: sum(1 for o, _ in done if o == k) for k in ("created", "updated", "deleted")}
     others = len(done) - sum(counts.values())
     tail = f", {others} skipped" if others else ""
