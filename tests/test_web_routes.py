@@ -1,5 +1,5 @@
 """Every route of the site, found in the app's URL map: anonymous users are refused (a
-redirect to the login page, 401 on the API) except on the login page, the health check and
+redirect to the login page, 401 on the API) except on the login page, the health checks and
 the http-task callbacks; viewers get 403 on every write; a browser write without the CSRF
 token is refused. New routes are covered without editing this file."""
 
@@ -10,7 +10,7 @@ import re
 import pytest
 from helpers import VIEWER, make_web_app, web_login
 
-OPEN = {"auth.login", "healthz", "static", "api.run_progress", "api.run_result"}
+OPEN = {"auth.login", "healthz", "metrics.readyz", "static", "api.run_progress", "api.run_result"}
 VIEWER_WRITES = {"auth.logout", "auth.change_password"}  # a viewer's own session and password
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
