@@ -352,6 +352,16 @@ TASK = {
             "maxItems": 10,
             "description": "The next 10 fire times in UTC (none for keepalive or done tasks)",
         },
+        "next_fires_skipped": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["at", "reason"],
+                "properties": {"at": TIME, "reason": STRING},
+            },
+            "description": "Those of next_fires a blackout of the task's group will record "
+            "skipped, with the reason ('blackout NAME'); absent when none",
+        },
         "dependencies": {
             "type": "object",
             "description": "For a task that runs after others: what it waits for",

@@ -33,8 +33,9 @@ from cloudtask.clock import utcnow
 from cloudtask.dependencies import dependency_status
 from cloudtask.exceptions import CloudTaskError, Conflict, NotFound, Problem, ValidationError
 from cloudtask.operations import task_warnings
-from cloudtask.schedules import next_fires, schedule_summary
+from cloudtask.schedules import schedule_summary
 from cloudtask.store import nest_dotted
+from cloudtask.store.calendars import preview_fires
 from cloudtask.store.queries import RUN_LIST_FIELDS
 from cloudtask.task import (
     CONCURRENCY_POLICIES,
@@ -96,6 +97,7 @@ def fire_times(task: dict[str, Any], n: int = DETAIL_FIRES) -> dict[str, Any]:
     schedule = task["spec"].get("schedule")
     zone_name = schedule_zone(schedule)
     out: dict[str, Any] = {"zone": zone_name, "fires": [], "kind": "ok", "message": ""}
+    out["skipped"] = {}  # fire index -> the blackout that will record it skipped
     if task.get("done_at"):
         out["kind"] = "done"
         return out
@@ -112,8 +114,10 @@ def fire_times(task: dict[str, Any], n: int = DETAIL_FIRES) -> dict[str, Any]:
         out["kind"] = "after"
         return out
     try:
-        fires = next_fires(spec.schedule, utcnow(), n)
+        previewed = preview_fires(store(), spec, utcnow(), n)  # calendars and blackouts
+        fires = [f for f, _ in previewed]
         out["fires"] = [(fmt_local(f, zone), _fmt_utc(f)) for f in fires]
+        out["skipped"] = {i: blackout for i, (_, blackout) in enumerate(previewed) if blackout}
     except (OverflowError, ValueError) as e:  # a time at the edge of the calendar
         out.update(kind="invalid", message=f"its fire times cannot be computed: {e}")
         return out

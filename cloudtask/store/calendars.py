@@ -25,9 +25,9 @@ from typing import Any
 
 from pymongo import ASCENDING, ReturnDocument
 
-from ..calendars import CalendarBook
+from ..calendars import CalendarBook, preview
 from ..clock import stored_time, to_bson_time, utcnow
-from ..exceptions import Conflict, NotFound
+from ..exceptions import CloudTaskError, Conflict, NotFound
 from .base import StoreBase, guard, read_all
 
 log = logging.getLogger("cloudtask.store")
@@ -310,3 +310,23 @@ class CalendarFeed:
             self.group,
         )
         return True
+
+
+def preview_fires(
+    store: Any, spec: Any, start: datetime, n: int
+) -> list[tuple[datetime, str | None]]:
+    """The next ``n`` fires of a task after ``start`` as its agent will see them: its
+    calendar rule judged, and each with the blackout of its group that will record it
+    ``skipped`` (None: it runs). Without MongoDB the calendars and blackouts are left out."""
+    names = {
+        n
+        for i in spec.schedule.items
+        if i.window.calendar is not None
+        for n in i.window.calendar.names()
+    }
+    try:
+        book = store.calendar_book(names, spec.group)
+    except CloudTaskError as e:
+        log.warning("fire preview without calendars and blackouts: %s", e)
+        book = None
+    return preview(spec.schedule, spec.group, start, n, book)

@@ -21,8 +21,8 @@ from cloudtask.clock import utcnow
 from cloudtask.dependencies import dependency_status
 from cloudtask.exceptions import Conflict, NotFound, Problem, ValidationError
 from cloudtask.operations import find_task, task_warnings
-from cloudtask.schedules import next_fires
 from cloudtask.store import nest_dotted
+from cloudtask.store.calendars import preview_fires
 from cloudtask.task import parse_task
 
 from .. import queries
@@ -56,8 +56,9 @@ def owner_of(task_id: str) -> str | None:
     return view.owners.get(task_id) if view.connected else None
 
 
-def fire_times(task: dict[str, Any]) -> list[str]:
-    """The next fires in UTC (ISO 8601); none for a done, keepalive or unreadable task."""
+def fire_times(task: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """The next fires in UTC (ISO 8601), its calendar rule judged, each with the blackout
+    that will record it skipped (or None); none for a done, keepalive or unreadable task."""
     if task.get("done_at"):
         return []
     try:
@@ -66,10 +67,8 @@ def fire_times(task: dict[str, Any]) -> list[str]:
         return []
     if spec.schedule.keepalive:
         return []
-    now = utcnow()
-    return [
-        f.astimezone(timezone.utc).isoformat() for f in next_fires(spec.schedule, now, NEXT_FIRES)
-    ]
+    fires = preview_fires(store(), spec, utcnow(), NEXT_FIRES)
+    return [(f.astimezone(timezone.utc).isoformat(), blackout) for f, blackout in fires]
 
 
 def task_out(doc: dict[str, Any], detail: bool = True) -> dict[str, Any]:
@@ -79,7 +78,12 @@ def task_out(doc: dict[str, Any], detail: bool = True) -> dict[str, Any]:
     out["enabled"] = bool(out["enabled"])  # flags are read by truthiness (nx-27017)
     out["state"] = task_state(doc)
     if detail:
-        out["next_fires"] = fire_times(doc)
+        fires = fire_times(doc)
+        out["next_fires"] = [at for at, _ in fires]
+        if any(blackout for _, blackout in fires):  # recorded skipped by a blackout
+            out["next_fires_skipped"] = [
+                {"at": at, "reason": f"blackout {blackout}"} for at, blackout in fires if blackout
+            ]
         status = dependency_status(store(), doc["spec"])
         if status:  # a task that runs after others: what it waits for
             out["dependencies"] = status
