@@ -158,7 +158,8 @@ def write_record(data_dir: Path | str, record: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".running-", suffix=".json", dir=path.parent)
     try:
-        os.fchmod(fd, 0o600) if hasattr(os, "fchmod") else None
+        if hasattr(os, "fchmod"):  # mkstemp makes it 0600; also under an odd umask
+            os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             json.dump(record, out, indent=2)
             out.write("\n")

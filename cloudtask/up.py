@@ -303,7 +303,8 @@ def _write_private(path: Path, text: str) -> None:
     """Write a child's config (it may hold credentials: zookeeper.auth, the MongoDB URI's
     password) readable by this user only (mode 0600, also when it was there before)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
+    if hasattr(os, "fchmod"):  # (not on Windows before Python 3.13: NTFS ACLs apply there)
+        os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write(text)
 
