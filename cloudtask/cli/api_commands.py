@@ -149,7 +149,10 @@ def parse_env(items: tuple[str, ...]) -> dict[str, str]:
 
 @click.group("tasks")
 def tasks_group() -> None:
-    """Tasks, through the web site's API (--url and a token; see `cloudtask login`)."""
+    """Tasks through the web site's API: list, show, run, pause, resume, delete, clone.
+
+    The site and the token: --url/--token, CLOUDTASK_URL/CLOUDTASK_TOKEN, or `cloudtask
+    login`. (`cloudtask task ...` works on the store itself, with the config file.)"""
 
 
 def _last(task: dict[str, Any]) -> str:
@@ -252,8 +255,9 @@ def _print_task(t: dict[str, Any]) -> None:
             click.echo(f"  {local_time(fire)}")
     for dep in t.get("dependencies") or []:
         click.echo(f"waits for: {json.dumps(dep, sort_keys=True)}")
-    click.echo("definition:")
-    for line in json.dumps(spec, indent=2, sort_keys=True).splitlines():
+    click.echo("definition (keys left empty not shown; --json has them all):")
+    shown = {k: v for k, v in spec.items() if v not in (None, "", {}, [])}
+    for line in json.dumps(shown, indent=2, sort_keys=True).splitlines():
         click.echo(f"  {line}")
 
 
@@ -347,7 +351,7 @@ def tasks_clone(api: Api, task: str, new_name: str, as_json: bool) -> None:
 
 @click.group("runs")
 def runs_group() -> None:
-    """Runs, through the web site's API (--url and a token; see `cloudtask login`)."""
+    """Runs through the web site's API: list, show, output (--follow), kill."""
 
 
 def _run_rows(items: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
@@ -569,7 +573,7 @@ def runs_kill(api: Api, run_id: str, as_json: bool) -> None:
 
 @click.group("agents")
 def agents_group() -> None:
-    """Agents, through the web site's API (--url and a token; see `cloudtask login`)."""
+    """Agents through the web site's API: list, show."""
 
 
 def _percent(value: Any) -> str:
@@ -649,7 +653,7 @@ def agents_show(api: Api, agent_id: str, as_json: bool) -> None:
 
 @click.group("events")
 def events_group() -> None:
-    """Events, through the web site's API (--url and a token; see `cloudtask login`)."""
+    """Events through the web site's API: list."""
 
 
 @events_group.command("list")
@@ -716,7 +720,7 @@ def events_list(
 
 @click.group("plans")
 def plans_group() -> None:
-    """Plans, through the web site's API (--url and a token; see `cloudtask login`)."""
+    """Plans through the web site's API: list, show, cancel, submit."""
 
 
 def _plan_state(p: dict[str, Any]) -> str:
