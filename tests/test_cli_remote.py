@@ -502,3 +502,162 @@ def test_the_installed_program(site, store, tmp_path):
     )
     assert done.returncode == 3
     assert done.stderr == "Error: no task named 'missing' (nor with that id)\n"
+
+
+# --- on a cluster: live agents, kill, --follow of a killed run ---------------------------------
+
+
+@pytest.fixture
+def cluster_site(store, zk, zk_hosts, mongo_server, mongo_db_name, tmp_path) -> Iterator[Site]:
+    """A center and an agent (real processes on ZooKeeper and the test's database), and the
+    web site on the same cluster."""
+    from test_cluster import Cluster
+    from werkzeug.serving import make_server
+
+    cluster = Cluster(zk_hosts, mongo_server.uri, mongo_db_name, tmp_path)
+    app = make_web_app(store, zk)
+    users = Users(store)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    cluster.center("c1")
+    cluster.agent("a1")
+    try:
+        yield Site(
+            f"http://127.0.0.1:{server.server_port}",
+            users.create_token(OPERATOR.name, "cli test"),
+            users.create_token(VIEWER.name, "cli test"),
+        )
+    finally:
+        cluster.stop_all()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+TICKING = "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.3; done"
+
+
+def test_follow_and_kill_on_a_cluster(cluster_site, store, tmp_path):
+    site = cluster_site
+    make_task(store, "ticking", schedule={"cron": "0 0 1 1 *"}, command=TICKING, shell=True)
+
+    def agent_online() -> bool:
+        listed = ct("agents", "list", "--json", url=site.url, token=site.viewer)
+        items = json.loads(listed.stdout)["items"] if listed.exit_code == 0 else []
+        return any(a["agent_id"] == "a1" and a["status"] != "offline" for a in items)
+
+    deadline = time.monotonic() + 60
+    while not agent_online():
+        assert time.monotonic() < deadline, "agent a1 did not show up in `agents list`"
+        time.sleep(0.5)
+    queued = ct("tasks", "run", "ticking", url=site.url, token=site.operator)
+    assert queued.exit_code == 0, queued.output
+    run_id = queued.stdout.split()[1]
+
+    # the installed program follows the run while this process kills it
+    env = {
+        **os.environ,
+        "CLOUDTASK_URL": site.url,
+        "CLOUDTASK_TOKEN": site.viewer,
+        "XDG_CONFIG_HOME": str(tmp_path / "none"),
+    }
+    follower = subprocess.Popen(
+        [str(PROGRAM), "runs", "output", run_id, "--follow", "--interval", "0.3"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = follower.stdout.readline()  # blocks until the run prints
+        assert first == "tick-1\n", first
+        killed = ct("runs", "kill", run_id, url=site.url, token=site.operator)
+        assert killed.exit_code == 0, killed.output
+        assert "asked agent a1 to kill run" in killed.stdout
+        rest, err = follower.communicate(timeout=60)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert follower.returncode == 1, err
+    ticks = (first + rest).splitlines()
+    assert ticks == [f"tick-{i}" for i in range(1, len(ticks) + 1)]  # none twice, none lost
+    assert f"run {run_id} killed" in err
+    assert store.get_run(run_id)["status"] == "killed"
+    shown = ct("runs", "show", run_id, url=site.url, token=site.viewer)
+    assert shown.exit_code == 1 and "killed" in shown.stdout
+    again = ct("runs", "kill", run_id, url=site.url, token=site.operator)
+    assert again.exit_code == 1 and "not running" in again.stderr
+
+
+# --- TLS ----------------------------------------------------------------------------------------
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key: (certificate, key) PEM files."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "site.pem", folder / "site.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_is_checked(store, tmp_path, monkeypatch):
+    from werkzeug.serving import make_server
+
+    cert, key = self_signed(tmp_path)
+    app = make_web_app(store)
+    token = Users(store).create_token(VIEWER.name, "cli test")
+    server = make_server("127.0.0.1", 0, app, threaded=True, ssl_context=(str(cert), str(key)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"https://127.0.0.1:{server.server_port}"
+    try:
+        result = ct("tasks", "list", url=url, token=token)
+        assert result.exit_code == 5
+        assert f"cannot check the TLS certificate of {url}" in result.stderr
+        assert "CLOUDTASK_CA_BUNDLE" in result.stderr and "--insecure" in result.stderr
+        assert ct("tasks", "list", "--insecure", url=url, token=token).exit_code == 0
+        monkeypatch.setenv("CLOUDTASK_CA_BUNDLE", str(cert))
+        result = ct("tasks", "list", url=url, token=token)
+        assert result.exit_code == 0, result.output
+        monkeypatch.setenv("CLOUDTASK_CA_BUNDLE", str(tmp_path / "missing.pem"))
+        result = ct("tasks", "list", url=url, token=token)
+        assert result.exit_code == 2 and "missing.pem" in result.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -375,6 +375,9 @@ class Api:
         """The answer to one request (redirects not followed: a POST must not turn into a
         GET on the way); a site that cannot be reached is an :class:`ApiFailure` (exit 5)."""
         kwargs.setdefault("timeout", (CONNECT_TIMEOUT, READ_TIMEOUT))
+        # given with each request: requests lets REQUESTS_CA_BUNDLE override a session's
+        # verify=False (--insecure) or CA file
+        kwargs.setdefault("verify", self.target.verify)
         try:
             return self.session.request(method, url, allow_redirects=False, **kwargs)
         except self.requests.exceptions.SSLError as e:
