@@ -146,6 +146,7 @@ def new_state(task_id: str) -> dict[str, Any]:
         "_id": task_id,
         "task_name": None,
         "active": False,
+        "warns": False,  # it sets warn_after (as last seen placed)
         "since_ts": None,  # counted from: created, resumed, or watched first
         "known_success_ts": None,  # the end of its latest success seen
         "slow": [],  # [{run_id, alerted_ts}]: runs alerted as slow, not ended yet
@@ -175,6 +176,7 @@ class Lateness:
         self._states: dict[str, dict[str, Any]] | None = None  # as stored, read once
         self._watches: dict[str, tuple[int, Watch | None]] = {}  # task id -> (revision, watch)
         self._windows: dict[str, tuple[int, DayWindow | None, float]] = {}  # see _window
+        self._limits: dict[str, tuple[Any, float | None]] = {}  # see _warn_limits
         self._checked_at = -CHECK_INTERVAL  # monotonic
         self._swept_at = time.monotonic()
         self._busy = False  # watching something: rounds are due every interval
@@ -211,7 +213,7 @@ class Lateness:
         watches = self._watched(tasks)
         self._busy = bool(watches) or any(self._open(s) for s in self._states.values())
         if not self._busy and not any(s.get("active") for s in self._states.values()):
-            return
+            return  # (a task that left the placement while its run goes on: see _warn_limits)
         round_ = _Round(self._states, self.clock())
         round_.activate(watches)
         self._slow(round_, watches)
@@ -230,7 +232,9 @@ class Lateness:
 
     @staticmethod
     def _open(state: dict[str, Any]) -> bool:
-        return bool(state.get("slow") or state.get("overdue"))
+        """Whether a state keeps the checks going: an alert open, or a task with warn_after
+        (its run may go on after the task left the placement)."""
+        return bool(state.get("slow") or state.get("overdue") or state.get("warns"))
 
     def _watched(self, tasks: dict[str, TaskRecord]) -> dict[str, Watch]:
         """The tasks that set a lateness field (parsed once per revision)."""
@@ -254,7 +258,8 @@ class Lateness:
             for task_id, state in r.states.items()
             for entry in state.get("slow") or []
         }
-        if not open_runs and not any(w.warn_after for w in watches.values()):
+        warns = any(w.warn_after for w in watches.values())
+        if not open_runs and not warns and not any(s.get("warns") for s in r.states.values()):
             return
         running = {d["_id"]: d for d in self.store.running_runs_brief()}
         ended = [run_id for run_id in open_runs if run_id not in running]
@@ -268,15 +273,45 @@ class Lateness:
             # (a run not found was deleted with its task, or purged: nothing to tell)
             state = r.edit(open_runs[run_id])
             state["slow"] = [e for e in state["slow"] if e["run_id"] != run_id]
-        for run_id, run in running.items():
-            watch = watches.get(run.get("task_id"))
-            if watch is None or not watch.warn_after or run_id in open_runs:
-                continue
+        fresh = [d for d in running.values() if d["_id"] not in open_runs]
+        limits = self._warn_limits(fresh, watches)
+        for run in fresh:
+            warn_after = limits.get(run.get("task_id"))
             started = stored_time(run.get("started_at"))
-            if started is None or (r.now - started).total_seconds() < watch.warn_after:
+            if not warn_after or started is None:
                 continue
-            r.events.append(ev.slow_event(run, watch.warn_after, r.now))
-            r.edit(watch.task_id)["slow"].append({"run_id": run_id, "alerted_ts": r.ts})
+            if (r.now - started).total_seconds() < warn_after:
+                continue
+            r.events.append(ev.slow_event(run, warn_after, r.now))
+            r.edit(run["task_id"])["slow"].append({"run_id": run["_id"], "alerted_ts": r.ts})
+
+    def _warn_limits(
+        self, runs: list[dict[str, Any]], watches: dict[str, Watch]
+    ) -> dict[str, float | None]:
+        """The ``warn_after`` of the tasks of these runs: a run goes on when its task has
+        left the placement (a one-shot task that fired, a task paused meanwhile), so a task
+        not watched is read (once per revision: most running tasks set no warn_after)."""
+        out: dict[str, float | None] = {}
+        missing = set()
+        for run in runs:
+            task_id = run.get("task_id")
+            if task_id in watches:
+                out[task_id] = watches[task_id].warn_after
+            elif task_id in self._limits and self._limits[task_id][0] == run.get("revision"):
+                out[task_id] = self._limits[task_id][1]
+            else:
+                missing.add(task_id)
+        for doc in self.store.get_tasks(sorted(missing)) if missing else []:
+            spec = doc.get("spec") or {}
+            try:
+                limit = parse_duration(spec["warn_after"]) if spec.get("warn_after") else None
+            except ValueError:
+                limit = None
+            self._limits[doc["_id"]] = (doc.get("revision"), limit)
+            out[doc["_id"]] = limit
+        if len(self._limits) > 10_000:
+            self._limits = {}
+        return out
 
     # --- expect_every -------------------------------------------------------------------------
 
@@ -425,12 +460,14 @@ class _Round:
         marked inactive (their open alerts stay open)."""
         for task_id, watch in watches.items():
             state = self.state(task_id)
+            warns = bool(watch.warn_after)
             if not state.get("active"):
                 since = watch.updated.timestamp() if watch.updated else self.ts
                 edited = self.edit(task_id)
                 edited.update(active=True, since_ts=min(since, self.ts), task_name=watch.name)
-            elif state.get("task_name") != watch.name:
-                self.edit(task_id)["task_name"] = watch.name
+                edited["warns"] = warns
+            elif state.get("task_name") != watch.name or bool(state.get("warns")) != warns:
+                self.edit(task_id).update(task_name=watch.name, warns=warns)
         for task_id, state in list(self.states.items()):
             if state.get("active") and task_id not in watches:
                 self.edit(task_id)["active"] = False
