@@ -79,6 +79,9 @@ class AgentConfig:
     env_allow: tuple[str, ...] = ()
     run_as: str = ""  # the user[:group] tasks run as when the agent is root; '': its own
     run_as_allowed: tuple[str, ...] = ()  # users a task may name in run_as ('*': any but root)
+    # the Docker engine of container tasks: unix://, tcp://, npipe:// or ssh:// ('': the
+    # agent's DOCKER_HOST, else the engine's default socket); see cloudtask/agent/container.py
+    docker_host: str = ""
     # the agent's Prometheus metrics at http://metrics_host:metrics_port/metrics (0: none)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
@@ -245,6 +248,16 @@ def _identifier(allow_empty: bool) -> Callable[[Any], str]:
         return v
 
     return check
+
+
+def _docker_host(v: Any) -> str:
+    v = _string(v).strip()
+    if v and not re.fullmatch(r"(unix|npipe|tcp|ssh|http|https)://\S+", v):
+        raise ValueError(
+            "expected an engine address such as unix:///var/run/docker.sock, "
+            f"tcp://host:2376, npipe:////./pipe/docker_engine or ssh://user@host, got {v!r}"
+        )
+    return v
 
 
 def _labels(v: Any) -> dict[str, str]:
@@ -576,6 +589,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...
             "env_allow": check_env_allow,
             "run_as": check_run_as,
             "run_as_allowed": check_run_as_allowed,
+            "docker_host": _docker_host,
             "metrics_host": _listen_host,
             "metrics_port": _int_range(0, 65535),
         },

@@ -147,6 +147,7 @@ class Agent:
             env_allow=acfg.env_allow,
             run_as=acfg.run_as,
             run_as_allowed=acfg.run_as_allowed,
+            docker_host=acfg.docker_host,
         )
         # its Prometheus metrics (cloudtask/metrics), served on agent.metrics_port if set
         self.metrics = self.executor.metrics = AgentMetrics(self.agent_id, self.group)
@@ -209,7 +210,13 @@ class Agent:
             submit=self._submit,
         )
         # an earlier life's leftovers, dealt with at the start (see recover)
-        self.earlier = EarlierLife(store, self.journal, self.agent_id, kill_grace=acfg.kill_grace)
+        self.earlier = EarlierLife(
+            store,
+            self.journal,
+            self.agent_id,
+            kill_grace=acfg.kill_grace,
+            docker_host=acfg.docker_host,
+        )
         # claims won ahead of their due time, started then by the timer (armed.py); the
         # due-time checks and the loop's changes of the task set take turns (_start_lock)
         self.armed = Armed()

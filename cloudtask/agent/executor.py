@@ -42,6 +42,7 @@ from ..clock import to_bson_time, utcnow
 from ..metrics import NO_AGENT_METRICS
 from ..task import TaskSpec
 from ..taskenv import RunAsError, RunUser, run_user, task_environment
+from .container import container_argv, remove_run_containers
 from .files import FileCache, TaskFileError
 from .guard import GuardClient, GuardedProcess, GuardGone, SpawnRefused, user_kwargs
 from .httprun import run_http
@@ -180,6 +181,7 @@ class Executor:
         env_allow: tuple[str, ...] = (),
         run_as: str = "",
         run_as_allowed: tuple[str, ...] = (),
+        docker_host: str = "",
     ) -> None:
         self.agent_id = agent_id
         self.files = files
@@ -209,6 +211,7 @@ class Executor:
         self._base_env = task_environment(os.environ, env_allow)
         self._base_env["CLOUDTASK_AGENT_PROCESS"] = process_identity()
         self.run_as, self.run_as_allowed = run_as, run_as_allowed
+        self.docker_host = docker_host  # the engine of container tasks ('': DOCKER_HOST)
         if guard is not None:
             guard.set_base_env(self._base_env)  # sent once; a start sends what it adds
         self._loop: RunLoop | None = None
@@ -522,7 +525,7 @@ class Executor:
             p.runlog.line(f"file {spec.file} sha256 {meta['sha256']} laid out in {p.run_dir}")
             over["CLOUDTASK_WORKDIR"] = str(p.run_dir)
             cwd = cwd or str(p.run_dir)
-        argv = build_argv(spec)
+        argv = self._argv(ctx)
         if self.guard is not None and isinstance(argv, list):
             journal = self.journal.current_path() if self.journal is not None else None
             try:
@@ -580,6 +583,23 @@ class Executor:
                     f"task file {name!r}: cannot give {run_dir} to {user.name}: {e.strerror or e}"
                 ) from e
         return meta
+
+    def _argv(self, ctx: RunContext) -> list[str] | str:
+        """The run's process: its command, or for a container the child program that runs
+        it (container.py), told which of its variables the container gets."""
+        spec = ctx.spec
+        if spec.container is None:
+            return build_argv(spec)
+        names = {*spec.env, *spec.secret_env, *(ctx.params or {}), *ctx.environment()}
+        return container_argv(
+            spec.container,
+            run_id=ctx.run_id,
+            agent_id=self.agent_id,
+            task_name=spec.name,
+            pass_env=names,
+            docker_host=self.docker_host,
+            kill_grace=self.kill_grace,
+        )
 
     def _run_env(self, ctx: RunContext, user: RunUser | None) -> dict[str, str]:
         """What a run's process gets on top of the base environment: its user's HOME, USER,
@@ -794,7 +814,7 @@ class Executor:
             p.proc.on_exit = None  # (no cycle: the run is freed as soon as it is recorded)
         ctx.finished_at = utcnow()
         ctx.end_output(p.runlog)
-        if p.run_dir is not None or _group_alive(p.proc.pid):
+        if p.run_dir is not None or ctx.spec.container is not None or _group_alive(p.proc.pid):
             _in_thread(self._tidy_then_finish, p)
             return
         self._finish_process(p)
@@ -802,6 +822,8 @@ class Executor:
     def _tidy_then_finish(self, p: _Process) -> None:
         try:
             reap_leftovers(p.proc, grace=min(self.kill_grace, 2.0))
+            if p.ctx.spec.container is not None:  # what its child could not remove
+                remove_run_containers(p.ctx.run_id, self.docker_host)
             if p.run_dir is not None:
                 shutil.rmtree(p.run_dir, ignore_errors=True)
                 p.run_dir = None
@@ -1008,6 +1030,8 @@ class Executor:
         finally:
             if run_dir is not None:
                 shutil.rmtree(run_dir, ignore_errors=True)
+            if spec.container is not None:  # what its child could not remove
+                remove_run_containers(ctx.run_id, self.docker_host)
 
     def _start_and_collect(
         self,
@@ -1017,8 +1041,7 @@ class Executor:
         cwd: str | None,
         user: RunUser | None = None,
     ) -> None:
-        spec = ctx.spec
-        argv = build_argv(spec)
+        argv = self._argv(ctx)
         try:
             proc = self._spawn(ctx, argv, env, cwd, user)
         except SpawnRefused as e:

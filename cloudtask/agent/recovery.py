@@ -1,7 +1,9 @@
 """An agent's earlier life: what it left behind when it did not stop cleanly, settled at start.
 
 A restarted agent (the same id, see identity.py) first ends the processes its earlier life
-left (found by the agent id in their environment): nobody can finish those runs. Then its
+left (found by the agent id in their environment): nobody can finish those runs; and the
+containers of its container tasks (labelled with its agent id, see container.py), when a
+Docker engine is configured or found. Then its
 runs still ``queued`` or ``running`` in MongoDB, and the ones the leader has marked ``lost``
 meanwhile, get what the run journal knows about them (see journal.py, :meth:`Earlier.verdict`):
 
@@ -39,6 +41,7 @@ import pymongo
 from ..runmodel import RUNNING_STATUSES, lost_fields, released_fields
 from ..store import Store
 from .budget import CALL_BUDGET, STORE_ERRORS
+from .container import remove_agent_containers
 from .journal import Journal, end_fields
 from .proctree import end_processes, orphans_of_agent
 
@@ -51,11 +54,21 @@ STOPPED_BEFORE_START = "its agent stopped before starting it"
 
 
 class EarlierLife:
-    def __init__(self, store: Store, journal: Journal, agent_id: str, *, kill_grace: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        journal: Journal,
+        agent_id: str,
+        *,
+        kill_grace: float,
+        docker_host: str = "",
+    ) -> None:
         self.store = store
         self.journal = journal
         self.agent_id = agent_id
         self.kill_grace = kill_grace
+        self.docker_host = docker_host
+        self._containers_removed = False
         # an earlier life's claims, never started, not stored at recovery: id set, watch end
         self._late_claims: tuple[set[str], float] | None = None
         self._late_looked = 0.0
@@ -73,6 +86,9 @@ class EarlierLife:
         if leftovers:
             log.warning("ending %d processes left by an earlier run of this agent", len(leftovers))
             end_processes(leftovers, self.kill_grace)
+        if not self._containers_removed:  # (once: recover is tried again while MongoDB fails)
+            remove_agent_containers(self.agent_id, self.docker_host)
+            self._containers_removed = True
         # read after the leftovers are gone: their guard notes how they ended
         earlier = self.journal.read_earlier()
         known = earlier.claimed | earlier.started | set(earlier.ended)
