@@ -3,7 +3,10 @@ lost, and recovered; agents that joined, left and came back; leader changes; tas
 agent; task changes), newest first, filtered by kind, severity, task, agent, group and time.
 
 Events are recorded where they happen (see :mod:`cloudtask.events`); this page only reads
-them, by their numeric ``ts`` (indexed).
+them, by their numeric ``ts`` (indexed). The task filter takes a task's name or its id
+(:func:`task_filter_id`, which the API's events and runs use too); a deleted task's events
+are still found by either. A name no task ever had is answered 404 with the reason at the
+field, not an empty list.
 """
 
 from __future__ import annotations
@@ -11,6 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, render_template, request
+
+from cloudtask.exceptions import NotFound
+from cloudtask.operations import find_task
+from cloudtask.store import Page
 
 from .auth import requires
 from .context import store
@@ -23,12 +30,39 @@ FILTER_FIELDS = ("kind", "severity", "task", "agent", "group", "since", "until")
 SEVERITY_CLASS = {"error": "bad", "warning": "warn", "info": "muted"}
 
 
+def task_filter_id(value: str) -> str | None:
+    """The id of the task a ``task`` filter names: a task's name or id; else a deleted task's
+    id whose events or runs are still stored, or the id its events recorded under that
+    name. None when no task ever had that name or id."""
+    try:
+        return find_task(store(), value)["_id"]
+    except NotFound:
+        pass
+    db = store()
+    for collection in (db.events, db.runs):  # both indexed by task_id
+        if collection.find_one({"task_id": value}, {"_id": 1}) is not None:
+            return value
+    named = db.events.find_one({"task_name": value, "task_id": {"$gt": ""}}, {"task_id": 1})
+    return named["task_id"] if named else None
+
+
+def unknown_task(value: str) -> str:
+    return f"no task named {value!r} (nor with that id), now or before"
+
+
 @bp.get("")
 @requires("viewer")
 def index() -> Any:
     filters, problems = lenient(event_filters, request.args)
-    page = store().event_page(filters)
     errors = {p.path: p.message for p in problems}
+    status = 422 if problems else 200
+    task_id = task_filter_id(filters["task"]) if filters.get("task") else ""
+    if task_id is None:  # no task ever had it: say so, list nothing
+        errors["task"] = unknown_task(filters["task"])
+        page = Page([], filters["page"], filters["per_page"], 0, False, filters)
+        status = 404
+    else:
+        page = store().event_page({**filters, "task": task_id or None})
     return render_template(
         "events/list.html",
         page=page,
@@ -44,4 +78,4 @@ def index() -> Any:
             for k in ("since", "until")
         },
         fields=FILTER_FIELDS,
-    ), (422 if problems else 200)
+    ), status

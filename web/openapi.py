@@ -64,12 +64,14 @@ def header(name: str, schema: dict[str, Any], description: str) -> Param:
 
 @dataclass(frozen=True)
 class Reply:
-    """A successful answer: its description, the component schema of its JSON body, and the
-    headers it always carries (name -> description)."""
+    """A successful answer: its description, the component schema of its body, the headers
+    it always carries (name -> description), and its media type (JSON unless given: a file's
+    bytes are ``application/octet-stream``)."""
 
     description: str
     schema: str
     headers: dict[str, str] = field(default_factory=dict)
+    media: str = "application/json"
 
 
 # Error answers, shared by every operation (components/responses)
@@ -81,7 +83,7 @@ ERRORS = {
         "tasks, the run's `X-CloudTask-Token`).",
     ),
     403: ("Forbidden", "The user's role is not enough for this operation."),
-    404: ("NotFound", "No such task, run or file."),
+    404: ("NotFound", "No such task, run, file, user, token or setting."),
     409: (
         "Conflict",
         "The change collides with the stored state: the name is taken, the revision is "
@@ -153,7 +155,7 @@ class Operation:
         for code, reply in sorted(self.replies.items()):
             answer: dict[str, Any] = {
                 "description": reply.description,
-                "content": {JSON: {"schema": ref(reply.schema)}},
+                "content": {reply.media: {"schema": ref(reply.schema)}},
             }
             if reply.headers:
                 answer["headers"] = {
@@ -227,9 +229,10 @@ def document(table: ApiTable) -> dict[str, Any]:
             "description": (
                 "Manage and watch CloudTask: tasks, runs, agents, the cluster and task files. "
                 "JSON only. Log in with an API token (`cloudtask token create NAME`, or the "
-                "users page) sent as `Authorization: Bearer <token>`; a browser session works "
-                "too (its writes need the `X-CSRF-Token` header). Viewers read, operators "
-                "change tasks, runs and files. Every error is "
+                "users page, or `POST /api/v1/users/{username}/tokens`) sent as `Authorization: "
+                "Bearer <token>`; a browser session works too (its writes need the "
+                "`X-CSRF-Token` header). Viewers read, operators change tasks, runs and "
+                "files, admins manage users, tokens and the alert settings. Every error is "
                 '`{"error": "...", "details": [{"path": "...", "message": "..."}]}`.'
             ),
         },

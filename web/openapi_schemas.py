@@ -687,6 +687,246 @@ PLAN_SCHEMAS: dict[str, Any] = {
 }
 
 
+# --- users and tokens, settings, the audit log, file versions (web/api/users.py ...) -------
+
+TOKEN = {
+    "type": "object",
+    "description": "An API token as it may be shown: never the token itself",
+    "required": ["id", "name", "scope", "expires_at", "expired"],
+    "not": {"anyOf": [{"required": ["hash"]}, {"required": ["token"]}]},
+    "properties": {
+        "id": STRING,
+        "name": STRING,
+        "scope": {"enum": ["all", "read"], "description": "read: GET and HEAD only"},
+        "created_at": nullable(TIME),
+        "last_used_at": {"type": ["number", "null"], "description": "epoch seconds; null: never"},
+        "expires_at": {"type": ["number", "null"], "description": "epoch seconds; null: never"},
+        "expired": {"type": "boolean"},
+    },
+}
+USER = {
+    "type": "object",
+    "description": "A user: never a password or a hash",
+    "required": ["username", "role", "enabled", "source", "tokens"],
+    "not": {"anyOf": [{"required": ["password"]}, {"required": ["password_hash"]}]},
+    "properties": {
+        "username": STRING,
+        "role": {"enum": ["viewer", "operator", "admin"]},
+        "enabled": {"type": "boolean"},
+        "source": {
+            "enum": ["local", "ldap", "oidc"],
+            "description": "Who checks the password: CloudTask, the directory or the provider",
+        },
+        "refused": {"type": "boolean", "description": "The directory or provider refused it"},
+        "created_at": nullable(TIME),
+        "tokens": {"type": "array", "items": ref("Token")},
+    },
+}
+PASSWORD = {"type": "string", "minLength": 10, "description": "At least 10 characters"}
+SETTING = {
+    "type": "object",
+    "required": ["source"],
+    "properties": {
+        "source": {
+            "enum": ["database", "file"],
+            "description": "database: saved from the settings page or the API; file: the "
+            "config file (or its environment overrides, or the default)",
+        },
+        "value": {"description": "The effective value (durations in seconds)"},
+        "file_value": {"description": "The config file's value"},
+        "set": {"type": "boolean", "description": "A secret: whether one is set"},
+        "file_set": {"type": "boolean", "description": "A secret: whether the file sets one"},
+    },
+}
+AUDIT_ENTRY = {
+    "type": "object",
+    "required": ["id", "at", "actor", "action", "target", "changes"],
+    "properties": {
+        "id": STRING,
+        "at": nullable(TIME),
+        "actor": {"type": ["string", "null"]},
+        "action": {"type": ["string", "null"]},
+        "target": {"type": ["string", "null"]},
+        "before": {"description": "The state before (credentials masked); null: none"},
+        "after": {"description": "The state after (credentials masked); null: none"},
+        "changes": {
+            "type": "array",
+            "description": "What differs between before and after, as the audit page shows it",
+            "items": {
+                "type": "object",
+                "required": ["key", "old", "new"],
+                "properties": {"key": STRING, "old": STRING, "new": STRING},
+            },
+        },
+    },
+}
+FILE_VERSION = {
+    "type": "object",
+    "required": ["id", "name", "sha256", "size", "latest"],
+    "properties": {
+        "id": STRING,
+        "name": STRING,
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "size": {"type": "integer", "minimum": 0},
+        "uploaded_by": STRING,
+        "uploaded_at": nullable(TIME),
+        "rolled_back_from": {
+            "type": ["string", "null"],
+            "description": "A rollback: the sha256 of the version it replaced",
+        },
+        "latest": {"type": "boolean"},
+        "pinned_by": {"type": "array", "items": STRING, "description": "Tasks pinning it"},
+        "created": {"type": "boolean"},
+    },
+}
+ADMIN_SCHEMAS: dict[str, Any] = {
+    "Token": TOKEN,
+    "TokenList": _items("Token"),
+    "TokenCreate": {
+        "type": "object",
+        "required": ["name"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 64},
+            "expires_in_days": {"type": "integer", "minimum": 1, "maximum": 3650},
+            "read_only": {"type": "boolean", "description": "GET and HEAD only (false)"},
+        },
+    },
+    "NewToken": {
+        "type": "object",
+        "required": ["id", "name", "scope", "token", "username"],
+        "properties": {
+            **TOKEN["properties"],
+            "username": STRING,
+            "token": {
+                "type": "string",
+                "description": "The token, shown this once: send it as Authorization: Bearer",
+            },
+        },
+    },
+    "TokenRevoked": {
+        "type": "object",
+        "required": ["revoked", "username"],
+        "properties": {"revoked": ref("Token"), "username": STRING},
+    },
+    "User": USER,
+    "UserList": _items("User"),
+    "UserCreate": {
+        "type": "object",
+        "required": ["username", "password"],
+        "additionalProperties": False,
+        "properties": {
+            "username": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"},
+            "password": PASSWORD,
+            "role": {"enum": ["viewer", "operator", "admin"], "default": "viewer"},
+        },
+    },
+    "UserChange": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "role": {"enum": ["viewer", "operator", "admin"]},
+            "enabled": {"type": "boolean"},
+            "password": PASSWORD,
+        },
+    },
+    "UserDeleted": {
+        "type": "object",
+        "required": ["deleted"],
+        "properties": {"deleted": ref("User")},
+    },
+    "Settings": {
+        "type": "object",
+        "required": ["config_file", "settings"],
+        "properties": {
+            "config_file": {"type": "string", "description": "The config file read"},
+            "updated_at": nullable(TIME),
+            "updated_by": {"type": ["string", "null"]},
+            "changed": {"type": "boolean", "description": "A change: whether anything changed"},
+            "settings": {"type": "object", "additionalProperties": SETTING},
+        },
+    },
+    "SettingsChange": {
+        "type": "object",
+        "description": "Alert settings by key, as the config file's alerts section takes "
+        "them (null: back to the file's value). Secrets are write-only: smtp_password, and "
+        "a webhook's secret (left out: the current one of the webhook with the same URL)",
+        "properties": {
+            "smtp_host": {"type": ["string", "null"]},
+            "smtp_port": {"description": "1 to 65535"},
+            "smtp_security": {"enum": ["starttls", "ssl", "none", None]},
+            "smtp_user": {"type": ["string", "null"]},
+            "smtp_password": {"type": ["string", "null"], "description": "Write-only"},
+            "smtp_password_env": {"type": ["string", "null"]},
+            "smtp_password_secret": {"type": ["string", "null"]},
+            "smtp_timeout": {"description": "A duration: '20s', or seconds"},
+            "mail_from": {"type": ["string", "null"]},
+            "operators": {"description": "A list of addresses (or one text, comma separated)"},
+            "operators_by_kind": {"description": "Event kind -> a list of addresses"},
+            "operators_by_group": {"description": "Agent group -> a list of addresses"},
+            "alert_interval": {"description": "A duration: '15m', or seconds"},
+            "webhooks": {
+                "description": 'A list of {"url" or "url_secret", "secret" or "secret_secret", '
+                '"kinds"}; a webhook without a secret keeps that of the one with the same URL'
+            },
+            "webhook_timeout": {"description": "A duration: '10s', or seconds"},
+        },
+    },
+    "AuditEntry": AUDIT_ENTRY,
+    "AuditPage": _page("AuditEntry"),
+    "FileVersion": FILE_VERSION,
+    "FileVersionList": _items("FileVersion"),
+    "FileDetail": {
+        "type": "object",
+        "required": ["name", "latest", "versions", "tasks", "total_tasks"],
+        "properties": {
+            "name": STRING,
+            "latest": ref("FileVersion"),
+            "versions": {"type": "array", "items": ref("FileVersion")},
+            "tasks": {
+                "type": "array",
+                "description": "The tasks using the file (at most 500), by name",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "name"],
+                    "properties": {
+                        "id": STRING,
+                        "name": STRING,
+                        "file_version": {
+                            "type": ["string", "null"],
+                            "description": "The version it pins; null: it follows the latest",
+                        },
+                    },
+                },
+            },
+            "total_tasks": {"type": "integer", "minimum": 0},
+        },
+    },
+    "Binary": {"type": "string", "format": "binary"},
+    "Rollback": {
+        "type": "object",
+        "required": ["sha256"],
+        "additionalProperties": False,
+        "properties": {"sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}},
+    },
+    "Clone": {
+        "type": "object",
+        "required": ["name"],
+        "additionalProperties": False,
+        "properties": {
+            "name": NAME,
+            "changes": {
+                **TASK_PATCH,
+                "properties": {k: v for k, v in TASK_PATCH["properties"].items() if k != "name"},
+                "description": "Top-level keys of the spec to change in the copy (null "
+                "removes one); the copy is paused unless enabled is given",
+            },
+        },
+    },
+}
+
+
+
 SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -862,6 +1102,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"deleted": STRING},
     },
     **PLAN_SCHEMAS,
+    **ADMIN_SCHEMAS,
     "RunParams": {
         "type": "object",
         "additionalProperties": False,

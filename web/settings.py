@@ -48,6 +48,7 @@ from cloudtask.events import OPERATOR_KINDS
 from cloudtask.exceptions import CloudTaskError, Problem, ValidationError
 from cloudtask.notify import load_settings, stored_settings
 from cloudtask.notify.settings import ALERTS_CHECKS, validate_settings
+from cloudtask.operations.settings import follow_file
 
 from .auth import requires
 from .context import actor, ops, store
@@ -306,15 +307,7 @@ def form_settings(
         typed["smtp_password"] = password
     elif "smtp_password" in stored and not remove and not named:
         typed["smtp_password"] = stored["smtp_password"]  # blank: the stored one is kept
-    data: dict[str, Any] = {}
-    for key, value in typed.items():
-        try:
-            if ALERTS_CHECKS[key](value) == file[key]:
-                continue  # the file's value: follow the file
-        except ValueError:
-            pass  # kept, so that save_settings says what is wrong with it
-        data[key] = value
-    return data, errors, lines
+    return follow_file(typed, file), errors, lines
 
 
 def place_problems(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..config import ALERTS_CHECKS
 from ..exceptions import ValidationError
 from ..notify import send_test_mail
 from ..notify.settings import (
@@ -27,6 +28,23 @@ from ..notify.testmail import await_test_mail, queue_test_mail
 from .base import OperationsBase
 
 TEST_MAIL_WAIT = 30.0  # how long a test mail sent by the leading center is waited for
+
+
+def follow_file(data: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without the keys whose value is the config file's (``file_values``, converted):
+    a setting saved as the file has it is not stored, and follows the file again (the settings
+    page and the API both save through this). A value that cannot be converted is kept, so
+    that saving it says what is wrong."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        check = ALERTS_CHECKS.get(key) if isinstance(key, str) else None
+        try:
+            if check is not None and check(value) == file_values.get(key):
+                continue
+        except (ValueError, TypeError):
+            pass
+        out[key] = value
+    return out
 
 
 class SettingsOperations(OperationsBase):

@@ -22,7 +22,9 @@ The package:
   of http tasks), :mod:`~web.api.files`, :mod:`~web.api.cluster` (agents and the cluster),
   :mod:`~web.api.events`, :mod:`~web.api.calendars` (calendars and blackout windows),
   :mod:`~web.api.secrets` (stored secrets, never a value),
-  :mod:`~web.api.plans` (plans from other systems), and
+  :mod:`~web.api.plans` (plans from other systems), :mod:`~web.api.users` (users and
+  their API tokens, admin only), :mod:`~web.api.settings` (the alert settings, admin only,
+  secrets write-only), :mod:`~web.api.audit` (the audit log), and
   :mod:`~web.api.meta` (the user and the document).
 
 Importing the package declares every route; ``bp`` is the blueprint to register and ``api``
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 from . import (  # noqa: F401  (each declares its routes)
     calendars,
+    audit,
     cluster,
     events,
     files,
@@ -41,7 +44,9 @@ from . import (  # noqa: F401  (each declares its routes)
     pools,
     runs,
     secrets,
+    settings,
     tasks,
+    users,
 )
 from .table import api, bp
 

@@ -9,8 +9,9 @@ from flask import jsonify
 from .. import queries
 from ..auth import requires
 from ..context import jsonable, store
+from ..events import task_filter_id, unknown_task
 from ..openapi import Reply, query
-from .hardening import checked
+from .hardening import ApiError, checked
 from .table import PAGE_PARAMS, TEXT_ARG, api, page_json
 
 
@@ -35,7 +36,7 @@ def event_json(doc: dict[str, Any]) -> dict[str, Any]:
             "One kind (" + ", ".join(queries.EVENT_KINDS) + ") or a prefix such as `run.`",
         ),
         query("severity", {"enum": list(queries.EVENT_SEVERITIES)}, "Only this severity"),
-        query("task", TEXT_ARG, "Only events of this task (its id)"),
+        query("task", TEXT_ARG, "Only events of this task (its name or id; 404 if none)"),
         query("agent", TEXT_ARG, "Only events of this agent"),
         query("group", TEXT_ARG, "Only events of this group"),
         query(
@@ -47,10 +48,21 @@ def event_json(doc: dict[str, Any]) -> dict[str, Any]:
         *PAGE_PARAMS,
     ),
     replies={200: Reply("One page of events", "EventPage")},
-    errors=(422,),
+    errors=(404, 422),
 )
 @requires("viewer")
 def list_events() -> Any:
-    filters = checked(queries.event_filters)
+    filters = with_task_id(checked(queries.event_filters))
     page = store().event_page(filters)
     return jsonify(page_json(page, [event_json(e) for e in page.items]))
+
+
+def with_task_id(filters: dict[str, Any]) -> dict[str, Any]:
+    """``filters`` with their ``task`` (a name or an id) as the task's id; 404 when no task
+    ever had that name or id (rather than an empty list that looks like no events)."""
+    if not filters.get("task"):
+        return filters
+    task_id = task_filter_id(filters["task"])
+    if task_id is None:
+        raise ApiError(404, unknown_task(filters["task"]))
+    return {**filters, "task": task_id}

@@ -23,6 +23,7 @@ from ..auth import requires
 from ..context import actor, jsonable, ops, run_json, store
 from ..openapi import JSON, Reply, path_param, query, ref
 from ..queries import RUN_STATUSES
+from .events import with_task_id
 from .hardening import (
     CALLBACK_BODY_LIMIT,
     MESSAGE_LIMIT,
@@ -62,7 +63,7 @@ def report_json(report: dict[str, Any] | None) -> dict[str, Any] | None:
     summary="List runs",
     description="Newest scheduled first, without their output.",
     params=(
-        query("task", TEXT_ARG, "Only runs of this task (its id)"),
+        query("task", TEXT_ARG, "Only runs of this task (its name or id; 404 if none)"),
         query("status", {"enum": list(RUN_STATUSES)}, "Only runs in this status"),
         query("agent", TEXT_ARG, "Only runs of this agent"),
         query(
@@ -74,11 +75,11 @@ def report_json(report: dict[str, Any] | None) -> dict[str, Any] | None:
         *PAGE_PARAMS,
     ),
     replies={200: Reply("One page of runs", "RunPage")},
-    errors=(422,),
+    errors=(404, 422),
 )
 @requires("viewer")
 def list_runs() -> Any:
-    filters = checked(queries.run_filters)
+    filters = with_task_id(checked(queries.run_filters))
     page = store().run_page(filters)
     return jsonify(page_json(page, [run_json(r) for r in page.items]))
 

@@ -354,3 +354,56 @@ def pause_task(task: str) -> Any:
 @requires("operator")
 def resume_task(task: str) -> Any:
     return _set_enabled(task, True)
+
+
+@api.route(
+    "POST",
+    "/tasks/<task>/clone",
+    summary="Clone a task",
+    description='`{"name": "new-name"}`: a copy of the task\'s definition under the new name, '
+    "created paused so it does not fire next to the original (as the clone page does). "
+    "Optional `changes`: top-level keys of the spec to change in the copy, as PATCH takes "
+    'them (`{"group": "batch", "enabled": true}`; null removes a key).',
+    params=(TASK_PARAM,),
+    body={JSON: ref("Clone")},
+    replies={201: Reply("The copy", "Task", {"Location": "The copy's URL"})},
+    errors=(404, 409, 422),
+)
+@requires("operator")
+def clone_task(task: str) -> Any:
+    current = find_or_404(task)
+    body = json_body()
+    problems: list[Problem] = []
+    for key in body:
+        if key not in ("name", "changes"):
+            problems.append(Problem(key, "unknown key; expected name, changes"))
+    name = body.get("name")
+    if not isinstance(name, str) or not name.strip():
+        problems.append(Problem("name", "required: the copy's name"))
+    changes = body.get("changes")
+    if changes is not None and not isinstance(changes, dict):
+        problems.append(Problem("changes", "expected an object of the spec's keys to change"))
+    elif changes and "name" in changes:
+        problems.append(Problem("changes.name", "give the copy's name as name, not here"))
+    if problems:
+        raise ApiError(422, "the clone is invalid", problems)
+    changes = changes or {}
+    try:
+        doc = ops().clone_task(actor(), current["_id"], name.strip(), changes)
+    except ValidationError as e:
+        raise ApiError(
+            422,
+            "the clone is invalid",
+            [_clone_problem(p, changes) for p in e.problems],
+        ) from None
+    except Conflict as e:
+        raise name_conflict(e) from None
+    return task_reply(doc, 201, warnings=True, Location=url_for("api.get_task", task=doc["_id"]))
+
+
+def _clone_problem(problem: Problem, changes: dict[str, Any]) -> Problem:
+    """A problem of the copy at the body's path: ``changes.KEY`` for a key the body changed."""
+    head = problem.path.split(".")[0].split("[")[0]
+    if head and head != "name" and head in changes:
+        return Problem(f"changes.{problem.path}", problem.message)
+    return problem
