@@ -166,8 +166,6 @@ def _parse_weekdays(values: object, path: str, problems: list[Problem]) -> set[i
 
 def _description(body: Mapping[str, Any], problems: list[Problem]) -> str:
     text = body.get("description", "")
-    if text is None:
-        return ""
     if not isinstance(text, str) or len(text) > MAX_DESCRIPTION or "\x00" in text:
         limit = f"text of at most {MAX_DESCRIPTION} characters"
         problems.append(Problem("description", f"expected {limit}, got {show_value(text)}"))
@@ -439,8 +437,8 @@ class Blackout:
 
 
 def _parse_clock(value: object, path: str, problems: list[Problem]) -> str | None:
-    if isinstance(value, str) and _CLOCK.fullmatch(value.strip()):
-        return value.strip()
+    if isinstance(value, str) and _CLOCK.fullmatch(value):
+        return value
     problems.append(Problem(path, f"expected a local time 'HH:MM', got {show_value(value)}"))
     return None
 

@@ -658,6 +658,8 @@ def _parse_calendar_rule(value: object, path: str, problems: list[Problem]) -> C
             elif name in listed[:i]:
                 problems.append(Problem(where, f"{name!r} is named twice"))
         sides[key] = tuple(listed)
+    if len(problems) > before:
+        return None
     for name in set(sides.get("only", ())) & set(sides.get("skip", ())):
         problems.append(Problem(path, f"{name!r} is both in only and in skip"))
     if len(problems) > before:

@@ -1215,8 +1215,8 @@ CALENDAR_SCHEMAS: dict[str, Any] = {
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "dates": {"type": "array", "items": _DAY_OR_RANGE, "maxItems": 5000},
-            "weekdays": {"type": "array", "items": _WEEKDAY, "maxItems": 7},
+            "dates": {"type": "array", "items": _DAY_OR_RANGE},
+            "weekdays": {"type": "array", "items": _WEEKDAY},
             "description": {"type": "string", "maxLength": 1000},
         },
     },

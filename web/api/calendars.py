@@ -72,6 +72,9 @@ def get_calendar(name: str) -> Any:
 @requires("operator")
 def put_calendar(name: str) -> Any:
     body = json_body()
+    if "source" in body:  # set by an import only
+        problem = Problem("source", "unknown key; expected dates, weekdays or description")
+        raise ApiError(422, "the calendar is invalid", [problem])
     try:
         _, created = ops().set_calendar(actor(), name, body)
     except ValidationError as e:
