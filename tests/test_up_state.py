@@ -248,6 +248,32 @@ def _api(url: str, token: str):
         return json.loads(answer.read())
 
 
+def _failed_login(site: str, forwarded_for: str) -> int:
+    """A wrong password at the login form (its CSRF token and cookie first), as a proxy
+    passing ``X-Forwarded-For`` would send it; the answer's status."""
+    import http.cookiejar
+    import urllib.error
+    import urllib.parse
+
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+    )
+    with opener.open(f"{site}/login", timeout=10) as page:
+        html = page.read().decode()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+    body = urllib.parse.urlencode(
+        {"csrf_token": token, "username": "nobody", "password": "not-the-password"}
+    ).encode()
+    request = urllib.request.Request(
+        f"{site}/login", data=body, headers={"X-Forwarded-For": forwarded_for}
+    )
+    try:
+        with opener.open(request, timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def _pasted(line: str, cwd: Path, env: dict, stdin: str = "") -> subprocess.CompletedProcess:
     """A printed command line run as a shell would (``NAME=value`` words first)."""
     words = shlex.split(line)
@@ -274,7 +300,9 @@ def test_up_tells_the_folder_its_cluster_and_an_agent_killed_there_hands_its_tas
     (tmp_path / "conf" / "tasks").mkdir(parents=True)
     # conf/cloudtask.json of the folder: read by `up` and by the commands alike
     (tmp_path / "conf" / "cloudtask.json").write_text(
-        json.dumps({"zookeeper": {"session_timeout": "4s"}})
+        json.dumps(
+            {"zookeeper": {"session_timeout": "4s"}, "web": {"trusted_proxies": ["127.0.0.1"]}}
+        )
     )
     for n in range(8):
         (tmp_path / "conf" / "tasks" / f"t{n}.json").write_text(
@@ -335,6 +363,18 @@ def test_up_tells_the_folder_its_cluster_and_an_agent_killed_there_hands_its_tas
         )
         assert token.returncode == 0, token.stderr
         token = token.stdout.strip()
+
+        # behind a proxy on 127.0.0.1 (web.trusted_proxies) the site sees the client that the
+        # proxy names in X-Forwarded-For (waitress passes the header on): a failed login is
+        # audited with it
+        site = f"http://127.0.0.1:{port}"
+        assert _failed_login(site, "198.51.100.7") == 401
+        store = Store(record["mongodb"]["uri"], record["mongodb"]["database"])
+        try:
+            failed = store.audit.find_one({"action": "auth.login_failed"})
+            assert failed["after"]["address"] == "198.51.100.7"
+        finally:
+            store.close()
 
         # a second `up` with the same data dir is refused, and changes nothing
         again = subprocess.run(

@@ -144,6 +144,9 @@ def web(config_path: str | None, host: str | None, port: int | None, verbose: bo
             threads=8,
             ident="cloudtask",
             max_request_body_size=request_body_limit(cfg),
+            # X-Forwarded-For reaches the site, which believes it only from
+            # web.trusted_proxies (web/security.py); waitress would strip it otherwise
+            clear_untrusted_proxy_headers=False,
         )
     finally:
         if zk is not None:
