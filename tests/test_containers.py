@@ -443,3 +443,24 @@ def test_real_container_left_by_a_killed_child_is_removed(engine_client):
         ):
             c.remove(force=True)
         del container
+
+
+@docker_engine
+def test_real_container_killed_by_request_is_stopped_and_removed(store, executor, engine_client):
+    executor.docker_host = ""
+    ctx = start(
+        store,
+        executor,
+        {"container": {"image": IMAGE, "args": ["sh", "-c", "echo up; sleep 300"]}},
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "up" not in ctx.tail.decode(errors="replace"):
+        time.sleep(0.1)  # its output arrives while it runs
+    assert "up" in ctx.tail.decode(errors="replace")
+    assert executor.kill(ctx.run_id, "killed by an operator")
+    run = finished(store, ctx.run_id, timeout=60)
+    assert run["status"] == "killed" and run["error"] == "killed by an operator"
+    time.sleep(1.0)
+    assert _left(engine_client, ctx.run_id) == []
+    logs = list((executor.log_dir).rglob("*.log"))
+    assert any(f"run {ctx.run_id} killed" in p.read_text() for p in logs)

@@ -64,6 +64,9 @@ LABEL_TASK = "cloudtask.task"
 ENGINE_TIMEOUT = 30.0  # seconds any one call to the engine may take (a pull: per read)
 CLEANUP_TIMEOUT = 10.0  # seconds the agent's removal of leftovers may wait for the engine
 DEFAULT_SOCKET = "/var/run/docker.sock"
+# the agent's variables that say where its engine is and how to reach it (docker-py reads
+# them): a run's process gets none of the agent's environment, so they are on its command line
+ENGINE_ENV = ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH")
 MISSING_PACKAGE = (
     "container tasks need the docker package on the agent: pip install 'cloudtask[container]'"
 )
@@ -120,9 +123,12 @@ def container_argv(
     pass_env: Iterable[str],
     docker_host: str,
     kill_grace: float,
+    engine_env: dict[str, str] | None = None,
 ) -> list[str]:
     """The run's process: the child program with everything it needs on its command line
-    (no secrets: those are in its environment, named by ``--pass-env``)."""
+    (no secrets: those are in its environment, named by ``--pass-env``). Without
+    ``docker_host``, ``engine_env`` (the agent's ``ENGINE_ENV`` variables) say where the
+    engine is."""
     argv = [
         sys.executable,
         "-m",
@@ -142,13 +148,29 @@ def container_argv(
     ]
     if docker_host:
         argv += ["--docker-host", docker_host]
+    else:
+        for name, value in sorted((engine_env or {}).items()):
+            if name in ENGINE_ENV:
+                argv += ["--engine-env", f"{name}={value}"]
     return argv
 
 
-def engine(docker_host: str = "", timeout: float | None = ENGINE_TIMEOUT) -> Any:
+def engine_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The ``ENGINE_ENV`` variables of ``environ`` (default: this process's)."""
+    environ = dict(os.environ) if environ is None else environ
+    return {name: environ[name] for name in ENGINE_ENV if environ.get(name)}
+
+
+def engine(
+    docker_host: str = "",
+    timeout: float | None = ENGINE_TIMEOUT,
+    environment: dict[str, str] | None = None,
+) -> Any:
     """A ``docker.DockerClient`` on the engine (see the module's docstring for which), its
     calls waiting at most ``timeout`` seconds for an answer (None: for ever, for a stream of
-    output), or :class:`EngineUnavailable` saying why there is none."""
+    output), or :class:`EngineUnavailable` saying why there is none. Without
+    ``docker_host`` the engine is the one ``environment``'s ``DOCKER_*`` variables name
+    (default: this process's), else the default socket."""
     try:
         import docker
         from docker.errors import DockerException
@@ -157,9 +179,10 @@ def engine(docker_host: str = "", timeout: float | None = ENGINE_TIMEOUT) -> Any
     try:
         if docker_host:
             return docker.DockerClient(base_url=docker_host, timeout=timeout)
-        return docker.from_env(timeout=timeout)
+        return docker.from_env(timeout=timeout, environment=environment)
     except DockerException as e:
-        where = docker_host or os.environ.get("DOCKER_HOST") or "the default socket"
+        env = os.environ if environment is None else environment
+        where = docker_host or env.get("DOCKER_HOST") or "the default socket"
         raise EngineUnavailable(f"cannot reach the Docker engine at {where}: {e}") from None
 
 

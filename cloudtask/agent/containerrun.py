@@ -46,6 +46,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--task", required=True)
     parser.add_argument("--pass-env", default="", help="variables passed on, comma-separated")
     parser.add_argument("--docker-host", default="")
+    parser.add_argument(
+        "--engine-env", action="append", default=[], help="NAME=VALUE: the agent's DOCKER_*"
+    )
     parser.add_argument("--stop-timeout", type=int, default=4)
     return parser.parse_args(argv)
 
@@ -111,9 +114,10 @@ def run(argv: list[str] | None = None) -> int:
     except ImportError:
         _say(MISSING_PACKAGE)
         return ENGINE_ERROR
+    where = dict(item.split("=", 1) for item in args.engine_env if "=" in item)
     try:
-        client = engine(args.docker_host)
-        streams = engine(args.docker_host, timeout=None)  # output may pause for hours
+        client = engine(args.docker_host, environment=where)
+        streams = engine(args.docker_host, timeout=None, environment=where)  # output may pause
     except EngineUnavailable as e:
         _say(str(e))
         return ENGINE_ERROR

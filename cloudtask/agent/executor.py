@@ -42,7 +42,7 @@ from ..clock import to_bson_time, utcnow
 from ..metrics import NO_AGENT_METRICS
 from ..task import TaskSpec
 from ..taskenv import RunAsError, RunUser, run_user, task_environment
-from .container import container_argv, remove_run_containers
+from .container import container_argv, engine_environment, remove_run_containers
 from .files import FileCache, TaskFileError
 from .guard import GuardClient, GuardedProcess, GuardGone, SpawnRefused, user_kwargs
 from .httprun import run_http
@@ -212,6 +212,7 @@ class Executor:
         self._base_env["CLOUDTASK_AGENT_PROCESS"] = process_identity()
         self.run_as, self.run_as_allowed = run_as, run_as_allowed
         self.docker_host = docker_host  # the engine of container tasks ('': DOCKER_HOST)
+        self._engine_env = engine_environment()  # the agent's DOCKER_* (container.py)
         if guard is not None:
             guard.set_base_env(self._base_env)  # sent once; a start sends what it adds
         self._loop: RunLoop | None = None
@@ -599,6 +600,7 @@ class Executor:
             pass_env=names,
             docker_host=self.docker_host,
             kill_grace=self.kill_grace,
+            engine_env=self._engine_env,
         )
 
     def _run_env(self, ctx: RunContext, user: RunUser | None) -> dict[str, str]:
