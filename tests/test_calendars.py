@@ -304,3 +304,27 @@ def test_the_cli_manages_calendars_and_blackouts(store, mongo_server, mongo_db_n
     assert out.output.startswith("maint\tdefault\tsun 02:00-04:00 Europe/Berlin")
     out = run("blackout", "delete", "maint")
     assert out.exit_code == 0 and store.list_blackouts() == []
+
+
+def test_backfill_leaves_out_the_dates_a_calendar_rule_excludes(store):
+    ops = Operations(store)
+    ops.set_calendar("alice", "weekend", {"weekdays": ["sat", "sun"]})
+    doc = ops.create_task("alice", task("daily", {"skip": "weekend"}))
+    # Monday 2026-11-02 to Sunday 2026-11-08: five workdays
+    result = ops.backfill("alice", doc["_id"], "2026-11-02T00:00:00Z", "2026-11-08T23:59:00Z")
+    assert result["queued"] == 5
+    days = sorted(d["scheduled_for"].day for d in store.runs.find({"task_name": "daily"}))
+    assert days == [2, 3, 4, 5, 6]
+
+
+def test_the_task_form_opens_a_calendar_rule_in_the_json_editor(store):
+    import re
+
+    client, _, _ = api_client(store)
+    Operations(store).set_calendar("alice", "weekend", {"weekdays": ["sat", "sun"]})
+    doc = Operations(store).create_task("alice", task("daily", {"skip": "weekend"}))
+    web_login(client, OPERATOR.name, OPERATOR.password, "/")
+    page = client.get(f"/tasks/{doc['_id']}/edit").get_data(as_text=True)
+    # the fields have no place for it: editing them would drop it
+    assert re.search(r'name="editor" value="json"\s+checked', page)
+    assert "weekend" in page

@@ -209,6 +209,8 @@ def fits_fields(spec: dict[str, Any]) -> bool:
         return False
     if spec.get("requires") or spec.get("container") is not None:
         return False  # no field shows them
+    if schedule.get("calendar"):
+        return False  # no field shows a schedule's calendar rule
     env = (spec.get("env") or {}).values()
     if any("\n" in str(v) or "\r" in str(v) or _looks_like_reference(v) for v in env):
         return False  # the env field holds one KEY=VALUE a line; secret:... is a reference

@@ -9,7 +9,8 @@ from typing import Any
 from ..clock import utcnow
 from ..exceptions import Conflict, Problem, ValidationError
 from ..runmodel import RUNNING_STATUSES
-from ..schedules import next_fires, parse_instant
+from ..schedules import parse_instant
+from ..store.calendars import preview_fires
 from ..task import parse_task
 from ..zkpaths import request_kill
 from .base import OperationsBase, task_target
@@ -63,10 +64,9 @@ class RunOperations(OperationsBase):
         if problems:
             raise ValidationError(problems)
         assert first is not None and last is not None
+        since = first - timedelta(microseconds=1)  # (a calendar rule's dates left out)
         fires = [
-            f
-            for f in next_fires(spec.schedule, first - timedelta(microseconds=1), MAX_BACKFILL + 1)
-            if f <= last
+            f for f, _ in preview_fires(self.store, spec, since, MAX_BACKFILL + 1) if f <= last
         ]
         if len(fires) > MAX_BACKFILL:
             raise ValidationError(
