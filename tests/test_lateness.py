@@ -284,6 +284,29 @@ def test_a_slow_run_is_alerted_once_then_its_end(store):
     assert store.db["lateness"].find_one({"_id": t["_id"]})["slow"] == []
 
 
+def test_the_run_of_a_one_shot_task_that_left_the_placement_is_still_watched(store):
+    clock = Clock(T0)
+    t = task(store, "once", T0, schedule={"at": "2026-12-03T12:00:01Z"}, warn_after="10m")
+    lateness = Lateness(store, clock=clock)
+    check(lateness, store)  # seen placed: it warns
+    run = run_document(t, T0, agent="a1")
+    run.update(status="running", started_at=T0)
+    store.runs.insert_one(run)
+    store.tasks.update_one({"_id": t["_id"]}, {"$set": {"done_at": T0}})  # fired: done
+    assert feed(store) == {}
+    clock.advance(minutes=11)
+    successor = Lateness(store, clock=clock)  # a new leader never saw it placed
+    check(successor, store)
+    assert [e["kind"] for e in events(store)] == ["run.slow"]
+    store.runs.update_one(
+        {"_id": run["_id"]},
+        {"$set": {"status": "failed", "finished_at": clock.now, "duration": 660.0}},
+    )
+    check(successor, store)
+    assert [e["kind"] for e in events(store)] == ["run.slow", "run.slow_ended"]
+    assert "ended failed after 11m" in events(store)[1]["message"]
+
+
 def test_overdue_counts_from_creation_then_from_the_last_success(store):
     created = T0
     clock = Clock(created + timedelta(minutes=30))
@@ -464,3 +487,108 @@ def test_no_query_when_no_task_sets_a_field(store, monkeypatch):
         )
     check(lateness, store)
     assert asked == [] and lateness.due_in() is None
+
+
+# --- the task page, the form and the API --------------------------------------------------
+
+
+@pytest.fixture
+def app(store):
+    from helpers import make_web_app
+
+    return make_web_app(store)
+
+
+@pytest.fixture
+def csrf_page():
+    return "/tasks/new"
+
+
+def test_the_task_page_shows_the_late_alerts(client, store, viewer):
+    zone = {"cron": "0 3 * * *", "timezone": "Europe/Berlin"}
+    t = task(store, "nightly-report", T0, schedule=zone, deadline="06:00 mon-fri")
+    t2 = task(
+        store,
+        "sync",
+        T0,
+        warn_after="30m",
+        expect_every="6h",
+        deadline={"at": "07:30", "timezone": "Asia/Tokyo"},
+    )
+    page = client.get(f"/tasks/{t['_id']}").get_data(as_text=True)
+    late = page.split('id="lateness">', 1)[1].split("</dd>", 1)[0]
+    assert "no success by" in late and "06:00 Europe/Berlin, mon-fri" in late
+    page = client.get(f"/tasks/{t2['_id']}").get_data(as_text=True)
+    late = " ".join(page.split('id="lateness">', 1)[1].split("</dd>", 1)[0].split())
+    assert 'a run still going after <span class="mono">30m</span>' in late
+    assert "07:30 Asia/Tokyo" in late
+    assert 'no success for <span class="mono">6h</span>' in late
+    plain = task(store, "plain", T0)
+    assert 'id="lateness"' not in client.get(f"/tasks/{plain['_id']}").get_data(as_text=True)
+
+
+def test_the_form_sets_the_fields_and_says_what_is_wrong(client, store, operator):
+    form = {
+        "csrf_token": operator,
+        "editor": "fields",
+        "name": "from-form",
+        "schedule_kind": "cron",
+        "cron": "0 3 * * *",
+        "timezone": "Europe/Berlin",
+        "run_kind": "command",
+        "command": "true",
+        "retries": "0",
+        "concurrency": "forbid",
+        "misfire": "run_once",
+        "misfire_grace": "1h",
+        "on_lost": "record",
+        "mode": "one",
+        "enabled": "on",
+        "warn_after": "25:00",
+        "deadline": "6:30 mon-fri",
+        "expect_every": "1d",
+    }
+    answer = client.post("/tasks/new", data=form)
+    assert answer.status_code == 422  # shown again, with the problem at its field
+    page = answer.get_data(as_text=True)
+    assert 'class="field has-error" data-field="warn_after"' in page
+    assert "&#39;25:00&#39; is not a duration" in page or "'25:00' is not a duration" in page
+    assert store.tasks.count_documents({"name": "from-form"}) == 0
+    answer = client.post("/tasks/new", data={**form, "warn_after": "20m"})
+    assert answer.status_code in (302, 303), answer.get_data(as_text=True)[:500]
+    spec = store.tasks.find_one({"name": "from-form"})["spec"]
+    assert (spec["warn_after"], spec["deadline"], spec["expect_every"]) == (
+        "20m",
+        "06:30 mon-fri",
+        "1d",
+    )
+    edit = client.get(f"/tasks/{store.tasks.find_one({'name': 'from-form'})['_id']}/edit")
+    page = edit.get_data(as_text=True)
+    assert 'name="deadline" value="06:30 mon-fri"' in page
+    assert 'name="expect_every" value="1d"' in page
+
+
+def test_the_api_takes_and_shows_the_fields(client, store, operator):
+    headers = {"X-CSRF-Token": operator}
+    body = {
+        "name": "api-task",
+        "schedule": {"every": "1h"},
+        "command": "true",
+        "deadline": {"at": "06:00", "timezone": "Europe/Berlin", "days": "sat-sun"},
+        "expect_every": "2h",
+    }
+    answer = client.post("/api/v1/tasks", json=body, headers=headers)
+    assert answer.status_code == 201, answer.get_json()
+    spec = answer.get_json()["spec"]
+    assert spec["deadline"] == {"at": "06:00", "timezone": "Europe/Berlin", "days": "sat,sun"}
+    assert spec["expect_every"] == "2h" and spec["warn_after"] is None
+    bad = client.post(
+        "/api/v1/tasks", json={**body, "name": "bad", "deadline": "noon"}, headers=headers
+    )
+    assert bad.status_code == 422
+    problems = bad.get_json()["details"]
+    assert [p["path"] for p in problems] == ["deadline"]
+    assert "HH:MM" in problems[0]["message"]
+    schema = client.get("/api/v1/openapi.json").get_json()
+    properties = schema["components"]["schemas"]["TaskSpec"]["properties"]
+    assert {"warn_after", "deadline", "expect_every"} <= set(properties)
