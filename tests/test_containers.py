@@ -12,9 +12,10 @@ import os
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import pytest
-from helpers import finished, start
+from helpers import finished, make_task, start, wait_for
 
 from cloudtask.agent.container import (
     LABEL_AGENT,
@@ -464,3 +465,57 @@ def test_real_container_killed_by_request_is_stopped_and_removed(store, executor
     assert _left(engine_client, ctx.run_id) == []
     logs = list((executor.log_dir).rglob("*.log"))
     assert any(f"run {ctx.run_id} killed" in p.read_text() for p in logs)
+
+
+@docker_engine
+@pytest.mark.timeout(240)
+def test_real_container_of_an_agent_killed_with_its_runs_is_removed_at_its_restart(
+    zk_hosts, mongo_server, mongo_db_name, tmp_path, store, engine_client
+):
+    # kill -9 the agent, its run guard and the run's child: nothing stops the container; the
+    # agent's next start (same id) removes it
+    import psutil
+    from test_cluster import Cluster
+
+    from cloudtask.clock import utcnow
+
+    cluster = Cluster(zk_hosts, mongo_server.uri, mongo_db_name, tmp_path)
+    at = (utcnow() + timedelta(seconds=3)).isoformat().replace("+00:00", "Z")
+    make_task(
+        store,
+        "boxed",
+        schedule={"at": at},
+        command=None,
+        container={"image": IMAGE, "args": ["sleep", "300"]},
+    )
+    try:
+        cluster.center("c1")
+        agent = cluster.agent("a-boxed")
+        running = wait_for(
+            lambda: engine_client.containers.list(filters={"label": f"{LABEL_AGENT}=a-boxed"}),
+            timeout=60,
+            message="the container never ran",
+        )
+        run_id = running[0].labels[LABEL_RUN]
+        tree = psutil.Process(agent.pid).children(recursive=True)
+        assert any("cloudtask.agent.containerrun" in " ".join(p.cmdline()) for p in tree)
+        for proc in [psutil.Process(agent.pid), *tree]:
+            proc.kill()
+        agent.wait(timeout=30)
+        cluster.procs.pop("a-boxed")
+        time.sleep(1.0)
+        (left,) = _left(engine_client, run_id)
+        left.reload()
+        assert left.status == "running"  # nobody stopped it
+        cluster.agent("a-boxed")
+        wait_for(
+            lambda: _left(engine_client, run_id) == [],
+            timeout=60,
+            message="the restarted agent did not remove its earlier life's container",
+        )
+    finally:
+        cluster.stop_all()
+        for c in engine_client.containers.list(
+            all=True, filters={"label": f"{LABEL_AGENT}=a-boxed"}
+        ):
+            c.remove(force=True)
