@@ -570,22 +570,32 @@ def test_follow_and_kill_on_a_cluster(cluster_site, store, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(follower.stdout), daemon=True)
+    reader.start()
     try:
-        first = follower.stdout.readline()  # blocks until the run prints
-        assert first == "tick-1\n", first
+        deadline = time.monotonic() + 60
+        while "tick-2\n" not in lines:  # the follower prints the run's output as it comes
+            assert time.monotonic() < deadline and follower.poll() is None, lines
+            time.sleep(0.1)
         killed = ct("runs", "kill", run_id, url=site.url, token=site.operator)
         assert killed.exit_code == 0, killed.output
         assert "asked agent a1 to kill run" in killed.stdout
-        rest, err = follower.communicate(timeout=60)
+        follower.wait(timeout=60)
+        reader.join(timeout=10)
+        err = follower.stderr.read()
     finally:
         if follower.poll() is None:
             follower.kill()
             follower.wait()
     assert follower.returncode == 1, err
-    ticks = (first + rest).splitlines()
-    assert ticks == [f"tick-{i}" for i in range(1, len(ticks) + 1)]  # none twice, none lost
+    # what it printed is the run's whole output: nothing twice, nothing left out
+    run = store.get_run(run_id)
+    assert run["status"] == "killed"
+    assert "".join(lines) == run["output_tail"]
+    ticks = [line for line in lines if line.startswith("tick-")]
+    assert ticks == [f"tick-{i}\n" for i in range(1, len(ticks) + 1)]
     assert f"run {run_id} killed" in err
-    assert store.get_run(run_id)["status"] == "killed"
     shown = ct("runs", "show", run_id, url=site.url, token=site.viewer)
     assert shown.exit_code == 1 and "killed" in shown.stdout
     again = ct("runs", "kill", run_id, url=site.url, token=site.operator)
