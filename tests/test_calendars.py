@@ -328,3 +328,26 @@ def test_the_task_form_opens_a_calendar_rule_in_the_json_editor(store):
     # the fields have no place for it: editing them would drop it
     assert re.search(r'name="editor" value="json"\s+checked', page)
     assert "weekend" in page
+
+
+def test_the_cluster_page_lists_blackouts_and_calendars(store):
+    client, _, _ = api_client(store)
+    web_login(client, VIEWER.name, VIEWER.password, "/")
+    assert 'id="calendars"' not in client.get("/cluster").get_data(as_text=True)
+    ops = Operations(store)
+    ops.set_calendar("alice", "weekend", {"weekdays": ["sat", "sun"], "description": "<b>off</b>"})
+    ops.set_blackout(
+        "alice",
+        "maint",
+        {
+            "group": "*",
+            "days": ["sun"],
+            "from": "02:00",
+            "to": "04:00",
+            "timezone": "Europe/Berlin",
+        },
+    )
+    page = client.get("/cluster").get_data(as_text=True)
+    assert 'id="calendars"' in page
+    assert "<td>maint</td><td>*</td><td>sun 02:00-04:00 Europe/Berlin</td>" in page
+    assert "<td>weekend</td><td>sat, sun</td><td>0</td><td>&lt;b&gt;off&lt;/b&gt;</td>" in page

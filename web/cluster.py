@@ -18,6 +18,7 @@ from typing import Any
 
 from flask import Blueprint, render_template, request
 
+from cloudtask.calendars import describe_blackout
 from cloudtask.clusterview import merge_agents, pool_usage
 from cloudtask.exceptions import CloudTaskError
 
@@ -117,6 +118,17 @@ def _pools() -> list[dict[str, Any]]:
     return pool_usage(zk(), paths(), pools)
 
 
+def _calendars() -> dict[str, list[dict[str, Any]]]:
+    """The calendars and blackout windows (changed through the CLI and the API)."""
+    try:
+        calendars, blackouts = store().list_calendars(), store().list_blackouts()
+    except CloudTaskError:
+        return {"calendars": [], "blackouts": []}
+    for blackout in blackouts:
+        blackout["summary"] = describe_blackout(blackout)
+    return {"calendars": calendars, "blackouts": blackouts}
+
+
 @bp.get("")
 @requires("viewer")
 def index() -> Any:
@@ -142,6 +154,7 @@ def index() -> Any:
         leader_known=leader_known,
         unassigned_total=len(view.unassigned),
         pools=_pools(),
+        calendars=_calendars(),
         totals={
             "online": sum(1 for r in rows if r["status"] == "online"),
             "leaving": sum(1 for r in rows if r["status"] == "leaving"),
