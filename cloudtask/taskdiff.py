@@ -94,6 +94,11 @@ class FieldChange:
     def show(self, width: int = 72) -> str:
         return f"{self.path}: {show_value(self.old, width)} → {show_value(self.new, width)}"
 
+    def to_json(self) -> dict[str, Any]:
+        """``{"path", "old", "new"}``, without ``old`` or ``new`` where the key is absent."""
+        sides = (("old", self.old), ("new", self.new))
+        return {"path": self.path, **{k: v for k, v in sides if v is not _ABSENT}}
+
 
 def show_value(value: Any, width: int = 72) -> str:
     """A value as JSON on one line, trimmed to ``width`` characters with an ellipsis."""
@@ -153,6 +158,15 @@ class PlanItem:
     stored: dict[str, Any] | None = None  # the stored task document, if any
     changes: list[FieldChange] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what else it affects
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "name": self.name,
+            "group": self.group,
+            "changes": [c.to_json() for c in self.changes],
+            "notes": list(self.notes),
+        }
 
 
 @dataclass
@@ -260,3 +274,22 @@ def _note_orphans(store: Any, plan: Plan, tasks: Sequence[tuple[str, dict[str, A
             item.notes.append(
                 f"{', '.join(children)} run(s) after it: it would wait for a task that is gone"
             )
+
+
+def apply_item(ops: Any, actor: str, item: PlanItem) -> tuple[str, str | None]:
+    """Apply one item of a plan: (``created``, ``updated``, ``unchanged``, ``deleted`` or
+    ``skipped``, why it was skipped). A task to delete that was deleted or changed since the
+    plan was made is skipped. ValidationError names the item's file."""
+    if item.action != "delete":
+        try:
+            return ops.apply_task(actor, item.data)[0], None
+        except ValidationError as e:
+            raise ValidationError(e.problems, source=item.source) from None
+    planned = item.stored or {}
+    now = ops.store.find_task(planned["_id"])
+    if now is None:
+        return "skipped", "deleted meanwhile"
+    if now["revision"] != planned["revision"]:
+        return "skipped", "changed since the plan; not deleted"
+    ops.delete_task(actor, planned["_id"])
+    return "deleted", None

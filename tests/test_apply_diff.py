@@ -488,3 +488,53 @@ def test_a_task_and_the_parents_it_runs_after_apply_together(env, store, tmp_pat
         "      ! m-load run(s) after it: it would wait for a task that is gone"
     )
     assert lines[lines.index("- delete    a-report") + 1].startswith("- delete    z-extract")
+
+
+def test_the_api_answers_the_plan_and_applies_it(store):
+    from helpers import OPERATOR, VIEWER, make_web_app
+
+    from cloudtask.users import Users
+
+    app = make_web_app(store)
+    users = Users(store)
+    tokens = {u.role: users.create_token(u.name, "tests") for u in (OPERATOR, VIEWER)}
+    client = app.test_client()
+
+    def post(body, role="operator", query=""):
+        headers = {"Authorization": f"Bearer {tokens[role]}"}
+        return client.post(f"/api/v1/tasks:apply{query}", json=body, headers=headers)
+
+    Operations(store).create_task("alice", task("site-made"))
+    body = {"tasks": [task("a"), task("b", schedule={"after": ["a"]})], "prune": True}
+    dry = post(body, query="?dry_run=true")
+    assert dry.status_code == 200, dry.get_json()
+    assert dry.get_json() == {
+        "dry_run": True,
+        "plan": [
+            {"action": "create", "name": "a", "group": "default", "changes": [], "notes": []},
+            {"action": "create", "name": "b", "group": "default", "changes": [], "notes": []},
+        ],
+        "kept": ["site-made"],
+        "applied": [],
+    }
+    assert names(store) == ["site-made"]
+    assert post(body, role="viewer").status_code == 403
+    done = post(body)
+    assert done.status_code == 200, done.get_json()
+    assert done.get_json()["applied"] == [
+        {"outcome": "created", "name": "a"},
+        {"outcome": "created", "name": "b"},
+    ]
+    assert names(store) == ["a", "b", "site-made"]
+    changed = post({"tasks": [task("a", env={"API_TOKEN": "x1"})], "prune": True})
+    plan = {i["name"]: i for i in changed.get_json()["plan"]}
+    assert plan["a"]["changes"] == [{"path": "env.API_TOKEN", "new": "***"}]
+    assert plan["b"]["action"] == "delete" and changed.get_json()["applied"][-1] == {
+        "outcome": "deleted",
+        "name": "b",
+    }
+    bad = post({"tasks": [task("a"), {"name": "c", "schedule": {"every": "1ms"}}], "x": 1})
+    assert bad.status_code == 422
+    paths = {d["path"] for d in bad.get_json()["details"]}
+    assert {"x", "tasks[1].schedule.every", "tasks[1].command"} <= paths
+    assert names(store) == ["a", "site-made"]

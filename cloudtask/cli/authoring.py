@@ -178,21 +178,12 @@ def _run_plan(ops: Any, pending: list[Any]) -> None:
 
 
 def _apply_item(ops: Any, actor: str, item: Any) -> str:
-    if item.action != "delete":
-        try:
-            return ops.apply_task(actor, item.data)[0]
-        except ValidationError as e:
-            raise ValidationError(e.problems, source=item.source) from None
-    planned = item.stored
-    now = ops.store.find_task(planned["_id"])
-    if now is None:
-        click.echo(f"skipped   {item.name} (deleted meanwhile)", err=True)
-        return "skipped"
-    if now["revision"] != planned["revision"]:
-        click.echo(f"skipped   {item.name} (changed since the plan; not deleted)", err=True)
-        return "skipped"
-    ops.delete_task(actor, planned["_id"])
-    return "deleted"
+    from ..taskdiff import apply_item
+
+    outcome, why = apply_item(ops, actor, item)
+    if why:
+        click.echo(f"{outcome:9} {item.name} ({why})", err=True)
+    return outcome
 
 
 @click.command("export")

@@ -18,7 +18,8 @@ The package:
   served at ``/api/v1/openapi.json``;
 * :mod:`web.api.hardening`: reading bodies, headers and query arguments, and
   :class:`~web.api.hardening.ApiError`;
-* one module per resource: :mod:`~web.api.tasks`, :mod:`~web.api.runs` (with the callbacks
+* one module per resource: :mod:`~web.api.tasks` (and :mod:`~web.api.taskplan`: the plan
+  of ``cloudtask apply``), :mod:`~web.api.runs` (with the callbacks
   of http tasks), :mod:`~web.api.files`, :mod:`~web.api.cluster` (agents and the cluster),
   :mod:`~web.api.events`, :mod:`~web.api.calendars` (calendars and blackout windows),
   :mod:`~web.api.secrets` (stored secrets, never a value),
@@ -45,6 +46,7 @@ from . import (  # noqa: F401  (each declares its routes)
     runs,
     secrets,
     settings,
+    taskplan,
     tasks,
     users,
 )
