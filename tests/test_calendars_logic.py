@@ -452,3 +452,13 @@ def test_blackout_from_doc_round_trip():
     assert blackout.closes is None and blackout.opens.hour == 23
     assert blackout.contains(datetime(2026, 12, 21, 23, 59, tzinfo=UTC))
     assert not blackout.contains(datetime(2026, 12, 22, 0, 0, tzinfo=UTC))
+
+
+def test_a_claim_made_ahead_starts_only_if_the_new_revision_has_its_fire():
+    from cloudtask.agent.scheduler import has_fire
+
+    at = datetime(2026, 12, 24, 3, tzinfo=UTC)
+    plain = task({"cron": "0 3 * * *"})
+    ruled = task({"cron": "0 3 * * *", "calendar": {"skip": "holidays"}})
+    assert has_fire(plain, at, book()) and has_fire(ruled, at, None)
+    assert not has_fire(ruled, at, book())  # the 24th is a holiday now

@@ -660,7 +660,7 @@ class Agent:
             return self._not_armed(claim, "skipped", "the task was paused before it was due")
         revision, spec = known
         if revision != claim.revision:
-            if not has_fire(spec, fire.scheduled_for):
+            if not has_fire(spec, fire.scheduled_for, self.calendars.book):
                 why = f"the task changed before it was due: revision {revision} has no fire then"
                 return self._not_armed(claim, "skipped", why)
             claim.spec, claim.revision = spec, revision

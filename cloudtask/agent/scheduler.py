@@ -94,12 +94,13 @@ class _Due:
     attempt: int = field(compare=False, default=0)
 
 
-def has_fire(spec: TaskSpec, at: datetime) -> bool:
+def has_fire(spec: TaskSpec, at: datetime, book: Any = None) -> bool:
     """Whether the schedule of ``spec`` fires at ``at`` (a time as stored: to the
-    millisecond). A claim made ahead under an earlier revision starts only then."""
+    millisecond), its calendar rule judged by ``book``. A claim made ahead under an earlier
+    revision starts only then."""
     if spec.schedule.keepalive:
         return False
-    nxt = spec.schedule.next_after(at - timedelta(milliseconds=1))
+    nxt = next_fire(spec.schedule, at - timedelta(milliseconds=1), book)
     return nxt is not None and to_bson_time(nxt) == to_bson_time(at)
 
 
