@@ -7,7 +7,9 @@ exactly once among the agents, rewritten when the agents change; weights reach p
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -166,3 +168,37 @@ def test_requirements_shards_and_weights_on_a_real_cluster(cluster, zk, store):
     four = wait_for(lambda: shards_by_agent(store, on_every_agent, 4, after=joined_at), 40)
     assert four == {"lin1": 0, "lin2": 1, "mac1": 2, "win1": 3}
     assert set(shards_by_agent(store, on_linux, 2, after=joined_at) or {}) <= {"lin1", "lin2"}
+
+
+@pytest.mark.timeout(120)
+def test_a_standalone_agent_runs_only_the_tasks_its_labels_meet(
+    mongo_server, mongo_db_name, tmp_path, store
+):
+    linux = make_task(store, "on-linux", schedule={"every": "1s"}, requires={"os": "linux"})["_id"]
+    windows = make_task(store, "on-windows", schedule={"every": "1s"}, requires={"os": "windows"})
+    env = {
+        **os.environ,
+        "CLOUDTASK_MONGO_URI": mongo_server.uri,
+        "CLOUDTASK_MONGO_DATABASE": mongo_db_name,
+        "CLOUDTASK_AGENT_LABELS": "os=linux",
+        "CLOUDTASK_AGENT_POLL_INTERVAL": "0.5s",
+        "CLOUDTASK_CONFIG": "",
+    }
+    with open(tmp_path / "agent.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cloudtask", "agent", "--standalone", "--id", "solo"]
+            + ["--data-dir", str(tmp_path / "solo")],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(
+            lambda: store.runs.count_documents({"task_id": linux, "status": "succeeded"}) >= 3,
+            timeout=60,
+            message="the linux task did not run on the linux agent",
+        )
+        assert store.runs.count_documents({"task_id": windows["_id"]}) == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

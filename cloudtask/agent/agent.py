@@ -295,10 +295,20 @@ class Agent:
             self._drop(task_id, ("skipped", f"revision {revision} of the task is not valid"))
             return
         self._bad_specs.pop(task_id, None)
-        if not task.enabled:
-            self._drop(task_id, ("skipped", "the task was paused before it was due"))
+        # (a standalone agent reads every task of its group: one whose requires its labels do
+        # not meet is not its to run; in a cluster the leader assigns only matching agents)
+        unmatched = not all(self.config.agent.labels.get(k) == v for k, v in spec.requires.items())
+        if not task.enabled or unmatched:
+            why = "the task was paused" if task.enabled is False else "its agent lacks the labels"
+            self._drop(task_id, ("skipped", f"{why} before it was due"))
             self._specs[task_id] = (revision, spec)
             self._paused.add(task_id)  # known, so it is not re-read every sync
+            if unmatched and task.enabled:
+                log.info(
+                    "task %s (%s) requires labels this agent lacks: not run here",
+                    spec.name,
+                    task_id,
+                )
             return
         previous = self._specs.get(task_id)
         self._paused.discard(task_id)
