@@ -231,17 +231,16 @@ class Target:
     verify: bool | str
 
 
-def tls_verify(insecure: bool, config: Mapping[str, Any] | None = None) -> bool | str:
-    """False with ``--insecure``; else the CA bundle of ``CLOUDTASK_CA_BUNDLE`` or the
-    config's ``ca_bundle`` (which must exist); else True (the default CAs)."""
+def tls_verify(insecure: bool) -> bool | str:
+    """False with ``--insecure``; else the CA file of ``CLOUDTASK_CA_BUNDLE`` (which must
+    exist); else True (requests' CA list)."""
     if insecure:
         return False
-    bundle = os.environ.get(ENV_CA) or (config or {}).get("ca_bundle")
+    bundle = os.environ.get(ENV_CA)
     if bundle:
         if not Path(bundle).is_file():
-            where = ENV_CA if os.environ.get(ENV_CA) else f"ca_bundle in {config_path()}"
-            raise ApiFailure(f"{where}: no such file {bundle!r}", BAD_INPUT)
-        return str(bundle)
+            raise ApiFailure(f"{ENV_CA}: no such file {bundle!r}", BAD_INPUT)
+        return bundle
     return True
 
 
@@ -284,7 +283,7 @@ def resolve(
             token, token_from = entry["token"], str(config_path())
     if need_token and not token:
         raise ApiFailure(f"not logged in to {found}: {LOGIN_HINT}", NOT_ALLOWED)
-    verify = tls_verify(insecure, config if config is not None else None)
+    verify = tls_verify(insecure)
     return Target(found, token or None, url_from, token_from, verify)
 
 
