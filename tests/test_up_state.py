@@ -19,6 +19,7 @@ import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import click
 import psutil
 import pytest
 from click.testing import CliRunner
@@ -430,3 +431,35 @@ def test_up_tells_the_folder_its_cluster_and_an_agent_killed_there_hands_its_tas
     assert not (tmp_path / ".cloudtask" / "running.json").exists()
     gone = _pasted(listing, tmp_path, env)  # the cluster is gone, and the command says so
     assert gone.returncode == 1 and "no MongoDB URI configured" in gone.stderr
+
+
+def test_the_first_admin_asked_for_at_a_terminal(mongo_client, mongo_db_name):
+    """What `cloudtask up` asks on a terminal when there is no admin: the name and the
+    password (twice); the user is added through the operations (audited like `user add`). An
+    empty name skips, a refused password is asked for again, Ctrl-D gives up."""
+    from cloudtask.up import _offer_first_admin
+    from cloudtask.users import Users
+
+    store = Store(mongo_client, mongo_db_name)
+    signals = {"count": 0, "prompting": False}
+    said = Said()
+    runner = CliRunner()
+    with runner.isolation(input="\n"):
+        assert _offer_first_admin(store, "cli:me", signals, click.echo) == 0
+    assert Users(store).count_admins() == 0
+    with runner.isolation(input="ops\nshort\nshort\nops\nA-long-passw0rd\nA-long-passw0rd\n"):
+        assert _offer_first_admin(store, "cli:me", signals, said.append_echo) == 1
+    assert any(t.startswith("not added") and "password" in t for t in said)
+    assert "added ops (admin)" in said
+    assert Users(store).count_admins() == 1 and not signals["prompting"]
+    (entry,) = store.audit.find({"action": "user.create"})
+    assert entry["actor"] == "cli:me" and entry["target"] == "user:ops"
+    with runner.isolation(input="someone\n"):  # the input ends before the password
+        assert _offer_first_admin(store, "cli:me", signals, click.echo) == 0
+
+
+class Said(list):
+    """What was echoed, a line each (stdout and stderr alike)."""
+
+    def append_echo(self, text="", err=False, **_):
+        self.append(str(text))
