@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from helpers import run_document
 
+from cloudtask.center import lateness as lateness_module
 from cloudtask.center.lateness import Lateness, had_chance
 from cloudtask.center.tasks import refresh_tasks
 from cloudtask.deadlines import (
@@ -221,6 +222,7 @@ def events(store, kind: str | None = None) -> list[dict[str, Any]]:
 
 def check(lateness: Lateness, store) -> None:
     lateness._checked_at = -1e9  # due now, whatever the interval
+    lateness._looked.clear()  # and every task's successes may be read again
     lateness.check(feed(store), no_fence)
 
 
@@ -474,6 +476,20 @@ def test_an_alert_recorded_by_a_leader_that_died_before_noting_it_is_not_sent_tw
     assert [e["kind"] for e in events(store)] == ["task.overdue"]  # the same id: once
     state = store.db["lateness"].find_one({"_id": t["_id"]})
     assert state["overdue"] is not None
+
+
+def test_many_tasks_due_at_once_are_looked_up_a_batch_a_round(store, monkeypatch):
+    monkeypatch.setattr(lateness_module, "BATCH", 2)
+    for i in range(5):
+        task(store, f"report-{i}", utc(2026, 12, 1), deadline="06:00")
+    clock = Clock(utc(2026, 12, 4, 6, 0, 1))
+    lateness = Lateness(store, clock=clock)
+    seen = []
+    for _ in range(3):
+        lateness._checked_at = -1e9
+        lateness.check(feed(store), no_fence)
+        seen.append(len(events(store)))
+    assert seen == [2, 4, 5]  # the longest unseen first, each day's alert once
 
 
 def test_no_query_when_no_task_sets_a_field(store, monkeypatch):

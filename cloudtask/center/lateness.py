@@ -74,6 +74,8 @@ SWEEP_INTERVAL = 3600.0  # seconds between deletions of the states of deleted ta
 # (a long run that was still going)
 LOOKBACK = 86400.0
 LATENESS_KEYS = ("warn_after", "deadline", "expect_every")
+BATCH = 500  # tasks whose successes one query reads
+RECHECK_OPEN = 5.0  # seconds between two looks for the end of an open alert
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,7 @@ class Lateness:
         self._watches: dict[str, tuple[int, Watch | None]] = {}  # task id -> (revision, watch)
         self._windows: dict[str, tuple[int, DayWindow | None, float]] = {}  # see _window
         self._limits: dict[str, tuple[Any, float | None]] = {}  # see _warn_limits
+        self._looked: dict[str, float] = {}  # task id -> when its successes were read (_pick)
         self._checked_at = -CHECK_INTERVAL  # monotonic
         self._swept_at = time.monotonic()
         self._busy = False  # watching something: rounds are due every interval
@@ -324,11 +327,12 @@ class Lateness:
             since = _counted_from(state)
             if state.get("overdue") or r.ts >= since + watch.expect_every:
                 due[task_id] = since
-        if not due:
+        picked = self._pick(due, {t for t in due if r.state(t).get("overdue")})
+        if not picked:
             return
-        lo = from_epoch(min(due.values()) - LOOKBACK)
-        latest = _latest_ends(self.store.successes_fired_since([(list(due), lo)]))
-        for task_id in due:
+        lo = min(due[t] for t in picked) - LOOKBACK
+        latest = _latest_ends(self.store.successes_fired_since(picked, lo))
+        for task_id in picked:
             watch, state = watches[task_id], r.state(task_id)
             found = latest.get(task_id)
             end = _end_ts(found)
@@ -390,14 +394,14 @@ class Lateness:
                 r.edit(task_id)["deadline"] = _day_state(window, "skipped")
                 continue
             due[task_id] = (window, True)
-        if not due:
+        picked = self._pick(due, {t for t, (_, deciding) in due.items() if not deciding})
+        if not picked:
             return
-        by_opening: dict[datetime, list[str]] = {}
-        for task_id, (window, _) in due.items():
-            by_opening.setdefault(window.opens, []).append(task_id)
-        found = self.store.successes_fired_since([(ids, at) for at, ids in by_opening.items()])
-        first = _first_ends(found, {t: w.opens for t, (w, _) in due.items()})
-        for task_id, (window, deciding) in due.items():
+        lo = min(due[t][0].opens for t in picked).timestamp()
+        found = self.store.successes_fired_since(picked, lo)
+        first = _first_ends(found, {t: due[t][0].opens for t in picked})
+        for task_id in picked:
+            window, deciding = due[task_id]
             watch = watches[task_id]
             success = first.get(task_id)
             end = _end_ts(success)
@@ -417,6 +421,24 @@ class Lateness:
                 status = "recovered"
             if deciding or status != "missed":
                 r.edit(task_id)["deadline"] = _day_state(window, status)
+
+    def _pick(self, due: dict[str, Any], waiting: set[str]) -> list[str]:
+        """The tasks of ``due`` to look up this round: at most ``BATCH``, those looked at
+        longest ago first (10,000 deadlines passing at 06:00 take a few rounds, not one query
+        too large to answer in time); of ``waiting`` (an alert open, waiting for its end) only
+        those not looked at in the last ``RECHECK_OPEN`` seconds."""
+        now = time.monotonic()
+        order = sorted(
+            (self._looked.get(t, 0.0), t)
+            for t in due
+            if t not in waiting or now - self._looked.get(t, 0.0) >= RECHECK_OPEN
+        )
+        picked = [t for _, t in order[:BATCH]]
+        for task_id in picked:
+            self._looked[task_id] = now
+        if len(self._looked) > 4 * len(due) + 10_000:
+            self._looked = {t: at for t, at in self._looked.items() if t in due}
+        return picked
 
     # --- upkeep of the states -------------------------------------------------------------------
 

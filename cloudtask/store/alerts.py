@@ -158,18 +158,17 @@ class AlertRecords(StoreBase):
         cursor = self.runs.find({"_id": {"$in": list(run_ids)}}, _LATENESS_RUN_FIELDS)
         return read_all(cursor, "read runs")
 
-    def successes_fired_since(self, clauses: list[tuple[list[str], datetime]]) -> list[dict]:
-        """The succeeded runs of some tasks fired at or after a time per group of them:
-        ``clauses`` is [(task ids, since)], one query (the ``task_time`` index serves each
-        clause)."""
-        ors = [
-            {"task_id": {"$in": list(ids)}, "scheduled_for": {"$gte": since}}
-            for ids, since in clauses
-            if ids
-        ]
-        if not ors:
+    def successes_fired_since(self, task_ids: list[str], since: float) -> list[dict[str, Any]]:
+        """The succeeded runs of these tasks fired at or after ``since`` (epoch seconds: the
+        fire's ``ts``; a range of dates is ten times slower on the embedded server, and so is
+        an ``$or``)."""
+        if not task_ids:
             return []
-        query = {"status": {"$eq": "succeeded"}, **(ors[0] if len(ors) == 1 else {"$or": ors})}
+        query = {
+            "task_id": {"$in": list(task_ids)},
+            "status": {"$eq": "succeeded"},
+            "ts": {"$gte": float(since), "$lte": 1e12},
+        }
         cursor = self.runs.find(query, _LATENESS_RUN_FIELDS)
         return read_all(cursor, "read the tasks' successes")
 
