@@ -519,3 +519,41 @@ def test_real_container_of_an_agent_killed_with_its_runs_is_removed_at_its_resta
             all=True, filters={"label": f"{LABEL_AGENT}=a-boxed"}
         ):
             c.remove(force=True)
+
+
+# --- the web site shows them -------------------------------------------------------------------
+
+
+@pytest.fixture
+def app(store):
+    from helpers import make_web_app
+
+    return make_web_app(store)
+
+
+def test_the_task_page_shows_a_container_and_its_requirements(client, store, viewer):
+    task = make_task(
+        store,
+        "boxed",
+        command=None,
+        container={"image": "alpine:3.20", "args": ["sh", "-c", "echo hi"]},
+        requires={"os": "linux", "zone": "eu-1"},
+        mode="all",
+    )
+    answer = client.get(f"/tasks/{task['_id']}")
+    page = answer.get_data(as_text=True)
+    assert answer.status_code == 200
+    assert "container alpine:3.20 sh -c echo hi" in page
+    requires = page.split('id="task-requires"', 1)[1].split("</span>)", 1)[0]
+    assert "os=linux" in requires and "zone=eu-1" in requires
+
+
+def test_the_task_form_edits_a_container_or_requires_as_json():
+    from web.taskform import spec_form
+
+    boxed = parse_task({**BASE, "container": {"image": "alpine:3.20"}}).to_dict()
+    needs = parse_task({**BASE, "command": "true", "requires": {"os": "linux"}}).to_dict()
+    plain = parse_task({**BASE, "command": "true"}).to_dict()
+    assert spec_form(boxed)["editor"] == "json" and spec_form(needs)["editor"] == "json"
+    assert spec_form(plain)["editor"] != "json"  # (the fields lose nothing of this one)
+    assert json.loads(spec_form(needs)["spec_json"])["requires"] == {"os": "linux"}
