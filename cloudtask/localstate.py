@@ -68,9 +68,15 @@ def running_cluster(folder: Path | str | None = None) -> dict[str, Any] | None:
 
 
 def read_record(data_dir: Path | str) -> dict[str, Any] | None:
-    """The record in ``data_dir`` while its process lives, else None."""
+    """The record in ``data_dir`` while its process lives, else None. On POSIX only a record
+    of this user's, which no one else may write (as ``up`` writes it: mode 0600), is believed:
+    one planted in a shared folder would send this user's commands (their task specs, new
+    passwords) to someone else's servers."""
+    path = record_path(data_dir)
     try:
-        record = json.loads(record_path(data_dir).read_text(encoding="utf-8"))
+        if not _own_private_file(path):
+            return None
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     if not _well_formed(record):
@@ -78,6 +84,13 @@ def read_record(data_dir: Path | str) -> dict[str, Any] | None:
     if not process_alive(record["pid"], record.get("started")):
         return None
     return record
+
+
+def _own_private_file(path: Path) -> bool:
+    if not hasattr(os, "geteuid"):  # Windows: NTFS permissions apply
+        return path.is_file()
+    info = path.stat()
+    return info.st_uid == os.geteuid() and not info.st_mode & 0o022
 
 
 def _well_formed(record: Any) -> bool:

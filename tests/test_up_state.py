@@ -463,3 +463,16 @@ class Said(list):
 
     def append_echo(self, text="", err=False, **_):
         self.append(str(text))
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="file owners and modes: POSIX")
+def test_a_record_others_may_write_is_not_believed(tmp_path):
+    path = write_record(tmp_path, _record())
+    assert read_record(tmp_path) is not None
+    path.chmod(0o620)  # group-writable: anyone of the group could point it elsewhere
+    assert read_record(tmp_path) is None
+    path.chmod(0o644)  # readable is no harm (up writes 0600; an older copy may be 0644)
+    assert read_record(tmp_path) is not None
+    if os.geteuid() == 0:  # a file of another user's
+        os.chown(path, 65534, -1)
+        assert read_record(tmp_path) is None
