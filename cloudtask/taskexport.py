@@ -136,6 +136,8 @@ def write_file(folder: Path, file_name: str, text: str) -> Path:
         raise ValueError(f"not a plain file name: {file_name!r}")
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".export-", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):  # as an ordinary new file (mkstemp makes it 0600)
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
         target = folder / file_name
@@ -144,3 +146,9 @@ def write_file(folder: Path, file_name: str, text: str) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # read it the only way there is, and put it back
+    os.umask(mask)
+    return mask

@@ -238,6 +238,16 @@ def test_a_failure_midway_says_what_was_applied_and_what_was_not(env, store, tmp
     assert names(store) == ["a"]
 
 
+def test_export_warns_of_credentials_stored_in_clear(env, store, tmp_path):
+    http = {"url": "https://hooks.example/x", "headers": {"X-Api-Token": "clear-t0k"}}
+    Operations(store).create_task("alice", {"name": "h", "schedule": {"every": "1h"}, "http": http})
+    result = run(env, "export", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0
+    assert "warning: h: http.headers.X-Api-Token: looks like a credential given in clear" in (
+        result.stderr
+    )
+
+
 def test_credentials_are_masked_in_the_diff(env, store, tmp_path):
     files = write(tmp_path / "tasks", task("a", env={"DB_PASSWORD": "old-pw-1", "HOST": "h1"}))
     assert run(env, "apply", "--yes", str(files)).exit_code == 0
@@ -389,6 +399,10 @@ def test_export_then_apply_is_a_no_op(env, store, tmp_path):
     assert '"PGPASSWORD": {\n      "secret": "db.pw"\n    }' in pinned
     hook = (out / "hook.json").read_text()
     assert '"Authorization": {\n        "secret": "hook.token"' in hook
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (out / "hook.json").stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
+    assert not list(out.glob(".export-*"))  # no temporary file left
     assert "s3cret-value" not in pinned + hook and "t0ken" not in hook
 
     before = snapshot(store)

@@ -226,9 +226,13 @@ def export(
         docs = [d for d in docs if d["name"] in set(names)]
     specs: list[tuple[str, dict[str, Any]]] = []
     failed = 0
+    from ..operations import task_warnings
+
     for doc in docs:
         try:
             specs.append((doc["name"], short_form(doc["spec"])))
+            for problem in task_warnings(doc["spec"]):  # written so, as it is stored
+                click.echo(f"warning: {doc['name']}: {problem}", err=True)
         except ValidationError as e:
             failed += 1
             click.echo(
