@@ -385,10 +385,12 @@ def test_login_with_token_saves_a_private_config(site, clean_env):
     result = ct("tasks", "list")
     assert result.exit_code == 2 and "chmod 600" in result.stderr
     path.chmod(0o600)
-    # logout forgets it
-    assert ct("logout").exit_code == 0
+    # logout forgets it, and leaves a token it did not make valid (it may serve elsewhere)
+    result = ct("logout")
+    assert result.exit_code == 0 and "the token stays valid" in result.stdout
     assert read_config() == {"servers": {}}
     assert ct("tasks", "list", url=site.url).exit_code == 4
+    assert ct("whoami", url=site.url, token=site.operator).exit_code == 0
     assert ct("logout").exit_code == 2
 
 
@@ -418,6 +420,13 @@ def test_login_with_password(site, store, mongo_db, clean_env):
     assert wrong.exit_code == 4 and "refused the login" in wrong.stderr
     # the saved login is still the admin's
     assert ct("whoami").stdout.startswith(f"{ADMIN.name} (admin)")
+    token = json.loads(config_path().read_text())["servers"][site.url]["token"]
+    # logout revokes the token login made, then forgets it
+    result = ct("logout")
+    assert result.exit_code == 0 and "the token is revoked" in result.stdout, result.output
+    assert Users(store).list_tokens(ADMIN.name) == []
+    assert ct("whoami", url=site.url, token=token).exit_code == 4
+    assert site.url not in json.loads(config_path().read_text())["servers"]
 
 
 def test_a_broken_config_file_says_what_is_wrong(site, clean_env):

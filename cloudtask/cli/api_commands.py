@@ -504,8 +504,7 @@ def _patient_get(api: Api, path: str, state: dict[str, float]) -> dict[str, Any]
     try:
         answer = api.get(path)
     except ApiFailure as e:
-        status = getattr(api.last, "status_code", 0) if e.exit_code == FAILED else 0
-        if e.exit_code != UNREACHABLE and status < 500:
+        if e.exit_code != UNREACHABLE and (e.status or 0) < 500:
             raise
         first = state.setdefault("failing_since", time.monotonic())
         if time.monotonic() - first > FOLLOW_PATIENCE:

@@ -32,7 +32,9 @@ from .remote import (
     normalize_url,
     resolve,
     save_login,
+    saved_login,
     segment,
+    tls_verify,
 )
 
 _CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -230,7 +232,7 @@ def login(
     checked = Target(site.url, token, site.url_from, "the new login", site.verify)
     with Api(checked) as api:
         me = api.get("/me")
-    path = save_login(site.url, token, me.get("username"))
+    path = save_login(site.url, token, me.get("username"), made=not with_token)
     click.echo(
         f"logged in to {site.url} as {me.get('username')} ({me.get('role')}); "
         f"the token is saved in {path}"
@@ -238,18 +240,48 @@ def login(
 
 
 @click.command("logout")
-@click.option("--url", metavar="URL", help="The site to forget (default: the saved one).")
-def logout(url: str | None) -> None:
-    """Forget the API token saved for a site (the token itself stays valid until it is
-    revoked on the user's page or expires)."""
-    if url:
-        url = normalize_url(url)
-    forgot = forget_login(url)
-    if forgot is None:
-        raise ApiFailure(
-            f"no login saved for {url or 'the default site'} in {config_path()}", BAD_INPUT
+@click.option("--url", metavar="URL", help="The site to log out of (default: the saved one).")
+@click.option("--keep-token", is_flag=True, help="Do not revoke the token `cloudtask login` made.")
+@click.option("--insecure", is_flag=True, help="Do not check the site's TLS certificate.")
+def logout(url: str | None, keep_token: bool, insecure: bool) -> None:
+    """Forget the API token saved for a site. A token `cloudtask login` made is revoked on
+    the site first (one saved with --with-token is left valid: it may serve elsewhere)."""
+    found = saved_login(url)
+    if found is None:
+        where = normalize_url(url) if url else "the default site"
+        raise ApiFailure(f"no login saved for {where} in {config_path()}", BAD_INPUT)
+    site, entry = found
+    note = "the token stays valid (revoke it on the user's page)"
+    if entry.get("made_by_login") and not keep_token:
+        note = _revoke(
+            Target(
+                site, entry["token"], str(config_path()), "the saved login", tls_verify(insecure)
+            )
         )
-    click.echo(f"logged out of {forgot}: its token is no longer in {config_path()}")
+    forget_login(site)
+    click.echo(f"logged out of {site}: {note}")
+
+
+def _revoke(target: Target) -> str:
+    """Revoke the token of ``target`` on its site; what became of it, for the message (a
+    token that cannot be revoked now is forgotten anyway, and said to be still valid)."""
+    try:
+        with Api(target) as api:
+            me = api.get("/me")
+            token_id = (me.get("token") or {}).get("id")
+            if not token_id:
+                return "the site did not name the token; it stays valid"
+            api.call("DELETE", f"/users/{segment(me['username'])}/tokens/{segment(token_id)}")
+    except ApiFailure as e:
+        if e.status == 401:
+            return "the token no longer worked"
+        click.echo(
+            f"warning: the token could not be revoked: {e.format_message()}; it stays valid "
+            "until an admin revokes it or it expires",
+            err=True,
+        )
+        return "the token is forgotten here"
+    return "the token is revoked"
 
 
 @click.command("whoami")

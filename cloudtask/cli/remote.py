@@ -52,10 +52,17 @@ class ApiFailure(click.ClickException):
     """A failure printed as ``Error: MESSAGE`` (and the API's details, one per line), exiting
     with ``exit_code``."""
 
-    def __init__(self, message: str, exit_code: int = FAILED, details: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        message: str,
+        exit_code: int = FAILED,
+        details: Iterable[str] = (),
+        status: int | None = None,
+    ) -> None:
         lines = [message, *(f"  {d}" for d in details)]
         super().__init__("\n".join(lines))
         self.exit_code = exit_code
+        self.status = status  # the HTTP status of the answer, None when there was none
 
 
 # --- the config file ----------------------------------------------------------------------------
@@ -151,34 +158,44 @@ def write_config(data: Mapping[str, Any], path: Path | None = None) -> Path:
     return path
 
 
-def save_login(url: str, token: str, username: str | None, path: Path | None = None) -> Path:
-    """Keep ``token`` for ``url`` and make ``url`` the default site."""
+def save_login(
+    url: str, token: str, username: str | None, *, made: bool = False, path: Path | None = None
+) -> Path:
+    """Keep ``token`` for ``url`` and make ``url`` the default site; ``made``: the token was
+    made by ``cloudtask login`` (so ``logout`` revokes it)."""
     path = path or config_path()
     data = read_config(path)
     servers = dict(data.get("servers") or {})
     servers[url] = {
         "token": token,
         "username": username,
+        "made_by_login": made,
         "saved_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
     }
     return write_config({**data, "url": url, "servers": servers}, path)
 
 
-def forget_login(url: str | None, path: Path | None = None) -> str | None:
-    """Drop the token kept for ``url`` (the default site when None); the URL it was kept
-    for, or None when there was none."""
+def saved_login(url: str | None, path: Path | None = None) -> tuple[str, dict[str, Any]] | None:
+    """The URL and entry of the login kept for ``url`` (the default site when None)."""
+    data = read_config(path or config_path())
+    url = normalize_url(url) if url else data.get("url")
+    entry = (data.get("servers") or {}).get(url) if url else None
+    return (url, entry) if url and entry else None
+
+
+def forget_login(url: str, path: Path | None = None) -> bool:
+    """Drop the token kept for ``url``; whether there was one."""
     path = path or config_path()
     data = read_config(path)
     servers = dict(data.get("servers") or {})
-    url = normalize_url(url) if url else data.get("url")
-    if not url or url not in servers:
-        return None
+    if url not in servers:
+        return False
     del servers[url]
     out = {**data, "servers": servers}
     if out.get("url") == url:
         out.pop("url")
     write_config(out, path)
-    return url
+    return True
 
 
 # --- where the site is --------------------------------------------------------------------------
@@ -438,7 +455,7 @@ class Api:
             code = NOT_FOUND
         elif status in (400, 422):
             code = BAD_INPUT
-        raise ApiFailure(message, code, details)
+        raise ApiFailure(message, code, details, status)
 
     def _not_api(self, answer: Any) -> ApiFailure:
         kind = (answer.headers.get("Content-Type") or "no content type").split(";")[0]
@@ -447,6 +464,7 @@ class Api:
             f"{kind}, not CloudTask's API: is it the web site's address (from "
             f"{self.target.url_from})?".replace("  ", " "),
             FAILED,
+            status=answer.status_code,
         )
 
     def get(self, path: str, **params: Any) -> Any:
