@@ -148,8 +148,9 @@ def _apply_at_a_terminal(env, folder: Path, answer: bytes, cwd: Path):
 
 def test_at_a_terminal_apply_asks_first(env, store, tmp_path):
     files = write(tmp_path / "tasks", task("a"))
-    code, out, _ = _apply_at_a_terminal(env, files, b"n\n", tmp_path)
-    assert code == 1 and "Apply these 1 change(s)? [y/N]" in out and "Nothing applied." in out
+    code, out, err = _apply_at_a_terminal(env, files, b"n\n", tmp_path)
+    # the question on standard error: seen even when the plan is piped (apply ... | less)
+    assert code == 1 and "Apply these 1 change(s)? [y/N]" in err and "Nothing applied." in out
     assert store.tasks.count_documents({}) == 0
     code, out, err = _apply_at_a_terminal(env, files, b"y\n", tmp_path)
     assert code == 0, out + err

@@ -126,7 +126,8 @@ def apply(
                     err=True,
                 )
                 click.get_current_context().exit(2)
-            if not click.confirm(f"Apply these {len(pending)} change(s)?", default=False):
+            question = f"Apply these {len(pending)} change(s)?"  # on stderr: seen when piped
+            if not click.confirm(question, default=False, err=True):
                 click.echo("Nothing applied.")
                 click.get_current_context().exit(1)
         _run_plan(ops, pending)
