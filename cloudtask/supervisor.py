@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 FIRST_DELAY = 1.0  # seconds before the first restart of a child that died
 MAX_DELAY = 30.0  # the backoff doubles up to this
 RESET_AFTER = 60.0  # a child that stayed up this long starts again from FIRST_DELAY
+# Windows has no SIGKILL: there a Popen.send_signal(SIGTERM) is TerminateProcess, as final
+KILL = getattr(signal, "SIGKILL", signal.SIGTERM)
 
 
 class Process(Protocol):
@@ -202,10 +204,10 @@ class Supervisor:
             if child.running():
                 for pid in _descendants(child.pid):
                     try:
-                        os.kill(pid, signal.SIGKILL)
+                        os.kill(pid, KILL)
                     except OSError:
                         pass
-                _signal(child, signal.SIGKILL)
+                _signal(child, KILL)
 
     # --- internals ----------------------------------------------------------------------------
 

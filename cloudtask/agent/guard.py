@@ -74,7 +74,12 @@ SPAWNS_MOST = 32  # start requests in one message at most (when the guard's queu
 SPAWNS_BYTES = 65536  # and at most this many bytes of them
 # up to SPAWNS_MOST descriptors a message (a start request's output pipe each)
 # (and one more: the payload of a large message, see LARGE_MESSAGE)
-FDS_SPACE = socket.CMSG_SPACE((SPAWNS_MOST + 1) * array.array("i").itemsize)
+# POSIX only (Windows has no guard: its agent starts runs itself), so not looked up there
+FDS_SPACE = (
+    socket.CMSG_SPACE((SPAWNS_MOST + 1) * array.array("i").itemsize)
+    if hasattr(socket, "CMSG_SPACE")
+    else 0
+)
 # a message longer than this (a start request with a big command or environment) goes as a
 # file whose descriptor is passed: a datagram of a SOCK_SEQPACKET pair may be no longer than
 # the socket's send buffer (about 208 KiB by default), and a task's command and environment
