@@ -286,6 +286,35 @@ def test_follow_a_run_to_its_end(site, store, agents):
     assert result.exit_code == 3 and "no-such-task" in result.stderr
 
 
+def test_follow_says_when_no_agent_takes_the_run(site, store, monkeypatch):
+    """Following a run no agent takes says so (once), and ends when the run is cancelled."""
+    from cloudtask.cli import api_commands
+
+    monkeypatch.setattr(api_commands, "QUEUED_NOTE", 0.3)
+    make_task(store, "orphan", group="nobody-runs-this")
+    run_id = ct("tasks", "run", "orphan", url=site.url, token=site.operator).stdout.split()[1]
+    outcome: list[Any] = []
+    follower = threading.Thread(
+        target=lambda: outcome.append(
+            ct("runs", "output", run_id, "-f", "--interval", "0.2", url=site.url, token=site.viewer)
+        )
+    )
+    follower.start()
+    time.sleep(1.0)
+    cancel = requests.post(
+        f"{site.url}/api/v1/runs/{run_id}/kill",
+        headers={"Authorization": f"Bearer {site.operator}"},
+        timeout=10,
+    )
+    assert cancel.status_code == 202, cancel.text
+    follower.join(timeout=30)
+    assert outcome, "the follow did not end when the run was cancelled"
+    result = outcome[0]
+    assert result.exit_code == 1
+    assert result.stderr.count(f"run {run_id} is still queued: no agent has taken it") == 1
+    assert f"run {run_id} killed" in result.stderr
+
+
 def test_new_output_of_a_moving_tail():
     assert new_output("", "a\nb\n") == ("a\nb\n", False)
     assert new_output("a\nb\n", "a\nb\nc\n") == ("c\n", False)

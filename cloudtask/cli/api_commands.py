@@ -60,6 +60,7 @@ PLAN_ITEM_STATES = (
 )
 FOLLOW_INTERVAL = 1.0
 FOLLOW_PATIENCE = 120.0  # seconds --follow waits out a site that does not answer
+QUEUED_NOTE = 10.0  # seconds a followed run may wait for an agent before --follow says so
 
 
 # --- what every command shares ------------------------------------------------------------------
@@ -524,9 +525,18 @@ def follow_run(api: Api, run_id: str, interval: float = FOLLOW_INTERVAL) -> int:
     seen = ""
     state: dict[str, float] = {}
     path = f"/runs/{segment(run_id)}/output"
+    started, noted = time.monotonic(), False
     while True:
         answer = _patient_get(api, path, state)
         if answer is not None:
+            waited = time.monotonic() - started
+            if answer.get("status") == "queued" and not noted and waited >= QUEUED_NOTE:
+                click.echo(
+                    f"run {run_id} is still queued: no agent has taken it yet (is an agent "
+                    "of its group running? `cloudtask agents list`)",
+                    err=True,
+                )
+                noted = True
             text = answer.get("output") or ""
             new, lost = new_output(seen, text)
             if lost:
