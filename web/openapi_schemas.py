@@ -197,10 +197,10 @@ CONTAINER = {
     "required": ["image"],
     "properties": {
         "image": {"type": "string", "examples": ["alpine:3.20"]},
-        "args": STRINGS,
-        "env": {"type": "object", "additionalProperties": STRING},
+        "args": {"type": ["array", "null"], "items": STRING},
+        "env": {"type": ["object", "null"], "additionalProperties": STRING},
         "volumes": {
-            "type": "array",
+            "type": ["array", "null"],
             "items": {"type": "string", "examples": ["/srv/data:/data:ro"]},
             "description": "host:container or host:container:ro, absolute paths",
         },
