@@ -4,8 +4,11 @@ The leader's loop is level-triggered. Woken by a change of agents (watches on
 ``/agents/<group>``), by a task change (``/signals/tasks``) or by the periodic resync, it
 computes the desired placement from the enabled tasks in MongoDB (cloudtask/center/tasks.py)
 and the live agents in ZooKeeper (cloudtask/registry.py), compares it with the assignments in
-ZooKeeper and writes only the difference (placement: cloudtask/center/placement.py). Followers
-only wait (and keep the tasks read). A new leader rebuilds its view of the assignments from
+ZooKeeper and writes only the difference (placement: cloudtask/center/placement.py, which also
+says how a task's ``requires`` and the agents' labels and running runs are used). Each
+assignment of a ``mode: all`` task carries its agent's shard (index by sorted agent id among
+the matching agents, and their total), rewritten when they change. Followers only wait (and
+keep the tasks read). A new leader rebuilds its view of the assignments from
 ZooKeeper and places from a read of the tasks begun after it was elected, before it writes
 anything; no view of the assignments is carried across leaderships.
 
