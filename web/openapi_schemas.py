@@ -438,6 +438,15 @@ RUN = {
         "http_status": {"type": ["integer", "null"]},
         "error": {"type": ["string", "null"]},
         "requested_by": {"type": ["string", "null"]},
+        "shard": {
+            "type": "object",
+            "description": "A mode all run's place among its task's agents "
+            "(CLOUDTASK_SHARD_INDEX, CLOUDTASK_SHARD_TOTAL)",
+            "properties": {
+                "index": {"type": "integer", "minimum": 0},
+                "total": {"type": "integer", "minimum": 1},
+            },
+        },
     },
 }
 REPORT = {
