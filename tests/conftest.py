@@ -50,6 +50,12 @@ if _TESTS_DIR not in sys.path:
 
 from helpers import OPERATOR, VIEWER, Receiver, SmtpServer, web_login  # noqa: E402
 
+# A `make up` running in this checkout writes .cloudtask/running.json, and commands run from
+# here fill in the addresses their config leaves empty from it: never the tests' commands.
+os.environ["CLOUDTASK_DATA_DIR"] = os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"cloudtask-tests-no-cluster-{uuid.uuid4().hex}"
+)
+
 DEFAULT_TEST_TIMEOUT = 120.0
 LOG_TAIL_LINES = 40
 
