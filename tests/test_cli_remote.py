@@ -201,6 +201,10 @@ def test_exit_codes_scripts_can_trust(site, store):
     result = ct("tasks", "list", url=site.url)
     assert result.exit_code == 4
     assert f"not logged in to {site.url}" in result.stderr
+    # a token mangled by a paste: bad input, and the token is not printed back
+    result = ct("tasks", "list", "--token", "ct_abc\x1bdef", url=site.url)
+    assert result.exit_code == 2 and "from --token is not a token" in result.stderr
+    assert "abc" not in result.output
     # 403: a viewer may not pause
     result = ct("tasks", "pause", "known", url=site.url, token=site.viewer)
     assert result.exit_code == 4 and "operator role" in result.stderr

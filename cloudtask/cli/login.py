@@ -27,6 +27,7 @@ from .remote import (
     Api,
     ApiFailure,
     Target,
+    check_token,
     config_path,
     forget_login,
     normalize_url,
@@ -211,7 +212,7 @@ def login(
     site = _site(url, insecure)
     _warn_plain_http(site.url)
     if with_token:
-        token = _secret("API token")
+        token = check_token(_secret("API token"), "standard input")
     else:
         if username is None:
             default = getpass.getuser() if sys.stdin.isatty() else None

@@ -300,8 +300,24 @@ def resolve(
             token, token_from = entry["token"], str(config_path())
     if need_token and not token:
         raise ApiFailure(f"not logged in to {found}: {LOGIN_HINT}", NOT_ALLOWED)
+    if token:
+        token = check_token(token, token_from or "--token")
     verify = tls_verify(insecure)
     return Target(found, token or None, url_from, token_from, verify)
+
+
+def check_token(token: str, source: str) -> str:
+    """``token`` without surrounding blanks; one that cannot be an API token (blanks or
+    control characters inside, not ASCII) is an :class:`ApiFailure` (exit 2) that does not
+    repeat it."""
+    text = token.strip()
+    if not text or not text.isascii() or not text.isprintable() or " " in text:
+        raise ApiFailure(
+            f"the API token from {source} is not a token (it has blanks, control characters "
+            "or non-ASCII letters): copy it again",
+            BAD_INPUT,
+        )
+    return text
 
 
 # --- the client ---------------------------------------------------------------------------------
