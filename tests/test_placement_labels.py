@@ -4,6 +4,7 @@ running counts at first placement, shards of mode-all tasks, weights. Pure: no s
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from types import SimpleNamespace
 
@@ -278,3 +279,17 @@ def test_requires_in_a_task_spec() -> None:
         assert [p.path for p in problems] == [path], (extra, problems)
     with pytest.raises(ValidationError):
         parse_task({**base, "requires": {"os": 3}})
+
+
+def test_a_class_per_host_places_quickly() -> None:
+    # 300 crontabs moved with requires host=...: 300 classes of one task, 300 agents
+    agents = [AgentInfo(f"agent-{i:03d}", 1, i + 1, {"host": f"h{i}"}) for i in range(300)]
+    tasks = [f"t{i:05d}" for i in range(3300)]
+    requires = {f"t{i:05d}": {"host": f"h{i}"} for i in range(300)}
+    started = time.perf_counter()
+    placement = place_group(tasks, agents, {}, requires=requires)
+    took = time.perf_counter() - started
+    print(f"\n300 classes of one task and 3000 free tasks on 300 agents: {took * 1000:.0f} ms")
+    assert all(placement[f"t{i:05d}"] == f"agent-{i:03d}" for i in range(300))
+    assert len(placement) == 3300
+    assert took < 3.0

@@ -92,6 +92,7 @@ Example::
 
 from __future__ import annotations
 
+import heapq
 import math
 from bisect import bisect
 from collections.abc import Iterable, Iterator, Mapping
@@ -249,14 +250,22 @@ class _Ring:
         self.points = [point for point, _ in points]
         self.owners = [owner for _, owner in points]
         self.distinct = len(set(self.owners))
+        self._by_owner: dict[str, list[tuple[int, str]]] | None = None  # (only() builds it)
 
     def only(self, agent_ids: Iterable[str]) -> _Ring:
         """This ring with only the points of ``agent_ids``: the ring of those agents alone
-        (a point depends on nothing but its agent's id, weight and ``vnodes``)."""
-        keep = set(agent_ids)
+        (a point depends on nothing but its agent's id, weight and ``vnodes``). Costs the
+        points kept, not the whole ring: a group of 300 agents each with a class of its own
+        (``requires: {"host": ...}``) takes milliseconds."""
+        if self._by_owner is None:
+            self._by_owner = {}
+            for point, owner in zip(self.points, self.owners):
+                self._by_owner.setdefault(owner, []).append((point, owner))
         sub = object.__new__(_Ring)
         sub.hashi = self.hashi
-        pairs = [(p, o) for p, o in zip(self.points, self.owners) if o in keep]
+        sub._by_owner = None
+        lists = [self._by_owner.get(aid, []) for aid in sorted(set(agent_ids))]
+        pairs = lists[0] if len(lists) == 1 else list(heapq.merge(*lists))
         sub.points = [p for p, _ in pairs]
         sub.owners = [o for _, o in pairs]
         sub.distinct = len(set(sub.owners))
@@ -357,12 +366,13 @@ def plan_group(
         classes.setdefault(tuple(sorted(needs.get(task, {}).items())), []).append(task)
 
     ring = _Ring(live, vnodes)
+    labels = {aid: dict(agent.labels) for aid, agent in live.items()}
     placement: dict[str, str] = {}
     redated: set[str] = set()
     unmatched: dict[str, dict[str, str]] = {}
     for key in sorted(classes):
         wanted = dict(key)
-        eligible = {aid: agent for aid, agent in live.items() if agent.matches(wanted)}
+        eligible = {aid: agent for aid, agent in live.items() if matches(labels[aid], wanted)}
         if not eligible:
             unmatched.update((task, dict(wanted)) for task in classes[key])
             continue
