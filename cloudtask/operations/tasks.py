@@ -21,7 +21,6 @@ from ..dependencies import cycle_problems
 from ..exceptions import Conflict, NotFound, Problem, ValidationError
 from ..runmodel import GOING_STATUSES
 from ..schedules import parse_schedule
-from ..store.base import guard
 from ..task import TaskSpec, clear_credentials, parse_task, secret_ref
 from ..taskdiff import APPLY_SOURCE, after_parents, parents_first, stored_canonical
 from .base import task_target
@@ -157,8 +156,6 @@ class TaskOperations(RunOperations):
         doc = self.store.replace_task(
             task_id, spec, expected_revision=expected_revision, current=before
         )
-        if before.get("source") and not doc.get("source"):  # apply's mark outlives an edit
-            self._mark_source(doc, before["source"])
         self._signal("tasks")  # the change is stored: tell the leader first
         self.audit(actor, action, task_target(doc), before["spec"], doc["spec"], doc["_id"])
         return doc
@@ -167,9 +164,8 @@ class TaskOperations(RunOperations):
         """Record what wrote a task (``apply``: ``cloudtask apply --prune`` may delete it).
         A second write: a process that dies before it leaves the task unmarked, so never
         pruned, the safe side."""
-        match = {"_id": doc["_id"], "revision": doc["revision"]}
-        guard(self.store.tasks.update_one, "mark the task", match, {"$set": {"source": source}})
-        doc["source"] = source
+        if self.store.set_task_source(doc["_id"], doc["revision"], source):
+            doc["source"] = source
 
     def patch_task(
         self,

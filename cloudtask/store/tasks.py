@@ -1,8 +1,9 @@
 """Tasks: their specs and revisions (``tasks`` collection).
 
 A task document carries its parsed spec (``spec``), a ``revision`` bumped by every change
-(optimistic writes compare it), ``done_at`` (a one-shot task that ran) and ``last_run`` (what
-:mod:`cloudtask.store.history` copies of its latest finished run).
+(optimistic writes compare it), ``done_at`` (a one-shot task that ran), ``last_run`` (what
+:mod:`cloudtask.store.history` copies of its latest finished run), and ``source``:
+``"apply"`` when ``cloudtask apply`` made or changed it (kept through later edits).
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class TaskRecords(StoreBase):
             doc = self._task_document(spec, task_id, current["revision"] + 1, now)
             doc["created_at"] = current.get("created_at")
             doc["done_at"] = None
+            if current.get("source"):  # what made it (set_task_source) outlives an edit
+                doc["source"] = current["source"]
             if "last_run" in current:
                 doc["last_run"] = current["last_run"]
             last_id = (current.get("last_run") or {}).get("id")
@@ -118,6 +121,13 @@ class TaskRecords(StoreBase):
                 break
             current = fresh  # only its last run moved: write again over what is there now
         raise Conflict(f"task {current['name']!r} changed meanwhile; reload it and try again")
+
+    def set_task_source(self, task_id: str, revision: int, source: str) -> bool:
+        """Record what wrote a task (``apply``: cloudtask.taskdiff) on this revision of it;
+        False when the task is at another revision by now (left unmarked)."""
+        match = {"_id": task_id, "revision": revision}
+        result = guard(self.tasks.update_one, "mark the task", match, {"$set": {"source": source}})
+        return bool(result.matched_count)
 
     def get_task(self, task_id: str) -> dict[str, Any]:
         doc = guard(self.tasks.find_one, "read the task", {"_id": task_id})
