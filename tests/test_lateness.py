@@ -492,6 +492,18 @@ def test_many_tasks_due_at_once_are_looked_up_a_batch_a_round(store, monkeypatch
     assert seen == [2, 4, 5]  # the longest unseen first, each day's alert once
 
 
+def test_a_round_asked_for_too_soon_is_done_when_due(store):
+    lateness = Lateness(store, clock=Clock(T0), interval=2.0)
+    lateness.check(feed(store), no_fence)  # nothing watched: no round is due after it
+    assert lateness.due_in() is None
+    task(store, "new-slow", T0, warn_after="1m")
+    lateness.check(feed(store), no_fence)  # a new view within the interval: deferred
+    assert lateness.rounds == 0 and 0 < lateness.due_in() <= 2.0
+    lateness._checked_at -= 2.0  # the interval passed
+    lateness.check(feed(store), no_fence)
+    assert lateness.rounds == 1 and store.db["lateness"].count_documents({"active": True}) == 1
+
+
 def test_no_query_when_no_task_sets_a_field(store, monkeypatch):
     task(store, "plain", T0)
     lateness = Lateness(store, clock=Clock(T0))

@@ -183,6 +183,7 @@ class Lateness:
         self._checked_at = -CHECK_INTERVAL  # monotonic
         self._swept_at = time.monotonic()
         self._busy = False  # watching something: rounds are due every interval
+        self._deferred = False  # a round was asked for before the interval ended
         self.rounds = 0
 
     def take_over(self) -> None:
@@ -191,7 +192,9 @@ class Lateness:
         self._checked_at = -self.interval
 
     def due_in(self) -> float | None:
-        if not self._busy:
+        """Seconds until the next round is due: while some task is watched, or when a round
+        was asked for too soon after the last (a new view: it may hold a task to watch)."""
+        if not self._busy and not self._deferred:
             return None
         return max(0.05, self._checked_at + self.interval - time.monotonic())
 
@@ -202,8 +205,10 @@ class Lateness:
         (``fence()`` first: LeadershipLost when this center no longer leads). MongoDB trouble is
         logged, and the next round does it again."""
         if time.monotonic() - self._checked_at < self.interval:
+            self._deferred = True  # done when due_in says so
             return
         self._checked_at = time.monotonic()
+        self._deferred = False
         try:
             with pymongo.timeout(CALL_BUDGET):
                 self._round(tasks, fence)
