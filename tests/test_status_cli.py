@@ -23,9 +23,15 @@ from cloudtask.testing import TcpProxy
 pytestmark = pytest.mark.external
 
 
+# no `cloudtask up` of this folder lends its addresses to the configs below (localstate.py)
+NO_LOCAL_CLUSTER = {"CLOUDTASK_DATA_DIR": "/nonexistent/cloudtask-status-tests"}
+
+
 def status(config_path, *args: str):
     """Run ``cloudtask status --config FILE ARGS``: (exit code, output)."""
-    result = CliRunner().invoke(cli, ["status", "--config", str(config_path), *args])
+    result = CliRunner().invoke(
+        cli, ["status", "--config", str(config_path), *args], env=NO_LOCAL_CLUSTER
+    )
     return result.exit_code, result.output
 
 
