@@ -476,7 +476,13 @@ def test_agents_and_the_cluster_show_host_pid_owner_and_unassigned_tasks(store, 
     paths = ZkPaths()
     owned = store.create_task(SPEC)
     lonely = store.create_task({**SPEC, "name": "lonely", "group": "g2"})
-    load = {"cpu_percent": 12.5, "memory_percent": 40.0, "running": 2}
+    load = {
+        "cpu_percent": 12.5,
+        "memory_percent": 40.0,
+        "agent_cpu_percent": 3,
+        "agent_rss_mb": 120,
+        "running": 2,
+    }
     info = {"host": "web-1", "pid": 4242, "load": load, "max_parallel": 8}
     zk.create(paths.agent("default", "agent-1"), encode(info), makepath=True, ephemeral=True)
     zk.create(paths.assignment("agent-1", owned["_id"]), b"{}", makepath=True)
@@ -496,7 +502,12 @@ def test_agents_and_the_cluster_show_host_pid_owner_and_unassigned_tasks(store, 
         "online",
         "default",
     )
-    assert live["load"] == {"cpu_percent": 12.5, "memory_percent": 40.0}
+    assert live["load"] == {
+        "cpu_percent": 12.5,
+        "memory_percent": 40.0,
+        "agent_cpu_percent": 3,
+        "agent_rss_mb": 120,
+    }
     assert (live["running"], live["tasks"], live["last_seen"]) == (2, 1, None)
 
     assert op.get("/tasks/backup").get_json()["owner_agent"] == "agent-1"

@@ -257,7 +257,7 @@ def test_detail_names_the_owner_agent_or_why_there_is_none(store, zk):
     page = client.get(f"/tasks/{stranded['_id']}").get_data(as_text=True)
     assert "unassigned: no live agent in group g2" in page
     listing = client.get("/tasks").get_data(as_text=True)
-    assert "<td>agent-7</td>" in listing
+    assert '<td class="mono nowrap">agent-7</td>' in listing
 
 
 # --- the form ---------------------------------------------------------------------------------
