@@ -504,6 +504,20 @@ def test_a_round_asked_for_too_soon_is_done_when_due(store):
     assert lateness.rounds == 1 and store.db["lateness"].count_documents({"active": True}) == 1
 
 
+def test_a_deposed_leader_records_nothing_and_steps_down(store):
+    from cloudtask.center.writer import LeadershipLost
+
+    task(store, "late-sync", T0 - timedelta(hours=3), expect_every="1h")
+    lateness = Lateness(store, clock=Clock(T0))
+
+    def gone() -> None:
+        raise LeadershipLost("the election node is gone")
+
+    with pytest.raises(LeadershipLost):
+        lateness.check(feed(store), gone)
+    assert events(store) == [] and store.db["lateness"].count_documents({}) == 0
+
+
 def test_no_query_when_no_task_sets_a_field(store, monkeypatch):
     task(store, "plain", T0)
     lateness = Lateness(store, clock=Clock(T0))

@@ -64,6 +64,7 @@ from ..runmodel import FINISHED_STATUSES
 from ..schedules import parse_schedule
 from ..store import Store
 from .tasks import TaskRecord
+from .writer import LeadershipLost
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,8 @@ class Lateness:
         try:
             with pymongo.timeout(CALL_BUDGET):
                 self._round(tasks, fence)
+        except LeadershipLost:
+            raise  # the upkeep steps down
         except (CloudTaskError, pymongo.errors.PyMongoError) as e:
             log.warning("cannot check the tasks' lateness (the next round tries again): %s", e)
 
