@@ -10,12 +10,12 @@ import pytest
 from click.testing import CliRunner
 from helpers import OPERATOR, VIEWER, make_web_app, web_login
 
+from cloudtask.agent.calendarfeed import CalendarFeed
 from cloudtask.cli import cli
 from cloudtask.clock import utcnow
 from cloudtask.config import load_config
 from cloudtask.exceptions import Conflict, ValidationError
 from cloudtask.operations import Operations
-from cloudtask.store.calendars import CalendarFeed
 from cloudtask.users import Users
 
 ICS = (

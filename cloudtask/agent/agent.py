@@ -55,11 +55,11 @@ from ..metrics import AgentMetrics, serve
 from ..runmodel import RETRY_STATUSES, RUNNING_STATUSES, new_id
 from ..secretbox import SecretBox, SecretError, load_box
 from ..store import Store, all_revisions, task_pages
-from ..store.calendars import CalendarFeed
 from ..task import TaskSpec, parse_task
 from .armed import Armed, StartTimer
 from .assigned import AssignedTask
 from .budget import CALL_BUDGET, STORE_ERRORS
+from .calendarfeed import CalendarFeed
 from .claims import Claim, build_documents, collapse, run_tokens, too_late
 from .executor import Executor
 from .files import FileCache
