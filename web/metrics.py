@@ -120,7 +120,7 @@ def read_families(ext: CloudTaskExtension) -> list[Metric]:
 
 
 def _store_families(store: Any, now: float) -> list[Metric]:
-    tasks = fig.task_counts(store)
+    tasks = fig.tasks_by_state(store)
     recent = fig.recent_run_counts(store, now)
     going = fig.unfinished_run_counts(store)
     late = fig.fire_lateness(store, now)

@@ -150,7 +150,7 @@ def _read_store(facts: Facts, store: Any, fig: Any) -> None:
     import pymongo
 
     with pymongo.timeout(30):
-        facts.task_states = fig.task_counts(store)
+        facts.task_states = fig.tasks_by_state(store)
         facts.enabled_by_group = store.enabled_tasks_by_group()
         facts.going = fig.unfinished_run_counts(store)
         facts.stuck = fig.stuck_runs(store, facts.now)

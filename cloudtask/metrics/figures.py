@@ -9,7 +9,7 @@ run once (the command).
 
 * :func:`ping_mongodb`, :func:`ping_zookeeper`: a cheap round trip each, with a short
   deadline; the error, or None.
-* :func:`task_counts`, :func:`recent_run_counts`, :func:`unfinished_run_counts`: tasks by
+* :func:`tasks_by_state`, :func:`recent_run_counts`, :func:`unfinished_run_counts`: tasks by
   state, runs of the last day by status, runs going or waiting now.
 * :func:`fire_lateness`: seconds from due time to start of the schedule fires of the last
   ``LATENESS_WINDOW`` seconds (at most ``LATENESS_MOST`` runs, the newest), and
@@ -74,7 +74,7 @@ def ping_zookeeper(zk: Any, timeout: float = PING_TIMEOUT) -> str | None:
     return None
 
 
-def task_counts(store: Any) -> dict[str, int]:
+def tasks_by_state(store: Any) -> dict[str, int]:
     """Tasks by state, as the task list's state filter counts them: ``enabled`` (and not
     done), ``paused`` (done or not) and ``done`` (one-shot tasks that ran)."""
     enabled, paused, done = store.task_flag_counts()
