@@ -160,6 +160,16 @@ def run_local(
         for child in supervisor.children.values():
             echo(f"  {child.name + ' log:':13}{child.log_path}")
         echo(f"  task logs:   {base}/agent-<n>/logs/<task>/<YYYY-MM-DD>.log")
+        if cfg.center.metrics_port:
+            echo(
+                f"  metrics:     center http://{cfg.center.metrics_host}:{cfg.center.metrics_port}/metrics"
+            )
+        if cfg.agent.metrics_port:
+            last = agent_metrics_port(cfg, agents)
+            echo(
+                f"  metrics:     agents http://{cfg.agent.metrics_host}:"
+                f"{cfg.agent.metrics_port}..{last}/metrics (agent-1 on the first)"
+            )
         pids = ", ".join(f"{c.name} {c.pid}" for c in supervisor.children.values())
         echo(f"  pids:        {pids} (also in running.json)")
         echo(f"These addresses are in {_shown(record_path(base))}: cloudtask commands run")
@@ -315,6 +325,12 @@ def _origin_of(cfg: Config) -> str:
     return cfg.source if cfg.source == "defaults" else str(Path(cfg.source).resolve())
 
 
+def agent_metrics_port(cfg: Config, n: int) -> int:
+    """Agent ``n``'s metrics port: ``agent.metrics_port`` for the first, the next ones above
+    it (the agents share one machine; 0 stays off)."""
+    return cfg.agent.metrics_port + n - 1 if cfg.agent.metrics_port else 0
+
+
 def _start_cluster(supervisor: Any, cfg: Config, base: Path, agents: int) -> None:
     """One center, the web site and ``agents`` agents, each a supervised process of its own
     with its own config file (a restarted agent keeps its id and data dir: both are in it)."""
@@ -334,6 +350,10 @@ def _start_cluster(supervisor: Any, cfg: Config, base: Path, agents: int) -> Non
     for n in range(1, agents + 1):
         agent_id = f"{cfg.agent.id}-{n}" if cfg.agent.id else ""  # "": generated, kept per agent
         agent_cfg = cfg.with_section(
-            "agent", id=agent_id, data_dir=str(base / f"agent-{n}"), log_dir=""
+            "agent",
+            id=agent_id,
+            data_dir=str(base / f"agent-{n}"),
+            log_dir="",
+            metrics_port=agent_metrics_port(cfg, n),
         )
         spawn(f"agent-{n}", agent_cfg, "agent")

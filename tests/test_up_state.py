@@ -476,3 +476,12 @@ def test_a_record_others_may_write_is_not_believed(tmp_path):
     if os.geteuid() == 0:  # a file of another user's
         os.chown(path, 65534, -1)
         assert read_record(tmp_path) is None
+
+
+def test_up_gives_each_agent_its_own_metrics_port():
+    from cloudtask.config import Config
+    from cloudtask.up import agent_metrics_port
+
+    cfg = Config().with_section("agent", metrics_port=9101)
+    assert [agent_metrics_port(cfg, n) for n in (1, 2, 3)] == [9101, 9102, 9103]
+    assert agent_metrics_port(Config(), 2) == 0  # off stays off
