@@ -181,6 +181,18 @@ class Config:
         return replace(self, **{name: replace(getattr(self, name), **changes)})
 
 
+# ``cloudtask up`` runs its processes on config files it writes into its data dir at each
+# start; this variable names, for them, the file those were made from: the one to edit
+CONFIG_ORIGIN_VAR = "CLOUDTASK_CONFIG_ORIGIN"
+
+
+def config_origin(cfg: Config, environ: Mapping[str, str] | None = None) -> str:
+    """The config file an operator edits to change ``cfg``: its own file, or the one
+    ``cloudtask up`` made it from ("defaults" when there was none)."""
+    environ = os.environ if environ is None else environ
+    return environ.get(CONFIG_ORIGIN_VAR) or cfg.source
+
+
 # --- value checkers: each returns the converted value or raises ValueError("expected ...") ---
 
 

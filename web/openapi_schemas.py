@@ -479,8 +479,22 @@ AGENT = {
         "load": {
             "type": "object",
             "properties": {
-                "cpu_percent": {"type": ["number", "null"]},
-                "memory_percent": {"type": ["number", "null"]},
+                "cpu_percent": {
+                    "type": ["number", "null"],
+                    "description": "The machine's CPU use, all cores, to 5 %",
+                },
+                "memory_percent": {
+                    "type": ["number", "null"],
+                    "description": "The machine's memory in use, to 1 %",
+                },
+                "agent_cpu_percent": {
+                    "type": ["number", "null"],
+                    "description": "The agent process's own CPU use (100 = one core), to 1 %",
+                },
+                "agent_rss_mb": {
+                    "type": ["number", "null"],
+                    "description": "The agent process's resident memory, to 10 MB",
+                },
             },
         },
         "running": {"type": "integer", "description": "Runs going on it now"},
@@ -933,7 +947,6 @@ ADMIN_SCHEMAS: dict[str, Any] = {
         },
     },
 }
-
 
 
 SCHEMAS: dict[str, Any] = {

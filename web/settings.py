@@ -41,7 +41,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
 
-from cloudtask.config import SMTP_SECURITY, AlertsConfig, Config, email_problem
+from cloudtask.config import SMTP_SECURITY, AlertsConfig, Config, config_origin, email_problem
 from cloudtask.durations import format_duration
 from cloudtask.events import KINDS as EVENT_KINDS
 from cloudtask.events import OPERATOR_KINDS
@@ -368,7 +368,8 @@ def render_page(
         },
         secret_names=secret_names,
         effective=effective,
-        config_source=cfg.source,
+        config_source=config_origin(cfg),
+        config_copy=cfg.source if config_origin(cfg) != cfg.source else None,
         securities=SMTP_SECURITY,
         kinds=EVENT_KINDS,
         operator_kinds=[k for k in EVENT_KINDS if k in OPERATOR_KINDS],
@@ -433,15 +434,16 @@ def test_mail() -> Any:
         wait = current_app.config.get("TEST_MAIL_WAIT", TEST_MAIL_TIMEOUT)
         ops().send_test_mail(actor(), settings, to, wait=wait)  # audited, sent or not
     except CloudTaskError as e:
-        flash(str(e), "error")
+        flash(str(e), "test-mail-error")
     except Exception as e:  # never a 500: whatever failed is the answer to the test
         log.exception("the test mail to %s failed", to)
-        flash(f"the test mail was not sent: {type(e).__name__}: {e}", "error")
+        flash(f"the test mail was not sent: {type(e).__name__}: {e}", "test-mail-error")
     else:
         by = " by the leading center" if settings.smtp_password_secret else ""
         flash(
             f"Test mail sent to {to}{by} through {settings.smtp_host}:{settings.smtp_port} "
             f"from {settings.sender}: check that it arrived.",
-            "ok",
+            "test-mail-ok",
         )
+    # the result is shown in the test mail's own section, where the page lands (#test-mail)
     return redirect(url_for("settings.index", to=to, _anchor="test-mail"))

@@ -15,12 +15,12 @@ one module per family:
 * :mod:`~cloudtask.cli.secrets`: the ``secrets`` group (stored secrets and their keys).
 * :mod:`~cloudtask.cli.plans`: the ``plan`` group (submit a plan, its state, cancel it).
 * :mod:`~cloudtask.cli.pools`: the ``pool`` group (concurrency pools).
+* :mod:`~cloudtask.cli.status`: ``status`` (is the cluster well? exit 1 when not).
+* :mod:`~cloudtask.cli.calendars`: the ``calendar`` and ``blackout`` groups.
 * :mod:`~cloudtask.cli.api_commands`: the ``tasks``, ``runs``, ``agents``, ``events`` and
   ``plans`` groups, which talk to the web site's REST API (:mod:`~cloudtask.cli.remote`: the
   client, the site's address and token), and :mod:`~cloudtask.cli.login`: ``login``,
   ``logout`` and ``whoami``.
-* :mod:`~cloudtask.cli.status`: ``status`` (is the cluster well? exit 1 when not).
-* :mod:`~cloudtask.cli.calendars`: the ``calendar`` and ``blackout`` groups.
 
 What they share (the config, logging, the ``--config`` and ``--verbose`` options, who acts,
 the store and the operations a command works on) is in :mod:`~cloudtask.cli.common`.
@@ -37,6 +37,7 @@ from .. import __version__
 from ..exceptions import CloudTaskError, ValidationError
 from . import admin, authoring, calendars, plans, pools, secrets, servers, zookeeper
 from .api_commands import GROUPS as API_GROUPS
+from .crontab import crontab_cmd
 from .login import COMMANDS as LOGIN_COMMANDS
 from .status import status
 
@@ -68,6 +69,7 @@ for _command in (
     authoring.validate,
     authoring.apply,
     authoring.export,
+    crontab_cmd,
     admin.task_group,
     admin.run_group,
     admin.user_group,
