@@ -634,3 +634,16 @@ def test_the_api_takes_and_shows_the_fields(client, store, operator):
     schema = client.get("/api/v1/openapi.json").get_json()
     properties = schema["components"]["schemas"]["TaskSpec"]["properties"]
     assert {"warn_after", "deadline", "expect_every"} <= set(properties)
+
+
+def test_the_alerts_are_on_the_events_page_and_in_the_api(client, store, viewer):
+    t = task(store, "hourly-sync", T0 - timedelta(hours=3), expect_every="1h")
+    check(Lateness(store, clock=Clock(T0)), store)
+    page = client.get("/events?kind=task.overdue").get_data(as_text=True)
+    assert "task hourly-sync has not succeeded for 3h" in page
+    answer = client.get("/api/v1/events?kind=task.")
+    assert answer.status_code == 200
+    items = answer.get_json()["items"]
+    assert [(e["kind"], e["task_id"], e["severity"]) for e in items] == [
+        ("task.overdue", t["_id"], "warning")
+    ]
