@@ -29,8 +29,9 @@ memory and is done again.
 are arithmetic on what is known, and MongoDB is asked only: the running runs (one query on the
 ``status_agent`` index, when a task sets ``warn_after``), and the successes of the tasks whose
 deadline has just passed or that look overdue (one query each, by task and the fire's epoch
-seconds, at most ``BATCH`` tasks a query). A task that succeeds regularly costs one look per
-deadline and one per ``expect_every``; 10,000 tasks cost about 40 ms a round (docs/architecture.md).
+seconds: index ``task_ts``; at most ``BATCH`` tasks a query). A task that succeeds regularly
+costs one look per deadline and one per ``expect_every``; 10,000 watched tasks cost about
+40 ms a round (docs/architecture.md).
 
 The clock is the center's (a test moves it with ``CLOUDTASK_TEST_CLOCK_OFFSET_FILE``, see
 cloudtask/testing/clock.py). Runs' times are their agents'.

@@ -52,6 +52,9 @@ class Schema(StoreBase):
         # a single-field index: the wire server used on one machine sorts a task's runs by
         # time fast with it, and 100 times slower through the compound ones
         self.runs.create_index([("task_id", ASCENDING)], name="task")
+        # the leader's lateness checks: some tasks' successes fired since a time, by the fire's
+        # epoch seconds (cloudtask/center/lateness.py); MongoDB reads one range per task
+        self.runs.create_index([("task_id", ASCENDING), ("ts", DESCENDING)], name="task_ts")
         for doc in self.tasks.find({"name_lc": {"$in": [None]}}, {"name": 1}):
             self.tasks.update_one({"_id": doc["_id"]}, {"$set": {"name_lc": doc["name"].lower()}})
         self.runs.create_index(
