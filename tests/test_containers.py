@@ -314,7 +314,7 @@ def executor(request, writer, tmp_path):
         guard = GuardClient(fence=lambda: (None, 0.0), silent_after=60.0, kill_grace=1.0)
         guard.start()
     ex = Executor(
-        agent_id="a1",
+        agent_id="a-containers",  # (no other test's agent takes its runs for orphans)
         log_dir=tmp_path / "logs",
         writer=writer,
         max_parallel=4,
@@ -378,7 +378,7 @@ def _left(client, run_id: str) -> list:
 @docker_engine
 def test_real_container_output_exit_code_env_and_removal(store, executor, engine_client):
     executor.docker_host = ""  # the agent's DOCKER_HOST, else the default socket
-    script = 'echo "out $CLOUDTASK_RUN_ID $LEVEL $ONLY_HERE"; echo err >&2; exit 3'
+    script = 'echo "out $CLOUDTASK_RUN_ID $LEVEL $ONLY_HERE ${CLOUDTASK_AGENT_PROCESS:+tagged}"; echo err >&2; exit 3'
     ctx = start(
         store,
         executor,
@@ -390,7 +390,7 @@ def test_real_container_output_exit_code_env_and_removal(store, executor, engine
     run = finished(store, ctx.run_id, timeout=120)
     assert run["status"] == "failed" and run["exit_code"] == 3
     lines = run["output_tail"].splitlines()
-    assert f"out {ctx.run_id} info x" in lines and "err" in lines
+    assert f"out {ctx.run_id} info x tagged" in lines and "err" in lines
     assert _left(engine_client, ctx.run_id) == []  # removed
     ok = start(store, executor, {"container": {"image": IMAGE, "args": ["true"]}})
     assert finished(store, ok.run_id, timeout=120)["status"] == "succeeded"
@@ -413,9 +413,11 @@ def test_real_container_timeout_stops_and_removes_it(store, executor, engine_cli
     while time.monotonic() < deadline and not seen:  # it runs as a container meanwhile
         seen = _left(engine_client, ctx.run_id)
         time.sleep(0.2)
-    assert seen and seen[0].labels[LABEL_AGENT] == "a1"
+    assert seen and seen[0].labels[LABEL_AGENT] == "a-containers"
     run = finished(store, ctx.run_id, timeout=120)
-    assert run["status"] == "timed_out" and "started" in run["output_tail"]
+    assert run["status"] == "timed_out" and "started" in run["output_tail"], repr(
+        {k: run.get(k) for k in ("status", "error", "exit_code", "output_tail")}
+    )
     assert time.monotonic() - started < 60
     time.sleep(1.0)
     assert _left(engine_client, ctx.run_id) == []  # stopped and removed

@@ -592,6 +592,9 @@ class Executor:
         if spec.container is None:
             return build_argv(spec)
         names = {*spec.env, *spec.secret_env, *(ctx.params or {}), *ctx.environment()}
+        # (and the agent process's identity: a container's processes, seen from this host,
+        # are then a live agent's, not orphans for another agent of the same id to end)
+        names.add("CLOUDTASK_AGENT_PROCESS")
         return container_argv(
             spec.container,
             run_id=ctx.run_id,
