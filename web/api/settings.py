@@ -23,7 +23,7 @@ from typing import Any
 
 from flask import current_app, jsonify
 
-from cloudtask.config import AlertsConfig, Config
+from cloudtask.config import AlertsConfig, Config, config_origin
 from cloudtask.exceptions import Problem, ValidationError
 from cloudtask.notify.settings import SETTING_KEYS, SETTINGS_ID, stored_settings
 from cloudtask.operations.settings import follow_file
@@ -90,7 +90,7 @@ def settings_json() -> dict[str, Any]:
                 "file_value": _shown(key, file[key]),
             }
     return {
-        "config_file": _config().source,
+        "config_file": config_origin(_config()),
         "updated_at": jsonable(doc.get("updated_at")),
         "updated_by": doc.get("updated_by"),
         "settings": out,
