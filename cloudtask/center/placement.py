@@ -88,6 +88,11 @@ Example::
     >>> added, removed, moved = diff_placement(placement, place_group(placement, agents, current))
     >>> (added, removed, all(to == "agent-c" for _, to in moved.values()))
     ({}, {}, True)
+    >>> agents.append(AgentInfo("agent-w", 1, 104, {"os": "windows"}))  # labels
+    >>> needs = {"t5": {"os": "windows"}, "t6": {"os": "mac"}}
+    >>> plan = plan_group(["t5", "t6"], agents, {}, requires=needs)
+    >>> (plan.placement, plan.unmatched)
+    ({'t5': 'agent-w'}, {'t6': {'os': 'mac'}})
 """
 
 from __future__ import annotations
