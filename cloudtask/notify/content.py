@@ -312,7 +312,8 @@ def event_body(event: dict[str, Any], task: dict[str, Any] | None, base_url: str
                     key, key.capitalize()
                 )
                 lines.append(_line(label, one_line(d[key], 200)))
-    lines += ["", *_links(event, base_url), *_footer(base_url, kind.startswith("run."))]
+    task_mail = kind.startswith("run.") and kind not in LATENESS_KINDS  # (operators only)
+    lines += ["", *_links(event, base_url), *_footer(base_url, task_mail)]
     return "\n".join(lines) + "\n"
 
 
