@@ -35,8 +35,8 @@ the table of its routes.
 from __future__ import annotations
 
 from . import (  # noqa: F401  (each declares its routes)
-    calendars,
     audit,
+    calendars,
     cluster,
     events,
     files,
