@@ -29,6 +29,28 @@ def test_example_config_is_valid():
     assert cfg.source == "conf/cloudtask.json"
 
 
+def test_the_example_config_names_every_key():
+    """conf/cloudtask.json is where operators look for what can be set: every key is in it."""
+    import json
+    from dataclasses import fields
+
+    from cloudtask.config import Config
+
+    example = json.loads(open("conf/cloudtask.json", encoding="utf-8").read())
+    missing = []
+    for section in fields(Config):
+        if section.name == "source":
+            continue
+        given = example.get(section.name)
+        if given is None:
+            missing.append(section.name)
+            continue
+        for key in fields(section.default_factory()):
+            if key.name not in given:
+                missing.append(f"{section.name}.{key.name}")
+    assert missing == []
+
+
 def test_file_values_and_durations(tmp_path):
     path = write(
         tmp_path,
