@@ -33,10 +33,11 @@ def test_the_example_config_names_every_key():
     """conf/cloudtask.json is where operators look for what can be set: every key is in it."""
     import json
     from dataclasses import fields
+    from pathlib import Path
 
     from cloudtask.config import Config
 
-    example = json.loads(open("conf/cloudtask.json", encoding="utf-8").read())
+    example = json.loads(Path("conf/cloudtask.json").read_text(encoding="utf-8"))
     missing = []
     for section in fields(Config):
         if section.name == "source":
