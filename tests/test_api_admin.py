@@ -554,3 +554,43 @@ def fuzz_admin_app(store):
 def test_no_generated_admin_input_makes_a_500_or_an_undocumented_answer(case, fuzz_admin_app):
     case.operation.schema.app = fuzz_admin_app
     case.call_and_validate(base_url="http://localhost", app=fuzz_admin_app, checks=FUZZ_CHECKS)
+
+
+# --- one's own tokens -------------------------------------------------------------------------
+
+
+def test_any_user_makes_lists_and_revokes_their_own_tokens_from_a_password_login(app, store):
+    import re
+
+    client = app.test_client()
+    assert post_login(client, VIEWER.name, VIEWER.password).status_code == 302
+    page = client.get("/").get_data(as_text=True)
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', page)[1]
+    session = Api(client)
+    made = session.post(
+        "/me/tokens",
+        json={"name": "laptop", "read_only": True},
+        headers={"X-CSRF-Token": csrf},
+    )
+    assert made.status_code == 201, made.get_data(as_text=True)
+    body = made.get_json()
+    assert body["username"] == VIEWER.name and body["scope"] == "read"
+    assert made.headers["Cache-Control"] == "no-store"
+    # the token works, with the viewer's role, and lists its owner's tokens only
+    mine = Api(app.test_client(), body["token"])
+    assert mine.get("/me").get_json()["role"] == "viewer"
+    items = mine.get("/me/tokens").get_json()["items"]
+    assert sorted(t["name"] for t in items) == ["laptop", "tests"]
+    assert not any("token" in t for t in items) and body["token"] not in json.dumps(items)
+    # a token makes no token (not even an admin's): a password login does
+    admin = Api(app.test_client(), app.tokens["admin"])
+    refused = error_of(admin.post("/me/tokens", json={"name": "more"}), 403)
+    assert "cannot make API tokens" in refused["error"]
+    # nobody revokes another user's token here
+    others = Users(store).list_tokens(OPERATOR.name)
+    error_of(session.delete(f"/me/tokens/{others[0]['id']}", headers={"X-CSRF-Token": csrf}), 404)
+    assert len(Users(store).list_tokens(OPERATOR.name)) == 1
+    gone = session.delete(f"/me/tokens/{body['id']}", headers={"X-CSRF-Token": csrf})
+    assert gone.status_code == 200 and gone.get_json()["revoked"]["name"] == "laptop"
+    assert mine.get("/me").status_code == 401
+    assert "token.create" in audit_text(store) and "token.revoke" in audit_text(store)

@@ -434,8 +434,10 @@ def test_login_with_a_wrong_token_saves_nothing(site, clean_env):
 
 
 def test_login_with_password(site, store, mongo_db, clean_env):
-    """An admin's password logs in through the site's form; the site makes a token for them,
-    which is saved; the login session is ended. Others are told to ask an admin."""
+    """A password logs in through the site's form; the site makes a token of the user's own
+    (whatever the role), which is saved; the login session is ended; logout revokes it."""
+    import requests
+
     Users(store).add(ADMIN.name, ADMIN.password, role="admin")
     result = ct(
         "login", "--url", site.url, "--user", ADMIN.name, "--name", "laptop",
@@ -446,20 +448,34 @@ def test_login_with_password(site, store, mongo_db, clean_env):
     tokens = Users(store).list_tokens(ADMIN.name)
     assert [t["name"] for t in tokens] == ["laptop"]
     assert mongo_db["sessions"].count_documents({}) == 0  # the login's session ended
-    result = ct("login", "--url", site.url, "--user", OPERATOR.name, input=OPERATOR.password + "\n")
-    assert result.exit_code == 4
-    assert "may not make API tokens" in result.stderr and "--with-token" in result.stderr
     wrong = ct("login", "--url", site.url, "--user", ADMIN.name, input="wrong\n")
     assert wrong.exit_code == 4 and "refused the login" in wrong.stderr
     # the saved login is still the admin's
     assert ct("whoami").stdout.startswith(f"{ADMIN.name} (admin)")
     token = json.loads(config_path().read_text())["servers"][site.url]["token"]
+    # a token makes no tokens (only a password login does)
+    answer = requests.post(
+        site.url + "/api/v1/me/tokens",
+        json={"name": "longer-lived"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+    assert answer.status_code == 403 and "cannot make API tokens" in answer.json()["error"]
     # logout revokes the token login made, then forgets it
     result = ct("logout")
     assert result.exit_code == 0 and "the token is revoked" in result.stdout, result.output
     assert Users(store).list_tokens(ADMIN.name) == []
     assert ct("whoami", url=site.url, token=token).exit_code == 4
     assert site.url not in json.loads(config_path().read_text())["servers"]
+    # an operator (not an admin) makes a token of their own too, with their role
+    before = {t["id"] for t in Users(store).list_tokens(OPERATOR.name)}
+    result = ct("login", "--url", site.url, "--user", OPERATOR.name, input=OPERATOR.password + "\n")
+    assert result.exit_code == 0, result.output
+    assert ct("whoami").stdout.startswith(f"{OPERATOR.name} (operator)")
+    made = [t for t in Users(store).list_tokens(OPERATOR.name) if t["id"] not in before]
+    assert len(made) == 1 and made[0]["name"].startswith("cli")
+    assert ct("logout").exit_code == 0
+    assert {t["id"] for t in Users(store).list_tokens(OPERATOR.name)} == before
 
 
 def test_a_broken_config_file_says_what_is_wrong(site, clean_env):

@@ -138,13 +138,17 @@ def _create_token(
         f"ask an admin for an API token (the user's page on the site, or `cloudtask token "
         f"create {username}` on the server) and run `cloudtask login --with-token`"
     )
-    try:
-        answer = api.post(f"/users/{segment(username)}/tokens", body)
+    try:  # every user makes their own (/me/tokens); a site older than that: the admins' route
+        try:
+            answer = api.post("/me/tokens", body)
+        except ApiFailure as e:
+            if "has no API route" not in e.format_message():
+                raise
+            answer = api.post(f"/users/{segment(username)}/tokens", body)
     except ApiFailure as e:
         if e.exit_code == NOT_ALLOWED:
             raise ApiFailure(
-                f"{username} may not make API tokens on {api.target.url} (admins make them): "
-                + ask,
+                f"{username} may not make API tokens on {api.target.url}: " + ask,
                 NOT_ALLOWED,
             ) from None
         if "has no API route" in e.format_message():
@@ -205,9 +209,9 @@ def login(
     file (mode 0600), so `cloudtask tasks list` and the other API commands need no --url or
     --token.
 
-    With your password (asked, or read from standard input), the site makes the token (an
-    admin's account may; others are told to ask an admin). With --with-token, a token made
-    on the user's page or by `cloudtask token create` is read from standard input instead.
+    With your password (asked, or read from standard input), the site makes a token of your
+    own, with your role. With --with-token, a token made on the user's page or by
+    `cloudtask token create` is read from standard input instead.
     Either way the token is checked before it is saved."""
     site = _site(url, insecure)
     _warn_plain_http(site.url)
@@ -272,7 +276,7 @@ def _revoke(target: Target) -> str:
             token_id = (me.get("token") or {}).get("id")
             if not token_id:
                 return "the site did not name the token; it stays valid"
-            api.call("DELETE", f"/users/{segment(me['username'])}/tokens/{segment(token_id)}")
+            api.call("DELETE", f"/me/tokens/{segment(token_id)}")
     except ApiFailure as e:
         if e.status == 401:
             return "the token no longer worked"

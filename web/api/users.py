@@ -230,6 +230,11 @@ def list_tokens(username: str) -> Any:
 @requires("admin")
 def create_token(username: str) -> Any:
     _user_or_404(username)
+    return _new_token(username, url_for("api.list_tokens", username=username))
+
+
+def _new_token(username: str, listed_at: str) -> Any:
+    """Create a token for ``username`` from the request's body (checked first); the 201."""
     body = json_body()
     problems: list[Problem] = []
     unknown_keys(body, TOKEN_KEYS, problems)
@@ -261,7 +266,7 @@ def create_token(username: str) -> Any:
     shown = next(t for t in _users().list_tokens(username) if t["id"] == token_id)
     answer = jsonify({**jsonable(shown), "token": token, "username": username})
     answer.headers["Cache-Control"] = "no-store"
-    answer.headers["Location"] = url_for("api.list_tokens", username=username)
+    answer.headers["Location"] = listed_at
     return answer, 201
 
 
@@ -277,5 +282,65 @@ def create_token(username: str) -> Any:
 @requires("admin")
 def revoke_token(username: str, token_id: str) -> Any:
     _user_or_404(username)
+    gone = ops().revoke_token(actor(), username, token_id)  # NotFound: 404
+    return jsonify(revoked=jsonable(gone), username=username)
+
+
+# --- one's own tokens -------------------------------------------------------------------------
+
+
+def _self_service() -> str:
+    """The logged-in user, who manages their own tokens here whatever their role; only a
+    password login (a session) makes one, so a token never makes a longer-lived token."""
+    if getattr(current_user, "token", None) is not None:
+        raise ApiError(
+            403,
+            "an API token cannot make API tokens: log in with your password "
+            "(`cloudtask login`), or ask an admin",
+        )
+    return current_user.username
+
+
+@api.route(
+    "GET",
+    "/me/tokens",
+    summary="My API tokens",
+    description="The logged-in user's own tokens, oldest first. Never the token itself.",
+    replies={200: Reply("The tokens", "TokenList")},
+)
+@requires("viewer")
+def my_tokens() -> Any:
+    return jsonify(items=jsonable(_users().list_tokens(current_user.username)))
+
+
+@api.route(
+    "POST",
+    "/me/tokens",
+    summary="Create an API token for myself",
+    description="Any role may, for their own account, from a password login (a session; "
+    "not with a token: 403). The token acts with the user's role; `read_only` limits it "
+    'to GET and HEAD. `{"name": "cli on laptop", "expires_in_days": 90}`: the secret is '
+    "in this answer only.",
+    body={JSON: ref("TokenCreate")},
+    replies={201: Reply("The new token, with its secret (shown once)", "NewToken")},
+    errors=(422,),
+)
+@requires("viewer")
+def create_my_token() -> Any:
+    return _new_token(_self_service(), url_for("api.my_tokens"))
+
+
+@api.route(
+    "DELETE",
+    "/me/tokens/<token_id>",
+    summary="Revoke one of my API tokens",
+    description="It stops working at once; the token this request came with may revoke itself.",
+    params=(TOKEN_PARAM,),
+    replies={200: Reply("The revoked token", "TokenRevoked")},
+    errors=(404,),
+)
+@requires("viewer")
+def revoke_my_token(token_id: str) -> Any:
+    username = current_user.username
     gone = ops().revoke_token(actor(), username, token_id)  # NotFound: 404
     return jsonify(revoked=jsonable(gone), username=username)
