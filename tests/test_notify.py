@@ -416,3 +416,27 @@ def test_missed_fires_are_mailed_only_to_whoever_asks_for_them(store, smtp):
     missed_events(store, not_asks, T0, 1)
     Notifier(store, cfg).run_once(ts(T0, 3605))
     assert sorted(smtp.inbox.by_recipient()) == ["a@example.com"]
+
+
+def test_a_tasks_own_recipients_get_its_lateness_alerts_whatever_notify_on_says(store, smtp):
+    """Setting expect_every asks to hear of it: the task's notify.emails get task.overdue and
+    its recovery although notify.on names only failures."""
+    cfg = config(smtp.port, operators=("ops@example.com",))
+    task = make_task(
+        store,
+        notify={"emails": ["owner@example.com"], "on": ["failure"]},
+        expect_every="1h",
+    )
+    ref = {"task_id": task["_id"], "name": task["name"], "group": task["group"]}
+    since = T0 - timedelta(hours=2)
+    assert store.record_event(events.overdue_event(ref, 3600.0, since, True, T0))
+    Notifier(store, cfg).run_once(ts(T0, 5))
+    got = smtp.inbox.by_recipient()
+    assert sorted(got) == ["ops@example.com", "owner@example.com"]
+    assert got["owner@example.com"][0]["Subject"].startswith("[CloudTask] OVERDUE")
+    success = {"_id": "r1", "finished_at": T0 + timedelta(minutes=5), "scheduled_for": T0}
+    recovered = events.overdue_recovered_event(ref, since, success, T0 + timedelta(minutes=6))
+    assert store.record_event(recovered)
+    Notifier(store, cfg).run_once(ts(T0, 400))
+    owner = smtp.inbox.by_recipient()["owner@example.com"]
+    assert [m["Subject"].split()[1] for m in owner] == ["OVERDUE", "RECOVERED"]

@@ -6,6 +6,8 @@ Recipients of an event, deduplicated without regard to case:
   run.failed, ``timeout`` run.timed_out, ``missed`` run.missed, ``lost`` run.lost,
   ``recovered`` run.recovered, ``success`` run.succeeded: recorded only for the tasks
   whose ``notify.on`` names it, and mailed unthrottled, one mail per success);
+* the task's ``notify.emails`` for the alerts of its ``warn_after``, ``deadline`` and
+  ``expect_every`` and their ends (setting the field asks for them; ``LATENESS_KINDS``);
 * ``alerts.operators`` (what went wrong and its recovery: see ``events.OPERATOR_KINDS``),
   ``alerts.operators_by_kind[kind]`` (any kind),
   ``alerts.operators_by_group[group]`` (the event's agent group);
@@ -50,13 +52,27 @@ KIND_OF_OUTCOME = {
 OUTCOME_OF_KIND = {kind: outcome for outcome, kind in KIND_OF_OUTCOME.items()}
 
 
+# the alerts of a task's warn_after, deadline and expect_every (and their ends): the task set
+# the field to hear of it, so its notify.emails get them whatever notify.on says
+LATENESS_KINDS = frozenset(
+    {
+        "run.slow",
+        "run.slow_ended",
+        "task.deadline_missed",
+        "task.deadline_recovered",
+        "task.overdue",
+        "task.overdue_recovered",
+    }
+)
+
+
 def task_recipients(task: dict[str, Any] | None, kind: str) -> list[str]:
     """The task's own recipients of an event of ``kind``."""
-    if task is None or kind not in OUTCOME_OF_KIND:
+    if task is None or (kind not in OUTCOME_OF_KIND and kind not in LATENESS_KINDS):
         return []
     notify = (task.get("spec") or {}).get("notify") or {}
     on = notify.get("on", list(DEFAULT_NOTIFY_ON))
-    if OUTCOME_OF_KIND[kind] not in on:
+    if kind in OUTCOME_OF_KIND and OUTCOME_OF_KIND[kind] not in on:
         return []
     return [e for e in notify.get("emails") or [] if isinstance(e, str)]
 
