@@ -445,6 +445,46 @@ def test_a_task_created_after_its_last_fire_of_the_day_is_not_held_to_that_day(s
     assert [e["details"]["day"] for e in events(store)] == ["2026-12-05"]
 
 
+def test_a_day_the_calendar_skips_or_a_blackout_covers_asks_nothing_of_the_deadline(store):
+    """2026-12-04 is a holiday of the task's calendar: no fire that day, no deadline. On
+    2026-12-05 the only fire falls in its group's maintenance window (recorded skipped by
+    the agent): no deadline either. On 2026-12-06 it had its chance and missed it."""
+    from cloudtask.operations import Operations
+
+    ops = Operations(store)
+    ops.set_calendar("test", "holidays", {"dates": ["2026-12-04"]})
+    ops.set_blackout(
+        "test",
+        "maint",
+        {"group": "default", "dates": ["2026-12-05"], "from": "02:00", "to": "04:00",
+         "timezone": "Europe/Berlin"},
+    )  # fmt: skip
+    schedule = {
+        "cron": "0 3 * * *",
+        "timezone": "Europe/Berlin",
+        "calendar": {"skip": "holidays"},
+    }
+    t = task(store, "ledger-close", utc(2026, 12, 1), schedule=schedule, deadline="06:00")
+    clock = Clock(utc(2026, 12, 4, 5, 1))  # 06:01 in Berlin on the holiday
+    lateness = Lateness(store, clock=clock)
+    check(lateness, store)
+    assert events(store) == []
+    assert store.db["lateness"].find_one({"_id": t["_id"]})["deadline"]["status"] == "skipped"
+    clock.now = utc(2026, 12, 5, 5, 1)  # the blackout's day
+    check(lateness, store)
+    assert events(store) == []
+    clock.now = utc(2026, 12, 6, 5, 1)  # an ordinary Sunday: a fire at 03:00, no success
+    check(lateness, store)
+    days = [e["details"]["day"] for e in events(store, "task.deadline_missed")]
+    assert days == ["2026-12-06"]
+
+
+def test_a_schedule_without_fire_times_is_always_held_to_its_deadline():
+    closes = utc(2026, 12, 4, 6)
+    assert had_chance({"after": ["extract"]}, utc(2026, 12, 4, 5), closes)
+    assert had_chance({"keepalive": True}, utc(2026, 12, 4, 5), closes)
+
+
 def test_a_paused_task_does_not_miss_its_deadline(store):
     t = task(store, "paused-report", utc(2026, 12, 1), deadline="06:00")
     store.replace_task(t["_id"], {**t["spec"], "enabled": False}, now=T0)

@@ -8,8 +8,10 @@ Three fields of a task ask for them (cloudtask/task.py), and one round of the le
 * ``deadline`` (cloudtask/deadlines.py): when the deadline of a day passes and no run of the
   task that fired in the 24 hours before it has succeeded by it, ``task.deadline_missed`` for
   that day; the first success after, ``task.deadline_recovered``. A task that is paused when its
-  deadline passes is not checked that day; one created or resumed during the day is checked
-  only if its schedule had a fire between then and the deadline (it had a chance).
+  deadline passes is not checked that day, and a task is held to a day only if its schedule
+  had a fire that runs between the day's opening (or its creation or resume, if later) and
+  the deadline: not on a date its calendar rule skips, nor for fires that all fell in its
+  group's blackout windows (it had no chance; see :func:`had_chance`).
 * ``expect_every``: no success for that long is ``task.overdue``, counted from its last
   success, or from when it was created or resumed (never from the epoch); its next success is
   ``task.overdue_recovered``. A paused task is not checked.
@@ -50,6 +52,7 @@ from typing import Any
 import pymongo
 
 from .. import events as ev
+from ..calendars import CalendarBook, next_fire
 from ..clock import from_epoch, stored_time, utcnow
 from ..deadlines import (
     DayWindow,
@@ -70,6 +73,7 @@ from .writer import LeadershipLost
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 2.0  # seconds between two rounds of checks
+CHANCE_FIRES = 2000  # fires of a day looked at for one outside a blackout
 CALL_BUDGET = 5.0  # seconds any one MongoDB call may take
 SWEEP_INTERVAL = 3600.0  # seconds between deletions of the states of deleted tasks
 # a success that ends a task's silence may have fired this long before the silence began
@@ -132,17 +136,34 @@ def watch_of(record: TaskRecord) -> Watch | None:
     )
 
 
-def had_chance(schedule: Any, since: datetime, closes: datetime) -> bool:
-    """Whether a schedule fires at or after ``since`` and by ``closes``: a task created or
-    resumed during a deadline's day is held to it only then."""
+def had_chance(
+    schedule: Any,
+    since: datetime,
+    closes: datetime,
+    book: CalendarBook | None = None,
+    group: str = "",
+) -> bool:
+    """Whether a schedule fires at or after ``since`` and by ``closes`` with a fire that runs:
+    on a date its calendar rule lets through, outside ``group``'s blackouts (``book``: the
+    calendars and blackouts; None: not judged). A task is held to a deadline's day only then:
+    a holiday its calendar skips, a day all of whose fires fall in a maintenance window, the
+    rest of a day after the task was created or resumed without a fire left, ask nothing of
+    it. A schedule with no fire times of its own (``after``, ``keepalive``) always had one."""
     try:
         parsed, problems = parse_schedule(schedule, "schedule")
-        fire = parsed.next_after(since - timedelta(milliseconds=1)) if parsed else None
-    except (ValueError, ValidationError):
+        if problems or parsed is None or parsed.after is not None or parsed.keepalive:
+            return True
+        t = since - timedelta(milliseconds=1)
+        for _ in range(CHANCE_FIRES):
+            fire = next_fire(parsed, t, book)
+            if fire is None or fire > closes:
+                return False
+            if book is None or book.blackout_at(group, fire) is None:
+                return True
+            t = fire
+    except (ValueError, ValidationError, OverflowError):
         return True
-    if problems:
-        return True
-    return fire is not None and fire <= closes
+    return True  # more fires in the day than are looked at: assume one ran
 
 
 def new_state(task_id: str) -> dict[str, Any]:
@@ -188,6 +209,15 @@ class Lateness:
         self._deferred = False  # a round was asked for before the interval ended
         self.rounds = 0
 
+    def _calendar_book(self) -> CalendarBook | None:
+        """Every calendar and blackout window (None when MongoDB does not answer: the day is
+        then judged without them, as before they existed)."""
+        try:
+            return self.store.calendar_book()
+        except CloudTaskError as e:
+            log.warning("deadlines judged without calendars and blackouts: %s", e)
+            return None
+
     def take_over(self) -> None:
         """A new leadership: the states are read again (another leader may have written)."""
         self._states = None
@@ -226,7 +256,7 @@ class Lateness:
         self._busy = bool(watches) or any(self._open(s) for s in self._states.values())
         if not self._busy and not any(s.get("active") for s in self._states.values()):
             return  # (a task that left the placement while its run goes on: see _warn_limits)
-        round_ = _Round(self._states, self.clock())
+        round_ = _Round(self._states, self.clock(), self._calendar_book)
         round_.activate(watches)
         self._slow(round_, watches)
         self._overdue(round_, watches)
@@ -396,9 +426,9 @@ class Lateness:
                 continue
             if known.get("day") and known["day"] > day:
                 continue  # the deadline moved earlier: that later day was decided already
-            since = state.get("since_ts") or 0
-            if since > window.opens.timestamp() and not had_chance(
-                watch.schedule, from_epoch(since), window.closes
+            since = max(state.get("since_ts") or 0, window.opens.timestamp())
+            if not had_chance(
+                watch.schedule, from_epoch(since), window.closes, r.book(), watch.group
             ):
                 r.edit(task_id)["deadline"] = _day_state(window, "skipped")
                 continue
@@ -468,14 +498,27 @@ class Lateness:
 
 class _Round:
     """What one round changes: the states edited (copies: memory keeps the stored ones until
-    they are written) and the events to record."""
+    they are written) and the events to record; the calendars and blackouts, read once a
+    round and only when a deadline's day is decided (``book``)."""
 
-    def __init__(self, states: dict[str, dict[str, Any]], now: datetime) -> None:
+    def __init__(
+        self,
+        states: dict[str, dict[str, Any]],
+        now: datetime,
+        read_book: Callable[[], CalendarBook | None] = lambda: None,
+    ) -> None:
         self.states = states
         self.now = now
         self.ts = now.timestamp()
         self.changed: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
+        self._read_book = read_book
+        self._book: list[CalendarBook | None] = []
+
+    def book(self) -> CalendarBook | None:
+        if not self._book:
+            self._book.append(self._read_book())
+        return self._book[0]
 
     def state(self, task_id: str) -> dict[str, Any]:
         return self.changed.get(task_id) or self.states.get(task_id) or new_state(task_id)
