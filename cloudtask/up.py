@@ -43,6 +43,7 @@ from .operations import Operations
 from .secretbox import make_key_file
 from .store import Store
 from .supervisor import Supervisor
+from .taskdiff import after_parents, parents_first
 from .taskfiles import read_task_files
 from .users import Users
 
@@ -113,7 +114,10 @@ def run_local(
                 for err in errors:
                     echo(f"skipped: {err}", err=True)
                 ops = Operations(store)  # the cluster starts below: its leader reads every task
-                for path, data in tasks:
+                # a task that runs after others of the folder comes after them (each file is
+                # still applied, or reported, on its own)
+                parents = _after_parents(tasks)
+                for path, data in parents_first(tasks, parents, lambda t: t[1].get("name")):
                     try:
                         outcome, doc = ops.apply_task(actor, data)
                         echo(f"task {doc['name']}: {outcome}")
@@ -296,6 +300,17 @@ def _offer_first_admin(store: Store, actor: str, signals: dict[str, Any], echo: 
         return 0
     finally:
         signals["prompting"] = False
+
+
+def _after_parents(tasks: list[tuple[Path, dict[str, Any]]]) -> dict[str, tuple[str, ...]]:
+    """Each valid task's after parents (an invalid one is reported when it is applied)."""
+    graph: dict[str, tuple[str, ...]] = {}
+    for _, data in tasks:
+        try:
+            graph.update(after_parents([data]))
+        except CloudTaskError:
+            pass
+    return graph
 
 
 def _kill_server(server: Any) -> None:

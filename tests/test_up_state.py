@@ -309,6 +309,17 @@ def test_up_tells_the_folder_its_cluster_and_an_agent_killed_there_hands_its_tas
         (tmp_path / "conf" / "tasks" / f"t{n}.json").write_text(
             json.dumps({"name": f"t{n}", "schedule": {"every": "1h"}, "command": "true"})
         )
+    # a task that runs after t7, in a file that sorts before t7's: applied after it all the same
+    (tmp_path / "conf" / "tasks" / "a-report.json").write_text(
+        json.dumps(
+            {
+                "name": "report",
+                "group": "reports",  # no agent: the counts of placed tasks below stay 8
+                "schedule": {"after": ["t7"]},
+                "command": "true",
+            }
+        )
+    )
     env = {
         k: v for k, v in os.environ.items() if not k.startswith("CLOUDTASK_") and k != "MAKELEVEL"
     }
@@ -332,6 +343,7 @@ def test_up_tells_the_folder_its_cluster_and_an_agent_killed_there_hands_its_tas
             assert line, "cloudtask up exited early:\n" + "".join(lines)
             lines.append(line)
         text = "".join(lines)
+        assert "task report: created" in text and "skipped" not in text, text
         record_file = tmp_path / ".cloudtask" / "running.json"
         assert record_file.stat().st_mode & 0o777 == 0o600
         record = json.loads(record_file.read_text())
