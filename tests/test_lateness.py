@@ -609,6 +609,31 @@ def test_the_task_page_shows_the_late_alerts(client, store, viewer):
     assert 'id="lateness"' not in client.get(f"/tasks/{plain['_id']}").get_data(as_text=True)
 
 
+def test_the_task_page_says_what_is_late_now(client, store, viewer):
+    zone = {"cron": "0 3 * * *", "timezone": "Europe/Berlin"}
+    t = task(store, "ledger", utc(2026, 12, 1), schedule=zone, deadline="06:00", expect_every="6h")
+    page = client.get(f"/tasks/{t['_id']}").get_data(as_text=True)
+    assert 'id="lateness-now"' not in page  # not checked yet: nothing to say
+    clock = Clock(utc(2026, 12, 4, 5, 1))  # 06:01 in Berlin, nothing ever succeeded
+    lateness = Lateness(store, clock=clock)
+    check(lateness, store)
+
+    def now_text() -> str:
+        page = client.get(f"/tasks/{t['_id']}").get_data(as_text=True)
+        return " ".join(page.split('id="lateness-now">', 1)[1].split("</dd>", 1)[0].split())
+
+    text = now_text()
+    assert 'data-late="overdue"' in text and "no success since 2026-12-01 00:00:00 UTC" in text
+    assert 'data-late="deadline">late</span> missed the deadline of 2026-12-04' in text
+    success(store, t, utc(2026, 12, 4, 5, 10), took=60)
+    clock.now = utc(2026, 12, 4, 5, 20)
+    check(lateness, store)
+    check(lateness, store)
+    text = now_text()
+    assert 'data-late="overdue"' not in text
+    assert 'deadline of 2026-12-04: <span class="badge warn" data-late="deadline">done late' in text
+
+
 def test_the_form_sets_the_fields_and_says_what_is_wrong(client, store, operator):
     form = {
         "csrf_token": operator,

@@ -38,12 +38,7 @@ def task_filter_id(value: str) -> str | None:
         return find_task(store(), value)["_id"]
     except NotFound:
         pass
-    db = store()
-    for collection in (db.events, db.runs):  # both indexed by task_id
-        if collection.find_one({"task_id": value}, {"_id": 1}) is not None:
-            return value
-    named = db.events.find_one({"task_name": value, "task_id": {"$gt": ""}}, {"task_id": 1})
-    return named["task_id"] if named else None
+    return store().task_id_in_history(value)
 
 
 def unknown_task(value: str) -> str:

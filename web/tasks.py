@@ -29,7 +29,7 @@ from zoneinfo import ZoneInfo
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from werkzeug.routing import BuildError
 
-from cloudtask.clock import utcnow
+from cloudtask.clock import from_epoch, utcnow
 from cloudtask.dependencies import dependency_status
 from cloudtask.exceptions import CloudTaskError, Conflict, NotFound, Problem, ValidationError
 from cloudtask.operations import task_warnings
@@ -234,6 +234,26 @@ def run_forms(task: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def lateness_now(task: dict[str, Any]) -> dict[str, Any] | None:
+    """What the leader's lateness checks last found for a task that asks for them (its open
+    alerts and its latest deadline's day: cloudtask/center/lateness.py), or None."""
+    spec = task["spec"]
+    if not (spec.get("warn_after") or spec.get("deadline") or spec.get("expect_every")):
+        return None
+    try:
+        state = store().lateness_state(task["_id"])
+    except CloudTaskError:
+        return None  # the page shows the rest
+    if not state:
+        return None
+    overdue = state.get("overdue") or None
+    return {
+        "slow": [entry["run_id"] for entry in state.get("slow") or [] if entry.get("run_id")],
+        "overdue_since": from_epoch(overdue["since_ts"]) if overdue else None,
+        "deadline": state.get("deadline") or None,
+    }
+
+
 def render_detail(
     task: dict[str, Any],
     *,
@@ -245,6 +265,7 @@ def render_detail(
     disclosure open) after a refusal."""
     runs = store().task_runs(task["_id"], RUN_LIST_FIELDS, DETAIL_RUNS)
     owner, owner_agent = owner_text(task)
+    late_now = lateness_now(task)
     schedule = task["spec"].get("schedule")
     keepalive = isinstance(schedule, dict) and "keepalive" in schedule
     return render_template(
@@ -260,6 +281,7 @@ def render_detail(
         params_text=params,
         backfill_form=backfill,
         definition=json.dumps(task["spec"], indent=2, ensure_ascii=False),
+        late_now=late_now,
         dependencies=dependency_status(store(), task["spec"]),
         children=_children(task["name"]),
     ), status

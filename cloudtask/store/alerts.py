@@ -135,6 +135,10 @@ class AlertRecords(StoreBase):
         deadline or expect_every), read once by each new leader."""
         return read_all(self.db[LATENESS].find({}), "read the lateness states")
 
+    def lateness_state(self, task_id: str) -> dict[str, Any] | None:
+        """One task's lateness state (for its page), or None."""
+        return guard(self.db[LATENESS].find_one, "read a lateness state", {"_id": task_id})
+
     def save_lateness_states(self, docs: list[dict[str, Any]]) -> None:
         """Write lateness states whole, in one unordered bulk write."""
         if docs:

@@ -30,6 +30,24 @@ log = logging.getLogger("cloudtask.store")
 class EventRecords(StoreBase):
     """Events and audit entries."""
 
+    def task_id_in_history(self, value: str) -> str | None:
+        """A task that is gone but left history: ``value`` itself when it is the id of events
+        or runs still stored (both indexed by task_id), else the task id events recorded under
+        that name (an unindexed read: only for a name no task has now). None: never a task."""
+        for collection in (self.events, self.runs):
+            found = guard(
+                collection.find_one, "look up a task's history", {"task_id": value}, {"_id": 1}
+            )
+            if found is not None:
+                return value
+        named = guard(
+            self.events.find_one,
+            "look up a task's history",
+            {"task_name": value, "task_id": {"$gt": ""}},
+            {"task_id": 1},
+        )
+        return named["task_id"] if named else None
+
     def record_event(self, doc: dict[str, Any]) -> bool:
         """Insert one event. False if its ``_id`` is recorded already; StoreError if MongoDB
         refused it otherwise (a duplicate on another unique index is a refusal too)."""
