@@ -59,6 +59,17 @@ KINDS = tuple(SEVERITIES)
 # what the global operators (alerts.operators) are mailed: what went wrong, and its end;
 # the other kinds (a task changed, an agent joined, a new leader) only to whom
 # alerts.operators_by_kind names for them
+# the alerts of a task's warn_after, deadline and expect_every, and their ends
+LATENESS_KINDS = frozenset(
+    {
+        "run.slow",
+        "run.slow_ended",
+        "task.deadline_missed",
+        "task.deadline_recovered",
+        "task.overdue",
+        "task.overdue_recovered",
+    }
+)
 OPERATOR_KINDS = frozenset(
     {k for k, severity in SEVERITIES.items() if severity != "info"}
     | {"run.recovered", "agent.returned"}

@@ -213,6 +213,12 @@ def download(name: str, sha256: str) -> Any:
         meta, data = store().read_file_version(name, sha256)
     except NotFound as e:
         abort(404, description=str(e))
+    return download_reply(meta, data)
+
+
+def download_reply(meta: dict[str, Any], data: bytes) -> Any:
+    """A version's bytes as a download (the page's and the API's): never shown inline,
+    whatever they hold, and checked again before a cached copy is used."""
     response = send_file(
         io.BytesIO(data),
         mimetype="application/octet-stream",
@@ -222,4 +228,5 @@ def download(name: str, sha256: str) -> Any:
         max_age=0,
     )
     response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Cache-Control"] = "no-cache"
     return response

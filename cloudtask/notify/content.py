@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ..clock import stored_time
 from ..durations import format_duration
+from ..events import LATENESS_KINDS
 from ..schedules import schedule_summary
 
 SUBJECT_PREFIX = "[CloudTask]"
@@ -119,16 +120,6 @@ def event_subject(event: dict[str, Any]) -> str:
     else:
         what = one_line(event.get("message"), 120)
     return f"{SUBJECT_PREFIX} {word} {what} {at}".replace("  ", " ")
-
-
-LATENESS_KINDS = (
-    "run.slow",
-    "run.slow_ended",
-    "task.deadline_missed",
-    "task.deadline_recovered",
-    "task.overdue",
-    "task.overdue_recovered",
-)
 
 
 def _span(value: Any) -> str:

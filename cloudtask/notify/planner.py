@@ -30,7 +30,7 @@ import logging
 from typing import Any
 
 from ..config import email_problem
-from ..events import OPERATOR_KINDS, clean_stop
+from ..events import LATENESS_KINDS, OPERATOR_KINDS, clean_stop
 from ..store import Store
 from ..task import DEFAULT_NOTIFY_ON
 from . import content, throttle
@@ -52,22 +52,10 @@ KIND_OF_OUTCOME = {
 OUTCOME_OF_KIND = {kind: outcome for outcome, kind in KIND_OF_OUTCOME.items()}
 
 
-# the alerts of a task's warn_after, deadline and expect_every (and their ends): the task set
-# the field to hear of it, so its notify.emails get them whatever notify.on says
-LATENESS_KINDS = frozenset(
-    {
-        "run.slow",
-        "run.slow_ended",
-        "task.deadline_missed",
-        "task.deadline_recovered",
-        "task.overdue",
-        "task.overdue_recovered",
-    }
-)
-
-
 def task_recipients(task: dict[str, Any] | None, kind: str) -> list[str]:
     """The task's own recipients of an event of ``kind``."""
+    # the alerts of a task's warn_after, deadline and expect_every (and their ends): the task
+    # set the field to hear of them, so its notify.emails get them whatever notify.on says
     if task is None or (kind not in OUTCOME_OF_KIND and kind not in LATENESS_KINDS):
         return []
     notify = (task.get("spec") or {}).get("notify") or {}

@@ -324,17 +324,18 @@ def resolve_secrets(
 HIDDEN = "(hidden)"  # secrets in the audit entry
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """A converted setting as JSON takes it (tuples as lists), to show, save or compare."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
 def hidden_secrets(values: dict[str, Any]) -> dict[str, Any]:
     """Stored settings for the audit log: the password and webhook secrets as (hidden)."""
-    out = _plain(values)
+    out = plain(values)
     if out.get("smtp_password"):
         out["smtp_password"] = HIDDEN
     for hook in out.get("webhooks", []):

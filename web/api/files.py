@@ -5,17 +5,16 @@ page does)."""
 
 from __future__ import annotations
 
-import io
 import re
 from typing import Any
 
-from flask import current_app, jsonify, request, send_file, url_for
+from flask import current_app, jsonify, request, url_for
 
 from cloudtask.exceptions import NotFound, Problem, ValidationError
 
 from ..auth import requires
 from ..context import actor, jsonable, ops, store
-from ..files import DETAIL_TASKS, SHA256, download_name
+from ..files import DETAIL_TASKS, SHA256, download_reply
 from ..openapi import JSON, Reply, path_param, query, ref
 from .hardening import ApiError, invalid, json_body, too_large, unknown_keys
 from .table import api
@@ -151,21 +150,6 @@ def list_file_versions(name: str) -> Any:
     return jsonify(items=_versions(name))
 
 
-def _bytes_reply(meta: dict[str, Any], data: bytes) -> Any:
-    """A version's bytes as a download: never shown inline, whatever they hold."""
-    answer = send_file(
-        io.BytesIO(data),
-        mimetype="application/octet-stream",
-        as_attachment=True,
-        download_name=download_name(meta["name"]),
-        etag=meta["sha256"],
-        max_age=0,
-    )
-    answer.headers["X-Content-Type-Options"] = "nosniff"
-    answer.headers["Cache-Control"] = "no-cache"
-    return answer
-
-
 @api.route(
     "GET",
     "/files/<name>/download",
@@ -181,7 +165,7 @@ def download_file(name: str) -> Any:
         meta, data = store().read_file_version(name, meta["sha256"])
     except (NotFound, ValidationError):
         raise ApiError(404, f"no stored file named {name[:100]!r}") from None
-    return _bytes_reply(meta, data)
+    return download_reply(meta, data)
 
 
 @api.route(
@@ -200,7 +184,7 @@ def download_file_version(name: str, sha256: str) -> Any:
         meta, data = store().read_file_version(name, sha256)
     except (NotFound, ValidationError) as e:
         raise ApiError(404, str(e)[:300]) from None
-    return _bytes_reply(meta, data)
+    return download_reply(meta, data)
 
 
 @api.route(

@@ -25,7 +25,7 @@ from flask import current_app, jsonify
 
 from cloudtask.config import AlertsConfig, Config, config_origin
 from cloudtask.exceptions import Problem, ValidationError
-from cloudtask.notify.settings import SETTING_KEYS, SETTINGS_ID, stored_settings
+from cloudtask.notify.settings import SETTING_KEYS, SETTINGS_ID, plain, stored_settings
 from cloudtask.operations.settings import follow_file
 
 from ..auth import requires
@@ -48,15 +48,6 @@ def _file_values() -> dict[str, Any]:
     return {f.name: getattr(alerts, f.name) for f in fields(AlertsConfig)}
 
 
-def _plain(value: Any) -> Any:
-    """A converted setting as JSON takes it (tuples as lists), to show or to save again."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _hook_key(hook: dict[str, Any]) -> str:
     return hook.get("url") or f"secret:{hook.get('url_secret')}"
 
@@ -66,11 +57,11 @@ def _shown(key: str, value: Any) -> Any:
     if key == "webhooks":
         hooks = []
         for hook in value or ():
-            shown = {k: _plain(v) for k, v in hook.items() if k != "secret"}
+            shown = {k: plain(v) for k, v in hook.items() if k != "secret"}
             shown["secret_set"] = bool(hook.get("secret"))
             hooks.append(shown)
         return hooks
-    return _plain(value)
+    return plain(value)
 
 
 def settings_json() -> dict[str, Any]:
@@ -125,7 +116,7 @@ def settings_to_store(changes: dict[str, Any], *, replace: bool) -> dict[str, An
     if problems:
         raise ApiError(422, "the settings are invalid", problems)
     file = _file_values()
-    stored = _plain(stored_settings(store()))
+    stored = plain(stored_settings(store()))
     data = {} if replace else dict(stored)
     for key, value in changes.items():
         if value is None:
@@ -150,7 +141,7 @@ def settings_to_store(changes: dict[str, Any], *, replace: bool) -> dict[str, An
     if problems:
         raise ApiError(422, "the settings are invalid", problems)
     if "webhooks" in changes:
-        current = stored.get("webhooks", _plain(file["webhooks"]))
+        current = stored.get("webhooks", plain(file["webhooks"]))
         data["webhooks"] = _kept_hook_secrets(changes["webhooks"], current)
     return follow_file(data, file)
 
