@@ -276,7 +276,7 @@ def test_an_unknown_plan_or_item_is_a_404_page(app, store):
     answer = client.get("/plans/no-such-plan")
     assert answer.status_code == 404
     page = answer.get_data(as_text=True)
-    assert "no plan with id" in page and "<h1>404</h1>" in page
+    assert "no plan with id" in page and "<h1>404 · Not found</h1>" in page
     data = {"csrf_token": client.csrf}
     assert client.post("/plans/no-such-plan/cancel", data=data).status_code == 404
     assert client.post("/plans/items/no-such-item/cancel", data=data).status_code == 404

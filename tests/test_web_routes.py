@@ -11,7 +11,13 @@ import pytest
 from helpers import VIEWER, make_web_app, web_login
 
 OPEN = {"auth.login", "healthz", "metrics.readyz", "static", "api.run_progress", "api.run_result"}
-VIEWER_WRITES = {"auth.logout", "auth.change_password"}  # a viewer's own session and password
+# a viewer's own session, password and API tokens
+VIEWER_WRITES = {
+    "auth.logout",
+    "auth.change_password",
+    "api.create_my_token",
+    "api.revoke_my_token",
+}
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
 

@@ -52,18 +52,20 @@ bp = Blueprint("metrics", __name__)
 
 CACHE_SECONDS = 10.0
 STORE_BUDGET = 10.0  # seconds the store's figures may take in all
-REGISTRY_KEY = "cloudtask.metrics"
 AGENT_STATUSES = ("online", "leaving", "offline")
 TASK_STATES = ("enabled", "paused", "done")
 
 
-@bp.record_once
-def _set_up(state: Any) -> None:
-    """The app's own registry, with the collector of the cluster's figures."""
-    app: Flask = state.app
-    registry = CollectorRegistry()
-    registry.register(ClusterCollector(app))
-    app.extensions[REGISTRY_KEY] = registry
+def app_registry(app: Flask) -> CollectorRegistry:
+    """The app's own registry (made once, kept with the app's CloudTask state), with the
+    collector of the cluster's figures."""
+
+    def make() -> CollectorRegistry:
+        registry = CollectorRegistry()
+        registry.register(ClusterCollector(app))
+        return registry
+
+    return app.extensions["cloudtask"].cached("metrics.registry", float("inf"), make)
 
 
 class ClusterCollector(Collector):
@@ -225,7 +227,7 @@ def _cluster_families(view: ClusterView, recorded: list[dict[str, Any]]) -> list
 @requires("viewer")
 def metrics() -> Any:
     """The cluster's figures in Prometheus's text format (OpenMetrics when asked for)."""
-    registry = current_app.extensions[REGISTRY_KEY]
+    registry = app_registry(current_app._get_current_object())
     encode, content_type = choose_encoder(request.headers.get("Accept", ""))
     return Response(encode(registry), content_type=content_type)
 

@@ -323,7 +323,7 @@ def my_tokens() -> Any:
     "in this answer only.",
     body={JSON: ref("TokenCreate")},
     replies={201: Reply("The new token, with its secret (shown once)", "NewToken")},
-    errors=(422,),
+    errors=(403, 422),
 )
 @requires("viewer")
 def create_my_token() -> Any:
