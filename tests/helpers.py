@@ -210,6 +210,35 @@ def serve_http(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
 # --- the web site -----------------------------------------------------------------------------
 
 
+class Api:
+    """A test client of the REST API that sends a user's Bearer token (or none):
+    ``Api(app.test_client(), token).get("/tasks")``."""
+
+    def __init__(self, client: FlaskClient, token: str | None = None) -> None:
+        self.client, self.token = client, token
+
+    def __call__(self, method: str, path: str, headers: Any = None, **kw: Any) -> Any:
+        headers = dict(headers or {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return self.client.open("/api/v1" + path, method=method, headers=headers, **kw)
+
+    def get(self, path: str, **kw: Any) -> Any:
+        return self("GET", path, **kw)
+
+    def post(self, path: str, **kw: Any) -> Any:
+        return self("POST", path, **kw)
+
+    def patch(self, path: str, **kw: Any) -> Any:
+        return self("PATCH", path, **kw)
+
+    def put(self, path: str, **kw: Any) -> Any:
+        return self("PUT", path, **kw)
+
+    def delete(self, path: str, **kw: Any) -> Any:
+        return self("DELETE", path, **kw)
+
+
 class WebUser(NamedTuple):
     name: str
     password: str

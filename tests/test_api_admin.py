@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import schemathesis
-from helpers import ADMIN, OPERATOR, VIEWER, make_web_app, post_login
+from helpers import ADMIN, OPERATOR, VIEWER, Api, make_web_app, post_login
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -44,34 +44,6 @@ FUZZ_CHECKS = [
     negative_data_rejection,
     ignored_auth,
 ]
-
-
-class Api:
-    """A test client that sends a user's Bearer token (or none)."""
-
-    def __init__(self, client, token=None):
-        self.client, self.token = client, token
-
-    def __call__(self, method, path, headers=None, **kw):
-        headers = dict(headers or {})
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        return self.client.open("/api/v1" + path, method=method, headers=headers, **kw)
-
-    def get(self, path, **kw):
-        return self("GET", path, **kw)
-
-    def post(self, path, **kw):
-        return self("POST", path, **kw)
-
-    def patch(self, path, **kw):
-        return self("PATCH", path, **kw)
-
-    def put(self, path, **kw):
-        return self("PUT", path, **kw)
-
-    def delete(self, path, **kw):
-        return self("DELETE", path, **kw)
 
 
 def file_config():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from helpers import make_web_app
+from helpers import Api, make_web_app
 
 from cloudtask.operations import Operations
 from cloudtask.users import Users
@@ -22,23 +22,6 @@ SPEC = {
     "group": "default",
     "timeout": "10m",
 }
-
-
-class Api:
-    def __init__(self, client, token=None):
-        self.client, self.token = client, token
-
-    def __call__(self, method, path, headers=None, **kw):
-        headers = dict(headers or {})
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        return self.client.open("/api/v1" + path, method=method, headers=headers, **kw)
-
-    def get(self, path, **kw):
-        return self("GET", path, **kw)
-
-    def post(self, path, **kw):
-        return self("POST", path, **kw)
 
 
 @pytest.fixture

@@ -8,19 +8,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from helpers import make_web_app, run_document, task_spec, web_login
+from helpers import Api, make_web_app, run_document, task_spec, web_login
 
 from cloudtask.operations import Operations
 from cloudtask.users import Users
-
-
-class Api:
-    def __init__(self, client, token=None):
-        self.client, self.token = client, token
-
-    def get(self, path, **kw):
-        headers = {"Authorization": f"Bearer {self.token}"}
-        return self.client.get("/api/v1" + path, headers=headers, **kw)
 
 
 @pytest.fixture

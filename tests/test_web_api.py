@@ -17,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import schemathesis
-from helpers import make_web_app, run_document
+from helpers import Api, make_web_app, run_document
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -58,25 +58,6 @@ def make_app(store, zk=None, config=None):
 @pytest.fixture
 def app(store):
     return make_app(store)
-
-
-class Api:
-    """A test client that sends a user's Bearer token (or none)."""
-
-    def __init__(self, client, token=None):
-        self.client, self.token = client, token
-
-    def __call__(self, method, path, headers=None, **kw):
-        headers = dict(headers or {})
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        return self.client.open("/api/v1" + path, method=method, headers=headers, **kw)
-
-    def get(self, path, **kw):
-        return self("GET", path, **kw)
-
-    def post(self, path, **kw):
-        return self("POST", path, **kw)
 
 
 @pytest.fixture
