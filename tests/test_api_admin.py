@@ -566,3 +566,29 @@ def test_any_user_makes_lists_and_revokes_their_own_tokens_from_a_password_login
     assert gone.status_code == 200 and gone.get_json()["revoked"]["name"] == "laptop"
     assert mine.get("/me").status_code == 401
     assert "token.create" in audit_text(store) and "token.revoke" in audit_text(store)
+
+
+def test_an_admin_sends_a_test_mail_through_the_api(admin, op, store, smtp):
+    changed = admin.patch(
+        "/settings",
+        json={"smtp_host": "127.0.0.1", "smtp_port": smtp.port, "smtp_security": "none"},
+    )
+    assert changed.status_code == 200, changed.get_data(as_text=True)
+    answer = admin.post("/settings/test-mail", json={"to": "me@example.com"})
+    assert answer.status_code == 200
+    body = answer.get_json()
+    assert body["sent"] is True and body["to"] == "me@example.com"
+    assert body["message"].startswith("Test mail sent to me@example.com through 127.0.0.1:")
+    ((rcpts, msg),) = smtp.inbox.messages()
+    assert rcpts == ["me@example.com"] and msg["Subject"].startswith("[CloudTask] TEST")
+    # a refused send is the test's answer, not an error of the request
+    admin.patch("/settings", json={"smtp_port": 1})
+    failed = admin.post("/settings/test-mail", json={"to": "me@example.com"}).get_json()
+    assert failed["sent"] is False and "not sent" in failed["message"]
+    assert len(smtp.inbox.messages()) == 1
+    assert paths_of(error_of(admin.post("/settings/test-mail", json={"to": "nobody"}), 422)) == [
+        "to"
+    ]
+    assert paths_of(error_of(admin.post("/settings/test-mail", json={}), 422)) == ["to"]
+    error_of(op.post("/settings/test-mail", json={"to": "me@example.com"}), 403)
+    assert audit_text(store).count("settings.test_mail") == 2

@@ -869,6 +869,21 @@ ADMIN_SCHEMAS: dict[str, Any] = {
             "settings": {"type": "object", "additionalProperties": SETTING},
         },
     },
+    "TestMail": {
+        "type": "object",
+        "required": ["to"],
+        "additionalProperties": False,
+        "properties": {"to": {"type": "string", "minLength": 1, "examples": ["you@example.com"]}},
+    },
+    "TestMailResult": {
+        "type": "object",
+        "required": ["sent", "to", "message"],
+        "properties": {
+            "sent": {"type": "boolean"},
+            "to": {"type": "string"},
+            "message": {"type": "string", "description": "What happened, as the page says it"},
+        },
+    },
     "SettingsChange": {
         "type": "object",
         "description": "Alert settings by key, as the config file's alerts section takes "

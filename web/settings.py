@@ -419,6 +419,28 @@ def save() -> Any:
     return redirect(url_for("settings.index"))
 
 
+def send_test_mail_now(to: str) -> tuple[bool, str]:
+    """Send a test mail to ``to`` (a checked address) with the effective settings, audited
+    either way: (sent, what to tell). Never raises: whatever failed is the answer to the
+    test (the page's and the API's)."""
+    try:
+        settings = load_settings(store(), _config())
+        if settings.smtp_timeout > TEST_MAIL_TIMEOUT:
+            settings = replace(settings, smtp_timeout=TEST_MAIL_TIMEOUT)
+        wait = current_app.config.get("TEST_MAIL_WAIT", TEST_MAIL_TIMEOUT)
+        ops().send_test_mail(actor(), settings, to, wait=wait)  # audited, sent or not
+    except CloudTaskError as e:
+        return False, str(e)
+    except Exception as e:
+        log.exception("the test mail to %s failed", to)
+        return False, f"the test mail was not sent: {type(e).__name__}: {e}"
+    by = " by the leading center" if settings.smtp_password_secret else ""
+    return True, (
+        f"Test mail sent to {to}{by} through {settings.smtp_host}:{settings.smtp_port} "
+        f"from {settings.sender}: check that it arrived."
+    )
+
+
 @bp.post("/test-mail")
 @requires("admin")
 def test_mail() -> Any:
@@ -427,23 +449,7 @@ def test_mail() -> Any:
         return render_page(status=422, to_error="type the address to send the test mail to")
     if problem := email_problem(to):
         return render_page(status=422, to=to, to_error=problem)
-    try:
-        settings = load_settings(store(), _config())
-        if settings.smtp_timeout > TEST_MAIL_TIMEOUT:
-            settings = replace(settings, smtp_timeout=TEST_MAIL_TIMEOUT)
-        wait = current_app.config.get("TEST_MAIL_WAIT", TEST_MAIL_TIMEOUT)
-        ops().send_test_mail(actor(), settings, to, wait=wait)  # audited, sent or not
-    except CloudTaskError as e:
-        flash(str(e), "test-mail-error")
-    except Exception as e:  # never a 500: whatever failed is the answer to the test
-        log.exception("the test mail to %s failed", to)
-        flash(f"the test mail was not sent: {type(e).__name__}: {e}", "test-mail-error")
-    else:
-        by = " by the leading center" if settings.smtp_password_secret else ""
-        flash(
-            f"Test mail sent to {to}{by} through {settings.smtp_host}:{settings.smtp_port} "
-            f"from {settings.sender}: check that it arrived.",
-            "test-mail-ok",
-        )
+    sent, message = send_test_mail_now(to)
+    flash(message, "test-mail-ok" if sent else "test-mail-error")
     # the result is shown in the test mail's own section, where the page lands (#test-mail)
     return redirect(url_for("settings.index", to=to, _anchor="test-mail"))

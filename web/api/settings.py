@@ -23,7 +23,7 @@ from typing import Any
 
 from flask import current_app, jsonify
 
-from cloudtask.config import AlertsConfig, Config, config_origin
+from cloudtask.config import AlertsConfig, Config, config_origin, email_problem
 from cloudtask.exceptions import Problem, ValidationError
 from cloudtask.notify.settings import SETTING_KEYS, SETTINGS_ID, plain, stored_settings
 from cloudtask.operations.settings import follow_file
@@ -31,6 +31,7 @@ from cloudtask.operations.settings import follow_file
 from ..auth import requires
 from ..context import actor, jsonable, ops, store
 from ..openapi import JSON, Reply, path_param, ref
+from ..settings import send_test_mail_now
 from .hardening import ApiError, json_body, unknown_keys
 from .table import api
 
@@ -223,3 +224,31 @@ def reset_setting(key: str) -> Any:
             404, f"no setting named {key[:60]!r}; expected one of {', '.join(SETTING_KEYS)}"
         )
     return _save(settings_to_store({key: None}, replace=False))
+
+
+@api.route(
+    "POST",
+    "/settings/test-mail",
+    summary="Send a test mail",
+    description='`{"to": "you@example.com"}`: sent now with the saved settings (as the '
+    "settings page's button), audited either way. The answer says whether it was sent: "
+    "`sent` false with the reason (the server refused, no host, a timeout) is the test's "
+    "result, not an error of the request. It may take up to 30 s.",
+    body={JSON: ref("TestMail")},
+    replies={200: Reply("Whether it was sent, and what happened", "TestMailResult")},
+    errors=(422,),
+)
+@requires("admin")
+def test_mail() -> Any:
+    body = json_body()
+    problems: list[Problem] = []
+    unknown_keys(body, ("to",), problems)
+    to = body.get("to")
+    if not isinstance(to, str) or not to.strip():
+        problems.append(Problem("to", "required: the address to send the test mail to"))
+    elif problem := email_problem(to.strip()):
+        problems.append(Problem("to", problem))
+    if problems:
+        raise ApiError(422, "the test mail is invalid", problems)
+    sent, message = send_test_mail_now(to.strip())
+    return jsonify(sent=sent, to=to.strip(), message=message)
