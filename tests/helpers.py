@@ -239,6 +239,19 @@ class Api:
         return self("DELETE", path, **kw)
 
 
+def error_of(answer: Any, status: int) -> dict[str, Any]:
+    """The JSON error of an API answer that must have ``status``: it says what is wrong."""
+    assert answer.status_code == status, (answer.status_code, answer.get_data(as_text=True))
+    body = answer.get_json()
+    assert isinstance(body["error"], str) and body["error"]
+    return body
+
+
+def paths_of(body: dict[str, Any]) -> list[str]:
+    """The paths of an API error's details, in order."""
+    return [d["path"] for d in body["details"]]
+
+
 class WebUser(NamedTuple):
     name: str
     password: str

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import schemathesis
-from helpers import ADMIN, OPERATOR, VIEWER, Api, make_web_app, post_login
+from helpers import ADMIN, OPERATOR, VIEWER, Api, error_of, make_web_app, paths_of, post_login
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -82,17 +82,6 @@ def op(app):
 @pytest.fixture
 def viewer(app):
     return Api(app.test_client(), app.tokens["viewer"])
-
-
-def error_of(answer, status):
-    assert answer.status_code == status, (answer.status_code, answer.get_data(as_text=True))
-    body = answer.get_json()
-    assert isinstance(body["error"], str) and body["error"]
-    return body
-
-
-def paths_of(body):
-    return [d["path"] for d in body["details"]]
 
 
 def audit_text(store):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from helpers import Api, make_web_app
+from helpers import Api, error_of, make_web_app, paths_of
 
 from cloudtask.operations import Operations
 from cloudtask.users import Users
@@ -43,17 +43,6 @@ def op(app):
 @pytest.fixture
 def viewer(app):
     return Api(app.test_client(), app.tokens["viewer"])
-
-
-def error_of(answer, status):
-    assert answer.status_code == status, (answer.status_code, answer.get_data(as_text=True))
-    body = answer.get_json()
-    assert isinstance(body["error"], str) and body["error"]
-    return body
-
-
-def paths_of(body):
-    return [d["path"] for d in body["details"]]
 
 
 def sha(data):

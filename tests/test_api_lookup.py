@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from helpers import Api, make_web_app, run_document, task_spec, web_login
+from helpers import Api, error_of, make_web_app, run_document, task_spec, web_login
 
 from cloudtask.operations import Operations
 from cloudtask.users import Users
@@ -36,13 +36,6 @@ def tasks(store):
     for i, task in enumerate(made.values()):
         store.runs.insert_one(run_document(task, now - timedelta(minutes=i + 1)))
     return made
-
-
-def error_of(answer, status):
-    assert answer.status_code == status, (answer.status_code, answer.get_data(as_text=True))
-    body = answer.get_json()
-    assert isinstance(body["error"], str) and body["error"]
-    return body
 
 
 def task_ids(items):

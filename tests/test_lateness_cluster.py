@@ -16,39 +16,17 @@ from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
-from helpers import SmtpServer, wait_for
-from test_cluster import Cluster, leader
+import test_alerts_cluster
+from helpers import wait_for
+from test_cluster import leader
 
-from cloudtask.localservers import free_port
 from cloudtask.testing.clock import ENV as CLOCK_ENV
 
 OPS = "ops@example.com"
 
 
-@pytest.fixture
-def smtp():
-    server = SmtpServer(free_port()).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def cluster(zk_hosts, mongo_server, mongo_db_name, tmp_path, smtp, request):
-    c = Cluster(zk_hosts, mongo_server.uri, mongo_db_name, tmp_path)
-    c.env.update(
-        CLOUDTASK_ALERTS_SMTP_HOST="127.0.0.1",
-        CLOUDTASK_ALERTS_SMTP_PORT=str(smtp.port),
-        CLOUDTASK_ALERTS_SMTP_SECURITY="none",
-        CLOUDTASK_ALERTS_MAIL_FROM="cloudtask@example.com",
-        CLOUDTASK_ALERTS_OPERATORS=OPS,
-        CLOUDTASK_ALERTS_ALERT_INTERVAL="1h",
-        CLOUDTASK_WEB_BASE_URL="https://cloudtask.example.com",
-    )
-    yield c
-    c.stop_all()
-    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
-        for log in tmp_path.glob("*.log"):
-            print(f"----- {log.name}\n{log.read_text(errors='replace')[-4000:]}")
+# the cluster whose centers mail OPS through the test's SMTP server (conftest's ``smtp``)
+cluster = test_alerts_cluster.cluster
 
 
 def subjects(smtp, recipient: str = OPS) -> list[str]:
