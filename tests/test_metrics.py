@@ -439,7 +439,13 @@ def test_two_standalone_agents_count_the_claims_they_lose(cluster, store):
         return total
 
     assert wait_for(conflicts, timeout=60, message="no claim conflict counted") >= 1
+
+    # the winner of a claim starts its run a moment after the loser counted the conflict
+    def started() -> float:
+        found = [scrape_url(f"http://127.0.0.1:{port}/metrics") for port in ports]
+        return sum(value(m, "cloudtask_agent_runs_started_total") or 0 for m in found)
+
+    assert wait_for(started, timeout=30, message="no run start counted") >= 1
     scrapes = [scrape_url(f"http://127.0.0.1:{port}/metrics") for port in ports]
-    assert sum(value(m, "cloudtask_agent_runs_started_total") for m in scrapes) >= 1
     # standalone: no ZooKeeper, so no series of it
     assert not any(name.startswith("cloudtask_zookeeper") for m in scrapes for name, _ in m)
