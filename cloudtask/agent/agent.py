@@ -758,8 +758,11 @@ class Agent:
     def kill_in_doubt(self, run_id: str, reason: str) -> bool:
         """A kill request for a claim written without an answer (the loop's thread): recorded
         ``killed`` if it landed, once that is known (see :meth:`_settle_in_doubt`). False if
-        no such claim is in doubt here."""
-        if not self.is_in_doubt(run_id):
+        no such claim is in doubt here, or if it is one that never starts (a fire recorded
+        ``missed`` or ``skipped`` in the same batch is final as written)."""
+        if not any(
+            c.doc["_id"] == run_id and c.doc["status"] in RUNNING_STATUSES for c in self._in_doubt
+        ):
             return False
         self._kill_in_doubt[run_id] = reason
         return True
