@@ -415,6 +415,22 @@ class Blackout:
     def contains(self, instant: datetime) -> bool:
         return self.window_at(instant) is not None
 
+    def next_opening(self, instant: datetime, horizon_days: int = 400) -> datetime | None:
+        """When the next window after ``instant`` opens (UTC), within ``horizon_days``; None
+        if none does (a one-off window that has passed, dates that are all behind)."""
+        zone = ZoneInfo(self.timezone)
+        if self.start is not None:
+            opened = _opening_instant(self.start, zone)
+            return opened if opened > instant else None
+        today = instant.astimezone(zone).date()
+        for offset in range(horizon_days + 1):
+            day = today + timedelta(days=offset)
+            if day.weekday() in self.days or day in self.dates:
+                opened = _opening_instant(datetime.combine(day, self.opens), zone)
+                if opened > instant:
+                    return opened
+        return None
+
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> Blackout:
         """From a stored (canonical) blackout (see :func:`parse_blackout`)."""

@@ -3,7 +3,8 @@ the test mail's result shows where the page lands; a kill asks first; a fire tim
 printed once; dates and agent ids in the lists do not break across lines; the cluster page
 shows the machine's load and the agent process's own, from a real agent's registration;
 an audit entry of a create folds its fields away; a 403 says which role is needed; the
-settings page names the config file to edit."""
+settings page names the config file to edit; and the Calendars page, used as an operator
+would."""
 
 from __future__ import annotations
 
@@ -260,3 +261,77 @@ def test_page_fixes_in_the_browser(site, store, zk, page, tmp_path, mail, cluste
     step("test mail", test_mail_result_in_sight)
     assert violations == [], violations
     assert page.js_errors == [], page.js_errors  # type: ignore[attr-defined]
+
+
+def test_the_calendars_page_in_the_browser(site, store, page, tmp_path):
+    """An operator makes a calendar by hand (a wrong date is marked where it was typed),
+    imports one from an .ics file, plans a one-off blackout, sees when it opens, and deletes
+    it after being asked."""
+    from playwright.sync_api import expect
+
+    step = Steps(page, tmp_path)
+    violations = test_browser.csp_violations(page)
+    ics = tmp_path / "xmas.ics"
+    ics.write_bytes(
+        b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//EN\r\n"
+        b"BEGIN:VEVENT\r\nUID:xmas\r\nSUMMARY:Christmas\r\nDTSTART;VALUE=DATE:20251225\r\n"
+        b"DTEND;VALUE=DATE:20251227\r\nRRULE:FREQ=YEARLY\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+    )
+
+    def a_calendar_by_hand():
+        test_browser.log_in(page, site, "ops", "operator passphrase")
+        page.click("nav.main a:text-is('Calendars')")
+        page.wait_for_url(site + "/calendars")
+        form = page.locator("#calendar-form")
+        form.locator("#c-name").fill("year-end")
+        form.locator("input[name=weekdays][value=sat]").check()
+        form.locator("input[name=weekdays][value=sun]").check()
+        form.locator("#c-dates").fill("2099-12-24\n2099-02-30")
+        form.locator("button[type=submit]").click()
+        error = page.locator("#calendar-form [data-error='calendar.dates']")
+        expect(error).to_be_visible()
+        expect(error).to_contain_text("2099-02-30")
+        expect(page.locator("#c-dates")).to_have_value("2099-12-24\n2099-02-30")
+        assert store.calendar_names(["year-end"]) == set()
+        page.locator("#c-dates").fill("2099-12-24\n2099-12-27..2099-12-28")
+        page.locator("#calendar-form button[type=submit]").click()
+        row = page.locator("tr[data-calendar='year-end']")
+        expect(row).to_contain_text("2099-12-24, 2099-12-27, 2099-12-28")
+        expect(row).to_contain_text("sat, sun")
+        expect(page.locator(".flash.ok")).to_contain_text("Calendar year-end created")
+
+    def a_calendar_from_a_file():
+        page.locator("#i-name").fill("xmas")
+        page.locator("#i-file").set_input_files(str(ics))
+        page.locator("#import-form button[type=submit]").click()
+        expect(page.locator(".flash.ok")).to_contain_text("Calendar xmas created from xmas.ics")
+        row = page.locator("tr[data-calendar='xmas']")
+        expect(row).to_contain_text("ics:xmas.ics")
+        year = datetime.now(timezone.utc).year
+        expect(row.locator("[data-next]")).to_contain_text(f"{year}-12-25")
+
+    def a_one_off_blackout():
+        form = page.locator("#blackout-form")
+        form.locator("#b-name").fill("freeze")
+        form.locator("input[name=kind][value=once]").check()
+        form.locator("#b-start").fill("2099-12-24T18:00")
+        form.locator("#b-end").fill("2099-12-27T06:00")
+        form.locator("#b-description").fill("year-end freeze")
+        form.locator("button[type=submit]").click()
+        row = page.locator("tr[data-blackout='freeze']")
+        expect(row).to_contain_text("every group")
+        expect(row.locator("[data-now]")).to_have_text("opens 2099-12-24 18:00:00 UTC")
+        assert store.get_blackout("freeze")["start"] == "2099-12-24T18:00:00"
+
+    def deleting_asks_first():
+        page.locator("tr[data-blackout='freeze'] a:text-is('Delete')").click()
+        expect(page.locator("h1")).to_contain_text("Delete blackout freeze?")
+        page.locator("#delete-blackout button[type=submit]").click()
+        expect(page.locator(".flash.ok")).to_contain_text("Blackout freeze deleted")
+        expect(page.locator("tr[data-blackout='freeze']")).to_have_count(0)
+
+    step("a calendar by hand", a_calendar_by_hand)
+    step("a calendar from a file", a_calendar_from_a_file)
+    step("a one-off blackout", a_one_off_blackout)
+    step("deleting asks first", deleting_asks_first)
+    assert violations == []

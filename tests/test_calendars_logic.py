@@ -233,6 +233,37 @@ def test_blackouts_past_midnight_on_dates_once_and_for_every_group():
     )
 
 
+def test_the_next_opening_of_a_window_weekly_across_daylight_saving_dated_and_once():
+    def window(**body) -> Blackout:
+        doc, problems = parse_blackout("w", {"group": "*", **body})
+        assert not problems, problems
+        return Blackout.from_doc(doc)
+
+    sunday = window(days=["sun"], **{"from": "02:00", "to": "04:00"}, timezone="Europe/Berlin")
+    # from a Thursday: the coming Sunday at 02:00 Berlin time (winter: 01:00 UTC)
+    assert sunday.next_opening(datetime(2026, 12, 24, 12, tzinfo=UTC)) == datetime(
+        2026, 12, 27, 1, tzinfo=UTC
+    )
+    # while one is open, the next one is a week later
+    assert sunday.next_opening(datetime(2026, 12, 27, 2, tzinfo=UTC)) == datetime(
+        2027, 1, 3, 1, tzinfo=UTC
+    )
+    # 02:00 does not exist on 2026-03-29 in Berlin: the window opens when the clock jumps
+    assert sunday.next_opening(datetime(2026, 3, 28, tzinfo=UTC)) == datetime(
+        2026, 3, 29, 1, tzinfo=UTC
+    )
+    dated = window(dates=["2026-12-31"], **{"from": "22:00", "to": "02:00"})
+    assert dated.next_opening(datetime(2026, 12, 1, tzinfo=UTC)) == datetime(
+        2026, 12, 31, 22, tzinfo=UTC
+    )
+    assert dated.next_opening(datetime(2026, 12, 31, 22, tzinfo=UTC)) is None  # all behind
+    once = window(start="2027-01-10T08:00", end="2027-01-10T12:30", timezone="Europe/Berlin")
+    assert once.next_opening(datetime(2027, 1, 1, tzinfo=UTC)) == datetime(
+        2027, 1, 10, 7, tzinfo=UTC
+    )
+    assert once.next_opening(datetime(2027, 1, 10, 7, tzinfo=UTC)) is None
+
+
 def test_parse_blackout_refusals():
     cases = {
         "no window": ({"group": "g"}, ""),

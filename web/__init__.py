@@ -111,6 +111,9 @@ def create_app(config: Config | None = None, test_config: dict[str, Any] | None 
     from . import plan_pages  # the Plans pages (the API's plans are web/api/plans.py)
 
     app.register_blueprint(plan_pages.bp)
+    from . import calendar_pages  # the Calendars page (the API's are web/api/calendars.py)
+
+    app.register_blueprint(calendar_pages.bp)
     from . import metrics  # /metrics (Prometheus) and /readyz
 
     app.register_blueprint(metrics.bp)

@@ -135,19 +135,23 @@ class CalendarRecords(StoreBase):
         self._bump_calendar_version()
 
     def tasks_using_calendar(self, name: str) -> list[dict[str, str]]:
-        """The tasks whose schedule names calendar ``name`` (read in full: the schedules'
-        forms vary, and a delete is rare)."""
+        """The tasks whose schedule names calendar ``name``."""
+        return self.calendar_users().get(name, [])
+
+    def calendar_users(self) -> dict[str, list[dict[str, str]]]:
+        """The tasks naming each calendar, by calendar name (every task read once: the
+        schedules' forms vary, and this is asked by a delete and the Calendars page only)."""
         docs = read_all(
-            self.tasks.find({}, {"name": 1, "spec.schedule": 1}), "find the calendar's tasks"
+            self.tasks.find({}, {"name": 1, "spec.schedule": 1}), "find the calendars' tasks"
         )
-        out = []
+        out: dict[str, list[dict[str, str]]] = {}
         for doc in docs:
             spec = doc.get("spec") or {}
             schedule = spec.get("schedule") if isinstance(spec, dict) else None
             if schedule is None:
                 schedule = doc.get("spec.schedule")  # (a dotted projection, flat)
-            if name in schedule_calendar_names(schedule):
-                out.append({"id": doc["_id"], "name": doc.get("name", "")})
+            for name in sorted(schedule_calendar_names(schedule)):
+                out.setdefault(name, []).append({"id": doc["_id"], "name": doc.get("name", "")})
         return out
 
     # --- blackouts -----------------------------------------------------------------------
