@@ -300,6 +300,30 @@ def test_the_calendars_page_in_the_browser(site, store, page, tmp_path):
         expect(row).to_contain_text("sat, sun")
         expect(page.locator(".flash.ok")).to_contain_text("Calendar year-end created")
 
+    def a_task_on_the_calendar_with_a_label():
+        page.goto(site + "/tasks/new")
+        page.fill("#f-name", "weekend-report")
+        page.fill("#f-cron", "0 6 * * *")
+        page.fill("#f-timezone", "UTC")
+        page.fill("#f-calendar_only", "year-end")
+        page.fill("#f-command", "true")
+        page.fill("#f-requires", "os=linux")
+
+        def weekend_fires() -> list[str]:  # the calendar holds weekends only, until 2099
+            texts = page.locator("#schedule-preview li").all_inner_texts()
+            days = {datetime.strptime(t[:10], "%Y-%m-%d").strftime("%a") for t in texts}
+            shown = len(texts) == 5 and days <= {"Sat", "Sun"}
+            return shown and all("06:00:00" in t for t in texts) and texts
+
+        wait_for(weekend_fires, timeout=15, message="the preview did not judge the calendar")
+        page.click(".form-buttons button[type=submit]")
+        expect(page.locator("h1")).to_contain_text("weekend-report")
+        spec = store.get_task_by_name("weekend-report")["spec"]
+        assert spec["schedule"]["calendar"] == {"only": "year-end"}
+        assert spec["requires"] == {"os": "linux"}
+        page.goto(site + "/calendars")
+        expect(page.locator("tr[data-calendar='year-end']")).to_contain_text("weekend-report")
+
     def a_calendar_from_a_file():
         page.locator("#i-name").fill("xmas")
         page.locator("#i-file").set_input_files(str(ics))
@@ -331,6 +355,7 @@ def test_the_calendars_page_in_the_browser(site, store, page, tmp_path):
         expect(page.locator("tr[data-blackout='freeze']")).to_have_count(0)
 
     step("a calendar by hand", a_calendar_by_hand)
+    step("a task on the calendar with a label", a_task_on_the_calendar_with_a_label)
     step("a calendar from a file", a_calendar_from_a_file)
     step("a one-off blackout", a_one_off_blackout)
     step("deleting asks first", deleting_asks_first)

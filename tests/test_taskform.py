@@ -93,6 +93,21 @@ SPECS = {
         "command": "true",
         "notify": {"emails": ["a@example.com", "b@example.com"], "on": ["failure", "success"]},
     },
+    "calendars and required labels": {
+        "name": "payroll",
+        "schedule": {
+            "cron": "0 6 * * *",
+            "timezone": "Europe/Berlin",
+            "calendar": {"only": "workdays", "skip": ["de-holidays", "company-days"]},
+        },
+        "command": "true",
+        "requires": {"os": "linux", "rack": "b 12, east"},
+    },
+    "every on one calendar": {
+        "name": "weekend-sync",
+        "schedule": {"every": "2h", "calendar": {"only": "weekend"}},
+        "command": "true",
+    },
     "env": {
         "name": "configured",
         "schedule": {"every": "1h"},
@@ -177,6 +192,30 @@ def test_what_the_fields_show():
     assert keepalive["schedule_kind"] == "keepalive" and keepalive["file_version"] == "a" * 64
 
 
+def test_required_labels_and_calendars_in_the_fields():
+    form = default_form()
+    form.update(
+        name="n",
+        command="true",
+        requires="os = linux\nno separator",
+        calendar_only="workdays",
+        calendar_skip="de-holidays,  company",
+    )
+    spec, problems = form_spec(form)
+    assert problems == [Problem("requires", "line 2: expected label=value, got 'no separator'")]
+    assert spec["requires"] == {"os": "linux"}
+    assert spec["schedule"]["calendar"] == {"only": "workdays", "skip": ["de-holidays", "company"]}
+    # a kind that takes no calendar: the (hidden) calendar fields are ignored
+    form.update(requires="", schedule_kind="keepalive")
+    spec, problems = form_spec(form)
+    assert problems == [] and "calendar" not in spec["schedule"] and spec["requires"] == {}
+    # a label value the fields would change (read stripped) opens as JSON
+    canonical = parse_task(
+        {"name": "n", "schedule": {"every": "1h"}, "command": "true", "requires": {"os": " x "}}
+    ).to_dict()
+    assert not fits_fields(canonical) and spec_form(canonical)["editor"] == "json"
+
+
 def test_a_spec_the_fields_cannot_show_opens_as_json_and_reads_back():
     canonical = parse_task(
         {
@@ -256,6 +295,9 @@ def test_bad_lines_are_problems_at_their_spec_path_and_field():
         ({"notify_emails": "nobody"}, "notify.emails[0]", "notify_emails"),
         ({"between_start": "25:00", "between_end": "06:00"}, "schedule.between", "between"),
         ({"run_kind": "http", "url": "ftp://nowhere"}, "http.url", "url"),
+        ({"calendar_only": "workdays, not-a-name!"}, "schedule.calendar.only", "calendar_only"),
+        ({"calendar_skip": "bad/name"}, "schedule.calendar.skip", "calendar_skip"),
+        ({"requires": "bad label=x"}, "requires.bad label", "requires"),
         (
             {"run_kind": "http", "url": "https://a.example", "expect_status": "abc"},
             "http.expect_status",

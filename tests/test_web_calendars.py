@@ -294,3 +294,31 @@ def test_deleting_asks_first_and_a_calendar_named_by_a_task_is_kept(app, store):
     assert operator.get("/calendars/calendar/nothing/delete").status_code == 404
     actions = sorted(e["action"] for e in store.audit.find({"action": {"$regex": "delete$"}}))
     assert actions == ["blackout.delete", "calendar.delete"]
+
+
+def test_the_task_forms_preview_judges_the_calendars_and_marks_the_groups_blackouts(app, store):
+    ops = Operations(store)
+    ops.set_calendar("op1", "weekend", {"weekdays": ["sat", "sun"]})
+    ops.set_blackout("op1", "saturday", {"group": "batch", "days": ["sat"]})
+    viewer = logged_in(app, VIEWER)
+    query = "/tasks/preview?cron=0+6+*+*+*&timezone=UTC&calendar_only=weekend&n=6"
+    answer = viewer.get(query + "&group=batch")
+    assert answer.status_code == 200, answer.get_json()
+    fires = answer.get_json()["fires"]
+    assert len(fires) == 6
+    for fire in fires:
+        day = datetime.fromisoformat(fire["utc"]).strftime("%a")
+        assert day in ("Sat", "Sun"), fire
+        assert fire["blackout"] == ("saturday" if day == "Sat" else None), fire
+    # another group has no blackout; a skip side leaves the Saturdays out
+    others = viewer.get(query + "&group=web").get_json()["fires"]
+    assert [f["utc"] for f in others] == [f["utc"] for f in fires]
+    assert all(f["blackout"] is None for f in others)
+    sundays = viewer.get(query + "&calendar_skip=only-saturdays").get_json()
+    assert sundays["details"][0] == {
+        "path": "schedule.calendar",
+        "message": "no calendar named 'only-saturdays'",
+    }
+    ops.set_calendar("op1", "only-saturdays", {"weekdays": ["sat"]})
+    sundays = viewer.get(query + "&calendar_skip=only-saturdays").get_json()["fires"]
+    assert {datetime.fromisoformat(f["utc"]).strftime("%a") for f in sundays} == {"Sun"}

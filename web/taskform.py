@@ -54,6 +54,8 @@ TEXT_FIELDS = (
     "end",
     "between_start",
     "between_end",
+    "calendar_only",
+    "calendar_skip",
     "run_kind",
     "command",
     "file",
@@ -76,6 +78,7 @@ TEXT_FIELDS = (
     "misfire_grace",
     "on_lost",
     "mode",
+    "requires",
     "warn_after",
     "deadline",
     "expect_every",
@@ -91,10 +94,10 @@ CHECKBOXES = ("enabled", "shell", "callback")
 # "between", the pair of fields of a time window
 ERROR_FIELDS = (*TEXT_FIELDS, *CHECKBOXES, "notify_on", "between")
 # A top-level key of the spec (the model's field table) is shown by the field of its name,
-# but for these; and no field shows the version, the agent labels a task requires or its
-# container (the JSON editor does: a spec with either opens in it, see fits_fields)
+# but for these; and no field shows the version or a container (the JSON editor does: a spec
+# with one opens in it, see fits_fields)
 FIELD_OF_KEY = {"schedule": "schedule_kind", "http": "url", "notify": "notify_emails"}
-NOT_IN_FIELDS = ("version", "requires", "container")
+NOT_IN_FIELDS = ("version", "container")
 DEFAULTS = {f.name: f.default for f in TASK_FIELDS}
 
 
@@ -114,6 +117,9 @@ FIELD_OF_PATH = {
     "schedule.start": "start",
     "schedule.end": "end",
     "schedule.between": "between",
+    "schedule.calendar": "calendar_only",
+    "schedule.calendar.only": "calendar_only",
+    "schedule.calendar.skip": "calendar_skip",
     "http.url": "url",
     "http.urls": "url",
     "http.method": "method",
@@ -207,10 +213,11 @@ def fits_fields(spec: dict[str, Any]) -> bool:
         return False
     if spec.get("command") is not None and not isinstance(spec["command"], str):
         return False
-    if spec.get("requires") or spec.get("container") is not None:
-        return False  # no field shows them
-    if schedule.get("calendar"):
-        return False  # no field shows a schedule's calendar rule
+    if spec.get("container") is not None:
+        return False  # no field shows it
+    requires = spec.get("requires") or {}
+    if any(not isinstance(v, str) or v != v.strip() for v in requires.values()):
+        return False  # a label=value line is read stripped
     env = (spec.get("env") or {}).values()
     if any("\n" in str(v) or "\r" in str(v) or _looks_like_reference(v) for v in env):
         return False  # the env field holds one KEY=VALUE a line; secret:... is a reference
@@ -242,6 +249,7 @@ def spec_form(spec: dict[str, Any]) -> dict[str, Any]:
     http = spec.get("http") or {}
     urls = http.get("urls") or ([http["url"]] if http.get("url") else [""])
     expect = http.get("expect_status")
+    calendar = schedule.get("calendar") if isinstance(schedule.get("calendar"), dict) else {}
     form.update(
         name=spec.get("name", ""),
         group=spec.get("group", DEFAULTS["group"]),
@@ -259,6 +267,8 @@ def spec_form(spec: dict[str, Any]) -> dict[str, Any]:
         end=schedule.get("end", ""),
         between_start=between[0],
         between_end=between[1],
+        calendar_only=", ".join(_names(calendar.get("only"))),
+        calendar_skip=", ".join(_names(calendar.get("skip"))),
         run_kind="http" if spec.get("http") else "command",
         command=spec.get("command") if isinstance(spec.get("command"), str) else "",
         shell=bool(spec.get("shell")),
@@ -283,6 +293,7 @@ def spec_form(spec: dict[str, Any]) -> dict[str, Any]:
         misfire_grace=spec.get("misfire_grace", DEFAULTS["misfire_grace"]),
         on_lost=spec.get("on_lost", DEFAULTS["on_lost"]),
         mode=spec.get("mode", DEFAULTS["mode"]),
+        requires="\n".join(f"{k}={v}" for k, v in (spec.get("requires") or {}).items()),
         warn_after=spec.get("warn_after") or "",
         deadline=spec["deadline"] if isinstance(spec.get("deadline"), str) else "",
         expect_every=spec.get("expect_every") or "",
@@ -291,6 +302,20 @@ def spec_form(spec: dict[str, Any]) -> dict[str, Any]:
         notify_on=list((spec.get("notify") or {}).get("on") or []),
     )
     return form
+
+
+def _names(value: Any) -> list[str]:
+    """A calendar rule's side (a name or a list of names) as a list."""
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def name_list(text: str) -> Any:
+    """Names typed with commas or spaces between: one is a string, more a list (as the model's
+    canonical form writes a calendar rule's side)."""
+    names = [n for n in re.split(r"[\s,]+", text) if n]
+    return names[0] if len(names) == 1 else names
 
 
 def read_form(data: Any) -> dict[str, Any]:
@@ -380,6 +405,13 @@ def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
     between = [form["between_start"].strip(), form["between_end"].strip()]
     if any(between) and kind in ("cron", "every"):
         schedule["between"] = between
+    calendar = {
+        side: name_list(form[f"calendar_{side}"])
+        for side in ("only", "skip")
+        if form[f"calendar_{side}"].strip()
+    }
+    if calendar and kind in ("cron", "every"):
+        schedule["calendar"] = calendar
     spec["schedule"] = schedule
 
     if form["run_kind"] == "http":
@@ -440,6 +472,16 @@ def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
             spec[key] = duration_value(form[key])
     if form["deadline"].strip():
         spec["deadline"] = form["deadline"].strip()
+    requires: dict[str, str] = {}
+    for number, line in _lines(form["requires"]):
+        label, sep, value = line.partition("=")
+        if not sep or not label.strip():
+            problems.append(
+                Problem("requires", f"line {number}: expected label=value, got {line!r}")
+            )
+        else:
+            requires[label.strip()] = value.strip()
+    spec["requires"] = requires
     env = {}
     for number, line in _lines(form["env"]):
         name, sep, value = line.partition("=")

@@ -19,16 +19,18 @@ from zoneinfo import ZoneInfo
 from flask import current_app, jsonify, request
 
 from cloudtask import jsonlimits
+from cloudtask.calendars import preview as calendar_preview
+from cloudtask.calendars import rule_names
 from cloudtask.clock import utcnow
-from cloudtask.exceptions import NotFound, Problem
+from cloudtask.exceptions import CloudTaskError, NotFound, Problem
 from cloudtask.runmodel import RUNNING_STATUSES
-from cloudtask.schedules import next_fires, parse_schedule
+from cloudtask.schedules import parse_schedule
 from cloudtask.task import MAX_SCHEDULES
 
 from .auth import requires
 from .context import store
 from .queries import parse_time
-from .taskform import duration_value, instant_value
+from .taskform import duration_value, instant_value, name_list
 
 PREVIEW_FIRES = 5
 TREND_DEFAULT = 500
@@ -130,7 +132,10 @@ def trend(task_id: str) -> Any:
 @requires("viewer")
 def preview() -> Any:
     """The next fire times of a schedule typed in the form: ``cron`` (+ ``timezone``) or
-    ``every`` (+ ``timezone``, ``start``), or ``schedule`` (a JSON schedule); ``n`` fires (5).
+    ``every`` (+ ``timezone``, ``start``, ``end``, ``between_*``, ``calendar_only``,
+    ``calendar_skip``), or ``schedule`` (a JSON schedule); ``n`` fires (5). As its agent will
+    see them: dates the calendar rule leaves out are not fires, and each fire names the
+    blackout of the task's ``group`` that will record it skipped (``blackout``, else null).
     Answers 200 with ``fires`` or 422 with ``details`` naming the field; never 500. The JSON
     is read with a bound on its nesting (:func:`cloudtask.jsonlimits.loads`), and a list of
     more than ``MAX_SCHEDULES`` schedules is refused before any is parsed, as the model
@@ -167,13 +172,33 @@ def preview() -> Any:
         between = [(args.get(k) or "").strip() for k in ("between_start", "between_end")]
         if any(between):
             value["between"] = between
+        calendar = {
+            side: name_list(args.get(f"calendar_{side}") or "")
+            for side in ("only", "skip")
+            if (args.get(f"calendar_{side}") or "").strip()
+        }
+        if calendar:
+            value["calendar"] = calendar
+    group = (args.get("group") or "").strip() or "default"
     try:
         parsed, problems = parse_schedule(value, "schedule")
         if problems or parsed is None:
             return _json_error("the schedule is invalid", problems, 422)
         zone_name = schedule_zone(value) if isinstance(value, (dict, list)) else "UTC"
         zone = ZoneInfo(zone_name)
-        fires = next_fires(parsed, utcnow(), n)
+        names = rule_names(parsed)
+        try:  # the calendars it names and the group's blackouts, as its agent will judge them
+            book = store().calendar_book(names, group)
+        except CloudTaskError as e:
+            current_app.logger.warning("schedule preview without calendars: %s", e)
+            book = None
+        missing = sorted(names - set(book.calendars)) if book is not None else []
+        if missing:
+            problems = [
+                Problem("schedule.calendar", f"no calendar named {name!r}") for name in missing
+            ]
+            return _json_error("the schedule is invalid", problems, 422)
+        fires = calendar_preview(parsed, group, utcnow(), n, book)
     except Exception as e:  # never a 500 for what a user types
         current_app.logger.warning("schedule preview failed for %r: %s", value, e)
         return _json_error(
@@ -182,5 +207,8 @@ def preview() -> Any:
     return jsonify(
         timezone=zone_name,
         keepalive=parsed.keepalive,
-        fires=[{"utc": f.isoformat(), "local": fmt_local(f, zone)} for f in fires],
+        fires=[
+            {"utc": f.isoformat(), "local": fmt_local(f, zone), "blackout": blackout}
+            for f, blackout in fires
+        ],
     )

@@ -331,6 +331,14 @@ def secret_names() -> list[str]:
         return []
 
 
+def calendar_names() -> list[str]:
+    """The stored calendars' names, for the schedule's calendar fields."""
+    try:
+        return [c["name"] for c in store().list_calendars()]
+    except CloudTaskError:
+        return []
+
+
 def render_form(
     form: dict[str, Any],
     *,
@@ -359,6 +367,7 @@ def render_form(
         modes=MODES,
         notify_events=NOTIFY_EVENTS,
         secret_names=secret_names(),
+        calendar_names=calendar_names(),
     ), status
 
 

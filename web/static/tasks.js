@@ -49,6 +49,9 @@
     "schedule.start": "Start",
     "schedule.end": "End",
     "schedule.between": "Between",
+    "schedule.calendar": "Calendar",
+    "schedule.calendar.only": "Only on dates of",
+    "schedule.calendar.skip": "Never on dates of",
   };
 
   function clear(el) {
@@ -87,6 +90,12 @@
       var li = document.createElement("li");
       li.textContent = f.local;
       li.title = f.utc;
+      if (f.blackout) {
+        var note = document.createElement("span");
+        note.className = "muted";
+        note.textContent = " · skipped: blackout " + f.blackout;
+        li.appendChild(note);
+      }
       list.appendChild(li);
     });
     box.appendChild(list);
@@ -107,7 +116,7 @@
     }
     var params = new URLSearchParams();
     params.set(kind, main);
-    ["timezone", "start", "end", "between_start", "between_end"].forEach(function (name) {
+    ["timezone", "start", "end", "between_start", "between_end", "calendar_only", "calendar_skip", "group"].forEach(function (name) {
       if (value(name)) params.set(name, value(name));
     });
     fetch(previewUrl + "?" + params.toString(), {
@@ -141,7 +150,7 @@
     if (name === "schedule_kind" || name === "run_kind") showKinds();
     if (name === "schedule_kind") schedulePreview();
   });
-  ["cron", "every", "timezone", "start", "end", "between_start", "between_end"].forEach(function (name) {
+  ["cron", "every", "timezone", "start", "end", "between_start", "between_end", "calendar_only", "calendar_skip", "group"].forEach(function (name) {
     var input = field(name);
     if (input) input.addEventListener("input", schedulePreview);
   });
