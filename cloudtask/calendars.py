@@ -618,6 +618,11 @@ class CalendarBook:
             end = t = max(ends)
         return end
 
+    def next_blackout_opening(self, group: str, instant: datetime) -> datetime | None:
+        """When the next window of ``group``'s blackouts after ``instant`` opens, or None."""
+        openings = [b.next_opening(instant) for b in self.blackouts if b.applies_to(group)]
+        return min((o for o in openings if o is not None), default=None)
+
 
 def _zone_of(item: Schedule) -> ZoneInfo:
     return ZoneInfo(getattr(item, "timezone", "UTC") or "UTC")
@@ -687,3 +692,53 @@ def preview(
         out.append((fire, blackout.name if blackout is not None else None))
         t = fire
     return out
+
+
+OPEN_TIME_HORIZON = timedelta(days=400)  # open time looked for, at most, past its start
+
+
+def open_time_reached(
+    schedule: ScheduleSet | Schedule,
+    since: datetime,
+    seconds: float,
+    book: CalendarBook | None,
+    group: str,
+) -> datetime | None:
+    """When ``seconds`` of the time a schedule could run have passed since ``since``: not
+    counting the local dates its calendar rule leaves out (a date counts if any of its
+    schedules lets it through; a schedule without a rule lets every date through) nor
+    ``group``'s blackout windows. A task that runs on workdays only and expects a success
+    every 25 hours is not overdue on a Saturday: its Friday success is 25 counted hours old
+    on Monday morning. None when that much time is not found within OPEN_TIME_HORIZON
+    (a rule that lets no date through); ``book`` None: nothing is left out."""
+    if book is None:
+        return since + timedelta(seconds=seconds)
+    items = schedule.items if isinstance(schedule, ScheduleSet) else (schedule,)
+    ruled = [(i.window.calendar, _zone_of(i)) for i in items]
+    if any(rule is None for rule, _ in ruled):
+        ruled = []  # every date is let through by one of them
+    remaining = timedelta(seconds=seconds)
+    t = since
+    limit = since + OPEN_TIME_HORIZON
+    while t < limit:
+        end = book.blackout_end(group, t)
+        if end is not None:
+            t = end
+            continue
+        dates_end = None  # the next local midnight, where a rule may decide otherwise
+        if ruled:
+            local = [(rule, t.astimezone(zone).date(), zone) for rule, zone in ruled]
+            dates_end = min(
+                _opening_instant(datetime.combine(day + timedelta(days=1), time(0)), zone)
+                for _, day, zone in local
+            )
+            if not any(rule is not None and book.allows(rule, day) for rule, day, _ in local):
+                t = dates_end
+                continue
+        stops = [t + remaining, dates_end, book.next_blackout_opening(group, t)]
+        stop = min(s for s in stops if s is not None)
+        remaining -= stop - t
+        if remaining <= timedelta(0):
+            return stop
+        t = stop
+    return None

@@ -16,6 +16,7 @@ from cloudtask.calendars import (
     IcsError,
     ics_dates,
     next_fire,
+    open_time_reached,
     parse_blackout,
     parse_calendar,
     preview,
@@ -262,6 +263,50 @@ def test_the_next_opening_of_a_window_weekly_across_daylight_saving_dated_and_on
         2027, 1, 10, 7, tzinfo=UTC
     )
     assert once.next_opening(datetime(2027, 1, 10, 7, tzinfo=UTC)) is None
+
+
+def test_open_time_leaves_out_the_dates_a_rule_skips_and_the_blackouts():
+    b = book(
+        {"name": "night", "group": "g", "days": ["wed"], "from": "00:00", "to": "06:00"},
+        calendars=(WORKDAYS, HOLIDAYS),
+    )
+    rule = {"only": "workdays", "skip": "holidays"}
+    (workdays,) = parse_schedule({"cron": "0 6 * * *", "calendar": rule})[0].items
+    friday = datetime(2026, 12, 18, 12, tzinfo=UTC)
+    # Friday noon + 24 open hours: Friday's 12 hours, then Monday's first 12
+    assert open_time_reached(workdays, friday, 24 * 3600, b, "g") == datetime(
+        2026, 12, 21, 12, tzinfo=UTC
+    )
+    # over Christmas (24th-26th, then the weekend): from Wednesday the 23rd at noon, 36 hours
+    # are the 23rd's 12, then Monday the 28th's 24
+    wednesday = datetime(2026, 12, 23, 12, tzinfo=UTC)
+    assert open_time_reached(workdays, wednesday, 36 * 3600, b, "g") == datetime(
+        2026, 12, 29, 0, tzinfo=UTC
+    )
+    # Wednesday's 00:00-06:00 window of group g does not count either
+    tuesday = datetime(2026, 12, 15, 20, tzinfo=UTC)
+    assert open_time_reached(workdays, tuesday, 6 * 3600, b, "g") == datetime(
+        2026, 12, 16, 8, tzinfo=UTC
+    )
+    assert open_time_reached(workdays, tuesday, 6 * 3600, b, "other") == datetime(
+        2026, 12, 16, 2, tzinfo=UTC
+    )
+    # a schedule with a rule-free part lets every date through; no book leaves nothing out
+    both = parse_schedule([{"cron": "0 6 * * *", "calendar": rule}, {"every": "1h"}])[0]
+    assert open_time_reached(both, friday, 24 * 3600, b, "x") == friday + timedelta(days=1)
+    assert open_time_reached(workdays, friday, 3600, None, "g") == friday + timedelta(hours=1)
+    # local dates: a Berlin workday begins at 23:00 UTC the day before (in winter)
+    (berlin,) = parse_schedule(
+        {"cron": "0 6 * * *", "timezone": "Europe/Berlin", "calendar": {"only": "workdays"}}
+    )[0].items
+    saturday = datetime(2026, 12, 19, 12, tzinfo=UTC)
+    assert open_time_reached(berlin, saturday, 3600, b, "x") == datetime(
+        2026, 12, 21, 0, tzinfo=UTC
+    )
+    # a rule that lets no date through never reaches it
+    nothing = CalendarBook.from_docs([{"name": "never", "dates": ["2000-01-01"]}], [])
+    (never,) = parse_schedule({"every": "1h", "calendar": {"only": "never"}})[0].items
+    assert open_time_reached(never, friday, 60, nothing, "g") is None
 
 
 def test_parse_blackout_refusals():

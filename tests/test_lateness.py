@@ -479,6 +479,64 @@ def test_a_day_the_calendar_skips_or_a_blackout_covers_asks_nothing_of_the_deadl
     assert days == ["2026-12-06"]
 
 
+def test_overdue_counts_only_the_time_the_task_could_run(store):
+    """A payroll task runs at 06:00 Berlin time on workdays, except holidays, and expects a
+    success every 25 hours. Its Friday success is not overdue over the weekend, nor on the
+    holiday Monday, nor during Tuesday's maintenance window: 25 hours of the time it could
+    run have passed only on Tuesday afternoon."""
+    from cloudtask.operations import Operations
+
+    ops = Operations(store)
+    ops.set_calendar("test", "workdays", {"weekdays": ["mon", "tue", "wed", "thu", "fri"]})
+    ops.set_calendar("test", "holidays", {"dates": ["2026-12-07"]})  # a Monday
+    ops.set_blackout(
+        "test",
+        "maint",
+        {"group": "default", "dates": ["2026-12-08"], "from": "00:00", "to": "12:00",
+         "timezone": "Europe/Berlin"},
+    )  # fmt: skip
+    schedule = {
+        "cron": "0 6 * * *",
+        "timezone": "Europe/Berlin",
+        "calendar": {"only": "workdays", "skip": "holidays"},
+    }
+    friday = utc(2026, 12, 4, 5)  # 06:00 Berlin
+    t = task(store, "payroll", friday - timedelta(days=7), schedule=schedule, expect_every="25h")
+    success(store, t, friday, took=60)  # ended 06:01 Berlin, Friday
+    clock = Clock(friday + timedelta(hours=2))
+    lateness = Lateness(store, clock=clock)
+    check(lateness, store)
+    # Friday 06:01 to midnight is 17h59m; Saturday to Monday are not counted; Tuesday counts
+    # from 12:00 Berlin (the window's end): 7h01m more is 19:01 Berlin, 18:01 UTC
+    for moment in (
+        utc(2026, 12, 5, 12),  # Saturday: 30 hours of wall time
+        utc(2026, 12, 7, 12),  # the holiday
+        utc(2026, 12, 8, 10),  # Tuesday, in the window
+        utc(2026, 12, 8, 18, 0),  # Tuesday, a minute short
+    ):
+        clock.now = moment
+        check(lateness, store)
+        assert events(store) == [], moment
+    clock.now = utc(2026, 12, 8, 18, 1)
+    check(lateness, store)
+    check(lateness, store)
+    (overdue,) = events(store)
+    assert overdue["kind"] == "task.overdue" and overdue["details"]["since_success"] is True
+
+    # the same task without the calendars counts wall time: overdue on Saturday morning
+    plain = task(
+        store, "payroll-plain", friday - timedelta(days=7), schedule={"cron": "0 6 * * *"},
+        expect_every="25h",
+    )  # fmt: skip
+    success(store, plain, friday, took=60)
+    lateness = Lateness(store, clock=Clock(utc(2026, 12, 5, 6, 2)))
+    check(lateness, store)
+    check(lateness, store)
+    assert sorted(e["task_id"] for e in events(store, "task.overdue")) == sorted(
+        [t["_id"], plain["_id"]]
+    )
+
+
 def test_a_schedule_without_fire_times_is_always_held_to_its_deadline():
     closes = utc(2026, 12, 4, 6)
     assert had_chance({"after": ["extract"]}, utc(2026, 12, 4, 5), closes)

@@ -14,7 +14,10 @@ Three fields of a task ask for them (cloudtask/task.py), and one round of the le
   group's blackout windows (it had no chance; see :func:`had_chance`).
 * ``expect_every``: no success for that long is ``task.overdue``, counted from its last
   success, or from when it was created or resumed (never from the epoch); its next success is
-  ``task.overdue_recovered``. A paused task is not checked.
+  ``task.overdue_recovered``. A paused task is not checked. Only the time the task could run
+  counts: not the local dates its calendar rule leaves out, nor its group's blackout windows
+  (a workday task expecting a success every 25 hours is not overdue on a Saturday; see
+  :func:`cloudtask.calendars.open_time_reached`).
 
 Each alert is recorded once, and so is its end. **Once across leaders**: what each task has
 been alerted about is kept in MongoDB (collection ``lateness``, one small document per task,
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,7 +56,7 @@ from typing import Any
 import pymongo
 
 from .. import events as ev
-from ..calendars import CalendarBook, next_fire
+from ..calendars import CalendarBook, next_fire, open_time_reached
 from ..clock import from_epoch, stored_time, utcnow
 from ..deadlines import (
     DayWindow,
@@ -203,6 +207,7 @@ class Lateness:
         self._windows: dict[str, tuple[int, DayWindow | None, float]] = {}  # see _window
         self._limits: dict[str, tuple[Any, float | None]] = {}  # see _warn_limits
         self._looked: dict[str, float] = {}  # task id -> when its successes were read (_pick)
+        self._due: dict[str, tuple[tuple[Any, ...], float]] = {}  # see _overdue_at
         self._checked_at = -CHECK_INTERVAL  # monotonic
         self._swept_at = time.monotonic()
         self._busy = False  # watching something: rounds are due every interval
@@ -256,7 +261,9 @@ class Lateness:
         self._busy = bool(watches) or any(self._open(s) for s in self._states.values())
         if not self._busy and not any(s.get("active") for s in self._states.values()):
             return  # (a task that left the placement while its run goes on: see _warn_limits)
-        round_ = _Round(self._states, self.clock(), self._calendar_book)
+        round_ = _Round(
+            self._states, self.clock(), self._calendar_book, self.store.calendar_version
+        )
         round_.activate(watches)
         self._slow(round_, watches)
         self._overdue(round_, watches)
@@ -364,7 +371,7 @@ class Lateness:
                 continue
             state = r.state(task_id)
             since = _counted_from(state)
-            if state.get("overdue") or r.ts >= since + watch.expect_every:
+            if state.get("overdue") or self._is_overdue(r, watch, since):
                 due[task_id] = since
         picked = self._pick(due, {t for t in due if r.state(t).get("overdue")})
         if not picked:
@@ -386,13 +393,42 @@ class Lateness:
                     r.edit(task_id)["overdue"] = None
                 continue
             since_ts = _counted_from(state)
-            if r.ts >= since_ts + (watch.expect_every or 0):
+            if self._is_overdue(r, watch, since_ts):
                 succeeded = since_ts == state.get("known_success_ts")
                 since = from_epoch(since_ts)
                 r.events.append(
                     ev.overdue_event(watch.task, watch.expect_every or 0, since, succeeded, r.now)
                 )
                 r.edit(task_id)["overdue"] = {"since_ts": since_ts, "alerted_ts": r.ts}
+
+    def _is_overdue(self, r: _Round, watch: Watch, since: float) -> bool:
+        """Whether ``expect_every`` of the time the task could run has passed since ``since``
+        (wall time first: the calendars are read only for a task past that)."""
+        every = watch.expect_every or 0
+        return r.ts >= since + every and r.ts >= self._overdue_at(r, watch, since)
+
+    def _overdue_at(self, r: _Round, watch: Watch, since: float) -> float:
+        """When ``expect_every`` of open time (outside the dates its calendar skips and its
+        group's blackouts) has passed since ``since``; kept per revision, start and calendar
+        version (read once a round, and only for a task past its wall-time limit)."""
+        key = (watch.revision, since, r.calendar_version())
+        known = self._due.get(watch.task_id)
+        if known is not None and known[0] == key:
+            return known[1]
+        every = watch.expect_every or 0
+        book = r.book()
+        try:
+            parsed, problems = parse_schedule(watch.schedule, "schedule")
+        except (ValueError, ValidationError, OverflowError):
+            parsed, problems = None, []
+        if parsed is None or problems or book is None:
+            return since + every  # (not kept: judged with the calendars when they are read)
+        reached = open_time_reached(parsed, from_epoch(since), every, book, watch.group)
+        due = reached.timestamp() if reached is not None else math.inf
+        if len(self._due) > 2 * len(self._watches) + 1000:
+            self._due = {t: v for t, v in self._due.items() if t in self._watches}
+        self._due[watch.task_id] = (key, due)
+        return due
 
     # --- deadline -----------------------------------------------------------------------------
 
@@ -506,6 +542,7 @@ class _Round:
         states: dict[str, dict[str, Any]],
         now: datetime,
         read_book: Callable[[], CalendarBook | None] = lambda: None,
+        read_version: Callable[[], int] = lambda: 0,
     ) -> None:
         self.states = states
         self.now = now
@@ -514,6 +551,14 @@ class _Round:
         self.events: list[dict[str, Any]] = []
         self._read_book = read_book
         self._book: list[CalendarBook | None] = []
+        self._read_version = read_version
+        self._version: list[int] = []
+
+    def calendar_version(self) -> int:
+        """The calendars' change counter, read once a round when asked."""
+        if not self._version:
+            self._version.append(self._read_version())
+        return self._version[0]
 
     def book(self) -> CalendarBook | None:
         if not self._book:
