@@ -18,6 +18,7 @@ audit entries, the same change counter the agents follow.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import date
 from typing import Any
 
@@ -159,6 +160,24 @@ def render_page(
     ), status
 
 
+def _stored(kind: str, form: dict[str, Any], store_it: Callable[[], tuple[Any, bool]]) -> Any:
+    """Store a calendar or blackout from its form: the list with a note, or the form again
+    as typed with each problem at its field (the stored one unchanged)."""
+    try:
+        _, created = store_it()
+    except ValidationError as e:
+        return render_page(
+            **{kind: form},
+            errors={kind: _errors(e.problems)},
+            top_error=f"The {kind} was not stored: see the marked fields.",
+            status=422,
+        )
+    except Conflict as e:
+        return render_page(**{kind: form}, top_error=f"The {kind} was not stored: {e}.", status=409)
+    flash(f"{kind.capitalize()} {form['name']} {'created' if created else 'replaced'}.", "ok")
+    return redirect(url_for("calendars.index") + f"#{kind}-list")
+
+
 @bp.get("")
 @requires("viewer")
 def index() -> Any:
@@ -180,21 +199,7 @@ def save_calendar() -> Any:
         "dates": _split(form["dates"]),
         "description": form["description"],
     }
-    try:
-        _, created = ops().set_calendar(actor(), form["name"], body)
-    except ValidationError as e:
-        return render_page(
-            calendar=form,
-            errors={"calendar": _errors(e.problems)},
-            top_error="The calendar was not stored: see the marked fields.",
-            status=422,
-        )
-    except Conflict as e:
-        return render_page(
-            calendar=form, top_error=f"The calendar was not stored: {e}.", status=409
-        )
-    flash(f"Calendar {form['name']} {'created' if created else 'replaced'}.", "ok")
-    return redirect(url_for("calendars.index") + "#calendar-list")
+    return _stored("calendar", form, lambda: ops().set_calendar(actor(), form["name"], body))
 
 
 @bp.post("/import")
@@ -288,21 +293,7 @@ def save_blackout() -> Any:
     else:
         body.update(days=form["days"], dates=_split(form["dates"]))
         body.update({k: form[k] for k in ("from", "to") if form[k]})
-    try:
-        _, created = ops().set_blackout(actor(), form["name"], body)
-    except ValidationError as e:
-        return render_page(
-            blackout=form,
-            errors={"blackout": _errors(e.problems)},
-            top_error="The blackout was not stored: see the marked fields.",
-            status=422,
-        )
-    except Conflict as e:
-        return render_page(
-            blackout=form, top_error=f"The blackout was not stored: {e}.", status=409
-        )
-    flash(f"Blackout {form['name']} {'created' if created else 'replaced'}.", "ok")
-    return redirect(url_for("calendars.index") + "#blackout-list")
+    return _stored("blackout", form, lambda: ops().set_blackout(actor(), form["name"], body))
 
 
 @bp.route("/calendar/<name>/delete", methods=["GET", "POST"])

@@ -361,6 +361,21 @@ def _lines(text: str) -> list[tuple[int, str]]:
     return [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
+def _pairs(
+    text: str, separator: str, path: str, shape: str, problems: list[Problem]
+) -> list[tuple[str, str]]:
+    """The ``name<separator>value`` lines of a field (the name stripped); a line without
+    the separator or a name is a problem at ``path`` saying its number."""
+    out = []
+    for number, line in _lines(text):
+        name, found, value = line.partition(separator)
+        if not found or not name.strip():
+            problems.append(Problem(path, f"line {number}: expected {shape}, got {line!r}"))
+        else:
+            out.append((name.strip(), value))
+    return out
+
+
 def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
     """The spec the form describes, and the problems only the form can see (bad lines).
 
@@ -372,8 +387,6 @@ def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
         except ValueError as e:
             return None, [Problem("", f"the JSON is not valid: {e}")]
     spec: dict[str, Any] = {}
-    headers: dict[str, Any]
-    env: dict[str, Any]
     for key in ("name", "group"):
         if form[key].strip():
             spec[key] = form[key].strip()
@@ -416,15 +429,8 @@ def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
 
     if form["run_kind"] == "http":
         http: dict[str, Any] = {"url": form["url"].strip(), "method": form["method"] or "GET"}
-        headers = {}
-        for number, line in _lines(form["headers"]):
-            name, sep, value = line.partition(":")
-            if not sep or not name.strip():
-                problems.append(
-                    Problem("http.headers", f"line {number}: expected 'Name: value', got {line!r}")
-                )
-            else:
-                headers[name.strip()] = typed_value(value.strip())
+        pairs = _pairs(form["headers"], ":", "http.headers", "'Name: value'", problems)
+        headers = {name: typed_value(value.strip()) for name, value in pairs}
         if headers:
             http["headers"] = headers
         if form["body"]:
@@ -472,24 +478,10 @@ def form_spec(form: dict[str, Any]) -> tuple[Any, list[Problem]]:
             spec[key] = duration_value(form[key])
     if form["deadline"].strip():
         spec["deadline"] = form["deadline"].strip()
-    requires: dict[str, str] = {}
-    for number, line in _lines(form["requires"]):
-        label, sep, value = line.partition("=")
-        if not sep or not label.strip():
-            problems.append(
-                Problem("requires", f"line {number}: expected label=value, got {line!r}")
-            )
-        else:
-            requires[label.strip()] = value.strip()
-    spec["requires"] = requires
-    env = {}
-    for number, line in _lines(form["env"]):
-        name, sep, value = line.partition("=")
-        if not sep or not name.strip():
-            problems.append(Problem("env", f"line {number}: expected KEY=VALUE, got {line!r}"))
-        else:
-            env[name.strip()] = typed_value(value)
-    spec["env"] = env
+    pairs = _pairs(form["requires"], "=", "requires", "label=value", problems)
+    spec["requires"] = {label: value.strip() for label, value in pairs}
+    pairs = _pairs(form["env"], "=", "env", "KEY=VALUE", problems)
+    spec["env"] = {name: typed_value(value) for name, value in pairs}
     emails = [e for e in re.split(r"[,;\s]+", form["notify_emails"]) if e]
     spec["notify"] = {"emails": emails, "on": form["notify_on"]}
     return spec, problems
