@@ -81,6 +81,19 @@ def test_validate_bad_json_names_line(tmp_path):
     assert result.exit_code != 0 and "not valid JSON at line 2" in result.output
 
 
+def test_validate_warns_of_a_one_shot_time_that_has_passed(tmp_path):
+    """(an exported one-shot that ran: apply leaves it unchanged, a new one is refused)"""
+    path = tmp_path / "once.json"
+    path.write_text(
+        json.dumps({"name": "once", "schedule": {"at": "2020-01-01T00:00:00Z"}, "command": "x"})
+    )
+    result = invoke("validate", str(path))
+    assert result.exit_code == 0, result.output
+    assert "1 task(s) valid" in result.output
+    assert f"warning: {path}: task 'once': schedule.at:" in result.output
+    assert "refused for a new task" in result.output
+
+
 def test_validate_example_tasks():
     result = invoke("validate", "conf/tasks")
     assert result.exit_code == 0, result.output

@@ -15,6 +15,7 @@ import click
 
 from ..clock import utcnow
 from ..exceptions import CloudTaskError, ValidationError
+from ..task import validate_task
 from ..taskfiles import read_task_files
 from .common import _operations, _store, cli_actor, config_option
 
@@ -25,10 +26,22 @@ EXIT_PENDING = 3  # --dry-run --detailed-exitcode: the plan has changes
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 def validate(paths: tuple[str, ...]) -> None:
-    """Check task files (or folders of *.json) without storing anything."""
-    tasks, errors = read_task_files(paths)
+    """Check task files (or folders of *.json) without storing anything.
+
+    A one-shot time that has passed is a warning, not an error: ``apply`` refuses it only in
+    a new task or a changed schedule, so the file of a one-shot that ran (``export`` writes
+    it) applies back unchanged."""
+    tasks, errors = read_task_files(paths, past_ok=True)
     if errors:
         raise click.ClickException("invalid task files:\n  " + "\n  ".join(errors))
+    now = utcnow()
+    for path, data in tasks:
+        for problem in [p for p in validate_task(data, now=now) if p not in validate_task(data)]:
+            click.echo(
+                f"warning: {path}: task {data['name']!r}: {problem} (refused for a new task or "
+                "a changed schedule; a stored one that is unchanged is left as it is)",
+                err=True,
+            )
     click.echo(f"{len(tasks)} task(s) valid")
 
 
