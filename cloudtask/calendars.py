@@ -24,6 +24,8 @@ answers the questions. Everything stored is validated here first: :func:`parse_c
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -62,6 +64,7 @@ IMPORT_PAST_DAYS = 366  # an import keeps the dates of the last year ...
 IMPORT_FUTURE_DAYS = 3 * 366  # ... and of the next three
 MAX_EVENT_DAYS = 366  # dates one occurrence may cover
 MAX_BLACKOUT_DATES = 1000
+MAX_DATE_PROBLEMS = 20  # wrong dates named one by one; the rest are counted
 MAX_BLACKOUT_SPAN = timedelta(days=31)  # a one-off window
 # a rule that lets no date through this long is treated as never firing again
 DAY_HORIZON = 3660
@@ -69,6 +72,7 @@ _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _CLOCK = re.compile(r"([01]\d|2[0-3]):([0-5]\d)|24:00")
 _LOCAL = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2})?")
 _EPSILON = timedelta(microseconds=1)
+_SORTED_DATES: dict[frozenset[date], list[date]] = {}  # a blackout's dates, in order
 
 
 class IcsError(ValueError):
@@ -127,7 +131,12 @@ def parse_dates(values: object, path: str, problems: list[Problem], limit: int) 
     if not isinstance(values, list):
         problems.append(Problem(path, f"expected a list of dates, got {show_value(values)}"))
         return set()
+    if len(values) > limit:
+        problems.append(Problem(path, f"{len(values)} entries; at most {limit} dates"))
+        return set()
     days: set[date] = set()
+    expanded = 0  # dates read, repeats too: a range given a thousand times is work
+    refused = 0
     for i, value in enumerate(values):
         where = f"{path}[{i}]"
         try:
@@ -138,15 +147,25 @@ def parse_dates(values: object, path: str, problems: list[Problem], limit: int) 
                     raise ValueError(f"the range {value!r} ends before it begins")
                 if (last - first).days >= limit:
                     raise ValueError(f"the range {value!r} holds more than {limit} dates")
+                expanded += (last - first).days + 1
+                if expanded > 4 * limit:
+                    problems.append(Problem(path, f"at most {limit} dates"))
+                    break
                 days.update(first + timedelta(days=n) for n in range((last - first).days + 1))
             else:
+                expanded += 1
                 days.add(parse_day(value))
         except ValueError as e:
-            problems.append(Problem(where, str(e)))
+            refused += 1
+            if refused <= MAX_DATE_PROBLEMS:
+                problems.append(Problem(where, str(e)))
             continue
         if len(days) > limit:
             problems.append(Problem(path, f"at most {limit} dates"))
             break
+    if refused > MAX_DATE_PROBLEMS:
+        more = refused - MAX_DATE_PROBLEMS
+        problems.append(Problem(path, f"and {more} more entries that are not dates"))
     return days
 
 
@@ -423,13 +442,28 @@ class Blackout:
             opened = _opening_instant(self.start, zone)
             return opened if opened > instant else None
         today = instant.astimezone(zone).date()
-        for offset in range(horizon_days + 1):
-            day = today + timedelta(days=offset)
-            if day.weekday() in self.days or day in self.dates:
-                opened = _opening_instant(datetime.combine(day, self.opens), zone)
-                if opened > instant:
-                    return opened
+        last = today + timedelta(days=horizon_days)
+        candidates: list[date] = []
+        if self.days:  # the next two matching weekdays (today's may have opened already)
+            week = [today + timedelta(days=n) for n in range(15)]
+            candidates += [d for d in week if d.weekday() in self.days][:2]
+        if self.dates:
+            ordered = self._sorted_dates()
+            at = bisect.bisect_left(ordered, today)
+            candidates += ordered[at : at + 2]
+        for day in sorted(candidates):
+            opened = _opening_instant(datetime.combine(day, self.opens), zone)
+            if day <= last and opened > instant:
+                return opened
         return None
+
+    def _sorted_dates(self) -> list[date]:
+        known = _SORTED_DATES.get(self.dates)
+        if known is None:
+            if len(_SORTED_DATES) > 1000:
+                _SORTED_DATES.clear()
+            known = _SORTED_DATES[self.dates] = sorted(self.dates)
+        return known
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> Blackout:
@@ -694,7 +728,8 @@ def preview(
     return out
 
 
-OPEN_TIME_HORIZON = timedelta(days=400)  # open time looked for, at most, past its start
+OPEN_TIME_HORIZON = timedelta(days=400)  # open time looked for past its start, at least ...
+OPEN_TIME_SPANS = 10  # ... and this many times the time asked for
 
 
 def open_time_reached(
@@ -709,21 +744,43 @@ def open_time_reached(
     schedules lets it through; a schedule without a rule lets every date through) nor
     ``group``'s blackout windows. A task that runs on workdays only and expects a success
     every 25 hours is not overdue on a Saturday: its Friday success is 25 counted hours old
-    on Monday morning. None when that much time is not found within OPEN_TIME_HORIZON
-    (a rule that lets no date through); ``book`` None: nothing is left out."""
+    on Monday morning. None when that much is not found within the horizon (400 days, or ten
+    times the time asked for: a rule that lets (almost) no date through); ``book`` None:
+    nothing is left out.
+
+    The walk goes from boundary to boundary: local midnights (where a rule may decide
+    otherwise) and the blackouts' openings, kept in a heap (each blackout's next opening is
+    computed again only once passed), so many blackouts cost little more than a few."""
+    asked = timedelta(seconds=seconds)
     if book is None:
-        return since + timedelta(seconds=seconds)
+        return since + asked
     items = schedule.items if isinstance(schedule, ScheduleSet) else (schedule,)
     ruled = [(i.window.calendar, _zone_of(i)) for i in items]
     if any(rule is None for rule, _ in ruled):
         ruled = []  # every date is let through by one of them
-    remaining = timedelta(seconds=seconds)
+    windows = [b for b in book.blackouts if b.applies_to(group)]
+    openings: list[tuple[datetime, int]] = []  # (next opening, index in windows)
+    closes = since  # the latest end of a window found open
+    for n, blackout in enumerate(windows):
+        held = blackout.window_at(since)
+        if held is not None:
+            closes = max(closes, held[1])
+        if (opening := blackout.next_opening(since)) is not None:
+            openings.append((opening, n))
+    heapq.heapify(openings)
+    remaining = asked
     t = since
-    limit = since + OPEN_TIME_HORIZON
+    limit = since + max(OPEN_TIME_HORIZON, asked * OPEN_TIME_SPANS)
     while t < limit:
-        end = book.blackout_end(group, t)
-        if end is not None:
-            t = end
+        while openings and openings[0][0] <= max(t, closes):  # windows opening by then
+            opened, n = heapq.heappop(openings)
+            held = windows[n].window_at(opened)
+            if held is not None:
+                closes = max(closes, held[1])
+            if (following := windows[n].next_opening(opened)) is not None:
+                heapq.heappush(openings, (following, n))
+        if closes > t:  # in a window: nothing starts, the time does not count
+            t = closes
             continue
         dates_end = None  # the next local midnight, where a rule may decide otherwise
         if ruled:
@@ -735,7 +792,7 @@ def open_time_reached(
             if not any(rule is not None and book.allows(rule, day) for rule, day, _ in local):
                 t = dates_end
                 continue
-        stops = [t + remaining, dates_end, book.next_blackout_opening(group, t)]
+        stops = [t + remaining, dates_end, openings[0][0] if openings else None]
         stop = min(s for s in stops if s is not None)
         remaining -= stop - t
         if remaining <= timedelta(0):

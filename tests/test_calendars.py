@@ -317,7 +317,7 @@ def test_backfill_leaves_out_the_dates_a_calendar_rule_excludes(store):
     assert days == [2, 3, 4, 5, 6]
 
 
-def test_the_task_form_opens_a_calendar_rule_in_the_json_editor(store):
+def test_the_task_form_shows_a_calendar_rule_in_its_fields(store):
     import re
 
     client, _, _ = api_client(store)
@@ -325,9 +325,9 @@ def test_the_task_form_opens_a_calendar_rule_in_the_json_editor(store):
     doc = Operations(store).create_task("alice", task("daily", {"skip": "weekend"}))
     web_login(client, OPERATOR.name, OPERATOR.password, "/")
     page = client.get(f"/tasks/{doc['_id']}/edit").get_data(as_text=True)
-    # the fields have no place for it: editing them would drop it
-    assert re.search(r'name="editor" value="json"\s+checked', page)
-    assert "weekend" in page
+    assert re.search(r'name="editor" value="fields"\s+checked', page)
+    assert re.search(r'name="calendar_skip" value="weekend"', page)
+    assert re.search(r'name="calendar_only" value=""', page)
 
 
 def test_the_cluster_page_lists_blackouts_and_calendars(store):

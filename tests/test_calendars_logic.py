@@ -303,10 +303,26 @@ def test_open_time_leaves_out_the_dates_a_rule_skips_and_the_blackouts():
     assert open_time_reached(berlin, saturday, 3600, b, "x") == datetime(
         2026, 12, 21, 0, tzinfo=UTC
     )
+    # a long span is found past the 400 days of the horizon (300 workdays' worth: 420 days)
+    long = open_time_reached(workdays, friday, 300 * 86400, b, "x")
+    assert long is not None and long - friday > timedelta(days=400)
     # a rule that lets no date through never reaches it
     nothing = CalendarBook.from_docs([{"name": "never", "dates": ["2000-01-01"]}], [])
     (never,) = parse_schedule({"every": "1h", "calendar": {"only": "never"}})[0].items
     assert open_time_reached(never, friday, 60, nothing, "g") is None
+
+
+def test_a_calendar_of_too_many_entries_is_refused_without_reading_them_all():
+    import time as clock
+
+    started = clock.perf_counter()
+    _, problems = parse_calendar("big", {"dates": ["2026-01-01..2039-09-08"] * 4000})
+    assert [str(p) for p in problems] == ["dates: at most 5000 dates"]
+    _, problems = parse_calendar("big", {"dates": ["2026-01-01"] * 5001})
+    assert [str(p) for p in problems] == ["dates: 5001 entries; at most 5000 dates"]
+    assert clock.perf_counter() - started < 5  # (it took 8 s reading each range)
+    _, problems = parse_calendar("bad", {"dates": ["nope"] * 100})
+    assert len(problems) == 21 and str(problems[-1]) == "dates: and 80 more entries that are not dates"
 
 
 def test_parse_blackout_refusals():

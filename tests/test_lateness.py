@@ -537,6 +537,28 @@ def test_overdue_counts_only_the_time_the_task_could_run(store):
     )
 
 
+def test_a_calendar_counter_that_cannot_be_read_leaves_the_other_alerts_going(store, monkeypatch):
+    """(a center whose MongoDB role cannot read calendar_state: overdue is judged on wall
+    time, and the round's other alerts are recorded)"""
+    from cloudtask.exceptions import StoreError
+
+    def refused() -> int:
+        raise StoreError("MongoDB refused: not authorized on cloudtask to find calendar_state")
+
+    monkeypatch.setattr(store, "calendar_version", refused)
+    clock = Clock(T0 + timedelta(hours=2))
+    overdue = task(store, "quiet", T0, expect_every="1h")
+    slow = task(store, "slow", T0, warn_after="30m")
+    run = run_document(slow, T0, agent="a1")
+    run.update(status="running", started_at=T0)
+    store.runs.insert_one(run)
+    lateness = Lateness(store, clock=clock)
+    check(lateness, store)
+    check(lateness, store)
+    kinds = sorted((e["kind"], e["task_id"]) for e in events(store))
+    assert kinds == [("run.slow", slow["_id"]), ("task.overdue", overdue["_id"])]
+
+
 def test_a_schedule_without_fire_times_is_always_held_to_its_deadline():
     closes = utc(2026, 12, 4, 6)
     assert had_chance({"after": ["extract"]}, utc(2026, 12, 4, 5), closes)

@@ -82,6 +82,9 @@ def test_everyone_sees_calendars_and_blackouts_and_only_operators_get_the_forms(
     ops.set_blackout(
         "op1", "sunday", {"group": "default", "days": ["sun"], "from": "02:00", "to": "04:00"}
     )
+    # every day all day: one window after the other, open until the last one ends
+    days = f"{today}..{today + timedelta(days=2)}"
+    ops.set_blackout("op1", "all-week", {"group": "x", "dates": [days]})
 
     viewer = logged_in(app, VIEWER)
     answer = viewer.get("/calendars")
@@ -92,6 +95,7 @@ def test_everyone_sees_calendars_and_blackouts_and_only_operators_get_the_forms(
     assert past not in holidays and "report" in holidays and "days off" in holidays
     assert "mon, tue, wed, thu, fri" in row(page, "calendar", "workdays")
     assert "open until" in row(page, "blackout", "now-window")
+    assert f"open until {today + timedelta(days=3)} 00:00:00" in row(page, "blackout", "all-week")
     opens = Blackout.from_doc(store.get_blackout("sunday")).next_opening(now)
     assert f"opens {opens:%Y-%m-%d %H:%M}" in row(page, "blackout", "sunday")
     assert 'id="calendar-form"' not in page and 'id="blackout-form"' not in page
@@ -227,9 +231,16 @@ def test_an_operator_stores_weekly_and_one_off_blackouts_and_a_bad_window_is_mar
     answer = post(
         operator,
         "/calendars/blackout",
+        {"name": "freeze", "group": "", "kind": "once", "start": "2026-12-24T18:00"},
+    )
+    assert answer.status_code == 422  # an empty group is not every group: that is "*"
+    assert 'data-error="blackout.group"' in answer.get_data(as_text=True)
+    answer = post(
+        operator,
+        "/calendars/blackout",
         {
             "name": "freeze",
-            "group": "",  # every group
+            "group": "*",
             "kind": "once",
             "start": "2026-12-24T18:00",
             "end": "2026-12-27T06:00",
@@ -322,3 +333,19 @@ def test_the_task_forms_preview_judges_the_calendars_and_marks_the_groups_blacko
     ops.set_calendar("op1", "only-saturdays", {"weekdays": ["sat"]})
     sundays = viewer.get(query + "&calendar_skip=only-saturdays").get_json()["fires"]
     assert {datetime.fromisoformat(f["utc"]).strftime("%a") for f in sundays} == {"Sun"}
+
+
+def test_the_tasks_naming_a_calendar_are_found_in_single_and_listed_schedules(store):
+    ops = Operations(store)
+    ops.set_calendar("op1", "workdays", {"weekdays": ["mon", "tue", "wed", "thu", "fri"]})
+    ops.set_calendar("op1", "holidays", {"dates": ["2026-12-24"]})
+    single = {"cron": "0 3 * * *", "calendar": {"only": "workdays"}}
+    listed = [{"every": "1h"}, {"cron": "0 4 * * *", "calendar": {"skip": "holidays"}}]
+    for name, schedule in (("single", single), ("listed", listed), ("plain", {"every": "1h"})):
+        ops.create_task("op1", {"name": name, "schedule": schedule, "command": "true"})
+    ops.create_task("op1", {"name": "plain-list", "schedule": [{"every": "2h"}], "command": "x"})
+    users = store.calendar_users()
+    assert {k: [t["name"] for t in v] for k, v in users.items()} == {
+        "workdays": ["single"],
+        "holidays": ["listed"],
+    }

@@ -71,7 +71,17 @@ def _blackout_rows() -> list[dict[str, Any]]:
     for doc in store().list_blackouts():
         doc["summary"] = describe_blackout(doc)
         window = Blackout.from_doc(doc)
-        doc["open_until"] = (held := window.window_at(now)) and held[1]
+        held = window.window_at(now)
+        if held is not None:
+            closes = held[1]
+            for _ in range(100):  # windows that touch (sat 22:00-24:00, sun 00:00-06:00)
+                following = window.window_at(closes)
+                if following is None or following[1] <= closes:
+                    break
+                closes = following[1]
+            doc["open_until"] = closes
+        else:
+            doc["open_until"] = None
         doc["next_opening"] = None if held else window.next_opening(now)
         rows.append(doc)
     return rows
@@ -142,7 +152,7 @@ def render_page(
         calendars, blackouts = [], []
         top_error = top_error or f"The calendars cannot be read now: {e}"
         status = max(status, 503)
-    name_arg = lambda key: (request.args.get(key) or "")[:64]  # noqa: E731
+    name_arg = lambda key: (request.args.get(key) or "")[:128]  # noqa: E731
     return render_template(
         "calendars/index.html",
         calendars=calendars,
@@ -272,7 +282,7 @@ def save_blackout() -> Any:
     f = request.form
     form = {
         "name": f.get("name", "").strip(),
-        "group": f.get("group", "").strip() or "*",
+        "group": f.get("group", "").strip(),  # (empty: refused; "*" is every group)
         "kind": "once" if f.get("kind") == "once" else "weekly",
         "days": f.getlist("days"),
         "dates": f.get("dates", ""),

@@ -411,11 +411,14 @@ class Lateness:
         """When ``expect_every`` of open time (outside the dates its calendar skips and its
         group's blackouts) has passed since ``since``; kept per revision, start and calendar
         version (read once a round, and only for a task past its wall-time limit)."""
-        key = (watch.revision, since, r.calendar_version())
+        every = watch.expect_every or 0
+        version = r.calendar_version()
+        if version is None:
+            return since + every  # (judged with the calendars once they can be read)
+        key = (watch.revision, since, version)
         known = self._due.get(watch.task_id)
         if known is not None and known[0] == key:
             return known[1]
-        every = watch.expect_every or 0
         book = r.book()
         try:
             parsed, problems = parse_schedule(watch.schedule, "schedule")
@@ -552,12 +555,17 @@ class _Round:
         self._read_book = read_book
         self._book: list[CalendarBook | None] = []
         self._read_version = read_version
-        self._version: list[int] = []
+        self._version: list[int | None] = []
 
-    def calendar_version(self) -> int:
-        """The calendars' change counter, read once a round when asked."""
+    def calendar_version(self) -> int | None:
+        """The calendars' change counter, read once a round when asked (None when MongoDB
+        does not answer it: the round goes on, judging wall time)."""
         if not self._version:
-            self._version.append(self._read_version())
+            try:
+                self._version.append(self._read_version())
+            except CloudTaskError as e:
+                log.warning("overdue tasks judged without calendars and blackouts: %s", e)
+                self._version.append(None)
         return self._version[0]
 
     def book(self) -> CalendarBook | None:

@@ -139,10 +139,17 @@ class CalendarRecords(StoreBase):
         return self.calendar_users().get(name, [])
 
     def calendar_users(self) -> dict[str, list[dict[str, str]]]:
-        """The tasks naming each calendar, by calendar name (every task read once: the
-        schedules' forms vary, and this is asked by a delete and the Calendars page only)."""
+        """The tasks naming each calendar, by calendar name: the tasks whose schedule names
+        one, or is a list (judged here: a query into the list's items is not answered the
+        same by every server), each read once."""
+        query = {
+            "$or": [
+                {"spec.schedule.calendar": {"$exists": True}},
+                {"spec.schedule": {"$type": "array"}},
+            ]
+        }
         docs = read_all(
-            self.tasks.find({}, {"name": 1, "spec.schedule": 1}), "find the calendars' tasks"
+            self.tasks.find(query, {"name": 1, "spec.schedule": 1}), "find the calendars' tasks"
         )
         out: dict[str, list[dict[str, str]]] = {}
         for doc in docs:
