@@ -322,7 +322,9 @@ def test_a_calendar_of_too_many_entries_is_refused_without_reading_them_all():
     assert [str(p) for p in problems] == ["dates: 5001 entries; at most 5000 dates"]
     assert clock.perf_counter() - started < 5  # (it took 8 s reading each range)
     _, problems = parse_calendar("bad", {"dates": ["nope"] * 100})
-    assert len(problems) == 21 and str(problems[-1]) == "dates: and 80 more entries that are not dates"
+    assert (
+        len(problems) == 21 and str(problems[-1]) == "dates: and 80 more entries that are not dates"
+    )
 
 
 def test_parse_blackout_refusals():
