@@ -550,12 +550,15 @@ def test_the_task_page_shows_a_container_and_its_requirements(client, store, vie
     assert "os=linux" in requires and "zone=eu-1" in requires
 
 
-def test_the_task_form_edits_a_container_or_requires_as_json():
-    from web.taskform import spec_form
+def test_the_task_form_edits_a_container_as_json_and_requires_in_its_field():
+    from web.taskform import form_spec, spec_form
 
     boxed = parse_task({**BASE, "container": {"image": "alpine:3.20"}}).to_dict()
     needs = parse_task({**BASE, "command": "true", "requires": {"os": "linux"}}).to_dict()
     plain = parse_task({**BASE, "command": "true"}).to_dict()
-    assert spec_form(boxed)["editor"] == "json" and spec_form(needs)["editor"] == "json"
+    assert spec_form(boxed)["editor"] == "json"
+    assert json.loads(spec_form(boxed)["spec_json"])["container"]["image"] == "alpine:3.20"
     assert spec_form(plain)["editor"] != "json"  # (the fields lose nothing of this one)
-    assert json.loads(spec_form(needs)["spec_json"])["requires"] == {"os": "linux"}
+    form = spec_form(needs)
+    assert form["editor"] == "fields" and form["requires"] == "os=linux"
+    assert parse_task(form_spec(form)[0]).to_dict() == needs
