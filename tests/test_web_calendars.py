@@ -349,3 +349,35 @@ def test_the_tasks_naming_a_calendar_are_found_in_single_and_listed_schedules(st
         "workdays": ["single"],
         "holidays": ["listed"],
     }
+
+
+def test_the_dashboard_names_the_blackouts_open_now_and_those_opening_within_a_day(app, store):
+    ops = Operations(store)
+    now = datetime.now(timezone.utc)
+
+    def once(name: str, start: datetime, hours: float) -> None:
+        window = {
+            "group": "batch",
+            "start": start.strftime("%Y-%m-%dT%H:%M"),
+            "end": (start + timedelta(hours=hours)).strftime("%Y-%m-%dT%H:%M"),
+            "description": f"{name} work",
+        }
+        ops.set_blackout("op1", name, window)
+
+    viewer = logged_in(app, VIEWER)
+    assert 'id="blackouts-now"' not in viewer.get("/").get_data(as_text=True)
+    once("upgrade", now - timedelta(hours=1), 3)
+    once("tonight", now + timedelta(hours=5), 2)
+    once("next-week", now + timedelta(days=7), 2)
+    page = viewer.get("/").get_data(as_text=True)
+    upgrade = row_li(page, "upgrade")
+    assert upgrade.startswith("open upgrade (group batch) until") and "upgrade work" in upgrade
+    assert row_li(page, "tonight").startswith("tonight (group batch) opens")
+    assert 'data-blackout="next-week"' not in page
+    assert page.index('data-blackout="upgrade"') < page.index('data-blackout="tonight"')
+
+
+def row_li(page: str, name: str) -> str:
+    found = re.search(rf'<li data-blackout="{name}">(.*?)</li>', page, re.S)
+    assert found, f"no blackout {name} on the dashboard"
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", found.group(1)))).strip()

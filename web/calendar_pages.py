@@ -65,7 +65,9 @@ def _calendar_rows(today: date) -> list[dict[str, Any]]:
     return rows
 
 
-def _blackout_rows() -> list[dict[str, Any]]:
+def blackout_rows() -> list[dict[str, Any]]:
+    """Every blackout with its summary, the end of its window open now (``open_until``;
+    touching windows joined) or its next opening (``next_opening``)."""
     now = utcnow()
     rows = []
     for doc in store().list_blackouts():
@@ -147,7 +149,7 @@ def render_page(
     """The page; a form given is shown as typed (with ``errors`` per form and field)."""
     today = utcnow().date()
     try:
-        calendars, blackouts = _calendar_rows(today), _blackout_rows()
+        calendars, blackouts = _calendar_rows(today), blackout_rows()
     except CloudTaskError as e:
         calendars, blackouts = [], []
         top_error = top_error or f"The calendars cannot be read now: {e}"

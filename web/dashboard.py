@@ -1,5 +1,6 @@
-"""The dashboard: tasks by state, runs and success rate in the last 24 h, failing tasks,
-agents online and offline, unassigned tasks, recent runs.
+"""The dashboard: the blackout windows open now or opening within a day, tasks by state,
+runs and success rate in the last 24 h, failing tasks, agents online and offline, unassigned
+tasks, recent runs.
 
 Every figure is one indexed read, chosen by measuring the MongoDB wire server used on one
 machine (nx-27017, SQLite underneath) with 10,000 tasks and 100,000 runs:
@@ -23,18 +24,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from flask import Blueprint, current_app, render_template
 from pymongo.errors import PyMongoError
 
 from cloudtask.clock import from_epoch, utcnow
-from cloudtask.exceptions import StoreError
+from cloudtask.exceptions import CloudTaskError, StoreError
 from cloudtask.runmodel import FAILING_STATUSES
 from cloudtask.store import Store
 
 from .auth import requires
+from .calendar_pages import blackout_rows
 from .context import agents, cluster, extension, store
 from .queries import RUN_STATUSES
 from .tasks import run_link
@@ -50,6 +52,7 @@ UNASSIGNED_SHOWN = 20
 RECENT_RUNS = 15
 OFFLINE_SHOWN = 10
 CACHE_SECONDS = 5.0
+BLACKOUT_AHEAD = timedelta(hours=24)  # blackouts shown before they open
 
 
 @dataclass
@@ -183,6 +186,19 @@ def _store_error(e: PyMongoError) -> StoreError:
     )
 
 
+def blackouts_now() -> list[dict[str, Any]]:
+    """The blackout windows open now, then those opening within BLACKOUT_AHEAD (soonest
+    first): nothing of their groups starts then."""
+    try:
+        rows = blackout_rows()
+    except CloudTaskError:
+        return []
+    soon = utcnow() + BLACKOUT_AHEAD
+    open_now = [b for b in rows if b["open_until"]]
+    coming = [b for b in rows if b["next_opening"] and b["next_opening"] <= soon]
+    return open_now + sorted(coming, key=lambda b: b["next_opening"])
+
+
 @bp.get("/")
 @requires("viewer")
 def index() -> Any:
@@ -211,4 +227,5 @@ def index() -> Any:
         recent=recent,
         events=events,
         run_link=run_link,
+        blackouts=blackouts_now(),
     )
