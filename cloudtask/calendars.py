@@ -652,11 +652,6 @@ class CalendarBook:
             end = t = max(ends)
         return end
 
-    def next_blackout_opening(self, group: str, instant: datetime) -> datetime | None:
-        """When the next window of ``group``'s blackouts after ``instant`` opens, or None."""
-        openings = [b.next_opening(instant) for b in self.blackouts if b.applies_to(group)]
-        return min((o for o in openings if o is not None), default=None)
-
 
 def _zone_of(item: Schedule) -> ZoneInfo:
     return ZoneInfo(getattr(item, "timezone", "UTC") or "UTC")

@@ -24,7 +24,13 @@ from typing import Any
 
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 
-from cloudtask.calendars import MAX_ICS_BYTES, WEEKDAYS, Blackout, describe_blackout
+from cloudtask.calendars import (
+    MAX_ICS_BYTES,
+    WEEKDAYS,
+    Blackout,
+    CalendarBook,
+    describe_blackout,
+)
 from cloudtask.clock import utcnow
 from cloudtask.exceptions import CloudTaskError, Conflict, NotFound, Problem, ValidationError
 from cloudtask.schedules import NAME_PATTERN
@@ -55,9 +61,8 @@ def _errors(problems: list[Problem]) -> dict[str, list[str]]:
 def _calendar_rows(today: date) -> list[dict[str, Any]]:
     rows = []
     users = store().calendar_users()
-    for item in store().list_calendars():
-        doc = store().get_calendar(item["name"])
-        upcoming = [d for d in doc.get("dates") or [] if d >= today.isoformat()]
+    for item in store().list_calendars(with_dates=True):
+        upcoming = [d for d in item.pop("dates") if d >= today.isoformat()]
         item["next_dates"] = upcoming[:NEXT_DATES]
         item["more_dates"] = max(0, len(upcoming) - NEXT_DATES)
         item["used_by"] = users.get(item["name"], [])
@@ -73,18 +78,9 @@ def blackout_rows() -> list[dict[str, Any]]:
     for doc in store().list_blackouts():
         doc["summary"] = describe_blackout(doc)
         window = Blackout.from_doc(doc)
-        held = window.window_at(now)
-        if held is not None:
-            closes = held[1]
-            for _ in range(100):  # windows that touch (sat 22:00-24:00, sun 00:00-06:00)
-                following = window.window_at(closes)
-                if following is None or following[1] <= closes:
-                    break
-                closes = following[1]
-            doc["open_until"] = closes
-        else:
-            doc["open_until"] = None
-        doc["next_opening"] = None if held else window.next_opening(now)
+        # (its own windows that touch are followed: sat 22:00-24:00, then sun 00:00-06:00)
+        doc["open_until"] = CalendarBook(blackouts=(window,)).blackout_end(window.group, now)
+        doc["next_opening"] = None if doc["open_until"] else window.next_opening(now)
         rows.append(doc)
     return rows
 

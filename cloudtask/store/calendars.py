@@ -110,13 +110,17 @@ class CalendarRecords(StoreBase):
             raise NotFound(f"no calendar named {name!r}")
         return _out(doc)
 
-    def list_calendars(self) -> list[dict[str, Any]]:
-        """Every calendar, by name, with its number of dates rather than the dates."""
+    def list_calendars(self, with_dates: bool = False) -> list[dict[str, Any]]:
+        """Every calendar, by name, with its number of dates (``date_count``), and the dates
+        themselves only ``with_dates``."""
         docs = read_all(self.calendars.find({}).sort("_id", ASCENDING), "list calendars")
         out = []
         for doc in docs:
             item = _out(doc)
-            item["date_count"] = len(item.pop("dates", None) or [])
+            dates = item.pop("dates", None) or []
+            item["date_count"] = len(dates)
+            if with_dates:
+                item["dates"] = dates
             out.append(item)
         return out
 
